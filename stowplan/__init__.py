@@ -1,0 +1,3 @@
+"""stowplan: reproducible experiment orchestration."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,164 @@
+"""The provider actor: one per configured provider; drives its driver and watches its jobs.
+
+It submits what the queue actor sends, and watches every live key with ONE batched
+``describe`` per poll (0.1 s after new work, doubling to a cap), pushing state changes back to
+the queue actor in a batch. Unchanged states are re-sent every ``renew_every`` seconds so the
+core's leases stay fresh. Query failures are counted and retried on the next poll, never
+raised into the watch loop. After a restart it reloads its live keys from the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from stowplan.actors.wire import pack, unpack
+from stowplan.errors import ProviderError
+from stowplan.providers.base import LaunchSpec, Provider, ProviderState, Report
+from stowplan.spec.models import FailureClass, ProviderConfig
+
+log = logging.getLogger(__name__)
+
+FINAL = frozenset({ProviderState.SUCCEEDED, ProviderState.FAILED, ProviderState.CANCELLED})
+
+
+class ProviderActor:
+    def __init__(
+        self,
+        name: str,
+        config: bytes,
+        state_dir: str,
+        *,
+        queue_name: str,
+        store_name: str,
+        namespace: str,
+        poll_min: float = 0.1,
+        poll_max: float = 2.0,
+        renew_every: float = 60.0,
+    ) -> None:
+        from stowplan.providers.registry import make_provider
+
+        self.name = name
+        cfg = msgspec.json.decode(config, type=ProviderConfig)
+        self.driver: Provider = make_provider(name, cfg, state_dir=Path(state_dir))
+        self.namespace = namespace
+        self.queue_name = queue_name
+        self.store_name = store_name
+        self.poll_min, self.poll_max, self.renew_every = poll_min, poll_max, renew_every
+        self.live: dict[str, tuple[ProviderState, float]] = {}
+        self.describe_failures = 0
+        self._wake = asyncio.Event()
+        self._watcher: asyncio.Task[None] | None = None
+        self._booted = False
+
+    async def _boot(self) -> None:
+        if self._booted:
+            return
+        self._booted = True
+        import ray
+
+        store: Any = ray.get_actor(self.store_name, namespace=self.namespace)
+        for key in await store.active_keys.remote(self.name):
+            self.live.setdefault(key, (ProviderState.UNKNOWN, 0.0))
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def discover(self) -> bytes:
+        await self._boot()
+        return pack(await self.driver.discover())
+
+    async def plan(self, launches: bytes) -> list[str]:
+        specs = unpack(launches, list[LaunchSpec])
+        return [r.render() for r in self.driver.plan(specs)]
+
+    async def submit(self, launches: bytes) -> bytes:
+        """Plan and submit a batch; returns one report per launch (failures included)."""
+        await self._boot()
+        specs = unpack(launches, list[LaunchSpec])
+        requests = self.driver.plan(specs)
+        try:
+            reports = await self.driver.submit(requests)
+        except ProviderError as e:
+            failure = (
+                FailureClass.PROVIDER_TRANSIENT if e.retryable else FailureClass.PROVIDER_REJECTED
+            )
+            reports = [
+                Report(key=s.key, state=ProviderState.FAILED, failure=failure, message=str(e))
+                for s in specs
+            ]
+        loop = asyncio.get_running_loop()
+        for rep in reports:
+            if rep.state not in FINAL:
+                self.live[rep.key] = (rep.state, loop.time())
+        self._wake.set()
+        return pack(reports)
+
+    async def reconcile(self, keys: list[str]) -> bytes:
+        """Describe keys now (after a restart or a lost lease) and keep watching live ones."""
+        await self._boot()
+        reports = await self.driver.describe(keys)
+        loop = asyncio.get_running_loop()
+        for rep in reports:
+            if rep.state in FINAL or rep.state is ProviderState.UNKNOWN:
+                self.live.pop(rep.key, None)
+            else:
+                self.live[rep.key] = (rep.state, loop.time())
+        return pack(reports)
+
+    async def cancel(self, keys: list[str]) -> None:
+        await self._boot()
+        await self.driver.cancel(keys)
+        for k in keys:
+            self.live.pop(k, None)
+
+    async def stats(self) -> dict[str, Any]:
+        return {"live": len(self.live), "describe_failures": self.describe_failures}
+
+    async def _watch(self) -> None:
+        import ray
+
+        queue: Any = ray.get_actor(self.queue_name, namespace=self.namespace)
+        interval = self.poll_min
+        loop = asyncio.get_running_loop()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=interval)
+            if self._wake.is_set():
+                self._wake.clear()
+                interval = self.poll_min
+                await asyncio.sleep(self.poll_min)
+            if not self.live:
+                interval = self.poll_max
+                continue
+            keys = list(self.live)
+            try:
+                reports = await self.driver.describe(keys)
+            except Exception as e:  # a failed poll is counted and retried, never fatal
+                self.describe_failures += 1
+                log.warning(
+                    "%s: describe failed (%d so far): %s", self.name, self.describe_failures, e
+                )
+                interval = min(self.poll_max, interval * 2)
+                continue
+            now = loop.time()
+            changed: list[Report] = []
+            for rep in reports:
+                prev = self.live.get(rep.key)
+                if prev is None:
+                    continue
+                if rep.state is ProviderState.UNKNOWN and prev[0] is not ProviderState.UNKNOWN:
+                    continue  # not visible yet; the lease decides if it is lost
+                if rep.state != prev[0] or now - prev[1] >= self.renew_every:
+                    changed.append(rep)
+                    self.live[rep.key] = (rep.state, now)
+                if rep.state in FINAL:
+                    self.live.pop(rep.key, None)
+            if changed:
+                interval = self.poll_min
+                await queue.report.remote(self.name, pack(changed))
+            else:
+                interval = min(self.poll_max, interval * 2)

@@ -1,0 +1,406 @@
+"""The queue actor: hosts the scheduler core in real time and carries out its commands.
+
+Everything the core decides comes out of ``SchedulerCore.handle`` as commands; this actor only
+does what they say, in order:
+
+- ``Transitioned``: sent to the store actor (ordered after everything sent before it);
+- ``Submit``: write-ahead first (the intents are durable before the provider hears anything),
+  then the provider actor submits the batch, and its reports come back as an event;
+- ``SolvePlacement``: the placement actor solves in its own process while the queue goes on;
+- ``Reconcile``: the provider describes the keys and the reports come back as an event;
+- ``Cancel``: passed to the provider; ``WakeAt``: the tick loop feeds a Tick then.
+
+It keeps no state that the store does not also have: after a crash (``max_restarts``) it boots
+again from the store's active runs and reconciles with every provider before dispatching
+anything new.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+import msgspec
+
+from stowplan.actors.store import ActiveState, Artifacts
+from stowplan.actors.wire import pack, unpack
+from stowplan.placement.problem import PlacementSolution, Pool
+from stowplan.provenance.records import AttemptRecord, RunRecord, TransitionRecord
+from stowplan.providers.base import LaunchSpec, ProviderState, Report
+from stowplan.scheduler.core import CoreConfig, SchedulerCore
+from stowplan.scheduler.events import (
+    Cancel,
+    CancelRequested,
+    Command,
+    Event,
+    PlacementDecided,
+    PoolsDiscovered,
+    ProviderReported,
+    Reconcile,
+    RestoredTask,
+    SolvePlacement,
+    Submit,
+    TaskInstance,
+    TasksRestored,
+    TasksSubmitted,
+    Tick,
+    Transitioned,
+    WakeAt,
+)
+from stowplan.scheduler.plan import Launch
+from stowplan.scheduler.states import FINAL, LEASED, TaskState
+
+log = logging.getLogger(__name__)
+
+
+class RunPayload(msgspec.Struct, frozen=True, kw_only=True):
+    """What the queue keeps per run: the core's view and how to launch it."""
+
+    instance: TaskInstance
+    launch: Launch
+    name: str
+
+
+def payload_of(rec: RunRecord) -> RunPayload:
+    return msgspec.convert(rec.task_spec["payload"], RunPayload)
+
+
+class QueueActor:
+    def __init__(
+        self,
+        *,
+        store_name: str,
+        placement_name: str,
+        providers: dict[str, str],
+        namespace: str,
+        seed: int = 0,
+        lease_ttl: float = 900.0,
+        tick: float = 0.5,
+    ) -> None:
+        self.namespace = namespace
+        self.store_name = store_name
+        self.placement_name = placement_name
+        self.provider_names = providers
+        self.core = SchedulerCore(CoreConfig(lease_ttl=lease_ttl, seed=seed))
+        self.payloads: dict[str, RunPayload] = {}
+        self.tick = tick
+        self.wake_at = float("inf")
+        self._boot_lock = asyncio.Lock()
+        self._booted = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.errors: list[str] = []
+        self.boots = 0
+
+    # ---- boot ---------------------------------------------------------------------------
+
+    async def _ensure(self) -> None:
+        if self._booted:
+            return
+        async with self._boot_lock:
+            if not self._booted:
+                await self._boot()
+                self._booted = True
+
+    async def _boot(self) -> None:
+        import ray
+
+        self.boots += 1
+        # actor handles are untyped: their methods exist only at run time
+        self.store: Any = ray.get_actor(self.store_name, namespace=self.namespace)
+        self.placement: Any = ray.get_actor(self.placement_name, namespace=self.namespace)
+        self.providers: dict[str, Any] = {
+            n: ray.get_actor(a, namespace=self.namespace) for n, a in self.provider_names.items()
+        }
+        for name, actor in sorted(self.providers.items()):
+            pools = unpack(await actor.discover.remote(), list[Pool])
+            self._handle(PoolsDiscovered(provider=name, pools=pools))
+        active: ActiveState = unpack(await self.store.load_active.remote(), ActiveState)
+        runs, attempts, done = active
+        restored: list[RestoredTask] = []
+        for rec in runs:
+            payload = payload_of(rec)
+            self.payloads[rec.run_id] = payload
+            state = TaskState(rec.state)
+            current = next(
+                (a for a in attempts.get(rec.run_id, []) if a.attempt == rec.attempts), None
+            )
+            if state in LEASED and current is not None:
+                restored.append(
+                    RestoredTask(
+                        task=payload.instance,
+                        state=state,
+                        attempt=current.attempt,
+                        provider=current.provider,
+                        pool=current.pool,
+                    )
+                )
+            else:
+                # no intent was written for the last attempt, so it was never submitted
+                restored.append(
+                    RestoredTask(
+                        task=payload.instance, state=TaskState.PENDING, attempt=rec.attempts
+                    )
+                )
+        self._handle(TasksRestored(tasks=restored, completed=done))
+        self._spawn(self._tick_loop())
+
+    # ---- API for the control plane and the provider actors --------------------------------
+
+    async def submit(self, runs: bytes, completed: list[str]) -> dict[str, int]:
+        """Add runs (RunRecords, already in the store). Returns how many were new to the core."""
+        await self._ensure()
+        recs = unpack(runs, list[RunRecord])
+        fresh: list[TaskInstance] = []
+        again: list[RestoredTask] = []
+        known = set(self.core.run_ids())
+        stored = unpack(
+            await self.store.get_runs.remote([r.run_id for r in recs]), dict[str, RunRecord]
+        )
+        for rec in recs:
+            if rec.run_id in known:
+                continue
+            payload = payload_of(rec)
+            self.payloads[rec.run_id] = payload
+            prior = stored.get(rec.run_id)
+            if prior is not None and prior.attempts > 0:
+                # a run that failed or was cancelled before: new attempts, new keys
+                again.append(
+                    RestoredTask(
+                        task=payload.instance, state=TaskState.PENDING, attempt=prior.attempts
+                    )
+                )
+            else:
+                fresh.append(payload.instance)
+        if again:
+            self._handle(TasksRestored(tasks=again, completed=completed))
+        self._handle(TasksSubmitted(tasks=fresh, completed=completed))
+        return {"new": len(fresh), "resumed": len(again)}
+
+    async def report(self, provider: str, reports: bytes) -> None:
+        await self._ensure()
+        self._on_reports(provider, unpack(reports, list[Report]))
+
+    async def cancel(self, run_ids: list[str], reason: str) -> int:
+        await self._ensure()
+        before = sum(1 for r in run_ids if self._final(r))
+        self._handle(CancelRequested(run_ids=run_ids, reason=reason))
+        return sum(1 for r in run_ids if self._final(r)) - before
+
+    async def progress(self, run_ids: list[str] | None = None) -> dict[str, Any]:
+        await self._ensure()
+        if run_ids is None:
+            counts = {s.value: n for s, n in self.core.counts.items() if n}
+        else:
+            counts = {}
+            for r in run_ids:
+                try:
+                    s = self.core.state(r).value
+                except KeyError:
+                    continue
+                counts[s] = counts.get(s, 0) + 1
+        return {"counts": counts, "errors": list(self.errors), "boots": self.boots}
+
+    async def ping(self) -> bool:
+        await self._ensure()
+        return True
+
+    # ---- carrying out commands ------------------------------------------------------------
+
+    def _final(self, run_id: str) -> bool:
+        try:
+            return self.core.state(run_id) in FINAL
+        except KeyError:
+            return False
+
+    def _handle(self, event: Event) -> None:
+        commands = self.core.handle(event, time.time())
+        self._execute(commands)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            err = task.exception()
+            log.error("queue task failed: %r", err)
+            self.errors.append(f"{type(err).__name__}: {err}")
+
+    def _execute(self, commands: list[Command]) -> None:
+        for cmd in commands:
+            if isinstance(cmd, Transitioned):
+                now = time.time()
+                self.store.apply_transitions.remote(
+                    pack(
+                        [
+                            TransitionRecord(
+                                run_id=t.run_id,
+                                attempt=t.attempt,
+                                from_state=t.from_state.value,
+                                to_state=t.to_state.value,
+                                at=now,
+                                failure=t.failure.value if t.failure else None,
+                                reason=t.reason,
+                                pool=t.pool,
+                            )
+                            for t in cmd.records
+                        ]
+                    )
+                )
+            elif isinstance(cmd, Submit):
+                self._spawn(self._submit(cmd))
+            elif isinstance(cmd, SolvePlacement):
+                self._spawn(self._solve(cmd))
+            elif isinstance(cmd, Reconcile):
+                self._spawn(self._reconcile(cmd))
+            elif isinstance(cmd, Cancel):
+                self.providers[cmd.provider].cancel.remote(cmd.keys)
+            elif isinstance(cmd, WakeAt):
+                self.wake_at = min(self.wake_at, cmd.at)
+
+    async def _solve(self, cmd: SolvePlacement) -> None:
+        solution = unpack(await self.placement.solve.remote(pack(cmd.problem)), PlacementSolution)
+        self._handle(PlacementDecided(solution=solution))
+
+    async def _reconcile(self, cmd: Reconcile) -> None:
+        reports = unpack(
+            await self.providers[cmd.provider].reconcile.remote(cmd.keys), list[Report]
+        )
+        self._on_reports(cmd.provider, reports)
+
+    async def _submit(self, cmd: Submit) -> None:
+        now = time.time()
+        intents = [
+            AttemptRecord(
+                key=item.key,
+                run_id=item.run_id,
+                attempt=item.attempt,
+                provider=cmd.provider,
+                pool=cmd.pool,
+                state="SUBMITTING",
+                intent_at=now,
+            )
+            for item in cmd.items
+        ]
+        upstream = await self._upstream([item.run_id for item in cmd.items])
+        launches = [
+            self._launch_spec(item.run_id, item.attempt, item.key, cmd.pool, upstream)
+            for item in cmd.items
+        ]
+        # write-ahead: the intent is durable before the provider hears of the attempt
+        await self.store.write_intents.remote(pack(intents))
+        reports = unpack(
+            await self.providers[cmd.provider].submit.remote(pack(launches)), list[Report]
+        )
+        self._on_reports(cmd.provider, reports)
+
+    async def _upstream(self, run_ids: list[str]) -> dict[str, bytes]:
+        """The ``upstream.json`` of each run that has dependencies: their params and outputs."""
+        deps = {r: self.payloads[r].instance.depends_on for r in run_ids}
+        wanted = sorted({d for ds in deps.values() for d in ds})
+        if not wanted:
+            return {}
+        arts = unpack(await self.store.artifacts_for.remote(wanted), Artifacts)
+        runs = unpack(await self.store.get_runs.remote(wanted), dict[str, RunRecord])
+        out: dict[str, bytes] = {}
+        for run_id, ds in deps.items():
+            if not ds:
+                continue
+            entries = [
+                {
+                    "run_id": d,
+                    "task": runs[d].task,
+                    "index": runs[d].index,
+                    "params": runs[d].params,
+                    "outputs": {a.name: a.path for a in arts.get(d, [])},
+                }
+                for d in ds
+                if d in runs
+            ]
+            entries.sort(key=lambda e: (str(e["task"]), int(str(e["index"]))))
+            out[run_id] = json.dumps(entries, indent=1, sort_keys=True).encode()
+        return out
+
+    def _launch_spec(
+        self, run_id: str, attempt: int, key: str, pool: str, upstream: dict[str, bytes]
+    ) -> LaunchSpec:
+        p = self.payloads[run_id]
+        la = p.launch
+        env = dict(la.env)
+        files: dict[str, bytes] = {}
+        if run_id in upstream:
+            files["upstream.json"] = upstream[run_id]
+            env["STOWPLAN_UPSTREAM"] = "upstream.json"
+        return LaunchSpec(
+            key=key,
+            run_id=run_id,
+            attempt=attempt,
+            pool=pool,
+            name=p.name,
+            argv=la.argv,
+            script=la.script,
+            env=env,
+            cpus=la.cpus,
+            memory=la.memory,
+            gpus=la.gpus,
+            gpu_types=la.gpu_types,
+            timeout_s=la.timeout_s,
+            outputs=la.outputs,
+            files=files,
+        )
+
+    def _on_reports(self, provider: str, reports: list[Report]) -> None:
+        if not reports:
+            return
+        updates = [
+            AttemptRecord(
+                key=r.key,
+                run_id="",
+                attempt=0,
+                provider=provider,
+                pool="",
+                state=r.state.value,
+                job_id=r.job_id,
+                node=r.node,
+                exit_code=r.exit_code,
+                failure=r.failure.value if r.failure else None,
+                message=r.message,
+                started_at=r.started_at,
+                ended_at=r.ended_at,
+            )
+            for r in reports
+            if r.state is not ProviderState.UNKNOWN
+        ]
+        if updates:
+            self.store.update_attempts.remote(pack(updates))
+        outputs: dict[str, dict[str, str]] = {}
+        for r in reports:
+            if r.state is ProviderState.SUCCEEDED and r.outputs:
+                run_id = self._run_of(r.key)
+                if run_id is not None:
+                    outputs[run_id] = r.outputs
+        if outputs:
+            # ordered before any Submit of a dependent, which reads these artifacts
+            self.store.put_artifacts.remote(outputs)
+        self._handle(ProviderReported(provider=provider, reports=reports))
+
+    def _run_of(self, key: str) -> str | None:
+        return self.core.run_of_key(key)
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick)
+            now = time.time()
+            if now >= self.wake_at:
+                self.wake_at = float("inf")
+                try:
+                    self._handle(Tick())
+                except Exception as e:  # recorded and shown by the CLI; the loop must go on
+                    log.exception("tick failed")
+                    self.errors.append(f"{type(e).__name__}: {e}")

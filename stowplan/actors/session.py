@@ -1,0 +1,218 @@
+"""One ``stowplan run``: load, identify, decide what to reuse, record, and hand to the queue.
+
+The CLI calls these steps and renders what they return; nothing here prints. The experiment,
+its runs and the provenance are recorded before the control plane starts (content-addressed,
+insert-or-ignore rows); from then on the store actor is the only writer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from stowplan.errors import PlacementInfeasible, SpecError
+from stowplan.placement.greedy import eligible, fits
+from stowplan.placement.problem import DemandClass, Pool
+from stowplan.provenance.records import ExperimentRecord, ProvenanceRecord, RunRecord
+from stowplan.provenance.store import RunStore
+from stowplan.scheduler.plan import PlannedRun, Versions, plan_runs
+from stowplan.spec.canonical import spec_hash
+from stowplan.spec.loader import LoadedExperiment, LoadedProject, load_experiment, load_project
+from stowplan.spec.models import ProviderConfig
+
+
+class Prepared(msgspec.Struct, kw_only=True):
+    project: LoadedProject
+    loaded: LoadedExperiment
+    experiment: ExperimentRecord
+    planned: list[PlannedRun]
+    provenance: ProvenanceRecord
+    diff: bytes
+    providers: dict[str, ProviderConfig]
+    replicate: int
+    state_dir: str
+    store_path: str
+
+
+def project_paths(project: LoadedProject) -> tuple[Path, Path]:
+    root = Path(project.root)
+    state_dir = root / ".stowplan"
+    store = Path(project.config.store.path)
+    if not store.is_absolute():
+        store = root / store
+    return state_dir, store
+
+
+def prepare(
+    file: Path,
+    *,
+    provider: str | None = None,
+    rerun: bool = False,
+    replicate: int | None = None,
+) -> Prepared:
+    """Everything up to, not including, writing: raises SpecError for any bad input."""
+    from stowplan.provenance.capture import (
+        capture_code,
+        capture_environment,
+        capture_hardware,
+        data_version,
+    )
+
+    project = load_project(search_from=file.resolve().parent)
+    loaded = load_experiment(file, project)
+    providers = dict(project.config.providers)
+    allowed: tuple[str, ...] | None = None
+    if provider is not None:
+        if provider not in providers:
+            raise SpecError(
+                f"--provider {provider!r} is not configured",
+                file=project.file or "stowplan.toml",
+                path="$.providers",
+                hint="use one of: " + ", ".join(sorted(providers)),
+            )
+        allowed = (provider,)
+    elif loaded.policy.allowed_providers is not None:
+        unknown = sorted(set(loaded.policy.allowed_providers) - set(providers))
+        if unknown:
+            raise SpecError(
+                f"policy.allowed_providers names unconfigured provider {unknown[0]!r}",
+                file=loaded.file,
+                path="$.policy.allowed_providers",
+                hint="configure it in stowplan.toml or use one of: " + ", ".join(sorted(providers)),
+            )
+    if allowed is not None:
+        providers = {n: c for n, c in providers.items() if n in allowed}
+
+    code = capture_code(Path(loaded.directory))
+    env = capture_environment()
+    base = Path(loaded.directory)
+    data = {
+        i.uri: data_version(i.uri, i.version, base) for t in loaded.spec.tasks for i in t.inputs
+    }
+    versions = Versions(
+        code_version=code.version, env_hash=str(env["env_hash"]), data_versions=data
+    )
+    state_dir, store_path = project_paths(project)
+    project_name = loaded.spec.experiment.project or project.config.project.name
+
+    def planned_for(rep: int) -> list[PlannedRun]:
+        return plan_runs(
+            loaded, versions, project=project_name, replicate=rep, allowed_providers=allowed
+        )
+
+    rep = replicate or 0
+    planned = planned_for(rep)
+    if rerun and replicate is None and store_path.exists():
+        # the next replicate number whose runs do not exist yet
+        with RunStore(store_path) as store:
+            while store.get_runs([planned[0].run_id]):
+                rep += 1
+                planned = planned_for(rep)
+    canonical = msgspec.to_builtins(loaded.spec)
+    canonical["effective_policy"] = msgspec.to_builtins(loaded.policy)
+    experiment = ExperimentRecord(
+        id=spec_hash(canonical),
+        name=loaded.spec.experiment.name,
+        project=project_name,
+        description=loaded.spec.experiment.description,
+        file=str(Path(loaded.file).resolve()),
+        spec=canonical,
+        created_at=time.time(),
+    )
+    code_info = msgspec.to_builtins(code)
+    code_info.pop("diff", None)
+    provenance = ProvenanceRecord(code=code_info, environment=env, hardware=capture_hardware())
+    return Prepared(
+        project=project,
+        loaded=loaded,
+        experiment=experiment,
+        planned=planned,
+        provenance=provenance,
+        diff=code.diff,
+        providers=providers,
+        replicate=rep,
+        state_dir=str(state_dir),
+        store_path=str(store_path),
+    )
+
+
+def check_feasible(prepared: Prepared, pools: Sequence[Pool]) -> None:
+    """Refuse, before anything is written, a task that no configured pool could ever run."""
+    seen: set[tuple[Any, ...]] = set()
+    for run in prepared.planned:
+        inst = run.instance
+        key = (inst.cpus, inst.memory, inst.gpus, inst.gpu_types, inst.allowed_providers)
+        if key in seen:
+            continue
+        seen.add(key)
+        cls = DemandClass(
+            id=run.task,
+            cpus=inst.cpus,
+            memory=inst.memory,
+            gpus=inst.gpus,
+            gpu_types=inst.gpu_types,
+            allowed_pools=None
+            if inst.allowed_providers is None
+            else tuple(p.id for p in pools if p.provider in inst.allowed_providers),
+        )
+        if not any(eligible(cls, p) and fits(cls, p.cpus, p.memory, dict(p.gpus)) for p in pools):
+            largest = ", ".join(
+                f"{p.id}: {p.cpus:g} CPUs, {p.memory / 2**30:.1f} GiB"
+                + (f", GPUs {p.gpus}" if p.gpus else "")
+                for p in pools
+            )
+            gpu = f", {inst.gpus} GPU(s) {'/'.join(inst.gpu_types)}" if inst.gpus else ""
+            raise PlacementInfeasible(
+                f"{prepared.loaded.file}: task {run.task!r} asks for {inst.cpus:g} CPUs, "
+                f"{inst.memory / 2**30:.2f} GiB{gpu}, which no configured pool has "
+                f"({largest}).\n  fix: lower $.tasks[].resources for {run.task!r}, or "
+                "configure a provider that offers it in stowplan.toml"
+            )
+
+
+def run_records(prepared: Prepared, provenance_hash: str) -> list[RunRecord]:
+    from stowplan.actors.queue import RunPayload
+
+    now = time.time()
+    exp = prepared.experiment
+    out = []
+    for r in prepared.planned:
+        name = f"{exp.name}-{r.task}-{r.index}"
+        payload = RunPayload(instance=r.instance, launch=r.launch, name=name)
+        out.append(
+            RunRecord(
+                run_id=r.run_id,
+                experiment_id=exp.id,
+                experiment=exp.name,
+                task=r.task,
+                index=r.index,
+                params=dict(r.params),
+                seed=r.seed,
+                replicate=r.replicate,
+                depends_on=r.depends_on,
+                identity=msgspec.to_builtins(r.identity),
+                task_spec={"spec": r.task_spec, "payload": msgspec.to_builtins(payload)},
+                provenance=provenance_hash,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+    return out
+
+
+def record(prepared: Prepared, store: RunStore) -> list[RunRecord]:
+    """Write the experiment, its provenance and its runs (insert-or-ignore); return the runs."""
+    if prepared.diff:
+        store.put_blob(prepared.diff)
+    h = store.put_provenance(prepared.provenance)
+    store.put_experiment(prepared.experiment)
+    runs = run_records(prepared, h)
+    store.put_runs(runs)
+    return runs
+
+
+__all__ = ["Prepared", "check_feasible", "load_experiment", "prepare", "record"]

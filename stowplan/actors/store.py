@@ -1,0 +1,66 @@
+"""The store actor: the single writer of a project's run store.
+
+A synchronous actor with one thread, so calls from one caller run in the order they were made:
+the queue actor sends transitions and then an intent, and the intent is never written before
+the transitions that led to it. Batches arrive as msgpack bytes (see ``wire``).
+"""
+
+from __future__ import annotations
+
+from stowplan.actors.wire import pack, unpack
+from stowplan.provenance.records import (
+    ArtifactRecord,
+    AttemptRecord,
+    ExperimentRecord,
+    RunRecord,
+    TransitionRecord,
+)
+from stowplan.provenance.store import RunStore
+
+
+class StoreActor:
+    def __init__(self, path: str) -> None:
+        self.store = RunStore(path)
+
+    def ping(self) -> bool:
+        return True
+
+    def put_experiment(self, rec: bytes) -> None:
+        self.store.put_experiment(unpack(rec, ExperimentRecord))
+
+    def put_runs(self, recs: bytes) -> None:
+        self.store.put_runs(unpack(recs, list[RunRecord]))
+
+    def get_runs(self, run_ids: list[str]) -> bytes:
+        return pack(self.store.get_runs(run_ids))
+
+    def apply_transitions(self, ts: bytes) -> None:
+        self.store.apply_transitions(unpack(ts, list[TransitionRecord]))
+
+    def write_intents(self, intents: bytes) -> None:
+        self.store.write_intents(unpack(intents, list[AttemptRecord]))
+
+    def update_attempts(self, updates: bytes) -> None:
+        self.store.update_attempts(unpack(updates, list[AttemptRecord]))
+
+    def put_artifacts(self, outputs: dict[str, dict[str, str]]) -> None:
+        for run_id, files in outputs.items():
+            self.store.put_artifacts(run_id, files)
+
+    def artifacts_for(self, run_ids: list[str]) -> bytes:
+        return pack(self.store.artifacts_for(run_ids))
+
+    def load_active(self) -> bytes:
+        """Active runs, their attempts, and which of their dependencies already succeeded."""
+        runs = self.store.active_runs()
+        attempts = self.store.attempts_for([r.run_id for r in runs])
+        deps = sorted({d for r in runs for d in r.depends_on})
+        done = [rid for rid, rec in self.store.get_runs(deps).items() if rec.state == "SUCCEEDED"]
+        return pack((runs, attempts, done))
+
+    def active_keys(self, provider: str) -> list[str]:
+        return [a.key for a in self.store.active_attempts() if a.provider == provider]
+
+
+ActiveState = tuple[list[RunRecord], dict[str, list[AttemptRecord]], list[str]]
+Artifacts = dict[str, list[ArtifactRecord]]

@@ -1,0 +1,362 @@
+"""``stowplan ls | status | show | logs | cancel``: reading (and cancelling) what was recorded."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+from rich.console import Console
+from rich.table import Table
+
+from stowplan.errors import SpecError
+from stowplan.provenance.records import RunRecord
+from stowplan.provenance.store import RunStore
+from stowplan.spec.loader import load_project
+
+FINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+
+
+def _open(args: argparse.Namespace) -> tuple[RunStore, Any]:
+    from stowplan.actors.session import project_paths
+
+    project = load_project(search_from=args.project_dir or Path.cwd())
+    state_dir, store_path = project_paths(project)
+    if not store_path.exists():
+        raise SpecError(
+            f"no run store at {store_path}",
+            hint="run an experiment first (stowplan run FILE), or pass --project-dir",
+        )
+    return RunStore(store_path), (project, state_dir)
+
+
+def _resolve(store: RunStore, prefix: str) -> str:
+    try:
+        return store.resolve_run(prefix)
+    except (KeyError, ValueError) as e:
+        msg = e.args[0] if e.args else str(e)
+        raise SpecError(
+            str(msg), hint="give more characters of the run id (stowplan status)"
+        ) from None
+
+
+def _ago(t: float) -> str:
+    s = max(0.0, time.time() - t)
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= n:
+            return f"{s / n:.0f}{unit} ago"
+    return f"{s:.0f}s ago"
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    store, _ = _open(args)
+    with store:
+        exps = store.list_experiments()
+        rows = []
+        for e in exps:
+            counts: dict[str, int] = {}
+            for r in store.runs_for_experiment(e.id):
+                counts[r.state] = counts.get(r.state, 0) + 1
+            rows.append((e, counts))
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "id": e.id,
+                        "name": e.name,
+                        "project": e.project,
+                        "created_at": e.created_at,
+                        "description": e.description,
+                        "counts": c,
+                    }
+                    for e, c in rows
+                ],
+                indent=2,
+                sort_keys=True,
+            )
+        )
+        return 0
+    table = Table(show_edge=False)
+    for col in ("experiment", "id", "created", "runs", "description"):
+        table.add_column(col)
+    for e, c in rows:
+        table.add_row(
+            e.name,
+            e.id[:12],
+            _ago(e.created_at),
+            " ".join(f"{n} {s.lower()}" for s, n in sorted(c.items())),
+            e.description[:60],
+        )
+    Console(highlight=False).print(table)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    store, _ = _open(args)
+    with store:
+        if args.experiment:
+            runs = store.runs_by_name(args.experiment)
+            if not runs:
+                found = store.find_experiment(args.experiment)
+                if not found:
+                    raise SpecError(
+                        f"no experiment named {args.experiment!r}", hint="see stowplan ls"
+                    )
+                runs = store.runs_for_experiment(found[0].id)
+        else:
+            exps = store.list_experiments()
+            runs = store.runs_by_name(exps[0].name) if exps else []
+    # the newest replicate of each trial
+    latest: dict[tuple[str, str, int], RunRecord] = {}
+    for r in runs:
+        k = (r.experiment, r.task, r.index)
+        if k not in latest or r.replicate > latest[k].replicate:
+            latest[k] = r
+    shown = sorted(latest.values(), key=lambda r: (r.experiment, r.task, r.index))
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "run_id": r.run_id,
+                        "experiment": r.experiment,
+                        "task": r.task,
+                        "index": r.index,
+                        "params": r.params,
+                        "state": r.state,
+                        "attempts": r.attempts,
+                        "failure": r.failure,
+                        "reason": r.reason,
+                        "replicate": r.replicate,
+                    }
+                    for r in shown
+                ],
+                indent=2,
+                sort_keys=True,
+            )
+        )
+        return 0
+    console = Console(highlight=False)
+    per_task: dict[tuple[str, str], dict[str, int]] = {}
+    for r in shown:
+        c = per_task.setdefault((r.experiment, r.task), {})
+        c[r.state] = c.get(r.state, 0) + 1
+    table = Table(show_edge=False)
+    for col in ("experiment", "task", "runs", "states"):
+        table.add_column(col)
+    for (e, t), c in per_task.items():
+        table.add_row(
+            e, t, str(sum(c.values())), " ".join(f"{n} {s.lower()}" for s, n in sorted(c.items()))
+        )
+    console.print(table)
+    for r in shown:
+        if r.state in ("FAILED", "CANCELLED"):
+            console.print(
+                f"  {r.run_id[:12]} {r.task}[{r.index}] {r.state} ({r.failure}): {r.reason}",
+                markup=False,
+            )
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    store, _ = _open(args)
+    with store:
+        run_id = _resolve(store, args.run)
+        run = store.get_runs([run_id])[run_id]
+        attempts = store.attempts_for([run_id]).get(run_id, [])
+        artifacts = store.artifacts_for([run_id]).get(run_id, [])
+        events = store.events_for(run_id)
+        prov = store.get_provenance(run.provenance)
+    data = {
+        "run": msgspec.to_builtins(run),
+        "attempts": msgspec.to_builtins(attempts),
+        "artifacts": msgspec.to_builtins(artifacts),
+        "events": msgspec.to_builtins(events),
+        "provenance": msgspec.to_builtins(prov),
+    }
+    data["run"]["task_spec"] = data["run"]["task_spec"].get("spec", data["run"]["task_spec"])
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return 0
+    c = Console(highlight=False)
+    c.print(f"[bold]run {run.run_id}[/]")
+    c.print(
+        f"  experiment {run.experiment}  task {run.task}[{run.index}]  "
+        f"replicate {run.replicate}  seed {run.seed}"
+    )
+    c.print(f"  state {run.state}" + (f" ({run.failure}): {run.reason}" if run.failure else ""))
+    c.print(f"  params {json.dumps(run.params, sort_keys=True)}")
+    ident = run.identity
+    c.print("[bold]identity[/]")
+    for k in ("task_spec_hash", "code_version", "env_hash", "data_versions", "upstream"):
+        v = ident.get(k)
+        if isinstance(v, list):
+            v = f"{len(v)} runs" if v else "none"
+        c.print(f"  {k}: {v}", markup=False)
+    c.print("[bold]provenance[/]")
+    code, env, hw = prov.code, prov.environment, prov.hardware
+    c.print(f"  code: {code.get('version')} (branch {code.get('branch')})", markup=False)
+    c.print(
+        f"  python {env.get('python_version', env.get('python', '?'))}, "
+        f"{len(env.get('distributions', []))} distributions",
+        markup=False,
+    )
+    c.print(
+        f"  host {hw.get('hostname')}: {hw.get('cpu_model')} x{hw.get('cpu_count')}, "
+        f"{(hw.get('memory_bytes') or 0) / 2**30:.1f} GiB, "
+        f"{len(hw.get('gpus') or [])} GPU(s)",
+        markup=False,
+    )
+    c.print("[bold]attempts[/]")
+    for a in attempts:
+        c.print(
+            f"  #{a.attempt} {a.state} on {a.provider}/{a.pool} job {a.job_id} "
+            f"node {a.node} exit {a.exit_code}"
+            + (f" {a.failure}: {a.message}" if a.failure else ""),
+            markup=False,
+        )
+    c.print("[bold]artifacts[/]")
+    for art in artifacts:
+        c.print(f"  {art.name}  sha256:{art.sha256[:16]}  {art.size} B", markup=False)
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from stowplan.providers.base import LogStream
+    from stowplan.providers.registry import make_provider
+
+    store, (project, state_dir) = _open(args)
+    with store:
+        run_id = _resolve(store, args.run)
+        attempts = store.attempts_for([run_id]).get(run_id, [])
+    if not attempts:
+        raise SpecError(f"run {run_id[:12]} has no attempts yet", hint="wait until it starts")
+    if args.attempt is not None:
+        chosen = [a for a in attempts if a.attempt == args.attempt]
+        if not chosen:
+            raise SpecError(
+                f"run {run_id[:12]} has no attempt {args.attempt}",
+                hint=f"attempts: {', '.join(str(a.attempt) for a in attempts)}",
+            )
+        att = chosen[0]
+    else:
+        att = attempts[-1]
+    cfg = project.config.providers.get(att.provider)
+    if cfg is None:
+        raise SpecError(
+            f"provider {att.provider!r} of this run is no longer configured",
+            file=project.file,
+            path="$.providers",
+            hint="configure it again",
+        )
+    stream: LogStream = "stderr" if args.stderr else "stdout"
+
+    async def go() -> None:
+        async with make_provider(att.provider, cfg, state_dir=state_dir) as drv:
+            async for chunk in drv.logs(att.key, stream=stream, follow=args.follow):
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.buffer.flush()
+
+    anyio.run(go)
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """Cancel through a running control plane if there is one; otherwise directly."""
+    from stowplan.actors.control import QUEUE
+    from stowplan.actors.runtime import namespace_for
+
+    store, (project, state_dir) = _open(args)
+    with store:
+        try:
+            targets = [store.resolve_run(args.target)]
+        except (KeyError, ValueError):
+            targets = [r.run_id for r in store.runs_by_name(args.target)]
+        if not targets:
+            raise SpecError(
+                f"{args.target!r} is neither a run id nor an experiment name",
+                hint="see stowplan ls and stowplan status",
+            )
+        runs = store.get_runs(targets)
+    open_ids = [r for r, rec in runs.items() if rec.state not in FINAL]
+    if not open_ids:
+        print("nothing to cancel: every run is finished")
+        return 0
+    queue = _find_queue(namespace_for(state_dir), QUEUE)
+    if queue is not None:
+        import ray
+
+        n = ray.get(queue.cancel.remote(open_ids, args.why))
+        print(f"cancelled {n} run(s) through the running control plane")
+        return 0
+    n = _cancel_offline(
+        open_ids, args.why, store_path=store.path, project=project, state_dir=state_dir
+    )
+    print(f"cancelled {n} run(s)")
+    return 0
+
+
+def _find_queue(namespace: str, name: str) -> Any:
+    import os
+
+    import ray
+
+    if not Path("/tmp/ray/ray_current_cluster").exists():
+        return None
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        ray.init(
+            address="auto", namespace=namespace, log_to_driver=False, logging_level=logging.ERROR
+        )
+        return ray.get_actor(name)
+    except (ConnectionError, ValueError, RuntimeError):
+        return None
+
+
+def _cancel_offline(
+    run_ids: list[str], why: str, *, store_path: Path, project: Any, state_dir: Path
+) -> int:
+    from stowplan.provenance.records import TransitionRecord
+    from stowplan.providers.registry import make_provider
+
+    with RunStore(store_path) as store:
+        attempts = store.attempts_for(run_ids)
+        runs = store.get_runs(run_ids)
+        by_provider: dict[str, list[str]] = {}
+        for rid in run_ids:
+            for a in attempts.get(rid, []):
+                if a.state in ("SUBMITTING", "QUEUED", "RUNNING", "UNKNOWN"):
+                    by_provider.setdefault(a.provider, []).append(a.key)
+
+        async def go() -> None:
+            for name, keys in by_provider.items():
+                cfg = project.config.providers.get(name)
+                if cfg is None:
+                    continue
+                async with make_provider(name, cfg, state_dir=state_dir) as drv:
+                    await drv.cancel(keys)
+
+        anyio.run(go)
+        now = time.time()
+        store.apply_transitions(
+            [
+                TransitionRecord(
+                    run_id=rid,
+                    attempt=runs[rid].attempts,
+                    from_state=runs[rid].state,
+                    to_state="CANCELLED",
+                    at=now,
+                    failure="cancelled",
+                    reason=why,
+                )
+                for rid in run_ids
+            ]
+        )
+    return len(run_ids)

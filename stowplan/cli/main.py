@@ -1,0 +1,101 @@
+"""The ``stowplan`` command. All printing and rendering lives in this subpackage.
+
+Exit codes: 0 success; 1 some runs failed (or were cancelled); 2 bad input (a spec, a flag, an
+unknown run): one short paragraph on stderr, never a traceback, nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from stowplan.errors import PlacementInfeasible, SpecError, StowplanError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"stowplan: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="stowplan", description="Reproducible experiment orchestration.")
+    p.add_argument("--version", action="version", version="stowplan 0.1.0")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run an experiment file (TOML or YAML)")
+    run.add_argument("file", type=Path)
+    run.add_argument("--dry-run", action="store_true", help="show what would run; change nothing")
+    run.add_argument("--rerun", action="store_true", help="run new replicates even if done")
+    run.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    run.add_argument("--provider", help="run only on this provider from stowplan.toml")
+    run.add_argument("--json", action="store_true", help="print the final status as JSON")
+
+    ls = sub.add_parser("ls", help="list experiments")
+    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--project-dir", type=Path, default=None)
+
+    st = sub.add_parser("status", help="state of an experiment's runs")
+    st.add_argument("experiment", nargs="?")
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--project-dir", type=Path, default=None)
+
+    sh = sub.add_parser("show", help="everything recorded about one run")
+    sh.add_argument("run")
+    sh.add_argument("--json", action="store_true")
+    sh.add_argument("--project-dir", type=Path, default=None)
+
+    lg = sub.add_parser("logs", help="a run's output")
+    lg.add_argument("run")
+    lg.add_argument("-f", "--follow", action="store_true")
+    lg.add_argument("--stderr", action="store_true", help="standard error instead of output")
+    lg.add_argument("--attempt", type=int, default=None)
+    lg.add_argument("--project-dir", type=Path, default=None)
+
+    ca = sub.add_parser("cancel", help="cancel a run or every unfinished run of an experiment")
+    ca.add_argument("target", help="run id (prefix) or experiment name")
+    ca.add_argument("--why", default="cancelled by user")
+    ca.add_argument("--project-dir", type=Path, default=None)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            from stowplan.cli.run import cmd_run
+
+            return cmd_run(args)
+        from stowplan.cli import inspect
+
+        handler = {
+            "ls": inspect.cmd_ls,
+            "status": inspect.cmd_status,
+            "show": inspect.cmd_show,
+            "logs": inspect.cmd_logs,
+            "cancel": inspect.cmd_cancel,
+        }[args.command]
+        return handler(args)
+    except SpecError as e:
+        print(f"stowplan: {e.render()}", file=sys.stderr)
+        return EXIT_USAGE
+    except PlacementInfeasible as e:
+        print(f"stowplan: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except StowplanError as e:
+        print(f"stowplan: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,309 @@
+"""``stowplan run``: plan, reuse, record, dispatch through the control plane, watch, report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from stowplan.provenance.records import RunRecord
+from stowplan.provenance.store import RunStore
+
+FINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+EXIT_OK, EXIT_FAILED = 0, 1
+
+
+def _discover(prepared: Any) -> list[Any]:
+    from stowplan.providers.registry import make_provider
+
+    async def go() -> list[Any]:
+        pools: list[Any] = []
+        for name, cfg in sorted(prepared.providers.items()):
+            async with make_provider(name, cfg, state_dir=Path(prepared.state_dir)) as drv:
+                pools.extend(await drv.discover())
+        return pools
+
+    return anyio.run(go)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from stowplan.actors.session import check_feasible, prepare, record
+
+    console = Console(highlight=False)
+    err = Console(stderr=True, highlight=False)
+    prepared = prepare(args.file, provider=args.provider, rerun=args.rerun)
+    pools = _discover(prepared)
+    check_feasible(prepared, pools)
+    planned = prepared.planned
+    ids = [r.run_id for r in planned]
+
+    if args.dry_run:
+        _print_dry_run(console, prepared)
+        return EXIT_OK
+
+    store_path = Path(prepared.store_path)
+    with RunStore(store_path) as store:
+        existing = store.get_runs(ids)
+        reused = [i for i in ids if existing.get(i) and existing[i].state == "SUCCEEDED"]
+        todo = [i for i in ids if i not in set(reused)]
+        runs = record(prepared, store)
+    name = prepared.experiment.name
+    if reused:
+        err.print(f"{len(reused)} of {len(ids)} runs reused")
+    if todo:
+        todo_set = set(todo)
+        to_submit = [r for r in runs if r.run_id in todo_set]
+        _dispatch(args, prepared, to_submit, reused, console, err)
+    with RunStore(store_path) as store:
+        final = store.get_runs(ids)
+        artifacts = store.artifacts_for(ids)
+    ordered = [final[i] for i in ids if i in final]
+    if args.json:
+        print(json.dumps(_status_json(name, ordered, set(reused)), indent=2, sort_keys=True))
+    else:
+        render_results(console, ordered, artifacts, set(reused))
+    failed = [r for r in ordered if r.state != "SUCCEEDED"]
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _dispatch(
+    args: argparse.Namespace,
+    prepared: Any,
+    runs: list[RunRecord],
+    reused: list[str],
+    console: Console,
+    err: Console,
+) -> None:
+    from stowplan.actors.control import ControlPlane
+
+    plane = ControlPlane(
+        state_dir=Path(prepared.state_dir),
+        store_path=Path(prepared.store_path),
+        providers=prepared.providers,
+        address=args.address,
+        poll_max=1.0,
+    )
+    ids = [r.run_id for r in runs]
+    total = len(ids)
+    started = time.monotonic()
+    plane.start()
+    try:
+        plane.submit(runs, reused)
+        watch(plane, ids, total, started, err)
+    except KeyboardInterrupt:
+        err.print("interrupted: cancelling unfinished runs")
+        plane.cancel(ids, "interrupted from the terminal")
+        watch(plane, ids, total, started, err)
+    finally:
+        plane.stop()
+
+
+def watch(plane: Any, ids: list[str], total: int, started: float, err: Console) -> None:
+    """Poll the queue until every run is final; a live bar on a terminal, lines otherwise."""
+    live = err.is_terminal
+    progress = (
+        Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            transient=False,
+        )
+        if live
+        else None
+    )
+    task_id = progress.add_task("starting", total=total) if progress else None
+    last_line = ""
+    last_print = 0.0
+    if progress:
+        progress.start()
+    try:
+        while True:
+            info = plane.progress(ids)
+            counts: dict[str, int] = info["counts"]
+            done = sum(counts.get(s, 0) for s in FINAL)
+            queued = sum(
+                counts.get(s, 0)
+                for s in ("PENDING", "READY", "PLACED", "SUBMITTING", "QUEUED", "RETRYING")
+            )
+            line = (
+                f"queued {queued}  running {counts.get('RUNNING', 0)}  "
+                f"succeeded {counts.get('SUCCEEDED', 0)}  failed {counts.get('FAILED', 0)}"
+                + (f"  cancelled {counts['CANCELLED']}" if counts.get("CANCELLED") else "")
+                + (f"  lost {counts['LOST']}" if counts.get("LOST") else "")
+            )
+            if progress is not None and task_id is not None:
+                progress.update(task_id, completed=done, description=line)
+            else:
+                now = time.monotonic()
+                if line != last_line and (now - last_print >= 2.0 or done == total):
+                    elapsed = now - started
+                    eta = ""
+                    if 0 < done < total:
+                        eta = f"  eta {elapsed / done * (total - done):.0f}s"
+                    print(f"[{elapsed:6.1f}s] {line}{eta}", file=sys.stderr, flush=True)
+                    last_line, last_print = line, now
+            for e in info["errors"]:
+                err.print(f"[red]control plane error:[/] {e}")
+            if done >= total:
+                return
+            time.sleep(0.2)
+    finally:
+        if progress:
+            progress.stop()
+
+
+def _print_dry_run(console: Console, prepared: Any) -> None:
+    from stowplan.actors.queue import RunPayload
+    from stowplan.providers.base import LaunchSpec
+    from stowplan.providers.registry import make_provider
+    from stowplan.spec.canonical import attempt_key
+
+    planned = prepared.planned
+    console.print(
+        f"[bold]{prepared.experiment.name}[/]: {len(planned)} runs "
+        f"(experiment {prepared.experiment.id[:12]}, replicate {prepared.replicate})"
+    )
+    table = Table(show_edge=False)
+    for col in ("run", "task", "trial", "params", "needs", "after"):
+        table.add_column(col)
+    for r in planned[:50]:
+        needs = f"{r.launch.cpus:g} cpu, {r.launch.memory / 2**30:.2g} GiB"
+        if r.launch.gpus:
+            needs += f", {r.launch.gpus} gpu"
+        table.add_row(
+            r.run_id[:12],
+            r.task,
+            str(r.index),
+            " ".join(f"{k}={v}" for k, v in r.params.items()),
+            needs,
+            str(len(r.depends_on)) if r.depends_on else "",
+        )
+    console.print(table)
+    if len(planned) > 50:
+        console.print(f"... and {len(planned) - 50} more")
+    seen: set[str] = set()
+    name = next(iter(sorted(prepared.providers)))
+    driver = make_provider(name, prepared.providers[name], state_dir=Path(prepared.state_dir))
+    for r in planned:
+        if r.task in seen:
+            continue
+        seen.add(r.task)
+        payload = RunPayload(instance=r.instance, launch=r.launch, name=r.task)
+        la = payload.launch
+        spec = LaunchSpec(
+            key=attempt_key(r.run_id, 1),
+            run_id=r.run_id,
+            attempt=1,
+            pool=name,
+            name=f"{prepared.experiment.name}-{r.task}-{r.index}",
+            argv=la.argv,
+            script=la.script,
+            env=la.env,
+            cpus=la.cpus,
+            memory=la.memory,
+            gpus=la.gpus,
+            gpu_types=la.gpu_types,
+            timeout_s=la.timeout_s,
+            outputs=la.outputs,
+        )
+        console.print(f"\n[bold]{r.task}[/] (first trial) on provider {name}:")
+        console.print(driver.plan([spec])[0].render(), markup=False)
+
+
+def _metrics(artifacts: list[Any]) -> dict[str, Any]:
+    """Scalar top-level values of JSON outputs: what a result table shows."""
+    out: dict[str, Any] = {}
+    for a in artifacts:
+        if not a.name.endswith(".json"):
+            continue
+        try:
+            data = json.loads(Path(a.path).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict):
+            for k, v in data.items():
+                if isinstance(v, int | float | str | bool) and len(str(v)) <= 40:
+                    out[k] = v
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def render_results(
+    console: Console, runs: list[RunRecord], artifacts: dict[str, list[Any]], reused: set[str]
+) -> None:
+    by_task: dict[str, list[RunRecord]] = {}
+    for r in runs:
+        by_task.setdefault(r.task, []).append(r)
+    for task, rs in by_task.items():
+        params = sorted({k for r in rs for k in r.params})
+        metrics_of = {r.run_id: _metrics(artifacts.get(r.run_id, [])) for r in rs}
+        metric_names = sorted({k for m in metrics_of.values() for k in m})
+        table = Table(title=f"{task}", show_edge=False, title_justify="left")
+        table.add_column("run")
+        for p in params:
+            table.add_column(p, justify="right")
+        table.add_column("state")
+        for m in metric_names:
+            table.add_column(m, justify="right")
+        shown = rs[:40]
+        for r in shown:
+            state = r.state + (" (reused)" if r.run_id in reused else "")
+            if r.state != "SUCCEEDED" and r.reason:
+                state += f": {r.reason[:60]}"
+            table.add_row(
+                r.run_id[:10],
+                *(_fmt(r.params.get(p, "")) for p in params),
+                state,
+                *(_fmt(metrics_of[r.run_id].get(m, "")) for m in metric_names),
+            )
+        console.print(table)
+        if len(rs) > len(shown):
+            console.print(f"... and {len(rs) - len(shown)} more (stowplan status --json)")
+    counts: dict[str, int] = {}
+    for r in runs:
+        counts[r.state] = counts.get(r.state, 0) + 1
+    console.print(
+        ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
+        + (f"; {len(reused)} reused" if reused else "")
+    )
+
+
+def _status_json(name: str, runs: list[RunRecord], reused: set[str]) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for r in runs:
+        counts[r.state] = counts.get(r.state, 0) + 1
+    return {
+        "experiment": name,
+        "counts": counts,
+        "reused": len(reused),
+        "runs": [
+            {
+                "run_id": r.run_id,
+                "task": r.task,
+                "index": r.index,
+                "params": r.params,
+                "state": r.state,
+                "attempts": r.attempts,
+                "failure": r.failure,
+                "reason": r.reason,
+                "reused": r.run_id in reused,
+            }
+            for r in runs
+        ],
+    }

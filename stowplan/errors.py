@@ -1,0 +1,64 @@
+"""The one error root, with branches by who must act.
+
+``SpecError``: the user must fix an input file. ``ProviderError``: a provider refused or
+failed (``retryable`` says whether trying again can help). ``PlacementInfeasible``: nothing
+can run a task. ``InternalError``: a bug in stowplan.
+"""
+
+from __future__ import annotations
+
+
+class StowplanError(Exception):
+    """Root of every error stowplan raises on purpose."""
+
+
+class SpecError(StowplanError, ValueError):
+    """Something a user wrote is wrong.
+
+    Carries the file, the ``$.path`` inside it, the line when the parser can tell, what was
+    wrong and how to fix it, so the CLI prints one short paragraph and exits with code 2.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        path: str | None = None,
+        line: int | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.message = message
+        self.file = file
+        self.path = path
+        self.line = line
+        self.hint = hint
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        where = self.file or "<input>"
+        if self.line is not None:
+            where += f":{self.line}"
+        if self.path:
+            where += f" at {self.path}"
+        text = f"{where}: {self.message}"
+        if self.hint:
+            text += f"\n  fix: {self.hint}"
+        return text
+
+
+class ProviderError(StowplanError):
+    """A provider failed or refused; ``retryable`` tells the retry policy whether to try again."""
+
+    def __init__(self, message: str, *, provider: str, retryable: bool) -> None:
+        self.provider = provider
+        self.retryable = retryable
+        super().__init__(f"{provider}: {message}")
+
+
+class PlacementInfeasible(StowplanError):
+    """No configured pool can ever run a task as declared."""
+
+
+class InternalError(StowplanError):
+    """A broken invariant inside stowplan: a bug to report, never the user's fault."""

@@ -1,0 +1,98 @@
+"""What the run store keeps: one Struct per table row, encoded with msgspec.
+
+States and failure classes are stored as their string values (``TaskState.value``,
+``FailureClass.value``) so the store does not depend on the scheduler's enums.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from msgspec import Struct, field
+
+
+class ExperimentRecord(Struct, frozen=True, kw_only=True):
+    id: str
+    """spec hash of the canonical experiment (with its effective policy)."""
+    name: str
+    project: str
+    description: str
+    file: str
+    spec: dict[str, Any]
+    """canonical experiment spec, defaults explicit."""
+    created_at: float
+
+
+class RunRecord(Struct, frozen=True, kw_only=True):
+    run_id: str
+    experiment_id: str
+    experiment: str
+    task: str
+    index: int
+    """trial index within the task's sweep (0 for a task without a sweep)."""
+    params: dict[str, Any]
+    seed: int
+    replicate: int
+    depends_on: list[str]
+    """run ids this run waits for."""
+    identity: dict[str, Any]
+    """the RunIdentity whose hash is run_id."""
+    task_spec: dict[str, Any]
+    """canonical task spec with this trial's values substituted."""
+    provenance: str
+    """hash of the ProvenanceRecord (code, environment, hardware) captured at submission."""
+    state: str = "PENDING"
+    attempts: int = 0
+    failure: str | None = None
+    reason: str = ""
+    pool: str | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
+class AttemptRecord(Struct, frozen=True, kw_only=True):
+    key: str
+    run_id: str
+    attempt: int
+    provider: str
+    pool: str
+    state: str
+    """SUBMITTING when written ahead of the submit, then the provider's view."""
+    job_id: str | None = None
+    node: str | None = None
+    exit_code: int | None = None
+    failure: str | None = None
+    message: str = ""
+    intent_at: float = 0.0
+    started_at: float | None = None
+    ended_at: float | None = None
+
+
+class TransitionRecord(Struct, frozen=True, kw_only=True):
+    """One lifecycle step of a run, appended to the events table."""
+
+    run_id: str
+    attempt: int
+    from_state: str
+    to_state: str
+    at: float
+    failure: str | None = None
+    reason: str = ""
+    pool: str | None = None
+
+
+class ArtifactRecord(Struct, frozen=True, kw_only=True):
+    run_id: str
+    name: str
+    sha256: str
+    size: int
+    path: str
+    """where the content-addressed copy lives (inside the store's blob directory)."""
+
+
+class ProvenanceRecord(Struct, frozen=True, kw_only=True):
+    """Code, environment and hardware as captured on the submitting machine."""
+
+    code: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
+    hardware: dict[str, Any] = field(default_factory=dict)

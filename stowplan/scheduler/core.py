@@ -1,0 +1,679 @@
+"""The sans-IO scheduler core: events in, commands out, no I/O, no clock, no Ray.
+
+Theory of operation
+-------------------
+``SchedulerCore.handle(event, now)`` applies one event and returns the commands the shell must
+carry out. ``now`` is the only notion of time (wall clock in the Ray shell, virtual time in the
+simulator), so the same sequence of (event, now) pairs yields the same commands on any machine.
+
+- Submitted runs wait in PENDING until every dependency SUCCEEDED, then become READY. A
+  dependency that FAILED fails its dependents with the reason; one CANCELLED cancels them.
+- READY runs are grouped into demand classes (same project, priority, needs and allowed
+  providers) and sent to placement in ONE ``SolvePlacement`` for all of them; one solve is in
+  flight at a time, and runs that become READY meanwhile wait for the next.
+- Classes are ordered by priority, then by their project's decayed usage (fair share), then by
+  age. A class is cut to what could fit in all free capacity, and to its sweep's
+  ``max_concurrent``, so a 10^5-trial sweep on a small machine does not resend 10^5 ids.
+- A placed run is submitted at once (PLACED -> SUBMITTING, attempt + 1, a new idempotency key)
+  and holds a lease on the pool's capacity until it finishes; provider reports renew the lease.
+  A lease that expires without news makes the run LOST and asks the shell to reconcile.
+- Failures are classified by the provider; the run's retry policy decides between RETRYING
+  (with seeded, capped exponential backoff) and FAILED.
+- After a restart, ``TasksRestored`` reloads runs from the store; every run that had an attempt
+  out is reconciled by key before its capacity is reused.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from stowplan.errors import InternalError
+from stowplan.placement.problem import DemandClass, PlacementProblem, PlacementSolution, Pool
+from stowplan.scheduler.events import (
+    Cancel,
+    CancelRequested,
+    Command,
+    Event,
+    PlacementDecided,
+    PoolsDiscovered,
+    ProviderReported,
+    Reconcile,
+    SolvePlacement,
+    Submit,
+    SubmitItem,
+    TaskInstance,
+    TasksRestored,
+    TasksSubmitted,
+    Tick,
+    Transition,
+    Transitioned,
+    WakeAt,
+)
+from stowplan.scheduler.reports import ProviderState, Report
+from stowplan.scheduler.retry import backoff_seconds, should_retry
+from stowplan.scheduler.states import FINAL, LEASED, TaskState, Trigger, next_state
+from stowplan.spec.canonical import attempt_key
+from stowplan.spec.models import FailureClass
+
+
+@dataclass(frozen=True, slots=True)
+class CoreConfig:
+    lease_ttl: float = 900.0
+    """seconds a leased run may go without a provider report before it is LOST."""
+    fair_share_half_life: float = 3600.0
+    seed: int = 0
+
+
+class _Run:
+    __slots__ = (
+        "attempt",
+        "bucket",
+        "dependents",
+        "gpu_model",
+        "key",
+        "lease_until",
+        "pool",
+        "provider",
+        "ready_at",
+        "reconciling",
+        "seq",
+        "started_at",
+        "state",
+        "task",
+        "waiting",
+    )
+
+    def __init__(self, task: TaskInstance, seq: int) -> None:
+        self.task = task
+        self.seq = seq
+        self.state = TaskState.PENDING
+        self.attempt = 0
+        self.key = ""
+        self.pool: str | None = None
+        self.provider: str | None = None
+        self.gpu_model: str | None = None
+        self.waiting = 0
+        self.dependents: list[str] = []
+        self.ready_at = 0.0
+        self.lease_until = 0.0
+        self.started_at: float | None = None
+        self.reconciling = False
+        self.bucket: tuple[object, ...] | None = None
+
+
+def _bucket_key(t: TaskInstance) -> tuple[object, ...]:
+    return (
+        t.project,
+        t.priority,
+        t.cpus,
+        t.memory,
+        t.gpus,
+        t.gpu_types,
+        t.allowed_providers,
+        t.group if t.max_concurrent else "",
+    )
+
+
+class SchedulerCore:
+    def __init__(self, config: CoreConfig | None = None) -> None:
+        self.config = config or CoreConfig()
+        self._runs: dict[str, _Run] = {}
+        self._by_key: dict[str, str] = {}
+        self._completed: set[str] = set()
+        self._seq = 0
+        self._pools: dict[str, Pool] = {}
+        self._provider_pools: dict[str, list[str]] = {}
+        self._used: dict[str, list[float]] = {}
+        self._used_gpus: dict[str, Counter[str]] = {}
+        self._ready: dict[tuple[object, ...], dict[str, None]] = {}
+        self._group_active: Counter[str] = Counter()
+        self._usage: dict[str, tuple[float, float]] = {}
+        self._retry_heap: list[tuple[float, int, str]] = []
+        self._next_lease_check = float("inf")
+        self._solving: PlacementProblem | None = None
+        self._request_id = 0
+        self._sent_request = 0
+        self._wake: float | None = None
+        self.counts: Counter[TaskState] = Counter()
+        self.ignored_reports = 0
+        # per-handle scratch
+        self._out_transitions: list[Transition] = []
+        self._out_submits: dict[tuple[str, str, bool], list[SubmitItem]] = {}
+        self._out_cancels: dict[str, list[str]] = {}
+        self._out_reconcile: dict[str, list[str]] = {}
+        self._now = 0.0
+
+    # ---- public -------------------------------------------------------------------------
+
+    def handle(self, event: Event, now: float) -> list[Command]:
+        """Apply one event at time ``now``; return the commands to carry out, in order."""
+        self._now = now
+        if isinstance(event, TasksSubmitted):
+            self._on_submitted(event)
+        elif isinstance(event, ProviderReported):
+            self._on_reports(event.provider, event.reports)
+        elif isinstance(event, PlacementDecided):
+            self._on_placement(event.solution)
+        elif isinstance(event, PoolsDiscovered):
+            self._on_pools(event)
+        elif isinstance(event, Tick):
+            self._on_tick()
+        elif isinstance(event, CancelRequested):
+            self._on_cancel(event)
+        elif isinstance(event, TasksRestored):
+            self._on_restored(event)
+        else:  # pragma: no cover - the union is closed
+            raise InternalError(f"unknown event {type(event).__name__}")
+        return self._flush()
+
+    def state(self, run_id: str) -> TaskState:
+        return self._runs[run_id].state
+
+    def attempt(self, run_id: str) -> int:
+        return self._runs[run_id].attempt
+
+    def key(self, run_id: str) -> str:
+        return self._runs[run_id].key
+
+    def run_of_key(self, key: str) -> str | None:
+        return self._by_key.get(key)
+
+    def run_ids(self) -> Iterable[str]:
+        return self._runs.keys()
+
+    def unfinished(self) -> int:
+        return sum(n for s, n in self.counts.items() if s not in FINAL)
+
+    def free_capacity(self, pool_id: str) -> tuple[float, int, dict[str, int]]:
+        pool = self._pools[pool_id]
+        used = self._used.get(pool_id, [0.0, 0.0])
+        gpus_used = self._used_gpus.get(pool_id, Counter())
+        gpus = {m: n - gpus_used.get(m, 0) for m, n in pool.gpus.items()}
+        return pool.cpus - used[0], int(pool.memory - used[1]), gpus
+
+    # ---- events -------------------------------------------------------------------------
+
+    def _add(self, task: TaskInstance) -> _Run | None:
+        if task.run_id in self._runs or task.run_id in self._completed:
+            return None  # submitting the same run twice finds the first
+        run = _Run(task, self._seq)
+        self._seq += 1
+        self._runs[task.run_id] = run
+        self.counts[TaskState.PENDING] += 1
+        return run
+
+    def _link(self, run: _Run) -> None:
+        """Count unfinished dependencies; fail or cancel at once if one already did."""
+        waiting = 0
+        for dep in run.task.depends_on:
+            if dep in self._completed:
+                continue
+            d = self._runs.get(dep)
+            if d is None:
+                raise InternalError(f"run {run.task.run_id[:12]} depends on unknown run {dep[:12]}")
+            if d.state is TaskState.SUCCEEDED:
+                continue
+            if d.state is TaskState.FAILED:
+                self._move(
+                    run,
+                    Trigger.DEP_FAILED,
+                    FailureClass.DEPENDENCY_FAILED,
+                    f"dependency {dep[:12]} failed",
+                )
+                return
+            if d.state is TaskState.CANCELLED:
+                self._move(
+                    run,
+                    Trigger.CANCEL,
+                    FailureClass.CANCELLED,
+                    f"dependency {dep[:12]} was cancelled",
+                )
+                return
+            d.dependents.append(run.task.run_id)
+            waiting += 1
+        run.waiting = waiting
+        if waiting == 0:
+            self._make_ready(run)
+
+    def _on_submitted(self, ev: TasksSubmitted) -> None:
+        self._completed.update(ev.completed)
+        added = [r for r in (self._add(t) for t in ev.tasks) if r is not None]
+        for run in added:
+            self._link(run)
+        self._maybe_solve()
+
+    def _on_restored(self, ev: TasksRestored) -> None:
+        self._completed.update(ev.completed)
+        linked: list[_Run] = []
+        for rt in ev.tasks:
+            run = self._add(rt.task)
+            if run is None:
+                continue
+            run.attempt = rt.attempt
+            run.key = attempt_key(rt.task.run_id, rt.attempt) if rt.attempt else ""
+            state = rt.state
+            self.counts[TaskState.PENDING] -= 1
+            if state in FINAL:
+                run.state = state
+                self.counts[state] += 1
+                continue
+            if state in LEASED:
+                if rt.provider is None or rt.pool is None:
+                    raise InternalError(f"restored run {rt.task.run_id[:12]} has no provider")
+                run.state = state
+                self.counts[state] += 1
+                run.provider, run.pool = rt.provider, rt.pool
+                self._by_key[run.key] = rt.task.run_id
+                self._lease(run)
+                if rt.task.max_concurrent:  # _move counts the others; this one bypassed it
+                    self._group_active[rt.task.group] += 1
+                run.reconciling = True
+                self._out_reconcile.setdefault(rt.provider, []).append(run.key)
+                continue
+            # PENDING, READY, PLACED (never submitted) and RETRYING start over from PENDING
+            run.state = TaskState.PENDING
+            self.counts[TaskState.PENDING] += 1
+            linked.append(run)
+        for run in linked:
+            self._link(run)
+        self._maybe_solve()
+
+    def _on_pools(self, ev: PoolsDiscovered) -> None:
+        for old in self._provider_pools.get(ev.provider, []):
+            self._pools.pop(old, None)
+        self._provider_pools[ev.provider] = sorted(p.id for p in ev.pools)
+        for p in ev.pools:
+            if p.provider != ev.provider:
+                raise InternalError(f"pool {p.id} reported by {ev.provider} names {p.provider}")
+            self._pools[p.id] = p
+        self._maybe_solve()
+
+    def _on_placement(self, solution: PlacementSolution) -> None:
+        problem = self._solving
+        if problem is None or solution.request_id != problem.request_id:
+            return  # an answer to a request we no longer wait for
+        self._solving = None
+        classes = {c.id: c for c in problem.classes}
+        taken: Counter[str] = Counter()
+        for a in solution.assignments:
+            cls = classes.get(a.class_id)
+            pool = self._pools.get(a.pool_id)
+            if cls is None or pool is None or a.count <= 0:
+                continue
+            start = taken[a.class_id]
+            members = cls.members[start : start + a.count]
+            taken[a.class_id] += len(members)
+            for run_id in members:
+                run = self._runs[run_id]
+                if run.state is not TaskState.READY:
+                    continue  # cancelled while the solver ran
+                self._dispatch(run, pool)
+        self._maybe_solve()
+
+    def _dispatch(self, run: _Run, pool: Pool) -> None:
+        assert run.bucket is not None
+        self._ready[run.bucket].pop(run.task.run_id, None)
+        run.pool = pool.id
+        run.provider = pool.provider
+        self._move(run, Trigger.PLACED)
+        run.attempt += 1
+        run.key = attempt_key(run.task.run_id, run.attempt)
+        self._by_key[run.key] = run.task.run_id
+        self._lease(run)
+        self._move(run, Trigger.SUBMIT)
+        self._out_submits.setdefault((pool.provider, pool.id, False), []).append(
+            SubmitItem(run.task.run_id, run.attempt, run.key)
+        )
+
+    def _on_reports(self, provider: str, reports: list[Report]) -> None:
+        for rep in reports:
+            run_id = self._by_key.get(rep.key)
+            run = self._runs.get(run_id) if run_id is not None else None
+            # a key is live only while its run holds the lease: a repeated or late report for
+            # an attempt already failed over to RETRYING (or READY again) must not move the run
+            if run is None or run.key != rep.key or run.state not in LEASED:
+                self.ignored_reports += 1
+                continue
+            self._apply_report(run, rep)
+        self._maybe_solve()
+
+    def _apply_report(self, run: _Run, rep: Report) -> None:
+        st = rep.state
+        reconciling = run.reconciling
+        run.reconciling = False
+        if st is ProviderState.QUEUED:
+            run.lease_until = self._now + self.config.lease_ttl
+            if run.state in (TaskState.SUBMITTING, TaskState.LOST):
+                self._move(run, Trigger.ACCEPTED)
+        elif st is ProviderState.RUNNING:
+            run.lease_until = self._now + self.config.lease_ttl
+            if run.state in (TaskState.SUBMITTING, TaskState.QUEUED, TaskState.LOST):
+                run.started_at = self._now
+                self._move(run, Trigger.STARTED)
+        elif st is ProviderState.SUCCEEDED:
+            self._finish(run, Trigger.SUCCEEDED, None, rep.message)
+        elif st is ProviderState.FAILED:
+            self._fail(run, rep.failure or FailureClass.USER_ERROR, rep.message)
+        elif st is ProviderState.CANCELLED:
+            self._finish(
+                run,
+                Trigger.CANCEL,
+                FailureClass.CANCELLED,
+                rep.message or "cancelled at the provider",
+            )
+        else:  # UNKNOWN: the provider has never heard of this key
+            if run.state is TaskState.SUBMITTING and reconciling:
+                # the intent was written but the submit may never have gone out: the same key
+                # again is safe, because submit is idempotent
+                assert run.provider is not None and run.pool is not None
+                run.lease_until = self._now + self.config.lease_ttl
+                self._out_submits.setdefault((run.provider, run.pool, True), []).append(
+                    SubmitItem(run.task.run_id, run.attempt, run.key)
+                )
+            elif reconciling or run.state is TaskState.LOST:
+                self._fail(run, FailureClass.LOST, rep.message or "the provider has no record")
+            else:
+                self.ignored_reports += 1
+
+    def _on_tick(self) -> None:
+        now = self._now
+        while self._retry_heap and self._retry_heap[0][0] <= now:
+            _, _, run_id = heapq.heappop(self._retry_heap)
+            run = self._runs[run_id]
+            if run.state is TaskState.RETRYING and run.ready_at <= now:
+                self._move(run, Trigger.BACKOFF_DONE)
+                self._enqueue_ready(run)
+        if now >= self._next_lease_check:
+            self._check_leases()
+        self._maybe_solve()
+
+    def _check_leases(self) -> None:
+        now = self._now
+        soonest = float("inf")
+        for run in self._runs.values():
+            if run.state not in LEASED or run.state is TaskState.LOST:
+                continue
+            if run.lease_until <= now:
+                self._move(run, Trigger.LEASE_EXPIRED, None, "no report before the lease expired")
+                assert run.provider is not None
+                run.reconciling = True
+                self._out_reconcile.setdefault(run.provider, []).append(run.key)
+            else:
+                soonest = min(soonest, run.lease_until)
+        self._next_lease_check = soonest
+
+    def _on_cancel(self, ev: CancelRequested) -> None:
+        for run_id in ev.run_ids:
+            run = self._runs.get(run_id)
+            if run is None or run.state in FINAL:
+                continue
+            if run.state in LEASED and run.provider is not None:
+                self._out_cancels.setdefault(run.provider, []).append(run.key)
+            self._finish(run, Trigger.CANCEL, FailureClass.CANCELLED, ev.reason)
+        self._maybe_solve()
+
+    # ---- transitions --------------------------------------------------------------------
+
+    def _move(
+        self,
+        run: _Run,
+        trigger: Trigger,
+        failure: FailureClass | None = None,
+        reason: str = "",
+    ) -> None:
+        old = run.state
+        new = next_state(run.task.run_id, old, trigger)
+        run.state = new
+        self.counts[old] -= 1
+        self.counts[new] += 1
+        self._out_transitions.append(
+            Transition(run.task.run_id, run.attempt, old, new, failure, reason, run.pool)
+        )
+        group = run.task.group
+        if run.task.max_concurrent:
+            was = old is TaskState.PLACED or old in LEASED
+            now_active = new is TaskState.PLACED or new in LEASED
+            if was != now_active:
+                self._group_active[group] += 1 if now_active else -1
+
+    def _make_ready(self, run: _Run) -> None:
+        self._move(run, Trigger.DEPS_MET)
+        self._enqueue_ready(run)
+
+    def _enqueue_ready(self, run: _Run) -> None:
+        if run.bucket is None:
+            run.bucket = _bucket_key(run.task)
+        self._ready.setdefault(run.bucket, {})[run.task.run_id] = None
+
+    def _lease(self, run: _Run) -> None:
+        assert run.pool is not None
+        t = run.task
+        used = self._used.setdefault(run.pool, [0.0, 0.0])
+        used[0] += t.cpus
+        used[1] += t.memory
+        if t.gpus:
+            pool = self._pools.get(run.pool)
+            gpus_used = self._used_gpus.setdefault(run.pool, Counter())
+            models = t.gpu_types or tuple(sorted(pool.gpus if pool else ()))
+            free = {m: (pool.gpus.get(m, 0) if pool else 0) - gpus_used[m] for m in models}
+            run.gpu_model = max(models, key=lambda m: (free.get(m, 0), m)) if models else "?"
+            gpus_used[run.gpu_model] += t.gpus
+        run.lease_until = self._now + self.config.lease_ttl
+        self._next_lease_check = min(self._next_lease_check, run.lease_until)
+
+    def _release(self, run: _Run) -> None:
+        if run.pool is None:
+            return
+        t = run.task
+        used = self._used[run.pool]
+        used[0] -= t.cpus
+        used[1] -= t.memory
+        if t.gpus and run.gpu_model is not None:
+            self._used_gpus[run.pool][run.gpu_model] -= t.gpus
+            run.gpu_model = None
+
+    def _finish(
+        self, run: _Run, trigger: Trigger, failure: FailureClass | None, reason: str
+    ) -> None:
+        was = run.state
+        if was in LEASED:
+            self._release(run)
+            self._charge(run)
+        elif was is TaskState.READY and run.bucket is not None:
+            self._ready[run.bucket].pop(run.task.run_id, None)
+        self._move(run, trigger, failure, reason)
+        if run.state is TaskState.SUCCEEDED:
+            for dep_id in run.dependents:
+                dep = self._runs[dep_id]
+                if dep.state is TaskState.PENDING:
+                    dep.waiting -= 1
+                    if dep.waiting == 0:
+                        self._make_ready(dep)
+        elif run.state in (TaskState.FAILED, TaskState.CANCELLED):
+            self._cascade(run)
+
+    def _cascade(self, run: _Run) -> None:
+        cancelled = run.state is TaskState.CANCELLED
+        stack = [run]
+        while stack:
+            r = stack.pop()
+            for dep_id in r.dependents:
+                dep = self._runs[dep_id]
+                if dep.state is not TaskState.PENDING:
+                    continue
+                why = f"dependency {r.task.run_id[:12]} " + (
+                    "was cancelled" if cancelled else "failed"
+                )
+                if cancelled:
+                    self._move(dep, Trigger.CANCEL, FailureClass.CANCELLED, why)
+                else:
+                    self._move(dep, Trigger.DEP_FAILED, FailureClass.DEPENDENCY_FAILED, why)
+                stack.append(dep)
+
+    def _fail(self, run: _Run, failure: FailureClass, message: str) -> None:
+        if should_retry(run.task.retry, failure, run.attempt):
+            if run.state in LEASED:
+                self._release(run)
+                self._charge(run)
+            delay = backoff_seconds(run.task.retry, run.attempt, seed=self.config.seed, key=run.key)
+            self._move(run, Trigger.RETRY, failure, message)
+            run.ready_at = self._now + delay
+            heapq.heappush(self._retry_heap, (run.ready_at, run.seq, run.task.run_id))
+        else:
+            self._finish(run, Trigger.FAILED, failure, message)
+
+    def _charge(self, run: _Run) -> None:
+        """Add the finished attempt's CPU-seconds to its project's decayed usage."""
+        if run.started_at is None:
+            return
+        project = run.task.project
+        usage, at = self._usage.get(project, (0.0, self._now))
+        decay = 0.5 ** ((self._now - at) / self.config.fair_share_half_life)
+        cost = run.task.cpus * max(0.0, self._now - run.started_at)
+        self._usage[project] = (usage * decay + cost, self._now)
+        run.started_at = None
+
+    def usage(self, project: str) -> float:
+        usage, at = self._usage.get(project, (0.0, self._now))
+        return usage * float(0.5 ** ((self._now - at) / self.config.fair_share_half_life))
+
+    # ---- placement ----------------------------------------------------------------------
+
+    def _maybe_solve(self) -> None:
+        if self._solving is not None or not self._pools:
+            return
+        buckets = [(k, b) for k, b in self._ready.items() if b]
+        if not buckets:
+            return
+        free = {pid: self.free_capacity(pid) for pid in sorted(self._pools)}
+
+        def order(item: tuple[tuple[object, ...], dict[str, None]]) -> tuple[float, ...]:
+            _, bucket = item
+            first = self._runs[next(iter(bucket))]
+            return (-float(first.task.priority), self.usage(first.task.project), first.seq)
+
+        classes: list[DemandClass] = []
+        pools = sorted(self._pools.values(), key=lambda p: p.id)
+        for _, bucket in sorted(buckets, key=order):
+            t = self._runs[next(iter(bucket))].task
+            allowed = None
+            if t.allowed_providers is not None:
+                allowed = tuple(p.id for p in pools if p.provider in t.allowed_providers)
+            cls = DemandClass(
+                id=f"c{len(classes)}",
+                cpus=t.cpus,
+                memory=t.memory,
+                gpus=t.gpus,
+                gpu_types=t.gpu_types,
+                allowed_pools=allowed,
+                priority=t.priority,
+            )
+            if not self._feasible_somewhere(cls, pools):
+                self._reject(bucket, cls, pools)
+                continue
+            limit = min(len(bucket), self._fit_bound(cls, pools, free))
+            if t.max_concurrent:
+                limit = min(limit, t.max_concurrent - self._group_active[t.group])
+            if limit <= 0:
+                continue
+            members = []
+            for run_id in bucket:
+                members.append(run_id)
+                if len(members) >= limit:
+                    break
+            classes.append(
+                DemandClass(
+                    id=cls.id,
+                    cpus=cls.cpus,
+                    memory=cls.memory,
+                    gpus=cls.gpus,
+                    gpu_types=cls.gpu_types,
+                    allowed_pools=cls.allowed_pools,
+                    priority=cls.priority,
+                    members=members,
+                )
+            )
+        if not classes:
+            return
+        self._request_id += 1
+        free_pools = [
+            Pool(
+                id=p.id,
+                provider=p.provider,
+                kind=p.kind,
+                site=p.site,
+                cpus=max(0.0, free[p.id][0]),
+                memory=max(0, free[p.id][1]),
+                gpus={m: max(0, n) for m, n in free[p.id][2].items()},
+                price_per_hour=p.price_per_hour,
+                expected_wait_s=p.expected_wait_s,
+                hardware_class=p.hardware_class,
+            )
+            for p in pools
+        ]
+        self._solving = PlacementProblem(
+            request_id=self._request_id, pools=free_pools, classes=classes
+        )
+
+    def _fit_bound(
+        self,
+        cls: DemandClass,
+        pools: list[Pool],
+        free: dict[str, tuple[float, int, dict[str, int]]],
+    ) -> int:
+        from stowplan.placement.greedy import eligible, fits
+
+        total = 0
+        for p in pools:
+            if eligible(cls, p):
+                cpus, mem, gpus = free[p.id]
+                total += fits(cls, cpus, mem, gpus)
+        return total
+
+    def _feasible_somewhere(self, cls: DemandClass, pools: list[Pool]) -> bool:
+        from stowplan.placement.greedy import eligible, fits
+
+        return any(
+            eligible(cls, p) and fits(cls, p.cpus, p.memory, dict(p.gpus)) > 0 for p in pools
+        )
+
+    def _reject(self, bucket: dict[str, None], cls: DemandClass, pools: list[Pool]) -> None:
+        """No pool could run these even when empty: fail them now instead of waiting forever."""
+        from stowplan.placement.greedy import why_not
+
+        why = why_not(cls, pools).replace("no free capacity now", "no pool is large enough")
+        for run_id in list(bucket):
+            run = self._runs[run_id]
+            self._finish(run, Trigger.FAILED, FailureClass.PROVIDER_REJECTED, why)
+
+    # ---- output -------------------------------------------------------------------------
+
+    def _flush(self) -> list[Command]:
+        out: list[Command] = []
+        if self._out_reconcile:
+            for provider in sorted(self._out_reconcile):
+                out.append(Reconcile(provider=provider, keys=self._out_reconcile[provider]))
+            self._out_reconcile = {}
+        if self._out_transitions:
+            out.append(Transitioned(records=self._out_transitions))
+            self._out_transitions = []
+        for (provider, pool, resubmit), items in sorted(self._out_submits.items()):
+            out.append(Submit(provider=provider, pool=pool, items=items, resubmit=resubmit))
+        self._out_submits = {}
+        for provider in sorted(self._out_cancels):
+            out.append(Cancel(provider=provider, keys=self._out_cancels[provider]))
+        self._out_cancels = {}
+        if self._solving is not None and self._solving.request_id != self._sent_request:
+            self._sent_request = self._solving.request_id
+            out.append(SolvePlacement(problem=self._solving))
+        wake = min(
+            self._retry_heap[0][0] if self._retry_heap else float("inf"),
+            self._next_lease_check,
+        )
+        if wake != float("inf") and wake != self._wake:
+            self._wake = wake
+            out.append(WakeAt(at=wake))
+        return out

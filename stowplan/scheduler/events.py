@@ -1,0 +1,149 @@
+"""What goes into the scheduler core (events) and what comes out (commands).
+
+Both are tagged unions of msgspec Structs, so a shell can log, persist or ship them as they
+are. Events and commands carry batches: one event for 10^5 submitted tasks, one Submit command
+per (provider, pool) per step, one Transitioned command per step.
+"""
+
+from __future__ import annotations
+
+from msgspec import Struct, field
+
+from stowplan.placement.problem import PlacementProblem, PlacementSolution, Pool
+from stowplan.scheduler.reports import Report
+from stowplan.scheduler.states import TaskState
+from stowplan.spec.models import FailureClass, RetryPolicy
+
+
+class TaskInstance(Struct, frozen=True, kw_only=True):
+    """One run as the core sees it: identity, dependencies, needs and policy; no command."""
+
+    run_id: str
+    project: str = "default"
+    group: str = ""
+    """runs of one sweep share a group; ``max_concurrent`` limits a group."""
+    depends_on: tuple[str, ...] = ()
+    cpus: float = 1.0
+    memory: int = 1 << 30
+    gpus: int = 0
+    gpu_types: tuple[str, ...] = ()
+    priority: int = 0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    allowed_providers: tuple[str, ...] | None = None
+    max_concurrent: int | None = None
+
+
+class RestoredTask(Struct, frozen=True, kw_only=True):
+    """A run reloaded from the store after a restart, with where it had got to."""
+
+    task: TaskInstance
+    state: TaskState
+    attempt: int = 0
+    provider: str | None = None
+    pool: str | None = None
+
+
+# ---- events -------------------------------------------------------------------------------
+
+
+class TasksSubmitted(Struct, frozen=True, kw_only=True, tag=True):
+    tasks: list[TaskInstance]
+    completed: list[str] = field(default_factory=list)
+    """upstream run ids that already succeeded outside this core (reused runs)."""
+
+
+class TasksRestored(Struct, frozen=True, kw_only=True, tag=True):
+    tasks: list[RestoredTask]
+    completed: list[str] = field(default_factory=list)
+
+
+class PoolsDiscovered(Struct, frozen=True, kw_only=True, tag=True):
+    """A provider's pools with their total capacity for stowplan (the core subtracts leases)."""
+
+    provider: str
+    pools: list[Pool]
+
+
+class PlacementDecided(Struct, frozen=True, kw_only=True, tag=True):
+    solution: PlacementSolution
+
+
+class ProviderReported(Struct, frozen=True, kw_only=True, tag=True):
+    provider: str
+    reports: list[Report]
+
+
+class CancelRequested(Struct, frozen=True, kw_only=True, tag=True):
+    run_ids: list[str]
+    reason: str = "cancelled by user"
+
+
+class Tick(Struct, frozen=True, kw_only=True, tag=True):
+    """Time has passed: due retries become READY, expired leases become LOST."""
+
+
+Event = (
+    TasksSubmitted
+    | TasksRestored
+    | PoolsDiscovered
+    | PlacementDecided
+    | ProviderReported
+    | CancelRequested
+    | Tick
+)
+
+
+# ---- commands -----------------------------------------------------------------------------
+
+
+class SolvePlacement(Struct, frozen=True, kw_only=True, tag=True):
+    problem: PlacementProblem
+
+
+class SubmitItem(Struct, frozen=True, array_like=True):
+    run_id: str
+    attempt: int
+    key: str
+
+
+class Submit(Struct, frozen=True, kw_only=True, tag=True):
+    provider: str
+    pool: str
+    items: list[SubmitItem]
+    resubmit: bool = False
+    """True only after a restore, for keys the provider has never heard of."""
+
+
+class Cancel(Struct, frozen=True, kw_only=True, tag=True):
+    provider: str
+    keys: list[str]
+
+
+class Reconcile(Struct, frozen=True, kw_only=True, tag=True):
+    """Describe these keys at the provider and report back before anything new is dispatched."""
+
+    provider: str
+    keys: list[str]
+
+
+class Transition(Struct, frozen=True, array_like=True):
+    run_id: str
+    attempt: int
+    from_state: TaskState
+    to_state: TaskState
+    failure: FailureClass | None
+    reason: str
+    pool: str | None
+
+
+class Transitioned(Struct, frozen=True, kw_only=True, tag=True):
+    records: list[Transition]
+
+
+class WakeAt(Struct, frozen=True, kw_only=True, tag=True):
+    """Feed a Tick at (or after) this time."""
+
+    at: float
+
+
+Command = SolvePlacement | Submit | Cancel | Reconcile | Transitioned | WakeAt

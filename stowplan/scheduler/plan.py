@@ -1,0 +1,188 @@
+"""From a loaded experiment to concrete runs: sweep expansion, identities, launch templates.
+
+Pure: the versions of code, data and environment are captured by the caller (provenance) and
+passed in as ``Versions``. Each task becomes one run per trial; a dependency on a task is a
+dependency on every run of it. A run's identity hashes the task's spec as written (before
+placeholders are filled), its parameters and seed, the versions, its upstream run ids and the
+replicate number, so editing one task re-runs it and what depends on it, and nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from msgspec import Struct, field
+
+from stowplan.scheduler.events import TaskInstance
+from stowplan.scheduler.sweep import expand
+from stowplan.spec.canonical import RunIdentity, spec_hash
+from stowplan.spec.loader import LoadedExperiment
+from stowplan.spec.models import Scalar, Task
+
+
+class Versions(Struct, frozen=True, kw_only=True):
+    code_version: str
+    env_hash: str
+    data_versions: dict[str, str] = field(default_factory=dict)
+    """uri -> version, for every input of every task."""
+
+
+class Launch(Struct, frozen=True, kw_only=True):
+    """What to run for one run, with placeholders filled."""
+
+    argv: list[str] | None
+    script: str | None
+    env: dict[str, str]
+    outputs: list[str]
+    timeout_s: float | None
+    cpus: float
+    memory: int
+    gpus: int
+    gpu_types: tuple[str, ...]
+
+
+class PlannedRun(Struct, frozen=True, kw_only=True):
+    run_id: str
+    task: str
+    index: int
+    params: dict[str, Scalar]
+    seed: int
+    replicate: int
+    depends_on: list[str]
+    identity: RunIdentity
+    task_spec: dict[str, Any]
+    launch: Launch
+    instance: TaskInstance
+
+
+class _Fill(dict[str, str]):
+    pass
+
+
+def fill(template: str, values: dict[str, str]) -> str:
+    """Replace ``{name}`` placeholders; ``{{`` and ``}}`` are literal braces."""
+    return template.format_map(_Fill(values))
+
+
+def _scalar_text(v: Scalar) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return repr(v)
+    return str(v)
+
+
+def plan_runs(
+    loaded: LoadedExperiment,
+    versions: Versions,
+    *,
+    project: str,
+    replicate: int = 0,
+    allowed_providers: tuple[str, ...] | None = None,
+) -> list[PlannedRun]:
+    """Every run of the experiment, upstream before downstream, trials in sweep order."""
+    spec = loaded.spec
+    policy = loaded.policy
+    by_name = {t.name: t for t in spec.tasks}
+    order = _topological(spec.tasks)
+    runs_of: dict[str, list[str]] = {}
+    out: list[PlannedRun] = []
+    providers = allowed_providers
+    if providers is None and policy.allowed_providers is not None:
+        providers = tuple(sorted(policy.allowed_providers))
+    seed = spec.experiment.seed + replicate
+    for name in order:
+        task = by_name[name]
+        task_hash = spec_hash(task)
+        upstream = sorted(r for d in task.depends_on for r in runs_of[d])
+        data = {i.uri: versions.data_versions.get(i.uri, "unpinned:" + i.uri) for i in task.inputs}
+        retry = task.retry or policy.retry
+        priority = task.priority if task.priority is not None else policy.priority
+        ids: list[str] = []
+        for index, params in enumerate(expand(task.sweep)):
+            identity = RunIdentity(
+                task_spec_hash=task_hash,
+                params=params,
+                seed=seed,
+                code_version=versions.code_version,
+                data_versions=data,
+                env_hash=versions.env_hash,
+                upstream=upstream,
+                replicate=replicate,
+            )
+            run_id = identity.run_id()
+            ids.append(run_id)
+            values = {k: _scalar_text(v) for k, v in params.items()}
+            values.update(
+                seed=str(seed),
+                run_id=run_id,
+                experiment_dir=loaded.directory,
+            )
+            argv = [fill(a, values) for a in task.command] if task.command else None
+            script = fill(task.script, values) if task.script else None
+            env = {k: fill(v, values) for k, v in task.env.items()}
+            res = task.resources
+            launch = Launch(
+                argv=argv,
+                script=script,
+                env=env,
+                outputs=list(task.outputs),
+                timeout_s=task.timeout_s,
+                cpus=res.cpus,
+                memory=res.memory_bytes,
+                gpus=res.gpus,
+                gpu_types=res.gpu_types,
+            )
+            instance = TaskInstance(
+                run_id=run_id,
+                project=project,
+                group=f"{spec.experiment.name}/{task.name}",
+                depends_on=tuple(upstream),
+                cpus=res.cpus,
+                memory=res.memory_bytes,
+                gpus=res.gpus,
+                gpu_types=res.gpu_types,
+                priority=priority,
+                retry=retry,
+                allowed_providers=providers,
+                max_concurrent=task.sweep.max_concurrent if task.sweep else None,
+            )
+            task_spec: dict[str, Any] = msgspec.to_builtins(task)
+            task_spec["params"] = params
+            out.append(
+                PlannedRun(
+                    run_id=run_id,
+                    task=task.name,
+                    index=index,
+                    params=params,
+                    seed=seed,
+                    replicate=replicate,
+                    depends_on=upstream,
+                    identity=identity,
+                    task_spec=task_spec,
+                    launch=launch,
+                    instance=instance,
+                )
+            )
+        runs_of[name] = ids
+    return out
+
+
+def _topological(tasks: list[Task]) -> list[str]:
+    """Task names, dependencies first, ties in file order (the loader rejected cycles)."""
+    done: list[str] = []
+    seen: set[str] = set()
+    deps = {t.name: t.depends_on for t in tasks}
+
+    def visit(n: str) -> None:
+        if n in seen:
+            return
+        seen.add(n)
+        for d in deps[n]:
+            visit(d)
+        done.append(n)
+
+    for t in tasks:
+        visit(t.name)
+    return done

@@ -1,0 +1,46 @@
+"""What providers tell the core: the provider-neutral view of one attempt.
+
+Defined here, in the core, because the core consumes it; drivers in ``stowplan.providers``
+produce it (and re-export it from ``providers.base``).
+"""
+
+from __future__ import annotations
+
+import enum
+
+from msgspec import Struct, field
+
+from stowplan.spec.models import FailureClass
+
+
+class ProviderState(enum.StrEnum):
+    """Our view of a provider's job state."""
+
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    UNKNOWN = "UNKNOWN"
+    """The provider does not know the key (never submitted, or long forgotten)."""
+
+
+TERMINAL_PROVIDER_STATES = frozenset(
+    {ProviderState.SUCCEEDED, ProviderState.FAILED, ProviderState.CANCELLED}
+)
+
+
+class Report(Struct, frozen=True, kw_only=True):
+    """What a provider says about one attempt."""
+
+    key: str
+    state: ProviderState
+    failure: FailureClass | None = None
+    job_id: str | None = None
+    node: str | None = None
+    exit_code: int | None = None
+    message: str = ""
+    started_at: float | None = None
+    ended_at: float | None = None
+    outputs: dict[str, str] = field(default_factory=dict)
+    """Declared output name -> absolute path where the provider left it (on success)."""

@@ -1,0 +1,82 @@
+"""Canonical encoding and identity hashes.
+
+The canonical form of any spec is msgspec JSON with sorted keys and every default written out,
+so two files that mean the same thing hash the same. Identity is layered:
+
+- ``spec_hash``: SHA-256 of the canonical encoding of a spec;
+- ``run_id``: SHA-256 of everything that determines a run's result (task spec hash, parameters,
+  seed, code version, data versions, environment hash, the run ids of its upstream runs and
+  the replicate number);
+- ``attempt_key``: SHA-256 of run id and attempt number; every provider maps it onto its own
+  de-duplication, so a retried submit finds the first job instead of making a second.
+
+Pure functions: no I/O here. Capturing code, data and environment versions is provenance's job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+
+import msgspec
+
+_encoder = msgspec.json.Encoder(order="sorted")
+
+ID_LEN = 64
+
+
+def canonical_json(obj: object) -> bytes:
+    """Deterministic JSON: sorted keys, defaults explicit, no whitespace."""
+    return _encoder.encode(obj)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def spec_hash(obj: object) -> str:
+    return sha256_hex(canonical_json(obj))
+
+
+class RunIdentity(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything that determines a run's result; its hash is the run id."""
+
+    task_spec_hash: str
+    params: dict[str, str | int | float | bool]
+    seed: int
+    code_version: str
+    data_versions: dict[str, str]
+    env_hash: str
+    upstream: list[str]
+    replicate: int = 0
+
+    def run_id(self) -> str:
+        return spec_hash(self)
+
+
+def run_id(
+    *,
+    task_spec_hash: str,
+    params: Mapping[str, str | int | float | bool],
+    seed: int,
+    code_version: str,
+    data_versions: Mapping[str, str],
+    env_hash: str,
+    upstream: Sequence[str],
+    replicate: int = 0,
+) -> str:
+    return RunIdentity(
+        task_spec_hash=task_spec_hash,
+        params=dict(params),
+        seed=seed,
+        code_version=code_version,
+        data_versions=dict(data_versions),
+        env_hash=env_hash,
+        upstream=sorted(upstream),
+        replicate=replicate,
+    ).run_id()
+
+
+def attempt_key(run_id: str, attempt: int) -> str:
+    """Idempotency key of attempt ``attempt`` (1-based) of a run."""
+    return sha256_hex(f"{run_id}/{attempt}".encode())

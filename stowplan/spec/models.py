@@ -1,0 +1,350 @@
+"""What users write: experiments, tasks, resources, data inputs, sweeps, policies, projects.
+
+Every Struct here is frozen, keyword-only and forbids unknown fields, so a typo is an error
+with a ``$.path`` rather than a silently ignored setting. Values that users write in human
+units (``memory = "4GiB"``, ``timeout = "2h"``) are normalised in ``__post_init__`` to bytes
+and seconds, so two spellings of the same request encode, and hash, the same way.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta, Struct, field
+from msgspec.structs import force_setattr
+
+from stowplan.spec.units import parse_duration, parse_size
+
+Name = Annotated[
+    str,
+    Meta(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$",
+        description="letters, digits, '_', '.', '-'; starts with a letter or digit",
+    ),
+]
+Scalar = str | int | float | bool
+PositiveInt = Annotated[int, Meta(gt=0)]
+NonNegInt = Annotated[int, Meta(ge=0)]
+
+
+class FailureClass(enum.StrEnum):
+    """Why an attempt failed; the retry policy decides per class."""
+
+    USER_ERROR = "user_error"
+    OUT_OF_MEMORY = "out_of_memory"
+    TIMEOUT = "timeout"
+    PREEMPTED = "preempted"
+    NODE_FAILURE = "node_failure"
+    PROVIDER_TRANSIENT = "provider_transient"
+    PROVIDER_REJECTED = "provider_rejected"
+    LOST = "lost"
+    DEPENDENCY_FAILED = "dependency_failed"
+    CANCELLED = "cancelled"
+
+
+INFRASTRUCTURE_FAILURES: tuple[FailureClass, ...] = (
+    FailureClass.PREEMPTED,
+    FailureClass.NODE_FAILURE,
+    FailureClass.PROVIDER_TRANSIENT,
+    FailureClass.LOST,
+)
+
+
+class _Spec(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class Resources(_Spec, frozen=True):
+    """What one attempt needs. ``memory`` accepts "4GiB"-style text and is stored in bytes."""
+
+    cpus: Annotated[float, Meta(gt=0)] = 1.0
+    memory: int | str = "1GiB"
+    gpus: NonNegInt = 0
+    gpu_type: str | list[str] | None = None
+    walltime: float | str | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            force_setattr(self, "memory", parse_size(self.memory))
+        except ValueError as e:
+            raise ValueError(f"memory: {e}") from None
+        if self.walltime is not None:
+            try:
+                force_setattr(self, "walltime", parse_duration(self.walltime))
+            except ValueError as e:
+                raise ValueError(f"walltime: {e}") from None
+        if isinstance(self.gpu_type, str):
+            force_setattr(self, "gpu_type", [self.gpu_type])
+        if self.gpu_type is not None:
+            if not self.gpu_type:
+                raise ValueError("gpu_type: an empty list accepts no GPU; leave it out instead")
+            if self.gpus == 0:
+                raise ValueError("gpu_type is set but gpus = 0; ask for at least one GPU")
+            force_setattr(self, "gpu_type", sorted(set(self.gpu_type)))
+
+    @property
+    def memory_bytes(self) -> int:
+        assert isinstance(self.memory, int)  # normalised in __post_init__
+        return self.memory
+
+    @property
+    def gpu_types(self) -> tuple[str, ...]:
+        return tuple(self.gpu_type) if isinstance(self.gpu_type, list) else ()
+
+
+class DataInput(_Spec, frozen=True):
+    """One input: a URI (local path, file://, s3://, ...), an optional pinned version and size."""
+
+    uri: str
+    version: str | None = None
+    size: int | str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.uri.strip():
+            raise ValueError("uri: must not be empty")
+        if self.size is not None:
+            try:
+                force_setattr(self, "size", parse_size(self.size))
+            except ValueError as e:
+                raise ValueError(f"size: {e}") from None
+
+
+class Uniform(_Spec, frozen=True, tag_field="type", tag="uniform"):
+    low: float
+    high: float
+
+    def __post_init__(self) -> None:
+        if not self.low < self.high:
+            raise ValueError(f"uniform needs low < high, got low={self.low} high={self.high}")
+
+
+class LogUniform(_Spec, frozen=True, tag_field="type", tag="loguniform"):
+    low: float
+    high: float
+
+    def __post_init__(self) -> None:
+        if not 0 < self.low < self.high:
+            raise ValueError(
+                f"loguniform needs 0 < low < high, got low={self.low} high={self.high}"
+            )
+
+
+class IntRange(_Spec, frozen=True, tag_field="type", tag="int"):
+    """Integers from ``low`` to ``high`` inclusive."""
+
+    low: int
+    high: int
+
+    def __post_init__(self) -> None:
+        if not self.low <= self.high:
+            raise ValueError(f"int range needs low <= high, got low={self.low} high={self.high}")
+
+
+class Choice(_Spec, frozen=True, tag_field="type", tag="choice"):
+    values: list[Scalar]
+
+    def __post_init__(self) -> None:
+        if not self.values:
+            raise ValueError("choice needs at least one value")
+
+
+Domain = list[Scalar] | Uniform | LogUniform | IntRange | Choice
+SweepMethod = Literal["grid", "random", "sobol"]
+
+
+class Sweep(_Spec, frozen=True):
+    """How to expand one task into trials.
+
+    ``grid`` takes the cross product of value lists; ``random`` and ``sobol`` draw ``samples``
+    points, seeded, from ranges (a plain list is a choice among its values).
+    """
+
+    parameters: dict[str, Domain]
+    method: SweepMethod = "grid"
+    samples: PositiveInt | None = None
+    seed: int = 0
+    max_concurrent: PositiveInt | None = None
+
+    def __post_init__(self) -> None:
+        if not self.parameters:
+            raise ValueError("parameters: a sweep needs at least one parameter")
+        for name, dom in self.parameters.items():
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+                raise ValueError(
+                    f"parameter name {name!r} must be an identifier (letters, digits, '_')"
+                )
+            if isinstance(dom, list) and not dom:
+                raise ValueError(f"parameters.{name}: an empty list gives no trials")
+            if self.method == "grid" and isinstance(dom, Uniform | LogUniform):
+                raise ValueError(
+                    f"parameters.{name}: a grid needs explicit values; list them, or use "
+                    "method = 'random' or 'sobol' for ranges"
+                )
+        if self.method == "grid" and self.samples is not None:
+            raise ValueError("samples applies to random and sobol sweeps, not grid")
+        if self.method != "grid" and self.samples is None:
+            raise ValueError(f"a {self.method} sweep needs samples = N")
+
+
+class RetryPolicy(_Spec, frozen=True):
+    """Which failure classes are retried, how often, and how long to wait between attempts."""
+
+    max_attempts: PositiveInt = 3
+    on: list[FailureClass] = field(default_factory=lambda: list(INFRASTRUCTURE_FAILURES))
+    backoff: Annotated[float, Meta(ge=0)] = 2.0
+    backoff_cap: Annotated[float, Meta(ge=0)] = 300.0
+    jitter: Annotated[float, Meta(ge=0, le=1)] = 0.25
+
+    def __post_init__(self) -> None:
+        bad = {FailureClass.DEPENDENCY_FAILED, FailureClass.CANCELLED} & set(self.on)
+        if bad:
+            raise ValueError(f"on: {sorted(bad)} can never be retried")
+        force_setattr(self, "on", sorted(set(self.on)))
+
+
+class PlacementWeights(_Spec, frozen=True):
+    data: Annotated[float, Meta(ge=0)] = 1.0
+    cost: Annotated[float, Meta(ge=0)] = 1.0
+    wait: Annotated[float, Meta(ge=0)] = 1.0
+    priority: Annotated[float, Meta(ge=0)] = 1.0
+
+
+class Naming(_Spec, frozen=True):
+    """Conventions applied to what stowplan creates at providers (job names, tags)."""
+
+    prefix: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{0,32}$")] = "sp"
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+class Policy(_Spec, frozen=True):
+    """Project-level defaults; an experiment's ``[policy]`` overrides them field by field."""
+
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    placement: PlacementWeights = field(default_factory=PlacementWeights)
+    allowed_providers: list[str] | None = None
+    naming: Naming = field(default_factory=Naming)
+    max_sweep_size: PositiveInt = 1_000_000
+    priority: int = 0
+
+
+class Task(_Spec, frozen=True):
+    """One step of an experiment. Exactly one of ``command`` (argv) or ``script`` (a shell
+    script, run with ``bash -euo pipefail``) is given. ``{name}`` in either is replaced by a
+    sweep parameter, ``{seed}``, ``{run_id}`` or ``{experiment_dir}``; ``{{`` is a brace."""
+
+    name: Name
+    command: list[str] | None = None
+    script: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    resources: Resources = field(default_factory=Resources)
+    inputs: list[DataInput] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    depends_on: list[Name] = field(default_factory=list)
+    retry: RetryPolicy | None = None
+    timeout: float | str | None = None
+    sweep: Sweep | None = None
+    priority: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.command is None) == (self.script is None):
+            raise ValueError(
+                "give exactly one of command (a list of arguments) or script (shell text)"
+            )
+        if self.command is not None and not self.command:
+            raise ValueError("command: must name a program, got an empty list")
+        if self.timeout is not None:
+            try:
+                force_setattr(self, "timeout", parse_duration(self.timeout))
+            except ValueError as e:
+                raise ValueError(f"timeout: {e}") from None
+        for out in self.outputs:
+            if out.startswith("/") or ".." in out.split("/") or not out.strip():
+                raise ValueError(
+                    f"outputs: {out!r} must be a relative path inside the attempt directory"
+                )
+        for key in self.env:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+                raise ValueError(f"env: {key!r} is not a valid environment variable name")
+        if len(set(self.depends_on)) != len(self.depends_on):
+            raise ValueError("depends_on: lists a task twice")
+
+    @property
+    def timeout_s(self) -> float | None:
+        assert self.timeout is None or isinstance(self.timeout, float)
+        return self.timeout
+
+
+class ExperimentMeta(_Spec, frozen=True):
+    name: Name
+    description: str = ""
+    project: Name | None = None
+    seed: int = 0
+
+
+class Experiment(_Spec, frozen=True):
+    """The whole experiment file: ``[experiment]``, ``[[tasks]]`` and an optional ``[policy]``."""
+
+    experiment: ExperimentMeta
+    tasks: list[Task]
+    policy: Policy | None = None
+
+    @property
+    def name(self) -> str:
+        return self.experiment.name
+
+
+class LocalProviderConfig(_Spec, frozen=True, tag_field="kind", tag="local"):
+    """This machine. Capacity defaults to what the machine has."""
+
+    cpus: Annotated[float, Meta(gt=0)] | None = None
+    memory: int | str | None = None
+    gpus: NonNegInt | None = None
+    site: str = "local"
+
+    def __post_init__(self) -> None:
+        if self.memory is not None:
+            try:
+                force_setattr(self, "memory", parse_size(self.memory))
+            except ValueError as e:
+                raise ValueError(f"memory: {e}") from None
+
+
+class InstantProviderConfig(_Spec, frozen=True, tag_field="kind", tag="instant"):
+    """Accepts and completes every attempt at once, running nothing: for control-plane tests
+    and benchmarks."""
+
+    site: str = "local"
+
+
+ProviderConfig = LocalProviderConfig | InstantProviderConfig
+
+
+class StoreConfig(_Spec, frozen=True):
+    path: str = ".stowplan/stowplan.db"
+
+
+class ProjectMeta(_Spec, frozen=True):
+    name: Name = "default"
+
+
+class ProjectConfig(_Spec, frozen=True):
+    """``stowplan.toml``: project name, policy defaults, providers by name, store location."""
+
+    project: ProjectMeta = field(default_factory=ProjectMeta)
+    policy: Policy = field(default_factory=Policy)
+    providers: dict[Name, ProviderConfig] = field(
+        default_factory=lambda: {"local": LocalProviderConfig()}
+    )
+    store: StoreConfig = field(default_factory=StoreConfig)
+
+    def __post_init__(self) -> None:
+        if not self.providers:
+            raise ValueError("providers: configure at least one provider, e.g. [providers.local]")
+
+
+def to_builtins(obj: object) -> object:
+    """Plain JSON-able data of a spec, defaults included."""
+    return msgspec.to_builtins(obj)

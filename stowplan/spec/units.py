@@ -1,0 +1,96 @@
+"""Parsing of the human units users write: memory sizes and durations."""
+
+from __future__ import annotations
+
+import math
+import re
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "ki": 1024,
+    "kib": 1024,
+    "mi": 1024**2,
+    "mib": 1024**2,
+    "gi": 1024**3,
+    "gib": 1024**3,
+    "ti": 1024**4,
+    "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+_DURATION_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|min|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+_CLOCK_RE = re.compile(r"^\s*(?:(\d+)-)?(\d+):(\d{1,2})(?::(\d{1,2}))?\s*$")
+
+
+def parse_size(value: int | float | str) -> int:
+    """Return a size in bytes: ``4GiB``, ``512MB``, ``1.5G``, or a plain number of bytes.
+
+    Raises ValueError with the accepted units when the text is not a size.
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as '4GiB', got a boolean")
+    if isinstance(value, int | float):
+        # not (value > 0) also rejects NaN; int(inf) would raise OverflowError, not ValueError
+        if not value > 0 or not math.isfinite(value) or int(value) <= 0:
+            raise ValueError(f"size must be a positive, finite number of bytes, got {value}")
+        return int(value)
+    m = _SIZE_RE.match(value)
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _SIZE_UNITS:
+        raise ValueError(
+            f"{value!r} is not a size; write a number with a unit such as '512MiB', '4GiB' or "
+            "'2GB' (binary: KiB MiB GiB TiB, decimal: KB MB GB TB)"
+        )
+    number = float(m.group(1))
+    size = int(number * _SIZE_UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {value!r}")
+    return size
+
+
+def parse_duration(value: int | float | str) -> float:
+    """Seconds from ``90``, ``"90s"``, ``"30m"``, ``"2h"``, ``"1:30:00"`` or ``"1-00:00:00"``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as '30m', got a boolean")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        m = _DURATION_RE.match(value)
+        c = _CLOCK_RE.match(value)
+        if m:
+            seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2) or "s"]
+        elif c:
+            days, a, b, s = c.groups()
+            if s is None:  # H:MM
+                hours, minutes, secs = int(a), int(b), 0
+            else:
+                hours, minutes, secs = int(a), int(b), int(s)
+            if minutes >= 60 or secs >= 60:
+                raise ValueError(f"{value!r} is not a clock time; minutes and seconds go up to 59")
+            seconds = float(int(days or 0) * 86400 + hours * 3600 + minutes * 60 + secs)
+        else:
+            raise ValueError(
+                f"{value!r} is not a duration; write seconds (90), a unit ('30m', '2h', '1d') "
+                "or a clock ('1:30:00', '2-00:00:00')"
+            )
+    if not seconds > 0 or not math.isfinite(seconds):  # not (x > 0) also rejects NaN
+        raise ValueError(f"duration must be positive and finite, got {value!r}")
+    return seconds
+
+
+def format_size(n: int) -> str:
+    """Render bytes with binary units, as users write them."""
+    for unit, factor in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= factor:
+            v = n / factor
+            return f"{v:.0f}{unit}" if v == int(v) else f"{v:.1f}{unit}"
+    return f"{n}B"
