@@ -17,6 +17,7 @@ line per size:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import threading
@@ -45,10 +46,8 @@ class RssSampler(threading.Thread):
         while not self.stop.is_set():
             total = 0
             for p in [me, *me.children(recursive=True)]:
-                try:
+                with contextlib.suppress(psutil.Error):
                     total += p.memory_info().rss
-                except psutil.Error:
-                    pass
             self.peak = max(self.peak, total)
             self.stop.wait(0.1)
 
@@ -84,8 +83,13 @@ def bench(n: int) -> dict[str, object]:
             project=project,
             loaded=loaded,
             experiment=ExperimentRecord(
-                id=f"bench-{n}", name="bench", project="bench", description="", file=str(f),
-                spec={}, created_at=time.time(),
+                id=f"bench-{n}",
+                name="bench",
+                project="bench",
+                description="",
+                file=str(f),
+                spec={},
+                created_at=time.time(),
             ),
             planned=planned,
             provenance=ProvenanceRecord(),
@@ -98,6 +102,7 @@ def bench(n: int) -> dict[str, object]:
         t1 = time.perf_counter()
         with RunStore(prepared.store_path) as store:
             runs = record(prepared, store)
+        items = session.submissions(prepared, {r.run_id for r in runs}, {})
         t2 = time.perf_counter()
         sampler = RssSampler()
         sampler.start()
@@ -110,7 +115,7 @@ def bench(n: int) -> dict[str, object]:
         plane.start()
         try:
             t3 = time.perf_counter()
-            plane.submit(runs, [])
+            plane.submit(items, [])
             while True:
                 counts = plane.progress(None)["counts"]
                 if counts.get("SUCCEEDED", 0) + counts.get("FAILED", 0) >= n:
@@ -122,8 +127,11 @@ def bench(n: int) -> dict[str, object]:
             sampler.stop.set()
             sampler.join()
         with RunStore(prepared.store_path) as store:
-            done = sum(1 for r in store.get_runs([r.run_id for r in runs]).values()
-                       if r.state == "SUCCEEDED")
+            done = sum(
+                1
+                for r in store.get_runs([r.run_id for r in runs]).values()
+                if r.state == "SUCCEEDED"
+            )
         return {
             "bench": "dispatch",
             "n": n,

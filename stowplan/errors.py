@@ -36,12 +36,12 @@ class SpecError(StowplanError, ValueError):
         super().__init__(self.render())
 
     def render(self) -> str:
-        where = self.file or "<input>"
-        if self.line is not None:
+        where = self.file or ""
+        if self.file and self.line is not None:
             where += f":{self.line}"
         if self.path:
             where += f" at {self.path}"
-        text = f"{where}: {self.message}"
+        text = f"{where}: {self.message}" if where else self.message
         if self.hint:
             text += f"\n  fix: {self.hint}"
         return text

@@ -12,9 +12,9 @@ from typing import Any
 
 import msgspec
 
+from stowplan.actors.queue import SubmitRun
 from stowplan.actors.runtime import init_ray, namespace_for, shutdown_ray
 from stowplan.actors.wire import pack
-from stowplan.provenance.records import RunRecord
 from stowplan.spec.models import ProviderConfig
 
 QUEUE = "queue"
@@ -112,7 +112,8 @@ class ControlPlane:
     def queue(self) -> Any:
         return self.actors[QUEUE]
 
-    def submit(self, runs: list[RunRecord], completed: list[str]) -> dict[str, int]:
+    def submit(self, runs: list[SubmitRun], completed: list[str]) -> dict[str, int]:
+        """Hand recorded runs to the queue; ``completed`` lists upstream runs already done."""
         import ray
 
         result: dict[str, int] = ray.get(self.queue.submit.remote(pack(runs), completed))
@@ -134,6 +135,8 @@ class ControlPlane:
         """Stop the actors; stop Ray too if this control plane started it."""
         import ray
 
+        if QUEUE in self.actors:
+            ray.get(self.actors[QUEUE].drain.remote())
         if self._started_ray:
             shutdown_ray()
         else:

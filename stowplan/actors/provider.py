@@ -79,9 +79,8 @@ class ProviderActor:
         """Plan and submit a batch; returns one report per launch (failures included)."""
         await self._boot()
         specs = unpack(launches, list[LaunchSpec])
-        requests = self.driver.plan(specs)
         try:
-            reports = await self.driver.submit(requests)
+            reports = await self.driver.submit(self.driver.plan(specs))
         except ProviderError as e:
             failure = (
                 FailureClass.PROVIDER_TRANSIENT if e.retryable else FailureClass.PROVIDER_REJECTED

@@ -65,6 +65,12 @@ class RunPayload(msgspec.Struct, frozen=True, kw_only=True):
     name: str
 
 
+class SubmitRun(msgspec.Struct, frozen=True, array_like=True):
+    run_id: str
+    payload: RunPayload
+    prior_attempts: int = 0
+
+
 def payload_of(rec: RunRecord) -> RunPayload:
     return msgspec.convert(rec.task_spec["payload"], RunPayload)
 
@@ -79,7 +85,7 @@ class QueueActor:
         namespace: str,
         seed: int = 0,
         lease_ttl: float = 900.0,
-        tick: float = 0.5,
+        tick: float = 0.2,
     ) -> None:
         self.namespace = namespace
         self.store_name = store_name
@@ -94,6 +100,7 @@ class QueueActor:
         self._tasks: set[asyncio.Task[None]] = set()
         self.errors: list[str] = []
         self.boots = 0
+        self._transitions: list[TransitionRecord] = []
 
     # ---- boot ---------------------------------------------------------------------------
 
@@ -151,30 +158,30 @@ class QueueActor:
     # ---- API for the control plane and the provider actors --------------------------------
 
     async def submit(self, runs: bytes, completed: list[str]) -> dict[str, int]:
-        """Add runs (RunRecords, already in the store). Returns how many were new to the core."""
+        """Add runs (``list[SubmitRun]``, already recorded in the store).
+
+        A run that already had attempts (it failed or was cancelled before) continues its
+        attempt numbers, so its new attempts get new idempotency keys.
+        """
         await self._ensure()
-        recs = unpack(runs, list[RunRecord])
+        items = unpack(runs, list[SubmitRun])
         fresh: list[TaskInstance] = []
         again: list[RestoredTask] = []
         known = set(self.core.run_ids())
-        stored = unpack(
-            await self.store.get_runs.remote([r.run_id for r in recs]), dict[str, RunRecord]
-        )
-        for rec in recs:
-            if rec.run_id in known:
+        for item in items:
+            if item.run_id in known:
                 continue
-            payload = payload_of(rec)
-            self.payloads[rec.run_id] = payload
-            prior = stored.get(rec.run_id)
-            if prior is not None and prior.attempts > 0:
-                # a run that failed or was cancelled before: new attempts, new keys
+            self.payloads[item.run_id] = item.payload
+            if item.prior_attempts > 0:
                 again.append(
                     RestoredTask(
-                        task=payload.instance, state=TaskState.PENDING, attempt=prior.attempts
+                        task=item.payload.instance,
+                        state=TaskState.PENDING,
+                        attempt=item.prior_attempts,
                     )
                 )
             else:
-                fresh.append(payload.instance)
+                fresh.append(item.payload.instance)
         if again:
             self._handle(TasksRestored(tasks=again, completed=completed))
         self._handle(TasksSubmitted(tasks=fresh, completed=completed))
@@ -203,6 +210,12 @@ class QueueActor:
                     continue
                 counts[s] = counts.get(s, 0) + 1
         return {"counts": counts, "errors": list(self.errors), "boots": self.boots}
+
+    async def drain(self) -> None:
+        """Return once everything this actor sent to the store so far has been written."""
+        await self._ensure()
+        self._flush_transitions()
+        await self.store.ping.remote()
 
     async def ping(self) -> bool:
         await self._ensure()
@@ -236,22 +249,18 @@ class QueueActor:
         for cmd in commands:
             if isinstance(cmd, Transitioned):
                 now = time.time()
-                self.store.apply_transitions.remote(
-                    pack(
-                        [
-                            TransitionRecord(
-                                run_id=t.run_id,
-                                attempt=t.attempt,
-                                from_state=t.from_state.value,
-                                to_state=t.to_state.value,
-                                at=now,
-                                failure=t.failure.value if t.failure else None,
-                                reason=t.reason,
-                                pool=t.pool,
-                            )
-                            for t in cmd.records
-                        ]
+                self._transitions.extend(
+                    TransitionRecord(
+                        run_id=t.run_id,
+                        attempt=t.attempt,
+                        from_state=t.from_state.value,
+                        to_state=t.to_state.value,
+                        at=now,
+                        failure=t.failure.value if t.failure else None,
+                        reason=t.reason,
+                        pool=t.pool,
                     )
+                    for t in cmd.records
                 )
             elif isinstance(cmd, Submit):
                 self._spawn(self._submit(cmd))
@@ -263,6 +272,12 @@ class QueueActor:
                 self.providers[cmd.provider].cancel.remote(cmd.keys)
             elif isinstance(cmd, WakeAt):
                 self.wake_at = min(self.wake_at, cmd.at)
+
+    def _flush_transitions(self) -> None:
+        """Send buffered transitions to the store (one call per tick or before an intent)."""
+        if self._transitions:
+            self.store.apply_transitions.remote(pack(self._transitions))
+            self._transitions = []
 
     async def _solve(self, cmd: SolvePlacement) -> None:
         solution = unpack(await self.placement.solve.remote(pack(cmd.problem)), PlacementSolution)
@@ -293,7 +308,9 @@ class QueueActor:
             self._launch_spec(item.run_id, item.attempt, item.key, cmd.pool, upstream)
             for item in cmd.items
         ]
-        # write-ahead: the intent is durable before the provider hears of the attempt
+        # write-ahead: the intent is durable before the provider hears of the attempt, and it
+        # reaches the store after the transitions that led to it
+        self._flush_transitions()
         await self.store.write_intents.remote(pack(intents))
         reports = unpack(
             await self.providers[cmd.provider].submit.remote(pack(launches)), list[Report]
@@ -396,6 +413,7 @@ class QueueActor:
     async def _tick_loop(self) -> None:
         while True:
             await asyncio.sleep(self.tick)
+            self._flush_transitions()
             now = time.time()
             if now >= self.wake_at:
                 self.wake_at = float("inf")

@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 
+from stowplan.actors.queue import RunPayload, SubmitRun
 from stowplan.errors import PlacementInfeasible, SpecError
 from stowplan.placement.greedy import eligible, fits
 from stowplan.placement.problem import DemandClass, Pool
@@ -174,15 +175,27 @@ def check_feasible(prepared: Prepared, pools: Sequence[Pool]) -> None:
             )
 
 
-def run_records(prepared: Prepared, provenance_hash: str) -> list[RunRecord]:
-    from stowplan.actors.queue import RunPayload
+def payload(prepared: Prepared, r: PlannedRun) -> RunPayload:
+    name = f"{prepared.experiment.name}-{r.task}-{r.index}"
+    return RunPayload(instance=r.instance, launch=r.launch, name=name)
 
+
+def submissions(
+    prepared: Prepared, run_ids: set[str], prior_attempts: dict[str, int]
+) -> list[SubmitRun]:
+    """What the queue needs of each run in ``run_ids``: its payload and earlier attempts."""
+    return [
+        SubmitRun(r.run_id, payload(prepared, r), prior_attempts.get(r.run_id, 0))
+        for r in prepared.planned
+        if r.run_id in run_ids
+    ]
+
+
+def run_records(prepared: Prepared, provenance_hash: str) -> list[RunRecord]:
     now = time.time()
     exp = prepared.experiment
     out = []
     for r in prepared.planned:
-        name = f"{exp.name}-{r.task}-{r.index}"
-        payload = RunPayload(instance=r.instance, launch=r.launch, name=name)
         out.append(
             RunRecord(
                 run_id=r.run_id,
@@ -195,7 +208,10 @@ def run_records(prepared: Prepared, provenance_hash: str) -> list[RunRecord]:
                 replicate=r.replicate,
                 depends_on=r.depends_on,
                 identity=msgspec.to_builtins(r.identity),
-                task_spec={"spec": r.task_spec, "payload": msgspec.to_builtins(payload)},
+                task_spec={
+                    "spec": r.task_spec,
+                    "payload": msgspec.to_builtins(payload(prepared, r)),
+                },
                 provenance=provenance_hash,
                 created_at=now,
                 updated_at=now,

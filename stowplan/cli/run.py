@@ -35,7 +35,7 @@ def _discover(prepared: Any) -> list[Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from stowplan.actors.session import check_feasible, prepare, record
+    from stowplan.actors.session import check_feasible, prepare, record, submissions
 
     console = Console(highlight=False)
     err = Console(stderr=True, highlight=False)
@@ -54,13 +54,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         existing = store.get_runs(ids)
         reused = [i for i in ids if existing.get(i) and existing[i].state == "SUCCEEDED"]
         todo = [i for i in ids if i not in set(reused)]
-        runs = record(prepared, store)
+        prior = {i: existing[i].attempts for i in todo if i in existing}
+        record(prepared, store)
     name = prepared.experiment.name
     if reused:
         err.print(f"{len(reused)} of {len(ids)} runs reused")
     if todo:
-        todo_set = set(todo)
-        to_submit = [r for r in runs if r.run_id in todo_set]
+        to_submit = submissions(prepared, set(todo), prior)
         _dispatch(args, prepared, to_submit, reused, console, err)
     with RunStore(store_path) as store:
         final = store.get_runs(ids)
@@ -77,7 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _dispatch(
     args: argparse.Namespace,
     prepared: Any,
-    runs: list[RunRecord],
+    runs: list[Any],
     reused: list[str],
     console: Console,
     err: Console,

@@ -1,0 +1,108 @@
+"""Crashes mid-sweep: nothing lost, nothing run twice.
+
+Every trial appends its run id to a marker file when it finishes, and the local provider's
+launcher logs each start of an attempt directory; both are counted after the sweep.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from stowplan.actors.control import QUEUE, ControlPlane
+from stowplan.actors.session import prepare, record, submissions
+from stowplan.provenance.store import RunStore
+
+from .conftest import launches_per_key, sweep_project
+
+pytestmark = pytest.mark.integration
+
+N = 16
+
+
+def _succeeded(db: Path) -> int:
+    if not db.exists():
+        return 0
+    with RunStore(db) as store:
+        return sum(
+            1
+            for e in store.list_experiments()
+            for r in store.runs_for_experiment(e.id)
+            if r.state == "SUCCEEDED"
+        )
+
+
+def _wait(cond: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():  # type: ignore[operator]
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _check_exactly_once(tmp_path: Path) -> None:
+    db = tmp_path / ".stowplan" / "stowplan.db"
+    with RunStore(db) as store:
+        (exp,) = store.list_experiments()
+        runs = store.runs_for_experiment(exp.id)
+    assert len(runs) == N
+    assert {r.state for r in runs} == {"SUCCEEDED"}
+    executed = Counter((tmp_path / "executions.log").read_text().split())
+    assert set(executed) == {r.run_id for r in runs}
+    assert set(executed.values()) == {1}, executed
+    launches = launches_per_key(tmp_path / ".stowplan")
+    assert launches and set(launches.values()) == {1}, launches
+
+
+def test_queue_actor_killed_mid_sweep(ray_session: None, tmp_path: Path) -> None:
+    import ray
+
+    f = sweep_project(tmp_path, N)
+    prepared = prepare(f)
+    with RunStore(prepared.store_path) as store:
+        runs = record(prepared, store)
+    plane = ControlPlane(
+        state_dir=Path(prepared.state_dir),
+        store_path=Path(prepared.store_path),
+        providers=prepared.providers,
+        poll_max=0.5,
+    )
+    plane.start()
+    try:
+        plane.submit(submissions(prepared, {r.run_id for r in runs}, {}), [])
+        ids = [r.run_id for r in runs]
+        _wait(lambda: plane.progress(ids)["counts"].get("SUCCEEDED", 0) >= 3, 60, "3 successes")
+        ray.kill(plane.actors[QUEUE], no_restart=False)
+        # the next call reaches the restarted actor, which rebuilds from the store
+        _wait(lambda: plane.progress(ids)["counts"].get("SUCCEEDED", 0) == N, 120, "all to finish")
+        assert plane.progress(ids)["boots"] == 1  # a fresh actor booted again, once
+    finally:
+        plane.stop()
+    _check_exactly_once(tmp_path)
+
+
+def test_driver_killed_mid_sweep_and_restarted(tmp_path: Path) -> None:
+    f = sweep_project(tmp_path, N, sleep=0.6)
+    db = tmp_path / ".stowplan" / "stowplan.db"
+    cmd = [sys.executable, "-m", "stowplan.cli.main", "run", str(f)]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    first = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        _wait(lambda: _succeeded(db) >= 3, 120, "3 successes before the kill")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+    assert _succeeded(db) < N, "the sweep finished before the driver was killed"
+    second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert second.returncode == 0, second.stderr
+    _check_exactly_once(tmp_path)
