@@ -125,8 +125,10 @@ class QueueActor:
         for name, actor in sorted(self.providers.items()):
             pools = unpack(await actor.discover.remote(), list[Pool])
             self._handle(PoolsDiscovered(provider=name, pools=pools))
-        active: ActiveState = unpack(await self.store.load_active.remote(), ActiveState)
-        runs, attempts, done = active
+        runs: list[RunRecord]
+        attempts: dict[str, list[AttemptRecord]]
+        done: list[str]
+        runs, attempts, done = unpack(await self.store.load_active.remote(), ActiveState)
         restored: list[RestoredTask] = []
         for rec in runs:
             payload = payload_of(rec)
@@ -168,16 +170,23 @@ class QueueActor:
         fresh: list[TaskInstance] = []
         again: list[RestoredTask] = []
         known = set(self.core.run_ids())
+        items = [i for i in items if i.run_id not in known]
+        # the store, not the caller's earlier read, says what already ran: a control plane
+        # that died a moment ago may have recorded more since
+        so_far: dict[str, tuple[str, int]] = await self.store.attempts_so_far.remote(
+            [i.run_id for i in items]
+        )
+        completed = list(completed)
         for item in items:
-            if item.run_id in known:
+            state, attempts = so_far.get(item.run_id, ("PENDING", 0))
+            if state == "SUCCEEDED":
+                completed.append(item.run_id)
                 continue
             self.payloads[item.run_id] = item.payload
-            if item.prior_attempts > 0:
+            if attempts > 0:
                 again.append(
                     RestoredTask(
-                        task=item.payload.instance,
-                        state=TaskState.PENDING,
-                        attempt=item.prior_attempts,
+                        task=item.payload.instance, state=TaskState.PENDING, attempt=attempts
                     )
                 )
             else:
@@ -198,17 +207,26 @@ class QueueActor:
         return sum(1 for r in run_ids if self._final(r)) - before
 
     async def progress(self, run_ids: list[str] | None = None) -> dict[str, Any]:
+        """Counts by state; runs the core no longer holds (finished before a restart) are
+        looked up in the store."""
         await self._ensure()
         if run_ids is None:
             counts = {s.value: n for s, n in self.core.counts.items() if n}
         else:
             counts = {}
+            missing: list[str] = []
             for r in run_ids:
                 try:
                     s = self.core.state(r).value
                 except KeyError:
+                    missing.append(r)
                     continue
                 counts[s] = counts.get(s, 0) + 1
+            if missing:
+                self._flush_transitions()
+                states: dict[str, str] = await self.store.states.remote(missing)
+                for s in states.values():
+                    counts[s] = counts.get(s, 0) + 1
         return {"counts": counts, "errors": list(self.errors), "boots": self.boots}
 
     async def drain(self) -> None:

@@ -88,7 +88,7 @@ def prepare(
     if allowed is not None:
         providers = {n: c for n, c in providers.items() if n in allowed}
 
-    code = capture_code(Path(loaded.directory))
+    code, diff = capture_code(Path(loaded.directory))
     env = capture_environment()
     base = Path(loaded.directory)
     data = {
@@ -133,7 +133,7 @@ def prepare(
         experiment=experiment,
         planned=planned,
         provenance=provenance,
-        diff=code.diff,
+        diff=diff,
         providers=providers,
         replicate=rep,
         state_dir=str(state_dir),

@@ -58,6 +58,17 @@ class StoreActor:
         done = [rid for rid, rec in self.store.get_runs(deps).items() if rec.state == "SUCCEEDED"]
         return pack((runs, attempts, done))
 
+    def states(self, run_ids: list[str]) -> dict[str, str]:
+        return {rid: rec.state for rid, rec in self.store.get_runs(run_ids).items()}
+
+    def attempts_so_far(self, run_ids: list[str]) -> dict[str, tuple[str, int]]:
+        """(state, attempts) of each stored run that already had an attempt."""
+        return {
+            rid: (rec.state, rec.attempts)
+            for rid, rec in self.store.get_runs(run_ids).items()
+            if rec.attempts > 0 or rec.state == "SUCCEEDED"
+        }
+
     def active_keys(self, provider: str) -> list[str]:
         return [a.key for a in self.store.active_attempts() if a.provider == provider]
 

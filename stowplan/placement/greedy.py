@@ -48,7 +48,7 @@ def why_not(cls: DemandClass, pools: list[Pool]) -> str:
     usable = [p for p in pools if eligible(cls, p)]
     if not usable:
         return f"no allowed pool offers {need}"
-    return f"no free capacity now for {need} in " + ", ".join(p.id for p in usable)
+    return f"no free capacity now for {need} in " + ", ".join(sorted(p.id for p in usable))
 
 
 def solve_greedy(problem: PlacementProblem) -> PlacementSolution:

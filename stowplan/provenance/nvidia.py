@@ -1,153 +1,301 @@
-"""GPU capture: NVML through nvidia-ml-py when a driver answers, else ``nvidia-smi -q -x``."""
+"""What NVIDIA GPUs this machine has, from NVML or from ``nvidia-smi``.
+
+:func:`capture_gpus` asks NVML first (the ``pynvml`` module of ``nvidia-ml-py``, imported only
+when called), falls back to ``nvidia-smi -q -x``, and returns ``[]`` when neither answers: a
+machine without GPUs, driver or tool is normal, never an error. The parsers are pure functions
+over the tool's captured output, tested on real captures in ``tests/fixtures/hosts``.
+
+Both paths report the same :class:`GpuInfo` for the same card, so hardware records compare
+equal however they were captured: memory is counted in whole MiB (what ``nvidia-smi`` prints),
+and the CUDA version is the driver's (``13.0``), not a toolkit's.
+
+NOTE: MIG instances are not listed; a MIG-enabled card appears once, as its physical GPU.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import io
+import logging
 import shutil
 import subprocess
 import xml.etree.ElementTree as ET
+from typing import Any, Final
 
 from msgspec import Struct
 
-NVIDIA_SMI_TIMEOUT_S = 10
+__all__ = [
+    "QUERY_GPU_FIELDS",
+    "GpuInfo",
+    "capture_gpus",
+    "nvidia_smi_gpus",
+    "nvml_gpus",
+    "parse_nvidia_smi_query_csv",
+    "parse_nvidia_smi_xml",
+]
+
+log = logging.getLogger(__name__)
+
+NVIDIA_SMI_TIMEOUT: Final = 10.0
+"""Seconds ``nvidia-smi`` may take; a wedged driver can make it hang far longer."""
+
+QUERY_GPU_FIELDS: Final = (
+    "index",
+    "uuid",
+    "name",
+    "driver_version",
+    "memory.total",
+    "compute_cap",
+    "pci.bus_id",
+    "serial",
+    "vbios_version",
+)
+"""What to pass as ``nvidia-smi --query-gpu=...`` (comma-joined, with ``--format=csv``) for
+:func:`parse_nvidia_smi_query_csv`; ``compute_cap`` needs driver 510 or newer."""
+
+_MIB: Final = 1 << 20
+_UNITS: Final = {"B": 1, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
+_MISSING: Final = frozenset({"", "N/A", "[N/A]", "NOT SUPPORTED", "[NOT SUPPORTED]"})
 
 
 class GpuInfo(Struct, frozen=True, kw_only=True):
+    """One physical GPU as the driver describes it."""
+
     index: int
+    """the driver's enumeration index (``nvidia-smi -i``), PCI bus order by default."""
     uuid: str
     name: str
     driver_version: str
-    cuda_version: str | None = None
-    memory_total_bytes: int | None = None
+    cuda_version: str | None
+    """highest CUDA version the driver supports; None when the source does not say."""
+    memory_total_bytes: int
+    """framebuffer size, a whole number of MiB."""
     compute_capability: str | None = None
+    """``major.minor``; ``nvidia-smi -q -x`` does not report it."""
     pci_bus_id: str | None = None
     serial: str | None = None
     vbios: str | None = None
 
 
-def _mib(text: str | None) -> int | None:
-    if not text:
+def _value(text: str | None) -> str | None:
+    if text is None:
         return None
+    text = text.strip()
+    return None if text.upper() in _MISSING else text
+
+
+def _bytes(text: str, default_unit: str = "B") -> int:
+    """``"143771 MiB"`` (or ``"143771"`` with the unit given apart) as a number of bytes."""
     parts = text.split()
-    try:
-        value = float(parts[0])
-    except (ValueError, IndexError):
-        return None
-    unit = parts[1] if len(parts) > 1 else "MiB"
-    factor = {"KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}.get(unit, 1024**2)
-    return int(value * factor)
+    if len(parts) == 1:
+        number, unit = parts[0], default_unit
+    elif len(parts) == 2:
+        number, unit = parts
+    else:
+        raise ValueError(f"not a memory size: {text!r}")
+    factor = _UNITS.get(unit.upper())
+    if factor is None:
+        raise ValueError(f"unknown memory unit in {text!r}")
+    return int(number) * factor
+
+
+def _required(value: str | None, what: str) -> str:
+    if value is None:
+        raise ValueError(f"nvidia-smi output has no {what}")
+    return value
 
 
 def parse_nvidia_smi_xml(text: str) -> list[GpuInfo]:
-    """Parse ``nvidia-smi -q -x`` output."""
-    root = ET.fromstring(text)
-    driver = root.findtext("driver_version") or ""
-    cuda = root.findtext("cuda_version")
-    gpus = []
-    for i, gpu in enumerate(root.findall("gpu")):
-        cc = None
-        major, minor = gpu.findtext("compute_cap"), None
-        if major is None:
-            major = gpu.findtext("cuda_compute_capability/major")
-            minor = gpu.findtext("cuda_compute_capability/minor")
-            cc = f"{major}.{minor}" if major and minor else None
-        else:
-            cc = major
-        minor_idx = gpu.findtext("minor_number")
+    """Parse ``nvidia-smi -q -x``: one :class:`GpuInfo` per ``<gpu>``, in document order.
+
+    Raises ``ValueError`` for text that is not that tool's XML report.
+    """
+    try:
+        root = ET.fromstring(text)
+    except ET.ParseError as e:
+        raise ValueError(f"nvidia-smi XML does not parse: {e}") from None
+    if root.tag != "nvidia_smi_log":
+        raise ValueError(f"not an nvidia-smi XML report (root element <{root.tag}>)")
+    driver = _required(_value(root.findtext("driver_version")), "driver_version")
+    cuda = _value(root.findtext("cuda_version"))
+    gpus: list[GpuInfo] = []
+    for index, gpu in enumerate(root.findall("gpu")):
+        memory = _required(_value(gpu.findtext("fb_memory_usage/total")), "memory total")
+        cc = _value(gpu.findtext("compute_cap"))
         gpus.append(
             GpuInfo(
-                index=int(minor_idx) if minor_idx and minor_idx.isdigit() else i,
-                uuid=gpu.findtext("uuid") or "",
-                name=gpu.findtext("product_name") or "",
+                index=index,
+                uuid=_required(_value(gpu.findtext("uuid")), "uuid"),
+                name=_required(_value(gpu.findtext("product_name")), "product_name"),
                 driver_version=driver,
                 cuda_version=cuda,
-                memory_total_bytes=_mib(gpu.findtext("fb_memory_usage/total")),
+                memory_total_bytes=_bytes(memory),
                 compute_capability=cc,
-                pci_bus_id=gpu.get("id") or gpu.findtext("pci/pci_bus_id"),
-                serial=gpu.findtext("serial"),
-                vbios=gpu.findtext("vbios_version"),
+                pci_bus_id=_value(gpu.findtext("pci/pci_bus_id")) or _value(gpu.get("id")),
+                serial=_value(gpu.findtext("serial")),
+                vbios=_value(gpu.findtext("vbios_version")),
             )
         )
     return gpus
 
 
 def parse_nvidia_smi_query_csv(text: str) -> list[GpuInfo]:
-    """Parse ``nvidia-smi --query-gpu=index,uuid,name,driver_version,memory.total,compute_cap,
-    pci.bus_id,serial,vbios_version --format=csv``."""
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    out = []
-    for line in lines[1:]:
-        f = [c.strip() for c in line.split(",")]
-        if len(f) < 9:
+    """Parse ``nvidia-smi --query-gpu=<QUERY_GPU_FIELDS> --format=csv`` (header required).
+
+    Units may be in the values (``143771 MiB``) or, with ``nounits``, only in the header
+    (``memory.total [MiB]``). The query format has no CUDA version: ``cuda_version`` is None.
+    Raises ``ValueError`` when a required column is missing or a value does not parse.
+    """
+    rows = list(csv.reader(io.StringIO(text.strip()), skipinitialspace=True))
+    if not rows:
+        return []
+    header: list[str] = []
+    units: list[str] = []
+    for column in rows[0]:
+        name, _, unit = column.strip().partition(" [")
+        header.append(name.strip())
+        units.append(unit.rstrip("]").strip() or "B")
+    missing = {"index", "uuid", "name", "driver_version", "memory.total"} - set(header)
+    if missing:
+        raise ValueError(f"nvidia-smi CSV lacks column(s): {', '.join(sorted(missing))}")
+    gpus: list[GpuInfo] = []
+    for row in rows[1:]:
+        if not row:
             continue
-        out.append(
+        if len(row) != len(header):
+            raise ValueError(f"nvidia-smi CSV row has {len(row)} fields, header {len(header)}")
+        cells = {h: _value(v) for h, v in zip(header, row, strict=True)}
+        memory_unit = units[header.index("memory.total")]
+        gpus.append(
             GpuInfo(
-                index=int(f[0]),
-                uuid=f[1],
-                name=f[2],
-                driver_version=f[3],
-                memory_total_bytes=_mib(f[4]),
-                compute_capability=f[5],
-                pci_bus_id=f[6],
-                serial=f[7],
-                vbios=f[8],
+                index=int(_required(cells["index"], "index")),
+                uuid=_required(cells["uuid"], "uuid"),
+                name=_required(cells["name"], "name"),
+                driver_version=_required(cells["driver_version"], "driver_version"),
+                cuda_version=None,
+                memory_total_bytes=_bytes(
+                    _required(cells["memory.total"], "memory.total"), memory_unit
+                ),
+                compute_capability=cells.get("compute_cap"),
+                pci_bus_id=cells.get("pci.bus_id"),
+                serial=cells.get("serial"),
+                vbios=cells.get("vbios_version"),
             )
         )
-    return out
+    return gpus
 
 
-def _from_nvml() -> list[GpuInfo] | None:
+def _text(value: Any) -> str:
+    # pynvml returns str on Python 3 since 11.x, bytes before that.
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def nvml_gpus() -> list[GpuInfo] | None:
+    """The GPUs NVML reports, or None when NVML is not usable here (no module, no driver).
+
+    A GPU whose optional attributes (serial, VBIOS, ...) NVML does not support still counts;
+    an NVML failure on a required attribute makes the whole answer None, so the caller falls
+    back to ``nvidia-smi`` instead of recording half a machine.
+    """
     try:
         import pynvml
     except ImportError:
         return None
     try:
         pynvml.nvmlInit()
-    except pynvml.NVMLError:
+    except (pynvml.NVMLError, OSError) as e:
+        log.debug("NVML unavailable: %s", e)
         return None
     try:
-        driver = pynvml.nvmlSystemGetDriverVersion()
-        cuda_raw = pynvml.nvmlSystemGetCudaDriverVersion()
-        cuda = f"{cuda_raw // 1000}.{cuda_raw % 1000 // 10}"
-        out = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
-            out.append(
+
+        def optional(fn: Any, *args: Any) -> str | None:
+            try:
+                return _value(_text(fn(*args)))
+            except pynvml.NVMLError:
+                return None
+
+        driver = _text(pynvml.nvmlSystemGetDriverVersion())
+        try:
+            v = int(pynvml.nvmlSystemGetCudaDriverVersion_v2())
+            cuda: str | None = f"{v // 1000}.{(v % 1000) // 10}"
+        except pynvml.NVMLError:
+            cuda = None
+        gpus: list[GpuInfo] = []
+        for index in range(int(pynvml.nvmlDeviceGetCount())):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            total = int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
+            try:
+                major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+                cc: str | None = f"{int(major)}.{int(minor)}"
+            except pynvml.NVMLError:
+                cc = None
+            try:
+                bus: str | None = _value(_text(pynvml.nvmlDeviceGetPciInfo(handle).busId))
+            except pynvml.NVMLError:
+                bus = None
+            gpus.append(
                 GpuInfo(
-                    index=i,
-                    uuid=str(pynvml.nvmlDeviceGetUUID(h)),
-                    name=str(pynvml.nvmlDeviceGetName(h)),
-                    driver_version=str(driver),
+                    index=index,
+                    uuid=_text(pynvml.nvmlDeviceGetUUID(handle)),
+                    name=_text(pynvml.nvmlDeviceGetName(handle)),
+                    driver_version=driver,
                     cuda_version=cuda,
-                    memory_total_bytes=int(pynvml.nvmlDeviceGetMemoryInfo(h).total),
-                    compute_capability=f"{major}.{minor}",
-                    pci_bus_id=str(pynvml.nvmlDeviceGetPciInfo(h).busId),
+                    memory_total_bytes=total // _MIB * _MIB,
+                    compute_capability=cc,
+                    pci_bus_id=bus,
+                    serial=optional(pynvml.nvmlDeviceGetSerial, handle),
+                    vbios=optional(pynvml.nvmlDeviceGetVbiosVersion, handle),
                 )
             )
-        return out
-    except pynvml.NVMLError:
+        return gpus
+    except pynvml.NVMLError as e:
+        log.warning("NVML failed while listing GPUs, trying nvidia-smi: %s", e)
         return None
     finally:
-        pynvml.nvmlShutdown()
+        with contextlib.suppress(pynvml.NVMLError):
+            pynvml.nvmlShutdown()
+
+
+def nvidia_smi_gpus(
+    executable: str = "nvidia-smi", *, timeout: float = NVIDIA_SMI_TIMEOUT
+) -> list[GpuInfo] | None:
+    """The GPUs ``nvidia-smi -q -x`` reports, or None when it is absent, fails or hangs.
+
+    ``executable`` is looked up on PATH like a shell would. The tool exits non-zero when it
+    cannot talk to a driver (a container without GPUs, say): that is None too, not an error.
+    """
+    path = shutil.which(executable)
+    if path is None:
+        return None
+    try:
+        done = subprocess.run(
+            [path, "-q", "-x"],
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        log.warning("%s -q -x took more than %s s; GPUs not recorded", path, timeout)
+        return None
+    except OSError as e:
+        log.warning("could not run %s: %s", path, e)
+        return None
+    if done.returncode != 0:
+        message = done.stdout.decode(errors="replace").strip()[:200]
+        log.debug("%s -q -x exited %d: %s", path, done.returncode, message)
+        return None
+    try:
+        return parse_nvidia_smi_xml(done.stdout.decode(errors="replace"))
+    except ValueError as e:
+        log.warning("could not read the output of %s -q -x: %s", path, e)
+        return None
 
 
 def capture_gpus() -> list[GpuInfo]:
-    """The GPUs of this machine; [] when there are none or no driver answers."""
-    gpus = _from_nvml()
-    if gpus is not None:
-        return gpus
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return []
-    try:
-        done = subprocess.run(
-            [smi, "-q", "-x"], capture_output=True, timeout=NVIDIA_SMI_TIMEOUT_S, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    if done.returncode != 0:
-        return []
-    try:
-        return parse_nvidia_smi_xml(done.stdout.decode(errors="replace"))
-    except ET.ParseError:
-        return []
+    """This machine's GPUs: NVML, else ``nvidia-smi``, else none. Never raises for their absence."""
+    gpus = nvml_gpus()
+    if gpus is None:
+        gpus = nvidia_smi_gpus()
+    return gpus or []

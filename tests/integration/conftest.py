@@ -25,6 +25,7 @@ def ray_session() -> Iterator[None]:
 def quickstart(tmp_path: Path) -> Path:
     """A copy of examples/ in a fresh project directory; returns the experiment file."""
     shutil.copytree(REPO / "examples", tmp_path / "examples")
+    shutil.copy(REPO / "stowplan.toml", tmp_path / "stowplan.toml")
     return tmp_path / "examples" / "quickstart.toml"
 
 

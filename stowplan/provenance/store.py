@@ -1,0 +1,805 @@
+"""The run store: SQLite for records, a content-addressed directory for blobs.
+
+Theory of operation:
+
+- One database file (``runs.db`` or whatever path the caller picks) in WAL mode, so one writer
+  (the store actor) and any number of readers in other processes (the CLI) work at once; a
+  reader sees the last committed state and never blocks the writer.
+- Every public method is one transaction and takes a batch: the scheduler hands over thousands
+  of transitions at a time, and one ``executemany`` per table is what keeps 10^5 rows under a
+  second.
+- Write-ahead: :meth:`RunStore.write_intents` records an attempt (state ``SUBMITTING``) before
+  its submit is sent, so after a crash :meth:`RunStore.active_attempts` lists every job that may
+  exist at a provider, to be reconciled by idempotency key before anything else happens.
+- Inserts of identity-keyed rows (experiments, runs, intents, provenance) are "insert or
+  ignore": the same id means the same content, so a repeated write is a no-op.
+- Blobs live at ``<db dir>/blobs/sha256/<2 hex>/<62 hex>``, written to a temporary file and
+  renamed into place, so a reader never sees half a blob. A row may point at a blob; a blob is
+  never deleted by the store.
+- Dict- and list-valued columns hold msgspec JSON text (readable with the ``sqlite3`` shell and
+  its ``json_*`` functions).
+
+The schema version is ``PRAGMA user_version``; a database written by a newer stowplan is refused
+rather than misread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import operator
+import os
+import re
+import sqlite3
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final
+
+import msgspec
+
+from stowplan.errors import StowplanError
+from stowplan.provenance.records import (
+    ArtifactRecord,
+    AttemptRecord,
+    ExperimentRecord,
+    ProvenanceRecord,
+    RunRecord,
+    TransitionRecord,
+)
+from stowplan.spec.canonical import canonical_json, sha256_hex
+
+__all__ = ["ACTIVE_ATTEMPT_STATES", "SCHEMA_VERSION", "TERMINAL_RUN_STATES", "RunStore"]
+
+SCHEMA_VERSION: Final = 1
+
+TERMINAL_RUN_STATES: Final = ("SUCCEEDED", "FAILED", "CANCELLED")
+ACTIVE_ATTEMPT_STATES: Final = ("SUBMITTING", "QUEUED", "RUNNING", "UNKNOWN")
+
+MIN_PREFIX: Final = 4
+"""Shortest run id prefix :meth:`RunStore.resolve_run` accepts."""
+
+# SQLITE_MAX_VARIABLE_NUMBER was 999 before SQLite 3.32; stay under it everywhere.
+_CHUNK: Final = 900
+_COPY_CHUNK: Final = 1 << 20
+_CACHE_KIB: Final = 64 * 1024
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX = re.compile(r"[0-9a-f]+")
+
+_SCHEMA: Final = (
+    """
+    CREATE TABLE experiments (
+        id          TEXT PRIMARY KEY,
+        name        TEXT NOT NULL,
+        project     TEXT NOT NULL,
+        description TEXT NOT NULL,
+        file        TEXT NOT NULL,
+        spec        TEXT NOT NULL,
+        created_at  REAL NOT NULL
+    )
+    """,
+    "CREATE INDEX experiments_by_name ON experiments (name, created_at)",
+    "CREATE INDEX experiments_by_time ON experiments (created_at)",
+    """
+    CREATE TABLE runs (
+        run_id        TEXT PRIMARY KEY,
+        experiment_id TEXT NOT NULL REFERENCES experiments (id),
+        experiment    TEXT NOT NULL,
+        task          TEXT NOT NULL,
+        idx           INTEGER NOT NULL,
+        replicate     INTEGER NOT NULL,
+        state         TEXT NOT NULL,
+        attempts      INTEGER NOT NULL,
+        failure       TEXT,
+        reason        TEXT NOT NULL,
+        pool          TEXT,
+        created_at    REAL NOT NULL,
+        updated_at    REAL NOT NULL,
+        body          TEXT NOT NULL
+    )
+    """,
+    "CREATE INDEX runs_by_experiment ON runs (experiment_id)",
+    "CREATE INDEX runs_by_name ON runs (experiment, task, idx, replicate)",
+    """
+    CREATE TABLE attempts (
+        run_id     TEXT NOT NULL REFERENCES runs (run_id),
+        attempt    INTEGER NOT NULL,
+        key        TEXT NOT NULL UNIQUE,
+        provider   TEXT NOT NULL,
+        pool       TEXT NOT NULL,
+        state      TEXT NOT NULL,
+        job_id     TEXT,
+        node       TEXT,
+        exit_code  INTEGER,
+        failure    TEXT,
+        message    TEXT NOT NULL,
+        intent_at  REAL NOT NULL,
+        started_at REAL,
+        ended_at   REAL,
+        PRIMARY KEY (run_id, attempt)
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE events (
+        seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+        run_id     TEXT NOT NULL REFERENCES runs (run_id),
+        attempt    INTEGER NOT NULL,
+        from_state TEXT NOT NULL,
+        to_state   TEXT NOT NULL,
+        at         REAL NOT NULL,
+        failure    TEXT,
+        reason     TEXT NOT NULL,
+        pool       TEXT
+    )
+    """,
+    "CREATE INDEX events_by_run ON events (run_id, seq)",
+    """
+    CREATE TABLE artifacts (
+        run_id TEXT NOT NULL REFERENCES runs (run_id),
+        name   TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        size   INTEGER NOT NULL,
+        PRIMARY KEY (run_id, name)
+    )
+    """,
+    """
+    CREATE TABLE provenance (
+        hash   TEXT PRIMARY KEY,
+        record TEXT NOT NULL
+    )
+    """,
+)
+
+_RUN_COLUMNS: Final = (
+    "run_id, experiment_id, experiment, task, idx, replicate, state, attempts, failure, reason, "
+    "pool, created_at, updated_at, body"
+)
+_ATTEMPT_COLUMNS: Final = (
+    "run_id, attempt, key, provider, pool, state, job_id, node, exit_code, failure, message, "
+    "intent_at, started_at, ended_at"
+)
+_EXPERIMENT_COLUMNS: Final = "id, name, project, description, file, spec, created_at"
+
+_TERMINAL_SQL: Final = ", ".join(f"'{s}'" for s in TERMINAL_RUN_STATES)
+_ACTIVE_SQL: Final = ", ".join(f"'{s}'" for s in ACTIVE_ATTEMPT_STATES)
+
+_encoder = msgspec.json.Encoder()
+_dict_decoder = msgspec.json.Decoder(dict[str, Any])
+_provenance_decoder = msgspec.json.Decoder(ProvenanceRecord)
+
+
+def _json(obj: object) -> str:
+    return _encoder.encode(obj).decode()
+
+
+def _by_run_id(rec: RunRecord) -> str:
+    return rec.run_id
+
+
+_run_and_attempt = operator.itemgetter(0, 1)
+
+
+def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
+
+
+class _RunBody(msgspec.Struct, kw_only=True):
+    """The part of a run that never changes after it is put: one JSON column, one encode."""
+
+    params: dict[str, Any]
+    seed: int
+    depends_on: list[str]
+    identity: dict[str, Any]
+    task_spec: dict[str, Any]
+    provenance: str
+
+
+_body_decoder = msgspec.json.Decoder(_RunBody)
+
+
+def _run_row(r: RunRecord) -> tuple[Any, ...]:
+    body = _RunBody(
+        params=r.params,
+        seed=r.seed,
+        depends_on=r.depends_on,
+        identity=r.identity,
+        task_spec=r.task_spec,
+        provenance=r.provenance,
+    )
+    return (
+        r.run_id,
+        r.experiment_id,
+        r.experiment,
+        r.task,
+        r.index,
+        r.replicate,
+        r.state,
+        r.attempts,
+        r.failure,
+        r.reason,
+        r.pool,
+        r.created_at,
+        r.updated_at,
+        _encoder.encode(body).decode(),
+    )
+
+
+def _run_from_row(row: Sequence[Any]) -> RunRecord:
+    body = _body_decoder.decode(row[13])
+    return RunRecord(
+        run_id=row[0],
+        experiment_id=row[1],
+        experiment=row[2],
+        task=row[3],
+        index=row[4],
+        replicate=row[5],
+        state=row[6],
+        attempts=row[7],
+        failure=row[8],
+        reason=row[9],
+        pool=row[10],
+        created_at=row[11],
+        updated_at=row[12],
+        params=body.params,
+        seed=body.seed,
+        depends_on=body.depends_on,
+        identity=body.identity,
+        task_spec=body.task_spec,
+        provenance=body.provenance,
+    )
+
+
+def _attempt_row(a: AttemptRecord) -> tuple[Any, ...]:
+    return (
+        a.run_id,
+        a.attempt,
+        a.key,
+        a.provider,
+        a.pool,
+        a.state,
+        a.job_id,
+        a.node,
+        a.exit_code,
+        a.failure,
+        a.message,
+        a.intent_at,
+        a.started_at,
+        a.ended_at,
+    )
+
+
+def _attempt_from_row(row: Sequence[Any]) -> AttemptRecord:
+    return AttemptRecord(
+        run_id=row[0],
+        attempt=row[1],
+        key=row[2],
+        provider=row[3],
+        pool=row[4],
+        state=row[5],
+        job_id=row[6],
+        node=row[7],
+        exit_code=row[8],
+        failure=row[9],
+        message=row[10],
+        intent_at=row[11],
+        started_at=row[12],
+        ended_at=row[13],
+    )
+
+
+def _event_row(t: TransitionRecord) -> tuple[Any, ...]:
+    return (t.run_id, t.attempt, t.from_state, t.to_state, t.at, t.failure, t.reason, t.pool)
+
+
+def _experiment_from_row(row: Sequence[Any]) -> ExperimentRecord:
+    return ExperimentRecord(
+        id=row[0],
+        name=row[1],
+        project=row[2],
+        description=row[3],
+        file=row[4],
+        spec=_dict_decoder.decode(row[5]),
+        created_at=row[6],
+    )
+
+
+class RunStore:
+    """SQLite run store plus content-addressed blob directory; see the module docstring.
+
+    Synchronous and thread-safe (one lock around the connection). Open it as a context manager
+    or call :meth:`close`. Several processes may open the same path; keep one writer.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path).expanduser().resolve()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.blob_dir = self.path.parent / "blobs" / "sha256"
+        self._lock = threading.RLock()
+        # isolation_level=None: no implicit transactions; each method says BEGIN itself.
+        self._conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=10.0
+        )
+        try:
+            self._conn.execute("PRAGMA busy_timeout=10000")
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            # A 10^5-run batch touches ~100 MiB; a small page cache would spill mid-transaction.
+            self._conn.execute(f"PRAGMA cache_size={-_CACHE_KIB}")
+            self._migrate()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> RunStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RunStore({str(self.path)!r})"
+
+    def _user_version(self) -> int:
+        row = self._conn.execute("PRAGMA user_version").fetchone()
+        return int(row[0])
+
+    def _migrate(self) -> None:
+        # Readers skip the write lock when the schema is already current.
+        if self._user_version() == SCHEMA_VERSION:
+            return
+        with self._write():
+            version = self._user_version()
+            if version > SCHEMA_VERSION:
+                raise StowplanError(
+                    f"{self.path}: run store schema version {version} is newer than this "
+                    f"stowplan understands ({SCHEMA_VERSION}); upgrade stowplan to read it"
+                )
+            if version == 0:
+                for statement in _SCHEMA:
+                    self._conn.execute(statement)
+            self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; BEGIN IMMEDIATE takes the write lock up front."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """One read transaction, so multi-query reads see a single snapshot."""
+        with self._lock:
+            self._conn.execute("BEGIN")
+            try:
+                yield self._conn
+            finally:
+                self._conn.execute("COMMIT")
+
+    # -- experiments -----------------------------------------------------------------------
+
+    def put_experiment(self, rec: ExperimentRecord) -> None:
+        """Insert an experiment; one with the same id (same spec hash) is kept as is."""
+        with self._write() as c:
+            c.execute(
+                f"INSERT OR IGNORE INTO experiments ({_EXPERIMENT_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    rec.id,
+                    rec.name,
+                    rec.project,
+                    rec.description,
+                    rec.file,
+                    _json(rec.spec),
+                    rec.created_at,
+                ),
+            )
+
+    def get_experiment(self, experiment_id: str) -> ExperimentRecord | None:
+        with self._read() as c:
+            row = c.execute(
+                f"SELECT {_EXPERIMENT_COLUMNS} FROM experiments WHERE id = ?", (experiment_id,)
+            ).fetchone()
+        return None if row is None else _experiment_from_row(row)
+
+    def list_experiments(self) -> list[ExperimentRecord]:
+        """All experiments, newest first."""
+        with self._read() as c:
+            rows = c.execute(
+                f"SELECT {_EXPERIMENT_COLUMNS} FROM experiments ORDER BY created_at DESC, id"
+            ).fetchall()
+        return [_experiment_from_row(r) for r in rows]
+
+    def find_experiment(self, name_or_id_prefix: str) -> list[ExperimentRecord]:
+        """Experiments named exactly ``name_or_id_prefix`` or whose id starts with it.
+
+        Newest first. An id prefix counts only from :data:`MIN_PREFIX` hex characters on, so a
+        short name is never mistaken for a prefix.
+        """
+        key = name_or_id_prefix
+        prefix = key.lower()
+        by_id = len(prefix) >= MIN_PREFIX and _HEX.fullmatch(prefix) is not None
+        with self._read() as c:
+            rows = c.execute(
+                f"SELECT {_EXPERIMENT_COLUMNS} FROM experiments "
+                "WHERE name = ? OR (? AND id GLOB ?) ORDER BY created_at DESC, id",
+                (key, by_id, prefix + "*"),
+            ).fetchall()
+        return [_experiment_from_row(r) for r in rows]
+
+    # -- runs ------------------------------------------------------------------------------
+
+    def put_runs(self, recs: Sequence[RunRecord]) -> None:
+        """Insert runs; an existing run (same id) is kept as it is, state included."""
+        # Inserting in run id order turns random b-tree inserts into appends, and lays rows
+        # out so that later batches (also sorted) touch neighbouring pages.
+        rows = map(_run_row, sorted(recs, key=_by_run_id))
+        with self._write() as c:
+            c.executemany(
+                f"INSERT OR IGNORE INTO runs ({_RUN_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+
+    def get_runs(self, run_ids: Sequence[str]) -> dict[str, RunRecord]:
+        """The runs among ``run_ids`` that exist, by id; unknown ids are left out."""
+        out: dict[str, RunRecord] = {}
+        ids = list(dict.fromkeys(run_ids))
+        with self._read() as c:
+            for chunk in _chunks(ids):
+                marks = ", ".join("?" * len(chunk))
+                for row in c.execute(
+                    f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id IN ({marks})", chunk
+                ):
+                    out[row[0]] = _run_from_row(row)
+        return out
+
+    def runs_for_experiment(self, experiment_id: str) -> list[RunRecord]:
+        """Runs of one experiment by task name, trial index and replicate."""
+        with self._read() as c:
+            rows = c.execute(
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE experiment_id = ? "
+                "ORDER BY task, idx, replicate, run_id",
+                (experiment_id,),
+            ).fetchall()
+        return [_run_from_row(r) for r in rows]
+
+    def runs_by_name(self, experiment_name: str) -> list[RunRecord]:
+        """All runs of every experiment called ``experiment_name``, newest first.
+
+        Ties (runs put together) keep task, index and newest replicate order.
+        """
+        with self._read() as c:
+            rows = c.execute(
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE experiment = ? "
+                "ORDER BY created_at DESC, task, idx, replicate DESC, run_id",
+                (experiment_name,),
+            ).fetchall()
+        return [_run_from_row(r) for r in rows]
+
+    def latest_runs(self, experiment_name: str, task: str, index: int) -> list[RunRecord]:
+        """Every replicate of one trial (across versions of the experiment), highest first."""
+        with self._read() as c:
+            rows = c.execute(
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE experiment = ? AND task = ? AND idx = ? "
+                "ORDER BY replicate DESC, created_at DESC, run_id",
+                (experiment_name, task, index),
+            ).fetchall()
+        return [_run_from_row(r) for r in rows]
+
+    def active_runs(self) -> list[RunRecord]:
+        """Runs not in a terminal state (SUCCEEDED, FAILED, CANCELLED), by run id."""
+        with self._read() as c:
+            rows = c.execute(
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE state NOT IN ({_TERMINAL_SQL}) "
+                "ORDER BY run_id"
+            ).fetchall()
+        return [_run_from_row(r) for r in rows]
+
+    def resolve_run(self, prefix: str) -> str:
+        """The one run id starting with ``prefix`` (like git's abbreviated hashes).
+
+        Raises ``ValueError`` for a prefix shorter than :data:`MIN_PREFIX` or one that matches
+        several runs (the message lists them), ``KeyError`` when no run matches.
+        """
+        p = prefix.strip().lower()
+        if len(p) < MIN_PREFIX:
+            raise ValueError(
+                f"run id prefix {prefix!r} is too short: give at least {MIN_PREFIX} characters"
+            )
+        if _HEX.fullmatch(p) is None:
+            raise KeyError(f"no run id starts with {prefix!r} (run ids are hexadecimal)")
+        with self._read() as c:
+            rows = c.execute(
+                "SELECT run_id FROM runs WHERE run_id GLOB ? ORDER BY run_id LIMIT 11",
+                (p + "*",),
+            ).fetchall()
+        if not rows:
+            raise KeyError(f"no run id starts with {prefix!r}")
+        if len(rows) > 1:
+            shown = ", ".join(r[0][:12] for r in rows[:10])
+            more = " and more" if len(rows) > 10 else ""
+            raise ValueError(
+                f"run id prefix {prefix!r} is ambiguous: it matches {shown}{more}; "
+                "give more characters"
+            )
+        return str(rows[0][0])
+
+    def apply_transitions(self, ts: Sequence[TransitionRecord]) -> None:
+        """Append every transition to the events log and move each run to its last one.
+
+        For each run, ``state``, ``failure``, ``reason`` and ``updated_at`` come from its last
+        transition in the batch, ``pool`` from the last one that names a pool (a transition
+        without one keeps the pool), and ``attempts`` becomes the largest attempt
+        number seen. A transition of an unknown run violates a foreign key
+        (``sqlite3.IntegrityError``) and the whole batch is rolled back.
+        """
+        if not ts:
+            return
+        # The result equals applying the transitions one by one, in one UPDATE per run.
+        last: dict[str, TransitionRecord] = {}
+        top: dict[str, int] = {}
+        pool: dict[str, str] = {}
+        for t in ts:
+            last[t.run_id] = t
+            if t.attempt > top.get(t.run_id, -1):
+                top[t.run_id] = t.attempt
+            if t.pool is not None:
+                pool[t.run_id] = t.pool
+        with self._write() as c:
+            c.executemany(
+                "INSERT INTO events (run_id, attempt, from_state, to_state, at, failure, reason, "
+                "pool) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                map(_event_row, ts),
+            )
+            c.executemany(
+                "UPDATE runs SET state = ?, attempts = max(attempts, ?), failure = ?, "
+                "reason = ?, pool = coalesce(?, pool), updated_at = ? WHERE run_id = ?",
+                (
+                    (t.to_state, top[rid], t.failure, t.reason, pool.get(rid), t.at, rid)
+                    for rid, t in sorted(last.items())
+                ),
+            )
+
+    def events_for(self, run_id: str) -> list[TransitionRecord]:
+        """A run's transitions in the order they were applied."""
+        with self._read() as c:
+            rows = c.execute(
+                "SELECT run_id, attempt, from_state, to_state, at, failure, reason, pool "
+                "FROM events WHERE run_id = ? ORDER BY seq",
+                (run_id,),
+            ).fetchall()
+        return [
+            TransitionRecord(
+                run_id=r[0],
+                attempt=r[1],
+                from_state=r[2],
+                to_state=r[3],
+                at=r[4],
+                failure=r[5],
+                reason=r[6],
+                pool=r[7],
+            )
+            for r in rows
+        ]
+
+    # -- attempts --------------------------------------------------------------------------
+
+    def write_intents(self, intents: Sequence[AttemptRecord]) -> None:
+        """Record attempts about to be submitted; call before the submit, never after.
+
+        An intent already written (same key) is left as it is, so re-sending a batch after a
+        crash neither duplicates it nor rolls its state back.
+        """
+        rows = sorted(map(_attempt_row, intents), key=_run_and_attempt)
+        with self._write() as c:
+            c.executemany(
+                f"INSERT OR IGNORE INTO attempts ({_ATTEMPT_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+
+    def update_attempts(self, updates: Sequence[AttemptRecord]) -> None:
+        """Upsert attempts by key with the provider's latest view.
+
+        ``state`` always takes the new value; ``job_id``, ``node``, ``exit_code``, ``failure``,
+        ``started_at`` and ``ended_at`` keep their stored value when the update has None, and
+        ``message`` keeps its stored value when the update's is empty. Provider, pool, attempt
+        number and intent time are fixed by the intent and never change.
+        """
+        with self._write() as c:
+            c.executemany(
+                f"INSERT INTO attempts ({_ATTEMPT_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET "
+                "state = excluded.state, "
+                "job_id = coalesce(excluded.job_id, job_id), "
+                "node = coalesce(excluded.node, node), "
+                "exit_code = coalesce(excluded.exit_code, exit_code), "
+                "failure = coalesce(excluded.failure, failure), "
+                "message = CASE WHEN excluded.message = '' THEN message ELSE excluded.message END, "
+                "started_at = coalesce(excluded.started_at, started_at), "
+                "ended_at = coalesce(excluded.ended_at, ended_at)",
+                sorted(map(_attempt_row, updates), key=_run_and_attempt),
+            )
+
+    def attempts_for(self, run_ids: Sequence[str]) -> dict[str, list[AttemptRecord]]:
+        """Attempts of each run (by attempt number); runs without attempts are left out."""
+        out: dict[str, list[AttemptRecord]] = {}
+        ids = list(dict.fromkeys(run_ids))
+        with self._read() as c:
+            for chunk in _chunks(ids):
+                marks = ", ".join("?" * len(chunk))
+                for row in c.execute(
+                    f"SELECT {_ATTEMPT_COLUMNS} FROM attempts WHERE run_id IN ({marks}) "
+                    "ORDER BY run_id, attempt",
+                    chunk,
+                ):
+                    out.setdefault(row[0], []).append(_attempt_from_row(row))
+        return out
+
+    def active_attempts(self) -> list[AttemptRecord]:
+        """Attempts that may still exist at a provider: what reconciliation must look up.
+
+        Those in SUBMITTING, QUEUED, RUNNING or UNKNOWN whose run is not terminal.
+        """
+        with self._read() as c:
+            rows = c.execute(
+                f"SELECT {', '.join('a.' + n for n in _ATTEMPT_COLUMNS.split(', '))} "
+                "FROM attempts AS a JOIN runs AS r ON r.run_id = a.run_id "
+                f"WHERE a.state IN ({_ACTIVE_SQL}) AND r.state NOT IN ({_TERMINAL_SQL}) "
+                "ORDER BY a.intent_at, a.key"
+            ).fetchall()
+        return [_attempt_from_row(r) for r in rows]
+
+    # -- blobs -----------------------------------------------------------------------------
+
+    def blob_path(self, sha: str) -> Path:
+        """Where the blob with this SHA-256 lives (whether or not it exists)."""
+        if _HEX64.fullmatch(sha) is None:
+            raise ValueError(f"not a SHA-256 hex digest: {sha!r}")
+        return self.blob_dir / sha[:2] / sha[2:]
+
+    def put_blob(self, data: bytes) -> str:
+        """Store bytes by content; returns their SHA-256. Storing them again is a no-op."""
+        sha = sha256_hex(data)
+        dest = self.blob_path(sha)
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                self._publish(tmp, dest)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
+        return sha
+
+    def put_file(self, path: str | os.PathLike[str]) -> tuple[str, int, Path]:
+        """Copy a file into the blob store by content, streaming; returns (sha256, size, path)."""
+        self.blob_dir.mkdir(parents=True, exist_ok=True)
+        h = hashlib.sha256()
+        size = 0
+        fd, tmp = tempfile.mkstemp(dir=self.blob_dir, prefix=".tmp-")
+        try:
+            with open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
+                while chunk := src.read(_COPY_CHUNK):
+                    h.update(chunk)
+                    dst.write(chunk)
+                    size += len(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())
+            sha = h.hexdigest()
+            dest = self.blob_path(sha)
+            if dest.exists():
+                os.unlink(tmp)
+            else:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                self._publish(tmp, dest)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return sha, size, dest
+
+    @staticmethod
+    def _publish(tmp: str, dest: Path) -> None:
+        # Blobs are immutable: read-only, like git's objects. os.replace is atomic, so a
+        # concurrent writer of the same content simply wins or loses the rename.
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, dest)
+
+    def get_blob(self, sha: str) -> bytes:
+        """The bytes stored under ``sha``; ``KeyError`` when there is no such blob."""
+        try:
+            return self.blob_path(sha).read_bytes()
+        except FileNotFoundError:
+            raise KeyError(f"no blob {sha}") from None
+
+    # -- artifacts -------------------------------------------------------------------------
+
+    def put_artifacts(self, run_id: str, outputs: Mapping[str, str]) -> list[ArtifactRecord]:
+        """Copy a run's output files into the blob store and record them, sorted by name.
+
+        ``outputs`` maps an output name to a file path. Putting the same outputs again changes
+        nothing; putting a name again with other content records the new content. A missing
+        file raises ``FileNotFoundError`` before any row is written.
+        """
+        stored: list[tuple[str, str, int]] = []
+        for name in sorted(outputs):
+            sha, size, _ = self.put_file(outputs[name])
+            stored.append((name, sha, size))
+        with self._write() as c:
+            c.executemany(
+                "INSERT INTO artifacts (run_id, name, sha256, size) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (run_id, name) DO UPDATE SET sha256 = excluded.sha256, "
+                "size = excluded.size",
+                ((run_id, name, sha, size) for name, sha, size in stored),
+            )
+        return [self._artifact(run_id, name, sha, size) for name, sha, size in stored]
+
+    def artifacts_for(self, run_ids: Sequence[str]) -> dict[str, list[ArtifactRecord]]:
+        """Artifacts of each run, sorted by name; runs without artifacts are left out."""
+        out: dict[str, list[ArtifactRecord]] = {}
+        ids = list(dict.fromkeys(run_ids))
+        with self._read() as c:
+            for chunk in _chunks(ids):
+                marks = ", ".join("?" * len(chunk))
+                for row in c.execute(
+                    f"SELECT run_id, name, sha256, size FROM artifacts WHERE run_id IN ({marks}) "
+                    "ORDER BY run_id, name",
+                    chunk,
+                ):
+                    out.setdefault(row[0], []).append(self._artifact(*row))
+        return out
+
+    def _artifact(self, run_id: str, name: str, sha: str, size: int) -> ArtifactRecord:
+        # The path is derived, not stored, so a store directory can be moved or copied whole.
+        return ArtifactRecord(
+            run_id=run_id, name=name, sha256=sha, size=size, path=str(self.blob_path(sha))
+        )
+
+    # -- provenance ------------------------------------------------------------------------
+
+    def put_provenance(self, rec: ProvenanceRecord) -> str:
+        """Store a provenance record by the SHA-256 of its canonical JSON; returns that hash."""
+        data = canonical_json(rec)
+        h = sha256_hex(data)
+        with self._write() as c:
+            c.execute(
+                "INSERT OR IGNORE INTO provenance (hash, record) VALUES (?, ?)",
+                (h, data.decode()),
+            )
+        return h
+
+    def get_provenance(self, h: str) -> ProvenanceRecord:
+        """The provenance record with hash ``h``; ``KeyError`` when there is none."""
+        with self._read() as c:
+            row = c.execute("SELECT record FROM provenance WHERE hash = ?", (h,)).fetchone()
+        if row is None:
+            raise KeyError(f"no provenance record {h}")
+        return _provenance_decoder.decode(row[0])

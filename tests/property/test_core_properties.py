@@ -1,0 +1,331 @@
+"""Properties of the scheduler core under random event sequences.
+
+A driver plays shell and provider at once: it submits small random DAGs, answers every
+``SolvePlacement`` with ``stowplan.placement.solve`` (at once, or a few events later), reports
+random provider states for the attempts that are out (and repeats old news, or news for old
+attempts), lets time pass and cancels runs. After
+every event it checks the invariants the core promises; at the end it stops injecting failures
+and checks that everything finishes.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from stowplan.placement import solve
+from stowplan.placement.problem import PlacementProblem, Pool
+from stowplan.scheduler.core import CoreConfig, SchedulerCore
+from stowplan.scheduler.events import (
+    CancelRequested,
+    Command,
+    Event,
+    PlacementDecided,
+    PoolsDiscovered,
+    ProviderReported,
+    SolvePlacement,
+    Submit,
+    TaskInstance,
+    TasksSubmitted,
+    Tick,
+    Transitioned,
+)
+from stowplan.scheduler.reports import ProviderState, Report
+from stowplan.scheduler.states import FINAL, LEASED, TaskState
+from stowplan.spec.models import INFRASTRUCTURE_FAILURES, FailureClass, RetryPolicy
+
+GiB = 1 << 30
+REPORTED_FAILURES = [
+    None,
+    *(f for f in FailureClass if f not in (FailureClass.DEPENDENCY_FAILED, FailureClass.CANCELLED)),
+]
+ACTIONS = [
+    "submit",
+    "report",
+    "report",
+    "report",
+    "repeat",
+    "stale",
+    "tick",
+    "tick",
+    "cancel",
+    "place",
+]
+
+
+@dataclass
+class Driver:
+    data: Any
+    core: SchedulerCore
+    pools: list[Pool]
+    now: float = 0.0
+    tasks: dict[str, TaskInstance] = field(default_factory=dict)
+    provider_of: dict[str, str] = field(default_factory=dict)
+    """idempotency key -> provider it was submitted to"""
+    submitted_keys: set[str] = field(default_factory=set)
+    mirror: dict[str, TaskState] = field(default_factory=dict)
+    """each run's state as replayed from the Transitioned records alone"""
+    known_pools: list[Pool] = field(default_factory=list)
+    history: list[tuple[Event, float, list[Command]]] = field(default_factory=list)
+    pending: PlacementProblem | None = None
+    last_report: ProviderReported | None = None
+    batches: int = 0
+
+    # ---- feeding the core ---------------------------------------------------------------
+
+    def send(self, event: Event, *, place_now: bool | None = None) -> None:
+        out = self.core.handle(event, self.now)
+        self.history.append((event, self.now, out))
+        self.observe(out)
+        self.check_invariants()
+        for cmd in out:
+            if isinstance(cmd, SolvePlacement):
+                assert self.pending is None, "a second solve while one is in flight"
+                if place_now is None:
+                    place_now = self.data.draw(st.booleans(), label="place now")
+                self.pending = cmd.problem
+                if place_now:
+                    self.deliver(place_now=True)
+
+    def deliver(self, *, place_now: bool | None = None) -> None:
+        problem, self.pending = self.pending, None
+        if problem is not None:
+            self.send(PlacementDecided(solution=solve(problem)), place_now=place_now)
+
+    def observe(self, out: list[Command]) -> None:
+        for cmd in out:
+            if isinstance(cmd, Submit):
+                for item in cmd.items:
+                    if not cmd.resubmit:
+                        # (1) every attempt's key is submitted once
+                        assert item.key not in self.submitted_keys, f"key reused: {item}"
+                        self.submitted_keys.add(item.key)
+                    self.provider_of[item.key] = cmd.provider
+                    assert self.core.key(item.run_id) == item.key
+                    assert self.core.attempt(item.run_id) == item.attempt
+            elif isinstance(cmd, Transitioned):
+                for rec in cmd.records:
+                    assert self.mirror[rec.run_id] is rec.from_state, rec
+                    assert rec.from_state not in FINAL, rec
+                    self.mirror[rec.run_id] = rec.to_state
+
+    def check_invariants(self) -> None:
+        core = self.core
+        for run_id, t in self.tasks.items():
+            # (3) attempts never exceed the retry policy
+            assert core.attempt(run_id) <= t.retry.max_attempts, run_id
+            assert core.state(run_id) is self.mirror[run_id], run_id
+        # (4) no pool is leased beyond its capacity
+        for p in self.known_pools:
+            cpus, memory, gpus = core.free_capacity(p.id)
+            assert cpus >= -1e-9, (p.id, cpus)
+            assert memory >= 0, (p.id, memory)
+            assert all(n >= 0 for n in gpus.values()), (p.id, gpus)
+        states = Counter(core.state(r) for r in self.tasks)
+        assert +core.counts == states
+        assert sum(core.counts.values()) == len(self.tasks)
+
+    # ---- the provider and the user --------------------------------------------------------
+
+    def outstanding(self) -> list[str]:
+        """Runs whose current attempt is out at a provider (as the provider would see them)."""
+        return [r for r in self.tasks if self.core.state(r) in LEASED]
+
+    def report(self, run_id: str, state: ProviderState, failure: FailureClass | None) -> None:
+        key = self.core.key(run_id)
+        self.report_key(key, state, failure)
+
+    def report_key(self, key: str, state: ProviderState, failure: FailureClass | None) -> None:
+        rep = Report(
+            key=key, state=state, failure=failure if state is ProviderState.FAILED else None
+        )
+        self.last_report = ProviderReported(provider=self.provider_of[key], reports=[rep])
+        self.send(self.last_report)
+
+    def submit_batch(self) -> None:
+        draw = self.data.draw
+        self.batches += 1
+        group = f"g{self.batches}"
+        max_concurrent = draw(st.sampled_from([None, None, 1, 2]), label="max_concurrent")
+        new: list[TaskInstance] = []
+        for _ in range(draw(st.integers(1, 4), label="batch size")):
+            run_id = f"r{len(self.tasks) + len(new)}"
+            earlier = sorted(self.tasks) + [t.run_id for t in new]
+            deps = (
+                draw(st.lists(st.sampled_from(earlier), max_size=2, unique=True), label="deps")
+                if earlier
+                else []
+            )
+            on = draw(
+                st.just(list(INFRASTRUCTURE_FAILURES))
+                | st.lists(
+                    st.sampled_from([*INFRASTRUCTURE_FAILURES, FailureClass.USER_ERROR]),
+                    unique=True,
+                ),
+                label="retry on",
+            )
+            gpus = draw(st.sampled_from([0, 0, 0, 1]), label="gpus")
+            new.append(
+                TaskInstance(
+                    run_id=run_id,
+                    project=draw(st.sampled_from(["p", "q"]), label="project"),
+                    group=group,
+                    depends_on=tuple(deps),
+                    cpus=draw(st.sampled_from([0.5, 1.0, 1.0, 2.0, 16.0]), label="cpus"),
+                    memory=draw(st.sampled_from([GiB, 2 * GiB, 6 * GiB]), label="memory"),
+                    gpus=gpus,
+                    gpu_types=draw(st.sampled_from([(), ("A100",), ("H100",)])) if gpus else (),
+                    priority=draw(st.integers(0, 2), label="priority"),
+                    retry=RetryPolicy(
+                        max_attempts=draw(st.integers(1, 3), label="max_attempts"),
+                        on=on,
+                        backoff=draw(st.sampled_from([0.0, 1.0, 5.0]), label="backoff"),
+                        backoff_cap=30.0,
+                        jitter=draw(st.sampled_from([0.0, 0.5]), label="jitter"),
+                    ),
+                    max_concurrent=max_concurrent,
+                )
+            )
+        for t in new:
+            self.tasks[t.run_id] = t
+            self.mirror[t.run_id] = TaskState.PENDING
+        self.send(TasksSubmitted(tasks=new))
+
+    def step(self) -> None:
+        draw = self.data.draw
+        action = draw(st.sampled_from(ACTIONS), label="action")
+        if action == "submit" or not self.tasks:
+            self.submit_batch()
+        elif action == "report":
+            out = self.outstanding()
+            if out:
+                run_id = draw(st.sampled_from(out), label="report run")
+                state = draw(st.sampled_from(list(ProviderState)), label="state")
+                failure = draw(
+                    st.sampled_from(INFRASTRUCTURE_FAILURES) | st.sampled_from(REPORTED_FAILURES),
+                    label="failure",
+                )
+                self.report(run_id, state, failure)
+                if draw(st.booleans(), label="deliver twice"):
+                    assert self.last_report is not None
+                    self.send(self.last_report)
+        elif action == "repeat":
+            # pollers and reconciliation deliver the same news twice
+            if self.last_report is not None:
+                self.send(self.last_report)
+        elif action == "stale":
+            if self.submitted_keys:
+                key = draw(st.sampled_from(sorted(self.submitted_keys)), label="stale key")
+                state = draw(st.sampled_from(list(ProviderState)), label="state")
+                self.report_key(key, state, draw(st.sampled_from(REPORTED_FAILURES)))
+        elif action == "tick":
+            self.now += draw(st.sampled_from([0.0, 1.0, 10.0, 40.0, 120.0]), label="dt")
+            self.send(Tick())
+        elif action == "cancel":
+            victims = draw(
+                st.lists(st.sampled_from(sorted(self.tasks)), max_size=2, unique=True),
+                label="cancel",
+            )
+            self.send(CancelRequested(run_ids=victims))
+        else:
+            self.deliver()
+
+    def drain(self) -> None:
+        """No more failures: place everything, report success for all that is out, let time
+        pass; every run must end."""
+        for _ in range(200):
+            if self.core.unfinished() == 0 and self.pending is None:
+                return
+            self.deliver(place_now=True)
+            for run_id in self.outstanding():
+                if self.core.state(run_id) in LEASED:
+                    self.report(run_id, ProviderState.SUCCEEDED, None)
+                    self.deliver(place_now=True)
+            self.now += 100.0
+            self.send(Tick(), place_now=True)
+        raise AssertionError(
+            "runs never finished: "
+            + repr({r: self.core.state(r) for r in self.tasks if self.core.state(r) not in FINAL})
+        )
+
+
+pool_sets = st.sampled_from(
+    [
+        [Pool(id="local/cpu", provider="local", cpus=2, memory=8 * GiB)],
+        [
+            Pool(id="local/cpu", provider="local", cpus=1, memory=4 * GiB),
+            Pool(
+                id="cloud/gpu",
+                provider="cloud",
+                cpus=4,
+                memory=16 * GiB,
+                gpus={"A100": 2},
+                price_per_hour=3.0,
+            ),
+        ],
+        [
+            Pool(id="a/x", provider="a", cpus=3, memory=8 * GiB),
+            Pool(id="b/y", provider="b", cpus=2.5, memory=6 * GiB, gpus={"A100": 1, "H100": 1}),
+        ],
+    ]
+)
+
+
+def make_driver(data: Any) -> Driver:
+    pools = data.draw(pool_sets, label="pools")
+    core = SchedulerCore(
+        CoreConfig(
+            lease_ttl=data.draw(st.sampled_from([15.0, 60.0, 900.0]), label="lease_ttl"),
+            fair_share_half_life=100.0,
+            seed=data.draw(st.integers(0, 3), label="seed"),
+        )
+    )
+    driver = Driver(data=data, core=core, pools=pools)
+    by_provider: dict[str, list[Pool]] = {}
+    for p in pools:
+        by_provider.setdefault(p.provider, []).append(p)
+    for provider, ps in sorted(by_provider.items()):
+        driver.known_pools.extend(ps)
+        driver.send(PoolsDiscovered(provider=provider, pools=ps))
+    return driver
+
+
+PROPERTY_SETTINGS = settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+@PROPERTY_SETTINGS
+@given(st.data())
+def test_invariants_hold_and_everything_finishes(data: Any) -> None:
+    driver = make_driver(data)
+    for _ in range(data.draw(st.integers(1, 30), label="steps")):
+        driver.step()
+    driver.drain()
+    core = driver.core
+    # (2) every run ends in exactly one terminal state, and the counts say so
+    assert all(core.state(r) in FINAL for r in driver.tasks)
+    assert sum(core.counts[s] for s in FINAL) == len(driver.tasks)
+    assert core.unfinished() == 0
+    # and every lease is given back
+    for p in driver.pools:
+        cpus, memory, gpus = core.free_capacity(p.id)
+        assert (cpus, memory, gpus) == (p.cpus, p.memory, p.gpus)
+
+
+@PROPERTY_SETTINGS
+@given(st.data())
+def test_the_same_events_give_the_same_commands(data: Any) -> None:
+    """Determinism: replaying the recorded event sequence into a fresh core gives equal output."""
+    driver = make_driver(data)
+    for _ in range(data.draw(st.integers(1, 15), label="steps")):
+        driver.step()
+    replay = SchedulerCore(driver.core.config)
+    for event, now, out in driver.history:
+        assert replay.handle(event, now) == out

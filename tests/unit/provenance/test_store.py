@@ -1,0 +1,531 @@
+"""The SQLite run store, on real SQLite files in a temporary directory."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from stowplan.errors import StowplanError
+from stowplan.provenance.records import (
+    AttemptRecord,
+    ExperimentRecord,
+    ProvenanceRecord,
+    RunRecord,
+    TransitionRecord,
+)
+from stowplan.provenance.store import SCHEMA_VERSION, RunStore
+from stowplan.spec.canonical import attempt_key, canonical_json, sha256_hex
+
+
+def hexid(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def experiment(name: str = "digits", at: float = 100.0, tag: str = "") -> ExperimentRecord:
+    return ExperimentRecord(
+        id=hexid(f"exp/{name}/{at}/{tag}"),
+        name=name,
+        project="vision-lab",
+        description="does gamma matter?",
+        file="exp.toml",
+        spec={"experiment": {"name": name}, "tasks": [{"name": "train"}]},
+        created_at=at,
+    )
+
+
+def run(
+    exp: ExperimentRecord,
+    index: int,
+    *,
+    task: str = "train",
+    replicate: int = 0,
+    run_id: str | None = None,
+    at: float | None = None,
+) -> RunRecord:
+    rid = run_id or hexid(f"run/{exp.id}/{task}/{index}/{replicate}")
+    return RunRecord(
+        run_id=rid,
+        experiment_id=exp.id,
+        experiment=exp.name,
+        task=task,
+        index=index,
+        params={"C": 0.1 * index, "gamma": 0.01, "kernel": "rbf", "shrink": True},
+        seed=7 + index,
+        replicate=replicate,
+        depends_on=[hexid("upstream")] if task == "select" else [],
+        identity={"params": {"C": 0.1 * index}, "seed": 7 + index, "code_version": "abc"},
+        task_spec={"name": task, "command": ["python", "train.py", "--C", str(0.1 * index)]},
+        provenance=hexid("prov"),
+        created_at=exp.created_at if at is None else at,
+        updated_at=exp.created_at if at is None else at,
+    )
+
+
+def intent(r: RunRecord, attempt: int = 1, state: str = "SUBMITTING") -> AttemptRecord:
+    return AttemptRecord(
+        key=attempt_key(r.run_id, attempt),
+        run_id=r.run_id,
+        attempt=attempt,
+        provider="laptop",
+        pool="local",
+        state=state,
+        intent_at=10.0 + attempt,
+    )
+
+
+def step(
+    r: RunRecord, frm: str, to: str, at: float, attempt: int = 0, **kw: object
+) -> TransitionRecord:
+    return TransitionRecord(
+        run_id=r.run_id,
+        attempt=attempt,
+        from_state=frm,
+        to_state=to,
+        at=at,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> RunStore:
+    s = RunStore(tmp_path / "state" / "runs.db")
+    yield s  # type: ignore[misc]
+    s.close()
+
+
+@pytest.fixture
+def exp(store: RunStore) -> ExperimentRecord:
+    e = experiment()
+    store.put_experiment(e)
+    return e
+
+
+# -- opening ---------------------------------------------------------------------------------
+
+
+def test_opens_in_wal_mode_with_versioned_schema(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "er" / "runs.db"
+    with RunStore(path) as s:
+        assert s.blob_dir == path.parent / "blobs" / "sha256"
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"experiments", "runs", "attempts", "events", "artifacts", "provenance"} <= tables
+    conn.close()
+
+
+def test_reopening_keeps_data(tmp_path: Path) -> None:
+    e = experiment()
+    with RunStore(tmp_path / "runs.db") as s:
+        s.put_experiment(e)
+        s.put_runs([run(e, 0)])
+    with RunStore(tmp_path / "runs.db") as s:
+        assert [r.index for r in s.runs_for_experiment(e.id)] == [0]
+
+
+def test_refuses_a_store_from_a_newer_stowplan(tmp_path: Path) -> None:
+    path = tmp_path / "runs.db"
+    RunStore(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(StowplanError, match="newer"):
+        RunStore(path)
+
+
+# -- experiments -----------------------------------------------------------------------------
+
+
+def test_experiments_insert_or_ignore_and_lookups(store: RunStore) -> None:
+    old = experiment("digits", at=1.0)
+    new = experiment("digits", at=2.0)
+    other = experiment("mnist", at=3.0)
+    for e in (old, new, other, old):
+        store.put_experiment(e)
+    changed = ExperimentRecord(**{**_fields(old), "description": "rewritten"})
+    store.put_experiment(changed)
+
+    assert store.get_experiment(old.id) == old
+    assert store.get_experiment(hexid("nope")) is None
+    assert [e.name for e in store.list_experiments()] == ["mnist", "digits", "digits"]
+    assert store.find_experiment("digits") == [new, old]
+    assert store.find_experiment(other.id[:6]) == [other]
+    assert store.find_experiment(other.id[:6].upper()) == [other]
+    assert store.find_experiment(other.id[:3]) == []  # too short to be an id prefix
+    assert store.find_experiment("nothing") == []
+
+
+def _fields(rec: ExperimentRecord) -> dict[str, object]:
+    return {f: getattr(rec, f) for f in rec.__struct_fields__}
+
+
+# -- runs ------------------------------------------------------------------------------------
+
+
+def test_runs_round_trip_every_field(store: RunStore, exp: ExperimentRecord) -> None:
+    r = RunRecord(
+        run_id=hexid("x"),
+        experiment_id=exp.id,
+        experiment=exp.name,
+        task="select",
+        index=3,
+        params={"lr": 1e-3, "layers": [1, 2], "name": "é"},
+        seed=11,
+        replicate=2,
+        depends_on=[hexid("a"), hexid("b")],
+        identity={"nested": {"deep": [1, {"x": None}]}},
+        task_spec={"name": "select", "env": {}},
+        provenance=hexid("p"),
+        state="QUEUED",
+        attempts=2,
+        failure="preempted",
+        reason="spot reclaimed",
+        pool="campus/gpu",
+        created_at=5.5,
+        updated_at=6.5,
+    )
+    store.put_runs([r])
+    assert store.get_runs([r.run_id]) == {r.run_id: r}
+
+
+def test_put_runs_keeps_an_existing_run_as_it_is(store: RunStore, exp: ExperimentRecord) -> None:
+    r = run(exp, 0)
+    store.put_runs([r])
+    store.apply_transitions([step(r, "PENDING", "READY", 200.0)])
+    store.put_runs([r, run(exp, 1)])
+    got = store.get_runs([r.run_id, run(exp, 1).run_id])
+    assert got[r.run_id].state == "READY"
+    assert got[run(exp, 1).run_id].state == "PENDING"
+
+
+def test_put_runs_needs_its_experiment(store: RunStore) -> None:
+    with pytest.raises(sqlite3.IntegrityError):
+        store.put_runs([run(experiment("never-put"), 0)])
+
+
+def test_get_runs_spans_sqlite_variable_limit(store: RunStore, exp: ExperimentRecord) -> None:
+    runs = [run(exp, i) for i in range(2500)]
+    store.put_runs(runs)
+    ids = [r.run_id for r in runs] + [hexid("unknown")] + [runs[0].run_id]
+    got = store.get_runs(ids)
+    assert len(got) == 2500
+    assert got[runs[1234].run_id] == runs[1234]
+
+
+def test_run_listings_and_order(store: RunStore) -> None:
+    v1 = experiment("digits", at=1.0)
+    v2 = experiment("digits", at=2.0)
+    for e in (v1, v2):
+        store.put_experiment(e)
+    a = [run(v1, i) for i in (1, 0)]
+    b = [run(v2, 0), run(v2, 0, replicate=1), run(v2, 0, task="select")]
+    store.put_runs(a + b)
+
+    assert [(r.task, r.index) for r in store.runs_for_experiment(v1.id)] == [
+        ("train", 0),
+        ("train", 1),
+    ]
+    by_name = store.runs_by_name("digits")
+    assert [r.experiment_id for r in by_name] == [v2.id] * 3 + [v1.id] * 2
+    assert [(r.task, r.replicate) for r in by_name[:3]] == [
+        ("select", 0),
+        ("train", 1),
+        ("train", 0),
+    ]
+    assert store.runs_by_name("mnist") == []
+    latest = store.latest_runs("digits", "train", 0)
+    assert [(r.experiment_id, r.replicate) for r in latest] == [(v2.id, 1), (v2.id, 0), (v1.id, 0)]
+
+
+def test_resolve_run_by_unique_prefix(store: RunStore, exp: ExperimentRecord) -> None:
+    one = run(exp, 0, run_id="abcd1" + "0" * 59)
+    two = run(exp, 1, run_id="abcd2" + "0" * 59)
+    three = run(exp, 2, run_id="ffff" + "1" * 60)
+    store.put_runs([one, two, three])
+
+    assert store.resolve_run("abcd1") == one.run_id
+    assert store.resolve_run("FFFF") == three.run_id
+    assert store.resolve_run(two.run_id) == two.run_id
+    with pytest.raises(ValueError, match="ambiguous") as amb:
+        store.resolve_run("abcd")
+    assert "abcd10000000" in str(amb.value)
+    assert "abcd20000000" in str(amb.value)
+    with pytest.raises(KeyError, match="1234"):
+        store.resolve_run("1234")
+    with pytest.raises(KeyError):
+        store.resolve_run("abcd*")
+    with pytest.raises(ValueError, match="too short"):
+        store.resolve_run("abc")
+
+
+# -- transitions -----------------------------------------------------------------------------
+
+
+def test_apply_transitions_logs_all_and_keeps_the_last(
+    store: RunStore, exp: ExperimentRecord
+) -> None:
+    r, s = run(exp, 0), run(exp, 1)
+    store.put_runs([r, s])
+    batch = [
+        step(r, "PENDING", "READY", 1.0),
+        step(s, "PENDING", "READY", 1.5),
+        step(r, "READY", "PLACED", 2.0, pool="campus/gpu"),
+        step(r, "PLACED", "SUBMITTING", 3.0, attempt=1),
+        step(r, "SUBMITTING", "RETRYING", 4.0, attempt=1, failure="preempted", reason="spot"),
+        step(r, "RETRYING", "READY", 5.0, attempt=0),
+    ]
+    store.apply_transitions(batch)
+
+    got = store.get_runs([r.run_id, s.run_id])
+    assert got[r.run_id].state == "READY"
+    assert got[r.run_id].attempts == 1  # the largest attempt seen, not the last one
+    assert got[r.run_id].pool == "campus/gpu"  # kept: the last transition has no pool
+    assert got[r.run_id].failure is None
+    assert got[r.run_id].updated_at == 5.0
+    assert got[s.run_id].state == "READY"
+    assert store.events_for(r.run_id) == [t for t in batch if t.run_id == r.run_id]
+
+    store.apply_transitions(
+        [step(r, "READY", "FAILED", 6.0, failure="user_error", reason="exit 1")]
+    )
+    final = store.get_runs([r.run_id])[r.run_id]
+    assert (final.state, final.failure, final.reason, final.attempts) == (
+        "FAILED",
+        "user_error",
+        "exit 1",
+        1,
+    )
+    assert len(store.events_for(r.run_id)) == 6
+    store.apply_transitions([])
+
+
+def test_a_bad_transition_batch_changes_nothing(store: RunStore, exp: ExperimentRecord) -> None:
+    r = run(exp, 0)
+    store.put_runs([r])
+    ghost = run(exp, 99)  # never put
+    with pytest.raises(sqlite3.IntegrityError):
+        store.apply_transitions(
+            [step(r, "PENDING", "READY", 1.0), step(ghost, "PENDING", "READY", 1.0)]
+        )
+    assert store.events_for(r.run_id) == []
+    assert store.get_runs([r.run_id])[r.run_id].state == "PENDING"
+
+
+# -- attempts --------------------------------------------------------------------------------
+
+
+def test_write_intents_is_idempotent(store: RunStore, exp: ExperimentRecord) -> None:
+    runs = [run(exp, i) for i in range(3)]
+    store.put_runs(runs)
+    intents = [intent(r) for r in runs]
+    store.write_intents(intents)
+    store.update_attempts([AttemptRecord(**{**_attempt_fields(intents[0]), "state": "RUNNING"})])
+    store.write_intents(intents)  # re-sent after a crash
+
+    got = store.attempts_for([r.run_id for r in runs])
+    assert {k: len(v) for k, v in got.items()} == {r.run_id: 1 for r in runs}
+    assert got[runs[0].run_id][0].state == "RUNNING"  # not rolled back to SUBMITTING
+    assert got[runs[1].run_id] == [intents[1]]
+
+
+def _attempt_fields(a: AttemptRecord) -> dict[str, object]:
+    return {f: getattr(a, f) for f in a.__struct_fields__}
+
+
+def test_update_attempts_keeps_what_the_update_does_not_know(
+    store: RunStore, exp: ExperimentRecord
+) -> None:
+    r = run(exp, 0)
+    store.put_runs([r])
+    first = intent(r)
+    store.write_intents([first])
+    base = _attempt_fields(first)
+    store.update_attempts(
+        [
+            AttemptRecord(**{**base, "state": "QUEUED", "job_id": "4242", "message": "queued"}),
+            AttemptRecord(**{**base, "state": "RUNNING", "node": "gpu07", "started_at": 20.0}),
+        ]
+    )
+    store.update_attempts(
+        [AttemptRecord(**{**base, "state": "SUCCEEDED", "exit_code": 0, "ended_at": 30.0})]
+    )
+    (got,) = store.attempts_for([r.run_id])[r.run_id]
+    assert got == AttemptRecord(
+        **{
+            **base,
+            "state": "SUCCEEDED",
+            "job_id": "4242",
+            "node": "gpu07",
+            "exit_code": 0,
+            "message": "queued",
+            "started_at": 20.0,
+            "ended_at": 30.0,
+        }
+    )
+
+    # an update for an attempt never written ahead is inserted whole
+    second = AttemptRecord(**{**_attempt_fields(intent(r, 2)), "state": "UNKNOWN"})
+    store.update_attempts([second])
+    assert [a.attempt for a in store.attempts_for([r.run_id])[r.run_id]] == [1, 2]
+
+
+def test_active_attempts_and_runs(store: RunStore, exp: ExperimentRecord) -> None:
+    runs = [run(exp, i) for i in range(5)]
+    store.put_runs(runs)
+    store.write_intents([intent(r) for r in runs])
+    a = [intent(r) for r in runs]
+    store.update_attempts(
+        [
+            AttemptRecord(**{**_attempt_fields(a[1]), "state": "QUEUED"}),
+            AttemptRecord(**{**_attempt_fields(a[2]), "state": "FAILED"}),
+            AttemptRecord(**{**_attempt_fields(a[3]), "state": "UNKNOWN"}),
+        ]
+    )
+    # run 4's attempt still says SUBMITTING, but the run itself was cancelled
+    store.apply_transitions([step(runs[4], "SUBMITTING", "CANCELLED", 9.0, attempt=1)])
+
+    active = store.active_attempts()
+    assert sorted((x.run_id, x.state) for x in active) == sorted(
+        [(runs[0].run_id, "SUBMITTING"), (runs[1].run_id, "QUEUED"), (runs[3].run_id, "UNKNOWN")]
+    )
+    assert {r.run_id for r in store.active_runs()} == {r.run_id for r in runs[:4]}
+
+
+def test_attempts_for_sorts_by_attempt(store: RunStore, exp: ExperimentRecord) -> None:
+    r = run(exp, 0)
+    store.put_runs([r])
+    store.write_intents([intent(r, 3), intent(r, 1), intent(r, 2)])
+    assert [a.attempt for a in store.attempts_for([r.run_id])[r.run_id]] == [1, 2, 3]
+    assert store.attempts_for([hexid("none")]) == {}
+
+
+# -- blobs and artifacts ---------------------------------------------------------------------
+
+
+def test_blobs_are_content_addressed(store: RunStore) -> None:
+    data = b"diff --git a/x b/x\n"
+    sha = store.put_blob(data)
+    assert sha == hashlib.sha256(data).hexdigest()
+    path = store.blob_path(sha)
+    assert path == store.blob_dir / sha[:2] / sha[2:]
+    assert path.read_bytes() == data
+    assert store.put_blob(data) == sha
+    assert store.get_blob(sha) == data
+    assert [p.name for p in path.parent.iterdir()] == [sha[2:]]  # no temporary files left
+    with pytest.raises(KeyError):
+        store.get_blob(hashlib.sha256(b"other").hexdigest())
+    with pytest.raises(ValueError):
+        store.blob_path("../../etc/passwd")
+
+
+def test_put_file_streams_large_files(store: RunStore, tmp_path: Path) -> None:
+    src = tmp_path / "big.bin"
+    data = os.urandom(3 * (1 << 20) + 17)
+    src.write_bytes(data)
+    sha, size, path = store.put_file(src)
+    assert (sha, size) == (hashlib.sha256(data).hexdigest(), len(data))
+    assert path.read_bytes() == data
+    assert store.put_file(src) == (sha, size, path)
+    assert sorted(p.name for p in store.blob_dir.iterdir()) == [sha[:2]]
+
+
+def test_artifacts(store: RunStore, exp: ExperimentRecord, tmp_path: Path) -> None:
+    r = run(exp, 0)
+    store.put_runs([r])
+    (tmp_path / "metrics.json").write_text('{"acc": 0.97}')
+    (tmp_path / "model.bin").write_bytes(b"\x00weights")
+    outputs = {"model": str(tmp_path / "model.bin"), "metrics": str(tmp_path / "metrics.json")}
+    recs = store.put_artifacts(r.run_id, outputs)
+    assert [a.name for a in recs] == ["metrics", "model"]
+    assert recs[0].sha256 == sha256_hex(b'{"acc": 0.97}')
+    assert recs[0].size == 13
+    assert Path(recs[0].path).read_bytes() == b'{"acc": 0.97}'
+    assert Path(recs[0].path).is_relative_to(store.blob_dir)
+
+    assert store.put_artifacts(r.run_id, outputs) == recs
+    assert store.artifacts_for([r.run_id, hexid("none")]) == {r.run_id: recs}
+
+    (tmp_path / "metrics.json").write_text('{"acc": 0.98}')
+    again = store.put_artifacts(r.run_id, {"metrics": str(tmp_path / "metrics.json")})
+    assert store.artifacts_for([r.run_id])[r.run_id] == [again[0], recs[1]]
+
+
+def test_missing_artifact_records_nothing(
+    store: RunStore, exp: ExperimentRecord, tmp_path: Path
+) -> None:
+    r = run(exp, 0)
+    store.put_runs([r])
+    (tmp_path / "a.txt").write_text("a")
+    with pytest.raises(FileNotFoundError):
+        store.put_artifacts(r.run_id, {"a": str(tmp_path / "a.txt"), "b": str(tmp_path / "nope")})
+    assert store.artifacts_for([r.run_id]) == {}
+
+
+# -- provenance ------------------------------------------------------------------------------
+
+
+def test_provenance_by_content_hash(store: RunStore) -> None:
+    rec = ProvenanceRecord(
+        code={"commit": "abc", "dirty": False},
+        environment={"env_hash": "e" * 64, "distributions": ["msgspec==0.22.0"]},
+        hardware={"gpus": [{"name": "NVIDIA H200"}]},
+    )
+    h = store.put_provenance(rec)
+    assert h == sha256_hex(canonical_json(rec))
+    assert store.put_provenance(rec) == h
+    assert store.get_provenance(h) == rec
+    with pytest.raises(KeyError):
+        store.get_provenance("0" * 64)
+
+
+# -- concurrency -----------------------------------------------------------------------------
+
+READER = """
+import sys
+from stowplan.provenance.store import RunStore
+with RunStore(sys.argv[1]) as s:
+    print(len(s.active_runs()), s.resolve_run(sys.argv[2]))
+"""
+
+
+def test_reader_in_another_process_sees_committed_state(tmp_path: Path) -> None:
+    path = tmp_path / "runs.db"
+    e = experiment()
+    with RunStore(path) as s:
+        s.put_experiment(e)
+        s.put_runs([run(e, 0)])
+        # A writer mid-transaction (uncommitted rows) must neither block nor leak to readers.
+        writer = sqlite3.connect(path, isolation_level=None)
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("UPDATE runs SET state = 'SUCCEEDED' WHERE run_id = ?", (run(e, 0).run_id,))
+        out = subprocess.run(
+            [sys.executable, "-c", READER, str(path), run(e, 0).run_id[:8]],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        writer.execute("ROLLBACK")
+        writer.close()
+    assert out.stdout.split() == ["1", run(e, 0).run_id]
+
+
+def test_threads_share_one_store(store: RunStore, exp: ExperimentRecord) -> None:
+    def put(start: int) -> None:
+        for i in range(start, start + 50, 10):
+            store.put_runs([run(exp, j) for j in range(i, i + 10)])
+
+    threads = [threading.Thread(target=put, args=(k * 50,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(store.runs_for_experiment(exp.id)) == 200

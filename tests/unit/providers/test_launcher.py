@@ -1,0 +1,177 @@
+"""The launcher run as the driver runs it, on hand-written attempt directories."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from stowplan.providers.launcher import write_json_atomic
+
+LAUNCHER = [sys.executable, "-m", "stowplan.providers.launcher"]
+
+
+def attempt(tmp_path: Path, argv: list[str], **spec: Any) -> Path:
+    d = tmp_path / "attempt"
+    d.mkdir()
+    (d / "spec.json").write_text(json.dumps({"argv": argv, **spec}))
+    return d
+
+
+def run(d: Path, *extra: str, timeout: float = 15) -> dict[str, Any]:
+    proc = subprocess.run(
+        [*LAUNCHER, "--foreground", *extra, str(d)], timeout=timeout, capture_output=True
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    result: dict[str, Any] = json.loads((d / "exit.json").read_text())
+    return result
+
+
+def wait_until(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.05)
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_records_exit_start_and_streams(tmp_path: Path) -> None:
+    d = attempt(
+        tmp_path,
+        ["bash", "-c", 'echo out; echo err >&2; echo "$X $PATH" > seen.txt; exit 5'],
+        env={"X": "from-spec"},
+        path_prefix="/opt/first",
+    )
+    info = run(d)
+    assert (info["reason"], info["exit_code"], info["signal"]) == ("exited", 5, None)
+    assert info["started_at"] <= info["ended_at"]
+    assert (d / "stdout.log").read_text() == "out\n"
+    assert (d / "stderr.log").read_text() == "err\n"
+    x, path = (d / "seen.txt").read_text().split()
+    assert x == "from-spec" and path.startswith("/opt/first" + os.pathsep)
+    [line] = (d / "launches").read_text().splitlines()
+    rec = json.loads((d / "launcher.json").read_text())
+    assert line.split()[0] == str(rec["pid"])
+    assert {"pid", "create_time", "started_at", "child_pid", "child_create_time"} <= set(rec)
+    assert not list(d.glob(".*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_success_with_a_missing_output_is_recorded(tmp_path: Path) -> None:
+    d = attempt(tmp_path, ["bash", "-c", "touch a.txt"], outputs=["a.txt", "b.txt"])
+    info = run(d)
+    assert (info["reason"], info["exit_code"], info["missing"]) == (
+        "missing_output",
+        0,
+        ["b.txt"],
+    )
+
+
+def test_a_program_that_cannot_start_exits_127(tmp_path: Path) -> None:
+    d = attempt(tmp_path, ["/nonexistent/program"])
+    info = run(d)
+    assert (info["reason"], info["exit_code"]) == ("exited", 127)
+    assert "/nonexistent/program" in (d / "stderr.log").read_text()
+
+
+def test_a_cancel_recorded_before_start_runs_nothing(tmp_path: Path) -> None:
+    d = attempt(tmp_path, ["bash", "-c", "touch ran.txt"])
+    write_json_atomic(d / "exit.json", {"reason": "cancelled", "message": "early"})
+    info = run(d)
+    assert info == {"reason": "cancelled", "message": "early"}
+    assert not (d / "ran.txt").exists()
+
+
+def test_timeout_escalates_to_sigkill_after_the_grace(tmp_path: Path) -> None:
+    d = attempt(
+        tmp_path,
+        ["bash", "-c", "trap '' TERM; sleep 30 & echo $! > gc.pid; while :; do sleep 0.1; done"],
+        timeout_s=0.5,
+        stop_grace_s=0.5,
+    )
+    started = time.monotonic()
+    info = run(d)
+    assert time.monotonic() - started < 10
+    assert info["reason"] == "timeout"
+    assert gone(int((d / "gc.pid").read_text()))
+
+
+def test_leftover_and_escaped_processes_end_with_the_task(tmp_path: Path) -> None:
+    script = (
+        "import subprocess\n"
+        "bg = subprocess.Popen(['sleep', '30'])\n"
+        "daemon = subprocess.Popen(['setsid', 'sleep', '30'])\n"
+        "open('pids', 'w').write(f'{bg.pid} {daemon.pid}')\n"
+    )
+    d = attempt(tmp_path, [sys.executable, "-c", script])
+    info = run(d)
+    assert (info["reason"], info["exit_code"]) == ("exited", 0)
+    pids = [int(p) for p in (d / "pids").read_text().split()]
+    if not sys.platform.startswith("linux"):
+        pids = pids[:1]  # only Linux has child subreapers to catch a new session
+    assert all(gone(p) for p in pids)
+
+
+def test_sigterm_cancels_the_task(tmp_path: Path) -> None:
+    d = attempt(tmp_path, ["bash", "-c", "echo $$ > task.pid; exec sleep 30"])
+    proc = subprocess.Popen([*LAUNCHER, "--foreground", str(d)])
+    try:
+        wait_until(lambda: (d / "task.pid").exists() and (d / "task.pid").read_text().strip())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    info = json.loads((d / "exit.json").read_text())
+    assert (info["reason"], info["signal"]) == ("cancelled", signal.SIGTERM)
+    assert gone(int((d / "task.pid").read_text()))
+
+
+def test_memory_is_summed_over_the_task_tree(tmp_path: Path) -> None:
+    grow = "import time; b = b'x' * (80 << 20); time.sleep(30)"
+    d = attempt(
+        tmp_path,
+        ["bash", "-c", f'python -c "{grow}" & python -c "{grow}" & wait'],
+        memory_limit=120 << 20,
+        path_prefix=os.path.dirname(sys.executable),
+    )
+    info = run(d)
+    assert info["reason"] == "memory"
+    assert info["peak_rss"] > 120 << 20 and info["memory_limit"] == 120 << 20
+
+
+def test_detaches_by_default(tmp_path: Path) -> None:
+    d = attempt(tmp_path, ["bash", "-c", "sleep 1"])
+    subprocess.run([*LAUNCHER, str(d)], check=True, timeout=10)
+    assert not (d / "exit.json").exists()  # returned while the attempt runs on
+    wait_until((d / "exit.json").exists)
+    info = json.loads((d / "exit.json").read_text())
+    assert (info["reason"], info["exit_code"]) == ("exited", 0)
+
+
+def test_an_unreadable_spec_is_a_launcher_error(tmp_path: Path) -> None:
+    d = tmp_path / "attempt"
+    d.mkdir()
+    (d / "spec.json").write_text("{not json")
+    proc = subprocess.run([*LAUNCHER, "--foreground", str(d)], capture_output=True, timeout=10)
+    assert proc.returncode == 1
+    info = json.loads((d / "exit.json").read_text())
+    assert info["reason"] == "launcher_error" and "JSONDecodeError" in info["message"]
+
+
+def test_usage() -> None:
+    proc = subprocess.run(LAUNCHER, capture_output=True, timeout=10)
+    assert proc.returncode == 2 and b"usage" in proc.stderr
