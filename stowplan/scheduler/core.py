@@ -345,11 +345,11 @@ class SchedulerCore:
         reconciling = run.reconciling
         run.reconciling = False
         if st is ProviderState.QUEUED:
-            run.lease_until = self._now + self.config.lease_ttl
+            self._renew(run)
             if run.state in (TaskState.SUBMITTING, TaskState.LOST):
                 self._move(run, Trigger.ACCEPTED)
         elif st is ProviderState.RUNNING:
-            run.lease_until = self._now + self.config.lease_ttl
+            self._renew(run)
             if run.state in (TaskState.SUBMITTING, TaskState.QUEUED, TaskState.LOST):
                 run.started_at = self._now
                 self._move(run, Trigger.STARTED)
@@ -369,7 +369,7 @@ class SchedulerCore:
                 # the intent was written but the submit may never have gone out: the same key
                 # again is safe, because submit is idempotent
                 assert run.provider is not None and run.pool is not None
-                run.lease_until = self._now + self.config.lease_ttl
+                self._renew(run)
                 self._out_submits.setdefault((run.provider, run.pool, True), []).append(
                     SubmitItem(run.task.run_id, run.attempt, run.key)
                 )
@@ -464,6 +464,11 @@ class SchedulerCore:
         run.lease_until = self._now + self.config.lease_ttl
         self._next_lease_check = min(self._next_lease_check, run.lease_until)
 
+    def _renew(self, run: _Run) -> None:
+        run.lease_until = self._now + self.config.lease_ttl
+        # a LOST run found again was left out of the last lease check: check it again
+        self._next_lease_check = min(self._next_lease_check, run.lease_until)
+
     def _release(self, run: _Run) -> None:
         if run.pool is None:
             return
@@ -556,6 +561,7 @@ class SchedulerCore:
             return (-float(first.task.priority), self.usage(first.task.project), first.seq)
 
         classes: list[DemandClass] = []
+        offered: Counter[str] = Counter()  # per group, members already in this problem
         pools = sorted(self._pools.values(), key=lambda p: p.id)
         for _, bucket in sorted(buckets, key=order):
             t = self._runs[next(iter(bucket))].task
@@ -576,7 +582,9 @@ class SchedulerCore:
                 continue
             limit = min(len(bucket), self._fit_bound(cls, pools, free))
             if t.max_concurrent:
-                limit = min(limit, t.max_concurrent - self._group_active[t.group])
+                # a group's runs may sit in several classes (another priority, say)
+                active = self._group_active[t.group] + offered[t.group]
+                limit = min(limit, t.max_concurrent - active)
             if limit <= 0:
                 continue
             members = []
@@ -584,6 +592,8 @@ class SchedulerCore:
                 members.append(run_id)
                 if len(members) >= limit:
                     break
+            if t.max_concurrent:
+                offered[t.group] += len(members)
             classes.append(
                 DemandClass(
                     id=cls.id,

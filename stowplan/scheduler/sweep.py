@@ -76,7 +76,8 @@ def _map(dom: Any, u: float) -> Scalar:
     if isinstance(dom, Uniform):
         return dom.low + u * (dom.high - dom.low)
     if isinstance(dom, LogUniform):
-        return math.exp(math.log(dom.low) + u * (math.log(dom.high) - math.log(dom.low)))
+        v = math.exp(math.log(dom.low) + u * (math.log(dom.high) - math.log(dom.low)))
+        return min(max(v, dom.low), dom.high)  # exp(log(x)) may miss x by an ulp
     if isinstance(dom, IntRange):
         return dom.low + int(u * (dom.high - dom.low + 1))
     values = _values(dom)

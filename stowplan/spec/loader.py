@@ -181,6 +181,8 @@ def _locate_toml(text: str, parts: list[str | int]) -> int | None:
     key_re = re.compile(r"^\s*([A-Za-z0-9_\-\"']+)\s*=")
     for no, raw in enumerate(lines, 1):
         s = raw.strip()
+        if s.startswith("["):
+            s = s.split("#", 1)[0].strip()  # [[tasks]]  # a comment
         if s.startswith("[["):
             name = s.strip("[] ")
             counts[name] = counts.get(name, -1) + 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from decimal import Decimal
 
 _SIZE_UNITS = {
     "": 1,
@@ -50,8 +51,8 @@ def parse_size(value: int | float | str) -> int:
             f"{value!r} is not a size; write a number with a unit such as '512MiB', '4GiB' or "
             "'2GB' (binary: KiB MiB GiB TiB, decimal: KB MB GB TB)"
         )
-    number = float(m.group(1))
-    size = int(number * _SIZE_UNITS[unit])
+    # exact decimal arithmetic: in floats "2.01KB" would be 2009 bytes
+    size = int(Decimal(m.group(1)) * _SIZE_UNITS[unit])
     if size <= 0:
         raise ValueError(f"size must be positive, got {value!r}")
     return size

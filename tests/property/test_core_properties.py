@@ -3,9 +3,9 @@
 A driver plays shell and provider at once: it submits small random DAGs, answers every
 ``SolvePlacement`` with ``stowplan.placement.solve`` (at once, or a few events later), reports
 random provider states for the attempts that are out (and repeats old news, or news for old
-attempts), lets time pass and cancels runs. After
-every event it checks the invariants the core promises; at the end it stops injecting failures
-and checks that everything finishes.
+attempts), lets time pass, cancels runs, and restarts the control plane from what a store
+would hold. After every event it checks the invariants the core promises; at the end it stops
+injecting failures and checks that everything finishes.
 """
 
 from __future__ import annotations
@@ -27,15 +27,17 @@ from stowplan.scheduler.events import (
     PlacementDecided,
     PoolsDiscovered,
     ProviderReported,
+    RestoredTask,
     SolvePlacement,
     Submit,
     TaskInstance,
+    TasksRestored,
     TasksSubmitted,
     Tick,
     Transitioned,
 )
 from stowplan.scheduler.reports import ProviderState, Report
-from stowplan.scheduler.states import FINAL, LEASED, TaskState
+from stowplan.scheduler.states import ACTIVE, FINAL, LEASED, TaskState
 from stowplan.spec.models import INFRASTRUCTURE_FAILURES, FailureClass, RetryPolicy
 
 GiB = 1 << 30
@@ -54,6 +56,7 @@ ACTIONS = [
     "tick",
     "cancel",
     "place",
+    "restart",
 ]
 
 
@@ -66,20 +69,23 @@ class Driver:
     tasks: dict[str, TaskInstance] = field(default_factory=dict)
     provider_of: dict[str, str] = field(default_factory=dict)
     """idempotency key -> provider it was submitted to"""
+    pool_of: dict[str, str] = field(default_factory=dict)
+    """idempotency key -> pool it was submitted to"""
     submitted_keys: set[str] = field(default_factory=set)
     mirror: dict[str, TaskState] = field(default_factory=dict)
     """each run's state as replayed from the Transitioned records alone"""
     known_pools: list[Pool] = field(default_factory=list)
-    history: list[tuple[Event, float, list[Command]]] = field(default_factory=list)
+    history: list[tuple[SchedulerCore, Event, float, list[Command]]] = field(default_factory=list)
     pending: PlacementProblem | None = None
     last_report: ProviderReported | None = None
+    restoring: bool = False
     batches: int = 0
 
     # ---- feeding the core ---------------------------------------------------------------
 
     def send(self, event: Event, *, place_now: bool | None = None) -> None:
         out = self.core.handle(event, self.now)
-        self.history.append((event, self.now, out))
+        self.history.append((self.core, event, self.now, out))
         self.observe(out)
         self.check_invariants()
         for cmd in out:
@@ -105,6 +111,7 @@ class Driver:
                         assert item.key not in self.submitted_keys, f"key reused: {item}"
                         self.submitted_keys.add(item.key)
                     self.provider_of[item.key] = cmd.provider
+                    self.pool_of[item.key] = cmd.pool
                     assert self.core.key(item.run_id) == item.key
                     assert self.core.attempt(item.run_id) == item.attempt
             elif isinstance(cmd, Transitioned):
@@ -114,17 +121,39 @@ class Driver:
                     self.mirror[rec.run_id] = rec.to_state
 
     def check_invariants(self) -> None:
+        if self.restoring:
+            return  # the new core does not know the runs yet
         core = self.core
         for run_id, t in self.tasks.items():
             # (3) attempts never exceed the retry policy
             assert core.attempt(run_id) <= t.retry.max_attempts, run_id
             assert core.state(run_id) is self.mirror[run_id], run_id
-        # (4) no pool is leased beyond its capacity
+        # (4) no pool is leased beyond its capacity, by the core's books...
         for p in self.known_pools:
             cpus, memory, gpus = core.free_capacity(p.id)
             assert cpus >= -1e-9, (p.id, cpus)
             assert memory >= 0, (p.id, memory)
             assert all(n >= 0 for n in gpus.values()), (p.id, gpus)
+        # ...and by the driver's own count of what holds a lease where
+        held: dict[str, list[float]] = {p.id: [0.0, 0.0, 0.0] for p in self.pools}
+        for run_id in self.outstanding():
+            t = self.tasks[run_id]
+            used = held[self.pool_of[core.key(run_id)]]
+            used[0] += t.cpus
+            used[1] += t.memory
+            used[2] += t.gpus
+        for p in self.pools:
+            used_cpus, used_memory, used_gpus = held[p.id]
+            assert used_cpus <= p.cpus + 1e-9, (p.id, held[p.id])
+            assert used_memory <= p.memory, (p.id, held[p.id])
+            assert used_gpus <= sum(p.gpus.values()), (p.id, held[p.id])
+        # a sweep's max_concurrent holds, across restarts too
+        in_flight = Counter(
+            t.group for r, t in self.tasks.items() if t.max_concurrent and core.state(r) in ACTIVE
+        )
+        for t in self.tasks.values():
+            if t.max_concurrent:
+                assert in_flight[t.group] <= t.max_concurrent, (t.group, in_flight)
         states = Counter(core.state(r) for r in self.tasks)
         assert +core.counts == states
         assert sum(core.counts.values()) == len(self.tasks)
@@ -231,8 +260,47 @@ class Driver:
                 label="cancel",
             )
             self.send(CancelRequested(run_ids=victims))
+        elif action == "restart":
+            self.restart()
         else:
             self.deliver()
+
+    def restart(self) -> None:
+        """The control plane crashes and comes back: a fresh core reloads every run, as the
+        store has it, after the providers' pools are discovered again."""
+        core = self.core
+        restored: list[RestoredTask] = []
+        for run_id, t in self.tasks.items():
+            state = core.state(run_id)
+            key = core.key(run_id)
+            leased = state in LEASED
+            restored.append(
+                RestoredTask(
+                    task=t,
+                    state=state,
+                    attempt=core.attempt(run_id),
+                    provider=self.provider_of[key] if leased else None,
+                    pool=self.pool_of[key] if leased else None,
+                )
+            )
+            if state not in LEASED and state not in FINAL:
+                self.mirror[run_id] = TaskState.PENDING  # restored runs start over, silently
+        self.core = SchedulerCore(core.config)
+        self.pending = None  # the old core's solve is answered to nobody
+        self.last_report = None
+        self.known_pools = []
+        self.restoring = True
+        self.discover()
+        self.restoring = False
+        self.send(TasksRestored(tasks=restored))
+
+    def discover(self) -> None:
+        by_provider: dict[str, list[Pool]] = {}
+        for p in self.pools:
+            by_provider.setdefault(p.provider, []).append(p)
+        for provider, ps in sorted(by_provider.items()):
+            self.known_pools.extend(ps)
+            self.send(PoolsDiscovered(provider=provider, pools=ps))
 
     def drain(self) -> None:
         """No more failures: place everything, report success for all that is out, let time
@@ -285,12 +353,7 @@ def make_driver(data: Any) -> Driver:
         )
     )
     driver = Driver(data=data, core=core, pools=pools)
-    by_provider: dict[str, list[Pool]] = {}
-    for p in pools:
-        by_provider.setdefault(p.provider, []).append(p)
-    for provider, ps in sorted(by_provider.items()):
-        driver.known_pools.extend(ps)
-        driver.send(PoolsDiscovered(provider=provider, pools=ps))
+    driver.discover()
     return driver
 
 
@@ -326,6 +389,7 @@ def test_the_same_events_give_the_same_commands(data: Any) -> None:
     driver = make_driver(data)
     for _ in range(data.draw(st.integers(1, 15), label="steps")):
         driver.step()
-    replay = SchedulerCore(driver.core.config)
-    for event, now, out in driver.history:
+    replays: dict[int, SchedulerCore] = {}
+    for core, event, now, out in driver.history:
+        replay = replays.setdefault(id(core), SchedulerCore(core.config))
         assert replay.handle(event, now) == out

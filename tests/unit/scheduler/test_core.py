@@ -784,3 +784,40 @@ def test_counts_add_up_through_a_scenario() -> None:
     assert h.core.counts[S.CANCELLED] == 1
     assert all(h.core.state(r) in FINAL for r in ids)
     assert h.core.free_capacity("local/cpu")[0] == 3.0
+
+
+def test_a_lost_run_found_again_gets_a_lease_that_can_expire_again() -> None:
+    h = Harness(pool(), lease_ttl=100)
+    h.submit(task("a"))
+    h.tick(100)
+    assert h.states("a") == [S.LOST]
+    out = h.report("a", P.RUNNING, at=110)
+    assert h.states("a") == [S.RUNNING]
+    assert of(out, WakeAt) == [WakeAt(at=210.0)]
+    out = h.tick(210)  # the provider went quiet again
+    assert h.states("a") == [S.LOST]
+    assert of(out, Reconcile) == [Reconcile(provider="local", keys=[attempt_key("a", 1)])]
+
+
+def test_a_wake_already_used_is_asked_for_again() -> None:
+    # zero backoff in virtual time: two failures at the same instant, with a Tick between them
+    h = Harness(pool(cpus=2))
+    no_wait = RetryPolicy(backoff=0.0)
+    h.submit(task("a", retry=no_wait), task("b", retry=no_wait))
+    out = h.report("a", P.FAILED, F.NODE_FAILURE, at=5)
+    assert of(out, WakeAt) == [WakeAt(at=5.0)]
+    assert [i.run_id for i in items(h.tick(5))] == ["a"]
+    out = h.report("b", P.FAILED, F.NODE_FAILURE, at=5)
+    assert of(out, WakeAt) == [WakeAt(at=5.0)]
+    assert [i.run_id for i in items(h.tick(5))] == ["b"]
+
+
+def test_max_concurrent_holds_across_classes_of_one_group() -> None:
+    h = Harness(pool(cpus=10))
+    out = h.submit(
+        task("lo", group="g", max_concurrent=1, priority=0),
+        task("hi", group="g", max_concurrent=1, priority=1),
+    )
+    assert [i.run_id for i in items(out)] == ["hi"]
+    out = h.report("hi", P.SUCCEEDED, at=1)
+    assert [i.run_id for i in items(out)] == ["lo"]

@@ -100,5 +100,6 @@ def test_the_happy_path() -> None:
 
 def test_states_hash_like_their_strings() -> None:
     assert hash(S.READY) == hash("READY")
-    assert {S.READY: 1}["READY"] == 1
+    by_name: dict[str, int] = {S.READY: 1}
+    assert by_name["READY"] == 1
     assert hash(T.CANCEL) == hash("cancel")

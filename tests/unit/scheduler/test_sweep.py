@@ -10,7 +10,7 @@ import pytest
 
 from stowplan.scheduler.sweep import expand
 from stowplan.spec.loader import sweep_size
-from stowplan.spec.models import Sweep
+from stowplan.spec.models import LogUniform, Sweep
 
 
 def sweep(**raw: Any) -> Sweep:
@@ -137,3 +137,13 @@ def test_single_value_int_range() -> None:
         sweep(method="random", samples=5, parameters={"k": {"type": "int", "low": 7, "high": 7}})
     )
     assert [t["k"] for t in trials] == [7] * 5
+
+
+@pytest.mark.parametrize("u", [0.0, 0.5, 1.0])
+def test_loguniform_ends_stay_inside_despite_rounding(u: float) -> None:
+    from stowplan.scheduler.sweep import _map
+
+    # exp(log(1e-5)) is 9.999999999999997e-06 in floats
+    v = _map(LogUniform(low=1e-5, high=1e-1), u)
+    assert isinstance(v, float)
+    assert 1e-5 <= v <= 1e-1

@@ -762,6 +762,11 @@ def test_locate_toml() -> None:
     assert locate(f, text, "$") is None
 
 
+def test_locate_toml_ignores_comments_after_headers() -> None:
+    text = '[[tasks]]  # first\nname = "a"\n\n[[tasks]] # second\nname = "b"\n'
+    assert locate(Path("e.toml"), text, "$.tasks[1].name") == 5
+
+
 def test_locate_yaml() -> None:
     text = "experiment:\n  name: x\ntasks:\n  - name: a\n  - name: b\n    command: [x]\n"
     f = Path("e.yaml")

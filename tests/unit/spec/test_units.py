@@ -38,6 +38,14 @@ def test_parse_size_accepts(text: str | int | float, expected: int) -> None:
     assert parse_size(text) == expected
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("2.01KB", 2010), ("4.06KB", 4060), ("8.03KB", 8030), ("1.15KB", 1150), ("0.1GB", 10**8)],
+)
+def test_parse_size_decimal_fractions_are_exact(text: str, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
 @pytest.mark.parametrize("text", ["4GX", "four GiB", "GiB", "", "1e9", "4 G i B", "-1GiB"])
 def test_parse_size_rejects_text_and_names_units(text: str) -> None:
     with pytest.raises(ValueError, match="is not a size") as info:
@@ -80,7 +88,7 @@ def test_parse_size_rejects_booleans() -> None:
         (" 2h ", 7200.0),
         ("1:30:00", 5400.0),
         ("0:00:01", 1.0),
-        ("1:30", 5400.0),  # H:MM
+        ("1:30", 5400.0),  # H:MM (NB: Slurm's --time reads "1:30" as M:SS)
         ("1-00:00:00", 86400.0),
         ("2-01:02:03", 2 * 86400.0 + 3600 + 120 + 3),
         ("1-12:00", 86400.0 + 12 * 3600),
