@@ -251,6 +251,14 @@ class QueueActor:
         commands = self.core.handle(event, time.time())
         self._execute(commands)
 
+    def _send(self, ref: Any) -> None:
+        """Watch a call whose answer nobody waits for, so its failure is reported, not lost."""
+
+        async def check() -> None:
+            await ref
+
+        self._spawn(check())
+
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
@@ -287,14 +295,14 @@ class QueueActor:
             elif isinstance(cmd, Reconcile):
                 self._spawn(self._reconcile(cmd))
             elif isinstance(cmd, Cancel):
-                self.providers[cmd.provider].cancel.remote(cmd.keys)
+                self._send(self.providers[cmd.provider].cancel.remote(cmd.keys))
             elif isinstance(cmd, WakeAt):
                 self.wake_at = min(self.wake_at, cmd.at)
 
     def _flush_transitions(self) -> None:
         """Send buffered transitions to the store (one call per tick or before an intent)."""
         if self._transitions:
-            self.store.apply_transitions.remote(pack(self._transitions))
+            self._send(self.store.apply_transitions.remote(pack(self._transitions)))
             self._transitions = []
 
     async def _solve(self, cmd: SolvePlacement) -> None:
@@ -393,27 +401,30 @@ class QueueActor:
     def _on_reports(self, provider: str, reports: list[Report]) -> None:
         if not reports:
             return
-        updates = [
-            AttemptRecord(
-                key=r.key,
-                run_id="",
-                attempt=0,
-                provider=provider,
-                pool="",
-                state=r.state.value,
-                job_id=r.job_id,
-                node=r.node,
-                exit_code=r.exit_code,
-                failure=r.failure.value if r.failure else None,
-                message=r.message,
-                started_at=r.started_at,
-                ended_at=r.ended_at,
+        updates = []
+        for r in reports:
+            run_id = self.core.run_of_key(r.key)
+            if r.state is ProviderState.UNKNOWN or run_id is None:
+                continue
+            updates.append(
+                AttemptRecord(
+                    key=r.key,
+                    run_id=run_id,
+                    attempt=self.core.attempt(run_id),
+                    provider=provider,
+                    pool=self.core.pool(run_id) or "",
+                    state=r.state.value,
+                    job_id=r.job_id,
+                    node=r.node,
+                    exit_code=r.exit_code,
+                    failure=r.failure.value if r.failure else None,
+                    message=r.message,
+                    started_at=r.started_at,
+                    ended_at=r.ended_at,
+                )
             )
-            for r in reports
-            if r.state is not ProviderState.UNKNOWN
-        ]
         if updates:
-            self.store.update_attempts.remote(pack(updates))
+            self._send(self.store.update_attempts.remote(pack(updates)))
         outputs: dict[str, dict[str, str]] = {}
         for r in reports:
             if r.state is ProviderState.SUCCEEDED and r.outputs:
@@ -422,7 +433,7 @@ class QueueActor:
                     outputs[run_id] = r.outputs
         if outputs:
             # ordered before any Submit of a dependent, which reads these artifacts
-            self.store.put_artifacts.remote(outputs)
+            self._send(self.store.put_artifacts.remote(outputs))
         self._handle(ProviderReported(provider=provider, reports=reports))
 
     def _run_of(self, key: str) -> str | None:

@@ -125,6 +125,7 @@ def watch(plane: Any, ids: list[str], total: int, started: float, err: Console) 
     task_id = progress.add_task("starting", total=total) if progress else None
     last_line = ""
     last_print = 0.0
+    shown_errors = 0
     if progress:
         progress.start()
     try:
@@ -153,8 +154,9 @@ def watch(plane: Any, ids: list[str], total: int, started: float, err: Console) 
                         eta = f"  eta {elapsed / done * (total - done):.0f}s"
                     print(f"[{elapsed:6.1f}s] {line}{eta}", file=sys.stderr, flush=True)
                     last_line, last_print = line, now
-            for e in info["errors"]:
-                err.print(f"[red]control plane error:[/] {e}")
+            for e in info["errors"][shown_errors:]:
+                err.print(f"control plane error: {e}", style="red", markup=False)
+            shown_errors = len(info["errors"])
             if done >= total:
                 return
             time.sleep(0.2)

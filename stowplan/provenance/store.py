@@ -6,8 +6,18 @@ Theory of operation:
   (the store actor) and any number of readers in other processes (the CLI) work at once; a
   reader sees the last committed state and never blocks the writer.
 - Every public method is one transaction and takes a batch: the scheduler hands over thousands
-  of transitions at a time, and one ``executemany`` per table is what keeps 10^5 rows under a
-  second.
+  of transitions at a time, and one ``executemany`` per table keeps 10^5 rows to about a second
+  on a small machine. Batches are written in run id order, so b-tree inserts and updates walk
+  the pages in order instead of at random; secondary indexes are few for the same reason.
+- A run is two rows: its state (small, rewritten by every transition) in ``runs``, and what
+  never changes after it is put (parameters, identity, task spec) as one JSON document in
+  ``run_bodies`` (same ``rid``), so a transition rewrites a ~200-byte row rather than the
+  whole run (1-2 KiB with its task spec).
+- The writer never checkpoints the WAL itself: a background thread does, on its own
+  connection, so a 10^5-run commit does not wait for 100 MiB to be copied into the database.
+  Durability is SQLite's ``synchronous=NORMAL`` in WAL mode: a commit survives a crash of the
+  process, and the last ones may be lost with the machine's power; submits are idempotent by
+  key, so a lost intent is found again by reconciliation rather than submitted twice.
 - Write-ahead: :meth:`RunStore.write_intents` records an attempt (state ``SUBMITTING``) before
   its submit is sent, so after a crash :meth:`RunStore.active_attempts` lists every job that may
   exist at a provider, to be reconciled by idempotency key before anything else happens.
@@ -27,13 +37,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import operator
 import os
 import re
 import sqlite3
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+import weakref
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
@@ -53,7 +65,9 @@ from stowplan.spec.canonical import canonical_json, sha256_hex
 
 __all__ = ["ACTIVE_ATTEMPT_STATES", "SCHEMA_VERSION", "TERMINAL_RUN_STATES", "RunStore"]
 
-SCHEMA_VERSION: Final = 1
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION: Final = 2
 
 TERMINAL_RUN_STATES: Final = ("SUCCEEDED", "FAILED", "CANCELLED")
 ACTIVE_ATTEMPT_STATES: Final = ("SUBMITTING", "QUEUED", "RUNNING", "UNKNOWN")
@@ -65,6 +79,10 @@ MIN_PREFIX: Final = 4
 _CHUNK: Final = 900
 _COPY_CHUNK: Final = 1 << 20
 _CACHE_KIB: Final = 64 * 1024
+_WAL_LIMIT: Final = 64 << 20
+"""Bytes the WAL file is truncated to after a checkpoint (it otherwise keeps its largest size)."""
+_CHECKPOINT_EVERY: Final = 1.0
+"""Least seconds between two background checkpoints."""
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX = re.compile(r"[0-9a-f]+")
 
@@ -84,7 +102,8 @@ _SCHEMA: Final = (
     "CREATE INDEX experiments_by_time ON experiments (created_at)",
     """
     CREATE TABLE runs (
-        run_id        TEXT PRIMARY KEY,
+        rid           INTEGER PRIMARY KEY,
+        run_id        TEXT NOT NULL UNIQUE,
         experiment_id TEXT NOT NULL REFERENCES experiments (id),
         experiment    TEXT NOT NULL,
         task          TEXT NOT NULL,
@@ -96,17 +115,26 @@ _SCHEMA: Final = (
         reason        TEXT NOT NULL,
         pool          TEXT,
         created_at    REAL NOT NULL,
-        updated_at    REAL NOT NULL,
-        body          TEXT NOT NULL
+        updated_at    REAL NOT NULL
     )
     """,
+    # NOTE: no index on (experiment, task, idx): rows arrive in run id order, so it would be
+    # updated at random, which doubled the cost of put_runs. Name lookups go through
+    # experiments, then this index.
     "CREATE INDEX runs_by_experiment ON runs (experiment_id)",
-    "CREATE INDEX runs_by_name ON runs (experiment, task, idx, replicate)",
+    """
+    CREATE TABLE run_bodies (
+        rid  INTEGER PRIMARY KEY,
+        body TEXT NOT NULL
+    )
+    """,
+    # The key is derived from (run_id, attempt) (``attempt_key``), so the primary key is what
+    # keeps it unique; an index on it would be a second, randomly ordered b-tree to update.
     """
     CREATE TABLE attempts (
         run_id     TEXT NOT NULL REFERENCES runs (run_id),
         attempt    INTEGER NOT NULL,
-        key        TEXT NOT NULL UNIQUE,
+        key        TEXT NOT NULL,
         provider   TEXT NOT NULL,
         pool       TEXT NOT NULL,
         state      TEXT NOT NULL,
@@ -123,7 +151,9 @@ _SCHEMA: Final = (
     """,
     """
     CREATE TABLE events (
-        seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+        -- max(seq) + 1 per row, and events are never deleted, so seq only grows. AUTOINCREMENT
+        -- would add a sqlite_sequence read and write per row for nothing.
+        seq        INTEGER PRIMARY KEY,
         run_id     TEXT NOT NULL REFERENCES runs (run_id),
         attempt    INTEGER NOT NULL,
         from_state TEXT NOT NULL,
@@ -152,9 +182,14 @@ _SCHEMA: Final = (
     """,
 )
 
-_RUN_COLUMNS: Final = (
+_STATE_COLUMNS: Final = (
     "run_id, experiment_id, experiment, task, idx, replicate, state, attempts, failure, reason, "
-    "pool, created_at, updated_at, body"
+    "pool, created_at, updated_at"
+)
+_RUN_SELECT: Final = (
+    "SELECT r.run_id, r.experiment_id, r.experiment, r.task, r.idx, r.replicate, r.state, "
+    "r.attempts, r.failure, r.reason, r.pool, r.created_at, r.updated_at, b.body "
+    "FROM runs AS r JOIN run_bodies AS b ON b.rid = r.rid"
 )
 _ATTEMPT_COLUMNS: Final = (
     "run_id, attempt, key, provider, pool, state, job_id, node, exit_code, failure, message, "
@@ -174,11 +209,7 @@ def _json(obj: object) -> str:
     return _encoder.encode(obj).decode()
 
 
-def _by_run_id(rec: RunRecord) -> str:
-    return rec.run_id
-
-
-_run_and_attempt = operator.itemgetter(0, 1)
+_by_run_id: Final = operator.attrgetter("run_id")
 
 
 def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
@@ -200,7 +231,25 @@ class _RunBody(msgspec.Struct, kw_only=True):
 _body_decoder = msgspec.json.Decoder(_RunBody)
 
 
-def _run_row(r: RunRecord) -> tuple[Any, ...]:
+# attrgetter builds the row tuples in C: per-row Python calls were a fifth of put_runs.
+_state_row: Final = operator.attrgetter(
+    "run_id",
+    "experiment_id",
+    "experiment",
+    "task",
+    "index",
+    "replicate",
+    "state",
+    "attempts",
+    "failure",
+    "reason",
+    "pool",
+    "created_at",
+    "updated_at",
+)
+
+
+def _body_row(rid: int, r: RunRecord) -> tuple[int, str]:
     body = _RunBody(
         params=r.params,
         seed=r.seed,
@@ -209,22 +258,7 @@ def _run_row(r: RunRecord) -> tuple[Any, ...]:
         task_spec=r.task_spec,
         provenance=r.provenance,
     )
-    return (
-        r.run_id,
-        r.experiment_id,
-        r.experiment,
-        r.task,
-        r.index,
-        r.replicate,
-        r.state,
-        r.attempts,
-        r.failure,
-        r.reason,
-        r.pool,
-        r.created_at,
-        r.updated_at,
-        _encoder.encode(body).decode(),
-    )
+    return rid, _encoder.encode(body).decode()
 
 
 def _run_from_row(row: Sequence[Any]) -> RunRecord:
@@ -252,23 +286,23 @@ def _run_from_row(row: Sequence[Any]) -> RunRecord:
     )
 
 
-def _attempt_row(a: AttemptRecord) -> tuple[Any, ...]:
-    return (
-        a.run_id,
-        a.attempt,
-        a.key,
-        a.provider,
-        a.pool,
-        a.state,
-        a.job_id,
-        a.node,
-        a.exit_code,
-        a.failure,
-        a.message,
-        a.intent_at,
-        a.started_at,
-        a.ended_at,
-    )
+_attempt_row: Final = operator.attrgetter(
+    "run_id",
+    "attempt",
+    "key",
+    "provider",
+    "pool",
+    "state",
+    "job_id",
+    "node",
+    "exit_code",
+    "failure",
+    "message",
+    "intent_at",
+    "started_at",
+    "ended_at",
+)
+_by_run_and_attempt: Final = operator.attrgetter("run_id", "attempt")
 
 
 def _attempt_from_row(row: Sequence[Any]) -> AttemptRecord:
@@ -290,8 +324,9 @@ def _attempt_from_row(row: Sequence[Any]) -> AttemptRecord:
     )
 
 
-def _event_row(t: TransitionRecord) -> tuple[Any, ...]:
-    return (t.run_id, t.attempt, t.from_state, t.to_state, t.at, t.failure, t.reason, t.pool)
+_event_row: Final = operator.attrgetter(
+    "run_id", "attempt", "from_state", "to_state", "at", "failure", "reason", "pool"
+)
 
 
 def _experiment_from_row(row: Sequence[Any]) -> ExperimentRecord:
@@ -306,6 +341,55 @@ def _experiment_from_row(row: Sequence[Any]) -> ExperimentRecord:
     )
 
 
+class _Checkpointer:
+    """Copies committed WAL frames into the database file, off the writer's path.
+
+    A PASSIVE checkpoint never blocks the writer or readers; it runs at most once a second,
+    after a commit pokes it, on its own connection (the sqlite3 module lets go of the GIL).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name="stowplan-store-checkpoint", daemon=True
+        )
+        self._thread.start()
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            conn = sqlite3.connect(self._path, isolation_level=None, timeout=10.0)
+        except sqlite3.Error as e:  # pragma: no cover - the writer opened the same file
+            log.warning("cannot open %s to checkpoint it: %s", self._path, e)
+            return
+        try:
+            conn.execute("PRAGMA busy_timeout=10000")
+            conn.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
+            while True:
+                self._wake.wait()
+                if self._stopping.is_set():
+                    return
+                self._wake.clear()
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as e:
+                    log.warning("checkpoint of %s failed: %s", self._path, e)
+                if self._stopping.wait(_CHECKPOINT_EVERY):
+                    return
+        finally:
+            conn.close()
+
+
 class RunStore:
     """SQLite run store plus content-addressed blob directory; see the module docstring.
 
@@ -318,6 +402,8 @@ class RunStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.blob_dir = self.path.parent / "blobs" / "sha256"
         self._lock = threading.RLock()
+        self._checkpointer: _Checkpointer | None = None
+        self._stop_checkpointer: weakref.finalize[Any, Any] | None = None
         # isolation_level=None: no implicit transactions; each method says BEGIN itself.
         self._conn = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False, timeout=10.0
@@ -329,6 +415,8 @@ class RunStore:
             self._conn.execute("PRAGMA foreign_keys=ON")
             # A 10^5-run batch touches ~100 MiB; a small page cache would spill mid-transaction.
             self._conn.execute(f"PRAGMA cache_size={-_CACHE_KIB}")
+            self._conn.execute("PRAGMA wal_autocheckpoint=0")  # see _Checkpointer
+            self._conn.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
             self._migrate()
         except BaseException:
             self._conn.close()
@@ -337,7 +425,10 @@ class RunStore:
     # -- lifecycle -------------------------------------------------------------------------
 
     def close(self) -> None:
+        """Stop the checkpointer and close; the last connection to close empties the WAL."""
         with self._lock:
+            if self._stop_checkpointer is not None:
+                self._stop_checkpointer()
             self._conn.close()
 
     def __enter__(self) -> RunStore:
@@ -369,6 +460,12 @@ class RunStore:
                     f"{self.path}: run store schema version {version} is newer than this "
                     f"stowplan understands ({SCHEMA_VERSION}); upgrade stowplan to read it"
                 )
+            if 0 < version < SCHEMA_VERSION:
+                # Only development builds ever wrote version 1; there is nothing to migrate.
+                raise StowplanError(
+                    f"{self.path}: run store schema version {version} comes from a pre-release "
+                    "stowplan; move the store's directory aside to start a new one"
+                )
             if version == 0:
                 for statement in _SCHEMA:
                     self._conn.execute(statement)
@@ -385,6 +482,11 @@ class RunStore:
                 self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
+            if self._checkpointer is None:
+                self._checkpointer = _Checkpointer(self.path)
+                # Stops the thread on close(), or when a store nobody closed is collected.
+                self._stop_checkpointer = weakref.finalize(self, self._checkpointer.stop)
+            self._checkpointer.poke()
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -451,26 +553,38 @@ class RunStore:
 
     def put_runs(self, recs: Sequence[RunRecord]) -> None:
         """Insert runs; an existing run (same id) is kept as it is, state included."""
-        # Inserting in run id order turns random b-tree inserts into appends, and lays rows
-        # out so that later batches (also sorted) touch neighbouring pages.
-        rows = map(_run_row, sorted(recs, key=_by_run_id))
+        ordered = sorted(recs, key=_by_run_id)
+        if not ordered:
+            return
         with self._write() as c:
-            c.executemany(
-                f"INSERT OR IGNORE INTO runs ({_RUN_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
+            # SQLite numbers new rows max(rid) + 1 on, in insertion (run id) order, so the
+            # state row and its body share a rid and later sorted batches touch pages in order.
+            base = int(c.execute("SELECT coalesce(max(rid), 0) + 1 FROM runs").fetchone()[0])
+            inserted = c.executemany(
+                f"INSERT OR IGNORE INTO runs ({_STATE_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                map(_state_row, ordered),
+            ).rowcount
+            if inserted == 0:
+                return
+            bodies: Iterable[tuple[int, str]]
+            if inserted == len(ordered):
+                bodies = (_body_row(base + i, r) for i, r in enumerate(ordered))
+            else:  # some existed already (or came twice): bodies only for the rows inserted
+                rid = dict(
+                    c.execute("SELECT run_id, rid FROM runs WHERE rid >= ?", (base,)).fetchall()
+                )
+                bodies = (_body_row(rid.pop(r.run_id), r) for r in ordered if r.run_id in rid)
+            c.executemany("INSERT INTO run_bodies (rid, body) VALUES (?, ?)", bodies)
 
     def get_runs(self, run_ids: Sequence[str]) -> dict[str, RunRecord]:
         """The runs among ``run_ids`` that exist, by id; unknown ids are left out."""
         out: dict[str, RunRecord] = {}
-        ids = list(dict.fromkeys(run_ids))
+        ids = sorted(set(run_ids))
         with self._read() as c:
             for chunk in _chunks(ids):
                 marks = ", ".join("?" * len(chunk))
-                for row in c.execute(
-                    f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id IN ({marks})", chunk
-                ):
+                for row in c.execute(f"{_RUN_SELECT} WHERE r.run_id IN ({marks})", chunk):
                     out[row[0]] = _run_from_row(row)
         return out
 
@@ -478,8 +592,8 @@ class RunStore:
         """Runs of one experiment by task name, trial index and replicate."""
         with self._read() as c:
             rows = c.execute(
-                f"SELECT {_RUN_COLUMNS} FROM runs WHERE experiment_id = ? "
-                "ORDER BY task, idx, replicate, run_id",
+                f"{_RUN_SELECT} WHERE r.experiment_id = ? "
+                "ORDER BY r.task, r.idx, r.replicate, r.run_id",
                 (experiment_id,),
             ).fetchall()
         return [_run_from_row(r) for r in rows]
@@ -487,22 +601,28 @@ class RunStore:
     def runs_by_name(self, experiment_name: str) -> list[RunRecord]:
         """All runs of every experiment called ``experiment_name``, newest first.
 
-        Ties (runs put together) keep task, index and newest replicate order.
+        Runs created together come by task, index and newest replicate first.
         """
         with self._read() as c:
             rows = c.execute(
-                f"SELECT {_RUN_COLUMNS} FROM runs WHERE experiment = ? "
-                "ORDER BY created_at DESC, task, idx, replicate DESC, run_id",
+                f"{_RUN_SELECT} WHERE r.experiment_id IN "
+                "(SELECT id FROM experiments WHERE name = ?) "
+                "ORDER BY r.created_at DESC, r.task, r.idx, r.replicate DESC, r.run_id",
                 (experiment_name,),
             ).fetchall()
         return [_run_from_row(r) for r in rows]
 
     def latest_runs(self, experiment_name: str, task: str, index: int) -> list[RunRecord]:
-        """Every replicate of one trial (across versions of the experiment), highest first."""
+        """Every replicate of one trial (across versions of the experiment), highest first.
+
+        Reads through the experiment's runs: meant for one trial at a time (the CLI, a rerun),
+        not for a loop over a sweep; use :meth:`runs_by_name` for that.
+        """
         with self._read() as c:
             rows = c.execute(
-                f"SELECT {_RUN_COLUMNS} FROM runs WHERE experiment = ? AND task = ? AND idx = ? "
-                "ORDER BY replicate DESC, created_at DESC, run_id",
+                f"{_RUN_SELECT} WHERE r.experiment_id IN "
+                "(SELECT id FROM experiments WHERE name = ?) AND r.task = ? AND r.idx = ? "
+                "ORDER BY r.replicate DESC, r.created_at DESC, r.run_id",
                 (experiment_name, task, index),
             ).fetchall()
         return [_run_from_row(r) for r in rows]
@@ -511,8 +631,7 @@ class RunStore:
         """Runs not in a terminal state (SUCCEEDED, FAILED, CANCELLED), by run id."""
         with self._read() as c:
             rows = c.execute(
-                f"SELECT {_RUN_COLUMNS} FROM runs WHERE state NOT IN ({_TERMINAL_SQL}) "
-                "ORDER BY run_id"
+                f"{_RUN_SELECT} WHERE r.state NOT IN ({_TERMINAL_SQL}) ORDER BY r.run_id"
             ).fetchall()
         return [_run_from_row(r) for r in rows]
 
@@ -550,9 +669,12 @@ class RunStore:
 
         For each run, ``state``, ``failure``, ``reason`` and ``updated_at`` come from its last
         transition in the batch, ``pool`` from the last one that names a pool (a transition
-        without one keeps the pool), and ``attempts`` becomes the largest attempt
-        number seen. A transition of an unknown run violates a foreign key
-        (``sqlite3.IntegrityError``) and the whole batch is rolled back.
+        without one keeps the pool), and ``attempts`` becomes the largest attempt number seen.
+        A transition of an unknown run violates a foreign key (``sqlite3.IntegrityError``) and
+        the whole batch is rolled back.
+
+        Within a batch, events are numbered run by run (each run's in the order given): the
+        batch is one transaction, and grouping by run keeps the events index written in order.
         """
         if not ts:
             return
@@ -570,7 +692,7 @@ class RunStore:
             c.executemany(
                 "INSERT INTO events (run_id, attempt, from_state, to_state, at, failure, reason, "
                 "pool) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                map(_event_row, ts),
+                map(_event_row, sorted(ts, key=_by_run_id)),
             )
             c.executemany(
                 "UPDATE runs SET state = ?, attempts = max(attempts, ?), failure = ?, "
@@ -608,10 +730,11 @@ class RunStore:
     def write_intents(self, intents: Sequence[AttemptRecord]) -> None:
         """Record attempts about to be submitted; call before the submit, never after.
 
-        An intent already written (same key) is left as it is, so re-sending a batch after a
-        crash neither duplicates it nor rolls its state back.
+        An intent already written (same key, that is same run and attempt number) is left as
+        it is, so re-sending a batch after a crash neither duplicates it nor rolls its state
+        back.
         """
-        rows = sorted(map(_attempt_row, intents), key=_run_and_attempt)
+        rows = map(_attempt_row, sorted(intents, key=_by_run_and_attempt))
         with self._write() as c:
             c.executemany(
                 f"INSERT OR IGNORE INTO attempts ({_ATTEMPT_COLUMNS}) "
@@ -620,7 +743,7 @@ class RunStore:
             )
 
     def update_attempts(self, updates: Sequence[AttemptRecord]) -> None:
-        """Upsert attempts by key with the provider's latest view.
+        """Upsert attempts by key (one key per run and attempt number) with the latest view.
 
         ``state`` always takes the new value; ``job_id``, ``node``, ``exit_code``, ``failure``,
         ``started_at`` and ``ended_at`` keep their stored value when the update has None, and
@@ -631,7 +754,7 @@ class RunStore:
             c.executemany(
                 f"INSERT INTO attempts ({_ATTEMPT_COLUMNS}) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET "
+                "ON CONFLICT (run_id, attempt) DO UPDATE SET "
                 "state = excluded.state, "
                 "job_id = coalesce(excluded.job_id, job_id), "
                 "node = coalesce(excluded.node, node), "
@@ -640,7 +763,7 @@ class RunStore:
                 "message = CASE WHEN excluded.message = '' THEN message ELSE excluded.message END, "
                 "started_at = coalesce(excluded.started_at, started_at), "
                 "ended_at = coalesce(excluded.ended_at, ended_at)",
-                sorted(map(_attempt_row, updates), key=_run_and_attempt),
+                map(_attempt_row, sorted(updates, key=_by_run_and_attempt)),
             )
 
     def attempts_for(self, run_ids: Sequence[str]) -> dict[str, list[AttemptRecord]]:

@@ -178,6 +178,9 @@ class SchedulerCore:
     def key(self, run_id: str) -> str:
         return self._runs[run_id].key
 
+    def pool(self, run_id: str) -> str | None:
+        return self._runs[run_id].pool
+
     def run_of_key(self, key: str) -> str | None:
         return self._by_key.get(key)
 
