@@ -144,8 +144,9 @@ def capture_code(directory: Path) -> tuple[CodeVersion, bytes]:
 
     The patch is what ``git diff HEAD --binary`` prints (staged and unstaged changes to tracked
     files) plus untracked files that ``.gitignore`` does not exclude, as new-file patches, so
-    ``git apply`` onto ``commit`` rebuilds the tree. It is computed through a temporary index;
-    the user's index and object database are left alone. The patch is ``b""`` when clean.
+    ``git apply`` onto ``commit`` rebuilds the tree. It is computed through a temporary copy of
+    the index, so the user's index is left alone and untracked files are not hashed into the
+    object database. The patch is ``b""`` when clean.
 
     Without git, or outside a repository, the version is ``no-git``; in a repository without
     commits it is ``no-commit``. Raises :class:`~stowplan.errors.StowplanError` when git
@@ -241,7 +242,9 @@ def _diff(root: Path, untracked: list[str]) -> bytes:
     with tempfile.TemporaryDirectory(prefix="stowplan-index-") as tmp:
         tmp_index = Path(tmp) / "index"
         if index.exists():
-            shutil.copyfile(index, tmp_index)
+            # copy2 keeps the mtime: git trusts stat data only for entries older than the
+            # index file, so a fresh mtime would hide same-size edits made in its last second.
+            shutil.copy2(index, tmp_index)
         env = {"GIT_INDEX_FILE": str(tmp_index)}
         names = b"\0".join(os.fsencode(n) for n in untracked) + b"\0"
         _checked(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -131,14 +133,44 @@ def test_reopening_keeps_data(tmp_path: Path) -> None:
         assert [r.index for r in s.runs_for_experiment(e.id)] == [0]
 
 
-def test_refuses_a_store_from_a_newer_stowplan(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("version", "says"), [(SCHEMA_VERSION + 1, "newer"), (1, "pre-release")])
+def test_refuses_a_store_it_cannot_read(tmp_path: Path, version: int, says: str) -> None:
     path = tmp_path / "runs.db"
     RunStore(path).close()
     conn = sqlite3.connect(path)
-    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.execute(f"PRAGMA user_version = {version}")
     conn.close()
-    with pytest.raises(StowplanError, match="newer"):
+    with pytest.raises(StowplanError, match=says):
         RunStore(path)
+
+
+def _checkpoint_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "stowplan-store-checkpoint"]
+
+
+def test_wal_is_checkpointed_in_the_background(tmp_path: Path) -> None:
+    path = tmp_path / "runs.db"
+    e = experiment()
+    with RunStore(path) as s:
+        s.put_experiment(e)
+        empty = path.stat().st_size
+        s.put_runs([run(e, i) for i in range(2000)])
+        assert len(_checkpoint_threads()) == 1
+        deadline = time.monotonic() + 20
+        while path.stat().st_size <= empty and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert path.stat().st_size > empty  # the runs reached the database file
+    assert _checkpoint_threads() == []
+
+
+def test_a_store_nobody_closed_stops_its_thread(tmp_path: Path) -> None:
+    s = RunStore(tmp_path / "runs.db")
+    s.put_experiment(experiment())
+    (thread,) = _checkpoint_threads()
+    del s
+    gc.collect()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
 
 
 # -- experiments -----------------------------------------------------------------------------
@@ -163,7 +195,7 @@ def test_experiments_insert_or_ignore_and_lookups(store: RunStore) -> None:
     assert store.find_experiment("nothing") == []
 
 
-def _fields(rec: ExperimentRecord) -> dict[str, object]:
+def _fields(rec: ExperimentRecord | RunRecord) -> dict[str, object]:
     return {f: getattr(rec, f) for f in rec.__struct_fields__}
 
 
@@ -200,10 +232,15 @@ def test_put_runs_keeps_an_existing_run_as_it_is(store: RunStore, exp: Experimen
     r = run(exp, 0)
     store.put_runs([r])
     store.apply_transitions([step(r, "PENDING", "READY", 200.0)])
-    store.put_runs([r, run(exp, 1)])
-    got = store.get_runs([r.run_id, run(exp, 1).run_id])
+    fresh = [run(exp, i) for i in range(1, 40)]
+    # existing runs and new ones mixed, one new run sent twice with other content
+    twice = RunRecord(**{**_fields(fresh[7]), "params": {"other": 1}})
+    store.put_runs([*fresh[:20], r, *fresh[20:], twice])
+    got = store.get_runs([r.run_id] + [f.run_id for f in fresh])
     assert got[r.run_id].state == "READY"
-    assert got[run(exp, 1).run_id].state == "PENDING"
+    assert got[r.run_id].params == r.params
+    assert [got[f.run_id] for f in fresh] == fresh  # the first copy of a duplicate wins
+    assert len(store.runs_for_experiment(exp.id)) == 40
 
 
 def test_put_runs_needs_its_experiment(store: RunStore) -> None:
@@ -375,6 +412,31 @@ def test_update_attempts_keeps_what_the_update_does_not_know(
     second = AttemptRecord(**{**_attempt_fields(intent(r, 2)), "state": "UNKNOWN"})
     store.update_attempts([second])
     assert [a.attempt for a in store.attempts_for([r.run_id])[r.run_id]] == [1, 2]
+
+
+def test_update_attempts_by_key_alone(
+    store: RunStore, exp: ExperimentRecord, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A provider report knows only the key: run, attempt, pool may come blank."""
+    r = run(exp, 0)
+    store.put_runs([r])
+    first = intent(r)
+    store.write_intents([first])
+    report = AttemptRecord(
+        key=first.key, run_id="", attempt=0, provider="laptop", pool="", state="RUNNING"
+    )
+    stray = AttemptRecord(
+        key=attempt_key(r.run_id, 9),
+        run_id="",
+        attempt=0,
+        provider="laptop",
+        pool="",
+        state="QUEUED",
+    )
+    store.update_attempts([report, stray])
+    (got,) = store.attempts_for([r.run_id])[r.run_id]
+    assert got == AttemptRecord(**{**_attempt_fields(first), "state": "RUNNING"})
+    assert "1 attempt update(s)" in caplog.text
 
 
 def test_active_attempts_and_runs(store: RunStore, exp: ExperimentRecord) -> None:
