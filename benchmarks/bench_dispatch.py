@@ -10,6 +10,7 @@ line per size:
     dispatch_s    from the submit call until every run is final (SUCCEEDED)
     tasks_per_s   n / dispatch_s
     peak_rss_gib  peak of the summed RSS of this process and every Ray process under it
+    peak_pss_gib  the same with shared pages split among their processes (no double counting)
 
     .venv/bin/python benchmarks/bench_dispatch.py [--sizes 1000,10000,100000]
 """
@@ -36,20 +37,45 @@ from stowplan.spec.models import InstantProviderConfig
 
 
 class RssSampler(threading.Thread):
+    """Peak memory of this process and every process under it (Ray's included).
+
+    Two sums: RSS, which counts pages shared between processes (Ray's object store, shared
+    libraries) once per process that maps them, and PSS, which splits each shared page among
+    the processes sharing it, so the sum is what the machine actually spends.
+    """
+
     def __init__(self) -> None:
         super().__init__(daemon=True)
-        self.peak = 0
+        self.peak_rss = 0
+        self.peak_pss = 0
+        self.by_pid: dict[int, int] = {}
+        self.names: dict[int, str] = {}
         self.stop = threading.Event()
 
     def run(self) -> None:
         me = psutil.Process()
+        tick = 0
         while not self.stop.is_set():
-            total = 0
+            # PSS reads /proc/PID/smaps, which costs real CPU on 2 cores: once a second
+            full = tick % 5 == 0
+            tick += 1
+            rss_total = pss_total = 0
             for p in [me, *me.children(recursive=True)]:
                 with contextlib.suppress(psutil.Error):
-                    total += p.memory_info().rss
-            self.peak = max(self.peak, total)
-            self.stop.wait(0.1)
+                    if full:
+                        mem = p.memory_full_info()
+                        pss_total += mem.pss
+                        self.by_pid[p.pid] = max(self.by_pid.get(p.pid, 0), mem.pss)
+                        name = "driver" if p is me else p.name().split(".")[0]
+                        if name not in ("ray::IDLE", "python"):
+                            self.names[p.pid] = name
+                        rss_total += mem.rss
+                    else:
+                        rss_total += p.memory_info().rss
+            self.peak_rss = max(self.peak_rss, rss_total)
+            if full:
+                self.peak_pss = max(self.peak_pss, pss_total)
+            self.stop.wait(0.2)
 
 
 def experiment_file(d: Path, n: int) -> Path:
@@ -100,10 +126,6 @@ def bench(n: int) -> dict[str, object]:
             store_path=str(d / ".stowplan" / "stowplan.db"),
         )
         t1 = time.perf_counter()
-        with RunStore(prepared.store_path) as store:
-            runs = record(prepared, store)
-        items = session.submissions(prepared, {r.run_id for r in runs}, {})
-        t2 = time.perf_counter()
         sampler = RssSampler()
         sampler.start()
         plane = ControlPlane(
@@ -112,10 +134,18 @@ def bench(n: int) -> dict[str, object]:
             providers=prepared.providers,
             num_cpus=2,
         )
+        # as `stowplan run` does: the control plane boots, then the runs are recorded
         plane.start()
         try:
+            t2 = time.perf_counter()
+            with RunStore(prepared.store_path) as store:
+                runs = record(prepared, store)
+            ids = [r.run_id for r in runs]
+            items = session.submissions(prepared, set(ids), {})
+            del runs, planned
             t3 = time.perf_counter()
             plane.submit(items, [])
+            del items
             while True:
                 counts = plane.progress(None)["counts"]
                 if counts.get("SUCCEEDED", 0) + counts.get("FAILED", 0) >= n:
@@ -129,19 +159,24 @@ def bench(n: int) -> dict[str, object]:
         with RunStore(prepared.store_path) as store:
             done = sum(
                 1
-                for r in store.get_runs([r.run_id for r in runs]).values()
+                for r in store.get_runs(ids).values()
                 if r.state == "SUCCEEDED"
             )
         return {
             "bench": "dispatch",
             "n": n,
             "plan_s": round(t1 - t0, 3),
-            "record_s": round(t2 - t1, 3),
+            "record_s": round(t3 - t2, 3),
             "dispatch_s": round(t4 - t3, 3),
             "tasks_per_s": round(n / (t4 - t3), 1),
             "succeeded_in_store": done,
             "failed": counts.get("FAILED", 0),
-            "peak_rss_gib": round(sampler.peak / 2**30, 3),
+            "peak_rss_gib": round(sampler.peak_rss / 2**30, 3),
+            "peak_pss_gib": round(sampler.peak_pss / 2**30, 3),
+            "peak_pss_gib_by_process": {
+                f"{sampler.names.get(pid, 'ray')}[{pid}]": round(v / 2**30, 3)
+                for pid, v in sorted(sampler.by_pid.items(), key=lambda kv: -kv[1])[:6]
+            },
         }
 
 

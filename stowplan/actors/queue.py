@@ -44,6 +44,7 @@ from stowplan.scheduler.events import (
     RestoredTask,
     SolvePlacement,
     Submit,
+    SubmitItem,
     TaskInstance,
     TasksRestored,
     TasksSubmitted,
@@ -55,6 +56,9 @@ from stowplan.scheduler.plan import Launch
 from stowplan.scheduler.states import FINAL, LEASED, TaskState
 
 log = logging.getLogger(__name__)
+
+SUBMIT_CHUNK = 10_000
+TRANSITION_CHUNK = 200_000
 
 
 class RunPayload(msgspec.Struct, frozen=True, kw_only=True):
@@ -275,6 +279,11 @@ class QueueActor:
         for cmd in commands:
             if isinstance(cmd, Transitioned):
                 now = time.time()
+                for t in cmd.records:
+                    if t.to_state in FINAL:
+                        # a finished run is never launched again by this queue; resubmitting
+                        # it (after a failure) hands a fresh payload over
+                        self.payloads.pop(t.run_id, None)
                 self._transitions.extend(
                     TransitionRecord(
                         run_id=t.run_id,
@@ -301,9 +310,10 @@ class QueueActor:
 
     def _flush_transitions(self) -> None:
         """Send buffered transitions to the store (one call per tick or before an intent)."""
-        if self._transitions:
-            self._send(self.store.apply_transitions.remote(pack(self._transitions)))
-            self._transitions = []
+        buf, self._transitions = self._transitions, []
+        for start in range(0, len(buf), TRANSITION_CHUNK):
+            chunk = pack(buf[start : start + TRANSITION_CHUNK])
+            self._send(self.store.apply_transitions.remote(chunk))
 
     async def _solve(self, cmd: SolvePlacement) -> None:
         solution = unpack(await self.placement.solve.remote(pack(cmd.problem)), PlacementSolution)
@@ -316,6 +326,13 @@ class QueueActor:
         self._on_reports(cmd.provider, reports)
 
     async def _submit(self, cmd: Submit) -> None:
+        # the write-ahead intents reach the store after the transitions that led to them
+        self._flush_transitions()
+        # chunks bound the memory each actor holds at once for a 10^5-run submit
+        for start in range(0, len(cmd.items), SUBMIT_CHUNK):
+            await self._submit_chunk(cmd, cmd.items[start : start + SUBMIT_CHUNK])
+
+    async def _submit_chunk(self, cmd: Submit, items: list[SubmitItem]) -> None:
         now = time.time()
         intents = [
             AttemptRecord(
@@ -327,20 +344,19 @@ class QueueActor:
                 state="SUBMITTING",
                 intent_at=now,
             )
-            for item in cmd.items
+            for item in items
         ]
-        upstream = await self._upstream([item.run_id for item in cmd.items])
-        launches = [
-            self._launch_spec(item.run_id, item.attempt, item.key, cmd.pool, upstream)
-            for item in cmd.items
-        ]
-        # write-ahead: the intent is durable before the provider hears of the attempt, and it
-        # reaches the store after the transitions that led to it
-        self._flush_transitions()
-        await self.store.write_intents.remote(pack(intents))
-        reports = unpack(
-            await self.providers[cmd.provider].submit.remote(pack(launches)), list[Report]
+        upstream = await self._upstream([item.run_id for item in items])
+        launches = pack(
+            [
+                self._launch_spec(item.run_id, item.attempt, item.key, cmd.pool, upstream)
+                for item in items
+            ]
         )
+        # write-ahead: the intent is durable before the provider hears of the attempt
+        await self.store.write_intents.remote(pack(intents))
+        del intents
+        reports = unpack(await self.providers[cmd.provider].submit.remote(launches), list[Report])
         self._on_reports(cmd.provider, reports)
 
     async def _upstream(self, run_ids: list[str]) -> dict[str, bytes]:

@@ -208,10 +208,7 @@ def run_records(prepared: Prepared, provenance_hash: str) -> list[RunRecord]:
                 replicate=r.replicate,
                 depends_on=r.depends_on,
                 identity=msgspec.to_builtins(r.identity),
-                task_spec={
-                    "spec": r.task_spec,
-                    "payload": msgspec.to_builtins(payload(prepared, r)),
-                },
+                task_spec={"payload": msgspec.to_builtins(payload(prepared, r))},
                 provenance=provenance_hash,
                 created_at=now,
                 updated_at=now,

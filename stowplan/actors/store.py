@@ -59,14 +59,14 @@ class StoreActor:
         return pack((runs, attempts, done))
 
     def states(self, run_ids: list[str]) -> dict[str, str]:
-        return {rid: rec.state for rid, rec in self.store.get_runs(run_ids).items()}
+        return {rid: st for rid, (st, _) in self.store.run_states(run_ids).items()}
 
     def attempts_so_far(self, run_ids: list[str]) -> dict[str, tuple[str, int]]:
         """(state, attempts) of each stored run that already had an attempt."""
         return {
-            rid: (rec.state, rec.attempts)
-            for rid, rec in self.store.get_runs(run_ids).items()
-            if rec.attempts > 0 or rec.state == "SUCCEEDED"
+            rid: (state, attempts)
+            for rid, (state, attempts) in self.store.run_states(run_ids).items()
+            if attempts > 0 or state == "SUCCEEDED"
         }
 
     def active_keys(self, provider: str) -> list[str]:

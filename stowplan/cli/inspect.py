@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -174,6 +175,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         artifacts = store.artifacts_for([run_id]).get(run_id, [])
         events = store.events_for(run_id)
         prov = store.get_provenance(run.provenance)
+        exp = store.get_experiment(run.experiment_id)
     data = {
         "run": msgspec.to_builtins(run),
         "attempts": msgspec.to_builtins(attempts),
@@ -181,7 +183,11 @@ def cmd_show(args: argparse.Namespace) -> int:
         "events": msgspec.to_builtins(events),
         "provenance": msgspec.to_builtins(prov),
     }
-    data["run"]["task_spec"] = data["run"]["task_spec"].get("spec", data["run"]["task_spec"])
+    spec = exp.spec if exp is not None else {}
+    data["run"]["task_spec"] = next(
+        (t for t in spec.get("tasks", []) if t.get("name") == run.task), {}
+    )
+    data["launch"] = run.task_spec.get("payload", {}).get("launch", {})
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
         return 0
@@ -193,6 +199,11 @@ def cmd_show(args: argparse.Namespace) -> int:
     )
     c.print(f"  state {run.state}" + (f" ({run.failure}): {run.reason}" if run.failure else ""))
     c.print(f"  params {json.dumps(run.params, sort_keys=True)}")
+    launch = data["launch"]
+    if launch.get("argv"):
+        c.print(f"  command {shlex.join(launch['argv'])}", markup=False)
+    elif launch.get("script"):
+        c.print(f"  script {launch['script']}", markup=False)
     ident = run.identity
     c.print("[bold]identity[/]")
     for k in ("task_spec_hash", "code_version", "env_hash", "data_versions", "upstream"):

@@ -35,7 +35,7 @@ def _discover(prepared: Any) -> list[Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from stowplan.actors.session import check_feasible, prepare, record, submissions
+    from stowplan.actors.session import check_feasible, prepare, record
 
     console = Console(highlight=False)
     err = Console(stderr=True, highlight=False)
@@ -55,13 +55,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         reused = [i for i in ids if existing.get(i) and existing[i].state == "SUCCEEDED"]
         todo = [i for i in ids if i not in set(reused)]
         prior = {i: existing[i].attempts for i in todo if i in existing}
-        record(prepared, store)
+        if not todo:
+            record(prepared, store)
     name = prepared.experiment.name
     if reused:
         err.print(f"{len(reused)} of {len(ids)} runs reused")
     if todo:
-        to_submit = submissions(prepared, set(todo), prior)
-        _dispatch(args, prepared, to_submit, reused, console, err)
+        _dispatch(args, prepared, todo, prior, reused, err)
     with RunStore(store_path) as store:
         final = store.get_runs(ids)
         artifacts = store.artifacts_for(ids)
@@ -77,12 +77,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _dispatch(
     args: argparse.Namespace,
     prepared: Any,
-    runs: list[Any],
+    todo: list[str],
+    prior: dict[str, int],
     reused: list[str],
-    console: Console,
     err: Console,
 ) -> None:
+    """Start (or join) the control plane, record the runs, hand them over, watch them.
+
+    The control plane boots first, so what it restores from the store is what earlier,
+    interrupted invocations left unfinished, not the runs about to be submitted.
+    """
     from stowplan.actors.control import ControlPlane
+    from stowplan.actors.session import record, submissions
 
     plane = ControlPlane(
         state_dir=Path(prepared.state_dir),
@@ -91,12 +97,14 @@ def _dispatch(
         address=args.address,
         poll_max=1.0,
     )
-    ids = [r.run_id for r in runs]
+    ids = list(todo)
     total = len(ids)
     started = time.monotonic()
     plane.start()
     try:
-        plane.submit(runs, reused)
+        with RunStore(Path(prepared.store_path)) as store:
+            record(prepared, store)
+        plane.submit(submissions(prepared, set(todo), prior), reused)
         watch(plane, ids, total, started, err)
     except KeyboardInterrupt:
         err.print("interrupted: cancelling unfinished runs")

@@ -38,7 +38,8 @@ class RunRecord(Struct, frozen=True, kw_only=True):
     identity: dict[str, Any]
     """the RunIdentity whose hash is run_id."""
     task_spec: dict[str, Any]
-    """canonical task spec with this trial's values substituted."""
+    """``{"payload": ...}``: what the queue needs to launch the run (needs, policy, the command
+    with this trial's values filled in). The task as written is in the experiment record."""
     provenance: str
     """hash of the ProvenanceRecord (code, environment, hardware) captured at submission."""
     state: str = "PENDING"

@@ -9,9 +9,6 @@ replicate number, so editing one task re-runs it and what depends on it, and not
 
 from __future__ import annotations
 
-from typing import Any
-
-import msgspec
 from msgspec import Struct, field
 
 from stowplan.scheduler.events import TaskInstance
@@ -51,7 +48,6 @@ class PlannedRun(Struct, frozen=True, kw_only=True):
     replicate: int
     depends_on: list[str]
     identity: RunIdentity
-    task_spec: dict[str, Any]
     launch: Launch
     instance: TaskInstance
 
@@ -148,8 +144,6 @@ def plan_runs(
                 allowed_providers=providers,
                 max_concurrent=task.sweep.max_concurrent if task.sweep else None,
             )
-            task_spec: dict[str, Any] = msgspec.to_builtins(task)
-            task_spec["params"] = params
             out.append(
                 PlannedRun(
                     run_id=run_id,
@@ -160,7 +154,6 @@ def plan_runs(
                     replicate=replicate,
                     depends_on=upstream,
                     identity=identity,
-                    task_spec=task_spec,
                     launch=launch,
                     instance=instance,
                 )
