@@ -7,6 +7,8 @@ Actors (all named in the project's namespace, all restarted by Ray after a crash
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +24,44 @@ STORE = "store"
 PLACEMENT = "placement"
 
 
+CONTROL_FILE = "control.json"
+
+
 def provider_actor_name(name: str) -> str:
     return f"provider:{name}"
+
+
+class ControlInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a running control plane can be reached: written by ``run``, read by ``cancel``."""
+
+    address: str
+    namespace: str
+    pid: int
+
+
+def write_control_file(state_dir: Path, *, address: str, namespace: str) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = state_dir / (CONTROL_FILE + ".tmp")
+    tmp.write_bytes(
+        msgspec.json.encode(ControlInfo(address=address, namespace=namespace, pid=os.getpid()))
+    )
+    os.replace(tmp, state_dir / CONTROL_FILE)
+
+
+def remove_control_file(state_dir: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        (state_dir / CONTROL_FILE).unlink()
+
+
+def read_control_file(state_dir: Path) -> ControlInfo | None:
+    """The running control plane of this project, or None if none is (still) alive."""
+    import psutil
+
+    try:
+        info = msgspec.json.decode((state_dir / CONTROL_FILE).read_bytes(), type=ControlInfo)
+    except (FileNotFoundError, msgspec.DecodeError):
+        return None
+    return info if psutil.pid_exists(info.pid) else None
 
 
 class ControlPlane:
@@ -107,6 +145,11 @@ class ControlPlane:
         )
         ray.get(self.actors[STORE].ping.remote())
         ray.get(self.actors[QUEUE].ping.remote())
+        write_control_file(
+            self.state_dir,
+            address=ray.get_runtime_context().gcs_address,
+            namespace=self.namespace,
+        )
 
     @property
     def queue(self) -> Any:
@@ -137,6 +180,7 @@ class ControlPlane:
 
         if QUEUE in self.actors:
             ray.get(self.actors[QUEUE].drain.remote())
+        remove_control_file(self.state_dir)
         if self._started_ray:
             shutdown_ray()
         else:

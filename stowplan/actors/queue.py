@@ -79,6 +79,40 @@ def payload_of(rec: RunRecord) -> RunPayload:
     return msgspec.convert(rec.task_spec["payload"], RunPayload)
 
 
+def launch_spec(
+    payload: RunPayload,
+    run_id: str,
+    attempt: int,
+    key: str,
+    pool: str,
+    upstream: bytes | None = None,
+) -> LaunchSpec:
+    """The provider's view of one attempt; ``upstream`` becomes ``upstream.json`` beside it."""
+    la = payload.launch
+    env = dict(la.env)
+    files: dict[str, bytes] = {}
+    if upstream is not None:
+        files["upstream.json"] = upstream
+        env["STOWPLAN_UPSTREAM"] = "upstream.json"
+    return LaunchSpec(
+        key=key,
+        run_id=run_id,
+        attempt=attempt,
+        pool=pool,
+        name=payload.name,
+        argv=la.argv,
+        script=la.script,
+        env=env,
+        cpus=la.cpus,
+        memory=la.memory,
+        gpus=la.gpus,
+        gpu_types=la.gpu_types,
+        timeout_s=la.timeout_s,
+        outputs=la.outputs,
+        files=files,
+    )
+
+
 class QueueActor:
     def __init__(
         self,
@@ -389,30 +423,7 @@ class QueueActor:
     def _launch_spec(
         self, run_id: str, attempt: int, key: str, pool: str, upstream: dict[str, bytes]
     ) -> LaunchSpec:
-        p = self.payloads[run_id]
-        la = p.launch
-        env = dict(la.env)
-        files: dict[str, bytes] = {}
-        if run_id in upstream:
-            files["upstream.json"] = upstream[run_id]
-            env["STOWPLAN_UPSTREAM"] = "upstream.json"
-        return LaunchSpec(
-            key=key,
-            run_id=run_id,
-            attempt=attempt,
-            pool=pool,
-            name=p.name,
-            argv=la.argv,
-            script=la.script,
-            env=env,
-            cpus=la.cpus,
-            memory=la.memory,
-            gpus=la.gpus,
-            gpu_types=la.gpu_types,
-            timeout_s=la.timeout_s,
-            outputs=la.outputs,
-            files=files,
-        )
+        return launch_spec(self.payloads[run_id], run_id, attempt, key, pool, upstream.get(run_id))
 
     def _on_reports(self, provider: str, reports: list[Report]) -> None:
         if not reports:

@@ -282,7 +282,6 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     """Cancel through a running control plane if there is one; otherwise directly."""
     from stowplan.actors.control import QUEUE
-    from stowplan.actors.runtime import namespace_for
 
     store, (project, state_dir) = _open(args)
     with store:
@@ -300,7 +299,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     if not open_ids:
         print("nothing to cancel: every run is finished")
         return 0
-    queue = _find_queue(namespace_for(state_dir), QUEUE)
+    queue = _find_queue(state_dir, QUEUE)
     if queue is not None:
         import ray
 
@@ -314,19 +313,26 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
-def _find_queue(namespace: str, name: str) -> Any:
+def _find_queue(state_dir: Path, name: str) -> Any:
+    """The queue actor of the control plane that ``stowplan run`` started for this project."""
     import os
 
+    from stowplan.actors.control import read_control_file
+
+    info = read_control_file(state_dir)
+    if info is None:
+        return None
     import ray
 
-    if not Path("/tmp/ray/ray_current_cluster").exists():
-        return None
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
         ray.init(
-            address="auto", namespace=namespace, log_to_driver=False, logging_level=logging.ERROR
+            address=info.address,
+            namespace=info.namespace,
+            log_to_driver=False,
+            logging_level=logging.ERROR,
         )
-        return ray.get_actor(name)
+        return ray.get_actor(name, namespace=info.namespace)
     except (ConnectionError, ValueError, RuntimeError):
         return None
 

@@ -174,8 +174,8 @@ def watch(plane: Any, ids: list[str], total: int, started: float, err: Console) 
 
 
 def _print_dry_run(console: Console, prepared: Any) -> None:
-    from stowplan.actors.queue import RunPayload
-    from stowplan.providers.base import LaunchSpec
+    from stowplan.actors.queue import launch_spec
+    from stowplan.actors.session import payload
     from stowplan.providers.registry import make_provider
     from stowplan.spec.canonical import attempt_key
 
@@ -209,26 +209,9 @@ def _print_dry_run(console: Console, prepared: Any) -> None:
         if r.task in seen:
             continue
         seen.add(r.task)
-        payload = RunPayload(instance=r.instance, launch=r.launch, name=r.task)
-        la = payload.launch
-        spec = LaunchSpec(
-            key=attempt_key(r.run_id, 1),
-            run_id=r.run_id,
-            attempt=1,
-            pool=name,
-            name=f"{prepared.experiment.name}-{r.task}-{r.index}",
-            argv=la.argv,
-            script=la.script,
-            env=la.env,
-            cpus=la.cpus,
-            memory=la.memory,
-            gpus=la.gpus,
-            gpu_types=la.gpu_types,
-            timeout_s=la.timeout_s,
-            outputs=la.outputs,
-        )
+        spec = launch_spec(payload(prepared, r), r.run_id, 1, attempt_key(r.run_id, 1), name)
         console.print(f"\n[bold]{r.task}[/] (first trial) on provider {name}:")
-        console.print(driver.plan([spec])[0].render(), markup=False)
+        console.print(driver.plan([spec])[0].render(), markup=False, soft_wrap=True)
 
 
 def _metrics(artifacts: list[Any]) -> dict[str, Any]:
@@ -269,17 +252,21 @@ def render_results(
         for p in params:
             table.add_column(p, justify="right")
         table.add_column("state")
+        any_reused = any(r.run_id in reused for r in rs)
+        if any_reused:
+            table.add_column("reused")
         for m in metric_names:
             table.add_column(m, justify="right")
         shown = rs[:40]
         for r in shown:
-            state = r.state + (" (reused)" if r.run_id in reused else "")
+            state = r.state
             if r.state != "SUCCEEDED" and r.reason:
                 state += f": {r.reason[:60]}"
             table.add_row(
                 r.run_id[:10],
                 *(_fmt(r.params.get(p, "")) for p in params),
                 state,
+                *(["yes" if r.run_id in reused else ""] if any_reused else []),
                 *(_fmt(metrics_of[r.run_id].get(m, "")) for m in metric_names),
             )
         console.print(table)
