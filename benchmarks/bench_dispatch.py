@@ -141,7 +141,7 @@ def bench(n: int) -> dict[str, object]:
             with RunStore(prepared.store_path) as store:
                 runs = record(prepared, store)
             ids = [r.run_id for r in runs]
-            items = session.submissions(prepared, set(ids), {})
+            items = session.submissions(prepared, set(ids))
             del runs, planned
             t3 = time.perf_counter()
             plane.submit(items, [])

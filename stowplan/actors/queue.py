@@ -72,7 +72,6 @@ class RunPayload(msgspec.Struct, frozen=True, kw_only=True):
 class SubmitRun(msgspec.Struct, frozen=True, array_like=True):
     run_id: str
     payload: RunPayload
-    prior_attempts: int = 0
 
 
 def payload_of(rec: RunRecord) -> RunPayload:

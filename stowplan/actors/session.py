@@ -181,11 +181,11 @@ def payload(prepared: Prepared, r: PlannedRun) -> RunPayload:
 
 
 def submissions(
-    prepared: Prepared, run_ids: set[str], prior_attempts: dict[str, int]
+    prepared: Prepared, run_ids: set[str]
 ) -> list[SubmitRun]:
     """What the queue needs of each run in ``run_ids``: its payload and earlier attempts."""
     return [
-        SubmitRun(r.run_id, payload(prepared, r), prior_attempts.get(r.run_id, 0))
+        SubmitRun(r.run_id, payload(prepared, r))
         for r in prepared.planned
         if r.run_id in run_ids
     ]

@@ -54,14 +54,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         existing = store.get_runs(ids)
         reused = [i for i in ids if existing.get(i) and existing[i].state == "SUCCEEDED"]
         todo = [i for i in ids if i not in set(reused)]
-        prior = {i: existing[i].attempts for i in todo if i in existing}
         if not todo:
             record(prepared, store)
     name = prepared.experiment.name
     if reused:
         err.print(f"{len(reused)} of {len(ids)} runs reused")
     if todo:
-        _dispatch(args, prepared, todo, prior, reused, err)
+        _dispatch(args, prepared, todo, reused, err)
     with RunStore(store_path) as store:
         final = store.get_runs(ids)
         artifacts = store.artifacts_for(ids)
@@ -78,7 +77,6 @@ def _dispatch(
     args: argparse.Namespace,
     prepared: Any,
     todo: list[str],
-    prior: dict[str, int],
     reused: list[str],
     err: Console,
 ) -> None:
@@ -104,7 +102,7 @@ def _dispatch(
     try:
         with RunStore(Path(prepared.store_path)) as store:
             record(prepared, store)
-        plane.submit(submissions(prepared, set(todo), prior), reused)
+        plane.submit(submissions(prepared, set(todo)), reused)
         watch(plane, ids, total, started, err)
     except KeyboardInterrupt:
         err.print("interrupted: cancelling unfinished runs")

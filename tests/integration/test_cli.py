@@ -144,3 +144,32 @@ def test_failures_and_inspection(
         again = store.attempts_for([broken.run_id])[broken.run_id]
     assert [a.attempt for a in again] == [1, 2]
     assert again[0].key != again[1].key
+
+
+def test_address_joins_an_existing_ray_cluster(ray_session: None, tmp_path: Path) -> None:
+    """`--address` runs the control plane on a cluster that outlives the command."""
+    import subprocess
+    import sys
+
+    import ray
+
+    (tmp_path / "stowplan.toml").write_text(PROJECT)
+    (tmp_path / "one.toml").write_text(
+        '[experiment]\nname = "one"\n[[tasks]]\nname = "t"\ncommand = ["true"]\n'
+    )
+    address = ray.get_runtime_context().gcs_address
+    done = subprocess.run(
+        [sys.executable, "-m", "stowplan.cli.main", "run", "one.toml", "--address", address],
+        cwd=tmp_path,
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    # the cluster is still up, and the command's actors are gone from it
+    assert ray.is_initialized()
+    names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+    assert "queue" not in names
+    with RunStore(tmp_path / ".stowplan" / "stowplan.db") as store:
+        assert [r.state for r in store.runs_by_name("one")] == ["SUCCEEDED"]

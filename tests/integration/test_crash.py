@@ -77,7 +77,7 @@ def test_queue_actor_killed_mid_sweep(ray_session: None, tmp_path: Path) -> None
     )
     plane.start()
     try:
-        plane.submit(submissions(prepared, {r.run_id for r in runs}, {}), [])
+        plane.submit(submissions(prepared, {r.run_id for r in runs}), [])
         ids = [r.run_id for r in runs]
         _wait(lambda: plane.progress(ids)["counts"].get("SUCCEEDED", 0) >= 3, 60, "3 successes")
         ray.kill(plane.actors[QUEUE], no_restart=False)
