@@ -180,14 +180,10 @@ def payload(prepared: Prepared, r: PlannedRun) -> RunPayload:
     return RunPayload(instance=r.instance, launch=r.launch, name=name)
 
 
-def submissions(
-    prepared: Prepared, run_ids: set[str]
-) -> list[SubmitRun]:
+def submissions(prepared: Prepared, run_ids: set[str]) -> list[SubmitRun]:
     """What the queue needs of each run in ``run_ids``: its payload and earlier attempts."""
     return [
-        SubmitRun(r.run_id, payload(prepared, r))
-        for r in prepared.planned
-        if r.run_id in run_ids
+        SubmitRun(r.run_id, payload(prepared, r)) for r in prepared.planned if r.run_id in run_ids
     ]
 
 

@@ -217,6 +217,13 @@ def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
         yield items[start : start + _CHUNK]
 
 
+def _rows_in(c: sqlite3.Connection, sql: str, ids: Sequence[str]) -> Iterator[Any]:
+    """Rows of ``sql`` (with ``{}`` where the ``IN`` list goes) for ``ids``, in chunks that
+    stay under SQLite's variable limit."""
+    for chunk in _chunks(ids):
+        yield from c.execute(sql.format(", ".join("?" * len(chunk))), chunk)
+
+
 class _RunBody(msgspec.Struct, kw_only=True):
     """The part of a run that never changes after it is put: one JSON column, one encode."""
 
@@ -582,10 +589,8 @@ class RunStore:
         out: dict[str, RunRecord] = {}
         ids = sorted(set(run_ids))
         with self._read() as c:
-            for chunk in _chunks(ids):
-                marks = ", ".join("?" * len(chunk))
-                for row in c.execute(f"{_RUN_SELECT} WHERE r.run_id IN ({marks})", chunk):
-                    out[row[0]] = _run_from_row(row)
+            for row in _rows_in(c, f"{_RUN_SELECT} WHERE r.run_id IN ({{}})", ids):
+                out[row[0]] = _run_from_row(row)
         return out
 
     def run_states(self, run_ids: Sequence[str]) -> dict[str, tuple[str, int]]:
@@ -594,12 +599,9 @@ class RunStore:
         out: dict[str, tuple[str, int]] = {}
         ids = sorted(set(run_ids))
         with self._read() as c:
-            for chunk in _chunks(ids):
-                marks = ", ".join("?" * len(chunk))
-                for run_id, state, attempts in c.execute(
-                    f"SELECT run_id, state, attempts FROM runs WHERE run_id IN ({marks})", chunk
-                ):
-                    out[run_id] = (state, attempts)
+            sql = "SELECT run_id, state, attempts FROM runs WHERE run_id IN ({})"
+            for run_id, state, attempts in _rows_in(c, sql, ids):
+                out[run_id] = (state, attempts)
         return out
 
     def runs_for_experiment(self, experiment_id: str) -> list[RunRecord]:
@@ -807,14 +809,12 @@ class RunStore:
         out: dict[str, list[AttemptRecord]] = {}
         ids = list(dict.fromkeys(run_ids))
         with self._read() as c:
-            for chunk in _chunks(ids):
-                marks = ", ".join("?" * len(chunk))
-                for row in c.execute(
-                    f"SELECT {_ATTEMPT_COLUMNS} FROM attempts WHERE run_id IN ({marks}) "
-                    "ORDER BY run_id, attempt",
-                    chunk,
-                ):
-                    out.setdefault(row[1], []).append(_attempt_from_row(row))
+            sql = (
+                f"SELECT {_ATTEMPT_COLUMNS} FROM attempts WHERE run_id IN ({{}}) "
+                "ORDER BY run_id, attempt"
+            )
+            for row in _rows_in(c, sql, ids):
+                out.setdefault(row[1], []).append(_attempt_from_row(row))
         return out
 
     def active_attempts(self) -> list[AttemptRecord]:
@@ -926,14 +926,12 @@ class RunStore:
         out: dict[str, list[ArtifactRecord]] = {}
         ids = list(dict.fromkeys(run_ids))
         with self._read() as c:
-            for chunk in _chunks(ids):
-                marks = ", ".join("?" * len(chunk))
-                for row in c.execute(
-                    f"SELECT run_id, name, sha256, size FROM artifacts WHERE run_id IN ({marks}) "
-                    "ORDER BY run_id, name",
-                    chunk,
-                ):
-                    out.setdefault(row[0], []).append(self._artifact(*row))
+            sql = (
+                "SELECT run_id, name, sha256, size FROM artifacts WHERE run_id IN ({}) "
+                "ORDER BY run_id, name"
+            )
+            for row in _rows_in(c, sql, ids):
+                out.setdefault(row[0], []).append(self._artifact(*row))
         return out
 
     def _artifact(self, run_id: str, name: str, sha: str, size: int) -> ArtifactRecord:

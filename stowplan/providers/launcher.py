@@ -330,9 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     foreground = "--foreground" in args
     args = [a for a in args if a != "--foreground"]
     if len(args) != 1:
-        print(
-            "usage: python -m stowplan.providers.launcher [--foreground] ATTEMPT_DIR",
-            file=sys.stderr,
+        sys.stderr.write(
+            "usage: python -m stowplan.providers.launcher [--foreground] ATTEMPT_DIR\n"
         )
         return 2
     if not foreground and hasattr(os, "fork") and os.fork() != 0:

@@ -173,3 +173,25 @@ def test_address_joins_an_existing_ray_cluster(ray_session: None, tmp_path: Path
     assert "queue" not in names
     with RunStore(tmp_path / ".stowplan" / "stowplan.db") as store:
         assert [r.state for r in store.runs_by_name("one")] == ["SUCCEEDED"]
+
+
+def test_rerun_makes_new_replicates(
+    ray_session: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "stowplan.toml").write_text(PROJECT)
+    f = tmp_path / "two.toml"
+    f.write_text(
+        '[experiment]\nname = "two"\n[[tasks]]\nname = "t"\ncommand = ["echo", "{seed}"]\n'
+        'sweep = { parameters = { i = [1, 2] } }\n'
+    )
+    os.chdir(tmp_path)
+    assert main(["run", str(f)]) == 0
+    assert main(["run", str(f), "--rerun"]) == 0
+    assert main(["run", str(f)]) == 0
+    assert "2 of 2 runs reused" in capsys.readouterr().err
+    with RunStore(tmp_path / ".stowplan" / "stowplan.db") as store:
+        runs = store.runs_by_name("two")
+    assert sorted((r.index, r.replicate) for r in runs) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert len({r.run_id for r in runs}) == 4
+    # a replicate is the same spec with the next seed, so {seed} differs between them
+    assert sorted({r.seed for r in runs}) == [0, 1]
