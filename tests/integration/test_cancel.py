@@ -7,12 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from stowplan.provenance.store import RunStore
+
+from .conftest import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -39,15 +40,6 @@ def _states(db: Path) -> dict[str, int]:
         for r in store.runs_by_name("slow"):
             out[r.state] = out.get(r.state, 0) + 1
         return out
-
-
-def _wait(cond: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():  # type: ignore[operator]
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _sleepers(tmp: Path) -> list[int]:
@@ -85,8 +77,8 @@ def test_cancel_reaches_the_running_control_plane(project: Path) -> None:
         text=True,
     )
     try:
-        _wait(lambda: _states(db).get("RUNNING", 0) == 2, 120, "two running naps")
-        _wait(lambda: len(_sleepers(project)) == 2, 30, "two sleep processes")
+        wait_for(lambda: _states(db).get("RUNNING", 0) == 2, 120, "two running naps")
+        wait_for(lambda: len(_sleepers(project)) == 2, 30, "two sleep processes")
         done = subprocess.run(
             _cli(project, "cancel", "slow", "--why", "enough"),
             cwd=project,
@@ -102,7 +94,7 @@ def test_cancel_reaches_the_running_control_plane(project: Path) -> None:
         if run.poll() is None:
             run.kill()
     assert _states(db) == {"CANCELLED": 4}
-    _wait(lambda: not _sleepers(project), 30, "the naps to be killed")
+    wait_for(lambda: not _sleepers(project), 30, "the naps to be killed")
     with RunStore(db) as store:
         reasons = {r.reason for r in store.runs_by_name("slow")}
     assert reasons == {"enough"}
@@ -119,7 +111,7 @@ def test_cancel_offline_after_the_driver_died(project: Path) -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
-        _wait(lambda: len(_sleepers(project)) == 2, 120, "two sleep processes")
+        wait_for(lambda: len(_sleepers(project)) == 2, 120, "two sleep processes")
     finally:
         run.send_signal(signal.SIGKILL)
         run.wait(30)
@@ -135,5 +127,5 @@ def test_cancel_offline_after_the_driver_died(project: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "cancelled 4 run(s)" in done.stdout
-    _wait(lambda: not _sleepers(project), 30, "the naps to be killed")
+    wait_for(lambda: not _sleepers(project), 30, "the naps to be killed")
     assert _states(db) == {"CANCELLED": 4}

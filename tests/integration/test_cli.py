@@ -182,7 +182,7 @@ def test_rerun_makes_new_replicates(
     f = tmp_path / "two.toml"
     f.write_text(
         '[experiment]\nname = "two"\n[[tasks]]\nname = "t"\ncommand = ["echo", "{seed}"]\n'
-        'sweep = { parameters = { i = [1, 2] } }\n'
+        "sweep = { parameters = { i = [1, 2] } }\n"
     )
     os.chdir(tmp_path)
     assert main(["run", str(f)]) == 0

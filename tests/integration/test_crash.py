@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from stowplan.actors.control import QUEUE, ControlPlane
 from stowplan.actors.session import prepare, record, submissions
 from stowplan.provenance.store import RunStore
 
-from .conftest import launches_per_key, sweep_project
+from .conftest import launches_per_key, sweep_project, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -37,15 +36,6 @@ def _succeeded(db: Path) -> int:
             for r in store.runs_for_experiment(e.id)
             if r.state == "SUCCEEDED"
         )
-
-
-def _wait(cond: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():  # type: ignore[operator]
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _check_exactly_once(tmp_path: Path) -> None:
@@ -79,10 +69,12 @@ def test_queue_actor_killed_mid_sweep(ray_session: None, tmp_path: Path) -> None
     try:
         plane.submit(submissions(prepared, {r.run_id for r in runs}), [])
         ids = [r.run_id for r in runs]
-        _wait(lambda: plane.progress(ids)["counts"].get("SUCCEEDED", 0) >= 3, 60, "3 successes")
+        wait_for(lambda: plane.progress(ids)["counts"].get("SUCCEEDED", 0) >= 3, 60, "3 successes")
         ray.kill(plane.actors[QUEUE], no_restart=False)
         # the next call reaches the restarted actor, which rebuilds from the store
-        _wait(lambda: plane.progress(ids)["counts"].get("SUCCEEDED", 0) == N, 120, "all to finish")
+        wait_for(
+            lambda: plane.progress(ids)["counts"].get("SUCCEEDED", 0) == N, 120, "all to finish"
+        )
         assert plane.progress(ids)["boots"] == 1  # a fresh actor booted again, once
     finally:
         plane.stop()
@@ -98,7 +90,7 @@ def test_driver_killed_mid_sweep_and_restarted(tmp_path: Path) -> None:
         cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        _wait(lambda: _succeeded(db) >= 3, 120, "3 successes before the kill")
+        wait_for(lambda: _succeeded(db) >= 3, 120, "3 successes before the kill")
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(30)
