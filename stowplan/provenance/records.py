@@ -6,7 +6,7 @@ States and failure classes are stored as their string values (``TaskState.value`
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 from msgspec import Struct, field
 
@@ -97,3 +97,62 @@ class ProvenanceRecord(Struct, frozen=True, kw_only=True):
     code: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
     hardware: dict[str, Any] = field(default_factory=dict)
+
+
+class PlacementRecord(Struct, frozen=True, kw_only=True):
+    """The placement decision behind one attempt of a run, as the queue actor dispatched it."""
+
+    run_id: str
+    attempt: int
+    request_id: int
+    provider: str
+    pool: str
+    hardware_class: str
+    status: str
+    """OPTIMAL, FEASIBLE, GREEDY or GREEDY_FALLBACK."""
+    objective: float
+    bound: float
+    gap: float
+    terms: dict[str, float]
+    """this run's share of each objective term."""
+    problem: str
+    """SHA-256 of the blob (``RunStore.put_blob``) holding the encoded problem and solution."""
+    at: float
+
+
+LedgerAction = Literal[
+    "submit", "cancel", "retry", "replay", "policy-override", "approval"
+]
+LEDGER_ACTIONS: tuple[LedgerAction, ...] = get_args(LedgerAction)
+
+
+class LedgerEntry(Struct, frozen=True, kw_only=True):
+    """One line of the append-only audit ledger.
+
+    ``hash`` is the SHA-256 of the canonical JSON of every other field (``prev`` included), so
+    each entry commits to the whole chain before it.
+    """
+
+    seq: int
+    at: float
+    who: str
+    """the OS user who acted."""
+    action: LedgerAction
+    target: str
+    """what was acted on: a run id, an experiment id or name."""
+    why: str
+    details: dict[str, Any] = field(default_factory=dict)
+    prev: str
+    """hash of the entry before (64 zeros for the first)."""
+    hash: str = ""
+
+
+class ReplayRecord(Struct, frozen=True, kw_only=True):
+    """A run made by ``stowplan replay`` from the record of another run."""
+
+    run_id: str
+    of_run_id: str
+    at: float
+    verdict: str | None = None
+    """REPRODUCED or DIFFERS once verified; None before (or without ``--verify``)."""
+    differences: list[str] = field(default_factory=list)

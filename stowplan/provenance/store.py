@@ -44,6 +44,7 @@ import re
 import sqlite3
 import tempfile
 import threading
+import time
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -54,10 +55,15 @@ import msgspec
 
 from stowplan.errors import StowplanError
 from stowplan.provenance.records import (
+    LEDGER_ACTIONS,
     ArtifactRecord,
     AttemptRecord,
     ExperimentRecord,
+    LedgerAction,
+    LedgerEntry,
+    PlacementRecord,
     ProvenanceRecord,
+    ReplayRecord,
     RunRecord,
     TransitionRecord,
 )
@@ -67,7 +73,7 @@ __all__ = ["ACTIVE_ATTEMPT_STATES", "SCHEMA_VERSION", "TERMINAL_RUN_STATES", "Ru
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 
 TERMINAL_RUN_STATES: Final = ("SUCCEEDED", "FAILED", "CANCELLED")
 ACTIVE_ATTEMPT_STATES: Final = ("SUBMITTING", "QUEUED", "RUNNING", "UNKNOWN")
@@ -182,6 +188,62 @@ _SCHEMA: Final = (
     """,
 )
 
+# Version 3 adds these to a version 2 store (and to a new one): placements, the audit ledger,
+# replays and data versions. Nothing in the version 2 tables changes.
+_SCHEMA_V3: Final = (
+    """
+    CREATE TABLE placements (
+        run_id         TEXT NOT NULL REFERENCES runs (run_id),
+        attempt        INTEGER NOT NULL,
+        request_id     INTEGER NOT NULL,
+        provider       TEXT NOT NULL,
+        pool           TEXT NOT NULL,
+        hardware_class TEXT NOT NULL,
+        status         TEXT NOT NULL,
+        objective      REAL NOT NULL,
+        bound          REAL NOT NULL,
+        gap            REAL NOT NULL,
+        terms          TEXT NOT NULL,
+        problem        TEXT NOT NULL,
+        at             REAL NOT NULL,
+        PRIMARY KEY (run_id, attempt)
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE ledger (
+        seq     INTEGER PRIMARY KEY,
+        at      REAL NOT NULL,
+        who     TEXT NOT NULL,
+        action  TEXT NOT NULL,
+        target  TEXT NOT NULL,
+        why     TEXT NOT NULL,
+        details TEXT NOT NULL,
+        prev    TEXT NOT NULL,
+        hash    TEXT NOT NULL
+    )
+    """,
+    # Append-only for everyone going through SQLite's front door; the hash chain catches the
+    # rest (someone who drops these triggers, or edits the file's bytes).
+    """
+    CREATE TRIGGER ledger_no_update BEFORE UPDATE ON ledger
+    BEGIN SELECT RAISE(ABORT, 'the audit ledger is append-only'); END
+    """,
+    """
+    CREATE TRIGGER ledger_no_delete BEFORE DELETE ON ledger
+    BEGIN SELECT RAISE(ABORT, 'the audit ledger is append-only'); END
+    """,
+    """
+    CREATE TABLE replays (
+        run_id      TEXT PRIMARY KEY REFERENCES runs (run_id),
+        of_run_id   TEXT NOT NULL REFERENCES runs (run_id),
+        at          REAL NOT NULL,
+        verdict     TEXT,
+        differences TEXT NOT NULL
+    ) WITHOUT ROWID
+    """,
+    "CREATE INDEX replays_of ON replays (of_run_id)",
+)
+
 _STATE_COLUMNS: Final = (
     "run_id, experiment_id, experiment, task, idx, replicate, state, attempts, failure, reason, "
     "pool, created_at, updated_at"
@@ -201,6 +263,8 @@ _TERMINAL_SQL: Final = ", ".join(f"'{s}'" for s in TERMINAL_RUN_STATES)
 _ACTIVE_SQL: Final = ", ".join(f"'{s}'" for s in ACTIVE_ATTEMPT_STATES)
 
 _encoder = msgspec.json.Encoder()
+_terms_decoder = msgspec.json.Decoder(dict[str, float])
+_list_decoder = msgspec.json.Decoder(list[str])
 _dict_decoder = msgspec.json.Decoder(dict[str, Any])
 _provenance_decoder = msgspec.json.Decoder(ProvenanceRecord)
 
@@ -467,7 +531,7 @@ class RunStore:
                     f"{self.path}: run store schema version {version} is newer than this "
                     f"stowplan understands ({SCHEMA_VERSION}); upgrade stowplan to read it"
                 )
-            if 0 < version < SCHEMA_VERSION:
+            if version == 1:
                 # Only development builds ever wrote version 1; there is nothing to migrate.
                 raise StowplanError(
                     f"{self.path}: run store schema version {version} comes from a pre-release "
@@ -475,6 +539,9 @@ class RunStore:
                 )
             if version == 0:
                 for statement in _SCHEMA:
+                    self._conn.execute(statement)
+            if version in (0, 2):
+                for statement in _SCHEMA_V3:
                     self._conn.execute(statement)
             self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
@@ -960,3 +1027,250 @@ class RunStore:
         if row is None:
             raise KeyError(f"no provenance record {h}")
         return _provenance_decoder.decode(row[0])
+
+    # -- placements ------------------------------------------------------------------------
+
+    def put_placements(self, records: Sequence[PlacementRecord]) -> None:
+        """Record the placement decision of each (run, attempt); one already recorded is kept.
+
+        A record of an unknown run violates a foreign key and the whole batch is rolled back.
+        """
+        if not records:
+            return
+        with self._write() as c:
+            c.executemany(
+                "INSERT OR IGNORE INTO placements (run_id, attempt, request_id, provider, pool, "
+                "hardware_class, status, objective, bound, gap, terms, problem, at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    (
+                        p.run_id,
+                        p.attempt,
+                        p.request_id,
+                        p.provider,
+                        p.pool,
+                        p.hardware_class,
+                        p.status,
+                        p.objective,
+                        p.bound,
+                        p.gap,
+                        _json(p.terms),
+                        p.problem,
+                        p.at,
+                    )
+                    for p in sorted(records, key=lambda p: (p.run_id, p.attempt))
+                ),
+            )
+
+    def placements_for(self, run_id: str) -> list[PlacementRecord]:
+        """The placement of each attempt of a run, by attempt number."""
+        with self._read() as c:
+            rows = c.execute(
+                "SELECT run_id, attempt, request_id, provider, pool, hardware_class, status, "
+                "objective, bound, gap, terms, problem, at FROM placements WHERE run_id = ? "
+                "ORDER BY attempt",
+                (run_id,),
+            ).fetchall()
+        return [
+            PlacementRecord(
+                run_id=r[0],
+                attempt=r[1],
+                request_id=r[2],
+                provider=r[3],
+                pool=r[4],
+                hardware_class=r[5],
+                status=r[6],
+                objective=r[7],
+                bound=r[8],
+                gap=r[9],
+                terms=_terms_decoder.decode(r[10]),
+                problem=r[11],
+                at=r[12],
+            )
+            for r in rows
+        ]
+
+    # -- audit ledger ----------------------------------------------------------------------
+
+    def append_ledger(
+        self,
+        *,
+        who: str,
+        action: LedgerAction,
+        target: str,
+        why: str,
+        details: Mapping[str, Any] | None = None,
+        at: float | None = None,
+    ) -> LedgerEntry:
+        """Append one entry, chained to the last one, in one transaction; returns it."""
+        from stowplan.provenance.ledger import GENESIS, entry_hash
+
+        with self._write() as c:
+            row = c.execute("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1").fetchone()
+            seq, prev = (1, GENESIS) if row is None else (int(row[0]) + 1, str(row[1]))
+            entry = LedgerEntry(
+                seq=seq,
+                at=time.time() if at is None else at,
+                who=who,
+                action=action,
+                target=target,
+                why=why,
+                details=dict(details or {}),
+                prev=prev,
+            )
+            entry = msgspec.structs.replace(entry, hash=entry_hash(entry))
+            c.execute(
+                "INSERT INTO ledger (seq, at, who, action, target, why, details, prev, hash) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    entry.seq,
+                    entry.at,
+                    entry.who,
+                    entry.action,
+                    entry.target,
+                    entry.why,
+                    canonical_json(entry.details).decode(),
+                    entry.prev,
+                    entry.hash,
+                ),
+            )
+        return entry
+
+    def ledger(self, *, target: str | None = None) -> list[LedgerEntry]:
+        """Every ledger entry (or those on ``target``), by ``seq``, exactly as stored.
+
+        Rows that no longer decode (an edited action, a details column that is not JSON) come
+        back with what can be read, so :func:`stowplan.provenance.ledger.verify` flags them.
+        """
+        with self._read() as c:
+            rows = c.execute(
+                "SELECT seq, at, who, action, target, why, details, prev, hash FROM ledger "
+                + ("WHERE target = ? " if target is not None else "")
+                + "ORDER BY seq",
+                (target,) if target is not None else (),
+            ).fetchall()
+        out = []
+        for r in rows:
+            try:
+                details = _dict_decoder.decode(r[6])
+            except msgspec.DecodeError:
+                details = {"undecodable": str(r[6])}
+            out.append(
+                msgspec.convert(
+                    {
+                        "seq": r[0],
+                        "at": float(r[1]),
+                        "who": str(r[2]),
+                        "action": r[3],
+                        "target": str(r[4]),
+                        "why": str(r[5]),
+                        "details": details,
+                        "prev": str(r[7]),
+                        "hash": str(r[8]),
+                    },
+                    LedgerEntry,
+                    strict=False,
+                )
+                if r[3] in _LEDGER_ACTIONS
+                else _raw_entry(r, details)
+            )
+        return out
+
+    # -- replays ---------------------------------------------------------------------------
+
+    def put_replay(self, rec: ReplayRecord) -> None:
+        """Record (or update the verdict of) a replay."""
+        with self._write() as c:
+            c.execute(
+                "INSERT INTO replays (run_id, of_run_id, at, verdict, differences) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (run_id) DO UPDATE SET "
+                "verdict = excluded.verdict, differences = excluded.differences",
+                (rec.run_id, rec.of_run_id, rec.at, rec.verdict, _json(rec.differences)),
+            )
+
+    def replays_of(self, run_id: str) -> list[ReplayRecord]:
+        """Replays made of ``run_id``, oldest first."""
+        return self._replays("of_run_id", run_id)
+
+    def replay_source(self, run_id: str) -> ReplayRecord | None:
+        """The replay record of ``run_id`` when it is a replay, else None."""
+        found = self._replays("run_id", run_id)
+        return found[0] if found else None
+
+    def _replays(self, column: str, value: str) -> list[ReplayRecord]:
+        with self._read() as c:
+            rows = c.execute(
+                f"SELECT run_id, of_run_id, at, verdict, differences FROM replays "
+                f"WHERE {column} = ? ORDER BY at, run_id",
+                (value,),
+            ).fetchall()
+        return [
+            ReplayRecord(
+                run_id=r[0],
+                of_run_id=r[1],
+                at=r[2],
+                verdict=r[3],
+                differences=_list_decoder.decode(r[4]),
+            )
+            for r in rows
+        ]
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def all_runs(self) -> list[RunRecord]:
+        """Every run, oldest first: what queries over all provenance scan."""
+        with self._read() as c:
+            rows = c.execute(f"{_RUN_SELECT} ORDER BY r.created_at, r.run_id").fetchall()
+        return [_run_from_row(r) for r in rows]
+
+    def runs_producing(self, sha256: str) -> list[str]:
+        """Run ids with an artifact of this content, by run id."""
+        with self._read() as c:
+            rows = c.execute(
+                "SELECT DISTINCT run_id FROM artifacts WHERE sha256 = ? ORDER BY run_id", (sha256,)
+            ).fetchall()
+        return [str(r[0]) for r in rows]
+
+    def artifacts_by_prefix(self, prefix: str) -> list[str]:
+        """Distinct artifact hashes starting with ``prefix`` (at most 11)."""
+        p = prefix.strip().lower().removeprefix("sha256:")
+        if _HEX.fullmatch(p) is None:
+            return []
+        with self._read() as c:
+            rows = c.execute(
+                "SELECT DISTINCT sha256 FROM artifacts WHERE sha256 GLOB ? ORDER BY sha256 "
+                "LIMIT 11",
+                (p + "*",),
+            ).fetchall()
+        return [str(r[0]) for r in rows]
+
+    def runs_depending_on(self, run_ids: Sequence[str]) -> dict[str, list[str]]:
+        """For each of ``run_ids``, the runs that list it in ``depends_on``."""
+        wanted = set(run_ids)
+        out: dict[str, list[str]] = {}
+        for r in self.all_runs():
+            for d in r.depends_on:
+                if d in wanted:
+                    out.setdefault(d, []).append(r.run_id)
+        return out
+
+
+_LEDGER_ACTIONS: Final = frozenset(LEDGER_ACTIONS)
+
+
+def _raw_entry(r: Sequence[Any], details: dict[str, Any]) -> LedgerEntry:
+    # An action outside the Literal (someone edited the row): keep the text so verify sees it.
+    return msgspec.structs.replace(
+        LedgerEntry(
+            seq=int(r[0]),
+            at=float(r[1]),
+            who=str(r[2]),
+            action="submit",
+            target=str(r[4]),
+            why=str(r[5]),
+            details=details,
+            prev=str(r[7]),
+            hash=str(r[8]),
+        ),
+        action=str(r[3]),
+    )
