@@ -7,6 +7,7 @@ insert-or-ignore rows); from then on the store actor is the only writer.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,8 +61,9 @@ def prepare(
         capture_code,
         capture_environment,
         capture_hardware,
-        data_version,
+        code_context,
     )
+    from stowplan.provenance.data import HashCache, capture_data
 
     project = load_project(search_from=file.resolve().parent)
     loaded = load_experiment(file, project)
@@ -88,16 +90,24 @@ def prepare(
     if allowed is not None:
         providers = {n: c for n, c in providers.items() if n in allowed}
 
-    code, diff = capture_code(Path(loaded.directory))
-    env = capture_environment()
     base = Path(loaded.directory)
-    data = {
-        i.uri: data_version(i.uri, i.version, base) for t in loaded.spec.tasks for i in t.inputs
-    }
+    code, diff = capture_code(base)
+    context = code_context(base, code)
+    lock_dirs = [Path(project.root), base]
+    if context["root"]:
+        lock_dirs.insert(0, Path(context["root"]))
+    env = capture_environment(lock_dirs=lock_dirs)
+    state_dir, store_path = project_paths(project)
+    records: dict[str, Any] = {}
+    with HashCache(state_dir / "hash-cache.db") as cache:
+        for t in loaded.spec.tasks:
+            for i in t.inputs:
+                if i.uri not in records:
+                    records[i.uri] = capture_data(i.uri, i.version, base, cache=cache)
+    data = {uri: rec.version for uri, rec in records.items()}
     versions = Versions(
         code_version=code.version, env_hash=str(env["env_hash"]), data_versions=data
     )
-    state_dir, store_path = project_paths(project)
     project_name = loaded.spec.experiment.project or project.config.project.name
 
     def planned_for(rep: int) -> list[PlannedRun]:
@@ -126,7 +136,19 @@ def prepare(
     )
     code_info = msgspec.to_builtins(code)
     code_info.pop("diff", None)
-    provenance = ProvenanceRecord(code=code_info, environment=env, hardware=capture_hardware())
+    code_info.update(context)
+    root = context["root"]
+    code_info["experiment_file"] = (
+        Path(os.path.relpath(Path(loaded.file).resolve(), Path(root).resolve())).as_posix()
+        if root
+        else None
+    )
+    provenance = ProvenanceRecord(
+        code=code_info,
+        environment=env,
+        hardware=capture_hardware(),
+        data={uri: msgspec.to_builtins(rec) for uri, rec in sorted(records.items())},
+    )
     return Prepared(
         project=project,
         loaded=loaded,

@@ -24,19 +24,23 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 from msgspec import Struct, field
 
-from stowplan.errors import SpecError, StowplanError
+from stowplan.errors import StowplanError
+from stowplan.provenance.data import HashCache, capture_data
 from stowplan.spec.canonical import canonical_json, sha256_hex
 
 __all__ = [
+    "DEFAULT_ENV_ALLOWLIST",
     "CodeVersion",
+    "allowed_env",
     "capture_code",
     "capture_environment",
     "capture_hardware",
+    "code_context",
     "data_version",
     "installed_distributions",
 ]
@@ -259,6 +263,66 @@ def _diff(root: Path, untracked: list[str]) -> bytes:
         return _checked(_git(_DIFF_ARGS, root, env=env), "diff")
 
 
+def _strip_credentials(url: str) -> str:
+    """A remote URL without any user:password@ part (tokens live there in https URLs)."""
+    if "://" not in url:
+        return url  # scp-like git@host:path: a user name, never a secret
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host += f":{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+def code_context(directory: Path, code: CodeVersion) -> dict[str, Any]:
+    """What the run record keeps about the code beside :class:`CodeVersion`.
+
+    ``root`` (the working tree) and ``subdir`` (``directory`` inside it, so a replay finds the
+    experiment in a fresh worktree), ``remote`` and ``remote_url`` (the upstream of the branch,
+    else ``origin``; credentials stripped), and ``skipped_sha256``: the hash of each untracked
+    file too large for the patch, so a replay can tell whether the one it finds is the same.
+    """
+    directory = Path(directory)
+    out: dict[str, Any] = {
+        "root": None,
+        "subdir": None,
+        "remote": None,
+        "remote_url": None,
+        "skipped_sha256": {},
+    }
+    if code.version == "no-git":
+        return out
+    top = _git(["rev-parse", "--show-toplevel"], directory)
+    if top.returncode != 0:
+        return out
+    root = Path(top.stdout.decode().strip())
+    out["root"] = str(root)
+    out["subdir"] = Path(os.path.relpath(directory.resolve(), root.resolve())).as_posix()
+    remote = None
+    if code.branch:
+        got = _git(["config", "--get", f"branch.{code.branch}.remote"], root)
+        remote = got.stdout.decode().strip() or None if got.returncode == 0 else None
+    if remote is None:
+        names = _git(["remote"], root).stdout.decode().split()
+        remote = "origin" if "origin" in names else (names[0] if names else None)
+    if remote is not None:
+        url = _git(["remote", "get-url", remote], root)
+        if url.returncode == 0:
+            out["remote"] = remote
+            out["remote_url"] = _strip_credentials(url.stdout.decode().strip())
+    hashes: dict[str, str] = {}
+    for name in code.skipped:
+        try:
+            with open(root / name, "rb") as f:
+                hashes[name] = hashlib.file_digest(f, "sha256").hexdigest()
+        except OSError:
+            continue
+    out["skipped_sha256"] = hashes
+    return out
+
+
 # -- environment -------------------------------------------------------------------------------
 
 _NORMALIZE = re.compile(r"[-_.]+")
@@ -332,12 +396,107 @@ def installed_distributions() -> list[str]:
     return sorted(f"{name}=={version}" for name, version in seen.items())
 
 
-def capture_environment() -> dict[str, Any]:
+DEFAULT_ENV_ALLOWLIST: Final = (
+    "CUDA_VISIBLE_DEVICES",
+    "CUBLAS_WORKSPACE_CONFIG",
+    "LANG",
+    "LC_ALL",
+    "MKL_NUM_THREADS",
+    "NCCL_*",
+    "NUMEXPR_NUM_THREADS",
+    "NVIDIA_VISIBLE_DEVICES",
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "PYTHONHASHSEED",
+    "TF_DETERMINISTIC_OPS",
+    "TZ",
+)
+"""Environment variables (``*`` globs) recorded by default: those that change numerics."""
+
+_SECRET = re.compile(r"(TOKEN|SECRET|PASSW|PASSPHRASE|CREDENTIAL|API_?KEY|PRIVATE|AUTH)", re.I)
+"""Names never recorded, whatever the allowlist says."""
+
+LOCK_FILES: Final = (
+    "uv.lock",
+    "poetry.lock",
+    "pdm.lock",
+    "Pipfile.lock",
+    "conda-lock.yml",
+    "requirements.lock",
+    "requirements.txt",
+    "environment.yml",
+)
+
+
+def allowed_env(
+    environ: dict[str, str] | os._Environ[str], allowlist: Sequence[str] = DEFAULT_ENV_ALLOWLIST
+) -> dict[str, str]:
+    """The variables of ``environ`` on ``allowlist`` (``fnmatch`` globs), secrets never."""
+    import fnmatch
+
+    return {
+        k: environ[k]
+        for k in sorted(environ)
+        if any(fnmatch.fnmatchcase(k, pat) for pat in allowlist) and _SECRET.search(k) is None
+    }
+
+
+def lock_file_hashes(*directories: Path) -> dict[str, str]:
+    """SHA-256 of each lock file found in ``directories`` (first one found per name wins)."""
+    out: dict[str, str] = {}
+    for d in directories:
+        for name in LOCK_FILES:
+            p = Path(d) / name
+            if name not in out and p.is_file():
+                with open(p, "rb") as f:
+                    out[name] = hashlib.file_digest(f, "sha256").hexdigest()
+    return out
+
+
+def distribution_hashes() -> dict[str, str]:
+    """``name==version`` -> SHA-256 of the distribution's RECORD (the hash of every file it
+    installed), or of its METADATA when it has no RECORD (an egg-info)."""
+    out: dict[str, str] = {}
+    for entry in sys.path:
+        path = Path(entry or ".")
+        if not path.is_dir():
+            continue
+        try:
+            dirs = sorted(
+                e.path for e in os.scandir(path) if e.name.endswith((".dist-info", ".egg-info"))
+            )
+        except OSError:
+            continue
+        for d in dirs:
+            found = _read_name_version(Path(d))
+            if found is None:
+                continue
+            key = f"{_normalize(found[0])}=={found[1]}"
+            if key in out:
+                continue
+            for filename in ("RECORD", "METADATA", "PKG-INFO"):
+                try:
+                    with open(Path(d) / filename, "rb") as f:
+                        out[key] = hashlib.file_digest(f, "sha256").hexdigest()
+                    break
+                except OSError:
+                    continue
+    return dict(sorted(out.items()))
+
+
+def capture_environment(
+    *,
+    lock_dirs: Sequence[Path] = (),
+    env_allowlist: Sequence[str] = DEFAULT_ENV_ALLOWLIST,
+) -> dict[str, Any]:
     """Python, platform and installed distributions, with ``env_hash`` over what matters.
 
     ``env_hash`` covers the interpreter (implementation and ``major.minor``) and the
     distributions, not the patch release, path or OS: what would change a result, not what
-    merely differs between two machines that would compute the same thing.
+    merely differs between two machines that would compute the same thing. Beside it: each
+    distribution's hash, the lock files found in ``lock_dirs``, and the environment variables
+    on ``env_allowlist`` (never one whose name looks like a secret). ``container_image`` is
+    None here; a provider that runs in a container reports its digest with the attempt.
     """
     dists = installed_distributions()
     impl = platform.python_implementation()
@@ -352,6 +511,10 @@ def capture_environment() -> dict[str, Any]:
         },
         "platform": platform.platform(),
         "distributions": dists,
+        "distribution_hashes": distribution_hashes(),
+        "lock_files": lock_file_hashes(*lock_dirs),
+        "env_vars": allowed_env(os.environ, env_allowlist),
+        "container_image": None,
         "env_hash": env_hash,
     }
 
@@ -388,75 +551,19 @@ def capture_hardware() -> dict[str, Any]:
     }
 
 
-# -- data --------------------------------------------------------------------------------------
+# -- data ------------------------------------------------------------------------------------
 
 
-def _file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _local_path(uri: str, base_dir: Path) -> Path | None:
-    """The local path a URI names, or None for a remote scheme (s3://, https://, ...)."""
-    if "://" not in uri:
-        path = Path(uri).expanduser()
-        return path if path.is_absolute() else Path(base_dir) / path
-    parts = urlsplit(uri)
-    if parts.scheme.lower() != "file":
-        return None
-    if parts.netloc not in ("", "localhost"):
-        raise SpecError(
-            f"data input {uri!r} names a file on another host ({parts.netloc})",
-            hint="use file:///absolute/path for a local file, or a remote scheme such as s3://",
-        )
-    return Path(unquote(parts.path))
-
-
-def data_version(uri: str, pinned: str | None, base_dir: Path) -> str:
+def data_version(
+    uri: str, pinned: str | None, base_dir: Path, *, cache: HashCache | None = None
+) -> str:
     """The version string of a data input, as it goes into run identity.
 
     ``pinned`` wins when given. A local path (relative ones against ``base_dir``) or
     ``file://`` URI is hashed: a file as ``sha256:<hex>`` of its bytes, a directory as
     ``sha256:<hex>`` of its sorted manifest of ``(relative path, size, sha256)`` (symlinked
-    directories enter by their target text, not followed). A remote URI without a pin is
-    ``unpinned:<uri>``, a marker that the run may not be reproducible.
+    directories enter by their target text, not followed). A remote URI is versioned through
+    fsspec (see :mod:`stowplan.provenance.data`), or ``unpinned:<uri>`` when its scheme cannot
+    be looked up here: a marker that the run may not be reproducible.
     """
-    if pinned is not None:
-        return pinned
-    path = _local_path(uri, base_dir)
-    if path is None:
-        return f"unpinned:{uri}"
-    if path.is_file():
-        return f"sha256:{_file_sha256(path)}"
-    if path.is_dir():
-        return f"sha256:{sha256_hex(canonical_json(_manifest(path)))}"
-    if path.exists():
-        raise SpecError(
-            f"data input {uri!r} is neither a regular file nor a directory ({path})",
-            hint="point it at a file or directory",
-        )
-    raise SpecError(
-        f"data input {uri!r} does not exist (looked for {path})",
-        hint="fix the path (relative paths start at the experiment file's directory), create "
-        "the data first, or pin a version for data that lives elsewhere",
-    )
-
-
-def _manifest(root: Path) -> list[tuple[str, int, str]]:
-    entries: list[tuple[str, int, str]] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
-        for name in dirnames:
-            p = here / name
-            if p.is_symlink():
-                rel = p.relative_to(root).as_posix()
-                entries.append((rel, 0, "symlink:" + os.readlink(p)))
-        for name in filenames:
-            p = here / name
-            rel = p.relative_to(root).as_posix()
-            if not p.is_file():  # dangling link, socket, fifo: present, but no content
-                entries.append((rel, 0, "special"))
-                continue
-            entries.append((rel, p.stat().st_size, _file_sha256(p)))
-    entries.sort()
-    return entries
+    return capture_data(uri, pinned, base_dir, cache=cache).version

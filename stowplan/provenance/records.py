@@ -92,11 +92,13 @@ class ArtifactRecord(Struct, frozen=True, kw_only=True):
 
 
 class ProvenanceRecord(Struct, frozen=True, kw_only=True):
-    """Code, environment and hardware as captured on the submitting machine."""
+    """Code, environment, hardware and data as captured on the submitting machine."""
 
     code: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
     hardware: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    """uri -> ``DataVersionRecord`` as builtins, for every input of every task."""
 
 
 class PlacementRecord(Struct, frozen=True, kw_only=True):
