@@ -7,7 +7,12 @@ from pathlib import Path
 from typing import assert_never
 
 from stowplan.providers.base import Provider
-from stowplan.spec.models import InstantProviderConfig, LocalProviderConfig, ProviderConfig
+from stowplan.spec.models import (
+    InstantProviderConfig,
+    LocalProviderConfig,
+    ProviderConfig,
+    SlurmProviderConfig,
+)
 
 
 def make_provider(name: str, config: ProviderConfig, *, state_dir: Path) -> Provider:
@@ -21,4 +26,8 @@ def make_provider(name: str, config: ProviderConfig, *, state_dir: Path) -> Prov
         from stowplan.providers.instant import InstantProvider
 
         return InstantProvider(name, config, state_dir=state_dir)
+    if isinstance(config, SlurmProviderConfig):
+        from stowplan.providers.slurm import SlurmProvider
+
+        return SlurmProvider(name, config, state_dir=state_dir)
     assert_never(config)

@@ -319,7 +319,53 @@ class InstantProviderConfig(_Spec, frozen=True, tag_field="kind", tag="instant")
     site: str = "local"
 
 
-ProviderConfig = LocalProviderConfig | InstantProviderConfig
+class SlurmProviderConfig(_Spec, frozen=True, tag_field="kind", tag="slurm"):
+    """A Slurm cluster reached over SSH at its login node (or through slurmrestd).
+
+    ``known_hosts`` is always checked (unset: ``~/.ssh/known_hosts``). ``workdir`` on the
+    cluster holds job scripts, logs and attempt directories; a relative one is under the login
+    user's home. ``remote_env`` is set for every Slurm command (``slurm_conf`` is a shorthand
+    for ``SLURM_CONF``). ``site`` defaults to the cluster's ``ClusterName``.
+    """
+
+    host: str
+    port: Annotated[int, Meta(ge=1, le=65535)] = 22
+    user: str | None = None
+    identity_file: str | None = None
+    known_hosts: str | None = None
+    transport: Literal["ssh", "rest"] = "ssh"
+    rest_url: str | None = None
+    rest_token_env: str = "SLURM_JWT"
+    """Name of the environment variable holding the JWT (the secret itself is never written)."""
+    slurm_conf: str | None = None
+    remote_env: dict[str, str] = field(default_factory=dict)
+    workdir: str = "stowplan"
+    site: str | None = None
+    partitions: list[str] | None = None
+    account: str | None = None
+    qos: str | None = None
+    max_array_size: Annotated[int, Meta(ge=1, le=100_000)] = 1000
+    max_concurrent: PositiveInt | None = None
+    """Per array (``--array=0-N%max``); a sweep's own ``max_concurrent`` is enforced upstream."""
+    queue_factor: Annotated[float, Meta(ge=1)] = 1.0
+    """Offer this many times a partition's capacity, so Slurm's own queue holds the excess."""
+    connections: Annotated[int, Meta(ge=1, le=16)] = 2
+
+    def __post_init__(self) -> None:
+        if not self.host.strip() or any(c.isspace() for c in self.host):
+            raise ValueError(f"host: {self.host!r} is not a host name")
+        for k in self.remote_env:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k):
+                raise ValueError(f"remote_env: {k!r} is not a valid environment variable name")
+        if not self.workdir.strip() or "\0" in self.workdir or ".." in self.workdir.split("/"):
+            raise ValueError(f"workdir: {self.workdir!r} must be a directory path without '..'")
+        if self.transport == "rest" and not self.rest_url:
+            raise ValueError("transport = 'rest' needs rest_url (the slurmrestd address)")
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", self.rest_token_env):
+            raise ValueError(f"rest_token_env: {self.rest_token_env!r} is not a variable name")
+
+
+ProviderConfig = LocalProviderConfig | InstantProviderConfig | SlurmProviderConfig
 
 
 class StoreConfig(_Spec, frozen=True):

@@ -1,0 +1,579 @@
+"""The Slurm driver: sbatch job arrays over SSH to a login node.
+
+Remote layout under the configured ``workdir``::
+
+    jobs/<array>/job.sh        the rendered script (its ``# stowplan-key`` lines map index -> key)
+    jobs/<array>/jobid         the array's job id, written right after sbatch answered
+    jobs/<array>/logs/I.out    stdout (``.err``: stderr) of array index I
+    runs/<run_id>/<attempt>/   where an attempt runs; its declared outputs are left there
+
+Idempotency: an array's job name is a hash of its attempt keys, so a retried submit renders the
+same name. The remote submit program holds a ``flock`` on the array directory, and starts
+``sbatch`` only if there is no ``jobid`` file and neither ``squeue`` nor ``sacct`` knows the
+name; a submit whose answer was lost (the connection dropped after sbatch was sent) is simply
+run again, and finds the first job. If ``squeue`` itself fails, nothing is submitted.
+
+Observation: one remote call per poll runs one ``squeue`` and one ``sacct`` for every live
+array; finished attempts are cached. Keys this instance has not seen (after a control-plane
+restart) are looked up in the local index under ``state_dir/slurm/<name>/`` and, failing that,
+in the remote job scripts by one ``grep``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import shlex
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import msgspec
+from msgspec import Struct, field
+
+from stowplan.errors import ProviderError
+from stowplan.placement.problem import Pool
+from stowplan.providers.base import (
+    TERMINAL_PROVIDER_STATES,
+    Capabilities,
+    LaunchSpec,
+    LogStream,
+    Provider,
+    ProviderRequest,
+    ProviderState,
+    Report,
+)
+from stowplan.providers.slurm.parse import (
+    SACCT_FORMAT,
+    SECTION,
+    SQUEUE_FORMAT,
+    JobRow,
+    cluster_name,
+    parse_key_lines,
+    parse_partitions,
+    parse_pending,
+    parse_sacct,
+    parse_squeue,
+    pools_of,
+    split_sections,
+)
+from stowplan.providers.slurm.render import SlurmRequest, plan_arrays
+from stowplan.providers.slurm.ssh import Completed, SSHTransport, TransportLost
+from stowplan.providers.slurm.states import slurm_state
+from stowplan.spec.models import SlurmProviderConfig
+
+SUBMIT_TRIES = 5
+RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+LOG_POLL_S = 1.0
+EXIT_REJECTED, EXIT_TRANSIENT = 65, 75
+_TRANSIENT = (
+    "Socket timed out",
+    "Unable to contact slurm controller",
+    "temporarily unable",
+    "Resource temporarily unavailable",
+    "Zero Bytes were transmitted",
+    "Connection refused",
+)
+
+# The remote submit program. $1: the array directory, $2: the job name; the script on stdin.
+SUBMIT_PROGRAM = r"""
+set -eu
+d=$1; name=$2
+mkdir -p -- "$d/logs"
+cd -- "$d"
+exec 9>>.lock
+flock -w 100 9 || { echo "stowplan: $d is locked by another submit" >&2; exit 75; }
+cat > job.sh.tmp
+if [ -s jobid ]; then cat jobid; exit 0; fi
+if ! q=$(squeue -h --name="$name" -o %F 2>sq.err); then
+  cat sq.err >&2; exit 75
+fi
+a=$(sacct -X -n -P --name="$name" -S now-60days -o JobID 2>/dev/null || true)
+found=$(printf '%s\n%s\n' "$q" "$a" | sed 's/_.*//' | grep -E '^[0-9]+$' | head -n 1 || true)
+if [ -n "$found" ]; then printf '%s\n' "$found" > jobid; cat jobid; exit 0; fi
+mv job.sh.tmp job.sh
+if ! out=$(sbatch --parsable job.sh 2>sbatch.err); then cat sbatch.err >&2; exit 65; fi
+printf '%s\n' "${out%%;*}" > jobid.tmp
+mv jobid.tmp jobid
+cat jobid
+"""
+
+# $1: workdir; keys on stdin. Prints the key lines of job scripts, then every known job id.
+LOOKUP_PROGRAM = rf"""
+cd -- "$1" 2>/dev/null && cd jobs 2>/dev/null || exit 0
+grep -H -F -f - -- */job.sh 2>/dev/null | grep -F ':# stowplan-key ' || true
+echo '{SECTION}'
+grep -H . -- */jobid 2>/dev/null || true
+"""
+
+# $1: comma-separated job names, $2: sacct start. squeue must answer; sacct may be disabled.
+DESCRIBE_PROGRAM = rf"""
+squeue -h -r --name="$1" -o '{SQUEUE_FORMAT}' || exit 75
+echo '{SECTION}'
+sacct -X -n -P --name="$1" -S "$2" --format='{SACCT_FORMAT}' 2>/dev/null || true
+"""
+
+DISCOVER_PROGRAM = rf"""
+scontrol show config | grep '^ClusterName' || true
+echo '{SECTION}'
+scontrol -o show partition || exit 75
+echo '{SECTION}'
+scontrol -o show node || exit 75
+echo '{SECTION}'
+squeue -h -r -t PD -o '%P|%C|%l' || true
+"""
+
+
+class _Member(Struct, kw_only=True):
+    """Where an attempt is: its array, index, directory and declared outputs."""
+
+    key: str
+    array: str
+    index: int
+    job_dir: str
+    attempt_dir: str
+    outputs: list[str] = field(default_factory=list)
+
+
+class _Array(Struct, kw_only=True):
+    name: str
+    job_dir: str
+    job_id: str | None = None
+    submitted_at: float = 0.0
+
+
+class _IndexLine(Struct, kw_only=True, omit_defaults=True):
+    member: _Member | None = None
+    array: _Array | None = None
+
+
+_index_decoder = msgspec.json.Decoder(_IndexLine)
+_index_encoder = msgspec.json.Encoder()
+
+
+class SlurmProvider(Provider):
+    def __init__(
+        self,
+        name: str,
+        config: SlurmProviderConfig,
+        *,
+        state_dir: Path,
+        transport: SSHTransport | None = None,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.capabilities = Capabilities(
+            gpus=True,
+            arrays=True,
+            cannot={
+                "sub_minute_timeouts": "Slurm time limits are whole minutes; ours are rounded up",
+                "memory_without_accounting": "final states of jobs that left squeue need sacct "
+                "(slurmdbd); without it they stay UNKNOWN until the lease expires",
+            },
+        )
+        if config.transport == "rest":
+            raise ProviderError(
+                "transport = 'rest' (slurmrestd) is not implemented yet; use transport = 'ssh'",
+                provider=name,
+                retryable=False,
+            )
+        self.transport = transport or SSHTransport(
+            name,
+            host=config.host,
+            port=config.port,
+            user=config.user,
+            identity_file=config.identity_file,
+            known_hosts=config.known_hosts,
+            connections=config.connections,
+        )
+        env = dict(config.remote_env)
+        if config.slurm_conf is not None:
+            env["SLURM_CONF"] = config.slurm_conf
+        self._env = env
+        self._dir = Path(state_dir).absolute() / "slurm" / name
+        self._index_path = self._dir / "index.jsonl"
+        self._loaded = False
+        self._members: dict[str, _Member] = {}
+        self._arrays: dict[str, _Array] = {}
+        self._finished: dict[str, Report] = {}
+        self._gpu_types: dict[str, tuple[str, ...]] = {}
+        self._lock = asyncio.Lock()
+        self.describe_calls = 0
+
+    # -- remote commands ----------------------------------------------------------------------
+
+    def _command(self, argv: Sequence[str]) -> str:
+        """One shell command line: every word quoted, remote_env set through ``env``."""
+        env = [f"{k}={v}" for k, v in sorted(self._env.items())]
+        return shlex.join(["env", *env, *argv] if env else list(argv))
+
+    def _program(self, program: str, *args: str) -> str:
+        return self._command(["bash", "-c", program, "stowplan", *args])
+
+    async def _run(self, command: str, *, stdin: str | None = None) -> Completed:
+        try:
+            return await self.transport.run(command, stdin=stdin)
+        finally:
+            self._write_stats()
+
+    def _write_stats(self) -> None:
+        try:
+            self._dir.mkdir(parents=True, exist_ok=True)
+            tmp = self._dir / "stats.json.tmp"
+            tmp.write_text(
+                json.dumps(
+                    {"commands": self.transport.commands, "connects": self.transport.connects}
+                )
+            )
+            tmp.replace(self._dir / "stats.json")
+        except OSError:
+            pass
+
+    # -- the local index ----------------------------------------------------------------------
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        try:
+            lines = self._index_path.read_bytes().splitlines()
+        except FileNotFoundError:
+            return
+        for line in lines:
+            try:
+                rec = _index_decoder.decode(line)
+            except msgspec.DecodeError:
+                continue  # a torn last line after a crash
+            if rec.member is not None:
+                self._members[rec.member.key] = rec.member
+            if rec.array is not None:
+                known = self._arrays.get(rec.array.name)
+                if known is None or rec.array.job_id is not None:
+                    self._arrays[rec.array.name] = rec.array
+
+    def _append(self, records: Sequence[_IndexLine]) -> None:
+        self._dir.mkdir(parents=True, exist_ok=True)
+        with open(self._index_path, "ab") as f:
+            for rec in records:
+                f.write(_index_encoder.encode(rec) + b"\n")
+
+    # -- discover / plan ----------------------------------------------------------------------
+
+    async def discover(self) -> list[Pool]:
+        res = await self._run(self._program(DISCOVER_PROGRAM))
+        if res.rc != 0:
+            raise ProviderError(
+                f"cannot read partitions: {res.stderr.strip() or res.stdout.strip()}",
+                provider=self.name,
+                retryable=True,
+            )
+        sections = split_sections(res.stdout)
+        if len(sections) != 4:
+            raise ProviderError(
+                "unexpected output from scontrol/squeue", provider=self.name, retryable=True
+            )
+        config, partitions, nodes, pending = sections
+        site = self.config.site or cluster_name(config) or self.name
+        parts = parse_partitions(partitions, nodes)
+        if self.config.partitions is not None:
+            wanted = set(self.config.partitions)
+            parts = [p for p in parts if p.name in wanted]
+        pools = pools_of(self.name, site, parts, parse_pending(pending))
+        f = self.config.queue_factor
+        if f != 1.0:
+            pools = [
+                msgspec.structs.replace(
+                    p,
+                    cpus=p.cpus * f,
+                    memory=int(p.memory * f),
+                    gpus={k: math.floor(v * f) for k, v in p.gpus.items()},
+                )
+                for p in pools
+            ]
+        self._gpu_types = {p.id: tuple(sorted(p.gpus)) for p in pools}
+        return pools
+
+    def plan(self, launches: Sequence[LaunchSpec]) -> list[ProviderRequest]:
+        return list(
+            plan_arrays(
+                launches,
+                provider=self.name,
+                workdir=self.config.workdir,
+                max_array_size=self.config.max_array_size,
+                max_concurrent=self.config.max_concurrent,
+                account=self.config.account,
+                qos=self.config.qos,
+                gpu_types=self._gpu_types,
+            )
+        )
+
+    # -- submit -------------------------------------------------------------------------------
+
+    async def submit(self, requests: Sequence[ProviderRequest]) -> list[Report]:
+        self._load()
+        out: list[Report] = []
+        for req in requests:
+            if not isinstance(req, SlurmRequest):
+                raise ProviderError(
+                    f"not a Slurm request: {type(req).__name__}",
+                    provider=self.name,
+                    retryable=False,
+                )
+            out.extend(await self._submit_one(req))
+        return out
+
+    async def _submit_one(self, req: SlurmRequest) -> list[Report]:
+        now = time.time()
+        # write-ahead: the key -> array mapping is on disk before sbatch can run
+        members = [
+            _Member(
+                key=m.key,
+                array=req.key,
+                index=m.index,
+                job_dir=req.job_dir,
+                attempt_dir=m.attempt_dir,
+                outputs=list(m.outputs),
+            )
+            for m in req.members
+        ]
+        array = self._arrays.get(req.key) or _Array(
+            name=req.key, job_dir=req.job_dir, submitted_at=now
+        )
+        self._append([_IndexLine(member=m) for m in members] + [_IndexLine(array=array)])
+        for m in members:
+            self._members[m.key] = m
+        self._arrays[req.key] = array
+        command = self._program(SUBMIT_PROGRAM, req.job_dir, req.key)
+        last = ""
+        for attempt in range(SUBMIT_TRIES):
+            if attempt:
+                await asyncio.sleep(RETRY_BACKOFF_S[min(attempt - 1, len(RETRY_BACKOFF_S) - 1)])
+            try:
+                # safe to repeat: the program finds a job submitted by an earlier try
+                res = await self._run(command, stdin=req.script)
+            except ProviderError as e:
+                if not e.retryable:
+                    return self._failed(req, str(e), retryable=False)
+                last = str(e)
+                continue
+            job_id = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
+            if res.rc == 0 and job_id.isdigit():
+                array.job_id = job_id
+                array.submitted_at = array.submitted_at or now
+                self._append([_IndexLine(array=array)])
+                return [
+                    Report(
+                        key=m.key,
+                        state=ProviderState.QUEUED,
+                        job_id=f"{job_id}_{m.index}",
+                        message=f"submitted as array {job_id} ({req.key})",
+                    )
+                    for m in req.members
+                ]
+            why = (res.stderr.strip() or res.stdout.strip() or f"exit {res.rc}")[-2000:]
+            if res.rc == EXIT_REJECTED and not any(t in why for t in _TRANSIENT):
+                return self._failed(req, f"sbatch refused the job: {why}", retryable=False)
+            last = why
+        return self._failed(req, f"submit failed after {SUBMIT_TRIES} tries: {last}", True)
+
+    def _failed(self, req: SlurmRequest, message: str, retryable: bool) -> list[Report]:
+        from stowplan.spec.models import FailureClass
+
+        failure = FailureClass.PROVIDER_TRANSIENT if retryable else FailureClass.PROVIDER_REJECTED
+        return [
+            Report(key=m.key, state=ProviderState.FAILED, failure=failure, message=message)
+            for m in req.members
+        ]
+
+    # -- describe -----------------------------------------------------------------------------
+
+    async def _lookup(self, keys: list[str]) -> None:
+        """Find keys this instance has not seen in the remote job scripts (after a restart)."""
+        res = await self._run(
+            self._program(LOOKUP_PROGRAM, self.config.workdir),
+            stdin="".join(k + "\n" for k in keys),
+        )
+        if res.rc != 0:
+            raise ProviderError(
+                f"key lookup failed: {res.stderr.strip()}", provider=self.name, retryable=True
+            )
+        sections = split_sections(res.stdout)
+        found = parse_key_lines(sections[0])
+        job_ids: dict[str, str] = {}
+        for line in (sections[1] if len(sections) > 1 else "").splitlines():
+            path, _, jid = line.partition(":")
+            if jid.strip().isdigit():
+                job_ids[path.split("/")[0]] = jid.strip()
+        base = self.config.workdir.rstrip("/") or "/"
+        new: list[_IndexLine] = []
+        wanted = set(keys)
+        for key, (array, index, run_id, attempt, outputs) in found.items():
+            if key not in wanted:
+                continue
+            job_dir = f"{base}/jobs/{array}"
+            member = _Member(
+                key=key,
+                array=array,
+                index=index,
+                job_dir=job_dir,
+                attempt_dir=f"{base}/runs/{run_id}/{attempt}",
+                outputs=outputs,
+            )
+            self._members[key] = member
+            new.append(_IndexLine(member=member))
+            if array not in self._arrays or self._arrays[array].job_id is None:
+                self._arrays[array] = _Array(name=array, job_dir=job_dir, job_id=job_ids.get(array))
+                new.append(_IndexLine(array=self._arrays[array]))
+        if new:
+            self._append(new)
+
+    async def describe(self, keys: Sequence[str]) -> list[Report]:
+        async with self._lock:
+            return await self._describe(keys)
+
+    async def _describe(self, keys: Sequence[str]) -> list[Report]:
+        self._load()
+        unseen = [k for k in keys if k not in self._members and k not in self._finished]
+        if unseen:
+            await self._lookup(unseen)
+        live = [k for k in keys if k in self._members and k not in self._finished]
+        rows: dict[tuple[str, int | None], tuple[JobRow | None, JobRow | None]] = {}
+        if live:
+            names = sorted({self._members[k].array for k in live})
+            since = min(
+                (self._arrays[n].submitted_at for n in names if n in self._arrays), default=0.0
+            )
+            days = 60 if not since else max(1, math.ceil((time.time() - since) / 86400) + 1)
+            self.describe_calls += 1
+            res = await self._run(
+                self._program(DESCRIBE_PROGRAM, ",".join(names), f"now-{days}days")
+            )
+            if res.rc != 0:
+                raise ProviderError(
+                    f"squeue failed: {res.stderr.strip() or res.stdout.strip()}",
+                    provider=self.name,
+                    retryable=True,
+                )
+            sections = split_sections(res.stdout)
+            squeue = parse_squeue(sections[0])
+            sacct = parse_sacct(sections[1]) if len(sections) > 1 else []
+            for row in squeue:
+                rows[(row.name, row.index)] = (
+                    row,
+                    rows.get((row.name, row.index), (None, None))[1],
+                )
+            for row in sacct:
+                prev = rows.get((row.name, row.index), (None, None))
+                if prev[1] is None or self._preferred(row, prev[1]):
+                    rows[(row.name, row.index)] = (prev[0], row)
+        out: list[Report] = []
+        for key in keys:
+            cached = self._finished.get(key)
+            if cached is not None:
+                out.append(cached)
+                continue
+            member = self._members.get(key)
+            if member is None:
+                out.append(Report(key=key, state=ProviderState.UNKNOWN, message="never submitted"))
+                continue
+            live_row, acct_row = rows.get((member.array, member.index), (None, None))
+            report = self._report(member, live_row, acct_row)
+            if report.state in TERMINAL_PROVIDER_STATES:
+                self._finished[key] = report
+            out.append(report)
+        return out
+
+    def _preferred(self, new: JobRow, old: JobRow) -> bool:
+        """Of two sacct rows for one element, the one of the job id we submitted."""
+        array = self._arrays.get(new.name)
+        return array is not None and new.job_id == array.job_id and old.job_id != array.job_id
+
+    def _report(self, m: _Member, live: JobRow | None, acct: JobRow | None) -> Report:
+        row = live
+        if acct is not None:
+            acct_state, _ = slurm_state(acct.state, acct.exit_code)
+            if live is None or acct_state in TERMINAL_PROVIDER_STATES:
+                row = acct
+        if row is None:
+            return Report(
+                key=m.key,
+                state=ProviderState.UNKNOWN,
+                message=f"array {m.array} index {m.index} is in neither squeue nor sacct",
+            )
+        state, failure = slurm_state(row.state, row.exit_code)
+        parts = [f"slurm {row.state}"]
+        if row.exit_code not in (None, 0) or row.signal:
+            parts.append(
+                f"exit code {row.exit_code}" + (f" signal {row.signal}" if row.signal else "")
+            )
+        if row.reason:
+            parts.append(row.reason)
+        if row.node:
+            parts.append(f"on {row.node}")
+        outputs = (
+            {o: f"{m.attempt_dir}/{o}" for o in m.outputs}
+            if state is ProviderState.SUCCEEDED
+            else {}
+        )
+        return Report(
+            key=m.key,
+            state=state,
+            failure=failure,
+            job_id=row.element_id,
+            node=row.node,
+            exit_code=row.exit_code,
+            message=", ".join(parts),
+            started_at=row.started_at,
+            ended_at=row.ended_at,
+            outputs=outputs,
+        )
+
+    # -- cancel / logs ------------------------------------------------------------------------
+
+    async def cancel(self, keys: Sequence[str]) -> None:
+        self._load()
+        ids = []
+        for key in keys:
+            m = self._members.get(key)
+            if m is None or key in self._finished:
+                continue
+            array = self._arrays.get(m.array)
+            if array is not None and array.job_id is not None:
+                ids.append(f"{array.job_id}_{m.index}")
+        if not ids:
+            return
+        # scancel of a finished job complains and exits non-zero: cancelling is idempotent
+        res = await self._run(self._command(["scancel", *ids]))
+        benign = ("already completing or completed", "Invalid job id")
+        if res.rc != 0 and not any(b in res.stderr for b in benign):
+            raise ProviderError(
+                f"scancel failed: {res.stderr.strip()}", provider=self.name, retryable=True
+            )
+
+    async def logs(
+        self, key: str, *, stream: LogStream = "stdout", follow: bool = False
+    ) -> AsyncIterator[bytes]:
+        self._load()
+        if key not in self._members:
+            await self._lookup([key])
+        m = self._members.get(key)
+        if m is None:
+            return
+        path = f"{m.job_dir}/logs/{m.index}.{'out' if stream == 'stdout' else 'err'}"
+        offset = 0
+        while True:
+            done = not follow or (await self.describe([key]))[0].state in TERMINAL_PROVIDER_STATES
+            data = await self.transport.read_file(path, offset)
+            if data:
+                offset += len(data)
+                yield data
+            if done:
+                return
+            await asyncio.sleep(LOG_POLL_S)
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
+
+__all__ = ["SlurmProvider", "SlurmRequest", "TransportLost"]

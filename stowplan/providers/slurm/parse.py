@@ -1,0 +1,341 @@
+"""Pure parsers of Slurm command output, tested on output captured from a real cluster.
+
+The driver asks for machine-readable formats that Slurm 22.05 has: ``scontrol -o`` (one
+record per line), ``squeue -h -r -o`` and ``sacct -X -P -n`` with ``|``-separated fields.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+
+from msgspec import Struct, field
+
+from stowplan.placement.problem import Pool
+
+SECTION = "@@stowplan@@"
+"""Printed between the outputs of several commands run in one remote call."""
+
+SQUEUE_FIELDS = ("%F", "%K", "%i", "%j", "%T", "%N", "%S", "%r")
+SQUEUE_FORMAT = "|".join(SQUEUE_FIELDS)
+SACCT_FIELDS = ("JobID", "JobName", "State", "ExitCode", "NodeList", "Start", "End", "Reason")
+SACCT_FORMAT = ",".join(SACCT_FIELDS)
+
+_KV = re.compile(r"(?:^|\s)([A-Za-z][A-Za-z0-9_/:.]*)=")
+_ARRAY_ID = re.compile(r"^(\d+)_(\d+)$")
+_ARRAY_PENDING = re.compile(r"^(\d+)_\[([^\]]*)\]$")
+
+
+class JobRow(Struct, frozen=True, kw_only=True):
+    """One array element (or plain job) as squeue or sacct shows it."""
+
+    job_id: str
+    """The base (array) job id."""
+    index: int | None
+    name: str
+    state: str
+    node: str | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    reason: str = ""
+
+    @property
+    def element_id(self) -> str:
+        return self.job_id if self.index is None else f"{self.job_id}_{self.index}"
+
+
+def split_sections(text: str) -> list[str]:
+    return text.split(SECTION + "\n")
+
+
+def parse_oneliner(text: str) -> list[dict[str, str]]:
+    """``scontrol show ... -o``: one ``Key=Value`` record per line; values may hold spaces."""
+    records = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        matches = list(_KV.finditer(line))
+        rec: dict[str, str] = {}
+        for m, nxt in zip(matches, [*matches[1:], None], strict=True):
+            end = nxt.start() if nxt is not None else len(line)
+            rec[m.group(1)] = line[m.end() : end].strip()
+        if rec:
+            records.append(rec)
+    return records
+
+
+def parse_time(value: str) -> float | None:
+    """Slurm's ``2026-11-26T08:15:02`` (the cluster's local time); ``Unknown``/``None``: none."""
+    value = value.strip()
+    if not value or value in ("Unknown", "None", "N/A"):
+        return None
+    try:
+        return dt.datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return None
+
+
+def parse_exit(value: str) -> tuple[int | None, int | None]:
+    """sacct's ``ExitCode`` ``CODE:SIGNAL``."""
+    code, _, sig = value.strip().partition(":")
+    try:
+        return int(code), int(sig) if sig else None
+    except ValueError:
+        return None, None
+
+
+def _expand(spec: str) -> list[int]:
+    """``0-5,7,9-11%2`` -> indices (the ``%`` throttle is dropped)."""
+    out: list[int] = []
+    for part in spec.split("%", 1)[0].split(","):
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        try:
+            out.extend(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            continue
+    return out
+
+
+def parse_squeue(text: str) -> list[JobRow]:
+    """``squeue -h -r -o SQUEUE_FORMAT``: one line per array element."""
+    rows = []
+    for line in text.splitlines():
+        parts = line.split("|", len(SQUEUE_FIELDS) - 1)
+        if len(parts) != len(SQUEUE_FIELDS):
+            continue
+        base, index, _jid, name, state, nodes, start, reason = parts
+        idx = int(index) if index.isdigit() else None
+        rows.append(
+            JobRow(
+                job_id=base.strip(),
+                index=idx,
+                name=name,
+                state=state.strip(),
+                node=nodes.strip() or None,
+                started_at=parse_time(start),
+                reason="" if reason in ("None", "(null)") else reason.strip(),
+            )
+        )
+    return rows
+
+
+def parse_sacct(text: str) -> list[JobRow]:
+    """``sacct -X -P -n --format=SACCT_FORMAT``; pending array ranges are expanded."""
+    rows = []
+    for line in text.splitlines():
+        parts = line.split("|", len(SACCT_FIELDS) - 1)
+        if len(parts) != len(SACCT_FIELDS):
+            continue
+        jid, name, state, exit_code, nodes, start, end, reason = parts
+        code, sig = parse_exit(exit_code)
+        node = None if nodes.strip() in ("", "None assigned") else nodes.strip()
+        common = {
+            "name": name,
+            "state": state.strip(),
+            "node": node,
+            "exit_code": code,
+            "signal": sig,
+            "started_at": parse_time(start),
+            "ended_at": parse_time(end),
+            "reason": "" if reason in ("None", "(null)") else reason.strip(),
+        }
+        m = _ARRAY_ID.match(jid)
+        p = _ARRAY_PENDING.match(jid)
+        if m:
+            rows.append(JobRow(job_id=m.group(1), index=int(m.group(2)), **common))  # type: ignore[arg-type]
+        elif p:
+            for i in _expand(p.group(2)):
+                rows.append(JobRow(job_id=p.group(1), index=i, **common))  # type: ignore[arg-type]
+        elif jid.isdigit():
+            rows.append(JobRow(job_id=jid, index=None, **common))  # type: ignore[arg-type]
+    return rows
+
+
+def parse_key_lines(text: str) -> dict[str, tuple[str, int, str, int, list[str]]]:
+    """``grep -H`` output ``NAME/job.sh:# stowplan-key INDEX KEY RUN_ID ATTEMPT OUTPUTS`` ->
+    key -> (array NAME, INDEX, RUN_ID, ATTEMPT, OUTPUTS)."""
+    out: dict[str, tuple[str, int, str, int, list[str]]] = {}
+    for line in text.splitlines():
+        path, _, rest = line.partition(":")
+        words = rest.split(" ", 6)
+        if len(words) != 7 or words[:2] != ["#", "stowplan-key"]:
+            continue
+        _, _, index, key, run_id, attempt, outputs = words
+        if not index.isdigit() or not attempt.isdigit():
+            continue
+        try:
+            outs = json.loads(outputs)
+        except ValueError:
+            continue
+        if not isinstance(outs, list) or not all(isinstance(o, str) for o in outs):
+            continue
+        parts = path.rstrip("/").split("/")
+        if len(parts) < 2:
+            continue
+        out[key] = (parts[-2], int(index), run_id, int(attempt), outs)
+    return out
+
+
+class PartitionFacts(Struct, frozen=True, kw_only=True):
+    name: str
+    up: bool
+    nodes: list[str]
+    cpus: int = 0
+    memory: int = 0
+    gpus: dict[str, int] = field(default_factory=dict)
+    max_time_s: float | None = None
+    default: bool = False
+
+
+def expand_hostlist(expr: str) -> list[str]:
+    """``n[1-3,5],gpu7`` -> ``["n1", "n2", "n3", "n5", "gpu7"]`` (one bracket level)."""
+    out: list[str] = []
+    for m in re.finditer(r"([^,\[]+)(?:\[([^\]]*)\])?([^,\[]*)", expr):
+        prefix, ranges, suffix = m.group(1), m.group(2), m.group(3)
+        if not prefix and not ranges:
+            continue
+        if ranges is None:
+            out.append(prefix + suffix)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            width = len(lo)
+            if not lo.isdigit() or (hi and not hi.isdigit()):
+                continue
+            for i in range(int(lo), int(hi or lo) + 1):
+                out.append(f"{prefix}{i:0{width}d}{suffix}")
+    return out
+
+
+def parse_gres(gres: str) -> dict[str, int]:
+    """Node ``Gres=gpu:fake:2(S:0),gpu:2`` -> GPUs by type (``unknown`` when untyped)."""
+    out: dict[str, int] = {}
+    if not gres or gres == "(null)":
+        return out
+    for item in re.split(r",(?![^()]*\))", gres):
+        item = re.sub(r"\(.*\)$", "", item.strip())
+        parts = item.split(":")
+        if parts[0] != "gpu" or len(parts) < 2:
+            continue
+        count = parts[-1]
+        kind = parts[1] if len(parts) >= 3 else "unknown"
+        if count.isdigit():
+            out[kind] = out.get(kind, 0) + int(count)
+    return out
+
+
+def parse_time_limit(value: str) -> float | None:
+    """Partition ``MaxTime``: ``UNLIMITED``, ``1-00:00:00``, ``30:00``, ``5``(minutes)."""
+    value = value.strip()
+    if not value or value.upper() in ("UNLIMITED", "INFINITE", "NONE"):
+        return None
+    days = 0
+    if "-" in value:
+        d, value = value.split("-", 1)
+        days = int(d)
+    parts = [int(p) for p in value.split(":")]
+    if len(parts) == 1:
+        secs = parts[0] * 60
+    elif len(parts) == 2:
+        secs = parts[0] * 60 + parts[1]
+    else:
+        secs = parts[0] * 3600 + parts[1] * 60 + parts[2]
+    return float(days * 86400 + secs)
+
+
+_USABLE_NODE_STATES = ("IDLE", "MIXED", "ALLOCATED", "ALLOC", "COMPLETING", "MIX")
+
+
+def parse_partitions(partitions: str, nodes: str) -> list[PartitionFacts]:
+    """``scontrol show partition -o`` and ``scontrol show node -o`` -> per-partition totals of
+    nodes that can take work (down, drained and failed nodes are left out)."""
+    node_recs = {n["NodeName"]: n for n in parse_oneliner(nodes) if "NodeName" in n}
+    out = []
+    for p in parse_oneliner(partitions):
+        name = p.get("PartitionName", "")
+        members = (
+            expand_hostlist(p.get("Nodes", "")) if p.get("Nodes") not in (None, "(null)") else []
+        )
+        cpus = memory = 0
+        gpus: dict[str, int] = {}
+        for n in members:
+            rec = node_recs.get(n)
+            if rec is None:
+                continue
+            flags = rec.get("State", "").split("+")
+            if flags[0] not in _USABLE_NODE_STATES or any(
+                f in ("DRAIN", "DRAINED", "DRAINING", "DOWN", "FAIL", "NOT_RESPONDING")
+                for f in flags
+            ):
+                continue
+            cpus += int(rec.get("CPUTot", "0") or 0)
+            memory += int(rec.get("RealMemory", "0") or 0) << 20
+            for kind, count in parse_gres(rec.get("Gres", "")).items():
+                gpus[kind] = gpus.get(kind, 0) + count
+        out.append(
+            PartitionFacts(
+                name=name,
+                up=p.get("State") == "UP",
+                nodes=members,
+                cpus=cpus,
+                memory=memory,
+                gpus=gpus,
+                max_time_s=parse_time_limit(p.get("MaxTime", "")),
+                default=p.get("Default") == "YES",
+            )
+        )
+    return out
+
+
+def parse_pending(text: str) -> dict[str, float]:
+    """``squeue -h -r -t PD -o %P|%C|%l`` -> pending CPU-seconds by partition (no limit: 1 h)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        parts = line.split("|")
+        if len(parts) != 3:
+            continue
+        try:
+            cpus = int(parts[1])
+        except ValueError:
+            continue
+        limit = parse_time_limit(parts[2]) if parts[2] not in ("UNLIMITED", "INVALID") else None
+        for part in parts[0].split(","):
+            out[part] = out.get(part, 0.0) + cpus * (limit or 3600.0)
+    return out
+
+
+def cluster_name(config: str) -> str | None:
+    """``scontrol show config`` -> ``ClusterName``."""
+    for line in config.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "ClusterName":
+            return value.strip() or None
+    return None
+
+
+def pools_of(
+    provider: str, site: str, parts: list[PartitionFacts], pending: dict[str, float]
+) -> list[Pool]:
+    pools = []
+    for p in sorted(parts, key=lambda p: p.name):
+        if not p.up or p.cpus <= 0:
+            continue
+        pools.append(
+            Pool(
+                id=f"{provider}/{p.name}",
+                provider=provider,
+                kind="slurm",
+                site=site,
+                cpus=float(p.cpus),
+                memory=p.memory,
+                gpus=dict(p.gpus),
+                expected_wait_s=pending.get(p.name, 0.0) / p.cpus,
+                hardware_class=f"slurm:{site}/{p.name}",
+            )
+        )
+    return pools
