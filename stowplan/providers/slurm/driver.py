@@ -22,6 +22,7 @@ in the remote job scripts by one ``grep``.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import math
 import shlex
@@ -76,7 +77,8 @@ _TRANSIENT = (
     "Connection refused",
 )
 
-# The remote submit program. $1: the array directory, $2: the job name; the script on stdin.
+# The remote submit program. $1: the array directory, $2: the job name, $3: the script's
+# SHA-256; the script on stdin.
 SUBMIT_PROGRAM = r"""
 set -eu
 d=$1; name=$2
@@ -86,6 +88,9 @@ exec 9>>.lock
 flock -w 100 9 || { echo "stowplan: $d is locked by another submit" >&2; exit 75; }
 cat > job.sh.tmp
 if [ -s jobid ]; then cat jobid; exit 0; fi
+# a connection lost mid-upload leaves a truncated script: never submit one
+sum=$(sha256sum < job.sh.tmp) && [ "${sum%% *}" = "$3" ] || {
+  echo "stowplan: the job script arrived incomplete" >&2; exit 75; }
 if ! q=$(squeue -h --name="$name" -o %F 2>sq.err); then
   cat sq.err >&2; exit 75
 fi
@@ -344,7 +349,8 @@ class SlurmProvider(Provider):
         for m in members:
             self._members[m.key] = m
         self._arrays[req.key] = array
-        command = self._program(SUBMIT_PROGRAM, req.job_dir, req.key)
+        digest = hashlib.sha256(req.script.encode()).hexdigest()
+        command = self._program(SUBMIT_PROGRAM, req.job_dir, req.key, digest)
         last = ""
         for attempt in range(SUBMIT_TRIES):
             if attempt:
