@@ -1,0 +1,76 @@
+"""Failures on the real cluster are classified: a user error (exit 3, not retried), a job
+cancelled from outside stowplan, and a job killed at its time limit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stowplan.provenance.store import RunStore
+from tests.slurmcluster.cluster import SlurmCluster
+
+from ..conftest import wait_for
+from .conftest import finish, our_elements, runs_of, stowplan, write_project
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+FAILING = """
+[experiment]
+name = "slurm-failures"
+
+[[tasks]]
+name = "user-error"
+command = ["sh", "-c", "echo doomed >&2; exit 3"]
+resources = { cpus = 1, memory = "64MiB" }
+
+[[tasks]]
+name = "victim"
+command = ["sleep", "600"]
+resources = { cpus = 1, memory = "64MiB" }
+
+[[tasks]]
+name = "overtime"
+command = ["sleep", "600"]
+timeout = "20s"
+resources = { cpus = 1, memory = "64MiB" }
+"""
+
+
+def test_exit_3_cancel_and_time_limit(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    assert slurm_cluster.facts is not None
+    f = write_project(tmp_path, slurm_cluster.facts, FAILING)
+    proc = stowplan(tmp_path, "run", str(f))
+    try:
+
+        def victim_job() -> str | None:
+            for r in runs_of(tmp_path):
+                if r.task == "victim" and r.state == "RUNNING":
+                    with RunStore(tmp_path / ".stowplan" / "stowplan.db") as store:
+                        (att,) = store.attempts_for([r.run_id])[r.run_id]
+                    return att.job_id
+            return None
+
+        wait_for(lambda: victim_job() is not None, 90, "the victim to run")
+        job = victim_job()
+        assert job is not None
+        slurm_cluster.slurm("scancel", job)
+        # Slurm's time limits are whole minutes, checked every 30 s: up to ~2 minutes
+        rc, _out, err = finish(proc, 240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 1, err[-3000:]
+    by_task = {r.task: r for r in runs_of(tmp_path)}
+    user, victim, overtime = by_task["user-error"], by_task["victim"], by_task["overtime"]
+    # the default policy retries infrastructure failures only: a user error is not retried
+    assert (user.state, user.failure) == ("FAILED", "user_error")
+    assert user.attempts == 1
+    assert (victim.state, victim.failure) == ("CANCELLED", "cancelled")
+    assert victim.attempts == 1
+    assert (overtime.state, overtime.failure) == ("FAILED", "timeout")
+    with RunStore(tmp_path / ".stowplan" / "stowplan.db") as store:
+        atts = store.attempts_for([user.run_id, overtime.run_id])
+    assert all(a.exit_code == 3 for a in atts[user.run_id])
+    assert "TIMEOUT" in atts[overtime.run_id][0].message
+    assert sum(len(v) for v in our_elements(slurm_cluster, tmp_path / "remote").values()) >= 3
