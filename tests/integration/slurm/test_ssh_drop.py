@@ -1,0 +1,192 @@
+"""The SSH connection drops during a submit; the retried submit leaves exactly one job.
+
+A small TCP proxy between the driver and sshd, controlled by the test, cuts every connection
+either as soon as the job script has been sent, or after sbatch ran but before its answer got
+back (replies are held until the job's ``jobid`` file exists on the cluster).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from stowplan.providers.base import LaunchSpec, ProviderState
+from stowplan.providers.slurm import SlurmProvider, SlurmRequest
+from stowplan.spec.models import SlurmProviderConfig
+from tests.slurmcluster.cluster import SlurmCluster
+
+from ..conftest import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+class CuttingProxy:
+    """Forwards 127.0.0.1:port to the target; ``arm`` makes it act after N client bytes."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.lock = threading.Lock()
+        self.pairs: list[tuple[socket.socket, socket.socket]] = []
+        self.threshold: int | None = None
+        self.sent_since_arm = 0
+        self.holding = False
+        self.mode: Literal["cut", "hold"] = "cut"
+        self.cuts = 0
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def arm(self, threshold: int, mode: Literal["cut", "hold"]) -> None:
+        with self.lock:
+            self.threshold, self.sent_since_arm, self.mode = threshold, 0, mode
+
+    def cut(self) -> None:
+        with self.lock:
+            pairs, self.pairs = self.pairs, []
+            self.threshold, self.holding = None, False
+            self.cuts += 1
+        for a, b in pairs:
+            for s in (a, b):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+
+    def close(self) -> None:
+        self.closed = True
+        self.listener.close()
+        self.cut()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target))
+            with self.lock:
+                self.pairs.append((client, server))
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if not upstream:
+                    while self.holding:  # replies wait (and are dropped by the cut)
+                        time.sleep(0.01)
+                        if src.fileno() < 0:
+                            return
+                dst.sendall(data)
+                if upstream:
+                    self._count(len(data))
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+    def _count(self, n: int) -> None:
+        act = None
+        with self.lock:
+            if self.threshold is None:
+                return
+            self.sent_since_arm += n
+            if self.sent_since_arm >= self.threshold:
+                act, self.threshold = self.mode, None
+                if act == "hold":
+                    self.holding = True
+        if act == "cut":
+            self.cut()
+
+
+def _launches(tag: str) -> list[LaunchSpec]:
+    return [
+        LaunchSpec(
+            key=f"{tag}{i:060x}",
+            run_id=f"drop-{tag}-{i}",
+            attempt=1,
+            pool="cluster/cpu",
+            name="drop",
+            argv=["sleep", "1"],
+            memory=32 << 20,
+        )
+        for i in range(3)
+    ]
+
+
+@pytest.mark.parametrize("mode", ["cut", "hold"])
+def test_submit_survives_a_dropped_connection(
+    slurm_cluster: SlurmCluster, tmp_path: Path, mode: Literal["cut", "hold"]
+) -> None:
+    facts = slurm_cluster.facts
+    assert facts is not None
+    proxy = CuttingProxy(facts.ssh_port)
+    workdir = tmp_path / "remote"
+    # known_hosts names the real port; the proxy's port is another host entry
+    known = tmp_path / "known_hosts"
+    line = Path(facts.known_hosts).read_text().split(" ", 1)[1]
+    known.write_text(f"[127.0.0.1]:{proxy.port} {line}")
+    config = SlurmProviderConfig(
+        host="127.0.0.1",
+        port=proxy.port,
+        user=facts.ssh_user,
+        identity_file=facts.identity_file,
+        known_hosts=str(known),
+        slurm_conf=facts.slurm_conf,
+        workdir=str(workdir),
+        connections=1,
+    )
+    launches = _launches("a" if mode == "cut" else "b")
+
+    async def scenario() -> tuple[list[ProviderState], list[str | None], int]:
+        async with SlurmProvider("cluster", config, state_dir=tmp_path / "state") as driver:
+            await driver.discover()  # connected and authenticated before arming
+            (req,) = driver.plan(launches)
+            assert isinstance(req, SlurmRequest)
+            proxy.arm(len(req.script), mode)
+            if mode == "hold":
+
+                def cut_after_sbatch() -> None:
+                    wait_for((workdir / "jobs" / req.key / "jobid").exists, 60, "sbatch to run")
+                    proxy.cut()
+
+                cutter = asyncio.create_task(asyncio.to_thread(cut_after_sbatch))
+                reports = await driver.submit([req])
+                await cutter
+            else:
+                reports = await driver.submit([req])
+            return (
+                [r.state for r in reports],
+                [r.job_id for r in reports],
+                driver.transport.connects,
+            )
+
+    try:
+        states, job_ids, connects = asyncio.run(scenario())
+    finally:
+        proxy.close()
+    assert proxy.cuts >= 1 and connects >= 2, "the connection was never cut"
+    assert states == [ProviderState.QUEUED] * 3
+    (name,) = [p.name for p in (workdir / "jobs").iterdir()]
+
+    def elements() -> list[str]:
+        out = slurm_cluster.slurm(
+            "sacct", "-X", "-n", "-P", "-D", "-S", "now-1days", f"--name={name}", "--format=JobID"
+        )
+        return out.split()
+
+    # accounting records reach slurmdbd a moment after the jobs start
+    wait_for(lambda: len(elements()) >= 3, 60, "the array's three elements in sacct")
+    assert len({e.split("_")[0] for e in elements()}) == 1, f"more than one job: {elements()}"
+    assert sorted(elements()) == sorted(job_ids), "the retry reported another job"
