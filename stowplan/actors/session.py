@@ -36,8 +36,11 @@ class Prepared(msgspec.Struct, kw_only=True):
     diff: bytes
     providers: dict[str, ProviderConfig]
     replicate: int
+    """the first replicate planned."""
     state_dir: str
     store_path: str
+    replicates: int = 1
+    """how many replicates (seeds) of every run were planned, from ``replicate`` on."""
 
 
 def project_paths(project: LoadedProject) -> tuple[Path, Path]:
@@ -55,15 +58,24 @@ def prepare(
     provider: str | None = None,
     rerun: bool = False,
     replicate: int | None = None,
+    replicates: int = 1,
 ) -> Prepared:
-    """Everything up to, not including, writing: raises SpecError for any bad input."""
+    """Everything up to, not including, writing: raises SpecError for any bad input.
+
+    ``replicates`` > 1 plans that many replicates of every run, each with its own seed
+    (experiment seed + replicate number), from the first replicate on.
+    """
+    if replicates < 1:
+        raise SpecError(
+            f"--replicates must be at least 1, not {replicates}", hint="pass --replicates 3"
+        )
     from stowplan.provenance.capture import (
         capture_code,
         capture_environment,
         capture_hardware,
         code_context,
     )
-    from stowplan.provenance.data import HashCache, capture_data
+    from stowplan.provenance.data import HashCache, capture_data, default_cache_path
 
     project = load_project(search_from=file.resolve().parent)
     loaded = load_experiment(file, project)
@@ -99,7 +111,9 @@ def prepare(
     env = capture_environment(lock_dirs=lock_dirs)
     state_dir, store_path = project_paths(project)
     records: dict[str, Any] = {}
-    with HashCache(state_dir / "hash-cache.db") as cache:
+    # In the user's cache directory, not the project's: a cache is not project state, and a
+    # bad input must leave the project untouched.
+    with HashCache(default_cache_path()) as cache:
         for t in loaded.spec.tasks:
             for i in t.inputs:
                 if i.uri not in records:
@@ -123,6 +137,8 @@ def prepare(
             while store.get_runs([planned[0].run_id]):
                 rep += 1
                 planned = planned_for(rep)
+    for extra in range(rep + 1, rep + replicates):
+        planned = planned + planned_for(extra)
     canonical = msgspec.to_builtins(loaded.spec)
     canonical["effective_policy"] = msgspec.to_builtins(loaded.policy)
     experiment = ExperimentRecord(
@@ -160,6 +176,7 @@ def prepare(
         replicate=rep,
         state_dir=str(state_dir),
         store_path=str(store_path),
+        replicates=replicates,
     )
 
 
@@ -246,4 +263,66 @@ def record(prepared: Prepared, store: RunStore) -> list[RunRecord]:
     return runs
 
 
-__all__ = ["Prepared", "check_feasible", "load_experiment", "prepare", "record"]
+LEDGER_MAX_IDS = 50
+"""Run ids listed in a ledger entry; beyond that, only their count and hash."""
+
+
+def run_ids_detail(ids: Sequence[str]) -> dict[str, Any]:
+    """Ledger details naming a set of runs: their count, the SHA-256 of the sorted ids, and the
+    ids themselves while there are few (a 10^5-trial sweep must not make a 6 MB entry)."""
+    from stowplan.spec.canonical import canonical_json, sha256_hex
+
+    ordered = sorted(ids)
+    out: dict[str, Any] = {
+        "runs": len(ordered),
+        "run_ids_sha256": sha256_hex(canonical_json(ordered)),
+    }
+    if len(ordered) <= LEDGER_MAX_IDS:
+        out["run_ids"] = ordered
+    return out
+
+
+def record_submission(
+    prepared: Prepared,
+    store: RunStore,
+    todo: Sequence[str],
+    *,
+    seen_before: Sequence[str] = (),
+    why: str = "",
+    provider: str | None = None,
+) -> None:
+    """Ledger entries for handing ``todo`` to the queue: ``submit`` for new runs, ``retry``
+    for runs that were stored before (failed or cancelled ones run again)."""
+    from stowplan.provenance.ledger import current_user
+
+    who = current_user()
+    again = set(seen_before)
+    exp = prepared.experiment
+    base = {
+        "experiment": exp.name,
+        "file": exp.file,
+        "replicate": prepared.replicate,
+        "replicates": prepared.replicates,
+        "provider": provider,
+    }
+    fresh = [r for r in todo if r not in again]
+    retried = [r for r in todo if r in again]
+    for action, ids in (("submit", fresh), ("retry", retried)):
+        if ids:
+            store.append_ledger(
+                who=who,
+                action="submit" if action == "submit" else "retry",
+                target=exp.id,
+                why=why,
+                details={**base, **run_ids_detail(ids)},
+            )
+
+
+__all__ = [
+    "Prepared",
+    "check_feasible",
+    "load_experiment",
+    "prepare",
+    "record",
+    "record_submission",
+]

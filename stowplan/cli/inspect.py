@@ -299,6 +299,18 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     if not open_ids:
         print("nothing to cancel: every run is finished")
         return 0
+    from stowplan.actors.session import run_ids_detail
+    from stowplan.provenance.ledger import current_user
+
+    with RunStore(store.path) as ledger_store:
+        # before the cancel is sent: the ledger says who asked even if the cancel fails midway
+        ledger_store.append_ledger(
+            who=current_user(),
+            action="cancel",
+            target=targets[0] if len(targets) == 1 else args.target,
+            why=args.why,
+            details={"target": args.target, **run_ids_detail(open_ids)},
+        )
     queue = _find_queue(state_dir, QUEUE)
     if queue is not None:
         import ray

@@ -36,6 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     run.add_argument("--provider", help="run only on this provider from stowplan.toml")
     run.add_argument("--json", action="store_true", help="print the final status as JSON")
+    run.add_argument("--why", default="", help="why: kept in the audit ledger")
+    run.add_argument(
+        "--replicates",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N seeds of every run as distinct runs; report mean and std of each metric",
+    )
 
     ls = sub.add_parser("ls", help="list experiments")
     ls.add_argument("--json", action="store_true")
@@ -62,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("target", help="run id (prefix) or experiment name")
     ca.add_argument("--why", default="cancelled by user")
     ca.add_argument("--project-dir", type=Path, default=None)
+
+    from stowplan.cli import provenance as _provenance
+
+    _provenance.add_parsers(sub)
     return p
 
 
@@ -72,8 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from stowplan.cli.run import cmd_run
 
             return cmd_run(args)
-        from stowplan.cli import inspect
+        from stowplan.cli import inspect, provenance
 
+        if args.command in provenance.HANDLERS:
+            return provenance.handle(args)
         handler = {
             "ls": inspect.cmd_ls,
             "status": inspect.cmd_status,

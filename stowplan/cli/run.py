@@ -39,7 +39,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     console = Console(highlight=False)
     err = Console(stderr=True, highlight=False)
-    prepared = prepare(args.file, provider=args.provider, rerun=args.rerun)
+    prepared = prepare(
+        args.file,
+        provider=args.provider,
+        rerun=args.rerun,
+        replicates=getattr(args, "replicates", 1),
+    )
     pools = _discover(prepared)
     check_feasible(prepared, pools)
     planned = prepared.planned
@@ -54,21 +59,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         existing = store.get_runs(ids)
         reused = [i for i in ids if existing.get(i) and existing[i].state == "SUCCEEDED"]
         todo = [i for i in ids if i not in set(reused)]
+        seen_before = [i for i in todo if i in existing]
         if not todo:
             record(prepared, store)
     name = prepared.experiment.name
     if reused:
         err.print(f"{len(reused)} of {len(ids)} runs reused")
     if todo:
-        _dispatch(args, prepared, todo, reused, err)
+        _dispatch(args, prepared, todo, reused, err, seen_before=seen_before)
     with RunStore(store_path) as store:
         final = store.get_runs(ids)
         artifacts = store.artifacts_for(ids)
     ordered = [final[i] for i in ids if i in final]
+    summary = replicate_summary(ordered, artifacts) if prepared.replicates > 1 else None
     if args.json:
-        print(json.dumps(_status_json(name, ordered, set(reused)), indent=2, sort_keys=True))
+        status = _status_json(name, ordered, set(reused))
+        if summary is not None:
+            status["replicates"] = summary
+        print(json.dumps(status, indent=2, sort_keys=True))
     else:
         render_results(console, ordered, artifacts, set(reused))
+        if summary is not None:
+            render_replicates(console, summary)
     failed = [r for r in ordered if r.state != "SUCCEEDED"]
     return EXIT_FAILED if failed else EXIT_OK
 
@@ -79,6 +91,8 @@ def _dispatch(
     todo: list[str],
     reused: list[str],
     err: Console,
+    *,
+    seen_before: list[str] | None = None,
 ) -> None:
     """Start (or join) the control plane, record the runs, hand them over, watch them.
 
@@ -86,7 +100,7 @@ def _dispatch(
     interrupted invocations left unfinished, not the runs about to be submitted.
     """
     from stowplan.actors.control import ControlPlane
-    from stowplan.actors.session import record, submissions
+    from stowplan.actors.session import record, record_submission, submissions
 
     plane = ControlPlane(
         state_dir=Path(prepared.state_dir),
@@ -102,6 +116,14 @@ def _dispatch(
     try:
         with RunStore(Path(prepared.store_path)) as store:
             record(prepared, store)
+            record_submission(
+                prepared,
+                store,
+                todo,
+                seen_before=seen_before or [],
+                why=getattr(args, "why", None) or "",
+                provider=args.provider,
+            )
         plane.submit(submissions(prepared, set(todo)), reused)
         watch(plane, ids, total, started, err)
     except KeyboardInterrupt:
@@ -227,6 +249,70 @@ def _metrics(artifacts: list[Any]) -> dict[str, Any]:
                 if isinstance(v, int | float | str | bool) and len(str(v)) <= 40:
                     out[k] = v
     return out
+
+
+def replicate_summary(
+    runs: list[RunRecord], artifacts: dict[str, list[Any]]
+) -> list[dict[str, Any]]:
+    """Mean and (sample) standard deviation of each numeric metric over the replicates of each
+    trial: runs of one task and sweep index that differ only in their seed."""
+    import statistics
+
+    groups: dict[tuple[str, int], list[RunRecord]] = {}
+    for r in runs:
+        groups.setdefault((r.task, r.index), []).append(r)
+    out: list[dict[str, Any]] = []
+    for (task, index), rs in groups.items():
+        values: dict[str, list[float]] = {}
+        for r in rs:
+            if r.state != "SUCCEEDED":
+                continue
+            for k, v in _metrics(artifacts.get(r.run_id, [])).items():
+                if isinstance(v, int | float) and not isinstance(v, bool):
+                    values.setdefault(k, []).append(float(v))
+        out.append(
+            {
+                "task": task,
+                "index": index,
+                "params": rs[0].params,
+                "replicates": len(rs),
+                "succeeded": sum(r.state == "SUCCEEDED" for r in rs),
+                "seeds": sorted(r.seed for r in rs),
+                "run_ids": [r.run_id for r in sorted(rs, key=lambda r: r.replicate)],
+                "metrics": {
+                    k: {
+                        "n": len(v),
+                        "mean": statistics.fmean(v),
+                        "std": statistics.stdev(v) if len(v) > 1 else 0.0,
+                    }
+                    for k, v in sorted(values.items())
+                },
+            }
+        )
+    return out
+
+
+def render_replicates(console: Console, summary: list[dict[str, Any]]) -> None:
+    names = sorted({m for s in summary for m in s["metrics"]})
+    table = Table(title="replicates: mean ± std", show_edge=False, title_justify="left")
+    for col in ("task", "trial", "params", "n"):
+        table.add_column(col)
+    for m in names:
+        table.add_column(m, justify="right")
+    for s in summary[:40]:
+        table.add_row(
+            s["task"],
+            str(s["index"]),
+            " ".join(f"{k}={v}" for k, v in s["params"].items()),
+            f"{s['succeeded']}/{s['replicates']}",
+            *(
+                f"{s['metrics'][m]['mean']:.4g} ± {s['metrics'][m]['std']:.2g}"
+                if m in s["metrics"]
+                else ""
+                for m in names
+            ),
+        )
+    console.print(table)
 
 
 def _fmt(v: Any) -> str:

@@ -37,7 +37,7 @@ from msgspec import Struct
 from stowplan.errors import SpecError
 from stowplan.spec.canonical import canonical_json, sha256_hex
 
-__all__ = ["DataVersionRecord", "HashCache", "capture_data", "local_path"]
+__all__ = ["DataVersionRecord", "HashCache", "capture_data", "default_cache_path", "local_path"]
 
 log = logging.getLogger(__name__)
 
@@ -64,32 +64,52 @@ class DataVersionRecord(Struct, frozen=True, kw_only=True):
     """number of files, for a directory."""
 
 
+def default_cache_path() -> Path:
+    """``$XDG_CACHE_HOME/stowplan/hash-cache.db`` (``~/.cache`` by default)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "stowplan" / "hash-cache.db"
+
+
 class HashCache:
     """SHA-256 of local files keyed by (path, size, mtime, ctime, inode), in its own SQLite file.
 
     Only a cache: deleting the file costs one re-read of each dataset. Safe to share between
-    processes (SQLite locking); a failure to write is logged, never raised.
+    processes (SQLite locking); the file is created on first use, and a cache that cannot be
+    opened or written is logged and bypassed, never an error.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._conn = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=10.0
-        )
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute(
-            "CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, size INTEGER NOT NULL, "
-            "mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL, inode INTEGER NOT NULL, "
-            "sha256 TEXT NOT NULL)"
-        )
+        self._conn: sqlite3.Connection | None = None
+        self._broken = False
         self.hits = 0
         self.misses = 0
 
+    def _db(self) -> sqlite3.Connection | None:
+        if self._conn is None and not self._broken:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(
+                    self.path, isolation_level=None, check_same_thread=False, timeout=10.0
+                )
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, "
+                    "size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL, "
+                    "inode INTEGER NOT NULL, sha256 TEXT NOT NULL)"
+                )
+                self._conn = conn
+            except (OSError, sqlite3.Error) as e:
+                log.warning("hash cache %s unusable, hashing without it: %s", self.path, e)
+                self._broken = True
+        return self._conn
+
     def close(self) -> None:
         with self._lock:
-            self._conn.close()
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
     def __enter__(self) -> HashCache:
         return self
@@ -103,10 +123,15 @@ class HashCache:
         st = path.stat()
         stat_key = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
         with self._lock:
-            row = self._conn.execute(
-                "SELECT size, mtime_ns, ctime_ns, inode, sha256 FROM hashes WHERE path = ?",
-                (key,),
-            ).fetchone()
+            db = self._db()
+            row = (
+                None
+                if db is None
+                else db.execute(
+                    "SELECT size, mtime_ns, ctime_ns, inode, sha256 FROM hashes WHERE path = ?",
+                    (key,),
+                ).fetchone()
+            )
         if row is not None and tuple(row[:4]) == stat_key:
             self.hits += 1
             return str(row[4])
@@ -117,10 +142,12 @@ class HashCache:
         if (st2.st_size, st2.st_mtime_ns, st2.st_ctime_ns, st2.st_ino) == stat_key:
             try:
                 with self._lock:
-                    self._conn.execute(
-                        "INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?, ?, ?)",
-                        (key, *stat_key, sha),
-                    )
+                    db = self._db()
+                    if db is not None:
+                        db.execute(
+                            "INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?, ?, ?)",
+                            (key, *stat_key, sha),
+                        )
             except sqlite3.Error as e:
                 log.warning("cannot write the hash cache %s: %s", self.path, e)
         return sha

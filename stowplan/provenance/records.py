@@ -122,9 +122,7 @@ class PlacementRecord(Struct, frozen=True, kw_only=True):
     at: float
 
 
-LedgerAction = Literal[
-    "submit", "cancel", "retry", "replay", "policy-override", "approval"
-]
+LedgerAction = Literal["submit", "cancel", "retry", "replay", "policy-override", "approval"]
 LEDGER_ACTIONS: tuple[LedgerAction, ...] = get_args(LedgerAction)
 
 

@@ -111,3 +111,19 @@ def test_schemes_not_installed_here_stay_unpinned(tmp_path: Path) -> None:
         rec = capture_data(uri, None, tmp_path)
         assert rec.kind == "unpinned" and rec.version == f"unpinned:{uri}"
     assert capture_data("s3://b/k", "v9", tmp_path).version == "v9"
+
+
+def test_an_unusable_cache_is_bypassed(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    f = tmp_path / "d.bin"
+    f.write_bytes(b"123")
+    with HashCache(tmp_path / "file" / "cache.db") as cache:
+        rec = capture_data(str(f), None, tmp_path, cache=cache)
+    assert rec.sha256 == hashlib.sha256(b"123").hexdigest()
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_the_cache_file_appears_only_when_used(tmp_path: Path) -> None:
+    with HashCache(tmp_path / "c" / "cache.db"):
+        pass
+    assert not (tmp_path / "c").exists()

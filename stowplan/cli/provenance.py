@@ -1,0 +1,318 @@
+"""``stowplan audit | lineage | find | diff | replay``: questions asked of what was recorded.
+
+Every command takes ``--json`` (one JSON document on stdout) and ``--project-dir``; the text
+forms are for people. Bad input (an unknown run, a bad filter) is a SpecError: exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from typing import Any
+
+import msgspec
+from rich.console import Console
+from rich.table import Table
+
+from stowplan.cli.inspect import _open
+from stowplan.errors import SpecError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _when(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(msgspec.to_builtins(data), indent=2, sort_keys=True))
+
+
+# -- audit -----------------------------------------------------------------------------------
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from stowplan.provenance.ledger import verify
+
+    store, _ = _open(args)
+    with store:
+        entries = store.ledger(target=getattr(args, "target", None))
+    if args.audit_command == "log":
+        if args.json:
+            _print_json(entries)
+            return EXIT_OK
+        table = Table(show_edge=False)
+        for col in ("#", "when (UTC)", "who", "action", "target", "why", "details"):
+            table.add_column(col)
+        for e in entries:
+            table.add_row(
+                str(e.seq),
+                _when(e.at),
+                e.who,
+                e.action,
+                e.target[:16],
+                e.why,
+                ", ".join(f"{k}={v}" for k, v in sorted(e.details.items()) if k != "run_ids"),
+            )
+        Console(highlight=False).print(table)
+        return EXIT_OK
+    verdict = verify(entries)
+    expect = args.expect_head
+    head_ok = expect is None or verdict.head.startswith(expect.lower())
+    if args.json:
+        out = msgspec.to_builtins(verdict)
+        out["expected_head_matches"] = head_ok if expect is not None else None
+        print(json.dumps(out, indent=2, sort_keys=True))
+    elif verdict.problem is not None:
+        print(
+            f"TAMPERED: {verdict.problem.message}\n"
+            f"  {verdict.entries} entries; the chain is intact up to entry "
+            f"{verdict.problem.seq - 1} (head {verdict.head[:16]})",
+            file=sys.stderr,
+        )
+    elif not head_ok:
+        print(
+            f"TAMPERED: the ledger's head is {verdict.head[:16]} after {verdict.entries} "
+            f"entries, not {expect}: entries were removed from its end (or it was replaced)",
+            file=sys.stderr,
+        )
+    else:
+        print(f"OK: {verdict.entries} entries, chain intact; head {verdict.head}")
+    return EXIT_OK if verdict.ok and head_ok else EXIT_FAILED
+
+
+# -- lineage ---------------------------------------------------------------------------------
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from stowplan.provenance.query import Direction, lineage, reaches, to_dot, tree_lines
+
+    if args.depth is not None and args.depth < 1:
+        raise SpecError(f"--depth must be at least 1, not {args.depth}", hint="--depth 2")
+    direction: Direction = "both" if args.up and args.down else ("down" if args.down else "up")
+    store, _ = _open(args)
+    with store:
+        graph = lineage(store, args.target, direction=direction, depth=args.depth)
+    if args.format == "json" or args.json:
+        out = msgspec.to_builtins(graph)
+        out["reaches"] = reaches(graph)
+        print(json.dumps(out, indent=2, sort_keys=True))
+        return EXIT_OK
+    if args.format == "dot":
+        sys.stdout.write(to_dot(graph))
+        return EXIT_OK
+    if args.format == "svg":
+        dot = shutil.which("dot")
+        if dot is None:
+            raise SpecError(
+                "--format svg needs Graphviz's `dot`, which is not installed here",
+                hint="install it (apt-get install graphviz), or use --format dot and render it "
+                "elsewhere",
+            )
+        done = subprocess.run(
+            [dot, "-Tsvg"], input=to_dot(graph).encode(), capture_output=True, timeout=60
+        )
+        if done.returncode != 0:
+            print(f"stowplan: dot failed: {done.stderr.decode(errors='replace')}", file=sys.stderr)
+            return EXIT_FAILED
+        if args.output is not None:
+            Path(args.output).write_bytes(done.stdout)
+            print(f"wrote {args.output}")
+        else:
+            sys.stdout.buffer.write(done.stdout)
+        return EXIT_OK
+    for line in tree_lines(graph):
+        print(line)
+    counts = reaches(graph)
+    print(
+        f"\n{len(counts['run'])} runs, {len(counts['artifact'])} artifacts, "
+        f"{len(counts['data'])} data inputs"
+    )
+    return EXIT_OK
+
+
+# -- find ------------------------------------------------------------------------------------
+
+
+def cmd_find(args: argparse.Namespace) -> int:
+    from stowplan.provenance.query import Filter, find_runs, parse_param_filter
+
+    flt = Filter(
+        data=args.data,
+        gpu=args.gpu,
+        code=args.code,
+        params=[parse_param_filter(p) for p in args.param or []],
+        experiment=args.experiment,
+        task=args.task,
+        state=args.state,
+        package=args.package,
+        host=args.host,
+        artifact=args.artifact,
+    )
+    store, _ = _open(args)
+    with store:
+        runs = find_runs(store, flt)
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "run_id": r.run_id,
+                        "experiment": r.experiment,
+                        "task": r.task,
+                        "index": r.index,
+                        "replicate": r.replicate,
+                        "seed": r.seed,
+                        "params": r.params,
+                        "state": r.state,
+                        "code_version": r.identity.get("code_version"),
+                        "data_versions": r.identity.get("data_versions"),
+                        "created_at": r.created_at,
+                    }
+                    for r in runs
+                ],
+                indent=2,
+                sort_keys=True,
+            )
+        )
+        return EXIT_OK
+    table = Table(show_edge=False)
+    for col in ("run", "experiment", "task", "trial", "params", "state", "code"):
+        table.add_column(col)
+    for r in runs:
+        table.add_row(
+            r.run_id[:12],
+            r.experiment,
+            r.task,
+            str(r.index) + (f" rep {r.replicate}" if r.replicate else ""),
+            " ".join(f"{k}={v}" for k, v in r.params.items()),
+            r.state,
+            str(r.identity.get("code_version", ""))[:20],
+        )
+    c = Console(highlight=False)
+    c.print(table)
+    c.print(f"{len(runs)} run(s)")
+    return EXIT_OK
+
+
+# -- diff ------------------------------------------------------------------------------------
+
+
+def _run_arg(store: Any, prefix: str) -> str:
+    from stowplan.cli.inspect import _resolve
+
+    return _resolve(store, prefix)
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from stowplan.provenance.query import diff_is_empty, diff_runs, load_view
+
+    store, _ = _open(args)
+    with store:
+        a = load_view(store, _run_arg(store, args.run_a))
+        b = load_view(store, _run_arg(store, args.run_b))
+        d = diff_runs(store, a, b)
+    if args.json:
+        print(json.dumps(d, indent=2, sort_keys=True, default=str))
+        return EXIT_OK
+    out: list[str] = [f"a {d['a']}", f"b {d['b']}"]
+    if diff_is_empty(d):
+        out.append("no differences in what was recorded")
+    for group in ("params", "spec", "data", "environment", "hardware", "placement", "outputs"):
+        items = d[group]
+        if not items:
+            continue
+        out.append(f"{group}:")
+        for ch in items:
+            key = ch.get("field", ch.get("uri", ch.get("name")))
+            out.append(f"  {key}: {_short(ch['a'])} -> {_short(ch['b'])}")
+    code = d["code"]
+    if code["fields"] or code["diff_of_diffs"]:
+        out.append("code:")
+        for ch in code["fields"]:
+            out.append(f"  {ch['field']}: {_short(ch['a'])} -> {_short(ch['b'])}")
+        if code["diff_of_diffs"]:
+            out.append("  difference between the stored uncommitted diffs:")
+            out.extend("    " + line for line in code["diff_of_diffs"])
+    pk = d["packages"]
+    if pk["added"] or pk["removed"] or pk["changed"]:
+        out.append("packages:")
+        out.extend(f"  + {p}" for p in pk["added"])
+        out.extend(f"  - {p}" for p in pk["removed"])
+        out.extend(f"  ~ {c['package']} {c['a']} -> {c['b']}" for c in pk["changed"])
+    print("\n".join(out))
+    return EXIT_OK
+
+
+def _short(v: Any) -> str:
+    text = json.dumps(v, sort_keys=True, default=str) if not isinstance(v, str) else v
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def add_parsers(sub: Any) -> None:
+    """Register this module's subcommands on the ``stowplan`` parser's subparsers."""
+    au = sub.add_parser("audit", help="the audit ledger: who did what, when and why")
+    au_sub = au.add_subparsers(dest="audit_command", required=True)
+    lg = au_sub.add_parser("log", help="list ledger entries")
+    lg.add_argument("--target", default=None, help="only entries on this target id")
+    lg.add_argument("--json", action="store_true")
+    lg.add_argument("--project-dir", type=_path, default=None)
+    ve = au_sub.add_parser("verify", help="check the hash chain; name the first bad entry")
+    ve.add_argument(
+        "--expect-head",
+        default=None,
+        help="the head hash (or a prefix) you kept from an earlier verify: catches truncation",
+    )
+    ve.add_argument("--json", action="store_true")
+    ve.add_argument("--project-dir", type=_path, default=None)
+
+    li = sub.add_parser("lineage", help="which runs produced or consumed a run or artifact")
+    li.add_argument("target", help="run id (prefix) or artifact SHA-256 (prefix)")
+    li.add_argument("--up", action="store_true", help="what it came from (the default)")
+    li.add_argument("--down", action="store_true", help="what came from it")
+    li.add_argument("--depth", type=int, default=None, metavar="N")
+    li.add_argument("--format", choices=("tree", "dot", "svg", "json"), default="tree")
+    li.add_argument("-o", "--output", default=None, help="write the SVG here")
+    li.add_argument("--json", action="store_true")
+    li.add_argument("--project-dir", type=_path, default=None)
+
+    fi = sub.add_parser("find", help="runs by any provenance field")
+    fi.add_argument("--data", help="data version, content hash or URI (substring)")
+    fi.add_argument("--gpu", help="GPU model (substring) or hardware class")
+    fi.add_argument("--code", help="commit (prefix) or code version")
+    fi.add_argument("--param", action="append", help="NAME OP VALUE, e.g. 'lr>0.01' (repeat)")
+    fi.add_argument("--experiment")
+    fi.add_argument("--task")
+    fi.add_argument("--state")
+    fi.add_argument("--package", help="name or name==version of an installed distribution")
+    fi.add_argument("--host")
+    fi.add_argument("--artifact", help="an output's SHA-256 (prefix)")
+    fi.add_argument("--json", action="store_true")
+    fi.add_argument("--project-dir", type=_path, default=None)
+
+    di = sub.add_parser("diff", help="what changed between two runs, grouped")
+    di.add_argument("run_a")
+    di.add_argument("run_b")
+    di.add_argument("--json", action="store_true")
+    di.add_argument("--project-dir", type=_path, default=None)
+
+
+def _path(text: str) -> Any:
+    from pathlib import Path
+
+    return Path(text)
+
+
+HANDLERS = {"audit": cmd_audit, "lineage": cmd_lineage, "find": cmd_find, "diff": cmd_diff}
+
+
+def handle(args: argparse.Namespace) -> int:
+    if args.command not in HANDLERS:
+        raise SpecError(f"unknown command {args.command!r}")
+    return HANDLERS[args.command](args)

@@ -1,0 +1,218 @@
+"""Provenance queries and the audit ledger through the real CLI: real Ray, SQLite, git, files."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import statistics
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from stowplan.cli.main import main
+from stowplan.provenance.store import RunStore
+
+pytestmark = pytest.mark.integration
+
+TRAIN = """\
+import json, sys
+x, seed, data = float(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+rows = open(data).read().split()
+json.dump({"score": x + len(rows) + seed / 100}, open("metrics.json", "w"))
+"""
+SELECT = """\
+import json, os
+ups = json.load(open(os.environ["STOWPLAN_UPSTREAM"]))
+best = max(ups, key=lambda u: json.load(open(u["outputs"]["metrics.json"]))["score"])
+json.dump({"best": best["run_id"]}, open("best.json", "w"))
+"""
+EXPERIMENT = """\
+[experiment]
+name = "tiny"
+seed = 3
+
+[[tasks]]
+name = "train"
+command = ["python", "{experiment_dir}/train.py", "{x}", "{seed}", "{experiment_dir}/data.txt"]
+inputs = [{ uri = "data.txt" }]
+outputs = ["metrics.json"]
+resources = { cpus = 1, memory = "64MiB" }
+sweep = { parameters = { x = [1, 2, 3] } }
+
+[[tasks]]
+name = "select"
+command = ["python", "{experiment_dir}/select.py"]
+depends_on = ["train"]
+outputs = ["best.json"]
+resources = { cpus = 1, memory = "64MiB" }
+"""
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=repo, capture_output=True, text=True, check=True, timeout=30
+    ).stdout.strip()
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "lab"
+    root.mkdir()
+    for k, v in {
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "HOME": str(tmp_path),
+        "GIT_AUTHOR_NAME": "T",
+        "GIT_AUTHOR_EMAIL": "t@example.invalid",
+        "GIT_COMMITTER_NAME": "T",
+        "GIT_COMMITTER_EMAIL": "t@example.invalid",
+    }.items():
+        monkeypatch.setenv(k, v)
+    (root / "stowplan.toml").write_text(
+        '[project]\nname = "p"\n[providers.local]\nkind = "local"\ncpus = 2\n'
+    )
+    (root / ".gitignore").write_text(".stowplan/\n")
+    (root / "train.py").write_text(TRAIN)
+    (root / "select.py").write_text(SELECT)
+    (root / "data.txt").write_text("a b c d\n")
+    (root / "tiny.toml").write_text(EXPERIMENT)
+    git(root, "init", "-q", "-b", "main")
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "tiny")
+    monkeypatch.chdir(root)
+    return root
+
+
+def cli_json(capsys: pytest.CaptureFixture[str], *argv: str) -> object:
+    capsys.readouterr()
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def fake_dist(where: Path, version: str) -> Path:
+    info = where / f"fancy_pkg-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: fancy-pkg\nVersion: {version}\n")
+    return where
+
+
+def test_audit_lineage_find_replicates(
+    ray_session: None, project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", "tiny.toml", "--why", "first look"]) == 0
+    db = project / ".stowplan" / "stowplan.db"
+    with RunStore(db) as store:
+        runs = store.runs_by_name("tiny")
+        train = sorted((r for r in runs if r.task == "train"), key=lambda r: r.index)
+        (select,) = [r for r in runs if r.task == "select"]
+        (best,) = store.artifacts_for([select.run_id])[select.run_id]
+        data_version = train[0].identity["data_versions"]["data.txt"]
+        prov = store.get_provenance(train[0].provenance)
+    assert prov.data["data.txt"]["size"] == len("a b c d\n")
+    assert prov.code["experiment_file"] == "tiny.toml"
+
+    # the ledger names who submitted what, and why
+    (entry,) = cli_json(capsys, "audit", "log")  # type: ignore[misc]
+    assert entry["action"] == "submit" and entry["why"] == "first look"
+    assert entry["details"]["runs"] == 4 and entry["who"]
+
+    # lineage of the best artifact reaches every trial and the dataset
+    graph = cli_json(capsys, "lineage", best.sha256[:12])
+    assert isinstance(graph, dict)
+    reached = graph["reaches"]
+    assert set(reached["run"]) == {f"run:{r.run_id}" for r in [*train, select]}
+    assert reached["data"] == [f"data:data.txt@{data_version}"]
+    assert len(reached["artifact"]) == 4  # best.json and the three metrics.json
+    capsys.readouterr()
+    assert main(["lineage", select.run_id[:10], "--format", "dot"]) == 0
+    dot = capsys.readouterr().out
+    assert dot.startswith("digraph lineage") and f"run:{train[2].run_id}" in dot
+    # down from the dataset's first trial: its metrics, then select, then best.json
+    down = cli_json(capsys, "lineage", train[0].run_id, "--down")
+    assert isinstance(down, dict)
+    assert f"artifact:{best.sha256}" in down["reaches"]["artifact"]
+    assert f"run:{train[1].run_id}" not in down["reaches"]["run"]
+
+    # find by parameter, data hash, code commit and artifact
+    commit = git(project, "rev-parse", "HEAD")
+    found = cli_json(capsys, "find", "--param", "x>1", "--code", commit[:8])
+    assert [f["run_id"] for f in found] == [train[1].run_id, train[2].run_id]  # type: ignore[index]
+    found = cli_json(capsys, "find", "--data", data_version.removeprefix("sha256:")[:10])
+    assert {f["run_id"] for f in found} == {r.run_id for r in train}  # type: ignore[index]
+    found = cli_json(capsys, "find", "--artifact", best.sha256[:10])
+    assert [f["run_id"] for f in found] == [select.run_id]  # type: ignore[index]
+    assert main(["find", "--param", "x>>1"]) == 2  # a bad filter is bad input
+
+    # replicates: 3 seeds of every trial, mean and std of each metric
+    status = cli_json(capsys, "run", "tiny.toml", "--replicates", "3")
+    assert isinstance(status, dict)
+    assert status["counts"] == {"SUCCEEDED": 12} and status["reused"] == 4
+    rows = {(s["task"], s["index"]): s for s in status["replicates"]}
+    x2 = rows[("train", 1)]
+    assert x2["seeds"] == [3, 4, 5] and len(set(x2["run_ids"])) == 3
+    scores = [2 + 4 + s / 100 for s in (3, 4, 5)]
+    assert x2["metrics"]["score"]["mean"] == pytest.approx(statistics.fmean(scores))
+    assert x2["metrics"]["score"]["std"] == pytest.approx(statistics.stdev(scores))
+
+    # the chain verifies; an edit made straight in the file is named
+    capsys.readouterr()
+    assert main(["audit", "verify"]) == 0
+    assert "OK: 2 entries" in capsys.readouterr().out
+    c = sqlite3.connect(db, isolation_level=None)
+    c.execute("DROP TRIGGER ledger_no_update")
+    c.execute("UPDATE ledger SET why = 'nothing to see' WHERE seq = 1")
+    c.close()
+    assert main(["audit", "verify"]) == 1
+    err = capsys.readouterr().err
+    assert "TAMPERED" in err and "entry 1" in err and "edited" in err
+
+
+def test_diff_of_runs_that_differ_in_one_package_names_it(
+    ray_session: None,
+    project: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with monkeypatch.context() as m:
+        m.syspath_prepend(str(fake_dist(tmp_path / "v1", "1.0.0")))
+        assert main(["run", "tiny.toml"]) == 0
+    with monkeypatch.context() as m:
+        m.syspath_prepend(str(fake_dist(tmp_path / "v2", "1.1.0")))
+        assert main(["run", "tiny.toml"]) == 0
+    with RunStore(project / ".stowplan" / "stowplan.db") as store:
+        first = [r for r in store.runs_by_name("tiny") if r.task == "train" and r.index == 0]
+    a, b = sorted(first, key=lambda r: r.created_at)
+    assert a.run_id != b.run_id  # the environment is part of identity
+
+    d = cli_json(capsys, "diff", a.run_id[:10], b.run_id[:10])
+    assert isinstance(d, dict)
+    assert d["packages"] == {
+        "added": [],
+        "removed": [],
+        "changed": [{"package": "fancy-pkg", "a": "1.0.0", "b": "1.1.0"}],
+    }
+    for group in ("params", "spec", "data", "environment", "hardware", "placement", "outputs"):
+        assert d[group] == [], group
+    assert d["code"]["fields"] == []
+    capsys.readouterr()
+    assert main(["diff", a.run_id[:10], b.run_id[:10]]) == 0
+    text = capsys.readouterr().out
+    assert "~ fancy-pkg 1.0.0 -> 1.1.0" in text and "params:" not in text
+
+
+def test_cancel_is_in_the_ledger_with_its_reason(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from stowplan.actors.session import prepare, record
+
+    prepared = prepare(project / "tiny.toml")
+    with RunStore(prepared.store_path) as store:
+        record(prepared, store)  # recorded, never dispatched: PENDING
+    assert main(["cancel", "tiny", "--why", "wrong dataset"]) == 0
+    (entry,) = cli_json(capsys, "audit", "log")  # type: ignore[misc]
+    assert entry["action"] == "cancel" and entry["why"] == "wrong dataset"
+    assert entry["details"]["runs"] == 4 and entry["target"] == "tiny"
+    assert sorted(entry["details"]["run_ids"]) == sorted(r.run_id for r in prepared.planned)
+    assert os.environ.get("STOWPLAN_SECRET") is None or "STOWPLAN_SECRET" not in str(entry)
