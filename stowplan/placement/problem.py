@@ -2,51 +2,156 @@
 
 Tasks with identical needs are grouped into demand classes before they reach a placer, so a
 sweep of 10^5 trials is a handful of classes, not 10^5 rows. A solution assigns counts per
-(class, pool); the scheduler core expands counts back to task ids in the class's own order.
+(class, pool, GPU model); the scheduler core expands counts back to task ids in the class's own
+order (``expand``).
+
+Units: CPUs as floats, memory and sizes in bytes, times in seconds, bandwidth in bytes per
+second, prices in the user's currency (dollars, say): per hour for compute, per GB (10^9 bytes)
+for egress.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
+import math
+from collections.abc import Iterable, Iterator
 
+import msgspec
 from msgspec import Struct, field
+
+from stowplan.errors import SpecError
+
+POOL_KINDS = ("local", "slurm", "kubernetes", "cloud", "instant", "sim")
+
+
+class Shape(Struct, frozen=True, kw_only=True):
+    """One node or instance: a task must fit on one of these, it is never split across two."""
+
+    cpus: float = 0.0
+    memory: int = 0
+    gpus: dict[str, int] = field(default_factory=dict)
 
 
 class Pool(Struct, frozen=True, kw_only=True):
     """Somewhere tasks can run: a local machine, a Slurm partition, a node pool, an instance type.
 
-    Capacities are what is free for stowplan now; ``gpus`` maps GPU model to count.
+    ``cpus``, ``memory`` and ``gpus`` (model -> count) are what is free for stowplan now. An
+    elastic pool (``max_instances`` > 0, a cloud instance type) can also launch up to that many
+    more instances of shape ``node``. ``price_per_hour`` is per instance-hour for elastic pools;
+    for other pools it is per task-hour, scaled by the task's share of ``node`` when the node shape
+    is known. ``expected_wait_s`` is the queue wait a batch scheduler predicts; elastic pools add
+    ``boot_s``. Spot pools are interrupted ``interruption_rate`` times per instance-hour, which
+    inflates the expected compute cost by the work redone.
     """
 
     id: str
     provider: str
     kind: str = "local"
     site: str = "local"
+    region: str = ""
     cpus: float = 0.0
     memory: int = 0
     gpus: dict[str, int] = field(default_factory=dict)
+    node: Shape | None = None
     price_per_hour: float = 0.0
+    spot: bool = False
+    interruption_rate: float = 0.0
+    max_instances: int = 0
+    boot_s: float = 0.0
     expected_wait_s: float = 0.0
     hardware_class: str = ""
+    max_tasks: int | None = None
+    """A quota: at most this many stowplan tasks at once in this pool."""
+
+    @property
+    def elastic(self) -> bool:
+        return self.max_instances > 0 and self.node is not None
 
 
-class DemandClass(Struct, frozen=True, kw_only=True):
-    """Tasks that need the same thing and may go to the same pools, in dispatch order."""
+class Link(Struct, frozen=True, kw_only=True):
+    """The network from one site to another: bytes per second, and price per GB sent."""
+
+    src: str
+    dst: str
+    bandwidth: float
+    egress_per_gb: float = 0.0
+
+
+class Dataset(Struct, frozen=True, kw_only=True):
+    """An input and the sites holding a replica. ``residency`` names a rule of the problem: the
+    tasks reading this dataset may only run at the sites or regions that rule allows."""
 
     id: str
-    cpus: float
-    memory: int
+    size: int
+    sites: tuple[str, ...] = ()
+    residency: str | None = None
+
+
+class Demand(Struct, frozen=True, kw_only=True):
+    """What one task needs and where it may go; identical demands form one class."""
+
+    cpus: float = 1.0
+    memory: int = 1 << 30
     gpus: int = 0
     gpu_types: tuple[str, ...] = ()
     allowed_pools: tuple[str, ...] | None = None
+    forbid_pools: tuple[str, ...] = ()
+    require_sites: tuple[str, ...] = ()
+    forbid_sites: tuple[str, ...] = ()
+    residency: tuple[str, ...] = ()
+    hardware_class: str | None = None
+    """Pin: only pools of exactly this hardware class (replays use it)."""
+    datasets: tuple[str, ...] = ()
+    runtime_s: float = 3600.0
+    """Estimated runtime, for compute cost and spot rework."""
     priority: int = 0
+
+
+class TaskDemand(Demand, frozen=True, kw_only=True):
+    id: str
+
+
+class DemandClass(Demand, frozen=True, kw_only=True):
+    """Tasks that need the same thing and may go to the same pools, in dispatch order."""
+
+    id: str
     members: list[str] = field(default_factory=list)
+
+    def demand(self) -> Demand:
+        return Demand(**{f: getattr(self, f) for f in Demand.__struct_fields__})
+
+
+class Weights(Struct, frozen=True, kw_only=True):
+    """How the objective weighs its terms. ``hour_value`` prices one task-hour of delay (waiting,
+    or moving data) in the currency of ``price_per_hour``, so all terms add up."""
+
+    data: float = 1.0
+    cost: float = 1.0
+    wait: float = 1.0
+    priority: float = 1.0
+    hour_value: float = 1.0
+
+
+class PlacementContext(Struct, frozen=True, kw_only=True):
+    """What every problem of one deployment shares: the network, the datasets, the residency
+    rules and the weights. The scheduler core stamps it on each problem it builds."""
+
+    links: list[Link] = field(default_factory=list)
+    datasets: list[Dataset] = field(default_factory=list)
+    residency: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    weights: Weights = field(default_factory=Weights)
 
 
 class PlacementProblem(Struct, frozen=True, kw_only=True):
-    request_id: int
+    request_id: int = 0
     pools: list[Pool]
     classes: list[DemandClass]
+    links: list[Link] = field(default_factory=list)
+    datasets: list[Dataset] = field(default_factory=list)
+    residency: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Rule name -> the sites or regions where data under that rule may be processed."""
+    weights: Weights = field(default_factory=Weights)
 
 
 class PlacementStatus(enum.StrEnum):
@@ -61,14 +166,197 @@ class Assignment(Struct, frozen=True, array_like=True):
     class_id: str
     pool_id: str
     count: int
+    gpu_model: str = ""
 
 
 class PlacementSolution(Struct, frozen=True, kw_only=True):
     request_id: int
     status: PlacementStatus
     assignments: list[Assignment]
+    instances: dict[str, int] = field(default_factory=dict)
+    """Elastic pool -> instances to launch for this placement."""
     objective: float = 0.0
     bound: float = 0.0
+    gap: float = 0.0
+    """(objective - bound) / max(1, |objective|); 0 when proven optimal."""
+    terms: dict[str, float] = field(default_factory=dict)
+    """The objective's parts, unweighted: placed, wanted, data_bytes, data_seconds, egress_cost,
+    compute_cost, wait_seconds, instances."""
     solve_seconds: float = 0.0
+    deterministic_time: float = 0.0
     unplaced: dict[str, str] = field(default_factory=dict)
     """class id -> why none (or not all) of its members could be placed now."""
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the decision: everything but the measured times."""
+        body = msgspec.structs.replace(self, solve_seconds=0.0, deterministic_time=0.0)
+        return hashlib.sha256(msgspec.json.encode(body, order="sorted")).hexdigest()
+
+    def placed(self) -> int:
+        return sum(a.count for a in self.assignments)
+
+
+def expand(problem: PlacementProblem, solution: PlacementSolution) -> Iterator[Assignment]:
+    """Yield one ``Assignment`` of count 1 per placed task, with the task id as ``class_id``.
+
+    Members of a class are handed out in the class's order across its assignments in the order
+    the solution lists them (sorted by pool id), so the same solution always maps the same task
+    to the same pool.
+    """
+    classes = {c.id: c for c in problem.classes}
+    taken: dict[str, int] = {}
+    for a in solution.assignments:
+        cls = classes[a.class_id]
+        start = taken.get(a.class_id, 0)
+        for task_id in cls.members[start : start + a.count]:
+            yield Assignment(task_id, a.pool_id, 1, a.gpu_model)
+        taken[a.class_id] = start + a.count
+
+
+def group(tasks: Iterable[TaskDemand]) -> list[DemandClass]:
+    """Group identical demands into classes, in order of first appearance."""
+    classes: dict[Demand, list[str]] = {}
+    for t in tasks:
+        key = Demand(**{f: getattr(t, f) for f in Demand.__struct_fields__})
+        classes.setdefault(key, []).append(t.id)
+    out = []
+    for i, (d, members) in enumerate(classes.items()):
+        fields = {f: getattr(d, f) for f in Demand.__struct_fields__}
+        out.append(DemandClass(id=f"c{i}", members=members, **fields))
+    return out
+
+
+# ---- validation ---------------------------------------------------------------------------
+
+
+def _bad(source: str, path: str, message: str, hint: str) -> SpecError:
+    return SpecError(message, file=source, path=path, hint=hint)
+
+
+def _finite(value: float, source: str, path: str, *, positive: bool = False) -> None:
+    if not math.isfinite(value):
+        raise _bad(source, path, f"must be a finite number, got {value}", "give a real number")
+    if value < 0 or (positive and value == 0):
+        need = "greater than 0" if positive else "0 or more"
+        raise _bad(source, path, f"must be {need}, got {value:g}", f"use a value {need}")
+
+
+def validate(problem: PlacementProblem, *, source: str = "placement problem") -> None:
+    """Reject bad input before any solving, naming the field (``$.pools[3].cpus``) and a fix."""
+    pool_ids: set[str] = set()
+    classes_hw = {c.hardware_class for c in problem.classes if c.hardware_class is not None}
+    for i, p in enumerate(problem.pools):
+        at = f"$.pools[{i}]"
+        if not p.id:
+            raise _bad(source, f"{at}.id", "a pool needs an id", "name every pool")
+        if p.id in pool_ids:
+            raise _bad(source, f"{at}.id", f"pool id {p.id!r} appears twice", "make ids unique")
+        pool_ids.add(p.id)
+        if p.kind not in POOL_KINDS:
+            raise _bad(
+                source, f"{at}.kind", f"unknown pool kind {p.kind!r}", f"use one of {POOL_KINDS}"
+            )
+        _finite(p.cpus, source, f"{at}.cpus")
+        _finite(float(p.memory), source, f"{at}.memory")
+        for m, n in sorted(p.gpus.items()):
+            _finite(float(n), source, f"{at}.gpus.{m}")
+        for name in ("price_per_hour", "interruption_rate", "boot_s", "expected_wait_s"):
+            _finite(getattr(p, name), source, f"{at}.{name}")
+        if p.max_instances < 0:
+            raise _bad(source, f"{at}.max_instances", "must be 0 or more", "use 0 for fixed pools")
+        if p.max_tasks is not None and p.max_tasks < 0:
+            raise _bad(source, f"{at}.max_tasks", "must be 0 or more", "drop it for no quota")
+        if p.node is not None:
+            _finite(p.node.cpus, source, f"{at}.node.cpus")
+            _finite(float(p.node.memory), source, f"{at}.node.memory")
+            for m, n in sorted(p.node.gpus.items()):
+                _finite(float(n), source, f"{at}.node.gpus.{m}")
+        elif p.max_instances > 0:
+            raise _bad(
+                source,
+                f"{at}.node",
+                "an elastic pool (max_instances > 0) needs its instance shape",
+                "give node = {cpus, memory, gpus} for the instance type",
+            )
+    sites = {p.site for p in problem.pools} | {p.region for p in problem.pools if p.region}
+    for i, link in enumerate(problem.links):
+        _finite(link.bandwidth, source, f"$.links[{i}].bandwidth", positive=True)
+        _finite(link.egress_per_gb, source, f"$.links[{i}].egress_per_gb")
+    data_ids: set[str] = set()
+    for i, d in enumerate(problem.datasets):
+        if d.id in data_ids:
+            raise _bad(source, f"$.datasets[{i}].id", f"dataset {d.id!r} appears twice", "merge")
+        data_ids.add(d.id)
+        _finite(float(d.size), source, f"$.datasets[{i}].size")
+        if d.residency is not None and d.residency not in problem.residency:
+            raise _bad(
+                source,
+                f"$.datasets[{i}].residency",
+                f"unknown residency rule {d.residency!r}",
+                f"define it under residency, or use one of {sorted(problem.residency)}",
+            )
+    for name, allowed in sorted(problem.residency.items()):
+        if not allowed:
+            raise _bad(
+                source, f"$.residency.{name}", "a residency rule allows no site", "list sites"
+            )
+    w = problem.weights
+    for name in ("data", "cost", "wait", "priority", "hour_value"):
+        _finite(getattr(w, name), source, f"$.weights.{name}")
+    class_ids: set[str] = set()
+    for i, c in enumerate(problem.classes):
+        at = f"$.classes[{i}]"
+        if c.id in class_ids:
+            raise _bad(source, f"{at}.id", f"class id {c.id!r} appears twice", "make ids unique")
+        class_ids.add(c.id)
+        _finite(c.cpus, source, f"{at}.cpus")
+        _finite(float(c.memory), source, f"{at}.memory")
+        _finite(c.runtime_s, source, f"{at}.runtime_s")
+        if c.gpus < 0:
+            raise _bad(source, f"{at}.gpus", "must be 0 or more", "ask for 0 or more GPUs")
+        for j, did in enumerate(c.datasets):
+            if did not in data_ids:
+                raise _bad(
+                    source,
+                    f"{at}.datasets[{j}]",
+                    f"unknown dataset {did!r}",
+                    "declare it under datasets with its size and sites",
+                )
+        for j, r in enumerate(c.residency):
+            if r not in problem.residency:
+                raise _bad(
+                    source,
+                    f"{at}.residency[{j}]",
+                    f"unknown residency rule {r!r}",
+                    f"define it under residency, or use one of {sorted(problem.residency)}",
+                )
+        for name in ("allowed_pools", "forbid_pools"):
+            for j, pid in enumerate(getattr(c, name) or ()):
+                if pid not in pool_ids:
+                    raise _bad(
+                        source,
+                        f"{at}.{name}[{j}]",
+                        f"unknown pool {pid!r}",
+                        f"use one of {sorted(pool_ids)[:8]}",
+                    )
+        for name in ("require_sites", "forbid_sites"):
+            for j, s in enumerate(getattr(c, name)):
+                if s not in sites:
+                    raise _bad(
+                        source,
+                        f"{at}.{name}[{j}]",
+                        f"no pool is at site {s!r}",
+                        f"use one of {sorted(sites)[:8]}",
+                    )
+    for hw in sorted(classes_hw):
+        if not any(p.hardware_class == hw for p in problem.pools):
+            i = next(i for i, c in enumerate(problem.classes) if c.hardware_class == hw)
+            raise _bad(
+                source,
+                f"$.classes[{i}].hardware_class",
+                f"no pool has hardware class {hw!r}",
+                "replay on a provider that offers this hardware, or drop the pin "
+                "(classes here: "
+                + ", ".join(sorted({p.hardware_class for p in problem.pools if p.hardware_class}))
+                + ")",
+            )

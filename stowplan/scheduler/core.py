@@ -29,9 +29,18 @@ import heapq
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from dataclasses import field as dc_field
+
+import msgspec
 
 from stowplan.errors import InternalError
-from stowplan.placement.problem import DemandClass, PlacementProblem, PlacementSolution, Pool
+from stowplan.placement.problem import (
+    DemandClass,
+    PlacementContext,
+    PlacementProblem,
+    PlacementSolution,
+    Pool,
+)
 from stowplan.scheduler.events import (
     Cancel,
     CancelRequested,
@@ -65,6 +74,8 @@ class CoreConfig:
     """seconds a leased run may go without a provider report before it is LOST."""
     fair_share_half_life: float = 3600.0
     seed: int = 0
+    context: PlacementContext = dc_field(default_factory=lambda: PlacementContext())
+    """the network, datasets, residency rules and weights every placement problem carries."""
 
 
 class _Run:
@@ -114,6 +125,13 @@ def _bucket_key(t: TaskInstance) -> tuple[object, ...]:
         t.gpu_types,
         t.allowed_providers,
         t.group if t.max_concurrent else "",
+        t.datasets,
+        t.runtime_s,
+        t.require_sites,
+        t.forbid_sites,
+        t.forbid_pools,
+        t.residency,
+        t.hardware_class,
     )
 
 
@@ -145,6 +163,17 @@ class SchedulerCore:
         self._out_cancels: dict[str, list[str]] = {}
         self._out_reconcile: dict[str, list[str]] = {}
         self._now = 0.0
+        self._launched: Counter[str] = Counter()
+        """instances launched in elastic pools since the pool was last discovered."""
+        ctx = self.config.context
+        self._context_problem = PlacementProblem(
+            pools=[],
+            classes=[],
+            links=ctx.links,
+            datasets=ctx.datasets,
+            residency=ctx.residency,
+            weights=ctx.weights,
+        )
 
     # ---- public -------------------------------------------------------------------------
 
@@ -194,8 +223,14 @@ class SchedulerCore:
         pool = self._pools[pool_id]
         used = self._used.get(pool_id, [0.0, 0.0])
         gpus_used = self._used_gpus.get(pool_id, Counter())
-        gpus = {m: n - gpus_used.get(m, 0) for m, n in pool.gpus.items()}
-        return pool.cpus - used[0], int(pool.memory - used[1]), gpus
+        cpus, memory, total = pool.cpus, pool.memory, Counter(pool.gpus)
+        k = self._launched.get(pool_id, 0)
+        if k and pool.node is not None:  # instances launched since the last discovery
+            cpus += k * pool.node.cpus
+            memory += k * pool.node.memory
+            total.update({m: k * n for m, n in pool.node.gpus.items()})
+        gpus = {m: n - gpus_used.get(m, 0) for m, n in sorted(total.items())}
+        return cpus - used[0], int(memory - used[1]), gpus
 
     # ---- events -------------------------------------------------------------------------
 
@@ -292,6 +327,7 @@ class SchedulerCore:
             if p.provider != ev.provider:
                 raise InternalError(f"pool {p.id} reported by {ev.provider} names {p.provider}")
             self._pools[p.id] = p
+            self._launched.pop(p.id, None)  # the provider now counts what was launched
         self._maybe_solve()
 
     def _on_placement(self, solution: PlacementSolution) -> None:
@@ -301,6 +337,9 @@ class SchedulerCore:
         self._solving = None
         classes = {c.id: c for c in problem.classes}
         taken: Counter[str] = Counter()
+        for pid, k in solution.instances.items():
+            if pid in self._pools:
+                self._launched[pid] += k
         for a in solution.assignments:
             cls = classes.get(a.class_id)
             pool = self._pools.get(a.pool_id)
@@ -313,10 +352,10 @@ class SchedulerCore:
                 run = self._runs[run_id]
                 if run.state is not TaskState.READY:
                     continue  # cancelled while the solver ran
-                self._dispatch(run, pool)
+                self._dispatch(run, pool, a.gpu_model)
         self._maybe_solve()
 
-    def _dispatch(self, run: _Run, pool: Pool) -> None:
+    def _dispatch(self, run: _Run, pool: Pool, gpu_model: str = "") -> None:
         assert run.bucket is not None
         self._ready[run.bucket].pop(run.task.run_id, None)
         run.pool = pool.id
@@ -325,7 +364,7 @@ class SchedulerCore:
         run.attempt += 1
         run.key = attempt_key(run.task.run_id, run.attempt)
         self._by_key[run.key] = run.task.run_id
-        self._lease(run)
+        self._lease(run, gpu_model)
         self._move(run, Trigger.SUBMIT)
         self._out_submits.setdefault((pool.provider, pool.id, False), []).append(
             SubmitItem(run.task.run_id, run.attempt, run.key)
@@ -451,7 +490,7 @@ class SchedulerCore:
             run.bucket = _bucket_key(run.task)
         self._ready.setdefault(run.bucket, {})[run.task.run_id] = None
 
-    def _lease(self, run: _Run) -> None:
+    def _lease(self, run: _Run, gpu_model: str = "") -> None:
         assert run.pool is not None
         t = run.task
         used = self._used.setdefault(run.pool, [0.0, 0.0])
@@ -462,7 +501,10 @@ class SchedulerCore:
             gpus_used = self._used_gpus.setdefault(run.pool, Counter())
             models = t.gpu_types or tuple(sorted(pool.gpus if pool else ()))
             free = {m: (pool.gpus.get(m, 0) if pool else 0) - gpus_used[m] for m in models}
-            run.gpu_model = max(models, key=lambda m: (free.get(m, 0), m)) if models else "?"
+            if gpu_model:
+                run.gpu_model = gpu_model  # the placer chose it
+            else:
+                run.gpu_model = max(models, key=lambda m: (free.get(m, 0), m)) if models else "?"
             gpus_used[run.gpu_model] += t.gpus
         run.lease_until = self._now + self.config.lease_ttl
         self._next_lease_check = min(self._next_lease_check, run.lease_until)
@@ -571,13 +613,22 @@ class SchedulerCore:
             allowed = None
             if t.allowed_providers is not None:
                 allowed = tuple(p.id for p in pools if p.provider in t.allowed_providers)
+            known = set(self._pools)
             cls = DemandClass(
-                id=f"c{len(classes)}",
+                # zero-padded: placers order classes by id, which keeps this order
+                id=f"c{len(classes):06d}",
                 cpus=t.cpus,
                 memory=t.memory,
                 gpus=t.gpus,
                 gpu_types=t.gpu_types,
                 allowed_pools=allowed,
+                forbid_pools=tuple(x for x in t.forbid_pools if x in known),
+                require_sites=t.require_sites,
+                forbid_sites=t.forbid_sites,
+                residency=t.residency,
+                hardware_class=t.hardware_class,
+                datasets=t.datasets,
+                runtime_s=t.runtime_s,
                 priority=t.priority,
             )
             if not self._feasible_somewhere(cls, pools):
@@ -597,38 +648,29 @@ class SchedulerCore:
                     break
             if t.max_concurrent:
                 offered[t.group] += len(members)
-            classes.append(
-                DemandClass(
-                    id=cls.id,
-                    cpus=cls.cpus,
-                    memory=cls.memory,
-                    gpus=cls.gpus,
-                    gpu_types=cls.gpu_types,
-                    allowed_pools=cls.allowed_pools,
-                    priority=cls.priority,
-                    members=members,
-                )
-            )
+            classes.append(msgspec.structs.replace(cls, members=members))
         if not classes:
             return
         self._request_id += 1
         free_pools = [
-            Pool(
-                id=p.id,
-                provider=p.provider,
-                kind=p.kind,
-                site=p.site,
+            msgspec.structs.replace(
+                p,
                 cpus=max(0.0, free[p.id][0]),
                 memory=max(0, free[p.id][1]),
                 gpus={m: max(0, n) for m, n in free[p.id][2].items()},
-                price_per_hour=p.price_per_hour,
-                expected_wait_s=p.expected_wait_s,
-                hardware_class=p.hardware_class,
+                max_instances=max(0, p.max_instances - self._launched.get(p.id, 0)),
             )
             for p in pools
         ]
+        ctx = self.config.context
         self._solving = PlacementProblem(
-            request_id=self._request_id, pools=free_pools, classes=classes
+            request_id=self._request_id,
+            pools=free_pools,
+            classes=classes,
+            links=ctx.links,
+            datasets=ctx.datasets,
+            residency=ctx.residency,
+            weights=ctx.weights,
         )
 
     def _fit_bound(
@@ -637,27 +679,43 @@ class SchedulerCore:
         pools: list[Pool],
         free: dict[str, tuple[float, int, dict[str, int]]],
     ) -> int:
+        """At most this many members could be placed now: what free capacity holds, plus what
+        the instances elastic pools may still launch would hold."""
         from stowplan.placement.greedy import eligible, fits
 
         total = 0
         for p in pools:
-            if eligible(cls, p):
+            if eligible(cls, p, self._context_problem):
                 cpus, mem, gpus = free[p.id]
                 total += fits(cls, cpus, mem, gpus)
+                room = p.max_instances - self._launched.get(p.id, 0)
+                if p.elastic and p.node is not None and room > 0:
+                    total += room * fits(cls, p.node.cpus, p.node.memory, dict(p.node.gpus))
         return total
 
     def _feasible_somewhere(self, cls: DemandClass, pools: list[Pool]) -> bool:
         from stowplan.placement.greedy import eligible, fits
 
         return any(
-            eligible(cls, p) and fits(cls, p.cpus, p.memory, dict(p.gpus)) > 0 for p in pools
+            eligible(cls, p, self._context_problem)
+            and (
+                fits(cls, p.cpus, p.memory, dict(p.gpus)) > 0
+                or (
+                    p.elastic
+                    and p.node is not None
+                    and fits(cls, p.node.cpus, p.node.memory, dict(p.node.gpus)) > 0
+                )
+            )
+            for p in pools
         )
 
     def _reject(self, bucket: dict[str, None], cls: DemandClass, pools: list[Pool]) -> None:
         """No pool could run these even when empty: fail them now instead of waiting forever."""
         from stowplan.placement.greedy import why_not
 
-        why = why_not(cls, pools).replace("no free capacity now", "no pool is large enough")
+        why = why_not(cls, pools, self._context_problem).replace(
+            "no free capacity now", "no pool is large enough"
+        )
         for run_id in list(bucket):
             run = self._runs[run_id]
             self._finish(run, Trigger.FAILED, FailureClass.PROVIDER_REJECTED, why)

@@ -31,6 +31,16 @@ class TaskInstance(Struct, frozen=True, kw_only=True):
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     allowed_providers: tuple[str, ...] | None = None
     max_concurrent: int | None = None
+    datasets: tuple[str, ...] = ()
+    """ids of the inputs, as declared in the placement context (see ``CoreConfig.context``)."""
+    runtime_s: float = 3600.0
+    """estimated runtime, for compute cost: the walltime or timeout when declared."""
+    require_sites: tuple[str, ...] = ()
+    forbid_sites: tuple[str, ...] = ()
+    forbid_pools: tuple[str, ...] = ()
+    residency: tuple[str, ...] = ()
+    hardware_class: str | None = None
+    """a pin: only pools of exactly this hardware class (replays set it)."""
 
 
 class RestoredTask(Struct, frozen=True, kw_only=True):

@@ -61,7 +61,11 @@ def cls(
 
 def place(pools: list[Pool], classes: list[DemandClass], request_id: int = 1) -> dict[str, int]:
     sol = solve_greedy(PlacementProblem(request_id=request_id, pools=pools, classes=classes))
-    return {f"{a.class_id}@{a.pool_id}": a.count for a in sol.assignments}
+    out: dict[str, int] = {}
+    for a in sol.assignments:
+        key = f"{a.class_id}@{a.pool_id}"
+        out[key] = out.get(key, 0) + a.count
+    return out
 
 
 def test_fills_to_cpu_capacity_and_explains_the_rest() -> None:
@@ -70,7 +74,7 @@ def test_fills_to_cpu_capacity_and_explains_the_rest() -> None:
     assert sol.request_id == 4
     assert sol.status is PlacementStatus.GREEDY
     assert sol.assignments == [Assignment("c", "p/a", 4)]
-    assert sol.unplaced == {"c": "no free capacity now for 1 CPUs, 1 GiB in p/a"}
+    assert sol.unplaced == {"c": "6 waiting: no free capacity left for 1 CPUs, 1 GiB in p/a"}
 
 
 def test_everything_placed_has_no_reason() -> None:
@@ -89,10 +93,11 @@ def test_memory_and_fractional_cpus_limit_too() -> None:
     assert place([pool("p/a", cpus=0.9)], [cls("c", 1, cpus=0.3)]) == {"c@p/a": 1}  # no fp loss
 
 
-def test_classes_share_capacity_in_the_given_order() -> None:
+def test_classes_share_capacity_in_id_order() -> None:
+    # the core names classes c000000, c000001, ... in fair-share order; input order is ignored
     pools = [pool("p/a", cpus=5)]
     assert place(pools, [cls("x", 3, cpus=1), cls("y", 3, cpus=1)]) == {"x@p/a": 3, "y@p/a": 2}
-    assert place(pools, [cls("y", 3, cpus=1), cls("x", 3, cpus=1)]) == {"y@p/a": 3, "x@p/a": 2}
+    assert place(pools, [cls("y", 3, cpus=1), cls("x", 3, cpus=1)]) == {"x@p/a": 3, "y@p/a": 2}
 
 
 def test_cheapest_pool_first_then_wait_then_id() -> None:
@@ -104,15 +109,17 @@ def test_cheapest_pool_first_then_wait_then_id() -> None:
         pool("p/mid-fast2", cpus=2, price=2.0, wait=10),
     ]
     sol = solve_greedy(PlacementProblem(request_id=1, pools=pools, classes=[cls("c", 9)]))
-    assert [(a.pool_id, a.count) for a in sol.assignments] == [
-        ("p/cheap", 2),
-        ("p/mid-fast", 2),
-        ("p/mid-fast2", 2),
-        ("p/mid-slow", 2),
-        ("p/dear", 1),
-    ]
+    # one hour of runtime by default; a task-hour of waiting is worth 1 (Weights.hour_value)
+    assert {a.pool_id: a.count for a in sol.assignments} == {
+        "p/cheap": 2,
+        "p/mid-fast": 2,
+        "p/mid-fast2": 2,
+        "p/mid-slow": 2,
+        "p/dear": 1,
+    }
     expected = 2 * 1.0 + 2 * (2 + 10 / 3600) * 2 + 2 * (2 + 600 / 3600) + 1 * 3.0
-    assert sol.objective == pytest.approx(expected)
+    assert sol.terms["cost"] == pytest.approx(expected)
+    assert sol.terms["wait_seconds"] == pytest.approx(4 * 10 + 2 * 600)
 
 
 def test_allowed_pools_are_respected() -> None:
@@ -122,7 +129,9 @@ def test_allowed_pools_are_respected() -> None:
         PlacementProblem(request_id=1, pools=pools, classes=[cls("c", 1, allowed=("p/none",))])
     )
     assert sol.assignments == []
-    assert sol.unplaced == {"c": "no allowed pool offers 1 CPUs, 1 GiB"}
+    assert sol.unplaced == {
+        "c": "no pool offers 1 CPUs, 1 GiB: not among the allowed pools (2 pools)"
+    }
 
 
 def test_gpu_models_are_respected() -> None:
@@ -147,15 +156,19 @@ def test_gpus_used_by_one_class_are_gone_for_the_next() -> None:
 
 
 def test_one_gpu_model_per_assignment() -> None:
-    # a class may use either model, but each member sits on one; fits takes the best model
+    # a class may use either model, but each member sits on one model
     pools = [pool("p/mixed", cpus=64, gpus={"A100": 2, "H100": 3})]
-    assert place(pools, [cls("c", 9, gpus=1)]) == {"c@p/mixed": 3}
+    sol = solve_greedy(PlacementProblem(pools=pools, classes=[cls("c", 9, gpus=1)]))
+    assert {a.gpu_model: a.count for a in sol.assignments} == {"A100": 2, "H100": 3}
+    assert all(a.pool_id == "p/mixed" for a in sol.assignments)
 
 
 def test_gpu_reason_names_the_model() -> None:
     pools = [pool("p/a100", cpus=64, gpus={"A100": 8})]
     c = cls("h", 1, gpus=2, gpu_types=("H100",))
-    assert why_not(c, pools) == "no allowed pool offers 1 CPUs, 1 GiB, 2 x GPU H100"
+    assert why_not(c, pools) == (
+        "no allowed pool offers 1 CPUs, 1 GiB, 2 x GPU H100 (1 pool(s): no 2 x H100 there)"
+    )
     assert why_not(cls("a", 1, gpus=1), []) == "no allowed pool offers 1 CPUs, 1 GiB, 1 x GPU any"
 
 

@@ -172,7 +172,7 @@ def test_different_needs_make_different_classes() -> None:
     out = h.submit(task("a"), task("b", cpus=2), task("c"), task("d", memory=2 * GiB))
     (sp,) = of(out, SolvePlacement)
     assert [c.members for c in sp.problem.classes] == [["a", "c"], ["b"], ["d"]]
-    assert [c.id for c in sp.problem.classes] == ["c0", "c1", "c2"]
+    assert [c.id for c in sp.problem.classes] == ["c000000", "c000001", "c000002"]
 
 
 def test_only_one_solve_in_flight() -> None:
@@ -652,7 +652,9 @@ def test_a_gpu_model_no_pool_has_is_rejected() -> None:
     out = h.submit(task("x", gpus=1, gpu_types=("H100",)))
     assert h.states("x") == [S.FAILED]
     (rec,) = [t for t in transitions(out) if t.to_state is S.FAILED]
-    assert rec.reason == "no allowed pool offers 1 CPUs, 1 GiB, 1 x GPU H100"
+    assert rec.reason == (
+        "no allowed pool offers 1 CPUs, 1 GiB, 1 x GPU H100 (1 pool(s): no 1 x H100 there)"
+    )
 
 
 def test_a_busy_pool_is_not_a_rejection() -> None:

@@ -1,0 +1,166 @@
+"""Turning counts per option into a ``PlacementSolution``: objective, terms, reasons."""
+
+from __future__ import annotations
+
+from stowplan.placement.problem import Assignment, PlacementSolution, PlacementStatus
+from stowplan.placement.table import TIE_UNITS, Option, Table, pool_reasons
+
+Counts = dict[tuple[int, int, str], int]
+
+
+def _options(table: Table, counts: Counts) -> dict[tuple[int, int, str], Option]:
+    out = {}
+    for key in counts:
+        o = table.find(*key)
+        if o is None:
+            raise KeyError(f"no column {key}")
+        out[key] = o
+    return out
+
+
+def objective_int(table: Table, counts: Counts, launched: dict[int, int]) -> int:
+    opts = _options(table, counts)
+    total = sum(n * (opts[k].cost_int - table.reward[k[0]]) for k, n in counts.items())
+    total += sum(k * table.instance_cost_int[j] for j, k in launched.items())
+    return total
+
+
+def violations(table: Table, counts: Counts, launched: dict[int, int]) -> list[str]:
+    """Every capacity, quota, class-size or instance limit these counts break; empty if none."""
+    out = []
+    used: dict[int, list[int]] = {}
+    gpu: dict[tuple[int, str], int] = {}
+    tasks: dict[int, int] = {}
+    per_class = [0] * len(table.classes)
+    for (ci, j, model), n in counts.items():
+        if n < 0:
+            out.append(f"negative count for class {table.classes[ci].id} in {table.pools[j].id}")
+        if table.find(ci, j, model) is None:
+            out.append(f"class {table.classes[ci].id} may not use {table.pools[j].id}/{model}")
+        c_cpu, c_mem, c_gpu = table.need[ci]
+        u = used.setdefault(j, [0, 0])
+        u[0] += n * c_cpu
+        u[1] += n * c_mem
+        if c_gpu:
+            gpu[(j, model)] = gpu.get((j, model), 0) + n * c_gpu
+        tasks[j] = tasks.get(j, 0) + n
+        per_class[ci] += n
+    for j, (cpu, mem) in sorted(used.items()):
+        node = table.node[j]
+        k = launched.get(j, 0)
+        if k and (node is None or k > table.pools[j].max_instances):
+            out.append(f"{table.pools[j].id}: {k} instances is over its limit")
+        cap_cpu = table.free[j][0] + (k * node[0] if node else 0)
+        cap_mem = table.free[j][1] + (k * node[1] if node else 0)
+        if cpu > cap_cpu or mem > cap_mem:
+            out.append(f"{table.pools[j].id}: CPUs or memory over capacity")
+        quota = table.pools[j].max_tasks
+        if quota is not None and tasks[j] > quota:
+            out.append(f"{table.pools[j].id}: {tasks[j]} tasks over its quota of {quota}")
+    for (j, model), g in sorted(gpu.items()):
+        node = table.node[j]
+        k = launched.get(j, 0)
+        cap = table.free[j][2].get(model, 0) + (k * node[2].get(model, 0) if node else 0)
+        if g > cap:
+            out.append(f"{table.pools[j].id}: {g} x {model} over capacity {cap}")
+    for ci, n in enumerate(per_class):
+        if n > len(table.classes[ci].members):
+            out.append(
+                f"class {table.classes[ci].id}: {n} placed of {len(table.classes[ci].members)}"
+            )
+    return out
+
+
+def to_currency(table: Table, value: int) -> float:
+    return value / (table.scale * TIE_UNITS)
+
+
+def gap(objective: int, bound: int) -> float:
+    return max(0.0, (objective - bound) / max(1.0, abs(objective)))
+
+
+def assemble(
+    table: Table,
+    counts: Counts,
+    launched: dict[int, int],
+    *,
+    status: PlacementStatus,
+    bound: int | None,
+    solve_seconds: float = 0.0,
+    deterministic_time: float = 0.0,
+) -> PlacementSolution:
+    """The solution for these counts. ``bound`` None means "no proof": the bound is then the
+    objective itself for greedy answers (reported as such, with gap 0 only when proven)."""
+    opts = _options(table, counts)
+    terms = {
+        "placed": 0.0,
+        "wanted": float(sum(len(c.members) for c in table.classes)),
+        "data_bytes": 0.0,
+        "data_seconds": 0.0,
+        "egress_cost": 0.0,
+        "compute_cost": 0.0,
+        "wait_seconds": 0.0,
+        "instances": float(sum(launched.values())),
+        "cost": 0.0,
+    }
+    placed_per_class = [0] * len(table.classes)
+    assignments = []
+    for key in sorted(counts, key=lambda k: (k[0], table.pools[k[1]].id, k[2])):
+        n = counts[key]
+        if n <= 0:
+            continue
+        o = opts[key]
+        placed_per_class[key[0]] += n
+        terms["placed"] += n
+        terms["data_bytes"] += n * o.data_bytes
+        terms["data_seconds"] += n * o.data_seconds
+        terms["egress_cost"] += n * o.egress_cost
+        terms["compute_cost"] += n * o.compute_cost
+        terms["wait_seconds"] += n * o.wait_seconds
+        terms["cost"] += n * o.unit_cost
+        assignments.append(Assignment(table.classes[key[0]].id, table.pools[key[1]].id, n, key[2]))
+    for j, k in launched.items():
+        p = table.pools[j]
+        terms["wait_seconds"] += k * p.boot_s
+        terms["compute_cost"] += k * p.price_per_hour * p.boot_s / 3600.0
+        terms["cost"] += k * table.instance_cost[j]
+    obj = objective_int(table, counts, launched)
+    proven = bound if bound is not None else obj
+    unplaced = {}
+    for ci, cls in enumerate(table.classes):
+        if placed_per_class[ci] < len(cls.members):
+            unplaced[cls.id] = why_unplaced(table, ci, placed_per_class[ci])
+    return PlacementSolution(
+        request_id=table.problem.request_id,
+        status=status,
+        assignments=assignments,
+        instances={table.pools[j].id: k for j, k in sorted(launched.items()) if k},
+        objective=round(to_currency(table, obj), 9),
+        bound=round(to_currency(table, proven), 9),
+        gap=round(gap(obj, proven), 9) if bound is not None else 0.0,
+        terms={k: round(v, 9) for k, v in terms.items()},
+        solve_seconds=solve_seconds,
+        deterministic_time=round(deterministic_time, 6),
+        unplaced=unplaced,
+    )
+
+
+def why_unplaced(table: Table, ci: int, placed: int) -> str:
+    cls = table.classes[ci]
+    need = f"{cls.cpus:g} CPUs, {cls.memory / 2**30:.3g} GiB"
+    if cls.gpus:
+        need += f", {cls.gpus} x {'/'.join(cls.gpu_types) or 'GPU'}"
+    left = len(cls.members) - placed
+    if table.eligible_full[ci] == 0:
+        reasons: dict[str, int] = {}
+        for p in table.pools:
+            for r in pool_reasons(table.problem, cls, p):
+                reasons[r] = reasons.get(r, 0) + 1
+        top = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+        detail = "; ".join(f"{r} ({n} pool{'s' if n > 1 else ''})" for r, n in top)
+        return f"no pool offers {need}" + (f": {detail}" if detail else ": there are no pools")
+    usable = sorted({table.pools[j].id for j in table.columns[ci].pool.tolist()})
+    if not usable:
+        return f"{left} waiting: every pool that can run {need} is full now"
+    shown = ", ".join(usable[:5]) + (f" and {len(usable) - 5} more" if len(usable) > 5 else "")
+    return f"{left} waiting: no free capacity left for {need} in {shown}"

@@ -1,0 +1,472 @@
+"""The option table: every (class, pool, GPU model) a class may use, with its cost, in one pass.
+
+Both placers (greedy and CP-SAT), the lower bound and ``explain`` read this table, so they agree
+on what is eligible and what it costs. Eligibility is computed per class over all pools at once
+with numpy; ``pool_reasons`` is the scalar reference that says *why* a pool is out, and the
+tests check that the two agree.
+
+Integer units, shared by every placer so a greedy answer is always a valid CP-SAT hint: CPUs in
+thousandths (needs rounded up, capacities down), memory in MiB (the same), GPUs whole.
+
+Per-task cost of class c in pool p (weighted, in the currency of the prices):
+
+    data    = w.data * sum over inputs not at p's site, from the replica that is cheapest to
+              reach: (bytes / bandwidth) / 3600 * hour_value + bytes / 1e9 * egress_per_gb
+    compute = w.cost * runtime_h * price(p) * share * (1 + interruption_rate * runtime_h / 2)
+    wait    = w.wait * expected_wait_s(p) / 3600 * hour_value
+
+``share`` is the task's largest fraction of one node (CPUs, memory or GPUs) when the node shape
+is known, else 1; the spot factor is the expected work redone after an interruption. Each
+instance an elastic pool launches costs its boot time once: w.cost * price * boot_h +
+w.wait * boot_h * hour_value.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from stowplan.placement.problem import DemandClass, PlacementProblem, Pool
+
+MIB = 1 << 20
+PRICE_UNITS = 100_000
+"""The most expensive option or instance is scaled to this many integer units."""
+TIE_UNITS = 64
+"""Each cost unit is split this many ways so ids can break ties without changing the optimum."""
+
+IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float64]
+
+
+def cpu_need(cpus: float) -> int:
+    return math.ceil(cpus * 1000 - 1e-6)
+
+
+def cpu_free(cpus: float) -> int:
+    return max(0, math.floor(cpus * 1000 + 1e-6))
+
+
+def mem_need(memory: int) -> int:
+    return -(-memory // MIB)
+
+
+def mem_free(memory: int) -> int:
+    return max(0, memory // MIB)
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One column: tasks of ``cls`` in ``pool`` on GPU ``model`` ("" for none)."""
+
+    cls: int
+    pool: int
+    model: str
+    ub: int
+    """At most this many members fit: free capacity plus every instance the pool may launch."""
+    unit_cost: float
+    data_bytes: float
+    data_seconds: float
+    egress_cost: float
+    compute_cost: float
+    wait_seconds: float
+    cost_int: int
+    """unit_cost in integer units times TIE_UNITS, plus a tie-break derived from the ids."""
+
+
+@dataclass(slots=True)
+class Columns:
+    """A class's usable columns as arrays, sorted by (cost_int, pool id, model)."""
+
+    pool: IntArray
+    model: IntArray
+    """Index into ``Table.models``; -1 for CPU-only classes."""
+    ub: IntArray
+    unit: FloatArray
+    terms: FloatArray
+    """Rows: data_bytes, data_seconds, egress_cost, compute_cost, wait_seconds."""
+    cost_int: IntArray
+
+    def __len__(self) -> int:
+        return len(self.pool)
+
+
+@dataclass(slots=True)
+class Table:
+    problem: PlacementProblem
+    pools: list[Pool]
+    """Sorted by id: the order in which the model is built."""
+    classes: list[DemandClass]
+    """Sorted by id."""
+    columns: list[Columns]
+    eligible_full: list[int]
+    """Per class, how many (pool, model) pairs it may ever use, free or not."""
+    reward: list[int]
+    """Per class, the integer reward for placing one member."""
+    models: list[str]
+    need: list[tuple[int, int, int]]
+    """Per class: (milli-CPUs, MiB, GPUs)."""
+    free: list[tuple[int, int, dict[str, int]]]
+    """Per pool: free (milli-CPUs, MiB, GPUs by model)."""
+    node: list[tuple[int, int, dict[str, int]] | None]
+    """Per pool: the instance shape of elastic pools, None for the others."""
+    instance_cost: list[float]
+    instance_cost_int: list[int]
+    scale: float
+    """Integer units per currency unit (before TIE_UNITS)."""
+
+    def option(self, ci: int, k: int) -> Option:
+        c = self.columns[ci]
+        mi = int(c.model[k])
+        t = c.terms[:, k]
+        return Option(
+            cls=ci,
+            pool=int(c.pool[k]),
+            model=self.models[mi] if mi >= 0 else "",
+            ub=int(c.ub[k]),
+            unit_cost=float(c.unit[k]),
+            data_bytes=float(t[0]),
+            data_seconds=float(t[1]),
+            egress_cost=float(t[2]),
+            compute_cost=float(t[3]),
+            wait_seconds=float(t[4]),
+            cost_int=int(c.cost_int[k]),
+        )
+
+    def options(self, ci: int) -> list[Option]:
+        return [self.option(ci, k) for k in range(len(self.columns[ci]))]
+
+    def find(self, ci: int, pool: int, model: str) -> Option | None:
+        c = self.columns[ci]
+        mi = self.models.index(model) if model else -1
+        hit = np.nonzero((c.pool == pool) & (c.model == mi))[0]
+        return self.option(ci, int(hit[0])) if len(hit) else None
+
+
+def _mix(hc: np.uint64, hp: npt.NDArray[np.uint64], hm: int) -> IntArray:
+    """A tie-break in [0, TIE_UNITS) from the ids of class, pool and model: not separable into
+    a class part plus a pool part, so swapping two classes' pools changes it."""
+    with np.errstate(over="ignore"):
+        h = (hp ^ hc) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(hm)
+        h ^= h >> np.uint64(29)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(32)
+    return (h % np.uint64(TIE_UNITS)).astype(np.int64)
+
+
+def _site_costs(
+    problem: PlacementProblem, cls: DemandClass, sites: list[str]
+) -> list[tuple[float, float, float] | None]:
+    """Per site: (bytes, seconds, egress) to bring the class's inputs there, None if no route."""
+    data = {d.id: d for d in problem.datasets}
+    links = {(lk.src, lk.dst): lk for lk in problem.links}
+    w = problem.weights
+    out: list[tuple[float, float, float] | None] = []
+    for site in sites:
+        total_b = total_s = total_e = 0.0
+        ok = True
+        for did in cls.datasets:
+            d = data.get(did)
+            if d is None or not d.sites or site in d.sites:
+                continue  # no known replica (treated as everywhere), or already here
+            best: tuple[float, float, float, float] | None = None
+            for src in sorted(d.sites):
+                lk = links.get((src, site))
+                if lk is None:
+                    continue
+                secs = d.size / lk.bandwidth
+                egress = d.size / 1e9 * lk.egress_per_gb
+                score = secs / 3600 * w.hour_value + egress
+                if best is None or score < best[3]:
+                    best = (float(d.size), secs, egress, score)
+            if best is None:
+                ok = False
+                break
+            total_b += best[0]
+            total_s += best[1]
+            total_e += best[2]
+        out.append((total_b, total_s, total_e) if ok else None)
+    return out
+
+
+def _rules(problem: PlacementProblem, cls: DemandClass) -> list[tuple[str, frozenset[str]]]:
+    data = {d.id: d for d in problem.datasets}
+    names = set(cls.residency)
+    for did in cls.datasets:
+        d = data.get(did)
+        if d is not None and d.residency is not None:
+            names.add(d.residency)
+    return [(n, frozenset(problem.residency.get(n, ()))) for n in sorted(names)]
+
+
+def _levels(classes: list[DemandClass]) -> dict[int, int]:
+    return {p: i for i, p in enumerate(sorted({c.priority for c in classes}))}
+
+
+def build(problem: PlacementProblem) -> Table:
+    """The option table of a validated problem (see ``problem.validate``)."""
+    pools = sorted(problem.pools, key=lambda p: p.id)
+    classes = sorted(problem.classes, key=lambda c: c.id)
+    npool = len(pools)
+    models = sorted(
+        {m for p in pools for m in p.gpus}
+        | {m for p in pools if p.node is not None for m in p.node.gpus}
+    )
+    midx = {m: i for i, m in enumerate(models)}
+    sites = sorted({p.site for p in pools})
+    site_of = np.array([sites.index(p.site) for p in pools], dtype=np.int64)
+    pool_idx = {p.id: j for j, p in enumerate(pools)}
+    pool_hash = np.array([zlib.crc32(p.id.encode()) for p in pools], dtype=np.uint64)
+    model_hash = [zlib.crc32(m.encode()) for m in models]
+
+    f_cpu = np.array([cpu_free(p.cpus) for p in pools], dtype=np.int64)
+    f_mem = np.array([mem_free(p.memory) for p in pools], dtype=np.int64)
+    f_gpu = np.zeros((len(models), npool), dtype=np.int64)
+    n_cpu = np.zeros(npool, dtype=np.int64)
+    n_mem = np.zeros(npool, dtype=np.int64)
+    n_gpu = np.zeros((len(models), npool), dtype=np.int64)
+    has_node = np.array([p.node is not None for p in pools], dtype=bool)
+    for j, p in enumerate(pools):
+        for m, k in p.gpus.items():
+            f_gpu[midx[m], j] = max(0, k)
+        if p.node is not None:
+            n_cpu[j] = cpu_free(p.node.cpus)
+            n_mem[j] = mem_free(p.node.memory)
+            for m, k in p.node.gpus.items():
+                n_gpu[midx[m], j] = k
+    max_inst = np.array([p.max_instances if p.elastic else 0 for p in pools], dtype=np.int64)
+    big = np.iinfo(np.int64).max // 4
+    quota = np.array(
+        [p.max_tasks if p.max_tasks is not None else big for p in pools], dtype=np.int64
+    )
+    price = np.array([p.price_per_hour for p in pools])
+    rate = np.array([p.interruption_rate if p.spot else 0.0 for p in pools])
+    wait_s = np.array([p.expected_wait_s for p in pools])
+    hw = np.array([p.hardware_class for p in pools], dtype=object)
+    place_names = sorted({x for p in pools for x in (p.site, p.region) if x})
+    at_place = {
+        x: np.array([x in (p.site, p.region) for p in pools], dtype=bool) for x in place_names
+    }
+    nowhere = np.zeros(npool, dtype=bool)
+
+    def anywhere(names: Iterable[str]) -> npt.NDArray[np.bool_]:
+        out = nowhere.copy()
+        for x in names:
+            out |= at_place.get(x, nowhere)
+        return out
+
+    w = problem.weights
+    raw: list[tuple[IntArray, IntArray, IntArray, FloatArray, FloatArray]] = []
+    eligible_full: list[int] = []
+    need: list[tuple[int, int, int]] = []
+    for cls in classes:
+        c_cpu, c_mem, c_gpu = cpu_need(cls.cpus), mem_need(cls.memory), cls.gpus
+        need.append((c_cpu, c_mem, c_gpu))
+        mask = quota > 0
+        if cls.allowed_pools is not None:
+            on = np.zeros(npool, dtype=bool)
+            on[[pool_idx[x] for x in cls.allowed_pools if x in pool_idx]] = True
+            mask &= on
+        if cls.forbid_pools:
+            mask[[pool_idx[x] for x in cls.forbid_pools if x in pool_idx]] = False
+        if cls.require_sites:
+            mask &= anywhere(cls.require_sites)
+        if cls.forbid_sites:
+            mask &= ~anywhere(cls.forbid_sites)
+        for _, allowed_sites in _rules(problem, cls):
+            mask &= anywhere(allowed_sites)
+        if cls.hardware_class is not None:
+            mask &= hw == cls.hardware_class
+        mask &= ~has_node | ((n_cpu >= c_cpu) & (n_mem >= c_mem))
+        site_cost = _site_costs(problem, cls, sites)
+        reach = np.array([sc is not None for sc in site_cost], dtype=bool)
+        mask &= reach[site_of]
+        per_site = np.array([sc if sc else (0.0, 0.0, 0.0) for sc in site_cost]).reshape(-1, 3)
+        d_b, d_s, d_e = (per_site[:, k][site_of] for k in range(3))
+        hours = cls.runtime_s / 3600.0
+        spot = 1.0 + rate * hours / 2.0
+        wait_cost = w.wait * wait_s / 3600.0 * w.hour_value
+        data_cost = w.data * (d_s / 3600.0 * w.hour_value + d_e)
+        cpu_fit = f_cpu // c_cpu if c_cpu else np.full(npool, big)
+        mem_fit = f_mem // c_mem if c_mem else np.full(npool, big)
+        ncpu_fit = n_cpu // c_cpu if c_cpu else np.full(npool, big)
+        nmem_fit = n_mem // c_mem if c_mem else np.full(npool, big)
+        share_cpu = np.where(n_cpu > 0, c_cpu / np.maximum(n_cpu, 1), 1.0)
+        share_mem = np.where(n_mem > 0, c_mem / np.maximum(n_mem, 1), 1.0)
+        n = len(cls.members)
+        full = 0
+        variants: list[tuple[int, npt.NDArray[np.bool_], IntArray, IntArray, FloatArray]] = []
+        if c_gpu:
+            wanted = cls.gpu_types or tuple(models)
+            for m in sorted(set(wanted)):
+                if m not in midx:
+                    continue
+                k = midx[m]
+                ok = mask & ((f_gpu[k] >= c_gpu) | ((max_inst > 0) & (n_gpu[k] >= c_gpu)))
+                ok &= ~has_node | (n_gpu[k] >= c_gpu)
+                warm = np.minimum(np.minimum(cpu_fit, mem_fit), f_gpu[k] // c_gpu)
+                per = np.minimum(np.minimum(ncpu_fit, nmem_fit), n_gpu[k] // c_gpu)
+                share_gpu = np.where(n_gpu[k] > 0, c_gpu / np.maximum(n_gpu[k], 1), 1.0)
+                share = np.maximum(np.maximum(share_cpu, share_mem), share_gpu)
+                variants.append((k, ok, warm, per, share))
+        else:
+            warm = np.minimum(cpu_fit, mem_fit)
+            per = np.minimum(ncpu_fit, nmem_fit)
+            variants.append((-1, mask, warm, per, np.maximum(share_cpu, share_mem)))
+        parts: list[tuple[IntArray, IntArray, IntArray, FloatArray, FloatArray]] = []
+        for k, ok, warm, per, share in variants:
+            share = np.where(has_node, np.minimum(share, 1.0), 1.0)
+            compute = hours * price * share * spot
+            unit = data_cost + w.cost * compute + wait_cost
+            ub = np.minimum(np.minimum(warm + max_inst * per, quota), n)
+            full += int(ok.sum())
+            js = np.nonzero(ok & (ub > 0))[0]
+            terms = np.vstack([d_b[js], d_s[js], d_e[js], compute[js], wait_s[js]])
+            parts.append((js, np.full(len(js), k, dtype=np.int64), ub[js], unit[js], terms))
+        if parts:
+            raw.append(
+                (
+                    np.concatenate([p[0] for p in parts]),
+                    np.concatenate([p[1] for p in parts]),
+                    np.concatenate([p[2] for p in parts]),
+                    np.concatenate([p[3] for p in parts]),
+                    np.hstack([p[4] for p in parts]),
+                )
+            )
+        else:
+            empty = np.zeros(0, dtype=np.int64)
+            raw.append((empty, empty, empty, np.zeros(0), np.zeros((5, 0))))
+        eligible_full.append(full)
+
+    inst_cost = [
+        (w.cost * p.price_per_hour + w.wait * w.hour_value) * p.boot_s / 3600.0
+        if p.elastic
+        else 0.0
+        for p in pools
+    ]
+    top = max([float(r[3].max()) for r in raw if len(r[3])] + inst_cost + [0.0])
+    scale = PRICE_UNITS / top if top > 0 else 1.0
+    columns: list[Columns] = []
+    for ci, (js, ks, ub, unit, terms) in enumerate(raw):
+        hc = np.uint64(zlib.crc32(classes[ci].id.encode()))
+        hm = np.array([model_hash[k] if k >= 0 else 0 for k in ks.tolist()], dtype=np.uint64)
+        tie = _mix(hc, pool_hash[js] ^ hm, 0)
+        cost_int = np.rint(unit * scale).astype(np.int64) * TIE_UNITS + tie
+        order = np.lexsort((ks, js, cost_int))
+        columns.append(
+            Columns(
+                pool=js[order],
+                model=ks[order],
+                ub=ub[order],
+                unit=unit[order],
+                terms=terms[:, order],
+                cost_int=cost_int[order],
+            )
+        )
+
+    levels = _levels(classes)
+    unit_reward = (PRICE_UNITS + 1) * TIE_UNITS
+    reward = [
+        round(unit_reward * (1.0 + w.priority * levels[c.priority])) + (len(classes) - i)
+        for i, c in enumerate(classes)
+    ]
+    free = [
+        (
+            int(f_cpu[j]),
+            int(f_mem[j]),
+            {m: int(f_gpu[midx[m], j]) for m in models if f_gpu[midx[m], j]},
+        )
+        for j in range(npool)
+    ]
+    nodes: list[tuple[int, int, dict[str, int]] | None] = [
+        (
+            int(n_cpu[j]),
+            int(n_mem[j]),
+            {m: int(n_gpu[midx[m], j]) for m in models if n_gpu[midx[m], j]},
+        )
+        if pools[j].elastic
+        else None
+        for j in range(npool)
+    ]
+    return Table(
+        problem=problem,
+        pools=pools,
+        classes=classes,
+        columns=columns,
+        eligible_full=eligible_full,
+        reward=reward,
+        models=models,
+        need=need,
+        free=free,
+        node=nodes,
+        instance_cost=inst_cost,
+        instance_cost_int=[round(c * scale) * TIE_UNITS for c in inst_cost],
+        scale=scale,
+    )
+
+
+# ---- the scalar reference: why a pool is out ----------------------------------------------
+
+
+def pool_reasons(problem: PlacementProblem, cls: DemandClass, pool: Pool) -> list[str]:
+    """Every reason ``pool`` can never take a member of ``cls``; empty when it may.
+
+    Capacity that is merely in use now is not a reason: that is "full", not "ineligible".
+    """
+    out: list[str] = []
+    place = {pool.site, pool.region} - {""}
+    if cls.allowed_pools is not None and pool.id not in cls.allowed_pools:
+        out.append("not among the allowed pools")
+    if pool.id in cls.forbid_pools:
+        out.append("forbidden by the task")
+    if cls.require_sites and not place & set(cls.require_sites):
+        out.append(f"site {pool.site} is not among the required sites")
+    if place & set(cls.forbid_sites):
+        out.append(f"site {pool.site} is forbidden")
+    for name, allowed in _rules(problem, cls):
+        if not place & allowed:
+            out.append(f"site {pool.site} is not allowed by residency rule {name}")
+    if cls.hardware_class is not None and pool.hardware_class != cls.hardware_class:
+        out.append(f"hardware class {pool.hardware_class or '?'} is not the pinned one")
+    if pool.max_tasks == 0:
+        out.append("its quota is 0")
+    c_cpu, c_mem = cpu_need(cls.cpus), mem_need(cls.memory)
+    if pool.node is not None and (
+        cpu_free(pool.node.cpus) < c_cpu or mem_free(pool.node.memory) < c_mem
+    ):
+        out.append(f"its nodes have {pool.node.cpus:g} CPUs and {pool.node.memory / 2**30:.3g} GiB")
+    if cls.gpus:
+        wanted = cls.gpu_types or tuple(
+            sorted(set(pool.gpus) | set(pool.node.gpus if pool.node else {}))
+        )
+        usable = []
+        for m in wanted:
+            have = pool.gpus.get(m, 0) >= cls.gpus or (
+                pool.elastic and pool.node is not None and pool.node.gpus.get(m, 0) >= cls.gpus
+            )
+            per_node = pool.node is None or pool.node.gpus.get(m, 0) >= cls.gpus
+            if have and per_node:
+                usable.append(m)
+        if not usable:
+            out.append(f"no {cls.gpus} x {'/'.join(cls.gpu_types) or 'GPU'} there")
+    site_cost = _site_costs(problem, cls, [pool.site])[0]
+    if site_cost is None:
+        out.append(f"an input cannot reach site {pool.site} (no network link)")
+    return out
+
+
+def lower_bound(table: Table) -> int:
+    """A bound no placement can beat: every class at its cheapest option, capacity shared by
+    nobody, as many members placed as that class alone could place."""
+    total = 0
+    for ci, cols in enumerate(table.columns):
+        if not len(cols):
+            continue
+        n = len(table.classes[ci].members)
+        reachable = min(n, int(cols.ub.sum()))
+        total += reachable * (int(cols.cost_int[0]) - table.reward[ci])
+    return total
