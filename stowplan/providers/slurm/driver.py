@@ -14,9 +14,11 @@ name; a submit whose answer was lost (the connection dropped after sbatch was se
 run again, and finds the first job. If ``squeue`` itself fails, nothing is submitted.
 
 Observation: one remote call per poll runs one ``squeue`` and one ``sacct`` for every live
-array; finished attempts are cached. Keys this instance has not seen (after a control-plane
-restart) are looked up in the local index under ``state_dir/slurm/<name>/`` and, failing that,
-in the remote job scripts by one ``grep``.
+array; finished attempts are cached. Polls are spaced by the driver itself (0 s after a submit,
+2 s after a change, then 4, 8, 16, up to 30 s): a ``describe`` sooner than that answers from
+the last poll, so a caller may ask as often as it likes. Keys this instance has not seen
+(after a control-plane restart) are looked up in the local index under
+``state_dir/slurm/<name>/`` and, failing that, in the remote job scripts by one ``grep``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import asyncio
 import hashlib
 import json
 import math
+import os
 import shlex
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -67,6 +70,8 @@ from stowplan.spec.models import SlurmProviderConfig
 SUBMIT_TRIES = 5
 RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 LOG_POLL_S = 1.0
+POLL_BACKOFF_S = (0.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+"""Between polls of the cluster: 0 after a submit, 2 s after a change, doubling to 30 s."""
 EXIT_REJECTED, EXIT_TRANSIENT = 65, 75
 _TRANSIENT = (
     "Socket timed out",
@@ -205,6 +210,9 @@ class SlurmProvider(Provider):
         self._gpu_types: dict[str, tuple[str, ...]] = {}
         self._lock = asyncio.Lock()
         self.describe_calls = 0
+        self._seen: dict[str, Report] = {}
+        self._poll_step = 0
+        self._next_poll = 0.0
 
     # -- remote commands ----------------------------------------------------------------------
 
@@ -225,13 +233,15 @@ class SlurmProvider(Provider):
     def _write_stats(self) -> None:
         try:
             self._dir.mkdir(parents=True, exist_ok=True)
-            tmp = self._dir / "stats.json.tmp"
+            # one file per process: the CLI and the provider actor each hold a driver
+            stats = self._dir / f"stats-{os.getpid()}.json"
+            tmp = stats.with_suffix(".tmp")
             tmp.write_text(
                 json.dumps(
                     {"commands": self.transport.commands, "connects": self.transport.connects}
                 )
             )
-            tmp.replace(self._dir / "stats.json")
+            tmp.replace(stats)
         except OSError:
             pass
 
@@ -366,6 +376,7 @@ class SlurmProvider(Provider):
             job_id = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
             if res.rc == 0 and job_id.isdigit():
                 array.job_id = job_id
+                self._poll_step, self._next_poll = 0, 0.0
                 array.submitted_at = array.submitted_at or now
                 self._append([_IndexLine(array=array)])
                 return [
@@ -440,6 +451,21 @@ class SlurmProvider(Provider):
 
     async def _describe(self, keys: Sequence[str]) -> list[Report]:
         self._load()
+        now = time.monotonic()
+        if now < self._next_poll and all(k in self._seen or k in self._finished for k in keys):
+            # polled a moment ago: answer from that poll (see POLL_BACKOFF_S)
+            return [self._finished.get(k) or self._seen[k] for k in keys]
+        reports = await self._poll(keys)
+        changed = any(self._seen.get(r.key) != r for r in reports)
+        self._seen.update((r.key, r) for r in reports if r.state not in TERMINAL_PROVIDER_STATES)
+        for r in reports:
+            if r.state in TERMINAL_PROVIDER_STATES:
+                self._seen.pop(r.key, None)
+        self._poll_step = 1 if changed else min(self._poll_step + 1, len(POLL_BACKOFF_S) - 1)
+        self._next_poll = time.monotonic() + POLL_BACKOFF_S[self._poll_step]
+        return reports
+
+    async def _poll(self, keys: Sequence[str]) -> list[Report]:
         unseen = [k for k in keys if k not in self._members and k not in self._finished]
         if unseen:
             await self._lookup(unseen)
@@ -549,6 +575,7 @@ class SlurmProvider(Provider):
                 ids.append(f"{array.job_id}_{m.index}")
         if not ids:
             return
+        self._poll_step, self._next_poll = 0, 0.0
         # scancel of a finished job complains and exits non-zero: cancelling is idempotent
         res = await self._run(self._command(["scancel", *ids]))
         benign = ("already completing or completed", "Invalid job id")
