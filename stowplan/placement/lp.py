@@ -107,5 +107,5 @@ def relax(table: Table) -> Relaxation | None:
         j: math.ceil(x[k_total + i] - 1e-7) for i, j in enumerate(elastic) if x[k_total + i] > 1e-7
     }
     # a tolerance on the LP side must never make the bound claim too much
-    bound = math.ceil(res.fun - 1e-6 * max(1.0, abs(res.fun)))
+    bound = math.ceil(res.fun - max(1.0, 1e-9 * abs(res.fun)))
     return Relaxation(bound=bound, counts=counts, launched=launched, support=support)

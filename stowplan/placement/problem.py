@@ -176,6 +176,8 @@ class PlacementSolution(Struct, frozen=True, kw_only=True):
     instances: dict[str, int] = field(default_factory=dict)
     """Elastic pool -> instances to launch for this placement."""
     objective: float = 0.0
+    """In the solver's integer units (see ``placement.table``): minus a priority-weighted reward
+    per placed task, plus costs. Lower is better; comparable between solutions of one problem."""
     bound: float = 0.0
     gap: float = 0.0
     """(objective - bound) / max(1, |objective|); 0 when proven optimal."""
@@ -339,15 +341,14 @@ def validate(problem: PlacementProblem, *, source: str = "placement problem") ->
                         f"unknown pool {pid!r}",
                         f"use one of {sorted(pool_ids)[:8]}",
                     )
-        for name in ("require_sites", "forbid_sites"):
-            for j, s in enumerate(getattr(c, name)):
-                if s not in sites:
-                    raise _bad(
-                        source,
-                        f"{at}.{name}[{j}]",
-                        f"no pool is at site {s!r}",
-                        f"use one of {sorted(sites)[:8]}",
-                    )
+        for j, s in enumerate(c.require_sites):
+            if s not in sites:
+                raise _bad(
+                    source,
+                    f"{at}.require_sites[{j}]",
+                    f"no pool is at site {s!r}",
+                    f"use one of {sorted(sites)[:8]}",
+                )
     for hw in sorted(classes_hw):
         if not any(p.hardware_class == hw for p in problem.pools):
             i = next(i for i, c in enumerate(problem.classes) if c.hardware_class == hw)

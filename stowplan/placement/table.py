@@ -6,7 +6,9 @@ with numpy; ``pool_reasons`` is the scalar reference that says *why* a pool is o
 tests check that the two agree.
 
 Integer units, shared by every placer so a greedy answer is always a valid CP-SAT hint: CPUs in
-thousandths (needs rounded up, capacities down), memory in MiB (the same), GPUs whole.
+thousandths (needs rounded up, capacities down), memory in MiB (the same), GPUs whole. Costs are
+scaled so the dearest option is ``PRICE_UNITS``; the reward for placing a member exceeds the
+cost of any whole placement, so the priority-weighted count of placed members comes first.
 
 Per-task cost of class c in pool p (weighted, in the currency of the prices):
 
@@ -34,9 +36,9 @@ import numpy.typing as npt
 from stowplan.placement.problem import DemandClass, PlacementProblem, Pool
 
 MIB = 1 << 20
-PRICE_UNITS = 100_000
+PRICE_UNITS = 1_000
 """The most expensive option or instance is scaled to this many integer units."""
-TIE_UNITS = 64
+TIE_UNITS = 16
 """Each cost unit is split this many ways so ids can break ties without changing the optimum."""
 
 IntArray = npt.NDArray[np.int64]
@@ -369,7 +371,11 @@ def build(problem: PlacementProblem) -> Table:
         )
 
     levels = _levels(classes)
-    unit_reward = (PRICE_UNITS + 1) * TIE_UNITS
+    # a member placed must outweigh every cost the whole placement could incur, so the count
+    # of placed members (weighted by priority) comes first and cost only decides among equals
+    tasks = sum(len(c.members) for c in classes)
+    instances = sum(int(max_inst[j]) for j in range(npool))
+    unit_reward = (tasks + instances + 1) * (PRICE_UNITS + 1) * TIE_UNITS
     reward = [
         round(unit_reward * (1.0 + w.priority * levels[c.priority])) + (len(classes) - i)
         for i, c in enumerate(classes)

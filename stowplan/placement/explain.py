@@ -1,0 +1,122 @@
+"""Why a task went where it went, what else it could have had, or why it cannot go anywhere."""
+
+from __future__ import annotations
+
+from msgspec import Struct, field
+
+from stowplan.placement.problem import PlacementProblem, PlacementSolution, expand
+from stowplan.placement.table import build, pool_reasons
+
+
+class Alternative(Struct, frozen=True, kw_only=True):
+    pool: str
+    gpu_model: str = ""
+    cost: float
+    """Weighted cost of one task there, in the currency of the prices."""
+    compute_cost: float
+    data_bytes: float
+    egress_cost: float
+    wait_seconds: float
+    free_now: bool
+    """Whether capacity was left there after this placement (else it was taken by others)."""
+
+
+class Explanation(Struct, frozen=True, kw_only=True):
+    task: str
+    placed: bool
+    pool: str | None = None
+    gpu_model: str = ""
+    status: str
+    chosen: Alternative | None = None
+    alternatives: list[Alternative] = field(default_factory=list)
+    """The cheapest other options, cheapest first."""
+    reason: str = ""
+    """Why it was not placed: nowhere eligible (with each cause), or no capacity left."""
+
+    def render(self) -> str:
+        if self.placed and self.chosen is not None:
+            c = self.chosen
+            lines = [
+                f"{self.task} -> {self.pool}{' on ' + self.gpu_model if self.gpu_model else ''}"
+                f" ({self.status}): cost {c.cost:.4g} = compute {c.compute_cost:.4g}, "
+                f"{c.data_bytes / 1e9:.3g} GB moved (egress {c.egress_cost:.4g}), "
+                f"wait {c.wait_seconds:.0f} s"
+            ]
+        else:
+            lines = [f"{self.task} not placed ({self.status}): {self.reason}"]
+        for a in self.alternatives:
+            note = "" if a.free_now else " (full)"
+            lines.append(
+                f"  instead {a.pool}{' on ' + a.gpu_model if a.gpu_model else ''}: "
+                f"cost {a.cost:.4g}{note}"
+            )
+        return "\n".join(lines)
+
+
+def explain(
+    problem: PlacementProblem, solution: PlacementSolution, task_id: str, *, top: int = 3
+) -> Explanation:
+    """Where ``task_id`` went in ``solution`` and the ``top`` best alternatives, or why not.
+
+    Raises ``KeyError`` when the task is not in the problem.
+    """
+    table = build(problem)
+    ci = next((i for i, c in enumerate(table.classes) if task_id in c.members), None)
+    if ci is None:
+        raise KeyError(f"task {task_id!r} is not in placement request {problem.request_id}")
+    cls = table.classes[ci]
+    where = next((a for a in expand(problem, solution) if a.class_id == task_id), None)
+    used: dict[tuple[str, str], int] = {}
+    for a in solution.assignments:
+        used[(a.pool_id, a.gpu_model)] = used.get((a.pool_id, a.gpu_model), 0) + a.count
+
+    def alt(k: int) -> Alternative:
+        o = table.option(ci, k)
+        pid = table.pools[o.pool].id
+        return Alternative(
+            pool=pid,
+            gpu_model=o.model,
+            cost=o.unit_cost,
+            compute_cost=o.compute_cost,
+            data_bytes=o.data_bytes,
+            egress_cost=o.egress_cost,
+            wait_seconds=o.wait_seconds,
+            free_now=used.get((pid, o.model), 0) < o.ub,
+        )
+
+    options = [alt(k) for k in range(len(table.columns[ci]))]
+    if where is not None:
+        chosen = next(
+            (a for a in options if a.pool == where.pool_id and a.gpu_model == where.gpu_model),
+            None,
+        )
+        others = [a for a in options if a is not chosen][:top]
+        return Explanation(
+            task=task_id,
+            placed=True,
+            pool=where.pool_id,
+            gpu_model=where.gpu_model,
+            status=str(solution.status),
+            chosen=chosen,
+            alternatives=others,
+        )
+    reason = solution.unplaced.get(cls.id, "")
+    if table.eligible_full[ci] == 0:
+        causes: dict[str, list[str]] = {}
+        for p in table.pools:
+            for r in pool_reasons(problem, cls, p):
+                causes.setdefault(r, []).append(p.id)
+        parts = [
+            f"{r} ({', '.join(ps[:3])}{' and more' if len(ps) > 3 else ''})"
+            for r, ps in sorted(causes.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+        ]
+        reason = (
+            (reason.split(":")[0] if reason else "no pool can run it") + ": " + "; ".join(parts)
+        )
+    return Explanation(
+        task=task_id,
+        placed=False,
+        status=str(solution.status),
+        alternatives=options[:top],
+        reason=reason,
+    )
