@@ -83,13 +83,15 @@ def main() -> int:
         db = proj / ".stowplan" / "stowplan.db"
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
         start = time.monotonic()
+        # files, not pipes: the final --json status is larger than a pipe holds
+        out_f = open(proj / "run.out", "w+")  # noqa: SIM115
+        err_f = open(proj / "run.err", "w+")  # noqa: SIM115
         proc = subprocess.Popen(
             [sys.executable, "-m", "stowplan.cli.main", "run", str(proj / "sweep.toml"), "--json"],
             cwd=proj,
             env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+            stdout=out_f,
+            stderr=err_f,
         )
         all_submitted_s = None
         while proc.poll() is None:
@@ -98,8 +100,11 @@ def main() -> int:
                 if sum(n for s, n in c.items() if s in SUBMITTED) >= args.trials:
                     all_submitted_s = time.monotonic() - start
             time.sleep(0.2)
-        out, err = proc.communicate()
         all_finished_s = time.monotonic() - start
+        out_f.close()
+        err_f.close()
+        out = (proj / "run.out").read_text()
+        err = (proj / "run.err").read_text()
         if proc.returncode not in (0, 1):
             print(err[-3000:], file=sys.stderr)
             return 1
