@@ -260,11 +260,17 @@ SlurmdTimeout=60
 MessageTimeout=10
 JobCompType=jobcomp/none
 JobAcctGatherType=jobacct_gather/none
+AuthAltTypes=auth/jwt
+AuthAltParameters=jwt_key={self.etc}/jwt_hs256.key
 {accounting}{chr(10).join(node_lines)}
 PartitionName=cpu Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes={",".join(GPU_NODES)} MaxTime=1-00:00:00 State=UP
 """
         self.slurm_conf.write_text(conf)
+        jwt_key = self.etc / "jwt_hs256.key"
+        if not jwt_key.exists():
+            jwt_key.write_bytes(os.urandom(32))
+        jwt_key.chmod(0o600)
         devs = []
         for i in range(GPUS_PER_NODE):
             dev = b / "dev" / f"fakegpu{i}"
@@ -285,6 +291,7 @@ PartitionName=gpu Nodes={",".join(GPU_NODES)} MaxTime=1-00:00:00 State=UP
                 f"StorageType=accounting_storage/mysql\nStorageHost=127.0.0.1\n"
                 f"StoragePort={ports['mysql']}\nStorageUser=root\nStorageLoc=slurm_acct_db\n"
                 f"PidFile={self.run}/slurmdbd.pid\nLogFile={self.logs}/slurmdbd.log\n"
+                f"AuthAltTypes=auth/jwt\nAuthAltParameters=jwt_key={self.etc}/jwt_hs256.key\n"
             )
             dbd.chmod(0o600)
 
@@ -384,6 +391,43 @@ PartitionName=gpu Nodes={",".join(GPU_NODES)} MaxTime=1-00:00:00 State=UP
             "sshd", [str(SBIN / "sshd"), "-D", "-e", "-f", str(conf)], self.logs / "sshd.log"
         )
         wait_until(lambda: port_open(port), 20, "sshd", self.logs / "sshd.log")
+
+    def start_rest(self, user: str = "nobody") -> tuple[str, str]:
+        """Start slurmrestd (JWT auth) on a free port; its URL and a token for ``user``.
+
+        NOTE: slurmrestd refuses root's tokens; jobs submitted through it run as ``user``.
+        """
+        port = free_port()
+        # NOTE: slurmrestd refuses to run as root; -s without dbv0.0.38 when there is no slurmdbd
+        plugins = "openapi/v0.0.38,openapi/dbv0.0.38" if self.accounting else "openapi/v0.0.38"
+        self.etc.chmod(0o755)
+        self.slurm_conf.chmod(0o644)
+        # NOTE: SLURM_JWT=daemon makes slurmrestd speak auth/jwt to slurmctld; without it the
+        # munge plugin rejects every client token ("Rejecting thread config token").
+        os.environ["SLURM_JWT"] = "daemon"
+        try:
+            self._spawn(
+                "slurmrestd",
+                [
+                    str(SBIN / "slurmrestd"),
+                    "-u",
+                    "nobody",
+                    "-g",
+                    "nogroup",
+                    "-a",
+                    "rest_auth/jwt",
+                    "-s",
+                    plugins,
+                    f"127.0.0.1:{port}",
+                ],
+                self.logs / "slurmrestd.log",
+            )
+        finally:
+            del os.environ["SLURM_JWT"]
+        wait_until(lambda: port_open(port), 20, "slurmrestd", self.logs / "slurmrestd.log")
+        out = self.slurm("scontrol", "token", f"username={user}", "lifespan=7200")
+        token = out.strip().partition("=")[2]
+        return f"http://127.0.0.1:{port}", token
 
     # -- control ----------------------------------------------------------------------------
 

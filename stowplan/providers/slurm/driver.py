@@ -24,11 +24,9 @@ the last poll, so a caller may ask as often as it likes. Keys this instance has 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import math
 import os
-import shlex
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -48,22 +46,10 @@ from stowplan.providers.base import (
     ProviderState,
     Report,
 )
-from stowplan.providers.slurm.parse import (
-    SACCT_FORMAT,
-    SECTION,
-    SQUEUE_FORMAT,
-    JobRow,
-    cluster_name,
-    parse_key_lines,
-    parse_partitions,
-    parse_pending,
-    parse_sacct,
-    parse_squeue,
-    pools_of,
-    split_sections,
-)
+from stowplan.providers.slurm.backend import Backend, SSHBackend
+from stowplan.providers.slurm.parse import JobRow, pools_of
 from stowplan.providers.slurm.render import SlurmRequest, plan_arrays
-from stowplan.providers.slurm.ssh import Completed, SSHTransport, TransportLost
+from stowplan.providers.slurm.ssh import SSHTransport, TransportLost
 from stowplan.providers.slurm.states import slurm_state
 from stowplan.spec.models import SlurmProviderConfig
 
@@ -72,67 +58,6 @@ RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 LOG_POLL_S = 1.0
 POLL_BACKOFF_S = (0.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 """Between polls of the cluster: 0 after a submit, 2 s after a change, doubling to 30 s."""
-EXIT_REJECTED, EXIT_TRANSIENT = 65, 75
-_TRANSIENT = (
-    "Socket timed out",
-    "Unable to contact slurm controller",
-    "temporarily unable",
-    "Resource temporarily unavailable",
-    "Zero Bytes were transmitted",
-    "Connection refused",
-)
-
-# The remote submit program. $1: the array directory, $2: the job name, $3: the script's
-# SHA-256; the script on stdin.
-SUBMIT_PROGRAM = r"""
-set -eu
-d=$1; name=$2
-mkdir -p -- "$d/logs"
-cd -- "$d"
-exec 9>>.lock
-flock -w 100 9 || { echo "stowplan: $d is locked by another submit" >&2; exit 75; }
-cat > job.sh.tmp
-if [ -s jobid ]; then cat jobid; exit 0; fi
-# a connection lost mid-upload leaves a truncated script: never submit one
-sum=$(sha256sum < job.sh.tmp) && [ "${sum%% *}" = "$3" ] || {
-  echo "stowplan: the job script arrived incomplete" >&2; exit 75; }
-if ! q=$(squeue -h --name="$name" -o %F 2>sq.err); then
-  cat sq.err >&2; exit 75
-fi
-a=$(sacct -X -n -P --name="$name" -S now-60days -o JobID 2>/dev/null || true)
-found=$(printf '%s\n%s\n' "$q" "$a" | sed 's/_.*//' | grep -E '^[0-9]+$' | head -n 1 || true)
-if [ -n "$found" ]; then printf '%s\n' "$found" > jobid; cat jobid; exit 0; fi
-mv job.sh.tmp job.sh
-if ! out=$(sbatch --parsable job.sh 2>sbatch.err); then cat sbatch.err >&2; exit 65; fi
-printf '%s\n' "${out%%;*}" > jobid.tmp
-mv jobid.tmp jobid
-cat jobid
-"""
-
-# $1: workdir; keys on stdin. Prints the key lines of job scripts, then every known job id.
-LOOKUP_PROGRAM = rf"""
-cd -- "$1" 2>/dev/null && cd jobs 2>/dev/null || exit 0
-grep -H -F -f - -- */job.sh 2>/dev/null | grep -F ':# stowplan-key ' || true
-echo '{SECTION}'
-grep -H . -- */jobid 2>/dev/null || true
-"""
-
-# $1: comma-separated job names, $2: sacct start. squeue must answer; sacct may be disabled.
-DESCRIBE_PROGRAM = rf"""
-squeue -h -r --name="$1" -o '{SQUEUE_FORMAT}' || exit 75
-echo '{SECTION}'
-sacct -X -n -P --name="$1" -S "$2" --format='{SACCT_FORMAT}' 2>/dev/null || true
-"""
-
-DISCOVER_PROGRAM = rf"""
-scontrol show config | grep '^ClusterName' || true
-echo '{SECTION}'
-scontrol -o show partition || exit 75
-echo '{SECTION}'
-scontrol -o show node || exit 75
-echo '{SECTION}'
-squeue -h -r -t PD -o '%P|%C|%l' || true
-"""
 
 
 class _Member(Struct, kw_only=True):
@@ -169,38 +94,45 @@ class SlurmProvider(Provider):
         config: SlurmProviderConfig,
         *,
         state_dir: Path,
-        transport: SSHTransport | None = None,
+        backend: Backend | None = None,
     ) -> None:
         self.name = name
         self.config = config
+        rest_cannot = (
+            {"logs": "slurmrestd has no file access; logs need transport = 'ssh'"}
+            if config.transport == "rest"
+            else {}
+        )
         self.capabilities = Capabilities(
             gpus=True,
             arrays=True,
             cannot={
+                **rest_cannot,
                 "sub_minute_timeouts": "Slurm time limits are whole minutes; ours are rounded up",
                 "memory_without_accounting": "final states of jobs that left squeue need sacct "
                 "(slurmdbd); without it they stay UNKNOWN until the lease expires",
             },
         )
-        if config.transport == "rest":
-            raise ProviderError(
-                "transport = 'rest' (slurmrestd) is not implemented yet; use transport = 'ssh'",
-                provider=name,
-                retryable=False,
-            )
-        self.transport = transport or SSHTransport(
-            name,
-            host=config.host,
-            port=config.port,
-            user=config.user,
-            identity_file=config.identity_file,
-            known_hosts=config.known_hosts,
-            connections=config.connections,
-        )
         env = dict(config.remote_env)
         if config.slurm_conf is not None:
             env["SLURM_CONF"] = config.slurm_conf
-        self._env = env
+        if backend is not None:
+            self.backend = backend
+        elif config.transport == "rest":
+            from stowplan.providers.slurm.rest import RestBackend
+
+            self.backend = RestBackend(name, config)
+        else:
+            transport = SSHTransport(
+                name,
+                host=config.host,
+                port=config.port,
+                user=config.user,
+                identity_file=config.identity_file,
+                known_hosts=config.known_hosts,
+                connections=config.connections,
+            )
+            self.backend = SSHBackend(name, transport, env)
         self._dir = Path(state_dir).absolute() / "slurm" / name
         self._index_path = self._dir / "index.jsonl"
         self._loaded = False
@@ -214,21 +146,7 @@ class SlurmProvider(Provider):
         self._poll_step = 0
         self._next_poll = 0.0
 
-    # -- remote commands ----------------------------------------------------------------------
-
-    def _command(self, argv: Sequence[str]) -> str:
-        """One shell command line: every word quoted, remote_env set through ``env``."""
-        env = [f"{k}={v}" for k, v in sorted(self._env.items())]
-        return shlex.join(["env", *env, *argv] if env else list(argv))
-
-    def _program(self, program: str, *args: str) -> str:
-        return self._command(["bash", "-c", program, "stowplan", *args])
-
-    async def _run(self, command: str, *, stdin: str | None = None) -> Completed:
-        try:
-            return await self.transport.run(command, stdin=stdin)
-        finally:
-            self._write_stats()
+    # -- counting -----------------------------------------------------------------------------
 
     def _write_stats(self) -> None:
         try:
@@ -237,9 +155,7 @@ class SlurmProvider(Provider):
             stats = self._dir / f"stats-{os.getpid()}.json"
             tmp = stats.with_suffix(".tmp")
             tmp.write_text(
-                json.dumps(
-                    {"commands": self.transport.commands, "connects": self.transport.connects}
-                )
+                json.dumps({"commands": self.backend.commands, "connects": self.backend.connects})
             )
             tmp.replace(stats)
         except OSError:
@@ -276,25 +192,15 @@ class SlurmProvider(Provider):
     # -- discover / plan ----------------------------------------------------------------------
 
     async def discover(self) -> list[Pool]:
-        res = await self._run(self._program(DISCOVER_PROGRAM))
-        if res.rc != 0:
-            raise ProviderError(
-                f"cannot read partitions: {res.stderr.strip() or res.stdout.strip()}",
-                provider=self.name,
-                retryable=True,
-            )
-        sections = split_sections(res.stdout)
-        if len(sections) != 4:
-            raise ProviderError(
-                "unexpected output from scontrol/squeue", provider=self.name, retryable=True
-            )
-        config, partitions, nodes, pending = sections
-        site = self.config.site or cluster_name(config) or self.name
-        parts = parse_partitions(partitions, nodes)
+        try:
+            cluster, parts, pending = await self.backend.discover()
+        finally:
+            self._write_stats()
+        site = self.config.site or cluster or self.name
         if self.config.partitions is not None:
             wanted = set(self.config.partitions)
             parts = [p for p in parts if p.name in wanted]
-        pools = pools_of(self.name, site, parts, parse_pending(pending))
+        pools = pools_of(self.name, site, parts, pending)
         f = self.config.queue_factor
         if f != 1.0:
             pools = [
@@ -320,6 +226,7 @@ class SlurmProvider(Provider):
                 account=self.config.account,
                 qos=self.config.qos,
                 gpu_types=self._gpu_types,
+                self_logging=self.config.transport == "rest",
             )
         )
 
@@ -359,39 +266,37 @@ class SlurmProvider(Provider):
         for m in members:
             self._members[m.key] = m
         self._arrays[req.key] = array
-        digest = hashlib.sha256(req.script.encode()).hexdigest()
-        command = self._program(SUBMIT_PROGRAM, req.job_dir, req.key, digest)
         last = ""
         for attempt in range(SUBMIT_TRIES):
             if attempt:
                 await asyncio.sleep(RETRY_BACKOFF_S[min(attempt - 1, len(RETRY_BACKOFF_S) - 1)])
             try:
-                # safe to repeat: the program finds a job submitted by an earlier try
-                res = await self._run(command, stdin=req.script)
+                job_id = None
+                if attempt and not self.backend.locked_submit:
+                    # the last try may have submitted before its answer was lost: look first
+                    job_id = await self.backend.find(req.key)
+                if job_id is None:
+                    job_id = await self.backend.submit(req)
             except ProviderError as e:
                 if not e.retryable:
                     return self._failed(req, str(e), retryable=False)
                 last = str(e)
                 continue
-            job_id = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
-            if res.rc == 0 and job_id.isdigit():
-                array.job_id = job_id
-                self._poll_step, self._next_poll = 0, 0.0
-                array.submitted_at = array.submitted_at or now
-                self._append([_IndexLine(array=array)])
-                return [
-                    Report(
-                        key=m.key,
-                        state=ProviderState.QUEUED,
-                        job_id=f"{job_id}_{m.index}",
-                        message=f"submitted as array {job_id} ({req.key})",
-                    )
-                    for m in req.members
-                ]
-            why = (res.stderr.strip() or res.stdout.strip() or f"exit {res.rc}")[-2000:]
-            if res.rc == EXIT_REJECTED and not any(t in why for t in _TRANSIENT):
-                return self._failed(req, f"sbatch refused the job: {why}", retryable=False)
-            last = why
+            finally:
+                self._write_stats()
+            array.job_id = job_id
+            array.submitted_at = array.submitted_at or now
+            self._poll_step, self._next_poll = 0, 0.0
+            self._append([_IndexLine(array=array)])
+            return [
+                Report(
+                    key=m.key,
+                    state=ProviderState.QUEUED,
+                    job_id=f"{job_id}_{m.index}",
+                    message=f"submitted as array {job_id} ({req.key})",
+                )
+                for m in req.members
+            ]
         return self._failed(req, f"submit failed after {SUBMIT_TRIES} tries: {last}", True)
 
     def _failed(self, req: SlurmRequest, message: str, retryable: bool) -> list[Report]:
@@ -407,21 +312,10 @@ class SlurmProvider(Provider):
 
     async def _lookup(self, keys: list[str]) -> None:
         """Find keys this instance has not seen in the remote job scripts (after a restart)."""
-        res = await self._run(
-            self._program(LOOKUP_PROGRAM, self.config.workdir),
-            stdin="".join(k + "\n" for k in keys),
-        )
-        if res.rc != 0:
-            raise ProviderError(
-                f"key lookup failed: {res.stderr.strip()}", provider=self.name, retryable=True
-            )
-        sections = split_sections(res.stdout)
-        found = parse_key_lines(sections[0])
-        job_ids: dict[str, str] = {}
-        for line in (sections[1] if len(sections) > 1 else "").splitlines():
-            path, _, jid = line.partition(":")
-            if jid.strip().isdigit():
-                job_ids[path.split("/")[0]] = jid.strip()
+        try:
+            found, job_ids = await self.backend.lookup(self.config.workdir, keys)
+        finally:
+            self._write_stats()
         base = self.config.workdir.rstrip("/") or "/"
         new: list[_IndexLine] = []
         wanted = set(keys)
@@ -478,18 +372,10 @@ class SlurmProvider(Provider):
             )
             days = 60 if not since else max(1, math.ceil((time.time() - since) / 86400) + 1)
             self.describe_calls += 1
-            res = await self._run(
-                self._program(DESCRIBE_PROGRAM, ",".join(names), f"now-{days}days")
-            )
-            if res.rc != 0:
-                raise ProviderError(
-                    f"squeue failed: {res.stderr.strip() or res.stdout.strip()}",
-                    provider=self.name,
-                    retryable=True,
-                )
-            sections = split_sections(res.stdout)
-            squeue = parse_squeue(sections[0])
-            sacct = parse_sacct(sections[1]) if len(sections) > 1 else []
+            try:
+                squeue, sacct = await self.backend.observe(names, days)
+            finally:
+                self._write_stats()
             for row in squeue:
                 rows[(row.name, row.index)] = (
                     row,
@@ -524,8 +410,11 @@ class SlurmProvider(Provider):
     def _report(self, m: _Member, live: JobRow | None, acct: JobRow | None) -> Report:
         row = live
         if acct is not None:
+            live_done = live is not None and (
+                slurm_state(live.state, live.exit_code)[0] in TERMINAL_PROVIDER_STATES
+            )
             acct_state, _ = slurm_state(acct.state, acct.exit_code)
-            if live is None or acct_state in TERMINAL_PROVIDER_STATES:
+            if live is None or (acct_state in TERMINAL_PROVIDER_STATES and not live_done):
                 row = acct
         if row is None:
             return Report(
@@ -576,13 +465,10 @@ class SlurmProvider(Provider):
         if not ids:
             return
         self._poll_step, self._next_poll = 0, 0.0
-        # scancel of a finished job complains and exits non-zero: cancelling is idempotent
-        res = await self._run(self._command(["scancel", *ids]))
-        benign = ("already completing or completed", "Invalid job id")
-        if res.rc != 0 and not any(b in res.stderr for b in benign):
-            raise ProviderError(
-                f"scancel failed: {res.stderr.strip()}", provider=self.name, retryable=True
-            )
+        try:
+            await self.backend.cancel(ids)
+        finally:
+            self._write_stats()
 
     async def logs(
         self, key: str, *, stream: LogStream = "stdout", follow: bool = False
@@ -597,7 +483,7 @@ class SlurmProvider(Provider):
         offset = 0
         while True:
             done = not follow or (await self.describe([key]))[0].state in TERMINAL_PROVIDER_STATES
-            data = await self.transport.read_file(path, offset)
+            data = await self.backend.read_file(path, offset)
             if data:
                 offset += len(data)
                 yield data
@@ -606,7 +492,7 @@ class SlurmProvider(Provider):
             await asyncio.sleep(LOG_POLL_S)
 
     async def aclose(self) -> None:
-        await self.transport.aclose()
+        await self.backend.aclose()
 
 
 __all__ = ["SlurmProvider", "SlurmRequest", "TransportLost"]

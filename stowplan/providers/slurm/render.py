@@ -175,6 +175,18 @@ def _check(provider: str, launch: LaunchSpec) -> list[str]:
     return argv
 
 
+def sbatch_options(script: str) -> dict[str, str]:
+    """The ``#SBATCH --name=value`` options of a script, up to its first command."""
+    out: dict[str, str] = {}
+    for line in script.splitlines()[1:]:
+        if line.startswith("#SBATCH --"):
+            name, _, value = line[len("#SBATCH --") :].partition("=")
+            out[name] = value
+        elif line.strip() and not line.startswith("#"):
+            break
+    return out
+
+
 def array_name(prefix: str, keys: Sequence[str]) -> str:
     """The job name of an array: derived from its attempt keys, so a retry renders it again."""
     digest = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:24]
@@ -192,6 +204,7 @@ def plan_arrays(
     account: str | None = None,
     qos: str | None = None,
     gpu_types: dict[str, tuple[str, ...]] | None = None,
+    self_logging: bool = False,
 ) -> list[SlurmRequest]:
     """Group launches into job arrays and render each one's script. Pure and deterministic.
 
@@ -217,6 +230,7 @@ def plan_arrays(
                     account=account,
                     qos=qos,
                     known_types=(gpu_types or {}).get(shape.pool, ()),
+                    self_logging=self_logging,
                 )
             )
     return requests
@@ -239,6 +253,7 @@ def _render(
     account: str | None,
     qos: str | None,
     known_types: tuple[str, ...],
+    self_logging: bool = False,
 ) -> SlurmRequest:
     keys = [launch.key for launch, _ in chunk]
     name = array_name(prefix, keys)
@@ -286,8 +301,16 @@ def _render(
     body = [
         "set -u",
         'cd -- "$HOME" || exit 70' if not workdir.startswith("/") else ":",
-        'case "${SLURM_ARRAY_TASK_ID:-}" in',
     ]
+    if self_logging:
+        # for submitters that cannot create the log directory (slurmrestd)
+        logs = bash_quote(f"{job_dir}/logs")
+        index = '"${SLURM_ARRAY_TASK_ID:-0}"'
+        body += [
+            f"mkdir -p -- {logs} || exit 70",
+            f"exec >>{logs}/{index}.out 2>>{logs}/{index}.err",
+        ]
+    body.append('case "${SLURM_ARRAY_TASK_ID:-}" in')
     members: list[SlurmMember] = []
     for i, (launch, argv) in enumerate(chunk):
         attempt_dir = f"{workdir.rstrip('/') or '/'}/runs/{launch.run_id}/{launch.attempt}"

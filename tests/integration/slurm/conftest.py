@@ -138,3 +138,9 @@ def wait_running(cluster: SlurmCluster, predicate_fmt: str, count: int, what: st
         return sum(1 for ln in out.splitlines() if predicate_fmt in ln) >= count
 
     wait_for(ok, 90, what)
+
+
+@pytest.fixture(scope="session")
+def slurm_rest(slurm_cluster: SlurmCluster) -> tuple[str, str]:
+    """slurmrestd on the session cluster: its URL and a JWT for ``nobody`` (it refuses root)."""
+    return slurm_cluster.start_rest("nobody")

@@ -1,0 +1,244 @@
+"""How the Slurm driver reaches a cluster: the transports behind one small interface.
+
+``SSHBackend`` runs Slurm's commands on the login node (``ssh.py``); ``RestBackend``
+(``rest.py``) talks to slurmrestd. The driver keeps the attempt index, the caching and the
+mapping to reports; a backend only submits, observes, cancels and reads.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import shlex
+from collections.abc import Sequence
+
+from stowplan.errors import ProviderError
+from stowplan.providers.slurm.parse import (
+    SACCT_FORMAT,
+    SECTION,
+    SQUEUE_FORMAT,
+    JobRow,
+    PartitionFacts,
+    cluster_name,
+    parse_key_lines,
+    parse_partitions,
+    parse_pending,
+    parse_sacct,
+    parse_squeue,
+    split_sections,
+)
+from stowplan.providers.slurm.render import SlurmRequest
+from stowplan.providers.slurm.ssh import Completed, SSHTransport
+
+EXIT_REJECTED, EXIT_TRANSIENT = 65, 75
+TRANSIENT_MESSAGES = (
+    "Socket timed out",
+    "Unable to contact slurm controller",
+    "temporarily unable",
+    "Resource temporarily unavailable",
+    "Zero Bytes were transmitted",
+    "Connection refused",
+)
+
+KeyInfo = tuple[str, int, str, int, list[str]]
+"""array name, index, run id, attempt, declared outputs."""
+
+
+class Backend(abc.ABC):
+    """One cluster's transport. Every method may raise ``ProviderError``."""
+
+    provider: str
+    _commands: int = 0
+    _connects: int = 0
+    locked_submit: bool = False
+    """Whether ``submit`` itself is safe to repeat (it looks the name up under a lock)."""
+
+    @property
+    def commands(self) -> int:
+        """Remote calls made (SSH commands or HTTP requests): what the benchmark counts."""
+        return self._commands
+
+    @property
+    def connects(self) -> int:
+        return self._connects
+
+    @abc.abstractmethod
+    async def discover(self) -> tuple[str | None, list[PartitionFacts], dict[str, float]]:
+        """Cluster name, partitions, pending CPU-seconds by partition."""
+
+    @abc.abstractmethod
+    async def find(self, name: str) -> str | None:
+        """The job id of a job named ``name``, live or accounted, if there is one."""
+
+    @abc.abstractmethod
+    async def submit(self, req: SlurmRequest) -> str:
+        """Submit the array; its job id. ``ProviderError`` with ``retryable`` on failure."""
+
+    @abc.abstractmethod
+    async def observe(self, names: Sequence[str], since_days: int) -> tuple[list[JobRow], ...]:
+        """(live rows from the controller, accounting rows) for jobs with these names."""
+
+    @abc.abstractmethod
+    async def lookup(
+        self, workdir: str, keys: Sequence[str]
+    ) -> tuple[dict[str, KeyInfo], dict[str, str]]:
+        """Attempt keys found in job scripts on the cluster, and array name -> job id."""
+
+    @abc.abstractmethod
+    async def cancel(self, element_ids: Sequence[str]) -> None: ...
+
+    @abc.abstractmethod
+    async def read_file(self, path: str, offset: int) -> bytes | None: ...
+
+    async def aclose(self) -> None:
+        return None
+
+
+# The remote submit program. $1: the array directory, $2: the job name, $3: the script's
+# SHA-256; the script on stdin.
+SUBMIT_PROGRAM = r"""
+set -eu
+d=$1; name=$2
+mkdir -p -- "$d/logs"
+cd -- "$d"
+exec 9>>.lock
+flock -w 100 9 || { echo "stowplan: $d is locked by another submit" >&2; exit 75; }
+cat > job.sh.tmp
+if [ -s jobid ]; then cat jobid; exit 0; fi
+# a connection lost mid-upload leaves a truncated script: never submit one
+sum=$(sha256sum < job.sh.tmp) && [ "${sum%% *}" = "$3" ] || {
+  echo "stowplan: the job script arrived incomplete" >&2; exit 75; }
+if ! q=$(squeue -h --name="$name" -o %F 2>sq.err); then
+  cat sq.err >&2; exit 75
+fi
+a=$(sacct -X -n -P --name="$name" -S now-60days -o JobID 2>/dev/null || true)
+found=$(printf '%s\n%s\n' "$q" "$a" | sed 's/_.*//' | grep -E '^[0-9]+$' | head -n 1 || true)
+if [ -n "$found" ]; then printf '%s\n' "$found" > jobid; cat jobid; exit 0; fi
+mv job.sh.tmp job.sh
+if ! out=$(sbatch --parsable job.sh 2>sbatch.err); then cat sbatch.err >&2; exit 65; fi
+printf '%s\n' "${out%%;*}" > jobid.tmp
+mv jobid.tmp jobid
+cat jobid
+"""
+
+# $1: workdir; keys on stdin. Prints the key lines of job scripts, then every known job id.
+LOOKUP_PROGRAM = rf"""
+cd -- "$1" 2>/dev/null && cd jobs 2>/dev/null || exit 0
+grep -H -F -f - -- */job.sh 2>/dev/null | grep -F ':# stowplan-key ' || true
+echo '{SECTION}'
+grep -H . -- */jobid 2>/dev/null || true
+"""
+
+# $1: comma-separated job names, $2: sacct start. squeue must answer; sacct may be disabled.
+DESCRIBE_PROGRAM = rf"""
+squeue -h -r --name="$1" -o '{SQUEUE_FORMAT}' || exit 75
+echo '{SECTION}'
+sacct -X -n -P --name="$1" -S "$2" --format='{SACCT_FORMAT}' 2>/dev/null || true
+"""
+
+DISCOVER_PROGRAM = rf"""
+scontrol show config | grep '^ClusterName' || true
+echo '{SECTION}'
+scontrol -o show partition || exit 75
+echo '{SECTION}'
+scontrol -o show node || exit 75
+echo '{SECTION}'
+squeue -h -r -t PD -o '%P|%C|%l' || true
+"""
+
+
+class SSHBackend(Backend):
+    """Slurm's commands on the login node. Each call is ONE remote command line built from
+    quoted words; multi-step work runs as a fixed bash program with user data as ``$1..``."""
+
+    locked_submit = True
+
+    def __init__(self, provider: str, transport: SSHTransport, env: dict[str, str]) -> None:
+        self.provider = provider
+        self.transport = transport
+        self.env = env
+
+    @property
+    def commands(self) -> int:
+        return self.transport.commands
+
+    @property
+    def connects(self) -> int:
+        return self.transport.connects
+
+    def command(self, argv: Sequence[str]) -> str:
+        env = [f"{k}={v}" for k, v in sorted(self.env.items())]
+        return shlex.join(["env", *env, *argv] if env else list(argv))
+
+    def program(self, program: str, *args: str) -> str:
+        return self.command(["bash", "-c", program, "stowplan", *args])
+
+    def _error(self, what: str, res: Completed, *, retryable: bool = True) -> ProviderError:
+        why = (res.stderr.strip() or res.stdout.strip() or f"exit {res.rc}")[-2000:]
+        return ProviderError(f"{what}: {why}", provider=self.provider, retryable=retryable)
+
+    async def discover(self) -> tuple[str | None, list[PartitionFacts], dict[str, float]]:
+        res = await self.transport.run(self.program(DISCOVER_PROGRAM))
+        sections = split_sections(res.stdout)
+        if res.rc != 0 or len(sections) != 4:
+            raise self._error("cannot read partitions", res)
+        config, partitions, nodes, pending = sections
+        return cluster_name(config), parse_partitions(partitions, nodes), parse_pending(pending)
+
+    async def find(self, name: str) -> str | None:
+        return None  # the submit program looks the name up itself, under its lock
+
+    async def submit(self, req: SlurmRequest) -> str:
+        digest = hashlib.sha256(req.script.encode()).hexdigest()
+        # safe to repeat: the program finds a job submitted by an earlier try
+        res = await self.transport.run(
+            self.program(SUBMIT_PROGRAM, req.job_dir, req.key, digest), stdin=req.script
+        )
+        job_id = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
+        if res.rc == 0 and job_id.isdigit():
+            return job_id
+        why = res.stderr.strip() or res.stdout.strip()
+        rejected = res.rc == EXIT_REJECTED and not any(t in why for t in TRANSIENT_MESSAGES)
+        raise self._error(
+            "sbatch refused the job" if rejected else "submit", res, retryable=not rejected
+        )
+
+    async def observe(self, names: Sequence[str], since_days: int) -> tuple[list[JobRow], ...]:
+        res = await self.transport.run(
+            self.program(DESCRIBE_PROGRAM, ",".join(names), f"now-{since_days}days")
+        )
+        if res.rc != 0:
+            raise self._error("squeue failed", res)
+        sections = split_sections(res.stdout)
+        live = parse_squeue(sections[0])
+        accounted = parse_sacct(sections[1]) if len(sections) > 1 else []
+        return live, accounted
+
+    async def lookup(
+        self, workdir: str, keys: Sequence[str]
+    ) -> tuple[dict[str, KeyInfo], dict[str, str]]:
+        res = await self.transport.run(
+            self.program(LOOKUP_PROGRAM, workdir), stdin="".join(k + "\n" for k in keys)
+        )
+        if res.rc != 0:
+            raise self._error("key lookup failed", res)
+        sections = split_sections(res.stdout)
+        job_ids: dict[str, str] = {}
+        for line in (sections[1] if len(sections) > 1 else "").splitlines():
+            path, _, jid = line.partition(":")
+            if jid.strip().isdigit():
+                job_ids[path.split("/")[0]] = jid.strip()
+        return parse_key_lines(sections[0]), job_ids
+
+    async def cancel(self, element_ids: Sequence[str]) -> None:
+        res = await self.transport.run(self.command(["scancel", *element_ids]))
+        # scancel of a finished job complains and exits non-zero: cancelling is idempotent
+        benign = ("already completing or completed", "Invalid job id")
+        if res.rc != 0 and not any(b in res.stderr for b in benign):
+            raise self._error("scancel failed", res)
+
+    async def read_file(self, path: str, offset: int) -> bytes | None:
+        return await self.transport.read_file(path, offset)
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
