@@ -361,6 +361,10 @@ class SlurmProviderConfig(_Spec, frozen=True, tag_field="kind", tag="slurm"):
             raise ValueError(f"workdir: {self.workdir!r} must be a directory path without '..'")
         if self.transport == "rest" and not self.rest_url:
             raise ValueError("transport = 'rest' needs rest_url (the slurmrestd address)")
+        if self.transport == "rest" and not self.workdir.startswith("/"):
+            raise ValueError(
+                "workdir: transport = 'rest' needs an absolute path (slurmrestd has no home)"
+            )
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", self.rest_token_env):
             raise ValueError(f"rest_token_env: {self.rest_token_env!r} is not a variable name")
 
