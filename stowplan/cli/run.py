@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,11 +94,13 @@ def _dispatch(
     err: Console,
     *,
     seen_before: list[str] | None = None,
+    after_record: Callable[[RunStore], None] | None = None,
 ) -> None:
     """Start (or join) the control plane, record the runs, hand them over, watch them.
 
     The control plane boots first, so what it restores from the store is what earlier,
     interrupted invocations left unfinished, not the runs about to be submitted.
+    ``after_record`` writes the ledger entry (and any links) instead of a plain submit entry.
     """
     from stowplan.actors.control import ControlPlane
     from stowplan.actors.session import record, record_submission, submissions
@@ -116,14 +119,17 @@ def _dispatch(
     try:
         with RunStore(Path(prepared.store_path)) as store:
             record(prepared, store)
-            record_submission(
-                prepared,
-                store,
-                todo,
-                seen_before=seen_before or [],
-                why=getattr(args, "why", None) or "",
-                provider=args.provider,
-            )
+            if after_record is not None:
+                after_record(store)
+            else:
+                record_submission(
+                    prepared,
+                    store,
+                    todo,
+                    seen_before=seen_before or [],
+                    why=getattr(args, "why", None) or "",
+                    provider=args.provider,
+                )
         plane.submit(submissions(prepared, set(todo)), reused)
         watch(plane, ids, total, started, err)
     except KeyboardInterrupt:

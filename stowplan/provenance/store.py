@@ -1180,12 +1180,16 @@ class RunStore:
 
     def put_replay(self, rec: ReplayRecord) -> None:
         """Record (or update the verdict of) a replay."""
+        self.put_replay_batch([rec])
+
+    def put_replay_batch(self, recs: Sequence[ReplayRecord]) -> None:
+        """Record (or update the verdicts of) replays, in one transaction."""
         with self._write() as c:
-            c.execute(
+            c.executemany(
                 "INSERT INTO replays (run_id, of_run_id, at, verdict, differences) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (run_id) DO UPDATE SET "
                 "verdict = excluded.verdict, differences = excluded.differences",
-                (rec.run_id, rec.of_run_id, rec.at, rec.verdict, _json(rec.differences)),
+                ((r.run_id, r.of_run_id, r.at, r.verdict, _json(r.differences)) for r in recs),
             )
 
     def replays_of(self, run_id: str) -> list[ReplayRecord]:
