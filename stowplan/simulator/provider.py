@@ -1,0 +1,699 @@
+"""``SimProvider``: the provider interface over simulated pools, one provider per site.
+
+It implements ``stowplan.providers.base.Provider`` (``discover``, ``plan``, ``submit``,
+``describe``, ``cancel``, ``logs``); the simulator's shell calls the synchronous halves
+(``submit_now``, ``describe_now``, ``cancel_now``) inline, in virtual time.
+
+Pools behave like the systems they stand for:
+
+- ``slurm``: a partition of identical nodes. Jobs queue FIFO; when the head does not fit, an
+  EASY-style backfill pass starts later jobs that fit now and end before the head's reservation.
+  (The reservation is computed on the partition's GPU, or CPU, total; run-time estimates are the
+  true run times, as if every user gave an exact time limit.) Jobs with more GPUs than a node
+  take whole nodes.
+- ``kubernetes``: a node pool; pending pods are tried in order, each on the first node that
+  fits (GPU best fit), honouring a service's per-node anti-affinity cap.
+- ``cloud``: an instance type in a region, elastic up to ``max_instances``: a job launches
+  ``ceil(gpus / gpus_per_node)`` instances, waits the boot latency, runs, and the instances are
+  billed per second (at least ``min_billed``) until it ends. Spot instances are reclaimed at
+  ``interruptions_per_hour`` (seeded), which fails the job as PREEMPTED.
+
+Idempotency: a submit with a key the provider already holds returns that job; it never makes a
+second. Every key executes at most once, and no run ever has two attempts executing at once;
+both are asserted (``InternalError``) so that a scheduler bug cannot hide in a simulation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Callable, Sequence
+
+from stowplan.errors import InternalError, ProviderError
+from stowplan.placement.problem import Pool
+from stowplan.providers.base import (
+    Capabilities,
+    LaunchSpec,
+    LogStream,
+    Provider,
+    ProviderRequest,
+    ProviderState,
+    Report,
+)
+from stowplan.simulator.cluster import ClusterSpec, PoolKind, PoolSpec
+from stowplan.simulator.engine import PRIO_INFRA, Engine
+from stowplan.simulator.faults import ApiFaults
+from stowplan.simulator.workloads import SimJob, Throughput
+from stowplan.spec.models import FailureClass
+
+INF = float("inf")
+
+
+class SimRequest(ProviderRequest, frozen=True, kw_only=True):
+    """What a simulated submit carries: the attempt's key, its run, the job and the pool."""
+
+    run_id: str
+    attempt: int
+    pool: str
+    job: str
+
+    def render(self) -> str:
+        return f"sim submit key={self.key} run={self.run_id} job={self.job} pool={self.pool}"
+
+
+class Attempt:
+    """One submitted attempt, as the simulated provider tracks it."""
+
+    __slots__ = (
+        "alloc",
+        "billed_from",
+        "ended",
+        "epoch",
+        "failure",
+        "instances",
+        "job",
+        "key",
+        "message",
+        "pool",
+        "run_id",
+        "started",
+        "state",
+        "submitted",
+        "work_s",
+    )
+
+    def __init__(self, key: str, run_id: str, job: SimJob, pool: SimPool, now: float) -> None:
+        self.key = key
+        self.run_id = run_id
+        self.job = job
+        self.pool = pool
+        self.state = ProviderState.QUEUED
+        self.submitted = now
+        self.started: float | None = None
+        self.ended: float | None = None
+        self.alloc: list[tuple[int, int, float, int]] = []
+        self.instances = 0
+        self.billed_from = 0.0
+        self.epoch = 0
+        self.failure: FailureClass | None = None
+        self.message = ""
+        self.work_s = 0.0
+
+    def report(self) -> Report:
+        return Report(
+            key=self.key,
+            state=self.state,
+            failure=self.failure,
+            job_id=self.key[:12],
+            node=f"{self.pool.spec.name}-{self.alloc[0][0]}" if self.alloc else None,
+            message=self.message,
+            started_at=self.started,
+            ended_at=self.ended,
+        )
+
+
+class DataNet:
+    """Where datasets live and what moving them costs: stage-in time, bytes and egress."""
+
+    def __init__(self, cluster: ClusterSpec) -> None:
+        self.cluster = cluster
+        self.datasets = {d.name: d for d in cluster.datasets}
+        self.bytes_moved = 0
+        self.egress_cost = 0.0
+
+    def stage_in(self, job: SimJob, site: str) -> tuple[float, int, float] | str:
+        """(seconds, bytes, egress price) to bring the job's inputs to ``site``, or why not."""
+        secs, moved, cost = 0.0, 0, 0.0
+        for name in job.datasets:
+            d = self.datasets.get(name)
+            if d is None or site in d.sites:
+                continue
+            best = None
+            for src in sorted(d.sites):
+                link = self.cluster.link(src, site)
+                if link is not None and (best is None or link.bytes_per_s > best.bytes_per_s):
+                    best = link
+            if best is None:
+                return f"dataset {name} is at {', '.join(d.sites)} and no link reaches {site}"
+            secs += d.size_bytes / best.bytes_per_s
+            moved += d.size_bytes
+            cost += d.size_bytes / 2**30 * best.egress_per_gib
+        return secs, moved, cost
+
+
+class SimPool:
+    """One pool's nodes (or instances), queue and accounting."""
+
+    def __init__(self, provider: SimProvider, spec: PoolSpec) -> None:
+        self.provider = provider
+        self.engine = provider.engine
+        self.spec = spec
+        self.kind = spec.kind
+        self.model = (spec.gpu_model or "").lower()
+        self.gpn = spec.gpus_per_node
+        self.cpn = spec.cpus_per_node
+        self.mpn = spec.memory_bytes
+        self.units = spec.units
+        n = self.units if self.kind is not PoolKind.CLOUD else 0
+        self.free_g = [self.gpn] * n
+        self.free_c = [self.cpn] * n
+        self.free_m = [self.mpn] * n
+        self.up = [True] * n
+        self.on_node: list[dict[str, None]] = [{} for _ in range(n)]
+        self.svc: list[dict[str, int]] = [{} for _ in range(n)]
+        # up nodes by free GPU count (insertion-ordered dicts as ordered sets)
+        self.by_free: list[dict[int, None]] = [{} for _ in range(self.gpn + 1)]
+        if self.gpn:
+            self.by_free[self.gpn] = dict.fromkeys(range(n))
+        self.nodes_up = n
+        self.instances = 0
+        self.queue: dict[str, Attempt] = {}
+        self.running: dict[str, Attempt] = {}
+        self.used_g = 0
+        self.used_c = 0.0
+        self.busy_g_s = 0.0
+        self.busy_c_s = 0.0
+        self.instance_s = 0.0
+        self.cost = 0.0
+        self._acct_at = 0.0
+        self._pass_due = False
+        self.preemptions = 0
+        self.node_failures = 0
+        self.backfilled = 0
+        self.rng = self.engine.rng(f"pool/{spec.name}")
+
+    # ---- capacity as the scheduler core sees it ----------------------------------------
+
+    def core_pool(self) -> Pool:
+        s = self.spec
+        units = self.units if self.kind is PoolKind.CLOUD else self.nodes_up
+        return Pool(
+            id=s.name,
+            provider=self.provider.name,
+            kind=s.kind.value,
+            site=s.site,
+            cpus=units * self.cpn,
+            memory=units * self.mpn,
+            gpus={self.model: units * self.gpn} if self.gpn else {},
+            price_per_hour=s.price_per_hour,
+            expected_wait_s=s.boot_s if self.kind is PoolKind.CLOUD else 0.0,
+            hardware_class=self.model,
+        )
+
+    @property
+    def capacity_gpus(self) -> int:
+        return self.units * self.gpn
+
+    def _account(self) -> None:
+        now = self.engine.now
+        dt = now - self._acct_at
+        if dt > 0:
+            self.busy_g_s += self.used_g * dt
+            self.busy_c_s += self.used_c * dt
+            self.instance_s += self.instances * dt
+        self._acct_at = now
+
+    # ---- run time ------------------------------------------------------------------------
+
+    def work_seconds(self, job: SimJob) -> float | str:
+        """How long ``job`` computes here, or why it cannot run here."""
+        if job.duration is not None:
+            return job.duration
+        if job.steps:
+            tp = self.provider.throughput
+            rate = tp.rate(job.job_type, job.gpus, self.model) if tp and self.model else None
+            if not rate:
+                return f"no throughput for {job.job_type} x{job.gpus} on {self.model or 'CPU'}"
+            return job.steps / rate
+        return INF  # a service: runs until cancelled
+
+    # ---- queueing --------------------------------------------------------------------------
+
+    def enqueue(self, att: Attempt) -> None:
+        self.queue[att.key] = att
+        self.request_pass()
+
+    def request_pass(self) -> None:
+        if not self._pass_due:
+            self._pass_due = True
+            self.engine.at(self.engine.now, self._pass_event, None, PRIO_INFRA + 1)
+
+    def _pass_event(self, _: object) -> None:
+        self._pass_due = False
+        self.schedule()
+
+    def schedule(self) -> None:
+        """Start what the pool's discipline allows now."""
+        if not self.queue:
+            return
+        if self.kind is PoolKind.SLURM:
+            self._slurm_pass()
+        else:
+            self._first_fit_pass()
+
+    def _first_fit_pass(self) -> None:
+        for att in list(self.queue.values())[: max(self.spec.backfill_depth, 1000)]:
+            self._try_start(att)
+
+    def _slurm_pass(self) -> None:
+        q = self.queue
+        while q:
+            head = next(iter(q.values()))
+            if not self._try_start(head):
+                break
+        if len(q) < 2:
+            return
+        # EASY backfill: later jobs may start now if they end before the head's reservation
+        head = next(iter(q.values()))
+        candidates = []
+        for att in list(q.values())[1 : 1 + self.spec.backfill_depth]:
+            if self._fits(att.job) is not None:
+                candidates.append(att)
+        if not candidates:
+            return
+        shadow = self._shadow_time(head.job)
+        now = self.engine.now
+        for att in candidates:
+            w = self.work_seconds(att.job)
+            est = w if isinstance(w, float) else 0.0
+            est += self._stage_seconds(att.job)
+            if now + est <= shadow and self._try_start(att):
+                self.backfilled += 1
+
+    def _stage_seconds(self, job: SimJob) -> float:
+        if not job.datasets:
+            return 0.0
+        s = self.provider.data.stage_in(job, self.spec.site)
+        return s[0] if isinstance(s, tuple) else 0.0
+
+    def _shadow_time(self, job: SimJob) -> float:
+        """When the head job could start if running jobs end on time (pool totals)."""
+        need: float
+        free: float
+        ends: list[tuple[float, float]]
+        if self.gpn:
+            need = job.gpus
+            free = sum(self.free_g[n] for n in range(len(self.up)) if self.up[n])
+        else:
+            need = job.cpus
+            free = sum(self.free_c[n] for n in range(len(self.up)) if self.up[n])
+        ends = sorted(
+            (a.ended if a.ended is not None else INF, a.job.gpus if self.gpn else a.job.cpus)
+            for a in self.running.values()
+        )
+        for end, amount in ends:
+            if free >= need:
+                break
+            free += amount
+            if free >= need:
+                return end
+        return self.engine.now if free >= need else INF
+
+    def _fits(self, job: SimJob) -> list[tuple[int, int, float, int]] | None:
+        """Where ``job`` would go now: (node, gpus, cpus, memory) per node, or None."""
+        if self.kind is PoolKind.CLOUD:
+            k = self._instances_for(job)
+            return [] if self.instances + k <= self.units else None
+        g = job.gpus
+        if g > self.gpn and self.gpn:
+            k = -(-g // self.gpn)
+            whole = self.by_free[self.gpn]
+            if len(whole) < k:
+                return None
+            c, m = job.cpus / k, job.memory // k
+            nodes = []
+            for n in whole:
+                if self.free_c[n] >= c and self.free_m[n] >= m and self._anti_ok(job, n):
+                    nodes.append(n)
+                    if len(nodes) == k:
+                        return [(n, self.gpn, c, m) for n in nodes]
+            return None
+        if g and not self.gpn:
+            return None
+        if g:
+            for free in range(g, self.gpn + 1):  # best fit on GPUs
+                for n in self.by_free[free]:
+                    if (
+                        self.free_c[n] >= job.cpus
+                        and self.free_m[n] >= job.memory
+                        and self._anti_ok(job, n)
+                    ):
+                        return [(n, g, job.cpus, job.memory)]
+            return None
+        for n in range(len(self.up)):
+            if (
+                self.up[n]
+                and self.free_c[n] >= job.cpus
+                and self.free_m[n] >= job.memory
+                and self._anti_ok(job, n)
+            ):
+                return [(n, 0, job.cpus, job.memory)]
+        return None
+
+    def _anti_ok(self, job: SimJob, n: int) -> bool:
+        return not job.max_per_node or self.svc[n].get(job.service, 0) < job.max_per_node
+
+    def _instances_for(self, job: SimJob) -> int:
+        if self.gpn and job.gpus:
+            return -(-job.gpus // self.gpn)
+        return max(1, math.ceil(job.cpus / self.cpn))
+
+    def _take(self, n: int, g: int, c: float, m: int, att: Attempt) -> None:
+        if self.gpn:
+            del self.by_free[self.free_g[n]][n]
+            self.free_g[n] -= g
+            self.by_free[self.free_g[n]][n] = None
+        self.free_c[n] -= c
+        self.free_m[n] -= m
+        self.on_node[n][att.key] = None
+        if att.job.service:
+            self.svc[n][att.job.service] = self.svc[n].get(att.job.service, 0) + 1
+
+    def _give(self, n: int, g: int, c: float, m: int, att: Attempt) -> None:
+        if self.gpn and self.up[n]:
+            del self.by_free[self.free_g[n]][n]
+        self.free_g[n] += g
+        if self.gpn and self.up[n]:
+            self.by_free[self.free_g[n]][n] = None
+        self.free_c[n] += c
+        self.free_m[n] += m
+        self.on_node[n].pop(att.key, None)
+        if att.job.service:
+            self.svc[n][att.job.service] -= 1
+
+    def _try_start(self, att: Attempt) -> bool:
+        job = att.job
+        work = self.work_seconds(job)
+        if isinstance(work, str):
+            self.queue.pop(att.key, None)
+            self.provider.finish(att, ProviderState.FAILED, FailureClass.PROVIDER_REJECTED, work)
+            return True
+        stage = self.provider.data.stage_in(job, self.spec.site) if job.datasets else (0.0, 0, 0.0)
+        if isinstance(stage, str):
+            self.queue.pop(att.key, None)
+            self.provider.finish(att, ProviderState.FAILED, FailureClass.PROVIDER_REJECTED, stage)
+            return True
+        where = self._fits(job)
+        if where is None:
+            return False
+        self._account()
+        self.queue.pop(att.key, None)
+        now = self.engine.now
+        boot = 0.0
+        if self.kind is PoolKind.CLOUD:
+            att.instances = self._instances_for(job)
+            self.instances += att.instances
+            att.billed_from = now
+            boot = self.spec.boot_s
+        else:
+            for n, g, c, m in where:
+                self._take(n, g, c, m, att)
+            att.alloc = where
+        self.used_g += job.gpus
+        self.used_c += job.cpus
+        self.running[att.key] = att
+        secs, moved, egress = stage
+        self.provider.data.bytes_moved += moved
+        self.provider.data.egress_cost += egress
+        att.work_s = secs + work
+        att.epoch += 1
+        if boot:
+            self.engine.at(now + boot, self._booted, (att, att.epoch), PRIO_INFRA)
+        else:
+            self._begin(att)
+        return True
+
+    def _booted(self, arg: tuple[Attempt, int]) -> None:
+        att, epoch = arg
+        if att.epoch == epoch and att.state is ProviderState.QUEUED:
+            self._begin(att)
+
+    def _begin(self, att: Attempt) -> None:
+        now = self.engine.now
+        self.provider.started(att)
+        end = now + att.work_s
+        att.ended = end if end < INF else None
+        if end < INF:
+            self.engine.at(end, self._done, (att, att.epoch), PRIO_INFRA)
+        if self.spec.spot and self.spec.interruptions_per_hour and self.provider.inject:
+            gone = now + self.rng.expovariate(self.spec.interruptions_per_hour / 3600.0)
+            if gone < end:
+                self.engine.at(gone, self._reclaimed, (att, att.epoch), PRIO_INFRA)
+
+    def _done(self, arg: tuple[Attempt, int]) -> None:
+        att, epoch = arg
+        if att.epoch == epoch and att.state is ProviderState.RUNNING:
+            self.release(att)
+            self.provider.finish(att, ProviderState.SUCCEEDED, None, "")
+
+    def _reclaimed(self, arg: tuple[Attempt, int]) -> None:
+        att, epoch = arg
+        if att.epoch == epoch and att.state is ProviderState.RUNNING:
+            self.preemptions += 1
+            self.release(att)
+            self.provider.finish(
+                att, ProviderState.FAILED, FailureClass.PREEMPTED, "spot instance reclaimed"
+            )
+
+    def release(self, att: Attempt) -> None:
+        """Give back what a started attempt holds (it ended, failed or was cancelled)."""
+        if self.running.pop(att.key, None) is None:
+            return
+        self._account()
+        att.epoch += 1
+        job = att.job
+        self.used_g -= job.gpus
+        self.used_c -= job.cpus
+        if self.kind is PoolKind.CLOUD:
+            billed = max(self.spec.min_billed_s, self.engine.now - att.billed_from)
+            self.cost += billed * att.instances * self.spec.price_per_hour / 3600.0
+            self.instances -= att.instances
+        else:
+            for n, g, c, m in att.alloc:
+                self._give(n, g, c, m, att)
+        self.request_pass()
+
+    # ---- faults ----------------------------------------------------------------------------
+
+    def node_down(self, n: int) -> None:
+        if not self.up[n]:
+            return
+        self.node_failures += 1
+        for key in list(self.on_node[n]):
+            att = self.running.get(key)
+            if att is not None:
+                self.release(att)
+                self.provider.finish(
+                    att,
+                    ProviderState.FAILED,
+                    FailureClass.NODE_FAILURE,
+                    f"node {self.spec.name}-{n} failed",
+                )
+        if self.gpn:
+            del self.by_free[self.free_g[n]][n]
+        self.up[n] = False
+        self.nodes_up -= 1
+        self.provider.capacity_changed()
+
+    def node_up(self, n: int) -> None:
+        if self.up[n]:
+            return
+        self.up[n] = True
+        self.nodes_up += 1
+        if self.gpn:
+            self.by_free[self.free_g[n]][n] = None
+        self.provider.capacity_changed()
+        self.request_pass()
+
+    def finish_accounting(self) -> None:
+        self._account()
+        for att in list(self.running.values()):
+            if self.kind is PoolKind.CLOUD:
+                billed = max(self.spec.min_billed_s, self.engine.now - att.billed_from)
+                self.cost += billed * att.instances * self.spec.price_per_hour / 3600.0
+
+
+ReportSink = Callable[[str, Report], None]
+
+
+class SimProvider(Provider):
+    """All simulated pools of one site, behind the provider interface."""
+
+    capabilities = Capabilities(
+        gpus=True,
+        arrays=False,
+        cannot={"logs": "simulated jobs produce no output", "arrays": "one submit per attempt"},
+    )
+
+    def __init__(
+        self,
+        name: str,
+        pools: Sequence[PoolSpec],
+        engine: Engine,
+        *,
+        jobs: Callable[[str], SimJob],
+        data: DataNet,
+        faults: ApiFaults,
+        throughput: Throughput | None = None,
+        sink: ReportSink | None = None,
+        on_capacity: Callable[[str], None] | None = None,
+        inject: bool = True,
+    ) -> None:
+        self.name = name
+        self.inject = inject
+        """False: no spot interruptions (the other faults come from ``faults`` and the shell)"""
+        self.engine = engine
+        self.job_of = jobs
+        self.data = data
+        self.api = faults
+        self.throughput = throughput
+        self.sink = sink
+        self.on_capacity = on_capacity
+        self.pools: dict[str, SimPool] = {}
+        for spec in pools:
+            self.pools[spec.name] = SimPool(self, spec)
+        self.attempts: dict[str, Attempt] = {}
+        self.executed: set[str] = set()
+        self.executing_runs: dict[str, str] = {}
+        self.duplicate_submits = 0
+        self.held: list[Report] = []
+        self._quiet: set[str] | None = None
+
+    # ---- the interface -------------------------------------------------------------------
+
+    async def discover(self) -> list[Pool]:
+        return self.core_pools()
+
+    def core_pools(self) -> list[Pool]:
+        return [p.core_pool() for p in self.pools.values()]
+
+    def plan(self, launches: Sequence[LaunchSpec]) -> list[ProviderRequest]:
+        return [
+            SimRequest(key=la.key, run_id=la.run_id, attempt=la.attempt, pool=la.pool, job=la.name)
+            for la in launches
+        ]
+
+    async def submit(self, requests: Sequence[ProviderRequest]) -> list[Report]:
+        return self.submit_now(requests)
+
+    async def describe(self, keys: Sequence[str]) -> list[Report]:
+        return self.describe_now(keys)
+
+    async def cancel(self, keys: Sequence[str]) -> None:
+        self.cancel_now(keys)
+
+    async def logs(
+        self, key: str, *, stream: LogStream = "stdout", follow: bool = False
+    ) -> AsyncIterator[bytes]:
+        del key, stream, follow
+        empty: tuple[bytes, ...] = ()
+        for chunk in empty:  # simulated jobs write nothing
+            yield chunk
+
+    # ---- synchronous halves, for the simulator's shell ---------------------------------------
+
+    def submit_now(self, requests: Sequence[ProviderRequest]) -> list[Report]:
+        """Idempotent: a key already held returns its job. May raise a retryable error."""
+        self.api.check("submit")
+        now = self.engine.now
+        touched: list[SimPool] = []
+        batch: list[Attempt] = []
+        for req in requests:
+            if not isinstance(req, SimRequest):
+                raise InternalError(f"{self.name}: not a simulator request: {req!r}")
+            att = self.attempts.get(req.key)
+            if att is not None:
+                self.duplicate_submits += 1
+                batch.append(att)
+                continue
+            pool = self.pools.get(req.pool)
+            if pool is None:
+                raise ProviderError(f"no pool {req.pool}", provider=self.name, retryable=False)
+            att = Attempt(req.key, req.run_id, self.job_of(req.job), pool, now)
+            self.attempts[req.key] = att
+            pool.queue[att.key] = att
+            batch.append(att)
+            if pool not in touched:
+                touched.append(pool)
+        self._quiet = {a.key for a in batch}
+        try:
+            for pool in touched:
+                pool.schedule()
+        finally:
+            self._quiet = None
+        if self.api.answer_lost():
+            raise ProviderError(
+                "submit: connection reset before the answer", provider=self.name, retryable=True
+            )
+        return [a.report() for a in batch]
+
+    def describe_now(self, keys: Sequence[str]) -> list[Report]:
+        self.api.check("describe")
+        out = []
+        for k in keys:
+            att = self.attempts.get(k)
+            out.append(
+                att.report()
+                if att is not None
+                else Report(key=k, state=ProviderState.UNKNOWN, message="no such job")
+            )
+        return out
+
+    def cancel_now(self, keys: Sequence[str]) -> None:
+        self.api.check("cancel")
+        for k in keys:
+            att = self.attempts.get(k)
+            if att is None or att.state not in (ProviderState.QUEUED, ProviderState.RUNNING):
+                continue
+            att.pool.queue.pop(k, None)
+            att.pool.release(att)
+            self.finish(att, ProviderState.CANCELLED, None, "cancelled")
+
+    # ---- what pools tell the provider ----------------------------------------------------
+
+    def started(self, att: Attempt) -> None:
+        if att.key in self.executed:
+            raise InternalError(f"attempt key {att.key[:12]} executed twice")
+        other = self.executing_runs.get(att.run_id)
+        if other is not None:
+            raise InternalError(
+                f"run {att.run_id} started attempt {att.key[:12]} while {other[:12]} executes"
+            )
+        self.executed.add(att.key)
+        self.executing_runs[att.run_id] = att.key
+        att.state = ProviderState.RUNNING
+        att.started = self.engine.now
+        self._emit(att)
+
+    def finish(
+        self, att: Attempt, state: ProviderState, failure: FailureClass | None, message: str
+    ) -> None:
+        if self.executing_runs.get(att.run_id) == att.key:
+            del self.executing_runs[att.run_id]
+        att.state = state
+        att.failure = failure
+        att.message = message
+        att.ended = self.engine.now
+        self._emit(att)
+
+    def _emit(self, att: Attempt) -> None:
+        if self._quiet is not None and att.key in self._quiet:
+            return
+        rep = att.report()
+        if not self.api.reachable:
+            self.held.append(rep)  # the watch is cut off: delivered when the site is back
+        elif self.sink is not None:
+            self.sink(self.name, rep)
+
+    def capacity_changed(self) -> None:
+        if self.on_capacity is not None:
+            self.on_capacity(self.name)
+
+    def set_reachable(self, up: bool) -> None:
+        self.api.reachable = up
+        if up and self.held and self.sink is not None:
+            held, self.held = self.held, []
+            for rep in held:
+                self.sink(self.name, rep)
+
+    def live_keys(self) -> list[str]:
+        return [k for p in self.pools.values() for k in (*p.queue, *p.running)]

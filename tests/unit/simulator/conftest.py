@@ -1,0 +1,22 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+TRACES = Path(os.environ.get("STOWPLAN_TRACES", ROOT.parent / "shared" / "traces"))
+CLUSTERS = ROOT / "examples" / "clusters"
+
+
+@pytest.fixture
+def traces() -> Path:
+    if not TRACES.is_dir():
+        pytest.skip(f"no trace folder at {TRACES} (set STOWPLAN_TRACES)")
+    return TRACES
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"

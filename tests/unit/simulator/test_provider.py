@@ -1,0 +1,201 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stowplan.errors import ProviderError
+from stowplan.providers.base import LaunchSpec, ProviderState, Report
+from stowplan.simulator.cluster import ClusterSpec, FaultsSpec, parse_cluster
+from stowplan.simulator.engine import Engine
+from stowplan.simulator.faults import ApiFaults
+from stowplan.simulator.provider import DataNet, SimProvider
+from stowplan.simulator.workloads import SimJob
+from stowplan.spec.models import FailureClass
+
+CLUSTER = """\
+[cluster]
+name = "t"
+[[sites]]
+name = "s"
+[[pools]]
+name = "slurm"
+site = "s"
+kind = "slurm"
+nodes = 1
+gpus_per_node = 8
+gpu_model = "a100"
+cpus_per_node = 64
+memory_per_node = "512GiB"
+[[pools]]
+name = "k8s"
+site = "s"
+kind = "kubernetes"
+nodes = 2
+cpus_per_node = 8
+memory_per_node = "32GiB"
+[[pools]]
+name = "cloud"
+site = "s"
+kind = "cloud"
+max_instances = 2
+gpus_per_node = 1
+gpu_model = "a10g"
+cpus_per_node = 4
+memory_per_node = "16GiB"
+price_per_hour = 3.6
+boot = "100s"
+"""
+
+
+class Harness:
+    def __init__(self, text: str = CLUSTER, faults: FaultsSpec | None = None) -> None:
+        self.spec: ClusterSpec = parse_cluster(text, Path("t.toml"))
+        self.engine = Engine(seed=1)
+        self.jobs: dict[str, SimJob] = {}
+        self.reports: list[tuple[float, Report]] = []
+        self.prov = SimProvider(
+            "s",
+            self.spec.pools,
+            self.engine,
+            jobs=self.jobs.__getitem__,
+            data=DataNet(self.spec),
+            faults=ApiFaults(self.engine, "s", faults or FaultsSpec()),
+            sink=lambda _, r: self.reports.append((self.engine.now, r)),
+        )
+
+    def submit(self, pool: str, job: SimJob, key: str | None = None) -> Report:
+        self.jobs[job.id] = job
+        req = self.prov.plan(
+            [LaunchSpec(key=key or f"k-{job.id}", run_id=job.id, attempt=1, pool=pool, name=job.id)]
+        )
+        return self.prov.submit_now(req)[0]
+
+    def states(self, key: str) -> list[tuple[float, ProviderState]]:
+        return [(t, r.state) for t, r in self.reports if r.key == key]
+
+
+def test_submit_is_idempotent_by_key() -> None:
+    h = Harness()
+    job = SimJob(id="a", submit=0, duration=10.0, gpus=1)
+    first = h.submit("slurm", job)
+    again = h.submit("slurm", job)
+    assert first.state is again.state is ProviderState.RUNNING
+    assert h.prov.duplicate_submits == 1
+    assert len(h.prov.attempts) == 1
+    h.engine.run()
+    assert h.states("k-a") == [(10.0, ProviderState.SUCCEEDED)]
+    assert h.prov.executed == {"k-a"}
+    assert h.prov.describe_now(["k-a", "nope"])[1].state is ProviderState.UNKNOWN
+
+
+def test_slurm_backfills_only_jobs_that_end_before_the_head_can_start() -> None:
+    h = Harness()
+    h.submit("slurm", SimJob(id="a", submit=0, duration=100.0, gpus=4))
+    assert (
+        h.submit("slurm", SimJob(id="b", submit=0, duration=10.0, gpus=8)).state
+        is ProviderState.QUEUED
+    )  # the head: waits for a
+    h.submit("slurm", SimJob(id="c", submit=0, duration=50.0, gpus=2))  # ends before 100
+    h.submit("slurm", SimJob(id="d", submit=0, duration=500.0, gpus=2))  # would delay b
+    h.engine.run()
+    start = {k: t for k, a in h.prov.attempts.items() if (t := a.started) is not None}
+    assert start == {"k-a": 0.0, "k-c": 0.0, "k-b": 100.0, "k-d": 110.0}
+    assert h.prov.pools["slurm"].backfilled == 1
+
+
+def test_kubernetes_honours_the_per_node_cap_of_a_service() -> None:
+    h = Harness()
+    for i in range(3):
+        h.submit(
+            "k8s",
+            SimJob(
+                id=f"svc{i}",
+                submit=0,
+                duration=None,
+                cpus=1,
+                memory=2**30,
+                service="app",
+                max_per_node=1,
+            ),
+        )
+    states = {k: a.state for k, a in h.prov.attempts.items()}
+    assert sorted(states.values()) == [
+        ProviderState.QUEUED,
+        ProviderState.RUNNING,
+        ProviderState.RUNNING,
+    ]
+    nodes = {a.alloc[0][0] for a in h.prov.attempts.values() if a.alloc}
+    assert nodes == {0, 1}
+
+
+def test_cloud_boots_then_runs_and_bills_per_second_with_a_minimum() -> None:
+    h = Harness()
+    r = h.submit("cloud", SimJob(id="a", submit=0, duration=30.0, gpus=1))
+    assert r.state is ProviderState.QUEUED  # booting
+    h.engine.run()
+    assert h.states("k-a") == [(100.0, ProviderState.RUNNING), (130.0, ProviderState.SUCCEEDED)]
+    pool = h.prov.pools["cloud"]
+    assert pool.cost == pytest.approx(130.0 * 3.6 / 3600)
+    h.submit("cloud", SimJob(id="b", submit=0, duration=1.0, gpus=1))
+    h.prov.cancel_now(["k-b"])  # cancelled while booting: billed the minimum
+    assert pool.cost == pytest.approx((130.0 + 60.0) * 3.6 / 3600)
+    assert pool.instances == 0
+
+
+def test_spot_instances_are_reclaimed_as_preempted() -> None:
+    text = CLUSTER.replace(
+        'boot = "100s"', 'boot = "0"\nspot = true\ninterruptions_per_hour = 3600'
+    )
+    h = Harness(text)
+    h.submit("cloud", SimJob(id="a", submit=0, duration=3600.0, gpus=1))
+    h.engine.run()
+    [(t, rep)] = [(t, r) for t, r in h.reports if r.state is ProviderState.FAILED]
+    assert rep.failure is FailureClass.PREEMPTED and t < 3600.0
+
+
+def test_a_failed_node_fails_its_jobs_and_leaves_the_pool() -> None:
+    h = Harness()
+    h.submit("slurm", SimJob(id="a", submit=0, duration=100.0, gpus=2))
+    h.engine.at(10.0, lambda _: h.prov.pools["slurm"].node_down(0))
+    h.engine.run()
+    assert h.states("k-a")[-1] == (10.0, ProviderState.FAILED)
+    assert h.prov.attempts["k-a"].failure is FailureClass.NODE_FAILURE
+    assert h.prov.core_pools()[0].gpus == {"a100": 0}
+    h.submit("slurm", SimJob(id="b", submit=0, duration=1.0, gpus=1))
+    assert h.prov.attempts["k-b"].state is ProviderState.QUEUED
+    h.prov.pools["slurm"].node_up(0)
+    h.engine.run()
+    assert h.prov.attempts["k-b"].state is ProviderState.SUCCEEDED
+
+
+def test_a_cut_off_site_refuses_calls_and_holds_reports_until_it_is_back() -> None:
+    h = Harness()
+    h.submit("slurm", SimJob(id="a", submit=0, duration=10.0, gpus=1))
+    h.prov.set_reachable(False)
+    with pytest.raises(ProviderError) as info:
+        h.submit("slurm", SimJob(id="b", submit=0, duration=1.0, gpus=1))
+    assert info.value.retryable
+    h.engine.run()
+    assert h.reports == []  # finished while cut off: nobody heard
+    h.prov.set_reachable(True)
+    assert [r.state for _, r in h.reports] == [ProviderState.SUCCEEDED]
+
+
+def test_a_lost_answer_still_made_the_job_and_a_retry_finds_it() -> None:
+    h = Harness(faults=FaultsSpec(lost_answer_rate=1.0))
+    job = SimJob(id="a", submit=0, duration=5.0, gpus=1)
+    with pytest.raises(ProviderError):
+        h.submit("slurm", job)
+    assert "k-a" in h.prov.attempts
+    h.prov.api.spec = FaultsSpec()
+    assert h.submit("slurm", job).state is ProviderState.RUNNING
+    assert len(h.prov.attempts) == 1 and h.prov.duplicate_submits == 1
+
+
+def test_a_key_never_executes_twice() -> None:
+    h = Harness()
+    h.submit("slurm", SimJob(id="a", submit=0, duration=5.0, gpus=1))
+    att = h.prov.attempts["k-a"]
+    with pytest.raises(Exception, match="executed twice"):
+        h.prov.started(att)

@@ -1,0 +1,170 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stowplan.simulator.cluster import parse_cluster
+from stowplan.simulator.shell import SimOptions, Simulation
+from stowplan.simulator.workloads import SimJob, SyntheticSpec, Workload, synthetic_sweep
+
+CLUSTER = """\
+[cluster]
+name = "t"
+[[sites]]
+name = "campus"
+[[sites]]
+name = "cloud"
+[[pools]]
+name = "gpu"
+site = "campus"
+kind = "slurm"
+nodes = 4
+gpus_per_node = 4
+gpu_model = "a100"
+cpus_per_node = 32
+memory_per_node = "256GiB"
+failures = { mtbf = "2d", mttr = "2h" }
+[[pools]]
+name = "spot"
+site = "cloud"
+kind = "cloud"
+max_instances = 8
+gpus_per_node = 1
+gpu_model = "a10g"
+cpus_per_node = 8
+memory_per_node = "32GiB"
+price_per_hour = 1.0
+boot = "2m"
+spot = true
+interruptions_per_hour = 0.5
+[faults]
+api_error_rate = 0.05
+lost_answer_rate = 0.05
+submit_rate_limit = 0.01
+[[faults.cutoffs]]
+site = "cloud"
+at = "3h"
+duration = "2h"
+[scheduler]
+lease_ttl = "30m"
+max_attempts = 10
+"""
+
+
+def sweep(n: int = 300, seed: int = 2) -> Workload:
+    return synthetic_sweep(
+        SyntheticSpec(
+            trials=n,
+            arrivals_per_hour=120,
+            duration_median="40m",
+            gpus=1,
+            cpus=2,
+            memory=2**30,
+            projects=3,
+            seed=seed,
+        )
+    )
+
+
+def run(policy: str = "fifo", seed: int = 0, faults: bool = True, n: int = 300) -> Simulation:
+    spec = parse_cluster(CLUSTER, Path("t.toml"))
+    sim = Simulation(spec, sweep(n), SimOptions(policy=policy, seed=seed, faults=faults))
+    sim.run()
+    return sim
+
+
+def test_every_job_finishes_despite_every_kind_of_fault_and_no_key_runs_twice() -> None:
+    sim = run()
+    c = sim.counters
+    rows = sim.metrics.job_rows()
+    assert {r["state"] for r in rows} == {"SUCCEEDED"}
+    # faults really happened ...
+    assert c.node_failures > 0 and c.preemptions > 0
+    assert c.api_errors > 0 and c.lost_answers > 0 and c.throttled > 0
+    assert c.unreachable_calls > 0 and c.submit_retries > 0
+    # ... and were recovered from without running anything twice
+    assert c.duplicate_submits_absorbed > 0
+    attempts = sum(r["attempts"] for r in rows)
+    assert c.keys_executed <= attempts
+    assert any(r["attempts"] > 1 for r in rows)
+    executed = [k for p in sim.providers.values() for k in p.executed]
+    assert len(executed) == len(set(executed))
+
+
+def test_same_inputs_and_seed_give_the_same_run_and_another_seed_does_not() -> None:
+    a, b, c = run(seed=1), run(seed=1), run(seed=2)
+    assert a.metrics.job_rows() == b.metrics.job_rows()
+    assert a.engine.events_run == b.engine.events_run
+    assert a.metrics.job_rows() != c.metrics.job_rows()
+
+
+def test_without_faults_nothing_fails_and_waits_are_measured() -> None:
+    sim = run(faults=False)
+    s = sim.metrics.summary(sim.metrics.job_rows())
+    assert s["states"] == {"SUCCEEDED": 300}
+    assert s["failures"] == {}
+    assert s["wait_s"]["n"] == 300 and s["wait_s"]["p99"] is not None
+    assert 0 < s["utilization"] <= 1
+    assert s["pools"]["spot"]["cost"] > 0
+
+
+def test_heterogeneity_aware_policy_beats_agnostic_on_a_throughput_table() -> None:
+    from stowplan.simulator.workloads import Throughput
+
+    text = """\
+[cluster]
+name = "h"
+[[sites]]
+name = "s"
+[[pools]]
+name = "fast"
+site = "s"
+kind = "slurm"
+nodes = 1
+gpus_per_node = 1
+gpu_model = "v100"
+cpus_per_node = 16
+[[pools]]
+name = "slow"
+site = "s"
+kind = "slurm"
+nodes = 1
+gpus_per_node = 1
+gpu_model = "k80"
+cpus_per_node = 16
+"""
+    # "gan" gains 10x on a V100, "rl" nothing: the aware policy gives the V100 to gan jobs.
+    # gan jobs also use more CPUs, so fair share puts rl first: FIFO gives rl the V100.
+    tp = Throughput(
+        source="t", table={"gan|1": {"v100": 10.0, "k80": 1.0}, "rl|1": {"v100": 1.0, "k80": 1.0}}
+    )
+    jobs = []
+    for i in range(20):
+        jt = "gan" if i % 2 else "rl"
+        jobs.append(
+            SimJob(
+                id=f"j{i:02d}",
+                submit=i * 10.0,
+                gpus=1,
+                job_type=jt,
+                steps=1000.0,
+                project=jt,
+                cpus=8.0 if jt == "gan" else 1.0,
+            )
+        )
+    wl = Workload(name="w", kind="gavel", source="t", jobs=jobs, throughput=tp)
+    spec = parse_cluster(text, Path("h.toml"))
+    jct = {}
+    for policy in ("fifo", "throughput"):
+        sim = Simulation(spec, wl, SimOptions(policy=policy))
+        sim.run()
+        jct[policy] = sim.metrics.summary(sim.metrics.job_rows())["completion_s"]["mean"]
+    assert jct["throughput"] < jct["fifo"]
+
+
+@pytest.mark.parametrize("policy", ["greedy", "cpsat"])
+def test_the_production_placers_drive_the_simulation(policy: str) -> None:
+    sim = run(policy=policy, faults=False, n=60)
+    assert {r["state"] for r in sim.metrics.job_rows()} == {"SUCCEEDED"}
+    assert sim.counters.solves > 0
