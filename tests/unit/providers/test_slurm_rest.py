@@ -1,0 +1,74 @@
+"""The slurmrestd transport's pure parts, on JSON captured from the real test cluster."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from stowplan.providers.base import LaunchSpec
+from stowplan.providers.slurm.render import plan_arrays, sbatch_options
+from stowplan.providers.slurm.rest import job_properties, rows_of_db_jobs, rows_of_jobs
+
+FIX = Path(__file__).resolve().parents[2] / "fixtures" / "slurm"
+
+
+def _launch(i: int, **kw: object) -> LaunchSpec:
+    base: dict[str, object] = {
+        "key": f"{i:064x}",
+        "run_id": f"run{i}",
+        "attempt": 1,
+        "pool": "c/gpu",
+        "name": "t",
+        "argv": ["true"],
+        "cpus": 2,
+        "memory": 100 << 20,
+        "gpus": 1,
+        "gpu_types": ("fake",),
+        "timeout_s": 90.0,
+    }
+    base.update(kw)
+    return LaunchSpec(**base)  # type: ignore[arg-type]
+
+
+def test_job_properties_follow_the_rendered_options() -> None:
+    (req,) = plan_arrays(
+        [_launch(0), _launch(1)],
+        provider="c",
+        workdir="/w",
+        max_concurrent=1,
+        qos="high",
+        self_logging=True,
+    )
+    opts = sbatch_options(req.script)
+    assert opts["array"] == "0-1%1" and opts["mem"] == "100M"
+    job = job_properties(req)
+    assert job["name"] == req.key and job["array"] == "0-1%1"
+    assert job["partition"] == "gpu" and job["qos"] == "high"
+    assert job["cpus_per_task"] == 2 and job["memory_per_node"] == 100
+    assert job["gpus_per_node"] == "fake:1"
+    assert job["time_limit"] == 2  # 90 s -> 2 minutes
+    assert job["requeue"] is False
+    # the script opens its own logs: slurmrestd cannot create the directory
+    assert "mkdir -p -- /w/jobs/" in req.script and "exec >>" in req.script
+
+
+def test_self_logging_is_only_for_rest() -> None:
+    (req,) = plan_arrays([_launch(0)], provider="c", workdir="/w")
+    assert "exec >>" not in req.script
+
+
+def test_rows_of_live_jobs() -> None:
+    jobs = json.loads((FIX / "rest-jobs.json").read_text())["jobs"]
+    rows = {r.element_id: r for r in rows_of_jobs(jobs, {"restpend", "restfail"})}
+    assert rows["4_0"].state == "RUNNING" and rows["4_0"].node == "n1"
+    assert {rows[f"4_{i}"].state for i in (1, 2, 3)} == {"PENDING"}
+    assert rows["4_1"].reason == "JobArrayTaskLimit" and rows["4_1"].started_at is None
+    assert rows["6_0"].state == "FAILED" and rows["6_0"].exit_code == 3
+    assert rows_of_jobs(jobs, {"other"}) == []
+
+
+def test_rows_of_accounting() -> None:
+    jobs = json.loads((FIX / "rest-dbjobs.json").read_text())["jobs"]
+    rows = {r.element_id: r for r in rows_of_db_jobs(jobs)}
+    assert set(rows) == {"6_0", "6_1"}
+    assert all(r.state == "FAILED" and r.ended_at is not None for r in rows.values())
