@@ -17,6 +17,7 @@ import msgspec
 from stowplan.actors.queue import SubmitRun
 from stowplan.actors.runtime import init_ray, namespace_for, shutdown_ray
 from stowplan.actors.wire import pack
+from stowplan.placement.problem import PlacementContext
 from stowplan.spec.models import ProviderConfig
 
 QUEUE = "queue"
@@ -76,6 +77,9 @@ class ControlPlane:
         lease_ttl: float = 900.0,
         poll_max: float = 2.0,
         num_cpus: int | None = None,
+        context: PlacementContext | None = None,
+        budget: float | None = None,
+        workers: int = 1,
     ) -> None:
         self.state_dir = state_dir
         self.store_path = store_path
@@ -85,6 +89,9 @@ class ControlPlane:
         self.lease_ttl = lease_ttl
         self.poll_max = poll_max
         self.num_cpus = num_cpus
+        self.context = context or PlacementContext()
+        self.budget = budget
+        self.workers = workers
         self.namespace = namespace_for(state_dir)
         self._started_ray = False
         self.actors: dict[str, Any] = {}
@@ -111,7 +118,9 @@ class ControlPlane:
             ray.remote(StoreActor).options(name=STORE, **common).remote(str(self.store_path))
         )
         self.actors[PLACEMENT] = (
-            ray.remote(PlacementActor).options(name=PLACEMENT, **common).remote(self.seed)
+            ray.remote(PlacementActor)
+            .options(name=PLACEMENT, **common)
+            .remote(self.seed, budget=self.budget, workers=self.workers)
         )
         names: dict[str, str] = {}
         for name, cfg in sorted(self.providers.items()):
@@ -141,6 +150,7 @@ class ControlPlane:
                 namespace=self.namespace,
                 seed=self.seed,
                 lease_ttl=self.lease_ttl,
+                context=pack(self.context),
             )
         )
         ray.get(self.actors[STORE].ping.remote())

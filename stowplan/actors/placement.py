@@ -7,8 +7,17 @@ from stowplan.placement import PlacementProblem, solve
 
 
 class PlacementActor:
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, *, budget: float | None = None, workers: int = 1) -> None:
         self.seed = seed
+        self.budget = budget
+        self.workers = workers
 
     def solve(self, problem: bytes) -> bytes:
-        return pack(solve(unpack(problem, PlacementProblem), seed=self.seed))
+        return pack(
+            solve(
+                unpack(problem, PlacementProblem),
+                budget=self.budget,
+                seed=self.seed,
+                workers=self.workers,
+            )
+        )

@@ -28,8 +28,18 @@ import msgspec
 
 from stowplan.actors.store import ActiveState, Artifacts
 from stowplan.actors.wire import pack, unpack
-from stowplan.placement.problem import PlacementSolution, Pool
-from stowplan.provenance.records import AttemptRecord, RunRecord, TransitionRecord
+from stowplan.placement.problem import (
+    PlacementContext,
+    PlacementProblem,
+    PlacementSolution,
+    Pool,
+)
+from stowplan.provenance.records import (
+    AttemptRecord,
+    PlacementRecord,
+    RunRecord,
+    TransitionRecord,
+)
 from stowplan.providers.base import LaunchSpec, ProviderState, Report
 from stowplan.scheduler.core import CoreConfig, SchedulerCore
 from stowplan.scheduler.events import (
@@ -54,6 +64,7 @@ from stowplan.scheduler.events import (
 )
 from stowplan.scheduler.plan import Launch
 from stowplan.scheduler.states import FINAL, LEASED, TaskState
+from stowplan.spec.canonical import sha256_hex
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +134,14 @@ class QueueActor:
         seed: int = 0,
         lease_ttl: float = 900.0,
         tick: float = 0.2,
+        context: bytes | None = None,
     ) -> None:
         self.namespace = namespace
         self.store_name = store_name
         self.placement_name = placement_name
         self.provider_names = providers
-        self.core = SchedulerCore(CoreConfig(lease_ttl=lease_ttl, seed=seed))
+        ctx = unpack(context, PlacementContext) if context else PlacementContext()
+        self.core = SchedulerCore(CoreConfig(lease_ttl=lease_ttl, seed=seed, context=ctx))
         self.payloads: dict[str, RunPayload] = {}
         self.tick = tick
         self.wake_at = float("inf")
@@ -138,6 +151,8 @@ class QueueActor:
         self.errors: list[str] = []
         self.boots = 0
         self._transitions: list[TransitionRecord] = []
+        self._decisions: dict[int, tuple[PlacementSolution, str, dict[str, str]]] = {}
+        self._placed: dict[str, tuple[int, int]] = {}
 
     # ---- boot ---------------------------------------------------------------------------
 
@@ -350,7 +365,56 @@ class QueueActor:
 
     async def _solve(self, cmd: SolvePlacement) -> None:
         solution = unpack(await self.placement.solve.remote(pack(cmd.problem)), PlacementSolution)
+        self._remember(cmd.problem, solution)
         self._handle(PlacementDecided(solution=solution))
+
+    def _remember(self, problem: PlacementProblem, solution: PlacementSolution) -> None:
+        """Keep the solver's inputs and answer as one blob, and which assignment placed each
+        run, so the submit that follows can record the decision with the attempt."""
+        blob = pack((problem, solution))
+        self._send(self.store.put_blob.remote(blob))
+        hw = {p.id: p.hardware_class for p in problem.pools}
+        self._decisions[solution.request_id] = (solution, sha256_hex(blob), hw)
+        while len(self._decisions) > 8:
+            self._decisions.pop(next(iter(self._decisions)))
+        members = {c.id: c.members for c in problem.classes}
+        taken: dict[str, int] = {}
+        for i, a in enumerate(solution.assignments):
+            start = taken.get(a.class_id, 0)
+            for run_id in members.get(a.class_id, [])[start : start + a.count]:
+                self._placed[run_id] = (solution.request_id, i)
+            taken[a.class_id] = start + a.count
+
+    def _placement_records(self, cmd: Submit, items: list[SubmitItem]) -> list[PlacementRecord]:
+        out = []
+        now = time.time()
+        for item in items:
+            where = self._placed.pop(item.run_id, None)
+            if where is None or where[0] not in self._decisions:
+                continue
+            solution, sha, hw = self._decisions[where[0]]
+            a = solution.assignments[where[1]]
+            if a.pool_id != cmd.pool:
+                continue
+            terms = solution.unit_terms[where[1]] if solution.unit_terms else {}
+            out.append(
+                PlacementRecord(
+                    run_id=item.run_id,
+                    attempt=item.attempt,
+                    request_id=solution.request_id,
+                    provider=cmd.provider,
+                    pool=cmd.pool,
+                    hardware_class=hw.get(cmd.pool, ""),
+                    status=str(solution.status),
+                    objective=solution.objective,
+                    bound=solution.bound,
+                    gap=solution.gap,
+                    terms={**terms, "gpu_model_" + (a.gpu_model or "none"): 1.0},
+                    problem=sha,
+                    at=now,
+                )
+            )
+        return out
 
     async def _reconcile(self, cmd: Reconcile) -> None:
         reports = unpack(
@@ -386,6 +450,9 @@ class QueueActor:
                 for item in items
             ]
         )
+        placements = self._placement_records(cmd, items)
+        if placements:
+            self._send(self.store.put_placements.remote(pack(placements)))
         # write-ahead: the intent is durable before the provider hears of the attempt
         await self.store.write_intents.remote(pack(intents))
         del intents

@@ -12,6 +12,7 @@ from stowplan.provenance.records import (
     ArtifactRecord,
     AttemptRecord,
     ExperimentRecord,
+    PlacementRecord,
     RunRecord,
     TransitionRecord,
 )
@@ -42,6 +43,12 @@ class StoreActor:
 
     def update_attempts(self, updates: bytes) -> None:
         self.store.update_attempts(unpack(updates, list[AttemptRecord]))
+
+    def put_blob(self, data: bytes) -> str:
+        return self.store.put_blob(data)
+
+    def put_placements(self, recs: bytes) -> None:
+        self.store.put_placements(unpack(recs, list[PlacementRecord]))
 
     def put_artifacts(self, outputs: dict[str, dict[str, str]]) -> None:
         for run_id, files in outputs.items():

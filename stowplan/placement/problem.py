@@ -175,6 +175,9 @@ class PlacementSolution(Struct, frozen=True, kw_only=True):
     assignments: list[Assignment]
     instances: dict[str, int] = field(default_factory=dict)
     """Elastic pool -> instances to launch for this placement."""
+    unit_terms: list[dict[str, float]] = field(default_factory=list)
+    """Per assignment, what one of its tasks costs there: cost (weighted), compute_cost,
+    data_bytes, data_seconds, egress_cost, wait_seconds."""
     objective: float = 0.0
     """In the solver's integer units (see ``placement.table``): minus a priority-weighted reward
     per placed task, plus costs. Lower is better; comparable between solutions of one problem."""

@@ -105,6 +105,7 @@ def assemble(
     }
     placed_per_class = [0] * len(table.classes)
     assignments = []
+    unit_terms: list[dict[str, float]] = []
     for key in sorted(counts, key=lambda k: (k[0], table.pools[k[1]].id, k[2])):
         n = counts[key]
         if n <= 0:
@@ -135,6 +136,7 @@ def assemble(
         status=status,
         assignments=assignments,
         instances={table.pools[j].id: k for j, k in sorted(launched.items()) if k},
+        unit_terms=unit_terms,
         objective=float(obj),
         bound=float(proven),
         gap=round(gap(obj, proven), 9) if bound is not None else 0.0,

@@ -143,6 +143,12 @@ def plan_runs(
                 retry=retry,
                 allowed_providers=providers,
                 max_concurrent=task.sweep.max_concurrent if task.sweep else None,
+                datasets=tuple(sorted({i.uri for i in task.inputs})),
+                runtime_s=_runtime(task),
+                require_sites=tuple(task.placement.require_sites),
+                forbid_sites=tuple(task.placement.forbid_sites),
+                forbid_pools=tuple(task.placement.forbid_pools),
+                residency=tuple(sorted(set(task.placement.residency))),
             )
             out.append(
                 PlannedRun(
@@ -160,6 +166,14 @@ def plan_runs(
             )
         runs_of[name] = ids
     return out
+
+
+def _runtime(task: Task) -> float:
+    """The runtime estimate placement prices: declared, else the walltime, else the timeout."""
+    for value in (task.placement.runtime, task.resources.walltime, task.timeout):
+        if isinstance(value, float | int):
+            return float(value)
+    return 3600.0
 
 
 def _topological(tasks: list[Task]) -> list[str]:

@@ -101,6 +101,10 @@ class DataInput(_Spec, frozen=True):
     uri: str
     version: str | None = None
     size: int | str | None = None
+    sites: list[str] = field(default_factory=list)
+    """Sites holding a replica; placement prefers pools there. Empty: location unknown."""
+    residency: str | None = None
+    """A residency rule of the project (``[placement.residency]``): where this data may go."""
 
     def __post_init__(self) -> None:
         if not self.uri.strip():
@@ -230,6 +234,24 @@ class Policy(_Spec, frozen=True):
     priority: int = 0
 
 
+class TaskPlacement(_Spec, frozen=True):
+    """Where a task may run, beyond its resources: sites, pools and residency rules."""
+
+    require_sites: list[str] = field(default_factory=list)
+    forbid_sites: list[str] = field(default_factory=list)
+    forbid_pools: list[str] = field(default_factory=list)
+    residency: list[str] = field(default_factory=list)
+    runtime: float | str | None = None
+    """Estimated runtime, for cost; defaults to the walltime, then the timeout, then 1 h."""
+
+    def __post_init__(self) -> None:
+        if self.runtime is not None:
+            try:
+                force_setattr(self, "runtime", parse_duration(self.runtime))
+            except ValueError as e:
+                raise ValueError(f"runtime: {e}") from None
+
+
 class Task(_Spec, frozen=True):
     """One step of an experiment. Exactly one of ``command`` (argv) or ``script`` (a shell
     script, run with ``bash -euo pipefail``) is given. ``{name}`` in either is replaced by a
@@ -247,6 +269,7 @@ class Task(_Spec, frozen=True):
     timeout: float | str | None = None
     sweep: Sweep | None = None
     priority: int | None = None
+    placement: TaskPlacement = field(default_factory=TaskPlacement)
 
     def __post_init__(self) -> None:
         if (self.command is None) == (self.script is None):
@@ -380,6 +403,40 @@ class ProjectMeta(_Spec, frozen=True):
     name: Name = "default"
 
 
+class LinkSpec(_Spec, frozen=True):
+    """The network from one site to another."""
+
+    src: str
+    dst: str
+    bandwidth: int | str
+    """Bytes per second, or a size such as "1.25GB" (read as per second)."""
+    egress_per_gb: Annotated[float, Meta(ge=0)] = 0.0
+
+    def __post_init__(self) -> None:
+        try:
+            force_setattr(self, "bandwidth", parse_size(self.bandwidth))
+        except ValueError as e:
+            raise ValueError(f"bandwidth: {e}") from None
+        if self.bandwidth == 0:
+            raise ValueError("bandwidth: must be greater than 0")
+
+
+class PlacementSettings(_Spec, frozen=True):
+    """``[placement]`` in stowplan.toml: the network, residency rules and the solver budget."""
+
+    links: list[LinkSpec] = field(default_factory=list)
+    residency: dict[str, list[str]] = field(default_factory=dict)
+    """Rule name -> the sites or regions where data under the rule may be processed."""
+    budget: Annotated[float, Meta(ge=0)] = 0.1
+    """Deterministic seconds of CP-SAT search per placement (a work unit, not wall time)."""
+    workers: Annotated[int, Meta(ge=1, le=16)] = 1
+
+    def __post_init__(self) -> None:
+        for name, sites in self.residency.items():
+            if not sites:
+                raise ValueError(f"residency.{name}: list at least one site or region")
+
+
 class ProjectConfig(_Spec, frozen=True):
     """``stowplan.toml``: project name, policy defaults, providers by name, store location."""
 
@@ -389,6 +446,7 @@ class ProjectConfig(_Spec, frozen=True):
         default_factory=lambda: {"local": LocalProviderConfig()}
     )
     store: StoreConfig = field(default_factory=StoreConfig)
+    placement: PlacementSettings = field(default_factory=PlacementSettings)
 
     def __post_init__(self) -> None:
         if not self.providers:
