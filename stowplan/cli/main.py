@@ -74,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     from stowplan.cli import provenance as _provenance
 
     _provenance.add_parsers(sub)
+
+    from stowplan.cli import sim as _sim
+
+    _sim.add_parsers(sub)
+
+    from stowplan.cli import plan as _plan
+
+    _plan.add_parsers(sub)
     return p
 
 
@@ -84,6 +92,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from stowplan.cli.run import cmd_run
 
             return cmd_run(args)
+        if args.command == "plan":
+            from stowplan.cli.plan import cmd_plan
+
+            return cmd_plan(args)
+        if args.command in ("sim", "whatif"):
+            from stowplan.cli import sim
+
+            return sim.cmd_sim(args) if args.command == "sim" else sim.cmd_whatif(args)
         from stowplan.cli import inspect, provenance
 
         if args.command in provenance.HANDLERS:
