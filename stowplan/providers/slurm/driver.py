@@ -267,6 +267,7 @@ class SlurmProvider(Provider):
             self._members[m.key] = m
         self._arrays[req.key] = array
         last = ""
+        ambiguous = False
         for attempt in range(SUBMIT_TRIES):
             if attempt:
                 await asyncio.sleep(RETRY_BACKOFF_S[min(attempt - 1, len(RETRY_BACKOFF_S) - 1)])
@@ -278,9 +279,12 @@ class SlurmProvider(Provider):
                 if job_id is None:
                     job_id = await self.backend.submit(req)
             except ProviderError as e:
-                if not e.retryable:
+                ambiguous = ambiguous or isinstance(e, TransportLost)
+                if not e.retryable and not ambiguous:
                     return self._failed(req, str(e), retryable=False)
                 last = str(e)
+                if not e.retryable:
+                    break
                 continue
             finally:
                 self._write_stats()
@@ -294,6 +298,18 @@ class SlurmProvider(Provider):
                     state=ProviderState.QUEUED,
                     job_id=f"{job_id}_{m.index}",
                     message=f"submitted as array {job_id} ({req.key})",
+                )
+                for m in req.members
+            ]
+        if ambiguous:
+            # a try may have reached sbatch before its connection broke: never report a
+            # failure that would make the attempt run again under a new key. UNKNOWN leaves
+            # the attempt to reconciliation, which finds the job by its name if it exists.
+            return [
+                Report(
+                    key=m.key,
+                    state=ProviderState.UNKNOWN,
+                    message=f"submit outcome unknown (connection lost): {last}",
                 )
                 for m in req.members
             ]

@@ -34,6 +34,7 @@ from stowplan.providers.slurm.parse import (
     parse_gres,
 )
 from stowplan.providers.slurm.render import SlurmRequest, sbatch_options
+from stowplan.providers.slurm.ssh import TransportLost
 from stowplan.spec.models import SlurmProviderConfig
 
 API = "v0.0.38"
@@ -170,7 +171,8 @@ class RestBackend(Backend):
         try:
             r = await self._client.request(method, path, json=body, headers=self._headers())
         except httpx.HTTPError as e:
-            raise ProviderError(
+            # the request may have reached slurmrestd: for a submit, the outcome is unknown
+            raise TransportLost(
                 f"slurmrestd {method} {path}: {type(e).__name__}: {e}",
                 provider=self.provider,
                 retryable=True,

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import socket
 import threading
 import time
 from pathlib import Path
 from typing import Literal
 
+import psutil
 import pytest
 
 from stowplan.providers.base import LaunchSpec, ProviderState
@@ -39,12 +41,12 @@ class CuttingProxy:
         self.threshold: int | None = None
         self.sent_since_arm = 0
         self.holding = False
-        self.mode: Literal["cut", "hold"] = "cut"
+        self.mode: Literal["cut", "hold", "always"] = "cut"
         self.cuts = 0
         self.closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
-    def arm(self, threshold: int, mode: Literal["cut", "hold"]) -> None:
+    def arm(self, threshold: int, mode: Literal["cut", "hold", "always"]) -> None:
         with self.lock:
             self.threshold, self.sent_since_arm, self.mode = threshold, 0, mode
 
@@ -98,16 +100,25 @@ class CuttingProxy:
 
     def _count(self, n: int) -> None:
         act = None
+        threshold = 0
         with self.lock:
             if self.threshold is None:
                 return
             self.sent_since_arm += n
             if self.sent_since_arm >= self.threshold:
-                act, self.threshold = self.mode, None
+                act = self.mode
+                if act == "always":  # stays armed: every connection is cut in turn
+                    threshold, self.sent_since_arm = self.threshold, 0
+                else:
+                    self.threshold = None
                 if act == "hold":
                     self.holding = True
         if act == "cut":
             self.cut()
+        elif act == "always":
+            self.cut()
+            with self.lock:
+                self.threshold = threshold
 
 
 def _launches(tag: str) -> list[LaunchSpec]:
@@ -169,7 +180,7 @@ def test_submit_survives_a_dropped_connection(
             return (
                 [r.state for r in reports],
                 [r.job_id for r in reports],
-                driver.transport.connects,
+                driver.backend.connects,
             )
 
     try:
@@ -190,3 +201,70 @@ def test_submit_survives_a_dropped_connection(
     wait_for(lambda: len(elements()) >= 3, 60, "the array's three elements in sacct")
     assert len({e.split("_")[0] for e in elements()}) == 1, f"more than one job: {elements()}"
     assert sorted(elements()) == sorted(job_ids), "the retry reported another job"
+
+
+def _wait_unlocked(lock: Path) -> None:
+    """Until no submit program for this array runs (the cluster is this machine)."""
+    name = lock.parent.name
+
+    def running() -> bool:
+        for p in psutil.process_iter(["cmdline"]):
+            if name in " ".join(p.info["cmdline"] or []):
+                return True
+        return False
+
+    wait_for(lambda: not running(), 60, "the cut submit programs to end")
+    if not lock.exists():
+        return
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # returns once the remote submit program let go
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def test_submit_whose_every_try_is_cut_reports_unknown_not_failed(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """No answer ever comes back: the attempt must not be reported failed (a retry under a new
+    key could run it twice); it is UNKNOWN, and once the link is back describe finds the job
+    by name if a try did submit it."""
+    facts = slurm_cluster.facts
+    assert facts is not None
+    proxy = CuttingProxy(facts.ssh_port)
+    workdir = tmp_path / "remote"
+    known = tmp_path / "known_hosts"
+    line = Path(facts.known_hosts).read_text().split(" ", 1)[1]
+    known.write_text(f"[127.0.0.1]:{proxy.port} {line}")
+    config = SlurmProviderConfig(
+        host="127.0.0.1",
+        port=proxy.port,
+        user=facts.ssh_user,
+        identity_file=facts.identity_file,
+        known_hosts=str(known),
+        slurm_conf=facts.slurm_conf,
+        workdir=str(workdir),
+        connections=1,
+    )
+    launches = _launches("c")
+
+    async def scenario() -> tuple[list[ProviderState], list[ProviderState]]:
+        async with SlurmProvider("cluster", config, state_dir=tmp_path / "state") as driver:
+            await driver.discover()
+            (req,) = driver.plan(launches)
+            proxy.arm(len(req.script), "always")
+            submitted = await driver.submit([req])
+            proxy.cut()  # disarms: the link works again
+            # a cut try's remote program may still be running: wait for its lock to be free
+            await asyncio.to_thread(_wait_unlocked, workdir / "jobs" / req.key / ".lock")
+            later = await driver.describe([x.key for x in launches])
+            return [r.state for r in submitted], [r.state for r in later]
+
+    try:
+        submitted, later = asyncio.run(scenario())
+    finally:
+        proxy.close()
+    assert submitted == [ProviderState.UNKNOWN] * 3
+    jobs = list((workdir / "jobs").glob("*/jobid"))
+    if jobs:  # a try got as far as sbatch: the job is found, not forgotten
+        assert ProviderState.UNKNOWN not in later
+    else:
+        assert later == [ProviderState.UNKNOWN] * 3
