@@ -105,6 +105,9 @@ class Demand(Struct, frozen=True, kw_only=True):
     datasets: tuple[str, ...] = ()
     runtime_s: float = 3600.0
     """Estimated runtime, for compute cost and spot rework."""
+    runtime_by_gpu: tuple[tuple[str, float], ...] = ()
+    """(GPU model, estimated runtime there) where it differs from ``runtime_s``: a throughput
+    table (Gavel's, say) turned into times makes placement heterogeneity-aware."""
     priority: int = 0
 
 
@@ -317,6 +320,8 @@ def validate(problem: PlacementProblem, *, source: str = "placement problem") ->
         _finite(c.cpus, source, f"{at}.cpus")
         _finite(float(c.memory), source, f"{at}.memory")
         _finite(c.runtime_s, source, f"{at}.runtime_s")
+        for j, (_, secs) in enumerate(c.runtime_by_gpu):
+            _finite(secs, source, f"{at}.runtime_by_gpu[{j}]")
         if c.gpus < 0:
             raise _bad(source, f"{at}.gpus", "must be 0 or more", "ask for 0 or more GPUs")
         for j, did in enumerate(c.datasets):

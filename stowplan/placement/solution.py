@@ -120,6 +120,16 @@ def assemble(
         terms["wait_seconds"] += n * o.wait_seconds
         terms["cost"] += n * o.unit_cost
         assignments.append(Assignment(table.classes[key[0]].id, table.pools[key[1]].id, n, key[2]))
+        unit_terms.append(
+            {
+                "cost": round(o.unit_cost, 9),
+                "compute_cost": round(o.compute_cost, 9),
+                "data_bytes": o.data_bytes,
+                "data_seconds": round(o.data_seconds, 9),
+                "egress_cost": round(o.egress_cost, 9),
+                "wait_seconds": round(o.wait_seconds, 9),
+            }
+        )
     for j, k in launched.items():
         p = table.pools[j]
         terms["wait_seconds"] += k * p.boot_s

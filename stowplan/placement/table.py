@@ -320,9 +320,14 @@ def build(problem: PlacementProblem) -> Table:
             per = np.minimum(ncpu_fit, nmem_fit)
             variants.append((-1, mask, warm, per, np.maximum(share_cpu, share_mem)))
         parts: list[tuple[IntArray, IntArray, IntArray, FloatArray, FloatArray]] = []
+        by_gpu = dict(cls.runtime_by_gpu)
         for k, ok, warm, per, share in variants:
             share = np.where(has_node, np.minimum(share, 1.0), 1.0)
-            compute = hours * price * share * spot
+            if k >= 0 and models[k] in by_gpu:
+                h = by_gpu[models[k]] / 3600.0
+                compute = h * price * share * (1.0 + rate * h / 2.0)
+            else:
+                compute = hours * price * share * spot
             unit = data_cost + w.cost * compute + wait_cost
             ub = np.minimum(np.minimum(warm + max_inst * per, quota), n)
             full += int(ok.sum())
