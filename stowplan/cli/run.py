@@ -46,6 +46,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         rerun=args.rerun,
         replicates=getattr(args, "replicates", 1),
     )
+    from stowplan.placement.context import context_for
+
+    context_for(prepared.project, prepared.loaded)  # unknown residency rules: exit 2 now
     pools = _discover(prepared)
     check_feasible(prepared, pools)
     planned = prepared.planned
@@ -104,13 +107,18 @@ def _dispatch(
     """
     from stowplan.actors.control import ControlPlane
     from stowplan.actors.session import record, record_submission, submissions
+    from stowplan.placement.context import context_for
 
+    settings = prepared.project.config.placement
     plane = ControlPlane(
         state_dir=Path(prepared.state_dir),
         store_path=Path(prepared.store_path),
         providers=prepared.providers,
         address=args.address,
         poll_max=1.0,
+        context=context_for(prepared.project, prepared.loaded),
+        budget=settings.budget,
+        workers=settings.workers,
     )
     ids = list(todo)
     total = len(ids)
