@@ -282,6 +282,9 @@ class SchedulerSpec(_Spec, frozen=True):
     """how often running jobs are described (batched); default: a third of lease_ttl"""
     max_attempts: PosInt = 5
     retry_backoff_cap: float | str = "10m"
+    project_sites: dict[str, list[Name]] = field(default_factory=dict)
+    """runs of a listed project may use pools at these sites only (a virtual cluster's quota);
+    projects not listed may use every site"""
 
     def __post_init__(self) -> None:
         for name in ("lease_ttl", "heartbeat", "retry_backoff_cap"):
@@ -417,6 +420,16 @@ def check_cluster(spec: ClusterSpec, file: Path, text: str) -> None:
                     file,
                     text,
                     f"$.datasets[{i}].sites[{j}]",
+                    f"unknown site {s!r}",
+                    f"use one of {sorted(seen)}",
+                )
+    for project, quota in spec.scheduler.project_sites.items():
+        for j, s in enumerate(quota):
+            if s not in seen:
+                raise _err(
+                    file,
+                    text,
+                    f"$.scheduler.project_sites.{project}[{j}]",
                     f"unknown site {s!r}",
                     f"use one of {sorted(seen)}",
                 )

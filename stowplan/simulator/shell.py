@@ -155,6 +155,7 @@ class Simulation:
                 inject=self.opts.faults,
             )
         self.pool_order = [p.name for p in cluster.pools]
+        self._quotas = {k: tuple(v) for k, v in cluster.scheduler.project_sites.items()}
         self.pool_model = {p.name: (p.gpu_model or "").lower() for p in cluster.pools}
         self.metrics = Metrics(self)
         self.counters = SimCounters()
@@ -211,6 +212,7 @@ class Simulation:
         j = i
         tasks = []
         retry = self.retry
+        quotas = self._quotas
         while j < len(arr) and arr[j].submit <= t:
             job = arr[j]
             tasks.append(
@@ -222,6 +224,7 @@ class Simulation:
                     gpus=job.gpus,
                     gpu_types=job.gpu_types or self._runnable_on(job),
                     retry=retry,
+                    allowed_providers=quotas.get(job.project),
                 )
             )
             self.metrics.submitted(job.id, t)
