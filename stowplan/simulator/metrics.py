@@ -51,6 +51,8 @@ class Metrics:
         self.final: dict[str, TaskState] = {}
         self.pool: dict[str, str] = {}
         self.failures: Counter[str] = Counter()
+        self.lost = 0
+        """leases that expired without news (the run was then reconciled by key)"""
         self.t: list[float] = []
         self.queued: list[int] = []
         self.running: list[int] = []
@@ -73,6 +75,8 @@ class Metrics:
             elif to in FINAL:
                 self.end[rec.run_id] = now
                 self.final[rec.run_id] = to
+            elif to is TaskState.LOST:
+                self.lost += 1
             if rec.failure is not None and to in (TaskState.RETRYING, TaskState.FAILED):
                 self.failures[rec.failure.value] += 1
 
@@ -150,6 +154,7 @@ class Metrics:
             "completion_s": _stats(jcts),
             "slowdown": _stats(slow),
             "failures": dict(sorted(self.failures.items())),
+            "leases_expired": self.lost,
         }
         pools: dict[str, Any] = {}
         total_cost = 0.0

@@ -85,6 +85,8 @@ def test_every_job_finishes_despite_every_kind_of_fault_and_no_key_runs_twice() 
     assert c.unreachable_calls > 0 and c.submit_retries > 0
     # ... and were recovered from without running anything twice
     assert c.duplicate_submits_absorbed > 0
+    # the cut-off site's leases expired; reconciliation found the jobs again by key
+    assert sim.metrics.lost > 0
     attempts = sum(r["attempts"] for r in rows)
     assert c.keys_executed <= attempts
     assert any(r["attempts"] > 1 for r in rows)
