@@ -465,8 +465,16 @@ PartitionName=gpu Nodes={",".join(GPU_NODES)} MaxTime=1-00:00:00 State=UP
     def stop(self) -> None:
         """Stop everything this instance started, jobs included, in reverse order."""
         if self.procs.get("slurmctld") is not None and self._alive("slurmctld"):
+            # jobs of every user, so no slurmstepd outlives its slurmd
             with contextlib.suppress(Exception):
-                self.slurm("scancel", "--full", "-u", "root", check=False, timeout=10)
+                for part in ("cpu", "gpu"):
+                    self.slurm("scancel", "--full", "-p", part, check=False, timeout=10)
+                with contextlib.suppress(RuntimeError):
+                    wait_until(
+                        lambda: not self.slurm("squeue", "-h", check=False, timeout=5).strip(),
+                        20,
+                        "cancelled jobs to end",
+                    )
         order = [
             "sshd",
             *[f"slurmd-{n}" for n in NODES],
@@ -484,6 +492,10 @@ PartitionName=gpu Nodes={",".join(GPU_NODES)} MaxTime=1-00:00:00 State=UP
 def stop_from_pidfiles(base: Path) -> None:
     """``down``: stop a cluster started by another process, by the pid files it wrote."""
     run = base / "run"
+    env = {**os.environ, "SLURM_CONF": str(base / "etc" / "slurm.conf")}
+    for part in ("cpu", "gpu"):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(["scancel", "--full", "-p", part], env=env, timeout=10, check=False)
     for pidfile in sorted(run.glob("*.pid")):
         with contextlib.suppress(ValueError, ProcessLookupError, OSError):
             os.kill(int(pidfile.read_text().split()[0]), signal.SIGTERM)
