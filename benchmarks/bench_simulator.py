@@ -9,9 +9,11 @@ Cases (``--cases``, comma-separated; default all):
              (``fifo``: first fit, pools fastest first) vs heterogeneity-aware (``throughput``):
              average JCT in hours, the ratio, and wall seconds per run. Target: <= 1 s per run.
              Gavel's own simulator on 16:16:16: 18.37 h vs 13.57 h (1.35x), 20-26 s.
-``philly``   all 82,247 jobs of the Philly list on examples/clusters/philly.toml with the real
-             core and ``--policy`` placement (default cpsat): wall seconds (target <= 60 s), with
-             wait percentiles beside the Philly row of acme_cluster_summary.csv.
+``philly``   all 82,247 jobs of the Philly list with the real core and ``--policy`` placement
+             (default cpsat), on examples/clusters/philly.toml (one shared partition) and
+             philly-vc.toml (one partition per virtual cluster, jobs held to their VC): wall
+             seconds (target <= 60 s), wait percentiles beside the Philly row of
+             acme_cluster_summary.csv.
 
     .venv/bin/python benchmarks/bench_simulator.py [--cases engine,gavel,philly]
         [--policy cpsat] [--profile]
@@ -129,14 +131,14 @@ def philly_reference() -> dict[str, float]:
     raise SystemExit("no Philly row in acme_cluster_summary.csv")
 
 
-def bench_philly(policy: str, profile: bool) -> None:
+def bench_philly(policy: str, profile: bool, cluster: str) -> None:
     t = time.perf_counter()
     wl = load_workload(TRACES / "philly-derived-pollux/philly.csv")
     load_s = time.perf_counter() - t
     prof = cProfile.Profile() if profile else None
     if prof is not None:
         prof.enable()
-    sim, wall = _run(CLUSTERS / "philly.toml", wl, policy)
+    sim, wall = _run(CLUSTERS / f"{cluster}.toml", wl, policy)
     if prof is not None:
         prof.disable()
     t = time.perf_counter()
@@ -154,7 +156,7 @@ def bench_philly(policy: str, profile: bool) -> None:
         "events": sim.engine.events_run,
         "core_events": sim.counters.core_events,
         "solves": sim.counters.solves,
-        "cluster": "352 nodes x 8 GPUs (examples/clusters/philly.toml)",
+        "cluster": f"examples/clusters/{cluster}.toml (352 nodes x 8 GPUs)",
         "wait_s": s["wait_s"],
         "utilization": s["utilization"],
         "philly_published": philly_reference(),
@@ -185,6 +187,11 @@ def main() -> None:
     ap.add_argument("--cases", default="engine,gavel,philly")
     ap.add_argument("--policy", default="cpsat", help="placement for the Philly replay")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument(
+        "--philly-clusters",
+        default="philly,philly-vc",
+        help="philly: one shared partition; philly-vc: one per virtual cluster",
+    )
     args = ap.parse_args()
     cases = args.cases.split(",")
     if "engine" in cases:
@@ -194,7 +201,8 @@ def main() -> None:
     if "gavel" in cases:
         bench_gavel()
     if "philly" in cases:
-        bench_philly(args.policy, args.profile)
+        for cluster in args.philly_clusters.split(","):
+            bench_philly(args.policy, args.profile, cluster)
 
 
 if __name__ == "__main__":

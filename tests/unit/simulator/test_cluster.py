@@ -99,3 +99,24 @@ def test_broken_toml_gives_the_line(tmp_path: Path) -> None:
 def test_missing_file_says_so(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="file not found"):
         load_cluster(tmp_path / "nope.toml")
+
+
+def test_real_node_lists_become_kubernetes_pools(traces: Path) -> None:
+    openb = load_cluster(traces / "alibaba-gpu-v2023-openb/csv/openb_node_list_all_node.csv").spec
+    assert sum(p.nodes for p in openb.pools) == 1523
+    assert sum(p.nodes * p.gpus_per_node for p in openb.pools) == 6212
+    assert all(p.kind is PoolKind.KUBERNETES for p in openb.pools)
+    spot = load_cluster(traces / "alibaba-v2026-spot-gpu-nodes/node_info_df.csv").spec
+    assert sum(p.nodes for p in spot.pools) == 4278
+    by_model: dict[str, int] = {}
+    for p in spot.pools:
+        by_model[p.gpu_model or ""] = by_model.get(p.gpu_model or "", 0) + p.nodes * p.gpus_per_node
+    assert by_model["a100-sxm4-80gb"] == 3456 and by_model["h800"] == 1752
+
+
+def test_a_broken_node_list_names_the_line(tmp_path: Path) -> None:
+    f = tmp_path / "nodes.csv"
+    f.write_text("sn,cpu_milli,memory_mib,gpu,model\nn0,64000,262144,2,P100\nn1,lots,1,2,P100\n")
+    with pytest.raises(SpecError) as info:
+        load_cluster(f)
+    assert info.value.line == 3
