@@ -109,8 +109,8 @@ class SlurmProvider(Provider):
             cannot={
                 **rest_cannot,
                 "sub_minute_timeouts": "Slurm time limits are whole minutes; ours are rounded up",
-                "memory_without_accounting": "final states of jobs that left squeue need sacct "
-                "(slurmdbd); without it they stay UNKNOWN until the lease expires",
+                "no_accounting": "final states of jobs that left squeue need sacct (slurmdbd); "
+                "without it they stay UNKNOWN until the lease expires",
             },
         )
         env = dict(config.remote_env)
