@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from stowplan.actors.wire import unpack
 from stowplan.cli.main import main
+from stowplan.placement import PlacementProblem, PlacementSolution, solve
 from stowplan.provenance.store import RunStore
 
 pytestmark = pytest.mark.integration
@@ -43,6 +45,18 @@ def test_quickstart_runs_then_reuses(
         assert best["accuracy"] == max(accs)
         attempts = store.attempts_for([r.run_id for r in runs])
         assert all(len(v) == 1 for v in attempts.values())
+        # each attempt carries the placement that chose it, re-derivable from the stored inputs
+        for r in runs:
+            (pl,) = store.placements_for(r.run_id)
+            assert (pl.attempt, pl.pool, pl.provider) == (1, "local", "local")
+            assert pl.status in ("OPTIMAL", "FEASIBLE", "GREEDY_FALLBACK")
+            assert pl.hardware_class.startswith("cpu=")
+            problem, solution = unpack(
+                store.get_blob(pl.problem), tuple[PlacementProblem, PlacementSolution]
+            )
+            assert solution.request_id == pl.request_id
+            assert any(r.run_id in c.members for c in problem.classes)
+            assert solve(problem).fingerprint() == solution.fingerprint()
 
     # the same experiment again: every run is found, nothing is started
     assert main(["run", str(quickstart), "--json"]) == 0
