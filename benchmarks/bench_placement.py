@@ -6,7 +6,7 @@
    (five seeded instances each, median reported): table build time, whole solve time, status,
    gap, peak RSS of the process that solved it.
 2. boolean: the count model against the obvious model with one boolean per (task, option), on
-   the same columns and costs, at 2,000 x 100 (both finish) and at 10k x 200 (boolean model
+   the same columns and costs, at 300 x 30 and 2,000 x 100 and at 10k x 200 (boolean model
    capped at BOOLEAN_CAP_S seconds of search and BOOLEAN_MEM_GIB of memory).
 3. quality: on instances where CP-SAT proves the optimum (within 60 s of search), greedy and
    the default-budget answer against that optimum.
@@ -247,7 +247,7 @@ def _count(tasks: int, pools: int, classes: int) -> dict[str, Any]:
 
 
 def boolean() -> None:
-    for tasks, pools, classes in [(2_000, 100, 20), (10_000, 200, 50)]:
+    for tasks, pools, classes in [(300, 30, 6), (2_000, 100, 20), (10_000, 200, 50)]:
         count = isolated(_count, tasks, pools, classes)
         boolean = isolated(
             _boolean,
