@@ -178,7 +178,7 @@ class SSHBackend(Backend):
         return ProviderError(f"{what}: {why}", provider=self.provider, retryable=retryable)
 
     async def discover(self) -> tuple[str | None, list[PartitionFacts], dict[str, float]]:
-        res = await self.transport.run(self.program(DISCOVER_PROGRAM))
+        res = await self.transport.run(self.program(DISCOVER_PROGRAM), repeatable=True)
         sections = split_sections(res.stdout)
         if res.rc != 0 or len(sections) != 4:
             raise self._error("cannot read partitions", res)
@@ -192,7 +192,9 @@ class SSHBackend(Backend):
         digest = hashlib.sha256(req.script.encode()).hexdigest()
         # safe to repeat: the program finds a job submitted by an earlier try
         res = await self.transport.run(
-            self.program(SUBMIT_PROGRAM, req.job_dir, req.key, digest), stdin=req.script
+            self.program(SUBMIT_PROGRAM, req.job_dir, req.key, digest),
+            stdin=req.script,
+            repeatable=True,
         )
         job_id = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
         if res.rc == 0 and job_id.isdigit():
@@ -205,7 +207,8 @@ class SSHBackend(Backend):
 
     async def observe(self, names: Sequence[str], since_days: int) -> tuple[list[JobRow], ...]:
         res = await self.transport.run(
-            self.program(DESCRIBE_PROGRAM, ",".join(names), f"now-{since_days}days")
+            self.program(DESCRIBE_PROGRAM, ",".join(names), f"now-{since_days}days"),
+            repeatable=True,
         )
         if res.rc != 0:
             raise self._error("squeue failed", res)
@@ -218,7 +221,9 @@ class SSHBackend(Backend):
         self, workdir: str, keys: Sequence[str]
     ) -> tuple[dict[str, KeyInfo], dict[str, str]]:
         res = await self.transport.run(
-            self.program(LOOKUP_PROGRAM, workdir), stdin="".join(k + "\n" for k in keys)
+            self.program(LOOKUP_PROGRAM, workdir),
+            stdin="".join(k + "\n" for k in keys),
+            repeatable=True,
         )
         if res.rc != 0:
             raise self._error("key lookup failed", res)
@@ -231,7 +236,7 @@ class SSHBackend(Backend):
         return parse_key_lines(sections[0]), job_ids
 
     async def cancel(self, element_ids: Sequence[str]) -> None:
-        res = await self.transport.run(self.command(["scancel", *element_ids]))
+        res = await self.transport.run(self.command(["scancel", *element_ids]), repeatable=True)
         # scancel of a finished job complains and exits non-zero: cancelling is idempotent
         benign = ("already completing or completed", "Invalid job id")
         if res.rc != 0 and not any(b in res.stderr for b in benign):

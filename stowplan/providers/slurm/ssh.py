@@ -134,9 +134,28 @@ class SSHTransport:
             raise
 
     async def run(
-        self, command: str, *, stdin: str | None = None, timeout: float = COMMAND_TIMEOUT_S
+        self,
+        command: str,
+        *,
+        stdin: str | None = None,
+        timeout: float = COMMAND_TIMEOUT_S,
+        repeatable: bool = False,
     ) -> Completed:
-        """Run ``command`` (already quoted) on the login node; never raises for a non-zero exit."""
+        """Run ``command`` (already quoted) on the login node; never raises for a non-zero exit.
+
+        A ``repeatable`` command (a query, or one that checks before it acts) whose connection
+        turns out to be dead is tried once more on a fresh connection: a pooled connection can
+        die unnoticed between two calls.
+        """
+        try:
+            return await self._run_once(command, stdin=stdin, timeout=timeout)
+        except TransportLost:
+            if not repeatable:
+                raise
+            await asyncio.sleep(BACKOFF_S[0])
+            return await self._run_once(command, stdin=stdin, timeout=timeout)
+
+    async def _run_once(self, command: str, *, stdin: str | None, timeout: float) -> Completed:
         import asyncssh
 
         async with self._conn() as conn:
