@@ -176,12 +176,25 @@ def cmd_show(args: argparse.Namespace) -> int:
         events = store.events_for(run_id)
         prov = store.get_provenance(run.provenance)
         exp = store.get_experiment(run.experiment_id)
+        placements = store.placements_for(run_id)
+        replay_of = store.replay_source(run_id)
+        replays = store.replays_of(run_id)
+        ledger = [
+            e
+            for e in store.ledger()
+            if e.target in (run_id, run.experiment_id)
+            and (e.target == run_id or run_id in e.details.get("run_ids", [run_id]))
+        ]
     data = {
         "run": msgspec.to_builtins(run),
         "attempts": msgspec.to_builtins(attempts),
         "artifacts": msgspec.to_builtins(artifacts),
         "events": msgspec.to_builtins(events),
         "provenance": msgspec.to_builtins(prov),
+        "placements": msgspec.to_builtins(placements),
+        "replay_of": msgspec.to_builtins(replay_of),
+        "replays": msgspec.to_builtins(replays),
+        "ledger": msgspec.to_builtins(ledger),
     }
     spec = exp.spec if exp is not None else {}
     data["run"]["task_spec"] = next(
@@ -191,7 +204,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
         return 0
-    c = Console(highlight=False)
+    c = Console(highlight=False, soft_wrap=True)  # hashes and paths stay on one line
     c.print(f"[bold]run {run.run_id}[/]")
     c.print(
         f"  experiment {run.experiment}  task {run.task}[{run.index}]  "
@@ -213,18 +226,75 @@ def cmd_show(args: argparse.Namespace) -> int:
         c.print(f"  {k}: {v}", markup=False)
     c.print("[bold]provenance[/]")
     code, env, hw = prov.code, prov.environment, prov.hardware
-    c.print(f"  code: {code.get('version')} (branch {code.get('branch')})", markup=False)
     c.print(
-        f"  python {env.get('python_version', env.get('python', '?'))}, "
-        f"{len(env.get('distributions', []))} distributions",
+        f"  code: {code.get('version')} (branch {code.get('branch')}"
+        + (f", remote {code['remote_url']}" if code.get("remote_url") else "")
+        + ")",
         markup=False,
     )
+    if code.get("dirty"):
+        c.print(
+            f"  uncommitted diff: blob {code.get('diff_sha256')}"
+            + (
+                f"; untracked {', '.join(code.get('untracked', []))}"
+                if code.get("untracked")
+                else ""
+            )
+            + (
+                f"; too large, hashed only: {', '.join(code['skipped'])}"
+                if code.get("skipped")
+                else ""
+            ),
+            markup=False,
+        )
+    py = env.get("python") or {}
+    c.print(
+        f"  python {py.get('version', '?') if isinstance(py, dict) else py}, "
+        f"{len(env.get('distributions', []))} distributions"
+        + (f", lock files {', '.join(sorted(env['lock_files']))}" if env.get("lock_files") else "")
+        + (f", image {env['container_image']}" if env.get("container_image") else ""),
+        markup=False,
+    )
+    if env.get("env_vars"):
+        c.print(
+            "  env " + " ".join(f"{k}={v}" for k, v in sorted(env["env_vars"].items())),
+            markup=False,
+        )
     c.print(
         f"  host {hw.get('hostname')}: {hw.get('cpu_model')} x{hw.get('cpu_count')}, "
-        f"{(hw.get('memory_bytes') or 0) / 2**30:.1f} GiB, "
+        f"{(hw.get('memory_total_bytes') or hw.get('memory_bytes') or 0) / 2**30:.1f} GiB, "
         f"{len(hw.get('gpus') or [])} GPU(s)",
         markup=False,
     )
+    for g in hw.get("gpus") or []:
+        c.print(
+            f"    gpu {g.get('index')}: {g.get('name')} {g.get('uuid')} driver "
+            f"{g.get('driver_version')} CUDA {g.get('cuda_version')}",
+            markup=False,
+        )
+    for uri, d in sorted(prov.data.items()):
+        size = f", {d['size']} B" if d.get("size") is not None else ""
+        c.print(f"  data {uri}: {d.get('version')}{size}", markup=False)
+    if placements:
+        c.print("[bold]placement[/]")
+        for pl in placements:
+            terms = " ".join(f"{k}={v:g}" for k, v in sorted(pl.terms.items()))
+            c.print(
+                f"  #{pl.attempt} {pl.provider}/{pl.pool} class {pl.hardware_class} "
+                f"{pl.status} objective {pl.objective:g} gap {pl.gap:g} {terms}",
+                markup=False,
+            )
+    if replay_of is not None:
+        c.print(
+            f"  replay of {replay_of.of_run_id[:12]}"
+            + (f": {replay_of.verdict}" if replay_of.verdict else ""),
+            markup=False,
+        )
+    for rp in replays:
+        c.print(
+            f"  replayed as {rp.run_id[:12]}" + (f": {rp.verdict}" if rp.verdict else ""),
+            markup=False,
+        )
     c.print("[bold]attempts[/]")
     for a in attempts:
         c.print(
@@ -236,6 +306,12 @@ def cmd_show(args: argparse.Namespace) -> int:
     c.print("[bold]artifacts[/]")
     for art in artifacts:
         c.print(f"  {art.name}  sha256:{art.sha256[:16]}  {art.size} B", markup=False)
+    if ledger:
+        c.print("[bold]audit[/]")
+        for e in ledger:
+            c.print(
+                f"  #{e.seq} {e.action} by {e.who}" + (f": {e.why}" if e.why else ""), markup=False
+            )
     return 0
 
 

@@ -117,6 +117,20 @@ def test_audit_lineage_find_replicates(
     assert entry["action"] == "submit" and entry["why"] == "first look"
     assert entry["details"]["runs"] == 4 and entry["who"]
 
+    # show prints the whole record: data versions, environment, audit trail
+    capsys.readouterr()
+    assert main(["show", train[0].run_id[:10]]) == 0
+    shown = capsys.readouterr().out
+    assert f"data data.txt: {data_version}, 8 B" in shown
+    assert "#1 submit by" in shown and ": first look" in shown
+    assert "0.0 GiB" not in shown  # memory is read from the key capture writes
+    full = cli_json(capsys, "show", train[0].run_id[:10])
+    assert isinstance(full, dict)
+    assert [e["action"] for e in full["ledger"]] == ["submit"]
+    # the queue records the placement decision of every attempt
+    assert [p["attempt"] for p in full["placements"]] == [1]
+    assert full["placements"][0]["pool"] and full["replay_of"] is None
+
     # lineage of the best artifact reaches every trial and the dataset
     graph = cli_json(capsys, "lineage", best.sha256[:12])
     assert isinstance(graph, dict)

@@ -1,0 +1,159 @@
+"""Queries and replay checks on a real store filled by the real session code (no Ray)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from stowplan.actors.session import prepare, record
+from stowplan.errors import SpecError
+from stowplan.provenance.query import (
+    Filter,
+    diff_runs,
+    find_runs,
+    lineage,
+    load_view,
+    parse_param_filter,
+    reaches,
+    to_dot,
+    tree_lines,
+)
+from stowplan.provenance.records import ArtifactRecord
+from stowplan.provenance.replay import check_record, compare_outputs, environment_differences
+from stowplan.provenance.store import RunStore
+
+EXPERIMENT = """\
+[experiment]
+name = "q"
+[[tasks]]
+name = "train"
+command = ["python", "train.py", "{lr}"]
+inputs = [{ uri = "data.csv" }]
+outputs = ["metrics.json"]
+sweep = { parameters = { lr = [0.001, 0.01, 0.1] } }
+[[tasks]]
+name = "pick"
+command = ["python", "pick.py"]
+depends_on = ["train"]
+outputs = ["best.json"]
+"""
+
+
+@pytest.fixture
+def filled(tmp_path: Path) -> tuple[RunStore, list[str]]:
+    (tmp_path / "stowplan.toml").write_text('[project]\nname = "p"\n')
+    (tmp_path / "data.csv").write_text("1,2\n")
+    (tmp_path / "q.toml").write_text(EXPERIMENT)
+    prepared = prepare(tmp_path / "q.toml")
+    store = RunStore(prepared.store_path)
+    record(prepared, store)
+    ids = [r.run_id for r in prepared.planned]
+    for i, rid in enumerate(ids):
+        out = tmp_path / f"out{i}.json"
+        out.write_text(json.dumps({"acc": 0.5 + i / 10}))
+        store.put_artifacts(rid, {"best.json" if i == 3 else "metrics.json": str(out)})
+    return store, ids
+
+
+def test_find_by_param_data_artifact(filled: tuple[RunStore, list[str]]) -> None:
+    store, ids = filled
+    got = find_runs(store, Filter(params=[parse_param_filter("lr>0.005")]))
+    assert [r.run_id for r in got] == ids[1:3]
+    data = store.get_runs([ids[0]])[ids[0]].identity["data_versions"]["data.csv"]
+    assert {r.run_id for r in find_runs(store, Filter(data=data[7:20]))} == set(ids[:3])
+    (sha,) = [a.sha256 for a in store.artifacts_for([ids[3]])[ids[3]]]
+    assert [r.run_id for r in find_runs(store, Filter(artifact=sha[:8]))] == [ids[3]]
+    assert find_runs(store, Filter(params=[parse_param_filter('lr="x"')])) == []
+    assert find_runs(store, Filter(gpu="H100")) == []
+    for bad in ("lr", "lr>>1", ">1", "lr>"):
+        with pytest.raises(SpecError):
+            parse_param_filter(bad)
+    store.close()
+
+
+def test_lineage_up_and_down(filled: tuple[RunStore, list[str]]) -> None:
+    store, ids = filled
+    (best,) = store.artifacts_for([ids[3]])[ids[3]]
+    g = lineage(store, best.sha256[:10])
+    got = reaches(g)
+    assert got["run"] == sorted(f"run:{i}" for i in ids)
+    assert len(got["data"]) == 1 and got["data"][0].startswith("data:data.csv@sha256:")
+    assert len(got["artifact"]) == 4
+    one = lineage(store, best.sha256, depth=1)
+    assert reaches(one)["run"] == [f"run:{ids[3]}"]
+    down = lineage(store, ids[0], direction="down")
+    assert reaches(down)["run"] == sorted([f"run:{ids[0]}", f"run:{ids[3]}"])
+    text = "\n".join(tree_lines(g))
+    assert "[data] data.csv" in text and text.count("[run]") >= 4
+    assert to_dot(g).count("->") == len(g.edges)
+    with pytest.raises(SpecError):
+        lineage(store, "zzzz")
+    store.close()
+
+
+def test_diff_names_what_changed(filled: tuple[RunStore, list[str]]) -> None:
+    store, ids = filled
+    d = diff_runs(store, load_view(store, ids[0]), load_view(store, ids[1]))
+    assert d["params"] == [{"field": "params.lr", "a": 0.001, "b": 0.01}]
+    assert d["code"]["fields"] == [] and d["data"] == [] and d["hardware"] == []
+    assert d["packages"] == {"added": [], "removed": [], "changed": []}
+    assert [o["name"] for o in d["outputs"]] == ["metrics.json"]
+    store.close()
+
+
+def test_check_record_passes_then_catches_edits(filled: tuple[RunStore, list[str]]) -> None:
+    store, ids = filled
+    for rid in ids:
+        check_record(store, load_view(store, rid))
+    c = sqlite3.connect(store.path, isolation_level=None)
+    (rec,) = c.execute("SELECT record FROM provenance").fetchone()
+    prov = json.loads(rec)
+    prov["hardware"]["hostname"] = "elsewhere"
+    c.execute("UPDATE provenance SET record = ?", (json.dumps(prov),))
+    with pytest.raises(SpecError, match="provenance record no longer hashes"):
+        check_record(store, load_view(store, ids[0]))
+    c.execute("UPDATE provenance SET record = ?", (rec,))
+    (spec,) = c.execute("SELECT spec FROM experiments").fetchone()
+    c.execute("UPDATE experiments SET spec = ?", (spec.replace("pick.py", "evil.py"),))
+    with pytest.raises(SpecError, match="experiment's spec"):
+        check_record(store, load_view(store, ids[3]))
+    c.close()
+    store.close()
+
+
+def art(name: str, sha: str, path: Path) -> ArtifactRecord:
+    return ArtifactRecord(run_id="r", name=name, sha256=sha, size=0, path=str(path))
+
+
+def test_compare_outputs(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"acc": 0.9100, "n": 3, "tag": "x"}))
+    b.write_text(json.dumps({"acc": 0.9104, "n": 3, "tag": "x"}))
+    same = compare_outputs([art("m", "1" * 64, a)], [art("m", "1" * 64, b)])
+    assert [(o.same, o.how) for o in same] == [(True, "identical")]
+    bits = compare_outputs([art("m", "1" * 64, a)], [art("m", "2" * 64, b)])
+    assert [(o.same, o.how) for o in bits] == [(False, "differs")]
+    tol = compare_outputs([art("m", "1" * 64, a)], [art("m", "2" * 64, b)], tolerance=1e-3)
+    assert [(o.same, o.how) for o in tol] == [(True, "within tolerance")]
+    tight = compare_outputs(
+        [art("m", "1" * 64, a)], [art("m", "2" * 64, b)], tolerances={"acc": 1e-5}
+    )
+    assert not tight[0].same and "acc" in tight[0].details[0]
+    gone = compare_outputs([art("m", "1" * 64, a)], [art("n", "1" * 64, a)])
+    assert [(o.name, o.how) for o in gone] == [("m", "missing"), ("n", "extra")]
+
+
+def test_environment_differences() -> None:
+    rec = {"python": {"version": "3.11.7"}, "distributions": ["a==1", "b==2", "c==3"]}
+    now = {"python": {"version": "3.11.9"}, "distributions": ["a==1", "b==2.1", "d==4"]}
+    assert environment_differences(rec, now) == [
+        "python 3.11.7 -> 3.11.9",
+        "package added: d==4",
+        "package removed: c==3",
+        "package changed: b 2 -> 2.1",
+    ]
+    assert environment_differences(rec, msgspec.to_builtins(rec)) == []
