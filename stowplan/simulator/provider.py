@@ -176,6 +176,8 @@ class SimPool:
         self.cost = 0.0
         self._acct_at = 0.0
         self._pass_due = False
+        self._failed: set[tuple[object, ...]] = set()
+        self._dirty: set[int] = set()
         self.preemptions = 0
         self.node_failures = 0
         self.backfilled = 0
@@ -251,8 +253,22 @@ class SimPool:
             self._first_fit_pass()
 
     def _first_fit_pass(self) -> None:
+        # A pod shape that fit on no node stays infeasible on every node that has not gained
+        # capacity since: such shapes are tried on the nodes freed since the last pass only,
+        # and once per pass (nothing is freed during a pass). Exact, and it keeps a pass over
+        # thousands of pending pods on thousands of nodes from scanning every node each time.
+        failed: set[tuple[object, ...]] = set()
+        before, dirty = self._failed, self._dirty
+        self._dirty = set()
         for att in list(self.queue.values())[: max(self.spec.backfill_depth, 1000)]:
-            self._try_start(att)
+            j = att.job
+            shape = (j.gpus, j.cpus, j.memory, j.gpu_types, j.service, j.max_per_node)
+            if shape in failed:
+                continue
+            only = dirty if shape in before and self._single_node(j) else None
+            if not self._try_start(att, only):
+                failed.add(shape)
+        self._failed = failed
 
     def _slurm_pass(self) -> None:
         q = self.queue
@@ -265,9 +281,16 @@ class SimPool:
         # EASY backfill: later jobs may start now if they end before the head's reservation
         head = next(iter(q.values()))
         candidates = []
+        failed: set[tuple[object, ...]] = set()
         for att in list(q.values())[1 : 1 + self.spec.backfill_depth]:
-            if self._fits(att.job) is not None:
+            j = att.job
+            shape = (j.gpus, j.cpus, j.memory, j.service, j.max_per_node)
+            if shape in failed:
+                continue
+            if self._fits(j) is not None:
                 candidates.append(att)
+            else:
+                failed.add(shape)
         if not candidates:
             return
         shadow = self._shadow_time(head.job)
@@ -308,8 +331,35 @@ class SimPool:
                 return end
         return self.engine.now if free >= need else INF
 
-    def _fits(self, job: SimJob) -> list[tuple[int, int, float, int]] | None:
-        """Where ``job`` would go now: (node, gpus, cpus, memory) per node, or None."""
+    def _single_node(self, job: SimJob) -> bool:
+        return self.kind is not PoolKind.CLOUD and (job.gpus <= self.gpn or not self.gpn)
+
+    def _fits_among(self, job: SimJob, nodes: set[int]) -> list[tuple[int, int, float, int]] | None:
+        """Best fit (fewest free GPUs, then lowest index) among ``nodes`` for a one-node job."""
+        g = job.gpus
+        best: tuple[int, int] | None = None
+        for n in nodes:
+            if (
+                self.up[n]
+                and self.free_g[n] >= g
+                and self.free_c[n] >= job.cpus
+                and self.free_m[n] >= job.memory
+                and self._anti_ok(job, n)
+            ):
+                key = (self.free_g[n] if g else 0, n)
+                if best is None or key < best:
+                    best = key
+        return None if best is None else [(best[1], g, job.cpus, job.memory)]
+
+    def _fits(
+        self, job: SimJob, only: set[int] | None = None
+    ) -> list[tuple[int, int, float, int]] | None:
+        """Where ``job`` would go now: (node, gpus, cpus, memory) per node, or None.
+
+        ``only``: the caller knows no other node can hold this one-node job (see
+        ``_first_fit_pass``)."""
+        if only is not None:
+            return self._fits_among(job, only)
         if self.kind is PoolKind.CLOUD:
             k = self._instances_for(job)
             return [] if self.instances + k <= self.units else None
@@ -369,6 +419,7 @@ class SimPool:
             self.svc[n][att.job.service] = self.svc[n].get(att.job.service, 0) + 1
 
     def _give(self, n: int, g: int, c: float, m: int, att: Attempt) -> None:
+        self._dirty.add(n)
         if self.gpn and self.up[n]:
             del self.by_free[self.free_g[n]][n]
         self.free_g[n] += g
@@ -380,7 +431,7 @@ class SimPool:
         if att.job.service:
             self.svc[n][att.job.service] -= 1
 
-    def _try_start(self, att: Attempt) -> bool:
+    def _try_start(self, att: Attempt, only: set[int] | None = None) -> bool:
         job = att.job
         work = self.work_seconds(job)
         if isinstance(work, str):
@@ -392,7 +443,7 @@ class SimPool:
             self.queue.pop(att.key, None)
             self.provider.finish(att, ProviderState.FAILED, FailureClass.PROVIDER_REJECTED, stage)
             return True
-        where = self._fits(job)
+        where = self._fits(job, only)
         if where is None:
             return False
         self._account()
@@ -498,6 +549,7 @@ class SimPool:
         if self.up[n]:
             return
         self.up[n] = True
+        self._dirty.add(n)
         self.nodes_up += 1
         if self.gpn:
             self.by_free[self.free_g[n]][n] = None

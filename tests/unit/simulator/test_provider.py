@@ -199,3 +199,16 @@ def test_a_key_never_executes_twice() -> None:
     att = h.prov.attempts["k-a"]
     with pytest.raises(Exception, match="executed twice"):
         h.prov.started(att)
+
+
+def test_pending_pods_start_on_the_nodes_that_free_up() -> None:
+    h = Harness()
+    for i, dur in enumerate((10.0, 20.0, 5.0, 5.0, 5.0)):
+        h.submit("k8s", SimJob(id=f"p{i}", submit=0, duration=dur, cpus=6, memory=2**30))
+    h.engine.run()
+    start = {k: a.started for k, a in h.prov.attempts.items()}
+    node = {k: a.alloc[0][0] for k, a in h.prov.attempts.items()}
+    # p0 on node 0 ends at 10, p1 on node 1 at 20: p2 takes node 0 at 10, p3 node 0 at 15,
+    # p4 node 1 at 20 (or node 0 at 20: the lower index wins a tie)
+    assert start == {"k-p0": 0.0, "k-p1": 0.0, "k-p2": 10.0, "k-p3": 15.0, "k-p4": 20.0}
+    assert node["k-p2"] == 0 and node["k-p3"] == 0
