@@ -552,8 +552,11 @@ def resolve_target(store: RunStore, target: str) -> Node:
         raise SpecError(
             f"{target!r} matches {len(shas)} artifacts", hint="give more characters of the hash"
         )
+    named = store.latest_artifact_named(t)
+    if named is not None:
+        return Node(id=f"artifact:{named}", kind="artifact", label=f"{t} sha256:{named[:12]}")
     raise SpecError(
-        f"{target!r} is neither a run id nor an artifact hash in this store",
+        f"{target!r} is neither a run id, an artifact hash nor an output name in this store",
         hint="see stowplan status and stowplan show RUN for run ids and artifact hashes",
     )
 

@@ -1248,6 +1248,16 @@ class RunStore:
             ).fetchall()
         return [str(r[0]) for r in rows]
 
+    def latest_artifact_named(self, name: str) -> str | None:
+        """The hash of the output called ``name`` of the newest run that has one."""
+        with self._read() as c:
+            row = c.execute(
+                "SELECT a.sha256 FROM artifacts AS a JOIN runs AS r ON r.run_id = a.run_id "
+                "WHERE a.name = ? ORDER BY r.created_at DESC, r.run_id LIMIT 1",
+                (name,),
+            ).fetchone()
+        return None if row is None else str(row[0])
+
     def runs_depending_on(self, run_ids: Sequence[str]) -> dict[str, list[str]]:
         """For each of ``run_ids``, the runs that list it in ``depends_on``."""
         wanted = set(run_ids)

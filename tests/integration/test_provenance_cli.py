@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import statistics
 import subprocess
@@ -142,6 +143,17 @@ def test_audit_lineage_find_replicates(
     assert main(["lineage", select.run_id[:10], "--format", "dot"]) == 0
     dot = capsys.readouterr().out
     assert dot.startswith("digraph lineage") and f"run:{train[2].run_id}" in dot
+    # an output's name means the newest run's output of that name
+    by_name = cli_json(capsys, "lineage", "best.json")
+    assert isinstance(by_name, dict) and by_name["root"] == f"artifact:{best.sha256}"
+    svg = project.parent / "lineage.svg"  # not in the tree: that would make it dirty
+    capsys.readouterr()
+    if shutil.which("dot"):
+        assert main(["lineage", "best.json", "--format", "svg", "-o", str(svg)]) == 0
+        assert "<svg" in svg.read_text() and select.run_id[:12] in svg.read_text()
+    else:  # Graphviz is not installed: said so, exit 2
+        assert main(["lineage", "best.json", "--format", "svg", "-o", str(svg)]) == 2
+        assert "Graphviz" in capsys.readouterr().err and not svg.exists()
     # down from the dataset's first trial: its metrics, then select, then best.json
     down = cli_json(capsys, "lineage", train[0].run_id, "--down")
     assert isinstance(down, dict)
@@ -151,7 +163,7 @@ def test_audit_lineage_find_replicates(
     # find by parameter, data hash, code commit and artifact
     commit = git(project, "rev-parse", "HEAD")
     found = cli_json(capsys, "find", "--param", "x>1", "--code", commit[:8])
-    assert [f["run_id"] for f in found] == [train[1].run_id, train[2].run_id]  # type: ignore[index]
+    assert {f["run_id"] for f in found} == {train[1].run_id, train[2].run_id}  # type: ignore[index]
     found = cli_json(capsys, "find", "--data", data_version.removeprefix("sha256:")[:10])
     assert {f["run_id"] for f in found} == {r.run_id for r in train}  # type: ignore[index]
     found = cli_json(capsys, "find", "--artifact", best.sha256[:10])
