@@ -110,7 +110,7 @@ def check_record(store: RunStore, view: RunView) -> None:
         if sha256_hex(blob) != diff_sha:
             raise _refuse(rid, "its uncommitted diff's blob no longer matches its hash", tampered)
     for art in view.artifacts:
-        if not _blob_ok(store, art):
+        if not (store.ensure_blob(art.sha256) and _blob_ok(store, art)):
             raise _refuse(
                 rid,
                 f"its output {art.name!r} (blob {art.sha256[:12]}) is missing or was changed",

@@ -25,7 +25,9 @@ Theory of operation:
   ignore": the same id means the same content, so a repeated write is a no-op.
 - Blobs live at ``<db dir>/blobs/sha256/<2 hex>/<62 hex>``, written to a temporary file and
   renamed into place, so a reader never sees half a blob. A row may point at a blob; a blob is
-  never deleted by the store.
+  never deleted by the store. With a remote blob store (``blob_url``, or ``$STOWPLAN_BLOB_URL``:
+  any fsspec URL) every blob is also copied there, and a blob missing here is fetched from
+  there (and checked against its hash), so records can move without their blobs directory.
 - Dict- and list-valued columns hold msgspec JSON text (readable with the ``sqlite3`` shell and
   its ``json_*`` functions).
 
@@ -69,7 +71,13 @@ from stowplan.provenance.records import (
 )
 from stowplan.spec.canonical import canonical_json, sha256_hex
 
-__all__ = ["ACTIVE_ATTEMPT_STATES", "SCHEMA_VERSION", "TERMINAL_RUN_STATES", "RunStore"]
+__all__ = [
+    "ACTIVE_ATTEMPT_STATES",
+    "BLOB_URL_ENV",
+    "SCHEMA_VERSION",
+    "TERMINAL_RUN_STATES",
+    "RunStore",
+]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +85,9 @@ SCHEMA_VERSION: Final = 3
 
 TERMINAL_RUN_STATES: Final = ("SUCCEEDED", "FAILED", "CANCELLED")
 ACTIVE_ATTEMPT_STATES: Final = ("SUBMITTING", "QUEUED", "RUNNING", "UNKNOWN")
+
+BLOB_URL_ENV: Final = "STOWPLAN_BLOB_URL"
+"""Environment variable naming a remote blob store (an fsspec URL) for every store opened."""
 
 MIN_PREFIX: Final = 4
 """Shortest run id prefix :meth:`RunStore.resolve_run` accepts."""
@@ -468,10 +479,13 @@ class RunStore:
     or call :meth:`close`. Several processes may open the same path; keep one writer.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, blob_url: str | None = None) -> None:
         self.path = Path(path).expanduser().resolve()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.blob_dir = self.path.parent / "blobs" / "sha256"
+        self.blob_url = (blob_url or os.environ.get(BLOB_URL_ENV) or "").rstrip("/") or None
+        """An fsspec URL (``s3://bucket/prefix``, ``file:///mnt/share``, ...) every blob is
+        also copied to, and read back from when the local copy is missing."""
         self._lock = threading.RLock()
         self._checkpointer: _Checkpointer | None = None
         self._stop_checkpointer: weakref.finalize[Any, Any] | None = None
@@ -923,6 +937,7 @@ class RunStore:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
                 raise
+        self._upload(sha)
         return sha
 
     def put_file(self, path: str | os.PathLike[str]) -> tuple[str, int, Path]:
@@ -950,7 +965,54 @@ class RunStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+        self._upload(sha)
         return sha, size, dest
+
+    def _remote(self, sha: str) -> tuple[Any, str]:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(self.blob_url)
+        return fs, f"{root.rstrip('/')}/sha256/{sha[:2]}/{sha[2:]}"
+
+    def _upload(self, sha: str) -> None:
+        """Copy a local blob to the remote blob store unless it is there already."""
+        if self.blob_url is None:
+            return
+        try:
+            fs, dest = self._remote(sha)
+            if not fs.exists(dest):
+                fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
+                # upload under a temporary name, then move: readers never see half a blob
+                tmp = f"{dest}.tmp-{os.getpid()}-{threading.get_ident()}"
+                fs.put_file(str(self.blob_path(sha)), tmp)
+                fs.mv(tmp, dest)
+        except (ImportError, ValueError, OSError) as e:
+            raise StowplanError(
+                f"cannot copy blob {sha[:12]} to the blob store {self.blob_url}: {e}"
+            ) from None
+
+    def ensure_blob(self, sha: str) -> bool:
+        """Whether the blob is here, fetching it from the remote blob store when it is not
+        (checked against its hash on the way in)."""
+        dest = self.blob_path(sha)
+        if dest.exists():
+            return True
+        if self.blob_url is None:
+            return False
+        try:
+            fs, src = self._remote(sha)
+            data = fs.cat_file(src)
+        except (ImportError, ValueError, OSError):
+            return False
+        if sha256_hex(data) != sha:
+            log.warning("remote blob %s in %s does not match its hash; ignored", sha, self.blob_url)
+            return False
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        self._publish(tmp, dest)
+        return True
 
     @staticmethod
     def _publish(tmp: str, dest: Path) -> None:
@@ -960,7 +1022,9 @@ class RunStore:
         os.replace(tmp, dest)
 
     def get_blob(self, sha: str) -> bytes:
-        """The bytes stored under ``sha``; ``KeyError`` when there is no such blob."""
+        """The bytes stored under ``sha`` (from the remote blob store when not here);
+        ``KeyError`` when there is no such blob."""
+        self.ensure_blob(sha)
         try:
             return self.blob_path(sha).read_bytes()
         except FileNotFoundError:
