@@ -14,11 +14,11 @@ import time
 from typing import Any
 
 import msgspec
-from rich.console import Console
-from rich.table import Table
 
-from stowplan.cli.inspect import _open
 from stowplan.errors import SpecError
+
+# NOTE: rich and cli.inspect are imported inside the commands: build_parser() imports this
+# module for every stowplan invocation, and they cost half a second on a small machine.
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -35,6 +35,10 @@ def _print_json(data: Any) -> None:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from stowplan.cli.inspect import _open
     from stowplan.provenance.ledger import verify
 
     store, _ = _open(args)
@@ -92,6 +96,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     import subprocess
     from pathlib import Path
 
+    from stowplan.cli.inspect import _open
     from stowplan.provenance.query import Direction, lineage, reaches, to_dot, tree_lines
 
     if args.depth is not None and args.depth < 1:
@@ -142,6 +147,10 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
 
 def cmd_find(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from stowplan.cli.inspect import _open
     from stowplan.provenance.query import Filter, find_runs, parse_param_filter
 
     flt = Filter(
@@ -212,6 +221,7 @@ def _run_arg(store: Any, prefix: str) -> str:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
+    from stowplan.cli.inspect import _open
     from stowplan.provenance.query import diff_is_empty, diff_runs, load_view
 
     store, _ = _open(args)
@@ -307,6 +317,8 @@ def _tolerances(items: list[str] | None) -> dict[str, float]:
 def cmd_replay(args: argparse.Namespace) -> int:
     """Rebuild runs from their records and run them again; see provenance/replay.py."""
     from pathlib import Path
+
+    from rich.console import Console
 
     from stowplan.actors.session import Prepared, project_paths, run_ids_detail
     from stowplan.cli.run import _dispatch
