@@ -331,6 +331,29 @@ class SimPool:
                 return end
         return self.engine.now if free >= need else INF
 
+    def _never_fits(self, job: SimJob) -> str:
+        """Why ``job`` could not run here even on an empty pool ('' if it could).
+
+        The core sees a pool's totals; nodes are what a job must fit on (Slurm refuses such a
+        job at submit time; a Kubernetes pod would stay Pending for ever)."""
+        if self.kind is PoolKind.CLOUD:
+            k = self._instances_for(job)
+            per_c, per_m = job.cpus / k, job.memory / k
+            if k > self.units or per_c > self.cpn or per_m > self.mpn:
+                return f"{self.spec.name}: no {k} instance(s) can hold the job"
+            return ""
+        k = -(-job.gpus // self.gpn) if self.gpn and job.gpus > self.gpn else 1
+        if job.gpus and not self.gpn:
+            return f"{self.spec.name} has no GPUs"
+        if k > self.units or job.cpus / k > self.cpn or job.memory / k > self.mpn:
+            return (
+                f"no node of {self.spec.name} ({self.cpn:g} CPUs, "
+                f"{self.mpn / 2**30:.3g} GiB, {self.gpn} GPUs) can ever hold the job"
+            )
+        if job.max_per_node and job.service and k > 1:
+            return f"{self.spec.name}: multi-node instances of {job.service}"
+        return ""
+
     def _single_node(self, job: SimJob) -> bool:
         return self.kind is not PoolKind.CLOUD and (job.gpus <= self.gpn or not self.gpn)
 
@@ -445,6 +468,13 @@ class SimPool:
             return True
         where = self._fits(job, only)
         if where is None:
+            never = self._never_fits(job)
+            if never:
+                self.queue.pop(att.key, None)
+                self.provider.finish(
+                    att, ProviderState.FAILED, FailureClass.PROVIDER_REJECTED, never
+                )
+                return True
             return False
         self._account()
         self.queue.pop(att.key, None)

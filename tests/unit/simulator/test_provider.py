@@ -212,3 +212,10 @@ def test_pending_pods_start_on_the_nodes_that_free_up() -> None:
     # p4 node 1 at 20 (or node 0 at 20: the lower index wins a tie)
     assert start == {"k-p0": 0.0, "k-p1": 0.0, "k-p2": 10.0, "k-p3": 15.0, "k-p4": 20.0}
     assert node["k-p2"] == 0 and node["k-p3"] == 0
+
+
+def test_a_job_no_node_can_ever_hold_is_rejected_not_left_pending() -> None:
+    h = Harness()
+    r = h.submit("k8s", SimJob(id="big", submit=0, duration=5.0, cpus=12, memory=2**30))
+    assert r.state is ProviderState.FAILED and r.failure is FailureClass.PROVIDER_REJECTED
+    assert "can ever hold" in r.message
