@@ -170,3 +170,54 @@ def test_the_production_placers_drive_the_simulation(policy: str) -> None:
     sim = run(policy=policy, faults=False, n=60)
     assert {r["state"] for r in sim.metrics.job_rows()} == {"SUCCEEDED"}
     assert sim.counters.solves > 0
+
+
+DATA = """\
+[cluster]
+name = "d"
+[[sites]]
+name = "campus"
+[[sites]]
+name = "cloud"
+[[pools]]
+name = "campus"
+site = "campus"
+kind = "slurm"
+nodes = 1
+gpus_per_node = 1
+gpu_model = "a100"
+[[pools]]
+name = "cloud"
+site = "cloud"
+kind = "cloud"
+max_instances = 4
+gpus_per_node = 1
+gpu_model = "a100"
+price_per_hour = 3.6
+[[links]]
+between = ["campus", "cloud"]
+bandwidth = "8Gbps"
+egress_per_gib = 0.1
+[[datasets]]
+name = "ds"
+size = "10GiB"
+sites = ["campus"]
+"""
+
+
+def test_jobs_away_from_their_data_move_it_pay_egress_and_wait_for_it() -> None:
+    jobs = [
+        SimJob(id=f"j{i}", submit=0.0, duration=100.0, gpus=1, datasets=("ds",)) for i in range(3)
+    ]
+    wl = Workload(name="w", kind="synthetic", source="t", jobs=jobs)
+    sim = Simulation(parse_cluster(DATA, Path("d.toml")), wl, SimOptions(policy="fifo"))
+    sim.run()
+    rows = {r["job"]: r for r in sim.metrics.job_rows()}
+    s = sim.metrics.summary(list(rows.values()))
+    on_cloud = [r for r in rows.values() if r["pool"] == "cloud"]
+    assert len(on_cloud) == 2 and rows["j0"]["pool"] == "campus"
+    assert s["data_moved_bytes"] == 2 * 10 * 2**30
+    assert s["egress_cost"] == pytest.approx(2 * 10 * 0.1)
+    stage = 10 * 2**30 / 1e9  # 8 Gbps = 1 GB/s
+    assert on_cloud[0]["run_time"] == pytest.approx(100.0 + stage)
+    assert rows["j0"]["run_time"] == 100.0
