@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from msgspec import Struct, field
 
 from stowplan.errors import InternalError, ProviderError, SpecError
-from stowplan.placement.problem import PlacementSolution
+from stowplan.placement.problem import Dataset, Link, PlacementContext, PlacementSolution
 from stowplan.providers.base import TERMINAL_PROVIDER_STATES, LaunchSpec, Report
 from stowplan.scheduler.core import CoreConfig, SchedulerCore
 from stowplan.scheduler.events import (
@@ -105,6 +105,31 @@ class SimCounters(Struct, kw_only=True):
     notes: list[str] = field(default_factory=list)
 
 
+def placement_context(cluster: ClusterSpec) -> PlacementContext:
+    """The network and datasets, as every placement problem of this cluster carries them.
+
+    Pools are given without a node shape: the placement engine would then refuse multi-node
+    jobs (it never splits a task across nodes), which Slurm partitions run as whole nodes.
+    """
+    gib_per_gb = 1e9 / 2**30
+    links = []
+    for ln in cluster.links:
+        a, b = ln.between
+        for src, dst in ((a, b), (b, a)):
+            links.append(
+                Link(
+                    src=src,
+                    dst=dst,
+                    bandwidth=ln.bytes_per_s,
+                    egress_per_gb=ln.egress_per_gib * gib_per_gb,
+                )
+            )
+    datasets = [
+        Dataset(id=d.name, size=d.size_bytes, sites=tuple(d.sites)) for d in cluster.datasets
+    ]
+    return PlacementContext(links=links, datasets=datasets)
+
+
 class Simulation:
     """One run of one workload on one cluster with one policy and one seed."""
 
@@ -124,7 +149,11 @@ class Simulation:
         self.progress = progress
         self.engine = Engine(seed=self.opts.seed)
         sched = cluster.scheduler
-        self.core = SchedulerCore(CoreConfig(lease_ttl=sched.lease_ttl_s, seed=self.opts.seed))
+        self.core = SchedulerCore(
+            CoreConfig(
+                lease_ttl=sched.lease_ttl_s, seed=self.opts.seed, context=placement_context(cluster)
+            )
+        )
         self.retry = RetryPolicy(max_attempts=sched.max_attempts, backoff_cap=sched.backoff_cap_s)
         self.jobs: dict[str, SimJob] = {}
         for j in workload.jobs:
@@ -225,6 +254,7 @@ class Simulation:
                     gpu_types=job.gpu_types or self._runnable_on(job),
                     retry=retry,
                     allowed_providers=quotas.get(job.project),
+                    datasets=job.datasets,
                 )
             )
             self.metrics.submitted(job.id, t)
