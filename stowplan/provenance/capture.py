@@ -413,7 +413,7 @@ DEFAULT_ENV_ALLOWLIST: Final = (
 )
 """Environment variables (``*`` globs) recorded by default: those that change numerics."""
 
-_SECRET = re.compile(r"(TOKEN|SECRET|PASSW|PASSPHRASE|CREDENTIAL|API_?KEY|PRIVATE|AUTH)", re.I)
+_SECRET = re.compile(r"(TOKEN|SECRET|PASSW|CREDENTIAL|KEY|PRIVATE|AUTH|SESSION|COOKIE)", re.I)
 """Names never recorded, whatever the allowlist says."""
 
 LOCK_FILES: Final = (

@@ -263,10 +263,11 @@ def _remote(uri: str) -> DataVersionRecord:
             f"data input {uri!r} does not exist",
             hint="fix the URI, create the object first, or pin its version in the spec",
         ) from None
-    except OSError as e:
+    except Exception as e:  # each fsspec backend raises its own SDK's errors
         raise SpecError(
-            f"cannot look up data input {uri!r}: {e}",
-            hint="check the credentials and the network, or pin its version in the spec",
+            f"cannot look up data input {uri!r}: {type(e).__name__}: {e}",
+            hint="check the credentials and the network, or pin its version in the spec "
+            "(inputs = [{ uri = ..., version = ... }])",
         ) from None
     size = info.get("size")
     version_id = _first(info, _VERSION_KEYS)

@@ -107,10 +107,23 @@ def test_object_stores_give_version_ids_else_etags() -> None:
 
 
 def test_schemes_not_installed_here_stay_unpinned(tmp_path: Path) -> None:
-    for uri in ("s3://bucket/train.csv", "https://example.org/d.tar", "nosuchscheme://x/y"):
+    for uri in ("gs://bucket/train.csv", "https://example.org/d.tar", "nosuchscheme://x/y"):
         rec = capture_data(uri, None, tmp_path)
         assert rec.kind == "unpinned" and rec.version == f"unpinned:{uri}"
     assert capture_data("s3://b/k", "v9", tmp_path).version == "v9"
+
+
+def test_a_store_that_cannot_be_asked_is_a_clear_error(tmp_path: Path) -> None:
+    class Broken(MemoryFileSystem):  # type: ignore[misc]
+        protocol = ("brokenstore",)
+
+        def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
+            raise RuntimeError("Unable to locate credentials")
+
+    fsspec.register_implementation("brokenstore", Broken, clobber=True)
+    with pytest.raises(SpecError, match="Unable to locate credentials") as err:
+        capture_data("brokenstore://b/k", None, tmp_path)
+    assert err.value.hint is not None and "pin" in err.value.hint
 
 
 def test_an_unusable_cache_is_bypassed(tmp_path: Path) -> None:
