@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -120,6 +120,7 @@ class Table:
     instance_cost_int: list[int]
     scale: float
     """Integer units per currency unit (before TIE_UNITS)."""
+    _index: dict[int, dict[tuple[int, str], int]] = field(default_factory=dict)
 
     def option(self, ci: int, k: int) -> Option:
         c = self.columns[ci]
@@ -143,10 +144,16 @@ class Table:
         return [self.option(ci, k) for k in range(len(self.columns[ci]))]
 
     def find(self, ci: int, pool: int, model: str) -> Option | None:
-        c = self.columns[ci]
-        mi = self.models.index(model) if model else -1
-        hit = np.nonzero((c.pool == pool) & (c.model == mi))[0]
-        return self.option(ci, int(hit[0])) if len(hit) else None
+        index = self._index.get(ci)
+        if index is None:
+            c = self.columns[ci]
+            index = {
+                (j, self.models[mi] if mi >= 0 else ""): k
+                for k, (j, mi) in enumerate(zip(c.pool.tolist(), c.model.tolist(), strict=True))
+            }
+            self._index[ci] = index
+        k = index.get((pool, model))
+        return None if k is None else self.option(ci, k)
 
 
 def _mix(hc: np.uint64, hp: npt.NDArray[np.uint64], hm: int) -> IntArray:
