@@ -202,7 +202,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
         slim = [{k: v for k, v in r.items() if k not in ("jobs", "timeseries")} for r in records]
         sys.stdout.buffer.write(encode({"runs": slim, "out": str(out)}))
     else:
-        console = Console()
+        console = Console(width=None if sys.stdout.isatty() else 120)
         console.print(_summary_table(f"{cluster.cluster.name} x {workload.name}", records))
         for r in records:
             for note in r["workload"]["notes"] + r["notes"]:
@@ -250,7 +250,7 @@ def cmd_whatif(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.buffer.write(encode({"whatif": report["whatif"], "out": str(out)}))
         return EXIT_OK
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 120)
     console.print(_summary_table("baseline and variant", [base, var]))
     t = Table(title="variant - baseline: " + "; ".join(c.describe() for c in changes))
     for col in ("metric", "baseline", "variant", "change"):
