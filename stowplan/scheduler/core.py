@@ -163,6 +163,12 @@ class SchedulerCore:
         self._out_cancels: dict[str, list[str]] = {}
         self._out_reconcile: dict[str, list[str]] = {}
         self._now = 0.0
+        self._stalled = False
+        """the last answer placed nothing: wait for capacity, pools or READY runs to change."""
+        self._feasible: dict[tuple[object, ...], bool] = {}
+        """per bucket, whether any known pool could ever run it (cleared when pools change)."""
+        self._in_pool: Counter[str] = Counter()
+        """stowplan's tasks holding a lease in each pool, for pool quotas (max_tasks)."""
         self._launched: Counter[str] = Counter()
         """instances launched in elastic pools since the pool was last discovered."""
         ctx = self.config.context
@@ -320,6 +326,8 @@ class SchedulerCore:
         self._maybe_solve()
 
     def _on_pools(self, ev: PoolsDiscovered) -> None:
+        self._stalled = False
+        self._feasible.clear()
         for old in self._provider_pools.get(ev.provider, []):
             self._pools.pop(old, None)
         self._provider_pools[ev.provider] = sorted(p.id for p in ev.pools)
@@ -353,6 +361,8 @@ class SchedulerCore:
                 if run.state is not TaskState.READY:
                     continue  # cancelled while the solver ran
                 self._dispatch(run, pool, a.gpu_model)
+        # an answer that placed nothing would be asked again at once, forever: wait instead
+        self._stalled = solution.placed() == 0
         self._maybe_solve()
 
     def _dispatch(self, run: _Run, pool: Pool, gpu_model: str = "") -> None:
@@ -482,6 +492,7 @@ class SchedulerCore:
                 self._group_active[group] += 1 if now_active else -1
 
     def _make_ready(self, run: _Run) -> None:
+        self._stalled = False
         self._move(run, Trigger.DEPS_MET)
         self._enqueue_ready(run)
 
@@ -494,6 +505,7 @@ class SchedulerCore:
         assert run.pool is not None
         t = run.task
         used = self._used.setdefault(run.pool, [0.0, 0.0])
+        self._in_pool[run.pool] += 1
         used[0] += t.cpus
         used[1] += t.memory
         if t.gpus:
@@ -515,10 +527,12 @@ class SchedulerCore:
         self._next_lease_check = min(self._next_lease_check, run.lease_until)
 
     def _release(self, run: _Run) -> None:
+        self._stalled = False
         if run.pool is None:
             return
         t = run.task
         used = self._used[run.pool]
+        self._in_pool[run.pool] -= 1
         used[0] -= t.cpus
         used[1] -= t.memory
         if t.gpus and run.gpu_model is not None:
@@ -593,7 +607,7 @@ class SchedulerCore:
     # ---- placement ----------------------------------------------------------------------
 
     def _maybe_solve(self) -> None:
-        if self._solving is not None or not self._pools:
+        if self._solving is not None or not self._pools or self._stalled:
             return
         buckets = [(k, b) for k, b in self._ready.items() if b]
         if not buckets:
@@ -631,7 +645,10 @@ class SchedulerCore:
                 runtime_s=t.runtime_s,
                 priority=t.priority,
             )
-            if not self._feasible_somewhere(cls, pools):
+            key = _bucket_key(t)
+            if key not in self._feasible:
+                self._feasible[key] = self._feasible_somewhere(cls, pools)
+            if not self._feasible[key]:
                 self._reject(bucket, cls, pools)
                 continue
             limit = min(len(bucket), self._fit_bound(cls, pools, free))
@@ -659,6 +676,9 @@ class SchedulerCore:
                 memory=max(0, free[p.id][1]),
                 gpus={m: max(0, n) for m, n in free[p.id][2].items()},
                 max_instances=max(0, p.max_instances - self._launched.get(p.id, 0)),
+                max_tasks=None
+                if p.max_tasks is None
+                else max(0, p.max_tasks - self._in_pool[p.id]),
             )
             for p in pools
         ]
@@ -687,10 +707,13 @@ class SchedulerCore:
         for p in pools:
             if eligible(cls, p, self._context_problem):
                 cpus, mem, gpus = free[p.id]
-                total += fits(cls, cpus, mem, gpus)
+                n = fits(cls, cpus, mem, gpus)
                 room = p.max_instances - self._launched.get(p.id, 0)
                 if p.elastic and p.node is not None and room > 0:
-                    total += room * fits(cls, p.node.cpus, p.node.memory, dict(p.node.gpus))
+                    n += room * fits(cls, p.node.cpus, p.node.memory, dict(p.node.gpus))
+                if p.max_tasks is not None:
+                    n = min(n, max(0, p.max_tasks - self._in_pool[p.id]))
+                total += n
         return total
 
     def _feasible_somewhere(self, cls: DemandClass, pools: list[Pool]) -> bool:

@@ -6,6 +6,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 import pytest
 
 from stowplan.errors import InternalError
@@ -823,3 +824,36 @@ def test_max_concurrent_holds_across_classes_of_one_group() -> None:
     assert [i.run_id for i in items(out)] == ["hi"]
     out = h.report("hi", P.SUCCEEDED, at=1)
     assert [i.run_id for i in items(out)] == ["lo"]
+
+
+# ---- placement answers that place nothing; pool quotas ---------------------------------------
+
+
+def test_an_answer_that_places_nothing_waits_for_a_change_instead_of_asking_again() -> None:
+    h = Harness(pool(cpus=8), auto_place=False)
+    out = h.submit(task("a"), task("b"))
+    (sp,) = of(out, SolvePlacement)
+    empty = PlacementSolution(
+        request_id=sp.problem.request_id, status=PlacementStatus.FEASIBLE, assignments=[]
+    )
+    out = h.send(PlacementDecided(solution=empty))
+    assert of(out, SolvePlacement) == []  # no spin at one instant
+    assert of(h.tick(at=5.0), SolvePlacement) == []  # time alone changes nothing
+    out = h.submit(task("c"))  # a new READY run: ask again, with everyone
+    (sp2,) = of(out, SolvePlacement)
+    assert sorted(m for c in sp2.problem.classes for m in c.members) == ["a", "b", "c"]
+
+
+def test_a_pool_quota_holds_across_placements() -> None:
+    quota = msgspec.structs.replace(pool(cpus=64), max_tasks=2)
+    h = Harness(quota)
+    h.submit(*(task(f"t{i}") for i in range(5)))
+    assert h.states(*(f"t{i}" for i in range(5))).count(S.SUBMITTING) == 2
+    h.report("t0", ProviderState.RUNNING, at=1.0)
+    out = h.report("t0", ProviderState.SUCCEEDED, at=2.0)
+    assert len(items(out)) == 1  # one slot freed, one more placed
+    assert [s for s in h.states(*(f"t{i}" for i in range(5))) if s is S.SUBMITTING] == [
+        S.SUBMITTING,
+        S.SUBMITTING,
+    ]
+    h.check_counts()
