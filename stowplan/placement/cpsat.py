@@ -157,6 +157,10 @@ def solve_cpsat(
     p.max_deterministic_time = budget
     p.random_seed = seed
     p.log_search_progress = False
+    if restricted:
+        # a restricted model cannot prove optimality anyway: spend the budget on the LP-guided
+        # search, which improves large placements most (measured at 10^5 tasks x 10^3 pools)
+        p.subsolvers.append("default_lp")
     started = time.perf_counter()
     status = solver.solve(m)
     seconds = time.perf_counter() - started
