@@ -38,7 +38,17 @@ BOOLEAN_CAP_S = 60.0
 BOOLEAN_MEM_GIB = 10
 
 
+def _warm() -> None:
+    """Import the solvers before any clock starts: a long-lived placement actor has them loaded."""
+    import ortools.sat.python.cp_model  # noqa: F401
+    import scipy.optimize  # noqa: F401
+
+    import stowplan.placement.cpsat
+    import stowplan.placement.lp  # noqa: F401
+
+
 def _child(fn: Callable[..., dict[str, Any]], args: tuple[Any, ...], q: Any) -> None:
+    _warm()
     try:
         out = fn(*args)
     except MemoryError:
@@ -266,10 +276,10 @@ def boolean() -> None:
             "count": count,
             "boolean": boolean,
         }
-        if "objective" in boolean:
-            total_b = boolean["build_s"] + boolean["solve_s"]
-            case["speedup"] = round(total_b / count["solve_s"], 1)
-            case["count_objective_at_least_as_good"] = count["objective"] <= boolean["objective"]
+        total_b = boolean.get("build_s", 0.0) + boolean.get("solve_s", 0.0)
+        case["speedup"] = round(total_b / count["solve_s"], 1)
+        # a boolean model that found nothing is beaten by any placement
+        case["count_objective_at_least_as_good"] = count["objective"] <= boolean.get("objective", 0)
         emit(case)
 
 
