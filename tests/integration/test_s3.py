@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import s3fs  # in the test extras: missing, it must fail, never skip
 
 from stowplan.errors import SpecError
 from stowplan.provenance.capture import allowed_env
@@ -16,8 +17,6 @@ from stowplan.provenance.data import capture_data
 from stowplan.provenance.store import RunStore
 
 pytestmark = pytest.mark.integration
-
-s3fs = pytest.importorskip("s3fs", reason="s3fs is in the test extras")
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,8 @@ def stowplan(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
 @pytest.fixture
 def trace() -> Path:
     if not TIRESIAS.exists():
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"no traces at {TRACES}: CI must have shared/ beside the checkout")
         pytest.skip(f"no traces at {TRACES} (set STOWPLAN_TRACES)")
     return TIRESIAS
 
