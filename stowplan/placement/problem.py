@@ -121,9 +121,6 @@ class DemandClass(Demand, frozen=True, kw_only=True):
     id: str
     members: list[str] = field(default_factory=list)
 
-    def demand(self) -> Demand:
-        return Demand(**{f: getattr(self, f) for f in Demand.__struct_fields__})
-
 
 class Weights(Struct, frozen=True, kw_only=True):
     """How the objective weighs its terms. ``hour_value`` prices one task-hour of delay (waiting,

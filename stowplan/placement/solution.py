@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from stowplan.placement.problem import Assignment, PlacementSolution, PlacementStatus
-from stowplan.placement.table import TIE_UNITS, Option, Table, pool_reasons
+from stowplan.placement.table import Option, Table, pool_reasons
 
 Counts = dict[tuple[int, int, str], int]
 
@@ -69,10 +69,6 @@ def violations(table: Table, counts: Counts, launched: dict[int, int]) -> list[s
                 f"class {table.classes[ci].id}: {n} placed of {len(table.classes[ci].members)}"
             )
     return out
-
-
-def to_currency(table: Table, value: int) -> float:
-    return value / (table.scale * TIE_UNITS)
 
 
 def gap(objective: int, bound: int) -> float:
