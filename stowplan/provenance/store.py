@@ -776,10 +776,12 @@ class RunStore:
         if not ts:
             return
         # The result equals applying the transitions one by one, in one UPDATE per run.
+        first: dict[str, str] = {}
         last: dict[str, TransitionRecord] = {}
         top: dict[str, int] = {}
         pool: dict[str, str] = {}
         for t in ts:
+            first.setdefault(t.run_id, str(t.from_state))
             last[t.run_id] = t
             if t.attempt > top.get(t.run_id, -1):
                 top[t.run_id] = t.attempt
@@ -792,8 +794,12 @@ class RunStore:
                 map(_event_row, sorted(ts, key=_by_run_id)),
             )
             c.executemany(
+                # a cancelled run leaves CANCELLED only by being submitted afresh (PENDING): a
+                # late transition from a control plane that died after an offline cancel must
+                # not bring it back
                 "UPDATE runs SET state = ?, attempts = max(attempts, ?), failure = ?, "
-                "reason = ?, pool = coalesce(?, pool), updated_at = ? WHERE run_id = ?",
+                "reason = ?, pool = coalesce(?, pool), updated_at = ? WHERE run_id = ? "
+                "AND (state != 'CANCELLED' OR ? IN ('PENDING', 'CANCELLED'))",
                 (
                     (
                         last[r].to_state,
@@ -803,6 +809,7 @@ class RunStore:
                         pool.get(r),
                         last[r].at,
                         r,
+                        first[r],
                     )
                     for r in sorted(last)
                 ),

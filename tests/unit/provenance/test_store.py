@@ -344,6 +344,20 @@ def test_apply_transitions_logs_all_and_keeps_the_last(
     store.apply_transitions([])
 
 
+def test_a_late_transition_does_not_bring_a_cancelled_run_back(
+    store: RunStore, exp: ExperimentRecord
+) -> None:
+    # an offline cancel, then a control plane that outlived its driver reports what it did
+    r = run(exp, 0)
+    store.put_runs([r])
+    store.apply_transitions([step(r, "PENDING", "CANCELLED", 1.0, reason="cancelled by user")])
+    store.apply_transitions([step(r, "PLACED", "SUBMITTING", 2.0, attempt=1, pool="local")])
+    assert store.get_runs([r.run_id])[r.run_id].state == "CANCELLED"
+    # submitted afresh (a later `stowplan run`), it moves again
+    store.apply_transitions([step(r, "PENDING", "READY", 3.0)])
+    assert store.get_runs([r.run_id])[r.run_id].state == "READY"
+
+
 def test_a_bad_transition_batch_changes_nothing(store: RunStore, exp: ExperimentRecord) -> None:
     r = run(exp, 0)
     store.put_runs([r])
