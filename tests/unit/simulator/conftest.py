@@ -13,6 +13,8 @@ CLUSTERS = ROOT / "examples" / "clusters"
 @pytest.fixture
 def traces() -> Path:
     if not TRACES.is_dir():
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"no trace folder at {TRACES}: CI must have shared/ beside the checkout")
         pytest.skip(f"no trace folder at {TRACES} (set STOWPLAN_TRACES)")
     return TRACES
 
