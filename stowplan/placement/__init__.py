@@ -3,14 +3,19 @@
 ``solve(problem, *, budget, seed)`` is the one entry point: a pure function. It validates the
 problem (bad input raises a ``SpecError`` naming the field before any solving), builds the
 option table (``table``), places greedily (``greedy``), and returns at once when greedy meets
-the capacity-free lower bound, which proves it optimal. Otherwise the CP-SAT count model
-(``cpsat``, whose docstring carries the model) improves on the greedy hint within a
-deterministic-time budget. If CP-SAT finds nothing, the greedy answer is returned as
+the capacity-free lower bound, which proves it optimal. Otherwise the linear relaxation
+(``lp``: GLOP, whole or by column generation) gives a valid bound and a rounded start that
+greedy completes. The CP-SAT count model (``cpsat``, whose docstring carries the model) then
+improves on the better start within a deterministic-time budget: the whole model when it is
+small enough, else the neighbourhood the relaxation points at, and only when that could gain
+more than ``RINS_MIN_GAIN``. If CP-SAT finds nothing, the best start is returned as
 GREEDY_FALLBACK. ``explain`` says where a task went and what the alternatives would have cost,
 or why it cannot go anywhere.
 """
 
 from __future__ import annotations
+
+import math
 
 from stowplan.placement.problem import (
     Assignment,
@@ -53,6 +58,17 @@ DEFAULT_BUDGET = 0.1
 """Deterministic seconds of CP-SAT search (an abstract work unit, not wall time)."""
 
 
+RINS_MIN_GAIN = 1e-3
+"""A large placement is searched by CP-SAT (``cpsat.neighbourhood``) only when the relaxation
+over the columns it would see leaves more than this share of the objective to gain. At 10^5
+tasks x 10^3 pools that search took 0.5 to 1 s and gained 0.002%."""
+
+
+def lp_rounds(budget: float | None) -> int:
+    """Rounds of column generation a large relaxation gets: one per default budget spent."""
+    return max(1, math.ceil((DEFAULT_BUDGET if budget is None else budget) / DEFAULT_BUDGET))
+
+
 def solve(
     problem: PlacementProblem,
     *,
@@ -69,7 +85,7 @@ def solve(
     """
     import time
 
-    from stowplan.placement.cpsat import solve_cpsat
+    from stowplan.placement.cpsat import neighbourhood, solve_cpsat
     from stowplan.placement.greedy import place_greedy
     from stowplan.placement.lp import relax
     from stowplan.placement.problem import PlacementStatus as S
@@ -82,12 +98,14 @@ def solve(
     counts, launched = place_greedy(table)
     best = objective_int(table, counts, launched)
     bound = lower_bound(table)
-    support = None
+    values = None
+    lp_value: float | None = None
     if best > bound:
-        lp = relax(table)
+        lp = relax(table, counts, rounds=lp_rounds(budget))
         if lp is not None:
             bound = max(bound, lp.bound)
-            support = lp.support
+            values = lp.values
+            lp_value = lp.objective
             r_counts, r_launched = place_greedy(table, lp.counts, lp.launched)
             if not violations(table, r_counts, r_launched):
                 r_obj = objective_int(table, r_counts, r_launched)
@@ -103,15 +121,21 @@ def solve(
             bound=min(bound, best),
             solve_seconds=time.perf_counter() - started,
             deterministic_time=dtime,
+            objective=best,
         )
 
     if best <= bound:
         return done(S.OPTIMAL)
+    free = neighbourhood(table, counts, values)
+    if free is not None and lp_value is not None and best - lp_value <= RINS_MIN_GAIN * abs(best):
+        # the neighbourhood lies within the relaxation's columns, whose optimum is lp_value:
+        # searching it cannot gain enough to pay for itself
+        return done(S.FEASIBLE)
     res = solve_cpsat(
         table,
         counts,
         launched,
-        support=support,
+        free=free,
         budget=DEFAULT_BUDGET if budget is None else budget,
         seed=seed,
         workers=workers,
@@ -120,6 +144,6 @@ def solve(
         return done(S.GREEDY_FALLBACK, res.deterministic_time)
     if not res.restricted:
         bound = max(bound, res.bound)
-    if res.objective < best:
+    if res.objective < best and not violations(table, res.counts, res.launched):
         counts, launched, best = res.counts, res.launched, res.objective
     return done(S.OPTIMAL if best <= bound else S.FEASIBLE, res.deterministic_time)

@@ -24,9 +24,13 @@ from the ids, so equal-cost answers are told apart the same way every time.
 Determinism: the search is interleaved (``interleave_search``) with a fixed number of workers
 and stops on a deterministic-time budget, never on wall time. The greedy answer is the hint.
 
-Size: when the full model would exceed ``MAX_COLUMNS``, a class is offered its ``CHEAPEST``
-columns plus those its hint and the linear relaxation use. The proof of optimality then comes
-only from the relaxation's bound (``lp``), which covers every column.
+Size: when the full model would exceed ``MAX_COLUMNS``, CP-SAT searches the neighbourhood the
+linear relaxation points at (RINS: relaxation-induced neighbourhood search). The classes whose
+relaxed counts are fractional, or differ from the hint, keep their hint's columns, the
+relaxation's and their ``CHEAPEST``; every other class stays exactly where the hint put it,
+its usage taken off the capacity the model sees. Classes enter in order of fractional mass
+until ``MAX_COLUMNS`` is reached. The proof of optimality then comes only from the relaxation's
+bound (``lp``), which covers every column.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ from dataclasses import dataclass
 from ortools.sat.python import cp_model
 
 from stowplan.placement.greedy import Counts
-from stowplan.placement.table import Option, Table
+from stowplan.placement.solution import objective_int
+from stowplan.placement.table import Table
 
 MAX_COLUMNS = 6_000
 CHEAPEST = 3
@@ -49,34 +54,48 @@ class CpResult:
     counts: Counts
     launched: dict[int, int]
     objective: int
+    """Of the whole placement, fixed part included."""
     bound: int
+    """CP-SAT's bound on the model it saw: a bound on the problem only when not restricted."""
     restricted: bool
     seconds: float
     deterministic_time: float
 
 
-def columns(
-    table: Table, hint: Counts, support: set[tuple[int, int, str]] | None = None
-) -> tuple[list[Option], bool]:
-    """The columns the model gets: all of them when few; otherwise, per class, the cheapest
-    ``CHEAPEST`` plus every column the hint or the relaxation uses."""
+def neighbourhood(
+    table: Table, hint: Counts, values: dict[tuple[int, int, str], float] | None
+) -> list[list[int]] | None:
+    """Per class, the column indices CP-SAT may change; None for the whole model. Classes with
+    an empty list stay at the hint."""
     total = sum(len(c) for c in table.columns)
     if total <= MAX_COLUMNS:
-        return [o for ci in range(len(table.columns)) for o in table.options(ci)], False
-    wanted: dict[int, set[tuple[int, int]]] = {}
-    models = {m: i for i, m in enumerate(table.models)}
-    for ci, j, model in [*hint, *(support or ())]:
-        wanted.setdefault(ci, set()).add((j, models[model] if model else -1))
-    kept: list[Option] = []
-    for ci, cols in enumerate(table.columns):
-        ks = set(range(min(CHEAPEST, len(cols))))
-        if ci in wanted:
-            pairs = wanted[ci]
-            for k, (j, m) in enumerate(zip(cols.pool.tolist(), cols.model.tolist(), strict=True)):
-                if (j, m) in pairs:
-                    ks.add(k)
-        kept.extend(table.option(ci, k) for k in sorted(ks))
-    return kept, len(kept) < total
+        return None
+    values = values or {}
+    mass = [0.0] * len(table.classes)
+    for (ci, _, _), v in values.items():
+        mass[ci] += abs(v - round(v))
+    floor = {k: int(v + 1e-7) for k, v in values.items() if int(v + 1e-7)}
+    for key in set(hint) | set(floor):
+        if hint.get(key, 0) != floor.get(key, 0):
+            mass[key[0]] += 1e-3
+    wanted: dict[int, set[tuple[int, str]]] = {}
+    for ci, j, model in [*hint, *values]:
+        wanted.setdefault(ci, set()).add((j, model))
+    free: list[list[int]] = [[] for _ in table.classes]
+    size = 0
+    for ci in sorted(range(len(mass)), key=lambda c: (-mass[c], c)):
+        if mass[ci] <= 0:
+            break
+        ks = set(range(min(CHEAPEST, len(table.columns[ci]))))
+        for j, model in wanted.get(ci, ()):
+            k = table.column(ci, j, model)
+            if k is not None:
+                ks.add(k)
+        if size + len(ks) > MAX_COLUMNS:
+            break
+        free[ci] = sorted(ks)
+        size += len(ks)
+    return free
 
 
 def solve_cpsat(
@@ -84,12 +103,34 @@ def solve_cpsat(
     hint: Counts,
     hint_launched: dict[int, int],
     *,
-    support: set[tuple[int, int, str]] | None = None,
+    free: list[list[int]] | None = None,
     budget: float,
     seed: int,
     workers: int,
 ) -> CpResult:
-    cols, restricted = columns(table, hint, support)
+    """Improve on ``hint``. With ``free`` (see ``neighbourhood``) only those columns may change;
+    every other count and every elastic pool none of them touches stays at the hint."""
+    if free is None:
+        cols = [o for ci in range(len(table.columns)) for o in table.options(ci)]
+    else:
+        cols = [table.option(ci, k) for ci, ks in enumerate(free) for k in ks]
+    in_model = {(o.cls, o.pool, o.model) for o in cols}
+    fixed = {k: n for k, n in hint.items() if k not in in_model and n}
+    # what the fixed counts already use, per pool and per class
+    used_cpu: dict[int, int] = {}
+    used_mem: dict[int, int] = {}
+    used_gpu: dict[tuple[int, str], int] = {}
+    used_tasks: dict[int, int] = {}
+    used_cls: dict[int, int] = {}
+    for (ci, j, model), count in fixed.items():
+        c_cpu, c_mem, c_gpu = table.need[ci]
+        used_cpu[j] = used_cpu.get(j, 0) + count * c_cpu
+        used_mem[j] = used_mem.get(j, 0) + count * c_mem
+        if c_gpu:
+            used_gpu[(j, model)] = used_gpu.get((j, model), 0) + count * c_gpu
+        used_tasks[j] = used_tasks.get(j, 0) + count
+        used_cls[ci] = used_cls.get(ci, 0) + count
+
     m = cp_model.CpModel()
     xs = [m.new_int_var(0, o.ub, "") for o in cols]
     elastic = sorted({o.pool for o in cols if table.node[o.pool] is not None})
@@ -106,8 +147,18 @@ def solve_cpsat(
         node = table.node[j]
         n = ns.get(j)
         rows: list[tuple[list[int], list[int], int, int]] = [
-            ([k for k in ks if table.need[cols[k].cls][0]], [], cpu, node[0] if node else 0),
-            ([k for k in ks if table.need[cols[k].cls][1]], [], mem, node[1] if node else 0),
+            (
+                [k for k in ks if table.need[cols[k].cls][0]],
+                [],
+                cpu - used_cpu.get(j, 0),
+                node[0] if node else 0,
+            ),
+            (
+                [k for k in ks if table.need[cols[k].cls][1]],
+                [],
+                mem - used_mem.get(j, 0),
+                node[1] if node else 0,
+            ),
         ]
         rows[0][1].extend(table.need[cols[k].cls][0] for k in rows[0][0])
         rows[1][1].extend(table.need[cols[k].cls][1] for k in rows[1][0])
@@ -117,14 +168,16 @@ def solve_cpsat(
                 (
                     gk,
                     [table.need[cols[k].cls][2] for k in gk],
-                    gpus.get(model, 0),
+                    gpus.get(model, 0) - used_gpu.get((j, model), 0),
                     node[2].get(model, 0) if node else 0,
                 )
             )
         for vk, coef, cap, per in rows:
             if not vk:
+                if cap < 0 and n is not None and per:
+                    m.add(per * n >= -cap)  # instances the fixed counts need
                 continue
-            if sum(c * cols[k].ub for k, c in zip(vk, coef, strict=True)) <= cap:
+            if cap >= 0 and sum(c * cols[k].ub for k, c in zip(vk, coef, strict=True)) <= cap:
                 continue  # can never bind
             lhs = cp_model.LinearExpr.weighted_sum([xs[k] for k in vk], coef)
             if n is not None and per:
@@ -132,14 +185,15 @@ def solve_cpsat(
             else:
                 m.add(lhs <= cap)
         quota = table.pools[j].max_tasks
-        if quota is not None and sum(cols[k].ub for k in ks) > quota:
-            m.add(cp_model.LinearExpr.sum([xs[k] for k in ks]) <= quota)
+        if quota is not None:
+            left = quota - used_tasks.get(j, 0)
+            if sum(cols[k].ub for k in ks) > left:
+                m.add(cp_model.LinearExpr.sum([xs[k] for k in ks]) <= left)
     for ci in sorted(by_class):
         ks = by_class[ci]
-        size = len(table.classes[ci].members)
+        size = len(table.classes[ci].members) - used_cls.get(ci, 0)
         if sum(cols[k].ub for k in ks) > size:
             m.add(cp_model.LinearExpr.sum([xs[k] for k in ks]) <= size)
-
     obj_vars = list(xs) + [ns[j] for j in elastic]
     obj_coef = [o.cost_int - table.reward[o.cls] for o in cols] + [
         table.instance_cost_int[j] for j in elastic
@@ -150,6 +204,7 @@ def solve_cpsat(
     for j in elastic:
         m.add_hint(ns[j], hint_launched.get(j, 0))
 
+    restricted = free is not None
     solver = cp_model.CpSolver()
     p = solver.parameters
     p.num_workers = workers
@@ -157,27 +212,24 @@ def solve_cpsat(
     p.max_deterministic_time = budget
     p.random_seed = seed
     p.log_search_progress = False
-    if restricted:
-        # a restricted model cannot prove optimality anyway: spend the budget on the LP-guided
-        # search, which improves large placements most (measured at 10^5 tasks x 10^3 pools)
-        p.subsolvers.append("default_lp")
     started = time.perf_counter()
     status = solver.solve(m)
     seconds = time.perf_counter() - started
     name = solver.status_name(status)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return CpResult(name, {}, {}, 0, 0, restricted, seconds, solver.deterministic_time)
-    counts: Counts = {}
+    counts: Counts = dict(fixed)
     for k, o in enumerate(cols):
         v = int(solver.value(xs[k]))
         if v:
             counts[(o.cls, o.pool, o.model)] = v
-    launched = {j: int(solver.value(ns[j])) for j in elastic if solver.value(ns[j])}
+    launched = {j: n for j, n in hint_launched.items() if j not in ns and n}
+    launched.update({j: int(solver.value(ns[j])) for j in elastic if solver.value(ns[j])})
     return CpResult(
         name,
         counts,
         launched,
-        int(solver.objective_value),
+        objective_int(table, counts, launched),
         int(solver.best_objective_bound),
         restricted,
         seconds,

@@ -29,6 +29,8 @@ _EMPTY = PlacementProblem(pools=[], classes=[])
 Counts = dict[tuple[int, int, str], int]
 """(class index, pool index, GPU model) -> members placed."""
 
+_UNLIMITED = int(np.iinfo(np.int64).max) // 4
+
 
 def eligible(cls: DemandClass, pool: Pool, problem: PlacementProblem | None = None) -> bool:
     """Whether ``pool`` could ever run a member of ``cls`` (free capacity aside)."""
@@ -83,7 +85,7 @@ def place_greedy(
     for j, f in enumerate(table.free):
         for m, g in f[2].items():
             gpu[midx[m], j] = g
-    unlimited = np.iinfo(np.int64).max // 4
+    unlimited = _UNLIMITED
     quota = np.array(
         [p.max_tasks if p.max_tasks is not None else unlimited for p in table.pools],
         dtype=np.int64,

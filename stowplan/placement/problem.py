@@ -246,6 +246,11 @@ def _finite(value: float, source: str, path: str, *, positive: bool = False) -> 
         raise _bad(source, path, f"must be {need}, got {value:g}", f"use a value {need}")
 
 
+def _fine(*values: float) -> bool:
+    """All finite and non-negative: the fast check, before any path string is built."""
+    return all(math.isfinite(v) and v >= 0 for v in values)
+
+
 def validate(problem: PlacementProblem, *, source: str = "placement problem") -> None:
     """Reject bad input before any solving, naming the field (``$.pools[3].cpus``) and a fix."""
     pool_ids: set[str] = set()
@@ -261,22 +266,24 @@ def validate(problem: PlacementProblem, *, source: str = "placement problem") ->
             raise _bad(
                 source, f"{at}.kind", f"unknown pool kind {p.kind!r}", f"use one of {POOL_KINDS}"
             )
-        _finite(p.cpus, source, f"{at}.cpus")
-        _finite(float(p.memory), source, f"{at}.memory")
-        for m, n in sorted(p.gpus.items()):
-            _finite(float(n), source, f"{at}.gpus.{m}")
-        for name in ("price_per_hour", "interruption_rate", "boot_s", "expected_wait_s"):
-            _finite(getattr(p, name), source, f"{at}.{name}")
+        numbers = (p.price_per_hour, p.interruption_rate, p.boot_s, p.expected_wait_s)
+        if not _fine(p.cpus, p.memory, *p.gpus.values(), *numbers):
+            _finite(p.cpus, source, f"{at}.cpus")
+            _finite(float(p.memory), source, f"{at}.memory")
+            for m, n in sorted(p.gpus.items()):
+                _finite(float(n), source, f"{at}.gpus.{m}")
+            for name in ("price_per_hour", "interruption_rate", "boot_s", "expected_wait_s"):
+                _finite(getattr(p, name), source, f"{at}.{name}")
         if p.max_instances < 0:
             raise _bad(source, f"{at}.max_instances", "must be 0 or more", "use 0 for fixed pools")
         if p.max_tasks is not None and p.max_tasks < 0:
             raise _bad(source, f"{at}.max_tasks", "must be 0 or more", "drop it for no quota")
-        if p.node is not None:
+        if p.node is not None and not _fine(p.node.cpus, p.node.memory, *p.node.gpus.values()):
             _finite(p.node.cpus, source, f"{at}.node.cpus")
             _finite(float(p.node.memory), source, f"{at}.node.memory")
             for m, n in sorted(p.node.gpus.items()):
                 _finite(float(n), source, f"{at}.node.gpus.{m}")
-        elif p.max_instances > 0:
+        if p.node is None and p.max_instances > 0:
             raise _bad(
                 source,
                 f"{at}.node",
@@ -285,8 +292,9 @@ def validate(problem: PlacementProblem, *, source: str = "placement problem") ->
             )
     sites = {p.site for p in problem.pools} | {p.region for p in problem.pools if p.region}
     for i, link in enumerate(problem.links):
-        _finite(link.bandwidth, source, f"$.links[{i}].bandwidth", positive=True)
-        _finite(link.egress_per_gb, source, f"$.links[{i}].egress_per_gb")
+        if not (_fine(link.bandwidth, link.egress_per_gb) and link.bandwidth > 0):
+            _finite(link.bandwidth, source, f"$.links[{i}].bandwidth", positive=True)
+            _finite(link.egress_per_gb, source, f"$.links[{i}].egress_per_gb")
     data_ids: set[str] = set()
     for i, d in enumerate(problem.datasets):
         if d.id in data_ids:
@@ -314,11 +322,12 @@ def validate(problem: PlacementProblem, *, source: str = "placement problem") ->
         if c.id in class_ids:
             raise _bad(source, f"{at}.id", f"class id {c.id!r} appears twice", "make ids unique")
         class_ids.add(c.id)
-        _finite(c.cpus, source, f"{at}.cpus")
-        _finite(float(c.memory), source, f"{at}.memory")
-        _finite(c.runtime_s, source, f"{at}.runtime_s")
-        for j, (_, secs) in enumerate(c.runtime_by_gpu):
-            _finite(secs, source, f"{at}.runtime_by_gpu[{j}]")
+        if not _fine(c.cpus, c.memory, c.runtime_s, *(secs for _, secs in c.runtime_by_gpu)):
+            _finite(c.cpus, source, f"{at}.cpus")
+            _finite(float(c.memory), source, f"{at}.memory")
+            _finite(c.runtime_s, source, f"{at}.runtime_s")
+            for j, (_, secs) in enumerate(c.runtime_by_gpu):
+                _finite(secs, source, f"{at}.runtime_by_gpu[{j}]")
         if c.gpus < 0:
             raise _bad(source, f"{at}.gpus", "must be 0 or more", "ask for 0 or more GPUs")
         for j, did in enumerate(c.datasets):

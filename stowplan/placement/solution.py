@@ -19,8 +19,12 @@ def _options(table: Table, counts: Counts) -> dict[tuple[int, int, str], Option]
 
 
 def objective_int(table: Table, counts: Counts, launched: dict[int, int]) -> int:
-    opts = _options(table, counts)
-    total = sum(n * (opts[k].cost_int - table.reward[k[0]]) for k, n in counts.items())
+    total = 0
+    for key, n in counts.items():
+        cost = table.cost_of(*key)
+        if cost is None:
+            raise KeyError(f"no column {key}")
+        total += n * (cost - table.reward[key[0]])
     total += sum(k * table.instance_cost_int[j] for j, k in launched.items())
     return total
 
@@ -35,7 +39,7 @@ def violations(table: Table, counts: Counts, launched: dict[int, int]) -> list[s
     for (ci, j, model), n in counts.items():
         if n < 0:
             out.append(f"negative count for class {table.classes[ci].id} in {table.pools[j].id}")
-        if table.find(ci, j, model) is None:
+        if table.column(ci, j, model) is None:
             out.append(f"class {table.classes[ci].id} may not use {table.pools[j].id}/{model}")
         c_cpu, c_mem, c_gpu = table.need[ci]
         u = used.setdefault(j, [0, 0])
@@ -84,6 +88,7 @@ def assemble(
     bound: int | None,
     solve_seconds: float = 0.0,
     deterministic_time: float = 0.0,
+    objective: int | None = None,
 ) -> PlacementSolution:
     """The solution for these counts. ``bound`` None means "no proof": the bound is then the
     objective itself for greedy answers (reported as such, with gap 0 only when proven)."""
@@ -131,7 +136,7 @@ def assemble(
         terms["wait_seconds"] += k * p.boot_s
         terms["compute_cost"] += k * p.price_per_hour * p.boot_s / 3600.0
         terms["cost"] += k * table.instance_cost[j]
-    obj = objective_int(table, counts, launched)
+    obj = objective_int(table, counts, launched) if objective is None else objective
     proven = bound if bound is not None else obj
     unplaced = {}
     for ci, cls in enumerate(table.classes):

@@ -6,6 +6,8 @@ so an engine bug cannot hide behind a checker with the same bug.
 
 from __future__ import annotations
 
+from unittest import mock
+
 import msgspec
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -20,8 +22,10 @@ from stowplan.placement import (
     expand,
     solve,
 )
+from stowplan.placement import table as table_module
 from stowplan.placement.greedy import eligible
-from stowplan.placement.table import build, pool_reasons
+from stowplan.placement.synthetic import problem as synthetic
+from stowplan.placement.table import Table, build, pool_reasons
 
 GiB = 1 << 30
 MODELS = ("A100", "H100")
@@ -160,16 +164,63 @@ def test_more_capacity_never_places_fewer(problem: PlacementProblem, data: st.Da
     assert after.placed() >= before.placed()
 
 
+def build_vectorised(problem: PlacementProblem) -> Table:
+    """The table through the numpy builder, which large problems take."""
+    with mock.patch.object(table_module, "SMALL_POOLS", -1):
+        return build(problem)
+
+
 @SETTINGS
 @given(problems())
 def test_the_vectorised_table_agrees_with_the_scalar_reasons(problem: PlacementProblem) -> None:
-    table = build(problem)
-    for ci, c in enumerate(table.classes):
-        usable = {table.pools[j].id for j in table.columns[ci].pool.tolist()}
-        for p in table.pools:
-            if p.id in usable:
-                assert not pool_reasons(problem, c, p), (c.id, p.id)
-                assert eligible(c, p, problem)
-        assert (table.eligible_full[ci] > 0) == any(
-            not pool_reasons(problem, c, p) for p in table.pools
-        )
+    for table in (build(problem), build_vectorised(problem)):
+        for ci, c in enumerate(table.classes):
+            usable = {table.pools[j].id for j in table.columns[ci].pool.tolist()}
+            for p in table.pools:
+                if p.id in usable:
+                    assert not pool_reasons(problem, c, p), (c.id, p.id)
+                    assert eligible(c, p, problem)
+            assert (table.eligible_full[ci] > 0) == any(
+                not pool_reasons(problem, c, p) for p in table.pools
+            )
+
+
+def assert_same_table(a: Table, b: Table) -> None:
+    assert [p.id for p in a.pools] == [p.id for p in b.pools]
+    assert (a.eligible_full, a.need, a.reward, a.models) == (
+        b.eligible_full,
+        b.need,
+        b.reward,
+        b.models,
+    )
+    assert (a.free, a.node, a.instance_cost, a.instance_cost_int, a.scale) == (
+        b.free,
+        b.node,
+        b.instance_cost,
+        b.instance_cost_int,
+        b.scale,
+    )
+    for ca, cb in zip(a.columns, b.columns, strict=True):
+        for name in ("pool", "model", "ub", "unit", "terms", "cost_int"):
+            x, y = getattr(ca, name), getattr(cb, name)
+            assert x.shape == y.shape and x.dtype == y.dtype, name
+            assert (x == y).all(), name  # identical, not merely close
+
+
+@SETTINGS
+@given(problems())
+def test_both_table_builders_give_the_same_table(problem: PlacementProblem) -> None:
+    assert_same_table(build(problem), build_vectorised(problem))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    pools=st.integers(1, table_module.SMALL_POOLS),
+    classes=st.integers(1, 12),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_both_builders_agree_on_fleets(pools: int, classes: int, seed: int) -> None:
+    # the synthetic fleet adds what the small strategy lacks: datasets and links, residency,
+    # spot rates, waits, runtimes, prices
+    p = synthetic(40 * classes, pools, classes, seed=seed)
+    assert_same_table(build(p), build_vectorised(p))
