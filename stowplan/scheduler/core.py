@@ -115,6 +115,10 @@ class _Run:
         self.bucket: tuple[object, ...] | None = None
 
 
+_NOTHING_USED = (0.0, 0.0)
+_NO_GPUS: Counter[str] = Counter()
+
+
 def _bucket_key(t: TaskInstance) -> tuple[object, ...]:
     return (
         t.project,
@@ -166,6 +170,9 @@ class SchedulerCore:
         self._stalled = False
         """the last answer placed nothing: wait for capacity, pools or READY runs to change."""
         self._feasible: dict[tuple[object, ...], bool] = {}
+        self._eligible: dict[tuple[object, ...], list[Pool]] = {}
+        """Per bucket, the pools that could ever run it (free capacity aside): pools only
+        change on discovery, so this is computed once per bucket and discovery."""
         """per bucket, whether any known pool could ever run it (cleared when pools change)."""
         self._in_pool: Counter[str] = Counter()
         """stowplan's tasks holding a lease in each pool, for pool quotas (max_tasks)."""
@@ -227,15 +234,18 @@ class SchedulerCore:
 
     def free_capacity(self, pool_id: str) -> tuple[float, int, dict[str, int]]:
         pool = self._pools[pool_id]
-        used = self._used.get(pool_id, [0.0, 0.0])
-        gpus_used = self._used_gpus.get(pool_id, Counter())
-        cpus, memory, total = pool.cpus, pool.memory, Counter(pool.gpus)
+        used = self._used.get(pool_id, _NOTHING_USED)
+        gpus_used = self._used_gpus.get(pool_id, _NO_GPUS)
+        cpus, memory = pool.cpus, pool.memory
+        total = pool.gpus
         k = self._launched.get(pool_id, 0)
         if k and pool.node is not None:  # instances launched since the last discovery
             cpus += k * pool.node.cpus
             memory += k * pool.node.memory
-            total.update({m: k * n for m, n in pool.node.gpus.items()})
-        gpus = {m: n - gpus_used.get(m, 0) for m, n in sorted(total.items())}
+            total = dict(total)
+            for m, n in pool.node.gpus.items():
+                total[m] = total.get(m, 0) + k * n
+        gpus = {m: total[m] - gpus_used.get(m, 0) for m in sorted(total)}
         return cpus - used[0], int(memory - used[1]), gpus
 
     # ---- events -------------------------------------------------------------------------
@@ -328,6 +338,7 @@ class SchedulerCore:
     def _on_pools(self, ev: PoolsDiscovered) -> None:
         self._stalled = False
         self._feasible.clear()
+        self._eligible.clear()
         for old in self._provider_pools.get(ev.provider, []):
             self._pools.pop(old, None)
         self._provider_pools[ev.provider] = sorted(p.id for p in ev.pools)
@@ -607,6 +618,8 @@ class SchedulerCore:
     # ---- placement ----------------------------------------------------------------------
 
     def _maybe_solve(self) -> None:
+        from stowplan.placement.greedy import eligible
+
         if self._solving is not None or not self._pools or self._stalled:
             return
         buckets = [(k, b) for k, b in self._ready.items() if b]
@@ -646,12 +659,15 @@ class SchedulerCore:
                 priority=t.priority,
             )
             key = _bucket_key(t)
-            if key not in self._feasible:
-                self._feasible[key] = self._feasible_somewhere(cls, pools)
+            usable = self._eligible.get(key)
+            if usable is None:
+                usable = [p for p in pools if eligible(cls, p, self._context_problem)]
+                self._eligible[key] = usable
+                self._feasible[key] = self._feasible_somewhere(cls, usable)
             if not self._feasible[key]:
                 self._reject(bucket, cls, pools)
                 continue
-            limit = min(len(bucket), self._fit_bound(cls, pools, free))
+            limit = min(len(bucket), self._fit_bound(cls, usable, free))
             if t.max_concurrent:
                 # a group's runs may sit in several classes (another priority, say)
                 active = self._group_active[t.group] + offered[t.group]
@@ -699,35 +715,32 @@ class SchedulerCore:
         pools: list[Pool],
         free: dict[str, tuple[float, int, dict[str, int]]],
     ) -> int:
-        """At most this many members could be placed now: what free capacity holds, plus what
-        the instances elastic pools may still launch would hold."""
-        from stowplan.placement.greedy import eligible, fits
+        """At most this many members could be placed now in ``pools`` (those eligible): what
+        free capacity holds, plus what the instances elastic pools may still launch would hold."""
+        from stowplan.placement.greedy import fits
 
         total = 0
         for p in pools:
-            if eligible(cls, p, self._context_problem):
-                cpus, mem, gpus = free[p.id]
-                n = fits(cls, cpus, mem, gpus)
-                room = p.max_instances - self._launched.get(p.id, 0)
-                if p.elastic and p.node is not None and room > 0:
-                    n += room * fits(cls, p.node.cpus, p.node.memory, dict(p.node.gpus))
-                if p.max_tasks is not None:
-                    n = min(n, max(0, p.max_tasks - self._in_pool[p.id]))
-                total += n
+            cpus, mem, gpus = free[p.id]
+            n = fits(cls, cpus, mem, gpus)
+            room = p.max_instances - self._launched.get(p.id, 0)
+            if p.elastic and p.node is not None and room > 0:
+                n += room * fits(cls, p.node.cpus, p.node.memory, dict(p.node.gpus))
+            if p.max_tasks is not None:
+                n = min(n, max(0, p.max_tasks - self._in_pool[p.id]))
+            total += n
         return total
 
     def _feasible_somewhere(self, cls: DemandClass, pools: list[Pool]) -> bool:
-        from stowplan.placement.greedy import eligible, fits
+        """Whether any of ``pools`` (those eligible) could run one member when empty."""
+        from stowplan.placement.greedy import fits
 
         return any(
-            eligible(cls, p, self._context_problem)
-            and (
-                fits(cls, p.cpus, p.memory, dict(p.gpus)) > 0
-                or (
-                    p.elastic
-                    and p.node is not None
-                    and fits(cls, p.node.cpus, p.node.memory, dict(p.node.gpus)) > 0
-                )
+            fits(cls, p.cpus, p.memory, dict(p.gpus)) > 0
+            or (
+                p.elastic
+                and p.node is not None
+                and fits(cls, p.node.cpus, p.node.memory, dict(p.node.gpus)) > 0
             )
             for p in pools
         )

@@ -658,6 +658,21 @@ def test_a_gpu_model_no_pool_has_is_rejected() -> None:
     )
 
 
+def test_a_pool_discovered_later_is_offered_to_runs_already_waiting() -> None:
+    # which pools suit a run is worked out once per kind of run: a discovery must redo it
+    a100, h100 = pool("a100", cpus=8, gpus={"A100": 4}), pool("h100", cpus=8, gpus={"H100": 1})
+    h = Harness(a100, h100)
+    h.submit(task("first", gpus=1, gpu_types=("H100",)))
+    h.submit(task("second", gpus=1, gpu_types=("H100",)))
+    assert h.states("first", "second") == [S.SUBMITTING, S.READY]
+    more = pool("h100-b", cpus=8, gpus={"H100": 1})
+    out = h.send(PoolsDiscovered(provider="local", pools=[a100, h100, more]))
+    assert h.states("second") == [S.SUBMITTING]
+    assert [(c.pool, [i.run_id for i in c.items]) for c in of(out, Submit)] == [
+        ("h100-b", ["second"])
+    ]
+
+
 def test_a_busy_pool_is_not_a_rejection() -> None:
     h = Harness(pool(cpus=2))
     h.submit(task("a", cpus=2))
