@@ -169,11 +169,9 @@ class SchedulerCore:
         self._now = 0.0
         self._stalled = False
         """the last answer placed nothing: wait for capacity, pools or READY runs to change."""
-        self._feasible: dict[tuple[object, ...], bool] = {}
-        self._eligible: dict[tuple[object, ...], list[Pool]] = {}
-        """Per bucket, the pools that could ever run it (free capacity aside): pools only
-        change on discovery, so this is computed once per bucket and discovery."""
-        """per bucket, whether any known pool could ever run it (cleared when pools change)."""
+        self._eligible: dict[tuple[object, ...], tuple[list[Pool], bool]] = {}
+        """per bucket, the pools that could ever run it (free capacity aside) and whether any of
+        them is large enough for one member: pools change only on discovery, which clears it."""
         self._in_pool: Counter[str] = Counter()
         """stowplan's tasks holding a lease in each pool, for pool quotas (max_tasks)."""
         self._launched: Counter[str] = Counter()
@@ -337,7 +335,6 @@ class SchedulerCore:
 
     def _on_pools(self, ev: PoolsDiscovered) -> None:
         self._stalled = False
-        self._feasible.clear()
         self._eligible.clear()
         for old in self._provider_pools.get(ev.provider, []):
             self._pools.pop(old, None)
@@ -659,12 +656,12 @@ class SchedulerCore:
                 priority=t.priority,
             )
             key = _bucket_key(t)
-            usable = self._eligible.get(key)
-            if usable is None:
+            cached = self._eligible.get(key)
+            if cached is None:
                 usable = [p for p in pools if eligible(cls, p, self._context_problem)]
-                self._eligible[key] = usable
-                self._feasible[key] = self._feasible_somewhere(cls, usable)
-            if not self._feasible[key]:
+                cached = self._eligible[key] = (usable, self._feasible_somewhere(cls, usable))
+            usable, feasible = cached
+            if not feasible:
                 self._reject(bucket, cls, pools)
                 continue
             limit = min(len(bucket), self._fit_bound(cls, usable, free))
