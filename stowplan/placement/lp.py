@@ -71,10 +71,6 @@ class Relaxation:
     columns: int
     """Columns in the last LP solved."""
 
-    @property
-    def support(self) -> set[tuple[int, int, str]]:
-        return set(self.values)
-
 
 @dataclass(frozen=True, slots=True)
 class _Rows:
