@@ -247,8 +247,10 @@ def _finite(value: float, source: str, path: str, *, positive: bool = False) -> 
 
 
 def _fine(*values: float) -> bool:
-    """All finite and non-negative: the fast check, before any path string is built."""
-    return all(math.isfinite(v) and v >= 0 for v in values)
+    """All finite and non-negative: the fast check, before any path string is built. A NaN or
+    an infinity makes the sum non-finite; a sum that overflows only sends valid numbers down
+    the slow path, which checks each one."""
+    return not values or (min(values) >= 0 and math.isfinite(sum(values)))
 
 
 def validate(problem: PlacementProblem, *, source: str = "placement problem") -> None:
