@@ -51,10 +51,15 @@ class CuttingProxy:
             self.threshold, self.sent_since_arm, self.mode = threshold, 0, mode
 
     def cut(self) -> None:
+        """Drop every connection and disarm: connections made after this one get through."""
         with self.lock:
             pairs, self.pairs = self.pairs, []
             self.threshold, self.holding = None, False
             self.cuts += 1
+        self._close(pairs)
+
+    @staticmethod
+    def _close(pairs: list[tuple[socket.socket, socket.socket]]) -> None:
         for a, b in pairs:
             for s in (a, b):
                 with contextlib.suppress(OSError):
@@ -99,26 +104,25 @@ class CuttingProxy:
                 dst.shutdown(socket.SHUT_WR)
 
     def _count(self, n: int) -> None:
-        act = None
-        threshold = 0
+        # decide and take the connections to drop under one lock: a drop decided here must not
+        # reach a connection made after the test disarmed the proxy with cut()
         with self.lock:
             if self.threshold is None:
                 return
             self.sent_since_arm += n
-            if self.sent_since_arm >= self.threshold:
-                act = self.mode
-                if act == "always":  # stays armed: every connection is cut in turn
-                    threshold, self.sent_since_arm = self.threshold, 0
-                else:
-                    self.threshold = None
-                if act == "hold":
-                    self.holding = True
-        if act == "cut":
-            self.cut()
-        elif act == "always":
-            self.cut()
-            with self.lock:
-                self.threshold = threshold
+            if self.sent_since_arm < self.threshold:
+                return
+            act = self.mode
+            if act == "always":  # stays armed: every connection is cut in turn
+                self.sent_since_arm = 0
+            else:
+                self.threshold = None
+            if act == "hold":
+                self.holding = True
+                return
+            pairs, self.pairs = self.pairs, []
+            self.cuts += 1
+        self._close(pairs)
 
 
 def _launches(tag: str) -> list[LaunchSpec]:
