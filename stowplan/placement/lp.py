@@ -124,10 +124,11 @@ def _rhs(table: Table, rows: _Rows) -> FloatArray:
 
 def _start(table: Table, hint: Counts) -> list[IntArray]:
     """The first restricted column set, per class (sorted column indices)."""
-    used: dict[int, set[tuple[int, int]]] = {}
-    midx = {m: i for i, m in enumerate(table.models)}
+    used: dict[int, list[int]] = {}
     for ci, j, model in hint:
-        used.setdefault(ci, set()).add((j, midx[model] if model else -1))
+        k = table.column(ci, j, model)
+        if k is not None:
+            used.setdefault(ci, []).append(k)
     sizes = [len(c) for c in table.columns]
     cls_all = np.repeat(np.arange(len(sizes)), sizes)
     k_all = np.concatenate([np.arange(n) for n in sizes]) if sizes else np.zeros(0, np.int64)
@@ -146,13 +147,7 @@ def _start(table: Table, hint: Counts) -> list[IntArray]:
     for ci, c in enumerate(table.columns):
         ks = [np.arange(min(START_CHEAPEST, len(c))), k_all[pick[cls_all[pick] == ci]]]
         if ci in used:
-            pairs = used[ci]
-            on = [
-                k
-                for k, (j, m) in enumerate(zip(c.pool.tolist(), c.model.tolist(), strict=True))
-                if (j, m) in pairs
-            ]
-            ks.append(np.array(on, dtype=np.int64))
+            ks.append(np.array(used[ci], dtype=np.int64))
         keep.append(np.unique(np.concatenate(ks)).astype(np.int64))
     return keep
 
