@@ -29,6 +29,7 @@ from __future__ import annotations
 import csv
 import json
 import multiprocessing as mp
+import os
 import resource
 import statistics
 import sys
@@ -37,7 +38,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
+# openb and Gavel's traces: $STOWPLAN_TRACES, the team's copy ../shared/traces by default
+# (the Alibaba traces are for research or study use and are not shipped; see examples/traces/)
+TRACES = Path(
+    os.environ.get(
+        "STOWPLAN_TRACES", Path(__file__).resolve().parents[1].parent / "shared" / "traces"
+    )
+)
 BOOLEAN_CAP_S = 120.0
 BOOLEAN_MEM_GIB = 10
 
@@ -523,7 +530,23 @@ def gavel() -> None:
 
 
 CASES = {"scale": scale, "boolean": boolean, "quality": quality, "openb": openb, "gavel": gavel}
+NEEDS = {
+    "openb": ("alibaba-gpu-v2023-openb/csv/openb_node_list_all_node.csv",),
+    "gavel": ("gavel/derived_isolated_throughputs_simulation.csv", "gavel/traces/msr/seed=0"),
+}
+"""Traces each case reads under $STOWPLAN_TRACES: checked before anything runs."""
 
 if __name__ == "__main__":
-    for name in sys.argv[1:] or list(CASES):
+    from stowplan.errors import SpecError
+    from stowplan.simulator.workloads import TRACES_ENV, trace_path
+
+    os.environ.setdefault(TRACES_ENV, str(TRACES))
+    names = sys.argv[1:] or list(CASES)
+    try:
+        for name in names:
+            for rel in NEEDS.get(name, ()):
+                trace_path(rel)
+    except SpecError as e:
+        raise SystemExit(f"bench_placement: {e.render()}") from None
+    for name in names:
         CASES[name]()

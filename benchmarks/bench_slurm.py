@@ -6,7 +6,9 @@ prints one JSON line:
 
     trials                 sweep size
     arrays                 sbatch submissions (job arrays) Slurm received
-    ssh_commands           remote commands the drivers issued (every process, SFTP included)
+    ssh_commands           remote commands the login node's sshd served (SFTP sessions included),
+                           counted from its log: nothing in the driver counts them
+    ssh_logins             SSH connections the login node accepted
     ssh_per_trial          ssh_commands / trials (target: at most 0.05)
     all_submitted_s        from starting ``stowplan run`` until every trial has a Slurm job
     all_finished_s         from starting ``stowplan run`` until it exited, all trials final
@@ -109,9 +111,7 @@ def main() -> int:
             print(err[-3000:], file=sys.stderr)
             return 1
         final = json.loads(out)["counts"]
-        commands = 0
-        for f in (proj / ".stowplan" / "slurm" / "cluster").glob("stats-*.json"):
-            commands += json.loads(f.read_text())["commands"]
+        commands, logins = cluster.ssh_sessions()
         arrays = len(list((proj / "remote" / "jobs").glob("*/jobid")))
         print(
             json.dumps(
@@ -121,6 +121,7 @@ def main() -> int:
                     "queue_factor": args.queue_factor,
                     "arrays": arrays,
                     "ssh_commands": commands,
+                    "ssh_logins": logins,
                     "ssh_per_trial": round(commands / args.trials, 4),
                     "all_submitted_s": None
                     if all_submitted_s is None

@@ -34,11 +34,18 @@ def add_parsers(sub: Any) -> None:
         ("whatif", "compare a cluster with a changed one on the same workload and seeds"),
     ):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("cluster", type=Path, help="cluster TOML (see examples/clusters/)")
+        p.add_argument(
+            "cluster",
+            type=Path,
+            help="cluster TOML with [cluster] and [[pools]] (e.g. "
+            "examples/clusters/university-slurm.toml) or an openb/spot node-list CSV",
+        )
         p.add_argument(
             "workload",
             type=Path,
-            help="a trace (Gavel .trace, Philly/openb/DLRM/Tiresias CSV) or a workload TOML",
+            help="a trace (Gavel .trace, Philly/openb/DLRM/Tiresias CSV, e.g. "
+            "examples/traces/tiresias/60_job.csv) or a workload TOML with [workload] (e.g. "
+            "examples/clusters/sweep-workload.toml)",
         )
         p.add_argument(
             "--policy",
@@ -133,6 +140,30 @@ def _write(report: dict[str, Any], out: Path, plots: bool) -> list[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _check_roles(cluster: Path, workload: Path) -> None:
+    """Refuse a file given in the other's place (or an experiment or project file) with a hint
+    that names the kind of file that belongs there, not the shape of the one given."""
+    from stowplan.simulator.workloads import CLUSTER_EXAMPLE, WORKLOAD_EXAMPLES, FileKind, file_kind
+
+    ck, wk = file_kind(cluster), file_kind(workload)
+    swap = f"swap the two: stowplan sim {workload} {cluster}"
+    if ck not in (FileKind.CLUSTER, FileKind.UNKNOWN):
+        raise SpecError(
+            f"this is {ck.value}, given as CLUSTER (the first argument)",
+            file=str(cluster),
+            hint=swap
+            if ck is FileKind.WORKLOAD and wk is FileKind.CLUSTER
+            else "give a cluster TOML with [cluster] and [[pools]] (e.g. "
+            f"{CLUSTER_EXAMPLE}) or a node-list CSV",
+        )
+    if wk not in (FileKind.WORKLOAD, FileKind.UNKNOWN):
+        raise SpecError(
+            f"this is {wk.value}, given as WORKLOAD (the second argument)",
+            file=str(workload),
+            hint=f"give a trace or a workload TOML with [workload] (e.g. {WORKLOAD_EXAMPLES})",
+        )
+
+
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     from stowplan.simulator.cluster import load_cluster
     from stowplan.simulator.policies import resolve
@@ -141,6 +172,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     for p in args.policy or []:
         resolve(p)  # unknown policies are bad input: refuse before reading big traces
     _until(args.until)
+    _check_roles(args.cluster, args.workload)
     return load_cluster(args.cluster).spec, load_workload(args.workload)
 
 

@@ -26,6 +26,7 @@ import csv
 import enum
 import hashlib
 import math
+import os
 import random
 import tomllib
 from collections.abc import Iterator
@@ -99,7 +100,92 @@ class WorkloadKind(enum.StrEnum):
     SYNTHETIC = "synthetic"
 
 
+# ---- where traces live -----------------------------------------------------------------------
+
+TRACES_ENV = "STOWPLAN_TRACES"
+"""Names the folder that holds the traces too large (or not free enough) to ship."""
+
+SHIPPED = {
+    "tiresias-sim/60_job.csv": "examples/traces/tiresias/60_job.csv",
+    "gavel/traces/msr/seed=0/103959.trace": "examples/traces/gavel/103959.trace",
+    "gavel/derived_isolated_throughputs_simulation.csv": (
+        "examples/traces/gavel/derived_isolated_throughputs_simulation.csv"
+    ),
+    "acme-helios-philly-pai-summary/philly_vc_node_counts.csv": (
+        "examples/traces/helios/philly_vc_node_counts.csv"
+    ),
+}
+"""Traces the repository ships (path under ``$STOWPLAN_TRACES`` -> path in a checkout)."""
+
+UPSTREAM = {
+    "philly-derived-pollux": "https://github.com/petuum/adaptdl (branch osdi21-artifact, "
+    "commit c793c7089bd307462686339d29707925c461f9a9), simulator/traces/",
+    "gavel": "https://github.com/stanford-futuredata/gavel (commit "
+    "c4fa40097339e9608ab71fd64c8bdea96a5e4a4c), scheduler/",
+    "tiresias-sim": "https://github.com/SymbioticLab/Tiresias (commit "
+    "959f9b08f44fa1b4f2b3aed79b01e4d439264a94), simulator/",
+    "alibaba-gpu-v2023-openb": "https://github.com/alibaba/clusterdata, "
+    "cluster-trace-gpu-v2023/csv/ (research or study use only)",
+    "alibaba-gpu-v2025-dlrm": "https://github.com/alibaba/clusterdata, "
+    "cluster-trace-gpu-v2025/ (research or study use only)",
+    "alibaba-v2026-spot-gpu-nodes": "https://github.com/alibaba/clusterdata, "
+    "cluster-trace-v2026-spot-gpu/ (research or study use only)",
+    "acme-helios-philly-pai-summary": "https://github.com/InternLM/AcmeTrace, data/ and "
+    "https://github.com/S-Lab-System-Group/HeliosArtifact",
+    "pollux-goodput-profiles": "https://github.com/petuum/adaptdl (branch osdi21-artifact), "
+    "simulator/traces/<model>/",
+}
+"""Where each trace folder of ``$STOWPLAN_TRACES`` comes from (see examples/traces/README.md)."""
+
+
+def _where_to_get(path: Path) -> str | None:
+    """A hint for a trace path that does not exist: the shipped copy, or where to download it."""
+    parts = path.as_posix().split("/")
+    for i, folder in enumerate(parts):
+        rel = "/".join(parts[i:])
+        if rel in SHIPPED:
+            return f"a copy ships with stowplan: {SHIPPED[rel]}"
+        if folder in UPSTREAM:
+            return (
+                f"{rel} is not shipped with stowplan; get it from {UPSTREAM[folder]} and put "
+                f"it under ${TRACES_ENV}/{folder}/ (see examples/traces/README.md)"
+            )
+    return None
+
+
+_REPO = Path(__file__).resolve().parents[2]
+
+
+def trace_path(relative: str) -> Path:
+    """``$STOWPLAN_TRACES/relative``, checked: a ``SpecError`` names what is missing and where to
+    get it. For the traces too large or not free enough to ship (see examples/traces/)."""
+    shipped = SHIPPED.get(relative)
+    if shipped is not None and (_REPO / shipped).is_file():
+        return _REPO / shipped
+    folder = relative.split("/", 1)[0]
+    source = UPSTREAM.get(folder, "its publisher (see examples/traces/README.md)")
+    base = os.environ.get(TRACES_ENV, "")
+    if not base:
+        raise SpecError(
+            f"needs {relative}, which is not shipped with stowplan, and {TRACES_ENV} is not set",
+            path=TRACES_ENV,
+            hint=f"get {folder}/ from {source} and set {TRACES_ENV} to the folder that holds it",
+        )
+    path = Path(base) / relative
+    if not path.exists():
+        raise SpecError(
+            f"not found under {TRACES_ENV}={base} (it is not shipped with stowplan)",
+            file=str(path),
+            hint=f"get {relative} from {source} and put it there",
+        )
+    return path
+
+
 # ---- helpers ------------------------------------------------------------------------------
+
+
+def _not_found(path: Path) -> SpecError:
+    return SpecError("file not found", file=str(path), hint=_where_to_get(path) or "check the path")
 
 
 def _bad(file: Path, line: int, column: str, message: str, hint: str) -> SpecError:
@@ -110,7 +196,7 @@ def _open(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise SpecError("file not found", file=str(path), hint="check the path") from None
+        raise _not_found(path) from None
     except (UnicodeDecodeError, IsADirectoryError, PermissionError) as e:
         raise SpecError(f"cannot read: {e}", file=str(path)) from None
 
@@ -605,6 +691,74 @@ class WorkloadFile(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     data: DataSpec | None = None
 
 
+class FileKind(enum.StrEnum):
+    """What an input file is, told from its top-level tables or its header."""
+
+    CLUSTER = "a cluster file"
+    WORKLOAD = "a workload"
+    EXPERIMENT = "an experiment file (for stowplan run)"
+    PROJECT = "a project file (stowplan.toml)"
+    UNKNOWN = "unknown"
+
+
+_TOML_KINDS = {
+    "workload": FileKind.WORKLOAD,
+    "synthetic": FileKind.WORKLOAD,
+    "cluster": FileKind.CLUSTER,
+    "pools": FileKind.CLUSTER,
+    "experiment": FileKind.EXPERIMENT,
+    "tasks": FileKind.EXPERIMENT,
+    "project": FileKind.PROJECT,
+    "providers": FileKind.PROJECT,
+}
+_TRACE_HEADERS = (
+    "timestamp,duration,num_gpus",
+    "job_id,num_gpu,submit_time",
+    "name,cpu_milli,memory_mib,num_gpu",
+    "instance_sn,role,app_name",
+)
+_NODE_LIST_HEADERS = ("sn,cpu_milli,memory_mib,gpu,model", "gpu_model,gpu_capacity_num,cpu_num")
+CLUSTER_EXAMPLE = "examples/clusters/university-slurm.toml"
+WORKLOAD_EXAMPLES = "examples/traces/tiresias/60_job.csv or examples/clusters/sweep-workload.toml"
+
+
+def file_kind(path: Path) -> FileKind:
+    """Cluster, workload, experiment or project file, by content; ``UNKNOWN`` when it cannot
+    tell (or cannot read it: the loader then says why). Never opens anything but a regular file.
+    """
+    try:
+        if not path.is_file():
+            return FileKind.UNKNOWN
+        if path.suffix.lower() == ".toml":
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+            kinds = {_TOML_KINDS[k] for k in raw if k in _TOML_KINDS}
+            return kinds.pop() if len(kinds) == 1 else FileKind.UNKNOWN
+        if path.suffix == ".trace":
+            return FileKind.WORKLOAD
+        with path.open(encoding="utf-8") as fh:
+            first = fh.readline(4096).strip()
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return FileKind.UNKNOWN
+    if first.startswith(_TRACE_HEADERS):
+        return FileKind.WORKLOAD
+    if first.startswith(_NODE_LIST_HEADERS):
+        return FileKind.CLUSTER
+    return FileKind.UNKNOWN
+
+
+def _not_a_workload(path: Path, kind: FileKind) -> SpecError:
+    return SpecError(
+        f"this is {kind.value}, not a workload",
+        file=str(path),
+        hint=f"give a trace or a workload TOML with a [workload] table, e.g. {WORKLOAD_EXAMPLES}"
+        + (
+            " (a cluster file goes first: stowplan sim CLUSTER WORKLOAD)"
+            if kind is FileKind.CLUSTER
+            else ""
+        ),
+    )
+
+
 def detect(path: Path) -> WorkloadKind:
     """Which loader reads ``path``, from its extension or its first line."""
     if path.suffix == ".trace":
@@ -613,7 +767,7 @@ def detect(path: Path) -> WorkloadKind:
         with path.open(encoding="utf-8") as fh:
             first = fh.readline().strip()
     except FileNotFoundError:
-        raise SpecError("file not found", file=str(path), hint="check the path") from None
+        raise _not_found(path) from None
     except (UnicodeDecodeError, IsADirectoryError, PermissionError) as e:
         raise SpecError(f"cannot read: {e}", file=str(path)) from None
     if first.startswith("timestamp,duration,num_gpus"):
@@ -624,6 +778,8 @@ def detect(path: Path) -> WorkloadKind:
         return WorkloadKind.OPENB
     if first.startswith("instance_sn,role,app_name"):
         return WorkloadKind.DLRM
+    if first.startswith(_NODE_LIST_HEADERS):
+        raise _not_a_workload(path, FileKind.CLUSTER)
     raise SpecError(
         "cannot tell what kind of trace this is",
         file=str(path),
@@ -666,6 +822,10 @@ def load_workload(path: Path) -> Workload:
             file=str(path),
             hint="check quoting, brackets and '=' on that line",
         ) from None
+    if "workload" not in raw:
+        kinds = {_TOML_KINDS[k] for k in raw if k in _TOML_KINDS} - {FileKind.WORKLOAD}
+        if len(kinds) == 1:
+            raise _not_a_workload(path, kinds.pop())
     wf = decode(path, text, raw, WorkloadFile)
     meta = wf.workload
     base = path.resolve().parent

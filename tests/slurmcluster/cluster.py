@@ -384,13 +384,28 @@ PartitionName=gpu Nodes={",".join(GPU_NODES)} MaxTime=1-00:00:00 State=UP
             "PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
             "PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n"
             "Subsystem sftp internal-sftp\nMaxStartups 100:30:200\nMaxSessions 100\n"
-            "ClientAliveInterval 0\nLogLevel ERROR\nAcceptEnv LANG LC_*\n"
+            # VERBOSE: one "Starting session:" line per command or SFTP session, one
+            # "Accepted publickey" per login: what ssh_sessions() counts
+            "ClientAliveInterval 0\nLogLevel VERBOSE\nAcceptEnv LANG LC_*\n"
         )
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)
         self._spawn(
             "sshd", [str(SBIN / "sshd"), "-D", "-e", "-f", str(conf)], self.logs / "sshd.log"
         )
         wait_until(lambda: port_open(port), 20, "sshd", self.logs / "sshd.log")
+
+    def ssh_sessions(self) -> tuple[int, int]:
+        """(commands, logins) the login node's sshd has served since the cluster started.
+
+        Counted on the server, from sshd's own VERBOSE log: every remote command and every SFTP
+        session is one "Starting session:" line, every connection one "Accepted publickey". A
+        client cannot under-count what it did, and the driver carries no counter for this.
+        """
+        log = self.logs / "sshd.log"
+        text = log.read_text(errors="replace") if log.exists() else ""
+        commands = sum(1 for ln in text.splitlines() if ln.startswith("Starting session: "))
+        logins = sum(1 for ln in text.splitlines() if ln.startswith("Accepted publickey for "))
+        return commands, logins
 
     def start_rest(self, user: str = "nobody") -> tuple[str, str]:
         """Start slurmrestd (JWT auth) on a free port; its URL and a token for ``user``.

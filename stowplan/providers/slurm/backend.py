@@ -48,18 +48,13 @@ class Backend(abc.ABC):
     """One cluster's transport. Every method may raise ``ProviderError``."""
 
     provider: str
-    _commands: int = 0
     _connects: int = 0
     locked_submit: bool = False
     """Whether ``submit`` itself is safe to repeat (it looks the name up under a lock)."""
 
     @property
-    def commands(self) -> int:
-        """Remote calls made (SSH commands or HTTP requests): what the benchmark counts."""
-        return self._commands
-
-    @property
     def connects(self) -> int:
+        """Connections opened so far (a diagnostic: a dropped one is replaced)."""
         return self._connects
 
     @abc.abstractmethod
@@ -157,10 +152,6 @@ class SSHBackend(Backend):
         self.provider = provider
         self.transport = transport
         self.env = env
-
-    @property
-    def commands(self) -> int:
-        return self.transport.commands
 
     @property
     def connects(self) -> int:

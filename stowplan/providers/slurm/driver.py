@@ -24,9 +24,7 @@ the last poll, so a caller may ask as often as it likes. Keys this instance has 
 from __future__ import annotations
 
 import asyncio
-import json
 import math
-import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -146,21 +144,6 @@ class SlurmProvider(Provider):
         self._poll_step = 0
         self._next_poll = 0.0
 
-    # -- counting -----------------------------------------------------------------------------
-
-    def _write_stats(self) -> None:
-        try:
-            self._dir.mkdir(parents=True, exist_ok=True)
-            # one file per process: the CLI and the provider actor each hold a driver
-            stats = self._dir / f"stats-{os.getpid()}.json"
-            tmp = stats.with_suffix(".tmp")
-            tmp.write_text(
-                json.dumps({"commands": self.backend.commands, "connects": self.backend.connects})
-            )
-            tmp.replace(stats)
-        except OSError:
-            pass
-
     # -- the local index ----------------------------------------------------------------------
 
     def _load(self) -> None:
@@ -192,10 +175,7 @@ class SlurmProvider(Provider):
     # -- discover / plan ----------------------------------------------------------------------
 
     async def discover(self) -> list[Pool]:
-        try:
-            cluster, parts, pending = await self.backend.discover()
-        finally:
-            self._write_stats()
+        cluster, parts, pending = await self.backend.discover()
         site = self.config.site or cluster or self.name
         if self.config.partitions is not None:
             wanted = set(self.config.partitions)
@@ -286,8 +266,6 @@ class SlurmProvider(Provider):
                 if not e.retryable:
                     break
                 continue
-            finally:
-                self._write_stats()
             array.job_id = job_id
             array.submitted_at = array.submitted_at or now
             self._poll_step, self._next_poll = 0, 0.0
@@ -328,10 +306,7 @@ class SlurmProvider(Provider):
 
     async def _lookup(self, keys: list[str]) -> None:
         """Find keys this instance has not seen in the remote job scripts (after a restart)."""
-        try:
-            found, job_ids = await self.backend.lookup(self.config.workdir, keys)
-        finally:
-            self._write_stats()
+        found, job_ids = await self.backend.lookup(self.config.workdir, keys)
         base = self.config.workdir.rstrip("/") or "/"
         new: list[_IndexLine] = []
         wanted = set(keys)
@@ -388,10 +363,7 @@ class SlurmProvider(Provider):
             )
             days = 60 if not since else max(1, math.ceil((time.time() - since) / 86400) + 1)
             self.describe_calls += 1
-            try:
-                squeue, sacct = await self.backend.observe(names, days)
-            finally:
-                self._write_stats()
+            squeue, sacct = await self.backend.observe(names, days)
             for row in squeue:
                 rows[(row.name, row.index)] = (
                     row,
@@ -481,10 +453,7 @@ class SlurmProvider(Provider):
         if not ids:
             return
         self._poll_step, self._next_poll = 0, 0.0
-        try:
-            await self.backend.cancel(ids)
-        finally:
-            self._write_stats()
+        await self.backend.cancel(ids)
 
     async def logs(
         self, key: str, *, stream: LogStream = "stdout", follow: bool = False

@@ -167,7 +167,6 @@ class RestBackend(Backend):
         if self._client is None:
             self._client = httpx.AsyncClient(base_url=self.url, timeout=TIMEOUT_S)
             self._connects += 1
-        self._commands += 1
         try:
             r = await self._client.request(method, path, json=body, headers=self._headers())
         except httpx.HTTPError as e:

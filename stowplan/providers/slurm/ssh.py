@@ -67,8 +67,6 @@ class SSHTransport:
         self._conns: list[asyncssh.SSHClientConnection | None] = [None] * self.size
         self._locks = [asyncio.Lock() for _ in range(self.size)]
         self._next = 0
-        self.commands = 0
-        """Remote commands issued (SFTP sessions included): what the benchmark counts."""
         self.connects = 0
 
     def _error(self, message: str, *, lost: bool = False) -> ProviderError:
@@ -159,7 +157,6 @@ class SSHTransport:
         import asyncssh
 
         async with self._conn() as conn:
-            self.commands += 1
             try:
                 result = await asyncio.wait_for(
                     conn.run(command, input=stdin, check=False), timeout
@@ -180,7 +177,6 @@ class SSHTransport:
         import asyncssh
 
         async with self._conn() as conn:
-            self.commands += 1
             try:
                 async with conn.start_sftp_client() as sftp:
                     try:

@@ -68,6 +68,10 @@ class CuttingProxy:
 
     def close(self) -> None:
         self.closed = True
+        # NOTE: close() alone leaves the port listening while _accept is blocked in accept();
+        # shutdown() wakes it, so after close() connections are refused
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
         self.cut()
 

@@ -6,8 +6,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[3]
+# the large traces: $STOWPLAN_TRACES, for the team ../shared/traces beside the checkout
 TRACES = Path(os.environ.get("STOWPLAN_TRACES", ROOT.parent / "shared" / "traces"))
 CLUSTERS = ROOT / "examples" / "clusters"
+SHIPPED = ROOT / "examples" / "traces"
+"""The small traces the repository ships: tests that need only these never skip."""
 
 
 @pytest.fixture
