@@ -11,12 +11,22 @@ simulator), so the same sequence of (event, now) pairs yields the same commands 
 - READY runs are grouped into demand classes (same project, priority, needs and allowed
   providers) and sent to placement in ONE ``SolvePlacement`` for all of them; one solve is in
   flight at a time, and runs that become READY meanwhile wait for the next.
+- The answer is checked against the capacity free when it arrives, not when it was asked for:
+  a pool may have shrunk (rediscovered smaller) or lost room to restored leases meanwhile. A
+  run that no longer fits stays READY for the next solve; no pool is ever over-committed.
+- An answer that placed nothing is not asked again at once (it would be, forever): the core
+  waits until something changes that could let a new solve place more (a run became READY,
+  capacity was freed, pools were discovered, a run was cancelled or restored). A generation
+  counter numbers those changes; only an answer to a request made at the current generation can
+  stall the core, so a change that happened while the solver ran is never lost.
 - Classes are ordered by priority, then by their project's decayed usage (fair share), then by
   age. A class is cut to what could fit in all free capacity, and to its sweep's
   ``max_concurrent``, so a 10^5-trial sweep on a small machine does not resend 10^5 ids.
 - A placed run is submitted at once (PLACED -> SUBMITTING, attempt + 1, a new idempotency key)
   and holds a lease on the pool's capacity until it finishes; provider reports renew the lease.
-  A lease that expires without news makes the run LOST and asks the shell to reconcile.
+  A lease that expires without news makes the run LOST and asks the shell to reconcile, and
+  again, with capped exponential backoff (``CoreConfig.reconcile_backoff``), until an answer
+  comes.
 - Failures are classified by the provider; the run's retry policy decides between RETRYING
   (with seeded, capped exponential backoff) and FAILED.
 - After a restart, ``TasksRestored`` reloads runs from the store; every run that had an attempt
@@ -62,10 +72,13 @@ from stowplan.scheduler.events import (
     WakeAt,
 )
 from stowplan.scheduler.reports import ProviderState, Report
-from stowplan.scheduler.retry import backoff_seconds, should_retry
+from stowplan.scheduler.retry import Backoff, backoff_seconds, should_retry
 from stowplan.scheduler.states import FINAL, LEASED, TaskState, Trigger, next_state
 from stowplan.spec.canonical import attempt_key
 from stowplan.spec.models import FailureClass
+
+RECONCILE_BACKOFF = Backoff(base=30.0, cap=600.0)
+"""A LOST run is reconciled again after 30 s, 60 s, ... at most every 10 minutes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +87,8 @@ class CoreConfig:
     """seconds a leased run may go without a provider report before it is LOST."""
     fair_share_half_life: float = 3600.0
     seed: int = 0
+    reconcile_backoff: Backoff = RECONCILE_BACKOFF
+    """how long to wait for a LOST run's reconcile answer before asking again (and again)."""
     context: PlacementContext = dc_field(default_factory=lambda: PlacementContext())
     """the network, datasets, residency rules and weights every placement problem carries."""
 
@@ -89,6 +104,8 @@ class _Run:
         "pool",
         "provider",
         "ready_at",
+        "reconcile_token",
+        "reconciles",
         "reconciling",
         "seq",
         "started_at",
@@ -112,11 +129,61 @@ class _Run:
         self.lease_until = 0.0
         self.started_at: float | None = None
         self.reconciling = False
+        self.reconciles = 0
+        """reconciles sent since the run was last found LOST."""
+        self.reconcile_token = 0
+        """the live entry of the core's reconcile heap for this run (older ones are stale)."""
         self.bucket: tuple[object, ...] | None = None
 
 
 _NOTHING_USED = (0.0, 0.0)
 _NO_GPUS: Counter[str] = Counter()
+
+
+class _Room:
+    """A pool's free capacity while one placement answer is applied, run by run."""
+
+    __slots__ = ("cpus", "gpus", "memory", "tasks")
+
+    def __init__(self, cpus: float, memory: int, gpus: dict[str, int], tasks: int | None) -> None:
+        self.cpus = cpus
+        self.memory = memory
+        self.gpus = gpus
+        self.tasks = tasks
+
+    def take(self, t: TaskInstance, gpu_model: str) -> str | None:
+        """Take room for one run of ``t`` and return its GPU model ("" without GPUs; the
+        placer's choice, else the freest allowed, as ``SchedulerCore._lease`` would pick), or
+        None, taking nothing, when it does not fit."""
+        if t.cpus > self.cpus + 1e-9 or t.memory > self.memory:
+            return None
+        if self.tasks is not None and self.tasks < 1:
+            return None
+        model = ""
+        if t.gpus:
+            if gpu_model:
+                model = gpu_model
+            else:
+                models = t.gpu_types or tuple(self.gpus)
+                if not models:
+                    return None
+                model = max(models, key=lambda m: (self.gpus.get(m, 0), m))
+            if self.gpus.get(model, 0) < t.gpus:
+                return None
+            self.gpus[model] -= t.gpus
+        self.cpus -= t.cpus
+        self.memory -= t.memory
+        if self.tasks is not None:
+            self.tasks -= 1
+        return model
+
+    def give_back(self, t: TaskInstance, gpu_model: str) -> None:
+        self.cpus += t.cpus
+        self.memory += t.memory
+        if gpu_model:
+            self.gpus[gpu_model] += t.gpus
+        if self.tasks is not None:
+            self.tasks += 1
 
 
 def _bucket_key(t: TaskInstance) -> tuple[object, ...]:
@@ -154,6 +221,9 @@ class SchedulerCore:
         self._group_active: Counter[str] = Counter()
         self._usage: dict[str, tuple[float, float]] = {}
         self._retry_heap: list[tuple[float, int, str]] = []
+        self._reconcile_heap: list[tuple[float, int, str]] = []
+        """(when, token, run id): LOST runs to reconcile again if no answer came by then."""
+        self._reconcile_tokens = 0
         self._next_lease_check = float("inf")
         self._solving: PlacementProblem | None = None
         self._request_id = 0
@@ -167,8 +237,13 @@ class SchedulerCore:
         self._out_cancels: dict[str, list[str]] = {}
         self._out_reconcile: dict[str, list[str]] = {}
         self._now = 0.0
-        self._stalled = False
-        """the last answer placed nothing: wait for capacity, pools or READY runs to change."""
+        self._generation = 0
+        """bumped by every change that could let a new solve place more (see the module doc)."""
+        self._solve_generation = 0
+        """the generation the request in flight was made at."""
+        self._stalled_at = -1
+        """an answer to a request made at this generation placed nothing: until the generation
+        moves on, a new solve would place nothing either."""
         self._eligible: dict[tuple[object, ...], tuple[list[Pool], bool]] = {}
         """per bucket, the pools that could ever run it (free capacity aside) and whether any of
         them is large enough for one member: pools change only on discovery, which clears it."""
@@ -299,6 +374,7 @@ class SchedulerCore:
 
     def _on_restored(self, ev: TasksRestored) -> None:
         self._completed.update(ev.completed)
+        self._generation += 1  # restored leases change what an answer in flight may still place
         linked: list[_Run] = []
         for rt in ev.tasks:
             run = self._add(rt.task)
@@ -323,7 +399,10 @@ class SchedulerCore:
                 if rt.task.max_concurrent:  # _move counts the others; this one bypassed it
                     self._group_active[rt.task.group] += 1
                 run.reconciling = True
-                self._out_reconcile.setdefault(rt.provider, []).append(run.key)
+                if state is TaskState.LOST:
+                    self._reconcile_lost(run)
+                else:  # if no answer comes, the lease expires and it is reconciled as LOST
+                    self._out_reconcile.setdefault(rt.provider, []).append(run.key)
                 continue
             # PENDING, READY, PLACED (never submitted) and RETRYING start over from PENDING
             run.state = TaskState.PENDING
@@ -334,7 +413,7 @@ class SchedulerCore:
         self._maybe_solve()
 
     def _on_pools(self, ev: PoolsDiscovered) -> None:
-        self._stalled = False
+        self._generation += 1
         self._eligible.clear()
         for old in self._provider_pools.get(ev.provider, []):
             self._pools.pop(old, None)
@@ -356,6 +435,8 @@ class SchedulerCore:
         for pid, k in solution.instances.items():
             if pid in self._pools:
                 self._launched[pid] += k
+        rooms: dict[str, _Room] = {}
+        placed = 0
         for a in solution.assignments:
             cls = classes.get(a.class_id)
             pool = self._pools.get(a.pool_id)
@@ -364,14 +445,32 @@ class SchedulerCore:
             start = taken[a.class_id]
             members = cls.members[start : start + a.count]
             taken[a.class_id] += len(members)
+            room = rooms.get(pool.id)
+            if room is None:
+                room = rooms[pool.id] = self._room(pool)
             for run_id in members:
                 run = self._runs[run_id]
                 if run.state is not TaskState.READY:
                     continue  # cancelled while the solver ran
-                self._dispatch(run, pool, a.gpu_model)
-        # an answer that placed nothing would be asked again at once, forever: wait instead
-        self._stalled = solution.placed() == 0
+                gpu_model = room.take(run.task, a.gpu_model)
+                if gpu_model is None:
+                    continue  # no room left now (the pool shrank meanwhile): stays READY
+                if run.task.max_concurrent and (
+                    self._group_active[run.task.group] >= run.task.max_concurrent
+                ):
+                    room.give_back(run.task, gpu_model)
+                    continue
+                self._dispatch(run, pool, gpu_model)
+                placed += 1
+        if placed == 0 and self._generation == self._solve_generation:
+            # asking again would give the same answer, at once, forever: wait for a change
+            self._stalled_at = self._generation
         self._maybe_solve()
+
+    def _room(self, pool: Pool) -> _Room:
+        cpus, memory, gpus = self.free_capacity(pool.id)
+        tasks = None if pool.max_tasks is None else pool.max_tasks - self._in_pool[pool.id]
+        return _Room(cpus, memory, gpus, tasks)
 
     def _dispatch(self, run: _Run, pool: Pool, gpu_model: str = "") -> None:
         assert run.bucket is not None
@@ -446,6 +545,11 @@ class SchedulerCore:
             if run.state is TaskState.RETRYING and run.ready_at <= now:
                 self._move(run, Trigger.BACKOFF_DONE)
                 self._enqueue_ready(run)
+        while self._reconcile_heap and self._reconcile_heap[0][0] <= now:
+            _, token, run_id = heapq.heappop(self._reconcile_heap)
+            run = self._runs[run_id]
+            if run.state is TaskState.LOST and run.reconcile_token == token:
+                self._reconcile_lost(run)  # no answer yet: ask again
         if now >= self._next_lease_check:
             self._check_leases()
         self._maybe_solve()
@@ -458,18 +562,34 @@ class SchedulerCore:
                 continue
             if run.lease_until <= now:
                 self._move(run, Trigger.LEASE_EXPIRED, None, "no report before the lease expired")
-                assert run.provider is not None
                 run.reconciling = True
-                self._out_reconcile.setdefault(run.provider, []).append(run.key)
+                run.reconciles = 0
+                self._reconcile_lost(run)
             else:
                 soonest = min(soonest, run.lease_until)
         self._next_lease_check = soonest
+
+    def _reconcile_lost(self, run: _Run) -> None:
+        """Ask the provider about a LOST run, and plan to ask again if no answer comes."""
+        assert run.provider is not None
+        self._out_reconcile.setdefault(run.provider, []).append(run.key)
+        run.reconciles += 1
+        delay = self.config.reconcile_backoff.seconds(
+            run.reconciles, seed=self.config.seed, key="reconcile:" + run.key
+        )
+        self._reconcile_tokens += 1
+        run.reconcile_token = self._reconcile_tokens
+        heapq.heappush(
+            self._reconcile_heap, (self._now + delay, run.reconcile_token, run.task.run_id)
+        )
 
     def _on_cancel(self, ev: CancelRequested) -> None:
         for run_id in ev.run_ids:
             run = self._runs.get(run_id)
             if run is None or run.state in FINAL:
                 continue
+            # what a cancelled READY run would have taken in the answer in flight is free
+            self._generation += 1
             if run.state in LEASED and run.provider is not None:
                 self._out_cancels.setdefault(run.provider, []).append(run.key)
             self._finish(run, Trigger.CANCEL, FailureClass.CANCELLED, ev.reason)
@@ -500,11 +620,11 @@ class SchedulerCore:
                 self._group_active[group] += 1 if now_active else -1
 
     def _make_ready(self, run: _Run) -> None:
-        self._stalled = False
         self._move(run, Trigger.DEPS_MET)
         self._enqueue_ready(run)
 
     def _enqueue_ready(self, run: _Run) -> None:
+        self._generation += 1
         if run.bucket is None:
             run.bucket = _bucket_key(run.task)
         self._ready.setdefault(run.bucket, {})[run.task.run_id] = None
@@ -535,7 +655,7 @@ class SchedulerCore:
         self._next_lease_check = min(self._next_lease_check, run.lease_until)
 
     def _release(self, run: _Run) -> None:
-        self._stalled = False
+        self._generation += 1
         if run.pool is None:
             return
         t = run.task
@@ -617,7 +737,7 @@ class SchedulerCore:
     def _maybe_solve(self) -> None:
         from stowplan.placement.greedy import eligible
 
-        if self._solving is not None or not self._pools or self._stalled:
+        if self._solving is not None or not self._pools or self._stalled_at == self._generation:
             return
         buckets = [(k, b) for k, b in self._ready.items() if b]
         if not buckets:
@@ -682,6 +802,7 @@ class SchedulerCore:
         if not classes:
             return
         self._request_id += 1
+        self._solve_generation = self._generation
         free_pools = [
             msgspec.structs.replace(
                 p,
@@ -773,8 +894,15 @@ class SchedulerCore:
         if self._solving is not None and self._solving.request_id != self._sent_request:
             self._sent_request = self._solving.request_id
             out.append(SolvePlacement(problem=self._solving))
+        heap = self._reconcile_heap
+        while heap and (
+            self._runs[heap[0][2]].state is not TaskState.LOST
+            or self._runs[heap[0][2]].reconcile_token != heap[0][1]
+        ):
+            heapq.heappop(heap)  # answered or superseded: no reason to wake for it
         wake = min(
             self._retry_heap[0][0] if self._retry_heap else float("inf"),
+            heap[0][0] if heap else float("inf"),
             self._next_lease_check,
         )
         if wake != float("inf") and wake != self._wake:

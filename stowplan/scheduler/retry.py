@@ -8,6 +8,7 @@ simulator and a replay see the same delays.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 from stowplan.spec.models import FailureClass, RetryPolicy
 
@@ -21,10 +22,29 @@ def should_retry(policy: RetryPolicy, failure: FailureClass, attempt: int) -> bo
     return failure in policy.on and attempt < policy.max_attempts
 
 
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Capped exponential backoff with seeded jitter: the one definition every wait-and-try-again
+    in stowplan uses (a run's retry policy, the core's repeated reconciles)."""
+
+    base: float
+    """seconds before the second try."""
+    cap: float
+    """no wait is longer than this (before jitter)."""
+    jitter: float = 0.25
+    """the wait is scaled by a factor in [1 - jitter, 1 + jitter], fixed by (seed, key)."""
+
+    def seconds(self, tries: int, *, seed: int, key: str) -> float:
+        """Wait after try ``tries`` (1-based): base * 2^(tries-1), capped, +/- jitter."""
+        # the exponent is clamped so that a large number of tries cannot overflow a float
+        base = min(self.cap, self.base * 2.0 ** min(64, max(0, tries - 1)))
+        digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+        u = int.from_bytes(digest, "big") / 2**64  # uniform in [0, 1)
+        return max(0.0, base * (1.0 + self.jitter * (2.0 * u - 1.0)))
+
+
 def backoff_seconds(policy: RetryPolicy, attempt: int, *, seed: int, key: str) -> float:
-    """Delay before attempt ``attempt + 1``: base * 2^(attempt-1), capped, +/- jitter."""
-    # the exponent is clamped so that a large attempt number cannot overflow a float
-    base = min(policy.backoff_cap, policy.backoff * 2.0 ** min(64, max(0, attempt - 1)))
-    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
-    u = int.from_bytes(digest, "big") / 2**64  # uniform in [0, 1)
-    return max(0.0, base * (1.0 + policy.jitter * (2.0 * u - 1.0)))
+    """Delay before attempt ``attempt + 1`` under ``policy``."""
+    return Backoff(policy.backoff, policy.backoff_cap, policy.jitter).seconds(
+        attempt, seed=seed, key=key
+    )

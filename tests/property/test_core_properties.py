@@ -3,7 +3,8 @@
 A driver plays shell and provider at once: it submits small random DAGs, answers every
 ``SolvePlacement`` with ``stowplan.placement.solve`` (at once, or a few events later), reports
 random provider states for the attempts that are out (and repeats old news, or news for old
-attempts), lets time pass, cancels runs, and restarts the control plane from what a store
+attempts), lets time pass, cancels runs, shrinks and restores pools (a node lost, a partition
+drained: also while a solve is in flight), and restarts the control plane from what a store
 would hold. After every event it checks the invariants the core promises; at the end it stops
 injecting failures and checks that everything finishes.
 """
@@ -14,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -56,6 +58,7 @@ ACTIONS = [
     "tick",
     "cancel",
     "place",
+    "shrink",
     "restart",
 ]
 
@@ -75,19 +78,25 @@ class Driver:
     mirror: dict[str, TaskState] = field(default_factory=dict)
     """each run's state as replayed from the Transitioned records alone"""
     known_pools: list[Pool] = field(default_factory=list)
+    current: dict[str, Pool] = field(default_factory=dict)
+    """each pool as last discovered: smaller than in ``pools`` while shrunk"""
     history: list[tuple[SchedulerCore, Event, float, list[Command]]] = field(default_factory=list)
     pending: PlacementProblem | None = None
     last_report: ProviderReported | None = None
     restoring: bool = False
     batches: int = 0
+    actions: list[str] = field(default_factory=lambda: ACTIONS)
 
     # ---- feeding the core ---------------------------------------------------------------
 
     def send(self, event: Event, *, place_now: bool | None = None) -> None:
+        before = self.free()
         out = self.core.handle(event, self.now)
         self.history.append((self.core, event, self.now, out))
         self.observe(out)
         self.check_invariants()
+        if not isinstance(event, PoolsDiscovered | TasksRestored):
+            self.check_no_overcommit(before)
         for cmd in out:
             if isinstance(cmd, SolvePlacement):
                 assert self.pending is None, "a second solve while one is in flight"
@@ -120,6 +129,22 @@ class Driver:
                     assert rec.from_state not in FINAL, rec
                     self.mirror[rec.run_id] = rec.to_state
 
+    def free(self) -> dict[str, tuple[float, int, dict[str, int]]]:
+        if self.restoring:
+            return {}
+        return {p.id: self.core.free_capacity(p.id) for p in self.known_pools}
+
+    def check_no_overcommit(self, before: dict[str, tuple[float, int, dict[str, int]]]) -> None:
+        """(5) a lease is taken only where it fits now: no event but a discovery (the pool
+        shrank) or a restore (leases the store knew of) takes free capacity below zero, or
+        further below where a shrink had left it."""
+        for pid, (cpus0, memory0, gpus0) in before.items():
+            cpus, memory, gpus = self.core.free_capacity(pid)
+            assert cpus >= min(0.0, cpus0) - 1e-9, (pid, cpus0, cpus)
+            assert memory >= min(0, memory0), (pid, memory0, memory)
+            for m, n in gpus.items():
+                assert n >= min(0, gpus0.get(m, 0)), (pid, m, gpus0, gpus)
+
     def check_invariants(self) -> None:
         if self.restoring:
             return  # the new core does not know the runs yet
@@ -130,6 +155,8 @@ class Driver:
             assert core.state(run_id) is self.mirror[run_id], run_id
         # (4) no pool is leased beyond its capacity, by the core's books...
         for p in self.known_pools:
+            if self.current[p.id] != p:
+                continue  # shrunk below what it had leased: (5) checks it instead
             cpus, memory, gpus = core.free_capacity(p.id)
             assert cpus >= -1e-9, (p.id, cpus)
             assert memory >= 0, (p.id, memory)
@@ -226,7 +253,7 @@ class Driver:
 
     def step(self) -> None:
         draw = self.data.draw
-        action = draw(st.sampled_from(ACTIONS), label="action")
+        action = draw(st.sampled_from(self.actions), label="action")
         if action == "submit" or not self.tasks:
             self.submit_batch()
         elif action == "report":
@@ -262,6 +289,8 @@ class Driver:
             self.send(CancelRequested(run_ids=victims))
         elif action == "restart":
             self.restart()
+        elif action == "shrink":
+            self.shrink()
         else:
             self.deliver()
 
@@ -299,12 +328,37 @@ class Driver:
         for p in self.pools:
             by_provider.setdefault(p.provider, []).append(p)
         for provider, ps in sorted(by_provider.items()):
-            self.known_pools.extend(ps)
             self.send(PoolsDiscovered(provider=provider, pools=ps))
+            self.known_pools.extend(ps)
+            self.current.update((p.id, p) for p in ps)
+
+    def shrink(self) -> None:
+        """One provider's pools are discovered again, each at a random share of its size (all
+        of it: the shrink is over)."""
+        draw = self.data.draw
+        provider = draw(st.sampled_from(sorted({p.provider for p in self.pools})), label="shrink")
+        ps = []
+        for p in self.pools:
+            if p.provider != provider:
+                continue
+            share = draw(st.sampled_from([0.0, 0.5, 1.0]), label="share")
+            ps.append(
+                msgspec.structs.replace(
+                    p,
+                    cpus=p.cpus * share,
+                    memory=int(p.memory * share),
+                    gpus={m: int(n * share) for m, n in p.gpus.items()},
+                )
+            )
+        self.current.update((p.id, p) for p in ps)
+        self.send(PoolsDiscovered(provider=provider, pools=ps))
 
     def drain(self) -> None:
         """No more failures: place everything, report success for all that is out, let time
         pass; every run must end."""
+        if any(self.current[p.id] != p for p in self.pools):
+            self.known_pools = []
+            self.discover()  # every pool back to its full size
         for _ in range(200):
             if self.core.unfinished() == 0 and self.pending is None:
                 return
@@ -343,7 +397,7 @@ pool_sets = st.sampled_from(
 )
 
 
-def make_driver(data: Any) -> Driver:
+def make_driver(data: Any, actions: list[str] = ACTIONS) -> Driver:
     pools = data.draw(pool_sets, label="pools")
     core = SchedulerCore(
         CoreConfig(
@@ -352,7 +406,7 @@ def make_driver(data: Any) -> Driver:
             seed=data.draw(st.integers(0, 3), label="seed"),
         )
     )
-    driver = Driver(data=data, core=core, pools=pools)
+    driver = Driver(data=data, core=core, pools=pools, actions=actions)
     driver.discover()
     return driver
 
@@ -393,3 +447,16 @@ def test_the_same_events_give_the_same_commands(data: Any) -> None:
     for core, event, now, out in driver.history:
         replay = replays.setdefault(id(core), SchedulerCore(core.config))
         assert replay.handle(event, now) == out
+
+
+@PROPERTY_SETTINGS
+@given(st.data())
+def test_no_pool_is_over_committed_when_pools_shrink_while_solving(data: Any) -> None:
+    """Answers computed for capacity that shrank before they arrived never over-commit a pool
+    (the Driver checks (5) after every event), and the runs still all finish."""
+    actions = ["submit", "shrink", "shrink", "place", "place", "report", "tick"]
+    driver = make_driver(data, actions)
+    for _ in range(data.draw(st.integers(1, 30), label="steps")):
+        driver.step()
+    driver.drain()
+    assert all(driver.core.state(r) in FINAL for r in driver.tasks)

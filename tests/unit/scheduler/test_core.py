@@ -872,3 +872,211 @@ def test_a_pool_quota_holds_across_placements() -> None:
         S.SUBMITTING,
     ]
     h.check_counts()
+
+
+# ---- issue 12: what changes while the solver runs ---------------------------------------------
+
+
+def empty_answer(sp: SolvePlacement) -> PlacementDecided:
+    return PlacementDecided(
+        solution=PlacementSolution(
+            request_id=sp.problem.request_id, status=PlacementStatus.FEASIBLE, assignments=[]
+        )
+    )
+
+
+def offered(sp: SolvePlacement) -> list[str]:
+    return sorted(m for c in sp.problem.classes for m in c.members)
+
+
+def _new_ready_run(h: Harness) -> None:
+    h.submit(task("b"))
+
+
+def _capacity_freed(h: Harness) -> None:
+    h.report("x", P.SUCCEEDED, at=1.0)
+
+
+def _pools_rediscovered(h: Harness) -> None:
+    h.send(PoolsDiscovered(provider="local", pools=[pool(cpus=4)]))
+
+
+def _leased_run_cancelled(h: Harness) -> None:
+    h.send(CancelRequested(run_ids=["x"]))
+
+
+def _placed_run_cancelled(h: Harness) -> None:
+    h.send(CancelRequested(run_ids=["a"]))  # the answer had room for it: "b" may use it
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        _new_ready_run,
+        _capacity_freed,
+        _pools_rediscovered,
+        _leased_run_cancelled,
+    ],
+)
+def test_a_change_while_solving_is_not_lost_to_an_answer_that_placed_nothing(change: Any) -> None:
+    h = Harness(pool(cpus=4), auto_place=False)
+    (sp,) = of(h.submit(task("x", cpus=2)), SolvePlacement)
+    h.send(PlacementDecided(solution=solve(sp.problem)))
+    (sp,) = of(h.submit(task("a")), SolvePlacement)
+    change(h)
+    out = h.send(empty_answer(sp))
+    (again,) = of(out, SolvePlacement)  # the answer predates the change: ask again
+    assert "a" in offered(again)
+    if change is _new_ready_run:
+        assert offered(again) == ["a", "b"]
+
+
+def test_a_run_that_became_ready_while_solving_is_not_stranded_by_ticks() -> None:
+    h = Harness(pool(cpus=8), auto_place=False)
+    (sp,) = of(h.submit(task("a")), SolvePlacement)
+    assert of(h.submit(task("b")), SolvePlacement) == []  # one solve in flight
+    h.send(empty_answer(sp))
+    for i in range(100):
+        h.tick(at=float(i + 1))
+    solves = of(h.log, SolvePlacement)[1:]
+    assert len(solves) == 1 and offered(solves[0]) == ["a", "b"]
+
+
+def test_an_answer_that_placed_only_runs_cancelled_meanwhile_asks_again() -> None:
+    h = Harness(pool(cpus=1), auto_place=False)
+    (sp,) = of(h.submit(task("a"), task("b")), SolvePlacement)
+    assert offered(sp) == ["a"]  # cut to what fits
+    _placed_run_cancelled(h)
+    out = h.send(PlacementDecided(solution=solve(sp.problem)))
+    assert items(out) == []
+    (again,) = of(out, SolvePlacement)
+    assert offered(again) == ["b"]
+
+
+def test_a_retry_whose_backoff_ends_after_a_stall_is_offered() -> None:
+    h = Harness(pool(cpus=2), auto_place=False)
+    x = task("x", cpus=2, retry=RetryPolicy(backoff=10, jitter=0))
+    (sp,) = of(h.submit(x), SolvePlacement)
+    h.send(PlacementDecided(solution=solve(sp.problem)))
+    assert of(h.submit(task("a")), SolvePlacement) == []  # no room: nothing to ask
+    (sp,) = of(h.report("x", P.FAILED, F.NODE_FAILURE, at=1.0), SolvePlacement)
+    assert offered(sp) == ["a"]
+    assert of(h.send(empty_answer(sp)), SolvePlacement) == []  # nothing changed: wait
+    (again,) = of(h.tick(at=11.0), SolvePlacement)  # x is READY again: that is a change
+    assert offered(again) == ["a", "x"]
+
+
+# ---- issue 12: a LOST run whose reconcile answer never comes ----------------------------------
+
+
+def test_a_lost_run_is_reconciled_again_with_capped_backoff_until_answered() -> None:
+    from stowplan.scheduler.retry import Backoff
+
+    h = Harness(pool(), lease_ttl=100, reconcile_backoff=Backoff(base=10, cap=40, jitter=0))
+    h.submit(task("a"))
+    key = h.core.key("a")
+    again = Reconcile(provider="local", keys=[key])
+    out = h.tick(100)
+    assert h.states("a") == [S.LOST]
+    assert (of(out, Reconcile), of(out, WakeAt)) == ([again], [WakeAt(at=110.0)])
+    assert of(h.tick(109), Reconcile) == []
+    asked = []
+    for at in (110.0, 130.0, 170.0, 210.0):  # after 10, 20, 40, then 40 s (the cap)
+        out = h.tick(at)
+        assert of(out, Reconcile) == [again], at
+        asked.append(of(out, WakeAt))
+    assert asked == [[WakeAt(at=130.0)], [WakeAt(at=170.0)], [WakeAt(at=210.0)], [WakeAt(at=250)]]
+    out = h.report("a", P.RUNNING, at=215)  # answered at last
+    assert h.states("a") == [S.RUNNING]
+    assert of(out, WakeAt) == [WakeAt(at=315.0)]  # the lease, not another reconcile
+    assert of(h.tick(250), Reconcile) == []
+    # lost again later: the backoff starts over
+    out = h.tick(315)
+    assert (of(out, Reconcile), of(out, WakeAt)) == ([again], [WakeAt(at=325.0)])
+
+
+def test_reconcile_backoff_is_the_retry_backoff_seeded_per_key() -> None:
+    from stowplan.scheduler.retry import Backoff
+
+    b = Backoff(base=30, cap=600, jitter=0.25)
+    h = Harness(pool(), lease_ttl=100, reconcile_backoff=b, seed=7)
+    h.submit(task("a"))
+    out = h.tick(100)
+    delay = b.seconds(1, seed=7, key="reconcile:" + h.core.key("a"))
+    assert delay != 30.0 and abs(delay - 30.0) <= 7.5
+    assert of(out, WakeAt) == [WakeAt(at=100.0 + delay)]
+
+
+def test_a_restored_lost_run_is_reconciled_again_until_answered() -> None:
+    from stowplan.scheduler.retry import Backoff
+
+    h = Harness(pool(), lease_ttl=100, reconcile_backoff=Backoff(base=10, cap=40, jitter=0))
+    out = h.send(TasksRestored(tasks=[restored("a", S.LOST)]), at=5)
+    key = attempt_key("a", 1)
+    assert of(out, Reconcile) == [Reconcile(provider="local", keys=[key])]
+    assert of(h.tick(15), Reconcile) == [Reconcile(provider="local", keys=[key])]
+
+
+def test_a_cancelled_lost_run_is_not_reconciled_any_more() -> None:
+    from stowplan.scheduler.retry import Backoff
+
+    h = Harness(pool(), lease_ttl=100, reconcile_backoff=Backoff(base=10, cap=40, jitter=0))
+    h.submit(task("a"))
+    h.tick(100)
+    h.send(CancelRequested(run_ids=["a"]), at=101)
+    assert of(h.tick(110), Reconcile) == []
+
+
+# ---- issue 12: capacity that shrank while the solver ran --------------------------------------
+
+
+def test_an_answer_is_checked_against_capacity_that_shrank_while_solving() -> None:
+    h = Harness(pool(cpus=4), auto_place=False)
+    (sp,) = of(h.submit(*(task(r) for r in "abcd")), SolvePlacement)
+    h.send(PoolsDiscovered(provider="local", pools=[pool(cpus=2)]))
+    out = h.send(PlacementDecided(solution=solve(sp.problem)))
+    assert [i.run_id for i in items(out)] == ["a", "b"]
+    assert h.states(*"abcd") == [S.SUBMITTING, S.SUBMITTING, S.READY, S.READY]
+    assert h.core.free_capacity("local/cpu")[0] == 0.0
+    h.check_counts()
+    out = h.report("a", P.SUCCEEDED, at=1)
+    (sp,) = of(out, SolvePlacement)
+    assert offered(sp) == ["c"]
+
+
+def test_an_answer_is_checked_against_leases_restored_while_solving() -> None:
+    h = Harness(pool(cpus=4, gpus={"A100": 2}), auto_place=False)
+    (sp,) = of(h.submit(task("a", gpus=1), task("b", gpus=1)), SolvePlacement)
+    gpu_run = restored("old", S.RUNNING, gpus=1, gpu_types=("A100",))
+    h.send(TasksRestored(tasks=[gpu_run]))
+    out = h.send(PlacementDecided(solution=solve(sp.problem)))
+    assert [i.run_id for i in items(out)] == ["a"]
+    assert h.states("b") == [S.READY]
+    assert h.core.free_capacity("local/cpu")[2] == {"A100": 0}
+
+
+def test_what_no_longer_fits_is_offered_again_where_it_still_fits() -> None:
+    x = pool("x", provider="px", cpus=2, price=0.0)
+    y = pool("y", provider="py", cpus=2, price=5.0)
+    h = Harness(x, y, auto_place=False)
+    (sp,) = of(h.submit(task("a", cpus=2)), SolvePlacement)
+    answer = solve(sp.problem)
+    assert [a.pool_id for a in answer.assignments] == ["x"]
+    h.send(PoolsDiscovered(provider="px", pools=[pool("x", provider="px", cpus=1)]))
+    out = h.send(PlacementDecided(solution=answer))
+    assert items(out) == [] and h.states("a") == [S.READY]
+    (again,) = of(out, SolvePlacement)
+    assert offered(again) == ["a"]
+    assert {p.id: p.cpus for p in again.problem.pools} == {"x": 1.0, "y": 2.0}
+    out = h.send(PlacementDecided(solution=solve(again.problem)))
+    assert [(c.pool, [i.run_id for i in c.items]) for c in of(out, Submit)] == [("y", ["a"])]
+
+
+def test_a_pool_quota_reached_while_solving_is_respected() -> None:
+    quota = msgspec.structs.replace(pool(cpus=8), max_tasks=2)
+    h = Harness(quota, auto_place=False)
+    (sp,) = of(h.submit(task("a"), task("b")), SolvePlacement)
+    h.send(TasksRestored(tasks=[restored("old", S.RUNNING)]))
+    out = h.send(PlacementDecided(solution=solve(sp.problem)))
+    assert [i.run_id for i in items(out)] == ["a"]
+    assert h.states("b") == [S.READY]
