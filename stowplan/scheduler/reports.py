@@ -43,4 +43,5 @@ class Report(Struct, frozen=True, kw_only=True):
     started_at: float | None = None
     ended_at: float | None = None
     outputs: dict[str, str] = field(default_factory=dict)
-    """Declared output name -> absolute path where the provider left it (on success)."""
+    """artifact name (a declared file, or ``<dir>/<path>`` for each file under a declared
+    directory) -> absolute path where the provider left it (on success)"""

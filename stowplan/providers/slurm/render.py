@@ -350,9 +350,17 @@ def _render(
         '*) echo "stowplan: array index ${SLURM_ARRAY_TASK_ID:-unset} has no attempt" >&2;'
         " exit 70 ;;",
         "esac",
+        # NOTE: an output that resolves outside the attempt directory (a symlink to
+        # /etc/hostname, say) fails the attempt here, before anything reads it
         'if [ "$rc" -eq 0 ]; then',
+        "  here=$(pwd -P)",
         '  for o in ${outputs[@]+"${outputs[@]}"}; do',
-        '    [ -e "$o" ] || { echo "stowplan: declared output $o is missing" >&2; rc=1; }',
+        '    if [ ! -e "$o" ]; then echo "stowplan: declared output $o is missing" >&2; rc=1',
+        '    else real=$(realpath -e -- "$o") || real=/',
+        '      case "$real/" in "$here"/?*) ;; *) rc=1',
+        '        echo "stowplan: declared output $o leads outside the attempt directory" >&2;;',
+        "      esac",
+        "    fi",
         "  done",
         "fi",
         'exit "$rc"',

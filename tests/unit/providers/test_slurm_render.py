@@ -269,3 +269,20 @@ def test_relative_workdir_is_under_home(tmp_path: Path) -> None:
     (req,) = plan([launch(0, argv=["sh", "-c", "pwd > where"])], workdir="jobs-here")
     assert _run_script(req.render(), tmp_path).returncode == 0
     assert (tmp_path / "jobs-here" / "runs" / "run0000" / "1" / "where").exists()
+
+
+def test_an_output_leading_outside_the_attempt_directory_fails_the_job(tmp_path: Path) -> None:
+    outside = tmp_path / "secret"
+    outside.write_text("not yours")
+    argv = [
+        "sh",
+        "-c",
+        f'ln -s {outside} esc && mkdir d && echo x > d/f && ln -s d/f inside && echo ok > plain',
+    ]
+    for outputs, rc in ((["plain", "inside", "d/"], 0), (["plain", "esc"], 1)):
+        work = tmp_path / f"work{rc}"
+        (req,) = plan([launch(0, argv=argv, outputs=outputs)], workdir=str(work))
+        done = _run_script(req.render(), tmp_path)
+        assert done.returncode == rc, done.stderr
+        if rc:
+            assert b"declared output esc leads outside the attempt directory" in done.stderr
