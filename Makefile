@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test lint unit bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ lint: $(VENV)/.installed-test
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# the fast loop while changing code: unit and property tests, no services
+unit: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q tests/unit tests/property
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/bench_dispatch.py
