@@ -49,7 +49,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import Any, Final
 
@@ -76,6 +76,7 @@ __all__ = [
     "BLOB_URL_ENV",
     "SCHEMA_VERSION",
     "TERMINAL_RUN_STATES",
+    "ArtifactsNotStored",
     "RunStore",
 ]
 
@@ -1040,15 +1041,46 @@ class RunStore:
     # -- artifacts -------------------------------------------------------------------------
 
     def put_artifacts(self, run_id: str, outputs: Mapping[str, str]) -> list[ArtifactRecord]:
-        """Copy a run's output files into the blob store and record them, sorted by name.
+        """Copy a run's outputs into the blob store and record them, sorted by name.
 
-        ``outputs`` maps an output name to a file path. Putting the same outputs again changes
-        nothing; putting a name again with other content records the new content. A missing
-        file raises ``FileNotFoundError`` before any row is written.
+        ``outputs`` maps an output name to a path. A file is one artifact with that name; a
+        directory is one artifact per file under it, named ``<name>/<path inside it>`` (the
+        names ``show``, ``lineage``, ``find`` and ``replay --verify`` use). A path ending in
+        its name (``<dir>/d/x`` for ``d/x``) must stay inside ``<dir>``, links included; any
+        other path must stay inside its parent directory (the rule of ``scan_outputs``).
+        Putting the same outputs again changes nothing; putting a name again with other content
+        records the new content.
+
+        Every output that can be stored is stored and recorded, even when others cannot; then
+        ``ArtifactsNotStored`` names each one that was not, and why.
         """
-        stored: list[tuple[str, str, int]] = []
+        from stowplan.providers.launcher import scan_outputs
+
+        files: dict[str, Path] = {}
+        failed: list[str] = []
         for name in sorted(outputs):
-            sha, size, _ = self.put_file(outputs[name])
+            path = Path(outputs[name])
+            clean = PurePosixPath(name).as_posix()
+            if path.as_posix().endswith("/" + clean) and not name.startswith("/"):
+                # scanned as declared, inside the directory the path names it in
+                root, declared, scanned = Path(path.as_posix()[: -len(clean) - 1]), name, clean
+            else:
+                root, scanned = path.parent, path.name
+                declared = scanned + ("/" if name.endswith("/") else "")
+            scan = scan_outputs(root, [declared])
+            for found, real in scan.files.items():
+                files[name if found == declared else clean + found[len(scanned) :]] = real
+            failed.extend(f"{name}: {path} does not exist" for _ in scan.missing)
+            for why in scan.refused:
+                top = why.startswith(declared + ":")
+                failed.append(name + why[len(declared) :] if top else clean + why[len(scanned) :])
+        stored: list[tuple[str, str, int]] = []
+        for name in sorted(files):
+            try:
+                sha, size, _ = self.put_file(files[name])
+            except (OSError, StowplanError) as e:
+                failed.append(f"{name}: cannot be stored: {e}")
+                continue
             stored.append((name, sha, size))
         with self._write() as c:
             c.executemany(
@@ -1057,7 +1089,10 @@ class RunStore:
                 "size = excluded.size",
                 ((run_id, name, sha, size) for name, sha, size in stored),
             )
-        return [self._artifact(run_id, name, sha, size) for name, sha, size in stored]
+        recs = [self._artifact(run_id, name, sha, size) for name, sha, size in stored]
+        if failed:
+            raise ArtifactsNotStored(run_id, recs, failed)
+        return recs
 
     def artifacts_for(self, run_ids: Sequence[str]) -> dict[str, list[ArtifactRecord]]:
         """Artifacts of each run, sorted by name; runs without artifacts are left out."""
@@ -1359,3 +1394,16 @@ def _raw_entry(r: Sequence[Any], details: dict[str, Any]) -> LedgerEntry:
         ),
         action=str(r[3]),
     )
+
+
+class ArtifactsNotStored(StowplanError):
+    """Some of a run's outputs could not be stored; the others were (``stored``)."""
+
+    def __init__(self, run_id: str, stored: list[ArtifactRecord], failed: list[str]) -> None:
+        self.run_id = run_id
+        self.stored = stored
+        self.failed = failed
+        super().__init__(
+            f"run {run_id[:12]}: {len(failed)} output{'s' if len(failed) != 1 else ''} not "
+            f"stored ({len(stored)} stored): {'; '.join(failed)}"
+        )

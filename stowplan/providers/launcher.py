@@ -18,7 +18,11 @@ directory and talks to the driver only through files in it:
     The task's output streams.
 ``exit.json`` (replaced atomically, written last)
     ``{exit_code, signal, reason, started_at, ended_at, peak_rss, memory_limit, timeout_s,
-    missing, message}``. Its presence means the attempt is over.
+    missing, refused, message}``, and for a task killed by a SIGKILL the launcher did not send,
+    what is known about memory: ``oom_kills`` (OOM kills its memory cgroup counted during the
+    attempt), ``kernel_oom`` (the kernel log names one of its processes), ``memory_available``
+    (the least memory the machine had free at a sample) and ``memory_total``; ``null`` where
+    unreadable. Its presence means the attempt is over.
 
 Invariants:
 
@@ -39,15 +43,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
+import stat
 import subprocess
 import sys
 import time
 import traceback
-from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Iterable, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal, NamedTuple
 
 import psutil
+
+from stowplan.providers.importhook import HOOK_DIR, RECORD_IMPORTS_ENV, USED_FILE, USED_FILE_ENV
 
 SPEC_FILE = "spec.json"
 LAUNCHES_FILE = "launches"
@@ -61,7 +70,9 @@ RESERVED_NAMES = frozenset(
 )
 """Names in the attempt directory that belong to stowplan; task files may not use them."""
 
-ExitReason = Literal["exited", "timeout", "memory", "cancelled", "missing_output", "launcher_error"]
+ExitReason = Literal[
+    "exited", "timeout", "memory", "cancelled", "missing_output", "bad_output", "launcher_error"
+]
 
 STOP_GRACE_S = 5.0
 """Time between SIGTERM and SIGKILL when stopping a task on timeout, cancel or at its end
@@ -71,6 +82,11 @@ TICK_S = 0.05
 MEMORY_EVERY_S = 0.5
 """How often the task's memory is sampled."""
 _PR_SET_CHILD_SUBREAPER = 36
+OUTPUT_FILES_MAX = 1_000_000
+"""At most this many entries are looked at under an attempt's outputs (a bound, not a quota:
+symbolic links inside the attempt directory could otherwise make a tree without end)."""
+KMSG_MAX_BYTES = 16 << 20
+"""At most this much of the kernel log is read when looking for an OOM kill."""
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -81,6 +97,216 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+class OutputScan(NamedTuple):
+    """What an attempt's declared outputs hold, once its task has ended."""
+
+    files: dict[str, Path]
+    """Artifact name -> real path of the file inside the attempt directory."""
+    missing: list[str]
+    """Declared outputs that do not exist."""
+    refused: list[str]
+    """``"<name>: <why>"`` for each output that exists but may not be stored."""
+
+
+def scan_outputs(root: Path, declared: Sequence[str]) -> OutputScan:
+    """Expand and check the outputs ``declared`` by an attempt whose directory is ``root``.
+
+    An output names a file or a directory (a trailing ``/`` says it must be a directory). A
+    directory stands for every file under it, each an artifact named by its path: ``d/`` (or
+    ``d``) holding ``a.txt`` and ``sub/b.txt`` gives ``d/a.txt`` and ``d/sub/b.txt``; an
+    empty directory gives none. A declared file keeps its declared name.
+
+    Symbolic links are followed only while they stay inside ``root``; they are stored as the
+    content they lead to. Refused: a path that leads out of ``root`` (a link, or a path through
+    a linked directory), into stowplan's own files there or ``root`` itself, a link loop, and
+    anything that is neither a regular file nor a directory (reading a FIFO would block).
+    Never raises over what the task left behind.
+    """
+    real_root = Path(os.path.realpath(root))
+    files: dict[str, Path] = {}
+    missing: list[str] = []
+    refused: list[str] = []
+    budget = OUTPUT_FILES_MAX
+    for name in declared:
+        clean = PurePosixPath(name).as_posix()
+        path = root / clean
+        if not os.path.lexists(path):
+            missing.append(name)
+            continue
+        real, why = _inside(real_root, path)
+        if real is None:
+            refused.append(f"{name}: {why}")
+            continue
+        kind, why = _kind(real)
+        if kind == "missing":
+            missing.append(name)
+        elif kind == "file" and not name.endswith("/"):
+            files[name] = real
+        elif kind == "file":
+            refused.append(f"{name}: declared as a directory, but is a file")
+        elif kind != "dir":
+            refused.append(f"{name}: {why}")
+        else:
+            # Depth first, in name order; each entry remembers the directories above it, so a
+            # link back up is a loop, not a tree without end.
+            stack: list[tuple[Path, str, tuple[Path, ...]]] = [(real, clean, (real,))]
+            while stack and budget > 0:
+                folder, prefix, chain = stack.pop()
+                try:
+                    with os.scandir(folder) as it:
+                        entries = sorted(it, key=lambda e: e.name)
+                except OSError as e:
+                    refused.append(f"{prefix}/: cannot be read: {e.strerror or e}")
+                    continue
+                below: list[tuple[Path, str, tuple[Path, ...]]] = []
+                for entry in entries:
+                    budget -= 1
+                    if budget <= 0:
+                        refused.append(f"{name}: more than {OUTPUT_FILES_MAX} entries")
+                        break
+                    art = f"{prefix}/{entry.name}"
+                    target: Path | None = Path(entry.path)
+                    if entry.is_symlink():
+                        target, why = _inside(real_root, Path(entry.path))
+                        if target is None:
+                            refused.append(f"{art}: {why}")
+                            continue
+                    assert target is not None
+                    kind, why = _kind(target)
+                    if kind == "file":
+                        files[art] = target
+                    elif kind == "dir" and target in chain:
+                        refused.append(f"{art}: a symbolic link loop")
+                    elif kind == "dir":
+                        below.append((target, art, (*chain, target)))
+                    elif kind == "missing":
+                        refused.append(f"{art}: a symbolic link to {target}, which does not exist")
+                    else:
+                        refused.append(f"{art}: {why}")
+                stack.extend(reversed(below))
+    return OutputScan(files=files, missing=missing, refused=refused)
+
+
+def _inside(real_root: Path, path: Path) -> tuple[Path | None, str]:
+    """``path``'s real path if it stays inside the attempt directory, else why not."""
+    real = Path(os.path.realpath(path))
+    try:
+        rel = real.relative_to(real_root)
+    except ValueError:
+        return None, f"leads to {real}, outside the attempt directory"
+    if not rel.parts:
+        return None, "leads to the attempt directory itself"
+    if rel.parts[0] in RESERVED_NAMES:
+        return None, f"leads to stowplan's own {rel.parts[0]}"
+    return real, ""
+
+
+def _kind(path: Path) -> tuple[str, str]:
+    """``("file" | "dir" | "missing" | "other", why)`` for a real path."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "missing", ""
+    except OSError as e:
+        return "other", f"cannot be read: {e.strerror or e}"
+    if stat.S_ISREG(st.st_mode):
+        if not os.access(path, os.R_OK):
+            return "other", "cannot be read: permission denied"
+        return "file", ""
+    if stat.S_ISDIR(st.st_mode):
+        return "dir", ""
+    what = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket or device"
+    return "other", f"is {what}, not a regular file or a directory"
+
+
+def oom_counter_file(
+    proc_cgroup: Path = Path("/proc/self/cgroup"), mount: Path = Path("/sys/fs/cgroup")
+) -> Path | None:
+    """The file counting OOM kills in this process's memory cgroup: cgroup v2
+    ``memory.events`` or v1 ``memory.oom_control`` (both have an ``oom_kill`` line); ``None``
+    when neither can be read."""
+    try:
+        lines = proc_cgroup.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    candidates = []
+    for line in lines:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        rel = path.strip().lstrip("/")
+        if hierarchy == "0" and not controllers:
+            candidates.append(mount / rel / "memory.events")
+        elif "memory" in controllers.split(","):
+            candidates.append(mount / "memory" / rel / "memory.oom_control")
+    for candidate in candidates:
+        if read_oom_kills(candidate) is not None:
+            return candidate
+    return None
+
+
+def read_oom_kills(path: Path | None) -> int | None:
+    """The ``oom_kill`` counter in a cgroup's memory events file; ``None`` when unreadable."""
+    if path is None:
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "oom_kill" and value.strip().isdigit():
+            return int(value)
+    return None
+
+
+_KMSG_KILLED = re.compile(r"Killed process (\d+)|oom-kill:.*?[,:]pid=(\d+)")
+
+
+def oom_killed_pids(records: Iterable[str], *, since_us: int = 0) -> set[int]:
+    """Pids the kernel's OOM killer names in ``/dev/kmsg`` records
+    (``"prio,seq,usec,flags;message"``) stamped at or after ``since_us``."""
+    pids: set[int] = set()
+    for record in records:
+        header, _, message = record.partition(";")
+        fields = header.split(",")
+        with contextlib.suppress(IndexError, ValueError):
+            if int(fields[2]) < since_us:
+                continue
+        for m in _KMSG_KILLED.finditer(message):
+            pids.add(int(m.group(1) or m.group(2)))
+    return pids
+
+
+def read_kmsg(path: Path = Path("/dev/kmsg")) -> list[str] | None:
+    """The kernel log records still in its buffer; ``None`` when it cannot be read (it often
+    may not be: ``dmesg_restrict``, containers, other systems)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    records: list[str] = []
+    size = 0
+    try:
+        while size < KMSG_MAX_BYTES:
+            try:
+                chunk = os.read(fd, 8192)  # one record per read
+            except BlockingIOError:
+                break  # read everything there is
+            except BrokenPipeError:
+                # Overwritten while we read: go on with the next (counted, so this ends).
+                size += 1024
+                continue
+            except OSError:
+                return None  # a log read in part proves nothing
+            if not chunk:
+                break
+            size += len(chunk)
+            records.append(chunk.decode("utf-8", errors="replace"))
+    finally:
+        os.close(fd)
+    return records
 
 
 def _become_subreaper() -> bool:
@@ -104,6 +330,11 @@ class _Supervisor:
         self.started_at = time.time()
         self.peak_rss = 0
         self.me = psutil.Process()
+        self.task_started_mono = time.monotonic()
+        self.pids: set[int] = set()
+        """Every process of the task seen at a memory sample, to find in the kernel's log."""
+        self.memory_available: int | None = None
+        """The least memory the machine had available at a sample."""
 
     # -- signals and bookkeeping -------------------------------------------------------------
 
@@ -134,6 +365,7 @@ class _Supervisor:
             "ended_at": time.time(),
             "peak_rss": self.peak_rss,
             "missing": [],
+            "refused": [],
             "message": "",
         }
         record.update(fields)
@@ -172,9 +404,33 @@ class _Supervisor:
     def rss(self) -> int:
         total = 0
         for p in self.descendants():
+            self.pids.add(p.pid)
             with contextlib.suppress(psutil.Error):
                 total += p.memory_info().rss
+        with contextlib.suppress(psutil.Error, OSError):
+            available = psutil.virtual_memory().available
+            if self.memory_available is None or available < self.memory_available:
+                self.memory_available = available
         return total
+
+    def memory_evidence(self, counter: Path | None, oom_before: int | None) -> dict[str, Any]:
+        """What is known about memory when the task died of a SIGKILL we did not send."""
+        after = read_oom_kills(counter)
+        kmsg = read_kmsg()
+        if self.child is not None:
+            self.pids.add(self.child.pid)
+        since_us = int((self.task_started_mono - 1.0) * 1e6)
+        total: int | None = None
+        with contextlib.suppress(psutil.Error, OSError):
+            total = psutil.virtual_memory().total
+        return {
+            "oom_kills": None if after is None or oom_before is None else after - oom_before,
+            "kernel_oom": None
+            if kmsg is None
+            else bool(self.pids & oom_killed_pids(kmsg, since_us=since_us)),
+            "memory_available": self.memory_available,
+            "memory_total": total,
+        }
 
     def group_alive(self, pgid: int) -> bool:
         try:
@@ -232,12 +488,22 @@ class _Supervisor:
             if not (self.dir / EXIT_FILE).exists():
                 self.finish("cancelled", message="cancelled before the task started")
             return
+        # The task inherits our memory cgroup: count its OOM kills from here.
+        oom_counter = oom_counter_file()
+        oom_before = read_oom_kills(oom_counter)
+        self.task_started_mono = time.monotonic()
 
         env = dict(os.environ)
         env.update(spec.get("env", {}))
         prefix = spec.get("path_prefix")
         if prefix:
             env["PATH"] = prefix + os.pathsep + env["PATH"] if env.get("PATH") else prefix
+        if env.get(RECORD_IMPORTS_ENV, "1") != "0":
+            # Python started by the task records the distributions it imported (see
+            # providers/importhook), for the reuse check; it chains to any sitecustomize.
+            old = env.get("PYTHONPATH")
+            env["PYTHONPATH"] = HOOK_DIR + os.pathsep + old if old else HOOK_DIR
+            env[USED_FILE_ENV] = str(self.dir / USED_FILE)
 
         with (
             open(self.dir / STDOUT_FILE, "ab") as out,
@@ -315,10 +581,15 @@ class _Supervisor:
             "memory_limit": memory_limit,
             "timeout_s": timeout_s,
         }
+        if reason == "exited" and signum == signal.SIGKILL:
+            # Not ours (we kill only on timeout, memory or cancel): find out whether memory ran
+            # out, so an outside kill is not taken for an OOM kill, nor the other way round.
+            common.update(self.memory_evidence(oom_counter, oom_before))
         if reason == "exited" and exit_code == 0:
-            missing = [o for o in outputs if not (self.dir / o).exists()]
-            if missing:
-                self.finish("missing_output", missing=missing, **common)
+            scan = scan_outputs(self.dir, outputs)
+            if scan.missing or scan.refused:
+                why: ExitReason = "missing_output" if scan.missing else "bad_output"
+                self.finish(why, missing=scan.missing, refused=scan.refused, **common)
                 return
         self.finish(reason, **common)
 

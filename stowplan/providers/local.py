@@ -67,6 +67,7 @@ from stowplan.providers.launcher import (
     SPEC_FILE,
     STDERR_FILE,
     STDOUT_FILE,
+    scan_outputs,
     write_json_atomic,
 )
 from stowplan.spec.models import FailureClass, LocalProviderConfig
@@ -138,7 +139,16 @@ class ExitRecord(Struct, frozen=True, kw_only=True):
     memory_limit: int | None = None
     timeout_s: float | None = None
     missing: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+    """``"<output>: <why>"`` for each declared output that may not be stored."""
     message: str = ""
+    oom_kills: int | None = None
+    """OOM kills the task's memory cgroup counted during the attempt (``None``: unreadable)."""
+    kernel_oom: bool | None = None
+    """Whether the kernel's log names one of the task's processes as OOM-killed."""
+    memory_available: int | None = None
+    """The least memory the machine had available at one of the launcher's samples."""
+    memory_total: int | None = None
 
 
 class LauncherRecord(Struct, frozen=True, kw_only=True):
@@ -179,12 +189,8 @@ def classify_exit(
                 f"killed: memory use reached {format_bytes(info.peak_rss)}, over the declared "
                 f"limit of {limit}",
             )
-        case "missing_output":
-            return (
-                ProviderState.FAILED,
-                FailureClass.USER_ERROR,
-                f"exited 0 but declared outputs are missing: {', '.join(info.missing)}",
-            )
+        case "missing_output" | "bad_output":
+            return ProviderState.FAILED, FailureClass.USER_ERROR, _outputs_message(info)
         case "launcher_error":
             return (
                 ProviderState.FAILED,
@@ -195,13 +201,16 @@ def classify_exit(
             if info.signal is not None:
                 name = _signal_name(info.signal)
                 if info.signal == signal.SIGKILL:
-                    # NOTE: we send SIGKILL only with reason timeout/memory/cancelled, so an
-                    # unexplained SIGKILL on Linux is almost always the kernel's OOM killer.
+                    # NOTE: we send SIGKILL only with reason timeout/memory/cancelled; this one
+                    # came from the kernel's OOM killer or from outside (kill -9, preemption).
+                    oom = _oom_evidence(info)
+                    if oom:
+                        return ProviderState.FAILED, FailureClass.OUT_OF_MEMORY, f"{oom}{tail}"
                     return (
                         ProviderState.FAILED,
-                        FailureClass.OUT_OF_MEMORY,
-                        "killed by SIGKILL, not sent by stowplan: most likely the kernel's "
-                        f"out-of-memory killer{tail}",
+                        FailureClass.NODE_FAILURE,
+                        f"killed by signal 9 from outside (SIGKILL, not sent by stowplan; "
+                        f"{_no_oom_evidence(info)}){tail}",
                     )
                 if info.signal in CRASH_SIGNALS:
                     return ProviderState.FAILED, FailureClass.USER_ERROR, f"crashed: {name}{tail}"
@@ -225,6 +234,64 @@ def classify_exit(
                 FailureClass.NODE_FAILURE,
                 f"unrecognised exit reason {info.reason!r}",
             )
+
+
+NEAR_LIMIT = 0.9
+"""A task that was seen using this share of its memory limit, or a machine seen with less than
+``1 - NEAR_LIMIT`` of its memory available, may have been OOM-killed between two samples."""
+
+
+def _oom_evidence(info: ExitRecord) -> str:
+    """Why an unexplained SIGKILL is taken for the OOM killer's, or ``""`` when nothing says so."""
+    if info.oom_kills:
+        return (
+            "killed by the kernel's out-of-memory killer (its memory cgroup counted "
+            f"{info.oom_kills} OOM kill{'s' if info.oom_kills != 1 else ''} during the attempt)"
+        )
+    if info.kernel_oom:
+        return "killed by the kernel's out-of-memory killer (the kernel log names it)"
+    if info.memory_limit and info.peak_rss >= NEAR_LIMIT * info.memory_limit:
+        return (
+            f"killed by SIGKILL, not sent by stowplan, after using {format_bytes(info.peak_rss)}"
+            f" of its {format_bytes(info.memory_limit)} limit: most likely out of memory"
+        )
+    if (
+        info.memory_available is not None
+        and info.memory_total
+        and info.memory_available < (1 - NEAR_LIMIT) * info.memory_total
+    ):
+        return (
+            "killed by SIGKILL, not sent by stowplan, while the machine had only "
+            f"{format_bytes(info.memory_available)} of {format_bytes(info.memory_total)} "
+            "available: most likely the kernel's out-of-memory killer"
+        )
+    return ""
+
+
+def _no_oom_evidence(info: ExitRecord) -> str:
+    """What was checked before calling a SIGKILL an outside one."""
+    checks = [
+        "its memory cgroup counted no OOM kill"
+        if info.oom_kills is not None
+        else "its memory cgroup's OOM count was unreadable",
+        "the kernel log names no OOM kill of it"
+        if info.kernel_oom is not None
+        else "the kernel log was unreadable",
+    ]
+    used = f"it used at most {format_bytes(info.peak_rss)}"
+    if info.memory_limit:
+        used += f" of its {format_bytes(info.memory_limit)} limit"
+    return "; ".join([*checks, used])
+
+
+def _outputs_message(info: ExitRecord) -> str:
+    parts = []
+    if info.missing:
+        parts.append(f"declared outputs are missing: {', '.join(info.missing)}")
+    if info.refused:
+        parts.append(f"declared outputs refused: {'; '.join(info.refused)}")
+    code = "exited 0" if info.exit_code == 0 else "ended"
+    return f"{code} but " + "; ".join(parts or ["declared outputs could not be checked"])
 
 
 def format_bytes(n: int) -> str:
@@ -671,11 +738,19 @@ class LocalProvider(Provider):
         if info.reason == "exited" and info.exit_code != 0:
             tail = self._stderr_tail(attempt_dir)
         state, failure, message = classify_exit(info, stderr_tail=tail)
-        outputs = {}
+        outputs: dict[str, str] = {}
         if state is ProviderState.SUCCEEDED:
-            outputs = {
-                name: str(attempt_dir / name) for name in self._declared_outputs(attempt_dir)
-            }
+            # Checked again here, with the launcher's rule: what is reported is exactly what
+            # may be stored (files inside the attempt directory, directories expanded), and a
+            # run whose outputs cannot all be stored does not succeed.
+            scan = scan_outputs(attempt_dir, self._declared_outputs(attempt_dir))
+            if scan.missing or scan.refused:
+                info = msgspec.structs.replace(
+                    info, reason="bad_output", missing=scan.missing, refused=scan.refused
+                )
+                state, failure, message = classify_exit(info)
+            else:
+                outputs = {name: str(path) for name, path in scan.files.items()}
         report = Report(
             key=key,
             state=state,

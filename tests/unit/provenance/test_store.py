@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from stowplan.actors.store import StoreActor
 from stowplan.errors import StowplanError
 from stowplan.provenance.records import (
     AttemptRecord,
@@ -22,7 +23,7 @@ from stowplan.provenance.records import (
     RunRecord,
     TransitionRecord,
 )
-from stowplan.provenance.store import SCHEMA_VERSION, RunStore
+from stowplan.provenance.store import SCHEMA_VERSION, ArtifactsNotStored, RunStore
 from stowplan.spec.canonical import attempt_key, canonical_json, sha256_hex
 
 
@@ -534,15 +535,103 @@ def test_artifacts(store: RunStore, exp: ExperimentRecord, tmp_path: Path) -> No
     assert store.artifacts_for([r.run_id])[r.run_id] == [again[0], recs[1]]
 
 
-def test_missing_artifact_records_nothing(
+def test_a_missing_artifact_is_named_and_the_others_are_stored(
     store: RunStore, exp: ExperimentRecord, tmp_path: Path
 ) -> None:
     r = run(exp, 0)
     store.put_runs([r])
     (tmp_path / "a.txt").write_text("a")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ArtifactsNotStored) as caught:
         store.put_artifacts(r.run_id, {"a": str(tmp_path / "a.txt"), "b": str(tmp_path / "nope")})
-    assert store.artifacts_for([r.run_id]) == {}
+    assert caught.value.failed == [f"b: {tmp_path / 'nope'} does not exist"]
+    assert isinstance(caught.value, StowplanError)
+    assert "1 output not stored (1 stored)" in str(caught.value)
+    assert [a.name for a in store.artifacts_for([r.run_id])[r.run_id]] == ["a"]
+    assert caught.value.stored == store.artifacts_for([r.run_id])[r.run_id]
+
+
+def attempt_dir(tmp_path: Path) -> Path:
+    """An attempt directory as a task leaves it: a tree, a file, and links in and out."""
+    d = tmp_path / "attempt"
+    (d / "d" / "sub").mkdir(parents=True)
+    (d / "d" / "a.txt").write_text("a")
+    (d / "d" / "x").write_text("x")
+    (d / "d" / "sub" / "b.txt").write_text("b")
+    (tmp_path / "hostname").write_text("not the task's")
+    (d / "out.txt").symlink_to(tmp_path / "hostname")
+    (d / "in.txt").symlink_to("d/a.txt")
+    return d
+
+
+def test_a_directory_is_stored_as_one_artifact_per_file(
+    store: RunStore, exp: ExperimentRecord, tmp_path: Path
+) -> None:
+    r = run(exp, 0)
+    store.put_runs([r])
+    d = attempt_dir(tmp_path)
+    recs = store.put_artifacts(
+        r.run_id, {"d/x": str(d / "d" / "x"), "d/": str(d / "d"), "in.txt": str(d / "in.txt")}
+    )
+    assert [(a.name, Path(a.path).read_text()) for a in recs] == [
+        ("d/a.txt", "a"),
+        ("d/sub/b.txt", "b"),
+        ("d/x", "x"),
+        ("in.txt", "a"),  # a link inside: its content
+    ]
+    assert store.artifacts_for([r.run_id])[r.run_id] == recs
+    assert store.latest_artifact_named("d/sub/b.txt") == recs[1].sha256
+    # a directory under another name keeps that name as its prefix
+    again = store.put_artifacts(r.run_id, {"tree": str(d / "d" / "sub")})
+    assert [a.name for a in again] == ["tree/b.txt"]
+
+
+def test_links_out_and_fifos_are_refused_and_the_rest_stored(
+    store: RunStore, exp: ExperimentRecord, tmp_path: Path
+) -> None:
+    r = run(exp, 0)
+    store.put_runs([r])
+    d = attempt_dir(tmp_path)
+    os.mkfifo(d / "d" / "pipe")  # reading it would block the store forever
+    (d / "d" / "leak").symlink_to(tmp_path / "hostname")
+    with pytest.raises(ArtifactsNotStored) as caught:
+        store.put_artifacts(r.run_id, {"out.txt": str(d / "out.txt"), "d": str(d / "d")})
+    real = Path(os.path.realpath(tmp_path))
+    assert caught.value.failed == [
+        f"d/leak: leads to {real / 'hostname'}, outside the attempt directory",
+        "d/pipe: is a FIFO, not a regular file or a directory",
+        f"out.txt: leads to {real / 'hostname'}, outside the attempt directory",
+    ]
+    names = [a.name for a in store.artifacts_for([r.run_id])[r.run_id]]
+    assert names == ["d/a.txt", "d/sub/b.txt", "d/x"]
+    assert store.runs_producing(sha256_hex(b"not the task's")) == []
+
+
+def test_the_store_actor_stores_every_run_it_can_and_raises_for_the_rest(
+    tmp_path: Path,
+) -> None:
+    actor = StoreActor(str(tmp_path / "state" / "runs.db"))
+    e = experiment()
+    actor.store.put_experiment(e)
+    good, bad = run(e, 0), run(e, 1)
+    actor.store.put_runs([good, bad])
+    d = attempt_dir(tmp_path)
+    outputs = {
+        bad.run_id: {"d/x": str(d / "d" / "x"), "out.txt": str(d / "out.txt")},
+        good.run_id: {"d/": str(d / "d")},
+    }
+    assert actor.store_outputs(outputs) == {
+        bad.run_id: f"run {bad.run_id[:12]}: 1 output not stored (1 stored): out.txt: leads to "
+        f"{Path(os.path.realpath(tmp_path)) / 'hostname'}, outside the attempt directory"
+    }
+    with pytest.raises(StowplanError, match=r"outputs of 1 run not stored: run .*out\.txt"):
+        actor.put_artifacts(outputs)
+    stored = actor.store.artifacts_for([good.run_id, bad.run_id])
+    assert [a.name for a in stored[good.run_id]] == ["d/a.txt", "d/sub/b.txt", "d/x"]
+    assert [a.name for a in stored[bad.run_id]] == ["d/x"]
+    # a run the store cannot record at all (no such run) is named too, and the others go on
+    failed = actor.store_outputs({"0" * 64: {"d/x": str(d / "d" / "x")}, **outputs})
+    assert sorted(failed) == sorted(["0" * 64, bad.run_id])
+    actor.store.close()
 
 
 # -- provenance ------------------------------------------------------------------------------

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 
 from stowplan.providers.launcher import write_json_atomic
 
@@ -175,3 +178,115 @@ def test_an_unreadable_spec_is_a_launcher_error(tmp_path: Path) -> None:
 def test_usage() -> None:
     proc = subprocess.run(LAUNCHER, capture_output=True, timeout=10)
     assert proc.returncode == 2 and b"usage" in proc.stderr
+
+
+# -- outputs -------------------------------------------------------------------------------------
+
+
+def test_a_directory_output_is_checked_whole(tmp_path: Path) -> None:
+    d = attempt(
+        tmp_path,
+        ["bash", "-c", "mkdir -p d/sub && echo a > d/a.txt && echo b > d/sub/b.txt && touch d/x"],
+        outputs=["d/x", "d/"],
+    )
+    info = run(d)
+    assert (info["reason"], info["exit_code"], info["missing"], info["refused"]) == (
+        "exited",
+        0,
+        [],
+        [],
+    )
+
+
+def test_an_output_linked_out_of_the_attempt_directory_is_refused(tmp_path: Path) -> None:
+    secret = tmp_path / "hostname"
+    secret.write_text("not the task's")
+    d = attempt(tmp_path, ["ln", "-s", str(secret), "out.txt"], outputs=["out.txt"])
+    info = run(d)
+    assert (info["reason"], info["exit_code"], info["missing"]) == ("bad_output", 0, [])
+    [why] = info["refused"]
+    assert why.startswith("out.txt: leads to ") and "outside the attempt directory" in why
+
+
+# -- a SIGKILL we did not send -------------------------------------------------------------------
+
+
+def start_and_kill_task(d: Path) -> dict[str, Any]:
+    """Run the launcher on ``d`` (whose task writes task.pid), kill -9 the task from outside."""
+    proc = subprocess.Popen([*LAUNCHER, "--foreground", str(d)])
+    try:
+        wait_until(lambda: (d / "task.pid").exists() and (d / "task.pid").read_text().strip())
+        os.kill(int((d / "task.pid").read_text()), signal.SIGKILL)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    result: dict[str, Any] = json.loads((d / "exit.json").read_text())
+    return result
+
+
+def test_an_outside_sigkill_is_recorded_with_what_is_known_about_memory(tmp_path: Path) -> None:
+    d = attempt(
+        tmp_path,
+        ["bash", "-c", "echo $$ > task.pid; exec sleep 30"],
+        memory_limit=1 << 30,
+    )
+    info = start_and_kill_task(d)
+    assert (info["reason"], info["signal"], info["exit_code"]) == ("exited", 9, None)
+    # No OOM kill happened: where the facts are readable they say so, else they are unknown.
+    assert info["oom_kills"] in (0, None)
+    assert info["kernel_oom"] in (False, None)
+    assert info["memory_total"] > 0
+    assert info["memory_available"] is None or 0 < info["memory_available"] <= info["memory_total"]
+
+
+@contextlib.contextmanager
+def memory_cgroup(limit: int) -> Iterator[Path]:
+    """A fresh cgroup v1 memory cgroup below ours with ``limit`` bytes; yields its procs file.
+
+    Needs the right to create cgroups (root, or a delegated hierarchy): skipped without it,
+    since then no test can make the kernel's OOM killer act on one process alone."""
+    mine = next(
+        (
+            line.split(":", 2)[2]
+            for line in Path("/proc/self/cgroup").read_text().splitlines()
+            if "memory" in line.split(":")[1].split(",")
+        ),
+        None,
+    )
+    if mine is None:
+        pytest.skip("no cgroup v1 memory controller here to make a real OOM kill in")
+    cg = Path("/sys/fs/cgroup/memory") / mine.lstrip("/") / f"stowplan-oom-{os.getpid()}"
+    try:
+        cg.mkdir()
+    except OSError as e:
+        pytest.skip(f"cannot create a memory cgroup for a real OOM kill: {e}")
+    try:
+        (cg / "memory.limit_in_bytes").write_text(str(limit))
+        with contextlib.suppress(OSError):  # without swap accounting there is no memsw file
+            (cg / "memory.memsw.limit_in_bytes").write_text(str(limit))
+        yield cg / "cgroup.procs"
+    finally:
+        wait_until(lambda: not (cg / "cgroup.procs").read_text().strip())
+        cg.rmdir()
+
+
+def test_a_real_kernel_oom_kill_is_recorded_as_one(tmp_path: Path) -> None:
+    d = attempt(
+        tmp_path,
+        [sys.executable, "-c", "b = bytearray(400 << 20); import time; time.sleep(30)"],
+        memory_limit=8 << 30,  # the launcher's own limit is far: the kernel acts first
+    )
+    with memory_cgroup(200 << 20) as procs:
+        shell = f'echo $$ > {procs} && exec "$@"'
+        done = subprocess.run(
+            ["sh", "-c", shell, "sh", *LAUNCHER, "--foreground", str(d)],
+            timeout=30,
+            capture_output=True,
+        )
+    assert done.returncode == 0, done.stderr.decode()
+    info = json.loads((d / "exit.json").read_text())
+    assert (info["reason"], info["signal"]) == ("exited", 9)
+    assert info["oom_kills"] >= 1
+    assert info["kernel_oom"] in (True, None)  # True where the kernel log is readable

@@ -31,6 +31,7 @@ from stowplan.providers.local import (
     tail_text,
 )
 from stowplan.providers.registry import make_provider
+from stowplan.scheduler.retry import should_retry
 from stowplan.spec.models import (
     INFRASTRUCTURE_FAILURES,
     FailureClass,
@@ -277,6 +278,70 @@ async def test_missing_declared_output_is_a_user_error(provider: LocalProvider) 
     assert (report.state, report.failure) == (S.FAILED, FailureClass.USER_ERROR)
     assert "model.pt" in report.message and "metrics.json" in report.message
     assert report.outputs == {}
+
+
+@pytest.mark.anyio
+async def test_a_directory_output_reports_every_file_under_it(provider: LocalProvider) -> None:
+    launch = spec(
+        script="mkdir -p d/sub && echo a > d/a.txt && echo b > d/sub/b.txt && echo x > d/x",
+        outputs=["d/x", "d/"],
+    )
+    req = await submit1(provider, launch)
+    report = await wait_for(provider, launch.key)
+    assert report.state is S.SUCCEEDED, report
+    real = Path(os.path.realpath(req.attempt_dir))
+    assert report.outputs == {
+        "d/a.txt": str(real / "d" / "a.txt"),
+        "d/sub/b.txt": str(real / "d" / "sub" / "b.txt"),
+        "d/x": str(real / "d" / "x"),
+    }
+
+
+@pytest.mark.anyio
+async def test_an_output_linked_outside_fails_the_run(
+    provider: LocalProvider, tmp_path: Path
+) -> None:
+    secret = tmp_path / "hostname"
+    secret.write_text("the machine's, not the task's")
+    launch = spec(
+        script=f"echo fine > ok.txt; ln -s {shlex.quote(str(secret))} out.txt",
+        outputs=["ok.txt", "out.txt"],
+    )
+    await submit1(provider, launch)
+    report = await wait_for(provider, launch.key)
+    assert (report.state, report.failure) == (S.FAILED, FailureClass.USER_ERROR), report
+    assert "out.txt: leads to" in report.message
+    assert "outside the attempt directory" in report.message
+    assert report.outputs == {}
+
+
+@pytest.mark.anyio
+async def test_outputs_are_checked_again_when_the_report_is_made(state_dir: Path) -> None:
+    """A launcher's verdict is not trusted blindly: a fresh driver looks at the files again."""
+    old = LocalProvider("laptop", LocalProviderConfig(), state_dir=state_dir)
+    launch = spec(script="echo ok > out.txt", outputs=["out.txt"])
+    req = await submit1(old, launch)
+    assert (await wait_for(old, launch.key)).state is S.SUCCEEDED
+    out = Path(req.attempt_dir) / "out.txt"
+    out.unlink()
+    out.symlink_to("/etc/hostname")
+    new = LocalProvider("laptop", LocalProviderConfig(), state_dir=state_dir)
+    [report] = await new.describe([launch.key])
+    assert (report.state, report.failure) == (S.FAILED, FailureClass.USER_ERROR), report
+    assert "outside the attempt directory" in report.message and report.outputs == {}
+
+
+@pytest.mark.anyio
+async def test_an_outside_sigkill_is_not_called_out_of_memory(provider: LocalProvider) -> None:
+    launch = spec(argv=["bash", "-c", "echo $$ > task.pid; exec sleep 30"])
+    req = await submit1(provider, launch)
+    pid = int(await wait_file(Path(req.attempt_dir) / "task.pid"))
+    os.kill(pid, signal.SIGKILL)
+    report = await wait_for(provider, launch.key)
+    assert (report.state, report.failure) == (S.FAILED, FailureClass.NODE_FAILURE), report
+    assert "killed by signal 9 from outside" in report.message
+    assert "out-of-memory killer" not in report.message
+    assert should_retry(RetryPolicy(), FailureClass.NODE_FAILURE, 1)  # retried by default
 
 
 @pytest.mark.anyio
@@ -568,10 +633,62 @@ async def test_cancel_of_a_queued_request_never_starts_it(state_dir: Path) -> No
             "a.csv",
         ),
         (
+            ExitRecord(reason="bad_output", exit_code=0, refused=["o: leads to /etc/x, outside"]),
+            S.FAILED,
+            FailureClass.USER_ERROR,
+            "refused: o: leads to /etc/x",
+        ),
+        (
             ExitRecord(reason="exited", signal=int(signal.SIGKILL)),
             S.FAILED,
+            FailureClass.NODE_FAILURE,
+            "killed by signal 9 from outside",
+        ),
+        (
+            ExitRecord(
+                reason="exited",
+                signal=int(signal.SIGKILL),
+                oom_kills=0,
+                kernel_oom=False,
+                peak_rss=10 << 20,
+                memory_limit=1 << 30,
+                memory_available=8 << 30,
+                memory_total=16 << 30,
+            ),
+            S.FAILED,
+            FailureClass.NODE_FAILURE,
+            "killed by signal 9 from outside (SIGKILL, not sent by stowplan; its memory cgroup "
+            "counted no OOM kill; the kernel log names no OOM kill of it; it used at most "
+            "10.0 MiB of its 1.0 GiB limit)",
+        ),
+        (
+            ExitRecord(reason="exited", signal=int(signal.SIGKILL), oom_kills=1),
+            S.FAILED,
             FailureClass.OUT_OF_MEMORY,
-            "out-of-memory killer",
+            "out-of-memory killer (its memory cgroup counted 1 OOM kill during the attempt)",
+        ),
+        (
+            ExitRecord(reason="exited", signal=int(signal.SIGKILL), oom_kills=0, kernel_oom=True),
+            S.FAILED,
+            FailureClass.OUT_OF_MEMORY,
+            "out-of-memory killer (the kernel log names it)",
+        ),
+        (
+            ExitRecord(reason="exited", signal=int(signal.SIGKILL), peak_rss=95, memory_limit=100),
+            S.FAILED,
+            FailureClass.OUT_OF_MEMORY,
+            "after using 95 B of its 100 B limit: most likely out of memory",
+        ),
+        (
+            ExitRecord(
+                reason="exited",
+                signal=int(signal.SIGKILL),
+                memory_available=1 << 20,
+                memory_total=16 << 30,
+            ),
+            S.FAILED,
+            FailureClass.OUT_OF_MEMORY,
+            "while the machine had only 1.0 MiB of 16.0 GiB available",
         ),
         (
             ExitRecord(reason="exited", signal=int(signal.SIGTERM)),
