@@ -34,14 +34,19 @@ from stowplan.provenance.data import HashCache, capture_data
 from stowplan.spec.canonical import canonical_json, sha256_hex
 
 __all__ = [
+    "CODE_IGNORE_FILE",
+    "DEFAULT_CODE_IGNORE",
     "DEFAULT_ENV_ALLOWLIST",
     "CodeVersion",
+    "TreeHash",
     "allowed_env",
     "capture_code",
     "capture_environment",
     "capture_hardware",
     "code_context",
     "data_version",
+    "distributions_on",
+    "hash_tree",
     "installed_distributions",
 ]
 
@@ -76,11 +81,40 @@ _DIFF_ARGS: Final = (
 )
 
 
+class TreeHash(Struct, frozen=True, kw_only=True):
+    """What a code version outside git was computed from (see :func:`hash_tree`)."""
+
+    root: str
+    """the directory hashed: the experiment's directory."""
+    sha256: str
+    """SHA-256 of the manifest: every hashed file's path, size and SHA-256, sorted."""
+    files: int
+    bytes: int
+    ignore_file: str | None = None
+    """the ``.stowplanignore`` whose patterns applied, if there is one."""
+    referenced: list[str] = field(default_factory=list)
+    """files outside ``root`` named by a task's command or script, hashed too."""
+    skipped: list[str] = field(default_factory=list)
+    """files too large (or past the limits) to hash: in the manifest by size only."""
+
+    def describe(self) -> str:
+        """One line for people: what the version covers."""
+        out = f"no git: {self.files} files ({self.bytes} bytes) under {self.root}, hashed" + (
+            f", ignoring what {self.ignore_file} lists" if self.ignore_file else ""
+        )
+        if self.referenced:
+            out += f", and {len(self.referenced)} referenced outside it"
+        if self.skipped:
+            out += f"; {len(self.skipped)} too large, by size only"
+        return out
+
+
 class CodeVersion(Struct, frozen=True, kw_only=True):
     """The code a run used: a commit plus the hash of the uncommitted changes on top of it.
 
     The changes themselves (a patch that ``git apply`` restores onto ``commit``, untracked files
     included) are returned beside this record by :func:`capture_code`, for the blob store.
+    Outside git, ``tree`` says which files ``version`` hashes.
     """
 
     commit: str | None
@@ -90,11 +124,14 @@ class CodeVersion(Struct, frozen=True, kw_only=True):
     diff_sha256: str | None
     """SHA-256 of the patch; None when the tree is clean (or has no commit to diff against)."""
     version: str
-    """``<commit>``, ``<commit>+dirty.<12 hex of diff_sha256>``, ``no-commit`` or ``no-git``."""
+    """``<commit>``, ``<commit>+dirty.<12 hex of diff_sha256>``, ``no-commit``, outside git
+    ``nogit.<12 hex of tree.sha256>``, or ``no-git`` when there is no directory to hash."""
     untracked: list[str] = field(default_factory=list)
     """untracked, not ignored files whose content is in the patch."""
     skipped: list[str] = field(default_factory=list)
     """untracked, not ignored files too large to capture: present, but not in the patch."""
+    tree: TreeHash | None = None
+    """outside git: the files ``version`` hashes."""
 
 
 _NO_GIT: Final = CodeVersion(
@@ -143,7 +180,13 @@ def _checked(done: subprocess.CompletedProcess[bytes], what: str) -> bytes:
     return done.stdout
 
 
-def capture_code(directory: Path) -> tuple[CodeVersion, bytes]:
+def capture_code(
+    directory: Path,
+    *,
+    references: Sequence[str] = (),
+    exclude: Sequence[Path] = (),
+    cache: HashCache | None = None,
+) -> tuple[CodeVersion, bytes]:
     """The code version of the git working tree holding ``directory``, and its patch bytes.
 
     The patch is what ``git diff HEAD --binary`` prints (staged and unstaged changes to tracked
@@ -152,20 +195,30 @@ def capture_code(directory: Path) -> tuple[CodeVersion, bytes]:
     the index, so the user's index is left alone and untracked files are not hashed into the
     object database. The patch is ``b""`` when clean.
 
-    Without git, or outside a repository, the version is ``no-git``; in a repository without
-    commits it is ``no-commit``. Raises :class:`~stowplan.errors.StowplanError` when git
-    itself fails or hangs inside a repository.
+    Without git, or outside a repository, the version is ``nogit.<12 hex>``: a hash of the
+    files under ``directory`` and of the files outside it that ``references`` (the tasks'
+    command words) name, minus ``exclude`` (see :func:`hash_tree`); ``no-git`` only when
+    ``directory`` does not exist. In a repository without commits it is ``no-commit``. Raises
+    :class:`~stowplan.errors.StowplanError` when git itself fails or hangs inside a repository.
     """
     directory = Path(directory)
-    if shutil.which("git") is None or not directory.is_dir():
+    if not directory.is_dir():
         return _NO_GIT, b""
+
+    def no_git() -> tuple[CodeVersion, bytes]:
+        tree = hash_tree(directory, references=references, exclude=exclude, cache=cache)
+        version = f"nogit.{tree.sha256[:12]}"
+        return msgspec.structs.replace(_NO_GIT, version=version, tree=tree), b""
+
+    if shutil.which("git") is None:
+        return no_git()
     top = _git(["rev-parse", "--show-toplevel"], directory)
     if top.returncode != 0:
         stderr = top.stderr.decode(errors="replace").strip()
         if "not a git repository" not in stderr:
             # e.g. "detected dubious ownership": a repository git refuses to read.
             log.warning("git cannot read %s: %s", directory, stderr)
-        return _NO_GIT, b""
+        return no_git()
     root = Path(top.stdout.decode().strip())
     symbolic = _git(["symbolic-ref", "--quiet", "--short", "HEAD"], root)
     branch = (symbolic.stdout.decode().strip() or None) if symbolic.returncode == 0 else None
@@ -263,6 +316,230 @@ def _diff(root: Path, untracked: list[str]) -> bytes:
         return _checked(_git(_DIFF_ARGS, root, env=env), "diff")
 
 
+# -- code outside git --------------------------------------------------------------------------
+
+CODE_IGNORE_FILE: Final = ".stowplanignore"
+"""In the experiment's directory: gitignore-style patterns of files a code version outside git
+leaves out (``#`` comments, ``!`` negation, ``dir/`` for directories only, a ``/`` anchors to
+the directory, ``*``, ``?``, ``[...]`` and ``**``)."""
+DEFAULT_CODE_IGNORE: Final = (
+    ".stowplan/",
+    ".git/",
+    ".hg/",
+    ".svn/",
+    ".venv/",
+    "venv/",
+    "__pycache__/",
+    "*.py[cod]",
+    ".mypy_cache/",
+    ".pytest_cache/",
+    ".ruff_cache/",
+    ".ipynb_checkpoints/",
+    ".tox/",
+    ".nox/",
+    "node_modules/",
+    "*.egg-info/",
+    ".DS_Store",
+    CODE_IGNORE_FILE,
+)
+"""Left out of every code version outside git, before the ignore file's own patterns."""
+CODE_MAX_FILES: Final = 20_000
+"""Files hashed at most; past it (or past ``UNTRACKED_MAX_TOTAL`` bytes) files count by size."""
+
+
+class _IgnoreRules:
+    """A gitignore subset: the last pattern that matches a path decides."""
+
+    def __init__(self, lines: Sequence[str]) -> None:
+        self.rules: list[tuple[re.Pattern[str], bool, bool, bool]] = []
+        for raw in lines:
+            line = raw.rstrip("\n").rstrip()
+            if not line or line.startswith("#"):
+                continue
+            negate = line.startswith("!")
+            if negate:
+                line = line[1:]
+            dir_only = line.endswith("/")
+            line = line.strip("/") if dir_only else line
+            anchored = "/" in line
+            line = line.lstrip("/")
+            if line:
+                self.rules.append((re.compile(_glob_regex(line)), negate, dir_only, anchored))
+
+    def ignored(self, rel: str, is_dir: bool) -> bool:
+        out = False
+        name = rel.rsplit("/", 1)[-1]
+        for pattern, negate, dir_only, anchored in self.rules:
+            if dir_only and not is_dir:
+                continue
+            if pattern.fullmatch(rel if anchored else name):
+                out = not negate
+        return out
+
+
+def _glob_regex(glob: str) -> str:
+    out: list[str] = []
+    i = 0
+    while i < len(glob):
+        c = glob[i]
+        if glob.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif glob.startswith("/**", i) and i + 3 == len(glob):
+            out.append("/.*")
+            i += 3
+        elif glob.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif c == "*":
+            out.append("[^/]*")
+            i += 1
+        elif c == "?":
+            out.append("[^/]")
+            i += 1
+        elif c == "[" and "]" in glob[i + 2 :]:
+            end = glob.index("]", i + 2)
+            body = glob[i + 1 : end]
+            if body.startswith("!"):
+                body = "^" + body[1:]
+            out.append("[" + body.replace("\\", "\\\\") + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(c))
+            i += 1
+    return "".join(out)
+
+
+def referenced_files(words: Sequence[str], root: Path) -> list[Path]:
+    """Existing regular files outside ``root`` that command words name by absolute path
+    (``/x/train.py``, ``--config=/x/c.yaml``); placeholders must be filled first."""
+    out: set[Path] = set()
+    root = root.resolve()
+    for word in words:
+        for part in (word, word.partition("=")[2]):
+            if not part.startswith("/") or "\0" in part:
+                continue
+            try:
+                p = Path(part).resolve()
+                if p.is_file() and not p.is_relative_to(root):
+                    out.add(p)
+            except (OSError, ValueError, RuntimeError):
+                continue
+    return sorted(out)
+
+
+def hash_tree(
+    root: Path,
+    *,
+    references: Sequence[str] = (),
+    exclude: Sequence[Path] = (),
+    cache: HashCache | None = None,
+) -> TreeHash:
+    """The code version of a directory outside git: a hash over its files.
+
+    The manifest lists each file under ``root`` as (path, size, SHA-256), symlinks by their
+    target text (never followed), minus :data:`DEFAULT_CODE_IGNORE`, the patterns of
+    ``root/.stowplanignore`` and the paths in ``exclude`` (the experiment file, the store, data
+    inputs: what other parts of a run's identity already cover). Files outside ``root`` that
+    ``references`` name by absolute path are added under their absolute path. Files over
+    ``UNTRACKED_MAX_FILE`` bytes, or past ``CODE_MAX_FILES`` files or ``UNTRACKED_MAX_TOTAL``
+    bytes, enter by size only and are listed in ``skipped``. Stat data, owners and times never
+    enter, so a copy of the directory has the same version.
+    """
+    root = Path(root).resolve()
+    lines = list(DEFAULT_CODE_IGNORE)
+    ignore_file = root / CODE_IGNORE_FILE
+    used_ignore: str | None = None
+    if ignore_file.is_file():
+        try:
+            lines += ignore_file.read_text(encoding="utf-8", errors="replace").splitlines()
+            used_ignore = str(ignore_file)
+        except OSError as e:
+            log.warning("cannot read %s: %s", ignore_file, e)
+    rules = _IgnoreRules(lines)
+    excluded = set()
+    for p in exclude:
+        try:
+            excluded.add(Path(p).resolve())
+        except (OSError, RuntimeError):
+            continue
+    manifest: list[tuple[str, int, str]] = []
+    skipped: list[str] = []
+    total = 0
+
+    def add(path: Path, name: str, size: int) -> None:
+        nonlocal total
+        if (
+            size > UNTRACKED_MAX_FILE
+            or len(manifest) >= CODE_MAX_FILES
+            or total + size > UNTRACKED_MAX_TOTAL
+        ):
+            skipped.append(name)
+            manifest.append((name, size, "skipped"))
+            return
+        try:
+            if cache is not None:
+                digest = cache.sha256(path)
+            else:
+                with open(path, "rb") as f:
+                    digest = hashlib.file_digest(f, "sha256").hexdigest()
+        except OSError:
+            return  # removed, or unreadable: not code this run can use either
+        total += size
+        manifest.append((name, size, digest))
+
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        try:
+            entries = sorted(os.scandir(d), key=lambda x: x.name)
+        except OSError:
+            continue
+        subdirs = []
+        for ent in entries:
+            path = Path(ent.path)
+            rel = path.relative_to(root).as_posix()
+            try:
+                is_dir = ent.is_dir(follow_symlinks=False)
+                if rules.ignored(rel, is_dir) or path in excluded:
+                    continue
+                if ent.is_symlink():
+                    target = os.readlink(path)
+                    manifest.append((rel, len(target), "symlink:" + target))
+                elif is_dir:
+                    subdirs.append(path)
+                elif ent.is_file(follow_symlinks=False):
+                    add(path, rel, ent.stat(follow_symlinks=False).st_size)
+            except OSError:
+                continue
+        stack.extend(reversed(subdirs))
+    outside = [p for p in referenced_files(references, root) if p not in excluded]
+    for p in outside:
+        try:
+            add(p, str(p), p.stat().st_size)
+        except OSError:
+            continue
+    if skipped:
+        log.warning(
+            "%d file(s) under %s too large to hash into the code version, e.g. %s; list them "
+            "in %s or use git",
+            len(skipped),
+            root,
+            skipped[0],
+            ignore_file,
+        )
+    manifest.sort()
+    return TreeHash(
+        root=str(root),
+        sha256=sha256_hex(canonical_json(manifest)),
+        files=len(manifest) - len(skipped),
+        bytes=total,
+        ignore_file=used_ignore,
+        referenced=[str(p) for p in outside],
+        skipped=skipped,
+    )
+
+
 def _strip_credentials(url: str) -> str:
     """A remote URL without any user:password@ part (tokens live there in https URLs)."""
     if "://" not in url:
@@ -292,7 +569,7 @@ def code_context(directory: Path, code: CodeVersion) -> dict[str, Any]:
         "remote_url": None,
         "skipped_sha256": {},
     }
-    if code.version == "no-git":
+    if code.commit is None and code.version != "no-commit":
         return out
     top = _git(["rev-parse", "--show-toplevel"], directory)
     if top.returncode != 0:
@@ -389,11 +666,17 @@ def installed_distributions() -> list[str]:
     the other (earlier on ``sys.path``) counts, as for imports. Reads only metadata headers,
     so it takes milliseconds where ``importlib.metadata`` takes tenths of a second.
     """
+    return sorted(f"{name}=={version}" for name, version in distributions_on(sys.path).items())
+
+
+def distributions_on(path: Sequence[str]) -> dict[str, str]:
+    """Normalised name -> version of every distribution on ``path`` (directories, or zip
+    files, as on ``sys.path``); the first one found wins, as for imports."""
     seen: dict[str, str] = {}
-    for entry in sys.path:
+    for entry in path:
         for name, version in _distributions_on(entry):
             seen.setdefault(_normalize(name), version)
-    return sorted(f"{name}=={version}" for name, version in seen.items())
+    return seen
 
 
 DEFAULT_ENV_ALLOWLIST: Final = (
@@ -489,20 +772,30 @@ def capture_environment(
     lock_dirs: Sequence[Path] = (),
     env_allowlist: Sequence[str] = DEFAULT_ENV_ALLOWLIST,
 ) -> dict[str, Any]:
-    """Python, platform and installed distributions, with ``env_hash`` over what matters.
+    """Python, platform and installed distributions, with ``env_hash`` over what is declared.
 
-    ``env_hash`` covers the interpreter (implementation and ``major.minor``) and the
-    distributions, not the patch release, path or OS: what would change a result, not what
-    merely differs between two machines that would compute the same thing. Beside it: each
-    distribution's hash, the lock files found in ``lock_dirs``, and the environment variables
-    on ``env_allowlist`` (never one whose name looks like a secret). ``container_image`` is
-    None here; a provider that runs in a container reports its digest with the attempt.
+    ``env_hash``, the environment in a run's identity, covers the interpreter (implementation
+    and ``major.minor``) and the environment as declared: the lock files found in
+    ``lock_dirs``. It does not cover every distribution installed here: installing a tool the
+    tasks never import must not re-run them, and for a task that runs elsewhere this machine's
+    packages are the wrong ones anyway. What a task did import is captured where it runs and
+    checked before its result is reused (:mod:`stowplan.provenance.imports`). ``env_basis``
+    says which of the two applies. The full list stays in the record (``distributions``,
+    each one's hash), with the environment variables on ``env_allowlist`` (never one whose
+    name looks like a secret). ``container_image`` is None here; a provider that runs in a
+    container reports its digest with the attempt.
     """
     dists = installed_distributions()
     impl = platform.python_implementation()
     v = sys.version_info
     python = f"{impl} {v.major}.{v.minor}"
-    env_hash = sha256_hex(canonical_json({"distributions": dists, "python": python}))
+    locks = lock_file_hashes(*lock_dirs)
+    env_hash = sha256_hex(canonical_json({"declared": locks, "python": python}))
+    basis = (
+        "declared by " + ", ".join(sorted(locks)) + " and " + python
+        if locks
+        else python + "; what each run imports is checked before it is reused"
+    )
     return {
         "python": {
             "implementation": impl,
@@ -512,10 +805,11 @@ def capture_environment(
         "platform": platform.platform(),
         "distributions": dists,
         "distribution_hashes": distribution_hashes(),
-        "lock_files": lock_file_hashes(*lock_dirs),
+        "lock_files": locks,
         "env_vars": allowed_env(os.environ, env_allowlist),
         "container_image": None,
         "env_hash": env_hash,
+        "env_basis": basis,
     }
 
 

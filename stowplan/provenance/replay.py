@@ -13,7 +13,9 @@ written or submitted until every check has passed):
 3. :func:`check_data` re-versions every data input (relative paths inside the worktree): a
    version that is gone or changed is refused; an unpinned one is reported.
 4. :func:`environment_differences` lists how this environment differs from the recorded one
-   (Python, packages added, removed, changed); ``--strict-env`` refuses any.
+   (Python, declared lock files, packages added, removed, changed), and
+   :func:`captured_differences` how what the run actually imported (captured where it ran,
+   :func:`used_by`) differs from what its interpreter has now; ``--strict-env`` refuses any.
 5. The caller plans the replay runs from the *recorded* spec with the worktree as the
    experiment's directory: same parameters and seed, a new replicate number so the replay is
    a run of its own, pinned to the recorded hardware class when the scheduler supports it.
@@ -43,6 +45,7 @@ from stowplan.spec.canonical import RunIdentity, canonical_json, sha256_hex, spe
 __all__ = [
     "CodeCheckout",
     "OutputVerdict",
+    "captured_differences",
     "check_data",
     "check_record",
     "close_code",
@@ -50,6 +53,7 @@ __all__ = [
     "environment_differences",
     "open_code",
     "recorded_experiment",
+    "used_by",
 ]
 
 GIT_TIMEOUT: Final = 120.0
@@ -337,6 +341,40 @@ def environment_differences(recorded: Mapping[str, Any], now: Mapping[str, Any])
     out += [
         f"package changed: {n} {a[n]} -> {b[n]}" for n in sorted(set(a) & set(b)) if a[n] != b[n]
     ]
+    la: dict[str, str] = dict(recorded.get("lock_files") or {})
+    lb: dict[str, str] = dict(now.get("lock_files") or {})
+    for name in sorted(set(la) | set(lb)):
+        if name not in lb:
+            out.append(f"declared: lock file {name} is gone")
+        elif name not in la:
+            out.append(f"declared: lock file {name} is new")
+        elif la[name] != lb[name]:
+            out.append(f"declared: lock file {name} changed")
+    return out
+
+
+def used_by(store: RunStore, view: RunView, providers: Mapping[str, Any], state_dir: Path) -> Any:
+    """What the run's succeeded attempt imported (a ``provenance.imports.UsedRecord``), as its
+    launcher captured it; None where nothing was captured or the record is out of reach."""
+    from stowplan.provenance.imports import used_records
+
+    return used_records(store, [view.run.run_id], providers, state_dir).get(view.run.run_id)
+
+
+def captured_differences(used: Any, checker: Any = None) -> list[str]:
+    """How what a run imported differs from what the interpreter it ran has now, one line
+    each (``used package changed: numpy 1.26.4 -> 2.0.0``); [] when nothing was captured."""
+    if used is None:
+        return []
+    from stowplan.provenance.imports import UsedChecker
+
+    check = checker if checker is not None else UsedChecker()
+    out = []
+    for c in check.changes(used):
+        if c.now is None:
+            out.append(f"used package gone: {c.name}=={c.was}")
+        else:
+            out.append(f"used package changed: {c.name} {c.was} -> {c.now}")
     return out
 
 

@@ -3,17 +3,26 @@
 Pure: the versions of code, data and environment are captured by the caller (provenance) and
 passed in as ``Versions``. Each task becomes one run per trial; a dependency on a task is a
 dependency on every run of it. A run's identity hashes the task's spec as written (before
-placeholders are filled), its parameters and seed, the versions, its upstream run ids and the
-replicate number, so editing one task re-runs it and what depends on it, and nothing else.
+placeholders are filled), its parameters and seed, the versions, its upstream run ids, the
+replicate number and, where a sweep repeats a parameter set, the repeat's trial number (see
+``sweep.repeat_numbers``), so editing one task re-runs it and what depends on it, and nothing
+else, and every trial is a run of its own.
+
+An ``EnvPin`` replaces one run's environment hash with one that also names the versions of the
+distributions an earlier run of it used: the caller pins a run whose stored result was made with
+versions that have changed since (see ``provenance.imports``), which gives it (and everything
+downstream of it) a new identity, so it runs again instead of being reused.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from msgspec import Struct, field
 
 from stowplan.scheduler.events import TaskInstance
-from stowplan.scheduler.sweep import expand
-from stowplan.spec.canonical import RunIdentity, spec_hash
+from stowplan.scheduler.sweep import expand, repeat_numbers
+from stowplan.spec.canonical import RunIdentity, canonical_json, sha256_hex, spec_hash
 from stowplan.spec.loader import LoadedExperiment
 from stowplan.spec.models import Scalar, Task
 
@@ -23,6 +32,20 @@ class Versions(Struct, frozen=True, kw_only=True):
     env_hash: str
     data_versions: dict[str, str] = field(default_factory=dict)
     """uri -> version, for every input of every task."""
+
+
+class EnvPin(Struct, frozen=True, kw_only=True):
+    """The distributions (normalised name -> version, as they are now) that an earlier run of
+    the same trial used: part of the pinned run's environment hash."""
+
+    used: dict[str, str]
+
+    def env_hash(self, base: str) -> str:
+        return sha256_hex(canonical_json({"env": base, "used": self.used}))
+
+
+PinKey = tuple[int, str, int]
+"""(replicate, task, trial index): which run an EnvPin applies to."""
 
 
 class Launch(Struct, frozen=True, kw_only=True):
@@ -76,8 +99,10 @@ def plan_runs(
     project: str,
     replicate: int = 0,
     allowed_providers: tuple[str, ...] | None = None,
+    env_pins: Mapping[PinKey, EnvPin] | None = None,
 ) -> list[PlannedRun]:
     """Every run of the experiment, upstream before downstream, trials in sweep order."""
+    pins = env_pins or {}
     spec = loaded.spec
     policy = loaded.policy
     by_name = {t.name: t for t in spec.tasks}
@@ -96,16 +121,19 @@ def plan_runs(
         retry = task.retry or policy.retry
         priority = task.priority if task.priority is not None else policy.priority
         ids: list[str] = []
-        for index, params in enumerate(expand(task.sweep)):
+        trials = expand(task.sweep)
+        for index, (params, trial) in enumerate(zip(trials, repeat_numbers(trials), strict=True)):
+            pin = pins.get((replicate, name, index))
             identity = RunIdentity(
                 task_spec_hash=task_hash,
                 params=params,
                 seed=seed,
                 code_version=versions.code_version,
                 data_versions=data,
-                env_hash=versions.env_hash,
+                env_hash=versions.env_hash if pin is None else pin.env_hash(versions.env_hash),
                 upstream=upstream,
                 replicate=replicate,
+                trial=trial,
             )
             run_id = identity.run_id()
             ids.append(run_id)

@@ -4,6 +4,11 @@ The same sweep and seed give the same trials, in the same order, on every machin
 draws use numpy's PCG64 generator; Sobol points come from scipy's ``qmc.Sobol`` (scrambled,
 seeded), mapped onto each parameter's domain. A plain value list in a random or Sobol sweep is
 a choice among its values.
+
+Trials may repeat a parameter set (a random draw over a few discrete values, a grid that lists a
+value twice). Each trial is still its own run: :func:`repeat_numbers` numbers the repeats, and
+the number goes into the run's identity, so counts agree everywhere (a sample replicated by
+the draw is a replicate the user asked for).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import itertools
 import math
 from typing import Any
 
+from stowplan.spec.canonical import canonical_json
 from stowplan.spec.models import Choice, IntRange, LogUniform, Scalar, Sweep, Uniform
 
 Params = dict[str, Scalar]
@@ -32,6 +38,24 @@ def expand(sweep: Sweep | None) -> list[Params]:
     return [
         {name: _map(sweep.parameters[name], row[j]) for j, name in enumerate(names)} for row in unit
     ]
+
+
+def repeat_numbers(trials: list[Params]) -> list[int]:
+    """For each trial, how many earlier trials have exactly the same parameters: 0 for the
+    first of a parameter set, k for its k-th repeat.
+
+    "The same" is what a run's identity hashes (the canonical JSON of the parameters), so
+    ``1`` and ``1.0`` differ here exactly as they do in run ids. Numbering by parameter set
+    rather than by position keeps a run's number when the list it came from is reordered.
+    """
+    seen: dict[bytes, int] = {}
+    out: list[int] = []
+    for params in trials:
+        key = canonical_json(params)
+        n = seen.get(key, 0)
+        out.append(n)
+        seen[key] = n + 1
+    return out
 
 
 def _values(dom: object) -> list[Scalar]:

@@ -5,8 +5,8 @@ so two files that mean the same thing hash the same. Identity is layered:
 
 - ``spec_hash``: SHA-256 of the canonical encoding of a spec;
 - ``run_id``: SHA-256 of everything that determines a run's result (task spec hash, parameters,
-  seed, code version, data versions, environment hash, the run ids of its upstream runs and
-  the replicate number);
+  seed, code version, data versions, environment hash, the run ids of its upstream runs, the
+  replicate number and, for a repeated parameter set, the trial number);
 - ``attempt_key``: SHA-256 of run id and attempt number; every provider maps it onto its own
   de-duplication, so a retried submit finds the first job instead of making a second.
 
@@ -49,8 +49,18 @@ class RunIdentity(msgspec.Struct, frozen=True, kw_only=True):
     env_hash: str
     upstream: list[str]
     replicate: int = 0
+    trial: int = 0
+    """Which repeat of the same parameters within one task's sweep this is: 0 for the first
+    trial with these parameters, k for its k-th repeat (a random sweep that draws the same
+    value twice, a grid that lists a value twice). Each trial is its own run."""
 
     def run_id(self) -> str:
+        if self.trial == 0:
+            # NOTE: the hash of an unrepeated trial leaves ``trial`` out, so the run ids of
+            # stores written before the field existed stay the same.
+            fields = msgspec.to_builtins(self)
+            del fields["trial"]
+            return spec_hash(fields)
         return spec_hash(self)
 
 
@@ -64,6 +74,7 @@ def run_id(
     env_hash: str,
     upstream: Sequence[str],
     replicate: int = 0,
+    trial: int = 0,
 ) -> str:
     return RunIdentity(
         task_spec_hash=task_spec_hash,
@@ -74,6 +85,7 @@ def run_id(
         env_hash=env_hash,
         upstream=sorted(upstream),
         replicate=replicate,
+        trial=trial,
     ).run_id()
 
 

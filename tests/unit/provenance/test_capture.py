@@ -205,14 +205,122 @@ def test_outside_a_repository_or_without_git(
 ) -> None:
     plain = tmp_path / "plain"
     plain.mkdir()
+    (plain / "train.py").write_text("print(1)\n")
+    code, diff = capture_code(plain)
+    assert diff == b"" and code.commit is None and not code.dirty
+    assert code.tree is not None and code.tree.root == str(plain.resolve())
+    assert code.version == f"nogit.{code.tree.sha256[:12]}"
+    assert (code.tree.files, code.tree.bytes) == (1, len("print(1)\n"))
     no_git = CodeVersion(commit=None, branch=None, dirty=False, diff_sha256=None, version="no-git")
-    assert capture_code(plain) == (no_git, b"")
     assert capture_code(tmp_path / "missing") == (no_git, b"")
     r = tmp_path / "r"
     r.mkdir()
+    (r / "train.py").write_text("print(1)\n")
     git(r, "init", "-q")
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))  # git is not installed
-    assert capture_code(r) == (no_git, b"")
+    # an unreadable repository is hashed as files, like no repository at all
+    assert capture_code(r)[0].version == code.version
+
+
+# -- code outside git --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def plain(tmp_path: Path, git_env: dict[str, str]) -> Path:
+    d = tmp_path / "exp"
+    (d / "lib").mkdir(parents=True)
+    (d / "train.py").write_text("import lib.model\n")
+    (d / "lib" / "model.py").write_text("W = 1\n")
+    return d
+
+
+def test_outside_git_an_edit_gives_a_new_version_and_nothing_else_does(plain: Path) -> None:
+    first = capture_code(plain)[0].version
+    assert first.startswith("nogit.") and len(first) == len("nogit.") + 12
+    assert capture_code(plain)[0].version == first  # untouched: the same
+    os.utime(plain / "train.py", (1, 1))  # times and stat data never count
+    assert capture_code(plain)[0].version == first
+    (plain / "lib" / "model.py").write_text("W = 2\n")  # same size, other content
+    second = capture_code(plain)[0].version
+    assert second != first
+    (plain / "lib" / "model.py").write_text("W = 1\n")
+    assert capture_code(plain)[0].version == first  # back as it was
+    (plain / "new.py").write_text("")
+    assert capture_code(plain)[0].version not in (first, second)
+
+
+def test_outside_git_caches_venvs_and_stowplan_state_do_not_count(plain: Path) -> None:
+    first = capture_code(plain)[0]
+    for junk in (
+        ".stowplan/stowplan.db",
+        ".venv/lib/x.py",
+        "lib/__pycache__/model.cpython-312.pyc",
+        "lib/model.pyc",
+        ".git/HEAD",
+        ".pytest_cache/v",
+    ):
+        p = plain / junk
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("x")
+    assert capture_code(plain)[0] == first
+
+
+def test_outside_git_the_ignore_file_leaves_out_what_it_lists(plain: Path) -> None:
+    (plain / "results").mkdir()
+    (plain / "results" / "a.csv").write_text("1")
+    (plain / "notes.txt").write_text("n")
+    (plain / "keep.txt").write_text("k")
+    before = capture_code(plain)[0]
+    (plain / ".stowplanignore").write_text("# outputs\nresults/\n*.txt\n!keep.txt\n/lib/gen_*\n")
+    code = capture_code(plain)[0]
+    assert code.tree is not None and code.tree.ignore_file == str(plain / ".stowplanignore")
+    (plain / "results" / "a.csv").write_text("2")
+    (plain / "notes.txt").write_text("changed")
+    (plain / "lib" / "gen_1.py").write_text("generated")
+    (plain / "gen_1.py").write_text("not anchored: counts")
+    after = capture_code(plain)[0]
+    assert after.version != before.version
+    (plain / "gen_1.py").unlink()
+    assert capture_code(plain)[0].version == code.version
+    (plain / "keep.txt").write_text("K")  # negated: still counts
+    assert capture_code(plain)[0].version != code.version
+
+
+def test_outside_git_excluded_paths_and_referenced_files(plain: Path, tmp_path: Path) -> None:
+    exp_file = plain / "exp.toml"
+    exp_file.write_text("[experiment]\n")
+    elsewhere = tmp_path / "shared" / "prep.py"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text("print('prep')\n")
+    words = ["python", str(elsewhere), f"--config={plain / 'train.py'}", "/no/such/file", "x"]
+    code = capture_code(plain, references=words, exclude=[exp_file])[0]
+    assert code.tree is not None and code.tree.referenced == [str(elsewhere.resolve())]
+    exp_file.write_text("[experiment]\nname = 'x'\n")  # the spec is in the identity already
+    assert capture_code(plain, references=words, exclude=[exp_file])[0] == code
+    elsewhere.write_text("print('prep 2')\n")
+    assert capture_code(plain, references=words, exclude=[exp_file])[0].version != code.version
+    assert capture_code(plain)[0].version != code.version
+
+
+def test_outside_git_symlinks_are_not_followed_and_large_files_count_by_size(
+    plain: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stowplan.provenance import capture
+
+    secret = tmp_path / "outside.txt"
+    secret.write_text("a")
+    (plain / "link").symlink_to(secret)
+    (plain / "dirlink").symlink_to(tmp_path, target_is_directory=True)
+    monkeypatch.setattr(capture, "UNTRACKED_MAX_FILE", 20)
+    (plain / "big.bin").write_bytes(b"b" * 32)
+    code = capture_code(plain)[0]
+    assert code.tree is not None and code.tree.skipped == ["big.bin"]
+    secret.write_text("b")  # the link's target is not code of this directory
+    (plain / "big.bin").write_bytes(b"c" * 32)  # same size: not seen (and said so)
+    assert capture_code(plain)[0] == code
+    (plain / "big.bin").write_bytes(b"c" * 33)
+    assert capture_code(plain)[0].version != code.version
+    assert "too large" in code.tree.describe()
 
 
 def test_code_version_encodes_without_the_patch(repo: Path) -> None:
@@ -227,6 +335,7 @@ def test_code_version_encodes_without_the_patch(repo: Path) -> None:
         "version",
         "untracked",
         "skipped",
+        "tree",
     }
     assert msgspec.convert(data, CodeVersion) == code
     assert len(canonical_json(code)) < len(diff) + 400
@@ -257,7 +366,9 @@ def test_environment_lists_what_importlib_sees() -> None:
     assert env["python"]["executable"] == sys.executable
     impl = env["python"]["implementation"]
     python = f"{impl} {sys.version_info.major}.{sys.version_info.minor}"
-    assert env["env_hash"] == sha256_hex(canonical_json({"distributions": dists, "python": python}))
+    # the identity covers the interpreter and what is declared, not everything installed
+    assert env["env_hash"] == sha256_hex(canonical_json({"declared": {}, "python": python}))
+    assert "checked before it is reused" in env["env_basis"]
     assert installed_distributions() == dists
     assert capture_environment()["env_hash"] == env["env_hash"]
 
@@ -273,7 +384,8 @@ def test_environment_sees_a_newly_installed_distribution(
     monkeypatch.syspath_prepend(str(site))
     env = capture_environment()
     assert "fancy-pkg==1.2.3" in env["distributions"]
-    assert env["env_hash"] != before
+    # an unrelated install is in the record, not in the identity
+    assert env["env_hash"] == before
 
     # One that shadows an installed distribution replaces it, as it would for imports.
     shadow = tmp_path / "shadow"
@@ -283,6 +395,17 @@ def test_environment_sees_a_newly_installed_distribution(
     monkeypatch.syspath_prepend(str(shadow))
     msgspecs = [d for d in capture_environment()["distributions"] if d.startswith("msgspec==")]
     assert msgspecs == ["msgspec==0.0.1"]
+
+
+def test_environment_identity_follows_the_declared_lock_files(tmp_path: Path) -> None:
+    bare = capture_environment(lock_dirs=[tmp_path])
+    (tmp_path / "uv.lock").write_text("version = 1\n")
+    locked = capture_environment(lock_dirs=[tmp_path])
+    assert locked["env_hash"] != bare["env_hash"]
+    assert locked["env_basis"].startswith("declared by uv.lock")
+    assert capture_environment(lock_dirs=[tmp_path])["env_hash"] == locked["env_hash"]
+    (tmp_path / "uv.lock").write_text("version = 2\n")
+    assert capture_environment(lock_dirs=[tmp_path])["env_hash"] != locked["env_hash"]
 
 
 # -- hardware --------------------------------------------------------------------------------

@@ -147,3 +147,21 @@ def test_loguniform_ends_stay_inside_despite_rounding(u: float) -> None:
     v = _map(LogUniform(low=1e-5, high=1e-1), u)
     assert isinstance(v, float)
     assert 1e-5 <= v <= 1e-1
+
+
+def test_repeat_numbers_count_earlier_trials_with_the_same_parameters() -> None:
+    from stowplan.scheduler.sweep import repeat_numbers
+
+    trials: list[dict[str, Any]] = [{"a": 1}, {"a": 2}, {"a": 1}, {"a": 1.0}, {"a": 1}, {}]
+    # 1 and 1.0 are different parameters, as they are different run identities
+    assert repeat_numbers(trials) == [0, 0, 1, 0, 2, 0]
+    assert repeat_numbers([{}, {}]) == [0, 1]
+
+
+def test_a_random_draw_over_few_values_repeats_parameter_sets() -> None:
+    from stowplan.scheduler.sweep import repeat_numbers
+
+    s = sweep(method="random", samples=9, seed=1, parameters={"a": [1, 2, 3]})
+    trials = expand(s)
+    assert len(trials) == 9
+    assert max(repeat_numbers(trials)) > 0
