@@ -66,7 +66,16 @@ STDOUT_FILE = "stdout.log"
 STDERR_FILE = "stderr.log"
 LAUNCHER_LOG = "launcher.log"
 RESERVED_NAMES = frozenset(
-    {SPEC_FILE, LAUNCHES_FILE, LAUNCHER_FILE, EXIT_FILE, STDOUT_FILE, STDERR_FILE, LAUNCHER_LOG}
+    {
+        SPEC_FILE,
+        LAUNCHES_FILE,
+        LAUNCHER_FILE,
+        EXIT_FILE,
+        STDOUT_FILE,
+        STDERR_FILE,
+        LAUNCHER_LOG,
+        USED_FILE,
+    }
 )
 """Names in the attempt directory that belong to stowplan; task files may not use them."""
 

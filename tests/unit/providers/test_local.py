@@ -204,6 +204,7 @@ def test_plan_is_pure_and_renders_the_exact_command(provider: LocalProvider) -> 
         {"files": {"/etc/passwd": b""}},
         {"files": {"exit.json": b"{}"}},
         {"outputs": ["spec.json"]},
+        {"outputs": ["stowplan-used.jsonl"]},
         {"env": {"NOT-A-NAME": "1"}},
         {"gpus": 1},
     ],
