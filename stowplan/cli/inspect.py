@@ -13,15 +13,17 @@ from typing import Any
 
 import anyio
 import msgspec
-from rich.console import Console
 from rich.table import Table
 
+from stowplan.cli.common import make_console, plural
 from stowplan.errors import SpecError
 from stowplan.provenance.records import RunRecord
 from stowplan.provenance.store import RunStore
 from stowplan.spec.loader import load_project
 
 FINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+EXIT_INTERRUPTED = 130
+"""128 + SIGINT, as a shell reports a command that Ctrl-C ended."""
 
 
 def _open(args: argparse.Namespace) -> tuple[RunStore, Any]:
@@ -95,7 +97,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             " ".join(f"{n} {s.lower()}" for s, n in sorted(c.items())),
             e.description[:60],
         )
-    Console(highlight=False).print(table)
+    make_console().print(table)
     return 0
 
 
@@ -144,7 +146,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    console = Console(highlight=False)
+    console = make_console()
     per_task: dict[tuple[str, str], dict[str, int]] = {}
     for r in shown:
         c = per_task.setdefault((r.experiment, r.task), {})
@@ -204,7 +206,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
         return 0
-    c = Console(highlight=False, soft_wrap=True)  # hashes and paths stay on one line
+    c = make_console(soft_wrap=True)  # hashes and paths stay on one line
     c.print(f"[bold]run {run.run_id}[/]")
     c.print(
         f"  experiment {run.experiment}  task {run.task}[{run.index}]  "
@@ -222,7 +224,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     for k in ("task_spec_hash", "code_version", "env_hash", "data_versions", "upstream"):
         v = ident.get(k)
         if isinstance(v, list):
-            v = f"{len(v)} runs" if v else "none"
+            v = plural(len(v), "run") if v else "none"
         c.print(f"  {k}: {v}", markup=False)
     c.print("[bold]provenance[/]")
     code, env, hw = prov.code, prov.environment, prov.hardware
@@ -263,7 +265,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     c.print(
         f"  host {hw.get('hostname')}: {hw.get('cpu_model')} x{hw.get('cpu_count')}, "
         f"{(hw.get('memory_total_bytes') or hw.get('memory_bytes') or 0) / 2**30:.1f} GiB, "
-        f"{len(hw.get('gpus') or [])} GPU(s)",
+        f"{plural(len(hw.get('gpus') or []), 'GPU')}",
         markup=False,
     )
     for g in hw.get("gpus") or []:
@@ -351,7 +353,11 @@ def cmd_logs(args: argparse.Namespace) -> int:
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.buffer.flush()
 
-    anyio.run(go)
+    try:
+        anyio.run(go)
+    except KeyboardInterrupt:
+        # Ctrl-C is how one stops following: end as quietly as `tail -f` does.
+        return EXIT_INTERRUPTED
     return 0
 
 
@@ -392,12 +398,12 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         import ray
 
         n = ray.get(queue.cancel.remote(open_ids, args.why))
-        print(f"cancelled {n} run(s) through the running control plane")
+        print(f"cancelled {plural(n, 'run')} through the running control plane")
         return 0
     n = _cancel_offline(
         open_ids, args.why, store_path=store.path, project=project, state_dir=state_dir
     )
-    print(f"cancelled {n} run(s)")
+    print(f"cancelled {plural(n, 'run')}")
     return 0
 
 

@@ -1,8 +1,10 @@
 """``stowplan plan FILE``: what a run would get, without submitting anything.
 
 The experiment is prepared as ``run`` would (same spec checks, same providers), pools are
-discovered, and the real scheduler core builds the placement problem, with every task treated as
-ready at once. The placement engine solves it and the command shows tasks per pool with cost,
+discovered, and the real scheduler core builds the placement problem for the runs that are
+ready now: those whose upstream runs have all succeeded in the run store (or that have none).
+Runs that already succeeded are reused, as ``run`` would; the rest wait, and the command says on
+what. The placement engine solves the problem and the command shows tasks per pool with cost,
 data moved and wait, the solver's status, bound and gap, and why anything stays queued.
 """
 
@@ -12,8 +14,9 @@ import argparse
 import json
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
+
+from stowplan.cli.common import budget_seconds, make_console, plural, verb
 
 EXIT_OK = 0
 
@@ -24,9 +27,9 @@ def add_parsers(sub: Any) -> None:
     pl.add_argument("--provider", help="plan only on this provider from stowplan.toml")
     pl.add_argument(
         "--budget",
-        type=float,
+        type=budget_seconds,
         default=None,
-        help="deterministic seconds of solver search (default: [placement].budget)",
+        help="deterministic seconds of solver search, 0 or more (default: [placement].budget)",
     )
     pl.add_argument("--explain", metavar="RUN", help="explain one run's placement (id prefix)")
     pl.add_argument("--json", action="store_true")
@@ -43,6 +46,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from stowplan.placement import solve
     from stowplan.placement.context import context_for
     from stowplan.placement.explain import explain
+    from stowplan.provenance.query import readiness, store_states
     from stowplan.scheduler.core import CoreConfig, SchedulerCore
     from stowplan.scheduler.events import PoolsDiscovered, SolvePlacement, TasksSubmitted
 
@@ -50,47 +54,79 @@ def cmd_plan(args: argparse.Namespace) -> int:
     context = context_for(prepared.project, prepared.loaded)
     pools = _discover(prepared)
     check_feasible(prepared, pools)
+    planned = prepared.planned
+    names = {r.run_id: f"{r.task}[{r.index}]" for r in planned}
+    ids = [r.run_id for r in planned]
+    upstream = {d for r in planned for d in r.depends_on}
+    split = readiness(planned, store_states(prepared.store_path, [*ids, *upstream]))
+    waiting = {w.run_id: w for w in split.waiting}
+    waits = _waiting_summary(split.waiting)
+
+    hit = None
+    if args.explain:
+        hits = [r for r in planned if r.run_id.startswith(args.explain)]
+        if len(hits) != 1:
+            raise SpecError(
+                f"--explain {args.explain!r} matches {plural(len(hits), 'run')} of this plan",
+                path="--explain",
+                hint="give a longer prefix of a run id from `stowplan plan FILE --json`",
+            )
+        hit = hits[0]
+        label = f"{names[hit.run_id]} {hit.run_id[:12]}"
+        if hit.run_id in waiting or hit.run_id in split.reused:
+            doc = _not_placed(hit.run_id, waiting.get(hit.run_id), names)
+            if args.json:
+                print(json.dumps(doc, indent=2, sort_keys=True))
+            else:
+                print(f"{label} {doc['reason']}")
+            return EXIT_OK
+
     core = SchedulerCore(CoreConfig(context=context))
     by_provider: dict[str, list[Any]] = {}
     for p in pools:
         by_provider.setdefault(p.provider, []).append(p)
     for name, ps in sorted(by_provider.items()):
         core.handle(PoolsDiscovered(provider=name, pools=ps), now=0.0)
-    tasks = [msgspec.structs.replace(r.instance, depends_on=()) for r in prepared.planned]
-    out = core.handle(TasksSubmitted(tasks=tasks), now=0.0)
+    ready = set(split.ready)
+    # Upstream runs of a ready run have all succeeded: the core need not wait for them.
+    tasks = [
+        msgspec.structs.replace(r.instance, depends_on=()) for r in planned if r.run_id in ready
+    ]
+    out = core.handle(TasksSubmitted(tasks=tasks), now=0.0) if tasks else []
     problems = [c.problem for c in out if isinstance(c, SolvePlacement)]
-    names = {r.run_id: f"{r.task}[{r.index}]" for r in prepared.planned}
     settings = prepared.project.config.placement
     budget = settings.budget if args.budget is None else args.budget
     if not problems:
-        failed = [r for r in prepared.planned if core.state(r.run_id).name == "FAILED"]
-        print("nothing can be placed" + (f": {len(failed)} tasks fit no pool" if failed else ""))
+        failed = [r for r in planned if r.run_id in ready and core.state(r.run_id).name == "FAILED"]
+        if args.json:
+            doc = _empty_doc(prepared, split, waits, len(failed))
+            doc["waiting_runs"] = _waiting_runs(split.waiting, names)
+            print(json.dumps(doc, indent=2, sort_keys=True))
+            return EXIT_OK
+        if not ready:
+            print("nothing to place now:" + _counts_text(split, waits).lstrip(","))
+        else:
+            print(
+                "nothing can be placed"
+                + (f": {plural(len(failed), 'task')} fit no pool" if failed else "")
+            )
+        for line in _waiting_lines(waits):
+            print(line)
         return EXIT_OK
     problem = problems[0]
     sol = solve(problem, budget=budget, seed=0, workers=settings.workers)
-    queued = len(prepared.planned) - sol.placed()
+    queued = len(split.ready) - sol.placed()
 
-    if args.explain:
-        hits = [r for r in prepared.planned if r.run_id.startswith(args.explain)]
-        if len(hits) != 1:
-            raise SpecError(
-                f"--explain {args.explain!r} matches {len(hits)} runs of this plan",
-                path="--explain",
-                hint="give a longer prefix of a run id from `stowplan plan FILE --json`",
-            )
-        why = explain(problem, sol, hits[0].run_id)
+    if hit is not None:
+        why = explain(problem, sol, hit.run_id)
         if args.json:
             print(json.dumps(msgspec.to_builtins(why), indent=2, sort_keys=True))
         else:
-            print(
-                why.render().replace(
-                    hits[0].run_id, f"{names[hits[0].run_id]} {hits[0].run_id[:12]}"
-                )
-            )
+            print(why.render().replace(hit.run_id, f"{names[hit.run_id]} {hit.run_id[:12]}"))
         return EXIT_OK
 
     pools_by_id = {p.id: p for p in problem.pools}
-    task_of = {r.run_id: r.task for r in prepared.planned}
+    task_of = {r.run_id: r.task for r in planned}
     class_task = {c.id: task_of[c.members[0]] for c in problem.classes if c.members}
     rows: list[dict[str, Any]] = []
     for a, unit in zip(sol.assignments, sol.unit_terms or [{}] * len(sol.assignments), strict=True):
@@ -124,6 +160,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "instances": sol.instances,
             "placed": sol.placed(),
             "queued": queued,
+            "reused": len(split.reused),
+            "waiting": len(split.waiting),
+            "waits": waits,
+            "waiting_runs": _waiting_runs(split.waiting, names),
             "unplaced": sol.unplaced,
             "assignments": rows,
             "runs": {
@@ -133,7 +173,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         }
         print(json.dumps(doc, indent=2, sort_keys=True))
         return EXIT_OK
-    console = Console(highlight=False)
+    console = make_console()
     table = Table(title=f"plan for {prepared.experiment.name}", title_justify="left")
     for col in ("task", "pool", "kind", "site", "hardware", "tasks", "cost", "data moved", "wait"):
         table.add_column(
@@ -151,22 +191,124 @@ def cmd_plan(args: argparse.Namespace) -> int:
             _bytes(r["data_bytes"]),
             f"{r['wait_s']:.0f} s",
         )
+    for w in waits:
+        table.add_row(
+            w["task"],
+            f"waits on {', '.join(sorted(w['on']))}",
+            "",
+            "",
+            "",
+            str(w["runs"]),
+            "",
+            "",
+            "",
+            style="dim",
+        )
     console.print(table)
     proven = sol.gap == 0 and str(sol.status) == "OPTIMAL"
     gap = "proven optimal" if proven else f"gap {sol.gap:.3%}"
     moved = _bytes(sol.terms.get("data_bytes", 0.0))
     console.print(
-        f"{sol.placed()} placed now, {queued} queued; status {sol.status} ({gap}); "
+        f"{sol.placed()} placed now, {queued} queued"
+        + _counts_text(split, waits)
+        + f"; status {sol.status} ({gap}); "
         f"cost {sol.terms.get('cost', 0):.4g}, data moved {moved}, "
-        f"solved in {sol.solve_seconds:.2f} s"
+        f"solved in {sol.solve_seconds:.2f} s",
+        markup=False,
     )
     for cid, reason in sorted(sol.unplaced.items()):
-        console.print(f"  queued ({class_task.get(cid, cid)}): {reason}")
+        console.print(f"  queued ({class_task.get(cid, cid)}): {reason}", markup=False)
+    for line in _waiting_lines(waits):
+        console.print(line, markup=False)
     if queued and not sol.unplaced:
-        console.print(
-            "  the rest wait for capacity (or for their dependencies) and are placed as it frees up"
-        )
+        console.print("  the rest wait for capacity and are placed as it frees up")
     return EXIT_OK
+
+
+def _waiting_summary(waiting: list[Any]) -> list[dict[str, Any]]:
+    """Waiting runs by task: how many, and on which upstream task's runs (distinct, counted)."""
+    by_task: dict[str, dict[str, Any]] = {}
+    for w in waiting:
+        g = by_task.setdefault(w.task, {"task": w.task, "runs": 0, "on": {}})
+        g["runs"] += 1
+        for up, rids in w.on.items():
+            g["on"].setdefault(up, set()).update(rids)
+    return [
+        {**g, "on": {up: len(rids) for up, rids in sorted(g["on"].items())}}
+        for g in by_task.values()
+    ]
+
+
+def _waiting_lines(waits: list[dict[str, Any]]) -> list[str]:
+    """``1 run waits on train (24 runs not yet succeeded)``, one line per waiting task."""
+    out = []
+    for w in waits:
+        on = ", ".join(f"{up} ({plural(n, 'run')} not yet succeeded)" for up, n in w["on"].items())
+        out.append(
+            f"  {w['task']}: {plural(w['runs'], 'run')} {verb(w['runs'], 'waits', 'wait')} on {on}"
+        )
+    return out
+
+
+def _counts_text(split: Any, waits: list[dict[str, Any]]) -> str:
+    out = ""
+    if split.waiting:
+        out += f", {len(split.waiting)} waiting on upstream runs"
+    if split.reused:
+        out += f", {len(split.reused)} already succeeded (reused)"
+    return out
+
+
+def _waiting_runs(waiting: list[Any], names: dict[str, str]) -> dict[str, Any]:
+    return {
+        w.run_id: {"name": names[w.run_id], "waits_on": {up: len(r) for up, r in w.on.items()}}
+        for w in waiting
+    }
+
+
+def _not_placed(run_id: str, w: Any, names: dict[str, str]) -> dict[str, Any]:
+    """--explain of a run the plan does not place: it waits on upstream runs, or is reused."""
+    if w is None:
+        return {
+            "task": run_id,
+            "name": names[run_id],
+            "placed": False,
+            "reused": True,
+            "waits_on": {},
+            "reason": "already succeeded: `stowplan run` reuses it and places nothing",
+        }
+    parts = []
+    order = {rid: i for i, rid in enumerate(names)}
+    for up, rids in w.on.items():
+        rids = sorted(rids, key=lambda r: (order.get(r, len(order)), r))
+        shown = ", ".join(names.get(r, r[:12]) for r in rids[:5])
+        more = f" and {len(rids) - 5} more" if len(rids) > 5 else ""
+        parts.append(f"{up} ({plural(len(rids), 'run')} not yet succeeded: {shown}{more})")
+    return {
+        "task": run_id,
+        "name": names[run_id],
+        "placed": False,
+        "reused": False,
+        "waits_on": {up: sorted(rids) for up, rids in w.on.items()},
+        "reason": "waits on " + "; ".join(parts) + "; it is placed once they have all succeeded",
+    }
+
+
+def _empty_doc(
+    prepared: Any, split: Any, waits: list[dict[str, Any]], failed: int
+) -> dict[str, Any]:
+    return {
+        "experiment": prepared.experiment.name,
+        "status": None,
+        "placed": 0,
+        "queued": len(split.ready),
+        "fit_no_pool": failed,
+        "reused": len(split.reused),
+        "waiting": len(split.waiting),
+        "waits": waits,
+        "assignments": [],
+        "runs": {},
+    }
 
 
 def _expand(problem: Any, sol: Any) -> Any:

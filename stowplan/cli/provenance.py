@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 
+from stowplan.cli.common import choice, hex_prefix, make_console, plural
 from stowplan.errors import SpecError
 
 # NOTE: rich and cli.inspect are imported inside the commands: build_parser() imports this
@@ -35,7 +36,6 @@ def _print_json(data: Any) -> None:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from stowplan.cli.inspect import _open
@@ -61,11 +61,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
                 e.why,
                 ", ".join(f"{k}={v}" for k, v in sorted(e.details.items()) if k != "run_ids"),
             )
-        Console(highlight=False).print(table)
+        make_console().print(table)
         return EXIT_OK
     verdict = verify(entries)
     expect = args.expect_head
-    head_ok = expect is None or verdict.head.startswith(expect.lower())
+    head_ok = expect is None or verdict.head.startswith(expect)
     if args.json:
         out = msgspec.to_builtins(verdict)
         out["expected_head_matches"] = head_ok if expect is not None else None
@@ -73,18 +73,19 @@ def cmd_audit(args: argparse.Namespace) -> int:
     elif verdict.problem is not None:
         print(
             f"TAMPERED: {verdict.problem.message}\n"
-            f"  {verdict.entries} entries; the chain is intact up to entry "
+            f"  {plural(verdict.entries, 'entry')}; the chain is intact up to entry "
             f"{verdict.problem.seq - 1} (head {verdict.head[:16]})",
             file=sys.stderr,
         )
     elif not head_ok:
         print(
-            f"TAMPERED: the ledger's head is {verdict.head[:16]} after {verdict.entries} "
-            f"entries, not {expect}: entries were removed from its end (or it was replaced)",
+            f"TAMPERED: the ledger's head is {verdict.head[:16]} after "
+            f"{plural(verdict.entries, 'entry')}, not {expect}: entries were removed from its "
+            "end (or it was replaced)",
             file=sys.stderr,
         )
     else:
-        print(f"OK: {verdict.entries} entries, chain intact; head {verdict.head}")
+        print(f"OK: {plural(verdict.entries, 'entry')}, chain intact; head {verdict.head}")
     return EXIT_OK if verdict.ok and head_ok else EXIT_FAILED
 
 
@@ -137,8 +138,8 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         print(line)
     counts = reaches(graph)
     print(
-        f"\n{len(counts['run'])} runs, {len(counts['artifact'])} artifacts, "
-        f"{len(counts['data'])} data inputs"
+        f"\n{plural(len(counts['run']), 'run')}, {plural(len(counts['artifact']), 'artifact')}, "
+        f"{plural(len(counts['data']), 'data input')}"
     )
     return EXIT_OK
 
@@ -147,7 +148,6 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
 
 def cmd_find(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from stowplan.cli.inspect import _open
@@ -205,9 +205,9 @@ def cmd_find(args: argparse.Namespace) -> int:
             r.state,
             str(r.identity.get("code_version", ""))[:20],
         )
-    c = Console(highlight=False)
+    c = make_console()
     c.print(table)
-    c.print(f"{len(runs)} run(s)")
+    c.print(plural(len(runs), "run"))
     return EXIT_OK
 
 
@@ -262,6 +262,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def _short(v: Any) -> str:
+    if v is None:  # the field is not there (or null) on that side
+        return "(none)"
     text = json.dumps(v, sort_keys=True, default=str) if not isinstance(v, str) else v
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -318,8 +320,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
     """Rebuild runs from their records and run them again; see provenance/replay.py."""
     from pathlib import Path
 
-    from rich.console import Console
-
     from stowplan.actors.session import Prepared, project_paths, run_ids_detail
     from stowplan.cli.run import _dispatch
     from stowplan.provenance import replay as rp
@@ -342,7 +342,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     tolerances = _tolerances(args.metric_tolerance)
     if args.tolerance is not None and args.tolerance < 0:
         raise SpecError("--tolerance must not be negative", hint="--tolerance 1e-6")
-    err = Console(stderr=True, highlight=False)
+    err = make_console(stderr=True)
     project = load_project(search_from=args.project_dir or Path.cwd())
     state_dir, store_path = project_paths(project)
     if not store_path.exists():
@@ -631,9 +631,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
             )
         )
     else:
-        c = Console(highlight=False)
+        c = make_console()
         c.print(
-            f"replayed {len(results)} run(s) at {checkout.commit[:12]}"
+            f"replayed {plural(len(results), 'run')} at {checkout.commit[:12]}"
             + (" with the recorded uncommitted diff" if checkout.applied_diff else "")
         )
         for r in results:
@@ -662,6 +662,7 @@ def add_parsers(sub: Any) -> None:
     ve.add_argument(
         "--expect-head",
         default=None,
+        type=hex_prefix("ledger head hash", shortest=8),
         help="the head hash (or a prefix) you kept from an earlier verify: catches truncation",
     )
     ve.add_argument("--json", action="store_true")
@@ -684,7 +685,11 @@ def add_parsers(sub: Any) -> None:
     fi.add_argument("--param", action="append", help="NAME OP VALUE, e.g. 'lr>0.01' (repeat)")
     fi.add_argument("--experiment")
     fi.add_argument("--task")
-    fi.add_argument("--state")
+    fi.add_argument(
+        "--state",
+        type=choice(_run_states(), what="run state"),
+        help="one of " + ", ".join(_run_states()) + " (any case)",
+    )
     fi.add_argument("--package", help="name or name==version of an installed distribution")
     fi.add_argument("--host")
     fi.add_argument("--artifact", help="an output's SHA-256 (prefix)")
@@ -719,6 +724,12 @@ def add_parsers(sub: Any) -> None:
     di.add_argument("run_b")
     di.add_argument("--json", action="store_true")
     di.add_argument("--project-dir", type=_path, default=None)
+
+
+def _run_states() -> list[str]:
+    from stowplan.scheduler.states import TaskState
+
+    return [s.value for s in TaskState]
 
 
 def _path(text: str) -> Any:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import operator
 import re
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Final, Literal
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final, Literal, Protocol
 
 from msgspec import Struct, field
 
@@ -31,12 +34,19 @@ from stowplan.provenance.store import RunStore
 __all__ = [
     "Filter",
     "LineageGraph",
+    "Readiness",
     "RunView",
+    "Waiting",
     "diff_runs",
     "find_runs",
     "lineage",
     "load_view",
+    "output_values",
     "parse_param_filter",
+    "readiness",
+    "replicate_summary",
+    "run_metrics",
+    "store_states",
 ]
 
 
@@ -75,6 +85,73 @@ def load_view(store: RunStore, run_id: str) -> RunView:
         artifacts=store.artifacts_for([run_id]).get(run_id, []),
         placements=store.placements_for(run_id),
     )
+
+
+# -- readiness ---------------------------------------------------------------------------------
+
+
+class Waiting(Struct, frozen=True, kw_only=True):
+    """A run that cannot be placed yet: what it waits on, by upstream task."""
+
+    run_id: str
+    task: str
+    on: dict[str, list[str]]
+    """upstream task -> its runs this one depends on that have not succeeded (yet)."""
+
+
+class Readiness(Struct, frozen=True, kw_only=True):
+    """A plan's runs split as ``stowplan run`` would treat them now."""
+
+    ready: list[str]
+    """runs to place now: each upstream run has succeeded in the store, or there is none."""
+    reused: list[str]
+    """runs that already succeeded: ``run`` reuses them and places nothing."""
+    waiting: list[Waiting]
+    """runs with an upstream run that has not succeeded (yet)."""
+
+
+class _Planned(Protocol):
+    @property
+    def run_id(self) -> str: ...
+    @property
+    def task(self) -> str: ...
+    @property
+    def depends_on(self) -> list[str]: ...
+
+
+def readiness(runs: Sequence[_Planned], states: Mapping[str, str]) -> Readiness:
+    """Split ``runs`` (planned runs, upstream first) by what ``states`` (run id -> recorded
+    state, from the run store; a run not in it has not run) says of them and their upstream.
+
+    An upstream run outside ``runs`` is named by its run id's first 12 characters.
+    """
+    task_of = {r.run_id: r.task for r in runs}
+    ready: list[str] = []
+    reused: list[str] = []
+    waiting: list[Waiting] = []
+    for r in runs:
+        if states.get(r.run_id) == "SUCCEEDED":
+            reused.append(r.run_id)
+            continue
+        on: dict[str, list[str]] = {}
+        for d in r.depends_on:
+            if states.get(d) != "SUCCEEDED":
+                on.setdefault(task_of.get(d, d[:12]), []).append(d)
+        if on:
+            waiting.append(Waiting(run_id=r.run_id, task=r.task, on=on))
+        else:
+            ready.append(r.run_id)
+    return Readiness(ready=ready, reused=reused, waiting=waiting)
+
+
+def store_states(store_path: str | Path, run_ids: Sequence[str]) -> dict[str, str]:
+    """Recorded state of each of ``run_ids`` that the store at ``store_path`` holds; empty when
+    there is no store (nothing has run): this never creates one."""
+    path = Path(store_path)
+    if not path.exists():
+        return {}
+    with RunStore(path) as store:
+        return {rid: state for rid, (state, _) in store.run_states(run_ids).items()}
 
 
 # -- find --------------------------------------------------------------------------------------
@@ -217,26 +294,33 @@ Change = dict[str, Any]
 """``{"field": ..., "a": ..., "b": ...}`` (a missing side is None)."""
 
 
-def _flatten(obj: Any, prefix: str = "$") -> Iterator[tuple[str, Any]]:
-    if isinstance(obj, dict):
-        if not obj:
-            yield prefix, {}
-        for k in sorted(obj):
-            yield from _flatten(obj[k], f"{prefix}.{k}")
-    elif isinstance(obj, list) and obj and any(isinstance(x, dict | list) for x in obj):
-        for i, x in enumerate(obj):
-            yield from _flatten(x, f"{prefix}[{i}]")
-    else:
-        yield prefix, obj
+def _changes(a: Any, b: Any, prefix: str = "$") -> list[Change]:
+    """The fields that differ, as deep as both sides have the same shape.
 
-
-def _changes(a: dict[str, Any], b: dict[str, Any], prefix: str = "$") -> list[Change]:
-    fa, fb = dict(_flatten(a, prefix)), dict(_flatten(b, prefix))
-    return [
-        {"field": k, "a": fa.get(k), "b": fb.get(k)}
-        for k in sorted(set(fa) | set(fb))
-        if fa.get(k) != fb.get(k)
-    ]
+    Two non-empty tables are compared key by key; two lists of tables of the same length,
+    item by item; anything else (a value against an empty table or list, lists of different
+    lengths, a table against nothing) is one change at that path, showing both sides whole,
+    so an empty side reads as ``{}`` or ``[]``, never as a missing field.
+    """
+    if a == b:
+        return []
+    if isinstance(a, dict) and isinstance(b, dict) and a and b:
+        out: list[Change] = []
+        for k in sorted(set(a) | set(b)):
+            out += _changes(a.get(k), b.get(k), f"{prefix}.{k}")
+        return out
+    if (
+        isinstance(a, list)
+        and isinstance(b, list)
+        and len(a) == len(b)
+        and any(isinstance(x, dict | list) for x in [*a, *b])
+    ):
+        return [
+            c
+            for i, (x, y) in enumerate(zip(a, b, strict=True))
+            for c in _changes(x, y, f"{prefix}[{i}]")
+        ]
+    return [{"field": prefix, "a": a, "b": b}]
 
 
 def _packages(a: list[str], b: list[str]) -> dict[str, list[Any]]:
@@ -341,9 +425,7 @@ def diff_runs(store: RunStore, a: RunView, b: RunView) -> dict[str, Any]:
     if pya != pyb:
         env.append({"field": "python", "a": pya, "b": pyb})
     for key in ("lock_files", "env_vars", "container_image"):
-        env += _changes(
-            {key: pa.environment.get(key)}, {key: pb.environment.get(key)}, "environment"
-        )
+        env += _changes(pa.environment.get(key), pb.environment.get(key), f"environment.{key}")
     out["environment"] = env
     hw = [
         {"field": k, "a": pa.hardware.get(k), "b": pb.hardware.get(k)}
@@ -645,3 +727,82 @@ def tree_lines(graph: LineageGraph) -> list[str]:
             shown.clear()
         walk(graph.root, way, "", True, True)
     return lines
+
+
+# -- results and replicates --------------------------------------------------------------------
+
+
+def output_values(artifacts: Sequence[ArtifactRecord]) -> dict[str, Any]:
+    """Scalar top-level values of a run's JSON outputs (short strings included): what a result
+    table shows. An output that cannot be read or is not a JSON object adds nothing."""
+    out: dict[str, Any] = {}
+    for a in artifacts:
+        if not a.name.endswith(".json"):
+            continue
+        try:
+            data = json.loads(Path(a.path).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict):
+            for k, v in data.items():
+                if isinstance(v, int | float | str | bool) and len(str(v)) <= 40:
+                    out[k] = v
+    return out
+
+
+def run_metrics(run: RunRecord, artifacts: Sequence[ArtifactRecord]) -> dict[str, float]:
+    """The metrics of a run: the finite numbers among its output values, less any value named
+    like one of its parameters (a task that writes its own parameters back, such as a
+    categorical ``C``, reports a setting, not a measurement). Booleans and strings are not
+    metrics."""
+    return {
+        k: float(v)
+        for k, v in output_values(artifacts).items()
+        if isinstance(v, int | float)
+        and not isinstance(v, bool)
+        and math.isfinite(v)
+        and k not in run.params
+    }
+
+
+def replicate_summary(
+    runs: Sequence[RunRecord], artifacts: Mapping[str, Sequence[ArtifactRecord]]
+) -> list[dict[str, Any]]:
+    """Mean and (sample) standard deviation of each metric over the replicates of each trial:
+    runs of one task, sweep index and parameters that differ only in their seed.
+
+    Only metrics are summarised (see :func:`run_metrics`); parameters are shown as they are.
+    Runs of one index whose parameters differ are never averaged together.
+    """
+    groups: dict[tuple[str, int, str], list[RunRecord]] = {}
+    for r in runs:
+        key = (r.task, r.index, json.dumps(r.params, sort_keys=True, default=str))
+        groups.setdefault(key, []).append(r)
+    out: list[dict[str, Any]] = []
+    for (task, index, _), rs in groups.items():
+        values: dict[str, list[float]] = {}
+        for r in rs:
+            if r.state != "SUCCEEDED":
+                continue
+            for k, v in run_metrics(r, artifacts.get(r.run_id, [])).items():
+                values.setdefault(k, []).append(v)
+        out.append(
+            {
+                "task": task,
+                "index": index,
+                "params": rs[0].params,
+                "replicates": len(rs),
+                "succeeded": sum(r.state == "SUCCEEDED" for r in rs),
+                "seeds": sorted(r.seed for r in rs),
+                "run_ids": [r.run_id for r in sorted(rs, key=lambda r: r.replicate)],
+                "metrics": {
+                    k: {
+                        "n": len(v),
+                        "mean": statistics.fmean(v),
+                        "std": statistics.stdev(v) if len(v) > 1 else 0.0,
+                    }
+                    for k, v in sorted(values.items())
+                },
+            }
+        )
+    return out

@@ -205,12 +205,13 @@ def test_diff_of_runs_that_differ_in_one_package_names_it(
         m.syspath_prepend(str(fake_dist(tmp_path / "v1", "1.0.0")))
         assert main(["run", "tiny.toml"]) == 0
     with monkeypatch.context() as m:
+        # The tasks never import fancy-pkg, so it is not part of their identity: the plain
+        # run would reuse; a new replicate records the new environment.
         m.syspath_prepend(str(fake_dist(tmp_path / "v2", "1.1.0")))
-        assert main(["run", "tiny.toml"]) == 0
+        assert main(["run", "tiny.toml", "--rerun"]) == 0
     with RunStore(project / ".stowplan" / "stowplan.db") as store:
         first = [r for r in store.runs_by_name("tiny") if r.task == "train" and r.index == 0]
-    a, b = sorted(first, key=lambda r: r.created_at)
-    assert a.run_id != b.run_id  # the environment is part of identity
+    a, b = sorted(first, key=lambda r: r.replicate)
 
     d = cli_json(capsys, "diff", a.run_id[:10], b.run_id[:10])
     assert isinstance(d, dict)
@@ -219,13 +220,14 @@ def test_diff_of_runs_that_differ_in_one_package_names_it(
         "removed": [],
         "changed": [{"package": "fancy-pkg", "a": "1.0.0", "b": "1.1.0"}],
     }
-    for group in ("params", "spec", "data", "environment", "hardware", "placement", "outputs"):
+    for group in ("spec", "data", "environment", "hardware", "placement"):
         assert d[group] == [], group
+    assert d["params"] == [{"field": "seed", "a": a.seed, "b": b.seed}]  # the replicate's
     assert d["code"]["fields"] == []
     capsys.readouterr()
     assert main(["diff", a.run_id[:10], b.run_id[:10]]) == 0
     text = capsys.readouterr().out
-    assert "~ fancy-pkg 1.0.0 -> 1.1.0" in text and "params:" not in text
+    assert "~ fancy-pkg 1.0.0 -> 1.1.0" in text and "spec:" not in text
 
 
 def test_cancel_is_in_the_ledger_with_its_reason(

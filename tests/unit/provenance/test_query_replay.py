@@ -19,10 +19,12 @@ from stowplan.provenance.query import (
     load_view,
     parse_param_filter,
     reaches,
+    readiness,
+    replicate_summary,
     to_dot,
     tree_lines,
 )
-from stowplan.provenance.records import ArtifactRecord
+from stowplan.provenance.records import ArtifactRecord, RunRecord
 from stowplan.provenance.replay import check_record, compare_outputs, environment_differences
 from stowplan.provenance.store import RunStore
 
@@ -105,6 +107,28 @@ def test_diff_names_what_changed(filled: tuple[RunStore, list[str]]) -> None:
     store.close()
 
 
+def test_diff_of_a_run_with_inputs_and_params_and_one_without(
+    filled: tuple[RunStore, list[str]],
+) -> None:
+    """A side that has none is shown as what it is ({} or []), in one change at the field
+    itself: never ``params: null -> {}`` beside ``params.lr: 0.001 -> null``."""
+    store, ids = filled
+    d = diff_runs(store, load_view(store, ids[0]), load_view(store, ids[3]))
+    assert d["params"] == [{"field": "params", "a": {"lr": 0.001}, "b": {}}]
+    by_field = {c["field"]: c for c in d["spec"]}
+    inputs = by_field["$.task.inputs"]
+    assert [i["uri"] for i in inputs["a"]] == ["data.csv"] and inputs["b"] == []
+    assert by_field["$.task.sweep"]["b"] is None
+    assert not any(f.startswith(("$.task.inputs[", "$.task.sweep.")) for f in by_field)
+    for c in d["params"] + d["spec"]:  # no change says a side is missing where it is empty
+        assert not (c["a"] is None and c["b"] in ({}, [])), c
+        assert not (c["b"] is None and c["a"] in ({}, [])), c
+    # one field of a list of tables: the path goes down to that field
+    a, b = load_view(store, ids[0]), load_view(store, ids[1])
+    assert diff_runs(store, a, b)["spec"] == []
+    store.close()
+
+
 def test_check_record_passes_then_catches_edits(filled: tuple[RunStore, list[str]]) -> None:
     store, ids = filled
     for rid in ids:
@@ -157,3 +181,65 @@ def test_environment_differences() -> None:
         "package changed: b 2 -> 2.1",
     ]
     assert environment_differences(rec, msgspec.to_builtins(rec)) == []
+
+
+def _replicates(tmp_path: Path) -> tuple[list[RunRecord], dict[str, list[ArtifactRecord]]]:
+    """Two replicates of one trial whose task writes its categorical C back beside its
+    metrics, and two replicates of a trial whose runs (a random sweep) got different C."""
+    runs, arts = [], {}
+    rows = [
+        (0, {"C": 10}, 0, {"C": 10, "acc": 0.5, "kernel": "rbf", "ok": True}),
+        (0, {"C": 10}, 1, {"C": 10, "acc": 0.7, "kernel": "rbf", "ok": True}),
+        (1, {"C": 1}, 0, {"C": 1, "acc": 0.2, "loss": float("nan")}),
+        (1, {"C": 10}, 1, {"C": 10, "acc": 0.4}),
+    ]
+    for n, (index, params, rep, out) in enumerate(rows):
+        rid = f"{n:064x}"
+        runs.append(
+            RunRecord(
+                run_id=rid, experiment_id="e", experiment="x", task="fit", index=index,
+                params=params, seed=rep, replicate=rep, depends_on=[], identity={},
+                task_spec={}, provenance="p", state="SUCCEEDED",
+            )
+        )  # fmt: skip
+        f = tmp_path / f"{n}.json"
+        f.write_text(json.dumps(out))
+        arts[rid] = [
+            ArtifactRecord(run_id=rid, name="metrics.json", sha256="0", size=1, path=str(f))
+        ]
+    return runs, arts
+
+
+def test_replicates_summarise_metrics_only(tmp_path: Path) -> None:
+    runs, arts = _replicates(tmp_path)
+    first, *rest = replicate_summary(runs, arts)
+    assert set(first["metrics"]) == {"acc"}  # not C (a parameter), kernel or ok
+    assert first["metrics"]["acc"]["mean"] == pytest.approx(0.6)
+    assert first["params"] == {"C": 10} and first["replicates"] == 2
+    # runs of one index with different parameters are never averaged together
+    assert [(s["params"], s["replicates"]) for s in rest] == [({"C": 1}, 1), ({"C": 10}, 1)]
+    assert set(rest[0]["metrics"]) == {"acc"}  # a NaN is not a measurement either
+
+
+class _Run(msgspec.Struct, frozen=True):
+    run_id: str
+    task: str
+    depends_on: list[str]
+
+
+def test_readiness_places_only_runs_whose_upstream_succeeded() -> None:
+    train = [_Run(f"t{i}", "train", []) for i in range(3)]
+    pick = _Run("p", "pick", ["t0", "t1", "t2"])
+    report = _Run("r", "report", ["p", "elsewhere-0123456789"])
+    runs = [*train, pick, report]
+    nothing = readiness(runs, {})
+    assert nothing.ready == ["t0", "t1", "t2"] and nothing.reused == []
+    assert {w.run_id: w.on for w in nothing.waiting} == {
+        "p": {"train": ["t0", "t1", "t2"]},
+        "r": {"pick": ["p"], "elsewhere-01": ["elsewhere-0123456789"]},
+    }
+    some = readiness(runs, {"t0": "SUCCEEDED", "t1": "RUNNING"})
+    assert some.ready == ["t1", "t2"] and some.reused == ["t0"]
+    assert some.waiting[0].on == {"train": ["t1", "t2"]}
+    done = readiness(runs, {"t0": "SUCCEEDED", "t1": "SUCCEEDED", "t2": "SUCCEEDED"})
+    assert done.ready == ["p"] and [w.run_id for w in done.waiting] == ["r"]

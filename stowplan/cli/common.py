@@ -1,0 +1,142 @@
+"""What every ``stowplan`` command shares: its consoles, counted nouns and flag types.
+
+Kept light: ``build_parser()`` imports the flag types for every invocation, so rich and the
+spec models are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+from collections.abc import Iterable
+from typing import IO, TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+__all__ = [
+    "PIPE_WIDTH",
+    "budget_seconds",
+    "choice",
+    "hex_prefix",
+    "make_console",
+    "plural",
+    "verb",
+]
+
+PIPE_WIDTH: Final = 1 << 16
+"""Columns a table may take when it goes to a file or another program: all it needs, so
+nothing is cut or folded (rich sizes a table to its content, not to the console)."""
+
+
+def make_console(*, stderr: bool = False, **kwargs: Any) -> Console:
+    """The console a command prints through.
+
+    On a terminal it is as wide as the terminal. Piped or redirected, rich would assume 80
+    columns and cut or fold every wider table; there the console takes all the width the
+    content needs instead, unless ``COLUMNS`` says otherwise.
+    """
+    from rich.console import Console
+
+    stream: IO[str] = sys.stderr if stderr else sys.stdout
+    kwargs.setdefault("highlight", False)
+    if "width" not in kwargs and not _is_terminal(stream) and not os.environ.get("COLUMNS"):
+        kwargs["width"] = PIPE_WIDTH
+    return Console(stderr=stderr, **kwargs)
+
+
+def _is_terminal(stream: IO[str]) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a closed or odd stream (pytest's capture)
+        return False
+
+
+_HEX: Final = re.compile(r"[0-9a-f]+")
+
+_IRREGULAR: Final = {"entry": "entries", "GPU(s)": "GPUs", "is": "are", "was": "were"}
+
+
+def plural(n: float, noun: str, many: str | None = None) -> str:
+    """``1 run``, ``2 runs``, ``0 runs``, ``1 CPU``, ``1.5 CPUs``: a count and its noun.
+
+    ``many`` is the plural when it is not the noun plus ``s`` (a few irregular ones are known).
+    """
+    count = f"{n:g}" if isinstance(n, float) else str(n)
+    if n == 1:
+        return f"{count} {noun}"
+    return f"{count} {many or _IRREGULAR.get(noun) or noun + 's'}"
+
+
+def verb(n: float, one: str, many: str) -> str:
+    """``waits`` for one, ``wait`` for several: the verb that agrees with a count."""
+    return one if n == 1 else many
+
+
+# -- flag types (argparse ``type=``): a bad value is a usage error, exit 2 ------------------
+
+
+def budget_seconds(text: str) -> float:
+    """``--budget``: deterministic seconds of solver search, under the same bounds as
+    ``[placement] budget`` in stowplan.toml (the one definition of them is that field)."""
+    import msgspec
+
+    from stowplan.spec.models import PlacementSettings
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds; pass e.g. --budget 0.5"
+        ) from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a finite number of seconds; pass e.g. --budget 0.5"
+        )
+    try:
+        msgspec.convert({"budget": value}, PlacementSettings)
+    except msgspec.ValidationError as e:
+        why = str(e).split(" - at ")[0].replace("Expected `float` ", "must be ")
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is out of range ({why}); pass e.g. --budget 0.5 "
+            "(deterministic seconds of solver search, as [placement] budget in stowplan.toml)"
+        ) from None
+    return value
+
+
+def choice(values: Iterable[str], *, what: str, fold: bool = True) -> Any:
+    """An argparse ``type=`` that accepts one of ``values`` (any case when ``fold``) and
+    names them all when given anything else."""
+    allowed = list(values)
+    by_key = {(v.upper() if fold else v): v for v in allowed}
+
+    def parse(text: str) -> str:
+        got = by_key.get(text.upper() if fold else text)
+        if got is None:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a {what}; use one of: {', '.join(allowed)}"
+            )
+        return got
+
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
+
+
+def hex_prefix(what: str, *, shortest: int, longest: int = 64) -> Any:
+    """An argparse ``type=`` for a hash or its prefix: ``shortest`` to ``longest`` hex digits
+    (an empty or one-digit prefix would match almost anything)."""
+
+    def parse(text: str) -> str:
+        t = text.strip().lower()
+        if not (shortest <= len(t) <= longest) or not _HEX.fullmatch(t):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a {what}: give {shortest} to {longest} hex digits "
+                "(0-9, a-f), as `stowplan audit verify` printed them"
+            )
+        return t
+
+    parse.__name__ = what
+    return parse
