@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from stowplan.cli.common import make_console
 from stowplan.errors import SpecError
 from stowplan.spec.units import parse_duration
 
@@ -234,7 +235,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
         slim = [{k: v for k, v in r.items() if k not in ("jobs", "timeseries")} for r in records]
         sys.stdout.buffer.write(encode({"runs": slim, "out": str(out)}))
     else:
-        console = Console(width=None if sys.stdout.isatty() else 120)
+        console = make_console()
         console.print(_summary_table(f"{cluster.cluster.name} x {workload.name}", records))
         for r in records:
             for note in r["workload"]["notes"] + r["notes"]:
@@ -282,7 +283,7 @@ def cmd_whatif(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.buffer.write(encode({"whatif": report["whatif"], "out": str(out)}))
         return EXIT_OK
-    console = Console(width=None if sys.stdout.isatty() else 120)
+    console = make_console()
     console.print(_summary_table("baseline and variant", [base, var]))
     t = Table(title="variant - baseline: " + "; ".join(c.describe() for c in changes))
     for col in ("metric", "baseline", "variant", "change"):
