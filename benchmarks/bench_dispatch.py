@@ -157,11 +157,7 @@ def bench(n: int) -> dict[str, object]:
             sampler.stop.set()
             sampler.join()
         with RunStore(prepared.store_path) as store:
-            done = sum(
-                1
-                for r in store.get_runs(ids).values()
-                if r.state == "SUCCEEDED"
-            )
+            done = sum(1 for r in store.get_runs(ids).values() if r.state == "SUCCEEDED")
         return {
             "bench": "dispatch",
             "n": n,

@@ -3,6 +3,15 @@
 Actors (all named in the project's namespace, all restarted by Ray after a crash):
 ``store`` (single writer of the run store), ``placement`` (the solver, in its own process),
 ``provider:<name>`` (one per configured provider) and ``queue`` (the scheduler core).
+
+Failures. An actor that dies (SIGKILL, OOM) is restarted by Ray, and calls to it are retried
+there; each actor resumes its duties from its constructor (the queue reboots from the store
+and reconciles, a provider reloads its live keys and watches them), so nothing waits for a
+caller to wake it. Transient trouble is retried where it happens: a provider's failed poll on
+its next poll, a ``ProviderError`` with ``retryable`` by the retry policy. Any other exception
+an actor raises is a bug or a broken environment that a retry would only repeat: the queue
+records it as the control plane's fatal error and ``stowplan run`` ends with
+``ControlPlaneError`` (exit 3), leaving unfinished runs to resume on the next run.
 """
 
 from __future__ import annotations
@@ -15,8 +24,17 @@ from typing import Any
 import msgspec
 
 from stowplan.actors.queue import SubmitRun
-from stowplan.actors.runtime import init_ray, namespace_for, shutdown_ray
+from stowplan.actors.runtime import (
+    error_detail,
+    error_text,
+    init_ray,
+    namespace_for,
+    owner_identity,
+    shutdown_ray,
+    stop_orphans,
+)
 from stowplan.actors.wire import pack
+from stowplan.errors import StowplanError
 from stowplan.placement.problem import PlacementContext
 from stowplan.spec.models import ProviderConfig
 
@@ -26,6 +44,22 @@ PLACEMENT = "placement"
 
 
 CONTROL_FILE = "control.json"
+ERROR_FILE = "control-plane-error.log"
+
+CALL_TIMEOUT_S = 120.0
+"""How long a quick call (progress, cancel, drain) may take before the control plane counts
+as hung; a restarting actor answers in seconds."""
+
+
+class ControlPlaneError(StowplanError):
+    """The control plane failed: an actor raised, or stopped answering. ``stowplan run``
+    exits with ``exit_code``; the runs it did not finish stay resumable."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, *, detail: str = "") -> None:
+        self.detail = detail
+        super().__init__(message)
 
 
 def provider_actor_name(name: str) -> str:
@@ -55,14 +89,22 @@ def remove_control_file(state_dir: Path) -> None:
 
 
 def read_control_file(state_dir: Path) -> ControlInfo | None:
-    """The running control plane of this project, or None if none is (still) alive."""
+    """The running control plane of this project, or None if none is (still) alive.
+
+    None means nothing of a control plane runs any more: the actor processes a dead driver
+    left on this host (which may still be launching an attempt for a few seconds) are stopped,
+    and waited for, before it returns, so a caller can act on the store directly.
+    """
     import psutil
 
     try:
         info = msgspec.json.decode((state_dir / CONTROL_FILE).read_bytes(), type=ControlInfo)
     except (FileNotFoundError, msgspec.DecodeError):
-        return None
-    return info if psutil.pid_exists(info.pid) else None
+        info = None
+    if info is not None and psutil.pid_exists(info.pid):
+        return info
+    stop_orphans(state_dir)
+    return None
 
 
 class ControlPlane:
@@ -104,9 +146,13 @@ class ControlPlane:
         from stowplan.actors.queue import QueueActor
         from stowplan.actors.store import StoreActor
 
+        # what a driver that died left of its control plane must not run beside this one
+        stop_orphans(self.state_dir)
         self._started_ray = init_ray(
             address=self.address, namespace=self.namespace, num_cpus=self.num_cpus
         )
+        owner = owner_identity()
+        notes: dict[str, Any] = {"state_dir": str(self.state_dir), "owner": owner}
         common: dict[str, Any] = {
             "namespace": self.namespace,
             "get_if_exists": True,
@@ -115,12 +161,14 @@ class ControlPlane:
             "num_cpus": 0,
         }
         self.actors[STORE] = (
-            ray.remote(StoreActor).options(name=STORE, **common).remote(str(self.store_path))
+            ray.remote(StoreActor)
+            .options(name=STORE, **common)
+            .remote(str(self.store_path), **notes)
         )
         self.actors[PLACEMENT] = (
             ray.remote(PlacementActor)
             .options(name=PLACEMENT, **common)
-            .remote(self.seed, budget=self.budget, workers=self.workers)
+            .remote(self.seed, budget=self.budget, workers=self.workers, **notes)
         )
         names: dict[str, str] = {}
         for name, cfg in sorted(self.providers.items()):
@@ -138,6 +186,7 @@ class ControlPlane:
                     namespace=self.namespace,
                     poll_max=self.poll_max,
                     renew_every=self.lease_ttl / 4,
+                    owner=owner,
                 )
             )
         self.actors[QUEUE] = (
@@ -151,10 +200,15 @@ class ControlPlane:
                 seed=self.seed,
                 lease_ttl=self.lease_ttl,
                 context=pack(self.context),
+                **notes,
             )
         )
-        ray.get(self.actors[STORE].ping.remote())
-        ray.get(self.actors[QUEUE].ping.remote())
+        try:
+            self._get(self.actors[STORE].ping.remote(), what="start the store")
+            self._get(self.actors[QUEUE].ping.remote(), what="start the queue")
+        except BaseException:
+            self.stop(drain=False)
+            raise
         write_control_file(
             self.state_dir,
             address=ray.get_runtime_context().gcs_address,
@@ -167,33 +221,69 @@ class ControlPlane:
 
     def submit(self, runs: list[SubmitRun], completed: list[str]) -> dict[str, int]:
         """Hand recorded runs to the queue; ``completed`` lists upstream runs already done."""
-        import ray
-
-        result: dict[str, int] = ray.get(self.queue.submit.remote(pack(runs), completed))
+        result: dict[str, int] = self._get(
+            self.queue.submit.remote(pack(runs), completed), what="submit", timeout=None
+        )
         return result
 
     def progress(self, run_ids: list[str] | None) -> dict[str, Any]:
-        import ray
-
-        result: dict[str, Any] = ray.get(self.queue.progress.remote(run_ids))
+        """Counts by state, and ``fatal``: the error that ended the control plane, or None."""
+        result: dict[str, Any] = self._get(
+            self.queue.progress.remote(run_ids), what="report progress"
+        )
         return result
 
     def cancel(self, run_ids: list[str], reason: str) -> int:
-        import ray
-
-        n: int = ray.get(self.queue.cancel.remote(run_ids, reason))
+        n: int = self._get(self.queue.cancel.remote(run_ids, reason), what="cancel")
         return n
 
-    def stop(self) -> None:
-        """Stop the actors; stop Ray too if this control plane started it."""
+    def failure(self, fatal: dict[str, str]) -> ControlPlaneError:
+        """The error to raise for the queue's ``fatal`` record; its detail is kept in a file."""
+        path = self.state_dir / ERROR_FILE
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(fatal.get("detail", "") + "\n")
+            where = f"; the full error is in {path}"
+        except OSError:
+            where = ""
+        return ControlPlaneError(
+            f"the control plane failed: the {fatal['actor']} actor raised "
+            f"{fatal['error']}{where}.\n  Runs that had not finished were left as they are. "
+            "fix: if the cause is in your setup (disk, permissions, provider configuration), "
+            "fix it and run the same command again: finished runs are kept and the rest "
+            "resume; otherwise it is a bug in stowplan: please report it with that file",
+            detail=fatal.get("detail", ""),
+        )
+
+    def _get(self, ref: Any, *, what: str, timeout: float | None = CALL_TIMEOUT_S) -> Any:
+        """``ray.get`` that turns Ray's errors into ControlPlaneError, and a hang into one."""
         import ray
 
-        if QUEUE in self.actors:
-            ray.get(self.actors[QUEUE].drain.remote())
-        remove_control_file(self.state_dir)
-        if self._started_ray:
-            shutdown_ray()
-        else:
-            for actor in self.actors.values():
-                ray.kill(actor, no_restart=True)
-        self.actors.clear()
+        try:
+            return ray.get(ref, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise ControlPlaneError(
+                f"the control plane did not answer within {timeout:.0f} s when asked to {what}"
+            ) from None
+        except ray.exceptions.RayError as e:
+            raise ControlPlaneError(
+                f"the control plane failed when asked to {what}: {error_text(e)}",
+                detail=error_detail(e),
+            ) from None
+
+    def stop(self, *, drain: bool = True) -> None:
+        """Stop the actors; stop Ray too if this control plane started it. ``drain`` first
+        waits until what the queue sent to the store is written (skipped after a failure)."""
+        import ray
+
+        try:
+            if drain and QUEUE in self.actors:
+                self._get(self.actors[QUEUE].drain.remote(), what="drain")
+        finally:
+            remove_control_file(self.state_dir)
+            if self._started_ray:
+                shutdown_ray()
+            else:
+                for actor in self.actors.values():
+                    ray.kill(actor, no_restart=True)
+            self.actors.clear()

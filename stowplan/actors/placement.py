@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from stowplan.actors.runtime import note_worker
 from stowplan.actors.wire import pack, unpack
 from stowplan.placement import PlacementProblem, solve
 
 
 class PlacementActor:
-    def __init__(self, seed: int = 0, *, budget: float | None = None, workers: int = 1) -> None:
+    def __init__(
+        self,
+        seed: int = 0,
+        *,
+        budget: float | None = None,
+        workers: int = 1,
+        state_dir: str | None = None,
+        owner: tuple[int, float] | None = None,
+    ) -> None:
+        note_worker(state_dir, "placement", owner)
         self.seed = seed
         self.budget = budget
         self.workers = workers

@@ -4,7 +4,10 @@ It submits what the queue actor sends, and watches every live key with ONE batch
 ``describe`` per poll (0.1 s after new work, doubling to a cap), pushing state changes back to
 the queue actor in a batch. Unchanged states are re-sent every ``renew_every`` seconds so the
 core's leases stay fresh. Query failures are counted and retried on the next poll, never
-raised into the watch loop. After a restart it reloads its live keys from the store.
+raised into the watch loop. It boots from its constructor, so after a restart it reloads its
+live keys from the store and watches them at once, without waiting to be called. Any other
+exception in the watch loop is a bug: it is reported to the queue as the control plane's
+fatal error (see ``control``), never swallowed by a dead loop.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 
 import msgspec
 
+from stowplan.actors.runtime import error_detail, error_text, note_worker
 from stowplan.actors.wire import pack, unpack
 from stowplan.errors import ProviderError
 from stowplan.providers.base import LaunchSpec, Provider, ProviderState, Report
@@ -40,9 +44,11 @@ class ProviderActor:
         poll_min: float = 0.1,
         poll_max: float = 2.0,
         renew_every: float = 60.0,
+        owner: tuple[int, float] | None = None,
     ) -> None:
         from stowplan.providers.registry import make_provider
 
+        note_worker(state_dir, f"provider:{name}", owner)
         self.name = name
         cfg = msgspec.json.decode(config, type=ProviderConfig)
         self.driver: Provider = make_provider(name, cfg, state_dir=Path(state_dir))
@@ -53,19 +59,20 @@ class ProviderActor:
         self.live: dict[str, tuple[ProviderState, float]] = {}
         self.describe_failures = 0
         self._wake = asyncio.Event()
-        self._watcher: asyncio.Task[None] | None = None
-        self._booted = False
+        # an async actor's constructor runs on its event loop: start now, not on first call
+        self._booting = asyncio.get_running_loop().create_task(self._load_live())
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
-    async def _boot(self) -> None:
-        if self._booted:
-            return
-        self._booted = True
+    async def _load_live(self) -> None:
         import ray
 
         store: Any = ray.get_actor(self.store_name, namespace=self.namespace)
         for key in await store.active_keys.remote(self.name):
             self.live.setdefault(key, (ProviderState.UNKNOWN, 0.0))
-        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _boot(self) -> None:
+        """Wait until the live keys are loaded (raises what loading them raised)."""
+        await asyncio.shield(self._booting)
 
     async def discover(self) -> bytes:
         await self._boot()
@@ -118,9 +125,31 @@ class ProviderActor:
         return {"live": len(self.live), "describe_failures": self.describe_failures}
 
     async def _watch(self) -> None:
+        """The watch loop; an exception that escapes it is the control plane's fatal error."""
+        queue = await self._lookup_queue()
+        try:
+            await self._boot()
+            await self._watch_loop(queue)
+        except Exception as e:
+            log.exception("%s: the watch loop failed", self.name)
+            with contextlib.suppress(Exception):  # a queue that is gone has nobody to tell
+                await queue.fail.remote(f"provider:{self.name}", error_text(e), error_detail(e))
+
+    async def _lookup_queue(self, timeout: float = 60.0) -> Any:
+        """The queue actor's handle; at the first start it is created just after this one."""
         import ray
 
-        queue: Any = ray.get_actor(self.queue_name, namespace=self.namespace)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                return ray.get_actor(self.queue_name, namespace=self.namespace)
+            except ValueError:
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+
+    async def _watch_loop(self, queue: Any) -> None:
         interval = self.poll_min
         loop = asyncio.get_running_loop()
         while True:

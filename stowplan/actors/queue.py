@@ -11,8 +11,14 @@ does what they say, in order:
 - ``Cancel``: passed to the provider; ``WakeAt``: the tick loop feeds a Tick then.
 
 It keeps no state that the store does not also have: after a crash (``max_restarts``) it boots
-again from the store's active runs and reconciles with every provider before dispatching
-anything new.
+again, from its constructor, from the store's active runs and reconciles with every provider
+before dispatching anything new.
+
+Failures: an exception from a peer actor's call, or from the queue's own handling, is recorded
+once as ``fatal`` (which actor, the error in one line, the full text) and the queue stops
+acting; ``progress`` returns it and ``stowplan run`` ends with it. A peer that is merely
+unreachable for a moment (``ActorUnavailableError``) is called again a few times first; a
+peer that died is restarted by Ray, which retries the call itself.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import Any
 
 import msgspec
 
+from stowplan.actors.runtime import error_detail, error_text, note_worker
 from stowplan.actors.store import ActiveState, Artifacts
 from stowplan.actors.wire import pack, unpack
 from stowplan.placement.problem import (
@@ -70,6 +77,18 @@ log = logging.getLogger(__name__)
 
 SUBMIT_CHUNK = 10_000
 TRANSITION_CHUNK = 200_000
+UNAVAILABLE_RETRIES = 5
+"""Calls to a peer that is unreachable for a moment are retried this often, backing off."""
+
+
+class PeerFailed(Exception):
+    """A call to another actor of the control plane raised; names which actor."""
+
+    def __init__(self, actor: str, err: BaseException) -> None:
+        self.actor = actor
+        self.text = error_text(err)
+        self.detail = error_detail(err)
+        super().__init__(f"{actor}: {self.text}")
 
 
 class RunPayload(msgspec.Struct, frozen=True, kw_only=True):
@@ -135,7 +154,10 @@ class QueueActor:
         lease_ttl: float = 900.0,
         tick: float = 0.2,
         context: bytes | None = None,
+        state_dir: str | None = None,
+        owner: tuple[int, float] | None = None,
     ) -> None:
+        note_worker(state_dir, "queue", owner)
         self.namespace = namespace
         self.store_name = store_name
         self.placement_name = placement_name
@@ -153,6 +175,48 @@ class QueueActor:
         self._transitions: list[TransitionRecord] = []
         self._decisions: dict[int, tuple[PlacementSolution, str, dict[str, str]]] = {}
         self._placed: dict[str, tuple[int, int]] = {}
+        self.fatal: dict[str, str] | None = None
+        # an async actor's constructor runs on its event loop: a restarted queue resumes at
+        # once (reconciling with the providers), not when someone next calls it
+        self._spawn(self._ensure(), actor="queue")
+
+    # ---- failures ---------------------------------------------------------------------------
+
+    def _fail(self, err: BaseException, actor: str = "queue") -> None:
+        """Record the first fatal error; from then on the queue no longer acts."""
+        if isinstance(err, PeerFailed):
+            actor, text, detail = err.actor, err.text, err.detail
+        else:
+            text, detail = error_text(err), error_detail(err)
+        self._record_fatal(actor, text, detail)
+
+    def _record_fatal(self, actor: str, text: str, detail: str) -> None:
+        log.error("%s actor failed: %s", actor, text)
+        if self.fatal is None:
+            self.fatal = {"actor": actor, "error": text, "detail": detail}
+            self.errors.append(f"{actor}: {text}")
+
+    async def fail(self, actor: str, error: str, detail: str = "") -> None:
+        """Another actor hit an error it cannot recover from (a provider's watch loop)."""
+        self._record_fatal(actor, error, detail)
+
+    async def _call(self, actor: str, method: Any, *args: Any) -> Any:
+        """Call ``method`` of the peer ``actor`` and wait; its errors become ``PeerFailed``.
+        Calls whose order matters with others (``_send``) are never retried here."""
+        import ray
+
+        delay = 0.2
+        for attempt in range(UNAVAILABLE_RETRIES + 1):
+            try:
+                return await method.remote(*args)
+            except ray.exceptions.ActorUnavailableError as e:
+                if attempt == UNAVAILABLE_RETRIES:
+                    raise PeerFailed(actor, e) from e
+                await asyncio.sleep(delay)
+                delay *= 2
+            except Exception as e:
+                raise PeerFailed(actor, e) from e
+        raise AssertionError("unreachable")
 
     # ---- boot ---------------------------------------------------------------------------
 
@@ -175,12 +239,14 @@ class QueueActor:
             n: ray.get_actor(a, namespace=self.namespace) for n, a in self.provider_names.items()
         }
         for name, actor in sorted(self.providers.items()):
-            pools = unpack(await actor.discover.remote(), list[Pool])
+            pools = unpack(await self._call(f"provider:{name}", actor.discover), list[Pool])
             self._handle(PoolsDiscovered(provider=name, pools=pools))
         runs: list[RunRecord]
         attempts: dict[str, list[AttemptRecord]]
         done: list[str]
-        runs, attempts, done = unpack(await self.store.load_active.remote(), ActiveState)
+        runs, attempts, done = unpack(
+            await self._call("store", self.store.load_active), ActiveState
+        )
         restored: list[RestoredTask] = []
         for rec in runs:
             payload = payload_of(rec)
@@ -207,7 +273,7 @@ class QueueActor:
                     )
                 )
         self._handle(TasksRestored(tasks=restored, completed=done))
-        self._spawn(self._tick_loop())
+        self._spawn(self._tick_loop(), actor="queue")
 
     # ---- API for the control plane and the provider actors --------------------------------
 
@@ -217,6 +283,13 @@ class QueueActor:
         A run that already had attempts (it failed or was cancelled before) continues its
         attempt numbers, so its new attempts get new idempotency keys.
         """
+        try:
+            return await self._submit_runs(runs, completed)
+        except Exception as e:
+            self._fail(e)
+            raise
+
+    async def _submit_runs(self, runs: bytes, completed: list[str]) -> dict[str, int]:
         await self._ensure()
         items = unpack(runs, list[SubmitRun])
         fresh: list[TaskInstance] = []
@@ -225,8 +298,8 @@ class QueueActor:
         items = [i for i in items if i.run_id not in known]
         # the store, not the caller's earlier read, says what already ran: a control plane
         # that died a moment ago may have recorded more since
-        so_far: dict[str, tuple[str, int]] = await self.store.attempts_so_far.remote(
-            [i.run_id for i in items]
+        so_far: dict[str, tuple[str, int]] = await self._call(
+            "store", self.store.attempts_so_far, [i.run_id for i in items]
         )
         completed = list(completed)
         for item in items:
@@ -249,18 +322,35 @@ class QueueActor:
         return {"new": len(fresh), "resumed": len(again)}
 
     async def report(self, provider: str, reports: bytes) -> None:
-        await self._ensure()
-        self._on_reports(provider, unpack(reports, list[Report]))
+        """A provider's state changes. A failure here is the queue's, recorded as fatal, not
+        raised into the provider's watch loop."""
+        try:
+            await self._ensure()
+            self._on_reports(provider, unpack(reports, list[Report]))
+        except Exception as e:
+            self._fail(e)
 
     async def cancel(self, run_ids: list[str], reason: str) -> int:
-        await self._ensure()
-        before = sum(1 for r in run_ids if self._final(r))
-        self._handle(CancelRequested(run_ids=run_ids, reason=reason))
-        return sum(1 for r in run_ids if self._final(r)) - before
+        try:
+            await self._ensure()
+            before = sum(1 for r in run_ids if self._final(r))
+            self._handle(CancelRequested(run_ids=run_ids, reason=reason))
+            return sum(1 for r in run_ids if self._final(r)) - before
+        except Exception as e:
+            self._fail(e)
+            raise
 
     async def progress(self, run_ids: list[str] | None = None) -> dict[str, Any]:
         """Counts by state; runs the core no longer holds (finished before a restart) are
-        looked up in the store."""
+        looked up in the store. ``fatal`` is the error that stopped the control plane."""
+        if self.fatal is None:
+            try:
+                return await self._progress(run_ids)
+            except Exception as e:
+                self._fail(e)
+        return {"counts": {}, "errors": list(self.errors), "boots": self.boots, "fatal": self.fatal}
+
+    async def _progress(self, run_ids: list[str] | None) -> dict[str, Any]:
         await self._ensure()
         if run_ids is None:
             counts = {s.value: n for s, n in self.core.counts.items() if n}
@@ -276,16 +366,16 @@ class QueueActor:
                 counts[s] = counts.get(s, 0) + 1
             if missing:
                 self._flush_transitions()
-                states: dict[str, str] = await self.store.states.remote(missing)
+                states: dict[str, str] = await self._call("store", self.store.states, missing)
                 for s in states.values():
                     counts[s] = counts.get(s, 0) + 1
-        return {"counts": counts, "errors": list(self.errors), "boots": self.boots}
+        return {"counts": counts, "errors": list(self.errors), "boots": self.boots, "fatal": None}
 
     async def drain(self) -> None:
         """Return once everything this actor sent to the store so far has been written."""
         await self._ensure()
         self._flush_transitions()
-        await self.store.ping.remote()
+        await self._call("store", self.store.ping)
 
     async def ping(self) -> bool:
         await self._ensure()
@@ -300,28 +390,37 @@ class QueueActor:
             return False
 
     def _handle(self, event: Event) -> None:
+        if self.fatal is not None:
+            return  # a failed control plane acts no more; the next run resumes from the store
         commands = self.core.handle(event, time.time())
         self._execute(commands)
 
-    def _send(self, ref: Any) -> None:
-        """Watch a call whose answer nobody waits for, so its failure is reported, not lost."""
+    def _send(self, actor: str, method: Any, *args: Any) -> None:
+        """Make a call whose answer nobody waits for, so its failure is recorded, not lost.
+
+        The call is made now, not in the task that watches it: calls to one actor run in the
+        order they were made, which the write-ahead order and ``drain`` rely on."""
+        ref = method.remote(*args)
 
         async def check() -> None:
-            await ref
+            try:
+                await ref
+            except Exception as e:
+                raise PeerFailed(actor, e) from e
 
         self._spawn(check())
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], actor: str = "queue") -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._done)
+        task.add_done_callback(lambda t: self._done(t, actor))
 
-    def _done(self, task: asyncio.Task[None]) -> None:
+    def _done(self, task: asyncio.Task[None], actor: str) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
+        if not task.cancelled():
             err = task.exception()
-            log.error("queue task failed: %r", err)
-            self.errors.append(f"{type(err).__name__}: {err}")
+            if err is not None:
+                self._fail(err, actor)
 
     def _execute(self, commands: list[Command]) -> None:
         for cmd in commands:
@@ -352,7 +451,9 @@ class QueueActor:
             elif isinstance(cmd, Reconcile):
                 self._spawn(self._reconcile(cmd))
             elif isinstance(cmd, Cancel):
-                self._send(self.providers[cmd.provider].cancel.remote(cmd.keys))
+                self._send(
+                    f"provider:{cmd.provider}", self.providers[cmd.provider].cancel, cmd.keys
+                )
             elif isinstance(cmd, WakeAt):
                 self.wake_at = min(self.wake_at, cmd.at)
 
@@ -361,10 +462,13 @@ class QueueActor:
         buf, self._transitions = self._transitions, []
         for start in range(0, len(buf), TRANSITION_CHUNK):
             chunk = pack(buf[start : start + TRANSITION_CHUNK])
-            self._send(self.store.apply_transitions.remote(chunk))
+            self._send("store", self.store.apply_transitions, chunk)
 
     async def _solve(self, cmd: SolvePlacement) -> None:
-        solution = unpack(await self.placement.solve.remote(pack(cmd.problem)), PlacementSolution)
+        solution = unpack(
+            await self._call("placement", self.placement.solve, pack(cmd.problem)),
+            PlacementSolution,
+        )
         self._remember(cmd.problem, solution)
         self._handle(PlacementDecided(solution=solution))
 
@@ -372,7 +476,7 @@ class QueueActor:
         """Keep the solver's inputs and answer as one blob, and which assignment placed each
         run, so the submit that follows can record the decision with the attempt."""
         blob = pack((problem, solution))
-        self._send(self.store.put_blob.remote(blob))
+        self._send("store", self.store.put_blob, blob)
         hw = {p.id: p.hardware_class for p in problem.pools}
         self._decisions[solution.request_id] = (solution, sha256_hex(blob), hw)
         while len(self._decisions) > 8:
@@ -417,8 +521,10 @@ class QueueActor:
         return out
 
     async def _reconcile(self, cmd: Reconcile) -> None:
+        provider = self.providers[cmd.provider]
         reports = unpack(
-            await self.providers[cmd.provider].reconcile.remote(cmd.keys), list[Report]
+            await self._call(f"provider:{cmd.provider}", provider.reconcile, cmd.keys),
+            list[Report],
         )
         self._on_reports(cmd.provider, reports)
 
@@ -452,11 +558,14 @@ class QueueActor:
         )
         placements = self._placement_records(cmd, items)
         if placements:
-            self._send(self.store.put_placements.remote(pack(placements)))
+            self._send("store", self.store.put_placements, pack(placements))
         # write-ahead: the intent is durable before the provider hears of the attempt
-        await self.store.write_intents.remote(pack(intents))
+        await self._call("store", self.store.write_intents, pack(intents))
         del intents
-        reports = unpack(await self.providers[cmd.provider].submit.remote(launches), list[Report])
+        provider = self.providers[cmd.provider]
+        reports = unpack(
+            await self._call(f"provider:{cmd.provider}", provider.submit, launches), list[Report]
+        )
         self._on_reports(cmd.provider, reports)
 
     async def _upstream(self, run_ids: list[str]) -> dict[str, bytes]:
@@ -465,8 +574,8 @@ class QueueActor:
         wanted = sorted({d for ds in deps.values() for d in ds})
         if not wanted:
             return {}
-        arts = unpack(await self.store.artifacts_for.remote(wanted), Artifacts)
-        runs = unpack(await self.store.get_runs.remote(wanted), dict[str, RunRecord])
+        arts = unpack(await self._call("store", self.store.artifacts_for, wanted), Artifacts)
+        runs = unpack(await self._call("store", self.store.get_runs, wanted), dict[str, RunRecord])
         out: dict[str, bytes] = {}
         for run_id, ds in deps.items():
             if not ds:
@@ -517,7 +626,7 @@ class QueueActor:
                 )
             )
         if updates:
-            self._send(self.store.update_attempts.remote(pack(updates)))
+            self._send("store", self.store.update_attempts, pack(updates))
         outputs: dict[str, dict[str, str]] = {}
         for r in reports:
             if r.state is ProviderState.SUCCEEDED and r.outputs:
@@ -526,21 +635,19 @@ class QueueActor:
                     outputs[run_id] = r.outputs
         if outputs:
             # ordered before any Submit of a dependent, which reads these artifacts
-            self._send(self.store.put_artifacts.remote(outputs))
+            self._send("store", self.store.put_artifacts, outputs)
         self._handle(ProviderReported(provider=provider, reports=reports))
 
     def _run_of(self, key: str) -> str | None:
         return self.core.run_of_key(key)
 
     async def _tick_loop(self) -> None:
-        while True:
+        """Flush transitions and feed due Ticks; an exception ends it as the queue's fatal
+        error (recorded by ``_done``): a core that cannot handle a Tick would stall."""
+        while self.fatal is None:
             await asyncio.sleep(self.tick)
             self._flush_transitions()
             now = time.time()
             if now >= self.wake_at:
                 self.wake_at = float("inf")
-                try:
-                    self._handle(Tick())
-                except Exception as e:  # recorded and shown by the CLI; the loop must go on
-                    log.exception("tick failed")
-                    self.errors.append(f"{type(e).__name__}: {e}")
+                self._handle(Tick())

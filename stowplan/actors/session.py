@@ -7,9 +7,10 @@ insert-or-ignore rows); from then on the store actor is the only writer.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,15 @@ from stowplan.actors.queue import RunPayload, SubmitRun
 from stowplan.errors import PlacementInfeasible, SpecError
 from stowplan.placement.greedy import eligible, fits
 from stowplan.placement.problem import DemandClass, Pool
+from stowplan.provenance.imports import used_records
 from stowplan.provenance.records import ExperimentRecord, ProvenanceRecord, RunRecord
 from stowplan.provenance.store import RunStore
-from stowplan.scheduler.plan import PlannedRun, Versions, plan_runs
+from stowplan.scheduler.plan import EnvPin, PinKey, PlannedRun, Versions, plan_runs
 from stowplan.spec.canonical import spec_hash
 from stowplan.spec.loader import LoadedExperiment, LoadedProject, load_experiment, load_project
 from stowplan.spec.models import ProviderConfig
+
+log = logging.getLogger(__name__)
 
 
 class Prepared(msgspec.Struct, kw_only=True):
@@ -41,6 +45,8 @@ class Prepared(msgspec.Struct, kw_only=True):
     store_path: str
     replicates: int = 1
     """how many replicates (seeds) of every run were planned, from ``replicate`` on."""
+    notes: list[str] = msgspec.field(default_factory=list)
+    """what people should hear before the runs start (stored runs not reused, and why)."""
 
 
 def project_paths(project: LoadedProject) -> tuple[Path, Path]:
@@ -103,21 +109,26 @@ def prepare(
         providers = {n: c for n, c in providers.items() if n in allowed}
 
     base = Path(loaded.directory)
-    code, diff = capture_code(base)
-    context = code_context(base, code)
-    lock_dirs = [Path(project.root), base]
-    if context["root"]:
-        lock_dirs.insert(0, Path(context["root"]))
-    env = capture_environment(lock_dirs=lock_dirs)
     state_dir, store_path = project_paths(project)
     records: dict[str, Any] = {}
     # In the user's cache directory, not the project's: a cache is not project state, and a
     # bad input must leave the project untouched.
     with HashCache(default_cache_path()) as cache:
+        code, diff = capture_code(
+            base,
+            references=_command_words(loaded),
+            exclude=_covered_elsewhere(loaded, project, state_dir, store_path),
+            cache=cache,
+        )
         for t in loaded.spec.tasks:
             for i in t.inputs:
                 if i.uri not in records:
                     records[i.uri] = capture_data(i.uri, i.version, base, cache=cache)
+    context = code_context(base, code)
+    lock_dirs = [Path(project.root), base]
+    if context["root"]:
+        lock_dirs.insert(0, Path(context["root"]))
+    env = capture_environment(lock_dirs=lock_dirs)
     data = {uri: rec.version for uri, rec in records.items()}
     versions = Versions(
         code_version=code.version, env_hash=str(env["env_hash"]), data_versions=data
@@ -139,6 +150,32 @@ def prepare(
                 planned = planned_for(rep)
     for extra in range(rep + 1, rep + replicates):
         planned = planned + planned_for(extra)
+    notes: list[str] = []
+    if store_path.exists():
+
+        def replan(pins: Mapping[PinKey, EnvPin]) -> list[PlannedRun]:
+            return [
+                r
+                for n in range(rep, rep + replicates)
+                for r in plan_runs(
+                    loaded,
+                    versions,
+                    project=project_name,
+                    replicate=n,
+                    allowed_providers=allowed,
+                    env_pins=pins,
+                )
+            ]
+
+        with RunStore(store_path) as store:
+            planned, notes = recheck_used(
+                planned,
+                replan,
+                lambda runs: used_records(store, runs, project.config.providers, state_dir),
+                lambda ids: {rid: rec.state for rid, rec in store.get_runs(ids).items()},
+            )
+        for note in notes:
+            log.warning("%s", note)
     canonical = msgspec.to_builtins(loaded.spec)
     canonical["effective_policy"] = msgspec.to_builtins(loaded.policy)
     experiment = ExperimentRecord(
@@ -177,7 +214,120 @@ def prepare(
         state_dir=str(state_dir),
         store_path=str(store_path),
         replicates=replicates,
+        notes=notes,
     )
+
+
+MAX_RECHECK_ROUNDS = 8
+"""Re-plans at most, when runs pinned to today's versions turn out stale themselves."""
+
+
+def recheck_used(
+    planned: list[PlannedRun],
+    replan: Callable[[Mapping[PinKey, EnvPin]], list[PlannedRun]],
+    used_of: Callable[[list[str]], dict[str, Any]],
+    states_of: Callable[[list[str]], dict[str, str]],
+    *,
+    checker: Any = None,
+) -> tuple[list[PlannedRun], list[str]]:
+    """Check, before reuse, that every stored succeeded run still has what it used.
+
+    A run whose captured record (``used_of``) names a distribution whose version has changed
+    since (or a gone one, or another Python) is pinned to the versions now (``EnvPin``): its
+    identity, and that of everything downstream, changes, so it runs again as a run of its
+    own, and the next invocation, finding that run, reuses it. Returns the runs to use and
+    one line per cause for people (``re-running 24 runs: numpy 1.26.4 -> 2.0.0 changed since
+    they ran``). A run without a captured record is reused as before.
+    """
+    from stowplan.provenance.imports import UsedChecker, summarize
+
+    check = checker if checker is not None else UsedChecker()
+    pins: dict[PinKey, EnvPin] = {}
+    stale: dict[PinKey, str] = {}
+    verdicts: dict[str, list[Any]] = {}
+    for _ in range(MAX_RECHECK_ROUNDS):
+        states = states_of([r.run_id for r in planned])
+        todo = [
+            r.run_id
+            for r in planned
+            if states.get(r.run_id) == "SUCCEEDED" and r.run_id not in verdicts
+        ]
+        records = used_of(todo) if todo else {}
+        check.prefetch(records.values())
+        new: dict[PinKey, EnvPin] = {}
+        for r in planned:
+            if r.run_id not in todo:
+                continue
+            rec = records.get(r.run_id)
+            changes = [] if rec is None else check.changes(rec)
+            verdicts[r.run_id] = changes
+            if changes and rec is not None:
+                key = (r.replicate, r.task, r.index)
+                new[key] = EnvPin(used=check.now(rec))
+                stale.setdefault(key, summarize(changes))
+        if not new:
+            break
+        pins.update(new)
+        planned = replan(pins)
+    # what actually runs again because of a change: a pinned run not already stored
+    states = states_of([r.run_id for r in planned])
+    groups: dict[str, int] = {}
+    for r in planned:
+        key = (r.replicate, r.task, r.index)
+        if key in stale and states.get(r.run_id) != "SUCCEEDED":
+            groups[stale[key]] = groups.get(stale[key], 0) + 1
+    notes = [
+        f"re-running {n} run{'s' if n != 1 else ''}: {why} changed since "
+        f"{'they' if n != 1 else 'it'} ran"
+        for why, n in sorted(groups.items(), key=lambda kv: (-kv[1], kv[0]))
+    ]
+    return planned, notes
+
+
+def _command_words(loaded: LoadedExperiment) -> list[str]:
+    """The words of every task's command or script, ``{experiment_dir}`` filled in: where a
+    code version outside git looks for files named outside the experiment's directory."""
+    import shlex
+
+    from stowplan.scheduler.plan import fill
+
+    out: list[str] = []
+    for t in loaded.spec.tasks:
+        for word in t.command or []:
+            out.append(word)
+        if t.script:
+            try:
+                out += shlex.split(t.script, comments=True)
+            except ValueError:
+                out += t.script.split()
+    # Only {experiment_dir} is known before planning; a word with other placeholders is a
+    # parameter's value, not a file.
+    filled = []
+    for w in out:
+        try:
+            filled.append(fill(w, {"experiment_dir": loaded.directory}))
+        except (KeyError, ValueError, IndexError):
+            continue
+    return filled
+
+
+def _covered_elsewhere(
+    loaded: LoadedExperiment, project: LoadedProject, state_dir: Path, store_path: Path
+) -> list[Path]:
+    """What a code version outside git leaves out because other parts of a run's identity
+    cover it (the experiment file, local data inputs) or because stowplan writes it."""
+    base = Path(loaded.directory)
+    out = [Path(loaded.file), state_dir, store_path]
+    out += [store_path.with_name(store_path.name + sfx) for sfx in ("-wal", "-shm", "-journal")]
+    out.append(store_path.parent / "blobs")
+    if project.file:
+        out.append(Path(project.file))
+    for t in loaded.spec.tasks:
+        for i in t.inputs:
+            uri = i.uri.removeprefix("file://")
+            if "://" not in uri:
+                out.append(base / uri)
+    return out
 
 
 def check_feasible(prepared: Prepared, pools: Sequence[Pool]) -> None:

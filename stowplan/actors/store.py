@@ -7,7 +7,9 @@ the transitions that led to it. Batches arrive as msgpack bytes (see ``wire``).
 
 from __future__ import annotations
 
+from stowplan.actors.runtime import note_worker
 from stowplan.actors.wire import pack, unpack
+from stowplan.errors import StowplanError
 from stowplan.provenance.records import (
     ArtifactRecord,
     AttemptRecord,
@@ -16,11 +18,14 @@ from stowplan.provenance.records import (
     RunRecord,
     TransitionRecord,
 )
-from stowplan.provenance.store import RunStore
+from stowplan.provenance.store import ArtifactsNotStored, RunStore
 
 
 class StoreActor:
-    def __init__(self, path: str) -> None:
+    def __init__(
+        self, path: str, *, state_dir: str | None = None, owner: tuple[int, float] | None = None
+    ) -> None:
+        note_worker(state_dir, "store", owner)
         self.store = RunStore(path)
 
     def ping(self) -> bool:
@@ -51,8 +56,27 @@ class StoreActor:
         self.store.put_placements(unpack(recs, list[PlacementRecord]))
 
     def put_artifacts(self, outputs: dict[str, dict[str, str]]) -> None:
+        """Store the outputs of each run (run id -> output name -> path); raise a
+        ``StowplanError`` naming every run and output not stored, after storing all the rest."""
+        failed = self.store_outputs(outputs)
+        if failed:
+            raise StowplanError(
+                f"outputs of {len(failed)} run{'s' if len(failed) != 1 else ''} not stored: "
+                + "; ".join(failed[rid] for rid in sorted(failed))
+            )
+
+    def store_outputs(self, outputs: dict[str, dict[str, str]]) -> dict[str, str]:
+        """Store the outputs of each run as far as they can be; run id -> why it was not
+        wholly stored, for each run that was not (its run must not succeed)."""
+        failed: dict[str, str] = {}
         for run_id, files in outputs.items():
-            self.store.put_artifacts(run_id, files)
+            try:
+                self.store.put_artifacts(run_id, files)
+            except ArtifactsNotStored as e:
+                failed[run_id] = str(e)
+            except Exception as e:  # one run's failure must not keep the others unstored
+                failed[run_id] = f"run {run_id[:12]}: outputs not stored: {type(e).__name__}: {e}"
+        return failed
 
     def artifacts_for(self, run_ids: list[str]) -> bytes:
         return pack(self.store.artifacts_for(run_ids))

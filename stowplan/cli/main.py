@@ -1,7 +1,9 @@
 """The ``stowplan`` command. All printing and rendering lives in this subpackage.
 
 Exit codes: 0 success; 1 some runs failed (or were cancelled); 2 bad input (a spec, a flag, an
-unknown run): one short paragraph on stderr, never a traceback, nothing written.
+unknown run, an unreachable ``--address``): one short paragraph on stderr, never a traceback,
+nothing written; 3 the control plane failed (an actor raised): runs it had not finished are
+left as they were, to resume on the next ``run``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("file", type=Path)
     run.add_argument("--dry-run", action="store_true", help="show what would run; change nothing")
     run.add_argument("--rerun", action="store_true", help="run new replicates even if done")
-    run.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    run.add_argument(
+        "--address",
+        help="join the Ray cluster at host:port; without it, a private local Ray is started "
+        "(RAY_ADDRESS and clusters from an earlier `ray start` are ignored)",
+    )
     run.add_argument("--provider", help="run only on this provider from stowplan.toml")
     run.add_argument("--json", action="store_true", help="print the final status as JSON")
     run.add_argument("--why", default="", help="why: kept in the audit ledger")
@@ -120,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except StowplanError as e:
         print(f"stowplan: {e}", file=sys.stderr)
-        return EXIT_FAILED
+        code: int = getattr(e, "exit_code", EXIT_FAILED)  # ControlPlaneError: 3
+        return code
     except BrokenPipeError:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

@@ -22,17 +22,73 @@ FINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 EXIT_OK, EXIT_FAILED = 0, 1
 
 
-def _discover(prepared: Any) -> list[Any]:
+DRY_RUN_DISCOVER_S = 10.0
+"""How long a dry run waits for a provider's discovery before it uses the saved facts."""
+
+
+def _discover(
+    prepared: Any, *, dry_run: bool = False, timeout_s: float = DRY_RUN_DISCOVER_S
+) -> list[Any]:
+    """Every configured provider's pools; writes nothing.
+
+    A real run saves them with ``save_discovered`` once the experiment is known to be
+    feasible, for later dry runs. A dry run waits at most ``timeout_s`` per provider and, where
+    one cannot be reached, plans with its saved facts and says so on stderr, or fails with a
+    ``SpecError`` (exit 2) when there are none.
+    """
+    from stowplan.errors import ProviderError, SpecError
+    from stowplan.providers.facts import load_facts
     from stowplan.providers.registry import make_provider
+
+    state_dir = Path(prepared.state_dir)
+
+    async def one(name: str, cfg: Any) -> list[Any]:
+        async with make_provider(name, cfg, state_dir=state_dir) as drv:
+            if not dry_run:
+                return await drv.discover()
+            with anyio.fail_after(timeout_s):
+                return await drv.discover()
 
     async def go() -> list[Any]:
         pools: list[Any] = []
         for name, cfg in sorted(prepared.providers.items()):
-            async with make_provider(name, cfg, state_dir=Path(prepared.state_dir)) as drv:
-                pools.extend(await drv.discover())
+            try:
+                pools.extend(await one(name, cfg))
+            except (ProviderError, TimeoutError) as e:
+                if not dry_run:
+                    raise
+                why = (
+                    f"no answer within {timeout_s:g} s"
+                    if isinstance(e, TimeoutError)
+                    else str(e).removeprefix(f"{name}: ")
+                )
+                cached, missing = load_facts(state_dir, name, cfg)
+                if cached is None:
+                    raise SpecError(
+                        f"provider {name!r} is unreachable ({why}), and a dry run has no facts "
+                        f"from an earlier discovery to plan with: {missing}",
+                        file=prepared.project.file,
+                        path=f"$.providers.{name}",
+                        hint="make the cluster reachable (host, port, network, keys) and try "
+                        "again; a real run that reaches it saves its facts for offline dry runs",
+                    ) from None
+                print(
+                    f"{name}: unreachable ({why}); using facts discovered {cached.when()}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                pools.extend(cached.pools)
         return pools
 
     return anyio.run(go)
+
+
+def save_discovered(prepared: Any, pools: list[Any]) -> None:
+    """Save each provider's discovered pools (``.stowplan/facts/``) for offline dry runs."""
+    from stowplan.providers.facts import save_facts
+
+    for name, cfg in sorted(prepared.providers.items()):
+        save_facts(Path(prepared.state_dir), name, cfg, [p for p in pools if p.provider == name])
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -49,7 +105,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from stowplan.placement.context import context_for
 
     context_for(prepared.project, prepared.loaded)  # unknown residency rules: exit 2 now
-    pools = _discover(prepared)
+    pools = _discover(prepared, dry_run=args.dry_run)
     check_feasible(prepared, pools)
     planned = prepared.planned
     ids = [r.run_id for r in planned]
@@ -57,6 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         _print_dry_run(console, prepared)
         return EXIT_OK
+    save_discovered(prepared, pools)
 
     store_path = Path(prepared.store_path)
     with RunStore(store_path) as store:
@@ -124,6 +181,7 @@ def _dispatch(
     total = len(ids)
     started = time.monotonic()
     plane.start()
+    failed = True
     try:
         with RunStore(Path(prepared.store_path)) as store:
             record(prepared, store)
@@ -140,16 +198,24 @@ def _dispatch(
                 )
         plane.submit(submissions(prepared, set(todo)), reused)
         watch(plane, ids, total, started, err)
+        failed = False
     except KeyboardInterrupt:
         err.print("interrupted: cancelling unfinished runs")
         plane.cancel(ids, "interrupted from the terminal")
         watch(plane, ids, total, started, err)
+        failed = False
     finally:
-        plane.stop()
+        # after a failure, only stop: draining would wait on the actor that failed
+        plane.stop(drain=not failed)
 
 
 def watch(plane: Any, ids: list[str], total: int, started: float, err: Console) -> None:
-    """Poll the queue until every run is final; a live bar on a terminal, lines otherwise."""
+    """Poll the queue until every run is final; a live bar on a terminal, lines otherwise.
+
+    Raises ``ControlPlaneError`` as soon as the queue reports a fatal error: a failed actor
+    ends the run instead of leaving it waiting."""
+    from rich.text import Text
+
     live = err.is_terminal
     progress = (
         Progress(
@@ -197,8 +263,12 @@ def watch(plane: Any, ids: list[str], total: int, started: float, err: Console) 
                     print(f"[{elapsed:6.1f}s] {line}{eta}", file=sys.stderr, flush=True)
                     last_line, last_print = line, now
             for e in info["errors"][shown_errors:]:
-                err.print(f"control plane error: {e}", style="red", markup=False)
+                # Ray's messages carry colour codes: rich keeps them on a terminal, drops them
+                # in a pipe or file
+                err.print(Text.from_ansi(f"control plane error: {e}", style="red"))
             shown_errors = len(info["errors"])
+            if info.get("fatal"):
+                raise plane.failure(info["fatal"])
             if done >= total:
                 return
             time.sleep(0.2)

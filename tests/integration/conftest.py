@@ -36,6 +36,8 @@ def sweep_project(tmp_path: Path, n: int, sleep: float = 0.4) -> Path:
         '[project]\nname = "crash"\n[providers.local]\nkind = "local"\ncpus = 2\n'
     )
     marker = tmp_path / "executions.log"
+    # the trials write the marker beside the experiment: not part of its code version
+    (tmp_path / ".stowplanignore").write_text("executions.log\n")
     f = tmp_path / "sweep.toml"
     f.write_text(
         f"""

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from stowplan.provenance.store import RunStore
@@ -49,11 +50,35 @@ def _sleepers(tmp: Path) -> list[int]:
     alive = []
     for rec in (tmp / ".stowplan" / "runs").glob("*/*/launcher.json"):
         pid = json.loads(rec.read_text()).get("child_pid")
-        if pid and psutil.pid_exists(pid):
-            with_cmd = psutil.Process(pid).cmdline()
-            if with_cmd[:2] == ["sleep", "300"]:
+        if not pid:
+            continue
+        try:
+            proc = psutil.Process(pid)
+            # a killed sleep is a zombie until its launcher reaps it: it is gone
+            if proc.status() != psutil.STATUS_ZOMBIE and proc.cmdline()[:2] == ["sleep", "300"]:
                 alive.append(pid)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
     return alive
+
+
+def _actor_pids(tmp: Path) -> list[int]:
+    """Pids of the control plane's actor processes, as they recorded themselves."""
+    from stowplan.actors.runtime import WORKERS_DIR, WorkerNote
+
+    return [
+        msgspec.json.decode(p.read_bytes(), type=WorkerNote).pid
+        for p in (tmp / ".stowplan" / WORKERS_DIR).glob("*.json")
+    ]
+
+
+def _gone(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 @pytest.fixture
@@ -117,6 +142,8 @@ def test_cancel_offline_after_the_driver_died(project: Path) -> None:
         run.wait(30)
     # the tasks outlive the driver; cancel finds no control plane and acts directly
     assert len(_sleepers(project)) == 2
+    actors = _actor_pids(project)
+    assert len(actors) == 4, actors  # store, placement, provider:local, queue
     done = subprocess.run(
         _cli(project, "cancel", "slow"),
         cwd=project,
@@ -126,6 +153,10 @@ def test_cancel_offline_after_the_driver_died(project: Path) -> None:
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    assert "cancelled 4 run(s)" in done.stdout
+    assert "cancelled 4 runs" in done.stdout
+    # the dead session's actors are stopped before cancel acts: none can launch a nap after
+    assert [p for p in actors if not _gone(p)] == []
+    launched = set((project / ".stowplan" / "runs").glob("*/*"))
     wait_for(lambda: not _sleepers(project), 30, "the naps to be killed")
     assert _states(db) == {"CANCELLED": 4}
+    assert set((project / ".stowplan" / "runs").glob("*/*")) == launched

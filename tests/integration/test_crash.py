@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from stowplan.actors.control import QUEUE, ControlPlane
+from stowplan.actors.control import PLACEMENT, QUEUE, STORE, ControlPlane
 from stowplan.actors.session import prepare, record, submissions
 from stowplan.provenance.store import RunStore
+from stowplan.providers.local import QUEUED_GRACE_S
 
 from .conftest import launches_per_key, sweep_project, wait_for
 
@@ -52,10 +53,16 @@ def _check_exactly_once(tmp_path: Path) -> None:
     assert launches and set(launches.values()) == {1}, launches
 
 
-def test_queue_actor_killed_mid_sweep(ray_session: None, tmp_path: Path) -> None:
+@pytest.mark.parametrize("actor", [QUEUE, STORE, PLACEMENT, "provider:local"])
+def test_actor_killed_mid_sweep_resumes_at_once(
+    ray_session: None, tmp_path: Path, actor: str
+) -> None:
+    """Ray restarts a killed actor; it must take up its duties at once (a provider watching
+    its live attempts again, the queue reconciling), not when something next calls it, which
+    left finished trials RUNNING until their 900 s lease ran out."""
     import ray
 
-    f = sweep_project(tmp_path, N)
+    f = sweep_project(tmp_path, N, sleep=0.6)
     prepared = prepare(f)
     with RunStore(prepared.store_path) as store:
         runs = record(prepared, store)
@@ -69,13 +76,26 @@ def test_queue_actor_killed_mid_sweep(ray_session: None, tmp_path: Path) -> None
     try:
         plane.submit(submissions(prepared, {r.run_id for r in runs}), [])
         ids = [r.run_id for r in runs]
-        wait_for(lambda: plane.progress(ids)["counts"].get("SUCCEEDED", 0) >= 3, 60, "3 successes")
-        ray.kill(plane.actors[QUEUE], no_restart=False)
-        # the next call reaches the restarted actor, which rebuilds from the store
-        wait_for(
-            lambda: plane.progress(ids)["counts"].get("SUCCEEDED", 0) == N, 120, "all to finish"
-        )
-        assert plane.progress(ids)["boots"] == 1  # a fresh actor booted again, once
+
+        def succeeded() -> int:
+            n: int = plane.progress(ids)["counts"].get("SUCCEEDED", 0)
+            return n
+
+        wait_for(lambda: succeeded() >= 3, 60, "3 successes")
+        before = succeeded()
+        assert before < N, "the sweep finished before the kill"
+        ray.kill(plane.actors[actor], no_restart=False)
+        # NOTE: a killed local driver forgets the attempts it had queued but not started;
+        # its successor reports them QUEUED for QUEUED_GRACE_S, then LOST, and they run again
+        deadline = 30 + QUEUED_GRACE_S
+        try:
+            wait_for(lambda: succeeded() > before, deadline, f"a run to end after killing {actor}")
+        except AssertionError as e:
+            raise AssertionError(f"{e}: {plane.progress(ids)}") from None
+        wait_for(lambda: succeeded() == N, 120, "all to finish")
+        info = plane.progress(ids)
+        assert info["fatal"] is None, info
+        assert info["boots"] == 1  # the queue booted once (again, if it was the one killed)
     finally:
         plane.stop()
     _check_exactly_once(tmp_path)

@@ -18,7 +18,7 @@ import msgspec
 import pytest
 
 from stowplan.cli.main import main
-from stowplan.cli.run import _discover
+from stowplan.cli.run import _discover, save_discovered
 from stowplan.errors import ProviderError, SpecError
 from stowplan.placement.problem import Pool, Shape
 from stowplan.providers.facts import facts_path, load_facts, save_facts
@@ -146,10 +146,15 @@ async def test_a_failed_discovery_writes_nothing_in_the_state_dir(tmp_path: Path
 # ---- _discover: a real run saves, a dry run falls back -----------------------------------------
 
 
-def test_a_real_discovery_saves_every_providers_facts(tmp_path: Path) -> None:
+def test_discovery_writes_nothing_and_a_real_run_saves_every_providers_facts(
+    tmp_path: Path,
+) -> None:
     state = tmp_path / ".stowplan"
     cfg = InstantProviderConfig()
-    pools = _discover(prepared(state, bench=cfg))
+    prep = prepared(state, bench=cfg)
+    pools = _discover(prep)
+    assert not state.exists()  # a run that then fails its feasibility check writes nothing
+    save_discovered(prep, pools)
     record, _ = load_facts(state, "bench", cfg)
     assert record is not None and record.pools == pools and pools
 
