@@ -16,11 +16,20 @@ import enum
 import hashlib
 import math
 from collections.abc import Iterable, Iterator
+from typing import Final
 
 import msgspec
 from msgspec import Struct, field
 
 from stowplan.errors import SpecError
+from stowplan.spec.units import (
+    MAX_BYTES,
+    MAX_COUNT,
+    MAX_CPUS,
+    MAX_DURATION_S,
+    MAX_GPUS,
+    MAX_WEIGHT,
+)
 
 POOL_KINDS = ("local", "slurm", "kubernetes", "cloud", "instant", "sim")
 
@@ -238,12 +247,27 @@ def _bad(source: str, path: str, message: str, hint: str) -> SpecError:
     return SpecError(message, file=source, path=path, hint=hint)
 
 
-def _finite(value: float, source: str, path: str, *, positive: bool = False) -> None:
+POOL_CPUS: Final = 2**40
+"""A pool's free CPUs: a whole cluster, still exact in the option table's int64 thousandths."""
+POOL_BYTES: Final = 2**80
+POOL_GPUS: Final = 2**40
+
+
+def _finite(
+    value: float, source: str, path: str, *, positive: bool = False, most: float = math.inf
+) -> None:
     if not math.isfinite(value):
         raise _bad(source, path, f"must be a finite number, got {value}", "give a real number")
     if value < 0 or (positive and value == 0):
         need = "greater than 0" if positive else "0 or more"
         raise _bad(source, path, f"must be {need}, got {value:g}", f"use a value {need}")
+    if value > most:
+        raise _bad(
+            source,
+            path,
+            f"must be at most {most:,.0f}, got {value:g}",
+            "this is more than stowplan can represent; use a smaller value",
+        )
 
 
 def _fine(*values: float) -> bool:
@@ -251,6 +275,10 @@ def _fine(*values: float) -> bool:
     an infinity makes the sum non-finite; a sum that overflows only sends valid numbers down
     the slow path, which checks each one."""
     return not values or (min(values) >= 0 and math.isfinite(sum(values)))
+
+
+def _within(most: float, *values: float) -> bool:
+    return not values or max(values) <= most
 
 
 def validate(problem: PlacementProblem, *, source: str = "placement problem") -> None:
@@ -269,22 +297,32 @@ def validate(problem: PlacementProblem, *, source: str = "placement problem") ->
                 source, f"{at}.kind", f"unknown pool kind {p.kind!r}", f"use one of {POOL_KINDS}"
             )
         numbers = (p.price_per_hour, p.interruption_rate, p.boot_s, p.expected_wait_s)
-        if not _fine(p.cpus, p.memory, *p.gpus.values(), *numbers):
-            _finite(p.cpus, source, f"{at}.cpus")
-            _finite(float(p.memory), source, f"{at}.memory")
+        if not (
+            _fine(p.cpus, p.memory, *p.gpus.values(), *numbers)
+            and p.cpus <= POOL_CPUS
+            and p.memory <= POOL_BYTES
+            and _within(POOL_GPUS, *p.gpus.values())
+        ):
+            _finite(p.cpus, source, f"{at}.cpus", most=POOL_CPUS)
+            _finite(float(p.memory), source, f"{at}.memory", most=POOL_BYTES)
             for m, n in sorted(p.gpus.items()):
-                _finite(float(n), source, f"{at}.gpus.{m}")
+                _finite(float(n), source, f"{at}.gpus.{m}", most=POOL_GPUS)
             for name in ("price_per_hour", "interruption_rate", "boot_s", "expected_wait_s"):
                 _finite(getattr(p, name), source, f"{at}.{name}")
-        if p.max_instances < 0:
-            raise _bad(source, f"{at}.max_instances", "must be 0 or more", "use 0 for fixed pools")
-        if p.max_tasks is not None and p.max_tasks < 0:
-            raise _bad(source, f"{at}.max_tasks", "must be 0 or more", "drop it for no quota")
-        if p.node is not None and not _fine(p.node.cpus, p.node.memory, *p.node.gpus.values()):
-            _finite(p.node.cpus, source, f"{at}.node.cpus")
-            _finite(float(p.node.memory), source, f"{at}.node.memory")
+        if not 0 <= p.max_instances <= MAX_COUNT:
+            _finite(p.max_instances, source, f"{at}.max_instances", most=MAX_COUNT)
+        if p.max_tasks is not None and not 0 <= p.max_tasks <= MAX_COUNT:
+            _finite(p.max_tasks, source, f"{at}.max_tasks", most=MAX_COUNT)
+        if p.node is not None and not (
+            _fine(p.node.cpus, p.node.memory, *p.node.gpus.values())
+            and p.node.cpus <= MAX_CPUS
+            and p.node.memory <= POOL_BYTES
+            and _within(MAX_GPUS, *p.node.gpus.values())
+        ):
+            _finite(p.node.cpus, source, f"{at}.node.cpus", most=MAX_CPUS)
+            _finite(float(p.node.memory), source, f"{at}.node.memory", most=POOL_BYTES)
             for m, n in sorted(p.node.gpus.items()):
-                _finite(float(n), source, f"{at}.node.gpus.{m}")
+                _finite(float(n), source, f"{at}.node.gpus.{m}", most=MAX_GPUS)
         if p.node is None and p.max_instances > 0:
             raise _bad(
                 source,
@@ -302,7 +340,7 @@ def validate(problem: PlacementProblem, *, source: str = "placement problem") ->
         if d.id in data_ids:
             raise _bad(source, f"$.datasets[{i}].id", f"dataset {d.id!r} appears twice", "merge")
         data_ids.add(d.id)
-        _finite(float(d.size), source, f"$.datasets[{i}].size")
+        _finite(float(d.size), source, f"$.datasets[{i}].size", most=POOL_BYTES)
         if d.residency is not None and d.residency not in problem.residency:
             raise _bad(
                 source,
@@ -317,21 +355,27 @@ def validate(problem: PlacementProblem, *, source: str = "placement problem") ->
             )
     w = problem.weights
     for name in ("data", "cost", "wait", "priority", "hour_value"):
-        _finite(getattr(w, name), source, f"$.weights.{name}")
+        _finite(getattr(w, name), source, f"$.weights.{name}", most=MAX_WEIGHT)
     class_ids: set[str] = set()
     for i, c in enumerate(problem.classes):
         at = f"$.classes[{i}]"
         if c.id in class_ids:
             raise _bad(source, f"{at}.id", f"class id {c.id!r} appears twice", "make ids unique")
         class_ids.add(c.id)
-        if not _fine(c.cpus, c.memory, c.runtime_s, *(secs for _, secs in c.runtime_by_gpu)):
-            _finite(c.cpus, source, f"{at}.cpus")
-            _finite(float(c.memory), source, f"{at}.memory")
-            _finite(c.runtime_s, source, f"{at}.runtime_s")
+        runtimes = (c.runtime_s, *(secs for _, secs in c.runtime_by_gpu))
+        if not (
+            _fine(c.cpus, c.memory, *runtimes)
+            and c.cpus <= MAX_CPUS
+            and c.memory <= MAX_BYTES
+            and _within(MAX_DURATION_S, *runtimes)
+        ):
+            _finite(c.cpus, source, f"{at}.cpus", most=MAX_CPUS)
+            _finite(float(c.memory), source, f"{at}.memory", most=MAX_BYTES)
+            _finite(c.runtime_s, source, f"{at}.runtime_s", most=MAX_DURATION_S)
             for j, (_, secs) in enumerate(c.runtime_by_gpu):
-                _finite(secs, source, f"{at}.runtime_by_gpu[{j}]")
-        if c.gpus < 0:
-            raise _bad(source, f"{at}.gpus", "must be 0 or more", "ask for 0 or more GPUs")
+                _finite(secs, source, f"{at}.runtime_by_gpu[{j}]", most=MAX_DURATION_S)
+        if not 0 <= c.gpus <= MAX_GPUS:
+            _finite(float(c.gpus), source, f"{at}.gpus", most=MAX_GPUS)
         for j, did in enumerate(c.datasets):
             if did not in data_ids:
                 raise _bad(

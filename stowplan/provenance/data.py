@@ -29,7 +29,7 @@ import os
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 from urllib.parse import unquote, urlsplit
 
 from msgspec import Struct
@@ -37,7 +37,17 @@ from msgspec import Struct
 from stowplan.errors import SpecError
 from stowplan.spec.canonical import canonical_json, sha256_hex
 
-__all__ = ["DataVersionRecord", "HashCache", "capture_data", "default_cache_path", "local_path"]
+if TYPE_CHECKING:
+    from stowplan.spec.loader import LoadedExperiment
+
+__all__ = [
+    "DataVersionRecord",
+    "HashCache",
+    "capture_data",
+    "capture_inputs",
+    "default_cache_path",
+    "local_path",
+]
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +171,13 @@ def file_sha256(path: Path) -> str:
 def local_path(uri: str, base_dir: Path) -> Path | None:
     """The local path a URI names, or None for a remote scheme (s3://, https://, ...)."""
     if "://" not in uri:
-        path = Path(uri).expanduser()
+        try:
+            path = Path(uri).expanduser()
+        except RuntimeError:  # ~someone for a user this machine does not know
+            raise SpecError(
+                f"data input {uri!r} names the home directory of an unknown user",
+                hint="write the path out, or start it with ~/ for your own home",
+            ) from None
         return path if path.is_absolute() else Path(base_dir) / path
     parts = urlsplit(uri)
     if parts.scheme.lower() != "file":
@@ -187,6 +203,46 @@ def capture_data(
     path = local_path(uri, base_dir)
     if path is None:
         return _remote(uri)
+    try:
+        return _local(uri, path, cache)
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+        if isinstance(e, SpecError):
+            raise
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        where = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
+        raise SpecError(
+            f"cannot read data input {uri!r}: {why}{where}",
+            hint="point it at a regular file or directory you can read, or pin its version "
+            "(inputs = [{ uri = ..., version = ... }])",
+        ) from None
+
+
+def capture_inputs(
+    loaded: LoadedExperiment, *, cache: HashCache | None = None
+) -> dict[str, DataVersionRecord]:
+    """The version of every data input of an experiment, by URI (each URI captured once).
+
+    An input that cannot be versioned is a SpecError naming the experiment file, the line and
+    the input's ``$.tasks[i].inputs[j].uri``.
+    """
+    from stowplan.spec.loader import spec_error
+
+    base = Path(loaded.directory)
+    records: dict[str, DataVersionRecord] = {}
+    for i, task in enumerate(loaded.spec.tasks):
+        for j, spec in enumerate(task.inputs):
+            if spec.uri in records:
+                continue
+            try:
+                records[spec.uri] = capture_data(spec.uri, spec.version, base, cache=cache)
+            except SpecError as e:
+                raise spec_error(
+                    loaded, f"$.tasks[{i}].inputs[{j}].uri", e.message, e.hint or "fix the uri"
+                ) from None
+    return records
+
+
+def _local(uri: str, path: Path, cache: HashCache | None) -> DataVersionRecord:
     if path.is_file():
         st = path.stat()
         sha = cache.sha256(path) if cache is not None else file_sha256(path)

@@ -4,30 +4,112 @@ Every Struct here is frozen, keyword-only and forbids unknown fields, so a typo 
 with a ``$.path`` rather than a silently ignored setting. Values that users write in human
 units (``memory = "4GiB"``, ``timeout = "2h"``) are normalised in ``__post_init__`` to bytes
 and seconds, so two spellings of the same request encode, and hash, the same way.
+
+Every number and every name goes through one of the constrained types below (``Cpus``,
+``Seed``, ``Name``, ``Label``, ...), so the same kind of input gets the same check wherever the
+schema takes it: no NaN or infinity, nothing beyond what the system can represent (the limits
+are in :mod:`stowplan.spec.units`), no control characters in names and paths, and patterns
+anchored with ``\\A``/``\\Z`` (``$`` would accept a trailing newline).
 """
 
 from __future__ import annotations
 
 import enum
-import re
-from typing import Annotated, Literal
+import math
+import sys
+from typing import Annotated, Final, Literal
 
 import msgspec
 from msgspec import Meta, Struct, field
 from msgspec.structs import force_setattr
 
-from stowplan.spec.units import parse_duration, parse_size
+from stowplan.spec.units import (
+    MAX_BUDGET_S,
+    MAX_COUNT,
+    MAX_CPUS,
+    MAX_DURATION_S,
+    MAX_GPUS,
+    MAX_INT,
+    MAX_PRIORITY,
+    MAX_SEED,
+    MAX_SWEEP_SIZE,
+    MAX_WEIGHT,
+    parse_duration,
+    parse_size,
+)
 
-Name = Annotated[
-    str,
-    Meta(
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$",
-        description="letters, digits, '_', '.', '-'; starts with a letter or digit",
-    ),
-]
-Scalar = str | int | float | bool
-PositiveInt = Annotated[int, Meta(gt=0)]
-NonNegInt = Annotated[int, Meta(ge=0)]
+# ---- names and text: one pattern per kind, each described in PATTERNS for error messages ---
+
+NAME_PATTERN: Final = r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z"
+IDENTIFIER_PATTERN: Final = r"\A[A-Za-z_][A-Za-z0-9_]{0,127}\Z"
+LABEL_PATTERN: Final = r"\A[^\x00-\x1f\x7f]{1,256}\Z"
+PATH_PATTERN: Final = r"\A[^\x00-\x1f\x7f]{1,4096}\Z"
+ARG_PATTERN: Final = r"\A[^\x00]*\Z"
+PREFIX_PATTERN: Final = r"\A[A-Za-z0-9_.-]{0,32}\Z"
+
+PATTERNS: Final = {
+    NAME_PATTERN: "a name must be 1 to 128 letters, digits, '_', '.' or '-', starting with a "
+    "letter or digit",
+    IDENTIFIER_PATTERN: "an identifier must be 1 to 128 letters, digits or '_', not starting "
+    "with a digit",
+    LABEL_PATTERN: "must be 1 to 256 characters without control characters (newline, tab, "
+    "NUL, ...)",
+    PATH_PATTERN: "a path or URI must be 1 to 4096 characters without control characters "
+    "(newline, tab, NUL, ...)",
+    ARG_PATTERN: "must not contain NUL characters (a program cannot receive them)",
+    PREFIX_PATTERN: "must be up to 32 letters, digits, '_', '.' or '-'",
+}
+"""Every string pattern of the schema and how to say it to a person (the loader's messages)."""
+
+Name = Annotated[str, Meta(pattern=NAME_PATTERN, description=PATTERNS[NAME_PATTERN])]
+"""Tasks, experiments, projects, providers: what appears in ids, paths and job names."""
+Identifier = Annotated[str, Meta(pattern=IDENTIFIER_PATTERN)]
+"""Environment variable and sweep parameter names."""
+Label = Annotated[str, Meta(pattern=LABEL_PATTERN)]
+"""Sites, pools, GPU models, residency rules, partitions: free-form, one line."""
+PathText = Annotated[str, Meta(pattern=PATH_PATTERN)]
+"""File paths and URIs."""
+Arg = Annotated[str, Meta(pattern=ARG_PATTERN)]
+"""Command arguments, scripts, environment values, parameter values."""
+
+# ---- numbers: finite, and within what the system can represent (stowplan.spec.units) -----
+
+Finite = Annotated[float, Meta(ge=-sys.float_info.max, le=sys.float_info.max)]
+"""Any finite float: the bounds reject NaN and both infinities."""
+Int64 = Annotated[int, Meta(ge=-MAX_INT, le=MAX_INT)]
+Scalar = Arg | Int64 | Finite | bool
+PositiveInt = Annotated[int, Meta(gt=0, le=MAX_COUNT)]
+NonNegInt = Annotated[int, Meta(ge=0, le=MAX_COUNT)]
+Cpus = Annotated[float, Meta(gt=0, le=MAX_CPUS)]
+Gpus = Annotated[int, Meta(ge=0, le=MAX_GPUS)]
+Seed = Annotated[int, Meta(ge=0, le=MAX_SEED)]
+Priority = Annotated[int, Meta(ge=-MAX_PRIORITY, le=MAX_PRIORITY)]
+Weight = Annotated[float, Meta(ge=0, le=MAX_WEIGHT)]
+Backoff = Annotated[float, Meta(ge=0, le=MAX_DURATION_S)]
+SweepSize = Annotated[int, Meta(gt=0, le=MAX_SWEEP_SIZE)]
+Budget = Annotated[float, Meta(ge=0, le=MAX_BUDGET_S)]
+Bytes = int | str
+"""A size: bytes, or text such as "4GiB" (normalised to bytes, at most ``MAX_BYTES``)."""
+Duration = float | str
+"""Seconds, or text such as "30m" or "1:30:00" (normalised to seconds)."""
+
+
+def output_path_problem(out: str) -> str | None:
+    """Why ``out`` cannot be a declared output, or None. A trailing '/' declares a directory."""
+    if not out.strip():
+        return "is empty"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in out):
+        return "contains a control character (newline, tab, NUL, ...)"
+    if out.startswith("/"):
+        return "is absolute; give a path relative to the attempt directory"
+    if len(out) > 4096:
+        return "is longer than 4096 characters"
+    parts = out.removesuffix("/").split("/")
+    if "" in parts:
+        return "has an empty component ('//'); write each directory once"
+    if ".." in parts or "." in parts:
+        return "has a '.' or '..' component; name the path from the attempt directory down"
+    return None
 
 
 class FailureClass(enum.StrEnum):
@@ -60,11 +142,11 @@ class _Spec(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
 class Resources(_Spec, frozen=True):
     """What one attempt needs. ``memory`` accepts "4GiB"-style text and is stored in bytes."""
 
-    cpus: Annotated[float, Meta(gt=0)] = 1.0
-    memory: int | str = "1GiB"
-    gpus: NonNegInt = 0
-    gpu_type: str | list[str] | None = None
-    walltime: float | str | None = None
+    cpus: Cpus = 1.0
+    memory: Bytes = "1GiB"
+    gpus: Gpus = 0
+    gpu_type: Label | list[Label] | None = None
+    walltime: Duration | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -98,12 +180,12 @@ class Resources(_Spec, frozen=True):
 class DataInput(_Spec, frozen=True):
     """One input: a URI (local path, file://, s3://, ...), an optional pinned version and size."""
 
-    uri: str
-    version: str | None = None
-    size: int | str | None = None
-    sites: list[str] = field(default_factory=list)
+    uri: PathText
+    version: Label | None = None
+    size: Bytes | None = None
+    sites: list[Label] = field(default_factory=list)
     """Sites holding a replica; placement prefers pools there. Empty: location unknown."""
-    residency: str | None = None
+    residency: Label | None = None
     """A residency rule of the project (``[placement.residency]``): where this data may go."""
 
     def __post_init__(self) -> None:
@@ -117,17 +199,22 @@ class DataInput(_Spec, frozen=True):
 
 
 class Uniform(_Spec, frozen=True, tag_field="type", tag="uniform"):
-    low: float
-    high: float
+    low: Finite
+    high: Finite
 
     def __post_init__(self) -> None:
         if not self.low < self.high:
             raise ValueError(f"uniform needs low < high, got low={self.low} high={self.high}")
+        if not math.isfinite(self.high - self.low):
+            raise ValueError(
+                f"uniform range from {self.low:g} to {self.high:g} is wider than a float can "
+                "hold; narrow it"
+            )
 
 
 class LogUniform(_Spec, frozen=True, tag_field="type", tag="loguniform"):
-    low: float
-    high: float
+    low: Finite
+    high: Finite
 
     def __post_init__(self) -> None:
         if not 0 < self.low < self.high:
@@ -139,8 +226,8 @@ class LogUniform(_Spec, frozen=True, tag_field="type", tag="loguniform"):
 class IntRange(_Spec, frozen=True, tag_field="type", tag="int"):
     """Integers from ``low`` to ``high`` inclusive."""
 
-    low: int
-    high: int
+    low: Int64
+    high: Int64
 
     def __post_init__(self) -> None:
         if not self.low <= self.high:
@@ -166,20 +253,16 @@ class Sweep(_Spec, frozen=True):
     points, seeded, from ranges (a plain list is a choice among its values).
     """
 
-    parameters: dict[str, Domain]
+    parameters: dict[Identifier, Domain]
     method: SweepMethod = "grid"
-    samples: PositiveInt | None = None
-    seed: int = 0
+    samples: SweepSize | None = None
+    seed: Seed = 0
     max_concurrent: PositiveInt | None = None
 
     def __post_init__(self) -> None:
         if not self.parameters:
             raise ValueError("parameters: a sweep needs at least one parameter")
         for name, dom in self.parameters.items():
-            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
-                raise ValueError(
-                    f"parameter name {name!r} must be an identifier (letters, digits, '_')"
-                )
             if isinstance(dom, list) and not dom:
                 raise ValueError(f"parameters.{name}: an empty list gives no trials")
             if self.method == "grid" and isinstance(dom, Uniform | LogUniform):
@@ -196,31 +279,37 @@ class Sweep(_Spec, frozen=True):
 class RetryPolicy(_Spec, frozen=True):
     """Which failure classes are retried, how often, and how long to wait between attempts."""
 
-    max_attempts: PositiveInt = 3
+    max_attempts: Annotated[int, Meta(gt=0, le=1000)] = 3
     on: list[FailureClass] = field(default_factory=lambda: list(INFRASTRUCTURE_FAILURES))
-    backoff: Annotated[float, Meta(ge=0)] = 2.0
-    backoff_cap: Annotated[float, Meta(ge=0)] = 300.0
+    backoff: Backoff = 2.0
+    backoff_cap: Backoff = 300.0
     jitter: Annotated[float, Meta(ge=0, le=1)] = 0.25
 
     def __post_init__(self) -> None:
-        bad = {FailureClass.DEPENDENCY_FAILED, FailureClass.CANCELLED} & set(self.on)
+        never = (FailureClass.DEPENDENCY_FAILED, FailureClass.CANCELLED)
+        bad = [c.value for c in never if c in self.on]
         if bad:
-            raise ValueError(f"on: {sorted(bad)} can never be retried")
+            raise ValueError(
+                f"on: {' and '.join(bad)} can never be retried; list only failures a new "
+                "attempt can fix ("
+                + ", ".join(c.value for c in FailureClass if c not in never)
+                + ")"
+            )
         force_setattr(self, "on", sorted(set(self.on)))
 
 
 class PlacementWeights(_Spec, frozen=True):
-    data: Annotated[float, Meta(ge=0)] = 1.0
-    cost: Annotated[float, Meta(ge=0)] = 1.0
-    wait: Annotated[float, Meta(ge=0)] = 1.0
-    priority: Annotated[float, Meta(ge=0)] = 1.0
+    data: Weight = 1.0
+    cost: Weight = 1.0
+    wait: Weight = 1.0
+    priority: Weight = 1.0
 
 
 class Naming(_Spec, frozen=True):
     """Conventions applied to what stowplan creates at providers (job names, tags)."""
 
-    prefix: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{0,32}$")] = "sp"
-    tags: dict[str, str] = field(default_factory=dict)
+    prefix: Annotated[str, Meta(pattern=PREFIX_PATTERN)] = "sp"
+    tags: dict[Label, Label] = field(default_factory=dict)
 
 
 class Policy(_Spec, frozen=True):
@@ -228,20 +317,20 @@ class Policy(_Spec, frozen=True):
 
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     placement: PlacementWeights = field(default_factory=PlacementWeights)
-    allowed_providers: list[str] | None = None
+    allowed_providers: list[Name] | None = None
     naming: Naming = field(default_factory=Naming)
-    max_sweep_size: PositiveInt = 1_000_000
-    priority: int = 0
+    max_sweep_size: SweepSize = 1_000_000
+    priority: Priority = 0
 
 
 class TaskPlacement(_Spec, frozen=True):
     """Where a task may run, beyond its resources: sites, pools and residency rules."""
 
-    require_sites: list[str] = field(default_factory=list)
-    forbid_sites: list[str] = field(default_factory=list)
-    forbid_pools: list[str] = field(default_factory=list)
-    residency: list[str] = field(default_factory=list)
-    runtime: float | str | None = None
+    require_sites: list[Label] = field(default_factory=list)
+    forbid_sites: list[Label] = field(default_factory=list)
+    forbid_pools: list[Label] = field(default_factory=list)
+    residency: list[Label] = field(default_factory=list)
+    runtime: Duration | None = None
     """Estimated runtime, for cost; defaults to the walltime, then the timeout, then 1 h."""
 
     def __post_init__(self) -> None:
@@ -258,17 +347,18 @@ class Task(_Spec, frozen=True):
     sweep parameter, ``{seed}``, ``{run_id}`` or ``{experiment_dir}``; ``{{`` is a brace."""
 
     name: Name
-    command: list[str] | None = None
-    script: str | None = None
-    env: dict[str, str] = field(default_factory=dict)
+    command: list[Arg] | None = None
+    script: Arg | None = None
+    env: dict[Identifier, Arg] = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)
     inputs: list[DataInput] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
+    """Paths relative to the attempt directory; one ending in '/' is a directory."""
     depends_on: list[Name] = field(default_factory=list)
     retry: RetryPolicy | None = None
-    timeout: float | str | None = None
+    timeout: Duration | None = None
     sweep: Sweep | None = None
-    priority: int | None = None
+    priority: Priority | None = None
     placement: TaskPlacement = field(default_factory=TaskPlacement)
 
     def __post_init__(self) -> None:
@@ -283,14 +373,17 @@ class Task(_Spec, frozen=True):
                 force_setattr(self, "timeout", parse_duration(self.timeout))
             except ValueError as e:
                 raise ValueError(f"timeout: {e}") from None
-        for out in self.outputs:
-            if out.startswith("/") or ".." in out.split("/") or not out.strip():
+        seen: set[str] = set()
+        for k, out in enumerate(self.outputs):
+            problem = output_path_problem(out)
+            if problem is not None:
                 raise ValueError(
-                    f"outputs: {out!r} must be a relative path inside the attempt directory"
+                    f"outputs[{k}]: {out!r} {problem} (an output is a relative path inside the "
+                    "attempt directory, such as 'metrics.json' or 'plots/')"
                 )
-        for key in self.env:
-            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
-                raise ValueError(f"env: {key!r} is not a valid environment variable name")
+            if out in seen:
+                raise ValueError(f"outputs[{k}]: {out!r} is listed twice")
+            seen.add(out)
         if len(set(self.depends_on)) != len(self.depends_on):
             raise ValueError("depends_on: lists a task twice")
 
@@ -304,7 +397,7 @@ class ExperimentMeta(_Spec, frozen=True):
     name: Name
     description: str = ""
     project: Name | None = None
-    seed: int = 0
+    seed: Seed = 0
 
 
 class Experiment(_Spec, frozen=True):
@@ -322,10 +415,10 @@ class Experiment(_Spec, frozen=True):
 class LocalProviderConfig(_Spec, frozen=True, tag_field="kind", tag="local"):
     """This machine. Capacity defaults to what the machine has."""
 
-    cpus: Annotated[float, Meta(gt=0)] | None = None
-    memory: int | str | None = None
-    gpus: NonNegInt | None = None
-    site: str = "local"
+    cpus: Cpus | None = None
+    memory: Bytes | None = None
+    gpus: Gpus | None = None
+    site: Label = "local"
 
     def __post_init__(self) -> None:
         if self.memory is not None:
@@ -339,7 +432,7 @@ class InstantProviderConfig(_Spec, frozen=True, tag_field="kind", tag="instant")
     """Accepts and completes every attempt at once, running nothing: for control-plane tests
     and benchmarks."""
 
-    site: str = "local"
+    site: Label = "local"
 
 
 class SlurmProviderConfig(_Spec, frozen=True, tag_field="kind", tag="slurm"):
@@ -351,36 +444,33 @@ class SlurmProviderConfig(_Spec, frozen=True, tag_field="kind", tag="slurm"):
     for ``SLURM_CONF``). ``site`` defaults to the cluster's ``ClusterName``.
     """
 
-    host: str
+    host: Label
     port: Annotated[int, Meta(ge=1, le=65535)] = 22
-    user: str | None = None
-    identity_file: str | None = None
-    known_hosts: str | None = None
+    user: Label | None = None
+    identity_file: PathText | None = None
+    known_hosts: PathText | None = None
     transport: Literal["ssh", "rest"] = "ssh"
-    rest_url: str | None = None
-    rest_token_env: str = "SLURM_JWT"
+    rest_url: PathText | None = None
+    rest_token_env: Identifier = "SLURM_JWT"
     """Name of the environment variable holding the JWT (the secret itself is never written)."""
-    slurm_conf: str | None = None
-    remote_env: dict[str, str] = field(default_factory=dict)
-    workdir: str = "stowplan"
-    site: str | None = None
-    partitions: list[str] | None = None
-    account: str | None = None
-    qos: str | None = None
+    slurm_conf: PathText | None = None
+    remote_env: dict[Identifier, Arg] = field(default_factory=dict)
+    workdir: PathText = "stowplan"
+    site: Label | None = None
+    partitions: list[Label] | None = None
+    account: Label | None = None
+    qos: Label | None = None
     max_array_size: Annotated[int, Meta(ge=1, le=100_000)] = 1000
     max_concurrent: PositiveInt | None = None
     """Per array (``--array=0-N%max``); a sweep's own ``max_concurrent`` is enforced upstream."""
-    queue_factor: Annotated[float, Meta(ge=1)] = 1.0
+    queue_factor: Annotated[float, Meta(ge=1, le=MAX_WEIGHT)] = 1.0
     """Offer this many times a partition's capacity, so Slurm's own queue holds the excess."""
     connections: Annotated[int, Meta(ge=1, le=16)] = 2
 
     def __post_init__(self) -> None:
         if not self.host.strip() or any(c.isspace() for c in self.host):
             raise ValueError(f"host: {self.host!r} is not a host name")
-        for k in self.remote_env:
-            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k):
-                raise ValueError(f"remote_env: {k!r} is not a valid environment variable name")
-        if not self.workdir.strip() or "\0" in self.workdir or ".." in self.workdir.split("/"):
+        if not self.workdir.strip() or ".." in self.workdir.split("/"):
             raise ValueError(f"workdir: {self.workdir!r} must be a directory path without '..'")
         if self.transport == "rest" and not self.rest_url:
             raise ValueError("transport = 'rest' needs rest_url (the slurmrestd address)")
@@ -388,15 +478,13 @@ class SlurmProviderConfig(_Spec, frozen=True, tag_field="kind", tag="slurm"):
             raise ValueError(
                 "workdir: transport = 'rest' needs an absolute path (slurmrestd has no home)"
             )
-        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", self.rest_token_env):
-            raise ValueError(f"rest_token_env: {self.rest_token_env!r} is not a variable name")
 
 
 ProviderConfig = LocalProviderConfig | InstantProviderConfig | SlurmProviderConfig
 
 
 class StoreConfig(_Spec, frozen=True):
-    path: str = ".stowplan/stowplan.db"
+    path: PathText = ".stowplan/stowplan.db"
 
 
 class ProjectMeta(_Spec, frozen=True):
@@ -406,11 +494,11 @@ class ProjectMeta(_Spec, frozen=True):
 class LinkSpec(_Spec, frozen=True):
     """The network from one site to another."""
 
-    src: str
-    dst: str
-    bandwidth: int | str
+    src: Label
+    dst: Label
+    bandwidth: Bytes
     """Bytes per second, or a size such as "1.25GB" (read as per second)."""
-    egress_per_gb: Annotated[float, Meta(ge=0)] = 0.0
+    egress_per_gb: Weight = 0.0
 
     def __post_init__(self) -> None:
         try:
@@ -425,9 +513,9 @@ class PlacementSettings(_Spec, frozen=True):
     """``[placement]`` in stowplan.toml: the network, residency rules and the solver budget."""
 
     links: list[LinkSpec] = field(default_factory=list)
-    residency: dict[str, list[str]] = field(default_factory=dict)
+    residency: dict[Label, list[Label]] = field(default_factory=dict)
     """Rule name -> the sites or regions where data under the rule may be processed."""
-    budget: Annotated[float, Meta(ge=0)] = 0.1
+    budget: Budget = 0.1
     """Deterministic seconds of CP-SAT search per placement (a work unit, not wall time)."""
     workers: Annotated[int, Meta(ge=1, le=16)] = 1
 

@@ -1,10 +1,42 @@
-"""Parsing of the human units users write: memory sizes and durations."""
+"""Parsing of the human units users write (memory sizes, durations), and the limits of every
+number the schema takes.
+
+The limits are what the rest of the system can represent and a person can mean: integer
+placement units (thousandths of a CPU, MiB) in int64, SQLite's signed 64-bit integers, numpy's
+and scipy's seeds. They are defined here once; the spec models, the placement problem and the
+CLI flags all check against these constants, and each error names the limit it broke.
+"""
 
 from __future__ import annotations
 
 import math
 import re
 from decimal import Decimal
+from typing import Final
+
+MAX_CPUS: Final = 2**20
+"""CPUs one task or one provider's node may have (1,048,576)."""
+MAX_GPUS: Final = 2**16
+"""GPUs one task or one provider may have (65,536)."""
+MAX_BYTES: Final = 2**60
+"""Largest memory, data or bandwidth size, in bytes (1 EiB)."""
+MAX_DURATION_S: Final = 10 * 365 * 86400
+"""Longest timeout, walltime, runtime estimate or backoff: 10 years, in seconds."""
+MAX_COUNT: Final = 2**31 - 1
+"""Largest count a user may give (max_concurrent, quotas): a signed 32-bit integer."""
+MAX_SWEEP_SIZE: Final = 10**7
+"""Most trials one experiment may expand to, whatever policy.max_sweep_size says."""
+MAX_SEED: Final = 2**63 - 1
+"""Seeds are 0 to 2**63 - 1: numpy's PCG64 and scipy's Sobol take no negative seed, and runs
+are stored with their seed in a signed 64-bit integer."""
+MAX_INT: Final = 2**63 - 1
+"""Integers anywhere else (sweep values, int ranges) fit a signed 64-bit integer."""
+MAX_PRIORITY: Final = 2**31 - 1
+"""Priorities are -(2**31 - 1) to 2**31 - 1."""
+MAX_WEIGHT: Final = 1e6
+"""Placement weights, prices per GB and queue factors: at most a million."""
+MAX_BUDGET_S: Final = 86400.0
+"""Solver budget: at most a day of deterministic solver time."""
 
 _SIZE_UNITS = {
     "": 1,
@@ -41,12 +73,14 @@ def parse_size(value: int | float | str) -> int:
         raise ValueError("expected a size such as '4GiB', got a boolean")
     if isinstance(value, int | float):
         # not (value > 0) also rejects NaN; int(inf) would raise OverflowError, not ValueError
-        if not value > 0 or not math.isfinite(value) or int(value) <= 0:
+        if not value > 0 or (isinstance(value, float) and not math.isfinite(value)):
             raise ValueError(f"size must be a positive, finite number of bytes, got {value}")
-        return int(value)
+        if int(value) <= 0:
+            raise ValueError(f"size must be a positive, finite number of bytes, got {value}")
+        return _bounded_size(int(value), value)
     m = _SIZE_RE.match(value)
     unit = m.group(2).lower() if m else None
-    if not m or unit not in _SIZE_UNITS:
+    if len(value) > 64 or not m or unit not in _SIZE_UNITS:
         raise ValueError(
             f"{value!r} is not a size; write a number with a unit such as '512MiB', '4GiB' or "
             "'2GB' (binary: KiB MiB GiB TiB, decimal: KB MB GB TB)"
@@ -55,6 +89,12 @@ def parse_size(value: int | float | str) -> int:
     size = int(Decimal(m.group(1)) * _SIZE_UNITS[unit])
     if size <= 0:
         raise ValueError(f"size must be positive, got {value!r}")
+    return _bounded_size(size, value)
+
+
+def _bounded_size(size: int, value: object) -> int:
+    if size > MAX_BYTES:
+        raise ValueError(f"size must be at most 1 EiB ({MAX_BYTES:,} bytes), got {value!r}")
     return size
 
 
@@ -63,8 +103,11 @@ def parse_duration(value: int | float | str) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration such as '30m', got a boolean")
     if isinstance(value, int | float):
-        seconds = float(value)
+        # float(10**400) would raise OverflowError: too large is infinite, and refused below
+        seconds = float(value) if abs(value) < 1e300 else math.inf
     else:
+        if len(value) > 64:
+            raise ValueError(f"{value[:20]!r}... is not a duration; it is {len(value)} characters")
         m = _DURATION_RE.match(value)
         c = _CLOCK_RE.match(value)
         if m:
@@ -85,6 +128,8 @@ def parse_duration(value: int | float | str) -> float:
             )
     if not seconds > 0 or not math.isfinite(seconds):  # not (x > 0) also rejects NaN
         raise ValueError(f"duration must be positive and finite, got {value!r}")
+    if seconds > MAX_DURATION_S:
+        raise ValueError(f"duration must be at most 10 years ({MAX_DURATION_S:,} s), got {value!r}")
     return seconds
 
 

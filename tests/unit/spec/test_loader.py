@@ -277,7 +277,8 @@ def test_unknown_field_has_path_and_line(tmp_path: Path, name: str, text: str) -
     assert "unknown field `resourcez`" in err.message
     assert err.line == line_of(path, "resourcez")
     text_ = assert_actionable(err, path, "$.tasks[0].resourcez")
-    assert "spelling" in text_
+    assert "did you mean 'resources'?" in text_
+    assert "the fields here are: name, command, script, env, resources," in text_
 
 
 def test_unknown_field_in_second_task_and_nested_table(tmp_path: Path) -> None:
@@ -326,7 +327,7 @@ def test_non_positive_cpus(tmp_path: Path, cpus: str) -> None:
         """,
     )
     err = load_error(path)
-    assert "> 0" in err.message
+    assert err.message.startswith("must be more than 0, got ")
     assert err.line == line_of(path, "cpus =")
     assert_actionable(err, path, "$.tasks[1].resources.cpus")
 
@@ -363,7 +364,7 @@ def test_bad_memory_unit_names_units(tmp_path: Path, layout: str) -> None:
         '[experiment]\nname = "x"\n\n[[tasks]]\nname = "a"\ncommand = ["echo"]\n' + res + "\n",
     )
     err = load_error(path)
-    assert "memory: '4GX' is not a size" in err.message
+    assert "'4GX' is not a size" in err.message
     for unit in ("KiB", "MiB", "GiB", "TiB", "MB", "GB"):
         assert unit in err.message
     assert err.line == line_of(path, "4GX")
@@ -387,7 +388,7 @@ def test_missing_experiment_table(tmp_path: Path) -> None:
     path = write(tmp_path, "exp.toml", '[[tasks]]\nname = "a"\ncommand = ["x"]\n')
     err = load_error(path)
     assert "missing required field `experiment`" in err.message
-    assert_actionable(err, path, "$")
+    assert_actionable(err, path, "$.experiment")
 
 
 @pytest.mark.parametrize(
@@ -428,7 +429,7 @@ def test_grid_with_a_uniform_range(tmp_path: Path) -> None:
         """,
     )
     err = load_error(path)
-    assert "parameters.lr: a grid needs explicit values" in err.message
+    assert "a grid needs explicit values" in err.message
     assert "'random' or 'sobol'" in err.message
     assert err.line == line_of(path, "parameters =")
     assert_actionable(err, path, "$.tasks[0].sweep.parameters.lr")
@@ -639,7 +640,7 @@ def test_malformed_braces(tmp_path: Path, arg: str) -> None:
 def test_placeholders_helper() -> None:
     assert placeholders("a {x} {y}{x} {{z}}") == {"x", "y"}
     assert placeholders("no braces") == set()
-    with pytest.raises(ValueError, match=r"write \{\{ for a brace"):
+    with pytest.raises(ValueError, match=r"write \{\{ for a literal brace"):
         placeholders("{1}")
 
 

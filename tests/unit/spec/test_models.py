@@ -156,7 +156,7 @@ def test_sweep_other_checks() -> None:
     invalid({"parameters": {"x": [1]}, "samples": 3}, Sweep, "samples applies to random")
     invalid({"parameters": {}}, Sweep, "at least one parameter")
     invalid({"parameters": {"x": []}}, Sweep, "parameters.x: an empty list")
-    invalid({"parameters": {"1x": [1]}}, Sweep, "must be an identifier")
+    invalid({"parameters": {"1x": [1]}}, Sweep, r"matching regex .* at `key` in `\$.parameters`")
     invalid({"parameters": {"x": [1]}, "method": "bayes"}, Sweep, "Invalid enum value 'bayes'")
     invalid({"parameters": {"x": [1]}, "method": "random", "samples": 0}, Sweep, ">= 1")
 
@@ -207,11 +207,11 @@ def test_task_timeout_is_seconds() -> None:
 
 @pytest.mark.parametrize("out", ["/etc/passwd", "../up", "a/../../b", "  "])
 def test_task_outputs_stay_inside_the_attempt_directory(out: str) -> None:
-    invalid({"name": "t", "command": ["x"], "outputs": [out]}, Task, "outputs: ")
+    invalid({"name": "t", "command": ["x"], "outputs": [out]}, Task, r"outputs\[0\]: ")
 
 
 def test_task_env_names_and_duplicate_dependencies() -> None:
-    invalid({"name": "t", "command": ["x"], "env": {"1BAD": "v"}}, Task, "env: '1BAD'")
+    invalid({"name": "t", "command": ["x"], "env": {"1BAD": "v"}}, Task, r"at `key` in `\$.env`")
     invalid({"name": "t", "command": ["x"], "depends_on": ["a", "a"]}, Task, "twice")
 
 
