@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 
 from stowplan.actors.queue import RunPayload, SubmitRun
-from stowplan.errors import PlacementInfeasible, SpecError
+from stowplan.errors import SpecError
 from stowplan.placement.greedy import eligible, fits
 from stowplan.placement.problem import DemandClass, Pool
 from stowplan.provenance.imports import used_records
@@ -25,8 +25,15 @@ from stowplan.provenance.records import ExperimentRecord, ProvenanceRecord, RunR
 from stowplan.provenance.store import RunStore
 from stowplan.scheduler.plan import EnvPin, PinKey, PlannedRun, Versions, plan_runs
 from stowplan.spec.canonical import spec_hash
-from stowplan.spec.loader import LoadedExperiment, LoadedProject, load_experiment, load_project
+from stowplan.spec.loader import (
+    LoadedExperiment,
+    LoadedProject,
+    load_experiment,
+    load_project,
+    spec_error,
+)
 from stowplan.spec.models import ProviderConfig
+from stowplan.spec.units import plural
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +88,7 @@ def prepare(
         capture_hardware,
         code_context,
     )
-    from stowplan.provenance.data import HashCache, capture_data, default_cache_path
+    from stowplan.provenance.data import HashCache, capture_inputs, default_cache_path
 
     project = load_project(search_from=file.resolve().parent)
     loaded = load_experiment(file, project)
@@ -120,10 +127,7 @@ def prepare(
             exclude=_covered_elsewhere(loaded, project, state_dir, store_path),
             cache=cache,
         )
-        for t in loaded.spec.tasks:
-            for i in t.inputs:
-                if i.uri not in records:
-                    records[i.uri] = capture_data(i.uri, i.version, base, cache=cache)
+        records.update(capture_inputs(loaded, cache=cache))
     context = code_context(base, code)
     lock_dirs = [Path(project.root), base]
     if context["root"]:
@@ -174,8 +178,6 @@ def prepare(
                 lambda runs: used_records(store, runs, project.config.providers, state_dir),
                 lambda ids: {rid: rec.state for rid, rec in store.get_runs(ids).items()},
             )
-        for note in notes:
-            log.warning("%s", note)
     canonical = msgspec.to_builtins(loaded.spec)
     canonical["effective_policy"] = msgspec.to_builtins(loaded.policy)
     experiment = ExperimentRecord(
@@ -351,16 +353,25 @@ def check_feasible(prepared: Prepared, pools: Sequence[Pool]) -> None:
         )
         if not any(eligible(cls, p) and fits(cls, p.cpus, p.memory, dict(p.gpus)) for p in pools):
             largest = ", ".join(
-                f"{p.id}: {p.cpus:g} CPUs, {p.memory / 2**30:.1f} GiB"
+                f"{p.id}: {plural(float(p.cpus), 'CPU')}, {p.memory / 2**30:.1f} GiB"
                 + (f", GPUs {p.gpus}" if p.gpus else "")
                 for p in pools
             )
-            gpu = f", {inst.gpus} GPU(s) {'/'.join(inst.gpu_types)}" if inst.gpus else ""
-            raise PlacementInfeasible(
-                f"{prepared.loaded.file}: task {run.task!r} asks for {inst.cpus:g} CPUs, "
+            gpu = (
+                f", {plural(inst.gpus, 'GPU')} {'/'.join(inst.gpu_types)}".rstrip()
+                if inst.gpus
+                else ""
+            )
+            tasks = prepared.loaded.spec.tasks
+            idx = next(i for i, t in enumerate(tasks) if t.name == run.task)
+            raise spec_error(
+                prepared.loaded,
+                f"$.tasks[{idx}].resources",
+                f"task {run.task!r} asks for {plural(float(inst.cpus), 'CPU')}, "
                 f"{inst.memory / 2**30:.2f} GiB{gpu}, which no configured pool has "
-                f"({largest}).\n  fix: lower $.tasks[].resources for {run.task!r}, or "
-                "configure a provider that offers it in stowplan.toml"
+                f"({largest or 'no pools'})",
+                f"lower the resources of {run.task!r}, or configure a provider that offers "
+                "them in stowplan.toml",
             )
 
 

@@ -14,6 +14,9 @@ import sys
 from collections.abc import Iterable
 from typing import IO, TYPE_CHECKING, Any, Final
 
+# one definition of counted nouns for every message (placement and actors use it too)
+from stowplan.spec.units import plural, verb
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -56,24 +59,6 @@ def _is_terminal(stream: IO[str]) -> bool:
 
 
 _HEX: Final = re.compile(r"[0-9a-f]+")
-
-_IRREGULAR: Final = {"entry": "entries", "GPU(s)": "GPUs", "is": "are", "was": "were"}
-
-
-def plural(n: float, noun: str, many: str | None = None) -> str:
-    """``1 run``, ``2 runs``, ``0 runs``, ``1 CPU``, ``1.5 CPUs``: a count and its noun.
-
-    ``many`` is the plural when it is not the noun plus ``s`` (a few irregular ones are known).
-    """
-    count = f"{n:g}" if isinstance(n, float) else str(n)
-    if n == 1:
-        return f"{count} {noun}"
-    return f"{count} {many or _IRREGULAR.get(noun) or noun + 's'}"
-
-
-def verb(n: float, one: str, many: str) -> str:
-    """``waits`` for one, ``wait`` for several: the verb that agrees with a count."""
-    return one if n == 1 else many
 
 
 # -- flag types (argparse ``type=``): a bad value is a usage error, exit 2 ------------------

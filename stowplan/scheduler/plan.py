@@ -23,7 +23,7 @@ from msgspec import Struct, field
 from stowplan.scheduler.events import TaskInstance
 from stowplan.scheduler.sweep import expand, repeat_numbers
 from stowplan.spec.canonical import RunIdentity, canonical_json, sha256_hex, spec_hash
-from stowplan.spec.loader import LoadedExperiment
+from stowplan.spec.loader import LoadedExperiment, task_order
 from stowplan.spec.models import Scalar, Task
 
 
@@ -106,7 +106,7 @@ def plan_runs(
     spec = loaded.spec
     policy = loaded.policy
     by_name = {t.name: t for t in spec.tasks}
-    order = _topological(spec.tasks)
+    order = task_order(spec.tasks)
     runs_of: dict[str, list[str]] = {}
     out: list[PlannedRun] = []
     providers = allowed_providers
@@ -202,22 +202,3 @@ def _runtime(task: Task) -> float:
         if isinstance(value, float | int):
             return float(value)
     return 3600.0
-
-
-def _topological(tasks: list[Task]) -> list[str]:
-    """Task names, dependencies first, ties in file order (the loader rejected cycles)."""
-    done: list[str] = []
-    seen: set[str] = set()
-    deps = {t.name: t.depends_on for t in tasks}
-
-    def visit(n: str) -> None:
-        if n in seen:
-            return
-        seen.add(n)
-        for d in deps[n]:
-            visit(d)
-        done.append(n)
-
-    for t in tasks:
-        visit(t.name)
-    return done

@@ -140,3 +140,22 @@ def format_size(n: int) -> str:
             v = n / factor
             return f"{v:.0f}{unit}" if v == int(v) else f"{v:.1f}{unit}"
     return f"{n}B"
+
+
+_IRREGULAR: Final = {"entry": "entries", "GPU(s)": "GPUs", "is": "are", "was": "were"}
+
+
+def plural(n: float, noun: str, many: str | None = None) -> str:
+    """``1 run``, ``2 runs``, ``0 runs``, ``1 CPU``, ``1.5 CPUs``: a count and its noun.
+
+    ``many`` is the plural when it is not the noun plus ``s`` (a few irregular ones are known).
+    """
+    count = f"{n:g}" if isinstance(n, float) else str(n)
+    if n == 1:
+        return f"{count} {noun}"
+    return f"{count} {many or _IRREGULAR.get(noun) or noun + 's'}"
+
+
+def verb(n: float, one: str, many: str) -> str:
+    """``waits`` for one, ``wait`` for several: the verb that agrees with a count."""
+    return one if n == 1 else many

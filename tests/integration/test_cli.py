@@ -77,7 +77,7 @@ def test_dry_run_shows_commands_and_writes_nothing(
         ),
         (
             "[experiment]\nname='x'\n[[tasks]]\nname='a'\ncommand=['true']\nresources={cpus=64}\n",
-            "no configured pool",
+            "bad.toml:6 at $.tasks[0].resources: task 'a' asks for 64 CPUs",
         ),
     ],
 )

@@ -44,14 +44,14 @@ def test_rest_is_selectable(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("extra", "path", "words"),
     [
-        ("port = 0\n", "$.providers[...].port", ">= 1"),
-        ('transport = "telnet"\n', "$.providers[...].transport", "telnet"),
-        ('transport = "rest"\n', "$.providers[...]", "rest_url"),
-        ('transport = "rest"\nrest_url = "http://x"\n', "$.providers[...]", "absolute"),
-        ('workdir = "../up"\n', "$.providers[...]", "without '..'"),
-        ('remote_env = { "A-B" = "1" }\n', "$.providers[...]", "not a valid environment"),
-        ("max_array_size = 0\n", "$.providers[...].max_array_size", ">= 1"),
-        ("hostname = 1\n", "$.providers[...]", "hostname"),
+        ("port = 0\n", "$.providers.campus.port", "at least 1"),
+        ('transport = "telnet"\n', "$.providers.campus.transport", "telnet"),
+        ('transport = "rest"\n', "$.providers.campus", "rest_url"),
+        ('transport = "rest"\nrest_url = "http://x"\n', "$.providers.campus", "absolute"),
+        ('workdir = "../up"\n', "$.providers.campus", "without '..'"),
+        ('remote_env = { "A-B" = "1" }\n', "$.providers.campus", "an identifier"),
+        ("max_array_size = 0\n", "$.providers.campus.max_array_size", "at least 1"),
+        ("hostname = 1\n", "$.providers.campus", "hostname"),
     ],
 )
 def test_mistakes_name_the_field(tmp_path: Path, extra: str, path: str, words: str) -> None:
