@@ -23,6 +23,7 @@ from stowplan.placement.problem import (
     Pool,
 )
 from stowplan.placement.table import Table, build, pool_reasons
+from stowplan.spec.units import plural
 
 _EMPTY = PlacementProblem(pools=[], classes=[])
 
@@ -49,7 +50,7 @@ def fits(cls: DemandClass, cpus: float, memory: int, gpus: dict[str, int]) -> in
 
 
 def why_not(cls: DemandClass, pools: list[Pool], problem: PlacementProblem | None = None) -> str:
-    need = f"{cls.cpus:g} CPUs, {cls.memory / 2**30:.3g} GiB"
+    need = f"{plural(float(cls.cpus), 'CPU')}, {cls.memory / 2**30:.3g} GiB"
     if cls.gpus:
         need += f", {cls.gpus} x GPU {'/'.join(cls.gpu_types) or 'any'}"
     usable = [p for p in pools if eligible(cls, p, problem)]
@@ -66,7 +67,7 @@ def _first_reason(cls: DemandClass, pools: list[Pool], problem: PlacementProblem
     if not reasons:
         return ""
     top = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:2]
-    return " (" + "; ".join(f"{n} pool(s): {r}" for r, n in top) + ")"
+    return " (" + "; ".join(f"{plural(n, 'pool')}: {r}" for r, n in top) + ")"
 
 
 def place_greedy(

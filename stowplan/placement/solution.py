@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from stowplan.placement.problem import Assignment, PlacementSolution, PlacementStatus
 from stowplan.placement.table import Option, Table, pool_reasons
+from stowplan.spec.units import plural
 
 Counts = dict[tuple[int, int, str], int]
 
@@ -160,7 +161,7 @@ def assemble(
 
 def why_unplaced(table: Table, ci: int, placed: int) -> str:
     cls = table.classes[ci]
-    need = f"{cls.cpus:g} CPUs, {cls.memory / 2**30:.3g} GiB"
+    need = f"{plural(float(cls.cpus), 'CPU')}, {cls.memory / 2**30:.3g} GiB"
     if cls.gpus:
         need += f", {cls.gpus} x {'/'.join(cls.gpu_types) or 'GPU'}"
     left = len(cls.members) - placed

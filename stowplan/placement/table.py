@@ -34,6 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stowplan.placement.problem import DemandClass, PlacementProblem, Pool
+from stowplan.spec.units import plural
 
 MIB = 1 << 20
 PRICE_UNITS = 1_000
@@ -619,7 +620,8 @@ def pool_reasons(problem: PlacementProblem, cls: DemandClass, pool: Pool) -> lis
     if pool.node is not None and (
         cpu_free(pool.node.cpus) < c_cpu or mem_free(pool.node.memory) < c_mem
     ):
-        out.append(f"its nodes have {pool.node.cpus:g} CPUs and {pool.node.memory / 2**30:.3g} GiB")
+        cpus = plural(float(pool.node.cpus), "CPU")
+        out.append(f"its nodes have {cpus} and {pool.node.memory / 2**30:.3g} GiB")
     if cls.gpus:
         wanted = cls.gpu_types or tuple(
             sorted(set(pool.gpus) | set(pool.node.gpus if pool.node else {}))

@@ -74,7 +74,7 @@ def test_fills_to_cpu_capacity_and_explains_the_rest() -> None:
     assert sol.request_id == 4
     assert sol.status is PlacementStatus.GREEDY
     assert sol.assignments == [Assignment("c", "p/a", 4)]
-    assert sol.unplaced == {"c": "6 waiting: no free capacity left for 1 CPUs, 1 GiB in p/a"}
+    assert sol.unplaced == {"c": "6 waiting: no free capacity left for 1 CPU, 1 GiB in p/a"}
 
 
 def test_everything_placed_has_no_reason() -> None:
@@ -130,7 +130,7 @@ def test_allowed_pools_are_respected() -> None:
     )
     assert sol.assignments == []
     assert sol.unplaced == {
-        "c": "no pool offers 1 CPUs, 1 GiB: not among the allowed pools (2 pools)"
+        "c": "no pool offers 1 CPU, 1 GiB: not among the allowed pools (2 pools)"
     }
 
 
@@ -167,9 +167,9 @@ def test_gpu_reason_names_the_model() -> None:
     pools = [pool("p/a100", cpus=64, gpus={"A100": 8})]
     c = cls("h", 1, gpus=2, gpu_types=("H100",))
     assert why_not(c, pools) == (
-        "no allowed pool offers 1 CPUs, 1 GiB, 2 x GPU H100 (1 pool(s): no 2 x H100 there)"
+        "no allowed pool offers 1 CPU, 1 GiB, 2 x GPU H100 (1 pool: no 2 x H100 there)"
     )
-    assert why_not(cls("a", 1, gpus=1), []) == "no allowed pool offers 1 CPUs, 1 GiB, 1 x GPU any"
+    assert why_not(cls("a", 1, gpus=1), []) == "no allowed pool offers 1 CPU, 1 GiB, 1 x GPU any"
 
 
 def test_deterministic_and_independent_of_input_order() -> None:

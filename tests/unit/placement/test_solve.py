@@ -154,7 +154,7 @@ def test_residency_and_gpu_model_are_explained_when_nothing_fits() -> None:
     assert sol.assignments == []
     why = explain(p, sol, "t")
     assert not why.placed
-    assert "no pool offers 1 CPUs, 1 GiB, 2 x H100" in why.reason
+    assert "no pool offers 1 CPU, 1 GiB, 2 x H100" in why.reason
     assert "not allowed by residency rule eu-only (us-h100)" in why.reason
     assert "no 2 x H100 there (eu-a100)" in why.reason
 

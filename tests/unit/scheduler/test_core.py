@@ -654,7 +654,7 @@ def test_a_gpu_model_no_pool_has_is_rejected() -> None:
     assert h.states("x") == [S.FAILED]
     (rec,) = [t for t in transitions(out) if t.to_state is S.FAILED]
     assert rec.reason == (
-        "no allowed pool offers 1 CPUs, 1 GiB, 1 x GPU H100 (1 pool(s): no 1 x H100 there)"
+        "no allowed pool offers 1 CPU, 1 GiB, 1 x GPU H100 (1 pool: no 1 x H100 there)"
     )
 
 
