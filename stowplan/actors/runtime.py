@@ -52,14 +52,45 @@ def _probe(address: str) -> None:
             hint="pass the address `ray start --head` printed, e.g. --address 10.0.0.5:6379",
         )
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S):
-            pass
+        with socket.create_connection(
+            (host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S
+        ) as sock:
+            # NOTE: Ray's client waits without end on a port where something that is not a GCS
+            # accepts connections, so ask first: a GCS is a gRPC server, and an HTTP/2 server
+            # answers the client preface with a SETTINGS frame (RFC 9113, section 3.4)
+            sock.sendall(_HTTP2_PREFACE)
+            head = _read_exactly(sock, 9)
     except OSError as e:
         raise SpecError(
             f"--address {address}: no Ray cluster answers there ({e.strerror or e})",
             hint="start it (`ray start --head`) or check the address; "
             "leave out --address to run on a private local Ray",
         ) from None
+    if len(head) < 9 or head[3] != _HTTP2_SETTINGS:
+        raise SpecError(
+            f"--address {address}: something listens there, but it is not a Ray cluster's "
+            "GCS (it does not speak gRPC)",
+            hint="pass the address `ray start --head` printed (its GCS port, 6379 by default); "
+            "leave out --address to run on a private local Ray",
+        )
+
+
+_HTTP2_SETTINGS = 0x4
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes(
+    [0, 0, 0, _HTTP2_SETTINGS, 0, 0, 0, 0, 0]
+)
+"""The HTTP/2 client connection preface followed by an empty SETTINGS frame."""
+
+
+def _read_exactly(sock: socket.socket, n: int) -> bytes:
+    """Up to ``n`` bytes: fewer only when the peer closed first."""
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def init_ray(*, address: str | None, namespace: str, num_cpus: int | None = None) -> bool:

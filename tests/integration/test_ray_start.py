@@ -93,3 +93,40 @@ def test_an_unreachable_address_fails_fast(project: Path, ray_tmp: Path) -> None
     if db.exists():
         with RunStore(db) as store:
             assert store.list_experiments() == []
+
+
+@pytest.mark.parametrize("reply", [b"HTTP/1.1 400 Bad Request\r\n\r\n", None])
+def test_an_address_where_something_else_listens_fails_fast(
+    project: Path, ray_tmp: Path, reply: bytes | None
+) -> None:
+    """Ray's client waited without end on such a port: the probe asks in HTTP/2 first."""
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            if reply is None:
+                held.append(conn)  # accepts and never answers
+            else:
+                conn.sendall(reply)
+                conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        started = time.monotonic()
+        done = _run(project, ray_tmp, "--address", f"127.0.0.1:{port}")
+        assert time.monotonic() - started < 60
+    finally:
+        server.close()
+        for c in held:
+            c.close()
+    assert done.returncode == 2, done.stderr
+    expect = "it is not a Ray cluster's GCS" if reply else "no Ray cluster answers there"
+    assert expect in done.stderr and "Traceback" not in done.stderr, done.stderr
