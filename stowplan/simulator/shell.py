@@ -1,55 +1,43 @@
-"""The simulator's shell: drives the real ``SchedulerCore`` and the real placement in virtual time.
+"""The simulator's adapter: the one command shell (``stowplan.shell``) in virtual time.
 
-This is the second shell around the sans-IO core (the Ray actors are the first); it carries out
-the core's commands inline, exactly as ``stowplan.actors.queue`` does in real time:
+The real ``SchedulerCore`` and the real placement run inside the same ``CommandShell`` that
+hosts them in production; this module only supplies its four ports:
 
-- ``Transitioned``: recorded for the metrics (the store's job in production);
-- ``SolvePlacement``: the chosen policy (a placement function) solves it at once;
-- ``Submit``: ``SimProvider.submit_now``; a failed call (API error, throttling, lost answer, a
-  site cut off) is retried with capped, seeded exponential backoff with the SAME keys, and only
-  while the core still waits on those keys, so a retry can never run an attempt twice;
-- ``Reconcile``: the provider describes the keys (retried the same way);
-- ``Cancel``: passed to the provider; ``WakeAt``: a Tick is scheduled then.
+- clock: the discrete-event engine (``_EngineClock``); the shell's coroutines are run to their
+  end at once (``run_now``), because every simulated port answers at once;
+- solver: the chosen policy (a placement function) with the simulation's context;
+- providers: one ``SimProvider`` per site, behind the same provider contract as every driver;
+  they push their reports and capacity changes to the shell;
+- run records: the metrics (the store's job in production).
 
-Providers report state changes as they happen (a watch); reports of one provider at one virtual
-time are delivered as one ``ProviderReported``. Every ``heartbeat`` the shell also describes all
-keys it is waiting on, in one batched call per provider, which renews the core's leases; a site
-that is cut off cannot be described, its leases expire, the core marks those runs LOST and asks
-for reconciliation, and the answers come once the site is back.
-
-There is no scheduling logic here: the simulated and the real control plane differ only in the
-clock and the providers.
+Retrying a submit whose answer was lost (same keys, only while the core waits on them),
+reconcile, batched observation (one describe per provider every ``heartbeat``, which renews the
+core's leases; a cut-off site cannot be described, its leases expire, the core marks those runs
+LOST and reconciles, and the answers come once the site is back) and rediscovery when capacity
+changes are the shell's, line for line as in production. The simulated and the real control
+plane differ only in the clock and the providers.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 from msgspec import Struct, field
 
-from stowplan.errors import InternalError, ProviderError, SpecError
-from stowplan.placement.problem import Dataset, Link, PlacementContext, PlacementSolution
-from stowplan.providers.base import TERMINAL_PROVIDER_STATES, LaunchSpec, Report
-from stowplan.scheduler.core import CoreConfig, SchedulerCore
-from stowplan.scheduler.events import (
-    Cancel,
-    Command,
-    Event,
-    PlacementDecided,
-    PoolsDiscovered,
-    ProviderReported,
-    Reconcile,
-    SolvePlacement,
-    Submit,
-    SubmitItem,
-    TaskInstance,
-    TasksSubmitted,
-    Tick,
-    Transitioned,
-    WakeAt,
+from stowplan.errors import InternalError, SpecError
+from stowplan.placement.problem import (
+    Dataset,
+    Link,
+    PlacementContext,
+    PlacementProblem,
+    PlacementSolution,
 )
-from stowplan.scheduler.states import LEASED
+from stowplan.providers.base import LaunchSpec, Report
+from stowplan.scheduler.core import CoreConfig, SchedulerCore
+from stowplan.scheduler.events import SubmitItem, TaskInstance, TasksSubmitted, Transition
+from stowplan.scheduler.retry import Backoff
+from stowplan.shell import CommandShell, ShellConfig, Wake, run_now
 from stowplan.simulator.cluster import ClusterSpec
 from stowplan.simulator.engine import (
     PRIO_ARRIVAL,
@@ -130,6 +118,84 @@ def placement_context(cluster: ClusterSpec) -> PlacementContext:
     return PlacementContext(links=links, datasets=datasets)
 
 
+WAKE_PRIORITY: dict[Wake, int] = {
+    Wake.DISCOVER: PRIO_INFRA + 2,
+    Wake.REPORTS: PRIO_PROVIDER,
+    Wake.RETRY: PRIO_PROVIDER,
+    Wake.OBSERVE: PRIO_PROVIDER,
+    Wake.TICK: PRIO_TICK,
+}
+"""the engine priority of each kind of shell callback: the world changes first (node failures,
+completions), then capacity is rediscovered, then provider traffic, arrivals, the core's ticks"""
+
+
+class _EngineClock:
+    """Virtual time: the engine is the clock, and a coroutine of the shell runs at once."""
+
+    __slots__ = ("_at", "engine")
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._at = engine.at
+
+    def now(self) -> float:
+        return self.engine.now
+
+    def call_at(self, when: float, fn: Callable[[Any], None], arg: Any, wake: Wake) -> None:
+        self._at(when, fn, arg, WAKE_PRIORITY[wake])  # total: every Wake is in the table
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        run_now(work)
+
+
+class _PolicySolver:
+    """The chosen policy, given what the simulation knows besides the problem."""
+
+    __slots__ = ("sim",)
+
+    def __init__(self, sim: Simulation) -> None:
+        self.sim = sim
+
+    async def solve(self, problem: PlacementProblem) -> PlacementSolution:
+        sim = self.sim
+        return sim.policy(
+            problem,
+            seed=sim.opts.seed,
+            pool_order=sim.pool_order,
+            rate=sim._rate if sim.workload.throughput else None,
+        )
+
+
+class _MetricsRecords:
+    """Run records in simulation: transitions go to the metrics; intents need no disk."""
+
+    __slots__ = ("metrics",)
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def transitions(self, records: list[Transition], at: float) -> None:
+        self.metrics.transitions(records, at)
+
+    def decided(self, problem: PlacementProblem, solution: PlacementSolution) -> None:
+        del problem, solution  # the metrics read placements from the transitions
+
+    async def launches(
+        self, provider: str, pool: str, items: Sequence[SubmitItem]
+    ) -> list[LaunchSpec]:
+        del provider
+        return [
+            LaunchSpec(key=it.key, run_id=it.run_id, attempt=it.attempt, pool=pool, name=it.run_id)
+            for it in items
+        ]
+
+    async def intend(self, provider: str, pool: str, items: Sequence[SubmitItem]) -> None:
+        del provider, pool, items
+
+    def reported(self, provider: str, reports: list[Report]) -> None:
+        del provider, reports
+
+
 class Simulation:
     """One run of one workload on one cluster with one policy and one seed."""
 
@@ -179,8 +245,6 @@ class Simulation:
                 data=self.data,
                 faults=ApiFaults(self.engine, site.name, faults),
                 throughput=workload.throughput,
-                sink=self._on_report,
-                on_capacity=self._on_capacity,
                 inject=self.opts.faults,
             )
         self.pool_order = [p.name for p in cluster.pools]
@@ -188,16 +252,30 @@ class Simulation:
         self.pool_model = {p.name: (p.gpu_model or "").lower() for p in cluster.pools}
         self.metrics = Metrics(self)
         self.counters = SimCounters()
-        self._pending: deque[Event] = deque()
-        self._idle: PlacementSolution | None = None
-        self._inbox: dict[str, list[Report]] = {}
-        self._capacity_due: set[str] = set()
-        self._wakes: set[float] = set()
-        self._outstanding: dict[str, dict[str, str]] = {n: {} for n in self.providers}
-        self._retry_rng = self.engine.rng("shell/retry")
         self._next_arrival = 0
         self._arrivals = sorted(workload.jobs, key=lambda j: (j.submit, j.id))
-        self._heartbeat_on = False
+        self.shell = CommandShell(
+            self.core,
+            clock=_EngineClock(self.engine),
+            solver=_PolicySolver(self),
+            providers=self.providers,
+            records=_MetricsRecords(self.metrics),
+            config=ShellConfig(
+                seed=self.opts.seed,
+                provider_backoff=Backoff(
+                    base=self.retry.backoff, cap=self.retry.backoff_cap, jitter=self.retry.jitter
+                ),
+                observe_every=sched.heartbeat_s,
+                # every capacity change of a simulated pool is pushed (``capacity_changed``)
+                rediscover_every=None,
+                submit_chunk=None,
+            ),
+            busy=self._arrivals_left,
+            after_events=self._check_done,
+        )
+        for prov in self.providers.values():
+            prov.sink = self.shell.report
+            prov.on_capacity = self.shell.capacity_changed
         self._never_ends = any(j.duration is None and not j.steps for j in workload.jobs)
         self.until = self.opts.until
         if self.until is None and self._never_ends and self._arrivals:
@@ -212,17 +290,16 @@ class Simulation:
         if self.opts.faults:
             for prov in self.providers.values():
                 schedule_node_failures(self.engine, prov)
-            schedule_cutoffs(self.engine, faults, self.providers, self._on_restore)
+            schedule_cutoffs(self.engine, faults, self.providers, self.shell.observe_now)
 
     # ---- running ---------------------------------------------------------------------------
 
     def run(self) -> Metrics:
-        for name in sorted(self.providers):
-            self._feed(PoolsDiscovered(provider=name, pools=self.providers[name].core_pools()))
+        run_now(self.shell.discover())
         if self._arrivals:
             self.engine.at(self._arrivals[0].submit, self._arrive, None, PRIO_ARRIVAL)
         self.engine.at(0.0, self._sample, None, PRIO_SAMPLE)
-        self._start_heartbeat()
+        self.shell.start()
         self.engine.run(self.until)
         for prov in self.providers.values():
             for pool in prov.pools.values():
@@ -233,6 +310,13 @@ class Simulation:
 
     def _done(self) -> bool:
         return self._next_arrival >= len(self._arrivals) and self.core.unfinished() == 0
+
+    def _check_done(self) -> None:
+        if self._done():
+            self.engine.stop()
+
+    def _arrivals_left(self) -> bool:
+        return self._next_arrival < len(self._arrivals)
 
     def _arrive(self, _: object) -> None:
         i = self._next_arrival
@@ -262,228 +346,8 @@ class Simulation:
         self._next_arrival = j
         if j < len(arr):
             self.engine.at(arr[j].submit, self._arrive, None, PRIO_ARRIVAL)
-        self._feed(TasksSubmitted(tasks=tasks))
-        self._start_heartbeat()
-
-    def _feed(self, event: Event) -> None:
-        """Hand one event to the core and carry out every command that follows, in order."""
-        pending = self._pending
-        pending.append(event)
-        if len(pending) > 1:
-            return  # already inside the loop below
-        now = self.engine.now
-        core = self.core
-        retried = False
-        while pending:
-            ev = pending[0]
-            self.counters.core_events += 1
-            for cmd in core.handle(ev, now):
-                self._do(cmd)
-            pending.popleft()
-            if not pending and self._idle is not None and not retried:
-                # something changed since the policy placed nothing: let the core ask again
-                # (once per outside event, so a policy that keeps waiting cannot spin)
-                retried = True
-                pending.append(PlacementDecided(solution=self._idle))
-                self._idle = None
-        if self._done():
-            self.engine.stop()
-
-    def _do(self, cmd: Command) -> None:
-        if isinstance(cmd, Transitioned):
-            self.metrics.transitions(cmd.records, self.engine.now)
-        elif isinstance(cmd, SolvePlacement):
-            self.counters.solves += 1
-            sol = self.policy(
-                cmd.problem,
-                seed=self.opts.seed,
-                pool_order=self.pool_order,
-                rate=self._rate if self.workload.throughput else None,
-            )
-            if sol.assignments:
-                self._pending.append(PlacementDecided(solution=sol))
-            else:
-                # NOTE: the core asks again at once after an answer that placed nothing, if its
-                # capacity bound says something fits; a policy that chose to wait (FIFO behind a
-                # blocked head, or one that keeps fast GPUs free) would spin at this instant.
-                # The answer is held until the next outside event instead.
-                self._idle = sol
-        elif isinstance(cmd, Submit):
-            self._submit(cmd.provider, cmd.pool, cmd.items, 0)
-        elif isinstance(cmd, Reconcile):
-            self._reconcile(cmd.provider, cmd.keys, 0)
-        elif isinstance(cmd, Cancel):
-            self._cancel(cmd.provider, cmd.keys, 0)
-        elif isinstance(cmd, WakeAt):
-            at = max(cmd.at, self.engine.now)
-            if at not in self._wakes:
-                self._wakes.add(at)
-                self.engine.at(at, self._tick, at, PRIO_TICK)
-        else:  # pragma: no cover - the union is closed
-            raise InternalError(f"unknown command {type(cmd).__name__}")
-
-    def _tick(self, at: float) -> None:
-        self._wakes.discard(at)
-        self._feed(Tick())
-
-    # ---- provider calls ----------------------------------------------------------------------
-
-    def _backoff(self, tries: int) -> float:
-        base = min(self.retry.backoff_cap, self.retry.backoff * 2.0 ** min(30, tries))
-        return base * (1.0 + 0.25 * (2.0 * self._retry_rng.random() - 1.0))
-
-    def _still_waiting(self, item: SubmitItem) -> bool:
-        """True while the core still waits for this very attempt to be submitted."""
-        core = self.core
-        return core.key(item.run_id) == item.key and core.state(item.run_id) in LEASED
-
-    def _submit(self, provider: str, pool: str, items: Sequence[SubmitItem], tries: int) -> None:
-        prov = self.providers[provider]
-        if tries:
-            items = [it for it in items if self._still_waiting(it)]
-            if not items:
-                return
-        out = self._outstanding[provider]
-        requests = prov.plan(
-            [
-                LaunchSpec(
-                    key=it.key, run_id=it.run_id, attempt=it.attempt, pool=pool, name=it.run_id
-                )
-                for it in items
-            ]
-        )
-        for it in items:
-            out[it.key] = it.run_id
-        self.counters.submits += 1
-        try:
-            reports = prov.submit_now(requests)
-        except ProviderError as e:
-            if not e.retryable:
-                raise InternalError(f"simulated submit refused: {e}") from e
-            self.counters.submit_retries += 1
-            self.engine.after(
-                self._backoff(tries),
-                self._retry_submit,
-                (provider, pool, list(items), tries + 1),
-                PRIO_PROVIDER,
-            )
-            return
-        self._deliver(provider, reports)
-
-    def _retry_submit(self, arg: tuple[str, str, list[SubmitItem], int]) -> None:
-        self._submit(*arg)
-
-    def _reconcile(self, provider: str, keys: Sequence[str], tries: int) -> None:
-        prov = self.providers[provider]
-        if tries:
-            keys = [k for k in keys if self._key_live(k)]
-            if not keys:
-                return
-        try:
-            reports = prov.describe_now(keys)
-        except ProviderError:
-            self.counters.describe_retries += 1
-            self.engine.after(
-                self._backoff(tries),
-                self._retry_reconcile,
-                (provider, list(keys), tries + 1),
-                PRIO_PROVIDER,
-            )
-            return
-        self._deliver(provider, reports)
-
-    def _retry_reconcile(self, arg: tuple[str, list[str], int]) -> None:
-        self._reconcile(*arg)
-
-    def _key_live(self, key: str) -> bool:
-        run_id = self.core.run_of_key(key)
-        return (
-            run_id is not None
-            and self.core.key(run_id) == key
-            and self.core.state(run_id) in LEASED
-        )
-
-    def _cancel(self, provider: str, keys: Sequence[str], tries: int) -> None:
-        try:
-            self.providers[provider].cancel_now(keys)
-        except ProviderError:
-            self.engine.after(
-                self._backoff(tries),
-                self._retry_cancel,
-                (provider, list(keys), tries + 1),
-                PRIO_PROVIDER,
-            )
-
-    def _retry_cancel(self, arg: tuple[str, list[str], int]) -> None:
-        self._cancel(*arg)
-
-    def _deliver(self, provider: str, reports: list[Report]) -> None:
-        if not reports:
-            return
-        out = self._outstanding[provider]
-        for r in reports:
-            if r.state in TERMINAL_PROVIDER_STATES:
-                out.pop(r.key, None)
-        self.counters.reports += len(reports)
-        self._feed(ProviderReported(provider=provider, reports=reports))
-
-    # ---- what providers say on their own -------------------------------------------------
-
-    def _on_report(self, provider: str, rep: Report) -> None:
-        box = self._inbox.get(provider)
-        if box is None:
-            self._inbox[provider] = [rep]
-            self.engine.at(self.engine.now, self._flush_inbox, provider, PRIO_PROVIDER)
-        else:
-            box.append(rep)
-
-    def _flush_inbox(self, provider: str) -> None:
-        reports = self._inbox.pop(provider, [])
-        self._deliver(provider, reports)
-
-    def _on_capacity(self, provider: str) -> None:
-        if provider not in self._capacity_due:
-            self._capacity_due.add(provider)
-            self.engine.at(self.engine.now, self._rediscover, provider, PRIO_INFRA + 2)
-
-    def _rediscover(self, provider: str) -> None:
-        self._capacity_due.discard(provider)
-        self._feed(PoolsDiscovered(provider=provider, pools=self.providers[provider].core_pools()))
-
-    def _on_restore(self, provider: str) -> None:
-        self._heartbeat_one(provider)
-
-    # ---- heartbeat (batched observation) and sampling ----------------------------------------
-
-    def _start_heartbeat(self) -> None:
-        if not self._heartbeat_on:
-            self._heartbeat_on = True
-            self.engine.after(
-                self.cluster.scheduler.heartbeat_s, self._heartbeat, None, PRIO_PROVIDER
-            )
-
-    def _heartbeat(self, _: object) -> None:
-        self.counters.heartbeats += 1
-        for name in sorted(self.providers):
-            self._heartbeat_one(name)
-        if any(self._outstanding.values()) or self._next_arrival < len(self._arrivals):
-            self.engine.after(
-                self.cluster.scheduler.heartbeat_s, self._heartbeat, None, PRIO_PROVIDER
-            )
-        else:
-            self._heartbeat_on = False
-
-    def _heartbeat_one(self, provider: str) -> None:
-        out = self._outstanding[provider]
-        for k in [k for k in out if not self._key_live(k)]:
-            del out[k]
-        if not out:
-            return
-        try:
-            reports = self.providers[provider].describe_now(list(out))
-        except ProviderError:
-            return  # counted by the provider; the lease decides what happens next
-        self._deliver(provider, reports)
+        self.shell.feed(TasksSubmitted(tasks=tasks))
+        self.shell.observe()
 
     def _sample(self, _: object) -> None:
         self.metrics.sample(self.engine.now)
@@ -513,7 +377,15 @@ class Simulation:
 
     def _collect_counters(self) -> None:
         c = self.counters
+        sc = self.shell.counters
         c.events = self.engine.events_run
+        c.core_events = sc.core_events
+        c.solves = sc.solves
+        c.submits = sc.submits
+        c.submit_retries = sc.submit_retries
+        c.describe_retries = sc.describe_retries
+        c.reports = sc.reports
+        c.heartbeats = sc.heartbeats
         c.ignored_reports = self.core.ignored_reports
         for prov in self.providers.values():
             c.duplicate_submits_absorbed += prov.duplicate_submits

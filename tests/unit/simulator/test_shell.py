@@ -4,8 +4,12 @@ from pathlib import Path
 
 import pytest
 
+from stowplan.placement.problem import PlacementProblem, PlacementSolution, PlacementStatus
+from stowplan.scheduler.states import TaskState
+from stowplan.shell import Wake
 from stowplan.simulator.cluster import parse_cluster
-from stowplan.simulator.shell import SimOptions, Simulation
+from stowplan.simulator.policies import RateOf
+from stowplan.simulator.shell import WAKE_PRIORITY, SimOptions, Simulation
 from stowplan.simulator.workloads import SimJob, SyntheticSpec, Workload, synthetic_sweep
 
 CLUSTER = """\
@@ -92,6 +96,32 @@ def test_every_job_finishes_despite_every_kind_of_fault_and_no_key_runs_twice() 
     assert any(r["attempts"] > 1 for r in rows)
     executed = [k for p in sim.providers.values() for k in p.executed]
     assert len(executed) == len(set(executed))
+
+
+def test_a_policy_that_keeps_waiting_does_not_spin_the_shell() -> None:
+    """The core stalls on an answer that placed nothing until something changes, so the shell
+    holds nothing back itself: solves are bounded by the changes (here the arrivals), not by
+    the instants at which the core could ask again."""
+
+    def wait(
+        problem: PlacementProblem, *, seed: int, pool_order: list[str], rate: RateOf | None
+    ) -> PlacementSolution:
+        del seed, pool_order, rate
+        return PlacementSolution(
+            request_id=problem.request_id, status=PlacementStatus.FEASIBLE, assignments=[]
+        )
+
+    wl = sweep(40)
+    sim = Simulation(
+        parse_cluster(CLUSTER, Path("t.toml")),
+        wl,
+        SimOptions(faults=False, until=6 * 3600.0),
+        policy_fn=wait,
+    )
+    sim.run()
+    arrivals = len({j.submit for j in wl.jobs})
+    assert 0 < sim.counters.solves <= 2 * arrivals
+    assert {sim.core.state(j.id) for j in wl.jobs} == {TaskState.READY}
 
 
 def test_same_inputs_and_seed_give_the_same_run_and_another_seed_does_not() -> None:
@@ -221,3 +251,9 @@ def test_jobs_away_from_their_data_move_it_pay_egress_and_wait_for_it() -> None:
     stage = 10 * 2**30 / 1e9  # 8 Gbps = 1 GB/s
     assert on_cloud[0]["run_time"] == pytest.approx(100.0 + stage)
     assert rows["j0"]["run_time"] == 100.0
+
+
+def test_every_kind_of_shell_callback_has_an_engine_priority() -> None:
+    assert set(WAKE_PRIORITY) == set(Wake)
+    # the world changes first, the core's own wake-ups come after the provider traffic
+    assert WAKE_PRIORITY[Wake.DISCOVER] < WAKE_PRIORITY[Wake.REPORTS] < WAKE_PRIORITY[Wake.TICK]
