@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from typing import Any
 
 from rich.table import Table
@@ -114,7 +115,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(line)
         return EXIT_OK
     problem = problems[0]
+    started = time.perf_counter()
     sol = solve(problem, budget=budget, seed=0, workers=settings.workers)
+    sol = msgspec.structs.replace(sol, solve_seconds=time.perf_counter() - started)
     queued = len(split.ready) - sol.placed()
 
     if hit is not None:

@@ -83,8 +83,6 @@ def solve(
     ``PlacementSolution.fingerprint()``). When the status is OPTIMAL the answer does not depend
     on ``workers`` either: the tie-break makes the optimum unique.
     """
-    import time
-
     from stowplan.placement.cpsat import neighbourhood, solve_cpsat
     from stowplan.placement.greedy import place_greedy
     from stowplan.placement.lp import relax
@@ -92,7 +90,6 @@ def solve(
     from stowplan.placement.solution import assemble, objective_int, violations
     from stowplan.placement.table import build, lower_bound
 
-    started = time.perf_counter()
     validate(problem, source=source)
     table = build(problem)
     counts, launched = place_greedy(table)
@@ -119,7 +116,6 @@ def solve(
             launched,
             status=status,
             bound=min(bound, best),
-            solve_seconds=time.perf_counter() - started,
             deterministic_time=dtime,
             objective=best,
         )

@@ -87,7 +87,6 @@ def assemble(
     *,
     status: PlacementStatus,
     bound: int | None,
-    solve_seconds: float = 0.0,
     deterministic_time: float = 0.0,
     objective: int | None = None,
 ) -> PlacementSolution:
@@ -153,7 +152,6 @@ def assemble(
         bound=float(proven),
         gap=round(gap(obj, proven), 9) if bound is not None else 0.0,
         terms={k: round(v, 9) for k, v in terms.items()},
-        solve_seconds=solve_seconds,
         deterministic_time=round(deterministic_time, 6),
         unplaced=unplaced,
     )
