@@ -60,7 +60,6 @@ class Trigger(enum.StrEnum):
     BACKOFF_DONE = "backoff_done"
     LEASE_EXPIRED = "lease_expired"
     CANCEL = "cancel"
-    UNPLACE = "unplace"
 
 
 FINAL = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED})
@@ -76,7 +75,6 @@ TRANSITIONS: dict[tuple[TaskState, Trigger], TaskState] = {
     (S.READY, T.CANCEL): S.CANCELLED,
     (S.READY, T.FAILED): S.FAILED,  # no pool can ever run it
     (S.PLACED, T.SUBMIT): S.SUBMITTING,
-    (S.PLACED, T.UNPLACE): S.READY,
     (S.PLACED, T.CANCEL): S.CANCELLED,
     (S.SUBMITTING, T.ACCEPTED): S.QUEUED,
     (S.SUBMITTING, T.STARTED): S.RUNNING,

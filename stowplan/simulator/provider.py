@@ -230,10 +230,6 @@ class SimPool:
 
     # ---- queueing --------------------------------------------------------------------------
 
-    def enqueue(self, att: Attempt) -> None:
-        self.queue[att.key] = att
-        self.request_pass()
-
     def request_pass(self) -> None:
         if not self._pass_due:
             self._pass_due = True
@@ -776,6 +772,3 @@ class SimProvider(Provider):
             held, self.held = self.held, []
             for rep in held:
                 self.sink(self.name, rep)
-
-    def live_keys(self) -> list[str]:
-        return [k for p in self.pools.values() for k in (*p.queue, *p.running)]
