@@ -168,8 +168,35 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def code_line(code: dict[str, Any]) -> str:
+    """``code: <version> (...)``: the branch and remote in git; outside git, what was hashed."""
+    from stowplan.provenance.capture import TreeHash
+
+    if code.get("tree"):
+        return f"code: {code.get('version')} ({msgspec.convert(code['tree'], TreeHash).describe()})"
+    return (
+        f"code: {code.get('version')} (branch {code.get('branch')}"
+        + (f", remote {code['remote_url']}" if code.get("remote_url") else "")
+        + ")"
+    )
+
+
+def used_line(used: dict[str, str] | None) -> str:
+    """What a run imported, as captured where it ran (``provenance.imports``)."""
+    if used is None:
+        return (
+            "used: nothing captured (no Python ran, it has not succeeded, or its provider kept "
+            "no record)"
+        )
+    if not used:
+        return "used (captured where it ran): the standard library only"
+    return "used (captured where it ran): " + ", ".join(f"{k}=={v}" for k, v in used.items())
+
+
 def cmd_show(args: argparse.Namespace) -> int:
-    store, _ = _open(args)
+    from stowplan.provenance.imports import used_records
+
+    store, (project, state_dir) = _open(args)
     with store:
         run_id = _resolve(store, args.run)
         run = store.get_runs([run_id])[run_id]
@@ -181,6 +208,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         placements = store.placements_for(run_id)
         replay_of = store.replay_source(run_id)
         replays = store.replays_of(run_id)
+        record = used_records(store, [run_id], project.config.providers, state_dir).get(run_id)
         ledger = [
             e
             for e in store.ledger()
@@ -197,6 +225,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         "replay_of": msgspec.to_builtins(replay_of),
         "replays": msgspec.to_builtins(replays),
         "ledger": msgspec.to_builtins(ledger),
+        "used": record.distributions() if record is not None else None,
     }
     spec = exp.spec if exp is not None else {}
     data["run"]["task_spec"] = next(
@@ -228,12 +257,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         c.print(f"  {k}: {v}", markup=False)
     c.print("[bold]provenance[/]")
     code, env, hw = prov.code, prov.environment, prov.hardware
-    c.print(
-        f"  code: {code.get('version')} (branch {code.get('branch')}"
-        + (f", remote {code['remote_url']}" if code.get("remote_url") else "")
-        + ")",
-        markup=False,
-    )
+    c.print(f"  {code_line(code)}", markup=False)
     if code.get("dirty"):
         c.print(
             f"  uncommitted diff: blob {code.get('diff_sha256')}"
@@ -257,6 +281,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         + (f", image {env['container_image']}" if env.get("container_image") else ""),
         markup=False,
     )
+    if env.get("env_basis"):
+        c.print(f"  environment in the identity: {env['env_basis']}", markup=False)
+    c.print(f"  {used_line(data['used'])}", markup=False)
     if env.get("env_vars"):
         c.print(
             "  env " + " ".join(f"{k}={v}" for k, v in sorted(env["env_vars"].items())),

@@ -3,7 +3,7 @@
 Exit codes: 0 success; 1 some runs failed (or were cancelled); 2 bad input (a spec, a flag, an
 unknown run, an unreachable ``--address``): one short paragraph on stderr, never a traceback,
 nothing written; 3 the control plane failed (an actor raised): runs it had not finished are
-left as they were, to resume on the next ``run``.
+left as they were, to resume on the next ``run``; 130 interrupted by Ctrl-C (quietly).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from pathlib import Path
 from stowplan.errors import PlacementInfeasible, SpecError, StowplanError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130
+"""128 + SIGINT, as a shell reports a command that Ctrl-C ended."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -92,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        # inside the try: building the parser imports every command's module
+        args = build_parser().parse_args(argv)
         if args.command == "run":
             from stowplan.cli.run import cmd_run
 
@@ -128,6 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"stowplan: {e}", file=sys.stderr)
         code: int = getattr(e, "exit_code", EXIT_FAILED)  # ControlPlaneError: 3
         return code
+    except KeyboardInterrupt:
+        # Ctrl-C ends any command as quietly as a shell tool: no traceback, 128 + SIGINT.
+        # A command that must clean up first (run cancels its runs) catches it itself.
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

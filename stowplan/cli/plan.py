@@ -52,6 +52,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from stowplan.scheduler.events import PoolsDiscovered, SolvePlacement, TasksSubmitted
 
     prepared = prepare(Path(args.file), provider=args.provider, rerun=False)
+    err = make_console(stderr=True)
+    for note in prepared.notes:
+        err.print(note, markup=False)
     context = context_for(prepared.project, prepared.loaded)
     pools = _discover(prepared)
     check_feasible(prepared, pools)

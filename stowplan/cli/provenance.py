@@ -222,16 +222,28 @@ def _run_arg(store: Any, prefix: str) -> str:
 
 def cmd_diff(args: argparse.Namespace) -> int:
     from stowplan.cli.inspect import _open
-    from stowplan.provenance.query import diff_is_empty, diff_runs, load_view
+    from stowplan.provenance.imports import used_records
+    from stowplan.provenance.query import diff_runs, load_view
 
-    store, _ = _open(args)
+    store, (project, state_dir) = _open(args)
     with store:
         a = load_view(store, _run_arg(store, args.run_a))
         b = load_view(store, _run_arg(store, args.run_b))
-        d = diff_runs(store, a, b)
+        used = used_records(
+            store, [a.run.run_id, b.run.run_id], project.config.providers, state_dir
+        )
+        d = diff_runs(store, a, b, used=used)
     if args.json:
         print(json.dumps(d, indent=2, sort_keys=True, default=str))
         return EXIT_OK
+    print("\n".join(diff_lines(d)))
+    return EXIT_OK
+
+
+def diff_lines(d: dict[str, Any]) -> list[str]:
+    """``stowplan diff`` for people: one line per change, grouped as ``diff_runs`` groups."""
+    from stowplan.provenance.query import diff_is_empty
+
     out: list[str] = [f"a {d['a']}", f"b {d['b']}"]
     if diff_is_empty(d):
         out.append("no differences in what was recorded")
@@ -257,8 +269,16 @@ def cmd_diff(args: argparse.Namespace) -> int:
         out.extend(f"  + {p}" for p in pk["added"])
         out.extend(f"  - {p}" for p in pk["removed"])
         out.extend(f"  ~ {c['package']} {c['a']} -> {c['b']}" for c in pk["changed"])
-    print("\n".join(out))
-    return EXIT_OK
+    if d.get("used"):
+        out.append("used (captured where each ran):")
+        for c in d["used"]:
+            if c["a"] is None:
+                out.append(f"  + {c['package']}=={c['b']}")
+            elif c["b"] is None:
+                out.append(f"  - {c['package']}=={c['a']}")
+            else:
+                out.append(f"  ~ {c['package']} {c['a']} -> {c['b']}")
+    return out
 
 
 def _short(v: Any) -> str:
@@ -397,6 +417,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
     # 2. the environment
     env_now = capture_environment(lock_dirs=[Path(project.root)])
     env_diffs = rp.environment_differences(first.provenance.environment, env_now)
+    with RunStore(store_path) as s:
+        # what the run imported, captured where it ran, against what its interpreter has now
+        env_diffs += rp.captured_differences(
+            rp.used_by(s, first, project.config.providers, state_dir)
+        )
     if env_diffs and args.strict_env:
         shown = "\n  ".join(env_diffs[:20])
         raise SpecError(

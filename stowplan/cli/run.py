@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from stowplan.cli.common import make_console, plural
+from stowplan.provenance.query import output_values, replicate_summary
 from stowplan.provenance.records import RunRecord
 from stowplan.provenance.store import RunStore
 
@@ -94,14 +96,16 @@ def save_discovered(prepared: Any, pools: list[Any]) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from stowplan.actors.session import check_feasible, prepare, record
 
-    console = Console(highlight=False)
-    err = Console(stderr=True, highlight=False)
+    console = make_console()
+    err = make_console(stderr=True)
     prepared = prepare(
         args.file,
         provider=args.provider,
         rerun=args.rerun,
         replicates=getattr(args, "replicates", 1),
     )
+    for note in prepared.notes:  # e.g. stored runs not reused, and why
+        err.print(note, markup=False)
     from stowplan.placement.context import context_for
 
     context_for(prepared.project, prepared.loaded)  # unknown residency rules: exit 2 now
@@ -125,7 +129,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             record(prepared, store)
     name = prepared.experiment.name
     if reused:
-        err.print(f"{len(reused)} of {len(ids)} runs reused")
+        err.print(f"{len(reused)} of {plural(len(ids), 'run')} reused")
     if todo:
         _dispatch(args, prepared, todo, reused, err, seen_before=seen_before)
     with RunStore(store_path) as store:
@@ -285,7 +289,7 @@ def _print_dry_run(console: Console, prepared: Any) -> None:
 
     planned = prepared.planned
     console.print(
-        f"[bold]{prepared.experiment.name}[/]: {len(planned)} runs "
+        f"[bold]{prepared.experiment.name}[/]: {plural(len(planned), 'run')} "
         f"(experiment {prepared.experiment.id[:12]}, replicate {prepared.replicate})"
     )
     table = Table(show_edge=False)
@@ -316,64 +320,6 @@ def _print_dry_run(console: Console, prepared: Any) -> None:
         spec = launch_spec(payload(prepared, r), r.run_id, 1, attempt_key(r.run_id, 1), name)
         console.print(f"\n[bold]{r.task}[/] (first trial) on provider {name}:")
         console.print(driver.plan([spec])[0].render(), markup=False, soft_wrap=True)
-
-
-def _metrics(artifacts: list[Any]) -> dict[str, Any]:
-    """Scalar top-level values of JSON outputs: what a result table shows."""
-    out: dict[str, Any] = {}
-    for a in artifacts:
-        if not a.name.endswith(".json"):
-            continue
-        try:
-            data = json.loads(Path(a.path).read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict):
-            for k, v in data.items():
-                if isinstance(v, int | float | str | bool) and len(str(v)) <= 40:
-                    out[k] = v
-    return out
-
-
-def replicate_summary(
-    runs: list[RunRecord], artifacts: dict[str, list[Any]]
-) -> list[dict[str, Any]]:
-    """Mean and (sample) standard deviation of each numeric metric over the replicates of each
-    trial: runs of one task and sweep index that differ only in their seed."""
-    import statistics
-
-    groups: dict[tuple[str, int], list[RunRecord]] = {}
-    for r in runs:
-        groups.setdefault((r.task, r.index), []).append(r)
-    out: list[dict[str, Any]] = []
-    for (task, index), rs in groups.items():
-        values: dict[str, list[float]] = {}
-        for r in rs:
-            if r.state != "SUCCEEDED":
-                continue
-            for k, v in _metrics(artifacts.get(r.run_id, [])).items():
-                if isinstance(v, int | float) and not isinstance(v, bool):
-                    values.setdefault(k, []).append(float(v))
-        out.append(
-            {
-                "task": task,
-                "index": index,
-                "params": rs[0].params,
-                "replicates": len(rs),
-                "succeeded": sum(r.state == "SUCCEEDED" for r in rs),
-                "seeds": sorted(r.seed for r in rs),
-                "run_ids": [r.run_id for r in sorted(rs, key=lambda r: r.replicate)],
-                "metrics": {
-                    k: {
-                        "n": len(v),
-                        "mean": statistics.fmean(v),
-                        "std": statistics.stdev(v) if len(v) > 1 else 0.0,
-                    }
-                    for k, v in sorted(values.items())
-                },
-            }
-        )
-    return out
 
 
 def render_replicates(console: Console, summary: list[dict[str, Any]]) -> None:
@@ -413,7 +359,7 @@ def render_results(
         by_task.setdefault(r.task, []).append(r)
     for task, rs in by_task.items():
         params = sorted({k for r in rs for k in r.params})
-        metrics_of = {r.run_id: _metrics(artifacts.get(r.run_id, [])) for r in rs}
+        metrics_of = {r.run_id: output_values(artifacts.get(r.run_id, [])) for r in rs}
         metric_names = sorted({k for m in metrics_of.values() for k in m})
         table = Table(title=f"{task}", show_edge=False, title_justify="left")
         table.add_column("run")

@@ -16,7 +16,7 @@ import re
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
 from msgspec import Struct, field
 
@@ -30,6 +30,9 @@ from stowplan.provenance.records import (
     RunRecord,
 )
 from stowplan.provenance.store import RunStore
+
+if TYPE_CHECKING:
+    from stowplan.provenance.imports import UsedRecord
 
 __all__ = [
     "Filter",
@@ -47,6 +50,7 @@ __all__ = [
     "replicate_summary",
     "run_metrics",
     "store_states",
+    "used_changes",
 ]
 
 
@@ -364,13 +368,38 @@ def _where(view: RunView) -> dict[str, Any]:
     }
 
 
-def diff_runs(store: RunStore, a: RunView, b: RunView) -> dict[str, Any]:
+def used_changes(a: UsedRecord | None, b: UsedRecord | None) -> list[dict[str, Any]]:
+    """``{"package", "a", "b"}`` for each distribution whose version differs between what two
+    runs imported, as captured where each ran; a side that did not use it is None.
+
+    [] when either run has no captured record: nothing is known to compare with, and a
+    whole list of "not used" would say something false."""
+    if a is None or b is None:
+        return []
+    da, db = a.distributions(), b.distributions()
+    return [
+        {"package": n, "a": da.get(n), "b": db.get(n)}
+        for n in sorted(set(da) | set(db))
+        if da.get(n) != db.get(n)
+    ]
+
+
+def diff_runs(
+    store: RunStore,
+    a: RunView,
+    b: RunView,
+    *,
+    used: Mapping[str, UsedRecord] | None = None,
+) -> dict[str, Any]:
     """What changed from run ``a`` to run ``b``, grouped; an empty group means no change.
 
     Groups: params, spec (the task as written, and the experiment's policy), code (the
     fields, and the difference between the two stored uncommitted diffs), data (version per
-    input URI), packages (added, removed, changed), environment (Python, lock files, allowed
-    env vars), hardware (and where each ran), placement, outputs (artifacts by name).
+    input URI), packages (added, removed, changed, of everything installed where stowplan
+    ran), used (the distributions each run imported, captured where it ran: ``used`` maps
+    run id to its record, see ``provenance.imports.used_records``), environment (Python,
+    lock files, allowed env vars), hardware (and where each ran), placement, outputs
+    (artifacts by name).
     """
     out: dict[str, Any] = {"a": a.run.run_id, "b": b.run.run_id}
     out["params"] = _changes(a.run.params, b.run.params, "params")
@@ -419,6 +448,8 @@ def diff_runs(store: RunStore, a: RunView, b: RunView) -> dict[str, Any]:
     out["packages"] = _packages(
         pa.environment.get("distributions", []), pb.environment.get("distributions", [])
     )
+    captured = used or {}
+    out["used"] = used_changes(captured.get(a.run.run_id), captured.get(b.run.run_id))
     env: list[Change] = []
     pya = (pa.environment.get("python") or {}).get("version")
     pyb = (pb.environment.get("python") or {}).get("version")
@@ -475,6 +506,7 @@ def diff_is_empty(d: dict[str, Any]) -> bool:
         or pk["added"]
         or pk["removed"]
         or pk["changed"]
+        or d.get("used")
         or d["environment"]
         or d["hardware"]
         or d["placement"]

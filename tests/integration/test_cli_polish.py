@@ -193,3 +193,72 @@ def test_ctrl_c_on_logs_follow_ends_quietly(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "cancelled 1 run" in done.stdout and "run(s)" not in done.stdout
+
+
+def _opened(pid: int, path: Path) -> bool:
+    """Whether process ``pid`` has ``path`` open now."""
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(fd) == str(path):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def test_ctrl_c_while_a_command_works_ends_it_quietly(tmp_path: Path) -> None:
+    """Ctrl-C while `run` hashes a large data input (a sparse file: 64 GiB of zeros, long to
+    read, nothing on disk): exit 130 and nothing on stderr, not a KeyboardInterrupt traceback.
+    No Ray: the interrupt comes before anything starts."""
+    project = tmp_path / "p"
+    project.mkdir()
+    big = tmp_path / "data" / "big.bin"  # outside the experiment: data, not its code
+    big.parent.mkdir()
+    with big.open("wb") as f:
+        f.truncate(64 << 30)
+    (project / "stowplan.toml").write_text(
+        '[project]\nname = "p"\n[providers.local]\nkind = "local"\ncpus = 1\n'
+    )
+    (project / "big.toml").write_text(
+        f"""
+[experiment]
+name = "big"
+[[tasks]]
+name = "t"
+script = "true"
+inputs = [{{ uri = "{big}" }}]
+resources = {{ cpus = 1, memory = "64MiB" }}
+"""
+    )
+    env = {
+        **os.environ,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),  # no hash of it cached from elsewhere
+        "GIT_CEILING_DIRECTORIES": str(tmp_path),
+    }
+    err = tmp_path / "run.err"
+    with err.open("wb") as e:
+        run = subprocess.Popen(
+            _cli("run", "big.toml", "--dry-run"),
+            cwd=project,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=e,
+        )
+        try:
+            wait_for(
+                lambda: _opened(run.pid, big) or run.poll() is not None, 60, "the data's hashing"
+            )
+            assert run.poll() is None, err.read_text()
+            run.send_signal(signal.SIGINT)
+            assert run.wait(30) == 130
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.wait(30)
+    assert err.read_text() == ""
+    assert not (project / ".stowplan").exists()

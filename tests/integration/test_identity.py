@@ -9,9 +9,9 @@ tests install, upgrade and add to for real (``.dist-info`` directories).
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -57,19 +57,28 @@ sweep = {{ parameters = {{ a = [1, 2, 1] }} }}
     return f
 
 
-def run(exp: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
+def run(
+    exp: Path, capsys: pytest.CaptureFixture[str], err: list[str] | None = None
+) -> dict[str, object]:
     capsys.readouterr()
     assert main(["run", str(exp), "--json"]) == 0
-    out = capsys.readouterr().out
-    status: dict[str, object] = json.loads(out)
+    out = capsys.readouterr()
+    if err is not None:
+        err.append(out.err)
+    status: dict[str, object] = json.loads(out.out)
     return status
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    capsys.readouterr()
+    assert main(list(argv)) == 0
+    return capsys.readouterr().out
 
 
 def test_reuse_follows_code_and_imports_not_unrelated_installs(
     ray_session: None,
     project: Path,
     capsys: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
 ) -> None:
     root = project.parent
     site = root.parent / "site"
@@ -95,12 +104,28 @@ def test_reuse_follows_code_and_imports_not_unrelated_installs(
 
     # a new version of what it imports: all run again, and the user is told why
     make_dist(site, "fancy-pkg", "2.0", "fancy", top_level=True)
-    with caplog.at_level(logging.WARNING, logger="stowplan.actors.session"):
-        again = run(project, capsys)
+    err: list[str] = []
+    again = run(project, capsys, err)
     assert again["reused"] == 0 and again["counts"] == {"SUCCEEDED": 3}
-    assert "re-running 3 runs: fancy-pkg 1.0 -> 2.0 changed since they ran" in caplog.text
+    # on stderr, once, before the runs start (not through logging)
+    assert err[0].count("re-running 3 runs: fancy-pkg 1.0 -> 2.0 changed since they ran") == 1
     runs_again = {str(r["run_id"]) for r in again["runs"]}  # type: ignore[attr-defined]
     assert not runs_again & first_ids
+
+    # show and diff say what each run imported, as captured where it ran
+    old_a1 = next(r for r in runs if r.index == 0)
+    rows = cast(list[dict[str, Any]], again["runs"])
+    new_a1 = next(str(r["run_id"]) for r in rows if r["index"] == 0)
+    shown = json.loads(cli(capsys, "show", old_a1.run_id[:12], "--json"))
+    assert shown["used"] == {"fancy-pkg": "1.0"}
+    text = cli(capsys, "show", new_a1[:12])
+    assert "  used (captured where it ran): fancy-pkg==2.0\n" in text
+    assert "  environment in the identity: CPython 3." in text
+    d = json.loads(cli(capsys, "diff", old_a1.run_id[:12], new_a1[:12], "--json"))
+    assert d["used"] == [{"package": "fancy-pkg", "a": "1.0", "b": "2.0"}]
+    assert d["params"] == [] and d["code"]["fields"] == []
+    text = cli(capsys, "diff", old_a1.run_id[:12], new_a1[:12])
+    assert "used (captured where each ran):\n  ~ fancy-pkg 1.0 -> 2.0" in text
     # ... which the next invocation reuses
     assert run(project, capsys)["reused"] == 3
 
@@ -115,3 +140,8 @@ def test_reuse_follows_code_and_imports_not_unrelated_installs(
     assert prov.code["version"].startswith("nogit.")
     assert prov.code["tree"]["root"] == str(root.resolve())
     assert os.path.basename(prov.code["tree"]["root"]) == root.name
+    # show says what that version covers
+    text = cli(capsys, "show", str(edited["runs"][0]["run_id"])[:12])  # type: ignore[index]
+    files = prov.code["tree"]["files"]
+    assert f"  code: {prov.code['version']} (no git: {files} files (" in text
+    assert f"bytes) under {root.resolve()}, hashed" in text

@@ -244,3 +244,55 @@ def test_cancel_is_in_the_ledger_with_its_reason(
     assert entry["details"]["runs"] == 4 and entry["target"] == "tiny"
     assert sorted(entry["details"]["run_ids"]) == sorted(r.run_id for r in prepared.planned)
     assert os.environ.get("STOWPLAN_SECRET") is None or "STOWPLAN_SECRET" not in str(entry)
+
+
+IMPORTS = """\
+import json, fancy
+json.dump({"ok": 1}, open("out.json", "w"))
+"""
+
+
+def test_replay_compares_what_the_run_imported_with_what_is_there_now(
+    ray_session: None,
+    project: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The run imports fancy-pkg from a site directory on its own PYTHONPATH (so this process,
+    and the environment stowplan records, never see it); after an upgrade there, replay names
+    the change, and --strict-env refuses it."""
+    from tests.unit.provenance.test_capture_used import make_dist
+
+    site = tmp_path / "site"
+    make_dist(site, "fancy-pkg", "1.0", "fancy", top_level=True)
+    (project / "imp.py").write_text(IMPORTS)
+    (project / "imp.toml").write_text(
+        f"""
+[experiment]
+name = "imp"
+[[tasks]]
+name = "t"
+command = ["python", "{{experiment_dir}}/imp.py"]
+env = {{ PYTHONPATH = "{site}" }}
+outputs = ["out.json"]
+resources = {{ cpus = 1, memory = "64MiB" }}
+"""
+    )
+    git(project, "add", "-A")
+    git(project, "commit", "-q", "-m", "imp")
+    assert main(["run", "imp.toml"]) == 0
+    with RunStore(project / ".stowplan" / "stowplan.db") as store:
+        (run,) = store.runs_by_name("imp")
+    make_dist(site, "fancy-pkg", "2.0", "fancy", top_level=True)
+
+    capsys.readouterr()
+    assert main(["replay", run.run_id[:12], "--strict-env"]) == 2
+    err = capsys.readouterr().err
+    assert "--strict-env" in err and "used package changed: fancy-pkg 1.0 -> 2.0" in err
+    with RunStore(project / ".stowplan" / "stowplan.db") as store:
+        assert len(store.all_runs()) == 1  # refused: nothing submitted
+
+    out = cli_json(capsys, "replay", run.run_id[:12], "--verify")
+    assert isinstance(out, dict)
+    assert "used package changed: fancy-pkg 1.0 -> 2.0" in out["environment_differences"]
+    assert out["verdict"] == "REPRODUCED"  # the output does not depend on the version

@@ -11,8 +11,10 @@ import pytest
 
 from stowplan.actors.session import prepare, record
 from stowplan.errors import SpecError
+from stowplan.provenance.imports import InterpreterUse, UsedRecord
 from stowplan.provenance.query import (
     Filter,
+    diff_is_empty,
     diff_runs,
     find_runs,
     lineage,
@@ -23,6 +25,7 @@ from stowplan.provenance.query import (
     replicate_summary,
     to_dot,
     tree_lines,
+    used_changes,
 )
 from stowplan.provenance.records import ArtifactRecord, RunRecord
 from stowplan.provenance.replay import check_record, compare_outputs, environment_differences
@@ -243,3 +246,36 @@ def test_readiness_places_only_runs_whose_upstream_succeeded() -> None:
     assert some.waiting[0].on == {"train": ["t1", "t2"]}
     done = readiness(runs, {"t0": "SUCCEEDED", "t1": "SUCCEEDED", "t2": "SUCCEEDED"})
     assert done.ready == ["p"] and [w.run_id for w in done.waiting] == ["r"]
+
+
+def _used(**dists: str) -> UsedRecord:
+    return UsedRecord(
+        interpreters=[InterpreterUse(executable="/usr/bin/python3", distributions=dists)]
+    )
+
+
+def test_diff_names_the_imported_packages_whose_versions_differ(
+    filled: tuple[RunStore, list[str]],
+) -> None:
+    store, ids = filled
+    a, b = load_view(store, ids[0]), load_view(store, ids[0])
+    assert used_changes(
+        _used(numpy="1.26.4", six="1.16.0"), _used(numpy="2.0.0", attrs="23.1")
+    ) == [
+        {"package": "attrs", "a": None, "b": "23.1"},
+        {"package": "numpy", "a": "1.26.4", "b": "2.0.0"},
+        {"package": "six", "a": "1.16.0", "b": None},
+    ]
+    # one side captured nothing: nothing is known to compare
+    assert used_changes(_used(numpy="1.26.4"), None) == []
+    same = diff_runs(store, a, b)
+    assert same["used"] == [] and diff_is_empty(same)
+    rid = ids[0]
+    b2 = load_view(store, ids[1])
+    d = diff_runs(store, a, b2, used={rid: _used(numpy="1.26.4"), ids[1]: _used(numpy="2.0.0")})
+    assert d["used"] == [{"package": "numpy", "a": "1.26.4", "b": "2.0.0"}]
+    # the same run on both sides: the same record, nothing differs
+    assert diff_runs(store, a, b, used={rid: _used(numpy="1.26.4")})["used"] == []
+    only_used = {**same, "used": [{"package": "numpy", "a": "1", "b": "2"}]}
+    assert not diff_is_empty(only_used)
+    store.close()
