@@ -23,12 +23,16 @@ import msgspec
 from stowplan.actors.runtime import error_detail, error_text, note_worker
 from stowplan.actors.wire import pack, unpack
 from stowplan.errors import ProviderError
-from stowplan.providers.base import LaunchSpec, Provider, ProviderState, Report
+from stowplan.providers.base import (
+    TERMINAL_PROVIDER_STATES,
+    LaunchSpec,
+    Provider,
+    ProviderState,
+    Report,
+)
 from stowplan.spec.models import FailureClass, ProviderConfig
 
 log = logging.getLogger(__name__)
-
-FINAL = frozenset({ProviderState.SUCCEEDED, ProviderState.FAILED, ProviderState.CANCELLED})
 
 
 class ProviderActor:
@@ -98,7 +102,7 @@ class ProviderActor:
             ]
         loop = asyncio.get_running_loop()
         for rep in reports:
-            if rep.state not in FINAL:
+            if rep.state not in TERMINAL_PROVIDER_STATES:
                 self.live[rep.key] = (rep.state, loop.time())
         self._wake.set()
         return pack(reports)
@@ -109,7 +113,7 @@ class ProviderActor:
         reports = await self.driver.describe(keys)
         loop = asyncio.get_running_loop()
         for rep in reports:
-            if rep.state in FINAL or rep.state is ProviderState.UNKNOWN:
+            if rep.state in TERMINAL_PROVIDER_STATES or rep.state is ProviderState.UNKNOWN:
                 self.live.pop(rep.key, None)
             else:
                 self.live[rep.key] = (rep.state, loop.time())
@@ -183,7 +187,7 @@ class ProviderActor:
                 if rep.state != prev[0] or now - prev[1] >= self.renew_every:
                     changed.append(rep)
                     self.live[rep.key] = (rep.state, now)
-                if rep.state in FINAL:
+                if rep.state in TERMINAL_PROVIDER_STATES:
                     self.live.pop(rep.key, None)
             if changed:
                 interval = self.poll_min

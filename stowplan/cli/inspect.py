@@ -19,9 +19,9 @@ from stowplan.cli.common import make_console, plural
 from stowplan.errors import SpecError
 from stowplan.provenance.records import RunRecord
 from stowplan.provenance.store import RunStore
+from stowplan.scheduler.states import FINAL
 from stowplan.spec.loader import load_project
 
-FINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 EXIT_INTERRUPTED = 130
 """128 + SIGINT, as a shell reports a command that Ctrl-C ended."""
 

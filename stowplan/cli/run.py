@@ -19,8 +19,8 @@ from stowplan.cli.common import make_console, plural
 from stowplan.provenance.query import output_values, replicate_summary
 from stowplan.provenance.records import RunRecord
 from stowplan.provenance.store import RunStore
+from stowplan.scheduler.states import FINAL
 
-FINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 EXIT_OK, EXIT_FAILED = 0, 1
 
 
