@@ -1,7 +1,9 @@
-"""What every ``stowplan`` command shares: its consoles, counted nouns and flag types.
+"""What every ``stowplan`` command shares: its consoles, counted nouns, flag types, and the
+project's run store with its run id prefixes.
 
-Kept light: ``build_parser()`` imports the flag types for every invocation, so rich and the
-spec models are imported inside the functions that need them.
+Kept light: ``build_parser()`` imports the flag types for every invocation, so rich, the spec
+models and the store are imported inside the functions that need them. What talks to providers
+and the control plane is in ``cli/control.py``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import re
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Final
 
 # one definition of counted nouns for every message (placement and actors use it too)
@@ -20,13 +23,18 @@ from stowplan.spec.units import plural, verb
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from stowplan.provenance.store import RunStore
+    from stowplan.spec.loader import LoadedProject
+
 __all__ = [
     "PIPE_WIDTH",
     "budget_seconds",
     "choice",
     "hex_prefix",
     "make_console",
+    "open_store",
     "plural",
+    "resolve_run",
     "verb",
 ]
 
@@ -59,6 +67,40 @@ def _is_terminal(stream: IO[str]) -> bool:
 
 
 _HEX: Final = re.compile(r"[0-9a-f]+")
+
+
+# -- the project's run store -----------------------------------------------------------------
+
+
+def open_store(args: argparse.Namespace) -> tuple[RunStore, tuple[LoadedProject, Path]]:
+    """The run store of the project at ``--project-dir`` (or above the working directory),
+    with the project and its state directory; SpecError when nothing was run there yet."""
+    from stowplan.actors.session import project_paths
+    from stowplan.errors import SpecError
+    from stowplan.provenance.store import RunStore
+    from stowplan.spec.loader import load_project
+
+    project = load_project(search_from=args.project_dir or Path.cwd())
+    state_dir, store_path = project_paths(project)
+    if not store_path.exists():
+        raise SpecError(
+            f"no run store at {store_path}",
+            hint="run an experiment first (stowplan run FILE), or pass --project-dir",
+        )
+    return RunStore(store_path), (project, state_dir)
+
+
+def resolve_run(store: RunStore, prefix: str) -> str:
+    """The run id that ``prefix`` starts; SpecError when none or several do."""
+    from stowplan.errors import SpecError
+
+    try:
+        return store.resolve_run(prefix)
+    except (KeyError, ValueError) as e:
+        msg = e.args[0] if e.args else str(e)
+        raise SpecError(
+            str(msg), hint="give more characters of the run id (stowplan status)"
+        ) from None
 
 
 # -- flag types (argparse ``type=``): a bad value is a usage error, exit 2 ------------------

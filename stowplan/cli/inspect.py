@@ -15,38 +15,14 @@ import anyio
 import msgspec
 from rich.table import Table
 
-from stowplan.cli.common import make_console, plural
+from stowplan.cli.common import make_console, open_store, plural, resolve_run
 from stowplan.errors import SpecError
 from stowplan.provenance.records import RunRecord
 from stowplan.provenance.store import RunStore
 from stowplan.scheduler.states import FINAL
-from stowplan.spec.loader import load_project
 
 EXIT_INTERRUPTED = 130
 """128 + SIGINT, as a shell reports a command that Ctrl-C ended."""
-
-
-def _open(args: argparse.Namespace) -> tuple[RunStore, Any]:
-    from stowplan.actors.session import project_paths
-
-    project = load_project(search_from=args.project_dir or Path.cwd())
-    state_dir, store_path = project_paths(project)
-    if not store_path.exists():
-        raise SpecError(
-            f"no run store at {store_path}",
-            hint="run an experiment first (stowplan run FILE), or pass --project-dir",
-        )
-    return RunStore(store_path), (project, state_dir)
-
-
-def _resolve(store: RunStore, prefix: str) -> str:
-    try:
-        return store.resolve_run(prefix)
-    except (KeyError, ValueError) as e:
-        msg = e.args[0] if e.args else str(e)
-        raise SpecError(
-            str(msg), hint="give more characters of the run id (stowplan status)"
-        ) from None
 
 
 def _ago(t: float) -> str:
@@ -58,7 +34,7 @@ def _ago(t: float) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    store, _ = _open(args)
+    store, _ = open_store(args)
     with store:
         exps = store.list_experiments()
         rows = []
@@ -102,7 +78,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    store, _ = _open(args)
+    store, _ = open_store(args)
     with store:
         if args.experiment:
             runs = store.runs_by_name(args.experiment)
@@ -196,9 +172,9 @@ def used_line(used: dict[str, str] | None) -> str:
 def cmd_show(args: argparse.Namespace) -> int:
     from stowplan.provenance.imports import used_records
 
-    store, (project, state_dir) = _open(args)
+    store, (project, state_dir) = open_store(args)
     with store:
-        run_id = _resolve(store, args.run)
+        run_id = resolve_run(store, args.run)
         run = store.get_runs([run_id])[run_id]
         attempts = store.attempts_for([run_id]).get(run_id, [])
         artifacts = store.artifacts_for([run_id]).get(run_id, [])
@@ -348,9 +324,9 @@ def cmd_logs(args: argparse.Namespace) -> int:
     from stowplan.providers.base import LogStream
     from stowplan.providers.registry import make_provider
 
-    store, (project, state_dir) = _open(args)
+    store, (project, state_dir) = open_store(args)
     with store:
-        run_id = _resolve(store, args.run)
+        run_id = resolve_run(store, args.run)
         attempts = store.attempts_for([run_id]).get(run_id, [])
     if not attempts:
         raise SpecError(f"run {run_id[:12]} has no attempts yet", hint="wait until it starts")
@@ -392,7 +368,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     """Cancel through a running control plane if there is one; otherwise directly."""
     from stowplan.actors.control import QUEUE
 
-    store, (project, state_dir) = _open(args)
+    store, (project, state_dir) = open_store(args)
     with store:
         try:
             targets = [store.resolve_run(args.target)]

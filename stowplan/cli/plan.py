@@ -42,7 +42,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import msgspec
 
     from stowplan.actors.session import check_feasible, prepare
-    from stowplan.cli.run import _discover
+    from stowplan.cli.control import discover
     from stowplan.errors import SpecError
     from stowplan.placement import solve
     from stowplan.placement.context import context_for
@@ -56,7 +56,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for note in prepared.notes:
         err.print(note, markup=False)
     context = context_for(prepared.project, prepared.loaded)
-    pools = _discover(prepared)
+    pools = discover(prepared)
     check_feasible(prepared, pools)
     planned = prepared.planned
     names = {r.run_id: f"{r.task}[{r.index}]" for r in planned}

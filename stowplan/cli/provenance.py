@@ -10,15 +10,14 @@ import argparse
 import datetime as dt
 import json
 import sys
-import time
 from typing import Any
 
 import msgspec
 
-from stowplan.cli.common import choice, hex_prefix, make_console, plural
+from stowplan.cli.common import choice, hex_prefix, make_console, open_store, plural, resolve_run
 from stowplan.errors import SpecError
 
-# NOTE: rich and cli.inspect are imported inside the commands: build_parser() imports this
+# NOTE: rich and the store are imported inside the commands: build_parser() imports this
 # module for every stowplan invocation, and they cost half a second on a small machine.
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -38,10 +37,9 @@ def _print_json(data: Any) -> None:
 def cmd_audit(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from stowplan.cli.inspect import _open
     from stowplan.provenance.ledger import verify
 
-    store, _ = _open(args)
+    store, _ = open_store(args)
     with store:
         entries = store.ledger(target=getattr(args, "target", None))
     if args.audit_command == "log":
@@ -97,13 +95,12 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     import subprocess
     from pathlib import Path
 
-    from stowplan.cli.inspect import _open
     from stowplan.provenance.query import Direction, lineage, reaches, to_dot, tree_lines
 
     if args.depth is not None and args.depth < 1:
         raise SpecError(f"--depth must be at least 1, not {args.depth}", hint="--depth 2")
     direction: Direction = "both" if args.up and args.down else ("down" if args.down else "up")
-    store, _ = _open(args)
+    store, _ = open_store(args)
     with store:
         graph = lineage(store, args.target, direction=direction, depth=args.depth)
     if args.format == "json" or args.json:
@@ -150,7 +147,6 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 def cmd_find(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from stowplan.cli.inspect import _open
     from stowplan.provenance.query import Filter, find_runs, parse_param_filter
 
     flt = Filter(
@@ -165,7 +161,7 @@ def cmd_find(args: argparse.Namespace) -> int:
         host=args.host,
         artifact=args.artifact,
     )
-    store, _ = _open(args)
+    store, _ = open_store(args)
     with store:
         runs = find_runs(store, flt)
     if args.json:
@@ -214,21 +210,14 @@ def cmd_find(args: argparse.Namespace) -> int:
 # -- diff ------------------------------------------------------------------------------------
 
 
-def _run_arg(store: Any, prefix: str) -> str:
-    from stowplan.cli.inspect import _resolve
-
-    return _resolve(store, prefix)
-
-
 def cmd_diff(args: argparse.Namespace) -> int:
-    from stowplan.cli.inspect import _open
     from stowplan.provenance.imports import used_records
     from stowplan.provenance.query import diff_runs, load_view
 
-    store, (project, state_dir) = _open(args)
+    store, (project, state_dir) = open_store(args)
     with store:
-        a = load_view(store, _run_arg(store, args.run_a))
-        b = load_view(store, _run_arg(store, args.run_b))
+        a = load_view(store, resolve_run(store, args.run_a))
+        b = load_view(store, resolve_run(store, args.run_b))
         used = used_records(
             store, [a.run.run_id, b.run.run_id], project.config.providers, state_dir
         )
@@ -291,34 +280,6 @@ def _short(v: Any) -> str:
 # -- replay ----------------------------------------------------------------------------------
 
 
-def _replay_targets(store: Any, targets: list[str]) -> list[str]:
-    """Run ids from run id prefixes, or every original run of an experiment named."""
-    ids: list[str] = []
-    for t in targets:
-        try:
-            ids.append(store.resolve_run(t))
-            continue
-        except ValueError as e:
-            raise SpecError(str(e.args[0]), hint="give more characters of the run id") from None
-        except KeyError:
-            pass
-        exps = store.find_experiment(t)
-        if not exps:
-            raise SpecError(
-                f"{t!r} is neither a run id nor an experiment name",
-                hint="see stowplan status and stowplan ls",
-            )
-        runs = [
-            r
-            for r in store.runs_for_experiment(exps[0].id)
-            if store.replay_source(r.run_id) is None
-        ]
-        if runs:
-            low = min(r.replicate for r in runs)
-            ids += [r.run_id for r in runs if r.replicate == low]
-    return list(dict.fromkeys(ids))
-
-
 def _tolerances(items: list[str] | None) -> dict[str, float]:
     out: dict[str, float] = {}
     for item in items or []:
@@ -337,26 +298,13 @@ def _tolerances(items: list[str] | None) -> dict[str, float]:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    """Rebuild runs from their records and run them again; see provenance/replay.py."""
+    """Rebuild runs from their records and run them again: provenance/replay.py decides and
+    records, the control plane runs them, this renders."""
     from pathlib import Path
 
-    from stowplan.actors.session import Prepared, project_paths, run_ids_detail
-    from stowplan.cli.run import _dispatch
+    from stowplan.cli.control import dispatch
     from stowplan.provenance import replay as rp
-    from stowplan.provenance.capture import (
-        capture_code,
-        capture_environment,
-        capture_hardware,
-        code_context,
-    )
-    from stowplan.provenance.data import HashCache, capture_data, default_cache_path
-    from stowplan.provenance.ledger import current_user
-    from stowplan.provenance.query import RunView, load_view
-    from stowplan.provenance.records import ProvenanceRecord, ReplayRecord
     from stowplan.provenance.store import RunStore
-    from stowplan.scheduler.events import TaskInstance
-    from stowplan.scheduler.plan import PlannedRun, Versions, plan_runs
-    from stowplan.spec.canonical import RunIdentity
     from stowplan.spec.loader import load_project
 
     tolerances = _tolerances(args.metric_tolerance)
@@ -364,315 +312,52 @@ def cmd_replay(args: argparse.Namespace) -> int:
         raise SpecError("--tolerance must not be negative", hint="--tolerance 1e-6")
     err = make_console(stderr=True)
     project = load_project(search_from=args.project_dir or Path.cwd())
-    state_dir, store_path = project_paths(project)
-    if not store_path.exists():
-        raise SpecError(f"no run store at {store_path}", hint="pass --project-dir")
-    providers = dict(project.config.providers)
-    if args.provider is not None:
-        if args.provider not in providers:
-            raise SpecError(
-                f"--provider {args.provider!r} is not configured",
-                file=project.file or "stowplan.toml",
-                path="$.providers",
-                hint="use one of: " + ", ".join(sorted(providers)),
-            )
-        providers = {args.provider: providers[args.provider]}
-
-    # 1. every check that reads only the store
-    with RunStore(store_path) as store:
-        ids = _replay_targets(store, args.targets)
-        if not ids:
-            raise SpecError("nothing to replay", hint="name a run id or an experiment")
-        views: list[RunView] = [load_view(store, i) for i in ids]
-        for v in views:
-            rp.check_record(store, v)
-        for d in sorted({d for v in views for d in v.run.depends_on}):
-            # upstream outputs are the replay's inputs: they must be intact too
-            rp.check_record(store, load_view(store, d))
-        first = views[0]
-        assert first.provenance is not None and first.experiment is not None
-        experiment = first.experiment
-        if len({(v.run.experiment_id, v.run.identity.get("code_version")) for v in views}) > 1:
-            raise SpecError(
-                "these runs come from different experiments or code versions",
-                hint="replay the runs of one experiment version at a time",
-            )
-        outside = sorted({d for v in views for d in v.run.depends_on})
-        states = store.run_states(outside)
-        for d in outside:
-            if states.get(d, ("missing", 0))[0] != "SUCCEEDED":
-                raise SpecError(
-                    f"cannot replay: upstream run {d[:12]} did not succeed "
-                    f"({states.get(d, ('missing', 0))[0]})",
-                    hint="a replay reads what its original read: run the upstream runs first",
-                )
-        repo = rp.check_code(first, Path(project.root))
-        patch = (
-            store.get_blob(first.provenance.code["diff_sha256"])
-            if first.provenance.code.get("diff_sha256")
-            else b""
-        )
-        originals = {v.run.run_id: v for v in views}
-
-    # 2. the environment
-    env_now = capture_environment(lock_dirs=[Path(project.root)])
-    env_diffs = rp.environment_differences(first.provenance.environment, env_now)
-    with RunStore(store_path) as s:
-        # what the run imported, captured where it ran, against what its interpreter has now
-        env_diffs += rp.captured_differences(
-            rp.used_by(s, first, project.config.providers, state_dir)
-        )
-    if env_diffs and args.strict_env:
-        shown = "\n  ".join(env_diffs[:20])
-        raise SpecError(
-            f"cannot replay with --strict-env: the environment differs from the record:\n  {shown}",
-            hint="install the recorded versions (stowplan show RUN --json lists them), or "
-            "drop --strict-env",
-        )
-
-    # 3. the code, then the data inside it
-    checkout = rp.open_code(store, first, repo)
-    try:
-        notes: list[str] = []
-        for v in views:
-            notes += rp.check_data(v, Path(checkout.experiment_dir))
-        mismatch = rp.code_matches(first, checkout)
-        if mismatch is not None:
-            notes.append(mismatch)
-        loaded = rp.recorded_experiment(
-            first,
-            Path(checkout.experiment_dir),
-            Path(checkout.experiment_file or checkout.experiment_dir),
-        )
-        recorded_data: dict[str, str] = {}
-        for v in views:
-            recorded_data.update(v.run.identity.get("data_versions", {}))
-        code_version = str(first.run.identity["code_version"])
-        versions = Versions(
-            code_version=code_version,
-            env_hash=str(env_now["env_hash"]),
-            data_versions=recorded_data,
-        )
-        project_name = first.experiment.project
-        plans: dict[int, list[PlannedRun]] = {}
-        order = {}
-        for v in views:
-            rep = v.run.replicate
-            if rep not in plans:
-                plans[rep] = plan_runs(loaded, versions, project=project_name, replicate=rep)
-            for pos, p in enumerate(plans[rep]):
-                order[(rep, p.task, p.index)] = (pos, p)
-        pin_supported = "hardware_class" in TaskInstance.__struct_fields__
-        replay_of: dict[str, str] = {}
-        planned: list[PlannedRun] = []
-        pins: dict[str, str | None] = {}
-        with RunStore(store_path) as store:
-            for v in sorted(
-                views, key=lambda v: order[(v.run.replicate, v.run.task, v.run.index)][0]
-            ):
-                _, p = order[(v.run.replicate, v.run.task, v.run.index)]
-                ident = RunIdentity(**v.run.identity)
-                if p.identity.task_spec_hash != ident.task_spec_hash or p.params != v.run.params:
-                    raise SpecError(
-                        f"cannot replay run {v.run.run_id[:12]}: its recorded spec no longer "
-                        "plans to the same run",
-                        hint="the record may be damaged",
-                    )
-                # The replay reads exactly what the original read: its recorded upstream
-                # runs' outputs (content-addressed, checked above), not the other replays'.
-                upstream = sorted(v.run.depends_on)
-                rep = v.run.replicate + 1
-                while True:
-                    new_ident = msgspec.structs.replace(
-                        ident, env_hash=versions.env_hash, upstream=upstream, replicate=rep
-                    )
-                    new_id = new_ident.run_id()
-                    if new_id not in replay_of.values() and not store.get_runs([new_id]):
-                        break
-                    rep += 1
-                replay_of[v.run.run_id] = new_id
-                instance = msgspec.structs.replace(
-                    p.instance,
-                    run_id=new_id,
-                    depends_on=tuple(upstream),
-                    allowed_providers=(args.provider,) if args.provider else None,
-                )
-                hw_class = v.placements[-1].hardware_class if v.placements else None
-                pins[new_id] = hw_class if pin_supported else None
-                if pin_supported and hw_class:
-                    instance = msgspec.structs.replace(instance, hardware_class=hw_class)
-                planned.append(
-                    PlannedRun(
-                        run_id=new_id,
-                        task=p.task,
-                        index=p.index,
-                        params=p.params,
-                        seed=v.run.seed,
-                        replicate=rep,
-                        depends_on=upstream,
-                        identity=new_ident,
-                        launch=p.launch,
-                        instance=instance,
-                    )
-                )
-        code, _ = capture_code(Path(checkout.experiment_dir))
-        code_info = msgspec.to_builtins(code)
-        code_info.update(code_context(Path(checkout.experiment_dir), code))
-        code_info["experiment_file"] = first.provenance.code.get("experiment_file")
-        code_info["replayed_in_worktree"] = checkout.worktree
-        data_records: dict[str, Any] = {}
-        with HashCache(default_cache_path()) as cache:
-            for t in loaded.spec.tasks:
-                for i in t.inputs:
-                    if i.uri in recorded_data and i.uri not in data_records:
-                        data_records[i.uri] = msgspec.to_builtins(
-                            capture_data(
-                                i.uri, i.version, Path(checkout.experiment_dir), cache=cache
-                            )
-                        )
-        prepared = Prepared(
-            project=project,
-            loaded=loaded,
-            experiment=first.experiment,
-            planned=planned,
-            provenance=ProvenanceRecord(
-                code=code_info,
-                environment=env_now,
-                hardware=capture_hardware(),
-                data=data_records,
-            ),
-            diff=patch,
-            providers=providers,
-            replicate=min(p.replicate for p in planned),
-            state_dir=str(state_dir),
-            store_path=str(store_path),
-        )
-        for line in env_diffs:
+    plan = rp.plan_replay(project, args.targets, provider=args.provider, strict_env=args.strict_env)
+    with rp.checked_out(plan, keep=args.keep_worktree) as checkout:
+        build = rp.build_replay(plan, checkout)
+        for line in plan.environment_differences:
             err.print(f"environment differs: {line}", markup=False)
-        for line in notes:
+        for line in build.notes:
             err.print(f"note: {line}", markup=False)
-        for new_id, pin in pins.items():
+        for new_id, pin in build.pins.items():
             if pin is None:
                 err.print(
                     f"note: replay {new_id[:12]} runs unpinned: "
                     + (
                         "its original has no recorded placement"
-                        if pin_supported
+                        if build.pin_supported
                         else "this scheduler cannot pin a hardware class yet"
                     ),
                     markup=False,
                 )
-        at = time.time()
-        todo = [p.run_id for p in planned]
 
         def links(store: RunStore) -> None:
-            store.put_replay_batch(
-                [ReplayRecord(run_id=new, of_run_id=old, at=at) for old, new in replay_of.items()]
-            )
-            store.append_ledger(
-                who=current_user(),
-                action="replay",
-                target=experiment.id,
-                why=args.why or "",
-                details={
-                    "experiment": experiment.name,
-                    "of": run_ids_detail(list(replay_of)),
-                    **run_ids_detail(todo),
-                    "commit": checkout.commit,
-                    "diff_applied": checkout.applied_diff,
-                    "provider": args.provider,
-                    "environment_differences": len(env_diffs),
-                },
-            )
+            rp.record_replay(store, plan, build, why=args.why or "")
 
-        _dispatch(args, prepared, todo, outside, err, after_record=links)
-    finally:
-        if not args.keep_worktree:
-            rp.close_code(checkout)
+        dispatch(args, build.prepared, build.todo, plan.upstream, err, after_record=links)
 
-    # 4. the verdict
-    with RunStore(store_path) as store:
-        final = store.get_runs(todo)
-        arts = store.artifacts_for([*todo, *originals])
-        results = []
-        for old, new in replay_of.items():
-            state = final[new].state if new in final else "MISSING"
-            outputs = rp.compare_outputs(
-                arts.get(old, []),
-                arts.get(new, []),
-                tolerance=args.tolerance,
-                tolerances=tolerances,
-            )
-            verdict = None
-            differences: list[str] = []
-            if args.verify:
-                if state != "SUCCEEDED":
-                    differences = [f"the replay ended {state}"]
-                else:
-                    differences = [
-                        f"{o.name}: {o.how}" + (f" ({'; '.join(o.details)})" if o.details else "")
-                        for o in outputs
-                        if not o.same
-                    ]
-                verdict = "REPRODUCED" if not differences else "DIFFERS"
-                store.put_replay(
-                    ReplayRecord(
-                        run_id=new,
-                        of_run_id=old,
-                        at=at,
-                        verdict=verdict,
-                        differences=differences,
-                    )
-                )
-            results.append(
-                {
-                    "run_id": new,
-                    "of": old,
-                    "task": originals[old].run.task,
-                    "index": originals[old].run.index,
-                    "state": state,
-                    "verdict": verdict,
-                    "differences": differences,
-                    "outputs": msgspec.to_builtins(outputs),
-                    "hardware_class": pins.get(new),
-                }
-            )
-    overall = None
-    if args.verify:
-        overall = "REPRODUCED" if all(r["verdict"] == "REPRODUCED" for r in results) else "DIFFERS"
+    outcome = rp.verify_replay(
+        plan, build, verify=args.verify, tolerance=args.tolerance, tolerances=tolerances
+    )
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "verdict": overall,
-                    "commit": checkout.commit,
-                    "diff_applied": checkout.applied_diff,
-                    "environment_differences": env_diffs,
-                    "notes": notes,
-                    "replays": results,
-                },
-                indent=2,
-                sort_keys=True,
-            )
-        )
+        _print_json(outcome)
     else:
         c = make_console()
         c.print(
-            f"replayed {plural(len(results), 'run')} at {checkout.commit[:12]}"
-            + (" with the recorded uncommitted diff" if checkout.applied_diff else "")
+            f"replayed {plural(len(outcome.replays), 'run')} at {outcome.commit[:12]}"
+            + (" with the recorded uncommitted diff" if outcome.diff_applied else "")
         )
-        for r in results:
+        for r in outcome.replays:
             c.print(
-                f"  {r['of'][:12]} -> {r['run_id'][:12]} {r['task']}[{r['index']}] {r['state']}"
-                + (f" {r['verdict']}" if r["verdict"] else ""),
+                f"  {r.of[:12]} -> {r.run_id[:12]} {r.task}[{r.index}] {r.state}"
+                + (f" {r.verdict}" if r.verdict else ""),
                 markup=False,
             )
-            for d in r["differences"]:
+            for d in r.differences:
                 c.print(f"      {d}", markup=False)
-        if overall is not None:
-            c.print(overall)
-    failed = any(r["state"] != "SUCCEEDED" for r in results)
-    return EXIT_FAILED if failed or overall == "DIFFERS" else EXIT_OK
+        if outcome.verdict is not None:
+            c.print(outcome.verdict)
+    return EXIT_OK if outcome.ok else EXIT_FAILED
 
 
 def add_parsers(sub: Any) -> None:

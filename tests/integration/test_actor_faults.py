@@ -163,7 +163,7 @@ def test_control_plane_errors_have_no_colour_codes_in_a_pipe() -> None:
 
     from rich.console import Console
 
-    from stowplan.cli.run import watch
+    from stowplan.cli.control import watch
 
     out = io.StringIO()
     watch(_Plane(), ["a"], 1, time.monotonic(), Console(file=out))

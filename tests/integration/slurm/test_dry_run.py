@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from stowplan.actors.session import prepare
-from stowplan.cli.run import _discover, save_discovered
+from stowplan.cli.control import discover, save_discovered
 from stowplan.providers.facts import facts_path
 from tests.slurmcluster.cluster import ClusterFacts, SlurmCluster
 
@@ -70,7 +70,7 @@ def test_an_unreachable_cluster_dry_runs_from_the_facts_a_real_discovery_saved(
     (tmp_path / "exp.toml").write_text(EXPERIMENT)
     try:
         prepared = prepare(tmp_path / "exp.toml")
-        pools = _discover(prepared)  # what a real run does first, then it saves the facts
+        pools = discover(prepared)  # what a real run does first, then it saves the facts
         save_discovered(prepared, pools)
         assert pools and facts_path(Path(prepared.state_dir), "campus").is_file()
     finally:

@@ -28,7 +28,13 @@ from stowplan.provenance.query import (
     used_changes,
 )
 from stowplan.provenance.records import ArtifactRecord, RunRecord
-from stowplan.provenance.replay import check_record, compare_outputs, environment_differences
+from stowplan.provenance.replay import (
+    check_record,
+    compare_outputs,
+    environment_differences,
+    plan_replay,
+    replay_targets,
+)
 from stowplan.provenance.store import RunStore
 
 EXPERIMENT = """\
@@ -149,6 +155,28 @@ def test_check_record_passes_then_catches_edits(filled: tuple[RunStore, list[str
     with pytest.raises(SpecError, match="experiment's spec"):
         check_record(store, load_view(store, ids[3]))
     c.close()
+    store.close()
+
+
+def test_plan_replay_refuses_before_anything_is_checked_out(
+    filled: tuple[RunStore, list[str]], tmp_path: Path
+) -> None:
+    """The replay's decisions need no CLI and no Ray: a provider not configured, an upstream
+    run that did not succeed, code git did not track: each a SpecError naming why."""
+    from stowplan.spec.loader import load_project
+
+    store, ids = filled
+    project = load_project(search_from=tmp_path)
+    assert replay_targets(store, [ids[1][:12], ids[1], ids[0]]) == [ids[1], ids[0]]
+    with pytest.raises(SpecError, match="neither a run id nor an experiment"):
+        replay_targets(store, ["nosuch"])
+    with pytest.raises(SpecError, match="--provider 'gpu' is not configured") as e:
+        plan_replay(project, [ids[0]], provider="gpu")
+    assert e.value.path == "$.providers"
+    with pytest.raises(SpecError, match=f"upstream run {min(ids[:3])[:12]} did not succeed"):
+        plan_replay(project, [ids[3]])  # pick reads what the train runs have not made yet
+    with pytest.raises(SpecError, match="code that git did not track"):
+        plan_replay(project, [ids[0]])
     store.close()
 
 

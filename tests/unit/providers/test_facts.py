@@ -17,8 +17,8 @@ from types import SimpleNamespace
 import msgspec
 import pytest
 
+from stowplan.cli.control import discover, save_discovered
 from stowplan.cli.main import main
-from stowplan.cli.run import _discover, save_discovered
 from stowplan.errors import ProviderError, SpecError
 from stowplan.placement.problem import Pool, Shape
 from stowplan.providers.facts import facts_path, load_facts, save_facts
@@ -143,7 +143,7 @@ async def test_a_failed_discovery_writes_nothing_in_the_state_dir(tmp_path: Path
     assert tree(state) == before  # it used to leave slurm/campus/stats-<pid>.json
 
 
-# ---- _discover: a real run saves, a dry run falls back -----------------------------------------
+# ---- discover: a real run saves, a dry run falls back -----------------------------------------
 
 
 def test_discovery_writes_nothing_and_a_real_run_saves_every_providers_facts(
@@ -152,7 +152,7 @@ def test_discovery_writes_nothing_and_a_real_run_saves_every_providers_facts(
     state = tmp_path / ".stowplan"
     cfg = InstantProviderConfig()
     prep = prepared(state, bench=cfg)
-    pools = _discover(prep)
+    pools = discover(prep)
     assert not state.exists()  # a run that then fails its feasibility check writes nothing
     save_discovered(prep, pools)
     record, _ = load_facts(state, "bench", cfg)
@@ -167,7 +167,7 @@ def test_an_unreachable_cluster_dry_runs_from_saved_facts_and_writes_nothing(
     cfg = slurm(closed_port())
     save_facts(state, "campus", cfg, POOLS, now=1_800_000_000.0)
     before = tree(tmp_path)
-    pools = _discover(prepared(state, campus=cfg), dry_run=True)
+    pools = discover(prepared(state, campus=cfg), dry_run=True)
     assert pools == POOLS
     err = capsys.readouterr().err
     when = load_facts(state, "campus", cfg)[0]
@@ -188,7 +188,7 @@ def test_a_silent_cluster_is_given_up_on_within_the_bound(
     cfg = slurm(black_hole)
     save_facts(state, "campus", cfg, POOLS)
     before = tree(tmp_path)
-    assert _discover(prepared(state, campus=cfg), dry_run=True, timeout_s=0.5) == POOLS
+    assert discover(prepared(state, campus=cfg), dry_run=True, timeout_s=0.5) == POOLS
     assert "campus: unreachable (no answer within 0.5 s); using facts" in capsys.readouterr().err
     assert tree(tmp_path) == before
 
@@ -198,7 +198,7 @@ def test_an_unreachable_cluster_without_saved_facts_is_a_clear_error(tmp_path: P
     state = tmp_path / ".stowplan"
     before = tree(tmp_path)
     with pytest.raises(SpecError) as info:
-        _discover(prepared(state, campus=slurm(closed_port())), dry_run=True)
+        discover(prepared(state, campus=slurm(closed_port())), dry_run=True)
     e = info.value
     assert e.path == "$.providers.campus" and "unreachable" in e.message
     assert "no facts saved" in e.message and e.hint

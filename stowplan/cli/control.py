@@ -1,0 +1,224 @@
+"""Reaching the providers and the control plane: discovery for planning, and dispatching
+recorded runs to the control plane while watching them to the end.
+
+``run``, ``plan`` and ``replay`` share these. Imported only by those commands (never by
+``build_parser()``), so anyio and rich's progress bar load here at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from stowplan.provenance.store import RunStore
+from stowplan.scheduler.states import FINAL
+
+__all__ = ["DRY_RUN_DISCOVER_S", "discover", "dispatch", "save_discovered", "watch"]
+
+
+DRY_RUN_DISCOVER_S = 10.0
+"""How long a dry run waits for a provider's discovery before it uses the saved facts."""
+
+
+def discover(
+    prepared: Any, *, dry_run: bool = False, timeout_s: float = DRY_RUN_DISCOVER_S
+) -> list[Any]:
+    """Every configured provider's pools; writes nothing.
+
+    A real run saves them with ``save_discovered`` once the experiment is known to be
+    feasible, for later dry runs. A dry run waits at most ``timeout_s`` per provider and, where
+    one cannot be reached, plans with its saved facts and says so on stderr, or fails with a
+    ``SpecError`` (exit 2) when there are none.
+    """
+    from stowplan.errors import ProviderError, SpecError
+    from stowplan.providers.facts import load_facts
+    from stowplan.providers.registry import make_provider
+
+    state_dir = Path(prepared.state_dir)
+
+    async def one(name: str, cfg: Any) -> list[Any]:
+        async with make_provider(name, cfg, state_dir=state_dir) as drv:
+            if not dry_run:
+                return await drv.discover()
+            with anyio.fail_after(timeout_s):
+                return await drv.discover()
+
+    async def go() -> list[Any]:
+        pools: list[Any] = []
+        for name, cfg in sorted(prepared.providers.items()):
+            try:
+                pools.extend(await one(name, cfg))
+            except (ProviderError, TimeoutError) as e:
+                if not dry_run:
+                    raise
+                why = (
+                    f"no answer within {timeout_s:g} s"
+                    if isinstance(e, TimeoutError)
+                    else str(e).removeprefix(f"{name}: ")
+                )
+                cached, missing = load_facts(state_dir, name, cfg)
+                if cached is None:
+                    raise SpecError(
+                        f"provider {name!r} is unreachable ({why}), and a dry run has no facts "
+                        f"from an earlier discovery to plan with: {missing}",
+                        file=prepared.project.file,
+                        path=f"$.providers.{name}",
+                        hint="make the cluster reachable (host, port, network, keys) and try "
+                        "again; a real run that reaches it saves its facts for offline dry runs",
+                    ) from None
+                print(
+                    f"{name}: unreachable ({why}); using facts discovered {cached.when()}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                pools.extend(cached.pools)
+        return pools
+
+    return anyio.run(go)
+
+
+def save_discovered(prepared: Any, pools: list[Any]) -> None:
+    """Save each provider's discovered pools (``.stowplan/facts/``) for offline dry runs."""
+    from stowplan.providers.facts import save_facts
+
+    for name, cfg in sorted(prepared.providers.items()):
+        save_facts(Path(prepared.state_dir), name, cfg, [p for p in pools if p.provider == name])
+
+
+def dispatch(
+    args: argparse.Namespace,
+    prepared: Any,
+    todo: list[str],
+    reused: list[str],
+    err: Console,
+    *,
+    seen_before: list[str] | None = None,
+    after_record: Callable[[RunStore], None] | None = None,
+) -> None:
+    """Start (or join) the control plane, record the runs, hand them over, watch them.
+
+    The control plane boots first, so what it restores from the store is what earlier,
+    interrupted invocations left unfinished, not the runs about to be submitted.
+    ``after_record`` writes the ledger entry (and any links) instead of a plain submit entry.
+    """
+    from stowplan.actors.control import ControlPlane
+    from stowplan.actors.session import record, record_submission, submissions
+    from stowplan.placement.context import context_for
+
+    settings = prepared.project.config.placement
+    plane = ControlPlane(
+        state_dir=Path(prepared.state_dir),
+        store_path=Path(prepared.store_path),
+        providers=prepared.providers,
+        address=args.address,
+        poll_max=1.0,
+        context=context_for(prepared.project, prepared.loaded),
+        budget=settings.budget,
+        workers=settings.workers,
+    )
+    ids = list(todo)
+    total = len(ids)
+    started = time.monotonic()
+    plane.start()
+    failed = True
+    try:
+        with RunStore(Path(prepared.store_path)) as store:
+            record(prepared, store)
+            if after_record is not None:
+                after_record(store)
+            else:
+                record_submission(
+                    prepared,
+                    store,
+                    todo,
+                    seen_before=seen_before or [],
+                    why=getattr(args, "why", None) or "",
+                    provider=args.provider,
+                )
+        plane.submit(submissions(prepared, set(todo)), reused)
+        watch(plane, ids, total, started, err)
+        failed = False
+    except KeyboardInterrupt:
+        err.print("interrupted: cancelling unfinished runs")
+        plane.cancel(ids, "interrupted from the terminal")
+        watch(plane, ids, total, started, err)
+        failed = False
+    finally:
+        # after a failure, only stop: draining would wait on the actor that failed
+        plane.stop(drain=not failed)
+
+
+def watch(plane: Any, ids: list[str], total: int, started: float, err: Console) -> None:
+    """Poll the queue until every run is final; a live bar on a terminal, lines otherwise.
+
+    Raises ``ControlPlaneError`` as soon as the queue reports a fatal error: a failed actor
+    ends the run instead of leaving it waiting."""
+    from rich.text import Text
+
+    live = err.is_terminal
+    progress = (
+        Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            transient=False,
+        )
+        if live
+        else None
+    )
+    task_id = progress.add_task("starting", total=total) if progress else None
+    last_line = ""
+    last_print = 0.0
+    shown_errors = 0
+    if progress:
+        progress.start()
+    try:
+        while True:
+            info = plane.progress(ids)
+            counts: dict[str, int] = info["counts"]
+            done = sum(counts.get(s, 0) for s in FINAL)
+            queued = sum(
+                counts.get(s, 0)
+                for s in ("PENDING", "READY", "PLACED", "SUBMITTING", "QUEUED", "RETRYING")
+            )
+            line = (
+                f"queued {queued}  running {counts.get('RUNNING', 0)}  "
+                f"succeeded {counts.get('SUCCEEDED', 0)}  failed {counts.get('FAILED', 0)}"
+                + (f"  cancelled {counts['CANCELLED']}" if counts.get("CANCELLED") else "")
+                + (f"  lost {counts['LOST']}" if counts.get("LOST") else "")
+            )
+            if progress is not None and task_id is not None:
+                progress.update(task_id, completed=done, description=line)
+            else:
+                now = time.monotonic()
+                if line != last_line and (now - last_print >= 2.0 or done == total):
+                    elapsed = now - started
+                    eta = ""
+                    if 0 < done < total:
+                        eta = f"  eta {elapsed / done * (total - done):.0f}s"
+                    print(f"[{elapsed:6.1f}s] {line}{eta}", file=sys.stderr, flush=True)
+                    last_line, last_print = line, now
+            for e in info["errors"][shown_errors:]:
+                # Ray's messages carry colour codes: rich keeps them on a terminal, drops them
+                # in a pipe or file
+                err.print(Text.from_ansi(f"control plane error: {e}", style="red"))
+            shown_errors = len(info["errors"])
+            if info.get("fatal"):
+                raise plane.failure(info["fatal"])
+            if done >= total:
+                return
+            time.sleep(0.2)
+    finally:
+        if progress:
+            progress.stop()
