@@ -10,6 +10,12 @@ does what they say, in order:
 - ``Reconcile``: the provider describes the keys and the reports come back as an event;
 - ``Cancel``: passed to the provider; ``WakeAt``: the tick loop feeds a Tick then.
 
+Provider reports go the other way: the outputs of succeeded attempts are stored first (the
+queue waits for the store's answer), an attempt whose outputs were not all stored becomes a
+FAILED one (``node_failure``, retried by policy), then the attempts are recorded and the core
+hears of them. So no run is SUCCEEDED without its artifacts, and no dependent starts before
+they exist.
+
 It keeps no state that the store does not also have: after a crash (``max_restarts``) it boots
 again, from its constructor, from the store's active runs and reconciles with every provider
 before dispatching anything new.
@@ -72,6 +78,7 @@ from stowplan.scheduler.events import (
 from stowplan.scheduler.plan import Launch
 from stowplan.scheduler.states import FINAL, LEASED, TaskState
 from stowplan.spec.canonical import sha256_hex
+from stowplan.spec.models import FailureClass
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +146,19 @@ def launch_spec(
         timeout_s=la.timeout_s,
         outputs=la.outputs,
         files=files,
+    )
+
+
+def _not_stored(report: Report, reason: str | None) -> Report:
+    """``report`` as a failure when its outputs were not all stored (``reason`` says why)."""
+    if reason is None or report.state is not ProviderState.SUCCEEDED:
+        return report
+    return msgspec.structs.replace(
+        report,
+        state=ProviderState.FAILED,
+        failure=FailureClass.NODE_FAILURE,
+        message=reason,
+        outputs={},
     )
 
 
@@ -326,7 +346,7 @@ class QueueActor:
         raised into the provider's watch loop."""
         try:
             await self._ensure()
-            self._on_reports(provider, unpack(reports, list[Report]))
+            await self._on_reports(provider, unpack(reports, list[Report]))
         except Exception as e:
             self._fail(e)
 
@@ -526,7 +546,7 @@ class QueueActor:
             await self._call(f"provider:{cmd.provider}", provider.reconcile, cmd.keys),
             list[Report],
         )
-        self._on_reports(cmd.provider, reports)
+        await self._on_reports(cmd.provider, reports)
 
     async def _submit(self, cmd: Submit) -> None:
         # the write-ahead intents reach the store after the transitions that led to them
@@ -566,7 +586,7 @@ class QueueActor:
         reports = unpack(
             await self._call(f"provider:{cmd.provider}", provider.submit, launches), list[Report]
         )
-        self._on_reports(cmd.provider, reports)
+        await self._on_reports(cmd.provider, reports)
 
     async def _upstream(self, run_ids: list[str]) -> dict[str, bytes]:
         """The ``upstream.json`` of each run that has dependencies: their params and outputs."""
@@ -600,14 +620,36 @@ class QueueActor:
     ) -> LaunchSpec:
         return launch_spec(self.payloads[run_id], run_id, attempt, key, pool, upstream.get(run_id))
 
-    def _on_reports(self, provider: str, reports: list[Report]) -> None:
+    async def _on_reports(self, provider: str, reports: list[Report]) -> None:
+        """Store the outputs of succeeded attempts, then record the attempts and tell the core.
+
+        Outputs are stored (and the store has answered) before the core hears of the success,
+        so a dependent is submitted only once the artifacts it reads exist; an attempt whose
+        outputs were not all stored is reported FAILED instead (an infrastructure failure,
+        retried by policy: the driver already refused outputs that were the task's fault).
+        """
         if not reports:
             return
-        updates = []
+        runs = {r.key: self._run_of(r.key) for r in reports}
+        outputs: dict[str, dict[str, str]] = {}
         for r in reports:
-            run_id = self.core.run_of_key(r.key)
+            run_id = runs[r.key]
+            if r.state is ProviderState.SUCCEEDED and r.outputs and run_id is not None:
+                outputs[run_id] = r.outputs
+        if outputs:
+            failed: dict[str, str] = await self._call("store", self.store.store_outputs, outputs)
+            if failed:
+                reports = [_not_stored(r, failed.get(runs[r.key] or "")) for r in reports]
+        updates = []
+        used: dict[str, bytes] = {}
+        for r in reports:
+            run_id = runs[r.key]
             if r.state is ProviderState.UNKNOWN or run_id is None:
                 continue
+            used_hash = None
+            if r.used is not None:
+                used_hash = sha256_hex(r.used)
+                used[used_hash] = r.used
             updates.append(
                 AttemptRecord(
                     key=r.key,
@@ -623,19 +665,14 @@ class QueueActor:
                     message=r.message,
                     started_at=r.started_at,
                     ended_at=r.ended_at,
+                    used=used_hash,
                 )
             )
+        if used:
+            # before the updates that name them (calls to the store run in order)
+            self._send("store", self.store.put_used, list(used.values()))
         if updates:
             self._send("store", self.store.update_attempts, pack(updates))
-        outputs: dict[str, dict[str, str]] = {}
-        for r in reports:
-            if r.state is ProviderState.SUCCEEDED and r.outputs:
-                run_id = self._run_of(r.key)
-                if run_id is not None:
-                    outputs[run_id] = r.outputs
-        if outputs:
-            # ordered before any Submit of a dependent, which reads these artifacts
-            self._send("store", self.store.put_artifacts, outputs)
         self._handle(ProviderReported(provider=provider, reports=reports))
 
     def _run_of(self, key: str) -> str | None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from stowplan.actors.runtime import note_worker
 from stowplan.actors.wire import pack, unpack
-from stowplan.errors import StowplanError
 from stowplan.provenance.records import (
     ArtifactRecord,
     AttemptRecord,
@@ -49,25 +48,20 @@ class StoreActor:
     def update_attempts(self, updates: bytes) -> None:
         self.store.update_attempts(unpack(updates, list[AttemptRecord]))
 
+    def put_used(self, records: list[bytes]) -> None:
+        """Keep import records (what ``AttemptRecord.used`` names); sent before the updates."""
+        self.store.put_used(records)
+
     def put_blob(self, data: bytes) -> str:
         return self.store.put_blob(data)
 
     def put_placements(self, recs: bytes) -> None:
         self.store.put_placements(unpack(recs, list[PlacementRecord]))
 
-    def put_artifacts(self, outputs: dict[str, dict[str, str]]) -> None:
-        """Store the outputs of each run (run id -> output name -> path); raise a
-        ``StowplanError`` naming every run and output not stored, after storing all the rest."""
-        failed = self.store_outputs(outputs)
-        if failed:
-            raise StowplanError(
-                f"outputs of {len(failed)} run{'s' if len(failed) != 1 else ''} not stored: "
-                + "; ".join(failed[rid] for rid in sorted(failed))
-            )
-
     def store_outputs(self, outputs: dict[str, dict[str, str]]) -> dict[str, str]:
         """Store the outputs of each run as far as they can be; run id -> why it was not
-        wholly stored, for each run that was not (its run must not succeed)."""
+        wholly stored, for each run that was not (the queue fails its attempt: a run never
+        succeeds without all its outputs). Never raises for one run's outputs."""
         failed: dict[str, str] = {}
         for run_id, files in outputs.items():
             try:

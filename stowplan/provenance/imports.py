@@ -5,7 +5,10 @@ only the interpreter (implementation and ``major.minor``): not every distributio
 where stowplan runs, so installing a tool the tasks never import re-runs nothing. What a task
 actually used is captured where it runs: the launcher's import hook
 (``stowplan/providers/importhook``) writes one line per Python process of the attempt into
-``stowplan-used.jsonl``, with the directories on its ``sys.path``. Before a stored run is
+``stowplan-used.jsonl``, with the directories on its ``sys.path``. The local driver reads it
+when the attempt ends and the queue keeps it with the attempt in the run store
+(``AttemptRecord.used``, one row per distinct record), so it outlives the attempt directory;
+the file is read only for attempts recorded before that. Before a stored run is
 reused, :class:`UsedChecker` looks the distributions it used up again where that interpreter
 would find them now: along the recorded path (so a task's own ``PYTHONPATH`` counts), after
 checking that the interpreter still runs and is the same ``major.minor`` (this one
@@ -37,6 +40,7 @@ from typing import Final
 
 import msgspec
 
+from stowplan.provenance.records import AttemptRecord
 from stowplan.provenance.store import RunStore
 from stowplan.providers.importhook import USED_FILE
 
@@ -150,22 +154,44 @@ def used_records(
     state_dir: Path,
 ) -> dict[str, UsedRecord]:
     """``run_id -> UsedRecord`` for the succeeded attempt of each run, where one was captured:
-    from the attempt directory of a local provider (the launcher's import hook writes it
-    there). Runs on other providers, or whose attempt directory is gone, have none."""
+    from the store (the provider read it where the attempt ran and the queue recorded it with
+    the attempt), else from the attempt directory of a local provider (the launcher's import
+    hook writes it there; attempts recorded before the store kept it). Runs without either
+    have none."""
     from stowplan.spec.models import LocalProviderConfig
 
     out: dict[str, UsedRecord] = {}
-    for rid, attempts in store.attempts_for(list(run_ids)).items():
+    stored: list[AttemptRecord] = []
+    unstored: list[AttemptRecord] = []
+    for attempts in store.attempts_for(list(run_ids)).values():
         done = [a for a in attempts if a.state == "SUCCEEDED"]
-        if not done:
-            continue
-        a = done[-1]
+        if done:
+            (stored if done[-1].used is not None else unstored).append(done[-1])
+    records = store.get_used(a.used for a in stored if a.used is not None)
+    decoded: dict[str, UsedRecord | None] = {}
+    for a in stored:
+        h = a.used or ""
+        if h not in decoded:
+            try:
+                decoded[h] = _used_decoder.decode(records[h]) if h in records else None
+            except msgspec.DecodeError as e:
+                log.warning("import record %s of run %s does not decode: %s", h[:12], a.run_id, e)
+                decoded[h] = None
+        rec = decoded[h]
+        if rec is not None:
+            out[a.run_id] = rec
+        else:  # not kept after all: the file, if it is still there
+            unstored.append(a)
+    for a in unstored:
         if not isinstance(providers.get(a.provider), LocalProviderConfig):
             continue
-        rec = read_used(state_dir / "runs" / rid / str(a.attempt) / USED_FILE)
-        if rec is not None:
-            out[rid] = rec
+        found = read_used(state_dir / "runs" / a.run_id / str(a.attempt) / USED_FILE)
+        if found is not None:
+            out[a.run_id] = found
     return out
+
+
+_used_decoder = msgspec.json.Decoder(UsedRecord)
 
 
 def _minor(version: str) -> str:

@@ -67,6 +67,9 @@ class AttemptRecord(Struct, frozen=True, kw_only=True):
     intent_at: float = 0.0
     started_at: float | None = None
     ended_at: float | None = None
+    used: str | None = None
+    """SHA-256 of what the attempt's Python processes imported (``RunStore.get_used``), where
+    its provider captured that; None when nothing was captured."""
 
 
 class TransitionRecord(Struct, frozen=True, kw_only=True):

@@ -28,6 +28,9 @@ Theory of operation:
   never deleted by the store. With a remote blob store (``blob_url``, or ``$STOWPLAN_BLOB_URL``:
   any fsspec URL) every blob is also copied there, and a blob missing here is fetched from
   there (and checked against its hash), so records can move without their blobs directory.
+- What an attempt's Python processes imported (``AttemptRecord.used``) is kept once per
+  distinct record, by the SHA-256 of its JSON, in ``used``; the attempt's row holds only that
+  hash, so 10^5 trials of one task in one environment add 64 bytes each, not a record each.
 - Dict- and list-valued columns hold msgspec JSON text (readable with the ``sqlite3`` shell and
   its ``json_*`` functions).
 
@@ -82,7 +85,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 
 TERMINAL_RUN_STATES: Final = ("SUCCEEDED", "FAILED", "CANCELLED")
 ACTIVE_ATTEMPT_STATES: Final = ("SUBMITTING", "QUEUED", "RUNNING", "UNKNOWN")
@@ -256,6 +259,17 @@ _SCHEMA_V3: Final = (
     "CREATE INDEX replays_of ON replays (of_run_id)",
 )
 
+# Version 4 adds what each attempt imported: a hash per attempt, each distinct record once.
+_SCHEMA_V4: Final = (
+    "ALTER TABLE attempts ADD COLUMN used TEXT",
+    """
+    CREATE TABLE used (
+        hash   TEXT PRIMARY KEY,
+        record TEXT NOT NULL
+    ) WITHOUT ROWID
+    """,
+)
+
 _STATE_COLUMNS: Final = (
     "run_id, experiment_id, experiment, task, idx, replicate, state, attempts, failure, reason, "
     "pool, created_at, updated_at"
@@ -267,7 +281,7 @@ _RUN_SELECT: Final = (
 )
 _ATTEMPT_COLUMNS: Final = (
     "key, run_id, attempt, provider, pool, state, job_id, node, exit_code, failure, message, "
-    "intent_at, started_at, ended_at"
+    "intent_at, started_at, ended_at, used"
 )
 _EXPERIMENT_COLUMNS: Final = "id, name, project, description, file, spec, created_at"
 
@@ -384,6 +398,7 @@ _attempt_row: Final = operator.attrgetter(
     "intent_at",
     "started_at",
     "ended_at",
+    "used",
 )
 _by_key: Final = operator.attrgetter("key")
 
@@ -404,6 +419,7 @@ def _attempt_from_row(row: Sequence[Any]) -> AttemptRecord:
         intent_at=row[11],
         started_at=row[12],
         ended_at=row[13],
+        used=row[14],
     )
 
 
@@ -557,6 +573,9 @@ class RunStore:
                     self._conn.execute(statement)
             if version in (0, 2):
                 for statement in _SCHEMA_V3:
+                    self._conn.execute(statement)
+            if version in (0, 2, 3):
+                for statement in _SCHEMA_V4:
                     self._conn.execute(statement)
             self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
@@ -852,7 +871,7 @@ class RunStore:
         with self._write() as c:
             c.executemany(
                 f"INSERT OR IGNORE INTO attempts ({_ATTEMPT_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
 
@@ -860,8 +879,8 @@ class RunStore:
         """Upsert attempts by key with what the provider reported, in the order given.
 
         For a stored key, ``state`` takes the new value; ``job_id``, ``node``, ``exit_code``,
-        ``failure``, ``started_at`` and ``ended_at`` keep their stored value when the update
-        has None, and ``message`` when the update's is empty. ``run_id``, ``attempt``,
+        ``failure``, ``started_at``, ``ended_at`` and ``used`` keep their stored value when the
+        update has None, and ``message`` when the update's is empty. ``run_id``, ``attempt``,
         ``provider``, ``pool`` and ``intent_at`` come from the intent and never change, so an
         update may leave them blank (a provider report knows only the key).
 
@@ -872,9 +891,9 @@ class RunStore:
             return
         with self._write() as c:
             changed = c.executemany(
-                # ?1..?14 are the attempt row; the WHERE drops blank-run updates of unknown keys
+                # ?1..?15 are the attempt row; the WHERE drops blank-run updates of unknown keys
                 f"INSERT INTO attempts ({_ATTEMPT_COLUMNS}) "
-                "SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14 "
+                "SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15 "
                 "WHERE ?2 != '' OR EXISTS (SELECT 1 FROM attempts WHERE key = ?1) "
                 "ON CONFLICT (key) DO UPDATE SET "
                 "state = excluded.state, "
@@ -884,7 +903,8 @@ class RunStore:
                 "failure = coalesce(excluded.failure, failure), "
                 "message = CASE WHEN excluded.message = '' THEN message ELSE excluded.message END, "
                 "started_at = coalesce(excluded.started_at, started_at), "
-                "ended_at = coalesce(excluded.ended_at, ended_at)",
+                "ended_at = coalesce(excluded.ended_at, ended_at), "
+                "used = coalesce(excluded.used, used)",
                 map(_attempt_row, sorted(updates, key=_by_key)),
             ).rowcount
         if changed < len(updates):
@@ -919,6 +939,30 @@ class RunStore:
                 "ORDER BY a.intent_at, a.key"
             ).fetchall()
         return [_attempt_from_row(r) for r in rows]
+
+    # -- what attempts imported ------------------------------------------------------------
+
+    def put_used(self, records: Iterable[bytes]) -> list[str]:
+        """Keep each import record (the JSON an ``AttemptRecord.used`` hash names) once, by
+        the SHA-256 of its bytes; returns those hashes, in order. Putting one again is a no-op.
+        """
+        rows = [(sha256_hex(r), r.decode()) for r in records]
+        if rows:
+            with self._write() as c:
+                c.executemany(
+                    "INSERT OR IGNORE INTO used (hash, record) VALUES (?, ?)",
+                    sorted(dict(rows).items()),
+                )
+        return [h for h, _ in rows]
+
+    def get_used(self, hashes: Iterable[str]) -> dict[str, bytes]:
+        """The import records with these hashes, as put; unknown hashes are left out."""
+        out: dict[str, bytes] = {}
+        with self._read() as c:
+            sql = "SELECT hash, record FROM used WHERE hash IN ({})"
+            for h, record in _rows_in(c, sql, sorted(set(hashes))):
+                out[str(h)] = str(record).encode()
+        return out
 
     # -- blobs -----------------------------------------------------------------------------
 

@@ -12,7 +12,9 @@ and a fresh instance over the same ``state_dir`` describes what an earlier one s
 Idempotency: the key index is written first, then the attempt directory is claimed with
 ``os.mkdir``. A submit that finds the directory claimed starts nothing and reports what is
 there. A crash between the two leaves an index entry without a directory: ``UNKNOWN``, and a
-retried submit claims it normally.
+retried submit claims it normally. The claimer records itself (pid and start time) in
+``spec.json``; starting an attempt creates ``launcher.log`` exclusively first, so of all the
+instances that may hold an attempt queued, exactly one starts it.
 
 Concurrency: the driver counts the CPUs, memory and GPUs of the attempts it started (and of
 running attempts an earlier instance started, once described) against the configured
@@ -20,9 +22,13 @@ capacity. Requests that do not fit wait in a FIFO, reported ``QUEUED``, and are 
 order as capacity frees; the queue is pumped on ``submit()``, ``describe()`` and ``cancel()``.
 There is no backfilling: a large request at the head is not overtaken by small ones. A request
 larger than the whole machine is started when nothing else of ours runs, so it is never stuck
-forever; it may then be slow, or be killed by its own memory limit. The queue lives in memory:
-after a crash its claimed-but-unstarted attempts are ``QUEUED`` for ``QUEUED_GRACE_S`` and
-then ``FAILED``/``LOST``, and the control plane retries them under new keys.
+forever; it may then be slow, or be killed by its own memory limit. The queue lives in memory;
+an instance asked about an attempt that another process claimed and never started takes it
+into its own queue once that process is dead (a killed provider actor's successor starts what
+it had queued), and reports it ``QUEUED`` while that process lives. A start the dead process
+had begun is made again once no launcher of that attempt runs (after ``START_GRACE_S``). A
+claim whose claimer is unknown (this process, or none recorded) is ``QUEUED`` for
+``QUEUED_GRACE_S``, then ``FAILED``/``LOST``, and the control plane retries it under a new key.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path, PurePosixPath
+from typing import Literal
 
 import anyio
 import msgspec
@@ -59,6 +66,7 @@ from stowplan.providers.base import (
     ProviderState,
     Report,
 )
+from stowplan.providers.importhook import USED_FILE
 from stowplan.providers.launcher import (
     EXIT_FILE,
     LAUNCHER_FILE,
@@ -71,9 +79,13 @@ from stowplan.providers.launcher import (
     write_json_atomic,
 )
 from stowplan.spec.models import FailureClass, LocalProviderConfig
+from stowplan.spec.units import plural
 
 QUEUED_GRACE_S = 30.0
 """A claimed attempt without a launcher is still starting for this long, then it is LOST."""
+START_GRACE_S = 5.0
+"""A start begun by a driver that died since is left to finish for this long (and for as long
+as its launcher runs), then made again."""
 STDERR_TAIL_CHARS = 500
 LOG_POLL_S = 0.2
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
@@ -163,6 +175,33 @@ class LauncherRecord(Struct, frozen=True, kw_only=True):
 
 _exit_decoder = msgspec.json.Decoder(ExitRecord)
 _launcher_decoder = msgspec.json.Decoder(LauncherRecord)
+
+
+class _Claim(Struct, frozen=True):
+    """Who claimed an attempt directory: a process, told apart from a reuse of its pid."""
+
+    pid: int
+    create_time: float
+
+
+class _SpecFile(Struct, frozen=True, kw_only=True):
+    """What the driver reads back from ``spec.json`` to start an attempt another instance
+    claimed (the launcher reads the same file with the standard library)."""
+
+    key: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    path_prefix: str = ""
+    timeout_s: float | None = None
+    memory_limit: int = 1 << 30
+    outputs: list[str] = field(default_factory=list)
+    cpus: float = 1.0
+    gpus: int = 0
+    name: str = ""
+    claimed_by: _Claim | None = None
+
+
+_spec_decoder = msgspec.json.Decoder(_SpecFile)
 
 # Signals a program raises on itself when it crashes: its own bug, like a non-zero exit.
 CRASH_SIGNALS = frozenset(
@@ -339,6 +378,16 @@ def _same_process(pid: int, create_time: float | None) -> bool:
         return False
 
 
+def _launcher_runs(attempt_dir: Path) -> bool:
+    """Does any process run the launcher of ``attempt_dir`` (see ``_start`` for its argv)?"""
+    target = str(attempt_dir)
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if len(cmd) >= 2 and cmd[-1] == target and "stowplan.providers.launcher" in cmd:
+            return True
+    return False
+
+
 class _Started(Struct, kw_only=True):
     """Capacity held by an attempt this instance started (or found running)."""
 
@@ -363,6 +412,8 @@ class LocalProvider(Provider):
         )
         self._gpus = config.gpus or 0
         self._host = socket.gethostname()
+        me = psutil.Process()
+        self._me = _Claim(pid=me.pid, create_time=me.create_time())
         self._path_prefix = str(Path(sys.executable).parent) if sys.executable else ""
         self.capabilities = Capabilities(
             gpus=self._gpus > 0,
@@ -377,6 +428,7 @@ class LocalProvider(Provider):
         self._queued: set[str] = set()
         self._started: dict[str, _Started] = {}
         self._finished: dict[str, Report] = {}
+        self._used: dict[bytes, bytes] = {}
 
     # -- discover / plan -----------------------------------------------------------------------
 
@@ -415,7 +467,9 @@ class LocalProvider(Provider):
         else:
             raise self._reject(launch, "give exactly one of argv or script")
         if launch.gpus > 0 and not self._gpus:
-            raise self._reject(launch, f"needs {launch.gpus} GPU(s); this provider has none")
+            raise self._reject(
+                launch, f"needs {plural(launch.gpus, 'GPU')}; this provider has none"
+            )
         if launch.memory < 0:
             raise self._reject(launch, "memory is negative")
         for k, v in launch.env.items():
@@ -509,6 +563,8 @@ class LocalProvider(Provider):
                 "outputs": req.outputs,
                 "cpus": req.cpus,
                 "gpus": req.gpus,
+                "name": req.name,
+                "claimed_by": self._me,
             }
             # The env may carry resolved secrets: readable by the owner only.
             fd = os.open(attempt_dir / SPEC_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -610,7 +666,9 @@ class LocalProvider(Provider):
     def _start(self, req: LocalRequest) -> None:
         attempt_dir = Path(req.attempt_dir)
         try:
-            with open(attempt_dir / LAUNCHER_LOG, "ab") as log:
+            # NOTE: created exclusively: the one start of this attempt, whichever instance of
+            # the driver (in whichever process) got here first; the others start nothing.
+            with open(attempt_dir / LAUNCHER_LOG, "xb") as log:
                 # NOTE: cwd is the package's import root, never the attempt directory: `-m`
                 # puts cwd first on sys.path, and a task's files (a `json.py`, say) must not
                 # shadow what the launcher imports. It also finds an uninstalled checkout.
@@ -623,6 +681,8 @@ class LocalProvider(Provider):
                     stderr=log,
                     close_fds=True,
                 )
+        except FileExistsError:
+            return
         except OSError as e:
             self._write_exit(attempt_dir, "launcher_error", f"cannot start the supervisor: {e}")
             return
@@ -687,6 +747,12 @@ class LocalProvider(Provider):
         if key in self._queued:
             return Report(key=key, state=ProviderState.QUEUED, node=self._host)
         held = self._started.get(key)
+        if held is None:
+            queued_by = self._reclaim(key, attempt_dir)
+            if queued_by is not None:
+                if queued_by == "us":
+                    self._pump()
+                return Report(key=key, state=ProviderState.QUEUED, node=self._host)
         try:
             # Dequeued by us: the age of the start; otherwise the age of the claim.
             since = held.since if held is not None else attempt_dir.stat().st_mtime
@@ -702,6 +768,58 @@ class LocalProvider(Provider):
             f"no supervisor recorded itself in {age:.0f} s (the driver that queued it went "
             "away, or its start failed)",
         )
+
+    def _reclaim(self, key: str, attempt_dir: Path) -> Literal["us", "other"] | None:
+        """Who holds a claimed attempt without a supervisor, taking it into our queue when its
+        claimer is dead: ``"us"`` then, ``"other"`` while another live process holds it, and
+        None when that is not known (no claimer recorded, this process, or a start that may
+        still be under way)."""
+        if (attempt_dir / EXIT_FILE).exists():
+            return None
+        try:
+            spec = _spec_decoder.decode((attempt_dir / SPEC_FILE).read_bytes())
+            run_id, attempt = attempt_dir.parent.name, int(attempt_dir.name)
+        except (OSError, msgspec.DecodeError, ValueError):
+            return None
+        claim = spec.claimed_by
+        if claim is None or claim == self._me or spec.key != key:
+            return None
+        if _same_process(claim.pid, claim.create_time):
+            return "other"
+        log = attempt_dir / LAUNCHER_LOG
+        try:
+            begun = log.stat().st_mtime
+        except FileNotFoundError:
+            begun = None
+        if begun is not None:
+            # NOTE: the claimer died while starting it. Ray kills a worker's children with it,
+            # so the launcher's first process (a child until it detaches) may have died too;
+            # one that lives shows its command line. Start it again only when none does.
+            if time.time() - begun < START_GRACE_S or _launcher_runs(attempt_dir):
+                return None
+            try:  # one instance moves the spent start aside; the start is again exclusive
+                os.rename(log, attempt_dir / f"{LAUNCHER_LOG}.{int(begun * 1000)}")
+            except FileNotFoundError:
+                return None
+        self._queue.append(
+            LocalRequest(
+                key=key,
+                run_id=run_id,
+                attempt=attempt,
+                name=spec.name,
+                attempt_dir=str(attempt_dir),
+                argv=spec.argv,
+                env=spec.env,
+                path_prefix=spec.path_prefix,
+                cpus=spec.cpus,
+                memory=spec.memory_limit,
+                gpus=spec.gpus,
+                timeout_s=spec.timeout_s,
+                outputs=spec.outputs,
+            )
+        )
+        self._queued.add(key)
+        return "us"
 
     def _report(
         self,
@@ -762,9 +880,21 @@ class LocalProvider(Provider):
             started_at=info.started_at,
             ended_at=info.ended_at,
             outputs=outputs,
+            used=self._used_record(attempt_dir),
         )
         self._finished[key] = report
         return report
+
+    def _used_record(self, attempt_dir: Path) -> bytes | None:
+        """What the attempt's Python processes imported (the launcher's import hook wrote it
+        beside the attempt), encoded once; equal records share one object in memory."""
+        from stowplan.provenance.imports import read_used
+
+        rec = read_used(attempt_dir / USED_FILE)
+        if rec is None:
+            return None
+        data = msgspec.json.encode(rec)
+        return self._used.setdefault(data, data)
 
     def _declared_outputs(self, attempt_dir: Path) -> list[str]:
         try:

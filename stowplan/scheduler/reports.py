@@ -45,3 +45,7 @@ class Report(Struct, frozen=True, kw_only=True):
     outputs: dict[str, str] = field(default_factory=dict)
     """artifact name (a declared file, or ``<dir>/<path>`` for each file under a declared
     directory) -> absolute path where the provider left it (on success)"""
+    used: bytes | None = None
+    """What the attempt's Python processes imported, where the provider captured it: the
+    msgspec JSON of a ``provenance.imports.UsedRecord`` (opaque to the core, which only carries
+    it to the store). Identical records are byte-identical, so the store keeps each once."""

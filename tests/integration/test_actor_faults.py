@@ -56,7 +56,7 @@ class FailingWatch(ProviderActor):
 
 
 class FailingQueue(QueueActor):
-    def _on_reports(self, provider: str, reports: list[Report]) -> None:
+    async def _on_reports(self, provider: str, reports: list[Report]) -> None:
         raise KeyError("injected core bug")
 
 

@@ -280,3 +280,52 @@ def test_replay_compares_declared_and_captured(site: Path, monkeypatch: pytest.M
         "used package gone: gone-pkg==1",
     ]
     assert captured_differences(None) == []
+
+
+# -- where the record is kept ------------------------------------------------------------------
+
+
+def test_used_records_come_from_the_store_and_else_from_the_attempt_directory(
+    tmp_path: Path,
+) -> None:
+    """The record outlives the attempt directory (kept in the store with the attempt); an
+    attempt recorded before the store kept records still has its file read."""
+    import msgspec
+
+    from stowplan.provenance.imports import used_records
+    from stowplan.provenance.records import AttemptRecord
+    from stowplan.provenance.store import RunStore
+    from stowplan.spec.models import LocalProviderConfig
+    from tests.unit.provenance.test_store import experiment, intent, run
+
+    state_dir = tmp_path / ".stowplan"
+    kept, old, none, failed = here(a="1"), here(b="2"), here(c="3"), here(d="4")
+    with RunStore(state_dir / "stowplan.db") as store:
+        e = experiment()
+        store.put_experiment(e)
+        runs = [run(e, i) for i in range(4)]
+        store.put_runs(runs)
+        intents = [intent(r) for r in runs]
+        store.write_intents(intents)
+        [h, hf] = store.put_used([msgspec.json.encode(kept), msgspec.json.encode(failed)])
+        states = [("SUCCEEDED", h), ("SUCCEEDED", None), ("SUCCEEDED", None), ("FAILED", hf)]
+        store.update_attempts(
+            [
+                AttemptRecord(
+                    key=a.key, run_id="", attempt=0, provider="", pool="", state=s, used=u
+                )
+                for a, (s, u) in zip(intents, states, strict=True)
+            ]
+        )
+        # the first run's attempt directory is gone; the second's was never in the store
+        for r, rec in ((runs[1], old), (runs[2], none)):
+            d = state_dir / "runs" / r.run_id / "1"
+            d.mkdir(parents=True)
+            if rec is old:
+                (d / USED_FILE).write_text(
+                    json.dumps(msgspec.to_builtins(rec.interpreters[0])) + "\n"
+                )
+        got = used_records(
+            store, [r.run_id for r in runs], {"laptop": LocalProviderConfig()}, state_dir
+        )
+    assert got == {runs[0].run_id: kept, runs[1].run_id: old}

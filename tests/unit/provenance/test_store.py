@@ -606,7 +606,7 @@ def test_links_out_and_fifos_are_refused_and_the_rest_stored(
     assert store.runs_producing(sha256_hex(b"not the task's")) == []
 
 
-def test_the_store_actor_stores_every_run_it_can_and_raises_for_the_rest(
+def test_the_store_actor_stores_every_run_it_can_and_names_the_rest(
     tmp_path: Path,
 ) -> None:
     actor = StoreActor(str(tmp_path / "state" / "runs.db"))
@@ -623,8 +623,6 @@ def test_the_store_actor_stores_every_run_it_can_and_raises_for_the_rest(
         bad.run_id: f"run {bad.run_id[:12]}: 1 output not stored (1 stored): out.txt: leads to "
         f"{Path(os.path.realpath(tmp_path)) / 'hostname'}, outside the attempt directory"
     }
-    with pytest.raises(StowplanError, match=r"outputs of 1 run not stored: run .*out\.txt"):
-        actor.put_artifacts(outputs)
     stored = actor.store.artifacts_for([good.run_id, bad.run_id])
     assert [a.name for a in stored[good.run_id]] == ["d/a.txt", "d/sub/b.txt", "d/x"]
     assert [a.name for a in stored[bad.run_id]] == ["d/x"]

@@ -8,6 +8,7 @@ import json
 import os
 import shlex
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -237,6 +238,28 @@ async def test_success_collects_declared_outputs_and_logs(provider: LocalProvide
     assert out.is_absolute() and out.read_text() == "42"
     assert b"".join([c async for c in provider.logs(launch.key)]) == b"hello\n"
     assert b"".join([c async for c in provider.logs(launch.key, stream="stderr")]) == b""
+
+
+@pytest.mark.anyio
+async def test_the_report_carries_what_the_task_imported(
+    provider: LocalProvider, state_dir: Path
+) -> None:
+    """Read where the attempt ran, so the record outlives the attempt directory."""
+    import msgspec
+
+    from stowplan.provenance.imports import UsedRecord
+
+    python, shell = spec(argv=["python", "-c", "import json"]), spec(argv=["true"])
+    await provider.submit(provider.plan([python, shell]))
+    report = await wait_for(provider, python.key)
+    assert report.state is S.SUCCEEDED and report.used is not None, report
+    rec = msgspec.json.decode(report.used, type=UsedRecord)
+    v = sys.version_info
+    assert [i.python for i in rec.interpreters] == [f"{v.major}.{v.minor}.{v.micro}"]
+    assert (await wait_for(provider, shell.key)).used is None
+    # a fresh driver reads the same record again
+    other = LocalProvider("laptop", LocalProviderConfig(), state_dir=state_dir)
+    assert (await other.describe([python.key]))[0].used == report.used
 
 
 @pytest.mark.anyio
@@ -482,6 +505,128 @@ async def test_a_claim_never_started_is_queued_then_lost(state_dir: Path) -> Non
     assert (lost.state, lost.failure) == (S.FAILED, FailureClass.LOST), lost
     await new.cancel([blocker.key])
     assert (await wait_for(new, blocker.key)).state is S.CANCELLED
+
+
+CLAIMER = """
+import sys
+from pathlib import Path
+
+import anyio
+import msgspec
+
+from stowplan.providers.base import LaunchSpec
+from stowplan.providers.local import LocalProvider
+from stowplan.spec.models import LocalProviderConfig
+
+specs = msgspec.json.decode(Path(sys.argv[2]).read_bytes(), type=list[LaunchSpec])
+provider = LocalProvider("laptop", LocalProviderConfig(cpus=1), state_dir=Path(sys.argv[1]))
+
+async def main() -> None:
+    await provider.submit(provider.plan(specs))
+    while (await provider.describe([specs[0].key]))[0].state != "RUNNING":
+        await anyio.sleep(0.05)
+    reports = await provider.describe([s.key for s in specs])
+    print(" ".join(r.state for r in reports), flush=True)
+
+
+anyio.run(main)
+sys.stdin.read()  # holds its queue until killed
+"""
+
+
+@pytest.mark.anyio
+async def test_a_dead_claimer_s_queued_attempt_is_started_once_by_its_successor(
+    state_dir: Path, tmp_path: Path
+) -> None:
+    """A provider actor killed with attempts in its in-memory queue: a new instance starts
+    them (once, however many instances take them over), instead of calling them LOST."""
+    import msgspec
+
+    blocker, waiting = spec(argv=["sleep", "30"]), spec(script="echo ran >> count.txt")
+    specs = tmp_path / "specs.json"
+    specs.write_bytes(msgspec.json.encode([blocker, waiting]))
+    claimer = subprocess.Popen(
+        [sys.executable, "-c", CLAIMER, str(state_dir), str(specs)],
+        cwd=Path(__file__).resolve().parents[3],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert claimer.stdout is not None
+        assert claimer.stdout.readline().split() == ["RUNNING", "QUEUED"]
+        new = LocalProvider("laptop", LocalProviderConfig(cpus=1), state_dir=state_dir)
+        req = plan1(new, waiting)
+        long_ago = time.time() - 120
+        os.utime(req.attempt_dir, (long_ago, long_ago))
+        # its claimer lives and holds it queued: queued, however old the claim
+        assert (await new.describe([waiting.key]))[0].state is S.QUEUED
+    finally:
+        claimer.kill()
+        claimer.wait(10)
+        if claimer.stdin is not None:
+            claimer.stdin.close()
+        if claimer.stdout is not None:
+            claimer.stdout.close()
+    assert (await wait_for(new, blocker.key, frozenset({S.RUNNING}))).state is S.RUNNING
+    # two instances take the dead claimer's attempt over; the blocker still holds new's CPU
+    other = LocalProvider("laptop", LocalProviderConfig(cpus=1), state_dir=state_dir)
+    assert (await new.describe([waiting.key]))[0].state is S.QUEUED
+    assert (await other.describe([waiting.key]))[0].state in {S.QUEUED, S.RUNNING}
+    await new.cancel([blocker.key])
+    assert (await wait_for(new, blocker.key)).state is S.CANCELLED
+    assert (await wait_for(new, waiting.key)).state is S.SUCCEEDED
+    assert (await wait_for(other, waiting.key)).state is S.SUCCEEDED
+    assert len(launches(req)) == 1
+    assert (Path(req.attempt_dir) / "count.txt").read_text() == "ran\n"
+
+
+@pytest.mark.anyio
+async def test_a_start_a_dead_claimer_began_is_made_again_once_no_launcher_runs(
+    state_dir: Path, tmp_path: Path
+) -> None:
+    """Ray kills a worker's children with it: a launcher that had not yet detached from a
+    killed provider actor dies before recording itself, and its attempt is started again."""
+    import msgspec
+
+    blocker, waiting = spec(argv=["sleep", "30"]), spec(script="echo ran >> count.txt")
+    specs = tmp_path / "specs.json"
+    specs.write_bytes(msgspec.json.encode([blocker, waiting]))
+    claimer = subprocess.Popen(
+        [sys.executable, "-c", CLAIMER, str(state_dir), str(specs)],
+        cwd=Path(__file__).resolve().parents[3],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    with claimer:
+        assert claimer.stdout is not None
+        assert claimer.stdout.readline().split() == ["RUNNING", "QUEUED"]
+        claimer.kill()
+    new = LocalProvider("laptop", LocalProviderConfig(cpus=1), state_dir=state_dir)
+    req = plan1(new, waiting)
+    attempt_dir = Path(req.attempt_dir)
+    # the dead claimer had begun to start it, and its launcher still runs (it is slow)
+    (attempt_dir / "launcher.log").touch()
+    long_ago = time.time() - 60
+    os.utime(attempt_dir / "launcher.log", (long_ago, long_ago))
+    code = "import time; time.sleep(60)"
+    slow = subprocess.Popen(
+        [sys.executable, "-c", code, "-m", "stowplan.providers.launcher", str(attempt_dir)]
+    )
+    try:
+        await new.cancel([blocker.key])
+        assert (await wait_for(new, blocker.key)).state is S.CANCELLED
+        for _ in range(3):
+            assert (await new.describe([waiting.key]))[0].state is S.QUEUED
+        assert launches(req) == []
+    finally:
+        slow.kill()
+        slow.wait(10)
+    # it never recorded itself: started again, once
+    assert (await wait_for(new, waiting.key)).state is S.SUCCEEDED
+    assert len(launches(req)) == 1
+    assert (attempt_dir / "count.txt").read_text() == "ran\n"
 
 
 # -- what the task sees --------------------------------------------------------------------------
