@@ -34,7 +34,8 @@ datasets with their home sites, and optionally faults to inject::
 
 Pools are ``slurm`` partitions (FIFO with backfill), ``kubernetes`` node pools (first fit) or
 ``cloud`` instance types (elastic up to ``max_instances``, boot latency, per-second billing, spot
-interruptions). Every mistake is a ``SpecError`` naming the file, the line and the ``$.path``.
+interruptions); ``stowplan.simulator.provider.POOL_CLASSES`` gives each kind its simulated
+discipline. Every mistake is a ``SpecError`` naming the file, the line and the ``$.path``.
 """
 
 from __future__ import annotations
@@ -183,6 +184,11 @@ class PoolSpec(_Spec, frozen=True):
                 raise ValueError("nodes: cloud pools are elastic; use max_instances instead")
             if not self.max_instances:
                 raise ValueError("max_instances: a cloud pool needs max_instances >= 1")
+            if self.failures is not None:
+                raise ValueError(
+                    "failures: cloud instances have no nodes to fail and repair; "
+                    "model reclaimed instances with spot = true and interruptions_per_hour"
+                )
         else:
             if self.max_instances:
                 raise ValueError("max_instances: only cloud pools have instances; use nodes")

@@ -4,19 +4,21 @@ It implements ``stowplan.providers.base.Provider`` (``discover``, ``plan``, ``su
 ``describe``, ``cancel``, ``logs``); the simulator's shell calls the synchronous halves
 (``submit_now``, ``describe_now``, ``cancel_now``) inline, in virtual time.
 
-Pools behave like the systems they stand for:
+Pools behave like the systems they stand for, one class per discipline over a shared
+``SimPool`` base (``POOL_CLASSES``, looked up once per pool when the provider is built):
 
-- ``slurm``: a partition of identical nodes. Jobs queue FIFO; when the head does not fit, an
-  EASY-style backfill pass starts later jobs that fit now and end before the head's reservation.
-  (The reservation is computed on the partition's GPU, or CPU, total; run-time estimates are the
-  true run times, as if every user gave an exact time limit.) Jobs with more GPUs than a node
-  take whole nodes.
-- ``kubernetes``: a node pool; pending pods are tried in order, each on the first node that
-  fits (GPU best fit), honouring a service's per-node anti-affinity cap.
-- ``cloud``: an instance type in a region, elastic up to ``max_instances``: a job launches
-  ``ceil(gpus / gpus_per_node)`` instances, waits the boot latency, runs, and the instances are
-  billed per second (at least ``min_billed``) until it ends. Spot instances are reclaimed at
-  ``interruptions_per_hour`` (seeded), which fails the job as PREEMPTED.
+- ``slurm`` (``SlurmPartition``): a partition of identical nodes. Jobs queue FIFO; when the
+  head does not fit, an EASY-style backfill pass starts later jobs that fit now and end before
+  the head's reservation. (The reservation is computed on the partition's GPU, or CPU, total;
+  run-time estimates are the true run times, as if every user gave an exact time limit.) Jobs
+  with more GPUs than a node take whole nodes.
+- ``kubernetes`` (``KubernetesNodePool``): a node pool; pending pods are tried in order, each on
+  the first node that fits (GPU best fit), honouring a service's per-node anti-affinity cap.
+- ``cloud`` (``CloudInstanceType``): an instance type in a region, elastic up to
+  ``max_instances``: a job launches ``ceil(gpus / gpus_per_node)`` instances, waits the boot
+  latency, runs, and the instances are billed per second (at least ``min_billed``) until it
+  ends. Spot instances are reclaimed at ``interruptions_per_hour`` (seeded), which fails the job
+  as PREEMPTED.
 
 Idempotency: a submit with a key the provider already holds returns that job; it never makes a
 second. Every key executes at most once, and no run ever has two attempts executing at once;
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import ClassVar
 
 from stowplan.errors import InternalError, ProviderError
 from stowplan.placement.problem import Pool
@@ -141,43 +144,37 @@ class DataNet:
 
 
 class SimPool:
-    """One pool's nodes (or instances), queue and accounting."""
+    """What every simulated pool keeps: its queue, its running attempts and their accounting.
+
+    A subclass is one pool discipline (``POOL_CLASSES``): it says where a job fits
+    (``_fits``), why it never could (``_never_fits``), what starting and releasing hold and give
+    back (``_hold``, ``_free``), and in what order the queue is tried (``_pass``). The attempt's
+    life is the same everywhere: queued, (booting,) running, ended; each scheduled event carries
+    the attempt's epoch, so an event of an attempt that ended meanwhile does nothing.
+    """
+
+    kind: ClassVar[PoolKind]
 
     def __init__(self, provider: SimProvider, spec: PoolSpec) -> None:
         self.provider = provider
         self.engine = provider.engine
         self.spec = spec
-        self.kind = spec.kind
         self.model = (spec.gpu_model or "").lower()
         self.gpn = spec.gpus_per_node
         self.cpn = spec.cpus_per_node
         self.mpn = spec.memory_bytes
         self.units = spec.units
-        n = self.units if self.kind is not PoolKind.CLOUD else 0
-        self.free_g = [self.gpn] * n
-        self.free_c = [self.cpn] * n
-        self.free_m = [self.mpn] * n
-        self.up = [True] * n
-        self.on_node: list[dict[str, None]] = [{} for _ in range(n)]
-        self.svc: list[dict[str, int]] = [{} for _ in range(n)]
-        # up nodes by free GPU count (insertion-ordered dicts as ordered sets)
-        self.by_free: list[dict[int, None]] = [{} for _ in range(self.gpn + 1)]
-        if self.gpn:
-            self.by_free[self.gpn] = dict.fromkeys(range(n))
-        self.nodes_up = n
         self.instances = 0
+        """cloud: instances launched now (0 for pools of fixed nodes)"""
         self.queue: dict[str, Attempt] = {}
         self.running: dict[str, Attempt] = {}
         self.used_g = 0
         self.used_c = 0.0
         self.busy_g_s = 0.0
         self.busy_c_s = 0.0
-        self.instance_s = 0.0
         self.cost = 0.0
         self._acct_at = 0.0
         self._pass_due = False
-        self._failed: set[tuple[object, ...]] = set()
-        self._dirty: set[int] = set()
         self.preemptions = 0
         self.node_failures = 0
         self.backfilled = 0
@@ -187,7 +184,7 @@ class SimPool:
 
     def core_pool(self) -> Pool:
         s = self.spec
-        units = self.units if self.kind is PoolKind.CLOUD else self.nodes_up
+        units = self._offered_units()
         return Pool(
             id=s.name,
             provider=self.provider.name,
@@ -197,9 +194,16 @@ class SimPool:
             memory=units * self.mpn,
             gpus={self.model: units * self.gpn} if self.gpn else {},
             price_per_hour=s.price_per_hour,
-            expected_wait_s=s.boot_s if self.kind is PoolKind.CLOUD else 0.0,
+            expected_wait_s=self._expected_wait_s(),
             hardware_class=self.model,
         )
+
+    def _offered_units(self) -> int:
+        """Nodes (or instances) the core may place on now."""
+        raise NotImplementedError
+
+    def _expected_wait_s(self) -> float:
+        return 0.0
 
     @property
     def capacity_gpus(self) -> int:
@@ -211,7 +215,6 @@ class SimPool:
         if dt > 0:
             self.busy_g_s += self.used_g * dt
             self.busy_c_s += self.used_c * dt
-            self.instance_s += self.instances * dt
         self._acct_at = now
 
     # ---- run time ------------------------------------------------------------------------
@@ -241,32 +244,304 @@ class SimPool:
 
     def schedule(self) -> None:
         """Start what the pool's discipline allows now."""
-        if not self.queue:
-            return
-        if self.kind is PoolKind.SLURM:
-            self._slurm_pass()
+        if self.queue:
+            self._pass()
+
+    def _pass(self) -> None:
+        """One pass over a non-empty queue: start what fits, in the discipline's order."""
+        raise NotImplementedError
+
+    def _fits(
+        self, job: SimJob, only: set[int] | None = None
+    ) -> list[tuple[int, int, float, int]] | None:
+        """Where ``job`` would go now: (node, gpus, cpus, memory) per node, or None."""
+        raise NotImplementedError
+
+    def _never_fits(self, job: SimJob) -> str:
+        """Why ``job`` could not run here even on an empty pool ('' if it could)."""
+        raise NotImplementedError
+
+    def _hold(self, att: Attempt, where: list[tuple[int, int, float, int]]) -> float:
+        """Take what a starting attempt holds; return its boot seconds (0: it runs now)."""
+        raise NotImplementedError
+
+    def _free(self, att: Attempt) -> None:
+        """Give back what ``_hold`` took."""
+        raise NotImplementedError
+
+    def _try_start(self, att: Attempt, only: set[int] | None = None) -> bool:
+        job = att.job
+        work = self.work_seconds(job)
+        if isinstance(work, str):
+            self.queue.pop(att.key, None)
+            self.provider.finish(att, ProviderState.FAILED, FailureClass.PROVIDER_REJECTED, work)
+            return True
+        stage = self.provider.data.stage_in(job, self.spec.site) if job.datasets else (0.0, 0, 0.0)
+        if isinstance(stage, str):
+            self.queue.pop(att.key, None)
+            self.provider.finish(att, ProviderState.FAILED, FailureClass.PROVIDER_REJECTED, stage)
+            return True
+        where = self._fits(job, only)
+        if where is None:
+            never = self._never_fits(job)
+            if never:
+                self.queue.pop(att.key, None)
+                self.provider.finish(
+                    att, ProviderState.FAILED, FailureClass.PROVIDER_REJECTED, never
+                )
+                return True
+            return False
+        self._account()
+        self.queue.pop(att.key, None)
+        now = self.engine.now
+        boot = self._hold(att, where)
+        self.used_g += job.gpus
+        self.used_c += job.cpus
+        self.running[att.key] = att
+        secs, moved, egress = stage
+        self.provider.data.bytes_moved += moved
+        self.provider.data.egress_cost += egress
+        att.work_s = secs + work
+        att.epoch += 1
+        if boot:
+            self.engine.at(now + boot, self._booted, (att, att.epoch), PRIO_INFRA)
         else:
-            self._first_fit_pass()
+            self._begin(att)
+        return True
 
-    def _first_fit_pass(self) -> None:
-        # A pod shape that fit on no node stays infeasible on every node that has not gained
-        # capacity since: such shapes are tried on the nodes freed since the last pass only,
-        # and once per pass (nothing is freed during a pass). Exact, and it keeps a pass over
-        # thousands of pending pods on thousands of nodes from scanning every node each time.
-        failed: set[tuple[object, ...]] = set()
-        before, dirty = self._failed, self._dirty
-        self._dirty = set()
-        for att in list(self.queue.values())[: max(self.spec.backfill_depth, 1000)]:
-            j = att.job
-            shape = (j.gpus, j.cpus, j.memory, j.gpu_types, j.service, j.max_per_node)
-            if shape in failed:
-                continue
-            only = dirty if shape in before and self._single_node(j) else None
-            if not self._try_start(att, only):
-                failed.add(shape)
-        self._failed = failed
+    def _booted(self, arg: tuple[Attempt, int]) -> None:
+        att, epoch = arg
+        if att.epoch == epoch and att.state is ProviderState.QUEUED:
+            self._begin(att)
 
-    def _slurm_pass(self) -> None:
+    def _begin(self, att: Attempt) -> float:
+        """The attempt runs from now; returns when it will end (INF: never on its own)."""
+        now = self.engine.now
+        self.provider.started(att)
+        end = now + att.work_s
+        att.ended = end if end < INF else None
+        if end < INF:
+            self.engine.at(end, self._done, (att, att.epoch), PRIO_INFRA)
+        return end
+
+    def _done(self, arg: tuple[Attempt, int]) -> None:
+        att, epoch = arg
+        if att.epoch == epoch and att.state is ProviderState.RUNNING:
+            self.release(att)
+            self.provider.finish(att, ProviderState.SUCCEEDED, None, "")
+
+    def release(self, att: Attempt) -> None:
+        """Give back what a started attempt holds (it ended, failed or was cancelled)."""
+        if self.running.pop(att.key, None) is None:
+            return
+        self._account()
+        att.epoch += 1
+        job = att.job
+        self.used_g -= job.gpus
+        self.used_c -= job.cpus
+        self._free(att)
+        self.request_pass()
+
+    # ---- faults ----------------------------------------------------------------------------
+
+    def node_down(self, n: int) -> None:
+        raise InternalError(f"{self.spec.name}: a {self.kind} pool has no nodes to fail")
+
+    def node_up(self, n: int) -> None:
+        raise InternalError(f"{self.spec.name}: a {self.kind} pool has no nodes to repair")
+
+    def finish_accounting(self) -> None:
+        """Close the books at the end of the simulation."""
+        self._account()
+
+
+class _NodePool(SimPool):
+    """A fixed set of identical nodes (Slurm partitions, Kubernetes node pools).
+
+    A job with more GPUs than a node takes whole nodes; any other job goes on one node, best
+    fit on GPUs (fewest free that suffice, then the lowest index), honouring a service's
+    per-node anti-affinity cap. Failed nodes leave the pool until repaired.
+    """
+
+    def __init__(self, provider: SimProvider, spec: PoolSpec) -> None:
+        super().__init__(provider, spec)
+        n = self.units
+        self.free_g = [self.gpn] * n
+        self.free_c = [self.cpn] * n
+        self.free_m = [self.mpn] * n
+        self.up = [True] * n
+        self.on_node: list[dict[str, None]] = [{} for _ in range(n)]
+        self.svc: list[dict[str, int]] = [{} for _ in range(n)]
+        # up nodes by free GPU count (insertion-ordered dicts as ordered sets)
+        self.by_free: list[dict[int, None]] = [{} for _ in range(self.gpn + 1)]
+        if self.gpn:
+            self.by_free[self.gpn] = dict.fromkeys(range(n))
+        self.nodes_up = n
+        self._dirty: set[int] = set()
+        """nodes that gained capacity (a release, a repair) since the last first-fit pass"""
+
+    def _offered_units(self) -> int:
+        return self.nodes_up
+
+    def _never_fits(self, job: SimJob) -> str:
+        # The core sees a pool's totals; nodes are what a job must fit on (Slurm refuses such
+        # a job at submit time; a Kubernetes pod would stay Pending for ever).
+        k = -(-job.gpus // self.gpn) if self.gpn and job.gpus > self.gpn else 1
+        if job.gpus and not self.gpn:
+            return f"{self.spec.name} has no GPUs"
+        if k > self.units or job.cpus / k > self.cpn or job.memory / k > self.mpn:
+            return (
+                f"no node of {self.spec.name} ({self.cpn:g} CPUs, "
+                f"{self.mpn / 2**30:.3g} GiB, {self.gpn} GPUs) can ever hold the job"
+            )
+        if job.max_per_node and job.service and k > 1:
+            return f"{self.spec.name}: multi-node instances of {job.service}"
+        return ""
+
+    def _single_node(self, job: SimJob) -> bool:
+        return job.gpus <= self.gpn or not self.gpn
+
+    def _fits_among(self, job: SimJob, nodes: set[int]) -> list[tuple[int, int, float, int]] | None:
+        """Best fit (fewest free GPUs, then lowest index) among ``nodes`` for a one-node job."""
+        g = job.gpus
+        best: tuple[int, int] | None = None
+        for n in nodes:
+            if (
+                self.up[n]
+                and self.free_g[n] >= g
+                and self.free_c[n] >= job.cpus
+                and self.free_m[n] >= job.memory
+                and self._anti_ok(job, n)
+            ):
+                key = (self.free_g[n] if g else 0, n)
+                if best is None or key < best:
+                    best = key
+        return None if best is None else [(best[1], g, job.cpus, job.memory)]
+
+    def _fits(
+        self, job: SimJob, only: set[int] | None = None
+    ) -> list[tuple[int, int, float, int]] | None:
+        """``only``: the caller knows no other node can hold this one-node job (see
+        ``KubernetesNodePool._pass``)."""
+        if only is not None:
+            return self._fits_among(job, only)
+        g = job.gpus
+        if g > self.gpn and self.gpn:
+            k = -(-g // self.gpn)
+            whole = self.by_free[self.gpn]
+            if len(whole) < k:
+                return None
+            c, m = job.cpus / k, job.memory // k
+            nodes = []
+            for n in whole:
+                if self.free_c[n] >= c and self.free_m[n] >= m and self._anti_ok(job, n):
+                    nodes.append(n)
+                    if len(nodes) == k:
+                        return [(n, self.gpn, c, m) for n in nodes]
+            return None
+        if g and not self.gpn:
+            return None
+        if g:
+            for free in range(g, self.gpn + 1):  # best fit on GPUs
+                for n in self.by_free[free]:
+                    if (
+                        self.free_c[n] >= job.cpus
+                        and self.free_m[n] >= job.memory
+                        and self._anti_ok(job, n)
+                    ):
+                        return [(n, g, job.cpus, job.memory)]
+            return None
+        for n in range(len(self.up)):
+            if (
+                self.up[n]
+                and self.free_c[n] >= job.cpus
+                and self.free_m[n] >= job.memory
+                and self._anti_ok(job, n)
+            ):
+                return [(n, 0, job.cpus, job.memory)]
+        return None
+
+    def _anti_ok(self, job: SimJob, n: int) -> bool:
+        return not job.max_per_node or self.svc[n].get(job.service, 0) < job.max_per_node
+
+    def _hold(self, att: Attempt, where: list[tuple[int, int, float, int]]) -> float:
+        for n, g, c, m in where:
+            self._take(n, g, c, m, att)
+        att.alloc = where
+        return 0.0
+
+    def _free(self, att: Attempt) -> None:
+        for n, g, c, m in att.alloc:
+            self._give(n, g, c, m, att)
+
+    def _take(self, n: int, g: int, c: float, m: int, att: Attempt) -> None:
+        if self.gpn:
+            del self.by_free[self.free_g[n]][n]
+            self.free_g[n] -= g
+            self.by_free[self.free_g[n]][n] = None
+        self.free_c[n] -= c
+        self.free_m[n] -= m
+        self.on_node[n][att.key] = None
+        if att.job.service:
+            self.svc[n][att.job.service] = self.svc[n].get(att.job.service, 0) + 1
+
+    def _give(self, n: int, g: int, c: float, m: int, att: Attempt) -> None:
+        self._dirty.add(n)
+        if self.gpn and self.up[n]:
+            del self.by_free[self.free_g[n]][n]
+        self.free_g[n] += g
+        if self.gpn and self.up[n]:
+            self.by_free[self.free_g[n]][n] = None
+        self.free_c[n] += c
+        self.free_m[n] += m
+        self.on_node[n].pop(att.key, None)
+        if att.job.service:
+            self.svc[n][att.job.service] -= 1
+
+    def node_down(self, n: int) -> None:
+        if not self.up[n]:
+            return
+        self.node_failures += 1
+        for key in list(self.on_node[n]):
+            att = self.running.get(key)
+            if att is not None:
+                self.release(att)
+                self.provider.finish(
+                    att,
+                    ProviderState.FAILED,
+                    FailureClass.NODE_FAILURE,
+                    f"node {self.spec.name}-{n} failed",
+                )
+        if self.gpn:
+            del self.by_free[self.free_g[n]][n]
+        self.up[n] = False
+        self.nodes_up -= 1
+        self.provider.capacity_changed()
+
+    def node_up(self, n: int) -> None:
+        if self.up[n]:
+            return
+        self.up[n] = True
+        self._dirty.add(n)
+        self.nodes_up += 1
+        if self.gpn:
+            self.by_free[self.free_g[n]][n] = None
+        self.provider.capacity_changed()
+        self.request_pass()
+
+
+class SlurmPartition(_NodePool):
+    """A Slurm partition: FIFO, with an EASY-style backfill pass behind a blocked head.
+
+    Later jobs start now if they fit and end before the head's reservation (its shadow time,
+    computed on the partition's GPU, or CPU, total; run-time estimates are the true run times,
+    as if every user gave an exact time limit). At most ``backfill_depth`` jobs behind the head
+    are looked at per pass.
+    """
+
+    kind = PoolKind.SLURM
+
+    def _pass(self) -> None:
         q = self.queue
         while q:
             head = next(iter(q.values()))
@@ -274,7 +549,6 @@ class SimPool:
                 break
         if len(q) < 2:
             return
-        # EASY backfill: later jobs may start now if they end before the head's reservation
         head = next(iter(q.values()))
         candidates = []
         failed: set[tuple[object, ...]] = set()
@@ -327,200 +601,103 @@ class SimPool:
                 return end
         return self.engine.now if free >= need else INF
 
-    def _never_fits(self, job: SimJob) -> str:
-        """Why ``job`` could not run here even on an empty pool ('' if it could).
 
-        The core sees a pool's totals; nodes are what a job must fit on (Slurm refuses such a
-        job at submit time; a Kubernetes pod would stay Pending for ever)."""
-        if self.kind is PoolKind.CLOUD:
-            k = self._instances_for(job)
-            per_c, per_m = job.cpus / k, job.memory / k
-            if k > self.units or per_c > self.cpn or per_m > self.mpn:
-                return f"{self.spec.name}: no {k} instance(s) can hold the job"
-            return ""
-        k = -(-job.gpus // self.gpn) if self.gpn and job.gpus > self.gpn else 1
-        if job.gpus and not self.gpn:
-            return f"{self.spec.name} has no GPUs"
-        if k > self.units or job.cpus / k > self.cpn or job.memory / k > self.mpn:
-            return (
-                f"no node of {self.spec.name} ({self.cpn:g} CPUs, "
-                f"{self.mpn / 2**30:.3g} GiB, {self.gpn} GPUs) can ever hold the job"
-            )
-        if job.max_per_node and job.service and k > 1:
-            return f"{self.spec.name}: multi-node instances of {job.service}"
-        return ""
+class KubernetesNodePool(_NodePool):
+    """A Kubernetes node pool: pending pods are tried in order, each on the first node that fits.
 
-    def _single_node(self, job: SimJob) -> bool:
-        return self.kind is not PoolKind.CLOUD and (job.gpus <= self.gpn or not self.gpn)
+    NOTE: a pod shape that fit on no node stays infeasible on every node that has not gained
+    capacity since: such shapes are tried on the nodes freed since the last pass only, and once
+    per pass (nothing is freed during a pass). Exact, and it keeps a pass over thousands of
+    pending pods on thousands of nodes from scanning every node each time.
+    """
 
-    def _fits_among(self, job: SimJob, nodes: set[int]) -> list[tuple[int, int, float, int]] | None:
-        """Best fit (fewest free GPUs, then lowest index) among ``nodes`` for a one-node job."""
-        g = job.gpus
-        best: tuple[int, int] | None = None
-        for n in nodes:
-            if (
-                self.up[n]
-                and self.free_g[n] >= g
-                and self.free_c[n] >= job.cpus
-                and self.free_m[n] >= job.memory
-                and self._anti_ok(job, n)
-            ):
-                key = (self.free_g[n] if g else 0, n)
-                if best is None or key < best:
-                    best = key
-        return None if best is None else [(best[1], g, job.cpus, job.memory)]
+    kind = PoolKind.KUBERNETES
 
-    def _fits(
-        self, job: SimJob, only: set[int] | None = None
-    ) -> list[tuple[int, int, float, int]] | None:
-        """Where ``job`` would go now: (node, gpus, cpus, memory) per node, or None.
+    def __init__(self, provider: SimProvider, spec: PoolSpec) -> None:
+        super().__init__(provider, spec)
+        self._failed: set[tuple[object, ...]] = set()
 
-        ``only``: the caller knows no other node can hold this one-node job (see
-        ``_first_fit_pass``)."""
-        if only is not None:
-            return self._fits_among(job, only)
-        if self.kind is PoolKind.CLOUD:
-            k = self._instances_for(job)
-            return [] if self.instances + k <= self.units else None
-        g = job.gpus
-        if g > self.gpn and self.gpn:
-            k = -(-g // self.gpn)
-            whole = self.by_free[self.gpn]
-            if len(whole) < k:
-                return None
-            c, m = job.cpus / k, job.memory // k
-            nodes = []
-            for n in whole:
-                if self.free_c[n] >= c and self.free_m[n] >= m and self._anti_ok(job, n):
-                    nodes.append(n)
-                    if len(nodes) == k:
-                        return [(n, self.gpn, c, m) for n in nodes]
-            return None
-        if g and not self.gpn:
-            return None
-        if g:
-            for free in range(g, self.gpn + 1):  # best fit on GPUs
-                for n in self.by_free[free]:
-                    if (
-                        self.free_c[n] >= job.cpus
-                        and self.free_m[n] >= job.memory
-                        and self._anti_ok(job, n)
-                    ):
-                        return [(n, g, job.cpus, job.memory)]
-            return None
-        for n in range(len(self.up)):
-            if (
-                self.up[n]
-                and self.free_c[n] >= job.cpus
-                and self.free_m[n] >= job.memory
-                and self._anti_ok(job, n)
-            ):
-                return [(n, 0, job.cpus, job.memory)]
-        return None
+    def _pass(self) -> None:
+        failed: set[tuple[object, ...]] = set()
+        before, dirty = self._failed, self._dirty
+        self._dirty = set()
+        for att in list(self.queue.values())[: max(self.spec.backfill_depth, 1000)]:
+            j = att.job
+            shape = (j.gpus, j.cpus, j.memory, j.gpu_types, j.service, j.max_per_node)
+            if shape in failed:
+                continue
+            only = dirty if shape in before and self._single_node(j) else None
+            if not self._try_start(att, only):
+                failed.add(shape)
+        self._failed = failed
 
-    def _anti_ok(self, job: SimJob, n: int) -> bool:
-        return not job.max_per_node or self.svc[n].get(job.service, 0) < job.max_per_node
+
+class CloudInstanceType(SimPool):
+    """An instance type in a region, elastic up to ``max_instances``.
+
+    A job launches ``ceil(gpus / gpus_per_node)`` instances (or enough for its CPUs), waits the
+    boot latency, runs, and its instances are billed per second (at least ``min_billed``) from
+    launch until it ends. Spot instances are reclaimed at ``interruptions_per_hour`` (seeded),
+    which fails the job as PREEMPTED. Pending launches are tried in order.
+    """
+
+    kind = PoolKind.CLOUD
+
+    def _offered_units(self) -> int:
+        return self.units
+
+    def _expected_wait_s(self) -> float:
+        return self.spec.boot_s
+
+    def _pass(self) -> None:
+        failed: set[tuple[object, ...]] = set()
+        for att in list(self.queue.values())[: max(self.spec.backfill_depth, 1000)]:
+            j = att.job
+            shape = (j.gpus, j.cpus, j.memory, j.gpu_types, j.service, j.max_per_node)
+            if shape in failed:
+                continue
+            if not self._try_start(att):
+                failed.add(shape)
 
     def _instances_for(self, job: SimJob) -> int:
         if self.gpn and job.gpus:
             return -(-job.gpus // self.gpn)
         return max(1, math.ceil(job.cpus / self.cpn))
 
-    def _take(self, n: int, g: int, c: float, m: int, att: Attempt) -> None:
-        if self.gpn:
-            del self.by_free[self.free_g[n]][n]
-            self.free_g[n] -= g
-            self.by_free[self.free_g[n]][n] = None
-        self.free_c[n] -= c
-        self.free_m[n] -= m
-        self.on_node[n][att.key] = None
-        if att.job.service:
-            self.svc[n][att.job.service] = self.svc[n].get(att.job.service, 0) + 1
+    def _never_fits(self, job: SimJob) -> str:
+        k = self._instances_for(job)
+        per_c, per_m = job.cpus / k, job.memory / k
+        if k > self.units or per_c > self.cpn or per_m > self.mpn:
+            return f"{self.spec.name}: no {k} instance(s) can hold the job"
+        return ""
 
-    def _give(self, n: int, g: int, c: float, m: int, att: Attempt) -> None:
-        self._dirty.add(n)
-        if self.gpn and self.up[n]:
-            del self.by_free[self.free_g[n]][n]
-        self.free_g[n] += g
-        if self.gpn and self.up[n]:
-            self.by_free[self.free_g[n]][n] = None
-        self.free_c[n] += c
-        self.free_m[n] += m
-        self.on_node[n].pop(att.key, None)
-        if att.job.service:
-            self.svc[n][att.job.service] -= 1
+    def _fits(
+        self, job: SimJob, only: set[int] | None = None
+    ) -> list[tuple[int, int, float, int]] | None:
+        k = self._instances_for(job)
+        return [] if self.instances + k <= self.units else None
 
-    def _try_start(self, att: Attempt, only: set[int] | None = None) -> bool:
-        job = att.job
-        work = self.work_seconds(job)
-        if isinstance(work, str):
-            self.queue.pop(att.key, None)
-            self.provider.finish(att, ProviderState.FAILED, FailureClass.PROVIDER_REJECTED, work)
-            return True
-        stage = self.provider.data.stage_in(job, self.spec.site) if job.datasets else (0.0, 0, 0.0)
-        if isinstance(stage, str):
-            self.queue.pop(att.key, None)
-            self.provider.finish(att, ProviderState.FAILED, FailureClass.PROVIDER_REJECTED, stage)
-            return True
-        where = self._fits(job, only)
-        if where is None:
-            never = self._never_fits(job)
-            if never:
-                self.queue.pop(att.key, None)
-                self.provider.finish(
-                    att, ProviderState.FAILED, FailureClass.PROVIDER_REJECTED, never
-                )
-                return True
-            return False
-        self._account()
-        self.queue.pop(att.key, None)
-        now = self.engine.now
-        boot = 0.0
-        if self.kind is PoolKind.CLOUD:
-            att.instances = self._instances_for(job)
-            self.instances += att.instances
-            att.billed_from = now
-            boot = self.spec.boot_s
-        else:
-            for n, g, c, m in where:
-                self._take(n, g, c, m, att)
-            att.alloc = where
-        self.used_g += job.gpus
-        self.used_c += job.cpus
-        self.running[att.key] = att
-        secs, moved, egress = stage
-        self.provider.data.bytes_moved += moved
-        self.provider.data.egress_cost += egress
-        att.work_s = secs + work
-        att.epoch += 1
-        if boot:
-            self.engine.at(now + boot, self._booted, (att, att.epoch), PRIO_INFRA)
-        else:
-            self._begin(att)
-        return True
+    def _hold(self, att: Attempt, where: list[tuple[int, int, float, int]]) -> float:
+        att.instances = self._instances_for(att.job)
+        self.instances += att.instances
+        att.billed_from = self.engine.now
+        return self.spec.boot_s
 
-    def _booted(self, arg: tuple[Attempt, int]) -> None:
-        att, epoch = arg
-        if att.epoch == epoch and att.state is ProviderState.QUEUED:
-            self._begin(att)
+    def _free(self, att: Attempt) -> None:
+        self._bill(att)
+        self.instances -= att.instances
 
-    def _begin(self, att: Attempt) -> None:
-        now = self.engine.now
-        self.provider.started(att)
-        end = now + att.work_s
-        att.ended = end if end < INF else None
-        if end < INF:
-            self.engine.at(end, self._done, (att, att.epoch), PRIO_INFRA)
+    def _bill(self, att: Attempt) -> None:
+        billed = max(self.spec.min_billed_s, self.engine.now - att.billed_from)
+        self.cost += billed * att.instances * self.spec.price_per_hour / 3600.0
+
+    def _begin(self, att: Attempt) -> float:
+        end = super()._begin(att)
         if self.spec.spot and self.spec.interruptions_per_hour and self.provider.inject:
-            gone = now + self.rng.expovariate(self.spec.interruptions_per_hour / 3600.0)
+            gone = self.engine.now + self.rng.expovariate(self.spec.interruptions_per_hour / 3600.0)
             if gone < end:
                 self.engine.at(gone, self._reclaimed, (att, att.epoch), PRIO_INFRA)
-
-    def _done(self, arg: tuple[Attempt, int]) -> None:
-        att, epoch = arg
-        if att.epoch == epoch and att.state is ProviderState.RUNNING:
-            self.release(att)
-            self.provider.finish(att, ProviderState.SUCCEEDED, None, "")
+        return end
 
     def _reclaimed(self, arg: tuple[Attempt, int]) -> None:
         att, epoch = arg
@@ -531,63 +708,27 @@ class SimPool:
                 att, ProviderState.FAILED, FailureClass.PREEMPTED, "spot instance reclaimed"
             )
 
-    def release(self, att: Attempt) -> None:
-        """Give back what a started attempt holds (it ended, failed or was cancelled)."""
-        if self.running.pop(att.key, None) is None:
-            return
-        self._account()
-        att.epoch += 1
-        job = att.job
-        self.used_g -= job.gpus
-        self.used_c -= job.cpus
-        if self.kind is PoolKind.CLOUD:
-            billed = max(self.spec.min_billed_s, self.engine.now - att.billed_from)
-            self.cost += billed * att.instances * self.spec.price_per_hour / 3600.0
-            self.instances -= att.instances
-        else:
-            for n, g, c, m in att.alloc:
-                self._give(n, g, c, m, att)
-        self.request_pass()
-
-    # ---- faults ----------------------------------------------------------------------------
-
-    def node_down(self, n: int) -> None:
-        if not self.up[n]:
-            return
-        self.node_failures += 1
-        for key in list(self.on_node[n]):
-            att = self.running.get(key)
-            if att is not None:
-                self.release(att)
-                self.provider.finish(
-                    att,
-                    ProviderState.FAILED,
-                    FailureClass.NODE_FAILURE,
-                    f"node {self.spec.name}-{n} failed",
-                )
-        if self.gpn:
-            del self.by_free[self.free_g[n]][n]
-        self.up[n] = False
-        self.nodes_up -= 1
-        self.provider.capacity_changed()
-
-    def node_up(self, n: int) -> None:
-        if self.up[n]:
-            return
-        self.up[n] = True
-        self._dirty.add(n)
-        self.nodes_up += 1
-        if self.gpn:
-            self.by_free[self.free_g[n]][n] = None
-        self.provider.capacity_changed()
-        self.request_pass()
-
     def finish_accounting(self) -> None:
-        self._account()
+        super().finish_accounting()
         for att in list(self.running.values()):
-            if self.kind is PoolKind.CLOUD:
-                billed = max(self.spec.min_billed_s, self.engine.now - att.billed_from)
-                self.cost += billed * att.instances * self.spec.price_per_hour / 3600.0
+            self._bill(att)
+
+
+POOL_CLASSES: dict[PoolKind, type[SimPool]] = {
+    PoolKind.SLURM: SlurmPartition,
+    PoolKind.KUBERNETES: KubernetesNodePool,
+    PoolKind.CLOUD: CloudInstanceType,
+}
+"""the discipline that simulates each kind of pool"""
+
+
+def pool_class(kind: PoolKind) -> type[SimPool]:
+    """The simulated pool class for ``kind``; every ``PoolKind`` has one."""
+    cls = POOL_CLASSES.get(kind)
+    if cls is None:
+        known = ", ".join(sorted(k.value for k in POOL_CLASSES))
+        raise InternalError(f"no simulated pool discipline for kind {kind!r} (known: {known})")
+    return cls
 
 
 ReportSink = Callable[[str, Report], None]
@@ -628,7 +769,7 @@ class SimProvider(Provider):
         self.on_capacity = on_capacity
         self.pools: dict[str, SimPool] = {}
         for spec in pools:
-            self.pools[spec.name] = SimPool(self, spec)
+            self.pools[spec.name] = pool_class(spec.kind)(self, spec)
         self.attempts: dict[str, Attempt] = {}
         self.executed: set[str] = set()
         self.executing_runs: dict[str, str] = {}

@@ -120,3 +120,10 @@ def test_a_broken_node_list_names_the_line(tmp_path: Path) -> None:
     with pytest.raises(SpecError) as info:
         load_cluster(f)
     assert info.value.line == 3
+
+
+def test_cloud_pools_refuse_node_failures(tmp_path: Path) -> None:
+    cloud = GOOD.replace('"slurm"', '"cloud"').replace("nodes = 2", "max_instances = 2")
+    e = _error(tmp_path, cloud + 'failures = { mtbf = "1d" }\n')
+    assert e.path == "$.pools[0].failures"
+    assert "interruptions_per_hour" in e.message

@@ -71,6 +71,10 @@ class Harness:
         )
         return self.prov.submit_now(req)[0]
 
+    def state(self, key: str) -> ProviderState:
+        """A call, not an attribute read: mypy would narrow the state across the actions."""
+        return self.prov.attempts[key].state
+
     def states(self, key: str) -> list[tuple[float, ProviderState]]:
         return [(t, r.state) for t, r in self.reports if r.key == key]
 
@@ -163,10 +167,10 @@ def test_a_failed_node_fails_its_jobs_and_leaves_the_pool() -> None:
     assert h.prov.attempts["k-a"].failure is FailureClass.NODE_FAILURE
     assert h.prov.core_pools()[0].gpus == {"a100": 0}
     h.submit("slurm", SimJob(id="b", submit=0, duration=1.0, gpus=1))
-    assert h.prov.attempts["k-b"].state is ProviderState.QUEUED
+    assert h.state("k-b") is ProviderState.QUEUED
     h.prov.pools["slurm"].node_up(0)
     h.engine.run()
-    assert h.prov.attempts["k-b"].state is ProviderState.SUCCEEDED
+    assert h.state("k-b") is ProviderState.SUCCEEDED
 
 
 def test_a_cut_off_site_refuses_calls_and_holds_reports_until_it_is_back() -> None:
@@ -219,3 +223,168 @@ def test_a_job_no_node_can_ever_hold_is_rejected_not_left_pending() -> None:
     r = h.submit("k8s", SimJob(id="big", submit=0, duration=5.0, cpus=12, memory=2**30))
     assert r.state is ProviderState.FAILED and r.failure is FailureClass.PROVIDER_REJECTED
     assert "can ever hold" in r.message
+
+
+WIDE = """\
+[cluster]
+name = "t"
+[[sites]]
+name = "s"
+[[pools]]
+name = "slurm"
+site = "s"
+kind = "slurm"
+nodes = 2
+gpus_per_node = 4
+gpu_model = "a100"
+cpus_per_node = 32
+memory_per_node = "256GiB"
+backfill_depth = 1
+[[pools]]
+name = "k8s"
+site = "s"
+kind = "kubernetes"
+nodes = 3
+gpus_per_node = 4
+gpu_model = "t4"
+cpus_per_node = 16
+memory_per_node = "64GiB"
+[[pools]]
+name = "cloud"
+site = "s"
+kind = "cloud"
+max_instances = 3
+gpus_per_node = 2
+gpu_model = "a10g"
+cpus_per_node = 8
+memory_per_node = "32GiB"
+price_per_hour = 7.2
+boot = "60s"
+min_billed = "10m"
+"""
+
+
+def started(h: Harness) -> dict[str, float]:
+    return {k: t for k, a in h.prov.attempts.items() if (t := a.started) is not None}
+
+
+def test_slurm_multi_node_jobs_take_whole_nodes() -> None:
+    h = Harness(WIDE)
+    h.submit("slurm", SimJob(id="a", submit=0, duration=10.0, gpus=1))
+    # 6 GPUs need two whole nodes; node 0 is not whole while a runs
+    assert h.submit("slurm", SimJob(id="b", submit=0, duration=10.0, gpus=6, cpus=8)).state is (
+        ProviderState.QUEUED
+    )
+    h.engine.run()
+    assert started(h) == {"k-a": 0.0, "k-b": 10.0}
+    alloc = h.prov.attempts["k-b"].alloc
+    assert sorted(n for n, *_ in alloc) == [0, 1]
+    assert all(g == 4 and c == 4.0 for _, g, c, _ in alloc)  # whole nodes; CPUs split
+
+
+@pytest.mark.parametrize(("depth", "d_starts", "backfilled"), [(1, 120.0, 0), (2, 0.0, 1)])
+def test_slurm_backfill_looks_only_backfill_depth_behind_the_head(
+    depth: int, d_starts: float, backfilled: int
+) -> None:
+    h = Harness(WIDE.replace("backfill_depth = 1", f"backfill_depth = {depth}"))
+    h.submit("slurm", SimJob(id="a", submit=0, duration=100.0, gpus=4))
+    h.submit("slurm", SimJob(id="head", submit=0, duration=10.0, gpus=8))  # waits for a
+    h.submit("slurm", SimJob(id="x", submit=0, duration=10.0, gpus=6))  # does not fit now
+    h.submit("slurm", SimJob(id="d", submit=0, duration=50.0, gpus=2))  # fits, ends in time
+    h.engine.run()
+    s = started(h)
+    assert (s["k-a"], s["k-head"], s["k-x"]) == (0.0, 100.0, 110.0)
+    assert s["k-d"] == d_starts
+    assert h.prov.pools["slurm"].backfilled == backfilled
+
+
+def test_slurm_head_of_line_blocks_what_would_delay_the_head() -> None:
+    h = Harness(WIDE)
+    h.submit("slurm", SimJob(id="a", submit=0, duration=100.0, gpus=4))
+    h.submit("slurm", SimJob(id="head", submit=0, duration=10.0, gpus=8))
+    h.submit("slurm", SimJob(id="long", submit=0, duration=101.0, gpus=1))  # ends after 100
+    h.engine.run()
+    assert started(h) == {"k-a": 0.0, "k-head": 100.0, "k-long": 110.0}
+    assert h.prov.pools["slurm"].backfilled == 0
+
+
+def test_kubernetes_anti_affinity_cap_allows_that_many_per_node() -> None:
+    h = Harness(WIDE)
+    for i in range(7):
+        h.submit(
+            "k8s",
+            SimJob(id=f"r{i}", submit=0, duration=None, cpus=1, service="app", max_per_node=2),
+        )
+    per_node: dict[int, int] = {}
+    for a in h.prov.attempts.values():
+        if a.alloc:
+            per_node[a.alloc[0][0]] = per_node.get(a.alloc[0][0], 0) + 1
+    assert per_node == {0: 2, 1: 2, 2: 2}
+    assert h.state("k-r6") is ProviderState.QUEUED
+    h.prov.cancel_now(["k-r3"])  # frees a slot on its node: the pending replica takes it
+    node = h.prov.attempts["k-r3"].alloc[0][0]
+    h.engine.run(until=1.0)
+    assert h.state("k-r6") is ProviderState.RUNNING
+    assert h.prov.attempts["k-r6"].alloc[0][0] == node
+
+
+def test_kubernetes_puts_a_pod_on_the_node_with_the_fewest_free_gpus_that_suffice() -> None:
+    h = Harness(WIDE)
+    h.submit("k8s", SimJob(id="a", submit=0, duration=100.0, gpus=3))  # node 0: 1 free
+    h.submit("k8s", SimJob(id="b", submit=0, duration=100.0, gpus=2))  # node 1: 2 free
+    h.submit("k8s", SimJob(id="c", submit=0, duration=100.0, gpus=2))  # best fit: node 1
+    h.submit("k8s", SimJob(id="d", submit=0, duration=100.0, gpus=1))  # best fit: node 0
+    node = {k: a.alloc[0][0] for k, a in h.prov.attempts.items()}
+    assert node == {"k-a": 0, "k-b": 1, "k-c": 1, "k-d": 0}
+
+
+def test_cloud_is_elastic_up_to_max_instances_and_offers_its_boot_as_wait() -> None:
+    h = Harness(WIDE)
+    [pool] = [p for p in h.prov.core_pools() if p.id == "cloud"]
+    assert pool.gpus == {"a10g": 6} and pool.expected_wait_s == 60.0
+    h.submit("cloud", SimJob(id="a", submit=0, duration=1000.0, gpus=4))  # 2 instances
+    h.submit("cloud", SimJob(id="b", submit=0, duration=1000.0, gpus=4))  # waits for a
+    h.submit("cloud", SimJob(id="c", submit=0, duration=1000.0, gpus=1))  # 1 instance: fits
+    cloud = h.prov.pools["cloud"]
+    assert cloud.instances == 3
+    h.engine.run()
+    assert started(h) == {"k-a": 60.0, "k-c": 60.0, "k-b": 1120.0}
+    # each billed per second from launch (its boot included) until it ended, per instance
+    assert cloud.cost == pytest.approx((1060.0 * 2 + 1060.0 * 1 + 1060.0 * 2) * 7.2 / 3600)
+    assert cloud.instances == 0
+
+
+def test_cloud_bills_at_least_the_minimum_and_what_still_runs_at_the_end() -> None:
+    h = Harness(WIDE)
+    h.submit("cloud", SimJob(id="a", submit=0, duration=30.0, gpus=1))  # 90 s < 10 min
+    h.submit("cloud", SimJob(id="svc", submit=0, duration=None, gpus=1))  # never ends
+    h.engine.run(until=1000.0)
+    cloud = h.prov.pools["cloud"]
+    assert cloud.cost == pytest.approx(600.0 * 7.2 / 3600)
+    cloud.finish_accounting()
+    assert cloud.cost == pytest.approx((600.0 + 1000.0) * 7.2 / 3600)
+
+
+def test_every_pool_kind_has_one_discipline_class() -> None:
+    from stowplan.errors import InternalError
+    from stowplan.simulator.cluster import PoolKind
+    from stowplan.simulator.provider import (
+        POOL_CLASSES,
+        CloudInstanceType,
+        KubernetesNodePool,
+        SlurmPartition,
+        pool_class,
+    )
+
+    assert set(POOL_CLASSES) == set(PoolKind)
+    assert all(cls.kind is kind for kind, cls in POOL_CLASSES.items())
+    h = Harness(WIDE)
+    assert [type(p) for p in h.prov.pools.values()] == [
+        SlurmPartition,
+        KubernetesNodePool,
+        CloudInstanceType,
+    ]
+    with pytest.raises(InternalError, match="no simulated pool discipline for kind 'pbs'"):
+        pool_class("pbs")  # type: ignore[arg-type]
+    with pytest.raises(InternalError, match="no nodes"):
+        h.prov.pools["cloud"].node_down(0)
