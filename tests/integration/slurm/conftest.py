@@ -76,6 +76,9 @@ def project_toml(facts: ClusterFacts, workdir: Path, **extra: object) -> str:
 
 def write_project(tmp_path: Path, facts: ClusterFacts, experiment: str, **extra: object) -> Path:
     (tmp_path / "stowplan.toml").write_text(project_toml(facts, tmp_path / "remote", **extra))
+    # the cluster's workdir and the trials' marker files sit beside the experiment here: outside
+    # git they would otherwise count as its code and change every run's identity mid-sweep
+    (tmp_path / ".stowplanignore").write_text("remote/\n*.log\n")
     f = tmp_path / "exp.toml"
     f.write_text(experiment)
     return f
