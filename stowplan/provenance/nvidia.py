@@ -23,6 +23,7 @@ import subprocess
 import xml.etree.ElementTree as ET
 from typing import Any, Final
 
+import msgspec
 from msgspec import Struct
 
 __all__ = [
@@ -72,7 +73,7 @@ class GpuInfo(Struct, frozen=True, kw_only=True):
     memory_total_bytes: int
     """framebuffer size, a whole number of MiB."""
     compute_capability: str | None = None
-    """``major.minor``; ``nvidia-smi -q -x`` does not report it."""
+    """``major.minor``; ``nvidia-smi -q -x`` does not report it (``--query-gpu`` does)."""
     pci_bus_id: str | None = None
     serial: str | None = None
     vbios: str | None = None
@@ -257,40 +258,88 @@ def nvml_gpus() -> list[GpuInfo] | None:
             pynvml.nvmlShutdown()
 
 
-def nvidia_smi_gpus(
-    executable: str = "nvidia-smi", *, timeout: float = NVIDIA_SMI_TIMEOUT
-) -> list[GpuInfo] | None:
-    """The GPUs ``nvidia-smi -q -x`` reports, or None when it is absent, fails or hangs.
+def merge_views(xml: list[GpuInfo], query: list[GpuInfo]) -> list[GpuInfo]:
+    """The ``-q -x`` view with what it lacks filled in from the ``--query-gpu`` view, GPU by
+    GPU (matched by UUID).
 
-    ``executable`` is looked up on PATH like a shell would. The tool exits non-zero when it
-    cannot talk to a driver (a container without GPUs, say): that is None too, not an error.
+    NOTE: ``nvidia-smi -q -x`` has no compute capability (seen on driver 580 with an H200)
+    and the query format has no CUDA version, while NVML gives both: together the two
+    ``nvidia-smi`` views record what NVML records, so a run's hardware does not depend on
+    which source was usable.
     """
-    path = shutil.which(executable)
-    if path is None:
-        return None
+    by_uuid = {g.uuid: g for g in query}
+    out: list[GpuInfo] = []
+    for g in xml:
+        q = by_uuid.get(g.uuid)
+        if q is None:
+            out.append(g)
+            continue
+        out.append(
+            msgspec.structs.replace(
+                g,
+                cuda_version=g.cuda_version or q.cuda_version,
+                compute_capability=g.compute_capability or q.compute_capability,
+                pci_bus_id=g.pci_bus_id or q.pci_bus_id,
+                serial=g.serial or q.serial,
+                vbios=g.vbios or q.vbios,
+            )
+        )
+    return out
+
+
+def _run_nvidia_smi(path: str, args: list[str], timeout: float) -> str | None:
+    """The output of ``nvidia-smi ARGS``, or None when it fails or hangs (logged)."""
     try:
         done = subprocess.run(
-            [path, "-q", "-x"],
+            [path, *args],
             capture_output=True,
             timeout=timeout,
             check=False,
             stdin=subprocess.DEVNULL,
         )
     except subprocess.TimeoutExpired:
-        log.warning("%s -q -x took more than %s s; GPUs not recorded", path, timeout)
+        log.warning("%s %s took more than %s s", path, args[0], timeout)
         return None
     except OSError as e:
         log.warning("could not run %s: %s", path, e)
         return None
     if done.returncode != 0:
         message = done.stdout.decode(errors="replace").strip()[:200]
-        log.debug("%s -q -x exited %d: %s", path, done.returncode, message)
+        log.debug("%s %s exited %d: %s", path, args[0], done.returncode, message)
+        return None
+    return done.stdout.decode(errors="replace")
+
+
+def nvidia_smi_gpus(
+    executable: str = "nvidia-smi", *, timeout: float = NVIDIA_SMI_TIMEOUT
+) -> list[GpuInfo] | None:
+    """The GPUs ``nvidia-smi -q -x`` reports, completed by ``--query-gpu`` (see
+    :func:`merge_views`), or None when it is absent, fails or hangs.
+
+    ``executable`` is looked up on PATH like a shell would. The tool exits non-zero when it
+    cannot talk to a driver (a container without GPUs, say): that is None too, not an error.
+    A failing query after a good ``-q -x`` only leaves the fields the XML lacks empty.
+    """
+    path = shutil.which(executable)
+    if path is None:
+        return None
+    text = _run_nvidia_smi(path, ["-q", "-x"], timeout)
+    if text is None:
         return None
     try:
-        return parse_nvidia_smi_xml(done.stdout.decode(errors="replace"))
+        gpus = parse_nvidia_smi_xml(text)
     except ValueError as e:
         log.warning("could not read the output of %s -q -x: %s", path, e)
         return None
+    query = _run_nvidia_smi(
+        path, [f"--query-gpu={','.join(QUERY_GPU_FIELDS)}", "--format=csv"], timeout
+    )
+    if query is not None:
+        try:
+            gpus = merge_views(gpus, parse_nvidia_smi_query_csv(query))
+        except ValueError as e:
+            log.warning("could not read the output of %s --query-gpu: %s", path, e)
+    return gpus
 
 
 def capture_gpus() -> list[GpuInfo]:

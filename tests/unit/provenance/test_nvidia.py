@@ -8,6 +8,7 @@ tests check that its absence is reported as such.
 from __future__ import annotations
 
 import ctypes.util
+import json
 import re
 import shutil
 import stat
@@ -18,8 +19,10 @@ import msgspec
 import pytest
 
 from stowplan.provenance.nvidia import (
+    QUERY_GPU_FIELDS,
     GpuInfo,
     capture_gpus,
+    merge_views,
     nvidia_smi_gpus,
     nvml_gpus,
     parse_nvidia_smi_query_csv,
@@ -27,6 +30,7 @@ from stowplan.provenance.nvidia import (
 )
 
 H200 = Path(__file__).parents[2] / "fixtures" / "hosts" / "h200-x1"
+DEVICE = Path(__file__).parents[2] / "fixtures" / "hosts" / "h200-device-20261204"
 XML = (H200 / "nvidia-smi-q-x.xml").read_text()
 CSV = (H200 / "nvidia-smi-query-gpu.csv").read_text()
 
@@ -141,13 +145,41 @@ def _which(name: str) -> str:
     return found
 
 
+def _smi(directory: Path, host: Path) -> Path:
+    """A stand-in that answers the two calls the fallback makes, with ``host``'s captures, and
+    insists on the arguments the real tool needs for them."""
+    cat = _which("cat")
+    query = f"--query-gpu={','.join(QUERY_GPU_FIELDS)}"
+    return _tool(
+        directory,
+        f'if [ "$1 $2" = "-q -x" ]; then exec {cat} "{host / "nvidia-smi-q-x.xml"}"; fi\n'
+        f'if [ "$1 $2" = "{query} --format=csv" ]; then '
+        f'exec {cat} "{host / "nvidia-smi-query-gpu.csv"}"; fi\nexit 3',
+    )
+
+
 def test_nvidia_smi_output_is_parsed(tmp_path: Path) -> None:
-    # The stand-in insists on the arguments the real tool needs for XML.
-    tool = _tool(
-        tmp_path,
+    full = msgspec.structs.replace(EXPECTED, compute_capability="9.0")
+    assert nvidia_smi_gpus(str(_smi(tmp_path / "a", H200))) == [full]
+    # a tool whose query fails still gives what -q -x says
+    xml_only = _tool(
+        tmp_path / "b",
         f'[ "$1 $2" = "-q -x" ] || exit 3\nexec {_which("cat")} "{H200 / "nvidia-smi-q-x.xml"}"',
     )
-    assert nvidia_smi_gpus(str(tool)) == [EXPECTED]
+    assert nvidia_smi_gpus(str(xml_only)) == [EXPECTED]
+
+
+def test_the_nvidia_smi_fallback_records_what_nvml_recorded_on_a_real_h200(
+    tmp_path: Path,
+) -> None:
+    """Captured on the same card: NVML's answer, and what the two nvidia-smi views give."""
+    nvml = msgspec.convert(json.loads((DEVICE / "nvml.json").read_text())["nvml"], list[GpuInfo])
+    assert nvml and nvml[0].compute_capability == "9.0" and nvml[0].cuda_version == "13.0"
+    xml = parse_nvidia_smi_xml((DEVICE / "nvidia-smi-q-x.xml").read_text())
+    query = parse_nvidia_smi_query_csv((DEVICE / "nvidia-smi-query-gpu.csv").read_text())
+    assert xml != nvml and query != nvml  # neither view alone is the whole record
+    assert merge_views(xml, query) == nvml
+    assert nvidia_smi_gpus(str(_smi(tmp_path, DEVICE))) == nvml
 
 
 def test_nvidia_smi_failures_mean_no_answer(tmp_path: Path) -> None:
@@ -193,13 +225,13 @@ def test_capture_falls_back_to_nvidia_smi_then_to_nothing(
 ) -> None:
     nvml = nvml_gpus()
     bin_dir = tmp_path / "bin"
-    _tool(bin_dir, f'exec {_which("cat")} "{H200 / "nvidia-smi-q-x.xml"}"')
+    _smi(bin_dir, H200)
     monkeypatch.setenv("PATH", str(bin_dir))
     with_tool = capture_gpus()
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     without_tool = capture_gpus()
     if nvml is None:
-        assert with_tool == [EXPECTED]
+        assert with_tool == [msgspec.structs.replace(EXPECTED, compute_capability="9.0")]
         assert without_tool == []
     else:  # NVML wins whenever it answers
         assert with_tool == without_tool == nvml
