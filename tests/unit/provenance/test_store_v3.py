@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from stowplan.provenance.records import PlacementRecord, ReplayRecord
-from stowplan.provenance.store import _SCHEMA, SCHEMA_VERSION, RunStore
+from stowplan.provenance.store import SCHEMA_VERSION, RunStore
+from stowplan.provenance.store.schema import SCHEMA_V2
 from tests.unit.provenance.test_store import experiment, run
 
 
@@ -72,7 +73,7 @@ def test_replays_link_both_ways(tmp_path: Path) -> None:
 def test_a_version_2_store_is_upgraded_in_place(tmp_path: Path) -> None:
     db = tmp_path / "runs.db"
     c = sqlite3.connect(db, isolation_level=None)
-    for statement in _SCHEMA:
+    for statement in SCHEMA_V2:
         c.execute(statement)
     c.execute("PRAGMA user_version = 2")
     e = experiment()

@@ -9,7 +9,8 @@ import msgspec
 
 from stowplan.provenance.imports import InterpreterUse, UsedRecord
 from stowplan.provenance.records import AttemptRecord
-from stowplan.provenance.store import _SCHEMA, _SCHEMA_V3, SCHEMA_VERSION, RunStore
+from stowplan.provenance.store import SCHEMA_VERSION, RunStore
+from stowplan.provenance.store.schema import SCHEMA_V2, SCHEMA_V3
 from stowplan.spec.canonical import attempt_key, sha256_hex
 from tests.unit.provenance.test_store import experiment, intent, run
 
@@ -39,7 +40,7 @@ def test_a_version_3_store_is_upgraded_in_place(tmp_path: Path) -> None:
     db = tmp_path / "runs.db"
     # a store as stowplan with schema version 3 wrote it: its statements, its columns
     c = sqlite3.connect(db, isolation_level=None)
-    for statement in (*_SCHEMA, *_SCHEMA_V3):
+    for statement in (*SCHEMA_V2, *SCHEMA_V3):
         c.execute(statement)
     c.execute("PRAGMA user_version = 3")
     e = experiment()

@@ -1,0 +1,550 @@
+"""Experiments, runs, their transitions and attempts: the records the control plane writes.
+
+The layout (a run's state row apart from its body, batches in run id order, import records
+kept once by hash) is explained in the package docstring.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from collections.abc import Iterable, Sequence
+from typing import Any, Final
+
+import msgspec
+
+from stowplan.provenance.records import (
+    AttemptRecord,
+    ExperimentRecord,
+    RunRecord,
+    TransitionRecord,
+)
+from stowplan.provenance.store.database import HEX, Database, json_text, rows_in
+from stowplan.scheduler.states import FINAL
+from stowplan.spec.canonical import sha256_hex
+
+__all__ = ["ACTIVE_ATTEMPT_STATES", "MIN_PREFIX", "RunTables"]
+
+log = logging.getLogger(__name__)
+
+ACTIVE_ATTEMPT_STATES: Final = ("SUBMITTING", "QUEUED", "RUNNING", "UNKNOWN")
+"""Attempt states in which a job may still exist at its provider."""
+
+MIN_PREFIX: Final = 4
+"""Shortest run id prefix :meth:`RunTables.resolve_run` accepts."""
+
+_STATE_COLUMNS: Final = (
+    "run_id, experiment_id, experiment, task, idx, replicate, state, attempts, failure, reason, "
+    "pool, created_at, updated_at"
+)
+_RUN_SELECT: Final = (
+    "SELECT r.run_id, r.experiment_id, r.experiment, r.task, r.idx, r.replicate, r.state, "
+    "r.attempts, r.failure, r.reason, r.pool, r.created_at, r.updated_at, b.body "
+    "FROM runs AS r JOIN run_bodies AS b ON b.rid = r.rid"
+)
+_ATTEMPT_COLUMNS: Final = (
+    "key, run_id, attempt, provider, pool, state, job_id, node, exit_code, failure, message, "
+    "intent_at, started_at, ended_at, used"
+)
+_EXPERIMENT_COLUMNS: Final = "id, name, project, description, file, spec, created_at"
+
+_TERMINAL_SQL: Final = ", ".join(f"'{s}'" for s in sorted(FINAL))
+_ACTIVE_SQL: Final = ", ".join(f"'{s}'" for s in ACTIVE_ATTEMPT_STATES)
+
+_encoder = msgspec.json.Encoder()
+_dict_decoder = msgspec.json.Decoder(dict[str, Any])
+_by_run_id: Final = operator.attrgetter("run_id")
+
+
+class _RunBody(msgspec.Struct, kw_only=True):
+    """The part of a run that never changes after it is put: one JSON column, one encode."""
+
+    params: dict[str, Any]
+    seed: int
+    depends_on: list[str]
+    identity: dict[str, Any]
+    task_spec: dict[str, Any]
+    provenance: str
+
+
+_body_decoder = msgspec.json.Decoder(_RunBody)
+
+
+# attrgetter builds the row tuples in C: per-row Python calls were a fifth of put_runs.
+_state_row: Final = operator.attrgetter(
+    "run_id",
+    "experiment_id",
+    "experiment",
+    "task",
+    "index",
+    "replicate",
+    "state",
+    "attempts",
+    "failure",
+    "reason",
+    "pool",
+    "created_at",
+    "updated_at",
+)
+
+
+def _body_row(rid: int, r: RunRecord) -> tuple[int, str]:
+    body = _RunBody(
+        params=r.params,
+        seed=r.seed,
+        depends_on=r.depends_on,
+        identity=r.identity,
+        task_spec=r.task_spec,
+        provenance=r.provenance,
+    )
+    return rid, _encoder.encode(body).decode()
+
+
+def _run_from_row(row: Sequence[Any]) -> RunRecord:
+    body = _body_decoder.decode(row[13])
+    return RunRecord(
+        run_id=row[0],
+        experiment_id=row[1],
+        experiment=row[2],
+        task=row[3],
+        index=row[4],
+        replicate=row[5],
+        state=row[6],
+        attempts=row[7],
+        failure=row[8],
+        reason=row[9],
+        pool=row[10],
+        created_at=row[11],
+        updated_at=row[12],
+        params=body.params,
+        seed=body.seed,
+        depends_on=body.depends_on,
+        identity=body.identity,
+        task_spec=body.task_spec,
+        provenance=body.provenance,
+    )
+
+
+_attempt_row: Final = operator.attrgetter(
+    "key",
+    "run_id",
+    "attempt",
+    "provider",
+    "pool",
+    "state",
+    "job_id",
+    "node",
+    "exit_code",
+    "failure",
+    "message",
+    "intent_at",
+    "started_at",
+    "ended_at",
+    "used",
+)
+_by_key: Final = operator.attrgetter("key")
+
+
+def _attempt_from_row(row: Sequence[Any]) -> AttemptRecord:
+    return AttemptRecord(
+        key=row[0],
+        run_id=row[1],
+        attempt=row[2],
+        provider=row[3],
+        pool=row[4],
+        state=row[5],
+        job_id=row[6],
+        node=row[7],
+        exit_code=row[8],
+        failure=row[9],
+        message=row[10],
+        intent_at=row[11],
+        started_at=row[12],
+        ended_at=row[13],
+        used=row[14],
+    )
+
+
+_event_row: Final = operator.attrgetter(
+    "run_id", "attempt", "from_state", "to_state", "at", "failure", "reason", "pool"
+)
+
+
+def _experiment_from_row(row: Sequence[Any]) -> ExperimentRecord:
+    return ExperimentRecord(
+        id=row[0],
+        name=row[1],
+        project=row[2],
+        description=row[3],
+        file=row[4],
+        spec=_dict_decoder.decode(row[5]),
+        created_at=row[6],
+    )
+
+
+class RunTables(Database):
+    """Reads and writes of experiments, runs, events, attempts and import records."""
+
+    # -- experiments -----------------------------------------------------------------------
+
+    def put_experiment(self, rec: ExperimentRecord) -> None:
+        """Insert an experiment; one with the same id (same spec hash) is kept as is."""
+        with self._write() as c:
+            c.execute(
+                f"INSERT OR IGNORE INTO experiments ({_EXPERIMENT_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    rec.id,
+                    rec.name,
+                    rec.project,
+                    rec.description,
+                    rec.file,
+                    json_text(rec.spec),
+                    rec.created_at,
+                ),
+            )
+
+    def get_experiment(self, experiment_id: str) -> ExperimentRecord | None:
+        with self._read() as c:
+            row = c.execute(
+                f"SELECT {_EXPERIMENT_COLUMNS} FROM experiments WHERE id = ?", (experiment_id,)
+            ).fetchone()
+        return None if row is None else _experiment_from_row(row)
+
+    def list_experiments(self) -> list[ExperimentRecord]:
+        """All experiments, newest first."""
+        with self._read() as c:
+            rows = c.execute(
+                f"SELECT {_EXPERIMENT_COLUMNS} FROM experiments ORDER BY created_at DESC, id"
+            ).fetchall()
+        return [_experiment_from_row(r) for r in rows]
+
+    def find_experiment(self, name_or_id_prefix: str) -> list[ExperimentRecord]:
+        """Experiments named exactly ``name_or_id_prefix`` or whose id starts with it.
+
+        Newest first. An id prefix counts only from :data:`MIN_PREFIX` hex characters on, so a
+        short name is never mistaken for a prefix.
+        """
+        key = name_or_id_prefix
+        prefix = key.lower()
+        by_id = len(prefix) >= MIN_PREFIX and HEX.fullmatch(prefix) is not None
+        with self._read() as c:
+            rows = c.execute(
+                f"SELECT {_EXPERIMENT_COLUMNS} FROM experiments "
+                "WHERE name = ? OR (? AND id GLOB ?) ORDER BY created_at DESC, id",
+                (key, by_id, prefix + "*"),
+            ).fetchall()
+        return [_experiment_from_row(r) for r in rows]
+
+    # -- runs ------------------------------------------------------------------------------
+
+    def put_runs(self, recs: Sequence[RunRecord]) -> None:
+        """Insert runs; an existing run (same id) is kept as it is, state included."""
+        ordered = sorted(recs, key=_by_run_id)
+        if not ordered:
+            return
+        with self._write() as c:
+            # SQLite numbers new rows max(rid) + 1 on, in insertion (run id) order, so the
+            # state row and its body share a rid and later sorted batches touch pages in order.
+            base = int(c.execute("SELECT coalesce(max(rid), 0) + 1 FROM runs").fetchone()[0])
+            inserted = c.executemany(
+                f"INSERT OR IGNORE INTO runs ({_STATE_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                map(_state_row, ordered),
+            ).rowcount
+            if inserted == 0:
+                return
+            bodies: Iterable[tuple[int, str]]
+            if inserted == len(ordered):
+                bodies = (_body_row(base + i, r) for i, r in enumerate(ordered))
+            else:  # some existed already (or came twice): bodies only for the rows inserted
+                rid = dict(
+                    c.execute("SELECT run_id, rid FROM runs WHERE rid >= ?", (base,)).fetchall()
+                )
+                bodies = (_body_row(rid.pop(r.run_id), r) for r in ordered if r.run_id in rid)
+            c.executemany("INSERT INTO run_bodies (rid, body) VALUES (?, ?)", bodies)
+
+    def get_runs(self, run_ids: Sequence[str]) -> dict[str, RunRecord]:
+        """The runs among ``run_ids`` that exist, by id; unknown ids are left out."""
+        out: dict[str, RunRecord] = {}
+        ids = sorted(set(run_ids))
+        with self._read() as c:
+            for row in rows_in(c, f"{_RUN_SELECT} WHERE r.run_id IN ({{}})", ids):
+                out[row[0]] = _run_from_row(row)
+        return out
+
+    def run_states(self, run_ids: Sequence[str]) -> dict[str, tuple[str, int]]:
+        """``(state, attempts)`` of the runs among ``run_ids`` that exist: the narrow read
+        the control plane makes for 10^5 runs at a time, without decoding run bodies."""
+        out: dict[str, tuple[str, int]] = {}
+        ids = sorted(set(run_ids))
+        with self._read() as c:
+            sql = "SELECT run_id, state, attempts FROM runs WHERE run_id IN ({})"
+            for run_id, state, attempts in rows_in(c, sql, ids):
+                out[run_id] = (state, attempts)
+        return out
+
+    def runs_for_experiment(self, experiment_id: str) -> list[RunRecord]:
+        """Runs of one experiment by task name, trial index and replicate."""
+        with self._read() as c:
+            rows = c.execute(
+                f"{_RUN_SELECT} WHERE r.experiment_id = ? "
+                "ORDER BY r.task, r.idx, r.replicate, r.run_id",
+                (experiment_id,),
+            ).fetchall()
+        return [_run_from_row(r) for r in rows]
+
+    def runs_by_name(self, experiment_name: str) -> list[RunRecord]:
+        """All runs of every experiment called ``experiment_name``, newest first.
+
+        Runs created together come by task, index and newest replicate first.
+        """
+        with self._read() as c:
+            rows = c.execute(
+                f"{_RUN_SELECT} WHERE r.experiment_id IN "
+                "(SELECT id FROM experiments WHERE name = ?) "
+                "ORDER BY r.created_at DESC, r.task, r.idx, r.replicate DESC, r.run_id",
+                (experiment_name,),
+            ).fetchall()
+        return [_run_from_row(r) for r in rows]
+
+    def latest_runs(self, experiment_name: str, task: str, index: int) -> list[RunRecord]:
+        """Every replicate of one trial (across versions of the experiment), highest first.
+
+        Reads through the experiment's runs: meant for one trial at a time (the CLI, a rerun),
+        not for a loop over a sweep; use :meth:`runs_by_name` for that.
+        """
+        with self._read() as c:
+            rows = c.execute(
+                f"{_RUN_SELECT} WHERE r.experiment_id IN "
+                "(SELECT id FROM experiments WHERE name = ?) AND r.task = ? AND r.idx = ? "
+                "ORDER BY r.replicate DESC, r.created_at DESC, r.run_id",
+                (experiment_name, task, index),
+            ).fetchall()
+        return [_run_from_row(r) for r in rows]
+
+    def all_runs(self) -> list[RunRecord]:
+        """Every run, oldest first: what queries over all provenance scan."""
+        with self._read() as c:
+            rows = c.execute(f"{_RUN_SELECT} ORDER BY r.created_at, r.run_id").fetchall()
+        return [_run_from_row(r) for r in rows]
+
+    def active_runs(self) -> list[RunRecord]:
+        """Runs not in a terminal state (SUCCEEDED, FAILED, CANCELLED), by run id."""
+        with self._read() as c:
+            rows = c.execute(
+                f"{_RUN_SELECT} WHERE r.state NOT IN ({_TERMINAL_SQL}) ORDER BY r.run_id"
+            ).fetchall()
+        return [_run_from_row(r) for r in rows]
+
+    def resolve_run(self, prefix: str) -> str:
+        """The one run id starting with ``prefix`` (like git's abbreviated hashes).
+
+        Raises ``ValueError`` for a prefix shorter than :data:`MIN_PREFIX` or one that matches
+        several runs (the message lists them), ``KeyError`` when no run matches.
+        """
+        p = prefix.strip().lower()
+        if len(p) < MIN_PREFIX:
+            raise ValueError(
+                f"run id prefix {prefix!r} is too short: give at least {MIN_PREFIX} characters"
+            )
+        if HEX.fullmatch(p) is None:
+            raise KeyError(f"no run id starts with {prefix!r} (run ids are hexadecimal)")
+        with self._read() as c:
+            rows = c.execute(
+                "SELECT run_id FROM runs WHERE run_id GLOB ? ORDER BY run_id LIMIT 11",
+                (p + "*",),
+            ).fetchall()
+        if not rows:
+            raise KeyError(f"no run id starts with {prefix!r}")
+        if len(rows) > 1:
+            shown = ", ".join(r[0][:12] for r in rows[:10])
+            more = " and more" if len(rows) > 10 else ""
+            raise ValueError(
+                f"run id prefix {prefix!r} is ambiguous: it matches {shown}{more}; "
+                "give more characters"
+            )
+        return str(rows[0][0])
+
+    def apply_transitions(self, ts: Sequence[TransitionRecord]) -> None:
+        """Append every transition to the events log and move each run to its last one.
+
+        For each run, ``state``, ``failure``, ``reason`` and ``updated_at`` come from its last
+        transition in the batch, ``pool`` from the last one that names a pool (a transition
+        without one keeps the pool), and ``attempts`` becomes the largest attempt number seen.
+        A transition of an unknown run violates a foreign key (``sqlite3.IntegrityError``) and
+        the whole batch is rolled back.
+
+        Within a batch, events are numbered run by run (each run's in the order given): the
+        batch is one transaction, and grouping by run keeps the events index written in order.
+        """
+        if not ts:
+            return
+        # The result equals applying the transitions one by one, in one UPDATE per run.
+        first: dict[str, str] = {}
+        last: dict[str, TransitionRecord] = {}
+        top: dict[str, int] = {}
+        pool: dict[str, str] = {}
+        for t in ts:
+            first.setdefault(t.run_id, str(t.from_state))
+            last[t.run_id] = t
+            if t.attempt > top.get(t.run_id, -1):
+                top[t.run_id] = t.attempt
+            if t.pool is not None:
+                pool[t.run_id] = t.pool
+        with self._write() as c:
+            c.executemany(
+                "INSERT INTO events (run_id, attempt, from_state, to_state, at, failure, reason, "
+                "pool) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                map(_event_row, sorted(ts, key=_by_run_id)),
+            )
+            c.executemany(
+                # a cancelled run leaves CANCELLED only by being submitted afresh (PENDING): a
+                # late transition from a control plane that died after an offline cancel must
+                # not bring it back
+                "UPDATE runs SET state = ?, attempts = max(attempts, ?), failure = ?, "
+                "reason = ?, pool = coalesce(?, pool), updated_at = ? WHERE run_id = ? "
+                "AND (state != 'CANCELLED' OR ? IN ('PENDING', 'CANCELLED'))",
+                (
+                    (
+                        last[r].to_state,
+                        top[r],
+                        last[r].failure,
+                        last[r].reason,
+                        pool.get(r),
+                        last[r].at,
+                        r,
+                        first[r],
+                    )
+                    for r in sorted(last)
+                ),
+            )
+
+    def events_for(self, run_id: str) -> list[TransitionRecord]:
+        """A run's transitions in the order they were applied."""
+        with self._read() as c:
+            rows = c.execute(
+                "SELECT run_id, attempt, from_state, to_state, at, failure, reason, pool "
+                "FROM events WHERE run_id = ? ORDER BY seq",
+                (run_id,),
+            ).fetchall()
+        return [
+            TransitionRecord(
+                run_id=r[0],
+                attempt=r[1],
+                from_state=r[2],
+                to_state=r[3],
+                at=r[4],
+                failure=r[5],
+                reason=r[6],
+                pool=r[7],
+            )
+            for r in rows
+        ]
+
+    # -- attempts --------------------------------------------------------------------------
+
+    def write_intents(self, intents: Sequence[AttemptRecord]) -> None:
+        """Record attempts about to be submitted; call before the submit, never after.
+
+        An intent already written (same key, or same run and attempt number) is left as it is,
+        so re-sending a batch after a crash neither duplicates it nor rolls its state back.
+        """
+        # Sorting by a str key allocates nothing the garbage collector tracks: a tuple key per
+        # record made sorting 10^5 intents slower than inserting them, next to a large heap.
+        rows = map(_attempt_row, sorted(intents, key=_by_run_id))
+        with self._write() as c:
+            c.executemany(
+                f"INSERT OR IGNORE INTO attempts ({_ATTEMPT_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+
+    def update_attempts(self, updates: Sequence[AttemptRecord]) -> None:
+        """Upsert attempts by key with what the provider reported, in the order given.
+
+        For a stored key, ``state`` takes the new value; ``job_id``, ``node``, ``exit_code``,
+        ``failure``, ``started_at``, ``ended_at`` and ``used`` keep their stored value when the
+        update has None, and ``message`` when the update's is empty. ``run_id``, ``attempt``,
+        ``provider``, ``pool`` and ``intent_at`` come from the intent and never change, so an
+        update may leave them blank (a provider report knows only the key).
+
+        A key never stored is inserted whole if its ``run_id`` names a stored run, and skipped
+        (logged) if its ``run_id`` is blank: a report for an attempt this store never saw.
+        """
+        if not updates:
+            return
+        with self._write() as c:
+            changed = c.executemany(
+                # ?1..?15 are the attempt row; the WHERE drops blank-run updates of unknown keys
+                f"INSERT INTO attempts ({_ATTEMPT_COLUMNS}) "
+                "SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15 "
+                "WHERE ?2 != '' OR EXISTS (SELECT 1 FROM attempts WHERE key = ?1) "
+                "ON CONFLICT (key) DO UPDATE SET "
+                "state = excluded.state, "
+                "job_id = coalesce(excluded.job_id, job_id), "
+                "node = coalesce(excluded.node, node), "
+                "exit_code = coalesce(excluded.exit_code, exit_code), "
+                "failure = coalesce(excluded.failure, failure), "
+                "message = CASE WHEN excluded.message = '' THEN message ELSE excluded.message END, "
+                "started_at = coalesce(excluded.started_at, started_at), "
+                "ended_at = coalesce(excluded.ended_at, ended_at), "
+                "used = coalesce(excluded.used, used)",
+                map(_attempt_row, sorted(updates, key=_by_key)),
+            ).rowcount
+        if changed < len(updates):
+            log.warning(
+                "%d attempt update(s) named keys this store never saw; skipped",
+                len(updates) - changed,
+            )
+
+    def attempts_for(self, run_ids: Sequence[str]) -> dict[str, list[AttemptRecord]]:
+        """Attempts of each run (by attempt number); runs without attempts are left out."""
+        out: dict[str, list[AttemptRecord]] = {}
+        ids = list(dict.fromkeys(run_ids))
+        with self._read() as c:
+            sql = (
+                f"SELECT {_ATTEMPT_COLUMNS} FROM attempts WHERE run_id IN ({{}}) "
+                "ORDER BY run_id, attempt"
+            )
+            for row in rows_in(c, sql, ids):
+                out.setdefault(row[1], []).append(_attempt_from_row(row))
+        return out
+
+    def active_attempts(self) -> list[AttemptRecord]:
+        """Attempts that may still exist at a provider: what reconciliation must look up.
+
+        Those in SUBMITTING, QUEUED, RUNNING or UNKNOWN whose run is not terminal.
+        """
+        with self._read() as c:
+            rows = c.execute(
+                f"SELECT {', '.join('a.' + n for n in _ATTEMPT_COLUMNS.split(', '))} "
+                "FROM attempts AS a JOIN runs AS r ON r.run_id = a.run_id "
+                f"WHERE a.state IN ({_ACTIVE_SQL}) AND r.state NOT IN ({_TERMINAL_SQL}) "
+                "ORDER BY a.intent_at, a.key"
+            ).fetchall()
+        return [_attempt_from_row(r) for r in rows]
+
+    # -- what attempts imported ------------------------------------------------------------
+
+    def put_used(self, records: Iterable[bytes]) -> list[str]:
+        """Keep each import record (the JSON an ``AttemptRecord.used`` hash names) once, by
+        the SHA-256 of its bytes; returns those hashes, in order. Putting one again is a no-op.
+        """
+        rows = [(sha256_hex(r), r.decode()) for r in records]
+        if rows:
+            with self._write() as c:
+                c.executemany(
+                    "INSERT OR IGNORE INTO used (hash, record) VALUES (?, ?)",
+                    sorted(dict(rows).items()),
+                )
+        return [h for h, _ in rows]
+
+    def get_used(self, hashes: Iterable[str]) -> dict[str, bytes]:
+        """The import records with these hashes, as put; unknown hashes are left out."""
+        out: dict[str, bytes] = {}
+        with self._read() as c:
+            sql = "SELECT hash, record FROM used WHERE hash IN ({})"
+            for h, record in rows_in(c, sql, sorted(set(hashes))):
+                out[str(h)] = str(record).encode()
+        return out
