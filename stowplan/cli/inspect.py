@@ -18,7 +18,7 @@ from rich.table import Table
 from stowplan.cli.common import make_console, open_store, plural, resolve_run
 from stowplan.errors import SpecError
 from stowplan.provenance.records import RunRecord
-from stowplan.provenance.store import RunStore
+from stowplan.provenance.store import ACTIVE_ATTEMPT_STATES, RunStore
 from stowplan.scheduler.states import FINAL
 
 EXIT_INTERRUPTED = 130
@@ -446,7 +446,7 @@ def _cancel_offline(
         by_provider: dict[str, list[str]] = {}
         for rid in run_ids:
             for a in attempts.get(rid, []):
-                if a.state in ("SUBMITTING", "QUEUED", "RUNNING", "UNKNOWN"):
+                if a.state in ACTIVE_ATTEMPT_STATES:
                     by_provider.setdefault(a.provider, []).append(a.key)
 
         async def go() -> None:
