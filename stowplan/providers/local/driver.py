@@ -1,0 +1,502 @@
+"""The local driver: attempts run as processes on this machine, the embedded default.
+
+Each started attempt is supervised by its own launcher process (``launcher.py``) in a new
+session, so attempts outlive a crashed control plane; everything this driver knows is on disk
+(see ``attempts.py`` for the layout), and a fresh instance over the same ``state_dir``
+describes what an earlier one started.
+
+Idempotency: the key index is written first, then the attempt directory is claimed with
+``os.mkdir``. A submit that finds the directory claimed starts nothing and reports what is
+there. A crash between the two leaves an index entry without a directory: ``UNKNOWN``, and a
+retried submit claims it normally. The claimer records itself (pid and start time) in
+``spec.json``; starting an attempt creates ``launcher.log`` exclusively first, so of all the
+instances that may hold an attempt queued, exactly one starts it.
+
+Concurrency: the driver counts the CPUs, memory and GPUs of the attempts it started (and of
+running attempts an earlier instance started, once described) against the configured
+capacity. Requests that do not fit wait in a FIFO, reported ``QUEUED``, and are started in
+order as capacity frees; the queue is pumped on ``submit()``, ``describe()`` and ``cancel()``.
+There is no backfilling: a large request at the head is not overtaken by small ones. A request
+larger than the whole machine is started when nothing else of ours runs, so it is never stuck
+forever; it may then be slow, or be killed by its own memory limit. The queue lives in memory;
+an instance asked about an attempt that another process claimed and never started takes it
+into its own queue once that process is dead (a killed provider actor's successor starts what
+it had queued), and reports it ``QUEUED`` while that process lives. A start the dead process
+had begun is made again once no launcher of that attempt runs (after ``START_GRACE_S``). A
+claim whose claimer is unknown (this process, or none recorded) is ``QUEUED`` for
+``QUEUED_GRACE_S``, then ``FAILED``/``LOST``, and the control plane retries it under a new key.
+
+Off the event loop: every async method does its file and process I/O (claims, ``spec.json``
+and ``exit.json``, ``Popen`` of launchers, psutil) in one worker thread per call, whatever the
+number of keys. The in-memory state (queue, started, caches) is touched only there, by one call
+at a time (``_lock``), so calls may interleave on the loop as before without racing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import IO, TypeVar
+
+import anyio
+import anyio.to_thread
+import msgspec
+import psutil
+
+from stowplan.errors import InternalError, ProviderError
+from stowplan.placement.problem import Pool
+from stowplan.providers.base import (
+    TERMINAL_PROVIDER_STATES,
+    Capabilities,
+    LaunchSpec,
+    LogStream,
+    Provider,
+    ProviderRequest,
+    ProviderState,
+    Report,
+)
+from stowplan.providers.importhook import USED_FILE
+from stowplan.providers.launcher import LAUNCHER_LOG, STDERR_FILE, STDOUT_FILE, scan_outputs
+from stowplan.providers.local.attempts import (
+    KeyIndex,
+    LauncherRecord,
+    claim,
+    current_claim,
+    declared_needs,
+    declared_outputs,
+    has_ended,
+    read_exit,
+    read_launcher,
+    same_process,
+    start_launcher,
+    stderr_tail,
+    take_over,
+    write_exit,
+)
+from stowplan.providers.local.capacity import Capacity, Started
+from stowplan.providers.local.exits import STDERR_TAIL_CHARS, classify_exit, tail_text
+from stowplan.providers.local.render import LocalRequest, plan_one
+from stowplan.spec.models import FailureClass, LocalProviderConfig
+
+QUEUED_GRACE_S = 30.0
+"""A claimed attempt without a launcher is still starting for this long, then it is LOST."""
+LOG_POLL_S = 0.2
+LOG_READ_BYTES = 1 << 20
+"""Read at most this much of a log per trip to the worker thread."""
+
+_T = TypeVar("_T")
+
+
+class LocalProvider(Provider):
+    def __init__(self, name: str, config: LocalProviderConfig, *, state_dir: Path) -> None:
+        self.name = name
+        self.config = config
+        self._runs = Path(state_dir).absolute() / "runs"
+        self._keys = KeyIndex(self._runs, provider=name)
+        self._capacity = Capacity(
+            cpus=float(config.cpus or os.cpu_count() or 1),
+            memory=(
+                config.memory if isinstance(config.memory, int) else psutil.virtual_memory().total
+            ),
+            gpus=config.gpus or 0,
+        )
+        self._host = socket.gethostname()
+        self._me = current_claim()
+        self._path_prefix = str(Path(sys.executable).parent) if sys.executable else ""
+        self.capabilities = Capabilities(
+            gpus=self._capacity.gpus > 0,
+            arrays=False,
+            cannot={
+                "arrays": "each trial is its own process; there is no array to batch into",
+                "gpu_isolation": "GPUs are counted, not assigned: a task sees every GPU",
+            },
+        )
+        self._queue: deque[LocalRequest] = deque()
+        self._queued: set[str] = set()
+        self._started: dict[str, Started] = {}
+        self._finished: dict[str, Report] = {}
+        self._used: dict[bytes, bytes] = {}
+        self._lock = anyio.Lock()
+
+    async def _off_loop(self, fn: Callable[[], _T]) -> _T:
+        """Run ``fn`` (blocking I/O, and the state it changes) in a worker thread, one call at
+        a time. A cancelled caller still waits for the thread, so the state stays whole."""
+        async with self._lock:
+            return await anyio.to_thread.run_sync(fn)
+
+    # -- discover / plan -----------------------------------------------------------------------
+
+    async def discover(self) -> list[Pool]:
+        cap = self._capacity
+        return [
+            Pool(
+                id=self.name,
+                provider=self.name,
+                kind="local",
+                site=self.config.site,
+                cpus=cap.cpus,
+                memory=cap.memory,
+                gpus={"unknown": cap.gpus} if cap.gpus else {},
+                price_per_hour=0.0,
+                hardware_class=f"cpu={platform.machine() or 'unknown'}",
+            )
+        ]
+
+    def plan(self, launches: Sequence[LaunchSpec]) -> list[ProviderRequest]:
+        return [
+            plan_one(
+                launch,
+                provider=self.name,
+                runs=self._runs,
+                path_prefix=self._path_prefix,
+                has_gpus=bool(self._capacity.gpus),
+            )
+            for launch in launches
+        ]
+
+    # -- submit --------------------------------------------------------------------------------
+
+    async def submit(self, requests: Sequence[ProviderRequest]) -> list[Report]:
+        local: list[LocalRequest] = []
+        for req in requests:
+            if not isinstance(req, LocalRequest):
+                raise InternalError(
+                    f"{self.name}: the local driver got a {type(req).__name__}, not a LocalRequest"
+                )
+            local.append(req)
+        return await self._off_loop(lambda: self._submit_now(local))
+
+    def _submit_now(self, requests: Sequence[LocalRequest]) -> list[Report]:
+        for req in requests:
+            self._accept(req)
+        self._pump()
+        return [self._describe_one(req.key) for req in requests]
+
+    def _accept(self, req: LocalRequest) -> None:
+        """Claim the attempt directory and queue the request; do nothing if already claimed."""
+        self._keys.remember(req.key, Path(req.attempt_dir))
+        if claim(req, self._me, provider=self.name):
+            self._queue.append(req)
+            self._queued.add(req.key)
+
+    # -- the FIFO and capacity -----------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Release capacity of ended attempts, then start queued ones in order while they fit."""
+        for key, held in list(self._started.items()):
+            if held.launcher is not None:
+                code = held.launcher.poll()  # reaps it once it has detached
+                if code and not has_ended(held.dir):
+                    # It failed before detaching (it forks first), so nothing else will write.
+                    write_exit(
+                        held.dir,
+                        "launcher_error",
+                        f"exited with code {code} before starting the task; "
+                        f"see {held.dir / LAUNCHER_LOG}",
+                    )
+            if has_ended(held.dir) or not self._supervised(held):
+                del self._started[key]
+        while self._queue:
+            req = self._queue[0]
+            if has_ended(Path(req.attempt_dir)):  # cancelled by another instance
+                self._queue.popleft()
+                self._queued.discard(req.key)
+                continue
+            if self._started and not self._capacity.fits(self._started.values(), req):
+                break
+            self._queue.popleft()
+            self._queued.discard(req.key)
+            self._start(req)
+
+    def _supervised(self, held: Started) -> bool:
+        if held.launcher is not None:
+            code = held.launcher.poll()
+            if code is None:
+                return True  # still detaching
+            if code != 0:
+                return False  # failed before it could supervise anything
+        rec = read_launcher(held.dir)
+        if rec is None:  # detached, not yet recorded
+            return time.time() - held.since < QUEUED_GRACE_S
+        return same_process(rec.pid, rec.create_time)
+
+    def _start(self, req: LocalRequest) -> None:
+        attempt_dir = Path(req.attempt_dir)
+        launcher = start_launcher(attempt_dir)
+        if launcher is None:
+            return
+        self._started[req.key] = Started(
+            dir=attempt_dir,
+            cpus=req.cpus,
+            memory=req.memory,
+            gpus=req.gpus,
+            since=time.time(),
+            launcher=launcher,
+        )
+
+    def _adopt(self, key: str, attempt_dir: Path) -> None:
+        """Count a running attempt that an earlier instance started against our capacity."""
+        if key in self._started:
+            return
+        needs = declared_needs(attempt_dir)
+        if needs is None:
+            return
+        cpus, memory, gpus = needs
+        self._started[key] = Started(
+            dir=attempt_dir, cpus=cpus, memory=memory, gpus=gpus, since=time.time()
+        )
+
+    # -- describe ------------------------------------------------------------------------------
+
+    async def describe(self, keys: Sequence[str]) -> list[Report]:
+        keys = list(keys)
+        return await self._off_loop(lambda: self._describe_now(keys))
+
+    def _describe_now(self, keys: Sequence[str]) -> list[Report]:
+        self._pump()
+        return [self._describe_one(key) for key in keys]
+
+    def _describe_one(self, key: str) -> Report:
+        cached = self._finished.get(key)
+        if cached is not None:
+            return cached
+        attempt_dir = self._keys.dir_for(key)
+        if attempt_dir is None:
+            return Report(key=key, state=ProviderState.UNKNOWN)
+        ended = self._ended(key, attempt_dir)
+        if ended is not None:
+            return ended
+        rec = read_launcher(attempt_dir)
+        if rec is not None:
+            if same_process(rec.pid, rec.create_time):
+                self._adopt(key, attempt_dir)
+                return Report(
+                    key=key,
+                    state=ProviderState.RUNNING,
+                    job_id=str(rec.pid),
+                    node=self._host,
+                    started_at=rec.started_at,
+                )
+            ended = self._ended(key, attempt_dir)  # it may have finished just now
+            if ended is not None:
+                return ended
+            message = f"supervisor (pid {rec.pid}) died without recording how the attempt ended"
+            if rec.child_pid is not None and same_process(rec.child_pid, rec.child_create_time):
+                message += f"; its task (pid {rec.child_pid}) still runs: cancel it to stop it"
+            return self._report(key, ProviderState.FAILED, FailureClass.NODE_FAILURE, message, rec)
+        if not attempt_dir.exists():
+            return Report(key=key, state=ProviderState.UNKNOWN)
+        if key in self._queued:
+            return Report(key=key, state=ProviderState.QUEUED, node=self._host)
+        held = self._started.get(key)
+        if held is None:
+            taken = take_over(key, attempt_dir, self._me)
+            if taken is not None:
+                if isinstance(taken, LocalRequest):
+                    self._queue.append(taken)
+                    self._queued.add(key)
+                    self._pump()
+                return Report(key=key, state=ProviderState.QUEUED, node=self._host)
+        try:
+            # Dequeued by us: the age of the start; otherwise the age of the claim.
+            since = held.since if held is not None else attempt_dir.stat().st_mtime
+        except FileNotFoundError:
+            return Report(key=key, state=ProviderState.UNKNOWN)
+        age = time.time() - since
+        if age < QUEUED_GRACE_S:
+            return Report(key=key, state=ProviderState.QUEUED, node=self._host)
+        return self._report(
+            key,
+            ProviderState.FAILED,
+            FailureClass.LOST,
+            f"no supervisor recorded itself in {age:.0f} s (the driver that queued it went "
+            "away, or its start failed)",
+        )
+
+    def _report(
+        self,
+        key: str,
+        state: ProviderState,
+        failure: FailureClass | None,
+        message: str,
+        rec: LauncherRecord | None = None,
+    ) -> Report:
+        return Report(
+            key=key,
+            state=state,
+            failure=failure,
+            message=message,
+            job_id=None if rec is None else str(rec.pid),
+            node=self._host,
+            started_at=None if rec is None else rec.started_at,
+        )
+
+    def _ended(self, key: str, attempt_dir: Path) -> Report | None:
+        """The terminal report from ``exit.json``, cached; ``None`` while there is none."""
+        info = read_exit(attempt_dir)
+        if info is None:
+            return None
+        rec = read_launcher(attempt_dir)
+        if isinstance(info, msgspec.DecodeError):
+            return self._report(
+                key,
+                ProviderState.FAILED,
+                FailureClass.NODE_FAILURE,
+                f"unreadable exit.json: {info}",
+            )
+        tail = ""
+        if info.reason == "exited" and info.exit_code != 0:
+            tail = tail_text(stderr_tail(attempt_dir, STDERR_TAIL_CHARS))
+        state, failure, message = classify_exit(info, stderr_tail=tail)
+        outputs: dict[str, str] = {}
+        if state is ProviderState.SUCCEEDED:
+            # Checked again here, with the launcher's rule: what is reported is exactly what
+            # may be stored (files inside the attempt directory, directories expanded), and a
+            # run whose outputs cannot all be stored does not succeed.
+            scan = scan_outputs(attempt_dir, declared_outputs(attempt_dir))
+            if scan.missing or scan.refused:
+                info = msgspec.structs.replace(
+                    info, reason="bad_output", missing=scan.missing, refused=scan.refused
+                )
+                state, failure, message = classify_exit(info)
+            else:
+                outputs = {name: str(path) for name, path in scan.files.items()}
+        report = Report(
+            key=key,
+            state=state,
+            failure=failure,
+            message=message,
+            job_id=None if rec is None else str(rec.pid),
+            node=self._host,
+            exit_code=info.exit_code,
+            started_at=info.started_at,
+            ended_at=info.ended_at,
+            outputs=outputs,
+            used=self._used_record(attempt_dir),
+        )
+        self._finished[key] = report
+        return report
+
+    def _used_record(self, attempt_dir: Path) -> bytes | None:
+        """What the attempt's Python processes imported (the launcher's import hook wrote it
+        beside the attempt), encoded once; equal records share one object in memory."""
+        from stowplan.provenance.imports import read_used
+
+        rec = read_used(attempt_dir / USED_FILE)
+        if rec is None:
+            return None
+        data = msgspec.json.encode(rec)
+        return self._used.setdefault(data, data)
+
+    # -- cancel --------------------------------------------------------------------------------
+
+    async def cancel(self, keys: Sequence[str]) -> None:
+        keys = list(keys)
+        await self._off_loop(lambda: self._cancel_now(keys))
+
+    def _cancel_now(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            self._cancel_one(key)
+        self._pump()
+
+    def _cancel_one(self, key: str) -> None:
+        if key in self._finished:
+            return
+        attempt_dir = self._keys.dir_for(key)
+        if attempt_dir is None or not attempt_dir.exists():
+            return
+        if has_ended(attempt_dir):
+            return
+        if key in self._queued:
+            self._queued.discard(key)
+            self._queue = deque(r for r in self._queue if r.key != key)
+            write_exit(attempt_dir, "cancelled", "cancelled before it started")
+            return
+        rec = read_launcher(attempt_dir)
+        if rec is None:
+            # Claimed but not supervised yet: its launcher is starting, or another instance
+            # holds it queued. Record the cancel first, then look again for a launcher: one
+            # that starts after this sees exit.json and runs nothing (see launcher.py).
+            write_exit(attempt_dir, "cancelled", "cancelled before it started")
+            rec = read_launcher(attempt_dir)
+            if rec is None:
+                return
+        if same_process(rec.pid, rec.create_time):
+            # The launcher stops the task's processes and records the cancel.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(rec.pid, signal.SIGTERM)
+        elif rec.child_pid is not None and same_process(rec.child_pid, rec.child_create_time):
+            # The supervisor died and left its task running: stop the task's process group.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(rec.child_pid, signal.SIGKILL)
+
+    # -- logs ----------------------------------------------------------------------------------
+
+    async def logs(
+        self, key: str, *, stream: LogStream = "stdout", follow: bool = False
+    ) -> AsyncIterator[bytes]:
+        attempt_dir = await self._off_loop(lambda: self._keys.dir_for(key))
+        if attempt_dir is None:
+            raise ProviderError(f"no attempt with key {key!r}", provider=self.name, retryable=False)
+        path = attempt_dir / (STDOUT_FILE if stream == "stdout" else STDERR_FILE)
+        log = _LogReader(path)
+        try:
+            while True:
+                # Decide before reading, so the last read after the end drains the file.
+                done = not follow or await self._is_over(key)
+                while chunks := await anyio.to_thread.run_sync(log.read):
+                    for chunk in chunks:
+                        yield chunk
+                if done:
+                    return
+                await self._off_loop(self._pump)
+                await anyio.sleep(LOG_POLL_S)
+        finally:
+            log.close()
+
+    async def _is_over(self, key: str) -> bool:
+        report = await self._off_loop(lambda: self._describe_one(key))
+        return report.state in TERMINAL_PROVIDER_STATES
+
+    async def aclose(self) -> None:
+        """Reap finished supervisors. Running attempts go on; queued ones are never started."""
+        await self._off_loop(self._reap)
+
+    def _reap(self) -> None:
+        for held in self._started.values():
+            if held.launcher is not None:
+                held.launcher.poll()
+
+
+class _LogReader:
+    """A log file opened once it exists, kept open across polls, read in bounded batches."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._f: IO[bytes] | None = None
+
+    def read(self) -> list[bytes]:
+        """Up to ``LOG_READ_BYTES`` of what was appended since the last read (``[]``: none)."""
+        if self._f is None:
+            with contextlib.suppress(FileNotFoundError):
+                self._f = open(self._path, "rb")  # noqa: SIM115 (kept open across polls)
+        if self._f is None:
+            return []
+        chunks: list[bytes] = []
+        size = 0
+        while size < LOG_READ_BYTES and (chunk := self._f.read(1 << 16)):
+            chunks.append(chunk)
+            size += len(chunk)
+        return chunks
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
