@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,35 @@ from stowplan.providers.base import (
     ProviderState,
     Report,
 )
-from stowplan.spec.models import FailureClass, ProviderConfig
+from stowplan.spec.models import ProviderConfig
 
 log = logging.getLogger(__name__)
+
+
+class RemoteProviderError(ProviderError):
+    """A driver's ``ProviderError`` as it leaves the provider actor.
+
+    ``ProviderError`` takes keyword-only arguments, which unpickling cannot pass, so Ray would
+    hand the caller some other error; this one survives the trip, ``retryable`` included, and
+    the queue's shell decides on it (the same key again, or a refusal)."""
+
+    def __init__(self, text: str, provider: str, retryable: bool) -> None:
+        Exception.__init__(self, text)
+        self.provider = provider
+        self.retryable = retryable
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (RemoteProviderError, (str(self), self.provider, self.retryable))
+
+
+@contextlib.contextmanager
+def _portable_errors() -> Iterator[None]:
+    try:
+        yield
+    except RemoteProviderError:
+        raise
+    except ProviderError as e:
+        raise RemoteProviderError(str(e), e.provider, e.retryable) from e
 
 
 class ProviderActor:
@@ -80,26 +107,23 @@ class ProviderActor:
 
     async def discover(self) -> bytes:
         await self._boot()
-        return pack(await self.driver.discover())
+        with _portable_errors():
+            return pack(await self.driver.discover())
 
     async def plan(self, launches: bytes) -> list[str]:
         specs = unpack(launches, list[LaunchSpec])
         return [r.render() for r in self.driver.plan(specs)]
 
     async def submit(self, launches: bytes) -> bytes:
-        """Plan and submit a batch; returns one report per launch (failures included)."""
+        """Plan and submit a batch; returns one report per launch.
+
+        A ``ProviderError`` is raised to the caller (as ``RemoteProviderError``): the queue's
+        shell submits the SAME keys again after a transient one and reports a refusal as a
+        failed attempt, as it does with every driver."""
         await self._boot()
         specs = unpack(launches, list[LaunchSpec])
-        try:
+        with _portable_errors():
             reports = await self.driver.submit(self.driver.plan(specs))
-        except ProviderError as e:
-            failure = (
-                FailureClass.PROVIDER_TRANSIENT if e.retryable else FailureClass.PROVIDER_REJECTED
-            )
-            reports = [
-                Report(key=s.key, state=ProviderState.FAILED, failure=failure, message=str(e))
-                for s in specs
-            ]
         loop = asyncio.get_running_loop()
         for rep in reports:
             if rep.state not in TERMINAL_PROVIDER_STATES:
@@ -110,7 +134,8 @@ class ProviderActor:
     async def reconcile(self, keys: list[str]) -> bytes:
         """Describe keys now (after a restart or a lost lease) and keep watching live ones."""
         await self._boot()
-        reports = await self.driver.describe(keys)
+        with _portable_errors():
+            reports = await self.driver.describe(keys)
         loop = asyncio.get_running_loop()
         for rep in reports:
             if rep.state in TERMINAL_PROVIDER_STATES or rep.state is ProviderState.UNKNOWN:
@@ -121,7 +146,8 @@ class ProviderActor:
 
     async def cancel(self, keys: list[str]) -> None:
         await self._boot()
-        await self.driver.cancel(keys)
+        with _portable_errors():
+            await self.driver.cancel(keys)
         for k in keys:
             self.live.pop(k, None)
 

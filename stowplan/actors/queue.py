@@ -1,20 +1,26 @@
-"""The queue actor: hosts the scheduler core in real time and carries out its commands.
+"""The queue actor: the real-time adapter of the one command shell (``stowplan.shell``).
 
-Everything the core decides comes out of ``SchedulerCore.handle`` as commands; this actor only
-does what they say, in order:
+The ``SchedulerCore`` decides and ``CommandShell`` carries out its commands, line for line as in
+the simulator; this actor only supplies the shell's four ports, in real time:
 
-- ``Transitioned``: sent to the store actor (ordered after everything sent before it);
-- ``Submit``: write-ahead first (the intents are durable before the provider hears anything),
-  then the provider actor submits the batch, and its reports come back as an event;
-- ``SolvePlacement``: the placement actor solves in its own process while the queue goes on;
-- ``Reconcile``: the provider describes the keys and the reports come back as an event;
-- ``Cancel``: passed to the provider; ``WakeAt``: the tick loop feeds a Tick then.
+- clock: ``AsyncioClock`` on this actor's event loop;
+- solver: the placement actor, which solves in its own process while the queue goes on;
+- providers: ``RemoteProvider``, one per provider actor; planning happens there, at submit, so
+  the shell's request carries the launch itself (``PlannedRemotely``). A ``ProviderError``
+  comes back as itself (the shell submits the same keys again after a transient one), an
+  unreachable provider actor as a transient ``ProviderError``, anything else is fatal;
+- run records: ``StoreRecords``, the store actor. Transitions are buffered and sent once per
+  tick, and always before the write-ahead intents that follow them; the intents are durable
+  before the provider hears of an attempt.
 
-Provider reports go the other way: the outputs of succeeded attempts are stored first (the
-queue waits for the store's answer), an attempt whose outputs were not all stored becomes a
-FAILED one (``node_failure``, retried by policy), then the attempts are recorded and the core
-hears of them. So no run is SUCCEEDED without its artifacts, and no dependent starts before
-they exist.
+The provider actors watch their keys themselves (``observe_every=None``) and push reports to
+``report``; they may push ``capacity_changed`` too, and the shell also rediscovers every
+provider every 5 minutes.
+
+Provider reports: the outputs of succeeded attempts are stored first (the records port waits
+for the store's answer), an attempt whose outputs were not all stored becomes a FAILED one
+(``node_failure``, retried by policy), then the attempts are recorded and the core hears of
+them. So no run is SUCCEEDED without its artifacts, and no dependent starts before they exist.
 
 It keeps no state that the store does not also have: after a crash (``max_restarts``) it boots
 again, from its constructor, from the store's active runs and reconciles with every provider
@@ -22,9 +28,16 @@ before dispatching anything new.
 
 Failures: an exception from a peer actor's call, or from the queue's own handling, is recorded
 once as ``fatal`` (which actor, the error in one line, the full text) and the queue stops
-acting; ``progress`` returns it and ``stowplan run`` ends with it. A peer that is merely
-unreachable for a moment (``ActorUnavailableError``) is called again a few times first; a
-peer that died is restarted by Ray, which retries the call itself.
+acting (the shell is halted); ``progress`` returns it and ``stowplan run`` ends with it. A peer
+that is merely unreachable for a moment (``ActorUnavailableError``) is called again a few times
+first (a provider actor: by the shell, with its backoff); a peer that died is restarted by Ray,
+which retries the call itself.
+
+NOTE: two races are left to the providers' idempotency and are harmless. A submit of a key in
+flight when the core gives up on that key (a cancel, a new attempt) can still start a job: the
+shell cancels every key a submit answer shows started that the core no longer waits on. And a
+key cancelled after the core moved on may still be reported once by its provider actor's watch:
+the core ignores reports of keys it no longer holds.
 """
 
 from __future__ import annotations
@@ -32,8 +45,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import msgspec
@@ -41,6 +53,7 @@ import msgspec
 from stowplan.actors.runtime import error_detail, error_text, note_worker
 from stowplan.actors.store import ActiveState, Artifacts
 from stowplan.actors.wire import pack, unpack
+from stowplan.errors import InternalError, ProviderError
 from stowplan.placement.problem import (
     PlacementContext,
     PlacementProblem,
@@ -53,30 +66,21 @@ from stowplan.provenance.records import (
     RunRecord,
     TransitionRecord,
 )
-from stowplan.providers.base import LaunchSpec, ProviderState, Report
+from stowplan.providers.base import LaunchSpec, ProviderRequest, ProviderState, Report
 from stowplan.scheduler.core import CoreConfig, SchedulerCore
 from stowplan.scheduler.events import (
-    Cancel,
     CancelRequested,
-    Command,
     Event,
-    PlacementDecided,
-    PoolsDiscovered,
-    ProviderReported,
-    Reconcile,
     RestoredTask,
-    SolvePlacement,
-    Submit,
     SubmitItem,
     TaskInstance,
     TasksRestored,
     TasksSubmitted,
-    Tick,
-    Transitioned,
-    WakeAt,
+    Transition,
 )
 from stowplan.scheduler.plan import Launch
 from stowplan.scheduler.states import FINAL, LEASED, TaskState
+from stowplan.shell import AsyncioClock, CommandShell, ShellConfig
 from stowplan.spec.canonical import sha256_hex
 from stowplan.spec.models import FailureClass
 
@@ -86,6 +90,8 @@ SUBMIT_CHUNK = 10_000
 TRANSITION_CHUNK = 200_000
 UNAVAILABLE_RETRIES = 5
 """Calls to a peer that is unreachable for a moment are retried this often, backing off."""
+REDISCOVER_EVERY = 300.0
+"""seconds between the shell's periodic rediscoveries of every provider"""
 
 
 class PeerFailed(Exception):
@@ -162,6 +168,156 @@ def _not_stored(report: Report, reason: str | None) -> Report:
     )
 
 
+class PlannedRemotely(ProviderRequest, frozen=True, kw_only=True):
+    """The shell's request for an attempt whose provider plans in its own actor, at submit."""
+
+    launch: LaunchSpec
+
+    def render(self) -> str:
+        return f"# attempt {self.key}: planned by its provider actor when submitted"
+
+
+class RemoteProvider:
+    """The shell's provider port for one provider actor (``ProviderPort``)."""
+
+    def __init__(self, queue: QueueActor, name: str) -> None:
+        self.queue = queue
+        self.name = name
+        self.actor = f"provider:{name}"
+
+    async def _ask(self, method: str, *args: Any, patient: bool = False) -> Any:
+        """Call the provider actor. Its ``ProviderError`` is raised as it is; an unreachable
+        actor is a transient ``ProviderError`` (asked again ``UNAVAILABLE_RETRIES`` times
+        first when ``patient``); anything else is the actor's failure (``PeerFailed``)."""
+        import ray
+
+        handle = getattr(self.queue.provider_actors[self.name], method)
+        delay = 0.2
+        for attempt in range(UNAVAILABLE_RETRIES + 1):
+            try:
+                return await handle.remote(*args)
+            except ray.exceptions.ActorUnavailableError as e:
+                if patient and attempt < UNAVAILABLE_RETRIES:
+                    await asyncio.sleep(delay)
+                    delay *= 2
+                    continue
+                raise ProviderError(
+                    f"the provider actor is unreachable: {error_text(e)}",
+                    provider=self.name,
+                    retryable=True,
+                ) from e
+            except ray.exceptions.RayTaskError as e:
+                if isinstance(e.cause, ProviderError):
+                    raise e.cause from None
+                raise PeerFailed(self.actor, e) from e
+            except Exception as e:
+                raise PeerFailed(self.actor, e) from e
+        raise AssertionError("unreachable")
+
+    async def discover(self) -> list[Pool]:
+        pools: list[Pool] = unpack(await self._ask("discover", patient=True), list[Pool])
+        return pools
+
+    def plan(self, launches: Sequence[LaunchSpec]) -> list[ProviderRequest]:
+        return [PlannedRemotely(key=la.key, launch=la) for la in launches]
+
+    async def submit(self, requests: Sequence[ProviderRequest]) -> list[Report]:
+        launches = []
+        for r in requests:
+            if not isinstance(r, PlannedRemotely):
+                raise InternalError(f"{type(r).__name__} submitted to a provider actor")
+            launches.append(r.launch)
+        reports: list[Report] = unpack(await self._ask("submit", pack(launches)), list[Report])
+        return reports
+
+    async def describe(self, keys: Sequence[str]) -> list[Report]:
+        # reconcile, not a bare describe: the actor watches the live keys from then on
+        reports: list[Report] = unpack(await self._ask("reconcile", list(keys)), list[Report])
+        return reports
+
+    async def cancel(self, keys: Sequence[str]) -> None:
+        await self._ask("cancel", list(keys))
+
+
+class RemoteSolver:
+    """The shell's solver port: the placement actor."""
+
+    def __init__(self, queue: QueueActor) -> None:
+        self.queue = queue
+
+    async def solve(self, problem: PlacementProblem) -> PlacementSolution:
+        q = self.queue
+        answer = await q._call("placement", q.placement.solve, pack(problem))
+        solution: PlacementSolution = unpack(answer, PlacementSolution)
+        return solution
+
+
+class StoreRecords:
+    """The shell's run records port: the store actor, through the queue's buffers."""
+
+    def __init__(self, queue: QueueActor) -> None:
+        self.queue = queue
+
+    def transitions(self, records: list[Transition], at: float) -> None:
+        q = self.queue
+        for t in records:
+            if t.to_state in FINAL:
+                # a finished run is never launched again by this queue; resubmitting it
+                # (after a failure) hands a fresh payload over
+                q.payloads.pop(t.run_id, None)
+        q._transitions.extend(
+            TransitionRecord(
+                run_id=t.run_id,
+                attempt=t.attempt,
+                from_state=t.from_state.value,
+                to_state=t.to_state.value,
+                at=at,
+                failure=t.failure.value if t.failure else None,
+                reason=t.reason,
+                pool=t.pool,
+            )
+            for t in records
+        )
+
+    def decided(self, problem: PlacementProblem, solution: PlacementSolution) -> None:
+        self.queue._remember(problem, solution)
+
+    async def launches(
+        self, provider: str, pool: str, items: Sequence[SubmitItem]
+    ) -> list[LaunchSpec]:
+        del provider
+        q = self.queue
+        upstream = await q._upstream([it.run_id for it in items])
+        return [q._launch_spec(it.run_id, it.attempt, it.key, pool, upstream) for it in items]
+
+    async def intend(self, provider: str, pool: str, items: Sequence[SubmitItem]) -> None:
+        q = self.queue
+        # the write-ahead intents reach the store after the transitions that led to them
+        q._flush_transitions()
+        now = q.shell.clock.now()
+        intents = [
+            AttemptRecord(
+                key=it.key,
+                run_id=it.run_id,
+                attempt=it.attempt,
+                provider=provider,
+                pool=pool,
+                state="SUBMITTING",
+                intent_at=now,
+            )
+            for it in items
+        ]
+        placements = q._placement_records(provider, pool, items)
+        if placements:
+            q._send("store", q.store.put_placements, pack(placements))
+        # write-ahead: the intent is durable before the provider hears of the attempt
+        await q._call("store", q.store.write_intents, pack(intents))
+
+    def reported(self, provider: str, reports: list[Report]) -> Awaitable[list[Report]]:
+        # the core hears of a success only once its outputs are stored (``_on_reports``)
+        return self.queue._on_reports(provider, reports)
+
+
 class QueueActor:
     def __init__(
         self,
@@ -186,19 +342,33 @@ class QueueActor:
         self.core = SchedulerCore(CoreConfig(lease_ttl=lease_ttl, seed=seed, context=ctx))
         self.payloads: dict[str, RunPayload] = {}
         self.tick = tick
-        self.wake_at = float("inf")
         self._boot_lock = asyncio.Lock()
         self._booted = False
-        self._tasks: set[asyncio.Task[None]] = set()
         self.errors: list[str] = []
         self.boots = 0
         self._transitions: list[TransitionRecord] = []
         self._decisions: dict[int, tuple[PlacementSolution, str, dict[str, str]]] = {}
         self._placed: dict[str, tuple[int, int]] = {}
         self.fatal: dict[str, str] | None = None
-        # an async actor's constructor runs on its event loop: a restarted queue resumes at
-        # once (reconciling with the providers), not when someone next calls it
-        self._spawn(self._ensure(), actor="queue")
+        # an async actor's constructor runs on its event loop, which the clock takes
+        self.clock = AsyncioClock(self._fail)
+        self.shell = CommandShell(
+            self.core,
+            clock=self.clock,
+            solver=RemoteSolver(self),
+            providers={n: RemoteProvider(self, n) for n in sorted(providers)},
+            records=StoreRecords(self),
+            config=ShellConfig(
+                seed=seed,
+                # the provider actors watch their keys and renew the leases themselves
+                observe_every=None,
+                rediscover_every=REDISCOVER_EVERY,
+                submit_chunk=SUBMIT_CHUNK,
+            ),
+        )
+        # a restarted queue resumes at once (reconciling with the providers), not when
+        # someone next calls it
+        self.clock.spawn(self._ensure())
 
     # ---- failures ---------------------------------------------------------------------------
 
@@ -212,6 +382,7 @@ class QueueActor:
 
     def _record_fatal(self, actor: str, text: str, detail: str) -> None:
         log.error("%s actor failed: %s", actor, text)
+        self.shell.halt()
         if self.fatal is None:
             self.fatal = {"actor": actor, "error": text, "detail": detail}
             self.errors.append(f"{actor}: {text}")
@@ -255,12 +426,10 @@ class QueueActor:
         # actor handles are untyped: their methods exist only at run time
         self.store: Any = ray.get_actor(self.store_name, namespace=self.namespace)
         self.placement: Any = ray.get_actor(self.placement_name, namespace=self.namespace)
-        self.providers: dict[str, Any] = {
+        self.provider_actors: dict[str, Any] = {
             n: ray.get_actor(a, namespace=self.namespace) for n, a in self.provider_names.items()
         }
-        for name, actor in sorted(self.providers.items()):
-            pools = unpack(await self._call(f"provider:{name}", actor.discover), list[Pool])
-            self._handle(PoolsDiscovered(provider=name, pools=pools))
+        await self.shell.discover()
         runs: list[RunRecord]
         attempts: dict[str, list[AttemptRecord]]
         done: list[str]
@@ -293,7 +462,8 @@ class QueueActor:
                     )
                 )
         self._handle(TasksRestored(tasks=restored, completed=done))
-        self._spawn(self._tick_loop(), actor="queue")
+        self.shell.start()
+        self.clock.spawn(self._tick_loop())
 
     # ---- API for the control plane and the provider actors --------------------------------
 
@@ -342,11 +512,22 @@ class QueueActor:
         return {"new": len(fresh), "resumed": len(again)}
 
     async def report(self, provider: str, reports: bytes) -> None:
-        """A provider's state changes. A failure here is the queue's, recorded as fatal, not
-        raised into the provider's watch loop."""
+        """A provider's state changes, delivered to the shell with the others of this instant.
+        A failure here is the queue's, recorded as fatal, not raised into the provider's watch
+        loop."""
         try:
             await self._ensure()
-            await self._on_reports(provider, unpack(reports, list[Report]))
+            shell = self.shell
+            for r in unpack(reports, list[Report]):
+                shell.report(provider, r)
+        except Exception as e:
+            self._fail(e)
+
+    async def capacity_changed(self, provider: str) -> None:
+        """A provider's pools changed (a node lost or back): it is rediscovered at once."""
+        try:
+            await self._ensure()
+            self.shell.capacity_changed(provider)
         except Exception as e:
             self._fail(e)
 
@@ -401,7 +582,7 @@ class QueueActor:
         await self._ensure()
         return True
 
-    # ---- carrying out commands ------------------------------------------------------------
+    # ---- the shell's ports, on this actor's state ---------------------------------------------
 
     def _final(self, run_id: str) -> bool:
         try:
@@ -412,8 +593,7 @@ class QueueActor:
     def _handle(self, event: Event) -> None:
         if self.fatal is not None:
             return  # a failed control plane acts no more; the next run resumes from the store
-        commands = self.core.handle(event, time.time())
-        self._execute(commands)
+        self.shell.feed(event)
 
     def _send(self, actor: str, method: Any, *args: Any) -> None:
         """Make a call whose answer nobody waits for, so its failure is recorded, not lost.
@@ -428,54 +608,7 @@ class QueueActor:
             except Exception as e:
                 raise PeerFailed(actor, e) from e
 
-        self._spawn(check())
-
-    def _spawn(self, coro: Coroutine[Any, Any, None], actor: str = "queue") -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(lambda t: self._done(t, actor))
-
-    def _done(self, task: asyncio.Task[None], actor: str) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled():
-            err = task.exception()
-            if err is not None:
-                self._fail(err, actor)
-
-    def _execute(self, commands: list[Command]) -> None:
-        for cmd in commands:
-            if isinstance(cmd, Transitioned):
-                now = time.time()
-                for t in cmd.records:
-                    if t.to_state in FINAL:
-                        # a finished run is never launched again by this queue; resubmitting
-                        # it (after a failure) hands a fresh payload over
-                        self.payloads.pop(t.run_id, None)
-                self._transitions.extend(
-                    TransitionRecord(
-                        run_id=t.run_id,
-                        attempt=t.attempt,
-                        from_state=t.from_state.value,
-                        to_state=t.to_state.value,
-                        at=now,
-                        failure=t.failure.value if t.failure else None,
-                        reason=t.reason,
-                        pool=t.pool,
-                    )
-                    for t in cmd.records
-                )
-            elif isinstance(cmd, Submit):
-                self._spawn(self._submit(cmd))
-            elif isinstance(cmd, SolvePlacement):
-                self._spawn(self._solve(cmd))
-            elif isinstance(cmd, Reconcile):
-                self._spawn(self._reconcile(cmd))
-            elif isinstance(cmd, Cancel):
-                self._send(
-                    f"provider:{cmd.provider}", self.providers[cmd.provider].cancel, cmd.keys
-                )
-            elif isinstance(cmd, WakeAt):
-                self.wake_at = min(self.wake_at, cmd.at)
+        self.clock.spawn(check())
 
     def _flush_transitions(self) -> None:
         """Send buffered transitions to the store (one call per tick or before an intent)."""
@@ -483,14 +616,6 @@ class QueueActor:
         for start in range(0, len(buf), TRANSITION_CHUNK):
             chunk = pack(buf[start : start + TRANSITION_CHUNK])
             self._send("store", self.store.apply_transitions, chunk)
-
-    async def _solve(self, cmd: SolvePlacement) -> None:
-        solution = unpack(
-            await self._call("placement", self.placement.solve, pack(cmd.problem)),
-            PlacementSolution,
-        )
-        self._remember(cmd.problem, solution)
-        self._handle(PlacementDecided(solution=solution))
 
     def _remember(self, problem: PlacementProblem, solution: PlacementSolution) -> None:
         """Keep the solver's inputs and answer as one blob, and which assignment placed each
@@ -509,16 +634,18 @@ class QueueActor:
                 self._placed[run_id] = (solution.request_id, i)
             taken[a.class_id] = start + a.count
 
-    def _placement_records(self, cmd: Submit, items: list[SubmitItem]) -> list[PlacementRecord]:
+    def _placement_records(
+        self, provider: str, pool: str, items: Sequence[SubmitItem]
+    ) -> list[PlacementRecord]:
         out = []
-        now = time.time()
+        now = self.clock.now()
         for item in items:
             where = self._placed.pop(item.run_id, None)
             if where is None or where[0] not in self._decisions:
                 continue
             solution, sha, hw = self._decisions[where[0]]
             a = solution.assignments[where[1]]
-            if a.pool_id != cmd.pool:
+            if a.pool_id != pool:
                 continue
             terms = solution.unit_terms[where[1]] if solution.unit_terms else {}
             out.append(
@@ -526,9 +653,9 @@ class QueueActor:
                     run_id=item.run_id,
                     attempt=item.attempt,
                     request_id=solution.request_id,
-                    provider=cmd.provider,
-                    pool=cmd.pool,
-                    hardware_class=hw.get(cmd.pool, ""),
+                    provider=provider,
+                    pool=pool,
+                    hardware_class=hw.get(pool, ""),
                     status=str(solution.status),
                     objective=solution.objective,
                     bound=solution.bound,
@@ -539,54 +666,6 @@ class QueueActor:
                 )
             )
         return out
-
-    async def _reconcile(self, cmd: Reconcile) -> None:
-        provider = self.providers[cmd.provider]
-        reports = unpack(
-            await self._call(f"provider:{cmd.provider}", provider.reconcile, cmd.keys),
-            list[Report],
-        )
-        await self._on_reports(cmd.provider, reports)
-
-    async def _submit(self, cmd: Submit) -> None:
-        # the write-ahead intents reach the store after the transitions that led to them
-        self._flush_transitions()
-        # chunks bound the memory each actor holds at once for a 10^5-run submit
-        for start in range(0, len(cmd.items), SUBMIT_CHUNK):
-            await self._submit_chunk(cmd, cmd.items[start : start + SUBMIT_CHUNK])
-
-    async def _submit_chunk(self, cmd: Submit, items: list[SubmitItem]) -> None:
-        now = time.time()
-        intents = [
-            AttemptRecord(
-                key=item.key,
-                run_id=item.run_id,
-                attempt=item.attempt,
-                provider=cmd.provider,
-                pool=cmd.pool,
-                state="SUBMITTING",
-                intent_at=now,
-            )
-            for item in items
-        ]
-        upstream = await self._upstream([item.run_id for item in items])
-        launches = pack(
-            [
-                self._launch_spec(item.run_id, item.attempt, item.key, cmd.pool, upstream)
-                for item in items
-            ]
-        )
-        placements = self._placement_records(cmd, items)
-        if placements:
-            self._send("store", self.store.put_placements, pack(placements))
-        # write-ahead: the intent is durable before the provider hears of the attempt
-        await self._call("store", self.store.write_intents, pack(intents))
-        del intents
-        provider = self.providers[cmd.provider]
-        reports = unpack(
-            await self._call(f"provider:{cmd.provider}", provider.submit, launches), list[Report]
-        )
-        await self._on_reports(cmd.provider, reports)
 
     async def _upstream(self, run_ids: list[str]) -> dict[str, bytes]:
         """The ``upstream.json`` of each run that has dependencies: their params and outputs."""
@@ -620,8 +699,9 @@ class QueueActor:
     ) -> LaunchSpec:
         return launch_spec(self.payloads[run_id], run_id, attempt, key, pool, upstream.get(run_id))
 
-    async def _on_reports(self, provider: str, reports: list[Report]) -> None:
-        """Store the outputs of succeeded attempts, then record the attempts and tell the core.
+    async def _on_reports(self, provider: str, reports: list[Report]) -> list[Report]:
+        """Store the outputs of succeeded attempts, then record the attempts; returns the
+        reports the core is to hear.
 
         Outputs are stored (and the store has answered) before the core hears of the success,
         so a dependent is submitted only once the artifacts it reads exist; an attempt whose
@@ -629,7 +709,7 @@ class QueueActor:
         retried by policy: the driver already refused outputs that were the task's fault).
         """
         if not reports:
-            return
+            return reports
         runs = {r.key: self._run_of(r.key) for r in reports}
         outputs: dict[str, dict[str, str]] = {}
         for r in reports:
@@ -673,18 +753,14 @@ class QueueActor:
             self._send("store", self.store.put_used, list(used.values()))
         if updates:
             self._send("store", self.store.update_attempts, pack(updates))
-        self._handle(ProviderReported(provider=provider, reports=reports))
+        return reports
 
     def _run_of(self, key: str) -> str | None:
         return self.core.run_of_key(key)
 
     async def _tick_loop(self) -> None:
-        """Flush transitions and feed due Ticks; an exception ends it as the queue's fatal
-        error (recorded by ``_done``): a core that cannot handle a Tick would stall."""
+        """Send the buffered transitions to the store once per tick (the shell's clock does
+        every other waiting)."""
         while self.fatal is None:
             await asyncio.sleep(self.tick)
             self._flush_transitions()
-            now = time.time()
-            if now >= self.wake_at:
-                self.wake_at = float("inf")
-                self._handle(Tick())

@@ -36,7 +36,8 @@ same in production and in simulation.
   rediscovered too, and fed only if its pools differ from the last ones fed.
 
 Invariants: a key is submitted only after its intent is durable; a key is submitted again only
-while the core waits on it; every provider call that failed transiently is tried again with
+while the core waits on it, and a job that a submit started after the core gave up on its
+key is cancelled; every provider call that failed transiently is tried again with
 backoff (``scheduler.retry.Backoff``, jitter fixed by seed and key) until it succeeds or no
 longer matters; the core is only ever called from ``feed``.
 """
@@ -310,7 +311,18 @@ class CommandShell:
                 )
                 for it in items
             ]
-        self._deliver(provider, reports)
+        # the core may have given up on a key while its submit was in flight (the run was
+        # cancelled, or it moved on to a new attempt): a job started under it is nobody's,
+        # and the core's own Cancel may have reached the provider first: stop it
+        waiting = {it.key for it in items if self._waiting(it)}
+        stray = [
+            r.key
+            for r in reports
+            if r.key not in waiting and r.state not in TERMINAL_PROVIDER_STATES
+        ]
+        if stray:
+            self.clock.spawn(self._cancel(provider, stray, 1))
+        await self._deliver(provider, reports)
 
     def _retry_submit(self, batch: _Attempts) -> None:
         self.clock.spawn(self._send(*batch))
@@ -338,7 +350,7 @@ class CommandShell:
                 watch = True
         if watch:
             self.observe()
-        self._deliver(provider, reports)
+        await self._deliver(provider, reports)
 
     def _retry_reconcile(self, arg: tuple[str, list[str], int]) -> None:
         self.clock.spawn(self._reconcile(*arg))
@@ -376,7 +388,7 @@ class CommandShell:
             and self.core.state(run_id) in LEASED
         )
 
-    def _deliver(self, provider: str, reports: list[Report]) -> None:
+    async def _deliver(self, provider: str, reports: list[Report]) -> None:
         if not reports:
             return
         out = self.outstanding[provider]
@@ -384,13 +396,15 @@ class CommandShell:
             if r.state in TERMINAL_PROVIDER_STATES:
                 out.pop(r.key, None)
         self.counters.reports += len(reports)
-        self.records.reported(provider, reports)
+        recorded = self.records.reported(provider, reports)
+        if recorded is not None:
+            reports = await recorded
         self.feed(ProviderReported(provider=provider, reports=reports))
 
     # ---- observation and rediscovery ---------------------------------------------------------
 
     def _flush_inbox(self, provider: str) -> None:
-        self._deliver(provider, self._inbox.pop(provider, []))
+        self.clock.spawn(self._deliver(provider, self._inbox.pop(provider, [])))
 
     def _heartbeat(self, _: object) -> None:
         every = self.config.observe_every
@@ -419,7 +433,7 @@ class CommandShell:
             # counted here and by the driver; the next beat asks again, the lease decides
             self.counters.observe_failures += 1
             return
-        self._deliver(provider, reports)
+        await self._deliver(provider, reports)
 
     def _rediscover_due(self, provider: str) -> None:
         self._discover_due.discard(provider)

@@ -14,7 +14,7 @@ event loop. Nothing here imports Ray or picks an event loop.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
 from stowplan.placement.problem import PlacementProblem, PlacementSolution, Pool
@@ -105,6 +105,11 @@ class RunRecords(Protocol):
         """Write-ahead: when this returns, the intent to submit these attempts is durable."""
         ...
 
-    def reported(self, provider: str, reports: list[Report]) -> None:
-        """What a provider said about attempts (states, nodes, exit codes, outputs)."""
+    def reported(self, provider: str, reports: list[Report]) -> Awaitable[list[Report]] | None:
+        """What a provider said about attempts (states, nodes, exit codes, outputs).
+
+        None: recorded, and the core hears ``reports`` at once. Otherwise the shell awaits the
+        answer and the core hears that instead: records that must wait before the core may
+        hear of a success (the store keeps a succeeded attempt's outputs first) answer with
+        the reports, a success whose outputs could not be kept turned into a failure."""
         ...

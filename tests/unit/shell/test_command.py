@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Sequence
+from typing import Any
 
 import anyio
 import pytest
@@ -271,3 +272,67 @@ async def test_the_same_shell_runs_in_real_time_on_an_event_loop() -> None:
     assert [c[0] for c in prov.calls] == ["discover", "submit", "submit"]
     assert errors == []
     await clock.aclose()
+
+
+class CancelledWhileSubmitting(FakeProvider):
+    """The run is cancelled while a retried submit is on its way: the core's Cancel reaches
+    the provider first (nothing to cancel yet), then the submit starts the job."""
+
+    shell: CommandShell | None = None
+
+    async def submit(self, requests: Sequence[ProviderRequest]) -> list[Report]:
+        if self.shell is not None and len([c for c in self.calls if c[0] == "submit"]) == 1:
+            self.shell.feed(CancelRequested(run_ids=["a"]))
+        return await super().submit(requests)
+
+
+def test_a_job_a_submit_started_after_the_core_gave_up_on_its_key_is_cancelled() -> None:
+    h = Harness()
+    prov = CancelledWhileSubmitting("p", h.log)
+    prov.clock = h.clock
+    h.prov = prov
+    h.shell.providers = {"p": prov}
+    prov.shell = h.shell
+    h.boot()
+    prov.errors["submit"] = [transient()]
+    h.shell.feed(TasksSubmitted(tasks=[h.task("a")]))
+    key = h.core.key("a")
+    h.clock.advance(1000.0)
+    assert h.core.state("a") is TaskState.CANCELLED
+    assert [c[0] for c in prov.calls if c[0] != "discover"] == [
+        "submit",
+        "cancel",  # the core's, before the job exists
+        "submit",
+        "cancel",  # the shell's, for the job the retry started
+    ]
+    assert prov.created == {key: 1} and prov.jobs[key] is ProviderState.CANCELLED
+
+
+class StoringRecords(Records):
+    """Records that must wait before the core hears of a success, and may refuse it (the
+    store could not keep its outputs)."""
+
+    async def _kept(self, reports: list[Report]) -> list[Report]:
+        return [
+            Report(key=r.key, state=ProviderState.FAILED, failure=FailureClass.NODE_FAILURE)
+            if r.state is ProviderState.SUCCEEDED
+            else r
+            for r in reports
+        ]
+
+    def reported(self, provider: str, reports: list[Report]) -> Any:
+        super().reported(provider, reports)
+        return self._kept(reports)
+
+
+def test_the_core_hears_the_reports_as_the_records_answer_them() -> None:
+    h = Harness()
+    h.records = StoringRecords(h.log)
+    h.shell.records = h.records
+    h.boot()
+    h.shell.feed(TasksSubmitted(tasks=[h.task("a")]))
+    h.shell.report("p", Report(key=h.core.key("a"), state=ProviderState.SUCCEEDED))
+    h.clock.advance(0.0)
+    failed = [t for _, t in h.records.transitions_seen if t.run_id == "a"][-1]
+    assert failed.failure is FailureClass.NODE_FAILURE
+    assert h.core.state("a") is not TaskState.SUCCEEDED
