@@ -39,6 +39,7 @@ inside their driver module so ``import stowplan`` stays fast.
 from __future__ import annotations
 
 import abc
+import re
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Literal, Self
@@ -83,6 +84,36 @@ class LaunchSpec(Struct, frozen=True, kw_only=True):
     outputs: list[str] = field(default_factory=list)
     files: dict[str, bytes] = field(default_factory=dict)
     """Files written into the attempt's working directory before it starts."""
+
+
+ENV_NAME = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")
+"""What a driver accepts as an environment variable name (no trailing newline either)."""
+
+
+def command_of(launch: LaunchSpec) -> list[str]:
+    """The argv ``launch`` runs (a script runs under ``bash -euo pipefail -c``), after the
+    checks every driver makes before it renders anything: exactly one of argv and script, a
+    non-negative attempt, no NUL byte in the command or the environment, and variable names
+    a shell accepts. Raises ``ValueError`` naming the first problem; drivers turn it into a
+    non-retryable ``ProviderError``."""
+    if launch.attempt < 0:
+        raise ValueError(f"attempt number {launch.attempt} is negative")
+    if launch.argv is not None and launch.script is None:
+        if not launch.argv:
+            raise ValueError("argv is empty")
+        argv = list(launch.argv)
+    elif launch.script is not None and launch.argv is None:
+        argv = ["bash", "-euo", "pipefail", "-c", launch.script]
+    else:
+        raise ValueError("give exactly one of argv or script")
+    if any("\0" in a for a in argv):
+        raise ValueError("the command contains a NUL byte")
+    for k, v in launch.env.items():
+        if not ENV_NAME.match(k):
+            raise ValueError(f"env: {k!r} is not a variable name")
+        if "\0" in v:
+            raise ValueError(f"env: {k} contains a NUL byte")
+    return argv
 
 
 class ProviderRequest(Struct, frozen=True, kw_only=True):

@@ -10,13 +10,12 @@ from pathlib import Path, PurePosixPath
 from msgspec import field
 
 from stowplan.errors import ProviderError
-from stowplan.providers.base import LaunchSpec, ProviderRequest
+from stowplan.providers.base import LaunchSpec, ProviderRequest, command_of
 from stowplan.providers.launcher import RESERVED_NAMES
 from stowplan.spec.units import plural
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 """A name used as one path component as it is (run ids; keys, else hashed)."""
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class LocalRequest(ProviderRequest, frozen=True, kw_only=True):
@@ -85,29 +84,16 @@ def plan_one(
     """Check ``launch`` and render it to run in ``runs/<run_id>/<attempt>``; pure."""
     if not SAFE_NAME.match(launch.run_id):
         raise _reject(provider, launch, f"run id {launch.run_id!r} is not a safe directory name")
-    if launch.attempt < 0:
-        raise _reject(provider, launch, f"attempt number {launch.attempt} is negative")
-    if launch.argv is not None and launch.script is None:
-        if not launch.argv:
-            raise _reject(provider, launch, "argv is empty")
-        argv = list(launch.argv)
-    elif launch.script is not None and launch.argv is None:
-        argv = ["bash", "-euo", "pipefail", "-c", launch.script]
-    else:
-        raise _reject(provider, launch, "give exactly one of argv or script")
+    try:
+        argv = command_of(launch)
+    except ValueError as e:
+        raise _reject(provider, launch, str(e)) from None
     if launch.gpus > 0 and not has_gpus:
         raise _reject(
             provider, launch, f"needs {plural(launch.gpus, 'GPU')}; this provider has none"
         )
     if launch.memory < 0:
         raise _reject(provider, launch, "memory is negative")
-    for k, v in launch.env.items():
-        if not _ENV_NAME.match(k):
-            raise _reject(provider, launch, f"env: {k!r} is not a variable name")
-        if "\0" in v:
-            raise _reject(provider, launch, f"env: {k} contains a NUL byte")
-    if any("\0" in a for a in argv):
-        raise _reject(provider, launch, "the command contains a NUL byte")
     for fname in launch.files:
         _check_relative(provider, launch, "files", fname)
     for out in launch.outputs:

@@ -27,11 +27,10 @@ from typing import Literal
 from msgspec import Struct, field
 
 from stowplan.errors import ProviderError
-from stowplan.providers.base import LaunchSpec, ProviderRequest
+from stowplan.providers.base import LaunchSpec, ProviderRequest, command_of
 
 KEY_LINE = "# stowplan-key"
 _SAFE = re.compile(r"^[A-Za-z0-9_@%+=:,./-]+$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 _PARTITION = re.compile(r"^[A-Za-z0-9_.-]+$")
 _GPU_TYPE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -145,23 +144,10 @@ def _check(provider: str, launch: LaunchSpec) -> list[str]:
         raise _reject(provider, launch, f"run id {launch.run_id!r} is not a safe directory name")
     if not _SAFE_ID.match(launch.key):
         raise _reject(provider, launch, "the idempotency key is not a safe name")
-    if launch.attempt < 0:
-        raise _reject(provider, launch, f"attempt number {launch.attempt} is negative")
-    if launch.argv is not None and launch.script is None:
-        if not launch.argv:
-            raise _reject(provider, launch, "argv is empty")
-        argv = list(launch.argv)
-    elif launch.script is not None and launch.argv is None:
-        argv = ["bash", "-euo", "pipefail", "-c", launch.script]
-    else:
-        raise _reject(provider, launch, "give exactly one of argv or script")
-    if any("\0" in a for a in argv):
-        raise _reject(provider, launch, "the command contains a NUL byte")
-    for k, v in launch.env.items():
-        if not _ENV_NAME.match(k):
-            raise _reject(provider, launch, f"env: {k!r} is not a variable name")
-        if "\0" in v:
-            raise _reject(provider, launch, f"env: {k} contains a NUL byte")
+    try:
+        argv = command_of(launch)
+    except ValueError as e:
+        raise _reject(provider, launch, str(e)) from None
     for path in [*launch.files, *launch.outputs]:
         parts = path.split("/")
         if not path or path.startswith("/") or ".." in parts or "\0" in path:
