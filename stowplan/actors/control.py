@@ -117,7 +117,7 @@ class ControlPlane:
         address: str | None = None,
         seed: int = 0,
         lease_ttl: float = 900.0,
-        poll_max: float = 2.0,
+        poll_max: float | None = None,
         num_cpus: int | None = None,
         context: PlacementContext | None = None,
         budget: float | None = None,

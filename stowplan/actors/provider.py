@@ -1,13 +1,15 @@
 """The provider actor: one per configured provider; drives its driver and watches its jobs.
 
-It submits what the queue actor sends, and watches every live key with ONE batched
-``describe`` per poll (0.1 s after new work, doubling to a cap), pushing state changes back to
-the queue actor in a batch. Unchanged states are re-sent every ``renew_every`` seconds so the
-core's leases stay fresh. Query failures are counted and retried on the next poll, never
-raised into the watch loop. It boots from its constructor, so after a restart it reloads its
-live keys from the store and watches them at once, without waiting to be called. Any other
-exception in the watch loop is a bug: it is reported to the queue as the control plane's
-fatal error (see ``control``), never swallowed by a dead loop.
+It plans and submits what the queue actor sends (with the facts of its last discovery, so
+``--dry-run`` and a submit render alike), and follows every live key through the driver's
+``watch`` (``providers.base.Provider.watch``: batched polling of ``describe`` with the one
+polling backoff, or the driver's native watch), pushing each batch of changes to the queue
+actor. Unchanged states are re-sent every ``renew_every`` seconds so the core's leases stay
+fresh. It also follows the driver's ``capacity_changes`` and tells the queue, whose shell
+rediscovers at once. It boots from its constructor, so after a restart it reloads its live
+keys from the store and watches them at once, without waiting to be called. An exception
+that escapes a watch is a bug: it is reported to the queue as the control plane's fatal error
+(see ``control``), never swallowed by a dead loop.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +26,14 @@ import msgspec
 from stowplan.actors.runtime import error_detail, error_text, note_worker
 from stowplan.actors.wire import pack, unpack
 from stowplan.errors import ProviderError
+from stowplan.placement.problem import Pool
 from stowplan.providers.base import (
     TERMINAL_PROVIDER_STATES,
+    Facts,
     LaunchSpec,
     Provider,
     ProviderState,
-    Report,
+    WatchSet,
 )
 from stowplan.spec.models import ProviderConfig
 
@@ -72,8 +76,8 @@ class ProviderActor:
         queue_name: str,
         store_name: str,
         namespace: str,
-        poll_min: float = 0.1,
-        poll_max: float = 2.0,
+        poll_min: float | None = None,
+        poll_max: float | None = None,
         renew_every: float = 60.0,
         owner: tuple[int, float] | None = None,
     ) -> None:
@@ -83,52 +87,63 @@ class ProviderActor:
         self.name = name
         cfg = msgspec.json.decode(config, type=ProviderConfig)
         self.driver: Provider = make_provider(name, cfg, state_dir=Path(state_dir))
+        if poll_min is not None:
+            self.driver.poll_min = poll_min
+        if poll_max is not None:
+            self.driver.poll_max = poll_max
         self.namespace = namespace
         self.queue_name = queue_name
         self.store_name = store_name
-        self.poll_min, self.poll_max, self.renew_every = poll_min, poll_max, renew_every
-        self.live: dict[str, tuple[ProviderState, float]] = {}
-        self.describe_failures = 0
-        self._wake = asyncio.Event()
+        self.renew_every = renew_every
+        self.live = WatchSet()
+        self.facts: Facts | None = None
         # an async actor's constructor runs on its event loop: start now, not on first call
-        self._booting = asyncio.get_running_loop().create_task(self._load_live())
-        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        loop = asyncio.get_running_loop()
+        self._booting = loop.create_task(self._load_live())
+        self._watcher = loop.create_task(self._follow(self._watch_loop, "the watch"))
+        self._capacity = loop.create_task(self._follow(self._capacity_loop, "capacity events"))
 
     async def _load_live(self) -> None:
         import ray
 
         store: Any = ray.get_actor(self.store_name, namespace=self.namespace)
-        for key in await store.active_keys.remote(self.name):
-            self.live.setdefault(key, (ProviderState.UNKNOWN, 0.0))
+        self.live.add(await store.active_keys.remote(self.name))
 
     async def _boot(self) -> None:
         """Wait until the live keys are loaded (raises what loading them raised)."""
         await asyncio.shield(self._booting)
 
+    async def _discover(self) -> list[Pool]:
+        pools = await self.driver.discover()
+        self.facts = Facts.of(pools)
+        return pools
+
     async def discover(self) -> bytes:
         await self._boot()
         with _portable_errors():
-            return pack(await self.driver.discover())
+            return pack(await self._discover())
 
     async def plan(self, launches: bytes) -> list[str]:
         specs = unpack(launches, list[LaunchSpec])
-        return [r.render() for r in self.driver.plan(specs)]
+        with _portable_errors():
+            facts = self.facts if self.facts is not None else Facts.of(await self._discover())
+            return [r.render() for r in self.driver.plan(specs, facts)]
 
     async def submit(self, launches: bytes) -> bytes:
         """Plan and submit a batch; returns one report per launch.
 
-        A ``ProviderError`` is raised to the caller (as ``RemoteProviderError``): the queue's
-        shell submits the SAME keys again after a transient one and reports a refusal as a
-        failed attempt, as it does with every driver."""
+        Planned with the facts of this actor's last discovery (discovering first after a
+        restart). A ``ProviderError`` is raised to the caller (as ``RemoteProviderError``):
+        the queue's shell submits the SAME keys again after a transient one and reports a
+        refusal as a failed attempt, as it does with every driver."""
         await self._boot()
         specs = unpack(launches, list[LaunchSpec])
         with _portable_errors():
-            reports = await self.driver.submit(self.driver.plan(specs))
-        loop = asyncio.get_running_loop()
+            facts = self.facts if self.facts is not None else Facts.of(await self._discover())
+            reports = await self.driver.submit(self.driver.plan(specs, facts))
         for rep in reports:
             if rep.state not in TERMINAL_PROVIDER_STATES:
-                self.live[rep.key] = (rep.state, loop.time())
-        self._wake.set()
+                self.live.add([rep.key], rep.state)
         return pack(reports)
 
     async def reconcile(self, keys: list[str]) -> bytes:
@@ -136,32 +151,31 @@ class ProviderActor:
         await self._boot()
         with _portable_errors():
             reports = await self.driver.describe(keys)
-        loop = asyncio.get_running_loop()
         for rep in reports:
             if rep.state in TERMINAL_PROVIDER_STATES or rep.state is ProviderState.UNKNOWN:
-                self.live.pop(rep.key, None)
+                self.live.discard([rep.key])
             else:
-                self.live[rep.key] = (rep.state, loop.time())
+                self.live.add([rep.key], rep.state)
         return pack(reports)
 
     async def cancel(self, keys: list[str]) -> None:
         await self._boot()
         with _portable_errors():
             await self.driver.cancel(keys)
-        for k in keys:
-            self.live.pop(k, None)
+        self.live.discard(keys)
 
     async def stats(self) -> dict[str, Any]:
-        return {"live": len(self.live), "describe_failures": self.describe_failures}
+        return {"live": len(self.live), "describe_failures": self.live.failures}
 
-    async def _watch(self) -> None:
-        """The watch loop; an exception that escapes it is the control plane's fatal error."""
+    async def _follow(self, loop: Callable[[Any], Awaitable[None]], what: str) -> None:
+        """Run one of the actor's loops; an exception that escapes it is the control plane's
+        fatal error, reported to the queue."""
         queue = await self._lookup_queue()
         try:
             await self._boot()
-            await self._watch_loop(queue)
+            await loop(queue)
         except Exception as e:
-            log.exception("%s: the watch loop failed", self.name)
+            log.exception("%s: %s failed", self.name, what)
             with contextlib.suppress(Exception):  # a queue that is gone has nobody to tell
                 await queue.fail.remote(f"provider:{self.name}", error_text(e), error_detail(e))
 
@@ -180,43 +194,10 @@ class ProviderActor:
                 await asyncio.sleep(0.1)
 
     async def _watch_loop(self, queue: Any) -> None:
-        interval = self.poll_min
-        loop = asyncio.get_running_loop()
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=interval)
-            if self._wake.is_set():
-                self._wake.clear()
-                interval = self.poll_min
-                await asyncio.sleep(self.poll_min)
-            if not self.live:
-                interval = self.poll_max
-                continue
-            keys = list(self.live)
-            try:
-                reports = await self.driver.describe(keys)
-            except Exception as e:  # a failed poll is counted and retried, never fatal
-                self.describe_failures += 1
-                log.warning(
-                    "%s: describe failed (%d so far): %s", self.name, self.describe_failures, e
-                )
-                interval = min(self.poll_max, interval * 2)
-                continue
-            now = loop.time()
-            changed: list[Report] = []
-            for rep in reports:
-                prev = self.live.get(rep.key)
-                if prev is None:
-                    continue
-                if rep.state is ProviderState.UNKNOWN and prev[0] is not ProviderState.UNKNOWN:
-                    continue  # not visible yet; the lease decides if it is lost
-                if rep.state != prev[0] or now - prev[1] >= self.renew_every:
-                    changed.append(rep)
-                    self.live[rep.key] = (rep.state, now)
-                if rep.state in TERMINAL_PROVIDER_STATES:
-                    self.live.pop(rep.key, None)
-            if changed:
-                interval = self.poll_min
-                await queue.report.remote(self.name, pack(changed))
-            else:
-                interval = min(self.poll_max, interval * 2)
+        async for batch in self.driver.watch(self.live, renew_every=self.renew_every):
+            await queue.report.remote(self.name, pack(batch))
+
+    async def _capacity_loop(self, queue: Any) -> None:
+        async for why in self.driver.capacity_changes():
+            log.info("%s: capacity changed (%s)", self.name, why)
+            await queue.capacity_changed.remote(self.name)

@@ -66,7 +66,14 @@ from stowplan.provenance.records import (
     RunRecord,
     TransitionRecord,
 )
-from stowplan.providers.base import LaunchSpec, ProviderRequest, ProviderState, Report
+from stowplan.providers.base import (
+    Facts,
+    LaunchSpec,
+    ProviderRequest,
+    ProviderState,
+    Report,
+    request_name,
+)
 from stowplan.scheduler.core import CoreConfig, SchedulerCore
 from stowplan.scheduler.events import (
     CancelRequested,
@@ -169,12 +176,13 @@ def _not_stored(report: Report, reason: str | None) -> Report:
 
 
 class PlannedRemotely(ProviderRequest, frozen=True, kw_only=True):
-    """The shell's request for an attempt whose provider plans in its own actor, at submit."""
+    """The shell's request for attempts whose provider plans in its own actor, at submit, with
+    the facts of its own last discovery (the ones the shell was given)."""
 
-    launch: LaunchSpec
+    launches: list[LaunchSpec]
 
     def render(self) -> str:
-        return f"# attempt {self.key}: planned by its provider actor when submitted"
+        return f"# {len(self.keys)} attempts: planned by their provider actor when submitted"
 
 
 class RemoteProvider:
@@ -218,15 +226,18 @@ class RemoteProvider:
         pools: list[Pool] = unpack(await self._ask("discover", patient=True), list[Pool])
         return pools
 
-    def plan(self, launches: Sequence[LaunchSpec]) -> list[ProviderRequest]:
-        return [PlannedRemotely(key=la.key, launch=la) for la in launches]
+    def plan(self, launches: Sequence[LaunchSpec], facts: Facts) -> list[ProviderRequest]:
+        keys = tuple(la.key for la in launches)
+        return [
+            PlannedRemotely(keys=keys, name=request_name(keys, "remote"), launches=list(launches))
+        ]
 
     async def submit(self, requests: Sequence[ProviderRequest]) -> list[Report]:
         launches = []
         for r in requests:
             if not isinstance(r, PlannedRemotely):
                 raise InternalError(f"{type(r).__name__} submitted to a provider actor")
-            launches.append(r.launch)
+            launches.extend(r.launches)
         reports: list[Report] = unpack(await self._ask("submit", pack(launches)), list[Report])
         return reports
 
@@ -452,6 +463,7 @@ class QueueActor:
                         attempt=current.attempt,
                         provider=current.provider,
                         pool=current.pool,
+                        key=current.key,
                     )
                 )
             else:

@@ -119,7 +119,6 @@ def dispatch(
         store_path=Path(prepared.store_path),
         providers=prepared.providers,
         address=args.address,
-        poll_max=1.0,
         context=context_for(prepared.project, prepared.loaded),
         budget=settings.budget,
         workers=settings.workers,

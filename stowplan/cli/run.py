@@ -41,7 +41,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     ids = [r.run_id for r in planned]
 
     if args.dry_run:
-        _print_dry_run(console, prepared)
+        _print_dry_run(console, prepared, pools)
         return EXIT_OK
     save_discovered(prepared, pools)
 
@@ -76,9 +76,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def _print_dry_run(console: Console, prepared: Any) -> None:
+def _dry_run_pool(pools: list[Any], launch: Any) -> str | None:
+    """The first pool (by id) whose GPUs could take ``launch``: where the dry run shows it."""
+    for p in sorted(pools, key=lambda p: p.id):
+        if launch.gpus == 0 or any(
+            n >= launch.gpus and (not launch.gpu_types or t in launch.gpu_types)
+            for t, n in p.gpus.items()
+        ):
+            return str(p.id)
+    return None
+
+
+def _print_dry_run(console: Console, prepared: Any, pools: list[Any]) -> None:
+    """Each task's first trial, rendered by the provider's ``plan`` with the facts of this
+    discovery (or the saved ones): exactly the request ``submit`` would send."""
     from stowplan.actors.queue import launch_spec
     from stowplan.actors.session import payload
+    from stowplan.providers.base import Facts
     from stowplan.providers.registry import make_provider
     from stowplan.spec.canonical import attempt_key
 
@@ -108,13 +122,16 @@ def _print_dry_run(console: Console, prepared: Any) -> None:
     seen: set[str] = set()
     name = next(iter(sorted(prepared.providers)))
     driver = make_provider(name, prepared.providers[name], state_dir=Path(prepared.state_dir))
+    mine = [p for p in pools if p.provider == name]
+    facts = Facts.of(mine)
     for r in planned:
         if r.task in seen:
             continue
         seen.add(r.task)
-        spec = launch_spec(payload(prepared, r), r.run_id, 1, attempt_key(r.run_id, 1), name)
-        console.print(f"\n[bold]{r.task}[/] (first trial) on provider {name}:")
-        console.print(driver.plan([spec])[0].render(), markup=False, soft_wrap=True)
+        pool = _dry_run_pool(mine, r.launch) or name
+        spec = launch_spec(payload(prepared, r), r.run_id, 1, attempt_key(r.run_id, 1), pool)
+        console.print(f"\n[bold]{r.task}[/] (first trial) on provider {name}, pool {pool}:")
+        console.print(driver.plan([spec], facts)[0].render(), markup=False, soft_wrap=True)
 
 
 def render_replicates(console: Console, summary: list[dict[str, Any]]) -> None:

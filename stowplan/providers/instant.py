@@ -10,15 +10,21 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
+from stowplan.errors import InternalError, ProviderError
 from stowplan.placement.problem import Pool
 from stowplan.providers.base import (
     Capabilities,
+    Capability,
+    Facts,
     LaunchSpec,
     LogStream,
     Provider,
     ProviderRequest,
     ProviderState,
     Report,
+    SingleRequest,
+    command_of,
+    request_name,
 )
 from stowplan.spec.models import InstantProviderConfig
 
@@ -26,16 +32,24 @@ UNLIMITED_CPUS = 1e9
 UNLIMITED_MEMORY = 1 << 60
 
 
-class InstantRequest(ProviderRequest, frozen=True, kw_only=True):
-    name: str = ""
+class InstantRequest(SingleRequest, frozen=True, kw_only=True):
+    task: str = ""
 
     def render(self) -> str:
-        return f"# instant attempt {self.key}: task {self.name}, completes at once, runs nothing"
+        return f"# instant attempt {self.key}: task {self.task}, completes at once, runs nothing"
 
 
 class InstantProvider(Provider):
     capabilities = Capabilities(
-        gpus=True, arrays=True, cannot={"run": "runs nothing: every attempt succeeds at once"}
+        has=frozenset(
+            {
+                Capability.GPUS,
+                Capability.CANCEL_MEMBER,
+                Capability.CONTAINERS,
+                Capability.SECRETS,
+            }
+        ),
+        why_not={Capability.RUNS: "runs nothing: every attempt succeeds at once"},
     )
 
     def __init__(
@@ -67,14 +81,29 @@ class InstantProvider(Provider):
             )
         ]
 
-    def plan(self, launches: Sequence[LaunchSpec]) -> list[ProviderRequest]:
-        return [InstantRequest(key=launch.key, name=launch.name) for launch in launches]
+    def plan(self, launches: Sequence[LaunchSpec], facts: Facts) -> list[ProviderRequest]:
+        out: list[ProviderRequest] = []
+        for launch in launches:
+            try:
+                command_of(launch)
+            except ValueError as e:
+                raise ProviderError(
+                    f"attempt {launch.key!r}: {e}", provider=self.name, retryable=False
+                ) from None
+            out.append(
+                InstantRequest(
+                    keys=(launch.key,), name=request_name([launch.key]), task=launch.name
+                )
+            )
+        return out
 
     async def submit(self, requests: Sequence[ProviderRequest]) -> list[Report]:
         now = time.time()
         reports = self._reports
         out = []
         for req in requests:
+            if not isinstance(req, InstantRequest):
+                raise InternalError(f"{self.name}: the instant driver got a {type(req).__name__}")
             key = req.key
             report = reports.get(key)
             if report is None:

@@ -381,7 +381,7 @@ class SchedulerCore:
             if run is None:
                 continue
             run.attempt = rt.attempt
-            run.key = attempt_key(rt.task.run_id, rt.attempt) if rt.attempt else ""
+            run.key = rt.key or (attempt_key(rt.task.run_id, rt.attempt) if rt.attempt else "")
             state = rt.state
             self.counts[TaskState.PENDING] -= 1
             if state in FINAL:

@@ -51,6 +51,8 @@ class RestoredTask(Struct, frozen=True, kw_only=True):
     attempt: int = 0
     provider: str | None = None
     pool: str | None = None
+    key: str | None = None
+    """the attempt's key as the store has it (None: derived from run id and attempt)."""
 
 
 # ---- events -------------------------------------------------------------------------------

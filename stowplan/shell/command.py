@@ -53,7 +53,7 @@ from msgspec import Struct
 
 from stowplan.errors import InternalError, ProviderError
 from stowplan.placement.problem import PlacementProblem, Pool
-from stowplan.providers.base import LaunchSpec, ProviderState, Report
+from stowplan.providers.base import Facts, LaunchSpec, ProviderState, Report
 from stowplan.scheduler.core import SchedulerCore
 from stowplan.scheduler.events import (
     Cancel,
@@ -147,6 +147,7 @@ class CommandShell:
         self._inbox: dict[str, list[Report]] = {}
         self._discover_due: set[str] = set()
         self._pools: dict[str, list[Pool]] = {}
+        self._facts: dict[str, Facts] = {}
         self._wakes: set[float] = set()
         self._observing = False
 
@@ -180,6 +181,7 @@ class CommandShell:
         for name in sorted(self.providers if providers is None else providers):
             pools = await self.providers[name].discover()
             self._pools[name] = pools
+            self._facts.pop(name, None)
             self.feed(PoolsDiscovered(provider=name, pools=pools))
 
     def start(self) -> None:
@@ -188,6 +190,13 @@ class CommandShell:
         if every is not None:
             self.clock.call_at(self.clock.now() + every, self._rediscover_all, None, Wake.DISCOVER)
         self.observe()
+
+    def facts(self, provider: str) -> Facts:
+        """The facts of ``provider``'s last discovery, as its ``plan`` is given them."""
+        facts = self._facts.get(provider)
+        if facts is None:
+            facts = self._facts[provider] = Facts.of(self._pools.get(provider, []))
+        return facts
 
     def halt(self) -> None:
         """Act no more: events are dropped and timers lapse (a failed control plane)."""
@@ -283,7 +292,7 @@ class CommandShell:
                 items = [items[i] for i in keep]
                 launches = [launches[i] for i in keep]
         prov = self.providers[provider]
-        requests = prov.plan(launches)
+        requests = prov.plan(launches, self.facts(provider))
         out = self.outstanding[provider]
         for it in items:
             out[it.key] = it.run_id
@@ -456,4 +465,5 @@ class CommandShell:
         if not pushed and self._pools.get(provider) == pools:
             return  # nothing changed: a PoolsDiscovered would only make the core solve again
         self._pools[provider] = pools
+        self._facts.pop(provider, None)
         self.feed(PoolsDiscovered(provider=provider, pools=pools))

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
 from stowplan.placement.problem import PlacementProblem, PlacementSolution, Pool
-from stowplan.providers.base import LaunchSpec, ProviderRequest, Report
+from stowplan.providers.base import Facts, LaunchSpec, ProviderRequest, Report
 from stowplan.scheduler.events import SubmitItem, Transition
 
 
@@ -71,7 +71,7 @@ class ProviderPort(Protocol):
 
     async def discover(self) -> list[Pool]: ...
 
-    def plan(self, launches: Sequence[LaunchSpec]) -> list[ProviderRequest]: ...
+    def plan(self, launches: Sequence[LaunchSpec], facts: Facts) -> list[ProviderRequest]: ...
 
     async def submit(self, requests: Sequence[ProviderRequest]) -> list[Report]: ...
 

@@ -35,12 +35,16 @@ from stowplan.errors import InternalError, ProviderError
 from stowplan.placement.problem import Pool
 from stowplan.providers.base import (
     Capabilities,
+    Capability,
+    Facts,
     LaunchSpec,
     LogStream,
     Provider,
     ProviderRequest,
     ProviderState,
     Report,
+    SingleRequest,
+    request_name,
 )
 from stowplan.simulator.cluster import ClusterSpec, PoolKind, PoolSpec
 from stowplan.simulator.engine import PRIO_INFRA, Engine
@@ -51,7 +55,7 @@ from stowplan.spec.models import FailureClass
 INF = float("inf")
 
 
-class SimRequest(ProviderRequest, frozen=True, kw_only=True):
+class SimRequest(SingleRequest, frozen=True, kw_only=True):
     """What a simulated submit carries: the attempt's key, its run, the job and the pool."""
 
     run_id: str
@@ -738,9 +742,14 @@ class SimProvider(Provider):
     """All simulated pools of one site, behind the provider interface."""
 
     capabilities = Capabilities(
-        gpus=True,
-        arrays=False,
-        cannot={"logs": "simulated jobs produce no output", "arrays": "one submit per attempt"},
+        has=frozenset(
+            {Capability.GPUS, Capability.CANCEL_MEMBER, Capability.CONTAINERS, Capability.SECRETS}
+        ),
+        why_not={
+            Capability.LOGS: "simulated jobs produce no output",
+            Capability.ARRAYS: "one submit per attempt",
+            Capability.RUNS: "simulated jobs run nothing",
+        },
     )
 
     def __init__(
@@ -785,9 +794,16 @@ class SimProvider(Provider):
     def core_pools(self) -> list[Pool]:
         return [p.core_pool() for p in self.pools.values()]
 
-    def plan(self, launches: Sequence[LaunchSpec]) -> list[ProviderRequest]:
+    def plan(self, launches: Sequence[LaunchSpec], facts: Facts) -> list[ProviderRequest]:
         return [
-            SimRequest(key=la.key, run_id=la.run_id, attempt=la.attempt, pool=la.pool, job=la.name)
+            SimRequest(
+                keys=(la.key,),
+                name=request_name([la.key]),
+                run_id=la.run_id,
+                attempt=la.attempt,
+                pool=la.pool,
+                job=la.name,
+            )
             for la in launches
         ]
 

@@ -89,6 +89,14 @@ def run_id(
     ).run_id()
 
 
+KEY_LEN = 32
+"""Hex characters of an attempt key: 128 bits, and short enough for every provider's names and
+tokens (``providers.base.KEY_MAX``) with a prefix."""
+
+
 def attempt_key(run_id: str, attempt: int) -> str:
-    """Idempotency key of attempt ``attempt`` (1-based) of a run."""
-    return sha256_hex(f"{run_id}/{attempt}".encode())
+    """Idempotency key of attempt ``attempt`` (1-based) of a run: ``KEY_LEN`` hex characters.
+
+    Keys made before 0.2 were 64 characters long; a restored attempt keeps the key its store
+    row has (``RestoredTask.key``), so an attempt in flight across an upgrade is found again."""
+    return sha256_hex(f"{run_id}/{attempt}".encode())[:KEY_LEN]

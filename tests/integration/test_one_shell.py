@@ -28,7 +28,14 @@ from stowplan.errors import ProviderError
 from stowplan.placement import solve
 from stowplan.placement.problem import PlacementContext, PlacementProblem, PlacementSolution
 from stowplan.provenance.store import RunStore
-from stowplan.providers.base import LaunchSpec, ProviderRequest, ProviderState, Report
+from stowplan.providers.base import (
+    Facts,
+    LaunchSpec,
+    ProviderRequest,
+    ProviderState,
+    Report,
+    request_name,
+)
 from stowplan.providers.instant import InstantProvider, InstantRequest
 from stowplan.scheduler.core import CoreConfig, SchedulerCore
 from stowplan.scheduler.events import (
@@ -64,20 +71,25 @@ class Scripted(InstantProvider):
         super().__init__(*args, **kwargs)
         self.answers_lost = 0
 
-    def plan(self, launches: Sequence[LaunchSpec]) -> list[ProviderRequest]:
+    def plan(self, launches: Sequence[LaunchSpec], facts: Facts) -> list[ProviderRequest]:
         # NOTE: a Struct defined here would lose its fields when Ray pickles this module by
-        # value, so the attempt travels in the name
-        return [InstantRequest(key=la.key, name=f"{la.name}#{la.attempt}") for la in launches]
+        # value, so the attempt travels in the task's name
+        return [
+            InstantRequest(
+                keys=(la.key,), name=request_name([la.key]), task=f"{la.name}#{la.attempt}"
+            )
+            for la in launches
+        ]
 
     async def submit(self, requests: Sequence[ProviderRequest]) -> list[Report]:
         out = []
         lose = False
         for req in requests:
             assert isinstance(req, InstantRequest)
-            attempt = int(req.name.split("#")[1])
+            attempt = int(req.task.split("#")[1])
             report = self._reports.get(req.key)
             if report is None:
-                i = _index(req.name)
+                i = _index(req.task)
                 if i == CANCELLED:
                     report = Report(key=req.key, state=ProviderState.RUNNING, job_id=req.key)
                 elif i == NODE_FAILURE and attempt == 1:

@@ -61,10 +61,12 @@ def default_pod(pod: JSON) -> None:
     # https://kubernetes.io/docs/concepts/scheduling-eviction/taint-and-toleration/#taint-based-evictions
     tolerations = spec.setdefault("tolerations", [])
     for key in ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"):
-        if not any(t.get("key") == key and t.get("effect") in (None, "", "NoExecute")
-                   for t in tolerations):
-            tolerations.append({"key": key, "operator": "Exists", "effect": "NoExecute",
-                                "tolerationSeconds": 300})
+        if not any(
+            t.get("key") == key and t.get("effect") in (None, "", "NoExecute") for t in tolerations
+        ):
+            tolerations.append(
+                {"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}
+            )
     status = pod.setdefault("status", {})
     status.setdefault("phase", "Pending")
     status["qosClass"] = qos_class(spec)
@@ -104,8 +106,9 @@ def pod_errors(spec: JSON, path: str) -> list[tuple[str, str]]:
         if not image:
             causes.append((f"{p}.image", "Required value"))
         elif image.strip() != image:
-            causes.append((f"{p}.image", "Invalid value: must not have leading or trailing "
-                                         "whitespace"))
+            causes.append(
+                (f"{p}.image", "Invalid value: must not have leading or trailing whitespace")
+            )
         for kind in ("requests", "limits"):
             for k, v in ((c.get("resources") or {}).get(kind) or {}).items():
                 try:
@@ -130,18 +133,21 @@ def default_job(job: JSON) -> None:
     spec.setdefault("completionMode", "NonIndexed")
     spec.setdefault("suspend", False)
     # "When you set backoffLimitPerIndex ... backoffLimit ... defaults to 2147483647"
-    spec.setdefault("backoffLimit", MAX_INT32 if spec.get("backoffLimitPerIndex") is not None
-                    else 6)
-    spec.setdefault("podReplacementPolicy",
-                    "Failed" if spec.get("podFailurePolicy") else "TerminatingOrFailed")
+    spec.setdefault(
+        "backoffLimit", MAX_INT32 if spec.get("backoffLimitPerIndex") is not None else 6
+    )
+    spec.setdefault(
+        "podReplacementPolicy", "Failed" if spec.get("podFailurePolicy") else "TerminatingOrFailed"
+    )
     template = spec.setdefault("template", {})
     uid = job["metadata"]["uid"]
     name = job["metadata"]["name"]
     labels = template.setdefault("metadata", {}).setdefault("labels", {})
     if not spec.get("manualSelector"):
         # "the system picks labels unique to this Job and adds them to the pod template"
-        labels.update({CONTROLLER_UID: uid, "controller-uid": uid,
-                       JOB_NAME: name, "job-name": name})
+        labels.update(
+            {CONTROLLER_UID: uid, "controller-uid": uid, JOB_NAME: name, "job-name": name}
+        )
         spec["selector"] = {"matchLabels": {CONTROLLER_UID: uid}}
     if not job["metadata"].get("labels"):
         job["metadata"]["labels"] = dict(labels)
@@ -159,34 +165,57 @@ def job_errors(job: JSON, old: JSON | None) -> list[tuple[str, str]]:
     causes += pod_errors(tspec, "spec.template.spec")
     restart = tspec.get("restartPolicy")
     if restart not in ("OnFailure", "Never"):
-        causes.append(("spec.template.spec.restartPolicy",
-                       f'Unsupported value: "{restart}": supported values: "OnFailure", "Never"'))
+        causes.append(
+            (
+                "spec.template.spec.restartPolicy",
+                f'Unsupported value: "{restart}": supported values: "OnFailure", "Never"',
+            )
+        )
     indexed = spec.get("completionMode") == "Indexed"
     if spec.get("completionMode") not in ("Indexed", "NonIndexed"):
         causes.append(("spec.completionMode", "Unsupported value"))
     if indexed and spec.get("completions") is None:
         causes.append(("spec.completions", "Required value: when completion mode is Indexed"))
     if indexed and (spec.get("parallelism") or 0) > 100_000:
-        causes.append(("spec.parallelism", "Invalid value: must be less than or equal to 100000 "
-                                           "when completion mode is Indexed"))
-    for f in ("parallelism", "completions", "backoffLimit", "backoffLimitPerIndex",
-              "maxFailedIndexes", "activeDeadlineSeconds"):
+        causes.append(
+            (
+                "spec.parallelism",
+                "Invalid value: must be less than or equal to 100000 "
+                "when completion mode is Indexed",
+            )
+        )
+    for f in (
+        "parallelism",
+        "completions",
+        "backoffLimit",
+        "backoffLimitPerIndex",
+        "maxFailedIndexes",
+        "activeDeadlineSeconds",
+    ):
         v = spec.get(f)
-        if v is not None and (not isinstance(v, int) or v < 0
-                              or (f == "activeDeadlineSeconds" and v == 0)):
+        if v is not None and (
+            not isinstance(v, int) or v < 0 or (f == "activeDeadlineSeconds" and v == 0)
+        ):
             causes.append((f"spec.{f}", f"Invalid value: {v!r}"))
     per_index = spec.get("backoffLimitPerIndex")
     if per_index is not None and not indexed:
-        causes.append(("spec.backoffLimitPerIndex",
-                       "Forbidden: requires indexed completion mode"))
+        causes.append(("spec.backoffLimitPerIndex", "Forbidden: requires indexed completion mode"))
     if spec.get("maxFailedIndexes") is not None:
         if per_index is None:
-            causes.append(("spec.maxFailedIndexes",
-                           "Required value: when maxFailedIndexes is specified, "
-                           "backoffLimitPerIndex must be specified"))
+            causes.append(
+                (
+                    "spec.maxFailedIndexes",
+                    "Required value: when maxFailedIndexes is specified, "
+                    "backoffLimitPerIndex must be specified",
+                )
+            )
         elif spec["maxFailedIndexes"] > (spec.get("completions") or 0):
-            causes.append(("spec.maxFailedIndexes",
-                           "Invalid value: must be less than or equal to completions"))
+            causes.append(
+                (
+                    "spec.maxFailedIndexes",
+                    "Invalid value: must be less than or equal to completions",
+                )
+            )
     if spec.get("successPolicy") is not None and not indexed:
         causes.append(("spec.successPolicy", "Invalid value: requires indexed completion mode"))
     policy = spec.get("podFailurePolicy")
@@ -207,28 +236,29 @@ def job_errors(job: JSON, old: JSON | None) -> list[tuple[str, str]]:
     return causes
 
 
-def pod_failure_policy_errors(
-    policy: JSON, restart: Any, per_index: Any
-) -> list[tuple[str, str]]:
+def pod_failure_policy_errors(policy: JSON, restart: Any, per_index: Any) -> list[tuple[str, str]]:
     # https://kubernetes.io/docs/concepts/workloads/controllers/job/#pod-failure-policy
     causes: list[tuple[str, str]] = []
     if restart != "Never":
-        causes.append(("spec.template.spec.restartPolicy",
-                       'Invalid value: only "Never" is supported when podFailurePolicy is '
-                       "specified"))
+        causes.append(
+            (
+                "spec.template.spec.restartPolicy",
+                'Invalid value: only "Never" is supported when podFailurePolicy is specified',
+            )
+        )
     for i, rule in enumerate(policy.get("rules") or []):
         p = f"spec.podFailurePolicy.rules[{i}]"
         action = rule.get("action")
         if action not in ("FailJob", "FailIndex", "Ignore", "Count"):
             causes.append((f"{p}.action", f'Unsupported value: "{action}"'))
         if action == "FailIndex" and per_index is None:
-            causes.append((f"{p}.action",
-                           "Forbidden: requires the backoffLimitPerIndex to be set"))
+            causes.append((f"{p}.action", "Forbidden: requires the backoffLimitPerIndex to be set"))
         has_codes = rule.get("onExitCodes") is not None
         has_conds = bool(rule.get("onPodConditions"))
         if has_codes == has_conds:
-            causes.append((p, "Invalid value: specifying one of OnExitCodes and OnPodConditions "
-                              "is required"))
+            causes.append(
+                (p, "Invalid value: specifying one of OnExitCodes and OnPodConditions is required")
+            )
         if has_codes:
             codes = rule["onExitCodes"]
             if codes.get("operator") not in ("In", "NotIn"):
@@ -237,8 +267,12 @@ def pod_failure_policy_errors(
             if not values:
                 causes.append((f"{p}.onExitCodes.values", "Required value"))
             if codes.get("operator") == "In" and 0 in values:
-                causes.append((f"{p}.onExitCodes.values",
-                               "Invalid value: 0: must not be 0 for the In operator"))
+                causes.append(
+                    (
+                        f"{p}.onExitCodes.values",
+                        "Invalid value: 0: must not be 0 for the In operator",
+                    )
+                )
     return causes
 
 
@@ -252,8 +286,13 @@ def data_errors(obj: JSON) -> list[tuple[str, str]]:
     for field in ("data", "binaryData", "stringData"):
         for k, v in (obj.get(field) or {}).items():
             if not re.fullmatch(r"[-._a-zA-Z0-9]+", k) or len(k) > 253:
-                causes.append((f"{field}[{k}]", "Invalid value: a valid config key must consist "
-                                                "of alphanumeric characters, '-', '_' or '.'"))
+                causes.append(
+                    (
+                        f"{field}[{k}]",
+                        "Invalid value: a valid config key must consist "
+                        "of alphanumeric characters, '-', '_' or '.'",
+                    )
+                )
             size += len(k) + len(str(v))
     if size > 1024 * 1024:
         causes.append(("data", "Too long: must have at most 1048576 bytes"))

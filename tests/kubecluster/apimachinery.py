@@ -100,8 +100,7 @@ def invalid(kind: str, group: str, name: str, causes: list[tuple[str, str]]) -> 
         "name": name,
         "kind": kind,
         "causes": [
-            {"reason": "FieldValueInvalid", "message": msg, "field": field}
-            for field, msg in causes
+            {"reason": "FieldValueInvalid", "message": msg, "field": field} for field, msg in causes
         ],
     }
     if group:
@@ -129,9 +128,11 @@ def rfc3339(ts: float) -> str:
 
 
 def parse_rfc3339(text: str) -> float:
-    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(
-        tzinfo=datetime.UTC
-    ).timestamp()
+    return (
+        datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ")
+        .replace(tzinfo=datetime.UTC)
+        .timestamp()
+    )
 
 
 # --- quantities ---------------------------------------------------------------------------------
@@ -178,7 +179,8 @@ def parse_quantity(value: str | int | float) -> Decimal:
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_SUBDOMAIN = re.compile(
-    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+)
 _LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 
 
@@ -251,8 +253,9 @@ def metadata_errors(meta: JSON, *, name_rule: str = "subdomain") -> list[tuple[s
     if size > 256 * 1024:
         causes.append(("metadata.annotations", "Too long: must have at most 262144 bytes"))
     for k in annotations:
-        causes += [("metadata.annotations", f"Invalid value: {k!r}: {e}")
-                   for e in label_key_errors(k)]
+        causes += [
+            ("metadata.annotations", f"Invalid value: {k!r}: {e}") for e in label_key_errors(k)
+        ]
     return causes
 
 
@@ -467,8 +470,10 @@ def json_patch(target: JSON, ops: list[JSON]) -> JSON:
                 raise bad_request(f"unknown JSON patch operation {kind!r}")
         except (KeyError, IndexError, ValueError, TypeError) as e:
             raise ApiError(
-                422, "Invalid", f"the server rejected our request due to an error in our "
-                f"request: jsonpatch {kind} operation does not apply: {path} ({e})"
+                422,
+                "Invalid",
+                f"the server rejected our request due to an error in our "
+                f"request: jsonpatch {kind} operation does not apply: {path} ({e})",
             ) from e
     return doc
 

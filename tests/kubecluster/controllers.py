@@ -135,12 +135,14 @@ def node_selected(pod: JSON, node: JSON) -> bool:
     for k, v in (spec.get("nodeSelector") or {}).items():
         if labels.get(k) != v:
             return False
-    required = (((spec.get("affinity") or {}).get("nodeAffinity") or {})
-                .get("requiredDuringSchedulingIgnoredDuringExecution"))
+    required = ((spec.get("affinity") or {}).get("nodeAffinity") or {}).get(
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    )
     if required:
         terms = required.get("nodeSelectorTerms") or []
-        if not any(all(_expr_match(e, labels) for e in t.get("matchExpressions") or [])
-                   for t in terms):
+        if not any(
+            all(_expr_match(e, labels) for e in t.get("matchExpressions") or []) for t in terms
+        ):
             return False
     return True
 
@@ -205,16 +207,19 @@ class Controllers:
             value = (ready or {}).get("status", "Unknown")
             want = {"False": NOT_READY, "Unknown": UNREACHABLE}.get(value)
             existing = node.get("spec", {}).get("taints") or []
-            taints = [t for t in existing
-                      if t.get("key") not in (NOT_READY, UNREACHABLE, UNSCHEDULABLE)]
+            taints = [
+                t for t in existing if t.get("key") not in (NOT_READY, UNREACHABLE, UNSCHEDULABLE)
+            ]
             managed = [(want, "NoSchedule"), (want, "NoExecute")] if want else []
             if node.get("spec", {}).get("unschedulable"):
                 managed.append((UNSCHEDULABLE, "NoSchedule"))
             for key, effect in managed:
-                prev = next((t for t in existing
-                             if t.get("key") == key and t.get("effect") == effect), None)
-                taints.append(prev or {"key": key, "effect": effect,
-                                       "timeAdded": rfc3339(self.now)})
+                prev = next(
+                    (t for t in existing if t.get("key") == key and t.get("effect") == effect), None
+                )
+                taints.append(
+                    prev or {"key": key, "effect": effect, "timeAdded": rfc3339(self.now)}
+                )
             if taints != (node.get("spec", {}).get("taints") or []):
                 new = copy.deepcopy(node)
                 if taints:
@@ -225,8 +230,11 @@ class Controllers:
             if value == "Unknown":
                 name = node["metadata"]["name"]
                 for pod in self.emu.store.all(PODS):
-                    if (pod["spec"].get("nodeName") == name and not kubelet.is_terminal(pod)
-                            and condition_true(pod, "Ready")):
+                    if (
+                        pod["spec"].get("nodeName") == name
+                        and not kubelet.is_terminal(pod)
+                        and condition_true(pod, "Ready")
+                    ):
                         self.emu.write(PODS, kubelet.not_ready(pod, self.now))
 
     def taint_eviction(self) -> list[float]:
@@ -237,9 +245,7 @@ class Controllers:
         nodes = {n["metadata"]["name"]: n for n in self.emu.store.all(NODES)}
         for pod in self.emu.store.all(PODS):
             node = nodes.get(pod["spec"].get("nodeName") or "")
-            if node is None or kubelet.is_terminal(pod) or pod["metadata"].get(
-                "deletionTimestamp"
-            ):
+            if node is None or kubelet.is_terminal(pod) or pod["metadata"].get("deletionTimestamp"):
                 continue
             due: float | None = None
             for taint in node["spec"].get("taints") or []:
@@ -282,13 +288,17 @@ class Controllers:
             for r in refs:
                 dependents[r.get("uid", "")].append((key, obj))
             # every owner is gone: background deletion of the dependent
-            if (refs and not any(r.get("uid") in uids for r in refs)
-                    and not obj["metadata"].get("deletionTimestamp")):
+            if (
+                refs
+                and not any(r.get("uid") in uids for r in refs)
+                and not obj["metadata"].get("deletionTimestamp")
+            ):
                 self.emu.delete(resource_of(key), key[2] or None, key[3], "Background")
         for key, obj in list(store.objects.items()):
             meta = obj["metadata"]
-            if not meta.get("deletionTimestamp") or FOREGROUND not in (meta.get("finalizers")
-                                                                         or []):
+            if not meta.get("deletionTimestamp") or FOREGROUND not in (
+                meta.get("finalizers") or []
+            ):
                 continue
             deps = [(k, d) for k, d in dependents.get(meta["uid"], []) if k in store.objects]
             for k, d in deps:
@@ -336,8 +346,11 @@ class Controllers:
                     used[n][k] += v
                 used[n]["pods"] += 1
         for pod in pods:
-            if (pod["spec"].get("nodeName") or kubelet.is_terminal(pod)
-                    or pod["metadata"].get("deletionTimestamp")):
+            if (
+                pod["spec"].get("nodeName")
+                or kubelet.is_terminal(pod)
+                or pod["metadata"].get("deletionTimestamp")
+            ):
                 continue
             req = pod_requests(pod)
             req["pods"] = Decimal(1)
@@ -350,9 +363,13 @@ class Controllers:
                     break
                 reasons[why] += 1
             if chosen is None:
-                msg = ("no nodes available to schedule pods" if not nodes else
-                       f"0/{len(nodes)} nodes are available: "
-                       + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) + ".")
+                msg = (
+                    "no nodes available to schedule pods"
+                    if not nodes
+                    else f"0/{len(nodes)} nodes are available: "
+                    + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items()))
+                    + "."
+                )
                 cond = condition(pod, "PodScheduled") or {}
                 if cond.get("reason") != "Unschedulable" or cond.get("message") != msg:
                     self.emu.write(PODS, kubelet.unschedulable(pod, msg, self.now))
@@ -367,8 +384,9 @@ class Controllers:
                     self.apply(pod, outcome)
 
     @staticmethod
-    def _misfit(pod: JSON, node: JSON, req: dict[str, Decimal],
-                used: dict[str, Decimal]) -> str | None:
+    def _misfit(
+        pod: JSON, node: JSON, req: dict[str, Decimal], used: dict[str, Decimal]
+    ) -> str | None:
         if node["spec"].get("unschedulable") and not tolerates(
             pod["spec"].get("tolerations") or [], {"key": UNSCHEDULABLE, "effect": "NoSchedule"}
         ):
@@ -376,9 +394,10 @@ class Controllers:
         if not node_selected(pod, node):
             return "node(s) didn't match Pod's node affinity/selector"
         for taint in node["spec"].get("taints") or []:
-            if taint.get("effect") in ("NoSchedule", "NoExecute") and tolerates(
-                pod["spec"].get("tolerations") or [], taint
-            ) is None:
+            if (
+                taint.get("effect") in ("NoSchedule", "NoExecute")
+                and tolerates(pod["spec"].get("tolerations") or [], taint) is None
+            ):
                 return f"node(s) had untolerated taint {{{taint['key']}: {taint.get('value', '')}}}"
         alloc = node.get("status", {}).get("allocatable") or {}
         for k, v in sorted(req.items()):
@@ -394,19 +413,26 @@ class Controllers:
         now = self.now
         key = (pod["metadata"]["namespace"], pod["metadata"]["name"])
         if outcome.kind == "wait":
-            self.emu.write(PODS, kubelet.waiting(pod, outcome.reason or "ContainerCreating", now,
-                                                 outcome.message))
+            self.emu.write(
+                PODS,
+                kubelet.waiting(pod, outcome.reason or "ContainerCreating", now, outcome.message),
+            )
             return
         if outcome.kind == "evict":
-            self.disrupt(pod, outcome.reason or "EvictionByEvictionAPI",
-                         delete=outcome.reason != "TerminationByKubelet", message=outcome.message)
+            self.disrupt(
+                pod,
+                outcome.reason or "EvictionByEvictionAPI",
+                delete=outcome.reason != "TerminationByKubelet",
+                message=outcome.message,
+            )
             return
         if pod.get("status", {}).get("phase") != "Running":
             pod = self.emu.write(PODS, kubelet.running(pod, now))
         if outcome.log:
             for c in kubelet.container_names(pod)[:1]:
                 self.emu.store.logs.setdefault((*key, c), []).extend(
-                    outcome.log.splitlines(keepends=True))
+                    outcome.log.splitlines(keepends=True)
+                )
                 self.emu.store.poke()
         if outcome.kind == "run":
             return
@@ -494,8 +520,9 @@ class Controllers:
                 failure = failure or ("PodFailurePolicy", action[1])
             elif indexed and per_index is not None and idx is not None:
                 book.index_failures[idx] += 1
-                if (action is not None and action[0] == "FailIndex") or \
-                        book.index_failures[idx] > per_index:
+                if (action is not None and action[0] == "FailIndex") or book.index_failures[
+                    idx
+                ] > per_index:
                     failed_idx.add(idx)
                 else:
                     book.last_failure[idx] = now
@@ -504,8 +531,11 @@ class Controllers:
                 book.index_failures[-1] += 1
         if indexed:
             succeeded = len(completed)
-        active = [p for p in pods if not kubelet.is_terminal(p)
-                  and not p["metadata"].get("deletionTimestamp")]
+        active = [
+            p
+            for p in pods
+            if not kubelet.is_terminal(p) and not p["metadata"].get("deletionTimestamp")
+        ]
 
         # 2. suspension: https://kubernetes.io/docs/concepts/workloads/controllers/job/#suspending-a-job
         conds = status.setdefault("conditions", [])
@@ -513,11 +543,11 @@ class Controllers:
             self._delete_pods(active, book)
             active = []
             if not condition_true({"status": status}, "Suspended"):
-                kubelet.set_condition(status, "Suspended", "True", now, "JobSuspended",
-                                      "Job suspended")
+                kubelet.set_condition(
+                    status, "Suspended", "True", now, "JobSuspended", "Job suspended"
+                )
             status.pop("startTime", None)
-            self._write_status(job, status, active, pods, succeeded, failed, completed,
-                               failed_idx)
+            self._write_status(job, status, active, pods, succeeded, failed, completed, failed_idx)
             return None
         if condition_true({"status": status}, "Suspended"):
             # "When a Job is resumed from suspension, its .status.startTime field will be reset
@@ -538,10 +568,17 @@ class Controllers:
                 wakes.append(ends)
         max_failed = spec.get("maxFailedIndexes")
         if failure is None and max_failed is not None and len(failed_idx) > max_failed:
-            failure = ("MaxFailedIndexesExceeded",
-                       "Job has exceeded the specified maximal number of failed indexes")
-        if failure is None and indexed and failed_idx and \
-                len(completed | failed_idx) >= (completions or 0) and not active:
+            failure = (
+                "MaxFailedIndexesExceeded",
+                "Job has exceeded the specified maximal number of failed indexes",
+            )
+        if (
+            failure is None
+            and indexed
+            and failed_idx
+            and len(completed | failed_idx) >= (completions or 0)
+            and not active
+        ):
             failure = ("FailedIndexes", "Job has failed indexes")
 
         # 4. success criteria: completions, or a success policy
@@ -551,22 +588,27 @@ class Controllers:
             rule = success_policy_rule(spec.get("successPolicy"), completed)
             if rule is not None:
                 success = ("SuccessPolicy", f"Matched rules at index {rule}")
-            elif (indexed and len(completed) >= (completions or 0)) or (not indexed and (
-                (completions is not None and succeeded >= completions)
-                or (completions is None and succeeded >= 1 and not active)
-            )):
+            elif (indexed and len(completed) >= (completions or 0)) or (
+                not indexed
+                and (
+                    (completions is not None and succeeded >= completions)
+                    or (completions is None and succeeded >= 1 and not active)
+                )
+            ):
                 success = ("CompletionsReached", "Reached expected number of succeeded pods")
 
         # 5. terminal: interim condition, pods terminated, then the terminal condition
         # https://kubernetes.io/docs/concepts/workloads/controllers/job/#terminal-job-conditions
         if failure is not None or success is not None:
-            interim, final = ("FailureTarget", "Failed") if failure else (
-                "SuccessCriteriaMet", "Complete")
+            interim, final = (
+                ("FailureTarget", "Failed") if failure else ("SuccessCriteriaMet", "Complete")
+            )
             reason, message = failure or success  # type: ignore[misc]
             if not condition_true({"status": status}, interim):
                 kubelet.set_condition(status, interim, "True", now, reason, message)
-                self._write_status(job, status, active, pods, succeeded, failed, completed,
-                                   failed_idx)
+                self._write_status(
+                    job, status, active, pods, succeeded, failed, completed, failed_idx
+                )
             self._delete_pods(active, book)
             kubelet.set_condition(status, final, "True", now, reason, message)
             if final == "Complete":
@@ -579,28 +621,39 @@ class Controllers:
         room = parallelism - len(active)
         if indexed:
             running_idx = {pod_index(p) for p in active}
-            todo = [i for i in range(completions or 0)
-                    if i not in completed and i not in failed_idx and i not in running_idx]
+            todo = [
+                i
+                for i in range(completions or 0)
+                if i not in completed and i not in failed_idx and i not in running_idx
+            ]
             for i in todo:
                 if room <= 0:
                     break
-                n = book.index_failures.get(i, 0) if per_index is not None else \
-                    book.index_failures.get(-1, 0)
-                last = book.last_failure.get(i) if per_index is not None else \
-                    book.last_failure.get(-1)
+                n = (
+                    book.index_failures.get(i, 0)
+                    if per_index is not None
+                    else book.index_failures.get(-1, 0)
+                )
+                last = (
+                    book.last_failure.get(i) if per_index is not None else book.last_failure.get(-1)
+                )
                 if n and last is not None:
                     ready_at = last + min(self.backoff_base * 2 ** (n - 1), self.backoff_cap)
                     if now < ready_at:
                         wakes.append(ready_at)
                         continue
-                created = self._create_pod(job, i, book.index_failures.get(i, 0)
-                                           if per_index is not None else None)
+                created = self._create_pod(
+                    job, i, book.index_failures.get(i, 0) if per_index is not None else None
+                )
                 if created is not None:
                     active.append(created)
                     room -= 1
         else:
-            wanted = (completions - succeeded) if completions is not None else (
-                parallelism if succeeded == 0 else 0)
+            wanted = (
+                (completions - succeeded)
+                if completions is not None
+                else (parallelism if succeeded == 0 else 0)
+            )
             want = min(parallelism, wanted) - len(active)
             n, last = book.index_failures.get(-1, 0), book.last_failure.get(-1)
             if want > 0 and n and last is not None:
@@ -621,8 +674,9 @@ class Controllers:
         for p in pods:
             book.expected_deletions.add(p["metadata"]["uid"])
             if self.emu.store.get(PODS, p["metadata"]["namespace"], p["metadata"]["name"]):
-                self.emu.delete(PODS, p["metadata"]["namespace"], p["metadata"]["name"],
-                                "Background")
+                self.emu.delete(
+                    PODS, p["metadata"]["namespace"], p["metadata"]["name"], "Background"
+                )
 
     def _create_pod(self, job: JSON, index: int | None, failures: int | None) -> JSON | None:
         """The pod of one index as the Job controller renders it:
@@ -633,12 +687,24 @@ class Controllers:
         meta.pop("name", None)
         meta["generateName"] = f"{name}-{index}-" if index is not None else f"{name}-"
         labels = meta.setdefault("labels", {})
-        labels.update({CONTROLLER_UID: job["metadata"]["uid"], "controller-uid":
-                       job["metadata"]["uid"], JOB_NAME: name, "job-name": name})
-        meta["ownerReferences"] = [{
-            "apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": job["metadata"]["uid"],
-            "controller": True, "blockOwnerDeletion": True,
-        }]
+        labels.update(
+            {
+                CONTROLLER_UID: job["metadata"]["uid"],
+                "controller-uid": job["metadata"]["uid"],
+                JOB_NAME: name,
+                "job-name": name,
+            }
+        )
+        meta["ownerReferences"] = [
+            {
+                "apiVersion": "batch/v1",
+                "kind": "Job",
+                "name": name,
+                "uid": job["metadata"]["uid"],
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
         spec = pod.setdefault("spec", {})
         if index is not None:
             labels[COMPLETION_INDEX] = str(index)
@@ -648,20 +714,34 @@ class Controllers:
                 ann[INDEX_FAILURE_COUNT] = str(failures)
             spec["hostname"] = f"{name}-{index}"
             for c in (spec.get("containers") or []) + (spec.get("initContainers") or []):
-                c.setdefault("env", []).append({
-                    "name": "JOB_COMPLETION_INDEX",
-                    "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath":
-                                  f"metadata.annotations['{COMPLETION_INDEX}']"}},
-                })
+                c.setdefault("env", []).append(
+                    {
+                        "name": "JOB_COMPLETION_INDEX",
+                        "valueFrom": {
+                            "fieldRef": {
+                                "apiVersion": "v1",
+                                "fieldPath": f"metadata.annotations['{COMPLETION_INDEX}']",
+                            }
+                        },
+                    }
+                )
         try:
             return self.emu.create(PODS, job["metadata"]["namespace"], pod)
         except ApiError as e:
             log.warning("kubecluster: job %s: pod creation failed: %s", name, e.message)
             return None
 
-    def _write_status(self, job: JSON, status: JSON, active: list[JSON], pods: list[JSON],
-                      succeeded: int, failed: int, completed: set[int],
-                      failed_idx: set[int]) -> None:
+    def _write_status(
+        self,
+        job: JSON,
+        status: JSON,
+        active: list[JSON],
+        pods: list[JSON],
+        succeeded: int,
+        failed: int,
+        completed: set[int],
+        failed_idx: set[int],
+    ) -> None:
         spec = job["spec"]
         # omitempty integers, as the API serializes them
         for f, v in (("active", len(active)), ("succeeded", succeeded), ("failed", failed)):
@@ -724,13 +804,15 @@ def failure_policy_action(policy: JSON | None, pod: JSON) -> tuple[str, str] | N
                 if inside == (codes.get("operator") == "In"):
                     return rule["action"], (
                         f"Container {cs['name']} for pod {ns}/{name} failed with exit code "
-                        f"{code} matching {rule['action']} rule at index {i}")
+                        f"{code} matching {rule['action']} rule at index {i}"
+                    )
         for pattern in rule.get("onPodConditions") or []:
             c = condition(pod, pattern.get("type", ""))
             if c is not None and c.get("status") == pattern.get("status", "True"):
                 return rule["action"], (
                     f"Pod {ns}/{name} has condition {pattern['type']} matching "
-                    f"{rule['action']} rule at index {i}")
+                    f"{rule['action']} rule at index {i}"
+                )
     return None
 
 
@@ -738,8 +820,7 @@ def success_policy_rule(policy: JSON | None, completed: set[int]) -> int | None:
     if not policy:
         return None
     for i, rule in enumerate(policy.get("rules") or []):
-        wanted = parse_intervals(rule["succeededIndexes"]) if rule.get(
-            "succeededIndexes") else None
+        wanted = parse_intervals(rule["succeededIndexes"]) if rule.get("succeededIndexes") else None
         count = rule.get("succeededCount")
         have = len(completed & wanted) if wanted is not None else len(completed)
         if wanted is not None and count is None and wanted <= completed:

@@ -46,7 +46,7 @@ ORPHAN = "orphan"
 # batch/v1 REST default is to orphan the Job's pods (kubectl passes Background itself).
 JOB_ORPHAN_WARNING = (
     '299 - "child pods are preserved by default when jobs are deleted; set '
-    'propagationPolicy=Background to remove them or set propagationPolicy=Orphan to suppress '
+    "propagationPolicy=Background to remove them or set propagationPolicy=Orphan to suppress "
     'this warning"'
 )
 # https://kubernetes.io/docs/concepts/overview/working-with-objects/names/#generated-names
@@ -61,8 +61,11 @@ class Emulator:
 
     def seed_namespaces(self) -> None:
         for ns in ("default", "kube-system", "kube-public", "kube-node-lease"):
-            obj: JSON = {"metadata": {"name": ns, "labels": {"kubernetes.io/metadata.name": ns}},
-                         "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}
+            obj: JSON = {
+                "metadata": {"name": ns, "labels": {"kubernetes.io/metadata.name": ns}},
+                "spec": {"finalizers": ["kubernetes"]},
+                "status": {"phase": "Active"},
+            }
             self.store.new_object_metadata(obj, NAMESPACES, None)
             self.store.commit(NAMESPACES, obj, "ADDED")
 
@@ -84,7 +87,8 @@ class Emulator:
         lreq = parse_label_selector(label_selector)
         freq = parse_field_selector(field_selector)
         return [
-            o for o in self.store.all(res, ns)
+            o
+            for o in self.store.all(res, ns)
             if labels_match(lreq, o["metadata"].get("labels") or {}) and fields_match(freq, o)
         ]
 
@@ -94,31 +98,46 @@ class Emulator:
         if not res.namespaced:
             return
         if not ns:
-            raise bad_request("the namespace of the object does not match the namespace on the "
-                              "request")
+            raise bad_request(
+                "the namespace of the object does not match the namespace on the request"
+            )
         space = self.store.get(NAMESPACES, None, ns)
         if space is None:
             raise not_found("namespaces", "", ns)
         if space["metadata"].get("deletionTimestamp"):
             # https://kubernetes.io/docs/concepts/overview/working-with-objects/namespaces/
-            raise ApiError(403, "Forbidden",
-                           f'unable to create new content in namespace {ns} because it is being '
-                           "terminated")
+            raise ApiError(
+                403,
+                "Forbidden",
+                f"unable to create new content in namespace {ns} because it is being terminated",
+            )
 
-    def create(self, res: ResourceType, ns: str | None, body: JSON, *, dry_run: bool = False,
-               ) -> JSON:
+    def create(
+        self,
+        res: ResourceType,
+        ns: str | None,
+        body: JSON,
+        *,
+        dry_run: bool = False,
+    ) -> JSON:
         obj = copy.deepcopy(body)
         if not isinstance(obj, dict):
             raise bad_request("the body of the request was in an unknown format")
         meta = obj.setdefault("metadata", {})
         if res.namespaced and meta.get("namespace") not in (None, "", ns):
-            raise bad_request("the namespace of the provided object does not match the "
-                              "namespace sent on the request")
+            raise bad_request(
+                "the namespace of the provided object does not match the "
+                "namespace sent on the request"
+            )
         if not meta.get("name"):
             gen = meta.get("generateName")
             if not gen:
-                raise invalid(res.kind, res.group, "", [("metadata.name", "Required value: "
-                                                         "name or generateName is required")])
+                raise invalid(
+                    res.kind,
+                    res.group,
+                    "",
+                    [("metadata.name", "Required value: name or generateName is required")],
+                )
             meta["name"] = gen + "".join(secrets.choice(_GENERATED) for _ in range(5))
         self._require_namespace(res, ns)
         if self.store.get(res, ns, meta["name"]) is not None:
@@ -152,8 +171,14 @@ class Emulator:
         if check_rv and rv not in (None, "") and rv != old["metadata"]["resourceVersion"]:
             raise conflict(res.plural, res.group, name)
         # server-owned metadata cannot be changed by clients
-        for f in ("uid", "creationTimestamp", "namespace", "name", "generation",
-                  "deletionTimestamp"):
+        for f in (
+            "uid",
+            "creationTimestamp",
+            "namespace",
+            "name",
+            "generation",
+            "deletionTimestamp",
+        ):
             if f in old["metadata"]:
                 meta[f] = old["metadata"][f]
             else:
@@ -179,8 +204,15 @@ class Emulator:
             return self.remove(res, new)
         return self.store.commit(res, new, "MODIFIED")
 
-    def patch(self, res: ResourceType, ns: str | None, name: str, patch: Any,
-              content_type: str, subresource: str | None = None) -> JSON:
+    def patch(
+        self,
+        res: ResourceType,
+        ns: str | None,
+        name: str,
+        patch: Any,
+        content_type: str,
+        subresource: str | None = None,
+    ) -> JSON:
         old = self.get(res, ns, name)
         base = copy.deepcopy(old)
         if content_type.startswith("application/json-patch+json"):
@@ -194,11 +226,14 @@ class Emulator:
             # key; `$patch` directives are not supported
             new = merge_patch(base, patch, strategic=True)
         else:
-            raise ApiError(415, "UnsupportedMediaType",
-                           f"the body of the request was in an unknown format - accepted media "
-                           f"types include: application/json-patch+json, "
-                           f"application/merge-patch+json, application/strategic-merge-patch+json"
-                           f" (got {content_type})")
+            raise ApiError(
+                415,
+                "UnsupportedMediaType",
+                f"the body of the request was in an unknown format - accepted media "
+                f"types include: application/json-patch+json, "
+                f"application/merge-patch+json, application/strategic-merge-patch+json"
+                f" (got {content_type})",
+            )
         return self.replace(res, ns, name, new, subresource)
 
     def write(self, res: ResourceType, obj: JSON) -> JSON:

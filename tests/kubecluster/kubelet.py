@@ -62,8 +62,9 @@ def container_names(pod: JSON) -> list[str]:
     return [c["name"] for c in pod.get("spec", {}).get("containers") or []]
 
 
-def _set_condition(status: JSON, ctype: str, value: str, now: str, reason: str = "",
-                   message: str = "") -> None:
+def _set_condition(
+    status: JSON, ctype: str, value: str, now: str, reason: str = "", message: str = ""
+) -> None:
     conds = status.setdefault("conditions", [])
     for c in conds:
         if c["type"] == ctype:
@@ -82,8 +83,9 @@ def _set_condition(status: JSON, ctype: str, value: str, now: str, reason: str =
         c["message"] = message
 
 
-def set_condition(status: JSON, ctype: str, value: str, now: float, reason: str = "",
-                  message: str = "") -> None:
+def set_condition(
+    status: JSON, ctype: str, value: str, now: float, reason: str = "", message: str = ""
+) -> None:
     _set_condition(status, ctype, value, rfc3339(now), reason, message)
 
 
@@ -99,8 +101,9 @@ def unschedulable(pod: JSON, message: str, now: float) -> JSON:
     pod = copy.deepcopy(pod)
     # https://kubernetes.io/docs/concepts/workloads/pods/pod-lifecycle/#pod-conditions :
     # PodScheduled False with reason Unschedulable
-    set_condition(pod.setdefault("status", {}), "PodScheduled", "False", now, "Unschedulable",
-                  message)
+    set_condition(
+        pod.setdefault("status", {}), "PodScheduled", "False", now, "Unschedulable", message
+    )
     return pod
 
 
@@ -181,14 +184,21 @@ def disrupted(pod: JSON, reason: str, now: float, message: str = "") -> JSON:
         raise ValueError(f"unknown disruption reason {reason!r}; one of {DISRUPTION_REASONS}")
     pod = copy.deepcopy(pod)
     st = pod.setdefault("status", {})
-    set_condition(st, "DisruptionTarget", "True", now, reason,
-                  message or {"EvictionByEvictionAPI": "Eviction API: evicting",
-                              "PreemptionByScheduler": "Preempted by a higher priority pod",
-                              "DeletionByTaintManager": "Taint manager: deleting due to "
-                              "NoExecute taint",
-                              "DeletionByPodGC": "PodGC: node no longer exists",
-                              "TerminationByKubelet": "The node was low on resource: memory"}
-                  [reason])
+    set_condition(
+        st,
+        "DisruptionTarget",
+        "True",
+        now,
+        reason,
+        message
+        or {
+            "EvictionByEvictionAPI": "Eviction API: evicting",
+            "PreemptionByScheduler": "Preempted by a higher priority pod",
+            "DeletionByTaintManager": "Taint manager: deleting due to NoExecute taint",
+            "DeletionByPodGC": "PodGC: node no longer exists",
+            "TerminationByKubelet": "The node was low on resource: memory",
+        }[reason],
+    )
     if reason == "TerminationByKubelet":
         st["reason"] = "Evicted"
     if st.get("containerStatuses"):
@@ -207,10 +217,22 @@ def waiting(pod: JSON, reason: str, now: float, message: str = "") -> JSON:
     st["phase"] = "Pending"
     st.setdefault("startTime", rfc3339(now))
     set_condition(st, "Initialized", "True", now)
-    set_condition(st, "ContainersReady", "False", now, "ContainersNotReady",
-                  f"containers with unready status: {container_names(pod)}")
-    set_condition(st, "Ready", "False", now, "ContainersNotReady",
-                  f"containers with unready status: {container_names(pod)}")
+    set_condition(
+        st,
+        "ContainersReady",
+        "False",
+        now,
+        "ContainersNotReady",
+        f"containers with unready status: {container_names(pod)}",
+    )
+    set_condition(
+        st,
+        "Ready",
+        "False",
+        now,
+        "ContainersNotReady",
+        f"containers with unready status: {container_names(pod)}",
+    )
     default_message = {
         "ErrImagePull": "failed to pull and unpack image",
         "ImagePullBackOff": "Back-off pulling image",
@@ -224,8 +246,12 @@ def waiting(pod: JSON, reason: str, now: float, message: str = "") -> JSON:
             "ready": False,
             "started": False,
             "restartCount": 0,
-            "state": {"waiting": {"reason": reason,
-                                  "message": message or f'{default_message} "{c.get("image")}"'}},
+            "state": {
+                "waiting": {
+                    "reason": reason,
+                    "message": message or f'{default_message} "{c.get("image")}"',
+                }
+            },
             "lastState": {},
         }
         for c in pod["spec"]["containers"]

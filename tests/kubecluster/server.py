@@ -52,8 +52,7 @@ from .store import RESOURCES, Event, ResourceType
 log = logging.getLogger("tests.kubecluster")
 T = TypeVar("T")
 
-REASONS = {429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable",
-           504: "Timeout"}
+REASONS = {429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable", 504: "Timeout"}
 
 
 @dataclass(frozen=True)
@@ -106,8 +105,11 @@ class NodeSpec:
     pods: int = 110
 
     def render(self) -> JSON:
-        labels = {"kubernetes.io/hostname": self.name, "kubernetes.io/os": "linux",
-                  "kubernetes.io/arch": "amd64"}
+        labels = {
+            "kubernetes.io/hostname": self.name,
+            "kubernetes.io/os": "linux",
+            "kubernetes.io/arch": "amd64",
+        }
         if self.pool:
             labels[self.pool_label] = self.pool
         if self.gpu_product:
@@ -120,13 +122,18 @@ class NodeSpec:
         if self.instance_type:
             labels["node.kubernetes.io/instance-type"] = self.instance_type
         labels.update(self.labels)
-        capacity = {"cpu": self.cpu, "memory": self.memory, "pods": str(self.pods),
-                    "ephemeral-storage": "100Gi"}
+        capacity = {
+            "cpu": self.cpu,
+            "memory": self.memory,
+            "pods": str(self.pods),
+            "ephemeral-storage": "100Gi",
+        }
         allocatable = dict(capacity)
         if self.gpus or self.gpu_product:
             capacity["nvidia.com/gpu"] = str(self.gpus)
             allocatable["nvidia.com/gpu"] = str(
-                self.gpus if self.allocatable_gpus is None else self.allocatable_gpus)
+                self.gpus if self.allocatable_gpus is None else self.allocatable_gpus
+            )
         spec: JSON = {}
         if self.taints:
             spec["taints"] = [dict(t) for t in self.taints]
@@ -139,21 +146,30 @@ class NodeSpec:
                 "capacity": capacity,
                 "allocatable": allocatable,
                 "conditions": [
-                    {"type": t, "status": "False", "reason": f"KubeletHas{r}",
-                     "message": m}
-                    for t, r, m in (("MemoryPressure", "SufficientMemory", "kubelet has "
-                                     "sufficient memory available"),
-                                    ("DiskPressure", "NoDiskPressure", "kubelet has no disk "
-                                     "pressure"),
-                                    ("PIDPressure", "SufficientPID", "kubelet has sufficient "
-                                     "PID available"))
-                ] + [ready_condition(self.ready)],
-                "nodeInfo": {"kubeletVersion": "v1.33.0", "kubeProxyVersion": "v1.33.0",
-                             "containerRuntimeVersion": "emulated://1",
-                             "operatingSystem": "linux", "architecture": "amd64",
-                             "osImage": "emulated", "kernelVersion": "6.1.0",
-                             "bootID": self.name, "machineID": self.name,
-                             "systemUUID": self.name},
+                    {"type": t, "status": "False", "reason": f"KubeletHas{r}", "message": m}
+                    for t, r, m in (
+                        (
+                            "MemoryPressure",
+                            "SufficientMemory",
+                            "kubelet has sufficient memory available",
+                        ),
+                        ("DiskPressure", "NoDiskPressure", "kubelet has no disk pressure"),
+                        ("PIDPressure", "SufficientPID", "kubelet has sufficient PID available"),
+                    )
+                ]
+                + [ready_condition(self.ready)],
+                "nodeInfo": {
+                    "kubeletVersion": "v1.33.0",
+                    "kubeProxyVersion": "v1.33.0",
+                    "containerRuntimeVersion": "emulated://1",
+                    "operatingSystem": "linux",
+                    "architecture": "amd64",
+                    "osImage": "emulated",
+                    "kernelVersion": "6.1.0",
+                    "bootID": self.name,
+                    "machineID": self.name,
+                    "systemUUID": self.name,
+                },
             },
         }
 
@@ -165,8 +181,11 @@ def ready_condition(ready: bool | None) -> JSON:
     elif ready is False:
         value, reason, message = "False", "KubeletNotReady", "container runtime network not ready"
     else:
-        value, reason, message = "Unknown", "NodeStatusUnknown", "Kubelet stopped posting node "\
-            "status."
+        value, reason, message = (
+            "Unknown",
+            "NodeStatusUnknown",
+            "Kubelet stopped posting node status.",
+        )
     return {"type": "Ready", "status": value, "reason": reason, "message": message}
 
 
@@ -197,8 +216,9 @@ class ApiServer:
     async def start(self, port: int) -> None:
         app = web.Application(client_max_size=8 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self.handle)
-        self.runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                                    shutdown_timeout=0.5)
+        self.runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=0.5
+        )
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", port, reuse_address=True)
         await site.start()
@@ -220,17 +240,25 @@ class ApiServer:
                 status = -1
                 return self._drop(request)
             if fault is not None and fault.kind == "status":
-                err = ApiError(fault.status, REASONS.get(fault.status, "InternalError"),
-                               f"injected {fault.status} by the test harness",
-                               {"retryAfterSeconds": fault.retry_after}
-                               if fault.retry_after is not None else None,
-                               {"Retry-After": str(fault.retry_after)}
-                               if fault.retry_after is not None else None)
+                err = ApiError(
+                    fault.status,
+                    REASONS.get(fault.status, "InternalError"),
+                    f"injected {fault.status} by the test harness",
+                    {"retryAfterSeconds": fault.retry_after}
+                    if fault.retry_after is not None
+                    else None,
+                    {"Retry-After": str(fault.retry_after)}
+                    if fault.retry_after is not None
+                    else None,
+                )
                 raise err
             auth = request.headers.get("Authorization", "")
             if auth != f"Bearer {self.cluster.token}":
-                log.info("kubecluster: 401 for %s %s (bad or missing bearer token)",
-                         request.method, request.path)
+                log.info(
+                    "kubecluster: 401 for %s %s (bad or missing bearer token)",
+                    request.method,
+                    request.path,
+                )
                 raise ApiError(401, "Unauthorized", "Unauthorized")
             verb, response = await self.dispatch(request)
             if fault is not None and fault.kind == "drop_after":
@@ -263,13 +291,18 @@ class ApiServer:
         parts = [p for p in request.path.split("/") if p]
         q = request.query
         if not parts:
-            return "discovery", web.json_response({"paths": ["/api", "/api/v1", "/apis",
-                                                             "/apis/batch", "/apis/batch/v1",
-                                                             "/version"]})
+            return "discovery", web.json_response(
+                {"paths": ["/api", "/api/v1", "/apis", "/apis/batch", "/apis/batch/v1", "/version"]}
+            )
         if parts == ["version"]:
-            return "discovery", web.json_response({"major": "1", "minor": "33",
-                                                   "gitVersion": "v1.33.0-kubecluster",
-                                                   "platform": "linux/amd64"})
+            return "discovery", web.json_response(
+                {
+                    "major": "1",
+                    "minor": "33",
+                    "gitVersion": "v1.33.0-kubecluster",
+                    "platform": "linux/amd64",
+                }
+            )
         disc = self.discovery(parts)
         if disc is not None:
             return "discovery", web.json_response(disc)
@@ -286,9 +319,13 @@ class ApiServer:
                 return "create", web.json_response(obj, status=201)
             if method == "DELETE":
                 return "deletecollection", web.json_response(
-                    await self.delete_collection(request, res, ns))
-            raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on "
-                                                    "the requested resource")
+                    await self.delete_collection(request, res, ns)
+                )
+            raise ApiError(
+                405,
+                "MethodNotAllowed",
+                "the server does not allow this method on the requested resource",
+            )
         if sub == "log":
             if res.plural != "pods" or method != "GET":
                 raise ApiError(405, "MethodNotAllowed", "log is read-only")
@@ -299,26 +336,25 @@ class ApiServer:
             return "get", web.json_response(self.emu.get(res, ns, name))
         if method == "PUT":
             return "update", web.json_response(
-                self.emu.replace(res, ns, name, await self._body(request), sub))
+                self.emu.replace(res, ns, name, await self._body(request), sub)
+            )
         if method == "PATCH":
             ctype = request.headers.get("Content-Type", "")
             return "patch", web.json_response(
-                self.emu.patch(res, ns, name, await self._body(request, any_json=True), ctype,
-                               sub))
+                self.emu.patch(res, ns, name, await self._body(request, any_json=True), ctype, sub)
+            )
         if method == "DELETE":
             opts = await self._body(request, optional=True)
             policy = q.get("propagationPolicy") or opts.get("propagationPolicy")
             if opts.get("orphanDependents") is not None and policy is None:
                 policy = "Orphan" if opts["orphanDependents"] else "Background"
-            obj, code, warning = self.emu.delete(res, ns, name, policy,
-                                                 opts.get("preconditions"))
+            obj, code, warning = self.emu.delete(res, ns, name, policy, opts.get("preconditions"))
             headers = {"Warning": warning} if warning else None
             return "delete", web.json_response(obj, status=code, headers=headers)
         raise ApiError(405, "MethodNotAllowed", "the server does not allow this method")
 
     @staticmethod
-    async def _body(request: web.Request, *, optional: bool = False,
-                    any_json: bool = False) -> Any:
+    async def _body(request: web.Request, *, optional: bool = False, any_json: bool = False) -> Any:
         raw = await request.read()
         if not raw:
             if optional:
@@ -336,23 +372,55 @@ class ApiServer:
         if parts == ["api"]:
             return {"kind": "APIVersions", "versions": ["v1"]}
         if parts == ["apis"]:
-            return {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
-                {"name": "batch", "versions": [{"groupVersion": "batch/v1", "version": "v1"}],
-                 "preferredVersion": {"groupVersion": "batch/v1", "version": "v1"}}]}
+            return {
+                "kind": "APIGroupList",
+                "apiVersion": "v1",
+                "groups": [
+                    {
+                        "name": "batch",
+                        "versions": [{"groupVersion": "batch/v1", "version": "v1"}],
+                        "preferredVersion": {"groupVersion": "batch/v1", "version": "v1"},
+                    }
+                ],
+            }
         if parts in (["api", "v1"], ["apis", "batch", "v1"]):
             group = "" if parts[0] == "api" else "batch"
             resources = []
             for r in RESOURCES.values():
                 if r.group != group:
                     continue
-                resources.append({"name": r.plural, "namespaced": r.namespaced, "kind": r.kind,
-                                  "verbs": ["create", "delete", "deletecollection", "get",
-                                            "list", "patch", "update", "watch"]})
+                resources.append(
+                    {
+                        "name": r.plural,
+                        "namespaced": r.namespaced,
+                        "kind": r.kind,
+                        "verbs": [
+                            "create",
+                            "delete",
+                            "deletecollection",
+                            "get",
+                            "list",
+                            "patch",
+                            "update",
+                            "watch",
+                        ],
+                    }
+                )
                 for s in r.subresources:
-                    resources.append({"name": f"{r.plural}/{s}", "namespaced": r.namespaced,
-                                      "kind": r.kind, "verbs": ["get", "patch", "update"]})
-            return {"kind": "APIResourceList", "apiVersion": "v1",
-                    "groupVersion": "batch/v1" if group else "v1", "resources": resources}
+                    resources.append(
+                        {
+                            "name": f"{r.plural}/{s}",
+                            "namespaced": r.namespaced,
+                            "kind": r.kind,
+                            "verbs": ["get", "patch", "update"],
+                        }
+                    )
+            return {
+                "kind": "APIResourceList",
+                "apiVersion": "v1",
+                "groupVersion": "batch/v1" if group else "v1",
+                "resources": resources,
+            }
         return None
 
     @staticmethod
@@ -365,8 +433,12 @@ class ApiServer:
         else:
             raise nf
         ns: str | None = None
-        if (len(rest) >= 3 and rest[0] == "namespaces"
-                and (group, rest[2]) in RESOURCES and RESOURCES[(group, rest[2])].namespaced):
+        if (
+            len(rest) >= 3
+            and rest[0] == "namespaces"
+            and (group, rest[2]) in RESOURCES
+            and RESOURCES[(group, rest[2])].namespaced
+        ):
             ns, rest = rest[1], rest[2:]
         res = RESOURCES.get((group, rest[0]))
         if res is None or len(rest) > 3:
@@ -386,8 +458,7 @@ class ApiServer:
         rv = q.get("resourceVersion")
         if q.get("resourceVersionMatch") == "Exact" and rv and int(rv) < self.emu.store.rv:
             # the emulator keeps no old snapshots: an exact read of the past is "too old"
-            raise ApiError(410, "Expired", f"too old resource version: {rv} "
-                                           f"({self.emu.store.rv})")
+            raise ApiError(410, "Expired", f"too old resource version: {rv} ({self.emu.store.rv})")
         meta: JSON = {"resourceVersion": str(self.emu.store.rv)}
         limit = int(q.get("limit") or 0)
         start = 0
@@ -396,16 +467,23 @@ class ApiServer:
                 tok = json.loads(bytes.fromhex(q["continue"]))
                 start = int(tok["start"])
                 if int(tok["rv"]) < self.emu.store.compacted_rv:
-                    raise ApiError(410, "Expired", "The provided continue parameter is too old "
-                                                   "to display a consistent list result.")
+                    raise ApiError(
+                        410,
+                        "Expired",
+                        "The provided continue parameter is too old "
+                        "to display a consistent list result.",
+                    )
             except (ValueError, KeyError) as e:
                 raise bad_request("invalid continue token") from e
             meta["resourceVersion"] = str(tok["rv"])
         if limit:
-            page = items[start:start + limit]
+            page = items[start : start + limit]
             if start + limit < len(items):
-                meta["continue"] = json.dumps(
-                    {"rv": int(meta["resourceVersion"]), "start": start + limit}).encode().hex()
+                meta["continue"] = (
+                    json.dumps({"rv": int(meta["resourceVersion"]), "start": start + limit})
+                    .encode()
+                    .hex()
+                )
                 meta["remainingItemCount"] = len(items) - start - limit
             items = page
         # list items carry no kind/apiVersion; the list does
@@ -415,22 +493,29 @@ class ApiServer:
             o.pop("kind", None)
             o.pop("apiVersion", None)
             out_items.append(o)
-        return {"kind": f"{res.kind}List", "apiVersion": res.api_version, "metadata": meta,
-                "items": out_items}
+        return {
+            "kind": f"{res.kind}List",
+            "apiVersion": res.api_version,
+            "metadata": meta,
+            "items": out_items,
+        }
 
-    async def delete_collection(self, request: web.Request, res: ResourceType,
-                                ns: str | None) -> JSON:
+    async def delete_collection(
+        self, request: web.Request, res: ResourceType, ns: str | None
+    ) -> JSON:
         q = request.query
         opts = await self._body(request, optional=True)
         policy = q.get("propagationPolicy") or opts.get("propagationPolicy")
         for o in self.emu.list(res, ns, q.get("labelSelector"), q.get("fieldSelector")):
             with contextlib.suppress(ApiError):
-                self.emu.delete(res, ns or o["metadata"].get("namespace"), o["metadata"]["name"],
-                                policy)
+                self.emu.delete(
+                    res, ns or o["metadata"].get("namespace"), o["metadata"]["name"], policy
+                )
         return status_object(200, "", "")
 
-    async def watch(self, request: web.Request, res: ResourceType,
-                    ns: str | None) -> web.StreamResponse:
+    async def watch(
+        self, request: web.Request, res: ResourceType, ns: str | None
+    ) -> web.StreamResponse:
         q = request.query
         store = self.emu.store
         lreq = parse_label_selector(q.get("labelSelector"))
@@ -446,7 +531,8 @@ class ApiServer:
             if ns is not None and obj["metadata"].get("namespace") != ns:
                 return False
             return labels_match(lreq, obj["metadata"].get("labels") or {}) and fields_match(
-                freq, obj)
+                freq, obj
+            )
 
         resp = web.StreamResponse(headers={"Content-Type": "application/json"})
         await resp.prepare(request)
@@ -475,13 +561,17 @@ class ApiServer:
                 except ValueError:
                     raise bad_request(f"invalid resource version {rv_param!r}") from None
                 if cursor < store.compacted_rv:
-                    await send("ERROR", status_object(
-                        410, "Expired", f"too old resource version: {cursor} "
-                                        f"({store.compacted_rv + 1})"))
+                    await send(
+                        "ERROR",
+                        status_object(
+                            410,
+                            "Expired",
+                            f"too old resource version: {cursor} ({store.compacted_rv + 1})",
+                        ),
+                    )
                     return resp
                 if cursor > store.rv:
-                    await send("ERROR", status_object(504, "Timeout",
-                                                      "Too large resource version"))
+                    await send("ERROR", status_object(504, "Timeout", "Too large resource version"))
                     return resp
             loop = asyncio.get_running_loop()
             ends = None if timeout is None else loop.time() + timeout
@@ -491,9 +581,14 @@ class ApiServer:
                 bm_now = self.bookmark_now
                 close = self.close_streams
                 if cursor < store.compacted_rv:
-                    await send("ERROR", status_object(
-                        410, "Expired", f"too old resource version: {cursor} "
-                                        f"({store.compacted_rv + 1})"))
+                    await send(
+                        "ERROR",
+                        status_object(
+                            410,
+                            "Expired",
+                            f"too old resource version: {cursor} ({store.compacted_rv + 1})",
+                        ),
+                    )
                     return resp
                 events = store.events_after(cursor)
                 for e in events:
@@ -511,14 +606,21 @@ class ApiServer:
                     next_bookmark = now + self.cluster.bookmark_interval
                 if ends is not None and now >= ends:
                     return resp
-                waits = [asyncio.ensure_future(ev.wait())
-                         for ev in (changed, self.stopping, close, bm_now)]
-                deadline = min(x for x in (next_bookmark if bookmarks else None, ends)
-                               if x is not None) if (bookmarks or ends) else None
+                waits = [
+                    asyncio.ensure_future(ev.wait())
+                    for ev in (changed, self.stopping, close, bm_now)
+                ]
+                deadline = (
+                    min(x for x in (next_bookmark if bookmarks else None, ends) if x is not None)
+                    if (bookmarks or ends)
+                    else None
+                )
                 try:
-                    await asyncio.wait(waits, timeout=None if deadline is None
-                                       else max(0.0, deadline - loop.time()),
-                                       return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait(
+                        waits,
+                        timeout=None if deadline is None else max(0.0, deadline - loop.time()),
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
                 finally:
                     for w in waits:
                         w.cancel()
@@ -548,28 +650,33 @@ class ApiServer:
 
     # -- logs --
 
-    async def pod_log(self, request: web.Request, ns: str | None,
-                      name: str) -> web.StreamResponse:
+    async def pod_log(self, request: web.Request, ns: str | None, name: str) -> web.StreamResponse:
         q = request.query
         pod = self.emu.get(PODS, ns, name)
         names = kubelet.container_names(pod)
         container = q.get("container")
         if container is None:
             if len(names) != 1:
-                raise bad_request(f"a container name must be specified for pod {name}, choose "
-                                  f"one of: [{' '.join(names)}]")
+                raise bad_request(
+                    f"a container name must be specified for pod {name}, choose "
+                    f"one of: [{' '.join(names)}]"
+                )
             container = names[0]
         elif container not in names:
             raise bad_request(f"container {container} is not valid for pod {name}")
         statuses = {c["name"]: c for c in pod.get("status", {}).get("containerStatuses") or []}
-        state = (statuses.get(container) or {}).get("state") or {"waiting": {
-            "reason": "ContainerCreating"}}
+        state = (statuses.get(container) or {}).get("state") or {
+            "waiting": {"reason": "ContainerCreating"}
+        }
         if "waiting" in state:
             reason = state["waiting"].get("reason", "ContainerCreating")
-            text = {"ImagePullBackOff": "trying and failing to pull image",
-                    "ErrImagePull": "trying and failing to pull image"}.get(reason, reason)
-            raise bad_request(f'container "{container}" in pod "{name}" is waiting to start: '
-                              f"{text}")
+            text = {
+                "ImagePullBackOff": "trying and failing to pull image",
+                "ErrImagePull": "trying and failing to pull image",
+            }.get(reason, reason)
+            raise bad_request(
+                f'container "{container}" in pod "{name}" is waiting to start: {text}'
+            )
         key = (ns or "", name, container)
         lines = self.emu.store.logs.get(key, [])
         tail = q.get("tailLines")
@@ -587,11 +694,16 @@ class ApiServer:
                     await resp.write(line.encode())
                 sent = len(lines)
                 cur = self.emu.store.get(PODS, ns, name)
-                if cur is None or kubelet.is_terminal(cur) or \
-                        cur["metadata"]["uid"] != pod["metadata"]["uid"]:
+                if (
+                    cur is None
+                    or kubelet.is_terminal(cur)
+                    or cur["metadata"]["uid"] != pod["metadata"]["uid"]
+                ):
                     break
-                waits = [asyncio.ensure_future(e.wait()) for e in (changed, self.stopping,
-                                                                    self.close_streams)]
+                waits = [
+                    asyncio.ensure_future(e.wait())
+                    for e in (changed, self.stopping, self.close_streams)
+                ]
                 try:
                     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 finally:
@@ -639,8 +751,7 @@ class KubeCluster:
         self.port = port or _free_port()
         loop = asyncio.new_event_loop()
         self._loop = loop
-        self._thread = threading.Thread(target=loop.run_forever, name="kubecluster",
-                                        daemon=True)
+        self._thread = threading.Thread(target=loop.run_forever, name="kubecluster", daemon=True)
         self._thread.start()
         self._run(self._astart())
         log.info("kubecluster: serving on %s", self.url)
@@ -694,8 +805,9 @@ class KubeCluster:
             await self._start_server()
 
         self._run(go())
-        log.info("kubecluster: restarted on %s (state %s)", self.url,
-                 "kept" if keep_state else "reset")
+        log.info(
+            "kubecluster: restarted on %s (state %s)", self.url, "kept" if keep_state else "reset"
+        )
 
     def kubeconfig(self, path: Path, *, namespace: str = "default") -> Path:
         """A kubeconfig for the cluster with a bearer token (context ``kubecluster``)."""
@@ -704,8 +816,12 @@ class KubeCluster:
             "kind": "Config",
             "clusters": [{"name": "kubecluster", "cluster": {"server": self.url}}],
             "users": [{"name": "tester", "user": {"token": self.token}}],
-            "contexts": [{"name": "kubecluster", "context": {
-                "cluster": "kubecluster", "user": "tester", "namespace": namespace}}],
+            "contexts": [
+                {
+                    "name": "kubecluster",
+                    "context": {"cluster": "kubecluster", "user": "tester", "namespace": namespace},
+                }
+            ],
             "current-context": "kubecluster",
         }
         path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -717,8 +833,7 @@ class KubeCluster:
     def _run(self, coro: Awaitable[T], timeout: float = 30.0) -> T:
         if self._loop is None:
             raise RuntimeError("the cluster is not running")
-        fut: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(
-            coro, self._loop)  # type: ignore[arg-type]
+        fut: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
         return fut.result(timeout)
 
     def _call(self, fn: Callable[[], T]) -> T:
@@ -729,19 +844,25 @@ class KubeCluster:
 
     # -- reading state --
 
-    def get(self, plural: str, name: str, namespace: str | None = "default",
-            group: str = "") -> JSON | None:
+    def get(
+        self, plural: str, name: str, namespace: str | None = "default", group: str = ""
+    ) -> JSON | None:
         res = RESOURCES[(group, plural)]
         return self._call(lambda: _copy(self.emulator.store.get(res, namespace, name)))
 
-    def objects(self, plural: str, namespace: str | None = None,
-                label_selector: str | None = None,
-             group: str = "") -> list[JSON]:
+    def objects(
+        self,
+        plural: str,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        group: str = "",
+    ) -> list[JSON]:
         res = RESOURCES[(group, plural)]
         return self._call(lambda: _copy(self.emulator.list(res, namespace, label_selector)))
 
-    def pods(self, namespace: str | None = "default",
-             label_selector: str | None = None) -> list[JSON]:
+    def pods(
+        self, namespace: str | None = "default", label_selector: str | None = None
+    ) -> list[JSON]:
         return self.objects("pods", namespace, label_selector)
 
     def job_pods(self, job: str, namespace: str = "default") -> list[JSON]:
@@ -749,9 +870,15 @@ class KubeCluster:
 
     def pod_for_index(self, job: str, index: int, namespace: str = "default") -> JSON:
         """The live pod of one completion index of an Indexed Job."""
-        pods = [p for p in self.pods(namespace, f"batch.kubernetes.io/job-name={job},"
-                                                f"batch.kubernetes.io/job-completion-index={index}")
-                if not kubelet.is_terminal(p)]
+        pods = [
+            p
+            for p in self.pods(
+                namespace,
+                f"batch.kubernetes.io/job-name={job},"
+                f"batch.kubernetes.io/job-completion-index={index}",
+            )
+            if not kubelet.is_terminal(p)
+        ]
         if len(pods) != 1:
             raise LookupError(f"job {job} index {index}: {len(pods)} live pods")
         return pods[0]
@@ -782,8 +909,9 @@ class KubeCluster:
 
     def raise_errors(self) -> None:
         if self.controllers.errors:
-            raise RuntimeError(f"kubecluster internal error: {self.controllers.errors[0]!r}"
-                               ) from self.controllers.errors[0]
+            raise RuntimeError(
+                f"kubecluster internal error: {self.controllers.errors[0]!r}"
+            ) from self.controllers.errors[0]
 
     # -- nodes --
 
@@ -810,7 +938,8 @@ class KubeCluster:
             conds = [c for c in node["status"].get("conditions") or [] if c["type"] != "Ready"]
             cond = ready_condition(ready)
             cond["lastHeartbeatTime"] = cond["lastTransitionTime"] = rfc3339(
-                self.emulator.clock.now())
+                self.emulator.clock.now()
+            )
             node["status"]["conditions"] = [*conds, cond]
             self.emulator.write(NODES, node)
 
@@ -845,8 +974,9 @@ class KubeCluster:
         def go() -> None:
             pod = self.emulator.get(PODS, namespace, name)
             if not pod["spec"].get("nodeName"):
-                raise RuntimeError(f"pod {namespace}/{name} is not scheduled; a kubelet cannot "
-                                   "run it")
+                raise RuntimeError(
+                    f"pod {namespace}/{name} is not scheduled; a kubelet cannot run it"
+                )
             self.controllers.apply(_copy(pod), outcome)
 
         self._call(go)
@@ -863,21 +993,25 @@ class KubeCluster:
     def oom_kill_pod(self, name: str, namespace: str = "default") -> None:
         self.drive_pod(name, PodOutcome("oom"), namespace)
 
-    def evict_pod(self, name: str, reason: str = "EvictionByEvictionAPI",
-                  namespace: str = "default") -> None:
+    def evict_pod(
+        self, name: str, reason: str = "EvictionByEvictionAPI", namespace: str = "default"
+    ) -> None:
         self.drive_pod(name, PodOutcome("evict", reason=reason), namespace)
 
-    def set_pod_waiting(self, name: str, reason: str, message: str = "",
-                        namespace: str = "default") -> None:
+    def set_pod_waiting(
+        self, name: str, reason: str, message: str = "", namespace: str = "default"
+    ) -> None:
         self.drive_pod(name, PodOutcome("wait", reason=reason, message=message), namespace)
 
-    def write_log(self, pod: str, text: str, container: str | None = None,
-                  namespace: str = "default") -> None:
+    def write_log(
+        self, pod: str, text: str, container: str | None = None, namespace: str = "default"
+    ) -> None:
         def go() -> None:
             p = self.emulator.get(PODS, namespace, pod)
             c = container or kubelet.container_names(p)[0]
             self.emulator.store.logs.setdefault((namespace, pod, c), []).extend(
-                text.splitlines(keepends=True))
+                text.splitlines(keepends=True)
+            )
             self.emulator.store.poke()
 
         self._call(go)
@@ -901,22 +1035,42 @@ class KubeCluster:
 
     # -- faults --
 
-    def inject_errors(self, status: int, count: int, *, retry_after: int | None = None,
-                      method: str | None = None, path_contains: str | None = None) -> None:
+    def inject_errors(
+        self,
+        status: int,
+        count: int,
+        *,
+        retry_after: int | None = None,
+        method: str | None = None,
+        path_contains: str | None = None,
+    ) -> None:
         """The next ``count`` matching requests get ``status`` (429/500/503/504) with a Status
         body and, if given, a Retry-After header."""
-        self._call(lambda: self.faults.append(Fault("status", count, status, retry_after,
-                                                    method, path_contains)))
+        self._call(
+            lambda: self.faults.append(
+                Fault("status", count, status, retry_after, method, path_contains)
+            )
+        )
 
-    def drop_connections(self, count: int = 1, *, after_processing: bool = False,
-                         method: str | None = None, path_contains: str | None = None) -> None:
+    def drop_connections(
+        self,
+        count: int = 1,
+        *,
+        after_processing: bool = False,
+        method: str | None = None,
+        path_contains: str | None = None,
+    ) -> None:
         """Close the connection of the next ``count`` matching requests without answering:
         before the request takes effect, or (``after_processing``) after it did, so a create
         is stored but its answer is lost."""
-        kind: Literal["drop_before", "drop_after"] = ("drop_after" if after_processing
-                                                      else "drop_before")
-        self._call(lambda: self.faults.append(Fault(kind, count, method=method,
-                                                    path_contains=path_contains)))
+        kind: Literal["drop_before", "drop_after"] = (
+            "drop_after" if after_processing else "drop_before"
+        )
+        self._call(
+            lambda: self.faults.append(
+                Fault(kind, count, method=method, path_contains=path_contains)
+            )
+        )
 
     def take_fault(self, request: web.Request) -> Fault | None:
         for f in self.faults:

@@ -108,8 +108,9 @@ class Store:
             for (g, p, ns, _), obj in self.objects.items()
             if g == res.group and p == res.plural and (namespace is None or ns == namespace)
         ]
-        return sorted(out, key=lambda o: (o["metadata"].get("namespace", ""),
-                                          o["metadata"]["name"]))
+        return sorted(
+            out, key=lambda o: (o["metadata"].get("namespace", ""), o["metadata"]["name"])
+        )
 
     def by_uid(self, uid: str) -> JSON | None:
         for obj in self.objects.values():
@@ -152,8 +153,9 @@ class Store:
             self.objects.pop(k, None)
             self.tombstones[meta["uid"]] = obj
             if res.plural == "pods":
-                for lk in [lk for lk in self.logs if lk[:2] == (meta.get("namespace"),
-                                                                 meta["name"])]:
+                for lk in [
+                    lk for lk in self.logs if lk[:2] == (meta.get("namespace"), meta["name"])
+                ]:
                     del self.logs[lk]
         else:
             self.objects[k] = obj

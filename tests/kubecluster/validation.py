@@ -31,11 +31,12 @@ def _kv() -> Any:
 
 
 def supported_versions() -> list[str]:
-    return sorted(set(_kv().utils.all_versions()), key=lambda v: tuple(map(int, v.split('.'))))
+    return sorted(set(_kv().utils.all_versions()), key=lambda v: tuple(map(int, v.split("."))))
 
 
-def validate_manifest(manifest: dict[str, Any],
-                      versions: Sequence[str] = KUBERNETES_VERSIONS) -> None:
+def validate_manifest(
+    manifest: dict[str, Any], versions: Sequence[str] = KUBERNETES_VERSIONS
+) -> None:
     """Raise :class:`ManifestError` naming the version, the field path and the problem."""
     kv = _kv()
     for v in versions:
@@ -45,12 +46,14 @@ def validate_manifest(manifest: dict[str, Any],
             path = "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e.path)
             raise ManifestError(
                 f"{manifest.get('kind')} {manifest.get('metadata', {}).get('name')!r} is not "
-                f"valid for Kubernetes {v}: {path}: {e.message}") from None
+                f"valid for Kubernetes {v}: {path}: {e.message}"
+            ) from None
         except kv.SchemaNotFoundError as e:
             raise ManifestError(e.message) from None
 
 
-def validate_manifests(manifests: Iterable[dict[str, Any]],
-                       versions: Sequence[str] = KUBERNETES_VERSIONS) -> None:
+def validate_manifests(
+    manifests: Iterable[dict[str, Any]], versions: Sequence[str] = KUBERNETES_VERSIONS
+) -> None:
     for m in manifests:
         validate_manifest(m, versions)

@@ -25,6 +25,7 @@ import psutil
 from msgspec import Struct, field
 
 from stowplan.errors import ProviderError
+from stowplan.providers.base import request_name
 from stowplan.providers.launcher import (
     EXIT_FILE,
     LAUNCHER_FILE,
@@ -301,7 +302,7 @@ def claim(req: LocalRequest, me: Claim, *, provider: str) -> bool:
             "outputs": req.outputs,
             "cpus": req.cpus,
             "gpus": req.gpus,
-            "name": req.name,
+            "name": req.task,
             "claimed_by": me,
         }
         # The env may carry resolved secrets: readable by the owner only.
@@ -352,10 +353,11 @@ def take_over(key: str, attempt_dir: Path, me: Claim) -> LocalRequest | Literal[
         except FileNotFoundError:
             return None
     return LocalRequest(
-        key=key,
+        keys=(key,),
+        name=request_name([key]),
         run_id=run_id,
         attempt=attempt,
-        name=spec.name,
+        task=spec.name,
         attempt_dir=str(attempt_dir),
         argv=spec.argv,
         env=spec.env,

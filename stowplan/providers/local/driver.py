@@ -56,6 +56,8 @@ from stowplan.placement.problem import Pool
 from stowplan.providers.base import (
     TERMINAL_PROVIDER_STATES,
     Capabilities,
+    Capability,
+    Facts,
     LaunchSpec,
     LogStream,
     Provider,
@@ -96,6 +98,9 @@ _T = TypeVar("_T")
 
 
 class LocalProvider(Provider):
+    poll_max = 1.0
+    """a local attempt's end is a file on this disk: cheap to look for every second."""
+
     def __init__(self, name: str, config: LocalProviderConfig, *, state_dir: Path) -> None:
         self.name = name
         self.config = config
@@ -112,12 +117,20 @@ class LocalProvider(Provider):
         self._me = current_claim()
         self._path_prefix = str(Path(sys.executable).parent) if sys.executable else ""
         self.capabilities = Capabilities(
-            gpus=self._capacity.gpus > 0,
-            arrays=False,
-            cannot={
-                "arrays": "each trial is its own process; there is no array to batch into",
-                "gpu_isolation": "GPUs are counted, not assigned: a task sees every GPU",
+            has=frozenset(
+                {Capability.RUNS, Capability.LOGS, Capability.CANCEL_MEMBER}
+                | ({Capability.GPUS} if self._capacity.gpus > 0 else set())
+            ),
+            why_not={
+                Capability.GPUS: "this machine has no GPUs configured ([providers.NAME] gpus)",
+                Capability.ARRAYS: "each trial is its own process; there is no array to batch into",
+                Capability.CONTAINERS: "the local provider runs commands on this machine, not "
+                "in containers; run on a kubernetes or aws provider, or drop the image",
+                Capability.SECRETS: "the local provider has no secret store; pass the value "
+                "through the environment of the run instead",
+                Capability.ELASTIC: "this machine does not grow",
             },
+            notes=("GPUs are counted, not assigned: a task sees every GPU",),
         )
         self._queue: deque[LocalRequest] = deque()
         self._queued: set[str] = set()
@@ -150,7 +163,7 @@ class LocalProvider(Provider):
             )
         ]
 
-    def plan(self, launches: Sequence[LaunchSpec]) -> list[ProviderRequest]:
+    def plan(self, launches: Sequence[LaunchSpec], facts: Facts) -> list[ProviderRequest]:
         return [
             plan_one(
                 launch,

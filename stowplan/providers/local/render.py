@@ -10,7 +10,7 @@ from pathlib import Path, PurePosixPath
 from msgspec import field
 
 from stowplan.errors import ProviderError
-from stowplan.providers.base import LaunchSpec, ProviderRequest, command_of
+from stowplan.providers.base import LaunchSpec, SingleRequest, command_of, request_name
 from stowplan.providers.launcher import RESERVED_NAMES
 from stowplan.spec.units import plural
 
@@ -18,12 +18,12 @@ SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 """A name used as one path component as it is (run ids; keys, else hashed)."""
 
 
-class LocalRequest(ProviderRequest, frozen=True, kw_only=True):
+class LocalRequest(SingleRequest, frozen=True, kw_only=True):
     """Exactly what the local driver will run: a process with this argv, env and directory."""
 
     run_id: str
     attempt: int
-    name: str
+    task: str
     attempt_dir: str
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
@@ -40,7 +40,7 @@ class LocalRequest(ProviderRequest, frozen=True, kw_only=True):
     def render(self) -> str:
         timeout = "none" if self.timeout_s is None else f"{self.timeout_s:g}s"
         lines = [
-            f"# local attempt {self.key}: task {self.name}, run {self.run_id}, "
+            f"# local attempt {self.key}: task {self.task}, run {self.run_id}, "
             f"attempt {self.attempt}",
             f"# needs cpus={self.cpus:g} memory={format_bytes(self.memory)} gpus={self.gpus} "
             f"timeout={timeout} (killed above its memory or past its timeout)",
@@ -94,6 +94,12 @@ def plan_one(
         )
     if launch.memory < 0:
         raise _reject(provider, launch, "memory is negative")
+    if launch.image is not None:
+        raise _reject(
+            provider, launch, f"names image {launch.image!r}; this provider runs no containers"
+        )
+    if launch.secrets:
+        raise _reject(provider, launch, "names secrets; this provider has no secret store")
     for fname in launch.files:
         _check_relative(provider, launch, "files", fname)
     for out in launch.outputs:
@@ -104,10 +110,11 @@ def plan_one(
     env["STOWPLAN_ATTEMPT"] = str(launch.attempt)
     env["STOWPLAN_ATTEMPT_DIR"] = str(attempt_dir)
     return LocalRequest(
-        key=launch.key,
+        keys=(launch.key,),
+        name=request_name([launch.key]),
         run_id=launch.run_id,
         attempt=launch.attempt,
-        name=launch.name,
+        task=launch.name,
         attempt_dir=str(attempt_dir),
         argv=argv,
         env=env,

@@ -183,7 +183,7 @@ class SSHBackend(Backend):
         digest = hashlib.sha256(req.script.encode()).hexdigest()
         # safe to repeat: the program finds a job submitted by an earlier try
         res = await self.transport.run(
-            self.program(SUBMIT_PROGRAM, req.job_dir, req.key, digest),
+            self.program(SUBMIT_PROGRAM, req.job_dir, req.name, digest),
             stdin=req.script,
             repeatable=True,
         )

@@ -37,6 +37,8 @@ from stowplan.placement.problem import Pool
 from stowplan.providers.base import (
     TERMINAL_PROVIDER_STATES,
     Capabilities,
+    Capability,
+    Facts,
     LaunchSpec,
     LogStream,
     Provider,
@@ -101,15 +103,25 @@ class SlurmProvider(Provider):
             if config.transport == "rest"
             else {}
         )
+        has = {Capability.RUNS, Capability.GPUS, Capability.ARRAYS, Capability.CANCEL_MEMBER}
+        if config.transport != "rest":
+            has.add(Capability.LOGS)
         self.capabilities = Capabilities(
-            gpus=True,
-            arrays=True,
-            cannot={
-                **rest_cannot,
-                "sub_minute_timeouts": "Slurm time limits are whole minutes; ours are rounded up",
-                "no_accounting": "final states of jobs that left squeue need sacct (slurmdbd); "
-                "without it they stay UNKNOWN until the lease expires",
+            has=frozenset(has),
+            why_not={
+                Capability.LOGS: rest_cannot.get("logs", ""),
+                Capability.CONTAINERS: "the Slurm driver runs commands on the compute nodes "
+                "as they are; drop the image, or run the task on a kubernetes or aws provider",
+                Capability.SECRETS: "the Slurm driver has no secret store; the job's "
+                "environment comes from the cluster",
+                Capability.ELASTIC: "a Slurm cluster's nodes are fixed; stowplan does not "
+                "resize it",
             },
+            notes=(
+                "Slurm time limits are whole minutes; ours are rounded up",
+                "final states of jobs that left squeue need sacct (slurmdbd); without it they "
+                "stay UNKNOWN until the lease expires",
+            ),
         )
         env = dict(config.remote_env)
         if config.slurm_conf is not None:
@@ -137,7 +149,6 @@ class SlurmProvider(Provider):
         self._members: dict[str, _Member] = {}
         self._arrays: dict[str, _Array] = {}
         self._finished: dict[str, Report] = {}
-        self._gpu_types: dict[str, tuple[str, ...]] = {}
         self._lock = asyncio.Lock()
         self.describe_calls = 0
         self._seen: dict[str, Report] = {}
@@ -192,10 +203,9 @@ class SlurmProvider(Provider):
                 )
                 for p in pools
             ]
-        self._gpu_types = {p.id: tuple(sorted(p.gpus)) for p in pools}
         return pools
 
-    def plan(self, launches: Sequence[LaunchSpec]) -> list[ProviderRequest]:
+    def plan(self, launches: Sequence[LaunchSpec], facts: Facts) -> list[ProviderRequest]:
         return list(
             plan_arrays(
                 launches,
@@ -205,7 +215,7 @@ class SlurmProvider(Provider):
                 max_concurrent=self.config.max_concurrent,
                 account=self.config.account,
                 qos=self.config.qos,
-                gpu_types=self._gpu_types,
+                gpu_types={p.id: facts.gpu_types(p.id) for p in facts.pools},
                 self_logging=self.config.transport == "rest",
             )
         )
@@ -231,7 +241,7 @@ class SlurmProvider(Provider):
         members = [
             _Member(
                 key=m.key,
-                array=req.key,
+                array=req.name,
                 index=m.index,
                 job_dir=req.job_dir,
                 attempt_dir=m.attempt_dir,
@@ -239,13 +249,13 @@ class SlurmProvider(Provider):
             )
             for m in req.members
         ]
-        array = self._arrays.get(req.key) or _Array(
-            name=req.key, job_dir=req.job_dir, submitted_at=now
+        array = self._arrays.get(req.name) or _Array(
+            name=req.name, job_dir=req.job_dir, submitted_at=now
         )
         self._append([_IndexLine(member=m) for m in members] + [_IndexLine(array=array)])
         for m in members:
             self._members[m.key] = m
-        self._arrays[req.key] = array
+        self._arrays[req.name] = array
         last = ""
         ambiguous = False
         for attempt in range(SUBMIT_TRIES):
@@ -255,7 +265,7 @@ class SlurmProvider(Provider):
                 job_id = None
                 if attempt and not self.backend.locked_submit:
                     # the last try may have submitted before its answer was lost: look first
-                    job_id = await self.backend.find(req.key)
+                    job_id = await self.backend.find(req.name)
                 if job_id is None:
                     job_id = await self.backend.submit(req)
             except ProviderError as e:
@@ -275,7 +285,7 @@ class SlurmProvider(Provider):
                     key=m.key,
                     state=ProviderState.QUEUED,
                     job_id=f"{job_id}_{m.index}",
-                    message=f"submitted as array {job_id} ({req.key})",
+                    message=f"submitted as array {job_id} ({req.name})",
                 )
                 for m in req.members
             ]

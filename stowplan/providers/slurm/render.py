@@ -16,7 +16,6 @@ a key is found again after a restart.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import math
 import re
@@ -27,7 +26,7 @@ from typing import Literal
 from msgspec import Struct, field
 
 from stowplan.errors import ProviderError
-from stowplan.providers.base import LaunchSpec, ProviderRequest, command_of
+from stowplan.providers.base import LaunchSpec, ProviderRequest, command_of, request_name
 
 KEY_LINE = "# stowplan-key"
 _SAFE = re.compile(r"^[A-Za-z0-9_@%+=:,./-]+$")
@@ -99,7 +98,8 @@ class SlurmMember(Struct, frozen=True, kw_only=True):
 
 
 class SlurmRequest(ProviderRequest, frozen=True, kw_only=True):
-    """One sbatch submission: a job array of ``members``. ``key`` is the job name."""
+    """One sbatch submission: a job array of ``members`` (``keys`` in index order); ``name`` is
+    the job name."""
 
     job_dir: str
     """Where the script is written and sbatch runs; logs go to ``logs/INDEX.{out,err}``."""
@@ -174,9 +174,9 @@ def sbatch_options(script: str) -> dict[str, str]:
 
 
 def array_name(prefix: str, keys: Sequence[str]) -> str:
-    """The job name of an array: derived from its attempt keys, so a retry renders it again."""
-    digest = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:24]
-    return f"{prefix}-{digest}" if prefix else digest
+    """The job name of an array: derived from its attempt keys alone (``request_name``), so a
+    retry renders it again and finds the job that has it."""
+    return request_name(keys, prefix)
 
 
 def plan_arrays(
@@ -352,7 +352,8 @@ def _render(
         'exit "$rc"',
     ]
     return SlurmRequest(
-        key=name,
+        keys=tuple(keys),
+        name=name,
         job_dir=job_dir,
         partition=partition,
         members=members,

@@ -252,7 +252,7 @@ class RestBackend(Backend):
         return None
 
     async def submit(self, req: SlurmRequest) -> str:
-        found = await self.find(req.key)
+        found = await self.find(req.name)
         if found is not None:
             return found
         data = await self._call(

@@ -19,14 +19,36 @@ from tests.kubecluster import KubeCluster, NodeSpec
 # Two node pools as GKE labels them: a CPU pool, and a GPU pool in another zone whose nodes
 # carry the NVIDIA GPU operator's taint and product label.
 DEFAULT_NODES = (
-    NodeSpec(name="cpu-1", pool="cpu", cpu="8", memory="32Gi", region="europe-west4",
-             zone="europe-west4-a", instance_type="n2-standard-8"),
-    NodeSpec(name="cpu-2", pool="cpu", cpu="8", memory="32Gi", region="europe-west4",
-             zone="europe-west4-a", instance_type="n2-standard-8"),
-    NodeSpec(name="gpu-1", pool="a100", cpu="12", memory="85Gi", gpus=1,
-             gpu_product="NVIDIA-A100-SXM4-40GB", region="europe-west4", zone="europe-west4-b",
-             instance_type="a2-highgpu-1g",
-             taints=[{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]),
+    NodeSpec(
+        name="cpu-1",
+        pool="cpu",
+        cpu="8",
+        memory="32Gi",
+        region="europe-west4",
+        zone="europe-west4-a",
+        instance_type="n2-standard-8",
+    ),
+    NodeSpec(
+        name="cpu-2",
+        pool="cpu",
+        cpu="8",
+        memory="32Gi",
+        region="europe-west4",
+        zone="europe-west4-a",
+        instance_type="n2-standard-8",
+    ),
+    NodeSpec(
+        name="gpu-1",
+        pool="a100",
+        cpu="12",
+        memory="85Gi",
+        gpus=1,
+        gpu_product="NVIDIA-A100-SXM4-40GB",
+        region="europe-west4",
+        zone="europe-west4-b",
+        instance_type="a2-highgpu-1g",
+        taints=[{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}],
+    ),
 )
 
 

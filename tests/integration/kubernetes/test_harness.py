@@ -32,18 +32,27 @@ def indexed_job(name: str, completions: int = 3, **spec: Any) -> dict[str, Any]:
             "completions": completions,
             "parallelism": completions,
             "backoffLimitPerIndex": 0,
-            "podFailurePolicy": {"rules": [
-                {"action": "Ignore",
-                 "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-                {"action": "FailIndex", "onExitCodes": {"operator": "NotIn", "values": [0]}},
-            ]},
+            "podFailurePolicy": {
+                "rules": [
+                    {
+                        "action": "Ignore",
+                        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+                    },
+                    {"action": "FailIndex", "onExitCodes": {"operator": "NotIn", "values": [0]}},
+                ]
+            },
             "template": {
                 "metadata": {"labels": {"app": "sweep"}},
                 "spec": {
                     "restartPolicy": "Never",
-                    "containers": [{"name": "main", "image": "python:3.11-slim",
-                                    "command": ["python", "-c", "print(1)"],
-                                    "resources": {"requests": {"cpu": "1", "memory": "1Gi"}}}],
+                    "containers": [
+                        {
+                            "name": "main",
+                            "image": "python:3.11-slim",
+                            "command": ["python", "-c", "print(1)"],
+                            "resources": {"requests": {"cpu": "1", "memory": "1Gi"}},
+                        }
+                    ],
                 },
             },
             **spec,
@@ -78,26 +87,30 @@ async def job_pods(core: Any, job: str) -> list[Any]:
 
 
 def by_index(pods: list[Any]) -> dict[int, Any]:
-    return {int(p.metadata.annotations["batch.kubernetes.io/job-completion-index"]): p
-            for p in pods}
+    return {
+        int(p.metadata.annotations["batch.kubernetes.io/job-completion-index"]): p for p in pods
+    }
 
 
 async def test_create_twice_is_409_already_exists_and_missing_is_404(kube_api: Any) -> None:
     core = core_api(kube_api)
     first = await core.create_namespaced_config_map(
-        NS, {"metadata": {"name": "params"}, "data": {"0": "--lr=0.1"}})
+        NS, {"metadata": {"name": "params"}, "data": {"0": "--lr=0.1"}}
+    )
     assert first.metadata.uid and int(first.metadata.resource_version) > 0
     with pytest.raises(ApiException) as dup:
         await core.create_namespaced_config_map(NS, {"metadata": {"name": "params"}})
     status = status_body(dup.value)
-    assert (dup.value.status, status["kind"], status["reason"]) == (409, "Status",
-                                                                    "AlreadyExists")
+    assert (dup.value.status, status["kind"], status["reason"]) == (409, "Status", "AlreadyExists")
     assert status["details"] == {"name": "params", "kind": "configmaps"}
     with pytest.raises(ApiException) as missing:
         await batch_api(kube_api).read_namespaced_job("nope", NS)
     body = status_body(missing.value)
     assert (missing.value.status, body["reason"], body["message"]) == (
-        404, "NotFound", 'jobs.batch "nope" not found')
+        404,
+        "NotFound",
+        'jobs.batch "nope" not found',
+    )
     second = await core.create_namespaced_config_map(NS, {"metadata": {"name": "other"}})
     assert int(second.metadata.resource_version) > int(first.metadata.resource_version)
     assert second.metadata.uid != first.metadata.uid
@@ -107,19 +120,27 @@ async def test_watch_resumes_sends_bookmarks_and_answers_410_after_compaction(
     kube_api: Any, kube_cluster: KubeCluster
 ) -> None:
     core = core_api(kube_api)
-    await core.create_namespaced_config_map(NS, {"metadata": {"name": "a",
-                                                              "labels": {"sweep": "s1"}}})
+    await core.create_namespaced_config_map(
+        NS, {"metadata": {"name": "a", "labels": {"sweep": "s1"}}}
+    )
     listed = await core.list_namespaced_config_map(NS, label_selector="sweep=s1")
     rv = listed.metadata.resource_version
-    await core.create_namespaced_config_map(NS, {"metadata": {"name": "b",
-                                                              "labels": {"sweep": "s1"}}})
-    await core.create_namespaced_config_map(NS, {"metadata": {"name": "c",
-                                                              "labels": {"sweep": "other"}}})
+    await core.create_namespaced_config_map(
+        NS, {"metadata": {"name": "b", "labels": {"sweep": "s1"}}}
+    )
+    await core.create_namespaced_config_map(
+        NS, {"metadata": {"name": "c", "labels": {"sweep": "other"}}}
+    )
     seen: list[tuple[str, str | None]] = []
     async with Watch() as w:
-        async for ev in w.stream(core.list_namespaced_config_map, NS, label_selector="sweep=s1",
-                                 resource_version=rv, allow_watch_bookmarks=True,
-                                 timeout_seconds=5):
+        async for ev in w.stream(
+            core.list_namespaced_config_map,
+            NS,
+            label_selector="sweep=s1",
+            resource_version=rv,
+            allow_watch_bookmarks=True,
+            timeout_seconds=5,
+        ):
             name = ev["raw_object"]["metadata"].get("name")
             seen.append((ev["type"], name))
             if ev["type"] == "ADDED":
@@ -134,8 +155,9 @@ async def test_watch_resumes_sends_bookmarks_and_answers_410_after_compaction(
     kube_cluster.compact()
     with pytest.raises(ApiException) as gone:
         async with Watch() as w:
-            async for _ in w.stream(core.list_namespaced_config_map, NS, resource_version=rv,
-                                    timeout_seconds=5):
+            async for _ in w.stream(
+                core.list_namespaced_config_map, NS, resource_version=rv, timeout_seconds=5
+            ):
                 pass
     assert gone.value.status == 410
 
@@ -144,9 +166,13 @@ async def test_watch_resumes_sends_bookmarks_and_answers_410_after_compaction(
     assert sorted(i.metadata.name for i in relisted.items) == ["a", "b"]
     await core.delete_namespaced_config_map("a", NS)
     async with Watch() as w:
-        async for ev in w.stream(core.list_namespaced_config_map, NS, label_selector="sweep=s1",
-                                 resource_version=relisted.metadata.resource_version,
-                                 timeout_seconds=5):
+        async for ev in w.stream(
+            core.list_namespaced_config_map,
+            NS,
+            label_selector="sweep=s1",
+            resource_version=relisted.metadata.resource_version,
+            timeout_seconds=5,
+        ):
             assert (ev["type"], ev["object"].metadata.name) == ("DELETED", "a")
             break
 
@@ -159,7 +185,8 @@ async def test_indexed_job_with_an_oom_killed_index(
     validate_manifest(manifest)
     created = await batch.create_namespaced_job(NS, manifest)
     assert created.spec.selector.match_labels == {
-        "batch.kubernetes.io/controller-uid": created.metadata.uid}
+        "batch.kubernetes.io/controller-uid": created.metadata.uid
+    }
     await kube_cluster.asettle()
     pods = by_index(await job_pods(core, "sweep"))
     assert sorted(pods) == [0, 1, 2]
@@ -169,7 +196,8 @@ async def test_indexed_job_with_an_oom_killed_index(
         assert pod.spec.hostname == f"sweep-{i}"
         env = {e.name: e for e in pod.spec.containers[0].env}
         assert env["JOB_COMPLETION_INDEX"].value_from.field_ref.field_path == (
-            "metadata.annotations['batch.kubernetes.io/job-completion-index']")
+            "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+        )
         assert pod.metadata.owner_references[0].uid == created.metadata.uid
         assert pod.spec.node_name in ("cpu-1", "cpu-2")
 
@@ -189,7 +217,9 @@ async def test_indexed_job_with_an_oom_killed_index(
     assert (job.status.completed_indexes, job.status.failed_indexes) == ("0,2", "1")
     assert (job.status.succeeded, job.status.failed, job.status.active) == (2, 1, None)
     assert [(c.type, c.reason) for c in job.status.conditions] == [
-        ("FailureTarget", "FailedIndexes"), ("Failed", "FailedIndexes")]
+        ("FailureTarget", "FailedIndexes"),
+        ("Failed", "FailedIndexes"),
+    ]
     assert len(await job_pods(core, "sweep")) == 3  # no retry: backoffLimitPerIndex 0
 
 
@@ -202,14 +232,16 @@ async def test_suspended_job_starts_no_pod_until_resumed(
     assert await job_pods(core, "queued") == []
     job = await batch.read_namespaced_job_status("queued", NS)
     assert [(c.type, c.status, c.reason) for c in job.status.conditions] == [
-        ("Suspended", "True", "JobSuspended")]
+        ("Suspended", "True", "JobSuspended")
+    ]
     assert job.status.start_time is None
     await batch.patch_namespaced_job("queued", NS, {"spec": {"suspend": False}})
     await kube_cluster.asettle()
     assert sorted(by_index(await job_pods(core, "queued"))) == [0, 1]
     job = await batch.read_namespaced_job_status("queued", NS)
     assert [(c.type, c.status, c.reason) for c in job.status.conditions] == [
-        ("Suspended", "False", "JobResumed")]
+        ("Suspended", "False", "JobResumed")
+    ]
     assert job.status.start_time is not None
 
 
@@ -218,11 +250,14 @@ async def test_background_delete_removes_owned_pods_and_configmaps(
 ) -> None:
     core, batch = core_api(kube_api), batch_api(kube_api)
     job = await batch.create_namespaced_job(NS, indexed_job("doomed", 2))
-    owner = {"apiVersion": "batch/v1", "kind": "Job", "name": "doomed",
-             "uid": job.metadata.uid}
+    owner = {"apiVersion": "batch/v1", "kind": "Job", "name": "doomed", "uid": job.metadata.uid}
     await core.create_namespaced_config_map(
-        NS, {"metadata": {"name": "doomed-params", "ownerReferences": [owner]},
-             "data": {"0": "a", "1": "b"}})
+        NS,
+        {
+            "metadata": {"name": "doomed-params", "ownerReferences": [owner]},
+            "data": {"0": "a", "1": "b"},
+        },
+    )
     await kube_cluster.asettle()
     assert len(await job_pods(core, "doomed")) == 2
     await batch.delete_namespaced_job("doomed", NS, propagation_policy="Background")
@@ -251,10 +286,19 @@ async def test_retry_after_burst_then_success(kube_api: Any, kube_cluster: KubeC
         with pytest.raises(ApiException) as e:
             await core.list_namespaced_config_map(NS)
         body = status_body(e.value)
-        seen.append((e.value.status, header(e.value, "Retry-After"), body["reason"],
-                     body["details"]["retryAfterSeconds"]))
-    assert seen == [(503, "1", "ServiceUnavailable", 1), (503, "1", "ServiceUnavailable", 1),
-                    (429, "2", "TooManyRequests", 2)]
+        seen.append(
+            (
+                e.value.status,
+                header(e.value, "Retry-After"),
+                body["reason"],
+                body["details"]["retryAfterSeconds"],
+            )
+        )
+    assert seen == [
+        (503, "1", "ServiceUnavailable", 1),
+        (503, "1", "ServiceUnavailable", 1),
+        (429, "2", "TooManyRequests", 2),
+    ]
     assert (await core.list_namespaced_config_map(NS)).items == []
 
 
@@ -290,9 +334,12 @@ async def test_restart_keeps_or_resets_state(kube_api: Any, kube_cluster: KubeCl
     assert e.value.status == 404
     with pytest.raises(ApiException) as gone:
         async with Watch() as w:
-            async for _ in w.stream(core.list_namespaced_config_map, NS,
-                                    resource_version=before.metadata.resource_version,
-                                    timeout_seconds=5):
+            async for _ in w.stream(
+                core.list_namespaced_config_map,
+                NS,
+                resource_version=before.metadata.resource_version,
+                timeout_seconds=5,
+            ):
                 pass
     assert gone.value.status == 410
 
@@ -303,12 +350,21 @@ async def test_unschedulable_pod_and_node_loss(kube_api: Any, kube_cluster: Kube
     gpu = nodes["gpu-1"]
     assert gpu.metadata.labels["nvidia.com/gpu.product"] == "NVIDIA-A100-SXM4-40GB"
     assert gpu.status.allocatable["nvidia.com/gpu"] == "1"
-    pod = {"metadata": {"name": "greedy"}, "spec": {
-        "restartPolicy": "Never",
-        "nodeSelector": {"cloud.google.com/gke-nodepool": "a100"},
-        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
-        "containers": [{"name": "main", "image": "busybox",
-                        "resources": {"limits": {"nvidia.com/gpu": "2"}}}]}}
+    pod = {
+        "metadata": {"name": "greedy"},
+        "spec": {
+            "restartPolicy": "Never",
+            "nodeSelector": {"cloud.google.com/gke-nodepool": "a100"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "busybox",
+                    "resources": {"limits": {"nvidia.com/gpu": "2"}},
+                }
+            ],
+        },
+    }
     await core.create_namespaced_pod(NS, pod)
     await kube_cluster.asettle()
     got = await core.read_namespaced_pod_status("greedy", NS)
@@ -316,9 +372,17 @@ async def test_unschedulable_pod_and_node_loss(kube_api: Any, kube_cluster: Kube
     assert (cond.status, cond.reason) == ("False", "Unschedulable")
     assert "Insufficient nvidia.com/gpu" in cond.message
 
-    await core.create_namespaced_pod(NS, {"metadata": {"name": "worker"}, "spec": {
-        "restartPolicy": "Never", "nodeSelector": {"kubernetes.io/hostname": "cpu-1"},
-        "containers": [{"name": "main", "image": "busybox"}]}})
+    await core.create_namespaced_pod(
+        NS,
+        {
+            "metadata": {"name": "worker"},
+            "spec": {
+                "restartPolicy": "Never",
+                "nodeSelector": {"kubernetes.io/hostname": "cpu-1"},
+                "containers": [{"name": "main", "image": "busybox"}],
+            },
+        },
+    )
     await kube_cluster.asettle()
     kube_cluster.run_pod("worker")
     kube_cluster.lose_node("cpu-1")
@@ -328,7 +392,8 @@ async def test_unschedulable_pod_and_node_loss(kube_api: Any, kube_cluster: Kube
     assert ready.status == "Unknown"
     assert {(t.key, t.effect) for t in node.spec.taints} == {
         ("node.kubernetes.io/unreachable", "NoSchedule"),
-        ("node.kubernetes.io/unreachable", "NoExecute")}
+        ("node.kubernetes.io/unreachable", "NoExecute"),
+    }
     assert (await core.read_namespaced_pod("worker", NS)).status.phase == "Running"
     kube_cluster.advance_clock(301)  # past the default 300 s toleration
     await kube_cluster.asettle()
@@ -339,8 +404,16 @@ async def test_unschedulable_pod_and_node_loss(kube_api: Any, kube_cluster: Kube
 
 async def test_pod_log_follow(kube_api: Any, kube_cluster: KubeCluster) -> None:
     core = core_api(kube_api)
-    await core.create_namespaced_pod(NS, {"metadata": {"name": "talker"}, "spec": {
-        "restartPolicy": "Never", "containers": [{"name": "main", "image": "busybox"}]}})
+    await core.create_namespaced_pod(
+        NS,
+        {
+            "metadata": {"name": "talker"},
+            "spec": {
+                "restartPolicy": "Never",
+                "containers": [{"name": "main", "image": "busybox"}],
+            },
+        },
+    )
     await kube_cluster.asettle()
     with pytest.raises(ApiException) as e:
         await core.read_namespaced_pod_log("talker", NS)
@@ -364,15 +437,21 @@ async def test_emulated_objects_pass_the_schema(kube_api: Any, kube_cluster: Kub
     (pod,) = await job_pods(core, "shape")
     kube_cluster.succeed_pod(pod.metadata.name)
     await kube_cluster.asettle()
-    objs = [kube_api.sanitize_for_serialization(o) for o in (
-        await batch.read_namespaced_job("shape", NS),
-        await core.read_namespaced_pod(pod.metadata.name, NS), await core.read_node("gpu-1"))]
+    objs = [
+        kube_api.sanitize_for_serialization(o)
+        for o in (
+            await batch.read_namespaced_job("shape", NS),
+            await core.read_namespaced_pod(pod.metadata.name, NS),
+            await core.read_node("gpu-1"),
+        )
+    ]
     assert [o["status"].get("phase") for o in objs] == [None, "Succeeded", None]
     for o in objs:
         validate_manifest(o)
     with pytest.raises(ManifestError, match="Additional properties"):
-        validate_manifest({**indexed_job("typo"), "spec": {**indexed_job("typo")["spec"],
-                                                            "completion": 3}})
+        validate_manifest(
+            {**indexed_job("typo"), "spec": {**indexed_job("typo")["spec"], "completion": 3}}
+        )
 
 
 async def test_bearer_token_never_logged(
@@ -382,8 +461,9 @@ async def test_bearer_token_never_logged(
     api = await config.new_client_from_config(config_file=str(kubeconfig))
     async with api:
         core = core_api(api)
-        await core.create_namespaced_secret(NS, {"metadata": {"name": "s"},
-                                                 "stringData": {"k": "v"}})
+        await core.create_namespaced_secret(
+            NS, {"metadata": {"name": "s"}, "stringData": {"k": "v"}}
+        )
         kube_cluster.inject_errors(503, 1, retry_after=1)
         with pytest.raises(ApiException):
             await core.list_namespaced_secret(NS)

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from stowplan.providers.base import TERMINAL_PROVIDER_STATES, LaunchSpec, ProviderState, Report
+from stowplan.providers.base import (
+    TERMINAL_PROVIDER_STATES,
+    Facts,
+    LaunchSpec,
+    ProviderState,
+    Report,
+)
 from stowplan.providers.slurm import SlurmProvider
 from stowplan.spec.models import SlurmProviderConfig
 from tests.slurmcluster.cluster import SlurmCluster
@@ -59,9 +65,9 @@ def test_cancel_is_idempotent_and_logs_follow(slurm_cluster: SlurmCluster, tmp_p
 
     async def scenario() -> tuple[list[Report], bytes, list[Report]]:
         async with SlurmProvider("cluster", config, state_dir=tmp_path / "state") as driver:
-            await driver.discover()
-            await driver.submit(driver.plan([sleeper]))
-            await driver.submit(driver.plan([talker]))
+            facts = Facts.of(await driver.discover())
+            await driver.submit(driver.plan([sleeper], facts))
+            await driver.submit(driver.plan([talker], facts))
             chunks = [c async for c in driver.logs(talker.key, follow=True)]
             await driver.cancel([sleeper.key])
             await driver.cancel([sleeper.key, "never-submitted"])  # again: no error

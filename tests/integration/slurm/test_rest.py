@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from stowplan.errors import ProviderError
-from stowplan.providers.base import TERMINAL_PROVIDER_STATES, LaunchSpec, ProviderState, Report
+from stowplan.providers.base import (
+    TERMINAL_PROVIDER_STATES,
+    Facts,
+    LaunchSpec,
+    ProviderState,
+    Report,
+)
 from stowplan.providers.slurm import SlurmProvider
 from stowplan.spec.models import FailureClass, SlurmProviderConfig
 from tests.slurmcluster.cluster import SlurmCluster
@@ -66,7 +72,7 @@ def test_rest_transport_submits_watches_and_classifies(
         async with SlurmProvider("cluster", config, state_dir=tmp_path) as driver:
             pools = {p.id: p for p in await driver.discover()}
             assert pools["cluster/gpu"].gpus == {"fake": 4}
-            reqs = driver.plan(launches)
+            reqs = driver.plan(launches, Facts.of(list(pools.values())))
             first = await driver.submit(reqs)
             again = await driver.submit(reqs)  # idempotent: finds the job by name
             assert [r.job_id for r in again] == [r.job_id for r in first]

@@ -19,7 +19,7 @@ from typing import Literal
 import psutil
 import pytest
 
-from stowplan.providers.base import LaunchSpec, ProviderState
+from stowplan.providers.base import Facts, LaunchSpec, ProviderState
 from stowplan.providers.slurm import SlurmProvider, SlurmRequest
 from stowplan.spec.models import SlurmProviderConfig
 from tests.slurmcluster.cluster import SlurmCluster
@@ -170,8 +170,8 @@ def test_submit_survives_a_dropped_connection(
 
     async def scenario() -> tuple[list[ProviderState], list[str | None], int]:
         async with SlurmProvider("cluster", config, state_dir=tmp_path / "state") as driver:
-            await driver.discover()  # connected and authenticated before arming
-            (req,) = driver.plan(launches)
+            # connected and authenticated before arming
+            (req,) = driver.plan(launches, Facts.of(await driver.discover()))
             assert isinstance(req, SlurmRequest)
             proxy.arm(len(req.script), mode)
             if mode == "hold":
@@ -256,8 +256,7 @@ def test_submit_whose_every_try_is_cut_reports_unknown_not_failed(
 
     async def scenario() -> tuple[list[ProviderState], list[ProviderState]]:
         async with SlurmProvider("cluster", config, state_dir=tmp_path / "state") as driver:
-            await driver.discover()
-            (req,) = driver.plan(launches)
+            (req,) = driver.plan(launches, Facts.of(await driver.discover()))
             proxy.arm(len(req.script), "always")
             submitted = await driver.submit([req])
             proxy.cut()  # disarms: the link works again

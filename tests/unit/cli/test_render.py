@@ -117,7 +117,7 @@ def test_a_dry_run_of_one_run_says_one_run(
         '[experiment]\nname = "one"\n[[tasks]]\nname = "t"\nscript = "true"\n'
     )
     prepared = prepare(tmp_path / "one.toml")
-    _print_dry_run(make_console(), prepared)
+    _print_dry_run(make_console(), prepared, [])
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("one: 1 run (experiment "), first
 

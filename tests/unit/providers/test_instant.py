@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from stowplan.providers.base import LaunchSpec, ProviderState
+from stowplan.providers.base import Facts, LaunchSpec, ProviderState
 from stowplan.providers.instant import InstantProvider, InstantRequest
 from stowplan.providers.registry import make_provider
 from stowplan.spec.models import InstantProviderConfig
@@ -32,7 +32,7 @@ async def test_discover_offers_unlimited_capacity() -> None:
 
 
 def test_plan_is_pure_rendering() -> None:
-    [req] = InstantProvider("bench").plan(launches(1))
+    [req] = InstantProvider("bench").plan(launches(1), Facts())
     assert isinstance(req, InstantRequest) and req.key == "k0"
     assert "k0" in req.render()
 
@@ -40,11 +40,11 @@ def test_plan_is_pure_rendering() -> None:
 @pytest.mark.anyio
 async def test_submit_succeeds_at_once_and_is_idempotent() -> None:
     provider = InstantProvider("bench")
-    reqs = provider.plan(launches(3))
+    reqs = provider.plan(launches(3), Facts())
     first = await provider.submit(reqs)
     assert [r.state for r in first] == [ProviderState.SUCCEEDED] * 3
     assert provider.submitted_count == 3
-    again = await provider.submit([reqs[1], reqs[1], *provider.plan(launches(1, start=3))])
+    again = await provider.submit([reqs[1], reqs[1], *provider.plan(launches(1, start=3), Facts())])
     assert again[0] == first[1] and again[1] == first[1]
     assert provider.submitted_count == 4
     described = await provider.describe(["k0", "k3", "unknown"])
@@ -62,7 +62,7 @@ async def test_submit_succeeds_at_once_and_is_idempotent() -> None:
 @pytest.mark.anyio
 async def test_a_hundred_thousand_submits_take_well_under_a_second() -> None:
     provider = InstantProvider("bench")
-    reqs = provider.plan(launches(100_000))
+    reqs = provider.plan(launches(100_000), Facts())
     started = time.perf_counter()
     reports = await provider.submit(reqs)
     elapsed = time.perf_counter() - started

@@ -20,6 +20,7 @@ import pytest
 from stowplan.errors import ProviderError
 from stowplan.providers.base import (
     TERMINAL_PROVIDER_STATES,
+    Facts,
     LaunchSpec,
     ProviderState,
     Report,
@@ -85,7 +86,7 @@ def provider(state_dir: Path) -> LocalProvider:
 
 
 def plan1(provider: LocalProvider, launch: LaunchSpec) -> LocalRequest:
-    [req] = provider.plan([launch])
+    [req] = provider.plan([launch], Facts())
     assert isinstance(req, LocalRequest)
     return req
 
@@ -215,7 +216,7 @@ def test_plan_rejects_unsafe_requests(provider: LocalProvider, bad: dict[str, ob
     if "script" in bad and "argv" not in bad:
         fields.pop("argv")
     with pytest.raises(ProviderError) as info:
-        provider.plan([spec(**fields)])
+        provider.plan([spec(**fields)], Facts())
     assert not info.value.retryable
 
 
@@ -250,7 +251,7 @@ async def test_the_report_carries_what_the_task_imported(
     from stowplan.provenance.imports import UsedRecord
 
     python, shell = spec(argv=["python", "-c", "import json"]), spec(argv=["true"])
-    await provider.submit(provider.plan([python, shell]))
+    await provider.submit(provider.plan([python, shell], Facts()))
     report = await wait_for(provider, python.key)
     assert report.state is S.SUCCEEDED and report.used is not None, report
     rec = msgspec.json.decode(report.used, type=UsedRecord)
@@ -441,7 +442,7 @@ async def test_submitting_a_key_twice_launches_it_once(
     assert [r.key for r in again] == [launch.key, launch.key]
     # A second driver instance (a control plane restarted mid-submit) starts nothing either.
     other = LocalProvider("laptop", LocalProviderConfig(), state_dir=state_dir)
-    await other.submit(other.plan([launch]))
+    await other.submit(other.plan([launch], Facts()))
     assert (await wait_for(provider, launch.key)).state is S.SUCCEEDED
     assert (await wait_for(other, launch.key)).state is S.SUCCEEDED
     assert len(launches(req)) == 1
@@ -456,7 +457,7 @@ async def test_a_new_instance_reconciles_what_an_old_one_started(state_dir: Path
         spec(script="exit 4"),
         spec(argv=["sleep", "30"]),
     )
-    await old.submit(old.plan([done, failed, running]))
+    await old.submit(old.plan([done, failed, running], Facts()))
     await wait_for(old, done.key)
     await wait_for(old, failed.key)
     await wait_for(old, running.key, frozenset({S.RUNNING}))
@@ -492,7 +493,7 @@ async def test_supervisor_death_is_a_node_failure(provider: LocalProvider) -> No
 async def test_a_claim_never_started_is_queued_then_lost(state_dir: Path) -> None:
     old = LocalProvider("laptop", LocalProviderConfig(cpus=1), state_dir=state_dir)
     blocker, waiting = spec(argv=["sleep", "30"]), spec(argv=["true"])
-    await old.submit(old.plan([blocker, waiting]))
+    await old.submit(old.plan([blocker, waiting], Facts()))
     assert (await old.describe([waiting.key]))[0].state is S.QUEUED
 
     # The old driver "crashes" with `waiting` in its in-memory queue.
@@ -514,7 +515,7 @@ from pathlib import Path
 import anyio
 import msgspec
 
-from stowplan.providers.base import LaunchSpec
+from stowplan.providers.base import Facts, LaunchSpec
 from stowplan.providers.local import LocalProvider
 from stowplan.spec.models import LocalProviderConfig
 
@@ -522,7 +523,7 @@ specs = msgspec.json.decode(Path(sys.argv[2]).read_bytes(), type=list[LaunchSpec
 provider = LocalProvider("laptop", LocalProviderConfig(cpus=1), state_dir=Path(sys.argv[1]))
 
 async def main() -> None:
-    await provider.submit(provider.plan(specs))
+    await provider.submit(provider.plan(specs, Facts()))
     while (await provider.describe([specs[0].key]))[0].state != "RUNNING":
         await anyio.sleep(0.05)
     reports = await provider.describe([s.key for s in specs])
@@ -670,7 +671,7 @@ async def test_hostile_argv_and_env_values_are_passed_literally(
 async def test_script_tasks_run_under_strict_bash(provider: LocalProvider) -> None:
     pipefail = spec(script="false | true\necho after")
     nounset = spec(script='echo "$STOWPLAN_SURELY_UNSET"\necho after')
-    await provider.submit(provider.plan([pipefail, nounset]))
+    await provider.submit(provider.plan([pipefail, nounset], Facts()))
     for launch in (pipefail, nounset):
         report = await wait_for(provider, launch.key)
         assert (report.state, report.failure) == (S.FAILED, FailureClass.USER_ERROR), report
@@ -708,7 +709,7 @@ async def test_at_most_the_configured_cpus_run_at_once(state_dir: Path) -> None:
     provider = LocalProvider("laptop", LocalProviderConfig(cpus=1), state_dir=state_dir)
     body = "import time; a = time.time(); time.sleep(0.3); print(a, time.time())"
     tasks = [spec(argv=["python", "-c", body], cpus=1.0) for _ in range(3)]
-    first = await provider.submit(provider.plan(tasks))
+    first = await provider.submit(provider.plan(tasks, Facts()))
     assert [r.state for r in first[1:]] == [S.QUEUED, S.QUEUED]
     deadline = time.monotonic() + 20
     while True:
@@ -732,7 +733,7 @@ async def test_at_most_the_configured_cpus_run_at_once(state_dir: Path) -> None:
 async def test_a_request_bigger_than_the_machine_runs_alone(state_dir: Path) -> None:
     provider = LocalProvider("laptop", LocalProviderConfig(cpus=1), state_dir=state_dir)
     huge = spec(argv=["true"], cpus=64.0)
-    await provider.submit(provider.plan([huge]))
+    await provider.submit(provider.plan([huge], Facts()))
     assert (await wait_for(provider, huge.key)).state is S.SUCCEEDED
 
 
@@ -740,7 +741,7 @@ async def test_a_request_bigger_than_the_machine_runs_alone(state_dir: Path) -> 
 async def test_cancel_of_a_queued_request_never_starts_it(state_dir: Path) -> None:
     provider = LocalProvider("laptop", LocalProviderConfig(cpus=1), state_dir=state_dir)
     blocker, queued = spec(argv=["sleep", "30"]), spec(argv=["true"])
-    reqs = provider.plan([blocker, queued])
+    reqs = provider.plan([blocker, queued], Facts())
     reports = await provider.submit(reqs)
     assert reports[1].state is S.QUEUED
     await provider.cancel([queued.key])

@@ -19,7 +19,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from stowplan.providers.base import TERMINAL_PROVIDER_STATES, LaunchSpec, ProviderState
+from stowplan.providers.base import TERMINAL_PROVIDER_STATES, Facts, LaunchSpec, ProviderState
 from stowplan.providers.local import LocalProvider, LocalRequest
 from stowplan.spec.models import LocalProviderConfig
 from tests.unit.providers.test_local import _kill_leftovers
@@ -126,7 +126,7 @@ def check_free(worst: float, ended: float, slow: SlowEntry) -> None:
 async def test_submit_of_a_batch_leaves_the_loop_free(
     provider: LocalProvider, state_dir: Path
 ) -> None:
-    reqs = provider.plan([spec(n) for n in range(BATCH)])
+    reqs = provider.plan([spec(n) for n in range(BATCH)], Facts())
     assert isinstance(reqs[-1], LocalRequest)
     slow = SlowEntry(state_dir, reqs[-1].key, f"run{BATCH - 1}/0")
     reports: list[object] = []
@@ -184,7 +184,7 @@ async def test_interleaved_calls_start_each_attempt_once_within_capacity(
         f"mkdir {guard} || exit 3; echo ran >> count.txt; "
         f"sleep 0.2; rmdir {guard}"  # the task's work: overlapping attempts would collide
     )
-    reqs = provider.plan([spec(100 + n, argv=None, script=script) for n in range(6)])
+    reqs = provider.plan([spec(100 + n, argv=None, script=script) for n in range(6)], Facts())
     keys = [r.key for r in reqs]
     deadline = time.monotonic() + 60
     ended: list[bool] = []

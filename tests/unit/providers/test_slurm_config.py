@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from stowplan.errors import SpecError
+from stowplan.providers.base import Capability
 from stowplan.providers.registry import make_provider
 from stowplan.providers.slurm import SlurmProvider
 from stowplan.spec.loader import load_project
@@ -27,7 +28,7 @@ def test_ssh_defaults(tmp_path: Path) -> None:
     cfg = load(tmp_path, "")
     assert (cfg.port, cfg.transport, cfg.workdir, cfg.known_hosts) == (22, "ssh", "stowplan", None)
     driver = make_provider("campus", cfg, state_dir=tmp_path)
-    assert isinstance(driver, SlurmProvider) and driver.capabilities.arrays
+    assert isinstance(driver, SlurmProvider) and Capability.ARRAYS in driver.capabilities
 
 
 def test_rest_is_selectable(tmp_path: Path) -> None:
@@ -38,7 +39,8 @@ def test_rest_is_selectable(tmp_path: Path) -> None:
     )
     driver = make_provider("campus", cfg, state_dir=tmp_path)
     assert isinstance(driver, SlurmProvider)
-    assert "logs" in driver.capabilities.cannot
+    assert Capability.LOGS not in driver.capabilities
+    assert "slurmrestd" in driver.capabilities.reason(Capability.LOGS)
 
 
 @pytest.mark.parametrize(

@@ -45,7 +45,7 @@ HOSTILE = [
 
 def launch(i: int, **kw: object) -> LaunchSpec:
     base: dict[str, object] = {
-        "key": f"{i:064x}",
+        "key": f"{i:032x}",
         "run_id": f"run{i:04d}",
         "attempt": 1,
         "pool": "campus/cpu",
@@ -114,7 +114,8 @@ def test_index_to_trial_mapping_is_by_key_order() -> None:
     for m in req.members:
         assert f"# stowplan-key {m.index} {m.key} {m.run_id} 1 []" in script
         assert f"{m.index})\n  # task train, run {m.run_id}" in script
-    assert req.key == array_name("sp", [x.key for x in launches])
+    assert req.name == array_name("sp", [x.key for x in launches])
+    assert req.keys == tuple(sorted(x.key for x in launches))
 
 
 def test_shapes_and_partitions_split_arrays() -> None:
@@ -136,7 +137,7 @@ def test_max_array_size_chunks() -> None:
     assert [len(r.members) for r in reqs] == [3, 3, 1]
     assert "#SBATCH --array=0-2\n" in reqs[0].render()
     assert "#SBATCH --array=0\n" in reqs[2].render()
-    assert len({r.key for r in reqs}) == 3
+    assert len({r.name for r in reqs}) == 3
 
 
 def test_plan_is_deterministic() -> None:
@@ -277,7 +278,7 @@ def test_an_output_leading_outside_the_attempt_directory_fails_the_job(tmp_path:
     argv = [
         "sh",
         "-c",
-        f'ln -s {outside} esc && mkdir d && echo x > d/f && ln -s d/f inside && echo ok > plain',
+        f"ln -s {outside} esc && mkdir d && echo x > d/f && ln -s d/f inside && echo ok > plain",
     ]
     for outputs, rc in ((["plain", "inside", "d/"], 0), (["plain", "esc"], 1)):
         work = tmp_path / f"work{rc}"

@@ -14,7 +14,7 @@ FIX = Path(__file__).resolve().parents[2] / "fixtures" / "slurm"
 
 def _launch(i: int, **kw: object) -> LaunchSpec:
     base: dict[str, object] = {
-        "key": f"{i:064x}",
+        "key": f"{i:032x}",
         "run_id": f"run{i}",
         "attempt": 1,
         "pool": "c/gpu",
@@ -42,7 +42,7 @@ def test_job_properties_follow_the_rendered_options() -> None:
     opts = sbatch_options(req.script)
     assert opts["array"] == "0-1%1" and opts["mem"] == "100M"
     job = job_properties(req)
-    assert job["name"] == req.key and job["array"] == "0-1%1"
+    assert job["name"] == req.name and job["array"] == "0-1%1"
     assert job["partition"] == "gpu" and job["qos"] == "high"
     assert job["cpus_per_task"] == 2 and job["memory_per_node"] == 100
     assert job["gpus_per_node"] == "fake:1"

@@ -15,7 +15,14 @@ import pytest
 from stowplan.errors import ProviderError
 from stowplan.placement.greedy import solve_greedy
 from stowplan.placement.problem import PlacementProblem, PlacementSolution, Pool
-from stowplan.providers.base import LaunchSpec, ProviderRequest, ProviderState, Report
+from stowplan.providers.base import (
+    Facts,
+    LaunchSpec,
+    ProviderRequest,
+    ProviderState,
+    Report,
+    SingleRequest,
+)
 from stowplan.scheduler.core import CoreConfig, SchedulerCore
 from stowplan.scheduler.events import SubmitItem, TaskInstance, Transition
 from stowplan.shell import CommandShell, ShellConfig, Wake, run_now
@@ -52,7 +59,7 @@ class FakeClock:
         self.t = until
 
 
-class Req(ProviderRequest, frozen=True, kw_only=True):
+class Req(SingleRequest, frozen=True, kw_only=True):
     run_id: str
 
     def render(self) -> str:
@@ -89,19 +96,20 @@ class FakeProvider:
         self._check("discover", ())
         return self.pools()
 
-    def plan(self, launches: Sequence[LaunchSpec]) -> list[ProviderRequest]:
-        return [Req(key=la.key, run_id=la.run_id) for la in launches]
+    def plan(self, launches: Sequence[LaunchSpec], facts: Facts) -> list[ProviderRequest]:
+        return [Req(keys=(la.key,), name=la.key, run_id=la.run_id) for la in launches]
 
     async def submit(self, requests: Sequence[ProviderRequest]) -> list[Report]:
-        self._check("submit", [r.key for r in requests])
-        for r in requests:
+        reqs = [r for r in requests if isinstance(r, Req)]
+        self._check("submit", [r.key for r in reqs])
+        for r in reqs:
             if r.key not in self.jobs:
                 self.jobs[r.key] = ProviderState.QUEUED
                 self.created[r.key] += 1
         if self.lose:
             self.lose -= 1
             raise ProviderError("connection reset", provider=self.name, retryable=True)
-        return [Report(key=r.key, state=self.jobs[r.key]) for r in requests]
+        return [Report(key=r.key, state=self.jobs[r.key]) for r in reqs]
 
     async def describe(self, keys: Sequence[str]) -> list[Report]:
         self._check("describe", keys)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from stowplan.errors import ProviderError
-from stowplan.providers.base import LaunchSpec, ProviderState, Report
+from stowplan.providers.base import Facts, LaunchSpec, ProviderState, Report
 from stowplan.simulator.cluster import ClusterSpec, FaultsSpec, parse_cluster
 from stowplan.simulator.engine import Engine
 from stowplan.simulator.faults import ApiFaults
@@ -67,7 +67,12 @@ class Harness:
     def submit(self, pool: str, job: SimJob, key: str | None = None) -> Report:
         self.jobs[job.id] = job
         req = self.prov.plan(
-            [LaunchSpec(key=key or f"k-{job.id}", run_id=job.id, attempt=1, pool=pool, name=job.id)]
+            [
+                LaunchSpec(
+                    key=key or f"k-{job.id}", run_id=job.id, attempt=1, pool=pool, name=job.id
+                )
+            ],
+            Facts(),
         )
         return self.prov.submit_now(req)[0]
 

@@ -11,8 +11,10 @@ from typing import Any
 import msgspec
 import pytest
 
+from stowplan.providers.base import KEY_MAX, KEY_PATTERN, request_name
 from stowplan.spec.canonical import (
     ID_LEN,
+    KEY_LEN,
     RunIdentity,
     attempt_key,
     canonical_json,
@@ -165,5 +167,13 @@ def test_attempt_key_differs_per_attempt_and_run() -> None:
     keys = {attempt_key(rid, n) for n in range(1, 6)} | {attempt_key(other, 1)}
     assert len(keys) == 6
     assert attempt_key(rid, 1) == attempt_key(rid, 1)
-    assert attempt_key(rid, 2) == hashlib.sha256(f"{rid}/2".encode()).hexdigest()
-    assert len(attempt_key(rid, 1)) == ID_LEN
+    assert attempt_key(rid, 2) == hashlib.sha256(f"{rid}/2".encode()).hexdigest()[:KEY_LEN]
+
+
+def test_an_attempt_key_fits_every_provider_s_names_with_a_prefix() -> None:
+    """A Kubernetes label value and a DNS label hold 63 characters, an EC2 ClientToken 64: a
+    key with a driver's prefix fits all of them as it is."""
+    key = attempt_key(run_id(**BASE), 1)
+    assert len(key) == KEY_LEN
+    assert len(request_name([key], "stowplan")) <= KEY_MAX
+    assert KEY_PATTERN.match(key)
