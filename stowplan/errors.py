@@ -7,6 +7,8 @@ can run a task. ``InternalError``: a bug in stowplan.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class StowplanError(Exception):
     """Root of every error stowplan raises on purpose."""
@@ -53,7 +55,21 @@ class ProviderError(StowplanError):
     def __init__(self, message: str, *, provider: str, retryable: bool) -> None:
         self.provider = provider
         self.retryable = retryable
+        self.message = message
         super().__init__(f"{provider}: {message}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # keyword-only arguments do not survive pickling by default; Ray pickles an error that
+        # crosses from a provider actor to the queue, and the shell decides on ``retryable``
+        return (_provider_error, (type(self), self.message, self.provider, self.retryable))
+
+
+def _provider_error(
+    cls: type[ProviderError], message: str, provider: str, retryable: bool
+) -> ProviderError:
+    err = cls.__new__(cls)
+    ProviderError.__init__(err, message, provider=provider, retryable=retryable)
+    return err
 
 
 class PlacementInfeasible(StowplanError):
