@@ -30,7 +30,7 @@ test: lint
 
 # the fast loop while changing code: unit and property tests, no services
 unit: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q tests/unit tests/property
+	$(BIN)/python -m pytest -q tests/unit tests/property tests/contract -m 'not integration'
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/bench_dispatch.py

@@ -28,10 +28,10 @@ from pathlib import Path
 import psutil
 
 from stowplan.actors.control import ControlPlane
-from stowplan.actors.session import record
 from stowplan.provenance.records import ExperimentRecord, ProvenanceRecord
 from stowplan.provenance.store import RunStore
 from stowplan.scheduler.plan import Versions, plan_runs
+from stowplan.session import record
 from stowplan.spec.loader import load_experiment, load_project
 from stowplan.spec.models import InstantProviderConfig
 
@@ -94,7 +94,7 @@ def experiment_file(d: Path, n: int) -> Path:
 
 
 def bench(n: int) -> dict[str, object]:
-    from stowplan.actors import session
+    from stowplan import session
 
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)

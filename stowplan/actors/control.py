@@ -23,7 +23,6 @@ from typing import Any
 
 import msgspec
 
-from stowplan.actors.queue import SubmitRun
 from stowplan.actors.runtime import (
     error_detail,
     error_text,
@@ -36,6 +35,7 @@ from stowplan.actors.runtime import (
 from stowplan.actors.wire import pack
 from stowplan.errors import StowplanError
 from stowplan.placement.problem import PlacementContext
+from stowplan.scheduler.plan import RunPayload
 from stowplan.spec.models import ProviderConfig
 
 QUEUE = "queue"
@@ -219,7 +219,7 @@ class ControlPlane:
     def queue(self) -> Any:
         return self.actors[QUEUE]
 
-    def submit(self, runs: list[SubmitRun], completed: list[str]) -> dict[str, int]:
+    def submit(self, runs: list[RunPayload], completed: list[str]) -> dict[str, int]:
         """Hand recorded runs to the queue; ``completed`` lists upstream runs already done."""
         result: dict[str, int] = self._get(
             self.queue.submit.remote(pack(runs), completed), what="submit", timeout=None

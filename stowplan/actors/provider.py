@@ -1,7 +1,8 @@
 """The provider actor: one per configured provider; drives its driver and watches its jobs.
 
 It plans and submits what the queue actor sends (with the facts of its last discovery, so
-``--dry-run`` and a submit render alike), and follows every live key through the driver's
+``--dry-run`` and a submit render alike), passes the queue's elastic orders (``provision``,
+``terminate``, with the core's token) to the driver, and follows every live key through the driver's
 ``watch`` (``providers.base.Provider.watch``: batched polling of ``describe`` with the one
 polling backoff, or the driver's native watch), pushing each batch of changes to the queue
 actor. Unchanged states are re-sent every ``renew_every`` seconds so the core's leases stay
@@ -17,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,6 @@ import msgspec
 
 from stowplan.actors.runtime import error_detail, error_text, note_worker
 from stowplan.actors.wire import pack, unpack
-from stowplan.errors import ProviderError
 from stowplan.placement.problem import Pool
 from stowplan.providers.base import (
     TERMINAL_PROVIDER_STATES,
@@ -38,32 +38,6 @@ from stowplan.providers.base import (
 from stowplan.spec.models import ProviderConfig
 
 log = logging.getLogger(__name__)
-
-
-class RemoteProviderError(ProviderError):
-    """A driver's ``ProviderError`` as it leaves the provider actor.
-
-    ``ProviderError`` takes keyword-only arguments, which unpickling cannot pass, so Ray would
-    hand the caller some other error; this one survives the trip, ``retryable`` included, and
-    the queue's shell decides on it (the same key again, or a refusal)."""
-
-    def __init__(self, text: str, provider: str, retryable: bool) -> None:
-        Exception.__init__(self, text)
-        self.provider = provider
-        self.retryable = retryable
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (RemoteProviderError, (str(self), self.provider, self.retryable))
-
-
-@contextlib.contextmanager
-def _portable_errors() -> Iterator[None]:
-    try:
-        yield
-    except RemoteProviderError:
-        raise
-    except ProviderError as e:
-        raise RemoteProviderError(str(e), e.provider, e.retryable) from e
 
 
 class ProviderActor:
@@ -120,27 +94,24 @@ class ProviderActor:
 
     async def discover(self) -> bytes:
         await self._boot()
-        with _portable_errors():
-            return pack(await self._discover())
+        return pack(await self._discover())
 
     async def plan(self, launches: bytes) -> list[str]:
         specs = unpack(launches, list[LaunchSpec])
-        with _portable_errors():
-            facts = self.facts if self.facts is not None else Facts.of(await self._discover())
-            return [r.render() for r in self.driver.plan(specs, facts)]
+        facts = self.facts if self.facts is not None else Facts.of(await self._discover())
+        return [r.render() for r in self.driver.plan(specs, facts)]
 
     async def submit(self, launches: bytes) -> bytes:
         """Plan and submit a batch; returns one report per launch.
 
         Planned with the facts of this actor's last discovery (discovering first after a
-        restart). A ``ProviderError`` is raised to the caller (as ``RemoteProviderError``):
+        restart). A ``ProviderError`` is raised to the caller (``ProviderError`` pickles whole):
         the queue's shell submits the SAME keys again after a transient one and reports a
         refusal as a failed attempt, as it does with every driver."""
         await self._boot()
         specs = unpack(launches, list[LaunchSpec])
-        with _portable_errors():
-            facts = self.facts if self.facts is not None else Facts.of(await self._discover())
-            reports = await self.driver.submit(self.driver.plan(specs, facts))
+        facts = self.facts if self.facts is not None else Facts.of(await self._discover())
+        reports = await self.driver.submit(self.driver.plan(specs, facts))
         for rep in reports:
             if rep.state not in TERMINAL_PROVIDER_STATES:
                 self.live.add([rep.key], rep.state)
@@ -149,8 +120,7 @@ class ProviderActor:
     async def reconcile(self, keys: list[str]) -> bytes:
         """Describe keys now (after a restart or a lost lease) and keep watching live ones."""
         await self._boot()
-        with _portable_errors():
-            reports = await self.driver.describe(keys)
+        reports = await self.driver.describe(keys)
         for rep in reports:
             if rep.state in TERMINAL_PROVIDER_STATES or rep.state is ProviderState.UNKNOWN:
                 self.live.discard([rep.key])
@@ -160,9 +130,23 @@ class ProviderActor:
 
     async def cancel(self, keys: list[str]) -> None:
         await self._boot()
-        with _portable_errors():
-            await self.driver.cancel(keys)
+        await self.driver.cancel(keys)
         self.live.discard(keys)
+
+    async def capabilities(self) -> bytes:
+        """The driver's ``Capabilities`` (the queue's shell sends elastic orders only with
+        ``Capability.ELASTIC``)."""
+        return pack(self.driver.capabilities)
+
+    async def provision(self, pool: str, count: int, token: str) -> list[str]:
+        """The driver's ``provision``, idempotent by token: a ``ProviderError`` goes back to
+        the queue's shell, which calls again with the same token or tells the core."""
+        await self._boot()
+        return list(await self.driver.provision(pool, count, token))
+
+    async def terminate(self, pool: str, count: int, token: str) -> None:
+        await self._boot()
+        await self.driver.terminate(pool, count, token)
 
     async def stats(self) -> dict[str, Any]:
         return {"live": len(self.live), "describe_failures": self.live.failures}

@@ -67,6 +67,7 @@ from stowplan.provenance.records import (
     TransitionRecord,
 )
 from stowplan.providers.base import (
+    Capabilities,
     Facts,
     LaunchSpec,
     ProviderRequest,
@@ -85,8 +86,9 @@ from stowplan.scheduler.events import (
     TasksSubmitted,
     Transition,
 )
-from stowplan.scheduler.plan import Launch
+from stowplan.scheduler.plan import RunPayload
 from stowplan.scheduler.states import FINAL, LEASED, TaskState
+from stowplan.session import launch_spec, payload_of
 from stowplan.shell import AsyncioClock, CommandShell, ShellConfig
 from stowplan.spec.canonical import sha256_hex
 from stowplan.spec.models import FailureClass
@@ -109,57 +111,6 @@ class PeerFailed(Exception):
         self.text = error_text(err)
         self.detail = error_detail(err)
         super().__init__(f"{actor}: {self.text}")
-
-
-class RunPayload(msgspec.Struct, frozen=True, kw_only=True):
-    """What the queue keeps per run: the core's view and how to launch it."""
-
-    instance: TaskInstance
-    launch: Launch
-    name: str
-
-
-class SubmitRun(msgspec.Struct, frozen=True, array_like=True):
-    run_id: str
-    payload: RunPayload
-
-
-def payload_of(rec: RunRecord) -> RunPayload:
-    return msgspec.convert(rec.task_spec["payload"], RunPayload)
-
-
-def launch_spec(
-    payload: RunPayload,
-    run_id: str,
-    attempt: int,
-    key: str,
-    pool: str,
-    upstream: bytes | None = None,
-) -> LaunchSpec:
-    """The provider's view of one attempt; ``upstream`` becomes ``upstream.json`` beside it."""
-    la = payload.launch
-    env = dict(la.env)
-    files: dict[str, bytes] = {}
-    if upstream is not None:
-        files["upstream.json"] = upstream
-        env["STOWPLAN_UPSTREAM"] = "upstream.json"
-    return LaunchSpec(
-        key=key,
-        run_id=run_id,
-        attempt=attempt,
-        pool=pool,
-        name=payload.name,
-        argv=la.argv,
-        script=la.script,
-        env=env,
-        cpus=la.cpus,
-        memory=la.memory,
-        gpus=la.gpus,
-        gpu_types=la.gpu_types,
-        timeout_s=la.timeout_s,
-        outputs=la.outputs,
-        files=files,
-    )
 
 
 def _not_stored(report: Report, reason: str | None) -> Report:
@@ -192,6 +143,12 @@ class RemoteProvider:
         self.queue = queue
         self.name = name
         self.actor = f"provider:{name}"
+        self._caps: Capabilities | None = None
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """The driver's, as its actor told them at the first discovery (none before)."""
+        return self._caps if self._caps is not None else Capabilities()
 
     async def _ask(self, method: str, *args: Any, patient: bool = False) -> Any:
         """Call the provider actor. Its ``ProviderError`` is raised as it is; an unreachable
@@ -224,6 +181,9 @@ class RemoteProvider:
 
     async def discover(self) -> list[Pool]:
         pools: list[Pool] = unpack(await self._ask("discover", patient=True), list[Pool])
+        if self._caps is None:
+            caps = await self._ask("capabilities", patient=True)
+            self._caps = unpack(caps, Capabilities)
         return pools
 
     def plan(self, launches: Sequence[LaunchSpec], facts: Facts) -> list[ProviderRequest]:
@@ -248,6 +208,13 @@ class RemoteProvider:
 
     async def cancel(self, keys: Sequence[str]) -> None:
         await self._ask("cancel", list(keys))
+
+    async def provision(self, pool: str, count: int, token: str) -> list[str]:
+        instances: list[str] = await self._ask("provision", pool, count, token)
+        return instances
+
+    async def terminate(self, pool: str, count: int, token: str) -> None:
+        await self._ask("terminate", pool, count, token)
 
 
 class RemoteSolver:
@@ -329,6 +296,13 @@ class StoreRecords:
         return self.queue._on_reports(provider, reports)
 
 
+def session_epoch(owner: tuple[int, float]) -> str:
+    """The epoch of a control-plane session's elastic tokens. ``owner`` is the process that
+    started the session, the same across a restart of the queue actor: a restarted queue
+    repeats the tokens of a provision in flight, and a new session never reuses an old one's."""
+    return f"{owner[0]}-{owner[1]:.6f}"
+
+
 class QueueActor:
     def __init__(
         self,
@@ -350,7 +324,10 @@ class QueueActor:
         self.placement_name = placement_name
         self.provider_names = providers
         ctx = unpack(context, PlacementContext) if context else PlacementContext()
-        self.core = SchedulerCore(CoreConfig(lease_ttl=lease_ttl, seed=seed, context=ctx))
+        epoch = session_epoch(owner) if owner is not None else namespace
+        self.core = SchedulerCore(
+            CoreConfig(lease_ttl=lease_ttl, seed=seed, context=ctx, token_epoch=epoch)
+        )
         self.payloads: dict[str, RunPayload] = {}
         self.tick = tick
         self._boot_lock = asyncio.Lock()
@@ -480,7 +457,7 @@ class QueueActor:
     # ---- API for the control plane and the provider actors --------------------------------
 
     async def submit(self, runs: bytes, completed: list[str]) -> dict[str, int]:
-        """Add runs (``list[SubmitRun]``, already recorded in the store).
+        """Add runs (``list[RunPayload]``, already recorded in the store).
 
         A run that already had attempts (it failed or was cancelled before) continues its
         attempt numbers, so its new attempts get new idempotency keys.
@@ -493,7 +470,7 @@ class QueueActor:
 
     async def _submit_runs(self, runs: bytes, completed: list[str]) -> dict[str, int]:
         await self._ensure()
-        items = unpack(runs, list[SubmitRun])
+        items = unpack(runs, list[RunPayload])
         fresh: list[TaskInstance] = []
         again: list[RestoredTask] = []
         known = set(self.core.run_ids())
@@ -509,15 +486,13 @@ class QueueActor:
             if state == "SUCCEEDED":
                 completed.append(item.run_id)
                 continue
-            self.payloads[item.run_id] = item.payload
+            self.payloads[item.run_id] = item
             if attempts > 0:
                 again.append(
-                    RestoredTask(
-                        task=item.payload.instance, state=TaskState.PENDING, attempt=attempts
-                    )
+                    RestoredTask(task=item.instance, state=TaskState.PENDING, attempt=attempts)
                 )
             else:
-                fresh.append(item.payload.instance)
+                fresh.append(item.instance)
         if again:
             self._handle(TasksRestored(tasks=again, completed=completed))
         self._handle(TasksSubmitted(tasks=fresh, completed=completed))

@@ -75,9 +75,9 @@ _HEX: Final = re.compile(r"[0-9a-f]+")
 def open_store(args: argparse.Namespace) -> tuple[RunStore, tuple[LoadedProject, Path]]:
     """The run store of the project at ``--project-dir`` (or above the working directory),
     with the project and its state directory; SpecError when nothing was run there yet."""
-    from stowplan.actors.session import project_paths
     from stowplan.errors import SpecError
     from stowplan.provenance.store import RunStore
+    from stowplan.session import project_paths
     from stowplan.spec.loader import load_project
 
     project = load_project(search_from=args.project_dir or Path.cwd())

@@ -110,8 +110,8 @@ def dispatch(
     ``after_record`` writes the ledger entry (and any links) instead of a plain submit entry.
     """
     from stowplan.actors.control import ControlPlane
-    from stowplan.actors.session import record, record_submission, submissions
     from stowplan.placement.context import context_for
+    from stowplan.session import record, record_submission, submissions
 
     settings = prepared.project.config.placement
     plane = ControlPlane(

@@ -384,8 +384,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     if not open_ids:
         print("nothing to cancel: every run is finished")
         return 0
-    from stowplan.actors.session import run_ids_detail
     from stowplan.provenance.ledger import current_user
+    from stowplan.session import run_ids_detail
 
     with RunStore(store.path) as ledger_store:
         # before the cancel is sent: the ledger says who asked even if the cancel fails midway

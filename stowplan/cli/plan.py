@@ -41,7 +41,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     import msgspec
 
-    from stowplan.actors.session import check_feasible, prepare
     from stowplan.cli.control import discover
     from stowplan.errors import SpecError
     from stowplan.placement import solve
@@ -50,6 +49,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from stowplan.provenance.query import readiness, store_states
     from stowplan.scheduler.core import CoreConfig, SchedulerCore
     from stowplan.scheduler.events import PoolsDiscovered, SolvePlacement, TasksSubmitted
+    from stowplan.session import check_feasible, prepare
 
     prepared = prepare(Path(args.file), provider=args.provider, rerun=False)
     err = make_console(stderr=True)

@@ -20,7 +20,7 @@ EXIT_OK, EXIT_FAILED = 0, 1
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from stowplan.actors.session import check_feasible, prepare, record
+    from stowplan.session import check_feasible, prepare, record
 
     console = make_console()
     err = make_console(stderr=True)
@@ -76,24 +76,57 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def _dry_run_pool(pools: list[Any], launch: Any) -> str | None:
-    """The first pool (by id) whose GPUs could take ``launch``: where the dry run shows it."""
-    for p in sorted(pools, key=lambda p: p.id):
-        if launch.gpus == 0 or any(
-            n >= launch.gpus and (not launch.gpu_types or t in launch.gpu_types)
-            for t, n in p.gpus.items()
-        ):
-            return str(p.id)
-    return None
+def _dry_run_pools(prepared: Any, pools: list[Any]) -> dict[str, tuple[str, str]]:
+    """run id -> (provider, pool) the placer gives it, found the way the run's core finds it.
+
+    First the runs ready at once (no upstream) in one problem, as the first solve of a real run
+    sees them; then each task's first trial that this left unplaced (it waits for capacity, or
+    for upstream runs) alone, as the core would place it once room frees or its upstream runs
+    have succeeded. Runs that fit nowhere are left out."""
+    import msgspec
+
+    from stowplan.placement import solve
+    from stowplan.placement.context import context_for
+    from stowplan.placement.problem import expand
+    from stowplan.scheduler.core import CoreConfig, SchedulerCore
+    from stowplan.scheduler.events import PoolsDiscovered, SolvePlacement, TasksSubmitted
+
+    settings = prepared.project.config.placement
+    context = context_for(prepared.project, prepared.loaded)
+    by_provider: dict[str, list[Any]] = {}
+    for p in pools:
+        by_provider.setdefault(p.provider, []).append(p)
+    provider_of = {p.id: p.provider for p in pools}
+    out: dict[str, tuple[str, str]] = {}
+
+    def place(tasks: list[Any]) -> None:
+        core = SchedulerCore(CoreConfig(context=context))
+        for name, ps in sorted(by_provider.items()):
+            core.handle(PoolsDiscovered(provider=name, pools=ps), now=0.0)
+        cmds = core.handle(TasksSubmitted(tasks=tasks), now=0.0)
+        for problem in (c.problem for c in cmds if isinstance(c, SolvePlacement)):
+            sol = solve(problem, budget=settings.budget, seed=0, workers=settings.workers)
+            for a in expand(problem, sol):
+                out[a.class_id] = (provider_of[a.pool_id], a.pool_id)
+
+    ready = [r.instance for r in prepared.planned if not r.depends_on]
+    if ready:
+        place(ready)
+    firsts: dict[str, Any] = {}
+    for r in prepared.planned:
+        firsts.setdefault(r.task, r)
+    for r in firsts.values():
+        if r.run_id not in out:
+            place([msgspec.structs.replace(r.instance, depends_on=())])
+    return out
 
 
 def _print_dry_run(console: Console, prepared: Any, pools: list[Any]) -> None:
     """Each task's first trial, rendered by the provider's ``plan`` with the facts of this
     discovery (or the saved ones): exactly the request ``submit`` would send."""
-    from stowplan.actors.queue import launch_spec
-    from stowplan.actors.session import payload
     from stowplan.providers.base import Facts
     from stowplan.providers.registry import make_provider
+    from stowplan.session import launch_spec, payload
     from stowplan.spec.canonical import attempt_key
 
     planned = prepared.planned
@@ -120,18 +153,32 @@ def _print_dry_run(console: Console, prepared: Any, pools: list[Any]) -> None:
     if len(planned) > 50:
         console.print(f"... and {len(planned) - 50} more")
     seen: set[str] = set()
-    name = next(iter(sorted(prepared.providers)))
-    driver = make_provider(name, prepared.providers[name], state_dir=Path(prepared.state_dir))
-    mine = [p for p in pools if p.provider == name]
-    facts = Facts.of(mine)
+    placed = _dry_run_pools(prepared, pools)
+    drivers: dict[str, Any] = {}
     for r in planned:
         if r.task in seen:
             continue
         seen.add(r.task)
-        pool = _dry_run_pool(mine, r.launch) or name
+        where = placed.get(r.run_id)
+        if where is None:
+            console.print(f"\n[bold]{r.task}[/] (first trial): no pool can take it now")
+            continue
+        name, pool = where
+        driver = drivers.get(name)
+        if driver is None:
+            cfg = prepared.providers[name]
+            driver = drivers[name] = make_provider(name, cfg, state_dir=Path(prepared.state_dir))
+        facts = Facts.of([p for p in pools if p.provider == name])
         spec = launch_spec(payload(prepared, r), r.run_id, 1, attempt_key(r.run_id, 1), pool)
         console.print(f"\n[bold]{r.task}[/] (first trial) on provider {name}, pool {pool}:")
-        console.print(driver.plan([spec], facts)[0].render(), markup=False, soft_wrap=True)
+        # exactly what submit sends: no markup, no emoji codes, no highlighting
+        console.print(
+            driver.plan([spec], facts)[0].render(),
+            markup=False,
+            emoji=False,
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def render_replicates(console: Console, summary: list[dict[str, Any]]) -> None:

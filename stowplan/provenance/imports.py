@@ -24,7 +24,7 @@ Theory of operation:
   :meth:`UsedChecker.now` gives the versions now, which the caller hashes into the re-run's
   identity (``scheduler.plan.EnvPin``), so the re-run is a run of its own and the next
   invocation finds it.
-- Nothing here decides what to run; ``actors.session`` does, and says why.
+- Nothing here decides what to run; ``session`` does, and says why.
 """
 
 from __future__ import annotations

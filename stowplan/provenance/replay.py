@@ -60,7 +60,7 @@ from stowplan.spec.loader import LoadedProject
 from stowplan.spec.models import ProviderConfig
 
 if TYPE_CHECKING:
-    from stowplan.actors.session import Prepared
+    from stowplan.session import Prepared
 
 __all__ = [
     "CodeCheckout",
@@ -604,8 +604,8 @@ def plan_replay(
     """Every check that needs neither the code checked out nor anything written: the runs
     named, their records and their upstream runs', the recorded commit, and the environment
     (``strict_env`` refuses any difference). SpecError names the first refusal."""
-    from stowplan.actors.session import project_paths
     from stowplan.provenance.capture import capture_environment
+    from stowplan.session import project_paths
 
     state_dir, store_path = project_paths(project)
     if not store_path.exists():
@@ -698,12 +698,12 @@ def build_replay(plan: ReplayPlan, checkout: CodeCheckout) -> ReplayBuild:
     parameters and seed, the lowest replicate number that names a run of its own, the recorded
     upstream runs as inputs, pinned to the recorded hardware class where the scheduler can.
     SpecError when the recorded spec no longer plans to the run it recorded."""
-    from stowplan.actors.session import Prepared
     from stowplan.provenance.capture import capture_code, capture_hardware, code_context
     from stowplan.provenance.data import HashCache, capture_data, default_cache_path
     from stowplan.provenance.records import ProvenanceRecord
     from stowplan.scheduler.events import TaskInstance
     from stowplan.scheduler.plan import PlannedRun, Versions, plan_runs
+    from stowplan.session import Prepared
 
     views = plan.views
     first = views[0]
@@ -832,8 +832,8 @@ def build_replay(plan: ReplayPlan, checkout: CodeCheckout) -> ReplayBuild:
 def record_replay(store: RunStore, plan: ReplayPlan, build: ReplayBuild, *, why: str) -> None:
     """Link each replay to its original and write the ledger's ``replay`` entry: what the
     dispatcher writes in place of a plain submission once the replay runs are recorded."""
-    from stowplan.actors.session import run_ids_detail
     from stowplan.provenance.ledger import current_user
+    from stowplan.session import run_ids_detail
 
     experiment = build.prepared.experiment
     store.put_replay_batch(

@@ -353,10 +353,12 @@ class Provider(abc.ABC):
     @abc.abstractmethod
     async def discover(self) -> list[Pool]:
         """The pools this provider offers now: free capacity, GPU types, prices, expected wait,
-        and for elastic pools the instance shape, maximum and boot time. Pools are returned in
-        a stable order (by id). Errors: ``ProviderError`` (retryable when the provider could not
-        be reached). Called at start, when ``capacity_changes`` yields, and periodically;
-        ``Facts.of(pools)`` is what ``plan`` is given."""
+        and for elastic pools the instance shape, maximum and boot time. An elastic pool's
+        capacity includes its booting and running instances, and its ``max_instances`` is what
+        may still be launched (the core counts what it provisioned until a discovery shows it).
+        Pools are returned in a stable order (by id). Errors: ``ProviderError`` (retryable
+        when the provider could not be reached). Called at start, when ``capacity_changes``
+        yields, and periodically; ``Facts.of(pools)`` is what ``plan`` is given."""
 
     @abc.abstractmethod
     def plan(self, launches: Sequence[LaunchSpec], facts: Facts) -> list[ProviderRequest]:
@@ -390,8 +392,9 @@ class Provider(abc.ABC):
 
         The default polls ``describe`` for every key in the set: ``poll_min`` after keys are
         added or a state changed, doubling to ``poll_max`` while nothing changes. A batch holds
-        changed reports and renewals (``WatchSet.news``). A failed describe is counted in
-        ``keys.failures`` and tried again at the next poll; no error escapes but a bug. This is
+        changed reports and renewals (``WatchSet.news``). A failed describe (a ``ProviderError``,
+        or an ``OSError`` a driver failed to translate) is counted in ``keys.failures`` and
+        tried again at the next poll; no other error escapes but a bug. This is
         the only polling backoff: drivers do not space their describes themselves. A driver
         with a native watch (Kubernetes) overrides it and has ``Capability.NATIVE_WATCH``."""
         loop = asyncio.get_running_loop()
@@ -405,7 +408,7 @@ class Provider(abc.ABC):
                 continue
             try:
                 reports = await self.describe(keys.keys())
-            except ProviderError:
+            except (ProviderError, OSError):  # OSError: a transport error left untranslated
                 keys.failures += 1
                 interval = min(self.poll_max, interval * 2)
                 continue
@@ -434,8 +437,11 @@ class Provider(abc.ABC):
     async def provision(self, pool: str, count: int, token: str) -> list[str]:
         """Start ``count`` instances in elastic pool ``pool``; idempotent by ``token`` (a
         retried call with the same token starts nothing more and returns the same instances).
-        Returns the instances' ids. The capacity reaches the core through rediscovery once the
-        instances are up (``capacity_changes``). Only with ``Capability.ELASTIC``."""
+        Tokens are at most 32 characters of ``[0-9a-z-]``. It may start fewer than ``count``
+        (the core makes up the difference later); a pool at its maximum raises a non-retryable
+        ``ProviderError``. Returns the ids of the instances started. The capacity reaches the
+        core through rediscovery once the instances are up (``capacity_changes``). Only with
+        ``Capability.ELASTIC``."""
         raise ProviderError(
             f"cannot provision instances: {self.capabilities.reason(Capability.ELASTIC)}",
             provider=self.name,

@@ -49,7 +49,12 @@ class InstantProvider(Provider):
                 Capability.SECRETS,
             }
         ),
-        why_not={Capability.RUNS: "runs nothing: every attempt succeeds at once"},
+        why_not={
+            Capability.RUNS: "runs nothing: every attempt succeeds at once",
+            Capability.LOGS: "runs nothing, so there is no output to show",
+            Capability.ARRAYS: "one request per attempt",
+            Capability.ELASTIC: "its one pool is unlimited already",
+        },
     )
 
     def __init__(

@@ -8,7 +8,9 @@ from typing import assert_never
 
 from stowplan.providers.base import Provider
 from stowplan.spec.models import (
+    AwsProviderConfig,
     InstantProviderConfig,
+    KubernetesProviderConfig,
     LocalProviderConfig,
     ProviderConfig,
     SlurmProviderConfig,
@@ -30,4 +32,12 @@ def make_provider(name: str, config: ProviderConfig, *, state_dir: Path) -> Prov
         from stowplan.providers.slurm import SlurmProvider
 
         return SlurmProvider(name, config, state_dir=state_dir)
+    if isinstance(config, KubernetesProviderConfig):
+        from stowplan.providers.kubernetes import KubernetesProvider
+
+        return KubernetesProvider(name, config, state_dir=state_dir)
+    if isinstance(config, AwsProviderConfig):
+        from stowplan.providers.aws import AwsProvider
+
+        return AwsProvider(name, config, state_dir=state_dir)
     assert_never(config)

@@ -31,11 +31,32 @@ simulator), so the same sequence of (event, now) pairs yields the same commands 
   (with seeded, capped exponential backoff) and FAILED.
 - After a restart, ``TasksRestored`` reloads runs from the store; every run that had an attempt
   out is reconciled by key before its capacity is reused.
+
+Elastic pools
+-------------
+A pool discovered with a node shape and ``max_instances`` > 0 (or a boot time, at its
+maximum) is elastic: the placer may launch instances in it (``PlacementSolution.instances``).
+The core acts on that number: it emits ``Provision(provider, pool, count, token)`` (before the
+submits that use the new room) and counts the instances as capacity of the pool
+(``_launched``) from then on, until a discovery that began after the provider answered
+reports them (``PoolsDiscovered.settled``). ``Provisioned`` corrects the count to what the
+provider really started; ``ElasticRefused`` drops it and holds the pool's launches until the
+provider is discovered again. A pool whose leases exceed its capacity (the provider started
+fewer instances than asked, refused some, or lost some) is given a Provision for what it
+lacks, within its maximum, so runs already sent there do not wait for instances nobody
+launches. An elastic pool with whole idle instances (free capacity of at least one node shape)
+that no READY run could use, for ``CoreConfig.idle_grace`` seconds, gets
+``Terminate(provider, pool, count, token)``; those instances stop counting at once
+(``_terminating``) and the next settled discovery says how many the provider really stopped
+(it stops only idle ones). Tokens are ``events.elastic_token(verb, pool, seq, epoch)`` with a
+per-pool sequence the core keeps: deterministic, so a retried call and a restarted core carry
+the same tokens.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -55,10 +76,13 @@ from stowplan.scheduler.events import (
     Cancel,
     CancelRequested,
     Command,
+    ElasticRefused,
     Event,
     PlacementDecided,
     PoolsDiscovered,
     ProviderReported,
+    Provision,
+    Provisioned,
     Reconcile,
     SolvePlacement,
     Submit,
@@ -66,10 +90,12 @@ from stowplan.scheduler.events import (
     TaskInstance,
     TasksRestored,
     TasksSubmitted,
+    Terminate,
     Tick,
     Transition,
     Transitioned,
     WakeAt,
+    elastic_token,
 )
 from stowplan.scheduler.reports import ProviderState, Report
 from stowplan.scheduler.retry import Backoff, backoff_seconds, should_retry
@@ -91,6 +117,12 @@ class CoreConfig:
     """how long to wait for a LOST run's reconcile answer before asking again (and again)."""
     context: PlacementContext = dc_field(default_factory=lambda: PlacementContext())
     """the network, datasets, residency rules and weights every placement problem carries."""
+    idle_grace: float = 120.0
+    """seconds whole instances of an elastic pool stay idle (no READY run could use them)
+    before the core terminates them."""
+    token_epoch: str = ""
+    """mixed into every provision/terminate token (``events.elastic_token``): two control
+    planes with different epochs never share a token; a restarted one keeps its epoch."""
 
 
 class _Run:
@@ -134,6 +166,16 @@ class _Run:
         self.reconcile_token = 0
         """the live entry of the core's reconcile heap for this run (older ones are stale)."""
         self.bucket: tuple[object, ...] | None = None
+
+
+@dataclass(slots=True)
+class _Order:
+    """A Provision or Terminate the core still counts (until a discovery settles it)."""
+
+    provider: str
+    pool: str
+    count: int
+    provision: bool
 
 
 _NOTHING_USED = (0.0, 0.0)
@@ -250,7 +292,23 @@ class SchedulerCore:
         self._in_pool: Counter[str] = Counter()
         """stowplan's tasks holding a lease in each pool, for pool quotas (max_tasks)."""
         self._launched: Counter[str] = Counter()
-        """instances launched in elastic pools since the pool was last discovered."""
+        """instances provisioned in elastic pools that no discovery has reported yet."""
+        self._terminating: Counter[str] = Counter()
+        """idle instances asked to stop that a discovery has not shown gone yet."""
+        self._orders: dict[str, _Order] = {}
+        """token -> the Provision or Terminate it names, while the core counts it."""
+        self._elastic_seq: Counter[str] = Counter()
+        """per pool, provisions and terminations decided (the tokens' sequence)."""
+        self._elastic: set[str] = set()
+        """pools ever discovered elastic: with a node shape and ``max_instances`` or a boot
+        time (a pool at its maximum can launch no more, yet its idle instances may stop)."""
+        self._refused: set[str] = set()
+        """elastic pools whose provider refused an order: no launch nor stop until rediscovered."""
+        self._idle_since: dict[str, float] = {}
+        """elastic pools with whole idle instances, since when."""
+        self._node_fit: dict[tuple[tuple[object, ...], str], bool] = {}
+        """(bucket, elastic pool) -> whether a run of the bucket could ever use one instance."""
+        self._out_elastic: list[Provision | Terminate] = []
         ctx = self.config.context
         self._context_problem = PlacementProblem(
             pools=[],
@@ -280,6 +338,10 @@ class SchedulerCore:
             self._on_cancel(event)
         elif isinstance(event, TasksRestored):
             self._on_restored(event)
+        elif isinstance(event, Provisioned):
+            self._on_provisioned(event)
+        elif isinstance(event, ElasticRefused):
+            self._on_refused(event)
         else:  # pragma: no cover - the union is closed
             raise InternalError(f"unknown event {type(event).__name__}")
         return self._flush()
@@ -299,6 +361,16 @@ class SchedulerCore:
     def run_of_key(self, key: str) -> str | None:
         return self._by_key.get(key)
 
+    def counts_order(self, token: str) -> bool:
+        """Whether the core still counts the Provision or Terminate of ``token`` (the shell
+        tries a failed call again only while it does)."""
+        return token in self._orders
+
+    def launched(self, pool_id: str) -> int:
+        """Instances the core counts in ``pool_id`` beyond its last discovery (launched, less
+        those being stopped)."""
+        return self._launched.get(pool_id, 0) - self._terminating.get(pool_id, 0)
+
     def run_ids(self) -> Iterable[str]:
         return self._runs.keys()
 
@@ -311,8 +383,8 @@ class SchedulerCore:
         gpus_used = self._used_gpus.get(pool_id, _NO_GPUS)
         cpus, memory = pool.cpus, pool.memory
         total = pool.gpus
-        k = self._launched.get(pool_id, 0)
-        if k and pool.node is not None:  # instances launched since the last discovery
+        k = self._launched.get(pool_id, 0) - self._terminating.get(pool_id, 0)
+        if k and pool.node is not None:  # instances launched (or stopping) beyond discovery
             cpus += k * pool.node.cpus
             memory += k * pool.node.memory
             total = dict(total)
@@ -415,15 +487,75 @@ class SchedulerCore:
     def _on_pools(self, ev: PoolsDiscovered) -> None:
         self._generation += 1
         self._eligible.clear()
+        self._node_fit.clear()
         for old in self._provider_pools.get(ev.provider, []):
             self._pools.pop(old, None)
+            self._refused.discard(old)
         self._provider_pools[ev.provider] = sorted(p.id for p in ev.pools)
         for p in ev.pools:
             if p.provider != ev.provider:
                 raise InternalError(f"pool {p.id} reported by {ev.provider} names {p.provider}")
             self._pools[p.id] = p
-            self._launched.pop(p.id, None)  # the provider now counts what was launched
+            if p.node is not None and (p.max_instances > 0 or p.boot_s > 0):
+                self._elastic.add(p.id)  # at its maximum, an elastic pool still boots
+        for token in ev.settled:  # the provider now counts what these launched or stopped
+            order = self._orders.get(token)
+            if order is not None and order.provider == ev.provider:
+                self._drop_order(token)
+        for p in ev.pools:  # before a solve, which must not count on the missing instances
+            if p.id in self._elastic:
+                self._make_up(p)
         self._maybe_solve()
+
+    def _drop_order(self, token: str) -> None:
+        order = self._orders.pop(token)
+        counter = self._launched if order.provision else self._terminating
+        counter[order.pool] -= order.count
+        if counter[order.pool] <= 0:
+            del counter[order.pool]
+
+    def _on_provisioned(self, ev: Provisioned) -> None:
+        order = self._orders.get(ev.token)
+        if order is None or not order.provision:
+            return  # settled by a discovery already (or not ours)
+        n = len(ev.instances)
+        if n != order.count:  # fewer (or, for a token reused after a restart, other) instances
+            self._launched[order.pool] += n - order.count
+            order.count = n
+            if n > 0:
+                self._generation += 1
+            if self._launched[order.pool] <= 0:
+                del self._launched[order.pool]
+            pool = self._pools.get(order.pool)
+            if pool is not None:
+                self._make_up(pool)
+        self._maybe_solve()
+
+    def _on_refused(self, ev: ElasticRefused) -> None:
+        if ev.token not in self._orders:
+            return
+        pool = self._orders[ev.token].pool
+        self._drop_order(ev.token)
+        self._refused.add(pool)
+        self._idle_since.pop(pool, None)
+        self._maybe_solve()
+
+    def _order(self, pool: Pool, count: int, provision: bool) -> None:
+        """Decide a Provision (or Terminate) of ``count`` instances of ``pool``."""
+        self._elastic_seq[pool.id] += 1
+        verb = "provision" if provision else "terminate"
+        token = elastic_token(verb, pool.id, self._elastic_seq[pool.id], self.config.token_epoch)
+        self._orders[token] = _Order(pool.provider, pool.id, count, provision)
+        if provision:
+            self._launched[pool.id] += count
+            self._out_elastic.append(
+                Provision(provider=pool.provider, pool=pool.id, count=count, token=token)
+            )
+        else:
+            self._terminating[pool.id] += count
+            self._out_elastic.append(
+                Terminate(provider=pool.provider, pool=pool.id, count=count, token=token)
+            )
 
     def _on_placement(self, solution: PlacementSolution) -> None:
         problem = self._solving
@@ -432,9 +564,13 @@ class SchedulerCore:
         self._solving = None
         classes = {c.id: c for c in problem.classes}
         taken: Counter[str] = Counter()
-        for pid, k in solution.instances.items():
-            if pid in self._pools:
-                self._launched[pid] += k
+        for pid, k in sorted(solution.instances.items()):
+            p = self._pools.get(pid)
+            if p is None or p.node is None or pid in self._refused or k <= 0:
+                continue
+            k = min(k, p.max_instances - self._launched.get(pid, 0))  # rediscovered smaller?
+            if k > 0:
+                self._order(p, k, provision=True)
         rooms: dict[str, _Room] = {}
         placed = 0
         for a in solution.assignments:
@@ -754,27 +890,8 @@ class SchedulerCore:
         pools = sorted(self._pools.values(), key=lambda p: p.id)
         for _, bucket in sorted(buckets, key=order):
             t = self._runs[next(iter(bucket))].task
-            allowed = None
-            if t.allowed_providers is not None:
-                allowed = tuple(p.id for p in pools if p.provider in t.allowed_providers)
-            known = set(self._pools)
-            cls = DemandClass(
-                # zero-padded: placers order classes by id, which keeps this order
-                id=f"c{len(classes):06d}",
-                cpus=t.cpus,
-                memory=t.memory,
-                gpus=t.gpus,
-                gpu_types=t.gpu_types,
-                allowed_pools=allowed,
-                forbid_pools=tuple(x for x in t.forbid_pools if x in known),
-                require_sites=t.require_sites,
-                forbid_sites=t.forbid_sites,
-                residency=t.residency,
-                hardware_class=t.hardware_class,
-                datasets=t.datasets,
-                runtime_s=t.runtime_s,
-                priority=t.priority,
-            )
+            # zero-padded: placers order classes by id, which keeps this order
+            cls = self._demand(t, pools, f"c{len(classes):06d}")
             key = _bucket_key(t)
             cached = self._eligible.get(key)
             if cached is None:
@@ -809,7 +926,9 @@ class SchedulerCore:
                 cpus=max(0.0, free[p.id][0]),
                 memory=max(0, free[p.id][1]),
                 gpus={m: max(0, n) for m, n in free[p.id][2].items()},
-                max_instances=max(0, p.max_instances - self._launched.get(p.id, 0)),
+                max_instances=0
+                if p.id in self._refused
+                else max(0, p.max_instances - self._launched.get(p.id, 0)),
                 max_tasks=None
                 if p.max_tasks is None
                 else max(0, p.max_tasks - self._in_pool[p.id]),
@@ -827,6 +946,29 @@ class SchedulerCore:
             weights=ctx.weights,
         )
 
+    def _demand(self, t: TaskInstance, pools: list[Pool], cid: str = "c") -> DemandClass:
+        """The demand class of ``t``'s bucket (no members), among ``pools``."""
+        allowed = None
+        if t.allowed_providers is not None:
+            allowed = tuple(p.id for p in pools if p.provider in t.allowed_providers)
+        known = self._pools
+        return DemandClass(
+            id=cid,
+            cpus=t.cpus,
+            memory=t.memory,
+            gpus=t.gpus,
+            gpu_types=t.gpu_types,
+            allowed_pools=allowed,
+            forbid_pools=tuple(x for x in t.forbid_pools if x in known),
+            require_sites=t.require_sites,
+            forbid_sites=t.forbid_sites,
+            residency=t.residency,
+            hardware_class=t.hardware_class,
+            datasets=t.datasets,
+            runtime_s=t.runtime_s,
+            priority=t.priority,
+        )
+
     def _fit_bound(
         self,
         cls: DemandClass,
@@ -842,6 +984,8 @@ class SchedulerCore:
             cpus, mem, gpus = free[p.id]
             n = fits(cls, cpus, mem, gpus)
             room = p.max_instances - self._launched.get(p.id, 0)
+            if p.id in self._refused:
+                room = 0
             if p.elastic and p.node is not None and room > 0:
                 n += room * fits(cls, p.node.cpus, p.node.memory, dict(p.node.gpus))
             if p.max_tasks is not None:
@@ -876,8 +1020,101 @@ class SchedulerCore:
 
     # ---- output -------------------------------------------------------------------------
 
+    def _check_elastic(self) -> float:
+        """Launch what an over-committed elastic pool lacks; terminate whole instances idle for
+        ``idle_grace``. Return when the next pool's grace ends (infinity: none is idle)."""
+        now, grace = self._now, self.config.idle_grace
+        soonest = float("inf")
+        for pid in sorted(self._elastic):
+            p = self._pools.get(pid)
+            if p is None or pid in self._refused or self._make_up(p):
+                self._idle_since.pop(pid, None)
+                continue
+            idle = self._idle_instances(p)
+            if idle <= 0 or self._solving is not None or self._wanted(p):
+                self._idle_since.pop(pid, None)
+                continue
+            since = self._idle_since.setdefault(pid, now)
+            if now >= since + grace:
+                del self._idle_since[pid]
+                self._order(p, idle, provision=False)
+            else:
+                soonest = min(soonest, since + grace)
+        return soonest
+
+    def _make_up(self, p: Pool) -> bool:
+        """Provision what an over-committed elastic pool lacks; True if it lacked any."""
+        if p.id in self._refused:
+            return False
+        short = self._missing_instances(p)
+        if short > 0:
+            self._order(p, short, provision=True)
+        return short > 0
+
+    def _missing_instances(self, p: Pool) -> int:
+        """How many instances ``p`` lacks for the runs it holds (its provider started fewer
+        than asked, refused some, or lost some), within what it may still launch."""
+        node = p.node
+        room = p.max_instances - self._launched.get(p.id, 0)
+        if node is None or room <= 0:
+            return 0
+        cpus, memory, gpus = self.free_capacity(p.id)
+        short = 0
+        if cpus < -1e-9 and node.cpus > 0:
+            short = math.ceil(-cpus / node.cpus - 1e-9)
+        if memory < 0 and node.memory > 0:
+            short = max(short, -(memory // node.memory))
+        for m, g in node.gpus.items():
+            if g > 0 and gpus.get(m, 0) < 0:
+                short = max(short, -(gpus[m] // g))
+        return min(short, room)
+
+    def _idle_instances(self, p: Pool) -> int:
+        """How many whole instances of ``p``'s shape its free capacity holds."""
+        node = p.node
+        if node is None:
+            return 0
+        cpus, memory, gpus = self.free_capacity(p.id)
+        n = -1
+        if node.cpus > 0:
+            n = int(cpus / node.cpus + 1e-9)
+        if node.memory > 0:
+            n = memory // node.memory if n < 0 else min(n, memory // node.memory)
+        for m, g in node.gpus.items():
+            if g > 0:
+                k = gpus.get(m, 0) // g
+                n = k if n < 0 else min(n, k)
+        return max(0, n)
+
+    def _wanted(self, p: Pool) -> bool:
+        """Whether a READY run could use an instance of ``p`` (so its idle ones stay)."""
+        from stowplan.placement.greedy import eligible
+
+        node = p.node
+        assert node is not None
+        for key, bucket in self._ready.items():
+            if not bucket:
+                continue
+            fit = self._node_fit.get((key, p.id))
+            if fit is None:
+                t = self._runs[next(iter(bucket))].task
+                fit = (
+                    t.cpus <= node.cpus + 1e-9
+                    and t.memory <= node.memory
+                    and (
+                        not t.gpus
+                        or any(node.gpus.get(m, 0) >= t.gpus for m in t.gpu_types or node.gpus)
+                    )
+                    and eligible(self._demand(t, [p]), p, self._context_problem)
+                )
+                self._node_fit[key, p.id] = fit
+            if fit:
+                return True
+        return False
+
     def _flush(self) -> list[Command]:
         out: list[Command] = []
+        idle_wake = self._check_elastic() if self._elastic else float("inf")
         if self._out_reconcile:
             for provider in sorted(self._out_reconcile):
                 out.append(Reconcile(provider=provider, keys=self._out_reconcile[provider]))
@@ -885,6 +1122,9 @@ class SchedulerCore:
         if self._out_transitions:
             out.append(Transitioned(records=self._out_transitions))
             self._out_transitions = []
+        if self._out_elastic:  # before the submits that use the instances' room
+            out.extend(self._out_elastic)
+            self._out_elastic = []
         for (provider, pool, resubmit), items in sorted(self._out_submits.items()):
             out.append(Submit(provider=provider, pool=pool, items=items, resubmit=resubmit))
         self._out_submits = {}
@@ -904,6 +1144,7 @@ class SchedulerCore:
             self._retry_heap[0][0] if self._retry_heap else float("inf"),
             heap[0][0] if heap else float("inf"),
             self._next_lease_check,
+            idle_wake,
         )
         if wake != float("inf") and wake != self._wake:
             self._wake = wake

@@ -7,6 +7,8 @@ per (provider, pool) per step, one Transitioned command per step.
 
 from __future__ import annotations
 
+import hashlib
+
 from msgspec import Struct, field
 
 from stowplan.placement.problem import PlacementProblem, PlacementSolution, Pool
@@ -74,6 +76,31 @@ class PoolsDiscovered(Struct, frozen=True, kw_only=True, tag=True):
 
     provider: str
     pools: list[Pool]
+    settled: list[str] = field(default_factory=list)
+    """tokens of ``Provision``/``Terminate`` commands the provider had answered before this
+    discovery began: the pools count (or no longer count) their instances, so the core stops
+    adding them itself. A token not listed stays counted by the core."""
+
+
+class Provisioned(Struct, frozen=True, kw_only=True, tag=True):
+    """A provider answered a ``Provision``: these instances exist (booting or up) under the
+    token. Fewer than asked (a quota, a retried token that started fewer) is the truth."""
+
+    provider: str
+    pool: str
+    token: str
+    instances: list[str]
+
+
+class ElasticRefused(Struct, frozen=True, kw_only=True, tag=True):
+    """A provider refused a ``Provision`` or ``Terminate`` (not retryable: no capacity left,
+    no permission, not an elastic provider). The core stops counting the token's instances
+    and launches nor stops nothing more in that pool until the provider is discovered again."""
+
+    provider: str
+    pool: str
+    token: str
+    reason: str = ""
 
 
 class PlacementDecided(Struct, frozen=True, kw_only=True, tag=True):
@@ -102,6 +129,8 @@ Event = (
     | ProviderReported
     | CancelRequested
     | Tick
+    | Provisioned
+    | ElasticRefused
 )
 
 
@@ -138,6 +167,39 @@ class Reconcile(Struct, frozen=True, kw_only=True, tag=True):
     keys: list[str]
 
 
+class Provision(Struct, frozen=True, kw_only=True, tag=True):
+    """Start ``count`` instances in elastic pool ``pool`` (``Provider.provision``), idempotent
+    by ``token`` (see ``elastic_token``): the shell retries a transient error with the same
+    token and answers with ``Provisioned`` or ``ElasticRefused``."""
+
+    provider: str
+    pool: str
+    count: int
+    token: str
+
+
+class Terminate(Struct, frozen=True, kw_only=True, tag=True):
+    """Stop up to ``count`` idle instances of elastic pool ``pool`` (``Provider.terminate``),
+    idempotent by ``token``; the provider stops none that runs an attempt."""
+
+    provider: str
+    pool: str
+    count: int
+    token: str
+
+
+def elastic_token(verb: str, pool: str, seq: int, epoch: str = "") -> str:
+    """The idempotency token of the ``seq``-th ``verb`` ("provision" or "terminate") the core
+    decided for ``pool``: a function of those and the core's ``epoch`` alone, so a retried call
+    carries the same token, and a core restarted with the same epoch derives the same tokens in
+    the same order (a provision in flight at the crash is answered by the provider, not
+    repeated under a new token; at worst the restarted core is told of fewer instances than it
+    asked for, which discovery shows and the next solve makes up). ``verb[0]`` and 30 hex
+    characters: a DNS label, well within an EC2 ``ClientToken`` (64) and a Kubernetes label."""
+    digest = hashlib.sha256(f"{epoch}\0{verb}\0{pool}\0{seq}".encode()).hexdigest()[:30]
+    return f"{verb[0]}-{digest}"
+
+
 class Transition(Struct, frozen=True, array_like=True):
     run_id: str
     attempt: int
@@ -158,4 +220,6 @@ class WakeAt(Struct, frozen=True, kw_only=True, tag=True):
     at: float
 
 
-Command = SolvePlacement | Submit | Cancel | Reconcile | Transitioned | WakeAt
+Command = (
+    SolvePlacement | Submit | Cancel | Reconcile | Transitioned | WakeAt | Provision | Terminate
+)

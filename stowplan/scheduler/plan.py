@@ -22,7 +22,7 @@ from msgspec import Struct, field
 
 from stowplan.scheduler.events import TaskInstance
 from stowplan.scheduler.sweep import expand, repeat_numbers
-from stowplan.spec.canonical import RunIdentity, canonical_json, sha256_hex, spec_hash
+from stowplan.spec.canonical import RunIdentity, canonical_json, sha256_hex, task_hash
 from stowplan.spec.loader import LoadedExperiment, task_order
 from stowplan.spec.models import Scalar, Task
 
@@ -49,7 +49,7 @@ PinKey = tuple[int, str, int]
 
 
 class Launch(Struct, frozen=True, kw_only=True):
-    """What to run for one run, with placeholders filled."""
+    """What to run for one run, with placeholders filled: the same for every attempt."""
 
     argv: list[str] | None
     script: str | None
@@ -60,9 +60,33 @@ class Launch(Struct, frozen=True, kw_only=True):
     memory: int
     gpus: int
     gpu_types: tuple[str, ...]
+    image: str | None = None
+    """the task's container image; None: the provider's default, if it has one."""
+    code: str | None = None
+    """the code version the run's identity and provenance name (``Versions.code_version``)."""
+    secrets: dict[str, str] = field(default_factory=dict)
+    """environment variable -> secret name (``name`` or ``name#entry``), never a value."""
+
+
+class RunPayload(Struct, frozen=True, kw_only=True):
+    """One run as it is handed to the queue and stored with its record (``RunRecord.task_spec``):
+    the core's view of it (``TaskInstance``, no command) and how to launch it. The queue keeps it
+    per run and makes each attempt's ``providers.base.LaunchSpec`` from it."""
+
+    instance: TaskInstance
+    launch: Launch
+    name: str
+    """the run's name for people and job names: ``experiment-task-trial``."""
+
+    @property
+    def run_id(self) -> str:
+        return self.instance.run_id
 
 
 class PlannedRun(Struct, frozen=True, kw_only=True):
+    """One run of an experiment, as planning makes it: its identity and what goes into its
+    record, its payload's parts (``launch``, ``instance``)."""
+
     run_id: str
     task: str
     index: int
@@ -115,7 +139,7 @@ def plan_runs(
     seed = spec.experiment.seed + replicate
     for name in order:
         task = by_name[name]
-        task_hash = spec_hash(task)
+        spec_of_task = task_hash(task)
         upstream = sorted(r for d in task.depends_on for r in runs_of[d])
         data = {i.uri: versions.data_versions.get(i.uri, "unpinned:" + i.uri) for i in task.inputs}
         retry = task.retry or policy.retry
@@ -125,7 +149,7 @@ def plan_runs(
         for index, (params, trial) in enumerate(zip(trials, repeat_numbers(trials), strict=True)):
             pin = pins.get((replicate, name, index))
             identity = RunIdentity(
-                task_spec_hash=task_hash,
+                task_spec_hash=spec_of_task,
                 params=params,
                 seed=seed,
                 code_version=versions.code_version,
@@ -157,6 +181,9 @@ def plan_runs(
                 memory=res.memory_bytes,
                 gpus=res.gpus,
                 gpu_types=res.gpu_types,
+                image=task.image,
+                code=versions.code_version,
+                secrets=dict(task.secrets),
             )
             instance = TaskInstance(
                 run_id=run_id,

@@ -33,7 +33,16 @@ same in production and in simulation.
   its submit until a terminal report, or until the core no longer holds it.
 - Rediscovery: a provider that says its capacity changed is rediscovered at once (coalesced per
   instant) and the pools fed to the core; every ``rediscover_every`` seconds each provider is
-  rediscovered too, and fed only if its pools differ from the last ones fed.
+  rediscovered too, and fed only if its pools differ from the last ones fed (or it settles an
+  elastic order, below).
+- Elastic capacity: ``Provision`` and ``Terminate`` go to the provider's ``provision`` and
+  ``terminate`` with the core's token, only where the provider has ``Capability.ELASTIC``.
+  A transient error is tried again with the SAME token, after the same backoff, while the core
+  still counts the order (``SchedulerCore.counts_order``); a refusal, or a provider that is not
+  elastic, is fed back as ``ElasticRefused`` (the core stops counting those instances). A
+  provision's answer is fed back as ``Provisioned``; after any answer the provider is
+  rediscovered, and that discovery lists the tokens answered before it began
+  (``PoolsDiscovered.settled``), so the core stops counting what the pools now show.
 
 Invariants: a key is submitted only after its intent is durable; a key is submitted again only
 while the core waits on it, and a job that a submit started after the core gave up on its
@@ -53,19 +62,23 @@ from msgspec import Struct
 
 from stowplan.errors import InternalError, ProviderError
 from stowplan.placement.problem import PlacementProblem, Pool
-from stowplan.providers.base import Facts, LaunchSpec, ProviderState, Report
+from stowplan.providers.base import Capability, Facts, LaunchSpec, ProviderState, Report
 from stowplan.scheduler.core import SchedulerCore
 from stowplan.scheduler.events import (
     Cancel,
     Command,
+    ElasticRefused,
     Event,
     PlacementDecided,
     PoolsDiscovered,
     ProviderReported,
+    Provision,
+    Provisioned,
     Reconcile,
     SolvePlacement,
     Submit,
     SubmitItem,
+    Terminate,
     Tick,
     Transitioned,
     WakeAt,
@@ -106,6 +119,11 @@ class ShellCounters(Struct, kw_only=True):
     heartbeats: int = 0
     observe_failures: int = 0
     discover_failures: int = 0
+    provisions: int = 0
+    """provider provision calls, retries included."""
+    terminates: int = 0
+    elastic_retries: int = 0
+    elastic_refusals: int = 0
 
 
 T = TypeVar("T")
@@ -150,6 +168,8 @@ class CommandShell:
         self._facts: dict[str, Facts] = {}
         self._wakes: set[float] = set()
         self._observing = False
+        self._answered: dict[str, set[str]] = {}
+        """per provider, tokens of elastic orders answered since its last discovery began."""
 
     # ---- inputs ---------------------------------------------------------------------------
 
@@ -179,10 +199,15 @@ class CommandShell:
         """Discover providers (all by default, in name order) and feed their pools. Errors
         propagate: at boot a provider that cannot say what it has is the caller's to report."""
         for name in sorted(self.providers if providers is None else providers):
-            pools = await self.providers[name].discover()
+            settled = self._answered.pop(name, set())
+            try:
+                pools = await self.providers[name].discover()
+            except BaseException:
+                self._answered.setdefault(name, set()).update(settled)
+                raise
             self._pools[name] = pools
             self._facts.pop(name, None)
-            self.feed(PoolsDiscovered(provider=name, pools=pools))
+            self.feed(PoolsDiscovered(provider=name, pools=pools, settled=sorted(settled)))
 
     def start(self) -> None:
         """Start the periodic rediscovery and the observation (after ``discover``)."""
@@ -236,6 +261,7 @@ class CommandShell:
         spawn = self.clock.spawn
         if isinstance(cmd, Transitioned):
             self.records.transitions(cmd.records, now)
+            self._forget(cmd)
         elif isinstance(cmd, Submit):
             items = cmd.items
             step = self.config.submit_chunk
@@ -249,7 +275,12 @@ class CommandShell:
         elif isinstance(cmd, Reconcile):
             spawn(self._reconcile(cmd.provider, cmd.keys, 1))
         elif isinstance(cmd, Cancel):
+            out = self.outstanding[cmd.provider]
+            for k in cmd.keys:  # the core gave up on them: wait on them no more
+                out.pop(k, None)
             spawn(self._cancel(cmd.provider, cmd.keys, 1))
+        elif isinstance(cmd, Provision | Terminate):
+            spawn(self._elastic(cmd, 1))
         elif isinstance(cmd, WakeAt):
             at = max(cmd.at, now)
             if at not in self._wakes:
@@ -257,6 +288,18 @@ class CommandShell:
                 self.clock.call_at(at, self._tick, at, Wake.TICK)
         else:  # pragma: no cover - the union is closed
             raise InternalError(f"unknown command {type(cmd).__name__}")
+
+    def _forget(self, cmd: Transitioned) -> None:
+        """Stop waiting on the attempts of runs that left a leased state (finished, failed
+        over to a retry, cancelled): without a heartbeat nothing else would prune them."""
+        core = self.core
+        for r in cmd.records:
+            if r.from_state not in LEASED or r.to_state in LEASED:
+                continue
+            key = core.key(r.run_id)
+            for out in self.outstanding.values():
+                if out.get(key) == r.run_id:
+                    del out[key]
 
     def _tick(self, at: float) -> None:
         self._wakes.discard(at)
@@ -378,6 +421,55 @@ class CommandShell:
     def _retry_cancel(self, arg: tuple[str, list[str], int]) -> None:
         self.clock.spawn(self._cancel(*arg))
 
+    async def _elastic(self, cmd: Provision | Terminate, tries: int) -> None:
+        """Carry out a Provision or Terminate (module doc: *Elastic capacity*)."""
+        if tries > 1 and not self.core.counts_order(cmd.token):
+            return  # settled or refused meanwhile: nothing to try again
+        prov = self.providers[cmd.provider]
+        provision = isinstance(cmd, Provision)
+        verb = "provision" if provision else "terminate"
+        caps = prov.capabilities
+        if Capability.ELASTIC not in caps:
+            self.counters.elastic_refusals += 1
+            self.feed(
+                ElasticRefused(
+                    provider=cmd.provider,
+                    pool=cmd.pool,
+                    token=cmd.token,
+                    reason=f"cannot {verb} instances: {caps.reason(Capability.ELASTIC)}",
+                )
+            )
+            return
+        instances: list[str] = []
+        try:
+            if provision:
+                self.counters.provisions += 1
+                instances = await prov.provision(cmd.pool, cmd.count, cmd.token)
+            else:
+                self.counters.terminates += 1
+                await prov.terminate(cmd.pool, cmd.count, cmd.token)
+        except ProviderError as e:
+            if e.retryable:  # the answer may be lost: the SAME token again, later
+                self.counters.elastic_retries += 1
+                self._again(self._retry_elastic, (cmd, tries + 1), tries, f"{verb}:{cmd.token}")
+                return
+            self.counters.elastic_refusals += 1
+            self.feed(
+                ElasticRefused(provider=cmd.provider, pool=cmd.pool, token=cmd.token, reason=str(e))
+            )
+            return
+        self._answered.setdefault(cmd.provider, set()).add(cmd.token)
+        if provision:
+            self.feed(
+                Provisioned(
+                    provider=cmd.provider, pool=cmd.pool, token=cmd.token, instances=instances
+                )
+            )
+        self.capacity_changed(cmd.provider)  # the discovery that settles the token
+
+    def _retry_elastic(self, arg: tuple[Provision | Terminate, int]) -> None:
+        self.clock.spawn(self._elastic(*arg))
+
     def _again(self, fn: Callable[[T], None], arg: T, tries: int, key: str) -> None:
         """Call ``fn(arg)`` again after the backoff for try ``tries`` of ``key``."""
         delay = self.config.provider_backoff.seconds(tries, seed=self.config.seed, key=key)
@@ -457,13 +549,15 @@ class CommandShell:
         self.clock.call_at(self.clock.now() + every, self._rediscover_all, None, Wake.DISCOVER)
 
     async def _rediscover(self, provider: str, *, pushed: bool) -> None:
+        settled = self._answered.pop(provider, set())  # answered before this discovery began
         try:
             pools = await self.providers[provider].discover()
         except ProviderError:
             self.counters.discover_failures += 1  # the next push or period tries again
+            self._answered.setdefault(provider, set()).update(settled)
             return
-        if not pushed and self._pools.get(provider) == pools:
+        if not pushed and not settled and self._pools.get(provider) == pools:
             return  # nothing changed: a PoolsDiscovered would only make the core solve again
         self._pools[provider] = pools
         self._facts.pop(provider, None)
-        self.feed(PoolsDiscovered(provider=provider, pools=pools))
+        self.feed(PoolsDiscovered(provider=provider, pools=pools, settled=sorted(settled)))

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
 from stowplan.placement.problem import PlacementProblem, PlacementSolution, Pool
-from stowplan.providers.base import Facts, LaunchSpec, ProviderRequest, Report
+from stowplan.providers.base import Capabilities, Facts, LaunchSpec, ProviderRequest, Report
 from stowplan.scheduler.events import SubmitItem, Transition
 
 
@@ -69,6 +69,12 @@ class ProviderPort(Protocol):
     (its docstrings say what each verb guarantees), minus logs. A proxy for a driver that lives
     elsewhere (a provider actor) implements exactly this."""
 
+    @property
+    def capabilities(self) -> Capabilities:
+        """What the driver can do; the shell sends ``provision``/``terminate`` only with
+        ``Capability.ELASTIC``."""
+        ...
+
     async def discover(self) -> list[Pool]: ...
 
     def plan(self, launches: Sequence[LaunchSpec], facts: Facts) -> list[ProviderRequest]: ...
@@ -78,6 +84,10 @@ class ProviderPort(Protocol):
     async def describe(self, keys: Sequence[str]) -> list[Report]: ...
 
     async def cancel(self, keys: Sequence[str]) -> None: ...
+
+    async def provision(self, pool: str, count: int, token: str) -> list[str]: ...
+
+    async def terminate(self, pool: str, count: int, token: str) -> None: ...
 
 
 class RunRecords(Protocol):

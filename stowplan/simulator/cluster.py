@@ -33,9 +33,10 @@ datasets with their home sites, and optionally faults to inject::
     sites = ["campus"]
 
 Pools are ``slurm`` partitions (FIFO with backfill), ``kubernetes`` node pools (first fit) or
-``cloud`` instance types (elastic up to ``max_instances``, boot latency, per-second billing, spot
-interruptions); ``stowplan.simulator.provider.POOL_CLASSES`` gives each kind its simulated
-discipline. Every mistake is a ``SpecError`` naming the file, the line and the ``$.path``.
+``cloud`` instance types (elastic up to ``max_instances``: the scheduler core provisions
+instances and terminates them after ``[scheduler] idle_grace`` idle; boot latency, per-second
+billing, spot interruptions); ``stowplan.simulator.provider.POOL_CLASSES`` gives each kind its
+simulated discipline. Every mistake is a ``SpecError`` naming the file, the line and the ``$.path``.
 """
 
 from __future__ import annotations
@@ -291,8 +292,14 @@ class SchedulerSpec(_Spec, frozen=True):
     project_sites: dict[str, list[Name]] = field(default_factory=dict)
     """runs of a listed project may use pools at these sites only (a virtual cluster's quota);
     projects not listed may use every site"""
+    idle_grace: float | str = "2m"
+    """cloud: an instance that stays idle (no queued run could use it) this long is terminated"""
 
     def __post_init__(self) -> None:
+        try:
+            force_setattr(self, "idle_grace", seconds(self.idle_grace, zero_ok=True))
+        except ValueError as e:
+            raise ValueError(f"idle_grace: {e}") from None
         for name in ("lease_ttl", "heartbeat", "retry_backoff_cap"):
             v = getattr(self, name)
             if v is None:
@@ -318,6 +325,11 @@ class SchedulerSpec(_Spec, frozen=True):
     def heartbeat_s(self) -> float:
         assert isinstance(self.heartbeat, float)
         return self.heartbeat
+
+    @property
+    def idle_grace_s(self) -> float:
+        assert isinstance(self.idle_grace, float)
+        return self.idle_grace
 
     @property
     def backoff_cap_s(self) -> float:

@@ -3,7 +3,10 @@
 Per job: wait (submission to first start), completion time (submission to the end of its last
 attempt), slowdown (completion time over the run time of its last attempt). Per pool:
 utilization (busy GPU-seconds over GPU-seconds offered; CPU-seconds for pools without GPUs) and
-cost (owned pools: every node for the whole horizon; cloud pools: instance-seconds billed).
+cost (owned pools: every node for the whole horizon; cloud pools: instance-seconds billed, from
+each instance's provision to its stop, at least the minimum). A cloud pool offers what its
+instances ran for: its utilization is busy GPU- (or CPU-) seconds over instance-seconds times
+the instance's GPUs (CPUs), and its ``instance_hours`` and ``launches`` are reported.
 Totals: cost including egress, bytes moved between sites, fairness across projects (Jain's index
 over per-project mean slowdown), queue length and utilization over time.
 
@@ -20,7 +23,7 @@ import numpy as np
 
 from stowplan.scheduler.events import Transition
 from stowplan.scheduler.states import FINAL, TaskState
-from stowplan.simulator.cluster import PoolKind
+from stowplan.simulator.provider import CloudInstanceType
 
 if TYPE_CHECKING:
     from stowplan.simulator.shell import Simulation
@@ -87,11 +90,13 @@ class Metrics:
         self.running.append(counts[TaskState.RUNNING])
         for prov in self.sim.providers.values():
             for name, pool in prov.pools.items():
+                # a cloud pool offers the instances it has now
+                units = pool.instances if isinstance(pool, CloudInstanceType) else pool.units
                 if pool.gpn:
-                    cap = pool.capacity_gpus
+                    cap = float(units * pool.gpn)
                     used = float(pool.used_g)
                 else:
-                    cap = pool.units * pool.cpn  # type: ignore[assignment]
+                    cap = units * pool.cpn
                     used = pool.used_c
                 self.util.setdefault(name, []).append(used / cap if cap else 0.0)
 
@@ -158,18 +163,27 @@ class Metrics:
         }
         pools: dict[str, Any] = {}
         total_cost = 0.0
+        gpu_offered = 0.0
         for prov in sim.providers.values():
             for name, pool in prov.pools.items():
-                if pool.gpn:
-                    offered = pool.capacity_gpus * horizon
-                    busy = pool.busy_g_s
-                else:
-                    offered = pool.units * pool.cpn * horizon
-                    busy = pool.busy_c_s
-                if pool.kind is PoolKind.CLOUD:
+                extra: dict[str, Any] = {}
+                if isinstance(pool, CloudInstanceType):
+                    unit_s = pool.instance_s  # what the instances ran for, boots included
                     cost = pool.cost
+                    extra = {
+                        "instance_hours": _r(pool.instance_s / 3600.0),
+                        "launches": pool.launches,
+                    }
                 else:
+                    unit_s = pool.units * horizon
                     cost = pool.units * pool.spec.price_per_hour * horizon / 3600.0
+                if pool.gpn:
+                    offered = unit_s * pool.gpn
+                    busy = pool.busy_g_s
+                    gpu_offered += offered
+                else:
+                    offered = unit_s * pool.cpn
+                    busy = pool.busy_c_s
                 total_cost += cost
                 pools[name] = {
                     "kind": pool.kind.value,
@@ -183,10 +197,10 @@ class Metrics:
                     "node_failures": pool.node_failures,
                     "preemptions": pool.preemptions,
                     "backfilled": pool.backfilled,
+                    **extra,
                 }
-        all_gpus = sum(p["gpus"] for p in pools.values())
         busy_all = sum(p["busy_gpu_hours"] for p in pools.values()) * 3600.0
-        out["utilization"] = _r(busy_all / (all_gpus * horizon) if all_gpus else 0.0)
+        out["utilization"] = _r(busy_all / gpu_offered if gpu_offered else 0.0)
         out["cost"] = _r(total_cost + sim.data.egress_cost)
         out["egress_cost"] = _r(sim.data.egress_cost)
         out["data_moved_bytes"] = sim.data.bytes_moved

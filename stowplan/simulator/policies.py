@@ -12,11 +12,18 @@ A policy takes the ``PlacementProblem`` the scheduler core asked for and returns
   class's throughput on that pool's GPU model relative to its slowest model, and pairs are
   filled best score first; needs a throughput table, and is greedy without one.
 - ``module:function``: any other placement function with the same signature.
+
+``fifo`` and ``throughput`` launch instances in elastic pools (cloud instance types) when a
+pool's free capacity runs out, as the production placers do: as many as the members left
+need, up to the pool's ``max_instances``; the solution's ``instances`` says how many, and the
+scheduler core provisions them.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
+from collections import Counter
 from collections.abc import Callable
 from typing import Protocol
 
@@ -41,7 +48,36 @@ class PolicyFn(Protocol):
     ) -> PlacementSolution: ...
 
 
-def _take(cls: DemandClass, pool: Pool, free: dict[str, list[object]], left: int) -> int:
+def _take(
+    cls: DemandClass,
+    pool: Pool,
+    free: dict[str, list[object]],
+    left: int,
+    launched: Counter[str],
+) -> int:
+    """Place up to ``left`` members in ``pool``: in its free capacity, then, for an elastic
+    pool, on instances launched for them (counted in ``launched``)."""
+    n = _take_free(cls, pool, free, left)
+    node = pool.node
+    room = pool.max_instances - launched[pool.id]
+    if n < left and node is not None and room > 0:
+        per = fits(cls, node.cpus, node.memory, dict(node.gpus))
+        if per > 0:
+            k = min(room, math.ceil((left - n) / per))
+            launched[pool.id] += k
+            slot = free[pool.id]
+            gpus = slot[2]
+            assert isinstance(slot[0], float | int) and isinstance(slot[1], int)
+            assert isinstance(gpus, dict)
+            slot[0] = slot[0] + k * node.cpus
+            slot[1] = slot[1] + k * node.memory
+            for m, g in node.gpus.items():
+                gpus[m] = gpus.get(m, 0) + k * g
+            n += _take_free(cls, pool, free, left - n)
+    return n
+
+
+def _take_free(cls: DemandClass, pool: Pool, free: dict[str, list[object]], left: int) -> int:
     cpus, memory, gpus = free[pool.id]
     assert isinstance(cpus, float | int) and isinstance(memory, int) and isinstance(gpus, dict)
     n = min(left, fits(cls, float(cpus), memory, gpus))
@@ -67,6 +103,7 @@ def fifo_first_fit(
     rank = {name: i for i, name in enumerate(pool_order)}
     pools = sorted(problem.pools, key=lambda p: (rank.get(p.id, len(rank)), p.id))
     free = _free(problem)
+    launched: Counter[str] = Counter()
     out: list[Assignment] = []
     unplaced: dict[str, str] = {}
     blocked = False
@@ -79,7 +116,7 @@ def fifo_first_fit(
             if left == 0:
                 break
             if eligible(cls, pool):
-                n = _take(cls, pool, free, left)
+                n = _take(cls, pool, free, left, launched)
                 if n:
                     out.append(Assignment(cls.id, pool.id, n))
                     left -= n
@@ -91,6 +128,7 @@ def fifo_first_fit(
         status=PlacementStatus.GREEDY,
         assignments=out,
         unplaced=unplaced,
+        instances={p: k for p, k in sorted(launched.items()) if k},
     )
 
 
@@ -119,12 +157,13 @@ def throughput_aware(
                 pairs.append((-rates[pool.id] / slowest, ci, pool.id, cls, pool))
     pairs.sort(key=lambda t: (t[0], t[1], t[2]))
     left = {c.id: len(c.members) for c in problem.classes}
+    launched: Counter[str] = Counter()
     out: list[Assignment] = []
     # members of a class are taken in order, so one class's assignments stay in pair order
     for _, _, _, cls, pool in pairs:
         if left[cls.id] == 0:
             continue
-        n = _take(cls, pool, free, left[cls.id])
+        n = _take(cls, pool, free, left[cls.id], launched)
         if n:
             out.append(Assignment(cls.id, pool.id, n))
             left[cls.id] -= n
@@ -134,6 +173,7 @@ def throughput_aware(
         status=PlacementStatus.GREEDY,
         assignments=out,
         unplaced=unplaced,
+        instances={p: k for p, k in sorted(launched.items()) if k},
     )
 
 

@@ -1,8 +1,8 @@
 """``SimProvider``: the provider interface over simulated pools, one provider per site.
 
 It implements ``stowplan.providers.base.Provider`` (``discover``, ``plan``, ``submit``,
-``describe``, ``cancel``, ``logs``); the simulator's shell calls the synchronous halves
-(``submit_now``, ``describe_now``, ``cancel_now``) inline, in virtual time.
+``describe``, ``cancel``, ``provision``, ``terminate``, ``logs``), with ``Capability.ELASTIC``;
+the command shell awaits them in virtual time (each answers at once).
 
 Pools behave like the systems they stand for, one class per discipline over a shared
 ``SimPool`` base (``POOL_CLASSES``, looked up once per pool when the provider is built):
@@ -15,10 +15,13 @@ Pools behave like the systems they stand for, one class per discipline over a sh
 - ``kubernetes`` (``KubernetesNodePool``): a node pool; pending pods are tried in order, each on
   the first node that fits (GPU best fit), honouring a service's per-node anti-affinity cap.
 - ``cloud`` (``CloudInstanceType``): an instance type in a region, elastic up to
-  ``max_instances``: a job launches ``ceil(gpus / gpus_per_node)`` instances, waits the boot
-  latency, runs, and the instances are billed per second (at least ``min_billed``) until it
-  ends. Spot instances are reclaimed at ``interruptions_per_hour`` (seeded), which fails the job
-  as PREEMPTED.
+  ``max_instances``. ``provision`` (the scheduler core's ``Provision``, idempotent by token)
+  starts instances that run work after the boot latency; ``terminate`` stops idle ones; each
+  is billed per second from launch to stop (at least ``min_billed``). Discovery reports the
+  pool as elastic: the node shape, the instances it may still launch, the boot time, and the
+  booting and running instances as capacity. Jobs go on running instances as on Kubernetes
+  nodes. Spot instances are reclaimed at ``interruptions_per_hour`` each (seeded), which fails
+  their jobs as PREEMPTED.
 
 Idempotency: a submit with a key the provider already holds returns that job; it never makes a
 second. Every key executes at most once, and no run ever has two attempts executing at once;
@@ -27,12 +30,11 @@ both are asserted (``InternalError``) so that a scheduler bug cannot hide in a s
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import ClassVar
 
 from stowplan.errors import InternalError, ProviderError
-from stowplan.placement.problem import Pool
+from stowplan.placement.problem import Pool, Shape
 from stowplan.providers.base import (
     Capabilities,
     Capability,
@@ -44,6 +46,7 @@ from stowplan.providers.base import (
     ProviderState,
     Report,
     SingleRequest,
+    command_of,
     request_name,
 )
 from stowplan.simulator.cluster import ClusterSpec, PoolKind, PoolSpec
@@ -636,22 +639,168 @@ class KubernetesNodePool(_NodePool):
         self._failed = failed
 
 
-class CloudInstanceType(SimPool):
+class CloudInstanceType(_NodePool):
     """An instance type in a region, elastic up to ``max_instances``.
 
-    A job launches ``ceil(gpus / gpus_per_node)`` instances (or enough for its CPUs), waits the
-    boot latency, runs, and its instances are billed per second (at least ``min_billed``) from
-    launch until it ends. Spot instances are reclaimed at ``interruptions_per_hour`` (seeded),
-    which fails the job as PREEMPTED. Pending launches are tried in order.
+    Instances are started by the provider's ``provision`` and stopped by its ``terminate``
+    (the scheduler core decides both); each is a node of the pool's shape that runs work after
+    the boot latency and is billed per second from its launch until it stops (at least
+    ``min_billed``). Jobs go on running instances as pods go on Kubernetes nodes (GPU best
+    fit; a job with more GPUs than an instance takes whole instances); a job sent for an
+    instance still booting waits in the queue, tried in order. Spot instances are reclaimed
+    at ``interruptions_per_hour`` each (seeded): the jobs on one fail as PREEMPTED and the
+    instance is gone (billed until then).
+
+    Slots: the pool has ``max_instances`` node slots; a slot holds no instance, a booting one
+    or a running one (``up``). The scheduler core sees booting and running instances as the
+    pool's capacity, the empty slots as ``max_instances`` it may still launch.
     """
 
     kind = PoolKind.CLOUD
 
-    def _offered_units(self) -> int:
-        return self.units
+    def __init__(self, provider: SimProvider, spec: PoolSpec) -> None:
+        super().__init__(provider, spec)
+        n = self.units
+        self.up = [False] * n
+        self.nodes_up = 0
+        if self.gpn:
+            self.by_free[self.gpn] = {}
+        self.instance_of: list[str | None] = [None] * n
+        """the instance in each slot (None: empty)"""
+        self.launched_at = [0.0] * n
+        self.slot_epoch = [0] * n
+        self.booting: set[int] = set()
+        self.started_by: dict[str, list[str]] = {}
+        """provision token -> the instances it started (a retried token starts nothing)"""
+        self.stopped_by: set[str] = set()
+        self.launches = 0
+        self.instance_s = 0.0
+        """instance-seconds of instances stopped (and, after ``finish_accounting``, of all)"""
+        self._serial = 0
 
-    def _expected_wait_s(self) -> float:
-        return self.spec.boot_s
+    # ---- capacity as the scheduler core sees it ----------------------------------------
+
+    def core_pool(self) -> Pool:
+        s = self.spec
+        n = self.instances
+        return Pool(
+            id=s.name,
+            provider=self.provider.name,
+            kind=s.kind.value,
+            site=s.site,
+            cpus=n * self.cpn,
+            memory=n * self.mpn,
+            gpus={self.model: n * self.gpn} if self.gpn else {},
+            node=Shape(
+                cpus=self.cpn, memory=self.mpn, gpus={self.model: self.gpn} if self.gpn else {}
+            ),
+            price_per_hour=s.price_per_hour,
+            spot=s.spot,
+            interruption_rate=s.interruptions_per_hour,
+            max_instances=self.units - n,
+            boot_s=s.boot_s,
+            hardware_class=self.model,
+        )
+
+    def _offered_units(self) -> int:
+        return self.instances
+
+    # ---- instances -----------------------------------------------------------------------
+
+    def provision(self, count: int, token: str) -> list[str]:
+        """Start up to ``count`` instances (as many as empty slots allow); idempotent by
+        ``token``. Raises a non-retryable ``ProviderError`` when no slot is empty."""
+        ids = self.started_by.get(token)
+        if ids is not None:
+            return ids
+        empty = [n for n in range(self.units) if self.instance_of[n] is None][:count]
+        if not empty:
+            raise ProviderError(
+                f"{self.spec.name}: all {self.units} instances are running (max_instances)",
+                provider=self.provider.name,
+                retryable=False,
+            )
+        now = self.engine.now
+        ids = []
+        for n in empty:
+            self._serial += 1
+            iid = f"{self.spec.name}-i{self._serial}"
+            self.instance_of[n] = iid
+            self.launched_at[n] = now
+            self.slot_epoch[n] += 1
+            self.booting.add(n)
+            self.instances += 1
+            self.launches += 1
+            self.engine.at(
+                now + self.spec.boot_s, self._booted_slot, (n, self.slot_epoch[n]), PRIO_INFRA
+            )
+            ids.append(iid)
+        self.started_by[token] = ids
+        self.provider.capacity_changed()
+        return ids
+
+    def terminate(self, count: int, token: str) -> None:
+        """Stop up to ``count`` running instances that hold no attempt (the last slots first);
+        idempotent by ``token``. Booting instances are left alone."""
+        if token in self.stopped_by:
+            return
+        self.stopped_by.add(token)
+        idle = [n for n in reversed(range(self.units)) if self.up[n] and not self.on_node[n]]
+        for n in idle[:count]:
+            self._stop(n)
+        if idle[:count]:
+            self.provider.capacity_changed()
+
+    def _booted_slot(self, arg: tuple[int, int]) -> None:
+        n, epoch = arg
+        if self.slot_epoch[n] != epoch or n not in self.booting:
+            return
+        self.booting.discard(n)
+        self.up[n] = True
+        self.nodes_up += 1
+        self._dirty.add(n)
+        if self.gpn:
+            self.by_free[self.free_g[n]][n] = None
+        self.request_pass()
+        rate = self.spec.interruptions_per_hour
+        if self.spec.spot and rate and self.provider.inject:
+            gone = self.engine.now + self.rng.expovariate(rate / 3600.0)
+            self.engine.at(gone, self._reclaimed, (n, epoch), PRIO_INFRA)
+
+    def _reclaimed(self, arg: tuple[int, int]) -> None:
+        n, epoch = arg
+        if self.slot_epoch[n] != epoch or not self.up[n]:
+            return
+        for key in list(self.on_node[n]):
+            att = self.running.get(key)
+            if att is not None:
+                self.preemptions += 1
+                self.release(att)
+                self.provider.finish(
+                    att, ProviderState.FAILED, FailureClass.PREEMPTED, "spot instance reclaimed"
+                )
+        self._stop(n)
+        self.provider.capacity_changed()
+
+    def _stop(self, n: int) -> None:
+        """The instance in slot ``n`` stops (it holds no attempt): bill it, empty the slot."""
+        now = self.engine.now
+        self._bill(now - self.launched_at[n])
+        if self.up[n]:
+            if self.gpn:
+                del self.by_free[self.free_g[n]][n]
+            self.up[n] = False
+            self.nodes_up -= 1
+        self.booting.discard(n)
+        self.instance_of[n] = None
+        self.slot_epoch[n] += 1
+        self.instances -= 1
+
+    def _bill(self, seconds: float) -> None:
+        self.instance_s += seconds
+        self.cost += max(self.spec.min_billed_s, seconds) * self.spec.price_per_hour / 3600.0
+
+    # ---- queueing --------------------------------------------------------------------------
 
     def _pass(self) -> None:
         failed: set[tuple[object, ...]] = set()
@@ -663,59 +812,22 @@ class CloudInstanceType(SimPool):
             if not self._try_start(att):
                 failed.add(shape)
 
-    def _instances_for(self, job: SimJob) -> int:
-        if self.gpn and job.gpus:
-            return -(-job.gpus // self.gpn)
-        return max(1, math.ceil(job.cpus / self.cpn))
+    def node_down(self, n: int) -> None:
+        raise InternalError(
+            f"{self.spec.name}: a cloud pool has no nodes to fail (spot instances are reclaimed)"
+        )
 
-    def _never_fits(self, job: SimJob) -> str:
-        k = self._instances_for(job)
-        per_c, per_m = job.cpus / k, job.memory / k
-        if k > self.units or per_c > self.cpn or per_m > self.mpn:
-            return f"{self.spec.name}: no {k} instance(s) can hold the job"
-        return ""
-
-    def _fits(
-        self, job: SimJob, only: set[int] | None = None
-    ) -> list[tuple[int, int, float, int]] | None:
-        k = self._instances_for(job)
-        return [] if self.instances + k <= self.units else None
-
-    def _hold(self, att: Attempt, where: list[tuple[int, int, float, int]]) -> float:
-        att.instances = self._instances_for(att.job)
-        self.instances += att.instances
-        att.billed_from = self.engine.now
-        return self.spec.boot_s
-
-    def _free(self, att: Attempt) -> None:
-        self._bill(att)
-        self.instances -= att.instances
-
-    def _bill(self, att: Attempt) -> None:
-        billed = max(self.spec.min_billed_s, self.engine.now - att.billed_from)
-        self.cost += billed * att.instances * self.spec.price_per_hour / 3600.0
-
-    def _begin(self, att: Attempt) -> float:
-        end = super()._begin(att)
-        if self.spec.spot and self.spec.interruptions_per_hour and self.provider.inject:
-            gone = self.engine.now + self.rng.expovariate(self.spec.interruptions_per_hour / 3600.0)
-            if gone < end:
-                self.engine.at(gone, self._reclaimed, (att, att.epoch), PRIO_INFRA)
-        return end
-
-    def _reclaimed(self, arg: tuple[Attempt, int]) -> None:
-        att, epoch = arg
-        if att.epoch == epoch and att.state is ProviderState.RUNNING:
-            self.preemptions += 1
-            self.release(att)
-            self.provider.finish(
-                att, ProviderState.FAILED, FailureClass.PREEMPTED, "spot instance reclaimed"
-            )
+    def node_up(self, n: int) -> None:
+        raise InternalError(f"{self.spec.name}: a cloud pool has no nodes to repair")
 
     def finish_accounting(self) -> None:
+        """Close the books: bill every instance still there until now."""
         super().finish_accounting()
-        for att in list(self.running.values()):
-            self._bill(att)
+        now = self.engine.now
+        for n in range(self.units):
+            if self.instance_of[n] is not None:
+                self._bill(now - self.launched_at[n])
+                self.launched_at[n] = now
 
 
 POOL_CLASSES: dict[PoolKind, type[SimPool]] = {
@@ -743,7 +855,13 @@ class SimProvider(Provider):
 
     capabilities = Capabilities(
         has=frozenset(
-            {Capability.GPUS, Capability.CANCEL_MEMBER, Capability.CONTAINERS, Capability.SECRETS}
+            {
+                Capability.GPUS,
+                Capability.CANCEL_MEMBER,
+                Capability.CONTAINERS,
+                Capability.SECRETS,
+                Capability.ELASTIC,
+            }
         ),
         why_not={
             Capability.LOGS: "simulated jobs produce no output",
@@ -792,9 +910,16 @@ class SimProvider(Provider):
         return self.core_pools()
 
     def core_pools(self) -> list[Pool]:
-        return [p.core_pool() for p in self.pools.values()]
+        return sorted((p.core_pool() for p in self.pools.values()), key=lambda p: p.id)
 
     def plan(self, launches: Sequence[LaunchSpec], facts: Facts) -> list[ProviderRequest]:
+        for la in launches:
+            try:  # a simulated job runs nothing, but its launch is checked as a real one is
+                command_of(la)
+            except ValueError as e:
+                raise ProviderError(
+                    f"attempt {la.key!r}: {e}", provider=self.name, retryable=False
+                ) from None
         return [
             SimRequest(
                 keys=(la.key,),
@@ -815,6 +940,33 @@ class SimProvider(Provider):
 
     async def cancel(self, keys: Sequence[str]) -> None:
         self.cancel_now(keys)
+
+    async def provision(self, pool: str, count: int, token: str) -> list[str]:
+        """Start instances of a cloud pool (``CloudInstanceType.provision``). May raise a
+        retryable error before (the API's faults) or after (an answer lost: the retry with the
+        same token finds the same instances)."""
+        self.api.check("provision")
+        ids = self._cloud(pool).provision(count, token)
+        if self.api.answer_lost():
+            raise ProviderError(
+                "provision: connection reset before the answer", provider=self.name, retryable=True
+            )
+        return ids
+
+    async def terminate(self, pool: str, count: int, token: str) -> None:
+        self.api.check("terminate")
+        self._cloud(pool).terminate(count, token)
+
+    def _cloud(self, pool: str) -> CloudInstanceType:
+        p = self.pools.get(pool)
+        if not isinstance(p, CloudInstanceType):
+            why = "no such pool" if p is None else f"a {p.kind.value} pool has fixed nodes"
+            raise ProviderError(
+                f"cannot provision or terminate instances of {pool}: {why}",
+                provider=self.name,
+                retryable=False,
+            )
+        return p
 
     async def logs(
         self, key: str, *, stream: LogStream = "stdout", follow: bool = False

@@ -110,6 +110,8 @@ POOL_COLUMNS = [
     "utilization",
     "busy_gpu_hours",
     "cost",
+    "instance_hours",
+    "launches",
     "node_failures",
     "preemptions",
     "backfilled",

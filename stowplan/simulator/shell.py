@@ -11,10 +11,12 @@ hosts them in production; this module only supplies its four ports:
 - run records: the metrics (the store's job in production).
 
 Retrying a submit whose answer was lost (same keys, only while the core waits on them),
-reconcile, batched observation (one describe per provider every ``heartbeat``, which renews the
-core's leases; a cut-off site cannot be described, its leases expire, the core marks those runs
-LOST and reconciles, and the answers come once the site is back) and rediscovery when capacity
-changes are the shell's, line for line as in production. The simulated and the real control
+provisioning and terminating cloud instances (the core's ``Provision``/``Terminate``, retried
+with the same token; the pools boot, bill and reclaim them), reconcile, batched observation
+(one describe per provider every ``heartbeat``, which renews the core's leases; a cut-off site
+cannot be described, its leases expire, the core marks those runs LOST and reconciles, and the
+answers come once the site is back) and rediscovery when capacity changes are the shell's,
+line for line as in production. The simulated and the real control
 plane differ only in the clock and the providers.
 """
 
@@ -57,6 +59,9 @@ from stowplan.spec.models import RetryPolicy
 Progress = Callable[[float, float], None]
 """(virtual now, virtual horizon or infinity) -> None; called as simulated time advances."""
 
+SIMULATED_COMMAND = ["simulated"]
+"""What a simulated attempt runs, as its launch says: nothing (its job is named by the run)."""
+
 UNBOUNDED_EXTRA_S = 86_400.0
 """without ``until``, a workload with never-ending services stops this long after its last
 arrival"""
@@ -80,6 +85,10 @@ class SimCounters(Struct, kw_only=True):
     describe_retries: int = 0
     reports: int = 0
     heartbeats: int = 0
+    provisions: int = 0
+    """provision calls (the core's Provision commands, retries included)"""
+    terminates: int = 0
+    elastic_retries: int = 0
     duplicate_submits_absorbed: int = 0
     keys_executed: int = 0
     api_errors: int = 0
@@ -185,7 +194,14 @@ class _MetricsRecords:
     ) -> list[LaunchSpec]:
         del provider
         return [
-            LaunchSpec(key=it.key, run_id=it.run_id, attempt=it.attempt, pool=pool, name=it.run_id)
+            LaunchSpec(
+                key=it.key,
+                run_id=it.run_id,
+                attempt=it.attempt,
+                pool=pool,
+                name=it.run_id,
+                argv=SIMULATED_COMMAND,
+            )
             for it in items
         ]
 
@@ -217,7 +233,10 @@ class Simulation:
         sched = cluster.scheduler
         self.core = SchedulerCore(
             CoreConfig(
-                lease_ttl=sched.lease_ttl_s, seed=self.opts.seed, context=placement_context(cluster)
+                lease_ttl=sched.lease_ttl_s,
+                seed=self.opts.seed,
+                context=placement_context(cluster),
+                idle_grace=sched.idle_grace_s,
             )
         )
         self.retry = RetryPolicy(max_attempts=sched.max_attempts, backoff_cap=sched.backoff_cap_s)
@@ -386,6 +405,9 @@ class Simulation:
         c.describe_retries = sc.describe_retries
         c.reports = sc.reports
         c.heartbeats = sc.heartbeats
+        c.provisions = sc.provisions
+        c.terminates = sc.terminates
+        c.elastic_retries = sc.elastic_retries
         c.ignored_reports = self.core.ignored_reports
         for prov in self.providers.values():
             c.duplicate_submits_absorbed += prov.duplicate_submits

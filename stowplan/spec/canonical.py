@@ -3,7 +3,9 @@
 The canonical form of any spec is msgspec JSON with sorted keys and every default written out,
 so two files that mean the same thing hash the same. Identity is layered:
 
-- ``spec_hash``: SHA-256 of the canonical encoding of a spec;
+- ``spec_hash``: SHA-256 of the canonical encoding of a spec; ``task_hash`` that of a task,
+  whose canonical form leaves out fields added later while they are at their defaults
+  (``TASK_FIELDS_ADDED_LATER``), so adding a field does not change every stored run's id;
 - ``run_id``: SHA-256 of everything that determines a run's result (task spec hash, parameters,
   seed, code version, data versions, environment hash, the run ids of its upstream runs, the
   replicate number and, for a repeated parameter set, the trial number);
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
+from typing import Any, Final
 
 import msgspec
 
@@ -36,6 +39,35 @@ def sha256_hex(data: bytes) -> str:
 
 def spec_hash(obj: object) -> str:
     return sha256_hex(canonical_json(obj))
+
+
+TASK_FIELDS_ADDED_LATER: Final[Mapping[str, object]] = {"image": None, "secrets": {}}
+"""Task fields added after stores existed, with their defaults. A task's canonical form leaves
+each out while it has its default, so a task that does not use it keeps the hash (and its runs
+keep the ids) it had before the field existed; a task that sets it hashes differently."""
+
+
+def canonical_task(task: object) -> dict[str, Any]:
+    """A task's canonical form (``spec.models.Task`` or its stored dict): every default
+    written out, except those of ``TASK_FIELDS_ADDED_LATER``."""
+    fields: dict[str, Any] = msgspec.to_builtins(task)
+    for name, default in TASK_FIELDS_ADDED_LATER.items():
+        if name in fields and fields[name] == default:
+            del fields[name]
+    return fields
+
+
+def task_hash(task: object) -> str:
+    """The hash of a task's spec as written (``RunIdentity.task_spec_hash``)."""
+    return spec_hash(canonical_task(task))
+
+
+def canonical_experiment(spec: object) -> dict[str, Any]:
+    """An experiment's canonical form, as stored (``ExperimentRecord.spec``): its tasks in
+    ``canonical_task`` form, so a stored task hashes (``spec_hash``) to its ``task_hash``."""
+    out: dict[str, Any] = msgspec.to_builtins(spec)
+    out["tasks"] = [canonical_task(t) for t in out.get("tasks", [])]
+    return out
 
 
 class RunIdentity(msgspec.Struct, frozen=True, kw_only=True):

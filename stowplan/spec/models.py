@@ -46,6 +46,8 @@ LABEL_PATTERN: Final = r"\A[^\x00-\x1f\x7f]{1,256}\Z"
 PATH_PATTERN: Final = r"\A[^\x00-\x1f\x7f]{1,4096}\Z"
 ARG_PATTERN: Final = r"\A[^\x00]*\Z"
 PREFIX_PATTERN: Final = r"\A[A-Za-z0-9_.-]{0,32}\Z"
+IMAGE_PATTERN: Final = r"\A[A-Za-z0-9][A-Za-z0-9._/:@-]{0,511}\Z"
+SECRET_PATTERN: Final = r"\A[A-Za-z0-9][A-Za-z0-9._/-]{0,252}(#[A-Za-z0-9._-]{1,253})?\Z"
 
 PATTERNS: Final = {
     NAME_PATTERN: "a name must be 1 to 128 letters, digits, '_', '.' or '-', starting with a "
@@ -58,6 +60,11 @@ PATTERNS: Final = {
     "(newline, tab, NUL, ...)",
     ARG_PATTERN: "must not contain NUL characters (a program cannot receive them)",
     PREFIX_PATTERN: "must be up to 32 letters, digits, '_', '.' or '-'",
+    IMAGE_PATTERN: "is not a container image: write registry/name:tag or name@sha256:digest, "
+    "up to 512 letters, digits and '.', '_', '-', '/', ':', '@', without spaces",
+    SECRET_PATTERN: "is not a secret name: 1 to 253 letters, digits and '.', '_', '-', '/', "
+    "starting with a letter or digit, optionally followed by '#' and the entry within the "
+    "secret",
 }
 """Every string pattern of the schema and how to say it to a person (the loader's messages)."""
 
@@ -341,10 +348,20 @@ class TaskPlacement(_Spec, frozen=True):
                 raise ValueError(f"runtime: {e}") from None
 
 
+Image = Annotated[str, Meta(pattern=IMAGE_PATTERN)]
+"""A container image reference: ``python:3.12-slim``, ``ghcr.io/org/img@sha256:...``."""
+SecretName = Annotated[str, Meta(pattern=SECRET_PATTERN)]
+"""A secret by name (``hf-token``, ``prod/db``), optionally ``#entry`` within it."""
+
+
 class Task(_Spec, frozen=True):
     """One step of an experiment. Exactly one of ``command`` (argv) or ``script`` (a shell
     script, run with ``bash -euo pipefail``) is given. ``{name}`` in either is replaced by a
-    sweep parameter, ``{seed}``, ``{run_id}`` or ``{experiment_dir}``; ``{{`` is a brace."""
+    sweep parameter, ``{seed}``, ``{run_id}`` or ``{experiment_dir}``; ``{{`` is a brace.
+
+    ``image`` and ``secrets`` need a provider that runs containers and resolves secrets
+    (``Capability.CONTAINERS``, ``Capability.SECRETS``); a task naming them is refused before
+    anything is written when no provider it may run on can."""
 
     name: Name
     command: list[Arg] | None = None
@@ -360,8 +377,21 @@ class Task(_Spec, frozen=True):
     sweep: Sweep | None = None
     priority: Priority | None = None
     placement: TaskPlacement = field(default_factory=TaskPlacement)
+    image: Image | None = None
+    """The container image the task runs in; unset, the provider's default image where it has
+    one. Part of the run's identity: another image is another run."""
+    secrets: dict[Identifier, SecretName] = field(default_factory=dict)
+    """Environment variable -> the name of a secret the provider resolves when it submits the
+    attempt. The name is part of the task's spec; the value is never read by stowplan, stored,
+    logged or shown (a dry run shows ``secret:NAME``)."""
 
     def __post_init__(self) -> None:
+        for var in self.secrets:
+            if var in self.env:
+                raise ValueError(
+                    f"secrets.{var}: {var} is also set in env; a variable comes from one place, "
+                    "so remove it from env or from secrets"
+                )
         if (self.command is None) == (self.script is None):
             raise ValueError(
                 "give exactly one of command (a list of arguments) or script (shell text)"
@@ -480,7 +510,236 @@ class SlurmProviderConfig(_Spec, frozen=True, tag_field="kind", tag="slurm"):
             )
 
 
-ProviderConfig = LocalProviderConfig | InstantProviderConfig | SlurmProviderConfig
+K8S_DNS_LABEL: Final = r"\A[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z"
+K8S_DNS_SUBDOMAIN: Final = r"\A[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?\Z"
+K8S_LABEL_KEY: Final = (
+    r"\A([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?\Z"
+)
+K8S_LABEL_VALUE: Final = r"\A[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?\Z"
+K8S_IMAGE: Final = r"\A[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,1023}\Z"
+_K8S_WORDS: Final = {
+    K8S_DNS_LABEL: "must be a DNS label (up to 63 lowercase letters, digits or '-', starting "
+    "and ending with a letter or digit)",
+    K8S_DNS_SUBDOMAIN: "must be a DNS subdomain (lowercase letters, digits, '-' and '.')",
+    K8S_LABEL_KEY: "must be a Kubernetes label key such as 'cloud.google.com/gke-nodepool'",
+    K8S_LABEL_VALUE: "must be a Kubernetes label value (up to 63 letters, digits, '-', '_' or "
+    "'.', starting and ending with a letter or digit)",
+    K8S_IMAGE: "must be an image reference such as 'ghcr.io/lab/train:1.2' (no spaces)",
+}
+
+
+class KubernetesProviderConfig(_Spec, frozen=True, tag_field="kind", tag="kubernetes"):
+    """A Kubernetes cluster (GKE, EKS, on-prem with the NVIDIA GPU operator, with or without
+    Kueue), reached with a kubeconfig or, failing that, the in-cluster service account.
+
+    ``kubeconfig`` unset: ``$KUBECONFIG``, then ``~/.kube/config``, then in-cluster. Credentials
+    stay in the kubeconfig: stowplan never copies them. ``node_pool_label`` unset: the first of
+    ``cloud.google.com/gke-nodepool``, ``eks.amazonaws.com/nodegroup``, ``karpenter.sh/nodepool``
+    and ``node.kubernetes.io/instance-type`` that the nodes carry. ``tolerations`` lists the
+    taint keys every stowplan pod tolerates (GPU pods also tolerate ``gpu_resource``'s taint);
+    a node pool with another NoSchedule taint is not offered.
+    """
+
+    kubeconfig: PathText | None = None
+    context: Label | None = None
+    namespace: Annotated[str, Meta(pattern=K8S_DNS_LABEL)] | None = None
+    """unset: ``default`` (not the kubeconfig context's: a dry run renders the same
+    manifests on every machine)."""
+    image: str | None = None
+    image_pull_secrets: list[Annotated[str, Meta(pattern=K8S_DNS_SUBDOMAIN)]] = field(
+        default_factory=list
+    )
+    service_account: Annotated[str, Meta(pattern=K8S_DNS_SUBDOMAIN)] | None = None
+    node_pool_label: str | None = None
+    gpu_resource: str = "nvidia.com/gpu"
+    kueue_queue: str | None = None
+    priority_class: Annotated[str, Meta(pattern=K8S_DNS_SUBDOMAIN)] | None = None
+    ttl_after_finished: Duration | None = None
+    """seconds a finished Job is kept (``ttlSecondsAfterFinished``); unset: kept."""
+    max_parallelism: PositiveInt | None = None
+    """the most pods of one Indexed Job at once; unset: all of its indexes."""
+    tolerations: list[str] = field(default_factory=list)
+    unschedulable_after: Duration = 600.0
+    """a pod unschedulable this long is reported as such (the core may re-place it)."""
+    site: Label | None = None
+    """unset: the nodes' ``topology.kubernetes.io/region`` (else the provider's name)."""
+    request_timeout: Annotated[float, Meta(gt=0, le=600)] = 30.0
+
+    def __post_init__(self) -> None:
+        import re
+
+        def check(name: str, value: str | None, pattern: str) -> None:
+            if value is not None and not re.match(pattern, value):
+                raise ValueError(f"{name}: {value!r} {_K8S_WORDS[pattern]}")
+
+        check("image", self.image, K8S_IMAGE)
+        check("node_pool_label", self.node_pool_label, K8S_LABEL_KEY)
+        check("gpu_resource", self.gpu_resource, K8S_LABEL_KEY)
+        check("kueue_queue", self.kueue_queue, K8S_LABEL_VALUE)
+        for i, t in enumerate(self.tolerations):
+            check(f"tolerations[{i}]", t, K8S_LABEL_KEY)
+        for name in ("ttl_after_finished", "unschedulable_after"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            try:
+                force_setattr(self, name, parse_duration(value))
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+        if self.context is not None and not self.context.strip():
+            raise ValueError("context: is empty; name a context of the kubeconfig or leave it out")
+
+
+AWS_REGIONS: Final = (
+    "af-south-1", "ap-east-1", "ap-east-2", "ap-northeast-1", "ap-northeast-2",
+    "ap-northeast-3", "ap-south-1", "ap-south-2", "ap-southeast-1", "ap-southeast-2",
+    "ap-southeast-3", "ap-southeast-4", "ap-southeast-5", "ap-southeast-7", "ca-central-1",
+    "ca-west-1", "cn-north-1", "cn-northwest-1", "eu-central-1", "eu-central-2", "eu-north-1",
+    "eu-south-1", "eu-south-2", "eu-west-1", "eu-west-2", "eu-west-3", "il-central-1",
+    "me-central-1", "me-south-1", "mx-central-1", "sa-east-1", "us-east-1", "us-east-2",
+    "us-gov-east-1", "us-gov-west-1", "us-west-1", "us-west-2",
+)  # fmt: skip
+"""The AWS regions stowplan knows (a typo is an error; a region added later needs a release)."""
+_AWS_INSTANCE_GLOB: Final = r"\A[a-z0-9*?]+\.[a-z0-9*?]+\Z"
+_AWS_AMI: Final = r"\Aami-[0-9a-f]{8,17}\Z"
+_AWS_SSM: Final = r"\A(ssm:)?/[A-Za-z0-9_.\-/]{1,2047}\Z"
+_AWS_ROLE_ARN: Final = r"\Aarn:aws(-cn|-us-gov)?:iam::[0-9]{12}:role/[\w+=,.@/-]{1,512}\Z"
+_AWS_BUCKET: Final = r"\As3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(/[A-Za-z0-9!_.*'()/-]*)?\Z"
+
+
+class AwsProviderConfig(_Spec, frozen=True, tag_field="kind", tag="aws"):
+    """EC2 GPU instances (on-demand and spot) in one or more regions, one instance per attempt.
+
+    Credentials: ``profile`` (a named profile of ~/.aws/config), else ``role_arn`` assumed
+    through STS for leases of ``session_duration`` seconds renewed before they expire, else the
+    SDK's default chain. Credentials are only ever held in memory: never written, logged or
+    passed to an instance (instances get presigned S3 URLs). ``instance_types`` are glob
+    patterns (``g5.*``, ``p4d.24xlarge``); ``ami`` is an AMI id (one region), an SSM parameter
+    name (``/aws/service/...``, resolved by EC2 at launch in every region) or a table of region
+    -> either. ``bucket`` (``s3://bucket/prefix``) holds payloads, logs, outputs and exit
+    records. ``idle_shutdown``: seconds an instance stays up after its attempt ended before it
+    shuts itself down (and, with shutdown behaviour ``terminate``, is gone).
+    """
+
+    regions: list[Label]
+    bucket: str
+    ami: str | dict[str, str]
+    instance_types: list[str] = field(default_factory=lambda: ["g5.*"])
+    profile: Label | None = None
+    role_arn: str | None = None
+    session_duration: Duration = 3600.0
+    spot: Literal["never", "prefer", "only"] = "never"
+    max_instances: Annotated[int, Meta(ge=1, le=100_000)] = 8
+    max_hourly_usd: Annotated[float, Meta(gt=0, le=MAX_WEIGHT)] | None = None
+    subnets: list[Annotated[str, Meta(pattern=r"\Asubnet-[0-9a-f]{8,17}\Z")]] = field(
+        default_factory=list
+    )
+    security_groups: list[Annotated[str, Meta(pattern=r"\Asg-[0-9a-f]{8,17}\Z")]] = field(
+        default_factory=list
+    )
+    instance_profile: Label | None = None
+    """an instance profile name or ARN (the attempt's own AWS access, if it needs any)."""
+    idle_shutdown: Duration = 300.0
+    prices: PathText | None = None
+    """a price table (JSON, the bundled table's format) used instead of the bundled one."""
+
+    def __post_init__(self) -> None:
+        import difflib
+        import re
+
+        if not self.regions:
+            raise ValueError("regions: list at least one region, e.g. ['us-east-1']")
+        for i, region in enumerate(self.regions):
+            if region not in AWS_REGIONS:
+                close = difflib.get_close_matches(region, AWS_REGIONS, n=1)
+                raise ValueError(
+                    f"regions[{i}]: {region!r} is not an AWS region"
+                    + (f"; did you mean {close[0]!r}?" if close else "")
+                    + " (write region codes such as 'us-east-1')"
+                )
+        if len(set(self.regions)) != len(self.regions):
+            raise ValueError("regions: lists a region twice; list each once")
+        if self.profile is not None and self.role_arn is not None:
+            raise ValueError(
+                "role_arn: give profile or role_arn, not both (a role is assumed with the "
+                "default credentials; to assume it from a profile, set source_profile in "
+                "~/.aws/config and give only profile)"
+            )
+        if self.role_arn is not None and not re.match(_AWS_ROLE_ARN, self.role_arn):
+            raise ValueError(
+                f"role_arn: {self.role_arn!r} is not an IAM role ARN; write "
+                "'arn:aws:iam::123456789012:role/NAME'"
+            )
+        for name in ("session_duration", "idle_shutdown"):
+            try:
+                force_setattr(self, name, parse_duration(getattr(self, name)))
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+        if not 900 <= float(self.session_duration) <= 43200:
+            raise ValueError(
+                "session_duration: an STS lease lasts from 15 minutes to 12 hours; give a "
+                "duration between '15m' and '12h'"
+            )
+        if not self.instance_types:
+            raise ValueError("instance_types: list at least one type or pattern, e.g. ['g5.*']")
+        for i, t in enumerate(self.instance_types):
+            if not re.match(_AWS_INSTANCE_GLOB, t):
+                raise ValueError(
+                    f"instance_types[{i}]: {t!r} is not an instance type or pattern; write "
+                    "FAMILY.SIZE in lowercase, with * or ? as wildcards ('g5.*', 'p4d.24xlarge')"
+                )
+        if not re.match(_AWS_BUCKET, self.bucket):
+            raise ValueError(
+                f"bucket: {self.bucket!r} is not an S3 URL; write 's3://BUCKET' or "
+                "'s3://BUCKET/PREFIX' (a bucket name of 3 to 63 lowercase letters, digits, "
+                "'.' and '-')"
+            )
+        amis = self.ami if isinstance(self.ami, dict) else None
+        if amis is None:
+            assert isinstance(self.ami, str)
+            if re.match(_AWS_AMI, self.ami) and len(self.regions) > 1:
+                raise ValueError(
+                    "ami: an AMI id belongs to one region; give a table "
+                    "{ us-east-1 = 'ami-...', ... } or an SSM parameter name"
+                )
+            amis = {r: self.ami for r in self.regions}
+        for region, ami in amis.items():
+            if region not in self.regions:
+                raise ValueError(
+                    f"ami: {region!r} is not one of regions; remove it or add it to regions"
+                )
+            if not (re.match(_AWS_AMI, ami) or re.match(_AWS_SSM, ami)):
+                raise ValueError(
+                    f"ami: {ami!r} (for {region}) is neither an AMI id "
+                    "('ami-0123456789abcdef0') nor an SSM parameter name ('/aws/service/...')"
+                )
+        missing = [r for r in self.regions if r not in amis]
+        if missing:
+            raise ValueError(f"ami: no AMI for {', '.join(missing)}; add one per region")
+
+    def ami_for(self, region: str) -> str:
+        """The ``ImageId`` to launch in ``region``: an AMI id, or ``resolve:ssm:NAME``."""
+        ami = self.ami[region] if isinstance(self.ami, dict) else self.ami
+        return ami if ami.startswith("ami-") else "resolve:ssm:" + ami.removeprefix("ssm:")
+
+    @property
+    def bucket_name(self) -> str:
+        return self.bucket.removeprefix("s3://").split("/", 1)[0]
+
+    @property
+    def bucket_prefix(self) -> str:
+        """The key prefix under the bucket, without slashes at either end ("" for none)."""
+        rest = self.bucket.removeprefix("s3://").split("/", 1)
+        return rest[1].strip("/") if len(rest) > 1 else ""
+
+
+ProviderConfig = (
+    LocalProviderConfig
+    | InstantProviderConfig
+    | SlurmProviderConfig
+    | KubernetesProviderConfig
+    | AwsProviderConfig
+)
 
 
 class StoreConfig(_Spec, frozen=True):

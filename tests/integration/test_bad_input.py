@@ -72,12 +72,12 @@ PROJECT_EXPECT = {
     "policy-priority-huge.toml": "$.policy.priority",
     "provider-cpus-inf.toml": "$.providers.local.cpus",
     "provider-gpus-huge.toml": "$.providers.local.gpus",
-    "provider-kind-unknown.toml": "local, instant, slurm",
+    "provider-kind-unknown.toml": "use one of: local, instant, slurm, kubernetes",
     "provider-name-newline.toml": "$.providers",
     "provider-port.toml": "$.providers.campus.port",
 }
 SESSION_NAMES_NO_FILE = {"input-missing.toml", "input-proc-self.toml"}
-"""Data-input errors name the experiment file and line once actors/session.py versions the
+"""Data-input errors name the experiment file and line once session.py versions the
 inputs with provenance.data.capture_inputs (see the issue 11 report)."""
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from stowplan.actors.control import PLACEMENT, QUEUE, STORE, ControlPlane
-from stowplan.actors.session import prepare, record, submissions
 from stowplan.provenance.store import RunStore
+from stowplan.session import prepare, record, submissions
 
 from .conftest import launches_per_key, sweep_project, wait_for
 

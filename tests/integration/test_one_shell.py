@@ -13,22 +13,31 @@ actor, behind the queue actor, with the store, the placement actor and Ray in be
 
 from __future__ import annotations
 
+import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from stowplan.actors.control import QUEUE, ControlPlane
+from stowplan.actors.control import QUEUE, ControlPlane, provider_actor_name
 from stowplan.actors.provider import ProviderActor
-from stowplan.actors.queue import SUBMIT_CHUNK, SubmitRun, launch_spec
-from stowplan.actors.session import prepare, record, submissions
+from stowplan.actors.queue import SUBMIT_CHUNK, session_epoch
+from stowplan.actors.runtime import owner_identity
 from stowplan.errors import ProviderError
 from stowplan.placement import solve
-from stowplan.placement.problem import PlacementContext, PlacementProblem, PlacementSolution
+from stowplan.placement.problem import (
+    PlacementContext,
+    PlacementProblem,
+    PlacementSolution,
+    Pool,
+    Shape,
+)
 from stowplan.provenance.store import RunStore
 from stowplan.providers.base import (
+    Capabilities,
+    Capability,
     Facts,
     LaunchSpec,
     ProviderRequest,
@@ -43,7 +52,10 @@ from stowplan.scheduler.events import (
     SubmitItem,
     TasksSubmitted,
     Transition,
+    elastic_token,
 )
+from stowplan.scheduler.plan import RunPayload
+from stowplan.session import launch_spec, prepare, record, submissions
 from stowplan.shell import CommandShell, ShellConfig, run_now
 from stowplan.simulator.engine import PRIO_ARRIVAL, Engine
 from stowplan.simulator.shell import _EngineClock
@@ -151,7 +163,7 @@ def _project(tmp_path: Path) -> Path:
 class _Records:
     """Run records kept in memory, launches made as the queue actor makes them."""
 
-    def __init__(self, runs: dict[str, SubmitRun]) -> None:
+    def __init__(self, runs: dict[str, RunPayload]) -> None:
         self.runs = runs
         self.steps: dict[str, Steps] = {}
 
@@ -166,8 +178,7 @@ class _Records:
         self, provider: str, pool: str, items: Sequence[SubmitItem]
     ) -> list[LaunchSpec]:
         return [
-            launch_spec(self.runs[it.run_id].payload, it.run_id, it.attempt, it.key, pool)
-            for it in items
+            launch_spec(self.runs[it.run_id], it.run_id, it.attempt, it.key, pool) for it in items
         ]
 
     async def intend(self, provider: str, pool: str, items: Sequence[SubmitItem]) -> None:
@@ -189,7 +200,7 @@ def _step(from_state: Any, to_state: Any, failure: Any) -> tuple[str, str, str |
     return (text(from_state), text(to_state), None if failure is None else text(failure))
 
 
-def _simulate(runs: dict[str, SubmitRun], first: list[str], later: list[str], cancel: str) -> Any:
+def _simulate(runs: dict[str, RunPayload], first: list[str], later: list[str], cancel: str) -> Any:
     engine = Engine(seed=0)
     records = _Records(runs)
     provider = Scripted("instant", InstantProviderConfig())
@@ -205,7 +216,7 @@ def _simulate(runs: dict[str, SubmitRun], first: list[str], later: list[str], ca
     )
 
     def arrive(ids: list[str]) -> None:
-        shell.feed(TasksSubmitted(tasks=[runs[r].payload.instance for r in ids]))
+        shell.feed(TasksSubmitted(tasks=[runs[r].instance for r in ids]))
 
     run_now(shell.discover())
     shell.start()
@@ -232,7 +243,7 @@ def test_the_simulator_and_the_actors_make_the_same_transitions(
         recorded = record(prepared, store)
     ids = [r.run_id for r in recorded]
     items = {s.run_id: s for s in submissions(prepared, set(ids))}
-    role = {_index(s.payload.name): s.run_id for s in items.values()}
+    role = {_index(s.name): s.run_id for s in items.values()}
     assert sorted(role) == [PLAIN, LOST_ANSWER, NODE_FAILURE, CANCELLED]
     first = [role[PLAIN], role[NODE_FAILURE], role[CANCELLED]]
     later = [role[LOST_ANSWER]]
@@ -296,3 +307,135 @@ def test_the_simulator_and_the_actors_make_the_same_transitions(
     }
     assert ("RUNNING", "CANCELLED", "cancelled") in real[role[CANCELLED]]
     assert any(f == "node_failure" for _, _, f in real[role[NODE_FAILURE]])
+
+
+# ---- the elastic path, both ways ------------------------------------------------------------
+
+
+class Elastic(InstantProvider):
+    """The instant provider behind one elastic pool: no capacity until ``provision`` starts
+    instances (two CPUs each, at most four), which it pushes as a capacity change. Every call
+    is written down, so both sides can be compared."""
+
+    capabilities = Capabilities(
+        has=InstantProvider.capabilities.has | {Capability.ELASTIC},
+        why_not={
+            c: r for c, r in InstantProvider.capabilities.why_not.items() if c != Capability.ELASTIC
+        },
+    )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls: list[tuple[str, str, int, str]] = []
+        self.started: dict[str, list[str]] = {}
+        self._changes: asyncio.Queue[str] | None = None
+
+    async def discover(self) -> list[Pool]:
+        n = sum(len(ids) for ids in self.started.values())
+        return [
+            Pool(
+                id=self.name,
+                provider=self.name,
+                kind="cloud",
+                cpus=2.0 * n,
+                memory=n << 30,
+                node=Shape(cpus=2.0, memory=1 << 30),
+                max_instances=4 - n,
+                boot_s=1.0,
+            )
+        ]
+
+    async def provision(self, pool: str, count: int, token: str) -> list[str]:
+        self.calls.append(("provision", pool, count, token))
+        if token not in self.started:
+            n = sum(len(ids) for ids in self.started.values())
+            self.started[token] = [f"i-{n + i}" for i in range(count)]
+            if self._changes is not None:
+                self._changes.put_nowait("instances started")
+        return self.started[token]
+
+    async def capacity_changes(self) -> AsyncIterator[str]:
+        self._changes = asyncio.Queue()
+        while True:
+            yield await self._changes.get()
+
+
+class ElasticActor(ProviderActor):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.driver = Elastic(self.name, InstantProviderConfig())
+
+    async def elastic_calls(self) -> list[tuple[str, str, int, str]]:
+        assert isinstance(self.driver, Elastic)
+        return self.driver.calls
+
+
+def test_the_elastic_path_is_the_same_in_simulation_and_in_real_time(
+    ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The core's Provision, carried out by the one shell: through the provider actor's
+    ``provision`` (and its pushed capacity change) in real time, straight to the driver in
+    virtual time; the same token, the same instances, the same transitions."""
+    import ray
+
+    import stowplan.actors.provider
+
+    monkeypatch.setattr(stowplan.actors.provider, "ProviderActor", ElasticActor)
+    prepared = prepare(_project(tmp_path))
+    with RunStore(prepared.store_path) as store:
+        ids = [r.run_id for r in record(prepared, store)]
+    items = {s.run_id: s for s in submissions(prepared, set(ids))}
+
+    plane = ControlPlane(
+        state_dir=Path(prepared.state_dir),
+        store_path=Path(prepared.store_path),
+        providers=prepared.providers,
+        poll_max=0.5,
+    )
+    plane.start()
+    try:
+
+        def done() -> bool:
+            info = plane.progress(ids)
+            assert info["fatal"] is None, info
+            ray.get(plane.actors[QUEUE].drain.remote())
+            with RunStore(prepared.store_path) as store:
+                return {r.state for r in store.get_runs(ids).values()} == {"SUCCEEDED"}
+
+        plane.submit([items[r] for r in ids], [])
+        wait_for(done, 60, "every run to succeed on the instances it launched")
+        actor = plane.actors[provider_actor_name("instant")]
+        real_calls = ray.get(actor.elastic_calls.remote())
+    finally:
+        plane.stop()
+    with RunStore(prepared.store_path) as store:
+        real = {
+            r: [_step(e.from_state, e.to_state, e.failure) for e in store.events_for(r)]
+            for r in ids
+        }
+
+    # the same session epoch as the control plane this process started
+    epoch = session_epoch(owner_identity())
+    engine = Engine(seed=0)
+    records = _Records(items)
+    provider = Elastic("instant", InstantProviderConfig())
+    shell = CommandShell(
+        SchedulerCore(
+            CoreConfig(lease_ttl=900.0, seed=0, context=PlacementContext(), token_epoch=epoch)
+        ),
+        clock=_EngineClock(engine),
+        solver=_Placement(),
+        providers={"instant": provider},
+        records=records,
+        config=ShellConfig(seed=0, observe_every=None, rediscover_every=300.0),
+    )
+    run_now(shell.discover())
+    shell.start()
+    engine.at(0.0, lambda _: shell.feed(TasksSubmitted(tasks=[items[r].instance for r in ids])))
+    engine.run(60.0)
+
+    # four one-CPU runs: two two-CPU instances, under the core's first token for the pool
+    token = elastic_token("provision", "instant", 1, epoch)
+    assert [tuple(c) for c in real_calls] == provider.calls == [("provision", "instant", 2, token)]
+    assert records.steps == real
+    assert {s[-1][1] for s in real.values()} == {"SUCCEEDED"}

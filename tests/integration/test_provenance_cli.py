@@ -233,7 +233,7 @@ def test_diff_of_runs_that_differ_in_one_package_names_it(
 def test_cancel_is_in_the_ledger_with_its_reason(
     project: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from stowplan.actors.session import prepare, record
+    from stowplan.session import prepare, record
 
     prepared = prepare(project / "tiny.toml")
     with RunStore(prepared.store_path) as store:

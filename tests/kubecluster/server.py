@@ -206,6 +206,9 @@ class ApiServer:
         self.cluster = cluster
         self.stopping = asyncio.Event()
         self.close_streams = asyncio.Event()
+        self.close_generation = 0
+        """bumped by every ``close_watches``: a watch that began before it ends, even one that
+        had not reached its wait yet when the event was set."""
         self.bookmark_now = asyncio.Event()
         self.runner: web.AppRunner | None = None
 
@@ -524,6 +527,7 @@ class ApiServer:
         timeout = float(q["timeoutSeconds"]) if q.get("timeoutSeconds") else None
         initial_events = _is_true(q.get("sendInitialEvents"))
         rv_param = q.get("resourceVersion")
+        generation = self.close_generation
 
         def matches(obj: JSON | None) -> bool:
             if obj is None:
@@ -535,7 +539,10 @@ class ApiServer:
             )
 
         resp = web.StreamResponse(headers={"Content-Type": "application/json"})
-        await resp.prepare(request)
+        try:
+            await resp.prepare(request)
+        except (ConnectionResetError, ConnectionError):
+            return resp  # the client went away before the answer began
 
         async def send(kind: str, obj: JSON) -> None:
             await resp.write(json.dumps({"type": kind, "object": obj}).encode() + b"\n")
@@ -577,6 +584,10 @@ class ApiServer:
             ends = None if timeout is None else loop.time() + timeout
             next_bookmark = loop.time() + self.cluster.bookmark_interval
             while not self.stopping.is_set():
+                if generation != self.close_generation:
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return resp
                 changed = store.change_event()
                 bm_now = self.bookmark_now
                 close = self.close_streams
@@ -624,7 +635,7 @@ class ApiServer:
                 finally:
                     for w in waits:
                         w.cancel()
-                if close.is_set():
+                if close.is_set() or generation != self.close_generation:
                     if request.transport is not None:
                         request.transport.abort()
                     return resp
@@ -684,7 +695,10 @@ class ApiServer:
         if not _is_true(q.get("follow")):
             return web.Response(text="".join(lines[start:]), content_type="text/plain")
         resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
-        await resp.prepare(request)
+        try:
+            await resp.prepare(request)
+        except (ConnectionResetError, ConnectionError):
+            return resp  # the client went away before the answer began
         sent = start
         try:
             while not self.stopping.is_set():
@@ -1072,6 +1086,10 @@ class KubeCluster:
             )
         )
 
+    def clear_faults(self) -> None:
+        """Forget every fault not yet used up (the network is healthy again)."""
+        self._call(self.faults.clear)
+
     def take_fault(self, request: web.Request) -> Fault | None:
         for f in self.faults:
             if f.count > 0 and f.matches(request):
@@ -1086,6 +1104,7 @@ class KubeCluster:
 
         def go() -> None:
             assert self._server is not None
+            self._server.close_generation += 1
             self._server.close_streams.set()
             self._server.close_streams = asyncio.Event()
 

@@ -19,9 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stowplan.actors.session import prepare, record
 from stowplan.cli.main import main
 from stowplan.provenance.store import RunStore
+from stowplan.session import prepare, record
 
 VALUES = st.one_of(st.integers(-2, 2), st.sampled_from(["a", "b"]), st.booleans())
 

@@ -51,7 +51,7 @@ import anyio.to_thread
 import msgspec
 import psutil
 
-from stowplan.errors import InternalError, ProviderError
+from stowplan.errors import InternalError
 from stowplan.placement.problem import Pool
 from stowplan.providers.base import (
     TERMINAL_PROVIDER_STATES,
@@ -458,7 +458,7 @@ class LocalProvider(Provider):
     ) -> AsyncIterator[bytes]:
         attempt_dir = await self._off_loop(lambda: self._keys.dir_for(key))
         if attempt_dir is None:
-            raise ProviderError(f"no attempt with key {key!r}", provider=self.name, retryable=False)
+            return  # an unknown key yields nothing (the contract)
         path = attempt_dir / (STDOUT_FILE if stream == "stdout" else STDERR_FILE)
         log = _LogReader(path)
         try:

@@ -1,8 +1,9 @@
 """How the Slurm driver reaches a cluster: the transports behind one small interface.
 
 ``SSHBackend`` runs Slurm's commands on the login node (``ssh.py``); ``RestBackend``
-(``rest.py``) talks to slurmrestd. The driver keeps the attempt index, the caching and the
-mapping to reports; a backend only submits, observes, cancels and reads.
+(``rest.py``) talks to slurmrestd. The driver keeps the key index, the finished reports and
+the mapping to reports; a backend only finds, submits, observes, cancels and reads, each once
+(no retries: the command shell retries a retryable ``ProviderError``).
 """
 
 from __future__ import annotations
@@ -62,8 +63,10 @@ class Backend(abc.ABC):
         """Cluster name, partitions, pending CPU-seconds by partition."""
 
     @abc.abstractmethod
-    async def find(self, name: str) -> str | None:
-        """The job id of a job named ``name``, live or accounted, if there is one."""
+    async def find(self, name: str, job_dir: str) -> str | None:
+        """The job id of the array named ``name`` (written under ``job_dir``), live or
+        accounted, if there is one. A submit of it still in progress is waited for where the
+        backend can (the SSH submit program's lock)."""
 
     @abc.abstractmethod
     async def submit(self, req: SlurmRequest) -> str:
@@ -103,17 +106,39 @@ if [ -s jobid ]; then cat jobid; exit 0; fi
 # a connection lost mid-upload leaves a truncated script: never submit one
 sum=$(sha256sum < job.sh.tmp) && [ "${sum%% *}" = "$3" ] || {
   echo "stowplan: the job script arrived incomplete" >&2; exit 75; }
-if ! q=$(squeue -h --name="$name" -o %F 2>sq.err); then
+here=$(pwd -P)
+if ! q=$(squeue -h --me --name="$name" -o '%F|%Z' 2>sq.err); then
   cat sq.err >&2; exit 75
 fi
-a=$(sacct -X -n -P --name="$name" -S now-60days -o JobID 2>/dev/null || true)
-found=$(printf '%s\n%s\n' "$q" "$a" | sed 's/_.*//' | grep -E '^[0-9]+$' | head -n 1 || true)
+a=$(sacct -X -n -P --name="$name" -S now-60days -o JobID,WorkDir 2>/dev/null || true)
+# only a job of this user started from this very directory is this request's (the same keys
+# in another project or workdir name another job)
+found=$(printf '%s\n%s\n' "$q" "$a" | awk -F'|' -v d="$here" '
+  $2 == d { sub(/_.*/, "", $1); if ($1 ~ /^[0-9]+$/) { print $1; exit } }')
 if [ -n "$found" ]; then printf '%s\n' "$found" > jobid; cat jobid; exit 0; fi
 mv job.sh.tmp job.sh
 if ! out=$(sbatch --parsable job.sh 2>sbatch.err); then cat sbatch.err >&2; exit 65; fi
 printf '%s\n' "${out%%;*}" > jobid.tmp
 mv jobid.tmp jobid
 cat jobid
+"""
+
+# $1: the array directory, $2: the job name. Waits for a submit of it still in progress (its
+# lock), then prints the job id if the array was submitted (nothing otherwise).
+FIND_PROGRAM = r"""
+set -eu
+d=$1; name=$2
+# no directory: no submit of this request ever ran here (the submit makes it first)
+[ -d "$d" ] || exit 0
+cd -- "$d"
+exec 9>>.lock
+flock -w 100 9 || { echo "stowplan: $d is locked by another submit" >&2; exit 75; }
+if [ -s jobid ]; then cat jobid; exit 0; fi
+here=$(pwd -P)
+if ! q=$(squeue -h --me --name="$name" -o '%F|%Z' 2>&1); then printf '%s\n' "$q" >&2; exit 75; fi
+a=$(sacct -X -n -P --name="$name" -S now-60days -o JobID,WorkDir 2>/dev/null || true)
+printf '%s\n%s\n' "$q" "$a" | awk -F'|' -v d="$here" '
+  $2 == d { sub(/_.*/, "", $1); if ($1 ~ /^[0-9]+$/) { print $1; exit } }'
 """
 
 # $1: workdir; keys on stdin. Prints the key lines of job scripts, then every known job id.
@@ -126,7 +151,7 @@ grep -H . -- */jobid 2>/dev/null || true
 
 # $1: comma-separated job names, $2: sacct start. squeue must answer; sacct may be disabled.
 DESCRIBE_PROGRAM = rf"""
-squeue -h -r --name="$1" -o '{SQUEUE_FORMAT}' || exit 75
+squeue -h -r --me --name="$1" -o '{SQUEUE_FORMAT}' || exit 75
 echo '{SECTION}'
 sacct -X -n -P --name="$1" -S "$2" --format='{SACCT_FORMAT}' 2>/dev/null || true
 """
@@ -176,8 +201,12 @@ class SSHBackend(Backend):
         config, partitions, nodes, pending = sections
         return cluster_name(config), parse_partitions(partitions, nodes), parse_pending(pending)
 
-    async def find(self, name: str) -> str | None:
-        return None  # the submit program looks the name up itself, under its lock
+    async def find(self, name: str, job_dir: str) -> str | None:
+        res = await self.transport.run(self.program(FIND_PROGRAM, job_dir, name), repeatable=True)
+        if res.rc != 0:
+            raise self._error("cannot look the job up", res)
+        job_id = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
+        return job_id if job_id.isdigit() else None
 
     async def submit(self, req: SlurmRequest) -> str:
         digest = hashlib.sha256(req.script.encode()).hexdigest()

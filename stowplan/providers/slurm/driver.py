@@ -7,30 +7,35 @@ Remote layout under the configured ``workdir``::
     jobs/<array>/logs/I.out    stdout (``.err``: stderr) of array index I
     runs/<run_id>/<attempt>/   where an attempt runs; its declared outputs are left there
 
-Idempotency: an array's job name is a hash of its attempt keys, so a retried submit renders the
-same name. The remote submit program holds a ``flock`` on the array directory, and starts
-``sbatch`` only if there is no ``jobid`` file and neither ``squeue`` nor ``sacct`` knows the
-name; a submit whose answer was lost (the connection dropped after sbatch was sent) is simply
-run again, and finds the first job. If ``squeue`` itself fails, nothing is submitted.
+Idempotency: an array's job name is ``request_name`` of its attempt keys, and the local key
+index (``stowplan.providers.keyindex``, under ``state_dir/slurm/<name>/``) records each key's
+array before sbatch can run. A submit tries once: a transient failure raises a retryable
+``ProviderError`` and the command shell retries with the same keys. Over SSH the remote submit
+program holds a ``flock`` on the array directory and starts ``sbatch`` only if there is no
+``jobid`` file and neither ``squeue`` nor ``sacct`` knows the name, so a retry whose first
+answer was lost (the connection dropped after sbatch was sent) finds the first job; if
+``squeue`` itself fails, nothing is submitted. Over REST the name is looked up before a
+request that was tried before is submitted again. A key already tried in another array (a retry
+re-planned with fewer keys) is looked up in that array first.
 
-Observation: one remote call per poll runs one ``squeue`` and one ``sacct`` for every live
-array; finished attempts are cached. Polls are spaced by the driver itself (0 s after a submit,
-2 s after a change, then 4, 8, 16, up to 30 s): a ``describe`` sooner than that answers from
-the last poll, so a caller may ask as often as it likes. Keys this instance has not seen
-(after a control-plane restart) are looked up in the local index under
-``state_dir/slurm/<name>/`` and, failing that, in the remote job scripts by one ``grep``.
+Observation: one remote call per ``describe`` runs one ``squeue`` and one ``sacct`` for every
+live array; finished attempts are cached. The driver does not space its polls: the default
+``watch`` does (``poll_min``/``poll_max``). Keys this instance has not seen (after a
+control-plane restart) are looked up in the local index and, failing that, in the remote job
+scripts by one ``grep``. A job that ended ``NODE_FAIL`` or waits for nodes that went down is
+pushed to ``capacity_changes`` so the cluster is rediscovered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import msgspec
-from msgspec import Struct, field
 
 from stowplan.errors import ProviderError
 from stowplan.placement.problem import Pool
@@ -46,48 +51,25 @@ from stowplan.providers.base import (
     ProviderState,
     Report,
 )
+from stowplan.providers.keyindex import KeyIndex, Member, RequestRecord, submit_once
 from stowplan.providers.slurm.backend import Backend, SSHBackend
 from stowplan.providers.slurm.parse import JobRow, pools_of
 from stowplan.providers.slurm.render import SlurmRequest, plan_arrays
 from stowplan.providers.slurm.ssh import SSHTransport, TransportLost
-from stowplan.providers.slurm.states import slurm_state
-from stowplan.spec.models import SlurmProviderConfig
+from stowplan.providers.slurm.states import capacity_reason, slurm_state
+from stowplan.spec.models import FailureClass, SlurmProviderConfig
 
-SUBMIT_TRIES = 5
-RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 LOG_POLL_S = 1.0
-POLL_BACKOFF_S = (0.0, 2.0, 4.0, 8.0, 16.0, 30.0)
-"""Between polls of the cluster: 0 after a submit, 2 s after a change, doubling to 30 s."""
-
-
-class _Member(Struct, kw_only=True):
-    """Where an attempt is: its array, index, directory and declared outputs."""
-
-    key: str
-    array: str
-    index: int
-    job_dir: str
-    attempt_dir: str
-    outputs: list[str] = field(default_factory=list)
-
-
-class _Array(Struct, kw_only=True):
-    name: str
-    job_dir: str
-    job_id: str | None = None
-    submitted_at: float = 0.0
-
-
-class _IndexLine(Struct, kw_only=True, omit_defaults=True):
-    member: _Member | None = None
-    array: _Array | None = None
-
-
-_index_decoder = msgspec.json.Decoder(_IndexLine)
-_index_encoder = msgspec.json.Encoder()
+CAPACITY_QUEUE = 64
+"""Capacity news held for a consumer that lags; more is dropped (one rediscovery covers it)."""
 
 
 class SlurmProvider(Provider):
+    poll_min = 1.0
+    """squeue answers within a second of a change; sooner polls only load the controller."""
+    poll_max = 30.0
+    """a quiet array is looked at every 30 s (its lease is renewed far less often)."""
+
     def __init__(
         self,
         name: str,
@@ -98,25 +80,21 @@ class SlurmProvider(Provider):
     ) -> None:
         self.name = name
         self.config = config
-        rest_cannot = (
-            {"logs": "slurmrestd has no file access; logs need transport = 'ssh'"}
-            if config.transport == "rest"
-            else {}
-        )
         has = {Capability.RUNS, Capability.GPUS, Capability.ARRAYS, Capability.CANCEL_MEMBER}
-        if config.transport != "rest":
+        why_not = {
+            Capability.CONTAINERS: "the Slurm driver runs commands on the compute nodes "
+            "as they are; drop the image, or run the task on a kubernetes or aws provider",
+            Capability.SECRETS: "the Slurm driver has no secret store; the job's "
+            "environment comes from the cluster",
+            Capability.ELASTIC: "a Slurm cluster's nodes are fixed; stowplan does not resize it",
+        }
+        if config.transport == "rest":
+            why_not[Capability.LOGS] = "slurmrestd has no file access; logs need transport = 'ssh'"
+        else:
             has.add(Capability.LOGS)
         self.capabilities = Capabilities(
             has=frozenset(has),
-            why_not={
-                Capability.LOGS: rest_cannot.get("logs", ""),
-                Capability.CONTAINERS: "the Slurm driver runs commands on the compute nodes "
-                "as they are; drop the image, or run the task on a kubernetes or aws provider",
-                Capability.SECRETS: "the Slurm driver has no secret store; the job's "
-                "environment comes from the cluster",
-                Capability.ELASTIC: "a Slurm cluster's nodes are fixed; stowplan does not "
-                "resize it",
-            },
+            why_not=why_not,
             notes=(
                 "Slurm time limits are whole minutes; ours are rounded up",
                 "final states of jobs that left squeue need sacct (slurmdbd); without it they "
@@ -144,44 +122,12 @@ class SlurmProvider(Provider):
             )
             self.backend = SSHBackend(name, transport, env)
         self._dir = Path(state_dir).absolute() / "slurm" / name
-        self._index_path = self._dir / "index.jsonl"
-        self._loaded = False
-        self._members: dict[str, _Member] = {}
-        self._arrays: dict[str, _Array] = {}
+        self.index = KeyIndex(self._dir / "index.jsonl")
         self._finished: dict[str, Report] = {}
         self._lock = asyncio.Lock()
         self.describe_calls = 0
-        self._seen: dict[str, Report] = {}
-        self._poll_step = 0
-        self._next_poll = 0.0
-
-    # -- the local index ----------------------------------------------------------------------
-
-    def _load(self) -> None:
-        if self._loaded:
-            return
-        self._loaded = True
-        try:
-            lines = self._index_path.read_bytes().splitlines()
-        except FileNotFoundError:
-            return
-        for line in lines:
-            try:
-                rec = _index_decoder.decode(line)
-            except msgspec.DecodeError:
-                continue  # a torn last line after a crash
-            if rec.member is not None:
-                self._members[rec.member.key] = rec.member
-            if rec.array is not None:
-                known = self._arrays.get(rec.array.name)
-                if known is None or rec.array.job_id is not None:
-                    self._arrays[rec.array.name] = rec.array
-
-    def _append(self, records: Sequence[_IndexLine]) -> None:
-        self._dir.mkdir(parents=True, exist_ok=True)
-        with open(self._index_path, "ab") as f:
-            for rec in records:
-                f.write(_index_encoder.encode(rec) + b"\n")
+        self._capacity: asyncio.Queue[str] = asyncio.Queue(CAPACITY_QUEUE)
+        self._capacity_last: set[str] = set()
 
     # -- discover / plan ----------------------------------------------------------------------
 
@@ -223,7 +169,6 @@ class SlurmProvider(Provider):
     # -- submit -------------------------------------------------------------------------------
 
     async def submit(self, requests: Sequence[ProviderRequest]) -> list[Report]:
-        self._load()
         out: list[Report] = []
         for req in requests:
             if not isinstance(req, SlurmRequest):
@@ -236,81 +181,105 @@ class SlurmProvider(Provider):
         return out
 
     async def _submit_one(self, req: SlurmRequest) -> list[Report]:
-        now = time.time()
+        earlier = await self._found_earlier(req)
+        if earlier is not None:
+            return earlier
         # write-ahead: the key -> array mapping is on disk before sbatch can run
-        members = [
-            _Member(
+        before = self.index.intend(
+            req.name,
+            [
+                Member(
+                    key=m.key,
+                    request=req.name,
+                    index=m.index,
+                    outputs=list(m.outputs),
+                    where={"attempt_dir": m.attempt_dir},
+                )
+                for m in req.members
+            ],
+            {"job_dir": req.job_dir},
+        )
+        backend = self.backend
+
+        async def find(name: str) -> str | None:
+            return await backend.find(name, req.job_dir)
+
+        try:
+            # one try: a retryable error (TransportLost included: sbatch may have run) escapes
+            # to the shell, whose retry of the same keys finds the job by its name
+            job_id = await submit_once(
+                self.index,
+                before,
+                lambda: backend.submit(req),
+                None if backend.locked_submit else find,
+            )
+        except ProviderError as e:
+            if e.retryable or isinstance(e, TransportLost):
+                raise
+            return [
+                Report(
+                    key=m.key,
+                    state=ProviderState.FAILED,
+                    failure=FailureClass.PROVIDER_REJECTED,
+                    message=str(e),
+                )
+                for m in req.members
+            ]
+        # an attempt seen ending (the same requests again, late) keeps its final report
+        return [
+            self._finished.get(m.key)
+            or Report(
                 key=m.key,
-                array=req.name,
-                index=m.index,
-                job_dir=req.job_dir,
-                attempt_dir=m.attempt_dir,
-                outputs=list(m.outputs),
+                state=ProviderState.QUEUED,
+                job_id=f"{job_id}_{m.index}",
+                message=f"submitted as array {job_id} ({req.name})",
             )
             for m in req.members
         ]
-        array = self._arrays.get(req.name) or _Array(
-            name=req.name, job_dir=req.job_dir, submitted_at=now
-        )
-        self._append([_IndexLine(member=m) for m in members] + [_IndexLine(array=array)])
-        for m in members:
-            self._members[m.key] = m
-        self._arrays[req.name] = array
-        last = ""
-        ambiguous = False
-        for attempt in range(SUBMIT_TRIES):
-            if attempt:
-                await asyncio.sleep(RETRY_BACKOFF_S[min(attempt - 1, len(RETRY_BACKOFF_S) - 1)])
-            try:
-                job_id = None
-                if attempt and not self.backend.locked_submit:
-                    # the last try may have submitted before its answer was lost: look first
-                    job_id = await self.backend.find(req.name)
+
+    async def _found_earlier(self, req: SlurmRequest) -> list[Report] | None:
+        """Reports for ``req``'s keys from the arrays they were tried in before under another
+        name (a retry re-planned with fewer keys), if any of those arrays exists; ``None`` when
+        none does and ``req`` is to be submitted. A key whose earlier array is not found while
+        another's is stays UNKNOWN (never submitted twice; reconciliation settles it)."""
+        earlier = self.index.earlier(req.name, req.keys)
+        if not earlier:
+            return None
+        found: dict[str, Report] = {}
+        for name, keys in earlier.items():
+            rec = self.index.request(name)
+            job_id = rec.job_id if rec is not None else None
+            if job_id is None:
+                job_id = await self.backend.find(name, self._job_dir(name))
                 if job_id is None:
-                    job_id = await self.backend.submit(req)
-            except ProviderError as e:
-                ambiguous = ambiguous or isinstance(e, TransportLost)
-                if not e.retryable and not ambiguous:
-                    return self._failed(req, str(e), retryable=False)
-                last = str(e)
-                if not e.retryable:
-                    break
-                continue
-            array.job_id = job_id
-            array.submitted_at = array.submitted_at or now
-            self._poll_step, self._next_poll = 0, 0.0
-            self._append([_IndexLine(array=array)])
-            return [
-                Report(
-                    key=m.key,
+                    continue
+                self.index.submitted(name, job_id)
+            for k in keys:
+                m = self.index.member(k)
+                index = m.index if m is not None else 0
+                found[k] = self._finished.get(k) or Report(
+                    key=k,
                     state=ProviderState.QUEUED,
-                    job_id=f"{job_id}_{m.index}",
-                    message=f"submitted as array {job_id} ({req.name})",
+                    job_id=f"{job_id}_{index}",
+                    message=f"submitted before as array {job_id} ({name})",
                 )
-                for m in req.members
-            ]
-        if ambiguous:
-            # a try may have reached sbatch before its connection broke: never report a
-            # failure that would make the attempt run again under a new key. UNKNOWN leaves
-            # the attempt to reconciliation, which finds the job by its name if it exists.
-            return [
-                Report(
-                    key=m.key,
-                    state=ProviderState.UNKNOWN,
-                    message=f"submit outcome unknown (connection lost): {last}",
-                )
-                for m in req.members
-            ]
-        return self._failed(req, f"submit failed after {SUBMIT_TRIES} tries: {last}", True)
-
-    def _failed(self, req: SlurmRequest, message: str, retryable: bool) -> list[Report]:
-        from stowplan.spec.models import FailureClass
-
-        failure = FailureClass.PROVIDER_TRANSIENT if retryable else FailureClass.PROVIDER_REJECTED
+        if not found:
+            return None
         return [
-            Report(key=m.key, state=ProviderState.FAILED, failure=failure, message=message)
-            for m in req.members
+            found.get(k)
+            or Report(
+                key=k,
+                state=ProviderState.UNKNOWN,
+                message=f"its other keys were found in earlier arrays; {req.name} not submitted",
+            )
+            for k in req.keys
         ]
+
+    def _job_dir(self, name: str) -> str:
+        rec = self.index.request(name)
+        if rec is not None and "job_dir" in rec.where:
+            return rec.where["job_dir"]
+        return f"{self.config.workdir.rstrip('/') or '/'}/jobs/{name}"
 
     # -- describe -----------------------------------------------------------------------------
 
@@ -318,94 +287,117 @@ class SlurmProvider(Provider):
         """Find keys this instance has not seen in the remote job scripts (after a restart)."""
         found, job_ids = await self.backend.lookup(self.config.workdir, keys)
         base = self.config.workdir.rstrip("/") or "/"
-        new: list[_IndexLine] = []
         wanted = set(keys)
+        members: list[Member] = []
+        requests: dict[str, RequestRecord] = {}
         for key, (array, index, run_id, attempt, outputs) in found.items():
             if key not in wanted:
                 continue
-            job_dir = f"{base}/jobs/{array}"
-            member = _Member(
-                key=key,
-                array=array,
-                index=index,
-                job_dir=job_dir,
-                attempt_dir=f"{base}/runs/{run_id}/{attempt}",
-                outputs=outputs,
+            members.append(
+                Member(
+                    key=key,
+                    request=array,
+                    index=index,
+                    outputs=outputs,
+                    where={"attempt_dir": f"{base}/runs/{run_id}/{attempt}"},
+                )
             )
-            self._members[key] = member
-            new.append(_IndexLine(member=member))
-            if array not in self._arrays or self._arrays[array].job_id is None:
-                self._arrays[array] = _Array(name=array, job_dir=job_dir, job_id=job_ids.get(array))
-                new.append(_IndexLine(array=self._arrays[array]))
-        if new:
-            self._append(new)
+            known = self.index.request(array)
+            if known is None or known.job_id is None:
+                requests[array] = RequestRecord(
+                    name=array,
+                    job_id=job_ids.get(array),
+                    tried_at=known.tried_at if known is not None else 0.0,
+                    tries=known.tries if known is not None else 1,
+                    where={"job_dir": f"{base}/jobs/{array}"},
+                )
+        self.index.learn(members, list(requests.values()))
 
     async def describe(self, keys: Sequence[str]) -> list[Report]:
         async with self._lock:
-            return await self._describe(keys)
-
-    async def _describe(self, keys: Sequence[str]) -> list[Report]:
-        self._load()
-        now = time.monotonic()
-        if now < self._next_poll and all(k in self._seen or k in self._finished for k in keys):
-            # polled a moment ago: answer from that poll (see POLL_BACKOFF_S)
-            return [self._finished.get(k) or self._seen[k] for k in keys]
-        reports = await self._poll(keys)
-        changed = any(self._seen.get(r.key) != r for r in reports)
-        self._seen.update((r.key, r) for r in reports if r.state not in TERMINAL_PROVIDER_STATES)
-        for r in reports:
-            if r.state in TERMINAL_PROVIDER_STATES:
-                self._seen.pop(r.key, None)
-        self._poll_step = 1 if changed else min(self._poll_step + 1, len(POLL_BACKOFF_S) - 1)
-        self._next_poll = time.monotonic() + POLL_BACKOFF_S[self._poll_step]
-        return reports
+            return await self._poll(keys)
 
     async def _poll(self, keys: Sequence[str]) -> list[Report]:
-        unseen = [k for k in keys if k not in self._members and k not in self._finished]
+        index = self.index
+        unseen = [k for k in keys if index.member(k) is None and k not in self._finished]
         if unseen:
             await self._lookup(unseen)
-        live = [k for k in keys if k in self._members and k not in self._finished]
+        members = {k: m for k in keys if k not in self._finished and (m := index.member(k))}
         rows: dict[tuple[str, int | None], tuple[JobRow | None, JobRow | None]] = {}
-        if live:
-            names = sorted({self._members[k].array for k in live})
+        if members:
+            names = sorted({m.request for m in members.values()})
             since = min(
-                (self._arrays[n].submitted_at for n in names if n in self._arrays), default=0.0
+                (r.tried_at for n in names if (r := index.request(n)) is not None and r.tried_at),
+                default=0.0,
             )
             days = 60 if not since else max(1, math.ceil((time.time() - since) / 86400) + 1)
             self.describe_calls += 1
             squeue, sacct = await self.backend.observe(names, days)
             for row in squeue:
+                if not self._ours(row):
+                    continue
                 rows[(row.name, row.index)] = (
                     row,
                     rows.get((row.name, row.index), (None, None))[1],
                 )
             for row in sacct:
+                if not self._ours(row):
+                    continue
                 prev = rows.get((row.name, row.index), (None, None))
                 if prev[1] is None or self._preferred(row, prev[1]):
                     rows[(row.name, row.index)] = (prev[0], row)
+            self._capacity_news(
+                [row for m in members.values() for row in rows.get((m.request, m.index), ())]
+            )
         out: list[Report] = []
         for key in keys:
             cached = self._finished.get(key)
             if cached is not None:
                 out.append(cached)
                 continue
-            member = self._members.get(key)
+            member = members.get(key)
             if member is None:
                 out.append(Report(key=key, state=ProviderState.UNKNOWN, message="never submitted"))
                 continue
-            live_row, acct_row = rows.get((member.array, member.index), (None, None))
+            live_row, acct_row = rows.get((member.request, member.index), (None, None))
             report = self._report(member, live_row, acct_row)
             if report.state in TERMINAL_PROVIDER_STATES:
                 self._finished[key] = report
             out.append(report)
         return out
 
+    def _ours(self, row: JobRow) -> bool:
+        """A row of a job this request's submit started (once its job id is known): another
+        project, or another workdir, may run a job of the same name (the same keys)."""
+        record = self.index.request(row.name)
+        return record is None or record.job_id is None or record.job_id == row.job_id
+
+    def _capacity_news(self, rows: Sequence[JobRow | None]) -> None:
+        """Push the capacity reasons these rows show that the last describe did not."""
+        now = {
+            why
+            for row in rows
+            if row is not None and (why := capacity_reason(row.state, row.reason, row.node))
+        }
+        for why in sorted(now - self._capacity_last):
+            with contextlib.suppress(asyncio.QueueFull):
+                self._capacity.put_nowait(why)
+        self._capacity_last = now
+
+    async def capacity_changes(self) -> AsyncIterator[str]:
+        """A reason each time a ``describe`` sees a job that ended ``NODE_FAIL``/``BOOT_FAIL``
+        or that waits for nodes or a partition that went down or were drained (once per
+        reason until it is no longer seen). One consumer."""
+        while True:
+            yield await self._capacity.get()
+
     def _preferred(self, new: JobRow, old: JobRow) -> bool:
         """Of two sacct rows for one element, the one of the job id we submitted."""
-        array = self._arrays.get(new.name)
-        return array is not None and new.job_id == array.job_id and old.job_id != array.job_id
+        rec = self.index.request(new.name)
+        job_id = rec.job_id if rec is not None else None
+        return job_id is not None and new.job_id == job_id and old.job_id != job_id
 
-    def _report(self, m: _Member, live: JobRow | None, acct: JobRow | None) -> Report:
+    def _report(self, m: Member, live: JobRow | None, acct: JobRow | None) -> Report:
         row = live
         if acct is not None:
             live_done = live is not None and (
@@ -418,7 +410,7 @@ class SlurmProvider(Provider):
             return Report(
                 key=m.key,
                 state=ProviderState.UNKNOWN,
-                message=f"array {m.array} index {m.index} is in neither squeue nor sacct",
+                message=f"array {m.request} index {m.index} is in neither squeue nor sacct",
             )
         state, failure = slurm_state(row.state, row.exit_code)
         parts = [f"slurm {row.state}"]
@@ -431,7 +423,7 @@ class SlurmProvider(Provider):
         if row.node:
             parts.append(f"on {row.node}")
         outputs = (
-            {o: f"{m.attempt_dir}/{o}" for o in m.outputs}
+            {o: f"{m.where.get('attempt_dir', '.')}/{o}" for o in m.outputs}
             if state is ProviderState.SUCCEEDED
             else {}
         )
@@ -451,30 +443,32 @@ class SlurmProvider(Provider):
     # -- cancel / logs ------------------------------------------------------------------------
 
     async def cancel(self, keys: Sequence[str]) -> None:
-        self._load()
         ids = []
         for key in keys:
-            m = self._members.get(key)
+            m = self.index.member(key)
             if m is None or key in self._finished:
                 continue
-            array = self._arrays.get(m.array)
-            if array is not None and array.job_id is not None:
-                ids.append(f"{array.job_id}_{m.index}")
-        if not ids:
-            return
-        self._poll_step, self._next_poll = 0, 0.0
-        await self.backend.cancel(ids)
+            rec = self.index.request(m.request)
+            job_id = rec.job_id if rec is not None else None
+            if job_id is None and rec is not None and rec.tries:
+                # its submit's answer was lost: the array may exist all the same
+                job_id = await self.backend.find(m.request, self._job_dir(m.request))
+                if job_id is not None:
+                    self.index.submitted(m.request, job_id)
+            if job_id is not None:
+                ids.append(f"{job_id}_{m.index}")
+        if ids:
+            await self.backend.cancel(ids)
 
     async def logs(
         self, key: str, *, stream: LogStream = "stdout", follow: bool = False
     ) -> AsyncIterator[bytes]:
-        self._load()
-        if key not in self._members:
+        if self.index.member(key) is None:
             await self._lookup([key])
-        m = self._members.get(key)
+        m = self.index.member(key)
         if m is None:
             return
-        path = f"{m.job_dir}/logs/{m.index}.{'out' if stream == 'stdout' else 'err'}"
+        path = f"{self._job_dir(m.request)}/logs/{m.index}.{'out' if stream == 'stdout' else 'err'}"
         offset = 0
         while True:
             done = not follow or (await self.describe([key]))[0].state in TERMINAL_PROVIDER_STATES

@@ -242,7 +242,7 @@ class RestBackend(Backend):
                 pending[part] = pending.get(part, 0.0) + int(j.get("cpus", 1)) * seconds
         return None, out, pending
 
-    async def find(self, name: str) -> str | None:
+    async def find(self, name: str, job_dir: str = "") -> str | None:
         for row in rows_of_jobs((await self._call("GET", f"/slurm/{API}/jobs"))["jobs"], {name}):
             return row.job_id
         db = await self._call("GET", f"/slurmdb/{API}/jobs?job_name={name}")
@@ -252,7 +252,7 @@ class RestBackend(Backend):
         return None
 
     async def submit(self, req: SlurmRequest) -> str:
-        found = await self.find(req.name)
+        found = await self.find(req.name, req.job_dir)
         if found is not None:
             return found
         data = await self._call(

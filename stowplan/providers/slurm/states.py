@@ -6,6 +6,8 @@ anything else, including states of later versions, maps to ``UNKNOWN``.
 
 from __future__ import annotations
 
+import re
+
 from stowplan.scheduler.reports import ProviderState
 from stowplan.spec.models import FailureClass
 
@@ -84,3 +86,24 @@ def slurm_state(
     if state is ProviderState.SUCCEEDED and exit_code not in (None, 0):
         return ProviderState.FAILED, FailureClass.USER_ERROR
     return state, failure
+
+
+CAPACITY_STATES = frozenset({"NODE_FAIL", "BOOT_FAIL"})
+"""Final states that say a node was lost under the job."""
+_CAPACITY_REASON = re.compile(
+    r"NodeDown|ReqNodeNotAvail|PartitionDown|PartitionInactive|\bdown\b|\bdrain(?:ed|ing)?\b",
+    re.IGNORECASE,
+)
+"""Pending or final reasons (``squeue %r``) that name nodes or partitions gone out of service."""
+
+
+def capacity_reason(state: str, reason: str, node: str | None = None) -> str | None:
+    """Why the cluster's capacity changed, if a job's state and reason say it did (a node
+    failed under it, or it waits for nodes that went down or were drained); else ``None``.
+    The text names no job, so many jobs telling the same news give the same reason."""
+    word = normalize_state(state)
+    if word in CAPACITY_STATES:
+        return f"a job ended {word}" + (f" on {node}" if node else "")
+    if reason and reason != "None" and _CAPACITY_REASON.search(reason):
+        return f"jobs wait: {reason}"
+    return None

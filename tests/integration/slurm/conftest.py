@@ -7,54 +7,20 @@ CI=true a missing service fails the tests: they are never skipped there.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from stowplan.provenance.records import RunRecord
 from stowplan.provenance.store import RunStore
-from tests.slurmcluster.cluster import ClusterFacts, SlurmCluster, missing_programs
+from tests.slurmcluster.cluster import ClusterFacts, SlurmCluster
 
 from ..conftest import REPO, wait_for
 
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 INSTALL = REPO / "tests" / "slurmcluster" / "install.sh"
-
-
-def _unavailable(why: str) -> None:
-    if CI:
-        pytest.fail(f"the Slurm test cluster cannot start: {why}")
-    pytest.skip(f"the Slurm test cluster cannot start: {why}")
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[SlurmCluster]:
-    if os.geteuid() != 0:
-        _unavailable("it needs root (it runs munged, slurmctld, slurmd and sshd)")
-    if missing_programs():
-        r = subprocess.run(["bash", str(INSTALL)], capture_output=True, text=True)
-        if r.returncode != 0 or missing_programs():
-            _unavailable(f"install.sh failed: {r.stderr[-1500:]} (missing {missing_programs()})")
-    # not under pytest's basetemp: a concurrent pytest may prune those directories
-    base = Path(tempfile.mkdtemp(prefix="stowplan-slurm-"))
-    cluster = SlurmCluster(base)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(base, ignore_errors=True)
-
-
-@pytest.fixture
-def facts(slurm_cluster: SlurmCluster) -> ClusterFacts:
-    assert slurm_cluster.facts is not None
-    return slurm_cluster.facts
 
 
 def project_toml(facts: ClusterFacts, workdir: Path, **extra: object) -> str:

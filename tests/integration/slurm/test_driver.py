@@ -38,7 +38,7 @@ def _config(cluster: SlurmCluster, workdir: Path) -> SlurmProviderConfig:
 
 def _launch(i: int, argv: list[str], outputs: list[str] | None = None) -> LaunchSpec:
     return LaunchSpec(
-        key=f"d{i:063x}",
+        key=f"d{i:061x}",
         run_id=f"drv-{i}",
         attempt=1,
         pool="cluster/cpu",
@@ -88,3 +88,26 @@ def test_cancel_is_idempotent_and_logs_follow(slurm_cluster: SlurmCluster, tmp_p
         ProviderState.UNKNOWN,
     ]
     assert [r.job_id for r in again[:2]] == [r.job_id for r in final]
+
+
+def test_the_same_keys_in_another_workdir_are_another_job(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """Two projects (or two checkouts) with the same run ids make the same keys and so the
+    same job names. Each project's submit runs its own job: a job of that name started from
+    another workdir is not "already submitted"."""
+    launch = _launch(7, ["sh", "-c", "echo here > where.txt"], outputs=["where.txt"])
+
+    async def one(workdir: Path, state: Path) -> Report:
+        config = _config(slurm_cluster, workdir)
+        async with SlurmProvider("cluster", config, state_dir=state) as driver:
+            await driver.submit(driver.plan([launch], Facts.of(await driver.discover())))
+            (final,) = await _until_final(driver, [launch.key])
+            return final
+
+    first = asyncio.run(one(tmp_path / "a", tmp_path / "state-a"))
+    second = asyncio.run(one(tmp_path / "b", tmp_path / "state-b"))
+    assert first.state is second.state is ProviderState.SUCCEEDED
+    assert first.job_id != second.job_id
+    for workdir in ("a", "b"):
+        assert (tmp_path / workdir / "runs" / "drv-7" / "1" / "where.txt").read_text() == "here\n"

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import pytest
 
-from stowplan.actors.session import prepare
 from stowplan.cli.control import discover, save_discovered
 from stowplan.providers.facts import facts_path
+from stowplan.session import prepare
 from tests.slurmcluster.cluster import ClusterFacts, SlurmCluster
 
 from .conftest import finish, stowplan, write_project
@@ -81,3 +82,45 @@ def test_an_unreachable_cluster_dry_runs_from_the_facts_a_real_discovery_saved(
     assert "campus: unreachable (" in err and "using facts discovered" in err, err
     assert "#SBATCH" in out and "5 runs" in out
     assert tree(tmp_path) == before
+
+
+GPU_EXPERIMENT = (
+    '[experiment]\nname = "dry-gpu"\n[[tasks]]\nname = "g"\ncommand = ["true"]\n'
+    'resources = { cpus = 1, memory = "16MiB", gpus = 1, gpu_type = ["a100", "fake"] }\n'
+)
+
+
+def dry_run_then_run(tmp_path: Path, facts: ClusterFacts, **extra: object) -> tuple[str, str]:
+    """The request ``stowplan run --dry-run`` shows, and the job script the run then submits
+    (read back from the cluster's workdir)."""
+    write_project(tmp_path, facts, GPU_EXPERIMENT, **extra)
+    rc, out, err = finish(stowplan(tmp_path, "run", "exp.toml", "--dry-run"), 180)
+    assert rc == 0, err
+    shown_at = re.search(r"\(first trial\) on provider cluster, pool (\S+):\n", out)
+    assert shown_at, f"the dry run showed no request:\n{out}"
+    shown = out[shown_at.end() :].rstrip("\n")
+    rc, _, err = finish(stowplan(tmp_path, "run", "exp.toml", "--json"), 180)
+    assert rc == 0, err[-3000:]
+    (script,) = (tmp_path / "remote" / "jobs").glob("*/job.sh")
+    return shown, script.read_text().rstrip("\n")
+
+
+def test_a_dry_run_prints_exactly_the_job_script_the_run_submits(
+    tmp_path: Path, slurm_cluster: SlurmCluster, facts: ClusterFacts
+) -> None:
+    """A task that accepts a100 or fake GPUs, on the gpu partition: the dry run and the real
+    submit render with the same discovered facts, so both name the cluster's type
+    (``gpu:fake:1``; it was ``gpu:1`` in the dry run when the types came from ``discover``)."""
+    shown, submitted = dry_run_then_run(tmp_path, facts, partitions='["gpu"]')
+    assert "#SBATCH --gres=gpu:fake:1\n" in shown
+    assert shown == submitted
+
+
+def test_a_dry_run_shows_the_pool_the_run_is_placed_on(
+    tmp_path: Path, slurm_cluster: SlurmCluster, facts: ClusterFacts
+) -> None:
+    """With both partitions offered (the cpu one holds the GPU nodes too), the dry run shows
+    the pool the placer gives the first trial, as the real run's core does."""
+    shown, submitted = dry_run_then_run(tmp_path, facts)
+    assert "#SBATCH --gres=gpu:fake:1\n" in shown and "#SBATCH --gres=gpu:fake:1\n" in submitted
+    assert shown == submitted

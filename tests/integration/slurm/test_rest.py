@@ -54,7 +54,7 @@ def test_rest_transport_submits_watches_and_classifies(
     )
     launches = [
         LaunchSpec(
-            key=f"r{i:063x}",
+            key=f"r{i:061x}",
             run_id=f"rest-{i}",
             attempt=1,
             pool="cluster/gpu",

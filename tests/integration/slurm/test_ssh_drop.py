@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import socket
 import threading
 import time
 from pathlib import Path
 from typing import Literal
 
-import psutil
 import pytest
 
+from stowplan.errors import ProviderError
 from stowplan.providers.base import Facts, LaunchSpec, ProviderState
 from stowplan.providers.slurm import SlurmProvider, SlurmRequest
 from stowplan.spec.models import SlurmProviderConfig
@@ -177,7 +176,7 @@ def test_submit_survives_a_dropped_connection(
             if mode == "hold":
 
                 def cut_after_sbatch() -> None:
-                    wait_for((workdir / "jobs" / req.key / "jobid").exists, 60, "sbatch to run")
+                    wait_for((workdir / "jobs" / req.name / "jobid").exists, 60, "sbatch to run")
                     proxy.cut()
 
                 cutter = asyncio.create_task(asyncio.to_thread(cut_after_sbatch))
@@ -208,33 +207,16 @@ def test_submit_survives_a_dropped_connection(
     # accounting records reach slurmdbd a moment after the jobs start
     wait_for(lambda: len(elements()) >= 3, 60, "the array's three elements in sacct")
     assert len({e.split("_")[0] for e in elements()}) == 1, f"more than one job: {elements()}"
-    assert sorted(elements()) == sorted(job_ids), "the retry reported another job"
+    assert sorted(elements()) == sorted(j or "" for j in job_ids), "the retry reported another job"
 
 
-def _wait_unlocked(lock: Path) -> None:
-    """Until no submit program for this array runs (the cluster is this machine)."""
-    name = lock.parent.name
-
-    def running() -> bool:
-        for p in psutil.process_iter(["cmdline"]):
-            if name in " ".join(p.info["cmdline"] or []):
-                return True
-        return False
-
-    wait_for(lambda: not running(), 60, "the cut submit programs to end")
-    if not lock.exists():
-        return
-    with open(lock, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # returns once the remote submit program let go
-        fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def test_submit_whose_every_try_is_cut_reports_unknown_not_failed(
+def test_submit_whose_every_try_is_cut_is_retried_by_the_shell_and_runs_once(
     slurm_cluster: SlurmCluster, tmp_path: Path
 ) -> None:
-    """No answer ever comes back: the attempt must not be reported failed (a retry under a new
-    key could run it twice); it is UNKNOWN, and once the link is back describe finds the job
-    by name if a try did submit it."""
+    """No answer ever comes back: the submit must not report a failure (a retry under a new
+    key could run it twice); it raises a retryable error, and the shell's retry with the same
+    keys, once the link is back, finds the job if a try did submit it: one job, whatever
+    happened."""
     facts = slurm_cluster.facts
     assert facts is not None
     proxy = CuttingProxy(facts.ssh_port)
@@ -254,24 +236,34 @@ def test_submit_whose_every_try_is_cut_reports_unknown_not_failed(
     )
     launches = _launches("c")
 
-    async def scenario() -> tuple[list[ProviderState], list[ProviderState]]:
+    async def scenario() -> tuple[ProviderError, list[ProviderState], list[str | None], bool]:
         async with SlurmProvider("cluster", config, state_dir=tmp_path / "state") as driver:
             (req,) = driver.plan(launches, Facts.of(await driver.discover()))
+            assert isinstance(req, SlurmRequest)
             proxy.arm(len(req.script), "always")
-            submitted = await driver.submit([req])
+            with pytest.raises(ProviderError) as cut:
+                await driver.submit([req])
             proxy.cut()  # disarms: the link works again
-            # a cut try's remote program may still be running: wait for its lock to be free
-            await asyncio.to_thread(_wait_unlocked, workdir / "jobs" / req.key / ".lock")
-            later = await driver.describe([x.key for x in launches])
-            return [r.state for r in submitted], [r.state for r in later]
+            tried = (workdir / "jobs" / req.name / "jobid").exists()
+            # the shell's retry: the same request, the same keys
+            again = await driver.submit([req])
+            return cut.value, [r.state for r in again], [r.job_id for r in again], tried
 
     try:
-        submitted, later = asyncio.run(scenario())
+        error, states, job_ids, tried = asyncio.run(scenario())
     finally:
         proxy.close()
-    assert submitted == [ProviderState.UNKNOWN] * 3
-    jobs = list((workdir / "jobs").glob("*/jobid"))
-    if jobs:  # a try got as far as sbatch: the job is found, not forgotten
-        assert ProviderState.UNKNOWN not in later
-    else:
-        assert later == [ProviderState.UNKNOWN] * 3
+    assert error.retryable, error
+    assert states == [ProviderState.QUEUED] * 3
+    (name,) = [p.name for p in (workdir / "jobs").iterdir()]
+
+    def elements() -> list[str]:
+        out = slurm_cluster.slurm(
+            "sacct", "-X", "-n", "-P", "-D", "-S", "now-1days", f"--name={name}", "--format=JobID"
+        )
+        return out.split()
+
+    wait_for(lambda: len(elements()) >= 3, 60, "the array's three elements in sacct")
+    assert len({e.split("_")[0] for e in elements()}) == 1, f"more than one job: {elements()}"
+    reported = sorted(j or "" for j in job_ids)
+    assert sorted(elements()) == reported, f"the retry reported another job ({tried=})"

@@ -108,7 +108,7 @@ def test_results_table_shows_the_output_values(
 def test_a_dry_run_of_one_run_says_one_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from stowplan.actors.session import prepare
+    from stowplan.session import prepare
 
     (tmp_path / "stowplan.toml").write_text(
         '[project]\nname = "p"\n[providers.local]\nkind = "local"\ncpus = 1\n'

@@ -9,7 +9,6 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from stowplan.actors.session import prepare, record
 from stowplan.errors import SpecError
 from stowplan.provenance.imports import InterpreterUse, UsedRecord
 from stowplan.provenance.query import (
@@ -36,6 +35,7 @@ from stowplan.provenance.replay import (
     replay_targets,
 )
 from stowplan.provenance.store import RunStore
+from stowplan.session import prepare, record
 
 EXPERIMENT = """\
 [experiment]

@@ -134,7 +134,7 @@ def project(tmp_path: Path) -> Path:
 
 
 def ids(exp: Path) -> list[str]:
-    from stowplan.actors.session import prepare
+    from stowplan.session import prepare
 
     return [r.run_id for r in prepare(exp).planned]
 
@@ -144,7 +144,7 @@ def test_outside_git_editing_a_script_gives_new_identities(
 ) -> None:
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
     exp = project(tmp_path)
-    from stowplan.actors.session import prepare
+    from stowplan.session import prepare
 
     p = prepare(exp)
     assert p.provenance.code["version"].startswith("nogit.")
@@ -224,7 +224,7 @@ def used(**dists: str) -> Any:
 def test_recheck_reruns_runs_whose_imports_changed_and_then_reuses_the_rerun(
     tmp_path: Path,
 ) -> None:
-    from stowplan.actors.session import recheck_used
+    from stowplan.session import recheck_used
 
     loaded = load(tmp_path, QUICK)
 

@@ -14,8 +14,10 @@ import pytest
 
 from stowplan.errors import ProviderError
 from stowplan.placement.greedy import solve_greedy
-from stowplan.placement.problem import PlacementProblem, PlacementSolution, Pool
+from stowplan.placement.problem import PlacementProblem, PlacementSolution, Pool, Shape
 from stowplan.providers.base import (
+    Capabilities,
+    Capability,
     Facts,
     LaunchSpec,
     ProviderRequest,
@@ -66,12 +68,34 @@ class Req(SingleRequest, frozen=True, kw_only=True):
         return f"run {self.run_id} as {self.key}"
 
 
+NODE = Shape(cpus=4.0, memory=16 * GIB, gpus={"a10g": 1})
+
+
 class FakeProvider:
     """One pool; submit is idempotent by key. ``errors[verb]`` is a queue of errors the next
     calls raise before doing anything; ``lose`` answers that are lost AFTER the submit went
-    through (the job exists, the caller hears an error)."""
+    through (the job exists, the caller hears an error).
 
-    def __init__(self, name: str, log: list[str], cpus: float = 8.0) -> None:
+    ``elastic``: a second pool, ``<name>-cloud``, of instances of shape ``NODE`` (at most
+    ``max_instances``), which ``provision`` starts and ``terminate`` stops, idempotent by
+    token; ``lose_provision`` answers are lost after the instances started. With
+    ``elastic="pools"`` it reports the pool but lacks ``Capability.ELASTIC``."""
+
+    def __init__(
+        self, name: str, log: list[str], cpus: float = 8.0, elastic: bool | str = False
+    ) -> None:
+        self.elastic = bool(elastic)
+        self.capabilities = (
+            Capabilities(has=frozenset({Capability.ELASTIC}))
+            if elastic is True
+            else Capabilities(why_not={Capability.ELASTIC: "it has fixed nodes"})
+        )
+        self.max_instances = 4
+        self.instances: list[str] = []
+        self.started: dict[str, list[str]] = {}
+        self.stopped: set[str] = set()
+        self.serial = 0
+        self.lose_provision = 0
         self.name = name
         self.log = log
         self.cpus = cpus
@@ -83,7 +107,45 @@ class FakeProvider:
         self.clock: FakeClock | None = None
 
     def pools(self) -> list[Pool]:
-        return [Pool(id=f"{self.name}-p", provider=self.name, cpus=self.cpus, memory=64 * GIB)]
+        pools = [Pool(id=f"{self.name}-p", provider=self.name, cpus=self.cpus, memory=64 * GIB)]
+        if self.elastic:
+            n = len(self.instances)
+            pools.append(
+                Pool(
+                    id=f"{self.name}-cloud",
+                    provider=self.name,
+                    kind="cloud",
+                    cpus=n * NODE.cpus,
+                    memory=n * NODE.memory,
+                    gpus={"a10g": n},
+                    node=NODE,
+                    price_per_hour=1.0,
+                    max_instances=self.max_instances - n,
+                    boot_s=60.0,
+                )
+            )
+        return pools
+
+    async def provision(self, pool: str, count: int, token: str) -> list[str]:
+        self._check("provision", (token,))
+        if token not in self.started:
+            k = min(count, self.max_instances - len(self.instances))
+            if k <= 0:
+                raise ProviderError("instance quota reached", provider=self.name, retryable=False)
+            ids = [f"i-{self.serial + i}" for i in range(k)]
+            self.serial += k
+            self.instances.extend(ids)
+            self.started[token] = ids
+        if self.lose_provision:
+            self.lose_provision -= 1
+            raise ProviderError("connection reset", provider=self.name, retryable=True)
+        return self.started[token]
+
+    async def terminate(self, pool: str, count: int, token: str) -> None:
+        self._check("terminate", (token,))
+        if token not in self.stopped:  # the fake's instances are idle when asked
+            self.stopped.add(token)
+            del self.instances[len(self.instances) - min(count, len(self.instances)) :]
 
     def _check(self, verb: str, keys: Sequence[str]) -> None:
         self.calls.append((verb, self.clock.t if self.clock else 0.0, tuple(keys)))
@@ -162,11 +224,18 @@ class Records:
 
 
 class Harness:
-    def __init__(self, *, lease_ttl: float = 900.0, **config: Any) -> None:
+    def __init__(
+        self,
+        *,
+        lease_ttl: float = 900.0,
+        idle_grace: float = 120.0,
+        elastic: bool | str = False,
+        **config: Any,
+    ) -> None:
         self.log: list[str] = []
         self.clock = FakeClock()
-        self.core = SchedulerCore(CoreConfig(lease_ttl=lease_ttl, seed=7))
-        self.prov = FakeProvider("p", self.log)
+        self.core = SchedulerCore(CoreConfig(lease_ttl=lease_ttl, seed=7, idle_grace=idle_grace))
+        self.prov = FakeProvider("p", self.log, elastic=elastic)
         self.prov.clock = self.clock
         self.solver = GreedySolver()
         self.records = Records(self.log)

@@ -336,3 +336,20 @@ def test_the_core_hears_the_reports_as_the_records_answer_them() -> None:
     failed = [t for _, t in h.records.transitions_seen if t.run_id == "a"][-1]
     assert failed.failure is FailureClass.NODE_FAILURE
     assert h.core.state("a") is not TaskState.SUCCEEDED
+
+
+def test_without_a_heartbeat_the_shell_forgets_the_keys_the_core_gave_up_on(h: Harness) -> None:
+    """observe_every=None (real time: the provider actors' watches renew the leases): only the
+    heartbeat pruned ``outstanding``, so a cancelled or failed-over attempt stayed in it."""
+    h.boot()
+    h.shell.feed(TasksSubmitted(tasks=[h.task("a"), h.task("b")]))
+    ka, kb = h.core.key("a"), h.core.key("b")
+    assert h.shell.outstanding["p"] == {ka: "a", kb: "b"}
+    h.shell.feed(CancelRequested(run_ids=["a"]))
+    assert h.shell.outstanding["p"] == {kb: "b"}
+    # the provider loses b: its lease expires (LOST, still leased: waited on), the reconcile
+    # answers UNKNOWN (not terminal) and the core fails it over: the old key is forgotten
+    del h.prov.jobs[kb]
+    h.clock.advance(1000.0)
+    assert h.core.attempt("b") == 2 and h.core.key("b") != kb  # a new attempt, a new key
+    assert h.shell.outstanding["p"] == {h.core.key("b"): "b"}

@@ -127,3 +127,11 @@ def test_cloud_pools_refuse_node_failures(tmp_path: Path) -> None:
     e = _error(tmp_path, cloud + 'failures = { mtbf = "1d" }\n')
     assert e.path == "$.pools[0].failures"
     assert "interruptions_per_hour" in e.message
+
+
+def test_idle_grace_is_a_duration_and_defaults_to_two_minutes(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text(GOOD)
+    assert load_cluster(p).spec.scheduler.idle_grace_s == 120.0
+    e = _error(tmp_path, GOOD + '[scheduler]\nidle_grace = "soon"\n')
+    assert e.path == "$.scheduler.idle_grace" and "not a duration" in e.message

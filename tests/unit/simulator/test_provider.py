@@ -5,11 +5,14 @@ from pathlib import Path
 import pytest
 
 from stowplan.errors import ProviderError
-from stowplan.providers.base import Facts, LaunchSpec, ProviderState, Report
+from stowplan.placement.problem import Shape
+from stowplan.providers.base import Capability, Facts, LaunchSpec, ProviderState, Report
+from stowplan.shell import run_now
 from stowplan.simulator.cluster import ClusterSpec, FaultsSpec, parse_cluster
 from stowplan.simulator.engine import Engine
 from stowplan.simulator.faults import ApiFaults
-from stowplan.simulator.provider import DataNet, SimProvider
+from stowplan.simulator.provider import CloudInstanceType, DataNet, SimProvider
+from stowplan.simulator.shell import SIMULATED_COMMAND
 from stowplan.simulator.workloads import SimJob
 from stowplan.spec.models import FailureClass
 
@@ -54,6 +57,7 @@ class Harness:
         self.engine = Engine(seed=1)
         self.jobs: dict[str, SimJob] = {}
         self.reports: list[tuple[float, Report]] = []
+        self.capacity_changes: list[float] = []
         self.prov = SimProvider(
             "s",
             self.spec.pools,
@@ -62,6 +66,7 @@ class Harness:
             data=DataNet(self.spec),
             faults=ApiFaults(self.engine, "s", faults or FaultsSpec()),
             sink=lambda _, r: self.reports.append((self.engine.now, r)),
+            on_capacity=lambda _: self.capacity_changes.append(self.engine.now),
         )
 
     def submit(self, pool: str, job: SimJob, key: str | None = None) -> Report:
@@ -69,12 +74,35 @@ class Harness:
         req = self.prov.plan(
             [
                 LaunchSpec(
-                    key=key or f"k-{job.id}", run_id=job.id, attempt=1, pool=pool, name=job.id
+                    key=key or f"k-{job.id}",
+                    run_id=job.id,
+                    attempt=1,
+                    pool=pool,
+                    name=job.id,
+                    argv=SIMULATED_COMMAND,
                 )
             ],
             Facts(),
         )
         return self.prov.submit_now(req)[0]
+
+    def provision(self, pool: str, count: int, token: str) -> list[str]:
+        """The provider's ``provision``, awaited as the shell does in virtual time."""
+        out: list[str] = []
+
+        async def go() -> None:
+            out.extend(await self.prov.provision(pool, count, token))
+
+        run_now(go())
+        return out
+
+    def terminate(self, pool: str, count: int, token: str) -> None:
+        run_now(self.prov.terminate(pool, count, token))
+
+    def cloud(self, name: str = "cloud") -> CloudInstanceType:
+        pool = self.prov.pools[name]
+        assert isinstance(pool, CloudInstanceType)
+        return pool
 
     def state(self, key: str) -> ProviderState:
         """A call, not an attribute read: mypy would narrow the state across the actions."""
@@ -138,31 +166,6 @@ def test_kubernetes_honours_the_per_node_cap_of_a_service() -> None:
     assert nodes == {0, 1}
 
 
-def test_cloud_boots_then_runs_and_bills_per_second_with_a_minimum() -> None:
-    h = Harness()
-    r = h.submit("cloud", SimJob(id="a", submit=0, duration=30.0, gpus=1))
-    assert r.state is ProviderState.QUEUED  # booting
-    h.engine.run()
-    assert h.states("k-a") == [(100.0, ProviderState.RUNNING), (130.0, ProviderState.SUCCEEDED)]
-    pool = h.prov.pools["cloud"]
-    assert pool.cost == pytest.approx(130.0 * 3.6 / 3600)
-    h.submit("cloud", SimJob(id="b", submit=0, duration=1.0, gpus=1))
-    h.prov.cancel_now(["k-b"])  # cancelled while booting: billed the minimum
-    assert pool.cost == pytest.approx((130.0 + 60.0) * 3.6 / 3600)
-    assert pool.instances == 0
-
-
-def test_spot_instances_are_reclaimed_as_preempted() -> None:
-    text = CLUSTER.replace(
-        'boot = "100s"', 'boot = "0"\nspot = true\ninterruptions_per_hour = 3600'
-    )
-    h = Harness(text)
-    h.submit("cloud", SimJob(id="a", submit=0, duration=3600.0, gpus=1))
-    h.engine.run()
-    [(t, rep)] = [(t, r) for t, r in h.reports if r.state is ProviderState.FAILED]
-    assert rep.failure is FailureClass.PREEMPTED and t < 3600.0
-
-
 def test_a_failed_node_fails_its_jobs_and_leaves_the_pool() -> None:
     h = Harness()
     h.submit("slurm", SimJob(id="a", submit=0, duration=100.0, gpus=2))
@@ -170,7 +173,8 @@ def test_a_failed_node_fails_its_jobs_and_leaves_the_pool() -> None:
     h.engine.run()
     assert h.states("k-a")[-1] == (10.0, ProviderState.FAILED)
     assert h.prov.attempts["k-a"].failure is FailureClass.NODE_FAILURE
-    assert h.prov.core_pools()[0].gpus == {"a100": 0}
+    [slurm] = [p for p in h.prov.core_pools() if p.id.endswith("slurm")]
+    assert slurm.gpus == {"a100": 0}
     h.submit("slurm", SimJob(id="b", submit=0, duration=1.0, gpus=1))
     assert h.state("k-b") is ProviderState.QUEUED
     h.prov.pools["slurm"].node_up(0)
@@ -343,33 +347,6 @@ def test_kubernetes_puts_a_pod_on_the_node_with_the_fewest_free_gpus_that_suffic
     assert node == {"k-a": 0, "k-b": 1, "k-c": 1, "k-d": 0}
 
 
-def test_cloud_is_elastic_up_to_max_instances_and_offers_its_boot_as_wait() -> None:
-    h = Harness(WIDE)
-    [pool] = [p for p in h.prov.core_pools() if p.id == "cloud"]
-    assert pool.gpus == {"a10g": 6} and pool.expected_wait_s == 60.0
-    h.submit("cloud", SimJob(id="a", submit=0, duration=1000.0, gpus=4))  # 2 instances
-    h.submit("cloud", SimJob(id="b", submit=0, duration=1000.0, gpus=4))  # waits for a
-    h.submit("cloud", SimJob(id="c", submit=0, duration=1000.0, gpus=1))  # 1 instance: fits
-    cloud = h.prov.pools["cloud"]
-    assert cloud.instances == 3
-    h.engine.run()
-    assert started(h) == {"k-a": 60.0, "k-c": 60.0, "k-b": 1120.0}
-    # each billed per second from launch (its boot included) until it ended, per instance
-    assert cloud.cost == pytest.approx((1060.0 * 2 + 1060.0 * 1 + 1060.0 * 2) * 7.2 / 3600)
-    assert cloud.instances == 0
-
-
-def test_cloud_bills_at_least_the_minimum_and_what_still_runs_at_the_end() -> None:
-    h = Harness(WIDE)
-    h.submit("cloud", SimJob(id="a", submit=0, duration=30.0, gpus=1))  # 90 s < 10 min
-    h.submit("cloud", SimJob(id="svc", submit=0, duration=None, gpus=1))  # never ends
-    h.engine.run(until=1000.0)
-    cloud = h.prov.pools["cloud"]
-    assert cloud.cost == pytest.approx(600.0 * 7.2 / 3600)
-    cloud.finish_accounting()
-    assert cloud.cost == pytest.approx((600.0 + 1000.0) * 7.2 / 3600)
-
-
 def test_every_pool_kind_has_one_discipline_class() -> None:
     from stowplan.errors import InternalError
     from stowplan.simulator.cluster import PoolKind
@@ -393,3 +370,108 @@ def test_every_pool_kind_has_one_discipline_class() -> None:
         pool_class("pbs")  # type: ignore[arg-type]
     with pytest.raises(InternalError, match="no nodes"):
         h.prov.pools["cloud"].node_down(0)
+
+
+def test_cloud_instances_boot_run_work_and_are_billed_per_second_until_terminated() -> None:
+    h = Harness()
+    assert Capability.ELASTIC in h.prov.capabilities
+    [i1] = h.provision("cloud", 1, "p-1")
+    cloud = h.cloud()
+    assert h.capacity_changes == [0.0] and cloud.instances == 1
+    r = h.submit("cloud", SimJob(id="a", submit=0, duration=30.0, gpus=1))
+    assert r.state is ProviderState.QUEUED  # its instance boots
+    h.engine.run()
+    assert h.states("k-a") == [(100.0, ProviderState.RUNNING), (130.0, ProviderState.SUCCEEDED)]
+    assert cloud.cost == 0.0  # billed when it stops (or at the end)
+    h.engine.at(400.0, lambda _: h.terminate("cloud", 1, "t-1"))
+    h.engine.run()
+    assert cloud.instances == 0 and h.capacity_changes == [0.0, 400.0]
+    assert cloud.cost == pytest.approx(400.0 * 3.6 / 3600) and cloud.instance_s == 400.0
+    # an instance stopped soon after its boot is billed the minimum (60 s)
+    h.provision("cloud", 1, "p-2")
+    h.engine.at(h.engine.now, lambda _: None)
+    h.engine.run(until=450.0)  # still booting: a terminate leaves it alone
+    h.terminate("cloud", 1, "t-2")
+    assert h.cloud().instances == 1
+    h.engine.run(until=500.0)  # up at 500
+    h.terminate("cloud", 1, "t-3")
+    assert cloud.cost == pytest.approx((400.0 + 100.0) * 3.6 / 3600)
+    assert cloud.launches == 2 and i1 == "cloud-i1"
+
+
+def test_cloud_discovery_reports_an_elastic_pool_and_provision_is_idempotent_by_token() -> None:
+    h = Harness(WIDE)
+    [pool] = [p for p in h.prov.core_pools() if p.id == "cloud"]
+    assert pool.elastic and pool.max_instances == 3 and pool.boot_s == 60.0
+    assert pool.node == Shape(cpus=8.0, memory=32 * 2**30, gpus={"a10g": 2})
+    assert (pool.cpus, pool.gpus) == (0.0, {"a10g": 0})
+    ids = h.provision("cloud", 2, "tok")
+    assert h.provision("cloud", 2, "tok") == ids  # the same token: the same instances
+    [pool] = [p for p in h.prov.core_pools() if p.id == "cloud"]
+    # booting instances are capacity (work may be sent for them), less room to launch
+    assert (pool.cpus, pool.gpus, pool.max_instances) == (16.0, {"a10g": 4}, 1)
+    assert h.provision("cloud", 5, "more") == ["cloud-i3"]  # what the maximum leaves
+    with pytest.raises(ProviderError) as e:
+        h.provision("cloud", 1, "full")
+    assert not e.value.retryable and "max_instances" in str(e.value)
+    with pytest.raises(ProviderError) as e:
+        h.provision("slurm", 1, "x")
+    assert not e.value.retryable
+
+
+def test_a_lost_provision_answer_is_found_again_by_its_token() -> None:
+    h = Harness(WIDE, FaultsSpec(lost_answer_rate=1.0))
+    with pytest.raises(ProviderError) as e:
+        h.provision("cloud", 1, "tok")
+    assert e.value.retryable
+    h.prov.api.spec = FaultsSpec()
+    assert h.provision("cloud", 1, "tok") == ["cloud-i1"] and h.cloud().instances == 1
+
+
+def test_jobs_share_instances_and_wide_jobs_take_whole_ones() -> None:
+    h = Harness(WIDE)
+    h.provision("cloud", 3, "tok")
+    h.submit("cloud", SimJob(id="a", submit=0, duration=1000.0, gpus=4))  # 2 whole instances
+    h.submit("cloud", SimJob(id="b", submit=0, duration=1000.0, gpus=1))
+    h.submit("cloud", SimJob(id="c", submit=0, duration=1000.0, gpus=1))  # best fit: b's
+    h.submit("cloud", SimJob(id="d", submit=0, duration=1000.0, gpus=4))  # waits for a
+    h.engine.run()
+    assert started(h) == {"k-a": 60.0, "k-b": 60.0, "k-c": 60.0, "k-d": 1060.0}
+    node = {k: a.alloc[0][0] for k, a in h.prov.attempts.items()}
+    assert node["k-b"] == node["k-c"] and node["k-b"] not in {
+        n for n, *_ in h.prov.attempts["k-a"].alloc
+    }
+
+
+def test_terminate_stops_only_idle_instances_once_per_token() -> None:
+    h = Harness(WIDE)
+    h.provision("cloud", 3, "tok")
+    h.engine.run(until=60.0)
+    h.submit("cloud", SimJob(id="a", submit=0, duration=1000.0, gpus=1))
+    h.terminate("cloud", 3, "t")
+    cloud = h.cloud()
+    assert cloud.instances == 1 and h.state("k-a") is ProviderState.RUNNING
+    h.terminate("cloud", 3, "t")  # the same token again: nothing more
+    assert cloud.instances == 1
+    # each stopped instance ran 60 s and is billed the minimum (10 min)
+    assert cloud.cost == pytest.approx(2 * 600.0 * 7.2 / 3600)
+    cloud.finish_accounting()  # what still runs at the end is billed until then
+    assert cloud.cost == pytest.approx((2 * 600.0 + 600.0) * 7.2 / 3600)
+
+
+def test_spot_instances_are_reclaimed_their_jobs_preempted_and_capacity_pushed() -> None:
+    text = CLUSTER.replace(
+        'boot = "100s"', 'boot = "0"\nspot = true\ninterruptions_per_hour = 3600'
+    )
+    h = Harness(text)
+    [pool] = [p for p in h.prov.core_pools() if p.id == "cloud"]
+    assert pool.spot and pool.interruption_rate == 3600.0
+    h.provision("cloud", 1, "tok")
+    h.submit("cloud", SimJob(id="a", submit=0, duration=3600.0, gpus=1))
+    h.engine.run()
+    [(t, rep)] = [(t, r) for t, r in h.reports if r.state is ProviderState.FAILED]
+    assert rep.failure is FailureClass.PREEMPTED and t < 3600.0
+    cloud = h.cloud()
+    assert cloud.instances == 0 and cloud.preemptions == 1
+    assert h.capacity_changes == [0.0, t]
+    assert cloud.cost == pytest.approx(max(60.0, t) * 3.6 / 3600)

@@ -257,3 +257,67 @@ def test_every_kind_of_shell_callback_has_an_engine_priority() -> None:
     assert set(WAKE_PRIORITY) == set(Wake)
     # the world changes first, the core's own wake-ups come after the provider traffic
     assert WAKE_PRIORITY[Wake.DISCOVER] < WAKE_PRIORITY[Wake.REPORTS] < WAKE_PRIORITY[Wake.TICK]
+
+
+ELASTIC = """\
+[cluster]
+name = "e"
+[[sites]]
+name = "cloud"
+[[pools]]
+name = "g5"
+site = "cloud"
+kind = "cloud"
+max_instances = 4
+gpus_per_node = 1
+gpu_model = "a10g"
+cpus_per_node = 4
+memory_per_node = "16GiB"
+price_per_hour = 3.6
+boot = "2m"
+min_billed = "1m"
+[scheduler]
+idle_grace = "2m"
+"""
+
+
+@pytest.mark.parametrize("policy", ["fifo", "greedy", "cpsat"])
+def test_a_cloud_pool_scales_from_nothing_to_what_the_work_needs_and_back(policy: str) -> None:
+    """The core's Provision and Terminate, carried out by the shell on the simulated pool:
+    instances boot before the work runs, stop after the idle grace, and are billed per second
+    from provision to stop."""
+    jobs = [SimJob(id=f"a{i}", submit=0.0, duration=600.0, gpus=1, cpus=2) for i in range(4)]
+    jobs += [SimJob(id=f"b{i}", submit=7200.0, duration=600.0, gpus=1, cpus=2) for i in range(2)]
+    wl = Workload(name="w", kind="synthetic", source="t", jobs=jobs)
+    sim = Simulation(
+        parse_cluster(ELASTIC, Path("e.toml")), wl, SimOptions(policy=policy, faults=False)
+    )
+    pool = sim.providers["cloud"].pools["g5"]
+    seen: list[tuple[float, int]] = []
+    for t in (0.0, 60.0, 719.0, 839.0, 841.0, 7200.0, 7500.0):
+        sim.engine.at(t, lambda at: seen.append((at, pool.instances)), t, 100)
+    sim.run()
+    rows = {r["job"]: r for r in sim.metrics.job_rows()}
+    assert {r["state"] for r in rows.values()} == {"SUCCEEDED"}
+    # every job waited for its instance to boot, no longer
+    assert {r["wait"] for r in rows.values()} == {120.0}
+    # 0 -> 4 instances (booting from 0 s), idle from 720 s, stopped at 840 s, 2 more at 2 h
+    assert seen == [
+        (0.0, 4),
+        (60.0, 4),
+        (719.0, 4),
+        (839.0, 4),
+        (841.0, 0),
+        (7200.0, 2),
+        (7500.0, 2),
+    ]
+    c = sim.counters
+    assert (c.provisions, c.terminates) == (2, 1)
+    s = sim.metrics.summary(sim.metrics.job_rows())
+    g5 = s["pools"]["g5"]
+    # four instances for 840 s, two until the end (7920 s): per second, at 3.6 an hour
+    assert g5["instance_hours"] == pytest.approx((4 * 840 + 2 * 720) / 3600)
+    assert g5["cost"] == pytest.approx((4 * 840 + 2 * 720) * 3.6 / 3600)
+    assert g5["launches"] == 6
+    assert g5["utilization"] == pytest.approx(6 * 600 / (4 * 840 + 2 * 720))
+    assert s["cost"] == g5["cost"]

@@ -1,8 +1,15 @@
 """One ``stowplan run``: load, identify, decide what to reuse, record, and hand to the queue.
 
-The CLI calls these steps and renders what they return; nothing here prints. The experiment,
-its runs and the provenance are recorded before the control plane starts (content-addressed,
-insert-or-ignore rows); from then on the store actor is the only writer.
+Application logic beside the command shell, free of Ray: the CLI calls these steps and renders
+what they return (nothing here prints), and the real-time adapter (``actors/``) is handed their
+result. The experiment, its runs and the provenance are recorded before the control plane
+starts (content-addressed, insert-or-ignore rows); from then on the store actor is the only
+writer.
+
+Before anything is written, a task is refused (``SpecError``, exit 2) when no provider it may
+run on could run it: one whose image or secrets no such provider supports (the drivers'
+``Capabilities``, checked in ``prepare``), or whose needs no discovered pool could ever meet
+(``check_feasible``, which asks the scheduler core itself).
 """
 
 from __future__ import annotations
@@ -16,15 +23,14 @@ from typing import Any
 
 import msgspec
 
-from stowplan.actors.queue import RunPayload, SubmitRun
 from stowplan.errors import SpecError
-from stowplan.placement.greedy import eligible, fits
-from stowplan.placement.problem import DemandClass, Pool
+from stowplan.placement.problem import Pool
 from stowplan.provenance.imports import used_records
 from stowplan.provenance.records import ExperimentRecord, ProvenanceRecord, RunRecord
 from stowplan.provenance.store import RunStore
-from stowplan.scheduler.plan import EnvPin, PinKey, PlannedRun, Versions, plan_runs
-from stowplan.spec.canonical import spec_hash
+from stowplan.providers.base import Capabilities, Capability, LaunchSpec, SecretRef
+from stowplan.scheduler.plan import EnvPin, PinKey, PlannedRun, RunPayload, Versions, plan_runs
+from stowplan.spec.canonical import canonical_experiment, spec_hash
 from stowplan.spec.loader import (
     LoadedExperiment,
     LoadedProject,
@@ -117,6 +123,7 @@ def prepare(
 
     base = Path(loaded.directory)
     state_dir, store_path = project_paths(project)
+    able = capable_providers(loaded, providers, allowed, state_dir)
     records: dict[str, Any] = {}
     # In the user's cache directory, not the project's: a cache is not project state, and a
     # bad input must leave the project untouched.
@@ -178,7 +185,9 @@ def prepare(
                 lambda runs: used_records(store, runs, project.config.providers, state_dir),
                 lambda ids: {rid: rec.state for rid, rec in store.get_runs(ids).items()},
             )
-    canonical = msgspec.to_builtins(loaded.spec)
+    if able:
+        planned = [_narrowed(r, able) for r in planned]
+    canonical = canonical_experiment(loaded.spec)
     canonical["effective_policy"] = msgspec.to_builtins(loaded.policy)
     experiment = ExperimentRecord(
         id=spec_hash(canonical),
@@ -333,46 +342,127 @@ def _covered_elsewhere(
 
 
 def check_feasible(prepared: Prepared, pools: Sequence[Pool]) -> None:
-    """Refuse, before anything is written, a task that no configured pool could ever run."""
-    seen: set[tuple[Any, ...]] = set()
-    for run in prepared.planned:
-        inst = run.instance
-        key = (inst.cpus, inst.memory, inst.gpus, inst.gpu_types, inst.allowed_providers)
-        if key in seen:
+    """Refuse, before anything is written, a task that no discovered pool could ever run.
+
+    The scheduler core decides: it is given the pools and one run of each task, and a run it
+    fails at once (no pool could run it even when empty, elastic pools at their full size
+    included) is refused here, with the core's reason."""
+    from stowplan.placement.context import context_for
+    from stowplan.scheduler.core import CoreConfig, SchedulerCore
+    from stowplan.scheduler.events import PoolsDiscovered, TasksSubmitted, Transitioned
+    from stowplan.scheduler.states import TaskState
+
+    first: dict[str, PlannedRun] = {}
+    for run in prepared.planned:  # a task's runs differ in parameters only, not in needs
+        first.setdefault(run.task, run)
+    refused: dict[str, str] = {}
+    if not pools:
+        refused = {run.run_id: "no configured provider offers any pool" for run in first.values()}
+    else:
+        core = SchedulerCore(CoreConfig(context=context_for(prepared.project, prepared.loaded)))
+        by_provider: dict[str, list[Pool]] = {}
+        for p in pools:
+            by_provider.setdefault(p.provider, []).append(p)
+        for name, ps in sorted(by_provider.items()):
+            core.handle(PoolsDiscovered(provider=name, pools=ps), now=0.0)
+        tasks = [
+            msgspec.structs.replace(r.instance, depends_on=(), max_concurrent=None)
+            for r in first.values()
+        ]
+        for command in core.handle(TasksSubmitted(tasks=tasks), now=0.0):
+            if isinstance(command, Transitioned):
+                refused.update(
+                    (t.run_id, t.reason) for t in command.records if t.to_state is TaskState.FAILED
+                )
+    for run in first.values():
+        if run.run_id not in refused:
             continue
-        seen.add(key)
-        cls = DemandClass(
-            id=run.task,
-            cpus=inst.cpus,
-            memory=inst.memory,
-            gpus=inst.gpus,
-            gpu_types=inst.gpu_types,
-            allowed_pools=None
-            if inst.allowed_providers is None
-            else tuple(p.id for p in pools if p.provider in inst.allowed_providers),
+        inst = run.instance
+        gpu = (
+            f", {plural(inst.gpus, 'GPU')} {'/'.join(inst.gpu_types)}".rstrip() if inst.gpus else ""
         )
-        if not any(eligible(cls, p) and fits(cls, p.cpus, p.memory, dict(p.gpus)) for p in pools):
-            largest = ", ".join(
-                f"{p.id}: {plural(float(p.cpus), 'CPU')}, {p.memory / 2**30:.1f} GiB"
-                + (f", GPUs {p.gpus}" if p.gpus else "")
-                for p in pools
+        raise spec_error(
+            prepared.loaded,
+            f"$.tasks[{_task_index(prepared.loaded, run.task)}].resources",
+            f"task {run.task!r} asks for {plural(float(inst.cpus), 'CPU')}, "
+            f"{inst.memory / 2**30:.2f} GiB{gpu}, which no configured pool can run: "
+            f"{refused[run.run_id]}",
+            f"lower the resources of {run.task!r}, or configure a provider that offers "
+            "them in stowplan.toml",
+        )
+
+
+def capable_providers(
+    loaded: LoadedExperiment,
+    providers: Mapping[str, ProviderConfig],
+    allowed: Sequence[str] | None,
+    state_dir: Path,
+) -> dict[str, tuple[str, ...]]:
+    """For each task that names an image or secrets: the providers it may run on whose drivers
+    run containers (``Capability.CONTAINERS``) and resolve secrets (``Capability.SECRETS``) as
+    it needs. Raises ``SpecError`` naming the task's field, with the driver's reason as the
+    fix, when there are none. Writes nothing; a task that names neither is left out."""
+    from stowplan.providers.registry import make_provider
+
+    caps: dict[str, Capabilities] = {}
+
+    def capabilities(name: str) -> Capabilities:
+        if name not in caps:
+            drv = make_provider(name, providers[name], state_dir=state_dir)
+            caps[name] = drv.capabilities
+        return caps[name]
+
+    may = sorted(providers)
+    if allowed is None and loaded.policy.allowed_providers is not None:
+        may = [n for n in may if n in loaded.policy.allowed_providers]
+    out: dict[str, tuple[str, ...]] = {}
+    for i, task in enumerate(loaded.spec.tasks):
+        needs = [
+            (cap, where, what)
+            for cap, where, what, used in (
+                (Capability.CONTAINERS, "image", f"image {task.image!r}", task.image is not None),
+                (Capability.SECRETS, "secrets", "secrets", bool(task.secrets)),
             )
-            gpu = (
-                f", {plural(inst.gpus, 'GPU')} {'/'.join(inst.gpu_types)}".rstrip()
-                if inst.gpus
-                else ""
+            if used
+        ]
+        if not needs:
+            continue
+        able = list(may)
+        for cap, where, what in needs:
+            lacking = [n for n in able if cap not in capabilities(n)]
+            able = [n for n in able if n not in lacking]
+            if able:
+                continue
+            reasons = [(n, capabilities(n).reason(cap)) for n in lacking]
+            hint = (
+                reasons[0][1]
+                if len(reasons) == 1
+                else "; ".join(f"{n}: {why}" for n, why in reasons)
             )
-            tasks = prepared.loaded.spec.tasks
-            idx = next(i for i, t in enumerate(tasks) if t.name == run.task)
             raise spec_error(
-                prepared.loaded,
-                f"$.tasks[{idx}].resources",
-                f"task {run.task!r} asks for {plural(float(inst.cpus), 'CPU')}, "
-                f"{inst.memory / 2**30:.2f} GiB{gpu}, which no configured pool has "
-                f"({largest or 'no pools'})",
-                f"lower the resources of {run.task!r}, or configure a provider that offers "
-                "them in stowplan.toml",
+                loaded,
+                f"$.tasks[{i}].{where}",
+                f"task {task.name!r} names {what}, which no provider it may run on supports "
+                f"({', '.join(lacking) or 'none is configured'})",
+                hint or f"configure a provider that supports {cap.value}",
             )
+        out[task.name] = tuple(able)
+    return out
+
+
+def _narrowed(run: PlannedRun, able: Mapping[str, tuple[str, ...]]) -> PlannedRun:
+    """``run`` placed only on providers that can run it (``capable_providers``)."""
+    providers = able.get(run.task)
+    inst = run.instance
+    if providers is None or (inst.allowed_providers or ()) == providers:
+        return run
+    return msgspec.structs.replace(
+        run, instance=msgspec.structs.replace(inst, allowed_providers=providers)
+    )
+
+
+def _task_index(loaded: LoadedExperiment, task: str) -> int:
+    return next(i for i, t in enumerate(loaded.spec.tasks) if t.name == task)
 
 
 def payload(prepared: Prepared, r: PlannedRun) -> RunPayload:
@@ -380,11 +470,58 @@ def payload(prepared: Prepared, r: PlannedRun) -> RunPayload:
     return RunPayload(instance=r.instance, launch=r.launch, name=name)
 
 
-def submissions(prepared: Prepared, run_ids: set[str]) -> list[SubmitRun]:
-    """What the queue needs of each run in ``run_ids``: its payload and earlier attempts."""
-    return [
-        SubmitRun(r.run_id, payload(prepared, r)) for r in prepared.planned if r.run_id in run_ids
-    ]
+def submissions(prepared: Prepared, run_ids: set[str]) -> list[RunPayload]:
+    """What the queue needs of each run in ``run_ids``: its payload."""
+    return [payload(prepared, r) for r in prepared.planned if r.run_id in run_ids]
+
+
+def payload_of(rec: RunRecord) -> RunPayload:
+    """The payload stored with a run's record."""
+    return msgspec.convert(rec.task_spec["payload"], RunPayload)
+
+
+def secret_ref(name: str) -> SecretRef:
+    """A task's secret name (``name`` or ``name#entry``) as the reference a driver resolves."""
+    base, _, entry = name.partition("#")
+    return SecretRef(name=base, key=entry or None)
+
+
+def launch_spec(
+    payload: RunPayload,
+    run_id: str,
+    attempt: int,
+    key: str,
+    pool: str,
+    upstream: bytes | None = None,
+) -> LaunchSpec:
+    """The provider's view of one attempt; ``upstream`` becomes ``upstream.json`` beside it.
+    Secrets stay references: only the driver resolves them, when it submits."""
+    la = payload.launch
+    env = dict(la.env)
+    files: dict[str, bytes] = {}
+    if upstream is not None:
+        files["upstream.json"] = upstream
+        env["STOWPLAN_UPSTREAM"] = "upstream.json"
+    return LaunchSpec(
+        key=key,
+        run_id=run_id,
+        attempt=attempt,
+        pool=pool,
+        name=payload.name,
+        argv=la.argv,
+        script=la.script,
+        env=env,
+        cpus=la.cpus,
+        memory=la.memory,
+        gpus=la.gpus,
+        gpu_types=la.gpu_types,
+        timeout_s=la.timeout_s,
+        outputs=la.outputs,
+        files=files,
+        image=la.image,
+        code=la.code,
+        secrets={var: secret_ref(name) for var, name in la.secrets.items()},
+    )
 
 
 def run_records(prepared: Prepared, provenance_hash: str) -> list[RunRecord]:
@@ -481,9 +618,13 @@ def record_submission(
 
 __all__ = [
     "Prepared",
+    "capable_providers",
     "check_feasible",
-    "load_experiment",
+    "launch_spec",
+    "payload",
+    "payload_of",
     "prepare",
     "record",
     "record_submission",
+    "submissions",
 ]

@@ -1,0 +1,158 @@
+"""EC2 instance states, state reasons, exit records and API error codes -> our states. Pure.
+
+Theory of operation: an attempt runs on its own instance. The instance's exit record (a small
+JSON object the user-data script uploads to S3 before it shuts down) is the truth about how the
+attempt ended, whatever the instance's state; without one, the instance's state and its state
+reason say what happened to it. Every lookup goes through a total function: anything not in a
+table is ``UNKNOWN`` (states) or ``ErrorKind.UNKNOWN`` (error codes).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import Any
+
+from msgspec import Struct
+
+from stowplan.scheduler.reports import ProviderState
+from stowplan.spec.models import FailureClass
+
+INSTANCE_STATES: dict[str, ProviderState] = {
+    "pending": ProviderState.QUEUED,
+    "running": ProviderState.RUNNING,
+    # gone or going without an exit record: the state reason decides (``gone_reason``)
+    "shutting-down": ProviderState.FAILED,
+    "terminated": ProviderState.FAILED,
+    "stopping": ProviderState.FAILED,
+    "stopped": ProviderState.FAILED,
+}
+
+STATE_REASONS: dict[str, tuple[ProviderState, FailureClass | None]] = {
+    "Server.SpotInstanceTermination": (ProviderState.FAILED, FailureClass.PREEMPTED),
+    "Server.SpotInstanceShutdown": (ProviderState.FAILED, FailureClass.PREEMPTED),
+    "Server.InsufficientInstanceCapacity": (ProviderState.FAILED, FailureClass.NODE_FAILURE),
+    "Server.InternalError": (ProviderState.FAILED, FailureClass.NODE_FAILURE),
+    "Server.ScheduledStop": (ProviderState.FAILED, FailureClass.NODE_FAILURE),
+    "Client.InternalError": (ProviderState.FAILED, FailureClass.NODE_FAILURE),
+    "Client.InstanceInitiatedShutdown": (ProviderState.FAILED, FailureClass.NODE_FAILURE),
+    "Client.VolumeLimitExceeded": (ProviderState.FAILED, FailureClass.PROVIDER_REJECTED),
+    "Client.InvalidSnapshot.NotFound": (ProviderState.FAILED, FailureClass.PROVIDER_REJECTED),
+    "Client.UserInitiatedShutdown": (ProviderState.CANCELLED, None),
+}
+"""Why an instance went away when no exit record says how its attempt ended."""
+
+EXIT_REASONS: dict[str, FailureClass] = {
+    "exit": FailureClass.USER_ERROR,
+    "outputs": FailureClass.USER_ERROR,
+    "timeout": FailureClass.TIMEOUT,
+    "setup": FailureClass.NODE_FAILURE,
+    "preempted": FailureClass.PREEMPTED,
+}
+"""The ``reason`` of a non-zero exit record (what the user-data script writes)."""
+
+
+class ExitRecord(Struct, frozen=True, kw_only=True):
+    """What the instance uploads when its attempt ended."""
+
+    key: str
+    exit_code: int
+    reason: str = "exit"
+    started_at: float | None = None
+    ended_at: float | None = None
+
+
+def exit_state(record: ExitRecord) -> tuple[ProviderState, FailureClass | None]:
+    if record.exit_code == 0 and record.reason == "exit":
+        return ProviderState.SUCCEEDED, None
+    return ProviderState.FAILED, EXIT_REASONS.get(record.reason, FailureClass.USER_ERROR)
+
+
+def gone_reason(code: str) -> tuple[ProviderState, FailureClass | None]:
+    """An instance gone (or going) without an exit record, by its ``StateReason.Code``: lost
+    under its attempt (node failure) unless the code says otherwise."""
+    return STATE_REASONS.get(code, (ProviderState.FAILED, FailureClass.NODE_FAILURE))
+
+
+def instance_state(
+    instance: Mapping[str, Any], record: ExitRecord | None
+) -> tuple[ProviderState, FailureClass | None, str]:
+    """(state, failure class, message) of an attempt from its instance (a ``describe_instances``
+    entry) and its exit record, if any. Total."""
+    iid = str(instance.get("InstanceId") or "?")
+    if record is not None:
+        state, failure = exit_state(record)
+        how = f"exit code {record.exit_code}" + (
+            f" ({record.reason})" if record.reason != "exit" else ""
+        )
+        return state, failure, f"instance {iid}: {how}"
+    name = str((instance.get("State") or {}).get("Name") or "")
+    state = INSTANCE_STATES.get(name, ProviderState.UNKNOWN)
+    if state is ProviderState.FAILED:
+        reason = instance.get("StateReason") or {}
+        code = str(reason.get("Code") or "")
+        state, failure = gone_reason(code)
+        return state, failure, f"instance {iid} {name} without an exit record: {code or '?'}"
+    return state, None, f"instance {iid} {name or 'in an unknown state'}"
+
+
+class ErrorKind(enum.Enum):
+    """What an EC2 or S3 error code means for the call that got it."""
+
+    THROTTLED = "throttled"
+    """try the same call later (the shell backs off): retryable ``ProviderError``."""
+    TRANSIENT = "transient"
+    """the service failed this time: retryable ``ProviderError``."""
+    NO_CAPACITY = "no_capacity"
+    """this (type, zone, market) has no capacity now: mark it unavailable, fail the attempt as
+    ``PROVIDER_TRANSIENT`` so the core re-places it with what was learned."""
+    QUOTA = "quota"
+    """the account's quota for the family and market is reached: learn it, fail the attempt as
+    ``PROVIDER_TRANSIENT``, never retry it blindly."""
+    UNSUPPORTED = "unsupported"
+    """the type cannot run in that zone: never try it there again."""
+    ALREADY = "already"
+    """the ClientToken was used before: the instance exists; look it up by tag."""
+    REJECTED = "rejected"
+    """the request itself is wrong (an AMI, a subnet, permissions): ``PROVIDER_REJECTED``."""
+    UNKNOWN = "unknown"
+    """anything else: the submit's outcome is UNKNOWN (reconciliation finds out)."""
+
+
+EC2_ERRORS: dict[str, ErrorKind] = {
+    "RequestLimitExceeded": ErrorKind.THROTTLED,
+    "Throttling": ErrorKind.THROTTLED,
+    "ThrottlingException": ErrorKind.THROTTLED,
+    "SlowDown": ErrorKind.THROTTLED,
+    "InternalError": ErrorKind.TRANSIENT,
+    "InternalFailure": ErrorKind.TRANSIENT,
+    "ServiceUnavailable": ErrorKind.TRANSIENT,
+    "Unavailable": ErrorKind.TRANSIENT,
+    "InsufficientInstanceCapacity": ErrorKind.NO_CAPACITY,
+    "InsufficientHostCapacity": ErrorKind.NO_CAPACITY,
+    "InsufficientCapacity": ErrorKind.NO_CAPACITY,
+    "SpotMaxPriceTooLow": ErrorKind.NO_CAPACITY,
+    "VcpuLimitExceeded": ErrorKind.QUOTA,
+    "MaxSpotInstanceCountExceeded": ErrorKind.QUOTA,
+    "InstanceLimitExceeded": ErrorKind.QUOTA,
+    "Unsupported": ErrorKind.UNSUPPORTED,
+    "IdempotentParameterMismatch": ErrorKind.ALREADY,
+    "UnauthorizedOperation": ErrorKind.REJECTED,
+    "AuthFailure": ErrorKind.REJECTED,
+    "InvalidAMIID.Malformed": ErrorKind.REJECTED,
+    "InvalidAMIID.NotFound": ErrorKind.REJECTED,
+    "InvalidParameterValue": ErrorKind.REJECTED,
+    "InvalidParameterCombination": ErrorKind.REJECTED,
+    "InvalidSubnetID.NotFound": ErrorKind.REJECTED,
+    "InvalidGroup.NotFound": ErrorKind.REJECTED,
+    "InvalidParameter": ErrorKind.REJECTED,
+    "MissingParameter": ErrorKind.REJECTED,
+    "OptInRequired": ErrorKind.REJECTED,
+    "AccessDenied": ErrorKind.REJECTED,
+    "NoSuchBucket": ErrorKind.REJECTED,
+}
+
+
+def ec2_error(code: str) -> ErrorKind:
+    """What an error code means. Total: an unlisted code is ``ErrorKind.UNKNOWN``."""
+    return EC2_ERRORS.get(code, ErrorKind.UNKNOWN)

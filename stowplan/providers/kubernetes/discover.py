@@ -1,0 +1,230 @@
+"""Pure discovery: nodes and pods (as the API returns them) in, node pools out. No I/O.
+
+A pool is the set of schedulable nodes sharing a node-pool label value. Its capacity is what
+the nodes' ``status.allocatable`` leaves after the requests of the pods running there
+(allocatable is the truth: a node labelled with a GPU model but with 0 allocatable GPUs has a
+broken driver or device plugin, and is left out). Cordoned (``spec.unschedulable``), NotReady
+and tainted nodes that stowplan's pods do not tolerate are left out too; every node left out
+is named in the notes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from msgspec import Struct, field
+
+from stowplan.placement.problem import Pool, Shape
+from stowplan.providers.kubernetes.render import GPU_PRODUCT_LABEL, HARDWARE_PREFIX
+
+POOL_LABELS = (
+    "cloud.google.com/gke-nodepool",
+    "eks.amazonaws.com/nodegroup",
+    "karpenter.sh/nodepool",
+    "node.kubernetes.io/instance-type",
+)
+"""The node-pool labels looked for, in this order, when ``node_pool_label`` is not set."""
+REGION_LABEL = "topology.kubernetes.io/region"
+ZONE_LABEL = "topology.kubernetes.io/zone"
+
+_SUFFIX: dict[str, Decimal] = {
+    "": Decimal(1),
+    "m": Decimal("0.001"),
+    "k": Decimal(10**3),
+    "M": Decimal(10**6),
+    "G": Decimal(10**9),
+    "T": Decimal(10**12),
+    "P": Decimal(10**15),
+    "E": Decimal(10**18),
+    "Ki": Decimal(1 << 10),
+    "Mi": Decimal(1 << 20),
+    "Gi": Decimal(1 << 30),
+    "Ti": Decimal(1 << 40),
+    "Pi": Decimal(1 << 50),
+    "Ei": Decimal(1 << 60),
+}
+_QUANTITY = re.compile(r"\A([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|[mkMGTPE]?)\Z")
+_VENDOR_WORDS = {"nvidia", "tesla", "geforce", "quadro", "rtx", "datacenter"}
+
+
+def parse_quantity(text: object) -> Decimal:
+    """A Kubernetes quantity (``"500m"``, ``"32Gi"``, ``"1e3"``, ``8``) as a number; anything
+    unreadable is 0."""
+    m = _QUANTITY.match(str(text).strip())
+    if not m:
+        return Decimal(0)
+    try:
+        return Decimal(m.group(1)) * _SUFFIX[m.group(2)]
+    except InvalidOperation:
+        return Decimal(0)
+
+
+def gpu_model_of(product: str) -> str:
+    """NVIDIA GPU feature discovery's ``nvidia.com/gpu.product`` in the GPU vocabulary of
+    stowplan's specs, the simulator and Slurm GRES types: the lowercase model word.
+
+    ``NVIDIA-A100-SXM4-40GB`` -> ``a100``, ``Tesla-V100-SXM2-16GB`` -> ``v100``,
+    ``NVIDIA-H100-80GB-HBM3`` -> ``h100``, ``Tesla-T4`` -> ``t4``, ``NVIDIA-L4`` -> ``l4``,
+    ``NVIDIA-A10G`` -> ``a10g``, ``NVIDIA-GeForce-RTX-4090`` -> ``rtx4090``,
+    ``NVIDIA-A100-SXM4-40GB-SHARED`` (time-slicing) -> ``a100``."""
+    words = [w for w in re.split(r"[-_\s]+", product.strip().lower()) if w]
+    rtx = "rtx" in words
+    for w in words:
+        if w in _VENDOR_WORDS:
+            continue
+        if any(c.isdigit() for c in w) and any(c.isalpha() for c in w):
+            return w
+        if w.isdigit() and rtx:
+            return f"rtx{w}"
+    rest = [w for w in words if w not in _VENDOR_WORDS]
+    return rest[0] if rest else "unknown"
+
+
+def detect_pool_label(nodes: Iterable[Mapping[str, Any]]) -> str | None:
+    """The first of ``POOL_LABELS`` that any node carries."""
+    present: set[str] = set()
+    for n in nodes:
+        present.update((n.get("metadata") or {}).get("labels") or {})
+    return next((label for label in POOL_LABELS if label in present), None)
+
+
+def _ready(node: Mapping[str, Any]) -> bool:
+    for c in (node.get("status") or {}).get("conditions") or []:
+        if c.get("type") == "Ready":
+            return bool(c.get("status") == "True")
+    return False
+
+
+def pod_requests(pod: Mapping[str, Any]) -> dict[str, Decimal]:
+    """A pod's effective requests: the sum over its containers, at least the largest init
+    container's, plus its overhead
+    (https://kubernetes.io/docs/concepts/workloads/pods/init-containers/#resource-sharing-within-containers)."""
+    spec = pod.get("spec") or {}
+    total: dict[str, Decimal] = defaultdict(Decimal)
+    for c in spec.get("containers") or []:
+        for k, v in ((c.get("resources") or {}).get("requests") or {}).items():
+            total[k] += parse_quantity(v)
+    for c in spec.get("initContainers") or []:
+        for k, v in ((c.get("resources") or {}).get("requests") or {}).items():
+            total[k] = max(total[k], parse_quantity(v))
+    for k, v in (spec.get("overhead") or {}).items():
+        total[k] += parse_quantity(v)
+    return dict(total)
+
+
+class Discovery(Struct, frozen=True, kw_only=True):
+    pools: list[Pool]
+    pool_label: str | None
+    notes: list[str] = field(default_factory=list)
+    """nodes left out and why (shown by ``stowplan providers``)."""
+
+
+def pools_of(
+    provider: str,
+    nodes: Sequence[Mapping[str, Any]],
+    pods: Sequence[Mapping[str, Any]],
+    *,
+    pool_label: str | None,
+    gpu_resource: str = "nvidia.com/gpu",
+    tolerations: Sequence[str] = (),
+    site: str | None = None,
+) -> Discovery:
+    """The node pools of ``nodes``, in pool-id order; ``pool_label`` None: detected."""
+    label = pool_label or detect_pool_label(nodes)
+    notes: list[str] = []
+    if label is None:
+        return Discovery(
+            pools=[],
+            pool_label=None,
+            notes=["no node carries a node-pool label (" + ", ".join(POOL_LABELS) + ")"],
+        )
+    tolerated = {gpu_resource, *tolerations}
+    used: dict[str, dict[str, Decimal]] = defaultdict(lambda: defaultdict(Decimal))
+    for p in pods:
+        node = (p.get("spec") or {}).get("nodeName")
+        if not node or (p.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            continue
+        for k, v in pod_requests(p).items():
+            used[node][k] += v
+    cpus: dict[str, Decimal] = defaultdict(Decimal)
+    memory: dict[str, Decimal] = defaultdict(Decimal)
+    gpus: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    shapes: dict[str, Shape] = {}
+    regions: dict[str, set[str]] = defaultdict(set)
+    for n in sorted(nodes, key=lambda n: str((n.get("metadata") or {}).get("name"))):
+        meta = n.get("metadata") or {}
+        name = str(meta.get("name"))
+        labels: dict[str, str] = meta.get("labels") or {}
+        pool = labels.get(label)
+        if pool is None:
+            notes.append(f"node {name}: no {label} label; not in any pool")
+            continue
+        spec = n.get("spec") or {}
+        if spec.get("unschedulable"):
+            notes.append(f"node {name}: cordoned; left out")
+            continue
+        if not _ready(n):
+            notes.append(f"node {name}: not Ready; left out")
+            continue
+        bad = [
+            t.get("key", "")
+            for t in spec.get("taints") or []
+            if t.get("effect") in ("NoSchedule", "NoExecute") and t.get("key") not in tolerated
+        ]
+        if bad:
+            notes.append(
+                f"node {name}: tainted {', '.join(sorted(bad))} (add the keys to tolerations "
+                "to use it); left out"
+            )
+            continue
+        alloc = (n.get("status") or {}).get("allocatable") or {}
+        n_gpus = int(parse_quantity(alloc.get(gpu_resource, "0")))
+        product = labels.get(GPU_PRODUCT_LABEL)
+        if product and n_gpus <= 0:
+            notes.append(
+                f"node {name}: labelled {product} but reports 0 allocatable {gpu_resource} "
+                "(a broken GPU driver or device plugin); left out"
+            )
+            continue
+        model = gpu_model_of(product) if product else "unknown"
+        here = used.get(name, {})
+        free_cpu = parse_quantity(alloc.get("cpu", "0")) - here.get("cpu", Decimal(0))
+        free_mem = parse_quantity(alloc.get("memory", "0")) - here.get("memory", Decimal(0))
+        free_gpu = n_gpus - int(here.get(gpu_resource, Decimal(0)))
+        cpus[pool] += max(Decimal(0), free_cpu)
+        memory[pool] += max(Decimal(0), free_mem)
+        if n_gpus:
+            gpus[pool][model] += max(0, free_gpu)
+        shape = Shape(
+            cpus=float(parse_quantity(alloc.get("cpu", "0"))),
+            memory=int(parse_quantity(alloc.get("memory", "0"))),
+            gpus={model: n_gpus} if n_gpus else {},
+        )
+        prev = shapes.get(pool)
+        if prev is None or (shape.cpus, shape.memory) > (prev.cpus, prev.memory):
+            shapes[pool] = shape
+        region = labels.get(REGION_LABEL)
+        if region:
+            regions[pool].add(region)
+    out = []
+    for pool in sorted(shapes):
+        region = min(regions[pool]) if regions[pool] else ""
+        out.append(
+            Pool(
+                id=f"{provider}/{pool}",
+                provider=provider,
+                kind="kubernetes",
+                site=site or region or provider,
+                region=region,
+                cpus=float(cpus[pool]),
+                memory=int(memory[pool]),
+                gpus=dict(sorted(gpus[pool].items())),
+                node=shapes[pool],
+                hardware_class=f"{HARDWARE_PREFIX}{label}={pool}",
+            )
+        )
+    return Discovery(pools=out, pool_label=label, notes=notes)

@@ -1,0 +1,923 @@
+"""The Kubernetes driver: sweeps as Indexed Jobs, watched natively.
+
+What lives where: the rendering is ``render.py`` (pure), the pools ``discover.py`` (pure), the
+state map ``states.py`` (pure), the API edge ``api.py``. This module does the I/O.
+
+Idempotency: a request's Job and ConfigMap are named ``request_name(keys)`` and annotated with
+their keys. ``submit`` creates the ConfigMap, then the Job, then makes the ConfigMap owned by
+the Job. ``409 AlreadyExists`` is "already submitted" only when the object found has the same
+keys; a create whose answer was lost is looked up by name once (found: submitted; not found:
+a retryable error, and the shell submits again). Nothing is ever created twice: names decide.
+
+Observation: ``describe`` is one list of the Jobs and one of their pods (label-selected).
+``watch`` lists, then watches Jobs and Pods of this provider (label-selected) from the list's
+resourceVersion with bookmarks; ``410 Gone`` relists and resumes. The last state of a deleted
+pod is kept, so an evicted pod's reason is still known after it is gone.
+
+Keys this instance has not seen (after a control-plane restart) are found in the
+``stowplan.io/keys`` annotations of this provider's Jobs: one list call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from stowplan.errors import ProviderError, SpecError
+from stowplan.placement.problem import Pool
+from stowplan.providers.base import (
+    TERMINAL_PROVIDER_STATES,
+    Capabilities,
+    Capability,
+    Facts,
+    LaunchSpec,
+    LogStream,
+    Provider,
+    ProviderRequest,
+    ProviderState,
+    Report,
+    WatchSet,
+)
+from stowplan.providers.kubernetes.api import Api, KubernetesError
+from stowplan.providers.kubernetes.discover import POOL_LABELS, pools_of
+from stowplan.providers.kubernetes.render import (
+    COMPLETION_INDEX,
+    CONTAINER,
+    JOB_NAME_LABEL,
+    KEYS_ANNOTATION,
+    MANAGED_BY,
+    MANAGER,
+    PROVIDER_LABEL,
+    REQUEST_LABEL,
+    KubernetesRequest,
+    label_value,
+    plan_jobs,
+)
+from stowplan.providers.kubernetes.states import index_state, latest_pod, pod_index
+from stowplan.spec.models import FailureClass, KubernetesProviderConfig
+
+WATCH_TIMEOUT_S = 300
+"""each watch request asks the server to end it after this long; it is then resumed."""
+WATCH_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+"""between attempts to re-establish a failed watch (no answer, 5xx): the watch is a
+long-running observation, not a verb the shell retries."""
+LOG_POLL_S = 1.0
+SELECTOR_MAX_NAMES = 50
+"""describe lists Jobs by name up to this many; beyond, every Job of this provider."""
+CONFIG_FILE = "stowplan.toml"
+
+
+def _keys_of(obj: Mapping[str, Any]) -> tuple[str, ...]:
+    ann = (obj.get("metadata") or {}).get("annotations") or {}
+    try:
+        keys = json.loads(ann.get(KEYS_ANNOTATION) or "[]")
+    except ValueError:
+        return ()
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        return ()
+    return tuple(keys)
+
+
+def _name(obj: Mapping[str, Any]) -> str:
+    return str((obj.get("metadata") or {}).get("name") or "")
+
+
+class KubernetesProvider(Provider):
+    poll_max = 5.0
+
+    def __init__(
+        self,
+        name: str,
+        config: KubernetesProviderConfig,
+        *,
+        state_dir: Path,
+        api_client: Any = None,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.namespace = config.namespace or "default"
+        self.capabilities = Capabilities(
+            has=frozenset(
+                {
+                    Capability.RUNS,
+                    Capability.GPUS,
+                    Capability.ARRAYS,
+                    Capability.LOGS,
+                    Capability.CONTAINERS,
+                    Capability.SECRETS,
+                    Capability.NATIVE_WATCH,
+                }
+            ),
+            why_not={
+                Capability.CANCEL_MEMBER: "an Indexed Job cannot stop one index that has not "
+                "started; an attempt is cancelled when every attempt of its Job is (the others "
+                "run to the end and their reports are ignored)",
+                Capability.ELASTIC: "node pools scale through the cluster's own autoscaler; "
+                "stowplan does not resize them",
+            },
+            notes=(
+                "outputs stay in the pod's emptyDir at /stowplan/work/<run>/<attempt> and are "
+                "lost with the pod; the wrapper checks that declared outputs exist and writes "
+                "an exit record to the termination message (upload to the blob store: not yet)",
+                "Kubernetes merges a container's stdout and stderr: logs(stream='stdout') "
+                "returns both, stream='stderr' nothing",
+                "a Job deleted by ttl_after_finished is forgotten: its attempts become UNKNOWN "
+                "unless this process saw them end",
+                "secrets are Kubernetes Secrets in the Job's namespace: secret:NAME#KEY becomes "
+                "a secretKeyRef (KEY defaults to the variable's name)",
+                "the image must contain python3 (3.6 or later): it runs stowplan's wrapper",
+            ),
+        )
+        self._api: Api | None = None
+        self._given_client = api_client
+        self._connect_lock = asyncio.Lock()
+        self._index: dict[str, tuple[str, int]] = {}
+        """key -> (Job name, completion index)."""
+        self._job_keys: dict[str, tuple[str, ...]] = {}
+        self._cancelled: set[str] = set()
+        self._deleted: set[str] = set()
+        """Jobs this instance deleted (their unfinished keys are CANCELLED)."""
+        self._finished: dict[str, Report] = {}
+        self._gone_pods: dict[tuple[str, int], dict[str, Any]] = {}
+        self.pool_label: str | None = None
+        self.discovery_notes: list[str] = []
+
+    # -- connection ---------------------------------------------------------------------------
+
+    def _kubeconfig_path(self) -> str | None:
+        if self.config.kubeconfig is not None:
+            return os.path.expanduser(self.config.kubeconfig)
+        env = os.environ.get("KUBECONFIG")
+        if env:
+            return env
+        default = os.path.expanduser("~/.kube/config")
+        return default if os.path.exists(default) else None
+
+    async def _connect(self) -> Api:
+        if self._api is not None:
+            return self._api
+        async with self._connect_lock:
+            if self._api is None:
+                client = self._given_client or await self._new_client()
+                self._api = Api(self.name, client, self.config.request_timeout)
+        return self._api
+
+    async def _new_client(self) -> Any:
+        from kubernetes_asyncio import client
+        from kubernetes_asyncio import config as kconfig
+
+        cfg = client.Configuration()
+        path = self._kubeconfig_path()
+        field = f"$.providers.{self.name}"
+        if path is None:
+            try:
+                kconfig.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+            except kconfig.ConfigException:
+                raise SpecError(
+                    "no kubeconfig found ($KUBECONFIG, ~/.kube/config) and not running in a "
+                    "cluster",
+                    file=CONFIG_FILE,
+                    path=f"{field}.kubeconfig",
+                    hint="set kubeconfig = 'path/to/kubeconfig' or run inside the cluster",
+                ) from None
+            return client.ApiClient(cfg)
+        paths = [p for p in path.split(os.pathsep) if p]
+        if not any(os.path.exists(p) for p in paths):
+            raise SpecError(
+                f"kubeconfig {path!r} does not exist",
+                file=CONFIG_FILE,
+                path=f"{field}.kubeconfig",
+                hint="give the path of an existing kubeconfig, or leave kubeconfig out",
+            )
+        try:
+            contexts, _active = kconfig.list_kube_config_contexts(path)
+        except (kconfig.ConfigException, OSError, ValueError) as e:
+            raise SpecError(
+                f"kubeconfig {path!r} cannot be read: {type(e).__name__}",
+                file=CONFIG_FILE,
+                path=f"{field}.kubeconfig",
+                hint="check the file with `kubectl config view`",
+            ) from None
+        names = sorted(str(c.get("name")) for c in contexts or [])
+        if self.config.context is not None and self.config.context not in names:
+            raise SpecError(
+                f"context {self.config.context!r} is not in the kubeconfig {path!r}",
+                file=CONFIG_FILE,
+                path=f"{field}.context",
+                hint="use one of: " + (", ".join(names) or "(the kubeconfig has no contexts)"),
+            )
+        try:
+            await kconfig.load_kube_config(
+                config_file=path,
+                context=self.config.context,
+                client_configuration=cfg,
+                persist_config=False,
+            )
+        except kconfig.ConfigException as e:
+            # NOTE: the loader's messages name fields, never credential values
+            raise SpecError(
+                f"kubeconfig {path!r}: {str(e)[:200]}",
+                file=CONFIG_FILE,
+                path=f"{field}.context",
+                hint="check the context with `kubectl config get-contexts`",
+            ) from None
+        return client.ApiClient(cfg)
+
+    @property
+    def _selector(self) -> str:
+        return f"{MANAGED_BY}={MANAGER},{PROVIDER_LABEL}={label_value(self.name)}"
+
+    # -- discover / plan ----------------------------------------------------------------------
+
+    async def discover(self) -> list[Pool]:
+        api = await self._connect()
+        nodes = (await api.call("list nodes", api.core.list_node)).get("items") or []
+        live = "status.phase!=Succeeded,status.phase!=Failed"
+        notes: list[str] = []
+        try:
+            pods_body = await api.call(
+                "list pods", api.core.list_pod_for_all_namespaces, field_selector=live
+            )
+        except KubernetesError as e:
+            if e.status != 403:
+                raise
+            # NOTE: namespace-scoped RBAC: only this namespace's pods are subtracted
+            notes.append(
+                f"no permission to list pods in every namespace: free capacity counts only "
+                f"the pods of namespace {self.namespace}"
+            )
+            pods_body = await api.call(
+                "list pods", api.core.list_namespaced_pod, self.namespace, field_selector=live
+            )
+        pods = pods_body.get("items") or []
+        label = self.config.node_pool_label
+        if label is not None and not any(
+            label in ((n.get("metadata") or {}).get("labels") or {}) for n in nodes
+        ):
+            carried = sorted(
+                {
+                    k
+                    for n in nodes
+                    for k in ((n.get("metadata") or {}).get("labels") or {})
+                    if k in POOL_LABELS
+                }
+            )
+            raise SpecError(
+                f"node_pool_label {label!r} is on none of the cluster's {len(nodes)} nodes",
+                file=CONFIG_FILE,
+                path=f"$.providers.{self.name}.node_pool_label",
+                hint=(
+                    "use one the nodes carry: " + ", ".join(carried)
+                    if carried
+                    else "leave it out to detect it, or label the nodes"
+                ),
+            )
+        found = pools_of(
+            self.name,
+            nodes,
+            pods,
+            pool_label=label,
+            gpu_resource=self.config.gpu_resource,
+            tolerations=self.config.tolerations,
+            site=self.config.site,
+        )
+        self.pool_label = found.pool_label
+        self.discovery_notes = notes + list(found.notes)
+        return found.pools
+
+    def plan(self, launches: Sequence[LaunchSpec], facts: Facts) -> list[ProviderRequest]:
+        return list(
+            plan_jobs(
+                launches,
+                facts.pools,
+                self.config,
+                provider=self.name,
+                namespace=self.namespace,
+            )
+        )
+
+    # -- submit -------------------------------------------------------------------------------
+
+    async def submit(self, requests: Sequence[ProviderRequest]) -> list[Report]:
+        api = await self._connect()
+        out: list[Report] = []
+        for req in requests:
+            if not isinstance(req, KubernetesRequest):
+                raise ProviderError(
+                    f"not a Kubernetes request: {type(req).__name__}",
+                    provider=self.name,
+                    retryable=False,
+                )
+            self._remember(req.name, req.keys)
+            out.extend(await self._submit_one(api, req))
+        return out
+
+    def _remember(self, job: str, keys: Sequence[str]) -> None:
+        self._job_keys[job] = tuple(keys)
+        for i, k in enumerate(keys):
+            self._index[k] = (job, i)
+
+    def _rejected(self, req: KubernetesRequest, message: str) -> list[Report]:
+        return [
+            Report(
+                key=k,
+                state=ProviderState.FAILED,
+                failure=FailureClass.PROVIDER_REJECTED,
+                message=message,
+            )
+            for k in req.keys
+        ]
+
+    async def _create(
+        self, api: Api, req: KubernetesRequest, kind: str, create: Any, read: Any, body: Any
+    ) -> tuple[dict[str, Any] | None, str]:
+        """Create ``body``; (object, "") when it exists now with our keys, (None, why) when a
+        different object holds the name or the API refused it."""
+        what = f"create {kind} {req.namespace}/{req.name}"
+        try:
+            return await api.call(what, create, req.namespace, body), ""
+        except KubernetesError as e:
+            if e.status == 409 and e.reason == "AlreadyExists":
+                pass
+            elif e.status == 0:
+                # the answer was lost: the create may have happened. Look once, by name.
+                found = await api.call(
+                    f"read {kind} {req.name}", read, req.name, req.namespace, ok404=True
+                )
+                if found is None:
+                    raise
+                if set(_keys_of(found)) == set(req.keys):
+                    return found, ""
+                raise
+            elif e.retryable:
+                raise
+            else:
+                return None, str(e)
+        found = await api.call(f"read {kind} {req.name}", read, req.name, req.namespace, ok404=True)
+        if found is None:
+            raise KubernetesError(
+                f"{what}: AlreadyExists, then not found (deleted meanwhile); submit again",
+                provider=self.name,
+                retryable=True,
+            )
+        if set(_keys_of(found)) != set(req.keys):
+            return None, (
+                f"a {kind} named {req.name} exists in namespace {req.namespace} but is not "
+                "stowplan's request for these attempts (its stowplan.io/keys differ); delete "
+                "it or use another namespace"
+            )
+        return found, ""
+
+    async def _submit_one(self, api: Api, req: KubernetesRequest) -> list[Report]:
+        cm, why = await self._create(
+            api,
+            req,
+            "ConfigMap",
+            api.core.create_namespaced_config_map,
+            api.core.read_namespaced_config_map,
+            req.config_map,
+        )
+        if cm is None:
+            return self._rejected(req, why)
+        job, why = await self._create(
+            api,
+            req,
+            "Job",
+            api.batch.create_namespaced_job,
+            api.batch.read_namespaced_job,
+            req.job,
+        )
+        if job is None:
+            return self._rejected(req, why)
+        uid = (job.get("metadata") or {}).get("uid")
+        if uid and not (cm.get("metadata") or {}).get("ownerReferences"):
+            owner = {
+                "apiVersion": "batch/v1",
+                "kind": "Job",
+                "name": req.name,
+                "uid": uid,
+                "blockOwnerDeletion": False,
+            }
+            with contextlib.suppress(KubernetesError):
+                # NOTE: best effort: cancel deletes the ConfigMap itself too
+                await api.call(
+                    f"own ConfigMap {req.name}",
+                    api.core.patch_namespaced_config_map,
+                    req.name,
+                    req.namespace,
+                    [{"op": "add", "path": "/metadata/ownerReferences", "value": [owner]}],
+                )
+        created = int((job.get("metadata") or {}).get("generation") or 1) == 1 and not (
+            job.get("status") or {}
+        )
+        reports = []
+        for i, k in enumerate(req.keys):
+            st = index_state(
+                job, i, [], now=time.time(), unschedulable_after=self._unschedulable_after
+            )
+            state = st.state if st.state is not ProviderState.UNKNOWN else ProviderState.QUEUED
+            reports.append(
+                Report(
+                    key=k,
+                    state=state,
+                    failure=st.failure,
+                    job_id=f"{req.namespace}/{req.name}#{i}",
+                    message=(
+                        f"submitted as Indexed Job {req.namespace}/{req.name} index {i}"
+                        if created
+                        else f"already submitted as {req.namespace}/{req.name} index {i}: "
+                        + st.message
+                    ),
+                )
+            )
+        return reports
+
+    @property
+    def _unschedulable_after(self) -> float:
+        v = self.config.unschedulable_after
+        return float(v) if isinstance(v, int | float) else 600.0
+
+    # -- describe -----------------------------------------------------------------------------
+
+    async def _lookup(self, api: Api, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Every Job of this provider (one list); learns the keys they carry."""
+        body = await api.call(
+            "list Jobs",
+            api.batch.list_namespaced_job,
+            self.namespace,
+            label_selector=self._selector,
+        )
+        jobs = {_name(j): j for j in body.get("items") or []}
+        for name, j in jobs.items():
+            keys_of = _keys_of(j)
+            if keys_of:
+                self._remember(name, keys_of)
+        return jobs
+
+    async def describe(self, keys: Sequence[str]) -> list[Report]:
+        api = await self._connect()
+        live = [k for k in keys if k not in self._finished]
+        jobs: dict[str, dict[str, Any]] | None = None
+        if any(k not in self._index for k in live):
+            jobs = await self._lookup(api, live)
+        names = sorted({self._index[k][0] for k in live if k in self._index})
+        pods: list[dict[str, Any]] = []
+        if names:
+            if jobs is None:
+                selector = self._selector
+                if len(names) <= SELECTOR_MAX_NAMES:
+                    selector += f",{REQUEST_LABEL} in ({','.join(names)})"
+                body = await api.call(
+                    "list Jobs",
+                    api.batch.list_namespaced_job,
+                    self.namespace,
+                    label_selector=selector,
+                )
+                jobs = {_name(j): j for j in body.get("items") or []}
+            selector = self._selector
+            if len(names) <= SELECTOR_MAX_NAMES:
+                selector += f",{REQUEST_LABEL} in ({','.join(names)})"
+            body = await api.call(
+                "list pods",
+                api.core.list_namespaced_pod,
+                self.namespace,
+                label_selector=selector,
+            )
+            pods = body.get("items") or []
+        return self._reports(keys, jobs or {}, pods)
+
+    def _reports(
+        self,
+        keys: Sequence[str],
+        jobs: Mapping[str, Mapping[str, Any]],
+        pods: Sequence[Mapping[str, Any]],
+    ) -> list[Report]:
+        by_index: dict[tuple[str, int], list[Mapping[str, Any]]] = defaultdict(list)
+        for where_gone, gone in self._gone_pods.items():
+            by_index[where_gone].append(gone)
+        for p in pods:
+            owner = ((p.get("metadata") or {}).get("labels") or {}).get(JOB_NAME_LABEL)
+            p_idx = pod_index(p)
+            if owner and p_idx is not None:
+                by_index[(str(owner), p_idx)].append(p)
+        now = time.time()
+        out = []
+        for key in keys:
+            cached = self._finished.get(key)
+            if cached is not None:
+                out.append(cached)
+                continue
+            where = self._index.get(key)
+            if where is None:
+                out.append(
+                    Report(key=key, state=ProviderState.UNKNOWN, message="no Job has this key")
+                )
+                continue
+            name, idx = where
+            job = jobs.get(name)
+            job_id = f"{self.namespace}/{name}#{idx}"
+            if job is not None and (job.get("metadata") or {}).get("deletionTimestamp"):
+                job = None if name in self._deleted else job
+            if job is None:
+                if name in self._deleted:
+                    report = Report(
+                        key=key,
+                        state=ProviderState.CANCELLED,
+                        job_id=job_id,
+                        message=f"Job {name} deleted by cancel",
+                    )
+                    self._finished[key] = report
+                else:
+                    report = Report(
+                        key=key,
+                        state=ProviderState.UNKNOWN,
+                        job_id=job_id,
+                        message=f"Job {self.namespace}/{name} not found",
+                    )
+                out.append(report)
+                continue
+            st = index_state(
+                job,
+                idx,
+                by_index.get((name, idx), []),
+                now=now,
+                unschedulable_after=self._unschedulable_after,
+            )
+            report = Report(
+                key=key,
+                state=st.state,
+                failure=st.failure,
+                job_id=job_id,
+                node=st.node,
+                exit_code=st.exit_code,
+                message=st.message + (f" (pod {st.pod})" if st.pod else ""),
+                started_at=st.started_at,
+                ended_at=st.ended_at,
+            )
+            if report.state in TERMINAL_PROVIDER_STATES:
+                self._finished[key] = report
+            out.append(report)
+        return out
+
+    # -- watch --------------------------------------------------------------------------------
+
+    async def watch(
+        self, keys: WatchSet, *, renew_every: float = 60.0
+    ) -> AsyncIterator[list[Report]]:
+        api = await self._connect()
+        jobs: dict[str, dict[str, Any]] = {}
+        pods: dict[str, dict[str, Any]] = {}
+        dirty: set[str] = set()
+        changed = asyncio.Event()
+        listed: set[str] = set()
+        said: set[str] = set()
+
+        def on_job(kind: str, obj: dict[str, Any]) -> None:
+            name = _name(obj)
+            if kind == "DELETED":
+                jobs.pop(name, None)
+            else:
+                jobs[name] = obj
+                keys_of = _keys_of(obj)
+                if keys_of and name not in self._job_keys:
+                    self._remember(name, keys_of)
+            dirty.add(name)
+            changed.set()
+
+        def on_pod(kind: str, obj: dict[str, Any]) -> None:
+            name = _name(obj)
+            job = ((obj.get("metadata") or {}).get("labels") or {}).get(JOB_NAME_LABEL)
+            if kind == "DELETED":
+                pods.pop(name, None)
+                idx = pod_index(obj)
+                if job and idx is not None:
+                    self._gone_pods[(job, idx)] = obj
+            else:
+                pods[name] = obj
+            if job:
+                dirty.add(job)
+            changed.set()
+
+        def on_relist(kind: str, items: list[dict[str, Any]]) -> None:
+            listed.add(kind)
+            target = jobs if kind == "jobs" else pods
+            if kind == "pods":
+                # pods deleted while the watch was away: keep their last known state
+                now_listed = {_name(o) for o in items}
+                for name in set(pods) - now_listed:
+                    on_pod("DELETED", pods[name])
+            target.clear()
+            for obj in items:
+                (on_job if kind == "jobs" else on_pod)("ADDED", obj)
+            dirty.update(self._job_keys)
+
+        tasks = [
+            asyncio.ensure_future(
+                self._follow(
+                    api,
+                    "Jobs",
+                    api.batch.list_namespaced_job,
+                    (self.namespace,),
+                    on_job,
+                    lambda items: on_relist("jobs", items),
+                    keys,
+                )
+            ),
+            asyncio.ensure_future(
+                self._follow(
+                    api,
+                    "pods",
+                    api.core.list_namespaced_pod,
+                    (self.namespace,),
+                    on_pod,
+                    lambda items: on_relist("pods", items),
+                    keys,
+                )
+            ),
+        ]
+        loop = asyncio.get_running_loop()
+        last_renew = loop.time()
+        try:
+            while True:
+                waiter = asyncio.ensure_future(changed.wait())
+                added = asyncio.ensure_future(keys.wait_added(renew_every))
+                try:
+                    await asyncio.wait(
+                        [waiter, added, *tasks],
+                        timeout=max(0.0, renew_every - (loop.time() - last_renew)),
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                finally:
+                    waiter.cancel()
+                    added.cancel()
+                for t in tasks:
+                    if t.done():
+                        t.result()  # a bug in a follower: let it out
+                changed.clear()
+                now = loop.time()
+                renew = now - last_renew >= renew_every
+                wanted = [
+                    k
+                    for k in keys.keys()  # noqa: SIM118 (a WatchSet is not iterable)
+                    if renew
+                    or k not in self._index
+                    or self._index[k][0] in dirty
+                    or k in self._finished
+                    or k not in said
+                ]
+                if len(listed) < 2:
+                    continue  # NOTE: nothing is said before both lists are in
+                dirty.clear()
+                if renew:
+                    last_renew = now
+                if not wanted:
+                    continue
+                said.update(wanted)
+                reports = self._reports(wanted, jobs, list(pods.values()))
+                news = keys.news(reports, now, renew_every)
+                if news:
+                    yield news
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+
+    async def _follow(
+        self,
+        api: Api,
+        what: str,
+        list_fn: Any,
+        args: tuple[Any, ...],
+        on_event: Any,
+        on_relist: Any,
+        keys: WatchSet | None,
+        selector: str | None = None,
+    ) -> None:
+        """List, then watch from the list's resourceVersion; relist after ``410 Gone``. A
+        failed list or watch is counted in ``keys.failures`` and tried again after a pause."""
+        selector = self._selector if selector is None else selector
+        rv: str | None = None
+        failures = 0
+        while True:
+            try:
+                if rv is None:
+                    body = await api.call(f"list {what}", list_fn, *args, label_selector=selector)
+                    rv = str((body.get("metadata") or {}).get("resourceVersion") or "")
+                    on_relist(body.get("items") or [])
+                async for ev in api.watch(
+                    f"watch {what}",
+                    list_fn,
+                    *args,
+                    label_selector=selector,
+                    resource_version=rv,
+                    timeout_s=WATCH_TIMEOUT_S,
+                ):
+                    kind = ev.get("type")
+                    obj = ev.get("object") or {}
+                    if kind == "ERROR":
+                        if obj.get("code") == 410:
+                            rv = None  # too old: relist
+                            break
+                        raise KubernetesError(
+                            f"watch {what}: {obj.get('message')}",
+                            provider=self.name,
+                            retryable=True,
+                            status=int(obj.get("code") or 0),
+                        )
+                    new_rv = (obj.get("metadata") or {}).get("resourceVersion")
+                    if new_rv:
+                        rv = str(new_rv)
+                    if kind in ("ADDED", "MODIFIED", "DELETED"):
+                        on_event(kind, obj)
+                failures = 0
+            except KubernetesError as e:
+                if e.status == 410:
+                    rv = None
+                    continue
+                if not e.retryable:
+                    raise
+                if keys is not None:
+                    keys.failures += 1
+                pause = e.retry_after or WATCH_BACKOFF_S[min(failures, len(WATCH_BACKOFF_S) - 1)]
+                failures += 1
+                await asyncio.sleep(pause)
+
+    async def capacity_changes(self) -> AsyncIterator[str]:
+        """A node watch: yields when a node appears or goes, turns Ready or not, is cordoned
+        or uncordoned, or its allocatable resources, taints or pool label change."""
+        api = await self._connect()
+        seen: dict[str, tuple[Any, ...]] = {}
+        reasons: asyncio.Queue[str] = asyncio.Queue()
+        primed = False
+
+        def signature(node: Mapping[str, Any]) -> tuple[Any, ...]:
+            spec = node.get("spec") or {}
+            st = node.get("status") or {}
+            ready = next(
+                (c.get("status") for c in st.get("conditions") or [] if c.get("type") == "Ready"),
+                None,
+            )
+            return (
+                ready,
+                bool(spec.get("unschedulable")),
+                json.dumps(spec.get("taints") or [], sort_keys=True),
+                json.dumps(st.get("allocatable") or {}, sort_keys=True),
+                json.dumps((node.get("metadata") or {}).get("labels") or {}, sort_keys=True),
+            )
+
+        def on_event(kind: str, obj: dict[str, Any]) -> None:
+            name = _name(obj)
+            if kind == "DELETED":
+                if seen.pop(name, None) is not None:
+                    reasons.put_nowait(f"node {name} removed")
+                return
+            sig = signature(obj)
+            prev = seen.get(name)
+            seen[name] = sig
+            if prev is None:
+                reasons.put_nowait(f"node {name} added")
+            elif prev != sig:
+                reasons.put_nowait(f"node {name} changed")
+
+        def on_relist(items: list[dict[str, Any]]) -> None:
+            nonlocal primed
+            names = {_name(o) for o in items}
+            for gone in set(seen) - names:
+                on_event("DELETED", {"metadata": {"name": gone}})
+            for o in items:
+                if primed:
+                    on_event("MODIFIED", o)
+                else:
+                    seen[_name(o)] = signature(o)
+            primed = True
+
+        task = asyncio.ensure_future(
+            self._follow(api, "nodes", api.core.list_node, (), on_event, on_relist, None, "")
+        )
+        try:
+            while True:
+                getter = asyncio.ensure_future(reasons.get())
+                await asyncio.wait([getter, task], return_when=asyncio.FIRST_COMPLETED)
+                if task.done():
+                    getter.cancel()
+                    task.result()
+                yield await getter
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    # -- cancel / logs ------------------------------------------------------------------------
+
+    async def cancel(self, keys: Sequence[str]) -> None:
+        api = await self._connect()
+        live = [k for k in keys if k not in self._finished]
+        if any(k not in self._index for k in live):
+            await self._lookup(api, live)
+        self._cancelled.update(live)
+        names = sorted({self._index[k][0] for k in live if k in self._index})
+        for name in names:
+            if name in self._deleted:
+                continue
+            members = self._job_keys.get(name, ())
+            if not all(k in self._cancelled or k in self._finished for k in members):
+                continue  # NOTE: no CANCEL_MEMBER: the Job goes when all its attempts do
+            await api.call(
+                f"delete Job {name}",
+                api.batch.delete_namespaced_job,
+                name,
+                self.namespace,
+                propagation_policy="Background",
+                ok404=True,
+            )
+            await api.call(
+                f"delete ConfigMap {name}",
+                api.core.delete_namespaced_config_map,
+                name,
+                self.namespace,
+                ok404=True,
+            )
+            self._deleted.add(name)
+
+    async def _pod_of(self, api: Api, key: str) -> tuple[str | None, Mapping[str, Any] | None]:
+        if key not in self._index:
+            await self._lookup(api, [key])
+        where = self._index.get(key)
+        if where is None:
+            return None, None
+        job, idx = where
+        body = await api.call(
+            "list pods",
+            api.core.list_namespaced_pod,
+            self.namespace,
+            label_selector=f"{JOB_NAME_LABEL}={job},{COMPLETION_INDEX}={idx}",
+        )
+        return job, latest_pod(body.get("items") or [])
+
+    async def logs(
+        self, key: str, *, stream: LogStream = "stdout", follow: bool = False
+    ) -> AsyncIterator[bytes]:
+        if stream != "stdout":
+            return  # NOTE: Kubernetes keeps one log per container: stdout and stderr merged
+        api = await self._connect()
+        while True:
+            job, pod = await self._pod_of(api, key)
+            if job is None:
+                return
+            phase = ((pod or {}).get("status") or {}).get("phase")
+            started = phase in ("Running", "Succeeded", "Failed")
+            if pod is not None and started:
+                break
+            if not follow:
+                return
+            report = (await self.describe([key]))[0]
+            if report.state in TERMINAL_PROVIDER_STATES or report.state is ProviderState.UNKNOWN:
+                return
+            await asyncio.sleep(LOG_POLL_S)
+        assert pod is not None
+        name = _name(pod)
+        if not follow:
+            resp = await self._log_once(api, name)
+            if resp:
+                yield resp
+            return
+        async for chunk in api.stream(
+            f"log of pod {name}",
+            api.core.read_namespaced_pod_log,
+            name,
+            self.namespace,
+            read_timeout=24 * 3600.0,
+            container=CONTAINER,
+            follow=True,
+        ):
+            yield chunk
+
+    async def _log_once(self, api: Api, pod: str) -> bytes:
+        out = b""
+        async for chunk in api.stream(
+            f"log of pod {pod}",
+            api.core.read_namespaced_pod_log,
+            pod,
+            self.namespace,
+            read_timeout=self.config.request_timeout,
+            container=CONTAINER,
+        ):
+            out += chunk
+        return out
+
+    async def aclose(self) -> None:
+        if self._api is not None:
+            await self._api.aclose()
+            self._api = None
+
+
+__all__ = ["KubernetesProvider", "KubernetesRequest"]

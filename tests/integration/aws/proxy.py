@@ -1,0 +1,79 @@
+"""A thin HTTP proxy in front of moto's server that can lose answers: it forwards a request,
+lets moto act on it, and then closes the connection without answering (what a client sees when
+a network drops after the server acted). Faults are injected here, at the HTTP boundary, never
+by patching the driver."""
+
+from __future__ import annotations
+
+import http.client
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+
+class LossyProxy:
+    def __init__(self, upstream: str) -> None:
+        self.upstream = urlsplit(upstream)
+        self.lose: list[str] = []
+        """Actions (``RunInstances``) whose answers to lose, in order: the next request of the
+        first one loses its answer, then the next of the second after it, and so on."""
+        self._lock = threading.Lock()
+        self.seen: list[str] = []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                return None
+
+            def _forward(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                action = ""
+                for part in body.decode("latin-1").split("&"):
+                    if part.startswith("Action="):
+                        action = part[len("Action=") :]
+                proxy.seen.append(action or f"{self.command} {self.path.split('?')[0]}")
+                conn = http.client.HTTPConnection(
+                    proxy.upstream.hostname or "127.0.0.1", proxy.upstream.port, timeout=30
+                )
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                headers["Host"] = f"{proxy.upstream.hostname}:{proxy.upstream.port}"
+                conn.request(self.command, self.path, body=body, headers=headers)
+                answer = conn.getresponse()
+                data = answer.read()
+                conn.close()
+                with proxy._lock:
+                    lose = bool(proxy.lose) and proxy.lose[0] == action
+                    if lose:
+                        proxy.lose.pop(0)
+                if lose:
+                    self.close_connection = True
+                    return  # moto acted; the client never hears of it
+                self.send_response(answer.status)
+                for k, v in answer.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        port = self.server.server_address[1]
+        return f"http://127.0.0.1:{port}"
+
+    def __enter__(self) -> LossyProxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,287 @@
+"""RunInstances requests and user-data scripts: golden renderings, and the real script run by
+bash against file:// URLs (curl reads and writes them as it does presigned S3 URLs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from stowplan.errors import ProviderError
+from stowplan.placement.problem import Pool, Shape
+from stowplan.providers.aws import AwsProvider, AwsRequest
+from stowplan.providers.aws.render import URL_END, USER_DATA_MAX, payload_of
+from stowplan.providers.aws.states import ExitRecord
+from stowplan.providers.base import Facts, LaunchSpec
+from stowplan.spec.models import AwsProviderConfig
+
+GOLDEN = Path(__file__).resolve().parents[2] / "fixtures" / "aws" / "golden"
+KEY = "0123456789abcdef0123456789abcdef"
+POOL = "cloud/us-east-1/g5.xlarge/spot"
+
+
+def config(**kw: object) -> AwsProviderConfig:
+    base: dict[str, object] = {
+        "kind": "aws",
+        "regions": ["us-east-1"],
+        "bucket": "s3://lab-bucket/sp",
+        "ami": "/aws/service/deeplearning/ami/latest",
+        "spot": "prefer",
+        "security_groups": ["sg-0123456789abcdef0"],
+        "instance_profile": "stowplan-instance",
+    }
+    return msgspec.convert({**base, **kw}, AwsProviderConfig)
+
+
+def driver(tmp_path: Path, **kw: object) -> AwsProvider:
+    return AwsProvider("cloud", config(**kw), state_dir=tmp_path / ".stowplan", project="lab")
+
+
+FACTS = Facts.of(
+    [
+        Pool(
+            id=POOL,
+            provider="cloud",
+            kind="cloud",
+            node=Shape(cpus=4, memory=16 << 30, gpus={"a10g": 1}),
+            max_instances=8,
+            spot=True,
+            hardware_class="aws:g5.xlarge",
+        )
+    ]
+)
+
+
+def launch(**kw: object) -> LaunchSpec:
+    base: dict[str, object] = {
+        "key": KEY,
+        "run_id": "r-2026-abc",
+        "attempt": 0,
+        "pool": POOL,
+        "name": "train",
+        "argv": ["python", "train.py", "--lr", "0.1"],
+        "env": {"WANDB_MODE": "offline"},
+        "gpus": 1,
+        "timeout_s": 3600.0,
+        "outputs": ["metrics.json", "ckpt/"],
+        "files": {"params.json": b'{"lr": 0.1}'},
+    }
+    return msgspec.convert({**base, **kw}, LaunchSpec)
+
+
+def check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("STOWPLAN_UPDATE_GOLDEN") == "1":
+        path.write_text(text)
+    assert path.exists(), f"{path} is missing; STOWPLAN_UPDATE_GOLDEN=1 writes it (review it!)"
+    assert text == path.read_text()
+
+
+def test_spot_request_golden_and_pure(tmp_path: Path) -> None:
+    d = driver(tmp_path)
+    (req,) = d.plan([launch()], FACTS)
+    assert isinstance(req, AwsRequest)
+    check_golden("spot_gpu.txt", req.render())
+    again = driver(tmp_path).plan([launch()], FACTS)[0]
+    assert again == req  # pure: the same launches and facts give the same request
+    p = req.params
+    assert p["ClientToken"] == KEY and p["InstanceInitiatedShutdownBehavior"] == "terminate"
+    assert p["InstanceMarketOptions"]["MarketType"] == "spot"
+    tags = {t["Key"]: t["Value"] for t in p["TagSpecifications"][0]["Tags"]}
+    assert tags["stowplan:key"] == KEY and tags["stowplan:run"] == "r-2026-abc"
+    assert tags["stowplan:project"] == "lab" and tags["stowplan:provider"] == "cloud"
+    assert p["ImageId"] == "resolve:ssm:/aws/service/deeplearning/ami/latest"
+    assert "UserData" not in p and "SubnetId" not in p  # both filled at submit
+    assert req.slots["payload"] == ("GET", f"sp/attempts/r-2026-abc/{KEY}/payload.tar.gz")
+    assert req.outputs == {
+        "metrics.json": f"sp/attempts/r-2026-abc/{KEY}/outputs/metrics.json",
+        "ckpt/": f"sp/attempts/r-2026-abc/{KEY}/outputs/ckpt.tar.gz",
+    }
+
+
+def test_on_demand_cpu_request_golden(tmp_path: Path) -> None:
+    d = driver(tmp_path, spot="never", security_groups=[], instance_profile=None)
+    pool = "cloud/us-east-1/g5.xlarge"
+    (req,) = d.plan([launch(pool=pool, files={}, outputs=[], timeout_s=None, gpus=0)], Facts())
+    assert isinstance(req, AwsRequest)
+    assert "InstanceMarketOptions" not in req.params and req.payload is None
+    check_golden("on_demand.txt", req.render())
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"pool": "cloud"}, "not an instance type"),
+        ({"pool": "other/us-east-1/g5.xlarge"}, "not an instance type"),
+        ({"pool": "cloud/eu-west-1/g5.xlarge"}, "not configured"),
+        ({"gpus": 2}, "1 GPU(s), 2 asked"),
+        ({"image": "python:3.12"}, "AMI"),
+        ({"run_id": "../x"}, "run id"),
+        ({"files": {"../x": b""}}, "relative path"),
+        ({"env": {"A": "x" * 20000}}, "user-data"),
+    ],
+)
+def test_plan_refuses_what_it_cannot_launch(
+    tmp_path: Path, change: dict[str, object], words: str
+) -> None:
+    with pytest.raises(ProviderError) as e:
+        driver(tmp_path).plan([launch(**change)], FACTS)
+    assert not e.value.retryable and words in str(e.value)
+
+
+def test_the_payload_depends_on_names_and_contents_alone() -> None:
+    a = payload_of({"b": b"2", "a": b"1"})
+    assert a == payload_of({"a": b"1", "b": b"2"}) and a != payload_of({"a": b"1"})
+
+
+# ---- the script itself, run by bash ---------------------------------------------------------
+
+HOSTILE = [
+    "$(touch PWNED1)",
+    "`touch PWNED2`",
+    "'; touch PWNED3; '",
+    '"; touch PWNED4; "',
+    "a\nb; touch PWNED5",
+    "\\",
+    "${HOME}",
+    "-rf",
+    "--",
+    "",
+    "tab\there",
+    "ünï $'\\x41'",
+    "# not a comment",
+    "STOWPLAN_URL_exit=x",
+    "@@",
+]
+
+
+def run_script(
+    tmp_path: Path, req: AwsRequest, payload: bytes | None = None
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """Run the user-data exactly as an instance would, with file:// URLs for the S3 objects."""
+    store = tmp_path / "s3"
+    urls = {}
+    for slot, (_method, key) in req.slots.items():
+        (store / key).parent.mkdir(parents=True, exist_ok=True)
+        urls[slot] = (store / key).as_uri()
+    if payload is not None:
+        (store / req.slots["payload"][1]).write_bytes(payload)
+    script = tmp_path / "user-data"
+    text = req.user_data(urls)
+    assert len(text.encode()) <= USER_DATA_MAX
+    script.write_text(text)
+    halt = tmp_path / "halt"
+    halt.write_text(f"#!/bin/sh\necho halted >> {tmp_path / 'halted'}\n")
+    halt.chmod(0o755)
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path / "home"),
+        "STOWPLAN_ROOT": str(tmp_path / "root"),
+        "STOWPLAN_HALT": str(halt),
+    }
+    work = tmp_path / "cwd"
+    work.mkdir()
+    done = subprocess.run(
+        ["bash", str(script)], cwd=work, env=env, capture_output=True, text=True, timeout=60
+    )
+    return done, store
+
+
+def exit_record(store: Path, req: AwsRequest) -> ExitRecord:
+    return msgspec.json.decode((store / req.exit_key).read_bytes(), type=ExitRecord)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="the user-data script needs curl")
+def test_hostile_names_args_and_env_run_nothing_they_should_not(tmp_path: Path) -> None:
+    program = (
+        'printf "%s\\n" "$@" > args.txt; printf %s "$EVIL" > env.txt; '
+        'printf %s "$TASK_NAME" > name.txt; cp args.txt "$1"'
+    )
+    evil_out = "out; touch PWNED6 $(touch PWNED7)"
+    req = driver(tmp_path, idle_shutdown=1).plan(
+        [
+            launch(
+                name="x'; touch PWNED8; echo '\n$(touch PWNED9)",
+                argv=["bash", "-c", program, "arg0", evil_out, *HOSTILE],
+                env={"EVIL": "$(touch PWNED10)\n'\"`touch PWNED11`", "TASK_NAME": "`id`"},
+                outputs=[evil_out],
+                files={},
+                timeout_s=60.0,
+            )
+        ],
+        FACTS,
+    )[0]
+    assert isinstance(req, AwsRequest)
+    # the URL lines come first and are ours: the first end marker is the script's own
+    head = req.user_data({s: "u" for s in req.slots}).split(URL_END, 1)[0]
+    assert all(line.startswith(("#", "STOWPLAN_URL_")) for line in head.splitlines())
+    done, store = run_script(tmp_path, req)
+    assert done.returncode == 0, done.stderr
+    assert not [p for p in tmp_path.rglob("PWNED*")], "a hostile string ran"
+    attempt = tmp_path / "root" / "runs" / "r-2026-abc" / "0"
+    assert (attempt / "args.txt").read_text() == "".join(a + "\n" for a in [evil_out, *HOSTILE])
+    assert (attempt / "env.txt").read_text() == "$(touch PWNED10)\n'\"`touch PWNED11`"
+    assert (attempt / "name.txt").read_text() == "`id`"
+    record = exit_record(store, req)
+    assert (record.key, record.exit_code, record.reason) == (KEY, 0, "exit")
+    assert (store / req.outputs[evil_out]).read_text() == (attempt / "args.txt").read_text()
+    assert (tmp_path / "halted").read_text() == "halted\n"
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="the user-data script needs curl")
+def test_payload_outputs_logs_and_a_failing_command(tmp_path: Path) -> None:
+    script = (
+        "cat params.json; echo oops >&2; mkdir -p ckpt; echo w > ckpt/w.bin; "
+        'echo "{\\"loss\\": 1}" > metrics.json; test "$STOWPLAN_KEY" = ' + KEY
+    )
+    req = driver(tmp_path, idle_shutdown=1).plan([launch(argv=None, script=script, env={})], FACTS)[
+        0
+    ]
+    assert isinstance(req, AwsRequest) and req.payload is not None
+    done, store = run_script(tmp_path, req, req.payload)
+    assert done.returncode == 0, done.stderr
+    assert exit_record(store, req).exit_code == 0
+    here = store / f"sp/attempts/r-2026-abc/{KEY}"
+    assert (here / "stdout").read_text() == '{"lr": 0.1}'
+    assert (here / "stderr").read_text() == "oops\n"
+    assert json.loads((here / "outputs" / "metrics.json").read_text()) == {"loss": 1}
+    listed = subprocess.run(
+        ["tar", "-tzf", str(here / "outputs" / "ckpt.tar.gz")], capture_output=True, text=True
+    )
+    assert "ckpt/w.bin" in listed.stdout.split()
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="the user-data script needs curl")
+@pytest.mark.parametrize(
+    ("argv", "timeout", "code", "reason"),
+    [
+        (["bash", "-c", "exit 3"], 60.0, 3, "exit"),
+        (["bash", "-c", "true"], 60.0, 1, "outputs"),  # declared outputs missing
+        (["sleep", "30"], 1.0, 124, "timeout"),
+    ],
+)
+def test_failures_are_recorded(
+    tmp_path: Path, argv: list[str], timeout: float, code: int, reason: str
+) -> None:
+    req = driver(tmp_path, idle_shutdown=1).plan(
+        [launch(argv=argv, timeout_s=timeout, files={})], FACTS
+    )[0]
+    assert isinstance(req, AwsRequest)
+    done, store = run_script(tmp_path, req)
+    record = exit_record(store, req)
+    assert (done.returncode, record.exit_code, record.reason) == (code, code, reason)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="the user-data script needs curl")
+def test_a_payload_that_cannot_be_fetched_is_a_setup_failure(tmp_path: Path) -> None:
+    req = driver(tmp_path, idle_shutdown=1).plan([launch()], FACTS)[0]
+    assert isinstance(req, AwsRequest)
+    _done, store = run_script(tmp_path, req, payload=None)  # nothing at the payload URL
+    record = exit_record(store, req)
+    assert (record.exit_code, record.reason) == (70, "setup")
+    assert (tmp_path / "halted").exists()

@@ -1,0 +1,74 @@
+"""EC2 states, state reasons, exit records and error codes -> our states: total functions."""
+
+from __future__ import annotations
+
+import pytest
+
+from stowplan.providers.aws.states import (
+    EC2_ERRORS,
+    ErrorKind,
+    ExitRecord,
+    ec2_error,
+    instance_state,
+)
+from stowplan.scheduler.reports import ProviderState as S
+from stowplan.spec.models import FailureClass as F
+
+
+def inst(state: str, reason: str = "") -> dict[str, object]:
+    out: dict[str, object] = {"InstanceId": "i-1", "State": {"Name": state}}
+    if reason:
+        out["StateReason"] = {"Code": reason, "Message": reason}
+    return out
+
+
+@pytest.mark.parametrize(
+    ("state", "reason", "want"),
+    [
+        ("pending", "", (S.QUEUED, None)),
+        ("running", "", (S.RUNNING, None)),
+        ("terminated", "Server.SpotInstanceTermination", (S.FAILED, F.PREEMPTED)),
+        ("shutting-down", "Server.SpotInstanceTermination", (S.FAILED, F.PREEMPTED)),
+        ("terminated", "Server.InternalError", (S.FAILED, F.NODE_FAILURE)),
+        ("terminated", "Client.InstanceInitiatedShutdown", (S.FAILED, F.NODE_FAILURE)),
+        ("terminated", "Client.UserInitiatedShutdown", (S.CANCELLED, None)),
+        ("terminated", "Something.New", (S.FAILED, F.NODE_FAILURE)),
+        ("terminated", "", (S.FAILED, F.NODE_FAILURE)),
+        ("rebooting-into-the-future", "", (S.UNKNOWN, None)),
+    ],
+)
+def test_instances_without_an_exit_record(
+    state: str, reason: str, want: tuple[S, F | None]
+) -> None:
+    got = instance_state(inst(state, reason), None)
+    assert got[:2] == want and "i-1" in got[2]
+
+
+@pytest.mark.parametrize(
+    ("code", "reason", "want"),
+    [
+        (0, "exit", (S.SUCCEEDED, None)),
+        (3, "exit", (S.FAILED, F.USER_ERROR)),
+        (1, "outputs", (S.FAILED, F.USER_ERROR)),
+        (124, "timeout", (S.FAILED, F.TIMEOUT)),
+        (70, "setup", (S.FAILED, F.NODE_FAILURE)),
+        (0, "preempted", (S.FAILED, F.PREEMPTED)),
+        (9, "a-reason-of-a-later-script", (S.FAILED, F.USER_ERROR)),
+    ],
+)
+def test_the_exit_record_decides_whatever_the_instance_state(
+    code: int, reason: str, want: tuple[S, F | None]
+) -> None:
+    record = ExitRecord(key="k", exit_code=code, reason=reason)
+    for state in ("running", "shutting-down", "terminated"):
+        assert instance_state(inst(state, "Server.SpotInstanceTermination"), record)[:2] == want
+
+
+def test_error_codes_map_totally() -> None:
+    assert ec2_error("RequestLimitExceeded") is ErrorKind.THROTTLED
+    assert ec2_error("InsufficientInstanceCapacity") is ErrorKind.NO_CAPACITY
+    assert ec2_error("VcpuLimitExceeded") is ErrorKind.QUOTA
+    assert ec2_error("Unsupported") is ErrorKind.UNSUPPORTED
+    assert ec2_error("IdempotentParameterMismatch") is ErrorKind.ALREADY
+    assert ec2_error("Whatever.Next") is ErrorKind.UNKNOWN
+    assert all(isinstance(v, ErrorKind) for v in EC2_ERRORS.values())

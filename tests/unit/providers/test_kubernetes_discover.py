@@ -1,0 +1,120 @@
+"""Node pools from nodes and pods: labels, allocatable minus requests, GPU models, exclusions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from stowplan.providers.kubernetes.discover import (
+    detect_pool_label,
+    gpu_model_of,
+    parse_quantity,
+    pools_of,
+)
+from stowplan.providers.kubernetes.render import pool_selector
+from tests.kubecluster import NodeSpec
+
+GKE = "cloud.google.com/gke-nodepool"
+
+
+def nodes(*specs: NodeSpec) -> list[dict[str, Any]]:
+    return [s.render() for s in specs]
+
+
+def running_pod(node: str, cpu: str, memory: str, gpus: int = 0) -> dict[str, Any]:
+    req = {"cpu": cpu, "memory": memory}
+    if gpus:
+        req["nvidia.com/gpu"] = str(gpus)
+    return {
+        "metadata": {"name": f"p-{node}"},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "resources": {"requests": req}}]},
+        "status": {"phase": "Running"},
+    }
+
+
+@pytest.mark.parametrize(
+    ("product", "model"),
+    [
+        ("NVIDIA-A100-SXM4-40GB", "a100"),
+        ("NVIDIA-A100-SXM4-80GB", "a100"),
+        ("Tesla-V100-SXM2-16GB", "v100"),
+        ("NVIDIA-H100-80GB-HBM3", "h100"),
+        ("Tesla-T4", "t4"),
+        ("NVIDIA-L4", "l4"),
+        ("NVIDIA-A10G", "a10g"),
+        ("NVIDIA-GeForce-RTX-4090", "rtx4090"),
+        ("NVIDIA-A100-SXM4-40GB-SHARED", "a100"),
+        ("Tesla-K80", "k80"),
+        ("Tesla-P100-PCIE-16GB", "p100"),
+    ],
+)
+def test_gpu_model_vocabulary(product: str, model: str) -> None:
+    assert gpu_model_of(product) == model
+
+
+def test_quantities() -> None:
+    assert parse_quantity("500m") * 1000 == 500
+    assert parse_quantity("32Gi") == 32 << 30
+    assert parse_quantity("1e3") == 1000 and parse_quantity(8) == 8
+    assert parse_quantity("junk") == 0
+
+
+def test_pools_free_capacity_gpus_and_exclusions() -> None:
+    ns = nodes(
+        NodeSpec(name="c1", pool="cpu", cpu="8", memory="32Gi", region="eu-west4"),
+        NodeSpec(name="c2", pool="cpu", cpu="8", memory="32Gi", region="eu-west4"),
+        NodeSpec(name="c3", pool="cpu", cpu="8", memory="32Gi", unschedulable=True),
+        NodeSpec(name="c4", pool="cpu", cpu="8", memory="32Gi", ready=False),
+        NodeSpec(
+            name="g1",
+            pool="a100",
+            cpu="12",
+            memory="85Gi",
+            gpus=2,
+            gpu_product="NVIDIA-A100-SXM4-40GB",
+            taints=[{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}],
+        ),
+        NodeSpec(
+            name="g2",
+            pool="a100",
+            gpus=1,
+            gpu_product="NVIDIA-A100-SXM4-40GB",
+            allocatable_gpus=0,
+        ),
+        NodeSpec(
+            name="d1",
+            pool="dedicated",
+            taints=[{"key": "team", "value": "x", "effect": "NoSchedule"}],
+        ),
+    )
+    pods = [running_pod("c1", "2", "8Gi"), running_pod("g1", "1500m", "1Gi", gpus=1)]
+    found = pools_of("k8s", ns, pods, pool_label=None)
+    assert found.pool_label == GKE
+    by_id = {p.id: p for p in found.pools}
+    assert sorted(by_id) == ["k8s/a100", "k8s/cpu"]
+    cpu = by_id["k8s/cpu"]
+    assert (cpu.cpus, cpu.memory, cpu.gpus) == (14.0, (64 - 8) << 30, {})
+    assert (cpu.site, cpu.region, cpu.kind) == ("eu-west4", "eu-west4", "kubernetes")
+    gpu = by_id["k8s/a100"]
+    assert (gpu.cpus, gpu.gpus) == (10.5, {"a100": 1})
+    assert gpu.node is not None and gpu.node.gpus == {"a100": 2}
+    assert pool_selector(gpu) == (GKE, "a100")
+    notes = "\n".join(found.notes)
+    for words in ("c3: cordoned", "c4: not Ready", "g2: labelled NVIDIA-A100", "d1: tainted team"):
+        assert words in notes
+    tolerant = pools_of("k8s", ns, pods, pool_label=None, tolerations=["team"])
+    assert "k8s/dedicated" in {p.id for p in tolerant.pools}
+
+
+def test_pool_label_detection_order() -> None:
+    ns = nodes(
+        NodeSpec(name="a", pool="ng", pool_label="eks.amazonaws.com/nodegroup", instance_type="m5"),
+        NodeSpec(name="b", instance_type="m5"),
+    )
+    assert detect_pool_label(ns) == "eks.amazonaws.com/nodegroup"
+    assert detect_pool_label(nodes(NodeSpec(name="b", instance_type="m5"))) == (
+        "node.kubernetes.io/instance-type"
+    )
+    found = pools_of("k8s", nodes(NodeSpec(name="x")), [], pool_label=None)
+    assert found.pools == [] and "no node carries" in found.notes[0]

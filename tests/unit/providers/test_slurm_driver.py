@@ -1,0 +1,278 @@
+"""The Slurm driver on contract v2, over an in-memory backend: one try per submit (the shell
+retries), find before submitting again, batched describes without a cache of its own, and
+capacity news from what Slurm reports (rows captured from the real test cluster)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from stowplan.errors import ProviderError
+from stowplan.placement.problem import Pool
+from stowplan.providers.base import Facts, LaunchSpec, Provider, ProviderState
+from stowplan.providers.slurm import SlurmProvider, SlurmRequest
+from stowplan.providers.slurm.backend import Backend, KeyInfo
+from stowplan.providers.slurm.parse import JobRow, PartitionFacts, parse_sacct, parse_squeue
+from stowplan.providers.slurm.ssh import TransportLost
+from stowplan.providers.slurm.states import capacity_reason
+from stowplan.spec.models import FailureClass, SlurmProviderConfig
+
+pytestmark = pytest.mark.anyio
+
+FIX = Path(__file__).resolve().parents[2] / "fixtures" / "slurm"
+
+
+class FakeSlurm(Backend):
+    """Jobs by name. ``errors``: raised by the next submits, in turn; with ``after_sbatch`` the
+    job is made before the error (an answer lost on the way back)."""
+
+    def __init__(self, *, locked: bool = False) -> None:
+        self.provider = "cluster"
+        self.locked_submit = locked
+        self.jobs: dict[str, str] = {}
+        self.errors: list[ProviderError] = []
+        self.after_sbatch = False
+        self.calls: Counter[str] = Counter()
+        self.rows: list[JobRow] = []
+        self.cancelled: list[str] = []
+
+    async def discover(self) -> tuple[str | None, list[PartitionFacts], dict[str, float]]:
+        return "fake", [], {}
+
+    async def find(self, name: str, job_dir: str) -> str | None:
+        self.calls["find"] += 1
+        return self.jobs.get(name)
+
+    async def submit(self, req: SlurmRequest) -> str:
+        self.calls["submit"] += 1
+        if self.locked_submit and req.name in self.jobs:
+            return self.jobs[req.name]
+        if self.errors and not self.after_sbatch:
+            raise self.errors.pop(0)
+        self.calls["sbatch"] += 1
+        self.jobs[req.name] = str(100 + len(self.jobs))
+        if self.errors:
+            raise self.errors.pop(0)
+        return self.jobs[req.name]
+
+    async def observe(self, names: Sequence[str], since_days: int) -> tuple[list[JobRow], ...]:
+        self.calls["observe"] += 1
+        live = [r for r in self.rows if r.name in names]
+        return live, []
+
+    async def lookup(
+        self, workdir: str, keys: Sequence[str]
+    ) -> tuple[dict[str, KeyInfo], dict[str, str]]:
+        self.calls["lookup"] += 1
+        return {}, {}
+
+    async def cancel(self, element_ids: Sequence[str]) -> None:
+        self.cancelled += element_ids
+
+    async def read_file(self, path: str, offset: int) -> bytes | None:
+        return None
+
+
+def launches(n: int, tag: str = "k") -> list[LaunchSpec]:
+    return [
+        LaunchSpec(
+            key=f"{tag}{i:04d}",
+            run_id=f"run{tag}{i}",
+            attempt=1,
+            pool="cluster/cpu",
+            name="t",
+            argv=["true"],
+        )
+        for i in range(n)
+    ]
+
+
+def driver(tmp_path: Path, backend: FakeSlurm) -> SlurmProvider:
+    config = SlurmProviderConfig(host="login", workdir="/w")
+    return SlurmProvider("cluster", config, state_dir=tmp_path / "state", backend=backend)
+
+
+FACTS = Facts.of([Pool(id="cluster/cpu", provider="cluster", cpus=8, memory=8 << 30)])
+
+
+def lost() -> TransportLost:
+    return TransportLost("ssh: connection lost", provider="cluster", retryable=True)
+
+
+def transient() -> ProviderError:
+    return ProviderError("submit: Socket timed out", provider="cluster", retryable=True)
+
+
+def test_polls_are_spaced_by_the_one_watch_backoff() -> None:
+    assert SlurmProvider.poll_min == 1.0 and SlurmProvider.poll_max == 30.0
+    assert SlurmProvider.watch is Provider.watch  # the contract's polling, not the driver's own
+
+
+async def test_a_transient_failure_is_raised_after_one_try(tmp_path: Path) -> None:
+    backend = FakeSlurm()
+    backend.errors = [transient(), transient()]
+    d = driver(tmp_path, backend)
+    reqs = d.plan(launches(3), FACTS)
+    with pytest.raises(ProviderError) as e:
+        await d.submit(reqs)
+    assert e.value.retryable and "Socket timed out" in str(e.value)
+    assert backend.calls["submit"] == 1 and not backend.jobs
+
+
+@pytest.mark.parametrize("locked", [False, True], ids=["find-first", "locked-submit"])
+async def test_the_shells_retry_of_a_lost_answer_finds_the_first_job(
+    tmp_path: Path, locked: bool
+) -> None:
+    backend = FakeSlurm(locked=locked)
+    backend.errors, backend.after_sbatch = [lost()], True
+    d = driver(tmp_path, backend)
+    reqs = d.plan(launches(3), FACTS)
+    with pytest.raises(ProviderError) as e:  # sbatch may have run: retryable, not FAILED
+        await d.submit(reqs)
+    assert e.value.retryable
+    # the shell retries with the same keys (here from a restarted control plane)
+    again = driver(tmp_path, backend)
+    reports = await again.submit(again.plan(launches(3), FACTS))
+    assert [r.state for r in reports] == [ProviderState.QUEUED] * 3
+    assert [r.job_id for r in reports] == ["100_0", "100_1", "100_2"]
+    assert backend.calls["sbatch"] == 1 and len(backend.jobs) == 1
+    assert backend.calls["find"] == (0 if locked else 1)
+
+
+async def test_a_retry_replanned_with_fewer_keys_finds_the_first_array(tmp_path: Path) -> None:
+    """The shell drops keys it no longer waits on: the smaller array has another name."""
+    backend = FakeSlurm(locked=True)
+    backend.errors, backend.after_sbatch = [lost()], True
+    d = driver(tmp_path, backend)
+    with pytest.raises(ProviderError):
+        await d.submit(d.plan(launches(3), FACTS))
+    (first,) = backend.jobs
+    (smaller,) = d.plan(launches(3)[1:], FACTS)
+    assert isinstance(smaller, SlurmRequest) and smaller.name != first
+    reports = await d.submit([smaller])
+    assert [(r.state, r.job_id) for r in reports] == [
+        (ProviderState.QUEUED, "100_1"),
+        (ProviderState.QUEUED, "100_2"),
+    ]
+    assert backend.calls["sbatch"] == 1
+
+
+async def test_a_retry_replanned_after_nothing_was_submitted_submits(tmp_path: Path) -> None:
+    backend = FakeSlurm()
+    backend.errors = [transient()]
+    d = driver(tmp_path, backend)
+    with pytest.raises(ProviderError):
+        await d.submit(d.plan(launches(3), FACTS))
+    reports = await d.submit(d.plan(launches(3)[1:], FACTS))
+    assert [r.state for r in reports] == [ProviderState.QUEUED] * 2
+    assert backend.calls["sbatch"] == 1 and len(backend.jobs) == 1
+
+
+async def test_a_refusal_fails_the_attempts(tmp_path: Path) -> None:
+    backend = FakeSlurm()
+    backend.errors = [ProviderError("sbatch refused: bad qos", provider="c", retryable=False)]
+    d = driver(tmp_path, backend)
+    reports = await d.submit(d.plan(launches(2), FACTS))
+    assert [(r.state, r.failure) for r in reports] == [
+        (ProviderState.FAILED, FailureClass.PROVIDER_REJECTED)
+    ] * 2
+    assert "bad qos" in reports[0].message and backend.calls["submit"] == 1
+
+
+def row(name: str, index: int, state: str, reason: str = "None", node: str = "n1") -> JobRow:
+    return JobRow(job_id="100", index=index, name=name, state=state, node=node, reason=reason)
+
+
+async def test_describe_asks_the_cluster_every_time_in_one_call(tmp_path: Path) -> None:
+    """No answers from a cache: spacing polls is the watch's job."""
+    backend = FakeSlurm()
+    d = driver(tmp_path, backend)
+    ls = [*launches(2, "a"), msgspec.structs.replace(launches(1, "b")[0], cpus=2)]
+    reqs = d.plan(ls, FACTS)
+    assert len(reqs) == 2  # two arrays
+    await d.submit(reqs)
+    names = {r.keys[0]: r.name for r in reqs if isinstance(r, SlurmRequest)}
+    backend.rows = [row(names["a0000"], 0, "RUNNING"), row(names["a0000"], 1, "PENDING")]
+    keys = [x.key for x in ls]
+    first = await d.describe(keys)
+    second = await d.describe(keys)
+    assert backend.calls["observe"] == 2  # one call per describe, for both arrays
+    assert [r.state for r in first] == [
+        ProviderState.RUNNING,
+        ProviderState.QUEUED,
+        ProviderState.UNKNOWN,
+    ]
+    assert first == second
+    backend.rows = [row(names["a0000"], 0, "COMPLETED"), row(names["a0000"], 1, "COMPLETED")]
+    assert (await d.describe(keys[:2]))[0].state is ProviderState.SUCCEEDED
+    assert [r.state for r in await d.describe(keys[:2])] == [ProviderState.SUCCEEDED] * 2
+    assert backend.calls["observe"] == 3  # finished keys are kept, not asked for again
+
+
+async def test_cancel_finds_an_array_whose_submit_answer_was_lost(tmp_path: Path) -> None:
+    backend = FakeSlurm()
+    backend.errors, backend.after_sbatch = [lost()], True
+    d = driver(tmp_path, backend)
+    with pytest.raises(ProviderError):
+        await d.submit(d.plan(launches(2), FACTS))
+    await d.cancel([launches(2)[1].key])
+    assert backend.cancelled == ["100_1"]
+
+
+def captured() -> list[JobRow]:
+    cap = FIX / "capacity"
+    return parse_squeue((cap / "squeue.txt").read_text()) + parse_sacct(
+        (cap / "sacct.txt").read_text()
+    )
+
+
+def test_capacity_reasons_in_captured_output() -> None:
+    reasons = {capacity_reason(r.state, r.reason, r.node) for r in captured()}
+    assert reasons == {
+        None,
+        "a job ended NODE_FAIL on n1",
+        "jobs wait: ReqNodeNotAvail, UnavailableNodes:n2",
+        "jobs wait: ReqNodeNotAvail",
+    }
+    quiet = parse_squeue((FIX / "squeue.txt").read_text())
+    quiet += parse_sacct((FIX / "sacct.txt").read_text())
+    assert {capacity_reason(r.state, r.reason, r.node) for r in quiet} == {None}
+
+
+async def test_capacity_changes_are_pushed_once_per_new_reason(tmp_path: Path) -> None:
+    backend = FakeSlurm()
+    d = driver(tmp_path, backend)
+    (req,) = d.plan(launches(2), FACTS)
+    await d.submit([req])
+    keys = list(req.keys)
+    news = d.capacity_changes()
+    drained = "ReqNodeNotAvail, UnavailableNodes:n2"
+    backend.rows = [row(req.name, 0, "PENDING", drained), row(req.name, 1, "PENDING", drained)]
+    await d.describe(keys)
+    await d.describe(keys)  # the same news again: not pushed again
+    backend.rows = [row(req.name, 0, "NODE_FAIL", node="n3"), row(req.name, 1, "RUNNING")]
+    await d.describe(keys)
+    assert await anext(news) == f"jobs wait: {drained}"
+    assert await anext(news) == "a job ended NODE_FAIL on n3"
+    backend.rows = [row(req.name, 1, "PENDING", drained)]  # it came back: pushed again
+    await d.describe(keys)
+    assert await anext(news) == f"jobs wait: {drained}"
+
+
+async def test_a_late_repeated_submit_reports_the_final_states(tmp_path: Path) -> None:
+    backend = FakeSlurm(locked=True)
+    d = driver(tmp_path, backend)
+    (req,) = d.plan(launches(2), FACTS)
+    await d.submit([req])
+    backend.rows = [row(req.name, 0, "COMPLETED"), row(req.name, 1, "FAILED")]
+    final = await d.describe(req.keys)
+    late = await d.submit([req])
+    assert late == final and [r.state for r in late] == [
+        ProviderState.SUCCEEDED,
+        ProviderState.FAILED,
+    ]
+    assert backend.calls["sbatch"] == 1
