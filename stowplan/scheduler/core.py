@@ -71,6 +71,7 @@ from stowplan.placement.problem import (
     PlacementProblem,
     PlacementSolution,
     Pool,
+    expand,
 )
 from stowplan.scheduler.events import (
     Cancel,
@@ -562,8 +563,6 @@ class SchedulerCore:
         if problem is None or solution.request_id != problem.request_id:
             return  # an answer to a request we no longer wait for
         self._solving = None
-        classes = {c.id: c for c in problem.classes}
-        taken: Counter[str] = Counter()
         for pid, k in sorted(solution.instances.items()):
             p = self._pools.get(pid)
             if p is None or p.node is None or pid in self._refused or k <= 0:
@@ -573,31 +572,26 @@ class SchedulerCore:
                 self._order(p, k, provision=True)
         rooms: dict[str, _Room] = {}
         placed = 0
-        for a in solution.assignments:
-            cls = classes.get(a.class_id)
+        for a in expand(problem, solution):  # one per run, in the solution's order
             pool = self._pools.get(a.pool_id)
-            if cls is None or pool is None or a.count <= 0:
+            if pool is None:
                 continue
-            start = taken[a.class_id]
-            members = cls.members[start : start + a.count]
-            taken[a.class_id] += len(members)
             room = rooms.get(pool.id)
             if room is None:
                 room = rooms[pool.id] = self._room(pool)
-            for run_id in members:
-                run = self._runs[run_id]
-                if run.state is not TaskState.READY:
-                    continue  # cancelled while the solver ran
-                gpu_model = room.take(run.task, a.gpu_model)
-                if gpu_model is None:
-                    continue  # no room left now (the pool shrank meanwhile): stays READY
-                if run.task.max_concurrent and (
-                    self._group_active[run.task.group] >= run.task.max_concurrent
-                ):
-                    room.give_back(run.task, gpu_model)
-                    continue
-                self._dispatch(run, pool, gpu_model)
-                placed += 1
+            run = self._runs[a.class_id]
+            if run.state is not TaskState.READY:
+                continue  # cancelled while the solver ran
+            gpu_model = room.take(run.task, a.gpu_model)
+            if gpu_model is None:
+                continue  # no room left now (the pool shrank meanwhile): stays READY
+            if run.task.max_concurrent and (
+                self._group_active[run.task.group] >= run.task.max_concurrent
+            ):
+                room.give_back(run.task, gpu_model)
+                continue
+            self._dispatch(run, pool, gpu_model)
+            placed += 1
         if placed == 0 and self._generation == self._solve_generation:
             # asking again would give the same answer, at once, forever: wait for a change
             self._stalled_at = self._generation
