@@ -18,7 +18,10 @@ import pytest
 from tests.contract.drivers import HARNESSES, SlurmHarness
 from tests.contract.harness import Harness
 
-SERVICE_MARKS = {"slurm": (pytest.mark.integration, pytest.mark.slow)}
+SERVICE_MARKS = {
+    "slurm": (pytest.mark.integration, pytest.mark.slow),
+    "kubernetes": (pytest.mark.integration,),  # the emulated API server, one per harness
+}
 """Marks of the cases of drivers that need a real service started by the test session."""
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import anyio
 import anyio.to_thread
@@ -20,6 +21,7 @@ from stowplan.simulator.provider import DataNet, SimProvider
 from stowplan.simulator.workloads import SimJob
 from stowplan.spec.models import LocalProviderConfig
 from tests.contract.harness import Harness, Kind, subclass
+from tests.kubecluster.kubelet import PodOutcome
 from tests.unit.providers.test_local import _kill_leftovers
 
 if TYPE_CHECKING:
@@ -250,7 +252,81 @@ class SlurmHarness(Harness):
             self.cluster.slurm("scancel", f"--name={','.join(names)}", check=False)
 
 
+class KubernetesHarness(Harness):
+    """The Kubernetes driver against the emulated API server (``tests/kubecluster``), one
+    cluster per harness, over real HTTP with a token kubeconfig. The emulator's kubelet runs no
+    containers: each pod's outcome follows the launch it carries (the ``task`` of its entry in
+    the Job's ConfigMap is the launch's name, which is its kind), with the log the wrapper's
+    command would write. What it created: the Jobs the API server answered 201 to."""
+
+    name = "kubernetes"
+    pool = "k8s/cpu"
+    expected: ClassVar[Mapping[Kind, ProviderState | None]] = {
+        "quick": S.SUCCEEDED,
+        "fail": S.FAILED,
+        "long": None,
+    }
+
+    def __init__(self, tmp: Path) -> None:
+        from tests.kubecluster import KubeCluster, NodeSpec
+
+        super().__init__(tmp)
+        self.cluster = KubeCluster(bookmark_interval=0.2)
+        self.cluster.start()
+        try:
+            for i in (1, 2):
+                self.cluster.add_node(NodeSpec(name=f"cpu-{i}", pool="cpu", cpu="4", memory="8Gi"))
+            self.kubeconfig = self.cluster.kubeconfig(tmp / "kubeconfig")
+        except BaseException:
+            self.cluster.stop()
+            raise
+        self.cluster.set_pod_behaviour(self._outcome)
+
+    def _outcome(self, pod: dict[str, Any]) -> PodOutcome | None:
+        """Runs on the emulator's loop: reads its store directly."""
+        from tests.kubecluster.store import RESOURCES
+
+        labels = pod["metadata"]["labels"]
+        cm = self.cluster.emulator.store.get(
+            RESOURCES[("", "configmaps")],
+            pod["metadata"]["namespace"],
+            labels["batch.kubernetes.io/job-name"],
+        )
+        if cm is None:
+            return None
+        idx = labels["batch.kubernetes.io/job-completion-index"]
+        kind = json.loads(cm["data"][f"{idx}.json"])["task"]
+        return {
+            "quick": PodOutcome("succeed", log="contract-ok\n"),
+            "fail": PodOutcome("fail", exit_code=3, log="contract-fail\n"),
+            "long": PodOutcome("run"),
+        }.get(kind)
+
+    def new_driver(
+        self, *, state_dir: Path | None = None, wrap: type[Provider] | None = None
+    ) -> Provider:
+        from stowplan.providers.kubernetes import KubernetesProvider
+        from stowplan.spec.models import KubernetesProviderConfig
+
+        config = KubernetesProviderConfig(kubeconfig=str(self.kubeconfig), image="python:3.12-slim")
+        where = state_dir if state_dir is not None else self.tmp / ".stowplan"
+        return subclass(KubernetesProvider, wrap)("k8s", config, state_dir=where)
+
+    async def advance(self, driver: Provider) -> None:
+        await anyio.sleep(0.05)
+
+    async def created(self, driver: Provider) -> int:
+        return sum(
+            1
+            for r in list(self.cluster.requests)
+            if r.method == "POST" and r.status == 201 and r.path.endswith("/jobs")
+        )
+
+    def cleanup(self) -> None:
+        self.cluster.stop()
+
+
 HARNESSES: Mapping[str, type[Harness]] = {
-    h.name: h for h in (LocalHarness, InstantHarness, SimHarness, SlurmHarness)
+    h.name: h for h in (LocalHarness, InstantHarness, SimHarness, SlurmHarness, KubernetesHarness)
 }
 """Every driver's harness, by the id its test cases carry."""

@@ -52,6 +52,30 @@ DEFAULT_NODES = (
 )
 
 
+def write_project(tmp_path: Path, kubeconfig: Path, experiment: str) -> Path:
+    """A project whose ``stowplan.toml`` has a local provider and ``[providers.k8s]`` on the
+    emulated cluster; returns the experiment file (``sweep.toml``)."""
+    (tmp_path / "stowplan.toml").write_text(
+        f"""
+[project]
+name = "k8s-e2e"
+
+[providers.local]
+kind = "local"
+cpus = 2
+
+[providers.k8s]
+kind = "kubernetes"
+kubeconfig = "{kubeconfig}"
+image = "python:3.12-slim"
+"""
+    )
+    (tmp_path / ".stowplanignore").write_text("kubeconfig\n*.log\n")
+    f = tmp_path / "sweep.toml"
+    f.write_text(experiment)
+    return f
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"  # kubernetes-asyncio is asyncio only
