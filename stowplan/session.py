@@ -496,7 +496,7 @@ def launch_spec(
 ) -> LaunchSpec:
     """The provider's view of one attempt; ``upstream`` becomes ``upstream.json`` beside it.
     Secrets stay references: only the driver resolves them, when it submits."""
-    la = payload.launch
+    la, needs = payload.launch, payload.instance
     env = dict(la.env)
     files: dict[str, bytes] = {}
     if upstream is not None:
@@ -511,10 +511,10 @@ def launch_spec(
         argv=la.argv,
         script=la.script,
         env=env,
-        cpus=la.cpus,
-        memory=la.memory,
-        gpus=la.gpus,
-        gpu_types=la.gpu_types,
+        cpus=needs.cpus,
+        memory=needs.memory,
+        gpus=needs.gpus,
+        gpu_types=needs.gpu_types,
         timeout_s=la.timeout_s,
         outputs=la.outputs,
         files=files,

@@ -138,9 +138,9 @@ def _print_dry_run(console: Console, prepared: Any, pools: list[Any]) -> None:
     for col in ("run", "task", "trial", "params", "needs", "after"):
         table.add_column(col)
     for r in planned[:50]:
-        needs = f"{r.launch.cpus:g} cpu, {r.launch.memory / 2**30:.2g} GiB"
-        if r.launch.gpus:
-            needs += f", {r.launch.gpus} gpu"
+        needs = f"{r.instance.cpus:g} cpu, {r.instance.memory / 2**30:.2g} GiB"
+        if r.instance.gpus:
+            needs += f", {r.instance.gpus} gpu"
         table.add_row(
             r.run_id[:12],
             r.task,

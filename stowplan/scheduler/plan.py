@@ -49,17 +49,14 @@ PinKey = tuple[int, str, int]
 
 
 class Launch(Struct, frozen=True, kw_only=True):
-    """What to run for one run, with placeholders filled: the same for every attempt."""
+    """What to run for one run, with placeholders filled: the same for every attempt. What it
+    needs (CPUs, memory, GPUs) is the core's ``TaskInstance``'s, written once."""
 
     argv: list[str] | None
     script: str | None
     env: dict[str, str]
     outputs: list[str]
     timeout_s: float | None
-    cpus: float
-    memory: int
-    gpus: int
-    gpu_types: tuple[str, ...]
     image: str | None = None
     """the task's container image; None: the provider's default, if it has one."""
     code: str | None = None
@@ -177,10 +174,6 @@ def plan_runs(
                 env=env,
                 outputs=list(task.outputs),
                 timeout_s=task.timeout_s,
-                cpus=res.cpus,
-                memory=res.memory_bytes,
-                gpus=res.gpus,
-                gpu_types=res.gpu_types,
                 image=task.image,
                 code=versions.code_version,
                 secrets=dict(task.secrets),
