@@ -52,6 +52,10 @@ class SpecError(StowplanError, ValueError):
 class ProviderError(StowplanError):
     """A provider failed or refused; ``retryable`` tells the retry policy whether to try again."""
 
+    retry_after: float | None = None
+    """for a retryable error: the provider asked to be called again no sooner than this many
+    seconds (an HTTP ``Retry-After``); the shell waits at least that long."""
+
     def __init__(self, message: str, *, provider: str, retryable: bool) -> None:
         self.provider = provider
         self.retryable = retryable
@@ -61,7 +65,12 @@ class ProviderError(StowplanError):
     def __reduce__(self) -> tuple[Any, ...]:
         # keyword-only arguments do not survive pickling by default; Ray pickles an error that
         # crosses from a provider actor to the queue, and the shell decides on ``retryable``
-        return (_provider_error, (type(self), self.message, self.provider, self.retryable))
+        # (a subclass's own attributes, an HTTP status say, travel in the state)
+        return (
+            _provider_error,
+            (type(self), self.message, self.provider, self.retryable),
+            dict(self.__dict__),
+        )
 
 
 def _provider_error(

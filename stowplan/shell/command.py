@@ -352,6 +352,7 @@ class CommandShell:
                     (provider, pool, items, launches, tries + 1),
                     tries,
                     "submit:" + items[0].key,
+                    e.retry_after,
                 )
                 return
             reports = [
@@ -386,10 +387,10 @@ class CommandShell:
                 return
         try:
             reports = await self.providers[provider].describe(keys)
-        except ProviderError:
+        except ProviderError as e:
             self.counters.describe_retries += 1
             arg = (provider, list(keys), tries + 1)
-            self._again(self._retry_reconcile, arg, tries, "describe:" + keys[0])
+            self._again(self._retry_reconcile, arg, tries, "describe:" + keys[0], e.retry_after)
             return
         out = self.outstanding[provider]
         watch = False
@@ -414,9 +415,8 @@ class CommandShell:
             if not e.retryable:
                 raise
             self.counters.cancel_retries += 1
-            self._again(
-                self._retry_cancel, (provider, list(keys), tries + 1), tries, "cancel:" + keys[0]
-            )
+            arg = (provider, list(keys), tries + 1)
+            self._again(self._retry_cancel, arg, tries, "cancel:" + keys[0], e.retry_after)
 
     def _retry_cancel(self, arg: tuple[str, list[str], int]) -> None:
         self.clock.spawn(self._cancel(*arg))
@@ -451,7 +451,8 @@ class CommandShell:
         except ProviderError as e:
             if e.retryable:  # the answer may be lost: the SAME token again, later
                 self.counters.elastic_retries += 1
-                self._again(self._retry_elastic, (cmd, tries + 1), tries, f"{verb}:{cmd.token}")
+                arg = (cmd, tries + 1)
+                self._again(self._retry_elastic, arg, tries, f"{verb}:{cmd.token}", e.retry_after)
                 return
             self.counters.elastic_refusals += 1
             self.feed(
@@ -470,9 +471,19 @@ class CommandShell:
     def _retry_elastic(self, arg: tuple[Provision | Terminate, int]) -> None:
         self.clock.spawn(self._elastic(*arg))
 
-    def _again(self, fn: Callable[[T], None], arg: T, tries: int, key: str) -> None:
-        """Call ``fn(arg)`` again after the backoff for try ``tries`` of ``key``."""
+    def _again(
+        self,
+        fn: Callable[[T], None],
+        arg: T,
+        tries: int,
+        key: str,
+        retry_after: float | None = None,
+    ) -> None:
+        """Call ``fn(arg)`` again after the backoff for try ``tries`` of ``key``, and no sooner
+        than the provider asked (``ProviderError.retry_after``)."""
         delay = self.config.provider_backoff.seconds(tries, seed=self.config.seed, key=key)
+        if retry_after is not None:
+            delay = max(delay, retry_after)
         if not self.halted:
             self.clock.call_at(self.clock.now() + delay, fn, arg, Wake.RETRY)
 

@@ -21,3 +21,18 @@ def test_a_provider_error_keeps_its_class_text_provider_and_retryable_through_pi
             err.provider,
             err.retryable,
         )
+
+
+def test_a_subclass_keeps_its_own_attributes_and_retry_after() -> None:
+    from stowplan.providers.kubernetes.api import KubernetesError
+
+    err = KubernetesError(
+        "throttled", provider="k8s", retryable=True, status=429, reason="TooMany", retry_after=7
+    )
+    back = pickle.loads(pickle.dumps(err))
+    assert (back.status, back.reason, back.retry_after, back.retryable) == (
+        429,
+        "TooMany",
+        7,
+        True,
+    )

@@ -74,6 +74,22 @@ def test_transient_submit_errors_back_off_capped_and_seeded_with_the_same_keys()
     assert sum(h.prov.created.values()) == 2
 
 
+def test_a_provider_s_retry_after_is_waited_out_before_the_same_keys_go_again() -> None:
+    """A throttled provider (HTTP 429 with Retry-After: 90) is not called again sooner than it
+    asked, though the backoff alone would call after 1 s."""
+    h = Harness(provider_backoff=Backoff(base=1.0, cap=4.0))
+    h.boot()
+    throttled = transient()
+    throttled.retry_after = 90.0
+    h.prov.errors["submit"] = [throttled]
+    h.shell.feed(TasksSubmitted(tasks=[h.task("a")]))
+    h.clock.advance(200.0)
+    submits = calls(h, "submit")
+    assert [c[1] for c in submits] == [0.0, 90.0]
+    assert submits[0][2] == submits[1][2]
+    assert h.core.state("a") is TaskState.QUEUED
+
+
 def test_a_retry_stops_once_the_core_no_longer_waits_on_the_key(h: Harness) -> None:
     h.boot()
     h.prov.errors["submit"] = [transient()]
