@@ -608,7 +608,9 @@ _AWS_BUCKET: Final = r"\As3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(/[A-Za-z0-9!_.*
 
 
 class AwsProviderConfig(_Spec, frozen=True, tag_field="kind", tag="aws"):
-    """EC2 GPU instances (on-demand and spot) in one or more regions, one instance per attempt.
+    """EC2 GPU instances (on-demand and spot) in one or more regions: one elastic pool per
+    (region, instance type, market), whose instances the scheduler starts and stops; each runs
+    the stowplan agent, which takes the attempts sent to it (several at once when they fit).
 
     Credentials: ``profile`` (a named profile of ~/.aws/config), else ``role_arn`` assumed
     through STS for leases of ``session_duration`` seconds renewed before they expire, else the
@@ -617,8 +619,9 @@ class AwsProviderConfig(_Spec, frozen=True, tag_field="kind", tag="aws"):
     patterns (``g5.*``, ``p4d.24xlarge``); ``ami`` is an AMI id (one region), an SSM parameter
     name (``/aws/service/...``, resolved by EC2 at launch in every region) or a table of region
     -> either. ``bucket`` (``s3://bucket/prefix``) holds payloads, logs, outputs and exit
-    records. ``idle_shutdown``: seconds an instance stays up after its attempt ended before it
-    shuts itself down (and, with shutdown behaviour ``terminate``, is gone).
+    records. ``idle_shutdown``: seconds an instance stays up with nothing to run before it
+    shuts itself down (and, with shutdown behaviour ``terminate``, is gone). ``max_instances``
+    and ``max_hourly_usd`` bound the instances of each pool at once.
     """
 
     regions: list[Label]

@@ -1,27 +1,43 @@
-"""The AWS driver: one EC2 instance per attempt, through aiobotocore.
+"""The AWS driver: elastic pools of EC2 instances running the stowplan agent, via aiobotocore.
 
-What lives where: pools from API answers ``discover.py`` (pure), requests and the user-data
-script ``render.py`` (pure), the state and error maps ``states.py`` (pure), the price table
-``prices.py``. This module does the I/O.
+What lives where: pools from API answers ``discover.py`` (pure), requests, the agent and the
+attempt scripts ``render.py`` (pure; its docstring describes the agent, the inbox and the S3
+layout), the state and error maps ``states.py`` (pure), the price table ``prices.py``. This
+module does the I/O.
+
+The core's model: ``provision(pool, count, token)`` starts agent instances, ``submit`` queues
+attempts for their pools, the driver sends each queued attempt to an instance of its pool with
+room (an inbox line; several at once when they fit the instance's shape), ``terminate`` stops
+idle instances, and an agent with nothing to do for ``idle_shutdown`` seconds stops itself.
+Nothing is launched by ``submit``: with no instance in its pool an attempt waits, QUEUED, for
+the core to provision one (discovery shows the pool's capacity: its pending and running
+instances).
 
 Credentials are the SDK's (``profile``, else the default chain) or an STS lease of
 ``role_arn`` renewed by the SDK before it expires; they live in the session object only. The
 SDK does not retry (``total_max_attempts = 1``; in the client config ``max_attempts`` counts
 retries, not attempts): a throttled or failed call raises a retryable ``ProviderError`` and the
-command shell retries with the same keys.
+command shell retries with the same keys or token.
 
-Idempotency: one instance per key, ever. EC2 honours ``ClientToken`` (the key), but moto does
-not, and a retried submit carries new presigned URLs (EC2 then answers
-``IdempotentParameterMismatch``), so submit first looks the key up with ``describe_instances``
-filtered by ``tag:stowplan:key``, and looks again after a lost answer: found, it reports that
-instance; not found after a lost answer, a retryable error (the shell's retry looks again).
+Idempotency. Provision: the ``index``-th instance of a token is the agent ``TOKEN-INDEX``, its
+``ClientToken`` and its ``stowplan:agent`` tag; EC2 honours the ClientToken, moto does not, so
+provision first looks up the token's instances by tag and, after a lost answer, the agent's:
+found, it is not launched again; not found, a retryable error (the shell's retry looks again).
+Submit: the queue record is written with ``If-None-Match: *``; one that exists is reported as
+it stands. Dispatch: an attempt runs where its claim (``If-None-Match: *``) succeeded, once.
 
-Observation: one ``describe_instances`` per region per 200 keys, one S3 listing per run for
-the exit records, one read per exit record seen for the first time; finished keys are cached.
-Zones: each pool's instances go to the zones discovery found usable, spread by key; a zone
-that ran out of capacity (``InsufficientInstanceCapacity``) is left out for ``NO_CAPACITY_S``,
-a family at its vCPU quota for ``QUOTA_S``, an unsupported zone for good, and the core hears of
-it through ``capacity_changes`` and re-places with what was learned.
+State: the queue records, the inboxes and the claims in S3 and the instances' tags are the
+truth; what this object holds is a cache a restarted driver rebuilds from them (a key it does
+not know is looked up in the queue; the inboxes of live instances are read back).
+
+Observation: one ``describe_instances`` per region for the whole fleet, one S3 listing per run
+for the exit records and one for the claims; finished keys are cached. An attempt claimed by an
+instance that is gone without an exit record failed with it (``states.gone_reason``: a spot
+reclaim is PREEMPTED, anything else a node failure); one sent to a gone instance but never
+claimed goes back to the queue. Zones: each instance goes to a zone discovery found usable,
+spread by agent id; a zone that ran out of capacity (``InsufficientInstanceCapacity``) is left
+out for ``NO_CAPACITY_S``, a family at its vCPU quota for ``QUOTA_S``, an unsupported zone for
+good, and the core hears of it through ``capacity_changes`` and re-places.
 """
 
 from __future__ import annotations
@@ -32,12 +48,12 @@ import hashlib
 import math
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import msgspec
-from msgspec import Struct, field
+from msgspec import Struct
 
 from stowplan.errors import ProviderError, SpecError
 from stowplan.placement.problem import Pool
@@ -47,19 +63,28 @@ from stowplan.providers.aws.discover import (
     RegionAnswers,
     is_glob,
     offers,
+    parse_pool_id,
     type_info,
 )
 from stowplan.providers.aws.render import (
-    TAG_KEY,
+    AGENT_LEASE_S,
+    TAG_AGENT,
+    TAG_POOL,
     TAG_PROVIDER,
-    TAG_RUN,
-    USER_DATA_MAX,
+    TAG_STOPPED,
     AwsRequest,
+    agent_id,
     attempt_prefix,
+    cancel_line,
+    claim_prefix,
     exit_prefix,
-    plan_instances,
+    inbox_key,
+    inbox_line,
+    plan_agent,
+    plan_attempts,
+    queue_key,
 )
-from stowplan.providers.aws.states import ErrorKind, ExitRecord, ec2_error, instance_state
+from stowplan.providers.aws.states import ErrorKind, ExitRecord, ec2_error, exit_state, gone_reason
 from stowplan.providers.base import (
     TERMINAL_PROVIDER_STATES,
     Capabilities,
@@ -72,7 +97,7 @@ from stowplan.providers.base import (
     ProviderState,
     Report,
 )
-from stowplan.spec.models import AwsProviderConfig, FailureClass
+from stowplan.spec.models import AwsProviderConfig
 
 CONFIG_FILE = "stowplan.toml"
 REQUEST_TIMEOUT_S = 60.0
@@ -81,8 +106,9 @@ FILTER_VALUES = 200
 NO_CAPACITY_S = 600.0
 QUOTA_S = 3600.0
 LOG_POLL_S = 5.0
-SUBMIT_CONCURRENCY = 8
 CAPACITY_QUEUE = 64
+LIVE = frozenset({"pending", "running"})
+"""Instance states that count as the pool's capacity and may be sent attempts."""
 _exit_decoder = msgspec.json.Decoder(ExitRecord)
 
 
@@ -103,24 +129,50 @@ class AnswerLost(ProviderError):
     """No answer came (connection refused, reset or timed out): the call may have happened."""
 
 
-class Manifest(Struct, frozen=True, kw_only=True):
-    """What submit leaves beside an attempt's objects, so a restarted driver can report it."""
+class QueueRecord(Struct, frozen=True, kw_only=True):
+    """A queued attempt as stored at ``queue/KEY.json`` (its payload is stored apart)."""
 
+    request: AwsRequest
+    cancelled: bool = False
+
+
+class Claim(Struct, frozen=True, kw_only=True):
     key: str
-    run_id: str
-    region: str
+    agent: str
+    at: float = 0.0
+
+
+class Item(Struct, kw_only=True):
+    """A queued attempt as this driver knows it."""
+
+    request: AwsRequest
+    cancelled: bool = False
+    agent: str | None = None
+    """the agent it was sent to (None: waiting in the queue)."""
+
+
+class Agent(Struct, kw_only=True):
+    """An instance running the agent, as ``describe_instances`` and its inbox show it."""
+
+    id: str
     pool: str
-    outputs: dict[str, str] = field(default_factory=dict)
-
-
-class Placed(Struct, kw_only=True):
-    """What this driver knows of a key it submitted or found."""
-
     region: str
-    run_id: str
-    instance_id: str | None = None
-    outputs: dict[str, str] | None = None
-    """declared output -> S3 key; None until known (after a restart: from the manifest)."""
+    instance_id: str
+    state: str = "pending"
+    reason: str = ""
+    """``StateReason.Code``"""
+    zone: str | None = None
+    launched: float = 0.0
+    stopped_by: str = ""
+    lines: list[str] = msgspec.field(default_factory=list)
+    """its inbox, as last written"""
+    seq: int = 0
+    loaded: bool = False
+    """whether ``lines`` were read back (or written) by this driver"""
+
+    @property
+    def live(self) -> bool:
+        return self.state in LIVE and not self.stopped_by
 
 
 class AwsProvider(Provider):
@@ -140,23 +192,30 @@ class AwsProvider(Provider):
         self.project = project or Path(state_dir).absolute().parent.name or "default"
         self.capabilities = Capabilities(
             has=frozenset(
-                {Capability.RUNS, Capability.GPUS, Capability.LOGS, Capability.CANCEL_MEMBER}
+                {
+                    Capability.RUNS,
+                    Capability.GPUS,
+                    Capability.LOGS,
+                    Capability.CANCEL_MEMBER,
+                    Capability.ELASTIC,
+                }
             ),
             why_not={
                 Capability.CONTAINERS: "the aws provider runs commands on the AMI as they are; "
                 "put what the task needs in the AMI and drop the image",
                 Capability.SECRETS: "the aws provider does not resolve secrets (Secrets "
                 "Manager) yet",
-                Capability.ARRAYS: "each attempt gets its own instance",
-                Capability.ELASTIC: "instances are launched by submit, one per attempt; "
-                "provision/terminate of shared instances is not built yet",
+                Capability.ARRAYS: "each attempt is queued on its own; instances take "
+                "several at once when they fit",
             },
             notes=(
                 "on-demand prices come from a bundled, dated table (stowplan.providers.aws."
                 "prices); spot prices from the API when it has recent values",
                 "logs reach S3 every 15 s; `logs -f` shows them with that delay",
                 "with role_arn, presigned URLs stop working when the STS lease they were made "
-                "with expires: an attempt must end within session_duration",
+                "with expires: an instance must end within session_duration",
+                "the AMI needs bash, curl, tar, setsid and timeout (any Amazon Linux or Ubuntu "
+                "AMI has them)",
             ),
         )
         self.table = prices.load(config.prices, field_path=f"$.providers.{name}.prices")
@@ -164,9 +223,15 @@ class AwsProvider(Provider):
         self._stack = contextlib.AsyncExitStack()
         self._clients: dict[tuple[str, str], Any] = {}
         self._client_lock = asyncio.Lock()
+        self._lock = asyncio.Lock()
+        """serialises what reads and changes the queue, the fleet and the inboxes."""
         self._offers: dict[str, Offer] = {}
+        self._most: dict[str, int] = {}
+        """pool -> the most instances it may have at once (config and max_hourly_usd)."""
         self._unavailable: dict[tuple[str, str, bool], tuple[str, float]] = {}
-        self._placed: dict[str, Placed] = {}
+        self._items: dict[str, Item] = {}
+        self._agents: dict[str, Agent] = {}
+        self._fleet_seen = False
         self._finished: dict[str, Report] = {}
         self._capacity: asyncio.Queue[str] = asyncio.Queue(CAPACITY_QUEUE)
         self.notes: list[str] = []
@@ -360,6 +425,14 @@ class AwsProvider(Provider):
             del self._unavailable[k]
         return {k: why for k, (why, _) in self._unavailable.items()}
 
+    def _learn(self, what: tuple[str, str, bool], why: str, for_s: float) -> None:
+        self._unavailable[what] = (why, time.monotonic() + for_s)
+        self._changed(why)
+
+    def _changed(self, why: str) -> None:
+        with contextlib.suppress(asyncio.QueueFull):
+            self._capacity.put_nowait(why)
+
     async def discover(self) -> list[Pool]:
         answers = await asyncio.gather(*(self._answers(r) for r in self.config.regions))
         for i, t in enumerate(self.config.instance_types):
@@ -382,37 +455,380 @@ class AwsProvider(Provider):
                         f"subnet {s!r} is in none of the regions {', '.join(self.config.regions)}",
                         "give subnets of the configured regions, or add the subnet's region",
                     )
-        unavailable = self._still_unavailable()
-        now = time.time()
-        pools: list[Pool] = []
-        notes: list[str] = []
-        found_offers: dict[str, Offer] = {}
-        for a in answers:
-            got, why = offers(
-                self.name, self.config, a, self.table, now=now, unavailable=unavailable
-            )
-            notes += why
-            for o in got:
-                found_offers[o.pool.id] = o
-                pools.append(o.pool)
-        self._offers = found_offers
-        self.notes = notes
-        return sorted(pools, key=lambda p: p.id)
+        async with self._lock:
+            await self._refresh()
+            unavailable = self._still_unavailable()
+            now = time.time()
+            notes: list[str] = []
+            found_offers: dict[str, Offer] = {}
+            for a in answers:
+                got, why = offers(
+                    self.name, self.config, a, self.table, now=now, unavailable=unavailable
+                )
+                notes += why
+                for o in got:
+                    found_offers[o.pool.id] = o
+            self._offers = found_offers
+            self._most = {pid: o.pool.max_instances for pid, o in found_offers.items()}
+            self.notes = notes
+            live = Counter(a.pool for a in self._agents.values() if a.live)
+            pools = []
+            for pid, o in sorted(found_offers.items()):
+                n, node = live[pid], o.pool.node
+                assert node is not None  # offers() gives every pool its shape
+                pools.append(
+                    msgspec.structs.replace(
+                        o.pool,
+                        cpus=n * node.cpus,
+                        memory=n * node.memory,
+                        gpus={m: n * c for m, c in node.gpus.items() if n},
+                        max_instances=max(0, self._most[pid] - n),
+                    )
+                )
+            return pools
 
     def plan(self, launches: Sequence[LaunchSpec], facts: Facts) -> list[ProviderRequest]:
         return list(
-            plan_instances(
-                launches,
-                provider=self.name,
-                project=self.project,
-                config=self.config,
-                pools=facts.pools,
-            )
+            plan_attempts(launches, provider=self.name, config=self.config, pools=facts.pools)
         )
+
+    # -- the fleet ----------------------------------------------------------------------------
+
+    async def _instances(self, region: str, filters: list[dict[str, Any]]) -> list[Any]:
+        ec2 = await self._client("ec2", region)
+        reservations = await self._pages(
+            ec2,
+            "describe_instances",
+            "Reservations",
+            Filters=[{"Name": f"tag:{TAG_PROVIDER}", "Values": [self.name]}, *filters],
+        )
+        return [i for r in reservations for i in r.get("Instances") or []]
+
+    def _see(self, region: str, inst: Any) -> Agent | None:
+        """Take in one ``describe_instances`` entry; the agent it is (None: not an agent)."""
+        tags = {t["Key"]: t["Value"] for t in inst.get("Tags") or []}
+        aid, pool = tags.get(TAG_AGENT), tags.get(TAG_POOL)
+        if aid is None or pool is None:
+            return None
+        state = str((inst.get("State") or {}).get("Name") or "")
+        agent = self._agents.get(aid)
+        if agent is None:
+            launched = inst.get("LaunchTime")
+            agent = self._agents[aid] = Agent(
+                id=aid,
+                pool=pool,
+                region=region,
+                instance_id=str(inst["InstanceId"]),
+                launched=launched.timestamp() if hasattr(launched, "timestamp") else time.time(),
+            )
+        elif agent.live and state not in LIVE:
+            self._changed(f"instance {agent.instance_id} of {pool} is {state}")
+        agent.state = state
+        agent.reason = str((inst.get("StateReason") or {}).get("Code") or "")
+        agent.zone = (inst.get("Placement") or {}).get("AvailabilityZone")
+        agent.stopped_by = tags.get(TAG_STOPPED, agent.stopped_by)
+        return agent
+
+    async def _refresh(self, regions: Sequence[str] | None = None) -> None:
+        """Read the fleet: one ``describe_instances`` per region; the inboxes of live
+        instances this driver has not written (after a restart) are read back."""
+        for region in regions or self.config.regions:
+            for inst in await self._instances(region, []):
+                self._see(region, inst)
+        self._fleet_seen = True
+        s3 = await self._s3()
+        for agent in sorted(self._agents.values(), key=lambda a: a.id):
+            if agent.loaded or not agent.live:
+                continue
+            body = await self._get(s3, inbox_key(self.config, agent.id))
+            agent.lines = (body or b"").decode().splitlines()
+            agent.loaded = True
+            for line in agent.lines:
+                f = line.split()
+                if len(f) >= 3 and f[0].isdigit():
+                    agent.seq = max(agent.seq, int(f[0]))
+                    item = self._items.get(f[2])
+                    if f[1] == "run" and item is not None and item.agent is None:
+                        item.agent = agent.id
+
+    def _busy(self) -> dict[str, list[Item]]:
+        """agent -> the unfinished attempts sent to it."""
+        out: dict[str, list[Item]] = {}
+        for k, item in self._items.items():
+            if item.agent is not None and k not in self._finished:
+                out.setdefault(item.agent, []).append(item)
+        return out
+
+    async def _dispatch(self) -> None:
+        """Send each waiting attempt to a live instance of its pool with room for it (the one
+        with least room left that fits), then write the inboxes that changed."""
+        waiting = [
+            i
+            for k, i in self._items.items()
+            if i.agent is None and not i.cancelled and k not in self._finished
+        ]
+        if not waiting:
+            return
+        if not self._fleet_seen:
+            await self._refresh()
+        busy = self._busy()
+        now = time.time()
+        free: dict[str, tuple[float, int, int]] = {}
+        for a in self._agents.values():
+            offer = self._offers.get(a.pool)
+            if not a.live or offer is None or offer.pool.node is None:
+                continue
+            node = offer.pool.node
+            cpus, mem, gpus = node.cpus, node.memory, sum(node.gpus.values())
+            for i in busy.get(a.id, []):
+                cpus, mem, gpus = (
+                    cpus - i.request.cpus,
+                    mem - i.request.memory,
+                    gpus - i.request.gpus,
+                )
+            free[a.id] = (cpus, mem, gpus)
+        changed: set[str] = set()
+        for item in waiting:
+            req = item.request
+            fits = [
+                (g, c, aid)
+                for aid, (c, m, g) in free.items()
+                if self._agents[aid].pool == req.pool
+                and g >= req.gpus
+                and c >= req.cpus - 1e-9
+                and m >= req.memory
+                and self._agents[aid].launched + AGENT_LEASE_S - now > req.lease_s
+            ]
+            if not fits:
+                continue
+            _, _, aid = min(fits)
+            agent = self._agents[aid]
+            await self._send(item, agent)
+            c, m, g = free[aid]
+            free[aid] = (c - req.cpus, m - req.memory, g - req.gpus)
+            changed.add(aid)
+        await self._write_inboxes(changed)
+
+    async def _presign(self, method: str, obj: str, expires: int, **params: str) -> str:
+        s3 = await self._s3()
+        self.calls["presign"] += 1
+        url: str = await s3.generate_presigned_url(
+            "get_object" if method == "GET" else "put_object",
+            Params={"Bucket": self.config.bucket_name, "Key": obj, **params},
+            ExpiresIn=expires,
+        )
+        return url
+
+    async def _send(self, item: Item, agent: Agent) -> None:
+        """Upload the attempt script with fresh URLs and add its line to ``agent``'s inbox
+        (written by ``_write_inboxes``)."""
+        req = item.request
+        urls = {
+            slot: await self._presign(method, obj, req.lease_s)
+            for slot, (method, obj) in req.slots.items()
+        }
+        s3 = await self._s3()
+        await self._call(
+            s3,
+            "put_object",
+            Bucket=self.config.bucket_name,
+            Key=req.script_key,
+            Body=req.user_data(urls).encode(),
+        )
+        line = {
+            "claim": await self._presign("PUT", req.claim_key, req.lease_s, IfNoneMatch="*"),
+            "claimed": await self._presign("GET", req.claim_key, req.lease_s),
+            "script": await self._presign("GET", req.script_key, req.lease_s),
+            "exit": urls["exit"],
+        }
+        agent.seq += 1
+        agent.lines.append(inbox_line(agent.seq, req.key, line))
+        agent.loaded = True
+        item.agent = agent.id
+
+    async def _write_inboxes(self, agents: set[str]) -> None:
+        s3 = await self._s3()
+        for aid in sorted(agents):
+            agent = self._agents[aid]
+            # lines of finished attempts are dropped; cancel lines stay (one may be running)
+            agent.lines = [
+                line
+                for line in agent.lines
+                if not (line.split()[1:2] == ["run"] and line.split()[2] in self._finished)
+            ]
+            await self._call(
+                s3,
+                "put_object",
+                Bucket=self.config.bucket_name,
+                Key=inbox_key(self.config, aid),
+                Body="".join(f"{line}\n" for line in agent.lines).encode(),
+            )
+
+    # -- provision / terminate ----------------------------------------------------------------
+
+    async def provision(self, pool: str, count: int, token: str) -> list[str]:
+        ref = parse_pool_id(self.name, pool)
+        if ref is None or count < 1:
+            raise ProviderError(
+                f"cannot provision {count} instance(s) of {pool!r}: not a pool of this provider",
+                provider=self.name,
+                retryable=False,
+            )
+        if pool not in self._offers:
+            await self.discover()
+        async with self._lock:
+            offer = self._offers.get(pool)
+            if offer is None:
+                why = "; ".join(n for n in self.notes if n.startswith(pool + ":"))
+                raise ProviderError(
+                    f"{pool}: not offered now" + (f" ({why})" if why else ""),
+                    provider=self.name,
+                    retryable=False,
+                )
+            await self._refresh([ref.region])  # the token's instances, launched before?
+            mine = {a.id: a for a in self._agents.values() if a.id.rsplit("-", 1)[0] == token}
+            others = sum(1 for a in self._agents.values() if a.pool == pool and a.live) - sum(
+                1 for a in mine.values() if a.live
+            )
+            want = min(count, self._most.get(pool, 0) - others)
+            if want < 1 and not mine:
+                raise ProviderError(
+                    f"{pool}: all {self._most.get(pool, 0)} instances it may have are running "
+                    "(max_instances, max_hourly_usd)",
+                    provider=self.name,
+                    retryable=False,
+                )
+            failed: ProviderError | None = None
+            for index in range(want):
+                aid = agent_id(token, index)
+                if aid in mine:
+                    continue
+                try:
+                    mine[aid] = await self._launch(pool, aid)
+                except Ec2Error as e:
+                    if e.retryable:
+                        raise
+                    failed = e
+                    break
+            if not mine:
+                assert failed is not None
+                raise ProviderError(str(failed), provider=self.name, retryable=False)
+            await self._dispatch()
+            return [mine[a].instance_id for a in sorted(mine, key=lambda a: int(a.rsplit("-")[-1]))]
+
+    def _zone_for(self, pool: str, agent: str) -> tuple[str, str | None] | None:
+        offer = self._offers.get(pool)
+        ref = parse_pool_id(self.name, pool)
+        if offer is None or ref is None:
+            return None
+        unavailable = self._still_unavailable()
+        zones = [z for z in offer.zones if (ref.instance_type, z, ref.spot) not in unavailable]
+        if not zones:
+            return None
+        pick = zones[int(hashlib.sha256(agent.encode()).hexdigest(), 16) % len(zones)]
+        return pick, offer.subnets.get(pick)
+
+    async def _find_agent(self, region: str, aid: str) -> Agent | None:
+        for inst in await self._instances(region, [{"Name": f"tag:{TAG_AGENT}", "Values": [aid]}]):
+            agent = self._see(region, inst)
+            if agent is not None and agent.id == aid:
+                return agent
+        return None
+
+    async def _launch(self, pool: str, aid: str) -> Agent:
+        """Start the agent ``aid`` of ``pool`` (one ``RunInstances``), unless it exists."""
+        req = plan_agent(
+            provider=self.name, project=self.project, config=self.config, pool=pool, agent=aid
+        )
+        where = self._zone_for(pool, aid)
+        if where is None:
+            raise Ec2Error(
+                self.name, "RunInstances", "InsufficientInstanceCapacity", f"{pool}: no usable zone"
+            )
+        zone, subnet = where
+        url = await self._presign("GET", req.inbox_key, AGENT_LEASE_S)
+        params = dict(req.params, UserData=req.user_data(url))
+        if subnet is not None:
+            params["SubnetId"] = subnet
+        else:
+            params["Placement"] = {"AvailabilityZone": zone}
+        ec2 = await self._client("ec2", req.region)
+        try:
+            got = await self._call(ec2, "run_instances", **params)
+        except AnswerLost:
+            # the launch may have happened: look once; a retried provision looks again
+            found = await self._find_agent(req.region, aid)
+            if found is not None:
+                return found
+            raise
+        except Ec2Error as e:
+            if e.kind is ErrorKind.ALREADY:
+                found = await self._find_agent(req.region, aid)
+                if found is not None:
+                    return found
+                raise ProviderError(
+                    f"{e.message}; its instance is not visible yet",
+                    provider=self.name,
+                    retryable=True,
+                ) from None
+            self._learn_from(req.instance_type, req.spot, req.region, zone, e)
+            raise
+        inst = (got.get("Instances") or [{}])[0]
+        agent = self._see(req.region, {**inst, "Tags": params["TagSpecifications"][0]["Tags"]})
+        assert agent is not None  # our own tags
+        agent.loaded = True  # its inbox is ours from the start: empty
+        return agent
+
+    def _learn_from(self, itype: str, spot: bool, region: str, zone: str, e: Ec2Error) -> None:
+        market = "spot" if spot else "on-demand"
+        family = itype.split(".", 1)[0]
+        if e.kind is ErrorKind.NO_CAPACITY:
+            self._learn((itype, zone, spot), f"{itype} {market} in {zone}: {e.code}", NO_CAPACITY_S)
+        elif e.kind is ErrorKind.QUOTA:
+            self._learn((family, "*", spot), f"{family} {market} in {region}: {e.code}", QUOTA_S)
+        elif e.kind is ErrorKind.UNSUPPORTED:
+            self._learn((itype, zone, spot), f"{itype} in {zone}: {e.code}", math.inf)
+
+    async def terminate(self, pool: str, count: int, token: str) -> None:
+        ref = parse_pool_id(self.name, pool)
+        if ref is None:
+            raise ProviderError(
+                f"cannot terminate instances of {pool!r}: not a pool of this provider",
+                provider=self.name,
+                retryable=False,
+            )
+        async with self._lock:
+            await self._refresh([ref.region])
+            if any(a.stopped_by == token for a in self._agents.values()):
+                return  # done before
+            busy = self._busy()
+            idle = sorted(
+                (
+                    a
+                    for a in self._agents.values()
+                    if a.pool == pool and a.live and not busy.get(a.id)
+                ),
+                key=lambda a: (-a.launched, a.id),
+            )[:count]
+            if not idle:
+                return
+            ec2 = await self._client("ec2", ref.region)
+            ids = [a.instance_id for a in idle]
+            await self._call(
+                ec2, "create_tags", Resources=ids, Tags=[{"Key": TAG_STOPPED, "Value": token}]
+            )
+            for a in idle:
+                a.stopped_by = token
+            try:
+                await self._call(ec2, "terminate_instances", InstanceIds=ids)
+            except Ec2Error as e:
+                if e.code != "InvalidInstanceID.NotFound":
+                    raise
 
     # -- submit -------------------------------------------------------------------------------
 
     async def submit(self, requests: Sequence[ProviderRequest]) -> list[Report]:
+        reqs: list[AwsRequest] = []
         for req in requests:
             if not isinstance(req, AwsRequest):
                 raise ProviderError(
@@ -420,224 +836,183 @@ class AwsProvider(Provider):
                     provider=self.name,
                     retryable=False,
                 )
-        gate = asyncio.Semaphore(SUBMIT_CONCURRENCY)
-
-        async def one(req: AwsRequest) -> Report:
-            async with gate:
-                return await self._submit_one(req)
-
-        return list(await asyncio.gather(*(one(r) for r in requests if isinstance(r, AwsRequest))))
-
-    async def _find(
-        self, keys: Sequence[str], regions: Sequence[str] | None = None
-    ) -> dict[str, dict[str, Any]]:
-        """Instances carrying these keys (``tag:stowplan:key``), by key: one
-        ``describe_instances`` per region and 200 keys. Of several (never made by us), the
-        latest launched."""
-        found: dict[str, dict[str, Any]] = {}
-        for region in regions or self.config.regions:
-            ec2 = await self._client("ec2", region)
-            for i in range(0, len(keys), FILTER_VALUES):
-                reservations = await self._pages(
-                    ec2,
-                    "describe_instances",
-                    "Reservations",
-                    Filters=[
-                        {"Name": f"tag:{TAG_KEY}", "Values": list(keys[i : i + FILTER_VALUES])},
-                        {"Name": f"tag:{TAG_PROVIDER}", "Values": [self.name]},
-                    ],
-                )
-                for res in reservations:
-                    for inst in res.get("Instances") or []:
-                        tags = {t["Key"]: t["Value"] for t in inst.get("Tags") or []}
-                        key = tags.get(TAG_KEY)
-                        if key is None:
-                            continue
-                        inst = {**inst, "_region": region, "_tags": tags}
-                        prev = found.get(key)
-                        if prev is None or str(inst.get("LaunchTime", "")) > str(
-                            prev.get("LaunchTime", "")
-                        ):
-                            found[key] = inst
-        for key, inst in found.items():
-            placed = self._placed.get(key)
-            if placed is None:
-                run = inst["_tags"].get(TAG_RUN, "")
-                self._placed[key] = placed = Placed(region=inst["_region"], run_id=run)
-            placed.instance_id = str(inst["InstanceId"])
-        return found
-
-    def _instance_report(self, key: str, inst: Mapping[str, Any], how: str) -> Report:
-        state, failure, message = instance_state(inst, None)
-        if state in TERMINAL_PROVIDER_STATES:
-            # its end is decided by describe (the exit record may be there)
-            state, failure = ProviderState.RUNNING, None
-        zone = (inst.get("Placement") or {}).get("AvailabilityZone")
-        return Report(
-            key=key,
-            state=state,
-            failure=failure,
-            job_id=str(inst.get("InstanceId")),
-            node=zone,
-            message=f"{how}: {message}",
-        )
-
-    def _zone_for(self, req: AwsRequest) -> tuple[str, str | None] | None:
-        offer = self._offers.get(req.pool)
-        if offer is None:
-            return None
-        unavailable = self._still_unavailable()
-        zones = [z for z in offer.zones if (req.instance_type, z, req.spot) not in unavailable]
-        if not zones:
-            return None
-        pick = zones[int(hashlib.sha256(req.key.encode()).hexdigest(), 16) % len(zones)]
-        return pick, offer.subnets.get(pick)
-
-    def _learn(self, what: tuple[str, str, bool], why: str, for_s: float) -> None:
-        self._unavailable[what] = (why, time.monotonic() + for_s)
-        with contextlib.suppress(asyncio.QueueFull):
-            self._capacity.put_nowait(why)
-
-    async def _submit_one(self, req: AwsRequest) -> Report:
-        key = req.key
-        if key in self._finished:
-            return self._finished[key]
-        found = await self._find([key], [req.region])
-        if key in found:
-            return self._instance_report(key, found[key], "launched before")
-        if req.pool not in self._offers:
-            await self.discover()
-        where = self._zone_for(req)
-        if where is None:
-            return Report(
-                key=key,
-                state=ProviderState.FAILED,
-                failure=FailureClass.PROVIDER_TRANSIENT,
-                message=f"{req.pool}: no usable zone now (capacity or quota learned, or the "
-                "type is not offered where a subnet is configured)",
-            )
-        zone, subnet = where
+            reqs.append(req)
         s3 = await self._s3()
         bucket = self.config.bucket_name
-        manifest = Manifest(
-            key=key, run_id=req.run_id, region=req.region, pool=req.pool, outputs=req.outputs
-        )
-        here = attempt_prefix(self.config, req.run_id, key)
-        await self._call(
-            s3,
-            "put_object",
-            Bucket=bucket,
-            Key=f"{here}/manifest.json",
-            Body=msgspec.json.encode(manifest),
-        )
-        if req.payload is not None:
-            await self._call(
-                s3, "put_object", Bucket=bucket, Key=req.slots["payload"][1], Body=req.payload
-            )
-        urls = {}
-        for slot, (method, obj) in req.slots.items():
-            self.calls["presign"] += 1
-            urls[slot] = await s3.generate_presigned_url(
-                "get_object" if method == "GET" else "put_object",
-                Params={"Bucket": bucket, "Key": obj},
-                ExpiresIn=req.lease_s,
-            )
-        user_data = req.user_data(urls)
-        if len(user_data.encode()) > USER_DATA_MAX:
-            return Report(
-                key=key,
-                state=ProviderState.FAILED,
-                failure=FailureClass.PROVIDER_REJECTED,
-                message=f"user-data of {len(user_data.encode())} bytes is more than EC2's "
-                f"{USER_DATA_MAX}; move long arguments or environment values into files",
-            )
-        params = dict(req.params, UserData=user_data)
-        if subnet is not None:
-            params["SubnetId"] = subnet
-        else:
-            params["Placement"] = {"AvailabilityZone": zone}
-        self._placed[key] = Placed(region=req.region, run_id=req.run_id, outputs=req.outputs)
-        ec2 = await self._client("ec2", req.region)
-        try:
-            got = await self._call(ec2, "run_instances", **params)
-        except AnswerLost:
-            # the launch may have happened: look once; a retry of the submit looks again
-            found = await self._find([key], [req.region])
-            if key in found:
-                return self._instance_report(key, found[key], "launched (its answer was lost)")
-            raise
-        except Ec2Error as e:
-            return await self._launch_failed(req, zone, e)
-        inst = (got.get("Instances") or [{}])[0]
-        self._placed[key].instance_id = str(inst.get("InstanceId"))
-        return self._instance_report(key, inst, f"launched in {zone}")
-
-    async def _launch_failed(self, req: AwsRequest, zone: str, e: Ec2Error) -> Report:
-        key, market = req.key, "spot" if req.spot else "on-demand"
-        family = req.instance_type.split(".", 1)[0]
-        if e.kind is ErrorKind.ALREADY:
-            found = await self._find([req.key], [req.region])
-            if req.key in found:
-                return self._instance_report(req.key, found[req.key], "launched before")
-            raise ProviderError(
-                f"{e.message}; its instance is not visible yet",
-                provider=self.name,
-                retryable=True,
-            )
-        if e.retryable:
-            raise e
-        failure = FailureClass.PROVIDER_TRANSIENT
-        if e.kind is ErrorKind.NO_CAPACITY:
-            self._learn(
-                (req.instance_type, zone, req.spot),
-                f"{req.instance_type} {market} in {zone}: {e.code}",
-                NO_CAPACITY_S,
-            )
-        elif e.kind is ErrorKind.QUOTA:
-            self._learn(
-                (family, "*", req.spot), f"{family} {market} in {req.region}: {e.code}", QUOTA_S
-            )
-        elif e.kind is ErrorKind.UNSUPPORTED:
-            self._learn(
-                (req.instance_type, zone, req.spot),
-                f"{req.instance_type} in {zone}: {e.code}",
-                math.inf,
-            )
-        elif e.kind is ErrorKind.REJECTED:
-            failure = FailureClass.PROVIDER_REJECTED
-        else:
-            return Report(key=key, state=ProviderState.UNKNOWN, message=e.message)
-        return Report(key=key, state=ProviderState.FAILED, failure=failure, message=e.message)
+        known: list[str] = []
+        async with self._lock:
+            for req in reqs:
+                key = req.key
+                if key in self._items or key in self._finished:
+                    known.append(key)
+                    continue
+                if req.payload is not None:
+                    await self._call(
+                        s3,
+                        "put_object",
+                        Bucket=bucket,
+                        Key=req.slots["payload"][1],
+                        Body=req.payload,
+                    )
+                record = QueueRecord(request=msgspec.structs.replace(req, payload=None))
+                try:
+                    await self._call(
+                        s3,
+                        "put_object",
+                        Bucket=bucket,
+                        Key=queue_key(self.config, key),
+                        Body=msgspec.json.encode(record),
+                        IfNoneMatch="*",
+                    )
+                except Ec2Error as e:
+                    if e.code not in ("PreconditionFailed", "412"):
+                        raise
+                    known.append(key)  # queued before (a lost answer, a restart)
+                    continue
+                self._items[key] = Item(request=record.request)
+            await self._dispatch()
+        before = {r.key: r for r in await self.describe(known)} if known else {}
+        return [
+            before.get(r.key)
+            or Report(key=r.key, state=ProviderState.QUEUED, message=f"queued for {r.pool}")
+            for r in reqs
+        ]
 
     # -- describe -----------------------------------------------------------------------------
 
-    async def _exit_records(self, keys: Sequence[str]) -> dict[str, ExitRecord]:
-        """The exit records of ``keys`` (those placed with a known run): one listing per run,
-        one read per record."""
+    async def _item(self, key: str) -> Item | None:
+        """The attempt ``key`` (read back from its queue record when this driver has not
+        seen it)."""
+        item = self._items.get(key)
+        if item is None:
+            body = await self._get(await self._s3(), queue_key(self.config, key))
+            if body is None:
+                return None
+            try:
+                record = msgspec.json.decode(body, type=QueueRecord)
+            except msgspec.DecodeError:
+                return None
+            item = self._items[key] = Item(request=record.request, cancelled=record.cancelled)
+            for agent in self._agents.values():  # sent before a restart?
+                if agent.loaded and any(line.split()[1:3] == ["run", key] for line in agent.lines):
+                    item.agent = agent.id
+        return item
+
+    async def _listed(self, keys: Sequence[str], prefix_of: Any) -> set[str]:
+        """The keys of ``keys`` with an object under ``prefix_of(config, run)``: one listing
+        per run."""
         by_run: dict[str, list[str]] = {}
         for k in keys:
-            p = self._placed.get(k)
-            if p is not None and p.run_id:
-                by_run.setdefault(p.run_id, []).append(k)
-        if not by_run:
-            return {}
+            by_run.setdefault(self._items[k].request.run_id, []).append(k)
         s3 = await self._s3()
-        bucket = self.config.bucket_name
-        out: dict[str, ExitRecord] = {}
+        out: set[str] = set()
         for run, run_keys in sorted(by_run.items()):
-            prefix = exit_prefix(self.config, run)
-            listed = await self._pages_s3(s3, bucket, prefix)
-            for k in run_keys:
-                if f"{prefix}{k}.json" not in listed:
-                    continue
-                body = await self._get(s3, f"{prefix}{k}.json")
-                if body is None:
-                    continue
-                try:
-                    out[k] = _exit_decoder.decode(body)
-                except msgspec.DecodeError:
-                    continue  # a partial upload: read again at the next describe
+            prefix = prefix_of(self.config, run)
+            names = await self._pages_s3(s3, self.config.bucket_name, prefix)
+            out.update(k for k in run_keys if f"{prefix}{k}.json" in names)
         return out
+
+    async def _exit_record(self, key: str) -> ExitRecord | None:
+        body = await self._get(await self._s3(), self._items[key].request.exit_key)
+        if body is None:
+            return None
+        try:
+            return _exit_decoder.decode(body)
+        except msgspec.DecodeError:
+            return None  # a partial upload: read again at the next describe
+
+    async def describe(self, keys: Sequence[str]) -> list[Report]:
+        async with self._lock:
+            pending = [k for k in dict.fromkeys(keys) if k not in self._finished]
+            if pending:
+                await self._refresh()
+            items = {k: i for k in pending if (i := await self._item(k)) is not None}
+            known = list(items)
+            exits = await self._listed(known, exit_prefix) if known else set()
+            claims = await self._listed(known, claim_prefix) if known else set()
+            reports: dict[str, Report] = {}
+            for k in pending:
+                item = items.get(k)
+                if item is None:
+                    reports[k] = Report(
+                        key=k, state=ProviderState.UNKNOWN, message="no attempt has this key"
+                    )
+                    continue
+                record = await self._exit_record(k) if k in exits else None
+                report = await self._report(item, record, k in claims)
+                if report.state in TERMINAL_PROVIDER_STATES:
+                    self._finished[k] = report
+                reports[k] = report
+            await self._dispatch()
+        return [self._finished.get(k) or reports[k] for k in keys]
+
+    async def _report(self, item: Item, record: ExitRecord | None, claimed: bool) -> Report:
+        req = item.request
+        key = req.key
+        agent = self._agents.get(item.agent) if item.agent else None
+        if claimed and (agent is None or not agent.live):
+            # who took it (after a restart, or sent twice): its claim says
+            body = await self._get(await self._s3(), req.claim_key)
+            with contextlib.suppress(msgspec.DecodeError):
+                if body is not None:
+                    agent = self._agents.get(msgspec.json.decode(body, type=Claim).agent, agent)
+        iid = agent.instance_id if agent else None
+        zone = agent.zone if agent else None
+        if record is not None:
+            state, failure = exit_state(record)
+            how = f"exit code {record.exit_code}" + (
+                f" ({record.reason})" if record.reason != "exit" else ""
+            )
+            return Report(
+                key=key,
+                state=state,
+                failure=failure,
+                exit_code=record.exit_code,
+                message=f"instance {iid}: {how}",
+                started_at=record.started_at,
+                ended_at=record.ended_at,
+                outputs=self._outputs(req) if state is ProviderState.SUCCEEDED else {},
+                job_id=iid,
+                node=zone,
+            )
+        if item.cancelled:
+            return Report(
+                key=key, state=ProviderState.CANCELLED, message="cancelled", job_id=iid, node=zone
+            )
+        if claimed:
+            if agent is not None and agent.live:
+                return Report(
+                    key=key,
+                    state=ProviderState.RUNNING,
+                    message=f"running on {agent.instance_id}",
+                    job_id=iid,
+                    node=zone,
+                )
+            code = agent.reason if agent is not None else ""
+            state, failure = gone_reason(code)
+            return Report(
+                key=key,
+                state=state,
+                failure=failure,
+                message=f"instance {iid} is gone without an exit record: " + (code or "?"),
+                job_id=iid,
+                node=zone,
+            )
+        if agent is not None and not agent.live:
+            item.agent = None  # sent to an instance that went away before taking it: requeue
+            agent = None
+        how = f"sent to {agent.instance_id}" if agent else f"waiting for an instance of {req.pool}"
+        return Report(key=key, state=ProviderState.QUEUED, message=how)
+
+    def _outputs(self, req: AwsRequest) -> dict[str, str]:
+        bucket = self.config.bucket_name
+        return {name: f"s3://{bucket}/{obj}" for name, obj in req.outputs.items()}
+
+    async def capacity_changes(self) -> AsyncIterator[str]:
+        """A reason each time a launch learned that a zone ran out of capacity or a family
+        reached its quota, or an instance went away. One consumer."""
+        while True:
+            yield await self._capacity.get()
 
     async def _pages_s3(self, s3: Any, bucket: str, prefix: str) -> set[str]:
         names: set[str] = set()
@@ -664,116 +1039,44 @@ class AwsProvider(Provider):
             data: bytes = await body.read()
         return data
 
-    async def _outputs(self, key: str) -> dict[str, str]:
-        p = self._placed[key]
-        if p.outputs is None:
-            s3 = await self._s3()
-            body = await self._get(
-                s3, f"{attempt_prefix(self.config, p.run_id, key)}/manifest.json"
-            )
-            p.outputs = dict(msgspec.json.decode(body, type=Manifest).outputs) if body else {}
-        bucket = self.config.bucket_name
-        return {name: f"s3://{bucket}/{obj}" for name, obj in p.outputs.items()}
-
-    async def describe(self, keys: Sequence[str]) -> list[Report]:
-        pending = [k for k in keys if k not in self._finished]
-        instances: dict[str, dict[str, Any]] = {}
-        if pending:
-            known: dict[str, list[str]] = {}
-            unknown: list[str] = []
-            for k in pending:
-                p = self._placed.get(k)
-                if p is None:
-                    unknown.append(k)
-                else:
-                    known.setdefault(p.region, []).append(k)
-            for region, ks in sorted(known.items()):
-                instances.update(await self._find(ks, [region]))
-            if unknown:
-                instances.update(await self._find(unknown))
-        records = await self._exit_records(pending)
-        out: list[Report] = []
-        for k in keys:
-            cached = self._finished.get(k)
-            if cached is not None:
-                out.append(cached)
-                continue
-            report = await self._report(k, instances.get(k), records.get(k))
-            if report.state in TERMINAL_PROVIDER_STATES:
-                self._finished[k] = report
-            out.append(report)
-        return out
-
-    async def _report(
-        self, key: str, inst: Mapping[str, Any] | None, record: ExitRecord | None
-    ) -> Report:
-        placed = self._placed.get(key)
-        iid = str(inst.get("InstanceId")) if inst else (placed.instance_id if placed else None)
-        if inst is None and record is None:
-            if placed is not None and placed.instance_id is not None:
-                return Report(
-                    key=key,
-                    state=ProviderState.FAILED,
-                    failure=FailureClass.NODE_FAILURE,
-                    job_id=iid,
-                    message=f"instance {iid} is gone without an exit record",
-                )
-            return Report(key=key, state=ProviderState.UNKNOWN, message="no instance has this key")
-        state, failure, message = instance_state(inst or {"InstanceId": iid}, record)
-        if failure is FailureClass.PREEMPTED:
-            with contextlib.suppress(asyncio.QueueFull):
-                self._capacity.put_nowait(f"a spot instance was reclaimed ({iid})")
-        zone = ((inst or {}).get("Placement") or {}).get("AvailabilityZone")
-        return Report(
-            key=key,
-            state=state,
-            failure=failure,
-            job_id=iid,
-            node=zone,
-            exit_code=record.exit_code if record else None,
-            message=message,
-            started_at=record.started_at if record else None,
-            ended_at=record.ended_at if record else None,
-            outputs=await self._outputs(key) if state is ProviderState.SUCCEEDED else {},
-        )
-
-    async def capacity_changes(self) -> AsyncIterator[str]:
-        """A reason each time a launch learned that a zone ran out of capacity, a family
-        reached its quota, or a spot instance was reclaimed. One consumer."""
-        while True:
-            yield await self._capacity.get()
-
     # -- cancel / logs ------------------------------------------------------------------------
 
     async def cancel(self, keys: Sequence[str]) -> None:
-        todo = [k for k in keys if k not in self._finished]
-        unknown = [k for k in todo if (p := self._placed.get(k)) is None or p.instance_id is None]
-        if unknown:
-            await self._find(unknown)
-        by_region: dict[str, list[str]] = {}
-        for k in todo:
-            p = self._placed.get(k)
-            if p is not None and p.instance_id is not None:
-                by_region.setdefault(p.region, []).append(p.instance_id)
-        for region, ids in sorted(by_region.items()):
-            ec2 = await self._client("ec2", region)
-            for i in range(0, len(ids), 1000):
-                try:
-                    await self._call(ec2, "terminate_instances", InstanceIds=ids[i : i + 1000])
-                except Ec2Error as e:
-                    if e.code != "InvalidInstanceID.NotFound":
-                        raise
+        s3 = await self._s3()
+        async with self._lock:
+            if not self._fleet_seen:
+                await self._refresh()
+            changed: set[str] = set()
+            for k in keys:
+                if k in self._finished:
+                    continue
+                item = await self._item(k)
+                if item is None or item.cancelled:
+                    continue
+                item.cancelled = True
+                await self._call(
+                    s3,
+                    "put_object",
+                    Bucket=self.config.bucket_name,
+                    Key=queue_key(self.config, k),
+                    Body=msgspec.json.encode(QueueRecord(request=item.request, cancelled=True)),
+                )
+                agent = self._agents.get(item.agent) if item.agent else None
+                if agent is not None and agent.live:
+                    agent.seq += 1
+                    agent.lines.append(cancel_line(agent.seq, k))
+                    changed.add(agent.id)
+            await self._write_inboxes(changed)
 
     async def logs(
         self, key: str, *, stream: LogStream = "stdout", follow: bool = False
     ) -> AsyncIterator[bytes]:
-        if key not in self._placed:
-            await self._find([key])
-        placed = self._placed.get(key)
-        if placed is None:
+        async with self._lock:
+            item = await self._item(key)
+        if item is None:
             return
         s3 = await self._s3()
-        obj = f"{attempt_prefix(self.config, placed.run_id, key)}/{stream}"
+        obj = f"{attempt_prefix(self.config, item.request.run_id, key)}/{stream}"
         offset = 0
         while True:
             done = not follow or (await self.describe([key]))[0].state in TERMINAL_PROVIDER_STATES

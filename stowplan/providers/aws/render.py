@@ -1,25 +1,47 @@
-"""Pure rendering: launches in, ``AwsRequest`` (one ``RunInstances`` each) out. No I/O.
+"""Pure rendering. No I/O.
 
-Each attempt gets its own instance. Its ``RunInstances`` request carries the attempt's key as
-``ClientToken`` and in the tag ``stowplan:key`` (with ``stowplan:run``, ``stowplan:project``,
-``stowplan:provider``, ``stowplan:attempt``), shuts down into ``terminate``, asks for spot
-through ``InstanceMarketOptions`` in a spot pool, and requires IMDSv2.
+Two kinds of request, after the core's two verbs:
 
-The user-data script needs no AWS credentials: it reaches S3 only through presigned URLs,
-one per object (the payload of the attempt's files to GET; its stdout, stderr, each declared
-output and its exit record to PUT). Presigning needs the clock and the credentials, so ``plan``
-cannot do it and stays pure: the script starts with one ``STOWPLAN_URL_<slot>=...`` line per
-slot, and ``AwsRequest.user_data(urls)`` writes those lines at submit. ``render()`` (what
-``--dry-run`` prints) shows them as ``<presigned at submit: PUT s3://...>``, and the subnet
-(the zone is chosen at submit from the zones discovery found usable) likewise. Nothing else
-differs between the dry run and what is sent.
+- ``AgentRequest`` (``plan_agent``, for ``provision``): one ``RunInstances`` call that starts one
+  instance of an elastic pool, running the *agent*. Its ``ClientToken`` is the agent's id
+  (``TOKEN-INDEX``: the provision token and the instance's index), and it carries the tags
+  ``stowplan:agent``, ``stowplan:pool``, ``stowplan:token``, ``stowplan:provider`` and
+  ``stowplan:project``; it shuts down into ``terminate``, asks for spot through
+  ``InstanceMarketOptions`` in a spot pool, and requires IMDSv2.
+- ``AwsRequest`` (``plan_attempts``, for ``submit``): one attempt to queue for its pool: its
+  script, the S3 objects it reads and writes, and what it needs of an instance.
+
+The agent needs no AWS credentials. Its user-data holds one presigned URL: a GET of its
+*inbox*, an object only the control plane writes. S3 URLs cannot list, so the control plane
+does the dispatching: it sends an attempt to an instance with room by appending a line to that
+instance's inbox, with presigned URLs (made at that moment, valid for the attempt's lease) to
+claim the attempt, read the claim back, fetch its script and write a setup-failure exit record.
+The agent polls its inbox; for each new line it *claims* the attempt (a PUT of
+``claims/RUN/KEY.json`` carrying ``If-None-Match: *``, signed into the URL, so S3 refuses a
+second claim: two instances never run one attempt, whatever the control plane believed), then
+fetches the script and runs it in the background, several at once as the control plane packs
+them. An inbox line ``cancel KEY`` kills that attempt (or skips it, not started). With nothing
+running and nothing new for ``idle_shutdown`` seconds the agent shuts the instance down, which
+terminates it; it also halts when its inbox URL's lease (``AGENT_LEASE_S``) ends.
+
+The attempt script (``AwsRequest.user_data(urls)``, uploaded at dispatch with its URLs) needs
+no credentials either: it reaches S3 only through presigned URLs, one per object (the payload
+to GET; stdout, stderr, each declared output and the exit record to PUT). Presigning needs the
+clock and the credentials, so ``plan`` cannot do it and stays pure: the script starts with one
+``STOWPLAN_URL_<slot>=...`` line per slot, written at dispatch. ``render()`` (what ``--dry-run``
+prints) shows them as ``<presigned at dispatch: PUT s3://...>``.
 
 Every user string (task name, argv, environment values, output paths) is quoted with
 ``bash_quote``, which never emits a raw newline: each stays one word on its own line of the
 script. The URL lines come first and are ours alone, so filling them cannot touch user text.
+The agent reads its inbox as data, never as code: each field is checked against a pattern.
 
 S3 layout under ``bucket`` (``s3://BUCKET/PREFIX``)::
 
+    PREFIX/queue/KEY.json                    the queued attempt (``QueueRecord``), at submit
+    PREFIX/agents/AGENT/inbox                what was sent to an instance (control plane only)
+    PREFIX/claims/RUN/KEY.json               the claim of the instance that took the attempt
+    PREFIX/attempts/RUN/KEY/run.sh           the attempt script with its URLs, at dispatch
     PREFIX/attempts/RUN/KEY/payload.tar.gz   the attempt's files (when it has any)
     PREFIX/attempts/RUN/KEY/stdout, stderr   uploaded every LOG_EVERY_S seconds and at the end
     PREFIX/attempts/RUN/KEY/outputs/PATH     each declared output (a directory: PATH.tar.gz)
@@ -38,7 +60,7 @@ import tarfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from msgspec import field
+from msgspec import Struct, field
 
 from stowplan.errors import ProviderError
 from stowplan.placement.problem import Pool
@@ -49,15 +71,16 @@ from stowplan.spec.models import AwsProviderConfig
 
 USER_DATA_MAX = 16384
 """Bytes of user-data EC2 accepts (before base64)."""
-URL_ESTIMATE = 1700
-"""What plan assumes a presigned URL takes (with an STS session token) when it checks the
-user-data size; submit checks the real size."""
 LOG_EVERY_S = 15
 """Seconds between the instance's uploads of stdout and stderr (what ``logs -f`` sees)."""
 LEASE_MAX_S = 7 * 86400
 """The longest a presigned URL is valid (SigV4)."""
 LEASE_MARGIN_S = 3600
-"""Lease beyond the attempt's timeout: boot, fetching the payload, uploading outputs."""
+"""Lease beyond the attempt's timeout: fetching the payload, uploading outputs."""
+AGENT_LEASE_S = LEASE_MAX_S
+"""How long an agent's inbox URL is valid; the agent halts when it ends."""
+AGENT_POLL_S = 5
+"""Seconds between the agent's reads of its inbox."""
 URL_END = "# stowplan: end of URLs"
 TAG_KEY, TAG_RUN, TAG_PROJECT, TAG_PROVIDER, TAG_ATTEMPT = (
     "stowplan:key",
@@ -66,12 +89,52 @@ TAG_KEY, TAG_RUN, TAG_PROJECT, TAG_PROVIDER, TAG_ATTEMPT = (
     "stowplan:provider",
     "stowplan:attempt",
 )
+TAG_AGENT, TAG_POOL, TAG_TOKEN, TAG_STOPPED = (
+    "stowplan:agent",
+    "stowplan:pool",
+    "stowplan:token",
+    "stowplan:stopped-by",
+)
 _SAFE_ID = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,199}\Z")
+AGENT_ID = re.compile(r"\A[0-9a-z][-0-9a-z]{0,62}\Z")
+
+
+def _base(config: AwsProviderConfig) -> str:
+    return config.bucket_prefix + "/" if config.bucket_prefix else ""
+
+
+def attempt_prefix(config: AwsProviderConfig, run_id: str, key: str) -> str:
+    """The S3 key prefix of one attempt's objects (no trailing slash)."""
+    return f"{_base(config)}attempts/{run_id}/{key}"
+
+
+def exit_prefix(config: AwsProviderConfig, run_id: str) -> str:
+    """The S3 key prefix of a run's exit records (with a trailing slash)."""
+    return f"{_base(config)}exit/{run_id}/"
+
+
+def claim_prefix(config: AwsProviderConfig, run_id: str) -> str:
+    """The S3 key prefix of a run's claims (with a trailing slash)."""
+    return f"{_base(config)}claims/{run_id}/"
+
+
+def queue_key(config: AwsProviderConfig, key: str) -> str:
+    return f"{_base(config)}queue/{key}.json"
+
+
+def inbox_key(config: AwsProviderConfig, agent: str) -> str:
+    return f"{_base(config)}agents/{agent}/inbox"
+
+
+def agent_id(token: str, index: int) -> str:
+    """The id of the ``index``-th instance a provision with ``token`` starts: its ClientToken
+    and its ``stowplan:agent`` tag."""
+    return f"{token}-{index}"
 
 
 class AwsRequest(SingleRequest, frozen=True, kw_only=True):
-    """One ``RunInstances`` call for one attempt. ``params`` is the call as sent, but for
-    ``UserData`` (``user_data(urls)``) and the subnet (chosen at submit)."""
+    """One attempt to queue for its pool. ``user_data(urls)`` is the attempt script as an
+    instance runs it (uploaded at dispatch, with the URLs presigned then)."""
 
     pool: str
     region: str
@@ -79,9 +142,11 @@ class AwsRequest(SingleRequest, frozen=True, kw_only=True):
     spot: bool
     run_id: str
     attempt: int
-    params: dict[str, Any]
+    cpus: float
+    memory: int
+    gpus: int
     script: str
-    """the user-data after the URL lines."""
+    """the attempt script after the URL lines."""
     slots: dict[str, tuple[str, str]]
     """URL slot -> (HTTP method, S3 object key)."""
     exit_key: str
@@ -91,11 +156,14 @@ class AwsRequest(SingleRequest, frozen=True, kw_only=True):
     payload: bytes | None = None
     """the attempt's files as a gzipped tar (deterministic), uploaded at submit."""
     lease_s: int = LEASE_MAX_S
-    """how long the presigned URLs stay valid."""
+    """how long the attempt's presigned URLs stay valid."""
     bucket: str = ""
+    script_key: str = ""
+    """the S3 object key the script is uploaded to at dispatch."""
+    claim_key: str = ""
 
     def user_data(self, urls: Mapping[str, str]) -> str:
-        """The script as sent: one line per URL slot, then ``script``."""
+        """The attempt script as run: one line per URL slot, then ``script``."""
         missing = sorted(set(self.slots) - set(urls))
         if missing:
             raise ValueError(f"no URL for slot(s) {', '.join(missing)}")
@@ -105,21 +173,16 @@ class AwsRequest(SingleRequest, frozen=True, kw_only=True):
 
     def placeholder_urls(self) -> dict[str, str]:
         return {
-            slot: f"<presigned at submit: {method} s3://{self.bucket}/{key}>"
+            slot: f"<presigned at dispatch: {method} s3://{self.bucket}/{key}>"
             for slot, (method, key) in self.slots.items()
         }
 
     def render(self) -> str:
-        shown = {
-            **self.params,
-            "SubnetId": "<chosen at submit: a configured subnet in a usable zone>",
-            "UserData": "<the script below>",
-        }
         text = (
-            f"# RunInstances in {self.region} ({self.pool})\n"
-            + json.dumps(shown, indent=2, sort_keys=True)
-            + "\n# user-data\n"
-            + self.user_data(self.placeholder_urls())
+            f"# queue for {self.pool} ({self.region}): needs cpus={self.cpus:g} "
+            f"memory={self.memory} gpus={self.gpus}; an instance of the pool claims it at "
+            f"s3://{self.bucket}/{self.claim_key} and runs s3://{self.bucket}/{self.script_key}"
+            "\n# attempt script\n" + self.user_data(self.placeholder_urls())
         )
         if self.payload is not None:
             digest = hashlib.sha256(self.payload).hexdigest()
@@ -128,6 +191,42 @@ class AwsRequest(SingleRequest, frozen=True, kw_only=True):
                 f"s3://{self.bucket}/{self.slots['payload'][1]} at submit\n"
             )
         return text
+
+
+class AgentRequest(Struct, frozen=True, kw_only=True):
+    """One ``RunInstances`` call starting one agent instance. ``params`` is the call as sent,
+    but for ``UserData`` (``user_data(inbox_url)``) and the subnet (chosen at launch)."""
+
+    agent: str
+    pool: str
+    region: str
+    instance_type: str
+    spot: bool
+    params: dict[str, Any]
+    script: str
+    inbox_key: str
+    bucket: str = ""
+
+    def user_data(self, inbox_url: str) -> str:
+        head = [
+            "#!/bin/bash",
+            f"# stowplan agent {self.agent} of {self.pool}",
+            f"STOWPLAN_URL_inbox={bash_quote(inbox_url)}",
+        ]
+        return "\n".join([*head, URL_END, self.script])
+
+    def render(self) -> str:
+        shown = {
+            **self.params,
+            "SubnetId": "<chosen at launch: a configured subnet in a usable zone>",
+            "UserData": "<the script below>",
+        }
+        return (
+            f"# RunInstances in {self.region} ({self.pool})\n"
+            + json.dumps(shown, indent=2, sort_keys=True)
+            + "\n# user-data\n"
+            + self.user_data(f"<presigned at launch: GET s3://{self.bucket}/{self.inbox_key}>")
+        )
 
 
 def _reject(provider: str, launch: LaunchSpec, why: str) -> ProviderError:
@@ -164,11 +263,18 @@ def _target(provider: str, launch: LaunchSpec, pools: Mapping[str, Pool]) -> Poo
             f"(expected {provider}/REGION/TYPE or {provider}/REGION/TYPE/spot)",
         )
     pool = pools.get(launch.pool)
-    if pool is not None:
-        gpus = sum((pool.node.gpus if pool.node else {}).values())
+    if pool is not None and pool.node is not None:
+        gpus = sum(pool.node.gpus.values())
         if launch.gpus > gpus:
             raise _reject(
                 provider, launch, f"{ref.instance_type} has {gpus} GPU(s), {launch.gpus} asked"
+            )
+        if launch.cpus > pool.node.cpus or launch.memory > pool.node.memory:
+            raise _reject(
+                provider,
+                launch,
+                f"{ref.instance_type} has {pool.node.cpus:g} vCPUs and "
+                f"{pool.node.memory >> 20} MiB; {launch.cpus:g} and {launch.memory >> 20} asked",
             )
         if pool.hardware_class and pool.hardware_class != HARDWARE_PREFIX + ref.instance_type:
             raise _reject(provider, launch, f"pool {launch.pool!r} is not {ref.instance_type}")
@@ -198,11 +304,10 @@ def _check(provider: str, launch: LaunchSpec) -> list[str]:
     return argv
 
 
-def plan_instances(
+def plan_attempts(
     launches: Sequence[LaunchSpec],
     *,
     provider: str,
-    project: str,
     config: AwsProviderConfig,
     pools: Sequence[Pool] = (),
     prefix: str = "sp",
@@ -215,28 +320,14 @@ def plan_instances(
         ref = _target(provider, launch, by_id)
         if ref.region not in config.regions:
             raise _reject(provider, launch, f"region {ref.region} is not configured")
-        out.append(_render(launch, argv, ref, provider, project, config, prefix))
+        out.append(_render(launch, argv, ref, config, prefix))
     return out
-
-
-def attempt_prefix(config: AwsProviderConfig, run_id: str, key: str) -> str:
-    """The S3 key prefix of one attempt's objects (no trailing slash)."""
-    base = config.bucket_prefix + "/" if config.bucket_prefix else ""
-    return f"{base}attempts/{run_id}/{key}"
-
-
-def exit_prefix(config: AwsProviderConfig, run_id: str) -> str:
-    """The S3 key prefix of a run's exit records (with a trailing slash)."""
-    base = config.bucket_prefix + "/" if config.bucket_prefix else ""
-    return f"{base}exit/{run_id}/"
 
 
 def _render(
     launch: LaunchSpec,
     argv: list[str],
     ref: PoolRef,
-    provider: str,
-    project: str,
     config: AwsProviderConfig,
     prefix: str,
 ) -> AwsRequest:
@@ -257,14 +348,57 @@ def _render(
         outputs[out] = key
     timeout = None if launch.timeout_s is None else max(1, math.ceil(launch.timeout_s))
     lease = LEASE_MAX_S if timeout is None else min(LEASE_MAX_S, timeout + LEASE_MARGIN_S)
-    script = _script(launch, argv, timeout, lease, int(config.idle_shutdown))
+    return AwsRequest(
+        keys=(launch.key,),
+        name=name,
+        pool=launch.pool,
+        region=ref.region,
+        instance_type=ref.instance_type,
+        spot=ref.spot,
+        run_id=launch.run_id,
+        attempt=launch.attempt,
+        cpus=launch.cpus,
+        memory=launch.memory,
+        gpus=launch.gpus,
+        script=_script(launch, argv, timeout),
+        slots=slots,
+        exit_key=slots["exit"][1],
+        outputs=outputs,
+        payload=payload,
+        lease_s=lease,
+        bucket=config.bucket_name,
+        script_key=f"{here}/run.sh",
+        claim_key=f"{claim_prefix(config, launch.run_id)}{launch.key}.json",
+    )
+
+
+def plan_agent(
+    *,
+    provider: str,
+    project: str,
+    config: AwsProviderConfig,
+    pool: str,
+    agent: str,
+) -> AgentRequest:
+    """The ``RunInstances`` call of one agent instance of ``pool``. Pure."""
+    ref = parse_pool_id(provider, pool)
+    if ref is None or ref.region not in config.regions:
+        raise ProviderError(
+            f"pool {pool!r} is not an instance type of this provider",
+            provider=provider,
+            retryable=False,
+        )
+    if not AGENT_ID.match(agent):
+        raise ProviderError(
+            f"agent id {agent!r} is not a DNS label", provider=provider, retryable=False
+        )
     tags = {
-        "Name": name,
-        TAG_KEY: launch.key,
-        TAG_RUN: launch.run_id,
+        "Name": f"stowplan-{agent}",
+        TAG_AGENT: agent,
+        TAG_POOL: pool,
+        TAG_TOKEN: agent.rsplit("-", 1)[0],
         TAG_PROJECT: project,
         TAG_PROVIDER: provider,
-        TAG_ATTEMPT: str(launch.attempt),
     }
     tag_list = [{"Key": k, "Value": v} for k, v in sorted(tags.items())]
     params: dict[str, Any] = {
@@ -272,7 +406,7 @@ def _render(
         "InstanceType": ref.instance_type,
         "MinCount": 1,
         "MaxCount": 1,
-        "ClientToken": client_token(launch.key),
+        "ClientToken": client_token(agent),
         "InstanceInitiatedShutdownBehavior": "terminate",
         "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},
         "TagSpecifications": [
@@ -293,40 +427,116 @@ def _render(
     if config.instance_profile is not None:
         ip = config.instance_profile
         params["IamInstanceProfile"] = {"Arn": ip} if ip.startswith("arn:") else {"Name": ip}
-    request = AwsRequest(
-        keys=(launch.key,),
-        name=name,
-        pool=launch.pool,
+    script = "\n".join(
+        [
+            f"agent={agent} idle={int(config.idle_shutdown)} lease={AGENT_LEASE_S} "
+            f"poll={AGENT_POLL_S}",
+            _AGENT,
+        ]
+    )
+    return AgentRequest(
+        agent=agent,
+        pool=pool,
         region=ref.region,
         instance_type=ref.instance_type,
         spot=ref.spot,
-        run_id=launch.run_id,
-        attempt=launch.attempt,
         params=params,
-        script=script,
-        slots=slots,
-        exit_key=slots["exit"][1],
-        outputs=outputs,
-        payload=payload,
-        lease_s=lease,
+        script=script + "\n",
+        inbox_key=inbox_key(config, agent),
         bucket=config.bucket_name,
     )
-    estimate = len(request.user_data({s: "u" * URL_ESTIMATE for s in slots}).encode())
-    if estimate > USER_DATA_MAX:
-        raise _reject(
-            provider,
-            launch,
-            f"its user-data would take about {estimate} bytes, more than EC2's "
-            f"{USER_DATA_MAX}; move long arguments or environment values into files, or "
-            "declare fewer outputs (a directory output counts once)",
-        )
-    return request
 
 
-# The parts of the user-data script that carry no user text. Variables the script reads from
-# its environment: STOWPLAN_ROOT (where attempts run; /var/lib/stowplan) and STOWPLAN_HALT (a
-# program run instead of `shutdown -h now`), which the test suite sets to run the script as a
-# local process; cloud-init sets neither.
+def inbox_line(seq: int, key: str, urls: Mapping[str, str]) -> str:
+    """The inbox line that sends attempt ``key`` to an agent: ``SEQ run KEY NAME=URL...``
+    (slots ``claim`` PUT with If-None-Match, ``claimed`` GET, ``script`` GET, ``exit`` PUT)."""
+    for name, url in urls.items():
+        if not re.fullmatch(r"[a-z_]+", name) or any(c.isspace() for c in url):
+            raise ValueError(f"inbox URL {name!r} cannot go on one line")
+    return " ".join([str(seq), "run", key, *(f"{n}={urls[n]}" for n in sorted(urls))])
+
+
+def cancel_line(seq: int, key: str) -> str:
+    return f"{seq} cancel {key}"
+
+
+# The agent: the user-data of every instance. Variables it reads from its environment, which
+# the test suite sets to run it as a local process and cloud-init sets none of:
+# STOWPLAN_ROOT (where attempts run; /var/lib/stowplan), STOWPLAN_HALT (a program run instead
+# of `shutdown -h now`) and STOWPLAN_POLL (seconds between reads of the inbox).
+_AGENT = r"""set -u
+umask 022
+root=${STOWPLAN_ROOT:-/var/lib/stowplan}
+poll=${STOWPLAN_POLL:-$poll}
+home=$root/agent/$agent
+mkdir -p -- "$home" || exit 70
+curl_() { curl -fsS --retry 5 --retry-connrefused --retry-delay 2 "$@"; }
+halt() { if [ -n "${STOWPLAN_HALT:-}" ]; then "$STOWPLAN_HALT"; else shutdown -h now; fi; }
+booted=$(date +%s) quiet=$booted last=0
+declare -A pids=() cancelled=() took=()
+field() { # NAME FIELDS...: the URL of slot NAME among NAME=URL fields
+  local want=$1 kv; shift
+  for kv in "$@"; do [ "${kv%%=*}" = "$want" ] && { printf %s "${kv#*=}"; return 0; }; done
+  return 1
+}
+take() { # KEY FIELDS...: claim the attempt, fetch its script, start it
+  local key=$1 claim claimed script exitu run; shift
+  [ -z "${took[$key]:-}" ] || return 0  # sent twice (a restarted control plane): run once
+  took[$key]=1
+  claim=$(field claim "$@") && claimed=$(field claimed "$@") && script=$(field script "$@") \
+    && exitu=$(field exit "$@") || return 0
+  printf '{"key":"%s","agent":"%s","at":%d}\n' "$key" "$agent" "$(date +%s)" > "$home/claim"
+  if ! curl -fsS -o /dev/null -X PUT -H 'If-None-Match: *' --upload-file "$home/claim" \
+      "$claim"; then
+    # refused (another instance has it) or its answer lost: the claim says whose it is
+    curl_ -o "$home/claimed" "$claimed" && grep -q "\"agent\":\"$agent\"" "$home/claimed" \
+      || return 0
+  fi
+  run=$home/$key.sh
+  if ! curl_ -o "$run" "$script"; then
+    printf '{"key":"%s","exit_code":70,"reason":"setup","started_at":%d,"ended_at":%d}\n' \
+      "$key" "$(date +%s)" "$(date +%s)" > "$home/$key.exit"
+    curl_ -o /dev/null -X PUT --upload-file "$home/$key.exit" "$exitu"
+    return 0
+  fi
+  ( exec setsid bash "$run" ) </dev/null >> "$home/$key.log" 2>&1 &
+  pids[$key]=$!
+}
+while :; do
+  now=$(date +%s)
+  for key in "${!pids[@]}"; do
+    kill -0 "${pids[$key]}" 2>/dev/null || { wait "${pids[$key]}" 2>/dev/null; unset "pids[$key]"; }
+  done
+  new=0
+  if curl_ -o "$home/inbox" "$STOWPLAN_URL_inbox" 2>/dev/null; then
+    while read -r -a f; do
+      [ "${#f[@]}" -ge 3 ] && [ "${f[1]}" = cancel ] || continue
+      case ${f[2]} in ''|*[!0-9a-z-]*) continue ;; esac
+      cancelled[${f[2]}]=1
+      # the attempt is a session of its own (timeout makes a process group in it)
+      if [ -n "${pids[${f[2]}]:-}" ]; then pkill -TERM -s "${pids[${f[2]}]}"; fi
+    done < "$home/inbox"
+    while read -r -a f; do
+      [ "${#f[@]}" -ge 3 ] || continue
+      case ${f[0]} in ''|*[!0-9]*) continue ;; esac
+      case ${f[2]} in ''|*[!0-9a-z-]*) continue ;; esac
+      [ "${f[0]}" -gt "$last" ] || continue
+      last=${f[0]} new=1
+      [ "${f[1]}" = run ] && [ -z "${cancelled[${f[2]}]:-}" ] || continue
+      take "${f[2]}" "${f[@]:3}"
+    done < "$home/inbox"
+  fi
+  if [ "$new" = 1 ] || [ "${#pids[@]}" -gt 0 ]; then
+    quiet=$now
+  elif [ $((now - quiet)) -ge "$idle" ]; then
+    halt
+    exit 0
+  fi
+  if [ $((now - booted)) -ge "$lease" ]; then halt; exit 0; fi
+  sleep "$poll"
+done"""
+
+# The parts of the attempt script that carry no user text.
 _PRELUDE = r"""set -u
 umask 022
 root=${STOWPLAN_ROOT:-/var/lib/stowplan}
@@ -335,22 +545,14 @@ meta=$root/attempts/$key
 started=$(date +%s)
 curl_() { curl -fsS --retry 5 --retry-connrefused --retry-delay 2 "$@"; }
 put() { curl_ -o /dev/null -X PUT --upload-file "$1" "$2"; }
-halt() { if [ -n "${STOWPLAN_HALT:-}" ]; then "$STOWPLAN_HALT"; else shutdown -h now; fi; }
 finish() {
-  kill "$watchdog" 2>/dev/null
   printf '{"key":"%s","exit_code":%d,"reason":"%s","started_at":%d,"ended_at":%d}\n' \
     "$key" "$1" "$2" "$started" "$(date +%s)" > "$meta/exit.json"
   put "$meta/stdout" "$STOWPLAN_URL_stdout"
   put "$meta/stderr" "$STOWPLAN_URL_stderr"
   put "$meta/exit.json" "$STOWPLAN_URL_exit"
-  sleep "$idle"
-  halt
   exit "$1"
 }
-# background loops sleep in a child they kill when told to stop, so nothing outlives them
-( trap 'kill "$s" 2>/dev/null; exit 0' TERM; sleep "$lease" & s=$!; wait "$s"; halt ) \
-  >/dev/null 2>&1 &
-watchdog=$!
 mkdir -p -- "$dir" "$meta" && : > "$meta/stdout" && : > "$meta/stderr" || finish 70 setup
 out_file() {
   if [ ! -e "$1" ]; then
@@ -393,11 +595,11 @@ wait "$pusher" 2>/dev/null
 reason=exit"""
 
 
-def _script(launch: LaunchSpec, argv: list[str], timeout: int | None, lease: int, idle: int) -> str:
+def _script(launch: LaunchSpec, argv: list[str], timeout: int | None) -> str:
     lines = [
         f"# task {bash_quote(launch.name)}, attempt {launch.attempt}",
         f"key={launch.key} run={launch.run_id} attempt={launch.attempt}",
-        f"idle={idle} lease={lease} log_every={LOG_EVERY_S}",
+        f"log_every={LOG_EVERY_S}",
         _PRELUDE,
     ]
     if launch.files:

@@ -1,10 +1,11 @@
 """EC2 instance states, state reasons, exit records and API error codes -> our states. Pure.
 
-Theory of operation: an attempt runs on its own instance. The instance's exit record (a small
-JSON object the user-data script uploads to S3 before it shuts down) is the truth about how the
-attempt ended, whatever the instance's state; without one, the instance's state and its state
-reason say what happened to it. Every lookup goes through a total function: anything not in a
-table is ``UNKNOWN`` (states) or ``ErrorKind.UNKNOWN`` (error codes).
+Theory of operation: an attempt runs on an instance that claimed it (several may share one).
+Its exit record (a small JSON object the attempt script uploads to S3 when it ends) is the
+truth about how the attempt ended, whatever the instance's state; without one, the state and
+state reason of the instance that claimed it say what happened to it. Every lookup goes
+through a total function: anything not in a table is ``UNKNOWN`` (states) or
+``ErrorKind.UNKNOWN`` (error codes).
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ STATE_REASONS: dict[str, tuple[ProviderState, FailureClass | None]] = {
     "Client.InstanceInitiatedShutdown": (ProviderState.FAILED, FailureClass.NODE_FAILURE),
     "Client.VolumeLimitExceeded": (ProviderState.FAILED, FailureClass.PROVIDER_REJECTED),
     "Client.InvalidSnapshot.NotFound": (ProviderState.FAILED, FailureClass.PROVIDER_REJECTED),
-    "Client.UserInitiatedShutdown": (ProviderState.CANCELLED, None),
+    # stowplan cancels an attempt through the agent, never by stopping its instance: one
+    # stopped under a claimed attempt by anyone (a person, a stray sweep) lost the attempt
+    "Client.UserInitiatedShutdown": (ProviderState.FAILED, FailureClass.NODE_FAILURE),
 }
 """Why an instance went away when no exit record says how its attempt ended."""
 

@@ -15,7 +15,7 @@ import pytest
 from stowplan.errors import ProviderError
 from stowplan.placement.problem import Pool, Shape
 from stowplan.providers.aws import AwsProvider, AwsRequest
-from stowplan.providers.aws.render import URL_END, USER_DATA_MAX, payload_of
+from stowplan.providers.aws.render import URL_END, USER_DATA_MAX, inbox_line, payload_of, plan_agent
 from stowplan.providers.aws.states import ExitRecord
 from stowplan.providers.base import Facts, LaunchSpec
 from stowplan.spec.models import AwsProviderConfig
@@ -82,35 +82,55 @@ def check_golden(name: str, text: str) -> None:
     assert text == path.read_text()
 
 
-def test_spot_request_golden_and_pure(tmp_path: Path) -> None:
+def test_attempt_request_golden_and_pure(tmp_path: Path) -> None:
     d = driver(tmp_path)
     (req,) = d.plan([launch()], FACTS)
     assert isinstance(req, AwsRequest)
-    check_golden("spot_gpu.txt", req.render())
+    check_golden("attempt_spot_gpu.txt", req.render())
     again = driver(tmp_path).plan([launch()], FACTS)[0]
     assert again == req  # pure: the same launches and facts give the same request
-    p = req.params
-    assert p["ClientToken"] == KEY and p["InstanceInitiatedShutdownBehavior"] == "terminate"
-    assert p["InstanceMarketOptions"]["MarketType"] == "spot"
-    tags = {t["Key"]: t["Value"] for t in p["TagSpecifications"][0]["Tags"]}
-    assert tags["stowplan:key"] == KEY and tags["stowplan:run"] == "r-2026-abc"
-    assert tags["stowplan:project"] == "lab" and tags["stowplan:provider"] == "cloud"
-    assert p["ImageId"] == "resolve:ssm:/aws/service/deeplearning/ami/latest"
-    assert "UserData" not in p and "SubnetId" not in p  # both filled at submit
+    assert (req.pool, req.gpus, req.cpus) == (POOL, 1, 1.0)
     assert req.slots["payload"] == ("GET", f"sp/attempts/r-2026-abc/{KEY}/payload.tar.gz")
     assert req.outputs == {
         "metrics.json": f"sp/attempts/r-2026-abc/{KEY}/outputs/metrics.json",
         "ckpt/": f"sp/attempts/r-2026-abc/{KEY}/outputs/ckpt.tar.gz",
     }
+    assert req.claim_key == f"sp/claims/r-2026-abc/{KEY}.json"
+    assert req.script_key == f"sp/attempts/r-2026-abc/{KEY}/run.sh"
 
 
-def test_on_demand_cpu_request_golden(tmp_path: Path) -> None:
-    d = driver(tmp_path, spot="never", security_groups=[], instance_profile=None)
-    pool = "cloud/us-east-1/g5.xlarge"
-    (req,) = d.plan([launch(pool=pool, files={}, outputs=[], timeout_s=None, gpus=0)], Facts())
-    assert isinstance(req, AwsRequest)
-    assert "InstanceMarketOptions" not in req.params and req.payload is None
-    check_golden("on_demand.txt", req.render())
+def test_agent_request_golden(tmp_path: Path) -> None:
+    req = plan_agent(
+        provider="cloud", project="lab", config=config(), pool=POOL, agent="p-0123abcd-1"
+    )
+    check_golden("agent_spot.txt", req.render())
+    p = req.params
+    assert (
+        p["ClientToken"] == "p-0123abcd-1" and p["InstanceInitiatedShutdownBehavior"] == "terminate"
+    )
+    assert p["InstanceMarketOptions"]["MarketType"] == "spot"
+    tags = {t["Key"]: t["Value"] for t in p["TagSpecifications"][0]["Tags"]}
+    assert tags["stowplan:agent"] == "p-0123abcd-1" and tags["stowplan:token"] == "p-0123abcd"
+    assert tags["stowplan:pool"] == POOL and tags["stowplan:provider"] == "cloud"
+    assert tags["stowplan:project"] == "lab"
+    assert p["ImageId"] == "resolve:ssm:/aws/service/deeplearning/ami/latest"
+    assert "UserData" not in p and "SubnetId" not in p  # both filled at launch
+    assert len(req.user_data("u" * 2000).encode()) <= USER_DATA_MAX
+    od = plan_agent(
+        provider="cloud",
+        project="lab",
+        config=config(spot="never", security_groups=[], instance_profile=None),
+        pool="cloud/us-east-1/g5.xlarge",
+        agent="p-0123abcd-0",
+    )
+    assert "InstanceMarketOptions" not in od.params
+    check_golden("agent_on_demand.txt", od.render())
+
+
+def test_long_arguments_need_no_room_in_user_data(tmp_path: Path) -> None:
+    # the attempt script is an S3 object: EC2's 16 KiB user-data limit does not apply
+    (req,) = driver(tmp_path).plan([launch(env={"A": "x" * 20000})], FACTS)
+    assert isinstance(req, AwsRequest) and "x" * 20000 in req.script
 
 
 @pytest.mark.parametrize(
@@ -123,7 +143,7 @@ def test_on_demand_cpu_request_golden(tmp_path: Path) -> None:
         ({"image": "python:3.12"}, "AMI"),
         ({"run_id": "../x"}, "run id"),
         ({"files": {"../x": b""}}, "relative path"),
-        ({"env": {"A": "x" * 20000}}, "user-data"),
+        ({"cpus": 8.0}, "vCPUs"),
     ],
 )
 def test_plan_refuses_what_it_cannot_launch(
@@ -230,7 +250,6 @@ def test_hostile_names_args_and_env_run_nothing_they_should_not(tmp_path: Path) 
     record = exit_record(store, req)
     assert (record.key, record.exit_code, record.reason) == (KEY, 0, "exit")
     assert (store / req.outputs[evil_out]).read_text() == (attempt / "args.txt").read_text()
-    assert (tmp_path / "halted").read_text() == "halted\n"
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="the user-data script needs curl")
@@ -284,4 +303,61 @@ def test_a_payload_that_cannot_be_fetched_is_a_setup_failure(tmp_path: Path) -> 
     _done, store = run_script(tmp_path, req, payload=None)  # nothing at the payload URL
     record = exit_record(store, req)
     assert (record.exit_code, record.reason) == (70, "setup")
-    assert (tmp_path / "halted").exists()
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="the agent needs curl")
+def test_the_agent_reads_its_inbox_as_data(tmp_path: Path) -> None:
+    """Hostile inbox lines run nothing; a well-formed one runs its attempt once, and the agent
+    halts when idle."""
+    store = tmp_path / "s3"
+    store.mkdir()
+    (store / "run.sh").write_text("#!/bin/bash\necho ran >> " + str(tmp_path / "ran") + "\n")
+    urls = {
+        "claim": (store / "claim").as_uri(),
+        "claimed": (store / "claim").as_uri(),
+        "script": (store / "run.sh").as_uri(),
+        "exit": (store / "exit").as_uri(),
+    }
+    good = inbox_line(4, KEY, urls)
+    (store / "inbox").write_text(
+        "\n".join(
+            [
+                "1 run $(touch PWNED1) " + good.split(" ", 3)[3],
+                "2 run `touch PWNED2` " + good.split(" ", 3)[3],
+                "x; touch PWNED3 run " + KEY,
+                "3 cancel $(touch PWNED4)",
+                good.replace(str(store / "run.sh"), str(store / "run.sh") + ";touch PWNED5"),
+                "5 bogus " + KEY,
+                inbox_line(6, "f" * 32, {**urls, "claim": (store / "c2").as_uri()}),
+            ]
+        )
+        + "\n"
+    )
+    req = plan_agent(
+        provider="cloud", project="lab", config=config(idle_shutdown=1), pool=POOL, agent="p-ab-0"
+    )
+    script = tmp_path / "agent.sh"
+    script.write_text(req.user_data((store / "inbox").as_uri()))
+    halt = tmp_path / "halt"
+    halt.write_text(f"#!/bin/sh\necho halted >> {tmp_path / 'halted'}\n")
+    halt.chmod(0o755)
+    env = {
+        "PATH": os.environ["PATH"],
+        "STOWPLAN_ROOT": str(tmp_path / "root"),
+        "STOWPLAN_HALT": str(halt),
+        "STOWPLAN_POLL": "0.1",
+    }
+    work = tmp_path / "cwd"
+    work.mkdir()
+    done = subprocess.run(
+        ["bash", str(script)], cwd=work, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert not [p for p in tmp_path.rglob("PWNED*")], "a hostile inbox line ran"
+    assert (tmp_path / "halted").read_text() == "halted\n"
+    # the well-formed line ran its script, once
+    assert (tmp_path / "ran").read_text() == "ran\n"
+    assert b'"agent":"p-ab-0"' in (store / "c2").read_bytes()
+    # the malformed script URL of line 4 failed to fetch: a setup exit record
+    record = msgspec.json.decode((store / "exit").read_bytes(), type=ExitRecord)
+    assert (record.key, record.exit_code, record.reason) == (KEY, 70, "setup")

@@ -31,7 +31,7 @@ def inst(state: str, reason: str = "") -> dict[str, object]:
         ("shutting-down", "Server.SpotInstanceTermination", (S.FAILED, F.PREEMPTED)),
         ("terminated", "Server.InternalError", (S.FAILED, F.NODE_FAILURE)),
         ("terminated", "Client.InstanceInitiatedShutdown", (S.FAILED, F.NODE_FAILURE)),
-        ("terminated", "Client.UserInitiatedShutdown", (S.CANCELLED, None)),
+        ("terminated", "Client.UserInitiatedShutdown", (S.FAILED, F.NODE_FAILURE)),
         ("terminated", "Something.New", (S.FAILED, F.NODE_FAILURE)),
         ("terminated", "", (S.FAILED, F.NODE_FAILURE)),
         ("rebooting-into-the-future", "", (S.UNKNOWN, None)),
