@@ -20,6 +20,13 @@ from stowplan.providers.aws.states import ExitRecord
 from stowplan.providers.base import Facts, LaunchSpec
 from stowplan.spec.models import AwsProviderConfig
 
+CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+NEEDS_CURL = pytest.mark.skipif(
+    shutil.which("curl") is None and not CI,
+    reason="the user-data script and the agent need curl (in CI its absence fails the test)",
+)
+"""Outside CI a machine without curl skips these; in CI they run and fail without it."""
+
 GOLDEN = Path(__file__).resolve().parents[2] / "fixtures" / "aws" / "golden"
 KEY = "0123456789abcdef0123456789abcdef"
 POOL = "cloud/us-east-1/g5.xlarge/spot"
@@ -216,7 +223,7 @@ def exit_record(store: Path, req: AwsRequest) -> ExitRecord:
     return msgspec.json.decode((store / req.exit_key).read_bytes(), type=ExitRecord)
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="the user-data script needs curl")
+@NEEDS_CURL
 def test_hostile_names_args_and_env_run_nothing_they_should_not(tmp_path: Path) -> None:
     program = (
         'printf "%s\\n" "$@" > args.txt; printf %s "$EVIL" > env.txt; '
@@ -252,7 +259,7 @@ def test_hostile_names_args_and_env_run_nothing_they_should_not(tmp_path: Path) 
     assert (store / req.outputs[evil_out]).read_text() == (attempt / "args.txt").read_text()
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="the user-data script needs curl")
+@NEEDS_CURL
 def test_payload_outputs_logs_and_a_failing_command(tmp_path: Path) -> None:
     script = (
         "cat params.json; echo oops >&2; mkdir -p ckpt; echo w > ckpt/w.bin; "
@@ -275,7 +282,7 @@ def test_payload_outputs_logs_and_a_failing_command(tmp_path: Path) -> None:
     assert "ckpt/w.bin" in listed.stdout.split()
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="the user-data script needs curl")
+@NEEDS_CURL
 @pytest.mark.parametrize(
     ("argv", "timeout", "code", "reason"),
     [
@@ -296,7 +303,7 @@ def test_failures_are_recorded(
     assert (done.returncode, record.exit_code, record.reason) == (code, code, reason)
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="the user-data script needs curl")
+@NEEDS_CURL
 def test_a_payload_that_cannot_be_fetched_is_a_setup_failure(tmp_path: Path) -> None:
     req = driver(tmp_path, idle_shutdown=1).plan([launch()], FACTS)[0]
     assert isinstance(req, AwsRequest)
@@ -305,7 +312,7 @@ def test_a_payload_that_cannot_be_fetched_is_a_setup_failure(tmp_path: Path) -> 
     assert (record.exit_code, record.reason) == (70, "setup")
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="the agent needs curl")
+@NEEDS_CURL
 def test_the_agent_reads_its_inbox_as_data(tmp_path: Path) -> None:
     """Hostile inbox lines run nothing; a well-formed one runs its attempt once, and the agent
     halts when idle."""
