@@ -34,6 +34,7 @@ at a time (``_lock``), so calls may interleave on the loop as before without rac
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import platform
@@ -47,7 +48,6 @@ from pathlib import Path
 from typing import IO, TypeVar
 
 import anyio
-import anyio.to_thread
 import msgspec
 import psutil
 
@@ -97,6 +97,22 @@ LOG_READ_BYTES = 1 << 20
 _T = TypeVar("_T")
 
 
+async def _in_thread(fn: Callable[[], _T]) -> _T:
+    """Run ``fn`` on the event loop's default executor, and wait for it even when cancelled.
+
+    Not ``anyio.to_thread``: its worker threads are not daemons and stop only when the loop's
+    root task ends, so a process whose loop is abandoned (a Ray actor whose raylet died) waits
+    for them forever at exit. The default executor's idle threads end at interpreter exit.
+    """
+    future = asyncio.get_running_loop().run_in_executor(None, fn)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with anyio.CancelScope(shield=True):
+            await asyncio.wait((future,))
+        raise
+
+
 class LocalProvider(Provider):
     poll_max = 1.0
     """a local attempt's end is a file on this disk: cheap to look for every second."""
@@ -143,7 +159,7 @@ class LocalProvider(Provider):
         """Run ``fn`` (blocking I/O, and the state it changes) in a worker thread, one call at
         a time. A cancelled caller still waits for the thread, so the state stays whole."""
         async with self._lock:
-            return await anyio.to_thread.run_sync(fn)
+            return await _in_thread(fn)
 
     # -- discover / plan -----------------------------------------------------------------------
 
@@ -465,7 +481,7 @@ class LocalProvider(Provider):
             while True:
                 # Decide before reading, so the last read after the end drains the file.
                 done = not follow or await self._is_over(key)
-                while chunks := await anyio.to_thread.run_sync(log.read):
+                while chunks := await _in_thread(log.read):
                     for chunk in chunks:
                         yield chunk
                 if done:

@@ -207,3 +207,50 @@ async def test_interleaved_calls_start_each_attempt_once_within_capacity(
     for req in reqs:
         assert isinstance(req, LocalRequest)
         assert (Path(req.attempt_dir) / "count.txt").read_text() == "ran\n"
+
+
+ABANDONED_LOOP = """
+import asyncio, sys, threading
+from stowplan.providers.local import LocalProvider
+from stowplan.spec.models import LocalProviderConfig
+
+provider = LocalProvider("laptop", LocalProviderConfig(), state_dir=sys.argv[1])
+loop = asyncio.new_event_loop()
+threading.Thread(target=loop.run_forever).start()
+discovered = threading.Event()
+
+
+async def follow():  # a long-lived task, like the provider actor's watch loop
+    await provider.describe(["0" * 32])
+    discovered.set()
+    await asyncio.Event().wait()
+
+
+asyncio.run_coroutine_threadsafe(follow(), loop)
+assert discovered.wait(timeout=60)
+print("discovered", flush=True)
+# The loop stops with its task still pending, never closed: as a Ray actor's loop does when the
+# actor exits because its raylet died.
+loop.call_soon_threadsafe(loop.stop)
+"""
+
+
+def test_an_abandoned_loop_does_not_keep_the_process_alive(tmp_path: Path) -> None:
+    """A process whose event loop is left running (a Ray actor told to exit when its raylet
+    dies) must still exit: the driver's worker threads may not hold it at interpreter exit."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ABANDONED_LOOP, str(tmp_path / ".stowplan")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("the process did not exit: a worker thread of the driver holds it")
+    assert proc.returncode == 0
+    assert "discovered" in out
