@@ -61,7 +61,11 @@ class StoreActor:
     def store_outputs(self, outputs: dict[str, dict[str, str]]) -> dict[str, str]:
         """Store the outputs of each run as far as they can be; run id -> why it was not
         wholly stored, for each run that was not (the queue fails its attempt: a run never
-        succeeds without all its outputs). Never raises for one run's outputs."""
+        succeeds without all its outputs). Never raises for one run's outputs.
+
+        ``outputs`` is run id -> output name -> where the output is: a local path, or an
+        fsspec URL where a remote driver left it (``RunStore.put_artifacts`` says how each is
+        read, a directory output's ``.tar.gz`` included)."""
         failed: dict[str, str] = {}
         for run_id, files in outputs.items():
             try:

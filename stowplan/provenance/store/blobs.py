@@ -17,12 +17,12 @@ import re
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from stowplan.errors import StowplanError
 from stowplan.spec.canonical import sha256_hex
 
-__all__ = ["BLOB_URL_ENV", "BlobStore"]
+__all__ = ["BLOB_URL_ENV", "BlobStore", "Readable"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,12 @@ BLOB_URL_ENV: Final = "STOWPLAN_BLOB_URL"
 
 _COPY_CHUNK: Final = 1 << 20
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+class Readable(Protocol):
+    """What :meth:`BlobStore.put_stream` reads from."""
+
+    def read(self, n: int = ..., /) -> bytes: ...
 
 
 class BlobStore:
@@ -70,12 +76,19 @@ class BlobStore:
 
     def put_file(self, path: str | os.PathLike[str]) -> tuple[str, int, Path]:
         """Copy a file into the blob store by content, streaming; returns (sha256, size, path)."""
+        with open(path, "rb") as src:
+            return self.put_stream(src)
+
+    def put_stream(self, src: Readable) -> tuple[str, int, Path]:
+        """Copy what ``src`` reads (an open file, an fsspec file, a member of a tar stream)
+        into the blob store by content, in chunks of ``_COPY_CHUNK`` bytes, never whole in
+        memory; returns (sha256, size, path). ``src`` is read to its end, not closed."""
         self.directory.mkdir(parents=True, exist_ok=True)
         h = hashlib.sha256()
         size = 0
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
         try:
-            with open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
+            with os.fdopen(fd, "wb") as dst:
                 while chunk := src.read(_COPY_CHUNK):
                     h.update(chunk)
                     dst.write(chunk)
