@@ -34,6 +34,7 @@ unit: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/bench_dispatch.py
+	$(BIN)/python benchmarks/bench_kubernetes.py
 
 clean:
 	rm -rf $(VENV) .stowplan

@@ -129,6 +129,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(json.dumps(msgspec.to_builtins(why), indent=2, sort_keys=True))
         else:
             print(why.render().replace(hit.run_id, f"{names[hit.run_id]} {hit.run_id[:12]}"))
+            if why.placed:
+                for line in _explain_more(problem, hit.run_id, why):
+                    print(line)
         return EXIT_OK
 
     pools_by_id = {p.id: p for p in problem.pools}
@@ -229,6 +232,27 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if queued and not sol.unplaced:
         console.print("  the rest wait for capacity and are placed as it frees up")
     return EXIT_OK
+
+
+def _explain_more(problem: Any, run_id: str, why: Any) -> list[str]:
+    """For ``--explain`` of a placed run: the data each alternative would move, and every pool
+    the run could never use with the placer's reasons (a GPU model it lacks, an input's site it
+    cannot reach), so the choice reads as a choice."""
+    from stowplan.placement.table import pool_reasons
+
+    out = [
+        f"  {a.pool} would move {a.data_bytes / 1e9:.3g} GB of inputs"
+        for a in why.alternatives
+        if why.chosen is not None and a.data_bytes > why.chosen.data_bytes
+    ]
+    cls = next((c for c in problem.classes if run_id in c.members), None)
+    if cls is None:
+        return out
+    for p in problem.pools:
+        reasons = pool_reasons(problem, cls, p)
+        if reasons:
+            out.append(f"  not {p.id}: {'; '.join(reasons)}")
+    return out
 
 
 def _waiting_summary(waiting: list[Any]) -> list[dict[str, Any]]:
