@@ -22,6 +22,15 @@ for the store's answer), an attempt whose outputs were not all stored becomes a 
 (``node_failure``, retried by policy), then the attempts are recorded and the core hears of
 them. So no run is SUCCEEDED without its artifacts, and no dependent starts before they exist.
 
+Cost and budget: the attempts that ended on a priced elastic pool (an AWS instance type, any
+pool discovered with a node shape, ``max_instances`` and a price) are billed by the store actor
+(``StoreActor.record_costs``, the rule in ``providers.aws.prices``) at the pool's rate as last
+discovered, before the core hears of them; then the store's spending (this month, this
+experiment) is read back and given to the core (``SchedulerCore.set_spending``) with the
+experiment's ``[policy] budget``, which the core checks before it launches anything. The
+experiment is the newest one among the runs submitted (or restored at boot); spending is
+also read again every ``SPENDING_EVERY`` seconds (a new month starts from nothing).
+
 It keeps no state that the store does not also have: after a crash (``max_restarts``) it boots
 again, from its constructor, from the store's active runs and reconciles with every provider
 before dispatching anything new.
@@ -66,6 +75,7 @@ from stowplan.provenance.records import (
     RunRecord,
     TransitionRecord,
 )
+from stowplan.providers.aws.prices import Rate, pool_rate
 from stowplan.providers.base import (
     Capabilities,
     Facts,
@@ -84,6 +94,7 @@ from stowplan.scheduler.events import (
     TaskInstance,
     TasksRestored,
     TasksSubmitted,
+    Tick,
     Transition,
 )
 from stowplan.scheduler.plan import RunPayload
@@ -91,7 +102,7 @@ from stowplan.scheduler.states import FINAL, LEASED, TaskState
 from stowplan.session import launch_spec, payload_of
 from stowplan.shell import AsyncioClock, CommandShell, ShellConfig
 from stowplan.spec.canonical import sha256_hex
-from stowplan.spec.models import FailureClass
+from stowplan.spec.models import FailureClass, SpendBudget
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +112,8 @@ UNAVAILABLE_RETRIES = 5
 """Calls to a peer that is unreachable for a moment are retried this often, backing off."""
 REDISCOVER_EVERY = 300.0
 """seconds between the shell's periodic rediscoveries of every provider"""
+SPENDING_EVERY = 300.0
+"""seconds between reads of what was spent, when no cost was recorded meanwhile"""
 
 
 class PeerFailed(Exception):
@@ -181,6 +194,7 @@ class RemoteProvider:
 
     async def discover(self) -> list[Pool]:
         pools: list[Pool] = unpack(await self._ask("discover", patient=True), list[Pool])
+        self.queue._note_rates(self.name, pools)
         if self._caps is None:
             caps = await self._ask("capabilities", patient=True)
             self._caps = unpack(caps, Capabilities)
@@ -337,6 +351,12 @@ class QueueActor:
         self._transitions: list[TransitionRecord] = []
         self._decisions: dict[int, tuple[PlacementSolution, str, dict[str, str]]] = {}
         self._placed: dict[str, tuple[int, int]] = {}
+        self._rates: dict[str, dict[str, Rate]] = {}
+        """provider -> its priced elastic pools' rates as last discovered (never dropped: an
+        attempt may end on a pool the last discovery left out)."""
+        self._experiment: str | None = None
+        self._budget: SpendBudget | None = None
+        self._spending_at = 0.0
         self.fatal: dict[str, str] | None = None
         # an async actor's constructor runs on its event loop, which the clock takes
         self.clock = AsyncioClock(self._fail)
@@ -450,6 +470,8 @@ class QueueActor:
                         task=payload.instance, state=TaskState.PENDING, attempt=rec.attempts
                     )
                 )
+        if runs:
+            await self._budget_of([r.run_id for r in runs])
         self._handle(TasksRestored(tasks=restored, completed=done))
         self.shell.start()
         self.clock.spawn(self._tick_loop())
@@ -481,6 +503,8 @@ class QueueActor:
             "store", self.store.attempts_so_far, [i.run_id for i in items]
         )
         completed = list(completed)
+        if items:
+            await self._budget_of([i.run_id for i in items])
         for item in items:
             state, attempts = so_far.get(item.run_id, ("PENDING", 0))
             if state == "SUCCEEDED":
@@ -740,7 +764,39 @@ class QueueActor:
             self._send("store", self.store.put_used, list(used.values()))
         if updates:
             self._send("store", self.store.update_attempts, pack(updates))
+        rates = self._rates.get(provider)
+        ended = [u.key for u in updates if u.ended_at is not None and rates and u.pool in rates]
+        if ended and rates:
+            # after the updates (calls to the store run in order), before the core hears
+            await self._call("store", self.store.record_costs, provider, ended, pack(rates))
+            await self._refresh_spending()
         return reports
+
+    def _note_rates(self, provider: str, pools: list[Pool]) -> None:
+        known = self._rates.setdefault(provider, {})
+        for pool in pools:
+            rate = pool_rate(pool)
+            if rate is not None:
+                known[pool.id] = rate
+
+    async def _budget_of(self, run_ids: list[str]) -> None:
+        """Take the budget of the newest experiment among ``run_ids``, and what was spent."""
+        answer = await self._call("store", self.store.budget_of, run_ids)
+        experiment, budget = unpack(answer, tuple[str | None, SpendBudget | None])
+        if experiment is None:
+            return
+        self._experiment, self._budget = experiment, budget
+        await self._refresh_spending()
+
+    async def _refresh_spending(self) -> None:
+        """Give the core what the store recorded as spent, with the budget."""
+        self._flush_transitions()
+        now = self.clock.now()
+        month, experiment = await self._call("store", self.store.spending, self._experiment, now)
+        self._spending_at = now
+        self.core.set_spending(
+            month_usd=float(month), experiment_usd=float(experiment), budget=self._budget
+        )
 
     def _run_of(self, key: str) -> str | None:
         return self.core.run_of_key(key)
@@ -751,3 +807,11 @@ class QueueActor:
         while self.fatal is None:
             await asyncio.sleep(self.tick)
             self._flush_transitions()
+            if self._budget is not None and self.clock.now() >= (
+                self._spending_at + SPENDING_EVERY
+            ):
+                try:
+                    await self._refresh_spending()
+                    self._handle(Tick())  # more room may let held runs go
+                except Exception as e:
+                    self._fail(e)

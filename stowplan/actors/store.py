@@ -7,6 +7,10 @@ the transitions that led to it. Batches arrive as msgpack bytes (see ``wire``).
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
+import msgspec
+
 from stowplan.actors.runtime import note_worker
 from stowplan.actors.wire import pack, unpack
 from stowplan.provenance.records import (
@@ -98,8 +102,46 @@ class StoreActor:
             if attempts > 0 or state == "SUCCEEDED"
         }
 
+    def record_costs(self, provider: str, keys: list[str], rates: bytes) -> int:
+        """Bill ``provider``'s attempts ``keys`` that ended (with the others of their
+        instances) at ``rates``, the rate of each of its priced elastic pools by id
+        (``prices.pool_rate``); returns how many attempts' costs were written."""
+        from stowplan.providers.aws.prices import Rate, record_costs
+
+        return record_costs(self.store, provider, unpack(rates, dict[str, Rate]), keys)
+
+    def budget_of(self, run_ids: list[str]) -> bytes:
+        """The newest experiment among ``run_ids``' and its effective ``[policy] budget``:
+        ``(experiment id, SpendBudget | None)``, ``(None, None)`` when none is stored."""
+        from stowplan.spec.models import SpendBudget
+
+        runs = self.store.get_runs(run_ids)
+        exps = [
+            self.store.get_experiment(e) for e in sorted({r.experiment_id for r in runs.values()})
+        ]
+        known = [e for e in exps if e is not None]
+        if not known:
+            return pack((None, None))
+        exp = max(known, key=lambda e: (e.created_at, e.id))
+        raw = (exp.spec.get("effective_policy") or {}).get("budget")
+        budget = None if raw is None else msgspec.convert(raw, SpendBudget)
+        return pack((exp.id, budget))
+
+    def spending(self, experiment_id: str | None, now: float) -> tuple[float, float]:
+        """Dollars recorded this calendar month (UTC, of ``now``) and by ``experiment_id``."""
+        month = self.store.cost_since(month_start(now))
+        if experiment_id is None:
+            return month, 0.0
+        return month, self.store.cost_by_experiment([experiment_id]).get(experiment_id, 0.0)
+
     def active_keys(self, provider: str) -> list[str]:
         return [a.key for a in self.store.active_attempts() if a.provider == provider]
+
+
+def month_start(now: float) -> float:
+    """The first instant of ``now``'s calendar month, in UTC (the monthly budget's month)."""
+    d = datetime.fromtimestamp(now, UTC)
+    return datetime(d.year, d.month, 1, tzinfo=UTC).timestamp()
 
 
 ActiveState = tuple[list[RunRecord], dict[str, list[AttemptRecord]], list[str]]

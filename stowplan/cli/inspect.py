@@ -17,7 +17,7 @@ from rich.table import Table
 
 from stowplan.cli.common import make_console, open_store, plural, resolve_run
 from stowplan.errors import SpecError
-from stowplan.provenance.records import RunRecord
+from stowplan.provenance.records import AttemptRecord
 from stowplan.provenance.store import ACTIVE_ATTEMPT_STATES, RunStore
 from stowplan.scheduler.states import FINAL
 
@@ -34,15 +34,18 @@ def _ago(t: float) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    store, _ = open_store(args)
-    with store:
-        exps = store.list_experiments()
-        rows = []
-        for e in exps:
-            counts: dict[str, int] = {}
-            for r in store.runs_for_experiment(e.id):
-                counts[r.state] = counts.get(r.state, 0) + 1
-            rows.append((e, counts))
+    from stowplan.service.client import remote_experiments, server_of
+    from stowplan.service.views import list_experiments
+
+    url = server_of(args)
+    if url is not None:
+        exps = remote_experiments(url)
+    else:
+        store, _ = open_store(args)
+        with store:
+            exps = list_experiments(store)
+    spent = {e.id: e.usd for e in exps if e.usd is not None}
+    rows = [(e, e.counts) for e in exps]
     if args.json:
         print(
             json.dumps(
@@ -54,6 +57,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                         "created_at": e.created_at,
                         "description": e.description,
                         "counts": c,
+                        "usd": spent.get(e.id),
                     }
                     for e, c in rows
                 ],
@@ -63,14 +67,15 @@ def cmd_ls(args: argparse.Namespace) -> int:
         )
         return 0
     table = Table(show_edge=False)
-    for col in ("experiment", "id", "created", "runs", "description"):
-        table.add_column(col)
+    for col in ("experiment", "id", "created", "runs", "cost", "description"):
+        table.add_column(col, justify="right" if col == "cost" else "left")
     for e, c in rows:
         table.add_row(
             e.name,
             e.id[:12],
             _ago(e.created_at),
             " ".join(f"{n} {s.lower()}" for s, n in sorted(c.items())),
+            usd_text(spent.get(e.id)),
             e.description[:60],
         )
     make_console().print(table)
@@ -78,27 +83,17 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    store, _ = open_store(args)
-    with store:
-        if args.experiment:
-            runs = store.runs_by_name(args.experiment)
-            if not runs:
-                found = store.find_experiment(args.experiment)
-                if not found:
-                    raise SpecError(
-                        f"no experiment named {args.experiment!r}", hint="see stowplan ls"
-                    )
-                runs = store.runs_for_experiment(found[0].id)
-        else:
-            exps = store.list_experiments()
-            runs = store.runs_by_name(exps[0].name) if exps else []
-    # the newest replicate of each trial
-    latest: dict[tuple[str, str, int], RunRecord] = {}
-    for r in runs:
-        k = (r.experiment, r.task, r.index)
-        if k not in latest or r.replicate > latest[k].replicate:
-            latest[k] = r
-    shown = sorted(latest.values(), key=lambda r: (r.experiment, r.task, r.index))
+    from stowplan.service.client import remote_status, server_of
+    from stowplan.service.views import experiment_runs, status_rows
+
+    url = server_of(args)
+    if url is not None:
+        shown = remote_status(url, args.experiment)
+    else:
+        store, _ = open_store(args)
+        with store:
+            # the newest replicate of each trial
+            shown = status_rows(store, experiment_runs(store, args.experiment))
     if args.json:
         print(
             json.dumps(
@@ -114,6 +109,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                         "failure": r.failure,
                         "reason": r.reason,
                         "replicate": r.replicate,
+                        "cost": r.cost,
                     }
                     for r in shown
                 ],
@@ -124,15 +120,25 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     console = make_console()
     per_task: dict[tuple[str, str], dict[str, int]] = {}
+    task_usd: dict[tuple[str, str], float] = {}
     for r in shown:
         c = per_task.setdefault((r.experiment, r.task), {})
         c[r.state] = c.get(r.state, 0) + 1
+        cost = r.cost
+        if cost is not None:
+            task_usd[(r.experiment, r.task)] = (
+                task_usd.get((r.experiment, r.task), 0.0) + cost["usd"]
+            )
     table = Table(show_edge=False)
-    for col in ("experiment", "task", "runs", "states"):
-        table.add_column(col)
+    for col in ("experiment", "task", "runs", "states", "cost"):
+        table.add_column(col, justify="right" if col == "cost" else "left")
     for (e, t), c in per_task.items():
         table.add_row(
-            e, t, str(sum(c.values())), " ".join(f"{n} {s.lower()}" for s, n in sorted(c.items()))
+            e,
+            t,
+            str(sum(c.values())),
+            " ".join(f"{n} {s.lower()}" for s, n in sorted(c.items())),
+            usd_text(task_usd.get((e, t))),
         )
     console.print(table)
     for r in shown:
@@ -141,7 +147,21 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"  {r.run_id[:12]} {r.task}[{r.index}] {r.state} ({r.failure}): {r.reason}",
                 markup=False,
             )
+        elif r.state == "READY" and r.reason:  # waiting, and why (a budget holds it)
+            console.print(f"  {r.run_id[:12]} {r.task}[{r.index}] READY: {r.reason}", markup=False)
     return 0
+
+
+def usd_text(usd: float | None) -> str:
+    """Dollars for people: cents, or fractions of a cent when smaller; "-" when unpriced."""
+    if usd is None:
+        return "-"
+    return f"${usd:,.2f}" if usd >= 0.01 or usd == 0 else f"${usd:.4f}"
+
+
+def attempt_cost_text(a: AttemptRecord) -> str:
+    """``$0.0168 (60 s billed, g5.xlarge on-demand)``: what one priced attempt cost."""
+    return f"${a.usd or 0:,.4f} ({a.billed_s or 0:,.0f} s billed, {a.instance_type} {a.market})"
 
 
 def code_line(code: dict[str, Any]) -> str:
@@ -217,7 +237,11 @@ def cmd_show(args: argparse.Namespace) -> int:
         f"  experiment {run.experiment}  task {run.task}[{run.index}]  "
         f"replicate {run.replicate}  seed {run.seed}"
     )
-    c.print(f"  state {run.state}" + (f" ({run.failure}): {run.reason}" if run.failure else ""))
+    c.print(
+        f"  state {run.state}"
+        + (f" ({run.failure}): {run.reason}" if run.failure else "")
+        + (f": {run.reason}" if run.state == "READY" and run.reason else "")
+    )
     c.print(f"  params {json.dumps(run.params, sort_keys=True)}")
     launch = data["launch"]
     if launch.get("argv"):
@@ -308,6 +332,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             + (f" {a.failure}: {a.message}" if a.failure else ""),
             markup=False,
         )
+        if a.usd is not None:
+            c.print(f"    cost {attempt_cost_text(a)}", markup=False)
     c.print("[bold]artifacts[/]")
     for art in artifacts:
         c.print(f"  {art.name}  sha256:{art.sha256[:16]}  {art.size} B", markup=False)

@@ -90,6 +90,21 @@ def build_parser() -> argparse.ArgumentParser:
     from stowplan.cli import plan as _plan
 
     _plan.add_parsers(sub)
+
+    from stowplan.cli import money as _money
+
+    _money.add_parsers(sub)
+
+    from stowplan.cli import service as _service
+
+    _service.add_parsers(sub)
+    for name in ("ls", "status"):  # read from a service instead of the local store
+        sub.choices[name].add_argument(
+            "--server",
+            default=None,
+            metavar="URL",
+            help="ask the service at URL (default: $STOWPLAN_SERVER); token from $STOWPLAN_TOKEN",
+        )
     return p
 
 
@@ -105,6 +120,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from stowplan.cli.plan import cmd_plan
 
             return cmd_plan(args)
+        if args.command in ("prices", "gc"):
+            from stowplan.cli import money
+
+            return money.cmd_prices(args) if args.command == "prices" else money.cmd_gc(args)
+        if args.command in ("serve", "token"):
+            from stowplan.cli import service
+
+            return service.cmd_serve(args) if args.command == "serve" else service.cmd_token(args)
         if args.command in ("sim", "whatif"):
             from stowplan.cli import sim
 

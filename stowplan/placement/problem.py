@@ -72,6 +72,9 @@ class Pool(Struct, frozen=True, kw_only=True):
     hardware_class: str = ""
     max_tasks: int | None = None
     """A quota: at most this many stowplan tasks at once in this pool."""
+    taints: tuple[str, ...] = ()
+    """Taint keys a task must tolerate to run here (a Kubernetes node pool tainted
+    ``NoSchedule``/``NoExecute``): only classes whose ``tolerations`` hold every one may go."""
 
     @property
     def elastic(self) -> bool:
@@ -118,6 +121,9 @@ class Demand(Struct, frozen=True, kw_only=True):
     """(GPU model, estimated runtime there) where it differs from ``runtime_s``: a throughput
     table (Gavel's, say) turned into times makes placement heterogeneity-aware."""
     priority: int = 0
+    tolerations: tuple[str, ...] = ()
+    """Taint keys the task tolerates: it may go to a pool only if it tolerates all its
+    ``taints``."""
 
 
 class TaskDemand(Demand, frozen=True, kw_only=True):

@@ -122,6 +122,8 @@ class Table:
     instance_cost_int: list[int]
     scale: float
     """Integer units per currency unit (before TIE_UNITS)."""
+    instance_hours: list[float] = field(default_factory=list)
+    """Per pool: the hours one launched instance is billed for its tasks (elastic pools)."""
     _index: dict[int, dict[int, int] | tuple[IntArray, IntArray]] = field(default_factory=dict)
     _model_index: dict[str, int] = field(default_factory=dict)
 
@@ -274,7 +276,8 @@ def _raw_vector(
     quota = np.array(
         [p.max_tasks if p.max_tasks is not None else big for p in pools], dtype=np.int64
     )
-    price = np.array([p.price_per_hour for p in pools])
+    # an elastic pool bills whole instances (``build``), not its tasks
+    price = np.array([0.0 if p.elastic else p.price_per_hour for p in pools])
     rate = np.array([p.interruption_rate if p.spot else 0.0 for p in pools])
     wait_s = np.array([p.expected_wait_s for p in pools])
     hw = np.array([p.hardware_class for p in pools], dtype=object)
@@ -283,6 +286,7 @@ def _raw_vector(
         x: np.array([x in (p.site, p.region) for p in pools], dtype=bool) for x in place_names
     }
     nowhere = np.zeros(npool, dtype=bool)
+    any_taints = any(p.taints for p in pools)
 
     def anywhere(names: Iterable[str]) -> npt.NDArray[np.bool_]:
         out = nowhere.copy()
@@ -312,6 +316,8 @@ def _raw_vector(
             mask &= anywhere(allowed_sites)
         if cls.hardware_class is not None:
             mask &= hw == cls.hardware_class
+        if any_taints:
+            mask &= np.array([tolerates(cls, p) for p in pools], dtype=bool)
         mask &= ~has_node | ((n_cpu >= c_cpu) & (n_mem >= c_mem))
         site_cost = _site_costs(problem, cls, sites)
         reach = np.array([sc is not None for sc in site_cost], dtype=bool)
@@ -442,6 +448,8 @@ def _raw_small(
                     continue
                 if cls.hardware_class is not None and p.hardware_class != cls.hardware_class:
                     continue
+                if p.taints and not tolerates(cls, p):
+                    continue
                 if has_node and (n_cpu < c_cpu or n_mem < c_mem):
                     continue
                 sc = site_cost[si]
@@ -469,7 +477,7 @@ def _raw_small(
                     per = min(ncpu_fit, nmem_fit)
                 full += 1
                 share = min(share, 1.0) if has_node else 1.0
-                price = p.price_per_hour
+                price = 0.0 if p.elastic else p.price_per_hour
                 rate = p.interruption_rate if p.spot else 0.0
                 if m and m in by_gpu:
                     h = by_gpu[m] / 3600.0
@@ -520,11 +528,12 @@ def build(problem: PlacementProblem) -> Table:
     columns_of = _raw_small if npool <= SMALL_POOLS else _raw_vector
     raw, eligible_full, need = columns_of(problem, pools, classes, models, sites)
     w = problem.weights
+    inst_hours = _instance_hours(pools, classes, models, raw)
     inst_cost = [
-        (w.cost * p.price_per_hour + w.wait * w.hour_value) * p.boot_s / 3600.0
+        w.cost * instance_dollars(p, h) + w.wait * w.hour_value * p.boot_s / 3600.0
         if p.elastic
         else 0.0
-        for p in pools
+        for p, h in zip(pools, inst_hours, strict=True)
     ]
     top = max([float(r[3].max()) for r in raw if len(r[3])] + inst_cost + [0.0])
     scale = PRICE_UNITS / top if top > 0 else 1.0
@@ -588,10 +597,42 @@ def build(problem: PlacementProblem) -> Table:
         instance_cost=inst_cost,
         instance_cost_int=[round(c * scale) * TIE_UNITS for c in inst_cost],
         scale=scale,
+        instance_hours=inst_hours,
     )
 
 
+def instance_dollars(pool: Pool, hours: float) -> float:
+    """What one instance of elastic ``pool`` costs: its boot, then ``hours`` of tasks, with
+    the work a spot interruption makes it redo."""
+    rate = pool.interruption_rate if pool.spot else 0.0
+    return pool.price_per_hour * (pool.boot_s / 3600.0 + hours * (1.0 + rate * hours / 2.0))
+
+
+def _instance_hours(
+    pools: list[Pool], classes: list[DemandClass], models: list[str], raw: list[Raw]
+) -> list[float]:
+    """Per elastic pool, the hours one instance runs: the longest estimated runtime among the
+    classes that may go there (0 for the other pools)."""
+    hours = np.zeros(len(pools))
+    for cls, (js, ks, *_) in zip(classes, raw, strict=True):
+        if not len(js):
+            continue
+        by_gpu = dict(cls.runtime_by_gpu)
+        secs = np.array(
+            [by_gpu.get(models[k], cls.runtime_s) if k >= 0 else cls.runtime_s for k in ks]
+            if by_gpu
+            else np.full(len(js), cls.runtime_s)
+        )
+        np.maximum.at(hours, js, secs / 3600.0)
+    return [float(h) if p.elastic else 0.0 for p, h in zip(pools, hours.tolist(), strict=True)]
+
+
 # ---- the scalar reference: why a pool is out ----------------------------------------------
+
+
+def tolerates(cls: DemandClass, pool: Pool) -> bool:
+    """Whether ``cls`` tolerates every taint ``pool`` requires (the one definition)."""
+    return not pool.taints or set(pool.taints) <= set(cls.tolerations)
 
 
 def pool_reasons(problem: PlacementProblem, cls: DemandClass, pool: Pool) -> list[str]:
@@ -616,6 +657,12 @@ def pool_reasons(problem: PlacementProblem, cls: DemandClass, pool: Pool) -> lis
         out.append(f"hardware class {pool.hardware_class or '?'} is not the pinned one")
     if pool.max_tasks == 0:
         out.append("its quota is 0")
+    untolerated = sorted(set(pool.taints) - set(cls.tolerations))
+    if untolerated:
+        out.append(
+            f"its nodes are tainted {', '.join(untolerated)} (to use it, add the keys to the "
+            "task's placement.tolerations)"
+        )
     c_cpu, c_mem = cpu_need(cls.cpus), mem_need(cls.memory)
     if pool.node is not None and (
         cpu_free(pool.node.cpus) < c_cpu or mem_free(pool.node.memory) < c_mem

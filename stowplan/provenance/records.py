@@ -70,6 +70,14 @@ class AttemptRecord(Struct, frozen=True, kw_only=True):
     used: str | None = None
     """SHA-256 of what the attempt's Python processes imported (``RunStore.get_used``), where
     its provider captured that; None when nothing was captured."""
+    instance_type: str | None = None
+    """on a priced (cloud) provider: the instance type the attempt ran on, e.g. ``g5.xlarge``."""
+    market: str | None = None
+    """``on-demand`` or ``spot`` (priced providers only)."""
+    billed_s: float | None = None
+    """instance-seconds billed to this attempt (``stowplan.providers.aws.prices.bill``)."""
+    usd: float | None = None
+    """dollars billed to this attempt: ``billed_s`` at the pool's hourly price."""
 
 
 class TransitionRecord(Struct, frozen=True, kw_only=True):

@@ -32,6 +32,27 @@ simulator), so the same sequence of (event, now) pairs yields the same commands 
 - After a restart, ``TasksRestored`` reloads runs from the store; every run that had an attempt
   out is reconciled by key before its capacity is reused.
 
+No capacity
+-----------
+A provider reports ``FailureClass.NO_CAPACITY`` when the pool could not start an attempt (a
+Kubernetes pod Unschedulable past ``unschedulable_after``, EC2's
+``InsufficientInstanceCapacity``): the attempt never ran. That is not the retry policy's
+business (``retry.REPLACED``): the core cancels the attempt at the provider (a pod still
+waiting for a node must not start later, after the run went elsewhere), records why
+(RETRYING with the class, the pool and the provider's message, then READY at once), and places
+the run again in the same step's solve, without counting the attempt against
+``max_attempts`` (its key is new, as for every attempt). The pool is left out of placements
+of that **task shape** (CPUs, memory, GPUs and GPU models) for
+``CoreConfig.no_capacity_cooldown`` seconds of the core's clock: a Kubernetes pool too
+fragmented for a 4-GPU pod may still start a 1-CPU one, and runs of another shape are not
+penalised for what one shape learned; an EC2 pool is one instance type, so every shape that
+reaches it needs the same instance, and learns the same within one refusal each. A run
+whose only pools are cooling down waits (READY) until the first cool-down ends, then is
+offered them again; nothing is failed for it. ``CoreConfig.max_replaces`` bounds the
+refusals in a row (reset when an attempt runs, or ends any other way): the next one fails
+the run with the pools that refused it. After a restart the refusals are not known: those
+attempts count against ``max_attempts`` again (conservative, never more attempts).
+
 Elastic pools
 -------------
 A pool discovered with a node shape and ``max_instances`` > 0 (or a boot time, at its
@@ -51,6 +72,24 @@ that no READY run could use, for ``CoreConfig.idle_grace`` seconds, gets
 (it stops only idle ones). Tokens are ``events.elastic_token(verb, pool, seq, epoch)`` with a
 per-pool sequence the core keeps: deterministic, so a retried call and a restarted core carry
 the same tokens.
+
+Budget
+------
+``CoreConfig.budget`` (``[policy] budget``) bounds what runs on priced elastic pools may cost:
+this month and per experiment. The shell gives the dollars the store recorded so far
+(``set_spending``: finished attempts); the core adds what it has committed and not seen billed
+yet, the estimate of every run leased on a priced elastic pool (``_estimate``: the pool's
+hourly price x the share of one instance the run takes x its ``runtime_s``, at least 60 s).
+Before it orders a Provision the core estimates what the new instances add (count x hourly
+price x the longest runtime among the runs placed there, at least 60 s); when
+``SpendBudget.exceeded`` says the budget would be broken it provisions only as many as fit
+(maybe none), and the runs that needed the rest stay READY, each with the budget's reason
+recorded once (a READY -> READY transition, which ``stowplan status`` shows). A run placed on
+instances already up is checked alone, with its own estimate: running it keeps an instance
+that would otherwise stop when idle, so it adds cost too. A Provision that makes up for
+instances an elastic pool lacks (``_make_up``) is never held: its runs were admitted already
+and their cost is counted. Held runs are placed again when something changes (a run ends,
+spending is refreshed): nothing is failed for the budget.
 """
 
 from __future__ import annotations
@@ -99,10 +138,14 @@ from stowplan.scheduler.events import (
     elastic_token,
 )
 from stowplan.scheduler.reports import ProviderState, Report
-from stowplan.scheduler.retry import Backoff, backoff_seconds, should_retry
+from stowplan.scheduler.retry import REPLACED, Backoff, backoff_seconds, should_retry
 from stowplan.scheduler.states import FINAL, LEASED, TaskState, Trigger, next_state
 from stowplan.spec.canonical import attempt_key
-from stowplan.spec.models import FailureClass
+from stowplan.spec.models import FailureClass, SpendBudget
+
+MIN_BILLED_S = 60.0
+"""the least an instance is billed for (EC2, and the simulator's clouds): a budget estimate of a
+run or a launch counts at least this long."""
 
 RECONCILE_BACKOFF = Backoff(base=30.0, cap=600.0)
 """A LOST run is reconciled again after 30 s, 60 s, ... at most every 10 minutes."""
@@ -124,6 +167,15 @@ class CoreConfig:
     token_epoch: str = ""
     """mixed into every provision/terminate token (``events.elastic_token``): two control
     planes with different epochs never share a token; a restarted one keeps its epoch."""
+    no_capacity_cooldown: float = 600.0
+    """seconds a pool that could not start an attempt (``FailureClass.NO_CAPACITY``) is left
+    out of placements of that task shape (module doc: *No capacity*)."""
+    max_replaces: int = 8
+    """a run is placed again at most this many times in a row after ``NO_CAPACITY``; the next
+    refusal fails it."""
+    budget: SpendBudget | None = None
+    """``[policy] budget``: what runs on priced elastic pools may cost (module doc: *Budget*);
+    None: no limit. ``SchedulerCore.set_spending`` replaces it and gives what was spent."""
 
 
 class _Run:
@@ -131,7 +183,9 @@ class _Run:
         "attempt",
         "bucket",
         "dependents",
+        "est_usd",
         "gpu_model",
+        "held",
         "key",
         "lease_until",
         "pool",
@@ -140,10 +194,13 @@ class _Run:
         "reconcile_token",
         "reconciles",
         "reconciling",
+        "refused_in",
+        "replaced",
         "seq",
         "started_at",
         "state",
         "task",
+        "uncounted",
         "waiting",
     )
 
@@ -167,6 +224,16 @@ class _Run:
         self.reconcile_token = 0
         """the live entry of the core's reconcile heap for this run (older ones are stale)."""
         self.bucket: tuple[object, ...] | None = None
+        self.replaced = 0
+        """NO_CAPACITY refusals in a row (since an attempt last ran or ended otherwise)."""
+        self.refused_in: tuple[str, ...] = ()
+        """the pools of those refusals, in order."""
+        self.uncounted = 0
+        """attempts that never ran (NO_CAPACITY): not counted against ``max_attempts``."""
+        self.est_usd = 0.0
+        """while leased on a priced elastic pool: what the attempt is estimated to cost."""
+        self.held = ""
+        """while READY: why the budget holds it (recorded once per reason)."""
 
 
 @dataclass(slots=True)
@@ -229,6 +296,14 @@ class _Room:
             self.tasks += 1
 
 
+_Shape = tuple[float, int, int, tuple[str, ...]]
+
+
+def _shape(t: TaskInstance) -> _Shape:
+    """What a pool that could not start ``t`` could not start (module doc: *No capacity*)."""
+    return (t.cpus, t.memory, t.gpus, t.gpu_types)
+
+
 def _bucket_key(t: TaskInstance) -> tuple[object, ...]:
     return (
         t.project,
@@ -246,6 +321,16 @@ def _bucket_key(t: TaskInstance) -> tuple[object, ...]:
         t.forbid_pools,
         t.residency,
         t.hardware_class,
+        t.tolerations,
+    )
+
+
+def _runtime(problem: PlacementProblem, solution: PlacementSolution, pool_id: str) -> float:
+    """The longest ``runtime_s`` among the classes ``solution`` places in ``pool_id``."""
+    runtimes = {c.id: c.runtime_s for c in problem.classes}
+    return max(
+        (runtimes.get(a.class_id, 3600.0) for a in solution.assignments if a.pool_id == pool_id),
+        default=3600.0,
     )
 
 
@@ -310,6 +395,15 @@ class SchedulerCore:
         self._node_fit: dict[tuple[tuple[object, ...], str], bool] = {}
         """(bucket, elastic pool) -> whether a run of the bucket could ever use one instance."""
         self._out_elastic: list[Provision | Terminate] = []
+        self._cooling: dict[_Shape, dict[str, float]] = {}
+        """shape -> pool -> until when it is left out of that shape's placements (NO_CAPACITY)."""
+        self._cool_next = float("inf")
+        """when the first cool-down ends."""
+        self._budget = self.config.budget
+        self._spent = (0.0, 0.0)
+        """dollars recorded this month and by this experiment (``set_spending``)."""
+        self._committed = 0.0
+        """estimated dollars of the runs leased on priced elastic pools (module doc: *Budget*)."""
         ctx = self.config.context
         self._context_problem = PlacementProblem(
             pools=[],
@@ -356,8 +450,40 @@ class SchedulerCore:
     def key(self, run_id: str) -> str:
         return self._runs[run_id].key
 
+    def uncounted_attempts(self, run_id: str) -> int:
+        """Attempts of ``run_id`` that never ran (NO_CAPACITY): ``attempt`` less these is what
+        the retry policy's ``max_attempts`` bounds."""
+        return self._runs[run_id].uncounted
+
+    def cooling(self, task: TaskInstance) -> list[str]:
+        """The pools left out of placements of ``task``'s shape now (sorted)."""
+        pools = self._cooling.get(_shape(task), {})
+        return sorted(p for p, until in pools.items() if until > self._now)
+
     def pool(self, run_id: str) -> str | None:
         return self._runs[run_id].pool
+
+    def held(self, run_id: str) -> str:
+        """Why the budget holds READY run ``run_id`` now ("" when it does not)."""
+        run = self._runs[run_id]
+        return run.held if run.state is TaskState.READY else ""
+
+    @property
+    def committed_usd(self) -> float:
+        """Estimated dollars of the runs leased on priced elastic pools now."""
+        return max(0.0, self._committed)
+
+    def set_spending(
+        self, *, month_usd: float, experiment_usd: float, budget: SpendBudget | None = None
+    ) -> None:
+        """What the store recorded as spent on elastic providers (finished attempts), this
+        month and by this experiment, and the budget (it replaces ``CoreConfig.budget``). The
+        shell calls it between events; more room lets held runs be placed again."""
+        before = self._budget, self._spent
+        self._budget = budget
+        self._spent = (month_usd, experiment_usd)
+        if (self._budget, self._spent) != before:
+            self._generation += 1
 
     def run_of_key(self, key: str) -> str | None:
         return self._by_key.get(key)
@@ -563,12 +689,25 @@ class SchedulerCore:
         if problem is None or solution.request_id != problem.request_id:
             return  # an answer to a request we no longer wait for
         self._solving = None
+        held: dict[str, str] = {}  # elastic pool -> why (some of) its launch was not ordered
+        launching: set[str] = set()
+        extra = 0.0  # the estimate of the launches ordered so far in this answer
         for pid, k in sorted(solution.instances.items()):
             p = self._pools.get(pid)
             if p is None or p.node is None or pid in self._refused or k <= 0:
                 continue
             k = min(k, p.max_instances - self._launched.get(pid, 0))  # rediscovered smaller?
+            if k > 0 and self._budget is not None and p.price_per_hour > 0:
+                unit = p.price_per_hour * max(_runtime(problem, solution, pid), MIN_BILLED_S)
+                unit /= 3600.0
+                if self._over_budget(extra + k * unit) is not None:
+                    while k > 0 and self._over_budget(extra + k * unit) is not None:
+                        k -= 1
+                    # each run left waiting is told what its own instance would add
+                    held[pid] = self._over_budget(unit, extra + k * unit) or ""
+                extra += k * unit
             if k > 0:
+                launching.add(pid)
                 self._order(p, k, provision=True)
         rooms: dict[str, _Room] = {}
         placed = 0
@@ -584,18 +723,70 @@ class SchedulerCore:
                 continue  # cancelled while the solver ran
             gpu_model = room.take(run.task, a.gpu_model)
             if gpu_model is None:
+                if pool.id in held:  # the room it needed was not launched: over budget
+                    self._hold(run, held[pool.id])
                 continue  # no room left now (the pool shrank meanwhile): stays READY
             if run.task.max_concurrent and (
                 self._group_active[run.task.group] >= run.task.max_concurrent
             ):
                 room.give_back(run.task, gpu_model)
                 continue
+            if pool.id not in launching and self._priced(pool):
+                # on instances already up: it keeps one from stopping, which costs too
+                why = self._over_budget(self._estimate(run.task, pool))
+                if why is not None:
+                    room.give_back(run.task, gpu_model)
+                    self._hold(run, why)
+                    continue
             self._dispatch(run, pool, gpu_model)
             placed += 1
         if placed == 0 and self._generation == self._solve_generation:
             # asking again would give the same answer, at once, forever: wait for a change
             self._stalled_at = self._generation
         self._maybe_solve()
+
+    def _priced(self, pool: Pool) -> bool:
+        return self._budget is not None and pool.id in self._elastic and pool.price_per_hour > 0
+
+    def _over_budget(self, more_usd: float, also_usd: float = 0.0) -> str | None:
+        """Why spending ``more_usd`` more now would break the budget (None: it would not);
+        ``also_usd`` counts as committed already (launches ordered in this answer)."""
+        if self._budget is None:
+            return None
+        committed = max(0.0, self._committed) + also_usd
+        return self._budget.exceeded(
+            month_usd=self._spent[0] + committed,
+            experiment_usd=self._spent[1] + committed,
+            more_usd=more_usd,
+        )
+
+    def _estimate(self, t: TaskInstance, pool: Pool) -> float:
+        """Dollars a run of ``t`` on elastic ``pool`` is expected to cost: its share of one
+        instance (the largest of its CPUs, memory and GPUs over the node's) for ``runtime_s``,
+        at least ``MIN_BILLED_S``."""
+        node = pool.node
+        share = 1.0
+        if node is not None:
+            parts = []
+            if node.cpus > 0:
+                parts.append(t.cpus / node.cpus)
+            if node.memory > 0:
+                parts.append(t.memory / node.memory)
+            if t.gpus and node.gpus:
+                parts.append(t.gpus / max(node.gpus.values()))
+            share = min(1.0, max(parts, default=1.0))
+        return pool.price_per_hour * share * max(t.runtime_s, MIN_BILLED_S) / 3600.0
+
+    def _hold(self, run: _Run, why: str) -> None:
+        """Keep READY ``run`` waiting for the budget; its reason is recorded once."""
+        if run.held == why:
+            return
+        run.held = why
+        self._out_transitions.append(
+            Transition(
+                run.task.run_id, run.attempt, TaskState.READY, TaskState.READY, None, why, None
+            )
+        )
 
     def _room(self, pool: Pool) -> _Room:
         cpus, memory, gpus = self.free_capacity(pool.id)
@@ -605,6 +796,7 @@ class SchedulerCore:
     def _dispatch(self, run: _Run, pool: Pool, gpu_model: str = "") -> None:
         assert run.bucket is not None
         self._ready[run.bucket].pop(run.task.run_id, None)
+        run.held = ""
         run.pool = pool.id
         run.provider = pool.provider
         self._move(run, Trigger.PLACED)
@@ -642,6 +834,7 @@ class SchedulerCore:
             if run.state in (TaskState.SUBMITTING, TaskState.QUEUED, TaskState.LOST):
                 run.started_at = self._now
                 self._move(run, Trigger.STARTED)
+            run.replaced, run.refused_in = 0, ()  # it ran: a row of refusals ends
         elif st is ProviderState.SUCCEEDED:
             self._finish(run, Trigger.SUCCEEDED, None, rep.message)
         elif st is ProviderState.FAILED:
@@ -778,6 +971,10 @@ class SchedulerCore:
             gpus_used[run.gpu_model] += t.gpus
         run.lease_until = self._now + self.config.lease_ttl
         self._next_lease_check = min(self._next_lease_check, run.lease_until)
+        pool = self._pools.get(run.pool)
+        if pool is not None and pool.id in self._elastic and pool.price_per_hour > 0:
+            run.est_usd = self._estimate(t, pool)
+            self._committed += run.est_usd
 
     def _renew(self, run: _Run) -> None:
         run.lease_until = self._now + self.config.lease_ttl
@@ -786,6 +983,8 @@ class SchedulerCore:
 
     def _release(self, run: _Run) -> None:
         self._generation += 1
+        self._committed -= run.est_usd
+        run.est_usd = 0.0
         if run.pool is None:
             return
         t = run.task
@@ -836,16 +1035,74 @@ class SchedulerCore:
                 stack.append(dep)
 
     def _fail(self, run: _Run, failure: FailureClass, message: str) -> None:
-        if should_retry(run.task.retry, failure, run.attempt):
+        if failure in REPLACED:
+            self._replace(run, failure, message)
+            return
+        run.replaced, run.refused_in = 0, ()
+        counted = run.attempt - run.uncounted
+        if should_retry(run.task.retry, failure, counted):
             if run.state in LEASED:
                 self._release(run)
                 self._charge(run)
-            delay = backoff_seconds(run.task.retry, run.attempt, seed=self.config.seed, key=run.key)
+            delay = backoff_seconds(run.task.retry, counted, seed=self.config.seed, key=run.key)
             self._move(run, Trigger.RETRY, failure, message)
             run.ready_at = self._now + delay
             heapq.heappush(self._retry_heap, (run.ready_at, run.seq, run.task.run_id))
         else:
             self._finish(run, Trigger.FAILED, failure, message)
+
+    def _replace(self, run: _Run, failure: FailureClass, message: str) -> None:
+        """The pool could not start the attempt; it never ran (module doc: *No capacity*)."""
+        pool, provider = run.pool, run.provider
+        assert pool is not None and provider is not None  # only leased runs get reports
+        # the provider may still hold it (a pod waiting for a node): it must never start now
+        self._out_cancels.setdefault(provider, []).append(run.key)
+        cooldown = self.config.no_capacity_cooldown
+        until = self._now + cooldown
+        if cooldown > 0:
+            cooling = self._cooling.setdefault(_shape(run.task), {})
+            cooling[pool] = max(cooling.get(pool, until), until)
+            self._cool_next = min(self._cool_next, until)
+        run.uncounted += 1
+        run.replaced += 1
+        run.refused_in = (*run.refused_in, pool)
+        what = message or "no capacity"
+        if run.replaced > self.config.max_replaces:
+            pools = ", ".join(dict.fromkeys(run.refused_in))
+            self._finish(
+                run,
+                Trigger.FAILED,
+                failure,
+                f"no capacity: {run.replaced} placements in a row could not start it "
+                f"(in {pools}; the last said: {what}); not placed again "
+                f"(max_replaces = {self.config.max_replaces})",
+            )
+            return
+        self._release(run)
+        self._charge(run)
+        self._move(
+            run,
+            Trigger.RETRY,
+            failure,
+            f"no capacity in {pool}: {what} (it never ran; placed again at once, not counted "
+            f"against max_attempts; {pool} is left out for this task shape for {cooldown:g}s)",
+        )
+        self._move(run, Trigger.BACKOFF_DONE)
+        self._enqueue_ready(run)
+
+    def _expire_cooling(self) -> None:
+        """End the cool-downs due by now: a new solve may place more in those pools."""
+        now, soonest = self._now, float("inf")
+        for shape in list(self._cooling):
+            pools = self._cooling[shape]
+            for pid in [p for p, until in pools.items() if until <= now]:
+                del pools[pid]
+            if pools:
+                soonest = min(soonest, *pools.values())
+            else:
+                del self._cooling[shape]
+        self._cool_next = soonest
+        self._generation += 1
 
     def _charge(self, run: _Run) -> None:
         """Add the finished attempt's CPU-seconds to its project's decayed usage."""
@@ -867,6 +1124,8 @@ class SchedulerCore:
     def _maybe_solve(self) -> None:
         from stowplan.placement.greedy import eligible
 
+        if self._now >= self._cool_next:
+            self._expire_cooling()
         if self._solving is not None or not self._pools or self._stalled_at == self._generation:
             return
         buckets = [(k, b) for k, b in self._ready.items() if b]
@@ -895,6 +1154,15 @@ class SchedulerCore:
             if not feasible:
                 self._reject(bucket, cls, pools)
                 continue
+            cooling = self._cooling.get(_shape(t))
+            if cooling:  # pools that could not start this shape lately (NO_CAPACITY)
+                usable = [p for p in usable if p.id not in cooling]
+                cls = msgspec.structs.replace(
+                    cls,
+                    forbid_pools=tuple(
+                        sorted({*cls.forbid_pools, *(p for p in cooling if p in self._pools)})
+                    ),
+                )
             limit = min(len(bucket), self._fit_bound(cls, usable, free))
             if t.max_concurrent:
                 # a group's runs may sit in several classes (another priority, say)
@@ -958,6 +1226,7 @@ class SchedulerCore:
             forbid_sites=t.forbid_sites,
             residency=t.residency,
             hardware_class=t.hardware_class,
+            tolerations=t.tolerations,
             datasets=t.datasets,
             runtime_s=t.runtime_s,
             priority=t.priority,
@@ -1139,6 +1408,7 @@ class SchedulerCore:
             heap[0][0] if heap else float("inf"),
             self._next_lease_check,
             idle_wake,
+            self._cool_next,
         )
         if wake != float("inf") and wake != self._wake:
             self._wake = wake

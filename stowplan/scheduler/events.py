@@ -43,6 +43,8 @@ class TaskInstance(Struct, frozen=True, kw_only=True):
     residency: tuple[str, ...] = ()
     hardware_class: str | None = None
     """a pin: only pools of exactly this hardware class (replays set it)."""
+    tolerations: tuple[str, ...] = ()
+    """taint keys the run tolerates (``TaskPlacement.tolerations``)."""
 
 
 class RestoredTask(Struct, frozen=True, kw_only=True):

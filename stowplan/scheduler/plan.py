@@ -197,6 +197,7 @@ def plan_runs(
                 forbid_sites=tuple(task.placement.forbid_sites),
                 forbid_pools=tuple(task.placement.forbid_pools),
                 residency=tuple(sorted(set(task.placement.residency))),
+                tolerations=tuple(task.placement.tolerations),
             )
             out.append(
                 PlannedRun(

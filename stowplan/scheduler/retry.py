@@ -13,11 +13,16 @@ from dataclasses import dataclass
 from stowplan.spec.models import FailureClass, RetryPolicy
 
 NEVER_RETRIED = frozenset({FailureClass.DEPENDENCY_FAILED, FailureClass.CANCELLED})
+REPLACED = frozenset({FailureClass.NO_CAPACITY})
+"""Failures of attempts that never ran (the pool could not start them): not the retry
+policy's business. The core places the run again at once, in another pool, without counting
+the attempt (``SchedulerCore``, *No capacity*)."""
 
 
 def should_retry(policy: RetryPolicy, failure: FailureClass, attempt: int) -> bool:
-    """True when attempt ``attempt`` (1-based) failed with ``failure`` and another is allowed."""
-    if failure in NEVER_RETRIED:
+    """True when attempt ``attempt`` (1-based, counting only attempts that ran) failed with
+    ``failure`` and another is allowed. ``REPLACED`` failures are never the policy's to retry."""
+    if failure in NEVER_RETRIED or failure in REPLACED:
         return False
     return failure in policy.on and attempt < policy.max_attempts
 

@@ -18,7 +18,8 @@ Invariants the core keeps (and the property tests check):
 - a run holds a capacity lease exactly while it is SUBMITTING, QUEUED, RUNNING or LOST;
 - every attempt has its own idempotency key, used for exactly one Submit (a resubmit of the
   same key happens only after a restore, when the provider has never heard of it);
-- attempts never exceed the retry policy's ``max_attempts``.
+- attempts that ran never exceed the retry policy's ``max_attempts`` (``no_capacity`` attempts,
+  which never ran, are bounded by ``CoreConfig.max_replaces`` instead).
 """
 
 from __future__ import annotations

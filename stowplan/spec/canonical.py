@@ -45,6 +45,10 @@ TASK_FIELDS_ADDED_LATER: Final[Mapping[str, object]] = {"image": None, "secrets"
 """Task fields added after stores existed, with their defaults. A task's canonical form leaves
 each out while it has its default, so a task that does not use it keeps the hash (and its runs
 keep the ids) it had before the field existed; a task that sets it hashes differently."""
+NESTED_FIELDS_ADDED_LATER: Final[Mapping[tuple[str, str], object]] = {
+    ("placement", "tolerations"): [],
+}
+"""The same, for fields of a task's sub-tables: (table, field) -> default."""
 
 
 def canonical_task(task: object) -> dict[str, Any]:
@@ -54,6 +58,10 @@ def canonical_task(task: object) -> dict[str, Any]:
     for name, default in TASK_FIELDS_ADDED_LATER.items():
         if name in fields and fields[name] == default:
             del fields[name]
+    for (table, name), default in NESTED_FIELDS_ADDED_LATER.items():
+        sub = fields.get(table)
+        if isinstance(sub, dict) and name in sub and sub[name] == default:
+            del sub[name]
     return fields
 
 
@@ -62,11 +70,22 @@ def task_hash(task: object) -> str:
     return spec_hash(canonical_task(task))
 
 
+EXPERIMENT_FIELDS_ADDED_LATER: Final[Mapping[tuple[str, str], object]] = {
+    ("policy", "budget"): None,
+}
+"""The same, for an experiment's own tables: an experiment that does not set the field keeps
+the id it had before the field existed."""
+
+
 def canonical_experiment(spec: object) -> dict[str, Any]:
     """An experiment's canonical form, as stored (``ExperimentRecord.spec``): its tasks in
     ``canonical_task`` form, so a stored task hashes (``spec_hash``) to its ``task_hash``."""
     out: dict[str, Any] = msgspec.to_builtins(spec)
     out["tasks"] = [canonical_task(t) for t in out.get("tasks", [])]
+    for (table, name), default in EXPERIMENT_FIELDS_ADDED_LATER.items():
+        sub = out.get(table)
+        if isinstance(sub, dict) and name in sub and sub[name] == default:
+            del sub[name]
     return out
 
 

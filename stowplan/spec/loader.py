@@ -503,7 +503,9 @@ def _at(raw: Any, parts: list[str | int]) -> Any:
 def _name_dict_values(msg: str, raw: Any, type_: Any) -> str:
     """msgspec writes ``$.providers[...]`` for a value in a mapping; find the key that fails in
     the same way (convert the document with only that key) and name it:
-    ``$.providers.campus``."""
+    ``$.providers.campus``. Nested mappings are named one level at a time: each reduced
+    document must still fail with the message msgspec first gave."""
+    first = msg
     while "[...]" in msg:
         m = _MSGSPEC_PATH.search(msg)
         if m is None:
@@ -516,7 +518,7 @@ def _name_dict_values(msg: str, raw: Any, type_: Any) -> str:
             return msg
         for key in container:
             reduced = _with_only(raw, parts, key)
-            if _check_against(reduced, type_) == msg:
+            if _check_against(reduced, type_) == first:
                 named = prefix + _key_part(str(key)) + path[len(prefix) + len("[...]") :]
                 msg = msg[: m.start(2)] + named + msg[m.end(2) :]
                 raw = reduced

@@ -129,6 +129,10 @@ class FailureClass(enum.StrEnum):
     NODE_FAILURE = "node_failure"
     PROVIDER_TRANSIENT = "provider_transient"
     PROVIDER_REJECTED = "provider_rejected"
+    NO_CAPACITY = "no_capacity"
+    """the pool could not start the attempt (no node or instance for it); it never ran. The
+    scheduler re-places it at once elsewhere, outside the retry policy (``retry.on`` does not
+    list it): ``CoreConfig.no_capacity_cooldown``, ``CoreConfig.max_replaces``."""
     LOST = "lost"
     DEPENDENCY_FAILED = "dependency_failed"
     CANCELLED = "cancelled"
@@ -293,7 +297,13 @@ class RetryPolicy(_Spec, frozen=True):
     jitter: Annotated[float, Meta(ge=0, le=1)] = 0.25
 
     def __post_init__(self) -> None:
-        never = (FailureClass.DEPENDENCY_FAILED, FailureClass.CANCELLED)
+        if FailureClass.NO_CAPACITY in self.on:
+            raise ValueError(
+                "on: no_capacity is not for the retry policy: an attempt no pool could start "
+                "never ran, and the scheduler always places it again elsewhere without counting "
+                "it; remove it from on"
+            )
+        never = (FailureClass.DEPENDENCY_FAILED, FailureClass.CANCELLED, FailureClass.NO_CAPACITY)
         bad = [c.value for c in never if c in self.on]
         if bad:
             raise ValueError(
@@ -319,6 +329,41 @@ class Naming(_Spec, frozen=True):
     tags: dict[Label, Label] = field(default_factory=dict)
 
 
+class SpendBudget(_Spec, frozen=True):
+    """``[policy] budget``: dollars that runs on elastic (cloud) providers may cost, this
+    calendar month (UTC) across the project's store, and per experiment. A run whose launch
+    would exceed either is held, with the reason shown by ``stowplan status``, not launched."""
+
+    monthly_usd: Annotated[float, Meta(le=MAX_WEIGHT)] | None = None
+    per_experiment_usd: Annotated[float, Meta(le=MAX_WEIGHT)] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("monthly_usd", "per_experiment_usd"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:  # NaN too
+                raise ValueError(
+                    f"{name}: a budget of {value:g} dollars would hold every run on an elastic "
+                    f"provider; give a positive amount, e.g. {name} = 100, or leave {name} "
+                    "out for no limit"
+                )
+
+    def exceeded(self, *, month_usd: float, experiment_usd: float, more_usd: float) -> str | None:
+        """Why spending ``more_usd`` on top of what was spent would break this budget; None
+        when it would not."""
+        checks = (
+            ("monthly", self.monthly_usd, month_usd, "this month"),
+            ("per-experiment", self.per_experiment_usd, experiment_usd, "by this experiment"),
+        )
+        for what, limit, spent, when in checks:
+            if limit is not None and spent + more_usd > limit + 1e-9:
+                return (
+                    f"held: the {what} budget of ${limit:,.2f} would be exceeded (${spent:,.2f} "
+                    f"spent {when}, this launch ${more_usd:,.2f} more); raise policy.budget or "
+                    "wait"
+                )
+        return None
+
+
 class Policy(_Spec, frozen=True):
     """Project-level defaults; an experiment's ``[policy]`` overrides them field by field."""
 
@@ -328,6 +373,8 @@ class Policy(_Spec, frozen=True):
     naming: Naming = field(default_factory=Naming)
     max_sweep_size: SweepSize = 1_000_000
     priority: Priority = 0
+    budget: SpendBudget | None = None
+    """dollars that runs on elastic providers may cost (``SpendBudget``); None: no limit."""
 
 
 class TaskPlacement(_Spec, frozen=True):
@@ -339,8 +386,23 @@ class TaskPlacement(_Spec, frozen=True):
     residency: list[Label] = field(default_factory=list)
     runtime: Duration | None = None
     """Estimated runtime, for cost; defaults to the walltime, then the timeout, then 1 h."""
+    tolerations: list[str] = field(default_factory=list)
+    """Taint keys (Kubernetes ``NoSchedule``/``NoExecute``, such as ``dedicated``) the task
+    tolerates: a node pool whose nodes carry such a taint is offered to this task only when
+    it lists every key the pool's taints use."""
 
     def __post_init__(self) -> None:
+        import re
+
+        for i, key in enumerate(self.tolerations):
+            if not re.match(K8S_LABEL_KEY, key):
+                raise ValueError(
+                    f"tolerations[{i}]: {key!r} {_K8S_WORDS[K8S_LABEL_KEY]} (a taint key, "
+                    "as `kubectl describe node` shows it: 'dedicated', 'example.com/gpu-team')"
+                )
+        if len(set(self.tolerations)) != len(self.tolerations):
+            raise ValueError("tolerations: lists a key twice; list each once")
+        force_setattr(self, "tolerations", sorted(self.tolerations))
         if self.runtime is not None:
             try:
                 force_setattr(self, "runtime", parse_duration(self.runtime))
@@ -528,6 +590,62 @@ _K8S_WORDS: Final = {
 }
 
 
+class NodeShapeSpec(_Spec, frozen=True):
+    """What one node offers to pods (its allocatable): CPUs, memory ("30GiB") and GPUs by
+    model (``{ a100 = 1 }``, in the GPU vocabulary of tasks' ``gpu_type``)."""
+
+    cpus: Cpus
+    memory: Bytes
+    gpus: dict[Label, Gpus] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        try:
+            force_setattr(self, "memory", parse_size(self.memory))
+        except ValueError as e:
+            raise ValueError(f"memory: {e}") from None
+        if self.memory == 0:
+            raise ValueError("memory: a node needs some memory; give its allocatable memory")
+        for model in self.gpus:
+            if model != model.lower() or not model.isalnum():
+                raise ValueError(
+                    f"gpus: {model!r} is not a GPU model as tasks name it; write the lowercase "
+                    "model word ('a100', 'h100', 'l4', 'rtx4090')"
+                )
+        force_setattr(self, "gpus", {m: n for m, n in sorted(self.gpus.items()) if n > 0})
+
+
+class KubernetesAutoscaleSpec(_Spec, frozen=True):
+    """A node pool the cluster's autoscaler (cluster-autoscaler, GKE, Karpenter) grows on
+    demand, possibly from zero nodes: what the cluster cannot tell while it has no node.
+    ``node`` is a new node's allocatable shape; ``max_nodes`` the pool's maximum (nodes it has
+    now count against it); ``boot_time`` how long a new node takes to take pods; ``taints``
+    the keys its nodes are tainted with (``NoSchedule``); ``region`` where its nodes are
+    (unset: where the cluster's other nodes are)."""
+
+    node: NodeShapeSpec
+    max_nodes: Annotated[int, Meta(ge=1, le=MAX_COUNT)]
+    boot_time: Duration = 180.0
+    taints: list[str] = field(default_factory=list)
+    region: Label | None = None
+
+    def __post_init__(self) -> None:
+        import re
+
+        try:
+            force_setattr(self, "boot_time", parse_duration(self.boot_time))
+        except ValueError as e:
+            raise ValueError(f"boot_time: {e}") from None
+        for i, key in enumerate(self.taints):
+            if not re.match(K8S_LABEL_KEY, key):
+                raise ValueError(f"taints[{i}]: {key!r} {_K8S_WORDS[K8S_LABEL_KEY]}")
+        force_setattr(self, "taints", sorted(set(self.taints)))
+
+    @property
+    def boot_s(self) -> float:
+        assert isinstance(self.boot_time, float)  # normalised in __post_init__
+        return self.boot_time
+
+
 class KubernetesProviderConfig(_Spec, frozen=True, tag_field="kind", tag="kubernetes"):
     """A Kubernetes cluster (GKE, EKS, on-prem with the NVIDIA GPU operator, with or without
     Kueue), reached with a kubeconfig or, failing that, the in-cluster service account.
@@ -537,7 +655,10 @@ class KubernetesProviderConfig(_Spec, frozen=True, tag_field="kind", tag="kubern
     ``cloud.google.com/gke-nodepool``, ``eks.amazonaws.com/nodegroup``, ``karpenter.sh/nodepool``
     and ``node.kubernetes.io/instance-type`` that the nodes carry. ``tolerations`` lists the
     taint keys every stowplan pod tolerates (GPU pods also tolerate ``gpu_resource``'s taint);
-    a node pool with another NoSchedule taint is not offered.
+    a node pool with another NoSchedule or NoExecute taint is offered only to tasks that list
+    its keys in ``placement.tolerations``. ``autoscale`` names the node pools (by their
+    node-pool label value) that the cluster's autoscaler grows, with their node shape and
+    maximum: they are offered as elastic capacity, also while they have no node.
     """
 
     kubeconfig: PathText | None = None
@@ -564,6 +685,17 @@ class KubernetesProviderConfig(_Spec, frozen=True, tag_field="kind", tag="kubern
     site: Label | None = None
     """unset: the nodes' ``topology.kubernetes.io/region`` (else the provider's name)."""
     request_timeout: Annotated[float, Meta(gt=0, le=600)] = 30.0
+    autoscale: dict[str, KubernetesAutoscaleSpec] = field(default_factory=dict)
+    """node-pool label value -> the autoscaled pool's shape and maximum."""
+    bucket: str | None = None
+    """``s3://BUCKET/PREFIX``: pods upload their declared outputs, logs and exit record there
+    through presigned URLs made at submit (a pod holds no credentials); unset: outputs are not
+    returned. Presigning uses the SDK's credentials (``AWS_PROFILE``, the default chain)."""
+    bucket_endpoint: str | None = None
+    """the S3 API's URL (MinIO, Ceph, a GCS interoperability endpoint); unset: the SDK's
+    (``AWS_ENDPOINT_URL``, else AWS). Pods must reach it."""
+    bucket_region: Label | None = None
+    """unset: the SDK's region (``AWS_REGION``, ``AWS_DEFAULT_REGION``), else us-east-1."""
 
     def __post_init__(self) -> None:
         import re
@@ -571,6 +703,13 @@ class KubernetesProviderConfig(_Spec, frozen=True, tag_field="kind", tag="kubern
         def check(name: str, value: str | None, pattern: str) -> None:
             if value is not None and not re.match(pattern, value):
                 raise ValueError(f"{name}: {value!r} {_K8S_WORDS[pattern]}")
+
+        for pool in self.autoscale:
+            if not re.match(K8S_LABEL_VALUE, pool):
+                raise ValueError(
+                    f"autoscale: pool name {pool!r} {_K8S_WORDS[K8S_LABEL_VALUE]}; name the "
+                    "pool as its nodes' node-pool label value ([providers.NAME.autoscale.POOL])"
+                )
 
         check("image", self.image, K8S_IMAGE)
         check("node_pool_label", self.node_pool_label, K8S_LABEL_KEY)
@@ -588,6 +727,34 @@ class KubernetesProviderConfig(_Spec, frozen=True, tag_field="kind", tag="kubern
                 raise ValueError(f"{name}: {e}") from None
         if self.context is not None and not self.context.strip():
             raise ValueError("context: is empty; name a context of the kubeconfig or leave it out")
+        if self.bucket is not None and not re.match(_AWS_BUCKET, self.bucket):
+            raise ValueError(
+                f"bucket: {self.bucket!r} is not an S3 URL; write 's3://BUCKET' or "
+                "'s3://BUCKET/PREFIX' (a bucket name of 3 to 63 lowercase letters, digits, "
+                "'.' and '-')"
+            )
+        if self.bucket_endpoint is not None and not re.match(
+            r"\Ahttps?://[^\s/?#@]+(/[^\s?#]*)?\Z", self.bucket_endpoint
+        ):
+            raise ValueError(
+                f"bucket_endpoint: {self.bucket_endpoint!r} is not an http(s) URL without "
+                "credentials; write 'https://HOST[:PORT]'"
+            )
+        if self.bucket is None and self.bucket_endpoint is not None:
+            raise ValueError(
+                "bucket_endpoint: has no effect without bucket; set bucket = 's3://BUCKET' "
+                "or remove it"
+            )
+
+    @property
+    def bucket_name(self) -> str:
+        return (self.bucket or "").removeprefix("s3://").split("/", 1)[0]
+
+    @property
+    def bucket_prefix(self) -> str:
+        """The key prefix under the bucket, without slashes at either end ("" for none)."""
+        rest = (self.bucket or "").removeprefix("s3://").split("/", 1)
+        return rest[1].strip("/") if len(rest) > 1 else ""
 
 
 AWS_REGIONS: Final = (
@@ -787,6 +954,57 @@ class PlacementSettings(_Spec, frozen=True):
                 raise ValueError(f"residency.{name}: list at least one site or region")
 
 
+ServiceRole = Literal["viewer", "member", "team-admin", "admin"]
+"""What a person may do through the service: read their team's runs (viewer), also submit
+and cancel their own (member), also cancel their team's (team-admin), everything (admin)."""
+
+
+class ServiceTeamSpec(_Spec, frozen=True):
+    """``[service.teams.NAME]``: one team of the lab (its quotas come later)."""
+
+    description: Label | None = None
+
+
+class ServiceUserSpec(_Spec, frozen=True):
+    """``[service.users.NAME]``: one person, their team and their role."""
+
+    team: Name
+    role: ServiceRole = "member"
+
+
+class ServiceTlsSpec(_Spec, frozen=True):
+    """``[service.tls]``: serve HTTPS with this certificate and key (PEM files)."""
+
+    cert: PathText
+    key: PathText
+
+
+class ServiceConfig(_Spec, frozen=True):
+    """``[service]`` in stowplan.toml: where ``stowplan serve`` listens, who may use it."""
+
+    bind: Label = "127.0.0.1"
+    port: Annotated[int, Meta(ge=1, le=65535)] = 8470
+    tls: ServiceTlsSpec | None = None
+    max_body: Bytes = 16 * 2**20
+    """The largest request body accepted (an experiment file and the files it names), bytes
+    or a size such as "16MiB"."""
+    teams: dict[Name, ServiceTeamSpec] = field(default_factory=dict)
+    users: dict[Name, ServiceUserSpec] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        try:
+            force_setattr(self, "max_body", parse_size(self.max_body))
+        except ValueError as e:
+            raise ValueError(f"max_body: {e}") from None
+        for name, user in sorted(self.users.items()):
+            if user.team not in self.teams:
+                known = ", ".join(sorted(self.teams)) or "none is defined"
+                raise ValueError(
+                    f"users.{name}.team: no team {user.team!r} under [service.teams] ({known}); "
+                    f"add [service.teams.{user.team}]"
+                )
+
+
 class ProjectConfig(_Spec, frozen=True):
     """``stowplan.toml``: project name, policy defaults, providers by name, store location."""
 
@@ -797,6 +1015,7 @@ class ProjectConfig(_Spec, frozen=True):
     )
     store: StoreConfig = field(default_factory=StoreConfig)
     placement: PlacementSettings = field(default_factory=PlacementSettings)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
 
     def __post_init__(self) -> None:
         if not self.providers:

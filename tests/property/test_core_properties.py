@@ -151,7 +151,9 @@ class Driver:
         core = self.core
         for run_id, t in self.tasks.items():
             # (3) attempts never exceed the retry policy
-            assert core.attempt(run_id) <= t.retry.max_attempts, run_id
+            assert core.attempt(run_id) - core.uncounted_attempts(run_id) <= t.retry.max_attempts, (
+                run_id
+            )
             assert core.state(run_id) is self.mirror[run_id], run_id
         # (4) no pool is leased beyond its capacity, by the core's books...
         for p in self.known_pools:

@@ -44,7 +44,7 @@ _RUN_SELECT: Final = (
 )
 _ATTEMPT_COLUMNS: Final = (
     "key, run_id, attempt, provider, pool, state, job_id, node, exit_code, failure, message, "
-    "intent_at, started_at, ended_at, used"
+    "intent_at, started_at, ended_at, used, instance_type, market, billed_s, usd"
 )
 _EXPERIMENT_COLUMNS: Final = "id, name, project, description, file, spec, created_at"
 
@@ -141,6 +141,10 @@ _attempt_row: Final = operator.attrgetter(
     "started_at",
     "ended_at",
     "used",
+    "instance_type",
+    "market",
+    "billed_s",
+    "usd",
 )
 _by_key: Final = operator.attrgetter("key")
 
@@ -162,6 +166,10 @@ def _attempt_from_row(row: Sequence[Any]) -> AttemptRecord:
         started_at=row[12],
         ended_at=row[13],
         used=row[14],
+        instance_type=row[15],
+        market=row[16],
+        billed_s=row[17],
+        usd=row[18],
     )
 
 
@@ -456,7 +464,7 @@ class RunTables(Database):
         with self._write() as c:
             c.executemany(
                 f"INSERT OR IGNORE INTO attempts ({_ATTEMPT_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
 
@@ -464,10 +472,11 @@ class RunTables(Database):
         """Upsert attempts by key with what the provider reported, in the order given.
 
         For a stored key, ``state`` takes the new value; ``job_id``, ``node``, ``exit_code``,
-        ``failure``, ``started_at``, ``ended_at`` and ``used`` keep their stored value when the
-        update has None, and ``message`` when the update's is empty. ``run_id``, ``attempt``,
-        ``provider``, ``pool`` and ``intent_at`` come from the intent and never change, so an
-        update may leave them blank (a provider report knows only the key).
+        ``failure``, ``started_at``, ``ended_at``, ``used`` and the cost (``instance_type``,
+        ``market``, ``billed_s``, ``usd``) keep their stored value when the update has None, and
+        ``message`` when the update's is empty. ``run_id``, ``attempt``, ``provider``, ``pool``
+        and ``intent_at`` come from the intent and never change, so an update may leave them
+        blank (a provider report knows only the key).
 
         A key never stored is inserted whole if its ``run_id`` names a stored run, and skipped
         (logged) if its ``run_id`` is blank: a report for an attempt this store never saw.
@@ -476,9 +485,10 @@ class RunTables(Database):
             return
         with self._write() as c:
             changed = c.executemany(
-                # ?1..?15 are the attempt row; the WHERE drops blank-run updates of unknown keys
+                # ?1..?19 are the attempt row; the WHERE drops blank-run updates of unknown keys
                 f"INSERT INTO attempts ({_ATTEMPT_COLUMNS}) "
-                "SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15 "
+                "SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, "
+                "?16, ?17, ?18, ?19 "
                 "WHERE ?2 != '' OR EXISTS (SELECT 1 FROM attempts WHERE key = ?1) "
                 "ON CONFLICT (key) DO UPDATE SET "
                 "state = excluded.state, "
@@ -489,7 +499,11 @@ class RunTables(Database):
                 "message = CASE WHEN excluded.message = '' THEN message ELSE excluded.message END, "
                 "started_at = coalesce(excluded.started_at, started_at), "
                 "ended_at = coalesce(excluded.ended_at, ended_at), "
-                "used = coalesce(excluded.used, used)",
+                "used = coalesce(excluded.used, used), "
+                "instance_type = coalesce(excluded.instance_type, instance_type), "
+                "market = coalesce(excluded.market, market), "
+                "billed_s = coalesce(excluded.billed_s, billed_s), "
+                "usd = coalesce(excluded.usd, usd)",
                 map(_attempt_row, sorted(updates, key=_by_key)),
             ).rowcount
         if changed < len(updates):
@@ -525,6 +539,56 @@ class RunTables(Database):
             ).fetchall()
         return [_attempt_from_row(r) for r in rows]
 
+    def attempts_on(self, provider: str, job_ids: Iterable[str]) -> list[AttemptRecord]:
+        """Every attempt of ``provider`` whose job id is one of ``job_ids`` (for a cloud
+        provider, its instance): the attempts billed together (``prices.bill``), by key."""
+        with self._read() as c:
+            sql = (
+                f"SELECT {_ATTEMPT_COLUMNS} FROM attempts WHERE provider = ? "
+                "AND job_id IN ({}) ORDER BY key"
+            )
+            out: list[AttemptRecord] = []
+            for ids in _chunks(sorted(set(job_ids)), 500):
+                q = sql.replace("({})", "(" + ", ".join("?" * len(ids)) + ")")
+                out.extend(_attempt_from_row(r) for r in c.execute(q, (provider, *ids)))
+        return sorted(out, key=_by_key)
+
+    def job_ids(self, provider: str, keys: Sequence[str]) -> list[str]:
+        """The job ids (instances) of ``provider``'s attempts among ``keys`` that have one."""
+        with self._read() as c:
+            sql = "SELECT key, provider, job_id FROM attempts WHERE key IN ({})"
+            found = {
+                str(job)
+                for _, prov, job in rows_in(c, sql, sorted(set(keys)))
+                if prov == provider and job
+            }
+        return sorted(found)
+
+    def cost_by_experiment(self, experiment_ids: Sequence[str]) -> dict[str, float]:
+        """Dollars recorded for the attempts of each experiment's runs; experiments without
+        any priced attempt are left out."""
+        out: dict[str, float] = {}
+        with self._read() as c:
+            sql = (
+                "SELECT r.experiment_id, sum(a.usd) FROM attempts AS a "
+                "JOIN runs AS r ON r.run_id = a.run_id "
+                "WHERE a.usd IS NOT NULL AND r.experiment_id IN ({}) GROUP BY r.experiment_id"
+            )
+            for eid, total in rows_in(c, sql, sorted(set(experiment_ids))):
+                out[str(eid)] = float(total)
+        return out
+
+    def cost_since(self, since: float) -> float:
+        """Dollars recorded for attempts that started at or after ``since`` (a month's spend,
+        for the monthly budget)."""
+        with self._read() as c:
+            row = c.execute(
+                "SELECT coalesce(sum(usd), 0) FROM attempts WHERE usd IS NOT NULL "
+                "AND coalesce(started_at, intent_at) >= ?",
+                (since,),
+            ).fetchone()
+        return float(row[0])
+
     # -- what attempts imported ------------------------------------------------------------
 
     def put_used(self, records: Iterable[bytes]) -> list[str]:
@@ -548,3 +612,8 @@ class RunTables(Database):
             for h, record in rows_in(c, sql, sorted(set(hashes))):
                 out[str(h)] = str(record).encode()
         return out
+
+
+def _chunks(items: Sequence[str], n: int) -> Iterable[Sequence[str]]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]

@@ -13,9 +13,17 @@ from typing import Final
 
 from stowplan.errors import StowplanError
 
-__all__ = ["SCHEMA_V2", "SCHEMA_V3", "SCHEMA_V4", "SCHEMA_VERSION", "migrate", "user_version"]
+__all__ = [
+    "SCHEMA_V2",
+    "SCHEMA_V3",
+    "SCHEMA_V4",
+    "SCHEMA_V5",
+    "SCHEMA_VERSION",
+    "migrate",
+    "user_version",
+]
 
-SCHEMA_VERSION: Final = 4
+SCHEMA_VERSION: Final = 5
 
 SCHEMA_V2: Final = (
     """
@@ -181,6 +189,17 @@ SCHEMA_V4: Final = (
     """,
 )
 
+# Version 5 adds what an attempt on a priced (cloud) provider cost: the instance type and
+# market, the instance-seconds billed to it and their dollars (NULL elsewhere), and an index
+# by job id, the instance, whose attempts are billed together.
+SCHEMA_V5: Final = (
+    "ALTER TABLE attempts ADD COLUMN instance_type TEXT",
+    "ALTER TABLE attempts ADD COLUMN market TEXT",
+    "ALTER TABLE attempts ADD COLUMN billed_s REAL",
+    "ALTER TABLE attempts ADD COLUMN usd REAL",
+    "CREATE INDEX attempts_by_job ON attempts (provider, job_id) WHERE job_id IS NOT NULL",
+)
+
 
 def user_version(conn: sqlite3.Connection) -> int:
     """The schema version of the database ``conn`` is open on (0 for a new one)."""
@@ -211,5 +230,8 @@ def migrate(conn: sqlite3.Connection, path: Path) -> None:
             conn.execute(statement)
     if version in (0, 2, 3):
         for statement in SCHEMA_V4:
+            conn.execute(statement)
+    if version in (0, 2, 3, 4):
+        for statement in SCHEMA_V5:
             conn.execute(statement)
     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")

@@ -32,7 +32,9 @@ INSTANCE_STATES: dict[str, ProviderState] = {
 STATE_REASONS: dict[str, tuple[ProviderState, FailureClass | None]] = {
     "Server.SpotInstanceTermination": (ProviderState.FAILED, FailureClass.PREEMPTED),
     "Server.SpotInstanceShutdown": (ProviderState.FAILED, FailureClass.PREEMPTED),
-    "Server.InsufficientInstanceCapacity": (ProviderState.FAILED, FailureClass.NODE_FAILURE),
+    # the launch found no capacity: the instance never started, nor anything on it; the core
+    # places the attempt again elsewhere and leaves the pool out for a while
+    "Server.InsufficientInstanceCapacity": (ProviderState.FAILED, FailureClass.NO_CAPACITY),
     "Server.InternalError": (ProviderState.FAILED, FailureClass.NODE_FAILURE),
     "Server.ScheduledStop": (ProviderState.FAILED, FailureClass.NODE_FAILURE),
     "Client.InternalError": (ProviderState.FAILED, FailureClass.NODE_FAILURE),
@@ -108,12 +110,15 @@ class ErrorKind(enum.Enum):
     """the service failed this time: retryable ``ProviderError``."""
     NO_CAPACITY = "no_capacity"
     """this (type, zone, market) has no capacity now: mark it unavailable, fail the attempt as
-    ``PROVIDER_TRANSIENT`` so the core re-places it with what was learned."""
+    ``FailureClass.NO_CAPACITY`` (``error_failure``) so the core re-places it with what was
+    learned (that pool is left out of the shape's placements for a cool-down)."""
     QUOTA = "quota"
     """the account's quota for the family and market is reached: learn it, fail the attempt as
-    ``PROVIDER_TRANSIENT``, never retry it blindly."""
+    ``FailureClass.NO_CAPACITY``: it never ran, and the core places it elsewhere, never
+    blindly in the same pool again during the cool-down."""
     UNSUPPORTED = "unsupported"
-    """the type cannot run in that zone: never try it there again."""
+    """the type cannot run in that zone: never try it there again (an attempt that could go
+    nowhere else in the pool: ``FailureClass.NO_CAPACITY``)."""
     ALREADY = "already"
     """the ClientToken was used before: the instance exists; look it up by tag."""
     REJECTED = "rejected"
@@ -159,3 +164,22 @@ EC2_ERRORS: dict[str, ErrorKind] = {
 def ec2_error(code: str) -> ErrorKind:
     """What an error code means. Total: an unlisted code is ``ErrorKind.UNKNOWN``."""
     return EC2_ERRORS.get(code, ErrorKind.UNKNOWN)
+
+
+ERROR_FAILURES: dict[ErrorKind, FailureClass | None] = {
+    ErrorKind.THROTTLED: FailureClass.PROVIDER_TRANSIENT,
+    ErrorKind.TRANSIENT: FailureClass.PROVIDER_TRANSIENT,
+    ErrorKind.NO_CAPACITY: FailureClass.NO_CAPACITY,
+    ErrorKind.QUOTA: FailureClass.NO_CAPACITY,
+    ErrorKind.UNSUPPORTED: FailureClass.NO_CAPACITY,
+    ErrorKind.ALREADY: None,
+    ErrorKind.REJECTED: FailureClass.PROVIDER_REJECTED,
+    ErrorKind.UNKNOWN: None,
+}
+"""The class of an attempt whose launch failed with an error of that kind, reported FAILED;
+None: not a failure of the attempt (ALREADY: it exists; UNKNOWN: reconciliation finds out)."""
+
+
+def error_failure(code: str) -> FailureClass | None:
+    """The failure class of an attempt whose launch got EC2 error ``code``. Total."""
+    return ERROR_FAILURES[ec2_error(code)]

@@ -177,3 +177,30 @@ def test_an_attempt_key_fits_every_provider_s_names_with_a_prefix() -> None:
     assert len(key) == KEY_LEN
     assert len(request_name([key], "stowplan")) <= KEY_MAX
     assert KEY_PATTERN.match(key)
+
+
+PINNED_EXPERIMENT = """\
+[experiment]
+name = "pinned"
+
+[policy]
+priority = 3
+
+[[tasks]]
+name = "t"
+command = ["python", "t.py"]
+"""
+PINNED_EXPERIMENT_HASH = "162ca0047de68d9f053fe0f3e1daa6268ad220ffbaeaa84c0d40298daedb4f49"
+"""computed before ``policy.budget`` existed: an experiment with its own ``[policy]`` that
+does not set a budget keeps its id."""
+
+
+def test_fields_added_later_keep_old_experiment_ids(tmp_path: Path) -> None:
+    from stowplan.spec.canonical import canonical_experiment
+
+    path = tmp_path / "experiment.toml"
+    path.write_text(PINNED_EXPERIMENT)
+    assert spec_hash(canonical_experiment(load_experiment(path).spec)) == PINNED_EXPERIMENT_HASH
+    path.write_text(PINNED_EXPERIMENT.replace("priority = 3", "budget = { monthly_usd = 5 }"))
+    canonical = canonical_experiment(load_experiment(path).spec)
+    assert canonical["policy"]["budget"]["monthly_usd"] == 5

@@ -1,0 +1,105 @@
+"""The HTTP API's own request and answer types (what ``views`` returns travels as is).
+
+Requests are frozen, keyword-only and forbid unknown fields, like everything users write;
+every string that becomes a path on the server has a pattern that cannot climb out of it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Final
+
+import msgspec
+from msgspec import Meta
+
+API_PREFIX: Final = "/api/v1"
+
+REQUEST_ID_PATTERN: Final = r"\A[A-Za-z0-9][A-Za-z0-9_.-]{7,127}\Z"
+FILE_NAME_PATTERN: Final = r"\A[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}\.(toml|yaml|yml)\Z"
+REL_PATH_PATTERN: Final = (
+    r"\A(?!.*(?:\A|/)\.\.?(?:/|\Z))[A-Za-z0-9_.-]{1,128}(/[A-Za-z0-9_.-]{1,128}){0,15}\Z"
+)
+"""A relative path: up to 16 parts of letters, digits, '_', '.', '-'; no '.' or '..' part."""
+RUN_REF_PATTERN: Final = r"\A[0-9a-f]{6,64}\Z"
+EXPERIMENT_REF_PATTERN: Final = r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z"
+"""An experiment's name or id; also a provider's name."""
+WHY_PATTERN: Final = r"\A[^\x00-\x08\x0b-\x1f\x7f]*\Z"
+
+PATTERN_TEXT: Final = {
+    REQUEST_ID_PATTERN: "must be 8 to 128 letters, digits, '_', '.' or '-', starting with a "
+    "letter or digit (a UUID will do)",
+    FILE_NAME_PATTERN: "must be a plain file name ending .toml, .yaml or .yml (no directory)",
+    REL_PATH_PATTERN: "must be a relative path of parts made of letters, digits, '_', '.', '-' "
+    "(no '..', no leading '/')",
+    EXPERIMENT_REF_PATTERN: "must be a name: letters, digits, '_', '.' or "
+    "'-', starting with a letter or digit",
+    WHY_PATTERN: "must not contain control characters",
+}
+"""Each string pattern of the API and how to say it to a person (the 400's message)."""
+
+RequestId = Annotated[
+    str,
+    Meta(
+        pattern=REQUEST_ID_PATTERN,
+        description="8 to 128 letters, digits, '_', '.', '-' chosen by the client (a UUID); "
+        "the same id retried returns the first answer",
+    ),
+]
+FileName = Annotated[
+    str, Meta(pattern=FILE_NAME_PATTERN, description="a file name ending .toml, .yaml or .yml")
+]
+RelPath = Annotated[
+    str,
+    Meta(
+        pattern=REL_PATH_PATTERN,
+        description="a relative path of letters, digits, '_', '.', '-' parts; no '..'",
+    ),
+]
+Why = Annotated[str, Meta(max_length=1000, pattern=WHY_PATTERN)]
+ProviderName = Annotated[str, Meta(pattern=EXPERIMENT_REF_PATTERN)]
+
+
+class SubmitRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``POST /api/v1/experiments``: an experiment file and the files its tasks name.
+
+    The providers, store and policy defaults are the lab's (the service's ``stowplan.toml``):
+    a submission cannot configure where the lab's work runs."""
+
+    request_id: RequestId
+    filename: FileName
+    experiment: Annotated[str, Meta(max_length=1 << 20)]
+    """the experiment file's text (TOML or YAML, by ``filename``)."""
+    files: dict[RelPath, bytes] = msgspec.field(default_factory=dict)
+    """files beside the experiment file, by relative path (JSON: base64)."""
+    provider: ProviderName | None = None
+    why: Why = ""
+
+
+class SubmitResponse(msgspec.Struct, frozen=True, kw_only=True):
+    request_id: str
+    experiment_id: str
+    name: str
+    runs: int
+    submitted: int
+    reused: int
+    notes: list[str] = msgspec.field(default_factory=list)
+
+
+class CancelRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    why: Why = "cancelled by user"
+
+
+class CancelResponse(msgspec.Struct, frozen=True, kw_only=True):
+    run_id: str
+    cancelled: int
+
+
+class Health(msgspec.Struct, frozen=True, kw_only=True):
+    ok: bool
+    detail: str = ""
+
+
+class ErrorBody(msgspec.Struct, frozen=True, kw_only=True):
+    """Every 4xx/5xx answer."""
+
+    status_code: int
+    detail: str
