@@ -8,12 +8,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import s3fs  # in the test extras: missing, it must fail, never skip
 
 from stowplan.actors.store import StoreActor
 from stowplan.provenance.store import ArtifactsNotStored, RunStore
@@ -26,35 +24,9 @@ BUCKET = "outputs"
 PREFIX = "stowplan/attempts/RUN/KEY/outputs"
 
 
-@pytest.fixture(scope="module")
-def s3() -> Iterator[Any]:
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    s3fs.S3FileSystem.clear_instance_cache()
-    try:
-        client = boto3.client("s3")
-        client.create_bucket(Bucket=BUCKET)
-        yield client
-    finally:
-        s3fs.S3FileSystem.clear_instance_cache()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
+@pytest.fixture(scope="module", autouse=True)
+def outputs_bucket(s3: Any) -> None:
+    s3.create_bucket(Bucket=BUCKET)
 
 
 def attempt_dir(tmp_path: Path) -> Path:
