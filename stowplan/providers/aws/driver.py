@@ -30,8 +30,9 @@ State: the queue records, the inboxes and the claims in S3 and the instances' ta
 truth; what this object holds is a cache a restarted driver rebuilds from them (a key it does
 not know is looked up in the queue; the inboxes of live instances are read back).
 
-Observation: one ``describe_instances`` per region for the whole fleet, one S3 listing per run
-for the exit records and one for the claims; finished keys are cached. An attempt claimed by an
+Observation: one ``describe_instances`` per region for the whole fleet, one S3 listing of the
+exit records and one of the claims (of every run's, or per run when that takes fewer pages: a
+sweep is one run per trial); finished keys are cached. An attempt claimed by an
 instance that is gone without an exit record failed with it (``states.gone_reason``: a spot
 reclaim is PREEMPTED, anything else a node failure); one sent to a gone instance but never
 claimed goes back to the queue. Zones: each instance goes to a zone discovery found usable,
@@ -68,6 +69,7 @@ from stowplan.providers.aws.discover import (
 )
 from stowplan.providers.aws.render import (
     AGENT_LEASE_S,
+    LEASE_MARGIN_S,
     TAG_AGENT,
     TAG_POOL,
     TAG_PROVIDER,
@@ -175,6 +177,13 @@ class Agent(Struct, kw_only=True):
         return self.state in LIVE and not self.stopped_by
 
 
+def _needs_s(req: AwsRequest) -> float:
+    """Seconds of an agent's lease an attempt needs left to be sent there: its lease, or,
+    without a timeout (a lease as long as an agent's), ``LEASE_MARGIN_S``: it runs until the
+    agent's lease ends at most."""
+    return req.lease_s if req.lease_s < AGENT_LEASE_S else LEASE_MARGIN_S
+
+
 class AwsProvider(Provider):
     poll_min = 2.0
     poll_max = 30.0
@@ -198,6 +207,7 @@ class AwsProvider(Provider):
                     Capability.LOGS,
                     Capability.CANCEL_MEMBER,
                     Capability.ELASTIC,
+                    Capability.OUTPUTS,
                 }
             ),
             why_not={
@@ -597,13 +607,13 @@ class AwsProvider(Provider):
                 and g >= req.gpus
                 and c >= req.cpus - 1e-9
                 and m >= req.memory
-                and self._agents[aid].launched + AGENT_LEASE_S - now > req.lease_s
+                and self._agents[aid].launched + AGENT_LEASE_S - now > _needs_s(req)
             ]
             if not fits:
                 continue
             _, _, aid = min(fits)
             agent = self._agents[aid]
-            await self._send(item, agent)
+            await self._send(item, agent, int(agent.launched + AGENT_LEASE_S - now))
             c, m, g = free[aid]
             free[aid] = (c - req.cpus, m - req.memory, g - req.gpus)
             changed.add(aid)
@@ -619,12 +629,14 @@ class AwsProvider(Provider):
         )
         return url
 
-    async def _send(self, item: Item, agent: Agent) -> None:
-        """Upload the attempt script with fresh URLs and add its line to ``agent``'s inbox
-        (written by ``_write_inboxes``)."""
+    async def _send(self, item: Item, agent: Agent, left_s: int) -> None:
+        """Upload the attempt script with fresh URLs (valid for its lease, at most the
+        ``left_s`` seconds the agent has left) and add its line to ``agent``'s inbox (written
+        by ``_write_inboxes``)."""
         req = item.request
+        lease = max(1, min(req.lease_s, left_s))
         urls = {
-            slot: await self._presign(method, obj, req.lease_s)
+            slot: await self._presign(method, obj, lease)
             for slot, (method, obj) in req.slots.items()
         }
         s3 = await self._s3()
@@ -636,9 +648,9 @@ class AwsProvider(Provider):
             Body=req.user_data(urls).encode(),
         )
         line = {
-            "claim": await self._presign("PUT", req.claim_key, req.lease_s, IfNoneMatch="*"),
-            "claimed": await self._presign("GET", req.claim_key, req.lease_s),
-            "script": await self._presign("GET", req.script_key, req.lease_s),
+            "claim": await self._presign("PUT", req.claim_key, lease, IfNoneMatch="*"),
+            "claimed": await self._presign("GET", req.claim_key, lease),
+            "script": await self._presign("GET", req.script_key, lease),
             "exit": urls["exit"],
         }
         agent.seq += 1
@@ -900,15 +912,30 @@ class AwsProvider(Provider):
 
     async def _listed(self, keys: Sequence[str], prefix_of: Any) -> set[str]:
         """The keys of ``keys`` with an object under ``prefix_of(config, run)``: one listing
-        per run."""
+        of the prefix of every run (a sweep is one run per trial) while that takes fewer pages
+        than one listing per run, else one listing per run."""
         by_run: dict[str, list[str]] = {}
         for k in keys:
             by_run.setdefault(self._items[k].request.run_id, []).append(k)
         s3 = await self._s3()
         out: set[str] = set()
+        if len(by_run) > 1:
+            run = next(iter(by_run))
+            whole = prefix_of(self.config, run).removesuffix(f"{run}/")
+            names = await self._pages_s3(
+                s3, self.config.bucket_name, whole, most_pages=len(by_run) - 1
+            )
+            if names is not None:
+                return {
+                    k
+                    for run, run_keys in by_run.items()
+                    for k in run_keys
+                    if f"{prefix_of(self.config, run)}{k}.json" in names
+                }
         for run, run_keys in sorted(by_run.items()):
             prefix = prefix_of(self.config, run)
             names = await self._pages_s3(s3, self.config.bucket_name, prefix)
+            assert names is not None  # no page limit
             out.update(k for k in run_keys if f"{prefix}{k}.json" in names)
         return out
 
@@ -1014,10 +1041,17 @@ class AwsProvider(Provider):
         while True:
             yield await self._capacity.get()
 
-    async def _pages_s3(self, s3: Any, bucket: str, prefix: str) -> set[str]:
+    async def _pages_s3(
+        self, s3: Any, bucket: str, prefix: str, *, most_pages: int | None = None
+    ) -> set[str] | None:
+        """The object keys under ``prefix``; None if they take more than ``most_pages``."""
         names: set[str] = set()
         token: str | None = None
+        pages = 0
         while True:
+            if most_pages is not None and pages >= most_pages:
+                return None
+            pages += 1
             extra = {"ContinuationToken": token} if token else {}
             page = await self._call(s3, "list_objects_v2", Bucket=bucket, Prefix=prefix, **extra)
             names.update(str(o["Key"]) for o in page.get("Contents") or [])

@@ -1,7 +1,9 @@
 """A thin HTTP proxy in front of moto's server that can lose answers: it forwards a request,
 lets moto act on it, and then closes the connection without answering (what a client sees when
-a network drops after the server acted). Faults are injected here, at the HTTP boundary, never
-by patching the driver."""
+a network drops after the server acted). It can also answer ``RunInstances`` in a zone with
+EC2's ``InsufficientInstanceCapacity``, and counts the API calls it forwards (``seen``) apart
+from the instances' presigned-URL requests (``presigned``). Faults are injected here, at the
+HTTP boundary, never by patching the driver."""
 
 from __future__ import annotations
 
@@ -17,8 +19,18 @@ class LossyProxy:
         self.lose: list[str] = []
         """Actions (``RunInstances``) whose answers to lose, in order: the next request of the
         first one loses its answer, then the next of the second after it, and so on."""
+        self.no_capacity_zones: set[str] = set()
+        """Zones where ``RunInstances`` is answered ``InsufficientInstanceCapacity`` (EC2's
+        error answer; moto never sees the call)."""
+        self.first_zone_runs_out = False
+        """Set: the zone of the next ``RunInstances`` runs out of capacity (is added to
+        ``no_capacity_zones``) before it is answered."""
+        self.refused: list[str] = []
+        """Zones of the ``RunInstances`` refused, in order."""
         self._lock = threading.Lock()
         self.seen: list[str] = []
+        self.presigned = 0
+        """Requests through presigned URLs (the instances' own), not counted in ``seen``."""
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -30,11 +42,31 @@ class LossyProxy:
             def _forward(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
-                action = ""
+                action = zone = ""
                 for part in body.decode("latin-1").split("&"):
                     if part.startswith("Action="):
                         action = part[len("Action=") :]
-                proxy.seen.append(action or f"{self.command} {self.path.split('?')[0]}")
+                    elif part.startswith("Placement.AvailabilityZone="):
+                        zone = part.split("=", 1)[1]
+                with proxy._lock:
+                    if "X-Amz-Signature=" in self.path:
+                        proxy.presigned += 1
+                    else:
+                        proxy.seen.append(action or f"{self.command} {self.path.split('?')[0]}")
+                    if action == "RunInstances" and proxy.first_zone_runs_out:
+                        proxy.first_zone_runs_out = False
+                        proxy.no_capacity_zones.add(zone)
+                    refuse = action == "RunInstances" and zone in proxy.no_capacity_zones
+                    if refuse:
+                        proxy.refused.append(zone)
+                if refuse:
+                    self._error(
+                        500,
+                        "InsufficientInstanceCapacity",
+                        f"We currently do not have sufficient capacity in the Availability "
+                        f"Zone you requested ({zone}).",
+                    )
+                    return
                 conn = http.client.HTTPConnection(
                     proxy.upstream.hostname or "127.0.0.1", proxy.upstream.port, timeout=30
                 )
@@ -55,6 +87,20 @@ class LossyProxy:
                 for k, v in answer.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(k, v)
+                # a HEAD answer has no body, but its Content-Length is the object's size
+                head = answer.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", head or str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _error(self, status: int, code: str, message: str) -> None:
+                data = (
+                    '<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error>'
+                    f"<Code>{code}</Code><Message>{message}</Message></Error></Errors>"
+                    "<RequestID>stowplan-proxy</RequestID></Response>"
+                ).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "text/xml")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
