@@ -398,10 +398,11 @@ def capable_providers(
     allowed: Sequence[str] | None,
     state_dir: Path,
 ) -> dict[str, tuple[str, ...]]:
-    """For each task that names an image or secrets: the providers it may run on whose drivers
-    run containers (``Capability.CONTAINERS``) and resolve secrets (``Capability.SECRETS``) as
-    it needs. Raises ``SpecError`` naming the task's field, with the driver's reason as the
-    fix, when there are none. Writes nothing; a task that names neither is left out."""
+    """For each task that names an image, secrets or outputs: the providers it may run on whose
+    drivers run containers (``Capability.CONTAINERS``), resolve secrets (``Capability.SECRETS``)
+    and bring declared outputs back (``Capability.OUTPUTS``) as it needs. Raises ``SpecError``
+    naming the task's field, with the driver's reason as the fix, when there are none. Writes
+    nothing; a task that names none of them is left out."""
     from stowplan.providers.registry import make_provider
 
     caps: dict[str, Capabilities] = {}
@@ -422,6 +423,7 @@ def capable_providers(
             for cap, where, what, used in (
                 (Capability.CONTAINERS, "image", f"image {task.image!r}", task.image is not None),
                 (Capability.SECRETS, "secrets", "secrets", bool(task.secrets)),
+                (Capability.OUTPUTS, "outputs", "outputs", bool(task.outputs)),
             )
             if used
         ]

@@ -127,6 +127,9 @@ class Capability(enum.Enum):
     """``watch()`` is pushed by the provider, not polled"""
     RUNS = "runs"
     """it really runs the command (the instant provider does not)"""
+    OUTPUTS = "outputs"
+    """declared outputs come back to the store; without it, a task declaring outputs is
+    refused (a Kubernetes provider without ``bucket``: they are lost with the pod)"""
 
 
 class Capabilities(Struct, frozen=True, kw_only=True):

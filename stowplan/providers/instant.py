@@ -47,6 +47,7 @@ class InstantProvider(Provider):
                 Capability.CANCEL_MEMBER,
                 Capability.CONTAINERS,
                 Capability.SECRETS,
+                Capability.OUTPUTS,
             }
         ),
         why_not={

@@ -861,6 +861,7 @@ class SimProvider(Provider):
                 Capability.CONTAINERS,
                 Capability.SECRETS,
                 Capability.ELASTIC,
+                Capability.OUTPUTS,
             }
         ),
         why_not={

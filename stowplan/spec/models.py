@@ -421,9 +421,10 @@ class Task(_Spec, frozen=True):
     script, run with ``bash -euo pipefail``) is given. ``{name}`` in either is replaced by a
     sweep parameter, ``{seed}``, ``{run_id}`` or ``{experiment_dir}``; ``{{`` is a brace.
 
-    ``image`` and ``secrets`` need a provider that runs containers and resolves secrets
-    (``Capability.CONTAINERS``, ``Capability.SECRETS``); a task naming them is refused before
-    anything is written when no provider it may run on can."""
+    ``image``, ``secrets`` and ``outputs`` need a provider that runs containers, resolves
+    secrets and returns outputs (``Capability.CONTAINERS``, ``Capability.SECRETS``,
+    ``Capability.OUTPUTS``); a task naming them is refused before anything is written when no
+    provider it may run on can."""
 
     name: Name
     command: list[Arg] | None = None
@@ -690,7 +691,7 @@ class KubernetesProviderConfig(_Spec, frozen=True, tag_field="kind", tag="kubern
     bucket: str | None = None
     """``s3://BUCKET/PREFIX``: pods upload their declared outputs, logs and exit record there
     through presigned URLs made at submit (a pod holds no credentials); unset: outputs are not
-    returned. Presigning uses the SDK's credentials (``AWS_PROFILE``, the default chain)."""
+    returned, and a task that declares outputs is refused on this provider. Presigning uses the SDK's credentials (``AWS_PROFILE``, the default chain)."""
     bucket_endpoint: str | None = None
     """the S3 API's URL (MinIO, Ceph, a GCS interoperability endpoint); unset: the SDK's
     (``AWS_ENDPOINT_URL``, else AWS). Pods must reach it."""

@@ -134,7 +134,7 @@ class LocalProvider(Provider):
         self._path_prefix = str(Path(sys.executable).parent) if sys.executable else ""
         self.capabilities = Capabilities(
             has=frozenset(
-                {Capability.RUNS, Capability.LOGS, Capability.CANCEL_MEMBER}
+                {Capability.RUNS, Capability.LOGS, Capability.CANCEL_MEMBER, Capability.OUTPUTS}
                 | ({Capability.GPUS} if self._capacity.gpus > 0 else set())
             ),
             why_not={

@@ -80,7 +80,13 @@ class SlurmProvider(Provider):
     ) -> None:
         self.name = name
         self.config = config
-        has = {Capability.RUNS, Capability.GPUS, Capability.ARRAYS, Capability.CANCEL_MEMBER}
+        has = {
+            Capability.RUNS,
+            Capability.GPUS,
+            Capability.ARRAYS,
+            Capability.CANCEL_MEMBER,
+            Capability.OUTPUTS,
+        }
         why_not = {
             Capability.CONTAINERS: "the Slurm driver runs commands on the compute nodes "
             "as they are; drop the image, or run the task on a kubernetes or aws provider",
