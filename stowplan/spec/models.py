@@ -691,7 +691,8 @@ class KubernetesProviderConfig(_Spec, frozen=True, tag_field="kind", tag="kubern
     bucket: str | None = None
     """``s3://BUCKET/PREFIX``: pods upload their declared outputs, logs and exit record there
     through presigned URLs made at submit (a pod holds no credentials); unset: outputs are not
-    returned, and a task that declares outputs is refused on this provider. Presigning uses the SDK's credentials (``AWS_PROFILE``, the default chain)."""
+    returned, and a task that declares outputs is refused on this provider. Presigning uses
+    the SDK's credentials (``AWS_PROFILE``, the default chain)."""
     bucket_endpoint: str | None = None
     """the S3 API's URL (MinIO, Ceph, a GCS interoperability endpoint); unset: the SDK's
     (``AWS_ENDPOINT_URL``, else AWS). Pods must reach it."""

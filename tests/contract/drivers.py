@@ -261,6 +261,7 @@ class KubernetesHarness(Harness):
 
     name = "kubernetes"
     pool = "k8s/cpu"
+    elastic_pool = "k8s/burst"
     expected: ClassVar[Mapping[Kind, ProviderState | None]] = {
         "quick": S.SUCCEEDED,
         "fail": S.FAILED,
@@ -306,9 +307,22 @@ class KubernetesHarness(Harness):
         self, *, state_dir: Path | None = None, wrap: type[Provider] | None = None
     ) -> Provider:
         from stowplan.providers.kubernetes import KubernetesProvider
-        from stowplan.spec.models import KubernetesProviderConfig
+        from stowplan.spec.models import (
+            KubernetesAutoscaleSpec,
+            KubernetesProviderConfig,
+            NodeShapeSpec,
+        )
 
-        config = KubernetesProviderConfig(kubeconfig=str(self.kubeconfig), image="python:3.12-slim")
+        config = KubernetesProviderConfig(
+            kubeconfig=str(self.kubeconfig),
+            image="python:3.12-slim",
+            # a pool the cluster's autoscaler would grow from zero: provision starts nothing
+            autoscale={
+                "burst": KubernetesAutoscaleSpec(
+                    node=NodeShapeSpec(cpus=4, memory="8GiB"), max_nodes=2
+                )
+            },
+        )
         where = state_dir if state_dir is not None else self.tmp / ".stowplan"
         return subclass(KubernetesProvider, wrap)("k8s", config, state_dir=where)
 

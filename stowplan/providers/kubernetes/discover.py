@@ -3,9 +3,19 @@
 A pool is the set of schedulable nodes sharing a node-pool label value. Its capacity is what
 the nodes' ``status.allocatable`` leaves after the requests of the pods running there
 (allocatable is the truth: a node labelled with a GPU model but with 0 allocatable GPUs has a
-broken driver or device plugin, and is left out). Cordoned (``spec.unschedulable``), NotReady
-and tainted nodes that stowplan's pods do not tolerate are left out too; every node left out
-is named in the notes.
+broken driver or device plugin, and is left out). Cordoned (``spec.unschedulable``) and
+NotReady nodes are left out too; every node left out is named in the notes.
+
+Taints: a ``NoSchedule``/``NoExecute`` taint that every stowplan pod tolerates (the provider's
+``tolerations`` and ``gpu_resource``) is ignored; any other taint key becomes one of the pool's
+``taints``, which placement offers only to tasks whose ``placement.tolerations`` hold every
+one (and whose pods then tolerate them). A pool's taints are those of all its nodes.
+
+Autoscaled pools (``autoscale`` in the provider's config) are elastic: their ``node`` is the
+configured shape, ``max_instances`` the configured maximum less the nodes the pool has now (in
+any state), ``boot_s`` the configured boot time. They are offered also when no node of theirs
+exists (scale from zero); the cluster's autoscaler, not stowplan, adds the nodes when pods
+wait for them.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from msgspec import Struct, field
 
 from stowplan.placement.problem import Pool, Shape
 from stowplan.providers.kubernetes.render import GPU_PRODUCT_LABEL, HARDWARE_PREFIX
+from stowplan.spec.models import KubernetesAutoscaleSpec
 
 POOL_LABELS = (
     "cloud.google.com/gke-nodepool",
@@ -132,16 +143,17 @@ def pools_of(
     gpu_resource: str = "nvidia.com/gpu",
     tolerations: Sequence[str] = (),
     site: str | None = None,
+    autoscale: Mapping[str, KubernetesAutoscaleSpec] | None = None,
 ) -> Discovery:
     """The node pools of ``nodes``, in pool-id order; ``pool_label`` None: detected."""
+    autoscale = autoscale or {}
     label = pool_label or detect_pool_label(nodes)
     notes: list[str] = []
     if label is None:
-        return Discovery(
-            pools=[],
-            pool_label=None,
-            notes=["no node carries a node-pool label (" + ", ".join(POOL_LABELS) + ")"],
-        )
+        why = "no node carries a node-pool label (" + ", ".join(POOL_LABELS) + ")"
+        if autoscale:
+            why += "; set node_pool_label so that the autoscaled pools can be selected"
+        return Discovery(pools=[], pool_label=None, notes=[why])
     tolerated = {gpu_resource, *tolerations}
     used: dict[str, dict[str, Decimal]] = defaultdict(lambda: defaultdict(Decimal))
     for p in pods:
@@ -155,6 +167,8 @@ def pools_of(
     gpus: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     shapes: dict[str, Shape] = {}
     regions: dict[str, set[str]] = defaultdict(set)
+    taints: dict[str, set[str]] = defaultdict(set)
+    present: dict[str, int] = defaultdict(int)
     for n in sorted(nodes, key=lambda n: str((n.get("metadata") or {}).get("name"))):
         meta = n.get("metadata") or {}
         name = str(meta.get("name"))
@@ -163,23 +177,13 @@ def pools_of(
         if pool is None:
             notes.append(f"node {name}: no {label} label; not in any pool")
             continue
+        present[pool] += 1
         spec = n.get("spec") or {}
         if spec.get("unschedulable"):
             notes.append(f"node {name}: cordoned; left out")
             continue
         if not _ready(n):
             notes.append(f"node {name}: not Ready; left out")
-            continue
-        bad = [
-            t.get("key", "")
-            for t in spec.get("taints") or []
-            if t.get("effect") in ("NoSchedule", "NoExecute") and t.get("key") not in tolerated
-        ]
-        if bad:
-            notes.append(
-                f"node {name}: tainted {', '.join(sorted(bad))} (add the keys to tolerations "
-                "to use it); left out"
-            )
             continue
         alloc = (n.get("status") or {}).get("allocatable") or {}
         n_gpus = int(parse_quantity(alloc.get(gpu_resource, "0")))
@@ -190,6 +194,11 @@ def pools_of(
                 "(a broken GPU driver or device plugin); left out"
             )
             continue
+        taints[pool].update(
+            str(t.get("key", ""))
+            for t in spec.get("taints") or []
+            if t.get("effect") in ("NoSchedule", "NoExecute") and t.get("key") not in tolerated
+        )
         model = gpu_model_of(product) if product else "unknown"
         here = used.get(name, {})
         free_cpu = parse_quantity(alloc.get("cpu", "0")) - here.get("cpu", Decimal(0))
@@ -210,9 +219,30 @@ def pools_of(
         region = labels.get(REGION_LABEL)
         if region:
             regions[pool].add(region)
+    cluster_regions = sorted({r for rs in regions.values() for r in rs})
     out = []
-    for pool in sorted(shapes):
+    for pool in sorted(set(shapes) | set(autoscale)):
+        scale = autoscale.get(pool)
         region = min(regions[pool]) if regions[pool] else ""
+        node, max_instances, boot_s = shapes.get(pool), 0, 0.0
+        required = set(taints[pool])
+        if scale is not None:
+            node = Shape(
+                cpus=float(scale.node.cpus),
+                memory=int(scale.node.memory),
+                gpus=dict(scale.node.gpus),
+            )
+            max_instances = max(0, scale.max_nodes - present[pool])
+            boot_s = scale.boot_s
+            required.update(k for k in scale.taints if k not in tolerated)
+            region = scale.region or region or (cluster_regions[0] if cluster_regions else "")
+            if present[pool] >= scale.max_nodes:
+                notes.append(f"autoscaled pool {pool}: at its maximum of {scale.max_nodes} nodes")
+        if required:
+            notes.append(
+                f"pool {pool}: tainted {', '.join(sorted(required))}; offered only to tasks "
+                "that list these keys in placement.tolerations"
+            )
         out.append(
             Pool(
                 id=f"{provider}/{pool}",
@@ -223,8 +253,30 @@ def pools_of(
                 cpus=float(cpus[pool]),
                 memory=int(memory[pool]),
                 gpus=dict(sorted(gpus[pool].items())),
-                node=shapes[pool],
+                node=node,
+                max_instances=max_instances,
+                boot_s=boot_s,
                 hardware_class=f"{HARDWARE_PREFIX}{label}={pool}",
+                taints=tuple(sorted(required)),
             )
         )
     return Discovery(pools=out, pool_label=label, notes=notes)
+
+
+def unschedulable_patience(
+    job: Mapping[str, Any],
+    *,
+    unschedulable_after: float,
+    autoscale: Mapping[str, KubernetesAutoscaleSpec] | None = None,
+) -> float:
+    """Seconds a pod of ``job`` may stay unschedulable before it is reported so: for a pod
+    bound to an autoscaled pool (by its ``nodeSelector``), the pool's boot time more, since
+    it waits for the node its own pending state asks the autoscaler for."""
+    selector = (((job.get("spec") or {}).get("template") or {}).get("spec") or {}).get(
+        "nodeSelector"
+    ) or {}
+    boot = max(
+        (autoscale[v].boot_s for v in selector.values() if autoscale and v in autoscale),
+        default=0.0,
+    )
+    return unschedulable_after + boot

@@ -18,6 +18,16 @@ pod is kept, so an evicted pod's reason is still known after it is gone.
 
 Keys this instance has not seen (after a control-plane restart) are found in the
 ``stowplan.io/keys`` annotations of this provider's Jobs: one list call.
+
+Outputs and logs (with ``bucket``): ``submit`` presigns, for each index, PUT URLs of its
+declared outputs, logs and exit record (``render.slots_of``: the AWS driver's S3 layout) and
+creates the ConfigMap with them; the pod's wrapper uploads. A succeeded attempt's report maps
+each declared output to ``s3://BUCKET/PREFIX/attempts/RUN/KEY/outputs/PATH`` (a directory
+``d/``: ``.../outputs/d.tar.gz``). The credentials that sign are the SDK's (default chain,
+``AWS_PROFILE``; endpoint ``bucket_endpoint`` or ``AWS_ENDPOINT_URL``): they stay in this
+process; the ConfigMap holds only URLs, each good for one PUT of one object until its lease
+ends. After a restart, the object keys of a Job's attempts are read back from its ConfigMap.
+`logs` reads the uploaded logs when the pod is gone.
 """
 
 from __future__ import annotations
@@ -48,12 +58,17 @@ from stowplan.providers.base import (
     WatchSet,
 )
 from stowplan.providers.kubernetes.api import Api, KubernetesError
-from stowplan.providers.kubernetes.discover import POOL_LABELS, pools_of
+from stowplan.providers.kubernetes.discover import (
+    POOL_LABELS,
+    pools_of,
+    unschedulable_patience,
+)
 from stowplan.providers.kubernetes.render import (
     COMPLETION_INDEX,
     CONTAINER,
     JOB_NAME_LABEL,
     KEYS_ANNOTATION,
+    LEASE_MAX_S,
     MANAGED_BY,
     MANAGER,
     PROVIDER_LABEL,
@@ -61,8 +76,16 @@ from stowplan.providers.kubernetes.render import (
     KubernetesRequest,
     label_value,
     plan_jobs,
+    slots_of,
 )
-from stowplan.providers.kubernetes.states import index_state, latest_pod, pod_index
+from stowplan.providers.kubernetes.states import (
+    exit_record,
+    index_state,
+    latest_pod,
+    parse_indexes,
+    pod_index,
+    waiting_since,
+)
 from stowplan.spec.models import FailureClass, KubernetesProviderConfig
 
 WATCH_TIMEOUT_S = 300
@@ -116,18 +139,45 @@ class KubernetesProvider(Provider):
                     Capability.SECRETS,
                     Capability.NATIVE_WATCH,
                 }
+                | ({Capability.OUTPUTS} if config.bucket is not None else set())
+                | ({Capability.ELASTIC} if config.autoscale else set())
             ),
             why_not={
+                **(
+                    {}
+                    if config.autoscale
+                    else {
+                        Capability.ELASTIC: "no autoscaled node pools: describe them under "
+                        f"[providers.{name}.autoscale.POOL] to have them offered as elastic "
+                        "capacity"
+                    }
+                ),
                 Capability.CANCEL_MEMBER: "an Indexed Job cannot stop one index that has not "
                 "started; an attempt is cancelled when every attempt of its Job is (the others "
-                "run to the end and their reports are ignored)",
-                Capability.ELASTIC: "node pools scale through the cluster's own autoscaler; "
-                "stowplan does not resize them",
+                "run to the end and their reports are ignored); an index reported NO_CAPACITY is "
+                "the exception: its waiting pod is deleted at once and Kubernetes fails the index",
+                **(
+                    {}
+                    if config.bucket is not None
+                    else {
+                        Capability.OUTPUTS: "no bucket: set bucket = 's3://BUCKET/PREFIX' in "
+                        f"[providers.{name}]"
+                    }
+                ),
             },
             notes=(
-                "outputs stay in the pod's emptyDir at /stowplan/work/<run>/<attempt> and are "
-                "lost with the pod; the wrapper checks that declared outputs exist and writes "
-                "an exit record to the termination message (upload to the blob store: not yet)",
+                (
+                    f"outputs, logs and exit records are uploaded to {config.bucket} through "
+                    "presigned URLs made at submit (pods need no credentials; the URLs last "
+                    "for the Job's deadline plus an hour, 7 days without a timeout, and never "
+                    "beyond the signing credentials' own expiry); an output that cannot be "
+                    "uploaded fails the attempt as an infrastructure failure"
+                    if config.bucket is not None
+                    else "outputs are not returned: they stay in the pod's emptyDir at "
+                    "/stowplan/work/<run>/<attempt> and are lost with the pod (the wrapper "
+                    "checks that declared outputs exist); set bucket = 's3://BUCKET/PREFIX' "
+                    "to have them uploaded"
+                ),
                 "Kubernetes merges a container's stdout and stderr: logs of either stream "
                 "(and `stowplan logs --stderr`) return the container's one log",
                 "a Job deleted by ttl_after_finished is forgotten: its attempts become UNKNOWN "
@@ -135,6 +185,9 @@ class KubernetesProvider(Provider):
                 "secrets are Kubernetes Secrets in the Job's namespace: secret:NAME#KEY becomes "
                 "a secretKeyRef (KEY defaults to the variable's name)",
                 "the image must contain python3 (3.6 or later): it runs stowplan's wrapper",
+                "elastic pools are the node pools of [providers.NAME.autoscale]: provision and "
+                "terminate start and stop nothing; the cluster's autoscaler adds nodes when "
+                "stowplan's pods wait for them and removes idle nodes by its own rules",
             ),
         )
         self._api: Api | None = None
@@ -148,6 +201,15 @@ class KubernetesProvider(Provider):
         """Jobs this instance deleted (their unfinished keys are CANCELLED)."""
         self._finished: dict[str, Report] = {}
         self._gone_pods: dict[tuple[str, int], dict[str, Any]] = {}
+        self._slots: dict[str, dict[str, str]] = {}
+        """key -> URL slot -> S3 object key (with a bucket)."""
+        self._outputs: dict[str, dict[str, str]] = {}
+        """key -> declared output -> S3 object key (with a bucket)."""
+        self._read_back: set[str] = set()
+        """Jobs whose ConfigMap was read for the object keys of their attempts."""
+        self._s3_stack = contextlib.AsyncExitStack()
+        self._s3_client: Any = None
+        self._s3_lock = asyncio.Lock()
         self.pool_label: str | None = None
         self.discovery_notes: list[str] = []
 
@@ -232,6 +294,118 @@ class KubernetesProvider(Provider):
             ) from None
         return client.ApiClient(cfg)
 
+    # -- the bucket --------------------------------------------------------------------------
+
+    async def _s3(self) -> Any:
+        async with self._s3_lock:
+            if self._s3_client is None:
+                from aiobotocore.config import AioConfig  # type: ignore[import-untyped]
+                from aiobotocore.session import AioSession  # type: ignore[import-untyped]
+
+                session = AioSession()
+                region = self.config.bucket_region or session.get_config_variable("region")
+                extra: dict[str, Any] = {"signature_version": "s3v4"}
+                if self.config.bucket_endpoint is not None:
+                    extra["s3"] = {"addressing_style": "path"}
+                self._s3_client = await self._s3_stack.enter_async_context(
+                    session.create_client(
+                        "s3",
+                        region_name=region or "us-east-1",
+                        endpoint_url=self.config.bucket_endpoint,
+                        config=AioConfig(
+                            retries={"total_max_attempts": 1, "mode": "standard"},
+                            connect_timeout=10,
+                            read_timeout=self.config.request_timeout,
+                            **extra,
+                        ),
+                    )
+                )
+            return self._s3_client
+
+    async def _presign(self, req: KubernetesRequest) -> dict[str, dict[str, str]]:
+        """key -> slot -> a presigned PUT URL of its object, valid for ``req.lease_s``."""
+        from botocore.exceptions import BotoCoreError  # type: ignore[import-untyped]
+
+        s3 = await self._s3()
+        out: dict[str, dict[str, str]] = {}
+        try:
+            for key, slots in req.slots.items():
+                out[key] = {
+                    slot: await s3.generate_presigned_url(
+                        "put_object",
+                        Params={"Bucket": req.bucket, "Key": obj},
+                        ExpiresIn=min(req.lease_s, LEASE_MAX_S),
+                    )
+                    for slot, obj in slots.items()
+                }
+        except BotoCoreError as e:
+            # NOTE: botocore's messages name what is missing, never a credential's value
+            raise ProviderError(
+                f"cannot presign uploads to s3://{req.bucket}: {type(e).__name__}: {e} (give "
+                "the control plane AWS credentials: AWS_PROFILE, the AWS_* variables or an "
+                "instance role)",
+                provider=self.name,
+                retryable=False,
+            ) from None
+        return out
+
+    async def _get_object(self, obj: str) -> bytes | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        s3 = await self._s3()
+        try:
+            got = await s3.get_object(Bucket=self.config.bucket_name, Key=obj)
+            async with got["Body"] as body:
+                data: bytes = await body.read()
+        except ClientError as e:
+            if (e.response.get("Error") or {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise ProviderError(
+                f"read s3://{self.config.bucket_name}/{obj}: {e}",
+                provider=self.name,
+                retryable=True,
+            ) from None
+        except (BotoCoreError, OSError) as e:
+            raise ProviderError(
+                f"read s3://{self.config.bucket_name}/{obj}: {type(e).__name__}",
+                provider=self.name,
+                retryable=True,
+            ) from None
+        return data
+
+    async def _read_back_uploads(self, api: Api, names: Sequence[str]) -> None:
+        """The object keys of the attempts of Jobs this instance did not submit (after a
+        restart), from their ConfigMaps' entries; one read per Job, once."""
+        if self.config.bucket is None:
+            return
+        for name in names:
+            if name in self._read_back:
+                continue
+            cm = await api.call(
+                f"read ConfigMap {name}",
+                api.core.read_namespaced_config_map,
+                name,
+                self.namespace,
+                ok404=True,
+            )
+            self._read_back.add(name)
+            for text in ((cm or {}).get("data") or {}).values():
+                self._learn_entry(text)
+
+    def _learn_entry(self, text: str) -> None:
+        try:
+            entry = json.loads(text)
+            key, run_id, outputs = entry["key"], entry["run_id"], entry["outputs"]
+        except (ValueError, KeyError, TypeError):
+            return
+        if not (isinstance(key, str) and isinstance(run_id, str) and "urls" in entry):
+            return
+        if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
+            return
+        slots = slots_of(self.config, run_id, key, outputs)
+        self._slots[key] = slots
+        self._outputs[key] = {o: slots[f"output_{i}"] for i, o in enumerate(outputs)}
+
     @property
     def _selector(self) -> str:
         return f"{MANAGED_BY}={MANAGER},{PROVIDER_LABEL}={label_value(self.name)}"
@@ -289,6 +463,7 @@ class KubernetesProvider(Provider):
             gpu_resource=self.config.gpu_resource,
             tolerations=self.config.tolerations,
             site=self.config.site,
+            autoscale=self.config.autoscale,
         )
         self.pool_label = found.pool_label
         self.discovery_notes = notes + list(found.notes)
@@ -318,6 +493,9 @@ class KubernetesProvider(Provider):
                     retryable=False,
                 )
             self._remember(req.name, req.keys)
+            self._slots.update(req.slots)
+            self._outputs.update(req.outputs)
+            self._read_back.add(req.name)
             out.extend(await self._submit_one(api, req))
         return out
 
@@ -378,13 +556,14 @@ class KubernetesProvider(Provider):
         return found, ""
 
     async def _submit_one(self, api: Api, req: KubernetesRequest) -> list[Report]:
+        body = req.with_urls(await self._presign(req)) if req.slots else req.config_map
         cm, why = await self._create(
             api,
             req,
             "ConfigMap",
             api.core.create_namespaced_config_map,
             api.core.read_namespaced_config_map,
-            req.config_map,
+            body,
         )
         if cm is None:
             return self._rejected(req, why)
@@ -421,9 +600,7 @@ class KubernetesProvider(Provider):
         )
         reports = []
         for i, k in enumerate(req.keys):
-            st = index_state(
-                job, i, [], now=time.time(), unschedulable_after=self._unschedulable_after
-            )
+            st = index_state(job, i, [], now=time.time(), unschedulable_after=self._patience(job))
             state = st.state if st.state is not ProviderState.UNKNOWN else ProviderState.QUEUED
             reports.append(
                 Report(
@@ -445,6 +622,30 @@ class KubernetesProvider(Provider):
     def _unschedulable_after(self) -> float:
         v = self.config.unschedulable_after
         return float(v) if isinstance(v, int | float) else 600.0
+
+    def _patience(self, job: Mapping[str, Any]) -> float:
+        return unschedulable_patience(
+            job, unschedulable_after=self._unschedulable_after, autoscale=self.config.autoscale
+        )
+
+    # -- elastic ------------------------------------------------------------------------------
+
+    async def provision(self, pool: str, count: int, token: str) -> list[str]:
+        name = pool.split("/", 1)[1] if pool.startswith(f"{self.name}/") else None
+        if name not in self.config.autoscale or count < 1:
+            raise ProviderError(
+                f"cannot provision {count} node(s) of {pool!r}: not an autoscaled node pool "
+                f"of this provider (add it under [providers.{self.name}.autoscale])",
+                provider=self.name,
+                retryable=False,
+            )
+        # NOTE: nothing to start: the cluster's autoscaler adds nodes for the pods that wait
+        # for them. The ids only let the core count what it asked for.
+        return [f"{name}/{token}/{i}" for i in range(count)]
+
+    async def terminate(self, pool: str, count: int, token: str) -> None:
+        # NOTE: the cluster's autoscaler removes idle nodes by its own rules
+        del pool, count, token
 
     # -- describe -----------------------------------------------------------------------------
 
@@ -493,7 +694,12 @@ class KubernetesProvider(Provider):
                 label_selector=selector,
             )
             pods = body.get("items") or []
+            await self._read_back_uploads(api, names)
         return self._reports(keys, jobs or {}, pods)
+
+    def _output_urls(self, key: str) -> dict[str, str]:
+        bucket = self.config.bucket_name
+        return {o: f"s3://{bucket}/{obj}" for o, obj in self._outputs.get(key, {}).items()}
 
     def _reports(
         self,
@@ -501,14 +707,22 @@ class KubernetesProvider(Provider):
         jobs: Mapping[str, Mapping[str, Any]],
         pods: Sequence[Mapping[str, Any]],
     ) -> list[Report]:
-        by_index: dict[tuple[str, int], list[Mapping[str, Any]]] = defaultdict(list)
-        for where_gone, gone in self._gone_pods.items():
-            by_index[where_gone].append(gone)
+        seen: dict[tuple[str, int], list[Mapping[str, Any]]] = defaultdict(list)
         for p in pods:
             owner = ((p.get("metadata") or {}).get("labels") or {}).get(JOB_NAME_LABEL)
             p_idx = pod_index(p)
             if owner and p_idx is not None:
-                by_index[(str(owner), p_idx)].append(p)
+                seen[(str(owner), p_idx)].append(p)
+        return self._reports_of(keys, jobs, seen)
+
+    def _reports_of(
+        self,
+        keys: Sequence[str],
+        jobs: Mapping[str, Mapping[str, Any]],
+        seen: Mapping[tuple[str, int], Sequence[Mapping[str, Any]]],
+    ) -> list[Report]:
+        """The reports of ``keys`` from the pods listed or watched now of each (Job, index)
+        and the last state of deleted ones (``_gone_pods``)."""
         now = time.time()
         out = []
         for key in keys:
@@ -545,23 +759,35 @@ class KubernetesProvider(Provider):
                     )
                 out.append(report)
                 continue
+            live = seen.get((name, idx), [])
+            gone = self._gone_pods.get((name, idx))
             st = index_state(
                 job,
                 idx,
-                by_index.get((name, idx), []),
+                live,
+                gone=[gone] if gone is not None else [],
                 now=now,
-                unschedulable_after=self._unschedulable_after,
+                unschedulable_after=self._patience(job),
             )
+            failure, message = st.failure, st.message
+            if failure is FailureClass.USER_ERROR:
+                pod = latest_pod([*live, *([gone] if gone is not None else [])])
+                record = (exit_record(pod) if pod is not None else None) or {}
+                if record.get("reason") == "setup":
+                    # the wrapper could not upload an output: not the command's fault
+                    failure = FailureClass.NODE_FAILURE
+                    message = f"uploading outputs to s3://{self.config.bucket_name} failed"
             report = Report(
                 key=key,
                 state=st.state,
-                failure=st.failure,
+                failure=failure,
                 job_id=job_id,
                 node=st.node,
                 exit_code=st.exit_code,
-                message=st.message + (f" (pod {st.pod})" if st.pod else ""),
+                message=message + (f" (pod {st.pod})" if st.pod else ""),
                 started_at=st.started_at,
                 ended_at=st.ended_at,
+                outputs=self._output_urls(key) if st.state is ProviderState.SUCCEEDED else {},
             )
             if report.state in TERMINAL_PROVIDER_STATES:
                 self._finished[key] = report
@@ -576,49 +802,116 @@ class KubernetesProvider(Provider):
         api = await self._connect()
         jobs: dict[str, dict[str, Any]] = {}
         pods: dict[str, dict[str, Any]] = {}
+        at: dict[tuple[str, int], dict[str, dict[str, Any]]] = defaultdict(dict)
+        """(Job, index) -> pod name -> live pod: kept up to date by the events, so that a
+        change costs the reports of what it touched, not of every index of its Job."""
+        pod_at: dict[str, tuple[str, int]] = {}
         dirty: set[str] = set()
+        """Jobs whose every index is to be said again (a Job condition changed, a relist)."""
+        dirty_at: set[tuple[str, int]] = set()
+        unschedulable: dict[tuple[str, int], float] = {}
+        """(Job, index) -> since when its pod waits for a node: it becomes NO_CAPACITY by the
+        clock alone, with no event to say so."""
         changed = asyncio.Event()
         listed: set[str] = set()
         said: set[str] = set()
 
+        def job_diff(prev: Mapping[str, Any], obj: Mapping[str, Any]) -> bool:
+            """Mark what changed between two states of a Job; True: all of it."""
+            pst, nst = prev.get("status") or {}, obj.get("status") or {}
+            if (
+                pst.get("conditions") != nst.get("conditions")
+                or (prev.get("spec") or {}).get("suspend") != (obj.get("spec") or {}).get("suspend")
+                or (prev.get("metadata") or {}).get("deletionTimestamp")
+                != (obj.get("metadata") or {}).get("deletionTimestamp")
+            ):
+                return True
+            name = _name(obj)
+            for field in ("completedIndexes", "failedIndexes"):
+                before, after = pst.get(field), nst.get(field)
+                if before != after:
+                    dirty_at.update((name, i) for i in parse_indexes(before) ^ parse_indexes(after))
+            return False
+
         def on_job(kind: str, obj: dict[str, Any]) -> None:
             name = _name(obj)
+            prev = jobs.get(name)
             if kind == "DELETED":
                 jobs.pop(name, None)
+                dirty.add(name)
             else:
                 jobs[name] = obj
                 keys_of = _keys_of(obj)
                 if keys_of and name not in self._job_keys:
                     self._remember(name, keys_of)
-            dirty.add(name)
+                    dirty.add(name)
+                elif prev is None or job_diff(prev, obj):
+                    dirty.add(name)
             changed.set()
 
         def on_pod(kind: str, obj: dict[str, Any]) -> None:
             name = _name(obj)
             job = ((obj.get("metadata") or {}).get("labels") or {}).get(JOB_NAME_LABEL)
+            idx = pod_index(obj)
+            where = (str(job), idx) if job and idx is not None else None
+            old = pod_at.pop(name, None)
+            if old is not None:
+                at[old].pop(name, None)
+                if not at[old]:
+                    del at[old]
             if kind == "DELETED":
                 pods.pop(name, None)
-                idx = pod_index(obj)
-                if job and idx is not None:
-                    self._gone_pods[(job, idx)] = obj
+                if where is not None:
+                    self._gone_pods[where] = obj
             else:
                 pods[name] = obj
-            if job:
-                dirty.add(job)
+                if where is not None:
+                    at[where][name] = obj
+                    pod_at[name] = where
+            if where is not None:
+                dirty_at.add(where)
+                since = waiting_since(obj) if kind != "DELETED" else None
+                if since is None:
+                    unschedulable.pop(where, None)
+                else:
+                    unschedulable[where] = since
+            elif job:
+                dirty.add(str(job))
             changed.set()
 
         def on_relist(kind: str, items: list[dict[str, Any]]) -> None:
             listed.add(kind)
-            target = jobs if kind == "jobs" else pods
             if kind == "pods":
                 # pods deleted while the watch was away: keep their last known state
                 now_listed = {_name(o) for o in items}
                 for name in set(pods) - now_listed:
                     on_pod("DELETED", pods[name])
-            target.clear()
+                pods.clear()
+                at.clear()
+                pod_at.clear()
+                unschedulable.clear()
+            else:
+                jobs.clear()
             for obj in items:
                 (on_job if kind == "jobs" else on_pod)("ADDED", obj)
             dirty.update(self._job_keys)
+
+        def due() -> float | None:
+            """The wall-clock time the first waiting pod becomes NO_CAPACITY; marks those
+            already due as changed."""
+            first = None
+            wall = time.time()
+            for where, since in list(unschedulable.items()):
+                job = jobs.get(where[0])
+                if job is None:
+                    continue
+                at_time = since + self._patience(job)
+                if at_time <= wall:
+                    dirty_at.add(where)
+                    del unschedulable[where]
+                elif first is None or at_time < first:
+                    first = at_time
+            return first
 
         tasks = [
             asyncio.ensure_future(
@@ -666,10 +959,14 @@ class KubernetesProvider(Provider):
             while True:
                 waiter = asyncio.ensure_future(changed.wait())
                 added = asyncio.ensure_future(keys.wait_added(renew_every))
+                timeout = max(0.0, renew_every - (loop.time() - last_renew))
+                next_due = due()
+                if next_due is not None:
+                    timeout = min(timeout, max(0.0, next_due - time.time()))
                 try:
                     await asyncio.wait(
                         [waiter, added, *tasks],
-                        timeout=max(0.0, renew_every - (loop.time() - last_renew)),
+                        timeout=timeout,
                         return_when=asyncio.FIRST_COMPLETED,
                     )
                 finally:
@@ -681,24 +978,40 @@ class KubernetesProvider(Provider):
                 changed.clear()
                 now = loop.time()
                 renew = now - last_renew >= renew_every
+                due()
+                index = self._index
                 wanted = [
                     k
                     for k in keys.keys()  # noqa: SIM118 (a WatchSet is not iterable)
                     if renew
-                    or k not in self._index
-                    or self._index[k][0] in dirty
+                    or k not in index
+                    or index[k][0] in dirty
+                    or index[k] in dirty_at
                     or k in self._finished
                     or k not in said
                 ]
                 if len(listed) < 2:
                     continue  # NOTE: nothing is said before both lists are in
+                try:
+                    await self._read_back_uploads(
+                        api, sorted({self._index[k][0] for k in wanted if k in self._index})
+                    )
+                except KubernetesError:
+                    keys.failures += 1
+                    continue  # NOTE: dirty stays: said at the next change or renewal
                 dirty.clear()
+                dirty_at.clear()
                 if renew:
                     last_renew = now
                 if not wanted:
                     continue
                 said.update(wanted)
-                reports = self._reports(wanted, jobs, list(pods.values()))
+                seen: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
+                for k in wanted:
+                    where = index.get(k)
+                    if where is not None and where not in seen:
+                        seen[where] = list(at.get(where, {}).values())
+                reports = self._reports_of(wanted, jobs, seen)
                 news = keys.news(reports, now, renew_every)
                 if news:
                     yield news
@@ -836,9 +1149,14 @@ class KubernetesProvider(Provider):
 
     # -- cancel / logs ------------------------------------------------------------------------
 
+    def _refused(self, key: str) -> bool:
+        """Reported NO_CAPACITY: its pod still waits and could start later (not final)."""
+        done = self._finished.get(key)
+        return done is not None and done.failure is FailureClass.NO_CAPACITY
+
     async def cancel(self, keys: Sequence[str]) -> None:
         api = await self._connect()
-        live = [k for k in keys if k not in self._finished]
+        live = [k for k in keys if k not in self._finished or self._refused(k)]
         if any(k not in self._index for k in live):
             await self._lookup(api, live)
         self._cancelled.update(live)
@@ -847,8 +1165,21 @@ class KubernetesProvider(Provider):
             if name in self._deleted:
                 continue
             members = self._job_keys.get(name, ())
-            if not all(k in self._cancelled or k in self._finished for k in members):
-                continue  # NOTE: no CANCEL_MEMBER: the Job goes when all its attempts do
+            if not all(
+                k in self._cancelled or (k in self._finished and not self._refused(k))
+                for k in members
+            ):
+                # NOTE: no CANCEL_MEMBER: the Job goes when all its attempts do. But a
+                # refused (NO_CAPACITY) index has a pod waiting that could start later, after
+                # the core placed the trial elsewhere: that pod goes now. The Job controller
+                # does not replace it: with a podFailurePolicy a pod is replaced only once
+                # terminal, and the deleted pod's failure fails the index
+                # (backoffLimitPerIndex: 0): https://kubernetes.io/docs/concepts/workloads/
+                # controllers/job/#pod-replacement-policy and #backoff-limit-per-index
+                for k in live:
+                    if self._index.get(k, ("", 0))[0] == name and self._refused(k):
+                        await self._delete_index_pods(api, name, self._index[k][1])
+                continue
             await api.call(
                 f"delete Job {name}",
                 api.batch.delete_namespaced_job,
@@ -865,6 +1196,25 @@ class KubernetesProvider(Provider):
                 ok404=True,
             )
             self._deleted.add(name)
+
+    async def _delete_index_pods(self, api: Api, job: str, idx: int) -> None:
+        """Delete the not-yet-finished pods of completion index ``idx`` of ``job``."""
+        body = await api.call(
+            "list pods",
+            api.core.list_namespaced_pod,
+            self.namespace,
+            label_selector=f"{JOB_NAME_LABEL}={job},{COMPLETION_INDEX}={idx}",
+        )
+        for pod in body.get("items") or []:
+            if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                continue
+            await api.call(
+                f"delete pod {_name(pod)}",
+                api.core.delete_namespaced_pod,
+                _name(pod),
+                self.namespace,
+                ok404=True,
+            )
 
     async def _pod_of(self, api: Api, key: str) -> tuple[str | None, Mapping[str, Any] | None]:
         if key not in self._index:
@@ -885,9 +1235,18 @@ class KubernetesProvider(Provider):
         self, key: str, *, stream: LogStream = "stdout", follow: bool = False
     ) -> AsyncIterator[bytes]:
         # NOTE: Kubernetes keeps one log per container, stdout and stderr merged: both
-        # streams are that log (an empty stderr would hide why an attempt failed)
-        del stream
+        # streams are that log (an empty stderr would hide why an attempt failed). Once the
+        # pod is gone, the wrapper's uploads (with a bucket) are the logs, one per stream.
         api = await self._connect()
+        job, pod = await self._pod_of(api, key)
+        if pod is None and job is not None and self.config.bucket is not None:
+            await self._read_back_uploads(api, [job])
+            obj = self._slots.get(key, {}).get(stream)
+            data = await self._get_object(obj) if obj is not None else None
+            if data is not None:
+                if data:
+                    yield data
+                return
         while True:
             job, pod = await self._pod_of(api, key)
             if job is None:
@@ -937,6 +1296,9 @@ class KubernetesProvider(Provider):
         if self._api is not None:
             await self._api.aclose()
             self._api = None
+        self._s3_client = None
+        await self._s3_stack.aclose()
+        self._s3_stack = contextlib.AsyncExitStack()
 
 
 __all__ = ["KubernetesProvider", "KubernetesRequest"]

@@ -9,12 +9,19 @@ Sources, in the order they decide (the first that applies wins):
    error), else NODE_FAILURE;
 3. the index's pod waits for a reason in ``CONFIGURATION_ERRORS``: FAILED, PROVIDER_REJECTED
    (an image that cannot be pulled or a missing Secret does not get better by retrying);
-4. the index is in ``status.failedIndexes`` without a pod to tell why: the pod was deleted
-   before it ended (evicted, preempted, its node lost), PREEMPTED;
+4. the index is in ``status.failedIndexes`` and its pod is gone (or going: deleted) without
+   telling why: it was deleted before it ended (evicted, preempted, its node lost),
+   PREEMPTED. A live pod's own status decides instead (the Job's status can be seen before
+   the pod's: its Failed status, when it comes, says why);
 5. the Job Failed: by ``JOB_FAILURES`` (``DeadlineExceeded``: TIMEOUT); another reason leaves
    indexes that did not end on their own UNKNOWN;
 6. a live pod: Running -> RUNNING; Pending -> QUEUED (the message says when it is
-   unschedulable, and for how long past the threshold);
+   unschedulable); ``Unschedulable`` (the scheduler found no node for it: ``PodScheduled``
+   False with that reason) for ``unschedulable_after`` seconds or longer -> FAILED,
+   NO_CAPACITY: the pod never ran, and the core places the trial again elsewhere and cancels
+   this attempt (the driver deletes the waiting pod, so it cannot start later). A pod held
+   by its scheduling gates (``SchedulingGated``) is waiting on purpose, not for capacity:
+   QUEUED however long;
 7. no pod yet: QUEUED (suspended: waiting for Kueue admission).
 
 References: https://kubernetes.io/docs/concepts/workloads/controllers/job/ (conditions, pod
@@ -69,6 +76,9 @@ CONFIGURATION_ERRORS = frozenset(
     }
 )
 """Container waiting reasons that retrying does not mend."""
+UNSCHEDULABLE = "Unschedulable"
+"""The ``PodScheduled`` False reason the scheduler gives when no node fits the pod (a pod
+held by scheduling gates says ``SchedulingGated`` instead)."""
 JOB_FAILURES: dict[str, FailureClass] = {"DeadlineExceeded": FailureClass.TIMEOUT}
 """A failed Job's reason -> the class of its indexes that did not end on their own."""
 
@@ -186,6 +196,21 @@ def pod_failure(pod: Mapping[str, Any]) -> tuple[FailureClass, str, int | None]:
     return FailureClass.NODE_FAILURE, f"pod failed: {reason or 'no reason given'}", code
 
 
+def waiting_since(pod: Mapping[str, Any]) -> float | None:
+    """When a pod the scheduler found no node for (``PodScheduled`` False, ``Unschedulable``)
+    started waiting; None for any other pod. Such a pod turns NO_CAPACITY by the clock alone
+    (``index_state``), which a watch needs to know."""
+    if (pod.get("status") or {}).get("phase") not in (None, "Pending"):
+        return None
+    sched = _condition_any(pod, "PodScheduled")
+    if sched is None or sched.get("status") != "False" or sched.get("reason") != UNSCHEDULABLE:
+        return None
+    since = parse_time(sched.get("lastTransitionTime"))
+    if since is None:  # not written: count from the pod's creation
+        since = parse_time((pod.get("metadata") or {}).get("creationTimestamp"))
+    return since
+
+
 def index_state(
     job: Mapping[str, Any] | None,
     index: int,
@@ -193,13 +218,21 @@ def index_state(
     *,
     now: float,
     unschedulable_after: float = 600.0,
+    gone: Sequence[Mapping[str, Any]] = (),
 ) -> IndexState:
-    """The state of completion ``index`` of ``job`` given the pods seen for it (live, and the
-    last state of deleted ones). Total: what is not understood is UNKNOWN."""
+    """The state of completion ``index`` of ``job`` given the pods seen for it: ``pods`` those
+    that exist now, ``gone`` the last state seen of deleted ones. Total: what is not
+    understood is UNKNOWN."""
     if job is None:
         return IndexState(state=ProviderState.UNKNOWN, message="no such Job")
     status = job.get("status") or {}
-    pod = latest_pod(pods)
+    pod = latest_pod([*pods, *gone])
+    live = (
+        pod is not None
+        and any(p is pod for p in pods)
+        and (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+        and not (pod.get("metadata") or {}).get("deletionTimestamp")
+    )
     common: dict[str, Any] = {}
     if pod is not None:
         pst = pod.get("status") or {}
@@ -229,7 +262,7 @@ def index_state(
                 "image, pull secret or Secret)",
                 **common,
             )
-    if index in parse_indexes(status.get("failedIndexes")):
+    if not live and index in parse_indexes(status.get("failedIndexes")):
         return IndexState(
             state=ProviderState.FAILED,
             failure=FailureClass.PREEMPTED,
@@ -258,16 +291,31 @@ def index_state(
         )
     if pod is not None:
         if phase == "Running":
-            return IndexState(state=ProviderState.RUNNING, message="Running", **common)
+            # in failedIndexes already: the pod's Failed status is on its way
+            ending = index in parse_indexes(status.get("failedIndexes"))
+            return IndexState(
+                state=ProviderState.RUNNING, message="ending" if ending else "Running", **common
+            )
         sched = _condition_any(pod, "PodScheduled")
         if sched is not None and sched.get("status") == "False":
             since = parse_time(sched.get("lastTransitionTime"))
+            if since is None:  # not written: count from the pod's creation
+                since = parse_time((pod.get("metadata") or {}).get("creationTimestamp"))
             waited = now - since if since is not None else 0.0
-            over = waited >= unschedulable_after
+            why = str(sched.get("message") or sched.get("reason") or "")
+            if sched.get("reason") == UNSCHEDULABLE and waited >= unschedulable_after:
+                return IndexState(
+                    state=ProviderState.FAILED,
+                    failure=FailureClass.NO_CAPACITY,
+                    message=f"unschedulable for {waited:.0f}s (unschedulable_after = "
+                    f"{unschedulable_after:g}s): {why}",
+                    **common,
+                )
             return IndexState(
                 state=ProviderState.QUEUED,
-                message=("unschedulable" + (f" for {waited:.0f}s" if over else ""))
-                + f": {sched.get('message') or sched.get('reason') or ''}",
+                message=f"unschedulable: {why}"
+                if sched.get("reason") == UNSCHEDULABLE
+                else f"not scheduled yet ({sched.get('reason') or 'no reason given'}): {why}",
                 **common,
             )
         if phase in (None, "Pending"):

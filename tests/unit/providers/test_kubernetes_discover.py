@@ -6,13 +6,16 @@ from typing import Any
 
 import pytest
 
+from stowplan.placement.problem import Shape
 from stowplan.providers.kubernetes.discover import (
     detect_pool_label,
     gpu_model_of,
     parse_quantity,
     pools_of,
+    unschedulable_patience,
 )
 from stowplan.providers.kubernetes.render import pool_selector
+from stowplan.spec.models import KubernetesAutoscaleSpec, NodeShapeSpec
 from tests.kubecluster import NodeSpec
 
 GKE = "cloud.google.com/gke-nodepool"
@@ -92,7 +95,9 @@ def test_pools_free_capacity_gpus_and_exclusions() -> None:
     found = pools_of("k8s", ns, pods, pool_label=None)
     assert found.pool_label == GKE
     by_id = {p.id: p for p in found.pools}
-    assert sorted(by_id) == ["k8s/a100", "k8s/cpu"]
+    assert sorted(by_id) == ["k8s/a100", "k8s/cpu", "k8s/dedicated"]
+    assert by_id["k8s/dedicated"].taints == ("team",)
+    assert by_id["k8s/cpu"].taints == by_id["k8s/a100"].taints == ()  # GPU taint: tolerated
     cpu = by_id["k8s/cpu"]
     assert (cpu.cpus, cpu.memory, cpu.gpus) == (14.0, (64 - 8) << 30, {})
     assert (cpu.site, cpu.region, cpu.kind) == ("eu-west4", "eu-west4", "kubernetes")
@@ -101,10 +106,92 @@ def test_pools_free_capacity_gpus_and_exclusions() -> None:
     assert gpu.node is not None and gpu.node.gpus == {"a100": 2}
     assert pool_selector(gpu) == (GKE, "a100")
     notes = "\n".join(found.notes)
-    for words in ("c3: cordoned", "c4: not Ready", "g2: labelled NVIDIA-A100", "d1: tainted team"):
+    for words in (
+        "c3: cordoned",
+        "c4: not Ready",
+        "g2: labelled NVIDIA-A100",
+        "dedicated: tainted team",
+    ):
         assert words in notes
     tolerant = pools_of("k8s", ns, pods, pool_label=None, tolerations=["team"])
-    assert "k8s/dedicated" in {p.id for p in tolerant.pools}
+    assert {p.id: p.taints for p in tolerant.pools}["k8s/dedicated"] == ()
+
+
+def test_taints_of_a_pool_are_those_of_all_its_nodes() -> None:
+    ns = nodes(
+        NodeSpec(
+            name="t1",
+            pool="team",
+            taints=[
+                {"key": "dedicated", "value": "ml", "effect": "NoSchedule"},
+                {"key": "soft", "effect": "PreferNoSchedule"},
+            ],
+        ),
+        NodeSpec(
+            name="t2",
+            pool="team",
+            taints=[{"key": "example.com/drain", "effect": "NoExecute"}],
+        ),
+    )
+    (pool,) = pools_of("k8s", ns, [], pool_label=None).pools
+    assert pool.taints == ("dedicated", "example.com/drain")  # PreferNoSchedule: no need
+    assert pool.cpus == 16.0
+
+
+AUTOSCALE = {
+    "burst": KubernetesAutoscaleSpec(
+        node=NodeShapeSpec(cpus=8, memory="30GiB", gpus={"h100": 1}),
+        max_nodes=3,
+        boot_time="2m",
+        taints=["spot"],
+    )
+}
+
+
+def test_autoscaled_pool_with_no_node_is_offered_as_elastic_capacity() -> None:
+    ns = nodes(NodeSpec(name="c1", pool="cpu", region="eu-west4"))
+    found = pools_of("k8s", ns, [], pool_label=None, autoscale=AUTOSCALE)
+    by_id = {p.id: p for p in found.pools}
+    burst = by_id["k8s/burst"]
+    assert burst.elastic and burst.max_instances == 3 and burst.boot_s == 120.0
+    assert burst.node == Shape(cpus=8.0, memory=30 << 30, gpus={"h100": 1})
+    assert (burst.cpus, burst.memory, burst.gpus) == (0.0, 0, {})
+    assert burst.taints == ("spot",) and burst.region == "eu-west4"
+    assert pool_selector(burst) == (GKE, "burst")
+    assert not by_id["k8s/cpu"].elastic
+
+
+def test_autoscaled_pool_counts_its_nodes_against_the_maximum() -> None:
+    ns = nodes(
+        NodeSpec(name="b1", pool="burst", gpus=1, gpu_product="NVIDIA-H100-80GB-HBM3"),
+        NodeSpec(name="b2", pool="burst", ready=False),  # booting: counts, offers nothing
+    )
+    (burst,) = pools_of("k8s", ns, [], pool_label=None, autoscale=AUTOSCALE).pools
+    assert burst.max_instances == 1 and burst.gpus == {"h100": 1} and burst.cpus == 8.0
+    full = nodes(*(NodeSpec(name=f"b{i}", pool="burst") for i in range(3)))
+    found = pools_of("k8s", full, [], pool_label=None, autoscale=AUTOSCALE)
+    assert found.pools[0].max_instances == 0 and not found.pools[0].elastic
+    assert "at its maximum of 3 nodes" in "\n".join(found.notes)
+
+
+def test_autoscaled_pool_needs_a_pool_label() -> None:
+    found = pools_of("k8s", [], [], pool_label=None, autoscale=AUTOSCALE)
+    assert found.pools == [] and "set node_pool_label" in found.notes[0]
+    found = pools_of("k8s", [], [], pool_label=GKE, autoscale=AUTOSCALE)
+    assert [p.id for p in found.pools] == ["k8s/burst"]
+
+
+def test_unschedulable_patience_adds_the_boot_time_of_autoscaled_pools() -> None:
+    def job(pool: str) -> dict[str, Any]:
+        return {"spec": {"template": {"spec": {"nodeSelector": {GKE: pool}}}}}
+
+    assert unschedulable_patience(job("burst"), unschedulable_after=600, autoscale=AUTOSCALE) == (
+        720.0
+    )
+    assert unschedulable_patience(job("cpu"), unschedulable_after=600, autoscale=AUTOSCALE) == (
+        600.0
+    )
+    assert unschedulable_patience({}, unschedulable_after=5.0) == 5.0
 
 
 def test_pool_label_detection_order() -> None:

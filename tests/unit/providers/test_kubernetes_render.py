@@ -3,11 +3,15 @@ schemas (strict, two minor versions), grouping, names and labels, and the contai
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
 import subprocess
 import sys
+import tarfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +19,15 @@ import pytest
 
 from stowplan.errors import ProviderError
 from stowplan.placement.problem import Pool
-from stowplan.providers.base import Facts, LaunchSpec, SecretRef, request_name
+from stowplan.providers.base import Facts, LaunchSpec, ProviderState, SecretRef, request_name
 from stowplan.providers.kubernetes import KubernetesProvider, KubernetesRequest
 from stowplan.providers.kubernetes.render import (
     KEYS_ANNOTATION,
-    WRAPPER,
     cpu_quantity,
     label_value,
     memory_quantity,
 )
-from stowplan.spec.models import KubernetesProviderConfig
+from stowplan.spec.models import FailureClass, KubernetesProviderConfig
 from tests.kubecluster import KUBERNETES_VERSIONS, validate_manifest
 
 GOLDEN = Path(__file__).resolve().parents[2] / "fixtures" / "kubernetes" / "golden"
@@ -238,24 +241,294 @@ def test_wrapper_runs_exactly_the_argv_and_env(tmp_path: Path) -> None:
             )
         ],
     )
+    done, record = run_wrapper(tmp_path, req)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "[\"it's $HOME\", 'a b'] 0 k0000-trial\n"
+    assert (tmp_path / "work" / "r1" / "0" / "cfg" / "x.txt").read_bytes() == b"hi"
+    assert record.pop("started_at") <= record.pop("ended_at")
+    assert record == {
+        "stowplan": 1,
+        "key": "k0000-trial",
+        "exit_code": 0,
+        "reason": "exit",
+        "missing": [],
+    }
+
+
+def run_wrapper(
+    tmp_path: Path, req: KubernetesRequest, config_map: dict[str, Any] | None = None
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """The container's command as rendered, its volume paths moved into tmp_path."""
     params = tmp_path / "params"
-    params.mkdir()
-    for name, text in req.config_map["data"].items():
+    params.mkdir(exist_ok=True)
+    for name, text in (config_map or req.config_map)["data"].items():
         (params / name).write_text(text)
-    program = (
-        WRAPPER.replace("/stowplan/params", str(params))
-        .replace("/stowplan/work", str(tmp_path / "work"))
-        .replace("/dev/termination-log", str(tmp_path / "termination-log"))
-    )
+    command = req.job["spec"]["template"]["spec"]["containers"][0]["command"]
+    moved = {
+        "python3": sys.executable,
+        "/stowplan/params": str(params),
+        "/stowplan/work": str(tmp_path / "work"),
+        "/dev/termination-log": str(tmp_path / "termination-log"),
+    }
+    assert command[3:] == ["/stowplan/params", "/stowplan/work", "/dev/termination-log"]
     done = subprocess.run(
-        [sys.executable, "-c", program],
+        [moved.get(a, a) for a in command],
         env={**os.environ, "JOB_COMPLETION_INDEX": "0"},
         capture_output=True,
         text=True,
         check=False,
+        timeout=60,
     )
+    return done, json.loads((tmp_path / "termination-log").read_text())
+
+
+# -- outputs and logs through a bucket -----------------------------------------------------------
+
+BUCKET = "s3://lab-results/stowplan/k8s"
+
+
+def test_bucket_entries_name_their_objects_golden(tmp_path: Path) -> None:
+    launches = [launch(i, outputs=["metrics.json", "ckpt/"], timeout_s=600) for i in range(2)]
+    (req,) = plan(tmp_path, launches, bucket=BUCKET)
+    check_golden("sweep_bucket.json", req.render())
+    here = "stowplan/k8s/attempts/r1/k0000-trial"
+    assert req.bucket == "lab-results"
+    assert req.slots["k0000-trial"] == {
+        "stdout": f"{here}/stdout",
+        "stderr": f"{here}/stderr",
+        "exit": "stowplan/k8s/exit/r1/k0000-trial.json",
+        "output_0": f"{here}/outputs/metrics.json",
+        "output_1": f"{here}/outputs/ckpt.tar.gz",
+    }
+    assert req.outputs["k0000-trial"] == {
+        "metrics.json": f"{here}/outputs/metrics.json",
+        "ckpt/": f"{here}/outputs/ckpt.tar.gz",
+    }
+    entry = json.loads(req.config_map["data"]["0.json"])
+    assert entry["urls"]["output_1"] == (
+        f"<presigned at submit: PUT s3://lab-results/{here}/outputs/ckpt.tar.gz>"
+    )
+    # the Job's deadline (one wave of 600 s, plus 60) plus the margin
+    assert req.lease_s == 600 + 60 + 3600
+    filled = req.with_urls(
+        {
+            k: {slot: f"https://s3.example/{slot}?sig={k}" for slot in v}
+            for k, v in req.slots.items()
+        }
+    )
+    validate_manifest(filled)
+    got = json.loads(filled["data"]["1.json"])
+    assert got["urls"]["stdout"] == "https://s3.example/stdout?sig=k0001-trial"
+    assert req.config_map["data"] != filled["data"]  # the plan's request is left as it was
+
+
+def test_without_bucket_entries_carry_no_urls(tmp_path: Path) -> None:
+    (req,) = plan(tmp_path, [launch(0)])
+    assert "urls" not in json.loads(req.config_map["data"]["0.json"])
+    assert req.slots == {} and req.outputs == {} and req.bucket == ""
+
+
+def test_presigned_urls_fit_the_configmap(tmp_path: Path) -> None:
+    """Each placeholder becomes a URL of up to URL_BYTES at submit: packing counts it."""
+    from stowplan.providers.kubernetes.render import MAX_CONFIGMAP_BYTES, URL_BYTES
+
+    launches = [launch(i, outputs=["a", "b/"]) for i in range(400)]
+    reqs = plan(tmp_path, launches, bucket=BUCKET)
+    assert len(reqs) > 1
+    for r in reqs:
+        filled = r.with_urls({k: {slot: "u" * URL_BYTES for slot in v} for k, v in r.slots.items()})
+        assert sum(len(t) for t in filled["data"].values()) <= MAX_CONFIGMAP_BYTES
+
+
+class _Puts(ThreadingHTTPServer):
+    """A stand-in for S3's presigned PUTs: path -> body; paths under /deny/ answer 403."""
+
+    def __init__(self) -> None:
+        self.got: dict[str, bytes] = {}
+        self.puts: list[str] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_PUT(self) -> None:
+                n = int(self.headers["Content-Length"])
+                body = self.rfile.read(n)
+                path = self.path.split("?", 1)[0]
+                outer.puts.append(path)
+                if path.startswith("/deny/"):
+                    self.send_response(403)
+                else:
+                    outer.got[path] = body
+                    self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_GET(self) -> None:
+                body = json.dumps(outer.puts).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+    def __enter__(self) -> _Puts:
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+def _urls(req: KubernetesRequest, base: str, deny: str = "") -> dict[str, Any]:
+    return req.with_urls(
+        {
+            k: {
+                slot: f"{base}/{'deny/' if slot == deny else ''}{obj}?X-Amz-Signature=x"
+                for slot, obj in v.items()
+            }
+            for k, v in req.slots.items()
+        }
+    )
+
+
+def _program(body: str) -> list[str]:
+    return [sys.executable, "-c", body]
+
+
+def test_wrapper_uploads_outputs_logs_and_exit_record(tmp_path: Path) -> None:
+    script = (
+        "import os, sys; os.makedirs('ckpt/sub'); open('ckpt/sub/w.bin','wb').write(b'W'); "
+        "open('metrics.json','w').write('{\"acc\": 1}'); print('out line'); "
+        "print('err line', file=sys.stderr)"
+    )
+    (req,) = plan(
+        tmp_path,
+        [launch(0, argv=_program(script), outputs=["metrics.json", "ckpt/"])],
+        bucket=BUCKET,
+    )
+    with _Puts() as s3:
+        done, record = run_wrapper(tmp_path, req, _urls(req, f"http://127.0.0.1:{s3.server_port}"))
     assert done.returncode == 0, done.stderr
-    assert done.stdout == "[\"it's $HOME\", 'a b'] 0 k0000-trial\n"
-    assert (tmp_path / "work" / "r1" / "0" / "cfg" / "x.txt").read_bytes() == b"hi"
-    record = json.loads((tmp_path / "termination-log").read_text())
-    assert record == {"stowplan": 1, "key": "k0000-trial", "exit_code": 0, "missing": []}
+    assert "out line" in done.stdout and "err line" in done.stderr  # the container log
+    assert (record["exit_code"], record["reason"], record["missing"]) == (0, "exit", [])
+    here = "/stowplan/k8s/attempts/r1/k0000-trial"
+    assert s3.got[f"{here}/outputs/metrics.json"] == b'{"acc": 1}'
+    assert s3.got[f"{here}/stdout"] == b"out line\n"
+    assert s3.got[f"{here}/stderr"] == b"err line\n"
+    assert json.loads(s3.got["/stowplan/k8s/exit/r1/k0000-trial.json"])["exit_code"] == 0
+    with tarfile.open(fileobj=io.BytesIO(s3.got[f"{here}/outputs/ckpt.tar.gz"])) as tar:
+        assert sorted(tar.getnames()) == ["ckpt", "ckpt/sub", "ckpt/sub/w.bin"]
+        member = tar.extractfile("ckpt/sub/w.bin")
+        assert member is not None and member.read() == b"W"
+
+
+def test_wrapper_missing_output_fails_and_uploads_logs(tmp_path: Path) -> None:
+    (req,) = plan(
+        tmp_path,
+        [launch(0, argv=_program("print('ran')"), outputs=["metrics.json"])],
+        bucket=BUCKET,
+    )
+    with _Puts() as s3:
+        done, record = run_wrapper(tmp_path, req, _urls(req, f"http://127.0.0.1:{s3.server_port}"))
+    assert done.returncode == 1
+    assert (record["reason"], record["missing"]) == ("outputs", ["metrics.json"])
+    here = "/stowplan/k8s/attempts/r1/k0000-trial"
+    assert f"{here}/outputs/metrics.json" not in s3.got
+    assert b"declared output metrics.json is missing" in s3.got[f"{here}/stderr"]
+
+
+def test_wrapper_refused_upload_is_a_setup_failure(tmp_path: Path) -> None:
+    (req,) = plan(
+        tmp_path,
+        [launch(0, argv=_program("open('m','w').write('x')"), outputs=["m"])],
+        bucket=BUCKET,
+    )
+    with _Puts() as s3:
+        done, record = run_wrapper(
+            tmp_path, req, _urls(req, f"http://127.0.0.1:{s3.server_port}", deny="output_0")
+        )
+    assert (done.returncode, record["exit_code"], record["reason"]) == (70, 70, "setup")
+    assert "cannot upload output_0: HTTP Error 403" in done.stderr
+    assert "X-Amz-Signature" not in done.stderr + done.stdout  # a URL is never printed
+
+
+def test_wrapper_output_outside_the_attempt_is_refused(tmp_path: Path) -> None:
+    (req,) = plan(
+        tmp_path,
+        [launch(0, argv=_program("import os; os.symlink('/etc/hostname', 'm')"), outputs=["m"])],
+        bucket=BUCKET,
+    )
+    with _Puts() as s3:
+        done, record = run_wrapper(tmp_path, req, _urls(req, f"http://127.0.0.1:{s3.server_port}"))
+    assert (done.returncode, record["reason"]) == (1, "outputs")
+    assert "leads outside the attempt directory" in done.stderr
+    assert not [p for p in s3.got if "/outputs/" in p]
+
+
+def test_wrapper_uploads_logs_while_the_command_runs(tmp_path: Path) -> None:
+    """The logs are PUT every ``log_every`` seconds while the command runs, not only at the
+    end: the command waits until the bucket has its first line."""
+    with _Puts() as s3:
+        stdout = "/stowplan/k8s/attempts/r1/k0000-trial/stdout"
+        code = (
+            "import sys, time, urllib.request; print('first', flush=True); t = time.time()\n"
+            f"while {stdout!r} not in urllib.request.urlopen(sys.argv[1]).read().decode():\n"
+            "    assert time.time() - t < 20; time.sleep(0.05)\n"
+            "print('second')"
+        )
+        # the command asks the stand-in what it got (a GET of its list of PUT paths)
+        argv = [*_program(code), f"http://127.0.0.1:{s3.server_port}/puts"]
+        (req,) = plan(tmp_path, [launch(0, argv=argv, outputs=[])], bucket=BUCKET)
+        cm = _urls(req, f"http://127.0.0.1:{s3.server_port}")
+        entry = json.loads(cm["data"]["0.json"])
+        entry["log_every"] = 0.1
+        cm["data"]["0.json"] = json.dumps(entry)
+        done, _ = run_wrapper(tmp_path, req, cm)
+    assert done.returncode == 0, done.stderr
+    assert s3.puts.count(stdout) >= 2  # at least one while it ran, and the last
+    assert s3.got[stdout] == b"first\nsecond\n"
+
+
+def test_a_job_event_that_outruns_its_pods_is_not_a_preemption(tmp_path: Path) -> None:
+    """The Job and pod watches are two streams: the Job's failedIndexes can arrive before the
+    pod's own Failed status. A live pod then means "ending", not "deleted under us"."""
+    d = driver(tmp_path)
+    d._remember("sp-x", ["k0"])
+    job = {"metadata": {"name": "sp-x"}, "status": {"failedIndexes": "0", "failed": 1}}
+    labels = {
+        "batch.kubernetes.io/job-name": "sp-x",
+        "batch.kubernetes.io/job-completion-index": "0",
+    }
+    running = {
+        "metadata": {
+            "name": "sp-x-0-abc",
+            "labels": labels,
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+        },
+        "status": {
+            "phase": "Running",
+            "containerStatuses": [{"name": "main", "state": {"running": {}}}],
+        },
+    }
+    (r,) = d._reports(["k0"], {"sp-x": job}, [running])
+    assert r.state is ProviderState.RUNNING and "ending" in r.message
+    failed = {
+        **running,
+        "status": {
+            "phase": "Failed",
+            "containerStatuses": [
+                {"name": "main", "state": {"terminated": {"exitCode": 1, "reason": "Error"}}}
+            ],
+        },
+    }
+    (r,) = d._reports(["k0"], {"sp-x": job}, [failed])
+    assert (r.state, r.failure, r.exit_code) == (ProviderState.FAILED, FailureClass.USER_ERROR, 1)
+    # no pod (it was deleted): the index failed with it
+    again = driver(tmp_path)
+    again._remember("sp-x", ["k0"])
+    (r,) = again._reports(["k0"], {"sp-x": job}, [])
+    assert (r.state, r.failure) == (ProviderState.FAILED, FailureClass.PREEMPTED)

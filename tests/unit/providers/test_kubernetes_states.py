@@ -16,6 +16,7 @@ from stowplan.providers.kubernetes.states import (
 from stowplan.scheduler.reports import ProviderState as S
 from stowplan.spec.models import FailureClass as F
 from tests.kubecluster import kubelet
+from tests.kubecluster.apimachinery import rfc3339
 
 NOW = 1_800_000_000.0
 
@@ -132,13 +133,39 @@ def test_configuration_errors_cover_the_issue_reasons() -> None:
     assert "ImagePullBackOff" in st.message and "not retried" in st.message
 
 
-def test_unschedulable_is_reported_after_the_threshold() -> None:
+def test_unschedulable_past_the_threshold_is_no_capacity() -> None:
     p = kubelet.unschedulable(pod(spec={"containers": []}), "0/3 nodes are available", NOW - 700)
-    early = index_state(job(), 0, [p], now=NOW - 600, unschedulable_after=600)
+    early = index_state(job(), 0, [p], now=NOW - 101, unschedulable_after=600)
+    at = index_state(job(), 0, [p], now=NOW - 100, unschedulable_after=600)
     late = index_state(job(), 0, [p], now=NOW, unschedulable_after=600)
-    assert early.state is late.state is S.QUEUED
-    assert early.message.startswith("unschedulable: ")
-    assert late.message.startswith("unschedulable for 700s: 0/3 nodes")
+    assert (early.state, early.failure) == (S.QUEUED, None)
+    assert early.message == "unschedulable: 0/3 nodes are available"
+    # the pod never ran: the core re-places the trial (and cancels this attempt)
+    assert (at.state, at.failure) == (late.state, late.failure) == (S.FAILED, F.NO_CAPACITY)
+    assert late.message == (
+        "unschedulable for 700s (unschedulable_after = 600s): 0/3 nodes are available"
+    )
+    assert late.exit_code is None and late.pod == "sp-x-0-abcde"
+
+
+def test_unschedulable_without_a_transition_time_counts_from_creation() -> None:
+    p = kubelet.unschedulable(pod(spec={"containers": []}), "no nodes", NOW)
+    (cond,) = p["status"]["conditions"]
+    del cond["lastTransitionTime"]
+    created = rfc3339(NOW - 1000)
+    p["metadata"]["creationTimestamp"] = created
+    st = index_state(job(), 0, [p], now=NOW, unschedulable_after=600)
+    assert (st.state, st.failure) == (S.FAILED, F.NO_CAPACITY)
+
+
+def test_a_pod_held_by_scheduling_gates_is_not_short_of_capacity() -> None:
+    # https://kubernetes.io/docs/concepts/scheduling-eviction/pod-scheduling-readiness/ :
+    # a gated pod has PodScheduled False with reason SchedulingGated
+    p = pod(spec={"containers": [], "schedulingGates": [{"name": "example.com/wait"}]})
+    kubelet.set_condition(p["status"], "PodScheduled", "False", NOW - 7200, "SchedulingGated")
+    st = index_state(job(), 0, [p], now=NOW, unschedulable_after=600)
+    assert (st.state, st.failure) == (S.QUEUED, None)
+    assert st.message.startswith("not scheduled yet (SchedulingGated)")
 
 
 def test_latest_pod_decides() -> None:
@@ -165,3 +192,17 @@ def test_missing_outputs_are_named_from_the_exit_record() -> None:
     st = index_state(job(), 0, [p], now=NOW)
     assert (st.state, st.failure) == (S.FAILED, F.USER_ERROR)
     assert st.message == "declared output(s) missing: metrics.json"
+
+
+def test_a_failed_index_with_a_live_pod_is_decided_by_the_pod() -> None:
+    # the Job's status can be seen before its pod's (two watches): the pod's own status,
+    # not failedIndexes, says what happens to the index while the pod lives
+    j = job({"failedIndexes": "0"})
+    assert index_state(j, 0, [RUNNING], now=NOW).state is S.RUNNING
+    oom = index_state(j, 0, [kubelet.oom_killed(RUNNING, NOW)], now=NOW)
+    assert (oom.state, oom.failure) == (S.FAILED, F.OUT_OF_MEMORY)
+    # its pod deleted before it ended: preempted, whatever the last state seen of it was
+    gone = index_state(j, 0, [], gone=[RUNNING], now=NOW)
+    assert (gone.state, gone.failure) == (S.FAILED, F.PREEMPTED)
+    deleting = {**RUNNING, "metadata": {**RUNNING["metadata"], "deletionTimestamp": "x"}}
+    assert index_state(j, 0, [deleting], now=NOW).failure is F.PREEMPTED
