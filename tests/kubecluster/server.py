@@ -1,6 +1,13 @@
-"""The HTTP face of the emulated cluster (aiohttp on the loopback) and :class:`KubeCluster`, the
-object tests hold: start/stop/restart, the kubeconfig, and the controls that drive pods, nodes,
-faults and time.
+"""The HTTP face of the emulated cluster and :class:`KubeCluster`, the object tests hold:
+start/stop/restart, the kubeconfig, and the controls that drive pods, nodes, faults and time.
+
+The HTTP server is kmock's (PyPI ``kmock``, https://github.com/nolar/kmock): a ``kmock.Server``
+(its aiohttp server on 127.0.0.1) serving a ``kmock.RawHandler``. The handler has one reaction,
+registered with kmock's DSL as ``handler << callback`` (kmock's docs: "Responses", callables as
+payloads), which takes every request and answers it through this module's verb dispatch onto
+the emulator: a ``kmock.Response`` with the status, the headers (``Retry-After``, ``Warning``)
+and either a JSON body or, for watches and followed logs, an async generator that kmock sends
+as a chunked stream that stays open (kmock's docs: "Streams").
 
 Theory of operation: the server, the store and the controllers live on one event loop in a
 background thread, so a test's own loop (and the driver's kubernetes-asyncio client on it)
@@ -24,13 +31,17 @@ import logging
 import secrets
 import socket
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import kmock
 import yaml
-from aiohttp import web
+from aiohttp import test_utils, web
+
+# kmock imports Response into its package (kmock/__init__.py) but leaves it out of __all__
+from kmock import Response  # type: ignore[attr-defined]
 
 from . import kubelet
 from .apimachinery import (
@@ -75,10 +86,10 @@ class Fault:
     method: str | None = None
     path_contains: str | None = None
 
-    def matches(self, request: web.Request) -> bool:
-        if self.method and request.method.upper() != self.method.upper():
+    def matches(self, request: kmock.Request) -> bool:
+        if self.method and _method(request) != self.method.upper():
             return False
-        return not (self.path_contains and self.path_contains not in request.path_qs)
+        return not (self.path_contains and self.path_contains not in request.url.path_qs)
 
 
 @dataclass
@@ -199,6 +210,50 @@ def _is_true(v: str | None) -> bool:
     return (v or "").lower() in ("1", "true")
 
 
+def _method(request: kmock.Request) -> str:
+    return str(request.method.value).upper()
+
+
+def _header(request: kmock.Request, name: str) -> str:
+    """A request header, case-insensitively (kmock keeps them as a plain dict)."""
+    for k, v in request.headers.items():
+        if k.lower() == name.lower():
+            return v
+    return ""
+
+
+def _abort(request: kmock.Request) -> None:
+    """Close the request's connection without an answer (a dropped network path). kmock's
+    parsed request keeps the aiohttp request it came from; only its transport is used."""
+    raw = request._raw_request
+    if raw is not None and raw.transport is not None:
+        raw.transport.abort()
+
+
+class _WebServer(web.Server):
+    """aiohttp's low-level server, taking request bodies up to 8 MiB (its default is 1 MiB;
+    kube-apiserver takes 3 MB)."""
+
+    def _make_request(
+        self, message: Any, payload: Any, protocol: Any, writer: Any, task: Any
+    ) -> web.BaseRequest:
+        return web.BaseRequest(
+            message, payload, protocol, writer, task, self._loop, client_max_size=8 * 1024 * 1024
+        )
+
+
+class _HttpServer(test_utils.RawTestServer):
+    """kmock.Server's default aiohttp server class, with the access log off (every request
+    would be logged at INFO) and a short shutdown grace, as a restarted apiserver has."""
+
+    async def _make_runner(self, debug: bool = True, **kwargs: Any) -> web.ServerRunner:
+        srv = _WebServer(self._handler, loop=self._loop, access_log=None, **kwargs)
+        return web.ServerRunner(srv, shutdown_timeout=0.5, **kwargs)
+
+
+Stream = AsyncIterator[bytes]
+
+
 class ApiServer:
     """The aiohttp application; lives on the cluster's loop."""
 
@@ -210,33 +265,62 @@ class ApiServer:
         """bumped by every ``close_watches``: a watch that began before it ends, even one that
         had not reached its wait yet when the event was set."""
         self.bookmark_now = asyncio.Event()
-        self.runner: web.AppRunner | None = None
+        self.handler: kmock.RawHandler | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._header_names: set[str] = {"Content-Type"}
 
     @property
     def emu(self) -> Emulator:
         return self.cluster.emulator
 
     async def start(self, port: int) -> None:
-        app = web.Application(client_max_size=8 * 1024 * 1024)
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        self.runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=0.5
-        )
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", port, reuse_address=True)
-        await site.start()
+        handler = kmock.RawHandler()
+        # kmock's catch-all reaction: no filter, a callable payload called with each request
+        handler << self.handle
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(handler)
+            await stack.enter_async_context(
+                kmock.Server(handler, host="127.0.0.1", port=port, server_cls=_HttpServer)
+            )
+            self._stack = stack.pop_all()
+        self.handler = handler
 
     async def stop(self) -> None:
         self.stopping.set()
-        if self.runner is not None:
-            await self.runner.cleanup()
-            self.runner = None
+        if self._stack is not None:
+            await self._stack.aclose()
+            self._stack = None
+
+    def errors(self) -> list[Exception]:
+        """What kmock caught while rendering an answer (a harness bug, never an API error)."""
+        if self.handler is None or not self.handler.active:
+            return []
+        return list(self.handler.errors)
+
+    def reply(
+        self,
+        status: int,
+        payload: JSON | bytes | Stream,
+        headers: dict[str, str] | None = None,
+    ) -> Response:
+        """An answer for kmock to render: a dict as JSON, bytes as they are, an async
+        generator as a chunked stream. kmock merges each answer's headers into its reaction,
+        so every header name ever used is named here, unset (None) where this answer has none."""
+        headers = dict(headers or {})
+        self._header_names.update(headers)
+        return Response(
+            status=status,
+            payload=payload,
+            headers={n: headers.get(n) for n in self._header_names},
+        )
 
     # -- request handling --
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: kmock.Request) -> Response:
+        """kmock's reaction: every request arrives here (see the module notes)."""
         verb = "?"
         status = 0
+        streaming = False
         try:
             fault = self.cluster.take_fault(request)
             if fault is not None and fault.kind == "drop_before":
@@ -255,75 +339,115 @@ class ApiServer:
                     else None,
                 )
                 raise err
-            auth = request.headers.get("Authorization", "")
+            auth = _header(request, "Authorization")
             if auth != f"Bearer {self.cluster.token}":
                 log.info(
                     "kubecluster: 401 for %s %s (bad or missing bearer token)",
-                    request.method,
-                    request.path,
+                    _method(request),
+                    request.url.path,
                 )
                 raise ApiError(401, "Unauthorized", "Unauthorized")
             verb, response = await self.dispatch(request)
             if fault is not None and fault.kind == "drop_after":
                 status = -1
                 return self._drop(request)
-            status = response.status
+            status = response.status or 200
+            if isinstance(response.payload, AsyncIterator):
+                # a stream is recorded when it ends, as an answer is when it is sent
+                streaming = True
+                response = Response(
+                    status=response.status,
+                    headers=response.headers,
+                    payload=self._recorded(request, verb, response.payload),
+                )
             return response
         except ApiError as e:
             status = e.code
-            return web.json_response(e.status(), status=e.code, headers=e.headers)
+            return self.reply(e.code, e.status(), e.headers)
         except Exception as e:  # a harness bug: answer 500 and keep it for the test to see
             log.exception("kubecluster: handler failed")
             self.cluster.controllers.errors.append(e)
             status = 500
-            return web.json_response(status_object(500, "InternalError", repr(e)), status=500)
+            return self.reply(500, status_object(500, "InternalError", repr(e)))
         finally:
-            rec = RequestRecord(request.method, request.path, request.query_string, status, verb)
-            self.cluster.requests.append(rec)
-            log.debug("kubecluster: %s %s?%s -> %s", rec.method, rec.path, rec.query, rec.status)
+            if not streaming:
+                self._record(request, verb, status)
 
-    @staticmethod
-    def _drop(request: web.Request) -> web.StreamResponse:
+    def _record(self, request: kmock.Request, verb: str, status: int) -> None:
+        url = request.url
+        rec = RequestRecord(_method(request), url.path, url.query_string, status, verb)
+        self.cluster.requests.append(rec)
+        log.debug("kubecluster: %s %s?%s -> %s", rec.method, rec.path, rec.query, rec.status)
+
+    async def _recorded(self, request: kmock.Request, verb: str, stream: Stream) -> Stream:
+        """The stream, recorded in the request log when it ends; a harness bug in it is kept
+        for the test to see and ends the stream. Its first chunk is empty, so that kmock sends
+        the headers at once (as kmock's own emulator's watch does) rather than with the first
+        event; it also keeps kmock from taking a stream that ends with no chunk for a depleted
+        reaction (kmock would then disable the reaction and answer no later request)."""
+        status = 200
+        yield b""
+        try:
+            async for chunk in stream:
+                yield chunk
+        except Exception as e:
+            log.exception("kubecluster: stream failed")
+            self.cluster.controllers.errors.append(e)
+            status = 500
+        finally:
+            self._record(request, verb, status)
+
+    def _drop(self, request: kmock.Request) -> Response:
         """Close the connection without an answer, as a dropped network path would."""
-        if request.transport is not None:
-            request.transport.abort()
-        log.info("kubecluster: dropped the connection of %s %s", request.method, request.path)
-        return web.Response(status=499)
+        _abort(request)
+        log.info("kubecluster: dropped the connection of %s %s", _method(request), request.url.path)
+        return self.reply(499, b"")
 
-    async def dispatch(self, request: web.Request) -> tuple[str, web.StreamResponse]:
-        parts = [p for p in request.path.split("/") if p]
-        q = request.query
+    async def dispatch(self, request: kmock.Request) -> tuple[str, Response]:
+        parts = [p for p in request.url.path.split("/") if p]
+        q = request.url.query
         if not parts:
-            return "discovery", web.json_response(
-                {"paths": ["/api", "/api/v1", "/apis", "/apis/batch", "/apis/batch/v1", "/version"]}
+            return "discovery", self.reply(
+                200,
+                {
+                    "paths": [
+                        "/api",
+                        "/api/v1",
+                        "/apis",
+                        "/apis/batch",
+                        "/apis/batch/v1",
+                        "/version",
+                    ]
+                },
             )
         if parts == ["version"]:
-            return "discovery", web.json_response(
+            return "discovery", self.reply(
+                200,
                 {
                     "major": "1",
                     "minor": "33",
                     "gitVersion": "v1.33.0-kubecluster",
                     "platform": "linux/amd64",
-                }
+                },
             )
         disc = self.discovery(parts)
         if disc is not None:
-            return "discovery", web.json_response(disc)
+            return "discovery", self.reply(200, disc)
         res, ns, name, sub = self.route(parts)
-        method = request.method.upper()
+        method = _method(request)
         if name is None:
             if method == "GET" and _is_true(q.get("watch")):
-                return "watch", await self.watch(request, res, ns)
-            if method == "GET":
-                return "list", web.json_response(self.list(res, ns, q))
-            if method == "POST":
-                body = await self._body(request)
-                obj = self.emu.create(res, ns, body, dry_run=q.get("dryRun") == "All")
-                return "create", web.json_response(obj, status=201)
-            if method == "DELETE":
-                return "deletecollection", web.json_response(
-                    await self.delete_collection(request, res, ns)
+                return "watch", self.reply(
+                    200, self.watch(request, res, ns), {"Content-Type": "application/json"}
                 )
+            if method == "GET":
+                return "list", self.reply(200, self.list(res, ns, q))
+            if method == "POST":
+                body = self._body(request)
+                obj = self.emu.create(res, ns, body, dry_run=q.get("dryRun") == "All")
+                return "create", self.reply(201, obj)
+            if method == "DELETE":
+                return "deletecollection", self.reply(200, self.delete_collection(request, res, ns))
             raise ApiError(
                 405,
                 "MethodNotAllowed",
@@ -332,33 +456,33 @@ class ApiServer:
         if sub == "log":
             if res.plural != "pods" or method != "GET":
                 raise ApiError(405, "MethodNotAllowed", "log is read-only")
-            return "log", await self.pod_log(request, ns, name)
+            return "log", self.pod_log(request, ns, name)
         if sub not in (None, "status"):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         if method == "GET":
-            return "get", web.json_response(self.emu.get(res, ns, name))
+            return "get", self.reply(200, self.emu.get(res, ns, name))
         if method == "PUT":
-            return "update", web.json_response(
-                self.emu.replace(res, ns, name, await self._body(request), sub)
+            return "update", self.reply(
+                200, self.emu.replace(res, ns, name, self._body(request), sub)
             )
         if method == "PATCH":
-            ctype = request.headers.get("Content-Type", "")
-            return "patch", web.json_response(
-                self.emu.patch(res, ns, name, await self._body(request, any_json=True), ctype, sub)
+            ctype = _header(request, "Content-Type")
+            return "patch", self.reply(
+                200, self.emu.patch(res, ns, name, self._body(request, any_json=True), ctype, sub)
             )
         if method == "DELETE":
-            opts = await self._body(request, optional=True)
+            opts = self._body(request, optional=True)
             policy = q.get("propagationPolicy") or opts.get("propagationPolicy")
             if opts.get("orphanDependents") is not None and policy is None:
                 policy = "Orphan" if opts["orphanDependents"] else "Background"
             obj, code, warning = self.emu.delete(res, ns, name, policy, opts.get("preconditions"))
             headers = {"Warning": warning} if warning else None
-            return "delete", web.json_response(obj, status=code, headers=headers)
+            return "delete", self.reply(code, obj, headers)
         raise ApiError(405, "MethodNotAllowed", "the server does not allow this method")
 
     @staticmethod
-    async def _body(request: web.Request, *, optional: bool = False, any_json: bool = False) -> Any:
-        raw = await request.read()
+    def _body(request: kmock.Request, *, optional: bool = False, any_json: bool = False) -> Any:
+        raw = request.body  # kmock has read the whole body before its reactions run
         if not raw:
             if optional:
                 return {}
@@ -503,11 +627,9 @@ class ApiServer:
             "items": out_items,
         }
 
-    async def delete_collection(
-        self, request: web.Request, res: ResourceType, ns: str | None
-    ) -> JSON:
-        q = request.query
-        opts = await self._body(request, optional=True)
+    def delete_collection(self, request: kmock.Request, res: ResourceType, ns: str | None) -> JSON:
+        q = request.url.query
+        opts = self._body(request, optional=True)
         policy = q.get("propagationPolicy") or opts.get("propagationPolicy")
         for o in self.emu.list(res, ns, q.get("labelSelector"), q.get("fieldSelector")):
             with contextlib.suppress(ApiError):
@@ -516,10 +638,10 @@ class ApiServer:
                 )
         return status_object(200, "", "")
 
-    async def watch(
-        self, request: web.Request, res: ResourceType, ns: str | None
-    ) -> web.StreamResponse:
-        q = request.query
+    def watch(self, request: kmock.Request, res: ResourceType, ns: str | None) -> Stream:
+        """The watch stream: JSON lines, one event each, open until the timeout, a close or
+        a stop. Its parameters are checked first (a bad one is a 400 answer, not a stream)."""
+        q = request.url.query
         store = self.emu.store
         lreq = parse_label_selector(q.get("labelSelector"))
         freq = parse_field_selector(q.get("fieldSelector"))
@@ -528,120 +650,120 @@ class ApiServer:
         initial_events = _is_true(q.get("sendInitialEvents"))
         rv_param = q.get("resourceVersion")
         generation = self.close_generation
-
-        def matches(obj: JSON | None) -> bool:
-            if obj is None:
-                return False
-            if ns is not None and obj["metadata"].get("namespace") != ns:
-                return False
-            return labels_match(lreq, obj["metadata"].get("labels") or {}) and fields_match(
-                freq, obj
-            )
-
-        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        start_now = rv_param in (None, "", "0") or initial_events
         try:
-            await resp.prepare(request)
-        except (ConnectionResetError, ConnectionError):
-            return resp  # the client went away before the answer began
+            since = 0 if start_now else int(str(rv_param))
+        except ValueError:
+            raise bad_request(f"invalid resource version {rv_param!r}") from None
 
-        async def send(kind: str, obj: JSON) -> None:
-            await resp.write(json.dumps({"type": kind, "object": obj}).encode() + b"\n")
-
-        def bookmark(rv: int, initial_end: bool = False) -> JSON:
-            meta: JSON = {"resourceVersion": str(rv)}
-            if initial_end:
-                meta["annotations"] = {"k8s.io/initial-events-end": "true"}
-            return {"kind": res.kind, "apiVersion": res.api_version, "metadata": meta}
-
-        try:
-            if rv_param in (None, "", "0") or initial_events:
-                # "Get State and Start at Most Recent": synthetic ADDED events first
-                cursor = store.rv
-                for obj in self.emu.list(res, ns):
-                    if matches(obj):
-                        await send("ADDED", obj)
-                if initial_events and bookmarks:
-                    await send("BOOKMARK", bookmark(cursor, initial_end=True))
-            else:
-                try:
-                    cursor = int(rv_param)
-                except ValueError:
-                    raise bad_request(f"invalid resource version {rv_param!r}") from None
-                if cursor < store.compacted_rv:
-                    await send(
-                        "ERROR",
-                        status_object(
-                            410,
-                            "Expired",
-                            f"too old resource version: {cursor} ({store.compacted_rv + 1})",
-                        ),
-                    )
-                    return resp
-                if cursor > store.rv:
-                    await send("ERROR", status_object(504, "Timeout", "Too large resource version"))
-                    return resp
-            loop = asyncio.get_running_loop()
-            ends = None if timeout is None else loop.time() + timeout
-            next_bookmark = loop.time() + self.cluster.bookmark_interval
-            while not self.stopping.is_set():
-                if generation != self.close_generation:
-                    if request.transport is not None:
-                        request.transport.abort()
-                    return resp
-                changed = store.change_event()
-                bm_now = self.bookmark_now
-                close = self.close_streams
-                if cursor < store.compacted_rv:
-                    await send(
-                        "ERROR",
-                        status_object(
-                            410,
-                            "Expired",
-                            f"too old resource version: {cursor} ({store.compacted_rv + 1})",
-                        ),
-                    )
-                    return resp
-                events = store.events_after(cursor)
-                for e in events:
-                    cursor = e.rv
-                    if e.res is not res:
-                        continue
-                    kind = self._translate(e, matches)
-                    if kind is not None:
-                        await send(kind, e.obj)
-                cursor = max(cursor, store.rv) if not events else cursor
-                now = loop.time()
-                if bookmarks and (now >= next_bookmark or bm_now.is_set()):
-                    await send("BOOKMARK", bookmark(store.rv))
-                    cursor = store.rv
-                    next_bookmark = now + self.cluster.bookmark_interval
-                if ends is not None and now >= ends:
-                    return resp
-                waits = [
-                    asyncio.ensure_future(ev.wait())
-                    for ev in (changed, self.stopping, close, bm_now)
-                ]
-                deadline = (
-                    min(x for x in (next_bookmark if bookmarks else None, ends) if x is not None)
-                    if (bookmarks or ends)
-                    else None
+        async def stream() -> Stream:
+            def matches(obj: JSON | None) -> bool:
+                if obj is None:
+                    return False
+                if ns is not None and obj["metadata"].get("namespace") != ns:
+                    return False
+                return labels_match(lreq, obj["metadata"].get("labels") or {}) and fields_match(
+                    freq, obj
                 )
-                try:
-                    await asyncio.wait(
-                        waits,
-                        timeout=None if deadline is None else max(0.0, deadline - loop.time()),
-                        return_when=asyncio.FIRST_COMPLETED,
+
+            def event(kind: str, obj: JSON) -> bytes:
+                return json.dumps({"type": kind, "object": obj}).encode() + b"\n"
+
+            def bookmark(rv: int, initial_end: bool = False) -> JSON:
+                meta: JSON = {"resourceVersion": str(rv)}
+                if initial_end:
+                    meta["annotations"] = {"k8s.io/initial-events-end": "true"}
+                return {"kind": res.kind, "apiVersion": res.api_version, "metadata": meta}
+
+            try:
+                if start_now:
+                    # "Get State and Start at Most Recent": synthetic ADDED events first
+                    cursor = store.rv
+                    for obj in self.emu.list(res, ns):
+                        if matches(obj):
+                            yield event("ADDED", obj)
+                    if initial_events and bookmarks:
+                        yield event("BOOKMARK", bookmark(cursor, initial_end=True))
+                else:
+                    cursor = since
+                    if cursor < store.compacted_rv:
+                        yield event(
+                            "ERROR",
+                            status_object(
+                                410,
+                                "Expired",
+                                f"too old resource version: {cursor} ({store.compacted_rv + 1})",
+                            ),
+                        )
+                        return
+                    if cursor > store.rv:
+                        yield event(
+                            "ERROR", status_object(504, "Timeout", "Too large resource version")
+                        )
+                        return
+                loop = asyncio.get_running_loop()
+                ends = None if timeout is None else loop.time() + timeout
+                next_bookmark = loop.time() + self.cluster.bookmark_interval
+                while not self.stopping.is_set():
+                    if generation != self.close_generation:
+                        _abort(request)
+                        return
+                    changed = store.change_event()
+                    bm_now = self.bookmark_now
+                    close = self.close_streams
+                    if cursor < store.compacted_rv:
+                        yield event(
+                            "ERROR",
+                            status_object(
+                                410,
+                                "Expired",
+                                f"too old resource version: {cursor} ({store.compacted_rv + 1})",
+                            ),
+                        )
+                        return
+                    events = store.events_after(cursor)
+                    for e in events:
+                        cursor = e.rv
+                        if e.res is not res:
+                            continue
+                        kind = self._translate(e, matches)
+                        if kind is not None:
+                            yield event(kind, e.obj)
+                    cursor = max(cursor, store.rv) if not events else cursor
+                    now = loop.time()
+                    if bookmarks and (now >= next_bookmark or bm_now.is_set()):
+                        yield event("BOOKMARK", bookmark(store.rv))
+                        cursor = store.rv
+                        next_bookmark = now + self.cluster.bookmark_interval
+                    if ends is not None and now >= ends:
+                        return
+                    waits = [
+                        asyncio.ensure_future(ev.wait())
+                        for ev in (changed, self.stopping, close, bm_now)
+                    ]
+                    deadline = (
+                        min(
+                            x for x in (next_bookmark if bookmarks else None, ends) if x is not None
+                        )
+                        if (bookmarks or ends)
+                        else None
                     )
-                finally:
-                    for w in waits:
-                        w.cancel()
-                if close.is_set() or generation != self.close_generation:
-                    if request.transport is not None:
-                        request.transport.abort()
-                    return resp
-        except (ConnectionResetError, ConnectionError):
-            return resp
-        return resp
+                    try:
+                        await asyncio.wait(
+                            waits,
+                            timeout=None if deadline is None else max(0.0, deadline - loop.time()),
+                            return_when=asyncio.FIRST_COMPLETED,
+                        )
+                    finally:
+                        for w in waits:
+                            w.cancel()
+                    if close.is_set() or generation != self.close_generation:
+                        _abort(request)
+                        return
+            except (ConnectionResetError, ConnectionError):
+                return
+
+        return stream()
 
     @staticmethod
     def _translate(e: Event, matches: Callable[[JSON | None], bool]) -> str | None:
@@ -661,8 +783,8 @@ class ApiServer:
 
     # -- logs --
 
-    async def pod_log(self, request: web.Request, ns: str | None, name: str) -> web.StreamResponse:
-        q = request.query
+    def pod_log(self, request: kmock.Request, ns: str | None, name: str) -> Response:
+        q = request.url.query
         pod = self.emu.get(PODS, ns, name)
         names = kubelet.container_names(pod)
         container = q.get("container")
@@ -692,43 +814,41 @@ class ApiServer:
         lines = self.emu.store.logs.get(key, [])
         tail = q.get("tailLines")
         start = max(0, len(lines) - int(tail)) if tail else 0
+        text_plain = {"Content-Type": "text/plain; charset=utf-8"}
         if not _is_true(q.get("follow")):
-            return web.Response(text="".join(lines[start:]), content_type="text/plain")
-        resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
-        try:
-            await resp.prepare(request)
-        except (ConnectionResetError, ConnectionError):
-            return resp  # the client went away before the answer began
-        sent = start
-        try:
-            while not self.stopping.is_set():
-                changed = self.emu.store.change_event()
-                lines = self.emu.store.logs.get(key, [])
-                for line in lines[sent:]:
-                    await resp.write(line.encode())
-                sent = len(lines)
-                cur = self.emu.store.get(PODS, ns, name)
-                if (
-                    cur is None
-                    or kubelet.is_terminal(cur)
-                    or cur["metadata"]["uid"] != pod["metadata"]["uid"]
-                ):
-                    break
-                waits = [
-                    asyncio.ensure_future(e.wait())
-                    for e in (changed, self.stopping, self.close_streams)
-                ]
-                try:
-                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    for w in waits:
-                        w.cancel()
-                if self.close_streams.is_set():
-                    break
-        except (ConnectionResetError, ConnectionError):
-            return resp
-        await resp.write_eof()
-        return resp
+            return self.reply(200, "".join(lines[start:]).encode(), text_plain)
+
+        async def stream() -> Stream:
+            sent = start
+            try:
+                while not self.stopping.is_set():
+                    changed = self.emu.store.change_event()
+                    lines = self.emu.store.logs.get(key, [])
+                    for line in lines[sent:]:
+                        yield line.encode()
+                    sent = len(lines)
+                    cur = self.emu.store.get(PODS, ns, name)
+                    if (
+                        cur is None
+                        or kubelet.is_terminal(cur)
+                        or cur["metadata"]["uid"] != pod["metadata"]["uid"]
+                    ):
+                        break
+                    waits = [
+                        asyncio.ensure_future(e.wait())
+                        for e in (changed, self.stopping, self.close_streams)
+                    ]
+                    try:
+                        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        for w in waits:
+                            w.cancel()
+                    if self.close_streams.is_set():
+                        break
+            except (ConnectionResetError, ConnectionError):
+                return
+
+        return self.reply(200, stream(), text_plain)
 
 
 class KubeCluster:
@@ -922,10 +1042,11 @@ class KubeCluster:
         self.raise_errors()
 
     def raise_errors(self) -> None:
-        if self.controllers.errors:
-            raise RuntimeError(
-                f"kubecluster internal error: {self.controllers.errors[0]!r}"
-            ) from self.controllers.errors[0]
+        """Raise the first harness bug: one in the controllers or the verbs, or one that kmock
+        caught while rendering an answer (it answers those with a 500 and keeps them)."""
+        errors = [*self.controllers.errors, *(self._server.errors() if self._server else [])]
+        if errors:
+            raise RuntimeError(f"kubecluster internal error: {errors[0]!r}") from errors[0]
 
     # -- nodes --
 
@@ -1090,7 +1211,7 @@ class KubeCluster:
         """Forget every fault not yet used up (the network is healthy again)."""
         self._call(self.faults.clear)
 
-    def take_fault(self, request: web.Request) -> Fault | None:
+    def take_fault(self, request: kmock.Request) -> Fault | None:
         for f in self.faults:
             if f.count > 0 and f.matches(request):
                 f.count -= 1

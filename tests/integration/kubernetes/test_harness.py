@@ -482,3 +482,18 @@ async def test_bearer_token_never_logged(
     assert kube_cluster.token not in caplog.text
     assert kube_cluster.token not in repr(kube_cluster.requests)
     assert len(kube_cluster.requests) >= 4
+
+
+async def test_the_api_server_is_kmock_with_the_emulator_behind_it(
+    kube_api: Any, kube_cluster: KubeCluster
+) -> None:
+    """kmock serves the HTTP: the emulator answers through its one catch-all reaction, and
+    kmock's own request history sees the same requests the emulator records."""
+    import kmock
+
+    server = kube_cluster._server
+    assert server is not None and isinstance(server.handler, kmock.RawHandler)
+    before = len(list(server.handler))
+    await core_api(kube_api).list_namespaced_config_map(NS)
+    assert len(list(server.handler)) == before + 1
+    assert kube_cluster.requests[-1].path.endswith("/configmaps")
