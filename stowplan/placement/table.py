@@ -122,8 +122,6 @@ class Table:
     instance_cost_int: list[int]
     scale: float
     """Integer units per currency unit (before TIE_UNITS)."""
-    instance_hours: list[float] = field(default_factory=list)
-    """Per pool: the hours one launched instance is billed for its tasks (elastic pools)."""
     _index: dict[int, dict[int, int] | tuple[IntArray, IntArray]] = field(default_factory=dict)
     _model_index: dict[str, int] = field(default_factory=dict)
 
@@ -276,8 +274,7 @@ def _raw_vector(
     quota = np.array(
         [p.max_tasks if p.max_tasks is not None else big for p in pools], dtype=np.int64
     )
-    # an elastic pool bills whole instances (``build``), not its tasks
-    price = np.array([0.0 if p.elastic else p.price_per_hour for p in pools])
+    price = np.array([p.price_per_hour for p in pools])
     rate = np.array([p.interruption_rate if p.spot else 0.0 for p in pools])
     wait_s = np.array([p.expected_wait_s for p in pools])
     hw = np.array([p.hardware_class for p in pools], dtype=object)
@@ -477,7 +474,7 @@ def _raw_small(
                     per = min(ncpu_fit, nmem_fit)
                 full += 1
                 share = min(share, 1.0) if has_node else 1.0
-                price = 0.0 if p.elastic else p.price_per_hour
+                price = p.price_per_hour
                 rate = p.interruption_rate if p.spot else 0.0
                 if m and m in by_gpu:
                     h = by_gpu[m] / 3600.0
@@ -528,12 +525,11 @@ def build(problem: PlacementProblem) -> Table:
     columns_of = _raw_small if npool <= SMALL_POOLS else _raw_vector
     raw, eligible_full, need = columns_of(problem, pools, classes, models, sites)
     w = problem.weights
-    inst_hours = _instance_hours(pools, classes, models, raw)
     inst_cost = [
-        w.cost * instance_dollars(p, h) + w.wait * w.hour_value * p.boot_s / 3600.0
+        (w.cost * p.price_per_hour + w.wait * w.hour_value) * p.boot_s / 3600.0
         if p.elastic
         else 0.0
-        for p, h in zip(pools, inst_hours, strict=True)
+        for p in pools
     ]
     top = max([float(r[3].max()) for r in raw if len(r[3])] + inst_cost + [0.0])
     scale = PRICE_UNITS / top if top > 0 else 1.0
@@ -597,34 +593,7 @@ def build(problem: PlacementProblem) -> Table:
         instance_cost=inst_cost,
         instance_cost_int=[round(c * scale) * TIE_UNITS for c in inst_cost],
         scale=scale,
-        instance_hours=inst_hours,
     )
-
-
-def instance_dollars(pool: Pool, hours: float) -> float:
-    """What one instance of elastic ``pool`` costs: its boot, then ``hours`` of tasks, with
-    the work a spot interruption makes it redo."""
-    rate = pool.interruption_rate if pool.spot else 0.0
-    return pool.price_per_hour * (pool.boot_s / 3600.0 + hours * (1.0 + rate * hours / 2.0))
-
-
-def _instance_hours(
-    pools: list[Pool], classes: list[DemandClass], models: list[str], raw: list[Raw]
-) -> list[float]:
-    """Per elastic pool, the hours one instance runs: the longest estimated runtime among the
-    classes that may go there (0 for the other pools)."""
-    hours = np.zeros(len(pools))
-    for cls, (js, ks, *_) in zip(classes, raw, strict=True):
-        if not len(js):
-            continue
-        by_gpu = dict(cls.runtime_by_gpu)
-        secs = np.array(
-            [by_gpu.get(models[k], cls.runtime_s) if k >= 0 else cls.runtime_s for k in ks]
-            if by_gpu
-            else np.full(len(js), cls.runtime_s)
-        )
-        np.maximum.at(hours, js, secs / 3600.0)
-    return [float(h) if p.elastic else 0.0 for p, h in zip(pools, hours.tolist(), strict=True)]
 
 
 # ---- the scalar reference: why a pool is out ----------------------------------------------
