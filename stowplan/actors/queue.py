@@ -64,6 +64,7 @@ from stowplan.actors.store import ActiveState, Artifacts
 from stowplan.actors.wire import pack, unpack
 from stowplan.errors import InternalError, ProviderError
 from stowplan.placement.problem import (
+    Dataset,
     PlacementContext,
     PlacementProblem,
     PlacementSolution,
@@ -98,6 +99,7 @@ from stowplan.scheduler.events import (
     Transition,
 )
 from stowplan.scheduler.plan import RunPayload
+from stowplan.scheduler.share import TeamLimits
 from stowplan.scheduler.states import FINAL, LEASED, TaskState
 from stowplan.session import launch_spec, payload_of
 from stowplan.shell import AsyncioClock, CommandShell, ShellConfig
@@ -329,6 +331,7 @@ class QueueActor:
         lease_ttl: float = 900.0,
         tick: float = 0.2,
         context: bytes | None = None,
+        teams: bytes | None = None,
         state_dir: str | None = None,
         owner: tuple[int, float] | None = None,
     ) -> None:
@@ -339,10 +342,13 @@ class QueueActor:
         self.provider_names = providers
         ctx = unpack(context, PlacementContext) if context else PlacementContext()
         epoch = session_epoch(owner) if owner is not None else namespace
+        limits = unpack(teams, dict[str, TeamLimits]) if teams else {}
         self.core = SchedulerCore(
-            CoreConfig(lease_ttl=lease_ttl, seed=seed, context=ctx, token_epoch=epoch)
+            CoreConfig(lease_ttl=lease_ttl, seed=seed, context=ctx, token_epoch=epoch, teams=limits)
         )
         self.payloads: dict[str, RunPayload] = {}
+        self._dataset_ids = {d.id for d in ctx.datasets}
+        """datasets the core knows: its context's, and those handed it since."""
         self.tick = tick
         self._boot_lock = asyncio.Lock()
         self._booted = False
@@ -472,7 +478,8 @@ class QueueActor:
                 )
         if runs:
             await self._budget_of([r.run_id for r in runs])
-        self._handle(TasksRestored(tasks=restored, completed=done))
+        datasets = await self._datasets_for([rt.task for rt in restored])
+        self._handle(TasksRestored(tasks=restored, completed=done, datasets=datasets))
         self.shell.start()
         self.clock.spawn(self._tick_loop())
 
@@ -517,9 +524,10 @@ class QueueActor:
                 )
             else:
                 fresh.append(item.instance)
+        datasets = await self._datasets_for([*fresh, *(rt.task for rt in again)])
         if again:
-            self._handle(TasksRestored(tasks=again, completed=completed))
-        self._handle(TasksSubmitted(tasks=fresh, completed=completed))
+            self._handle(TasksRestored(tasks=again, completed=completed, datasets=datasets))
+        self._handle(TasksSubmitted(tasks=fresh, completed=completed, datasets=datasets))
         return {"new": len(fresh), "resumed": len(again)}
 
     async def report(self, provider: str, reports: bytes) -> None:
@@ -551,6 +559,12 @@ class QueueActor:
         except Exception as e:
             self._fail(e)
             raise
+
+    async def sharing(self) -> dict[str, Any]:
+        """Each limited team's use against its limits (``SchedulerCore.sharing``), for
+        ``stowplan quota`` and the dashboard."""
+        await self._ensure()
+        return self.core.sharing()
 
     async def progress(self, run_ids: list[str] | None = None) -> dict[str, Any]:
         """Counts by state; runs the core no longer holds (finished before a restart) are
@@ -778,6 +792,22 @@ class QueueActor:
             rate = pool_rate(pool)
             if rate is not None:
                 known[pool.id] = rate
+
+    async def _datasets_for(self, tasks: list[TaskInstance]) -> list[Dataset]:
+        """The inputs of ``tasks`` that this queue has not handed the core yet, from their
+        experiments' stored specs (``StoreActor.datasets_of``): one run asked for per unknown
+        dataset, so a sweep of 10^5 runs over one input costs one lookup."""
+        ask: dict[str, str] = {}
+        for t in tasks:
+            for d in t.datasets:
+                if d not in self._dataset_ids and d not in ask:
+                    ask[d] = t.run_id
+        if not ask:
+            return []
+        answer = await self._call("store", self.store.datasets_of, sorted(set(ask.values())))
+        found: list[Dataset] = unpack(answer, list[Dataset])
+        self._dataset_ids.update(d.id for d in found)
+        return found
 
     async def _budget_of(self, run_ids: list[str]) -> None:
         """Take the budget of the newest experiment among ``run_ids``, and what was spent."""

@@ -13,6 +13,8 @@ import msgspec
 
 from stowplan.actors.runtime import note_worker
 from stowplan.actors.wire import pack, unpack
+from stowplan.placement.context import datasets_in_spec
+from stowplan.placement.problem import Dataset
 from stowplan.provenance.records import (
     ArtifactRecord,
     AttemptRecord,
@@ -115,10 +117,7 @@ class StoreActor:
         ``(experiment id, SpendBudget | None)``, ``(None, None)`` when none is stored."""
         from stowplan.spec.models import SpendBudget
 
-        runs = self.store.get_runs(run_ids)
-        exps = [
-            self.store.get_experiment(e) for e in sorted({r.experiment_id for r in runs.values()})
-        ]
+        exps = [self.store.get_experiment(e) for e in self.store.experiment_ids(run_ids)]
         known = [e for e in exps if e is not None]
         if not known:
             return pack((None, None))
@@ -126,6 +125,18 @@ class StoreActor:
         raw = (exp.spec.get("effective_policy") or {}).get("budget")
         budget = None if raw is None else msgspec.convert(raw, SpendBudget)
         return pack((exp.id, budget))
+
+    def datasets_of(self, run_ids: list[str]) -> bytes:
+        """The inputs (``list[placement.problem.Dataset]``) that the experiments of
+        ``run_ids`` declare, as ``placement.context.context_for`` makes them: what a
+        long-lived queue needs to place runs of experiments it did not start with."""
+        found: dict[str, Dataset] = {}
+        for eid in self.store.experiment_ids(run_ids):
+            exp = self.store.get_experiment(eid)
+            if exp is not None:
+                for d in datasets_in_spec(exp.spec):
+                    found.setdefault(d.id, d)
+        return pack([found[k] for k in sorted(found)])
 
     def spending(self, experiment_id: str | None, now: float) -> tuple[float, float]:
         """Dollars recorded this calendar month (UTC, of ``now``) and by ``experiment_id``."""

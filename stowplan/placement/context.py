@@ -8,11 +8,16 @@ the field and the rules that do exist.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+import msgspec
 
 from stowplan.errors import SpecError
 from stowplan.placement.problem import Dataset, Link, PlacementContext, Weights
 from stowplan.spec.loader import LoadedExperiment, LoadedProject, locate
+from stowplan.spec.models import DataInput
 
 
 def context_for(project: LoadedProject, loaded: LoadedExperiment) -> PlacementContext:
@@ -37,10 +42,7 @@ def context_for(project: LoadedProject, loaded: LoadedExperiment) -> PlacementCo
         for ii, inp in enumerate(task.inputs):
             if inp.residency is not None and inp.residency not in rules:
                 raise unknown(inp.residency, f"$.tasks[{ti}].inputs[{ii}].residency")
-            size = inp.size if isinstance(inp.size, int) else 0
-            d = Dataset(
-                id=inp.uri, size=size, sites=tuple(sorted(set(inp.sites))), residency=inp.residency
-            )
+            d = dataset_of(inp)
             seen = datasets.get(inp.uri)
             if seen is not None and seen != d:
                 raise SpecError(
@@ -65,3 +67,22 @@ def context_for(project: LoadedProject, loaded: LoadedExperiment) -> PlacementCo
         residency=rules,
         weights=Weights(data=w.data, cost=w.cost, wait=w.wait, priority=w.priority),
     )
+
+
+def dataset_of(inp: DataInput) -> Dataset:
+    """An input as placement sees it: id = its URI, its size (0 when not given), its sites."""
+    size = inp.size if isinstance(inp.size, int) else 0
+    return Dataset(
+        id=inp.uri, size=size, sites=tuple(sorted(set(inp.sites))), residency=inp.residency
+    )
+
+
+def datasets_in_spec(spec: Mapping[str, Any]) -> list[Dataset]:
+    """The inputs of a stored experiment (its canonical spec, ``ExperimentRecord.spec``), as
+    ``context_for`` made them when it was submitted; the first declaration of a URI wins."""
+    found: dict[str, Dataset] = {}
+    for task in spec.get("tasks") or []:
+        for raw in task.get("inputs") or []:
+            d = dataset_of(msgspec.convert(raw, DataInput))
+            found.setdefault(d.id, d)
+    return [found[k] for k in sorted(found)]

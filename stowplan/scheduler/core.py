@@ -90,6 +90,34 @@ that would otherwise stop when idle, so it adds cost too. A Provision that makes
 instances an elastic pool lacks (``_make_up``) is never held: its runs were admitted already
 and their cost is counted. Held runs are placed again when something changes (a run ends,
 spending is refreshed): nothing is failed for the budget.
+
+Datasets
+--------
+``CoreConfig.context`` holds the datasets the core starts with (a ``stowplan run``'s own
+experiment). A long-lived core (the shared-lab service) places submissions of experiments it
+never saw at start: ``TasksSubmitted.datasets`` and ``TasksRestored.datasets`` add each
+submission's inputs, by id (its URI); a later declaration of an id replaces the earlier one
+(the newest knowledge of where a replica is). A residency rule the core's context does not
+have (a submitted dataset's or task's) allows no site: its runs fail as any run no pool may
+take does, with the rule named, instead of being placed where the rule would forbid. A run
+naming a dataset the core
+does not know (none was given with it) is placed as if the data were everywhere.
+
+Sharing
+-------
+Runs submitted through the shared-lab service carry their ``team`` and ``user``.
+``CoreConfig.teams`` gives each team's limits (``share.TeamLimits``); ``share.Ledger`` keeps
+the GPUs each team holds by model (taken at lease, given back at release) and its GPU-seconds
+in the rolling window. Each placement round first orders classes by priority (as stated,
+across teams), then by the team's decayed usage over its weight, then by the user's usage
+within the team, then by submission; then, for each class of a limited team that asks for
+GPUs, ``Ledger.room`` says how many GPUs of each model the team may still take (its
+maximum, its GPU-hours, and the GPUs other teams' unmet guarantees reserve while they have
+runs waiting: the module doc of ``share``). The class is narrowed to the models with room
+and cut to the members that fit the smallest room among them, so no choice of the placer
+breaks a limit; what the round offered counts against the next class of the same team.
+A class with no room stays READY with the reason recorded once (``held``, shown by
+``stowplan status``); nothing is preempted: borrowed GPUs come back as borrowers' runs end.
 """
 
 from __future__ import annotations
@@ -97,14 +125,16 @@ from __future__ import annotations
 import heapq
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from dataclasses import field as dc_field
+from typing import Any
 
 import msgspec
 
 from stowplan.errors import InternalError
 from stowplan.placement.problem import (
+    Dataset,
     DemandClass,
     PlacementContext,
     PlacementProblem,
@@ -139,6 +169,7 @@ from stowplan.scheduler.events import (
 )
 from stowplan.scheduler.reports import ProviderState, Report
 from stowplan.scheduler.retry import REPLACED, Backoff, backoff_seconds, should_retry
+from stowplan.scheduler.share import Ledger, TeamLimits
 from stowplan.scheduler.states import FINAL, LEASED, TaskState, Trigger, next_state
 from stowplan.spec.canonical import attempt_key
 from stowplan.spec.models import FailureClass, SpendBudget
@@ -146,6 +177,12 @@ from stowplan.spec.models import FailureClass, SpendBudget
 MIN_BILLED_S = 60.0
 """the least an instance is billed for (EC2, and the simulator's clouds): a budget estimate of a
 run or a launch counts at least this long."""
+
+NOWHERE = "(no site: the rule is not defined in this control plane's stowplan.toml)"
+"""the one site a residency rule the core's context lacks allows: no pool is there."""
+
+GPU_CPUS = 8.0
+"""in fair-share usage, a GPU-second weighs as much as this many CPU-seconds."""
 
 RECONCILE_BACKOFF = Backoff(base=30.0, cap=600.0)
 """A LOST run is reconciled again after 30 s, 60 s, ... at most every 10 minutes."""
@@ -176,6 +213,15 @@ class CoreConfig:
     budget: SpendBudget | None = None
     """``[policy] budget``: what runs on priced elastic pools may cost (module doc: *Budget*);
     None: no limit. ``SchedulerCore.set_spending`` replaces it and gives what was spent."""
+    teams: Mapping[str, TeamLimits] = dc_field(default_factory=dict)
+    """``[service.teams]``: each team's GPU limits, guarantees and GPU-hours (module doc:
+    *Sharing*); runs of a team not named here, or of no team, are not limited by sharing."""
+
+
+_Free = dict[str, tuple[float, int, dict[str, int]]]
+"""pool id -> free (CPUs, memory, GPUs by model)."""
+_SharingRound = tuple[Counter[str], dict[str, Counter[str]], dict[str, Counter[str]]]
+"""``SchedulerCore._sharing_round``: lab free GPUs, team -> waiting GPUs, team -> offered."""
 
 
 class _Run:
@@ -322,6 +368,8 @@ def _bucket_key(t: TaskInstance) -> tuple[object, ...]:
         t.residency,
         t.hardware_class,
         t.tolerations,
+        t.team,
+        t.user,
     )
 
 
@@ -400,19 +448,15 @@ class SchedulerCore:
         self._cool_next = float("inf")
         """when the first cool-down ends."""
         self._budget = self.config.budget
+        self._share = Ledger(self.config.teams)
         self._spent = (0.0, 0.0)
         """dollars recorded this month and by this experiment (``set_spending``)."""
         self._committed = 0.0
         """estimated dollars of the runs leased on priced elastic pools (module doc: *Budget*)."""
         ctx = self.config.context
-        self._context_problem = PlacementProblem(
-            pools=[],
-            classes=[],
-            links=ctx.links,
-            datasets=ctx.datasets,
-            residency=ctx.residency,
-            weights=ctx.weights,
-        )
+        self._datasets: dict[str, Dataset] = {d.id: d for d in ctx.datasets}
+        self._residency: dict[str, tuple[str, ...]] = dict(ctx.residency)
+        self._context_problem = self._problem([], [])
 
     # ---- public -------------------------------------------------------------------------
 
@@ -467,6 +511,25 @@ class SchedulerCore:
         """Why the budget holds READY run ``run_id`` now ("" when it does not)."""
         run = self._runs[run_id]
         return run.held if run.state is TaskState.READY else ""
+
+    def sharing(self) -> dict[str, dict[str, Any]]:
+        """Each team of ``CoreConfig.teams``: the GPUs it holds by model, the GPU-hours it
+        used in its window, the GPUs its READY runs wait for, and its limits."""
+        waiting: dict[str, int] = {}
+        for bucket in self._ready.values():
+            for run_id in bucket:
+                t = self._runs[run_id].task
+                if t.team and t.gpus:
+                    waiting[t.team] = waiting.get(t.team, 0) + t.gpus
+        return {
+            team: {
+                "holds": dict(sorted(self._share.held.get(team, Counter()).items())),
+                "gpu_hours": self._share.gpu_seconds(team, self._now) / 3600,
+                "waiting_gpus": waiting.get(team, 0),
+                "limits": msgspec.to_builtins(limits),
+            }
+            for team, limits in sorted(self._share.teams.items())
+        }
 
     @property
     def committed_usd(self) -> float:
@@ -565,6 +628,7 @@ class SchedulerCore:
             self._make_ready(run)
 
     def _on_submitted(self, ev: TasksSubmitted) -> None:
+        self._add_datasets(ev.datasets, ev.tasks)
         self._completed.update(ev.completed)
         added = [r for r in (self._add(t) for t in ev.tasks) if r is not None]
         for run in added:
@@ -572,6 +636,7 @@ class SchedulerCore:
         self._maybe_solve()
 
     def _on_restored(self, ev: TasksRestored) -> None:
+        self._add_datasets(ev.datasets, (rt.task for rt in ev.tasks))
         self._completed.update(ev.completed)
         self._generation += 1  # restored leases change what an answer in flight may still place
         linked: list[_Run] = []
@@ -969,6 +1034,9 @@ class SchedulerCore:
             else:
                 run.gpu_model = max(models, key=lambda m: (free.get(m, 0), m)) if models else "?"
             gpus_used[run.gpu_model] += t.gpus
+            if t.team:
+                self._share.take(t.team, run.gpu_model, t.gpus)
+                self._share.started(t.team, t.run_id, t.gpus, self._now)
         run.lease_until = self._now + self.config.lease_ttl
         self._next_lease_check = min(self._next_lease_check, run.lease_until)
         pool = self._pools.get(run.pool)
@@ -994,6 +1062,9 @@ class SchedulerCore:
         used[1] -= t.memory
         if t.gpus and run.gpu_model is not None:
             self._used_gpus[run.pool][run.gpu_model] -= t.gpus
+            if t.team:
+                self._share.give_back(t.team, run.gpu_model, t.gpus)
+                self._share.ended(t.team, t.run_id, self._now)
             run.gpu_model = None
 
     def _finish(
@@ -1105,15 +1176,32 @@ class SchedulerCore:
         self._generation += 1
 
     def _charge(self, run: _Run) -> None:
-        """Add the finished attempt's CPU-seconds to its project's decayed usage."""
+        """Add the finished attempt's CPU-seconds (a GPU counts as ``GPU_CPUS`` CPUs) to its
+        project's decayed usage, and its team's and user's."""
         if run.started_at is None:
             return
-        project = run.task.project
-        usage, at = self._usage.get(project, (0.0, self._now))
-        decay = 0.5 ** ((self._now - at) / self.config.fair_share_half_life)
-        cost = run.task.cpus * max(0.0, self._now - run.started_at)
-        self._usage[project] = (usage * decay + cost, self._now)
+        t = run.task
+        cost = (t.cpus + GPU_CPUS * t.gpus) * max(0.0, self._now - run.started_at)
+        keys = [t.project]
+        if t.team:
+            keys += [f"team\0{t.team}", f"user\0{t.team}\0{t.user}"]
+        for key in keys:
+            usage, at = self._usage.get(key, (0.0, self._now))
+            decay = 0.5 ** ((self._now - at) / self.config.fair_share_half_life)
+            self._usage[key] = (usage * decay + cost, self._now)
         run.started_at = None
+
+    def _fair(self, t: TaskInstance) -> tuple[float, float]:
+        """Fair-share keys of ``t``'s class: its team's decayed usage over the team's weight,
+        then its user's within the team (module doc: *Sharing*); a run of no team: its
+        project's."""
+        if not t.team:
+            return self.usage(t.project), 0.0
+        weight = self.config.teams[t.team].weight if t.team in self.config.teams else 1.0
+        return (
+            self.usage(f"team\0{t.team}") / weight,
+            self.usage(f"user\0{t.team}\0{t.user}"),
+        )
 
     def usage(self, project: str) -> float:
         usage, at = self._usage.get(project, (0.0, self._now))
@@ -1136,11 +1224,12 @@ class SchedulerCore:
         def order(item: tuple[tuple[object, ...], dict[str, None]]) -> tuple[float, ...]:
             _, bucket = item
             first = self._runs[next(iter(bucket))]
-            return (-float(first.task.priority), self.usage(first.task.project), first.seq)
+            return (-float(first.task.priority), *self._fair(first.task), first.seq)
 
         classes: list[DemandClass] = []
         offered: Counter[str] = Counter()  # per group, members already in this problem
         pools = sorted(self._pools.values(), key=lambda p: p.id)
+        sharing = self._sharing_round(buckets, free) if self._share.teams else None
         for _, bucket in sorted(buckets, key=order):
             t = self._runs[next(iter(bucket))].task
             # zero-padded: placers order classes by id, which keeps this order
@@ -1168,6 +1257,9 @@ class SchedulerCore:
                 # a group's runs may sit in several classes (another priority, say)
                 active = self._group_active[t.group] + offered[t.group]
                 limit = min(limit, t.max_concurrent - active)
+            shared_models: tuple[str, ...] = ()
+            if sharing is not None and t.gpus and t.team in self._share.teams and limit > 0:
+                cls, limit, shared_models = self._shared(t, cls, usable, bucket, limit, sharing)
             if limit <= 0:
                 continue
             members = []
@@ -1177,6 +1269,11 @@ class SchedulerCore:
                     break
             if t.max_concurrent:
                 offered[t.group] += len(members)
+            if sharing is not None and shared_models:
+                lab_free, _, taken = sharing
+                for m in shared_models:  # at most this many: the placer picks among them
+                    lab_free[m] -= len(members) * t.gpus
+                    taken.setdefault(t.team, Counter())[m] += len(members) * t.gpus
             classes.append(msgspec.structs.replace(cls, members=members))
         if not classes:
             return
@@ -1197,16 +1294,84 @@ class SchedulerCore:
             )
             for p in pools
         ]
+        self._solving = self._problem(free_pools, classes, self._request_id)
+
+    def _sharing_round(
+        self, buckets: list[tuple[tuple[object, ...], dict[str, None]]], free: _Free
+    ) -> _SharingRound:
+        """What one placement round checks teams' runs against (module doc: *Sharing*): the
+        lab's free GPUs by model, each team's waiting GPUs by model, and what this round has
+        offered each team so far."""
+        lab_free: Counter[str] = Counter()
+        for _, _, gpus in free.values():
+            for m, n in gpus.items():
+                lab_free[m] += max(0, n)
+        all_models = tuple(sorted({m for p in self._pools.values() for m in p.gpus}))
+        waiting: dict[str, Counter[str]] = {}
+        for _, bucket in buckets:
+            t = self._runs[next(iter(bucket))].task
+            if t.gpus and t.team in self._share.teams:
+                w = waiting.setdefault(t.team, Counter())
+                for m in t.gpu_types or all_models:
+                    w[m] += len(bucket) * t.gpus
+        return lab_free, waiting, {}
+
+    def _shared(
+        self,
+        t: TaskInstance,
+        cls: DemandClass,
+        usable: list[Pool],
+        bucket: dict[str, None],
+        limit: int,
+        sharing: _SharingRound,
+    ) -> tuple[DemandClass, int, tuple[str, ...]]:
+        """``cls`` narrowed to the GPU models its team may take more of, the members it may
+        offer, and those models; a bucket that may take none is held with the reason."""
+        lab_free, waiting, taken = sharing
+        models = t.gpu_types or tuple(sorted({m for p in usable for m in p.gpus}))
+        room = self._share.room(t.team, models, lab_free, waiting, self._now, taken)
+        allowed = tuple(m for m in models if room.gpus.get(m, math.inf) >= t.gpus)
+        cap = min((room.gpus.get(m, math.inf) for m in allowed), default=0.0)
+        if cap < math.inf:
+            limit = min(limit, int(cap // t.gpus))
+        if limit <= 0 or not allowed:
+            why = "; ".join(dict.fromkeys(room.why[m] for m in models if m in room.why))
+            for run_id in bucket:
+                self._hold(self._runs[run_id], why or f"team {t.team}: no GPU it may take")
+            return cls, 0, ()
+        if len(allowed) < len(models):
+            cls = msgspec.structs.replace(cls, gpu_types=allowed)
+        return cls, limit, allowed if cap < math.inf else ()
+
+    def _problem(
+        self, pools: list[Pool], classes: list[DemandClass], request_id: int = 0
+    ) -> PlacementProblem:
         ctx = self.config.context
-        self._solving = PlacementProblem(
-            request_id=self._request_id,
-            pools=free_pools,
+        return PlacementProblem(
+            request_id=request_id,
+            pools=pools,
             classes=classes,
             links=ctx.links,
-            datasets=ctx.datasets,
-            residency=ctx.residency,
+            datasets=[self._datasets[k] for k in sorted(self._datasets)],
+            residency=self._residency,
             weights=ctx.weights,
         )
+
+    def _add_datasets(self, datasets: list[Dataset], tasks: Iterable[TaskInstance]) -> None:
+        """Merge a submission's inputs (module doc: *Datasets*); a residency rule the context
+        lacks (a dataset's or a task's) allows no site."""
+        changed = False
+        rules = {d.residency for d in datasets if d.residency is not None}
+        rules.update(r for t in tasks for r in t.residency)
+        for rule in sorted(rules - set(self._residency)):
+            self._residency[rule] = (NOWHERE,)
+            changed = True
+        for d in datasets:
+            if self._datasets.get(d.id) != d:
+                self._datasets[d.id] = d
+                changed = True
+        if changed:
+            self._context_problem = self._problem([], [])
 
     def _demand(self, t: TaskInstance, pools: list[Pool], cid: str = "c") -> DemandClass:
         """The demand class of ``t``'s bucket (no members), among ``pools``."""
@@ -1227,7 +1392,7 @@ class SchedulerCore:
             residency=t.residency,
             hardware_class=t.hardware_class,
             tolerations=t.tolerations,
-            datasets=t.datasets,
+            datasets=tuple(d for d in t.datasets if d in self._datasets),
             runtime_s=t.runtime_s,
             priority=t.priority,
         )

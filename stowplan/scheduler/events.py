@@ -11,7 +11,7 @@ import hashlib
 
 from msgspec import Struct, field
 
-from stowplan.placement.problem import PlacementProblem, PlacementSolution, Pool
+from stowplan.placement.problem import Dataset, PlacementProblem, PlacementSolution, Pool
 from stowplan.scheduler.reports import Report
 from stowplan.scheduler.states import TaskState
 from stowplan.spec.models import FailureClass, RetryPolicy
@@ -45,6 +45,11 @@ class TaskInstance(Struct, frozen=True, kw_only=True):
     """a pin: only pools of exactly this hardware class (replays set it)."""
     tolerations: tuple[str, ...] = ()
     """taint keys the run tolerates (``TaskPlacement.tolerations``)."""
+    team: str = ""
+    """the team that submitted it through the service ("" for a ``stowplan run``): its GPUs
+    count against that team's limits (``CoreConfig.teams``) and its usage orders fair share."""
+    user: str = ""
+    """who submitted it: fair share within the team."""
 
 
 class RestoredTask(Struct, frozen=True, kw_only=True):
@@ -66,11 +71,17 @@ class TasksSubmitted(Struct, frozen=True, kw_only=True, tag=True):
     tasks: list[TaskInstance]
     completed: list[str] = field(default_factory=list)
     """upstream run ids that already succeeded outside this core (reused runs)."""
+    datasets: list[Dataset] = field(default_factory=list)
+    """the inputs these tasks read, with their sizes and sites: added to (or replacing, by id)
+    the core's ``CoreConfig.context`` datasets, so a long-lived core places each submission
+    with its own data (module doc of ``core``: *Datasets*)."""
 
 
 class TasksRestored(Struct, frozen=True, kw_only=True, tag=True):
     tasks: list[RestoredTask]
     completed: list[str] = field(default_factory=list)
+    datasets: list[Dataset] = field(default_factory=list)
+    """as ``TasksSubmitted.datasets``."""
 
 
 class PoolsDiscovered(Struct, frozen=True, kw_only=True, tag=True):

@@ -281,6 +281,13 @@ class RunTables(Database):
                 out[row[0]] = _run_from_row(row)
         return out
 
+    def experiment_ids(self, run_ids: Sequence[str]) -> list[str]:
+        """The experiments the stored runs among ``run_ids`` belong to, sorted: a narrow read
+        (no run bodies) for 10^5 runs at a time."""
+        with self._read() as c:
+            sql = "SELECT DISTINCT experiment_id FROM runs WHERE run_id IN ({})"
+            return sorted({row[0] for row in rows_in(c, sql, sorted(set(run_ids)))})
+
     def run_states(self, run_ids: Sequence[str]) -> dict[str, tuple[str, int]]:
         """``(state, attempts)`` of the runs among ``run_ids`` that exist: the narrow read
         the control plane makes for 10^5 runs at a time, without decoding run bodies."""

@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from stowplan.actors.store import StoreActor
@@ -256,6 +257,42 @@ def test_get_runs_spans_sqlite_variable_limit(store: RunStore, exp: ExperimentRe
     got = store.get_runs(ids)
     assert len(got) == 2500
     assert got[runs[1234].run_id] == runs[1234]
+
+
+def test_experiment_ids_of_runs(store: RunStore) -> None:
+    a, b = experiment("digits", at=1.0), experiment("digits", at=2.0)
+    store.put_experiment(a)
+    store.put_experiment(b)
+    runs_a = [run(a, i) for i in range(1500)]
+    store.put_runs([*runs_a, run(b, 0)])
+    assert store.experiment_ids([r.run_id for r in runs_a]) == [a.id]
+    ids = [runs_a[3].run_id, run(b, 0).run_id, hexid("unknown")]
+    assert store.experiment_ids(ids) == sorted([a.id, b.id])
+    assert store.experiment_ids([hexid("unknown")]) == []
+
+
+def test_the_store_actor_gives_the_inputs_of_runs_experiments(tmp_path: Path) -> None:
+    """What a long-lived queue hands its core with a submission (core doc: *Datasets*)."""
+    from stowplan.actors.wire import unpack
+    from stowplan.placement.problem import Dataset
+
+    actor = StoreActor(str(tmp_path / "state" / "runs.db"))
+    inputs = [
+        {"uri": "s3://lab/corpus", "size": 2_000_000, "sites": ["west", "east"]},
+        {"uri": "notes.md", "version": None, "size": None, "sites": [], "residency": "eu"},
+    ]
+    spec = {"experiment": {"name": "x"}, "tasks": [{"name": "t", "inputs": inputs}]}
+    e = msgspec.structs.replace(experiment(), spec=spec)
+    actor.store.put_experiment(e)
+    r = run(e, 0)
+    actor.store.put_runs([r])
+    got = unpack(actor.datasets_of([r.run_id, hexid("unknown")]), list[Dataset])
+    assert got == [
+        Dataset(id="notes.md", size=0, sites=(), residency="eu"),
+        Dataset(id="s3://lab/corpus", size=2_000_000, sites=("east", "west")),
+    ]
+    assert unpack(actor.datasets_of([hexid("unknown")]), list[Dataset]) == []
+    actor.store.close()
 
 
 def test_run_listings_and_order(store: RunStore) -> None:
