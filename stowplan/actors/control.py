@@ -36,6 +36,7 @@ from stowplan.actors.wire import pack
 from stowplan.errors import StowplanError
 from stowplan.placement.problem import PlacementContext
 from stowplan.scheduler.plan import RunPayload
+from stowplan.scheduler.share import TeamLimits
 from stowplan.spec.models import ProviderConfig
 
 QUEUE = "queue"
@@ -122,6 +123,7 @@ class ControlPlane:
         context: PlacementContext | None = None,
         budget: float | None = None,
         workers: int = 1,
+        teams: dict[str, TeamLimits] | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.store_path = store_path
@@ -134,6 +136,8 @@ class ControlPlane:
         self.context = context or PlacementContext()
         self.budget = budget
         self.workers = workers
+        self.teams = teams or {}
+        """``[service.teams]`` limits for the core's sharing (``scheduler.share``)."""
         self.namespace = namespace_for(state_dir)
         self._started_ray = False
         self.actors: dict[str, Any] = {}
@@ -200,6 +204,7 @@ class ControlPlane:
                 seed=self.seed,
                 lease_ttl=self.lease_ttl,
                 context=pack(self.context),
+                teams=pack(self.teams) if self.teams else None,
                 **notes,
             )
         )

@@ -17,11 +17,14 @@ from __future__ import annotations
 import enum
 import math
 import sys
-from typing import Annotated, Final, Literal
+from typing import TYPE_CHECKING, Annotated, Final, Literal
 
 import msgspec
 from msgspec import Meta, Struct, field
 from msgspec.structs import force_setattr
+
+if TYPE_CHECKING:
+    from stowplan.scheduler.share import TeamLimits
 
 from stowplan.spec.units import (
     MAX_BUDGET_S,
@@ -962,9 +965,50 @@ and cancel their own (member), also cancel their team's (team-admin), everything
 
 
 class ServiceTeamSpec(_Spec, frozen=True):
-    """``[service.teams.NAME]``: one team of the lab (its quotas come later)."""
+    """``[service.teams.NAME]``: one team of the lab and its share of the lab's GPUs
+    (``scheduler.share``: limits, guarantees, borrowing, GPU-hours)."""
 
     description: Label | None = None
+    guaranteed_gpus: dict[Label, NonNegInt] = field(default_factory=dict)
+    """GPU model -> GPUs the team gets before other teams may borrow them."""
+    max_gpus: dict[Label, NonNegInt] = field(default_factory=dict)
+    """GPU model, or "*" for all models together -> the most GPUs the team holds at once."""
+    gpu_hours: Annotated[float, Meta(ge=0, le=MAX_WEIGHT)] | None = None
+    """GPU-hours the team may use per ``window``."""
+    window: Duration = "7d"
+    weight: Annotated[float, Meta(gt=0, le=MAX_WEIGHT)] = 1.0
+    """the team's share in fair-share ordering (2: twice the usage before it yields)."""
+
+    def __post_init__(self) -> None:
+        try:
+            force_setattr(self, "window", parse_duration(self.window))
+        except ValueError as e:
+            raise ValueError(f"window: {e}") from None
+        if float(self.window) <= 0:
+            raise ValueError("window: give a positive duration such as '7d'")
+        for model, n in sorted(self.guaranteed_gpus.items()):
+            if model == "*":
+                raise ValueError(
+                    "guaranteed_gpus.*: a guarantee is per GPU model; name the model, "
+                    "e.g. guaranteed_gpus = { A100 = 4 }"
+                )
+            most = self.max_gpus.get(model, self.max_gpus.get("*"))
+            if most is not None and n > most:
+                raise ValueError(
+                    f"guaranteed_gpus.{model}: {n} is more than max_gpus allows ({most}); "
+                    "lower the guarantee or raise the maximum"
+                )
+
+    def limits(self) -> TeamLimits:
+        from stowplan.scheduler.share import TeamLimits
+
+        return TeamLimits(
+            guaranteed_gpus=dict(self.guaranteed_gpus),
+            max_gpus=dict(self.max_gpus),
+            gpu_hours=self.gpu_hours,
+            window_s=float(self.window),
+            weight=self.weight,
+        )
 
 
 class ServiceUserSpec(_Spec, frozen=True):
