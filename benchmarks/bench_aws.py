@@ -20,10 +20,13 @@ JSON line:
     all_finished_s         from starting ``stowplan run`` until it exited
     left_running           instances still running 120 s after (must be 0)
     packing                the small case: 6 trials, 3 instance types discovered from moto;
-                           solver_usd_per_hour (the instances the solver chose, priced),
-                           cheapest_usd_per_hour (brute force over every multiset of instances
-                           and every assignment of trials to them), the instances of each,
-                           and ratio = solver / cheapest
+                           solver_usd_per_hour (the instances the solver chose with the default
+                           weights, priced), cheapest_usd_per_hour (brute force over every
+                           multiset of instances and every assignment of trials to them), the
+                           instances of each, ratio = solver / cheapest, and the same solve
+                           with cost-only weights (cost_only_usd_per_hour): the default
+                           objective also weighs each instance's boot as waiting time, so it may
+                           pay a little more for fewer instances; cost-only must be the cheapest
 
     .venv/bin/python benchmarks/bench_aws.py [--trials 1000] [--packing-only]
 """
@@ -49,7 +52,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from stowplan.placement import solve  # noqa: E402
-from stowplan.placement.problem import DemandClass, PlacementProblem, Pool  # noqa: E402
+from stowplan.placement.problem import (  # noqa: E402
+    DemandClass,
+    PlacementProblem,
+    Pool,
+    Weights,
+)
 from stowplan.provenance.store import RunStore  # noqa: E402
 from tests.integration.aws.conftest import BUCKET  # noqa: E402
 from tests.integration.aws.harness import Fleet, instances, project_toml, running  # noqa: E402
@@ -141,6 +149,11 @@ def packing(pools: list[Pool]) -> dict[str, Any]:
         for i, (c, m, g) in enumerate(PACKING_TRIALS)
     ]
     sol = solve(PlacementProblem(pools=pools, classes=classes))
+    cost_only = solve(
+        PlacementProblem(
+            pools=pools, classes=classes, weights=Weights(data=0.0, wait=0.0, cost=1.0)
+        )
+    )
     chosen = {k: v for k, v in sol.instances.items() if v}
     placed = sum(a.count for a in sol.assignments)
     solver_usd = sum(by_id[k].price_per_hour * v for k, v in chosen.items())
@@ -168,6 +181,9 @@ def packing(pools: list[Pool]) -> dict[str, Any]:
         "cheapest_instances": best[1],
         "cheapest_usd_per_hour": round(best[0], 4),
         "ratio": round(solver_usd / best[0], 4),
+        "cost_only_usd_per_hour": round(
+            sum(by_id[k].price_per_hour * v for k, v in cost_only.instances.items()), 4
+        ),
     }
 
 

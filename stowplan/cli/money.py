@@ -249,10 +249,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
         for name, cfg in sorted(aws.items()):
             async with AwsProvider(name, cfg, state_dir=state_dir) as drv:
                 name_of[name] = drv.project
-                # NOTE: the driver's SDK edge (one call, bounded, errors translated)
-                for region in cfg.regions:
-                    for inst in await drv._instances(region, []):
-                        seen.append(Stray(name, region, inst))
+                for region, inst in await drv.tagged_instances():
+                    seen.append(Stray(name, region, inst))
                 if not args.yes:
                     continue
                 found, _ = strays(
@@ -263,9 +261,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
                 )
                 for region in sorted({s.region for s in found}):
                     ids = [s.instance_id for s in found if s.region == region]
-                    ec2 = await drv._client("ec2", region)
-                    for i in range(0, len(ids), 500):
-                        await drv._call(ec2, "terminate_instances", InstanceIds=ids[i : i + 500])
+                    await drv.terminate_instances(region, ids)
                     ended.extend(ids)
 
     anyio.run(go)

@@ -23,22 +23,31 @@ Idempotency. Provision: the ``index``-th instance of a token is the agent ``TOKE
 ``ClientToken`` and its ``stowplan:agent`` tag; EC2 honours the ClientToken, moto does not, so
 provision first looks up the token's instances by tag and, after a lost answer, the agent's:
 found, it is not launched again; not found, a retryable error (the shell's retry looks again).
-Submit: the queue record is written with ``If-None-Match: *``; one that exists is reported as
-it stands. Dispatch: an attempt runs where its claim (``If-None-Match: *``) succeeded, once.
+Submit: the keys not known yet are written as ONE queue object per call,
+``queue/BATCH.json`` (``render.batch_id`` of the keys), with ``If-None-Match: *``: a retry of
+the same keys (a lost answer, a restart) is refused by S3 and reads the batch back instead of
+writing it again. Dispatch: an attempt runs where its claim (``If-None-Match: *``) succeeded,
+once, whatever was sent twice.
 
-State: the queue records, the inboxes and the claims in S3 and the instances' tags are the
-truth; what this object holds is a cache a restarted driver rebuilds from them (a key it does
-not know is looked up in the queue; the inboxes of live instances are read back).
+State: the queue and cancel objects, the inboxes, the agents' status objects and the claims in
+S3 and the instances' tags are the truth; what this object holds is a cache a restarted driver
+rebuilds from them (keys it does not know are looked up in the queue objects, newest first;
+the cancel objects are read back; the inboxes of live instances say where each was sent).
 
-Observation: one ``describe_instances`` per region for the whole fleet, one S3 listing of the
-exit records and one of the claims (of every run's, or per run when that takes fewer pages: a
-sweep is one run per trial); finished keys are cached. An attempt claimed by an
-instance that is gone without an exit record failed with it (``states.gone_reason``: a spot
-reclaim is PREEMPTED, anything else a node failure); one sent to a gone instance but never
-claimed goes back to the queue. Zones: each instance goes to a zone discovery found usable,
-spread by agent id; a zone that ran out of capacity (``InsufficientInstanceCapacity``) is left
-out for ``NO_CAPACITY_S``, a family at its vCPU quota for ``QUOTA_S``, an unsupported zone for
-good, and the core hears of it through ``capacity_changes`` and re-places.
+Observation, per ``describe``: the fleet (one ``describe_instances`` per region, at most every
+``fleet_every_s``), then one GET of the status object of each instance that has unfinished
+attempts among the keys; nothing at all for attempts still waiting for an instance. The
+per-attempt objects (exit records, claims: one listing of their prefix for every run, or per
+run when that takes fewer pages) are read only for attempts whose instance is gone or noticed,
+whose claim was refused or whose process ended without an exit record. An attempt claimed by
+an instance that is gone without an exit record failed with it (``states.gone_reason``: a spot
+reclaim, or a spot notice, is PREEMPTED, anything else a node failure); one sent to a gone
+instance but never claimed goes back to the queue. API calls so scale with submit calls,
+instances and polls, not with attempts (presigning is local). Zones: each instance goes to a
+zone discovery found usable, spread by agent id; a zone that ran out of capacity
+(``InsufficientInstanceCapacity``) is left out for ``NO_CAPACITY_S``, a family at its vCPU
+quota for ``QUOTA_S``, an unsupported zone for good, and the core hears of it through
+``capacity_changes`` and re-places.
 """
 
 from __future__ import annotations
@@ -77,7 +86,10 @@ from stowplan.providers.aws.render import (
     AwsRequest,
     agent_id,
     attempt_prefix,
+    batch_id,
+    cancel_key,
     cancel_line,
+    cancel_prefix,
     claim_prefix,
     exit_prefix,
     inbox_key,
@@ -85,8 +97,18 @@ from stowplan.providers.aws.render import (
     plan_agent,
     plan_attempts,
     queue_key,
+    queue_prefix,
+    status_key,
 )
-from stowplan.providers.aws.states import ErrorKind, ExitRecord, ec2_error, exit_state, gone_reason
+from stowplan.providers.aws.states import (
+    AgentStatus,
+    ErrorKind,
+    ExitRecord,
+    ec2_error,
+    exit_state,
+    gone_reason,
+    parse_status,
+)
 from stowplan.providers.base import (
     TERMINAL_PROVIDER_STATES,
     Capabilities,
@@ -99,7 +121,7 @@ from stowplan.providers.base import (
     ProviderState,
     Report,
 )
-from stowplan.spec.models import AwsProviderConfig
+from stowplan.spec.models import AwsProviderConfig, FailureClass
 
 CONFIG_FILE = "stowplan.toml"
 REQUEST_TIMEOUT_S = 60.0
@@ -108,6 +130,9 @@ FILTER_VALUES = 200
 NO_CAPACITY_S = 600.0
 QUOTA_S = 3600.0
 LOG_POLL_S = 5.0
+FLEET_EVERY_S = 10.0
+"""``describe`` reads the fleet at most this often (provision, terminate and discovery read it
+each time): an instance gone is seen within this much more."""
 CAPACITY_QUEUE = 64
 LIVE = frozenset({"pending", "running"})
 """Instance states that count as the pool's capacity and may be sent attempts."""
@@ -131,11 +156,16 @@ class AnswerLost(ProviderError):
     """No answer came (connection refused, reset or timed out): the call may have happened."""
 
 
-class QueueRecord(Struct, frozen=True, kw_only=True):
-    """A queued attempt as stored at ``queue/KEY.json`` (its payload is stored apart)."""
+class QueueBatch(Struct, frozen=True, kw_only=True):
+    """Attempts submitted together, as stored at ``queue/BATCH.json`` (payloads apart)."""
 
-    request: AwsRequest
-    cancelled: bool = False
+    requests: list[AwsRequest]
+
+
+class CancelBatch(Struct, frozen=True, kw_only=True):
+    """Keys cancelled together, as stored at ``cancels/BATCH.json``."""
+
+    keys: list[str]
 
 
 class Claim(Struct, frozen=True, kw_only=True):
@@ -171,10 +201,16 @@ class Agent(Struct, kw_only=True):
     seq: int = 0
     loaded: bool = False
     """whether ``lines`` were read back (or written) by this driver"""
+    status: AgentStatus | None = None
+    """its status object, as last read"""
+    final: bool = False
+    """``status`` was read after the instance was gone: nothing more will come"""
+    noticed: bool = False
+    """its status says the spot interruption notice came: it takes nothing new"""
 
     @property
     def live(self) -> bool:
-        return self.state in LIVE and not self.stopped_by
+        return self.state in LIVE and not self.stopped_by and not self.noticed
 
 
 def _needs_s(req: AwsRequest) -> float:
@@ -185,8 +221,12 @@ def _needs_s(req: AwsRequest) -> float:
 
 
 class AwsProvider(Provider):
-    poll_min = 2.0
+    poll_min = 5.0
+    """an instance notes what it did at most once per AGENT_POLL_S (5 s): polling faster
+    reads the same news again (each poll costs API calls by instance)"""
     poll_max = 30.0
+    fleet_every_s = FLEET_EVERY_S
+    """how stale the fleet (``describe_instances``) may be when ``describe`` reads it"""
 
     def __init__(
         self,
@@ -240,8 +280,18 @@ class AwsProvider(Provider):
         """pool -> the most instances it may have at once (config and max_hourly_usd)."""
         self._unavailable: dict[tuple[str, str, bool], tuple[str, float]] = {}
         self._items: dict[str, Item] = {}
+        self._batches: set[str] = set()
+        """queue objects read or written by this driver"""
+        self._cancels: set[str] = set()
+        """cancel objects read or written by this driver"""
+        self._cancelled: set[str] = set()
+        """keys those cancel"""
+        self._payloads: set[str] = set()
+        """payload objects this driver wrote"""
         self._agents: dict[str, Agent] = {}
         self._fleet_seen = False
+        self._fleet_at = -math.inf
+        """``time.monotonic()`` of the last read of every region"""
         self._finished: dict[str, Report] = {}
         self._capacity: asyncio.Queue[str] = asyncio.Queue(CAPACITY_QUEUE)
         self.notes: list[str] = []
@@ -514,6 +564,27 @@ class AwsProvider(Provider):
         )
         return [i for r in reservations for i in r.get("Instances") or []]
 
+    async def tagged_instances(self, regions: Sequence[str] | None = None) -> list[tuple[str, Any]]:
+        """Every instance tagged as this provider's (``stowplan:provider``), whatever its
+        state, in each configured region (or ``regions``): ``(region, describe_instances
+        entry)``. What ``stowplan gc`` looks at."""
+        out: list[tuple[str, Any]] = []
+        for region in regions or self.config.regions:
+            out += [(region, inst) for inst in await self._instances(region, [])]
+        return out
+
+    async def terminate_instances(self, region: str, instance_ids: Sequence[str]) -> None:
+        """Terminate the instances ``instance_ids`` of ``region`` (500 a call); idempotent:
+        one already gone is not an error. What ``stowplan gc --yes`` does to strays."""
+        ec2 = await self._client("ec2", region)
+        ids = list(dict.fromkeys(instance_ids))
+        for i in range(0, len(ids), 500):
+            try:
+                await self._call(ec2, "terminate_instances", InstanceIds=ids[i : i + 500])
+            except Ec2Error as e:
+                if e.code != "InvalidInstanceID.NotFound":
+                    raise
+
     def _see(self, region: str, inst: Any) -> Agent | None:
         """Take in one ``describe_instances`` entry; the agent it is (None: not an agent)."""
         tags = {t["Key"]: t["Value"] for t in inst.get("Tags") or []}
@@ -542,10 +613,13 @@ class AwsProvider(Provider):
     async def _refresh(self, regions: Sequence[str] | None = None) -> None:
         """Read the fleet: one ``describe_instances`` per region; the inboxes of live
         instances this driver has not written (after a restart) are read back."""
+        began = time.monotonic()
         for region in regions or self.config.regions:
             for inst in await self._instances(region, []):
                 self._see(region, inst)
         self._fleet_seen = True
+        if regions is None or set(regions) >= set(self.config.regions):
+            self._fleet_at = began
         s3 = await self._s3()
         for agent in sorted(self._agents.values(), key=lambda a: a.id):
             if agent.loaded or not agent.live:
@@ -630,31 +704,22 @@ class AwsProvider(Provider):
         return url
 
     async def _send(self, item: Item, agent: Agent, left_s: int) -> None:
-        """Upload the attempt script with fresh URLs (valid for its lease, at most the
-        ``left_s`` seconds the agent has left) and add its line to ``agent``'s inbox (written
-        by ``_write_inboxes``)."""
+        """Add the attempt's line to ``agent``'s inbox (written by ``_write_inboxes``): its
+        script with fresh URLs (valid for its lease, at most the ``left_s`` seconds the agent
+        has left), presigned here (no API call)."""
         req = item.request
         lease = max(1, min(req.lease_s, left_s))
         urls = {
             slot: await self._presign(method, obj, lease)
             for slot, (method, obj) in req.slots.items()
         }
-        s3 = await self._s3()
-        await self._call(
-            s3,
-            "put_object",
-            Bucket=self.config.bucket_name,
-            Key=req.script_key,
-            Body=req.user_data(urls).encode(),
-        )
         line = {
             "claim": await self._presign("PUT", req.claim_key, lease, IfNoneMatch="*"),
             "claimed": await self._presign("GET", req.claim_key, lease),
-            "script": await self._presign("GET", req.script_key, lease),
             "exit": urls["exit"],
         }
         agent.seq += 1
-        agent.lines.append(inbox_line(agent.seq, req.key, line))
+        agent.lines.append(inbox_line(agent.seq, req.key, line, req.user_data(urls)))
         agent.loaded = True
         item.agent = agent.id
 
@@ -759,7 +824,8 @@ class AwsProvider(Provider):
             )
         zone, subnet = where
         url = await self._presign("GET", req.inbox_key, AGENT_LEASE_S)
-        params = dict(req.params, UserData=req.user_data(url))
+        status_url = await self._presign("PUT", req.status_key, AGENT_LEASE_S)
+        params = dict(req.params, UserData=req.user_data(url, status_url))
         if subnet is not None:
             params["SubnetId"] = subnet
         else:
@@ -853,35 +919,39 @@ class AwsProvider(Provider):
         bucket = self.config.bucket_name
         known: list[str] = []
         async with self._lock:
+            fresh: dict[str, AwsRequest] = {}
             for req in reqs:
-                key = req.key
-                if key in self._items or key in self._finished:
-                    known.append(key)
-                    continue
-                if req.payload is not None:
-                    await self._call(
-                        s3,
-                        "put_object",
-                        Bucket=bucket,
-                        Key=req.slots["payload"][1],
-                        Body=req.payload,
-                    )
-                record = QueueRecord(request=msgspec.structs.replace(req, payload=None))
+                if req.key in self._items or req.key in self._finished:
+                    known.append(req.key)
+                else:
+                    fresh.setdefault(req.key, req)
+            for req in fresh.values():
+                obj = req.slots["payload"][1] if req.payload is not None else None
+                if obj is not None and obj not in self._payloads:
+                    await self._call(s3, "put_object", Bucket=bucket, Key=obj, Body=req.payload)
+                    self._payloads.add(obj)
+            if fresh:
+                batch = QueueBatch(
+                    requests=[msgspec.structs.replace(r, payload=None) for r in fresh.values()]
+                )
+                name = queue_key(self.config, batch_id(list(fresh)))
                 try:
                     await self._call(
                         s3,
                         "put_object",
                         Bucket=bucket,
-                        Key=queue_key(self.config, key),
-                        Body=msgspec.json.encode(record),
+                        Key=name,
+                        Body=msgspec.json.encode(batch),
                         IfNoneMatch="*",
                     )
                 except Ec2Error as e:
                     if e.code not in ("PreconditionFailed", "412"):
                         raise
-                    known.append(key)  # queued before (a lost answer, a restart)
-                    continue
-                self._items[key] = Item(request=record.request)
+                    known += fresh  # queued before (a lost answer, a restart): read it back
+                else:
+                    self._batches.add(name)
+                    for r in batch.requests:
+                        self._items[r.key] = Item(request=r)
             await self._dispatch()
         before = {r.key: r for r in await self.describe(known)} if known else {}
         return [
@@ -892,23 +962,50 @@ class AwsProvider(Provider):
 
     # -- describe -----------------------------------------------------------------------------
 
-    async def _item(self, key: str) -> Item | None:
-        """The attempt ``key`` (read back from its queue record when this driver has not
-        seen it)."""
-        item = self._items.get(key)
-        if item is None:
-            body = await self._get(await self._s3(), queue_key(self.config, key))
-            if body is None:
-                return None
+    async def _load(self, keys: Sequence[str]) -> None:
+        """Read back the queued attempts among ``keys`` this driver does not know (after a
+        restart): the queue objects, newest first, until each is found or none is left
+        unread; then every cancel object not read yet, and the inboxes already read back
+        say where they were sent."""
+        missing = {k for k in keys if k not in self._items and k not in self._finished}
+        if not missing:
+            return
+        s3 = await self._s3()
+        listed = await self._pages_s3(s3, self.config.bucket_name, queue_prefix(self.config))
+        assert listed is not None  # no page limit
+        for name in sorted(listed, key=lambda n: (-listed[n], n)):
+            if not missing:
+                break
+            if name in self._batches:
+                continue
+            body = await self._get(s3, name)
+            self._batches.add(name)
             try:
-                record = msgspec.json.decode(body, type=QueueRecord)
+                batch = msgspec.json.decode(body or b"", type=QueueBatch)
             except msgspec.DecodeError:
-                return None
-            item = self._items[key] = Item(request=record.request, cancelled=record.cancelled)
-            for agent in self._agents.values():  # sent before a restart?
-                if agent.loaded and any(line.split()[1:3] == ["run", key] for line in agent.lines):
+                continue
+            for req in batch.requests:
+                if req.key not in self._items and req.key not in self._finished:
+                    self._items[req.key] = Item(request=req)
+                missing.discard(req.key)
+        cancels = await self._pages_s3(s3, self.config.bucket_name, cancel_prefix(self.config))
+        assert cancels is not None
+        for name in sorted(set(cancels) - self._cancels):
+            body = await self._get(s3, name)
+            self._cancels.add(name)
+            with contextlib.suppress(msgspec.DecodeError):
+                self._cancelled.update(msgspec.json.decode(body or b"", type=CancelBatch).keys)
+        for k in self._cancelled:
+            if k in self._items:
+                self._items[k].cancelled = True
+        for agent in self._agents.values():  # sent before a restart?
+            if not agent.loaded:
+                continue
+            for line in agent.lines:
+                f = line.split()
+                item = self._items.get(f[2]) if len(f) >= 3 and f[1] == "run" else None
+                if item is not None and item.agent is None:
                     item.agent = agent.id
-        return item
 
     async def _listed(self, keys: Sequence[str], prefix_of: Any) -> set[str]:
         """The keys of ``keys`` with an object under ``prefix_of(config, run)``: one listing
@@ -949,15 +1046,19 @@ class AwsProvider(Provider):
             return None  # a partial upload: read again at the next describe
 
     async def describe(self, keys: Sequence[str]) -> list[Report]:
+        """One ``describe_instances`` per region, one GET of the status of each instance
+        with unfinished attempts among ``keys``; the per-attempt objects (exit records,
+        claims) only for attempts whose instance is gone or whose status is not certain."""
         async with self._lock:
             pending = [k for k in dict.fromkeys(keys) if k not in self._finished]
-            if pending:
+            if pending and time.monotonic() - self._fleet_at >= self.fleet_every_s:
                 await self._refresh()
-            items = {k: i for k in pending if (i := await self._item(k)) is not None}
-            known = list(items)
-            exits = await self._listed(known, exit_prefix) if known else set()
-            claims = await self._listed(known, claim_prefix) if known else set()
+            if pending:
+                await self._load(pending)
+            items = {k: self._items[k] for k in pending if k in self._items}
+            statuses = await self._statuses({i.agent for i in items.values() if i.agent})
             reports: dict[str, Report] = {}
+            check: list[str] = []
             for k in pending:
                 item = items.get(k)
                 if item is None:
@@ -965,46 +1066,135 @@ class AwsProvider(Provider):
                         key=k, state=ProviderState.UNKNOWN, message="no attempt has this key"
                     )
                     continue
-                record = await self._exit_record(k) if k in exits else None
-                report = await self._report(item, record, k in claims)
+                quick = self._from_status(item, statuses)
+                if quick is None:
+                    check.append(k)
+                else:
+                    reports[k] = quick
+            if check:
+                exits = await self._listed(check, exit_prefix)
+                claims = await self._listed(check, claim_prefix)
+                for k in check:
+                    item = items[k]
+                    record = await self._exit_record(k) if k in exits else None
+                    st = statuses.get(item.agent or "")
+                    ended = st is not None and k in st.ended
+                    reports[k] = await self._report(item, record, k in claims, ended=ended)
+            for k, report in reports.items():
                 if report.state in TERMINAL_PROVIDER_STATES:
                     self._finished[k] = report
-                reports[k] = report
             await self._dispatch()
         return [self._finished.get(k) or reports[k] for k in keys]
 
-    async def _report(self, item: Item, record: ExitRecord | None, claimed: bool) -> Report:
+    async def _statuses(self, agents: set[str]) -> dict[str, AgentStatus]:
+        """The status objects of ``agents`` (read once more after an instance is gone, then
+        kept: nothing more comes)."""
+        s3 = await self._s3()
+        out: dict[str, AgentStatus] = {}
+        for aid in sorted(agents):
+            agent = self._agents.get(aid)
+            if agent is None:
+                continue
+            if not agent.final or agent.status is None:
+                gone = agent.state not in LIVE
+                body = await self._get(s3, status_key(self.config, aid))
+                agent.status = parse_status((body or b"").decode(errors="replace"))
+                agent.final = gone
+                if agent.status.noticed and not agent.noticed:
+                    agent.noticed = True
+                    self._changed(f"instance {agent.instance_id} of {agent.pool}: spot notice")
+            out[aid] = agent.status
+        return out
+
+    def _from_status(self, item: Item, statuses: dict[str, AgentStatus]) -> Report | None:
+        """The report its instance's status gives; None: look at the per-attempt objects."""
+        req = item.request
+        key = req.key
+        if item.agent is None:
+            if item.cancelled:
+                return Report(key=key, state=ProviderState.CANCELLED, message="cancelled")
+            return Report(
+                key=key,
+                state=ProviderState.QUEUED,
+                message=f"waiting for an instance of {req.pool}",
+            )
+        agent = self._agents.get(item.agent)
+        st = statuses.get(item.agent)
+        if agent is None or st is None:
+            return None
+        record = st.exits.get(key)
+        if record is not None:
+            return self._exit_report(item, agent, record)
+        if key in st.refused or key in st.ended or not agent.live:
+            return None
+        iid, zone = agent.instance_id, agent.zone
+        if item.cancelled:
+            return Report(
+                key=key, state=ProviderState.CANCELLED, message="cancelled", job_id=iid, node=zone
+            )
+        if key in st.claimed:
+            return Report(
+                key=key,
+                state=ProviderState.RUNNING,
+                message=f"running on {iid}",
+                job_id=iid,
+                node=zone,
+            )
+        return Report(key=key, state=ProviderState.QUEUED, message=f"sent to {iid}")
+
+    def _exit_report(self, item: Item, agent: Agent | None, record: ExitRecord) -> Report:
+        req = item.request
+        iid = agent.instance_id if agent else None
+        state, failure = exit_state(record)
+        how = f"exit code {record.exit_code}" + (
+            f" ({record.reason})" if record.reason != "exit" else ""
+        )
+        return Report(
+            key=req.key,
+            state=state,
+            failure=failure,
+            exit_code=record.exit_code,
+            message=f"instance {iid}: {how}",
+            started_at=record.started_at,
+            ended_at=record.ended_at,
+            outputs=self._outputs(req) if state is ProviderState.SUCCEEDED else {},
+            job_id=iid,
+            node=agent.zone if agent else None,
+        )
+
+    async def _report(
+        self, item: Item, record: ExitRecord | None, claimed: bool, *, ended: bool = False
+    ) -> Report:
+        """The report the per-attempt objects give (``ended``: its instance's status says
+        its process ended without an exit record)."""
         req = item.request
         key = req.key
         agent = self._agents.get(item.agent) if item.agent else None
-        if claimed and (agent is None or not agent.live):
+        if claimed and (agent is None or not agent.live or ended):
             # who took it (after a restart, or sent twice): its claim says
             body = await self._get(await self._s3(), req.claim_key)
             with contextlib.suppress(msgspec.DecodeError):
                 if body is not None:
-                    agent = self._agents.get(msgspec.json.decode(body, type=Claim).agent, agent)
+                    owner = self._agents.get(msgspec.json.decode(body, type=Claim).agent)
+                    if owner is not None and owner is not agent:
+                        agent, ended = owner, False
+                        item.agent = owner.id  # its status tells the rest
         iid = agent.instance_id if agent else None
         zone = agent.zone if agent else None
         if record is not None:
-            state, failure = exit_state(record)
-            how = f"exit code {record.exit_code}" + (
-                f" ({record.reason})" if record.reason != "exit" else ""
-            )
-            return Report(
-                key=key,
-                state=state,
-                failure=failure,
-                exit_code=record.exit_code,
-                message=f"instance {iid}: {how}",
-                started_at=record.started_at,
-                ended_at=record.ended_at,
-                outputs=self._outputs(req) if state is ProviderState.SUCCEEDED else {},
-                job_id=iid,
-                node=zone,
-            )
+            return self._exit_report(item, agent, record)
         if item.cancelled:
             return Report(
                 key=key, state=ProviderState.CANCELLED, message="cancelled", job_id=iid, node=zone
+            )
+        if claimed and ended:
+            return Report(
+                key=key,
+                state=ProviderState.FAILED,
+                failure=FailureClass.NODE_FAILURE,
+                message=f"instance {iid}: the attempt ended without an exit record",
+                job_id=iid,
+                node=zone,
             )
         if claimed:
             if agent is not None and agent.live:
@@ -1016,6 +1206,8 @@ class AwsProvider(Provider):
                     node=zone,
                 )
             code = agent.reason if agent is not None else ""
+            if agent is not None and agent.noticed and not code:
+                code = "Server.SpotInstanceTermination"  # its notice came: being reclaimed
             state, failure = gone_reason(code)
             return Report(
                 key=key,
@@ -1043,9 +1235,10 @@ class AwsProvider(Provider):
 
     async def _pages_s3(
         self, s3: Any, bucket: str, prefix: str, *, most_pages: int | None = None
-    ) -> set[str] | None:
-        """The object keys under ``prefix``; None if they take more than ``most_pages``."""
-        names: set[str] = set()
+    ) -> dict[str, float] | None:
+        """The object keys under ``prefix`` (with their LastModified); None if they take more
+        than ``most_pages``."""
+        names: dict[str, float] = {}
         token: str | None = None
         pages = 0
         while True:
@@ -1054,7 +1247,9 @@ class AwsProvider(Provider):
             pages += 1
             extra = {"ContinuationToken": token} if token else {}
             page = await self._call(s3, "list_objects_v2", Bucket=bucket, Prefix=prefix, **extra)
-            names.update(str(o["Key"]) for o in page.get("Contents") or [])
+            for o in page.get("Contents") or []:
+                when = o.get("LastModified")
+                names[str(o["Key"])] = when.timestamp() if hasattr(when, "timestamp") else 0.0
             token = page.get("NextContinuationToken")
             if not token:
                 return names
@@ -1076,27 +1271,36 @@ class AwsProvider(Provider):
     # -- cancel / logs ------------------------------------------------------------------------
 
     async def cancel(self, keys: Sequence[str]) -> None:
+        """One cancel object for the keys cancelled now (what a restarted driver reads back),
+        then a ``cancel`` line in the inbox of each instance they were sent to."""
         s3 = await self._s3()
         async with self._lock:
             if not self._fleet_seen:
                 await self._refresh()
+            await self._load(keys)
+            now = [
+                k
+                for k in dict.fromkeys(keys)
+                if k not in self._finished and k in self._items and not self._items[k].cancelled
+            ]
+            if not now:
+                return
+            name = cancel_key(self.config, batch_id(now))
+            await self._call(
+                s3,
+                "put_object",
+                Bucket=self.config.bucket_name,
+                Key=name,
+                Body=msgspec.json.encode(CancelBatch(keys=sorted(now))),
+            )
+            self._cancels.add(name)
+            self._cancelled.update(now)
             changed: set[str] = set()
-            for k in keys:
-                if k in self._finished:
-                    continue
-                item = await self._item(k)
-                if item is None or item.cancelled:
-                    continue
+            for k in now:
+                item = self._items[k]
                 item.cancelled = True
-                await self._call(
-                    s3,
-                    "put_object",
-                    Bucket=self.config.bucket_name,
-                    Key=queue_key(self.config, k),
-                    Body=msgspec.json.encode(QueueRecord(request=item.request, cancelled=True)),
-                )
                 agent = self._agents.get(item.agent) if item.agent else None
-                if agent is not None and agent.live:
+                if agent is not None and agent.state in LIVE:
                     agent.seq += 1
                     agent.lines.append(cancel_line(agent.seq, k))
                     changed.add(agent.id)
@@ -1106,7 +1310,8 @@ class AwsProvider(Provider):
         self, key: str, *, stream: LogStream = "stdout", follow: bool = False
     ) -> AsyncIterator[bytes]:
         async with self._lock:
-            item = await self._item(key)
+            await self._load([key])
+            item = self._items.get(key)
         if item is None:
             return
         s3 = await self._s3()

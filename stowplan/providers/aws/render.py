@@ -11,22 +11,44 @@ Two kinds of request, after the core's two verbs:
 - ``AwsRequest`` (``plan_attempts``, for ``submit``): one attempt to queue for its pool: its
   script, the S3 objects it reads and writes, and what it needs of an instance.
 
-The agent needs no AWS credentials. Its user-data holds one presigned URL: a GET of its
-*inbox*, an object only the control plane writes. S3 URLs cannot list, so the control plane
-does the dispatching: it sends an attempt to an instance with room by appending a line to that
-instance's inbox, with presigned URLs (made at that moment, valid for the attempt's lease) to
-claim the attempt, read the claim back, fetch its script and write a setup-failure exit record.
-The agent polls its inbox; for each new line it *claims* the attempt (a PUT of
-``claims/RUN/KEY.json`` carrying ``If-None-Match: *``, signed into the URL, so S3 refuses a
-second claim: two instances never run one attempt, whatever the control plane believed), then
-fetches the script and runs it in the background, several at once as the control plane packs
-them. An inbox line ``cancel KEY`` kills that attempt (or skips it, not started). With nothing
-running and nothing new for ``idle_shutdown`` seconds the agent shuts the instance down, which
-terminates it; it also halts when its inbox URL's lease (``AGENT_LEASE_S``) ends.
+The protocol is batched so that the control plane's API calls scale with submit batches,
+instances and polls, not with attempts (presigning a URL is local: no API call):
 
-The attempt script (``AwsRequest.user_data(urls)``, uploaded at dispatch with its URLs) needs
-no credentials either: it reaches S3 only through presigned URLs, one per object (the payload
-to GET; stdout, stderr, each declared output and the exit record to PUT). Presigning needs the
+- submit writes ONE queue object per batch, ``queue/BATCH.json`` (``BATCH`` = ``batch_id`` of
+  the batch's keys), with ``If-None-Match: *``: a retried submit of the same keys finds it and
+  writes nothing again; a restarted control plane reads the batches back (newest first) to
+  learn the keys it does not know.
+- dispatch carries each attempt's script (with its presigned URLs, gzipped, base64) in the
+  instance's inbox line: one inbox PUT per instance per dispatch round, no object per attempt.
+- each agent keeps a *status* object, ``agents/AGENT/status``, that only it writes (one
+  presigned PUT URL in its user-data): a line per attempt it claimed, was refused, or saw
+  end (``exit KEY CODE REASON STARTED ENDED``, copied from the attempt's own exit record). The
+  control plane reads one status object per instance with unfinished attempts per poll, and
+  falls back to the per-attempt objects (exit records, claims: the truth) only for attempts
+  whose instance is gone or whose status says nothing certain.
+
+The agent needs no AWS credentials. Its user-data holds two presigned URLs: a GET of its
+*inbox*, an object only the control plane writes, and a PUT of its *status*. S3 URLs cannot
+list, so the control plane does the dispatching: it sends an attempt to an instance with room
+by appending a line to that instance's inbox, with presigned URLs (made at that moment, valid
+for the attempt's lease) to claim the attempt, read the claim back and write a setup-failure
+exit record, and the attempt script itself (``code=``). The agent polls its inbox; for each new
+line it *claims* the attempt (a PUT of ``claims/RUN/KEY.json`` carrying ``If-None-Match: *``,
+signed into the URL, so S3 refuses a second claim: two instances never run one attempt,
+whatever the control plane believed), then decodes the script and runs it in the background,
+several at once as the control plane packs them, and notes each step in its status (uploaded
+when it changed, at most once per poll). An inbox line ``cancel KEY`` kills that attempt (or
+skips it, not started). With nothing running and nothing new for ``idle_shutdown`` seconds the
+agent shuts the instance down, which terminates it; it also halts when its inbox URL's lease
+(``AGENT_LEASE_S``) ends. On a spot instance it polls the instance metadata service (IMDSv2)
+for ``spot/instance-action``: when an interruption notice appears it kills its running
+attempts, writes each an exit record with the reason ``preempted`` (the core retries them
+elsewhere as PREEMPTED, not as failures), notes ``notice`` in its status (the control plane
+sends it nothing more) and takes nothing new.
+
+The attempt script (``AwsRequest.user_data(urls)``, carried in its inbox line) needs no
+credentials either: it reaches S3 only through presigned URLs, one per object (the payload to
+GET; stdout, stderr, each declared output and the exit record to PUT). Presigning needs the
 clock and the credentials, so ``plan`` cannot do it and stays pure: the script starts with one
 ``STOWPLAN_URL_<slot>=...`` line per slot, written at dispatch. ``render()`` (what ``--dry-run``
 prints) shows them as ``<presigned at dispatch: PUT s3://...>``.
@@ -38,10 +60,11 @@ The agent reads its inbox as data, never as code: each field is checked against 
 
 S3 layout under ``bucket`` (``s3://BUCKET/PREFIX``)::
 
-    PREFIX/queue/KEY.json                    the queued attempt (``QueueRecord``), at submit
+    PREFIX/queue/BATCH.json                  a submitted batch of attempts (``QueueBatch``)
+    PREFIX/cancels/BATCH.json                keys cancelled together (``CancelBatch``)
     PREFIX/agents/AGENT/inbox                what was sent to an instance (control plane only)
+    PREFIX/agents/AGENT/status               what the instance did (that instance only)
     PREFIX/claims/RUN/KEY.json               the claim of the instance that took the attempt
-    PREFIX/attempts/RUN/KEY/run.sh           the attempt script with its URLs, at dispatch
     PREFIX/attempts/RUN/KEY/payload.tar.gz   the attempt's files (when it has any)
     PREFIX/attempts/RUN/KEY/stdout, stderr   uploaded every LOG_EVERY_S seconds and at the end
     PREFIX/attempts/RUN/KEY/outputs/PATH     each declared output (a directory: PATH.tar.gz)
@@ -50,6 +73,7 @@ S3 layout under ``bucket`` (``s3://BUCKET/PREFIX``)::
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import io
@@ -118,12 +142,34 @@ def claim_prefix(config: AwsProviderConfig, run_id: str) -> str:
     return f"{_base(config)}claims/{run_id}/"
 
 
-def queue_key(config: AwsProviderConfig, key: str) -> str:
-    return f"{_base(config)}queue/{key}.json"
+def batch_id(keys: Sequence[str]) -> str:
+    """The name of the queue (or cancel) object of a batch of keys: it depends on the set of
+    keys alone, so a retried call with the same keys names the same object."""
+    return hashlib.sha256("\n".join(sorted(set(keys))).encode()).hexdigest()[:32]
+
+
+def queue_prefix(config: AwsProviderConfig) -> str:
+    return f"{_base(config)}queue/"
+
+
+def queue_key(config: AwsProviderConfig, batch: str) -> str:
+    return f"{queue_prefix(config)}{batch}.json"
+
+
+def cancel_prefix(config: AwsProviderConfig) -> str:
+    return f"{_base(config)}cancels/"
+
+
+def cancel_key(config: AwsProviderConfig, batch: str) -> str:
+    return f"{cancel_prefix(config)}{batch}.json"
 
 
 def inbox_key(config: AwsProviderConfig, agent: str) -> str:
     return f"{_base(config)}agents/{agent}/inbox"
+
+
+def status_key(config: AwsProviderConfig, agent: str) -> str:
+    return f"{_base(config)}agents/{agent}/status"
 
 
 def agent_id(token: str, index: int) -> str:
@@ -158,8 +204,6 @@ class AwsRequest(SingleRequest, frozen=True, kw_only=True):
     lease_s: int = LEASE_MAX_S
     """how long the attempt's presigned URLs stay valid."""
     bucket: str = ""
-    script_key: str = ""
-    """the S3 object key the script is uploaded to at dispatch."""
     claim_key: str = ""
 
     def user_data(self, urls: Mapping[str, str]) -> str:
@@ -181,8 +225,8 @@ class AwsRequest(SingleRequest, frozen=True, kw_only=True):
         text = (
             f"# queue for {self.pool} ({self.region}): needs cpus={self.cpus:g} "
             f"memory={self.memory} gpus={self.gpus}; an instance of the pool claims it at "
-            f"s3://{self.bucket}/{self.claim_key} and runs s3://{self.bucket}/{self.script_key}"
-            "\n# attempt script\n" + self.user_data(self.placeholder_urls())
+            f"s3://{self.bucket}/{self.claim_key} and runs the script below, carried in its inbox "
+            "line\n# attempt script\n" + self.user_data(self.placeholder_urls())
         )
         if self.payload is not None:
             digest = hashlib.sha256(self.payload).hexdigest()
@@ -205,13 +249,15 @@ class AgentRequest(Struct, frozen=True, kw_only=True):
     params: dict[str, Any]
     script: str
     inbox_key: str
+    status_key: str = ""
     bucket: str = ""
 
-    def user_data(self, inbox_url: str) -> str:
+    def user_data(self, inbox_url: str, status_url: str) -> str:
         head = [
             "#!/bin/bash",
             f"# stowplan agent {self.agent} of {self.pool}",
             f"STOWPLAN_URL_inbox={bash_quote(inbox_url)}",
+            f"STOWPLAN_URL_status={bash_quote(status_url)}",
         ]
         return "\n".join([*head, URL_END, self.script])
 
@@ -225,7 +271,10 @@ class AgentRequest(Struct, frozen=True, kw_only=True):
             f"# RunInstances in {self.region} ({self.pool})\n"
             + json.dumps(shown, indent=2, sort_keys=True)
             + "\n# user-data\n"
-            + self.user_data(f"<presigned at launch: GET s3://{self.bucket}/{self.inbox_key}>")
+            + self.user_data(
+                f"<presigned at launch: GET s3://{self.bucket}/{self.inbox_key}>",
+                f"<presigned at launch: PUT s3://{self.bucket}/{self.status_key}>",
+            )
         )
 
 
@@ -367,7 +416,6 @@ def _render(
         payload=payload,
         lease_s=lease,
         bucket=config.bucket_name,
-        script_key=f"{here}/run.sh",
         claim_key=f"{claim_prefix(config, launch.run_id)}{launch.key}.json",
     )
 
@@ -430,7 +478,7 @@ def plan_agent(
     script = "\n".join(
         [
             f"agent={agent} idle={int(config.idle_shutdown)} lease={AGENT_LEASE_S} "
-            f"poll={AGENT_POLL_S}",
+            f"poll={AGENT_POLL_S} spot={int(ref.spot)}",
             _AGENT,
         ]
     )
@@ -443,17 +491,27 @@ def plan_agent(
         params=params,
         script=script + "\n",
         inbox_key=inbox_key(config, agent),
+        status_key=status_key(config, agent),
         bucket=config.bucket_name,
     )
 
 
-def inbox_line(seq: int, key: str, urls: Mapping[str, str]) -> str:
-    """The inbox line that sends attempt ``key`` to an agent: ``SEQ run KEY NAME=URL...``
-    (slots ``claim`` PUT with If-None-Match, ``claimed`` GET, ``script`` GET, ``exit`` PUT)."""
-    for name, url in urls.items():
+def pack_script(script: str) -> str:
+    """An attempt script as the ``code`` field of an inbox line: gzipped, base64, one word."""
+    return base64.b64encode(gzip.compress(script.encode(), mtime=0)).decode()
+
+
+def inbox_line(seq: int, key: str, urls: Mapping[str, str], script: str | None = None) -> str:
+    """The inbox line that sends attempt ``key`` to an agent: ``SEQ run KEY NAME=VALUE...``
+    (URL slots ``claim`` PUT with If-None-Match, ``claimed`` GET, ``exit`` PUT; ``code``: the
+    attempt script, ``pack_script``)."""
+    fields = dict(urls)
+    if script is not None:
+        fields["code"] = pack_script(script)
+    for name, url in fields.items():
         if not re.fullmatch(r"[a-z_]+", name) or any(c.isspace() for c in url):
-            raise ValueError(f"inbox URL {name!r} cannot go on one line")
-    return " ".join([str(seq), "run", key, *(f"{n}={urls[n]}" for n in sorted(urls))])
+            raise ValueError(f"inbox field {name!r} cannot go on one line")
+    return " ".join([str(seq), "run", key, *(f"{n}={fields[n]}" for n in sorted(fields))])
 
 
 def cancel_line(seq: int, key: str) -> str:
@@ -463,50 +521,93 @@ def cancel_line(seq: int, key: str) -> str:
 # The agent: the user-data of every instance. Variables it reads from its environment, which
 # the test suite sets to run it as a local process and cloud-init sets none of:
 # STOWPLAN_ROOT (where attempts run; /var/lib/stowplan), STOWPLAN_HALT (a program run instead
-# of `shutdown -h now`) and STOWPLAN_POLL (seconds between reads of the inbox).
+# of `shutdown -h now`), STOWPLAN_POLL (seconds between reads of the inbox) and STOWPLAN_IMDS
+# (the instance metadata service; a fake one on the loopback in tests).
 _AGENT = r"""set -u
 umask 022
 root=${STOWPLAN_ROOT:-/var/lib/stowplan}
 poll=${STOWPLAN_POLL:-$poll}
+imds=${STOWPLAN_IMDS:-http://169.254.169.254}
 home=$root/agent/$agent
-mkdir -p -- "$home" || exit 70
+mkdir -p -- "$home" && : > "$home/status" || exit 70
 curl_() { curl -fsS --retry 5 --retry-connrefused --retry-delay 2 "$@"; }
 halt() { if [ -n "${STOWPLAN_HALT:-}" ]; then "$STOWPLAN_HALT"; else shutdown -h now; fi; }
-booted=$(date +%s) quiet=$booted last=0
-declare -A pids=() cancelled=() took=()
-field() { # NAME FIELDS...: the URL of slot NAME among NAME=URL fields
+booted=$(date +%s) quiet=$booted last=0 dirty=1 noticed=
+declare -A pids=() cancelled=() took=() exits=() started=()
+note() { printf '%s\n' "$*" >> "$home/status"; dirty=1; }
+field() { # NAME FIELDS...: the value of field NAME among NAME=VALUE fields
   local want=$1 kv; shift
   for kv in "$@"; do [ "${kv%%=*}" = "$want" ] && { printf %s "${kv#*=}"; return 0; }; done
   return 1
 }
-take() { # KEY FIELDS...: claim the attempt, fetch its script, start it
-  local key=$1 claim claimed script exitu run; shift
+record() { # KEY CODE REASON: write the attempt's exit record here (it could not write it)
+  local now; now=$(date +%s)
+  printf '{"key":"%s","exit_code":%d,"reason":"%s","started_at":%d,"ended_at":%d}\n' \
+    "$1" "$2" "$3" "${started[$1]:-$now}" "$now" > "$home/$1.exit"
+  curl_ -o /dev/null -X PUT --upload-file "$home/$1.exit" "${exits[$1]}"
+  note exit "$1" "$2" "$3" "${started[$1]:-$now}" "$now"
+}
+take() { # KEY FIELDS...: claim the attempt, decode its script, start it
+  local key=$1 claim claimed code run; shift
   [ -z "${took[$key]:-}" ] || return 0  # sent twice (a restarted control plane): run once
   took[$key]=1
-  claim=$(field claim "$@") && claimed=$(field claimed "$@") && script=$(field script "$@") \
-    && exitu=$(field exit "$@") || return 0
+  claim=$(field claim "$@") && claimed=$(field claimed "$@") && code=$(field code "$@") \
+    && exits[$key]=$(field exit "$@") || return 0
   printf '{"key":"%s","agent":"%s","at":%d}\n' "$key" "$agent" "$(date +%s)" > "$home/claim"
   if ! curl -fsS -o /dev/null -X PUT -H 'If-None-Match: *' --upload-file "$home/claim" \
       "$claim"; then
     # refused (another instance has it) or its answer lost: the claim says whose it is
     curl_ -o "$home/claimed" "$claimed" && grep -q "\"agent\":\"$agent\"" "$home/claimed" \
-      || return 0
+      || { note refused "$key"; return 0; }
   fi
+  note claimed "$key"
+  started[$key]=$(date +%s)
   run=$home/$key.sh
-  if ! curl_ -o "$run" "$script"; then
-    printf '{"key":"%s","exit_code":70,"reason":"setup","started_at":%d,"ended_at":%d}\n' \
-      "$key" "$(date +%s)" "$(date +%s)" > "$home/$key.exit"
-    curl_ -o /dev/null -X PUT --upload-file "$home/$key.exit" "$exitu"
+  case $code in
+    ''|*[!A-Za-z0-9+/=]*) record "$key" 70 setup; return 0 ;;
+  esac
+  if ! printf %s "$code" | base64 -d | gzip -dc > "$run"; then
+    record "$key" 70 setup
     return 0
   fi
   ( exec setsid bash "$run" ) </dev/null >> "$home/$key.log" 2>&1 &
   pids[$key]=$!
 }
+ended() { # KEY: its process ended; note its exit as its script recorded it
+  local line=
+  read -r line < "$root/attempts/$1/exit.line" 2>/dev/null
+  case $line in
+    *[!0-9a-z\ ]*|'') note ended "$1" ;;
+    *) note exit "$1" $line ;;
+  esac
+}
+notice() { # whether the spot interruption notice is out (IMDSv2)
+  local token
+  token=$(curl -fsS -m 2 -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' \
+    "$imds/latest/api/token" 2>/dev/null) || return 1
+  curl -fsS -m 2 -o /dev/null -H "X-aws-ec2-metadata-token: $token" \
+    "$imds/latest/meta-data/spot/instance-action" 2>/dev/null
+}
 while :; do
   now=$(date +%s)
   for key in "${!pids[@]}"; do
-    kill -0 "${pids[$key]}" 2>/dev/null || { wait "${pids[$key]}" 2>/dev/null; unset "pids[$key]"; }
+    kill -0 "${pids[$key]}" 2>/dev/null && continue
+    wait "${pids[$key]}" 2>/dev/null
+    unset "pids[$key]"
+    ended "$key"
   done
+  if [ "$spot" = 1 ] && [ -z "$noticed" ] && notice; then
+    # the instance is about to be reclaimed: what runs here is preempted; take nothing new
+    noticed=1
+    for key in "${!pids[@]}"; do
+      pkill -KILL -s "${pids[$key]}"
+      wait "${pids[$key]}" 2>/dev/null
+      unset "pids[$key]"
+      if [ -s "$root/attempts/$key/exit.line" ]; then ended "$key"
+      else record "$key" 143 preempted; fi
+    done
+    note notice
+  fi
   new=0
   if curl_ -o "$home/inbox" "$STOWPLAN_URL_inbox" 2>/dev/null; then
     while read -r -a f; do
@@ -522,13 +623,17 @@ while :; do
       case ${f[2]} in ''|*[!0-9a-z-]*) continue ;; esac
       [ "${f[0]}" -gt "$last" ] || continue
       last=${f[0]} new=1
-      [ "${f[1]}" = run ] && [ -z "${cancelled[${f[2]}]:-}" ] || continue
+      [ "${f[1]}" = run ] && [ -z "${cancelled[${f[2]}]:-}" ] && [ -z "$noticed" ] || continue
       take "${f[2]}" "${f[@]:3}"
     done < "$home/inbox"
   fi
+  if [ "$dirty" = 1 ] && curl_ -o /dev/null -X PUT --upload-file "$home/status" \
+      "$STOWPLAN_URL_status" 2>/dev/null; then
+    dirty=0
+  fi
   if [ "$new" = 1 ] || [ "${#pids[@]}" -gt 0 ]; then
     quiet=$now
-  elif [ $((now - quiet)) -ge "$idle" ]; then
+  elif [ $((now - quiet)) -ge "$idle" ] && [ "$dirty" = 0 ]; then
     halt
     exit 0
   fi
@@ -551,6 +656,7 @@ finish() {
   put "$meta/stdout" "$STOWPLAN_URL_stdout"
   put "$meta/stderr" "$STOWPLAN_URL_stderr"
   put "$meta/exit.json" "$STOWPLAN_URL_exit"
+  printf '%d %s %d %d\n' "$1" "$2" "$started" "$(date +%s)" > "$meta/exit.line"
   exit "$1"
 }
 mkdir -p -- "$dir" "$meta" && : > "$meta/stdout" && : > "$meta/stderr" || finish 70 setup

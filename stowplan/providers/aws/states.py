@@ -14,6 +14,7 @@ import enum
 from collections.abc import Mapping
 from typing import Any
 
+import msgspec
 from msgspec import Struct
 
 from stowplan.scheduler.reports import ProviderState
@@ -71,6 +72,41 @@ def exit_state(record: ExitRecord) -> tuple[ProviderState, FailureClass | None]:
     if record.exit_code == 0 and record.reason == "exit":
         return ProviderState.SUCCEEDED, None
     return ProviderState.FAILED, EXIT_REASONS.get(record.reason, FailureClass.USER_ERROR)
+
+
+class AgentStatus(Struct, kw_only=True):
+    """An agent's status object (``agents/AGENT/status``), parsed: what it did with the
+    attempts sent to it, as far as it uploaded."""
+
+    claimed: set[str] = msgspec.field(default_factory=set)
+    refused: set[str] = msgspec.field(default_factory=set)
+    """claims S3 refused it (another instance has the attempt)"""
+    ended: set[str] = msgspec.field(default_factory=set)
+    """attempts whose process ended without recording an exit"""
+    exits: dict[str, ExitRecord] = msgspec.field(default_factory=dict)
+    noticed: bool = False
+    """the spot interruption notice came: it takes nothing new"""
+
+
+def parse_status(text: str) -> AgentStatus:
+    """The lines ``claimed KEY``, ``refused KEY``, ``ended KEY``, ``notice`` and
+    ``exit KEY CODE REASON STARTED ENDED``; anything else (a partial last line) is skipped."""
+    out = AgentStatus()
+    for line in text.splitlines():
+        f = line.split()
+        if f == ["notice"]:
+            out.noticed = True
+        elif len(f) == 2 and f[0] in ("claimed", "refused", "ended"):
+            getattr(out, f[0]).add(f[1])
+        elif len(f) == 6 and f[0] == "exit":
+            try:
+                code, began, done = int(f[2]), float(f[4]), float(f[5])
+            except ValueError:
+                continue
+            out.exits[f[1]] = ExitRecord(
+                key=f[1], exit_code=code, reason=f[3], started_at=began, ended_at=done
+            )
+    return out
 
 
 def gone_reason(code: str) -> tuple[ProviderState, FailureClass | None]:

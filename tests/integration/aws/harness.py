@@ -3,19 +3,26 @@ driver launched and runs each one's real user-data (the agent) as a local proces
 would; an agent's ``halt`` terminates its instance in moto (``shutdown -h now`` with the shutdown
 behaviour ``terminate``). A reclaimed (terminated) instance's processes are killed with it.
 
+Each instance's agent reaches a fake instance metadata service (``FakeImds``, IMDSv2 on the
+loopback, through ``STOWPLAN_IMDS``, which cloud-init never sets) where a test can post a spot
+interruption notice for one instance (``Fleet.imds.notice``).
+
 It also writes projects for ``stowplan run`` on the AWS provider against moto."""
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +70,70 @@ def running(client: Any, provider: str = "cloud") -> list[str]:
     ]
 
 
+class FakeImds:
+    """IMDSv2 on the loopback, one base URL per instance (``base(iid)``): ``PUT
+    /latest/api/token`` gives a token; ``GET /latest/meta-data/spot/instance-action`` with it
+    answers 404 until ``notice(iid)``, then EC2's notice (``{"action": "terminate", ...}``).
+    A request without a valid token is refused (401), as IMDSv2 does."""
+
+    TOKEN = "stowplan-fake-imds-token"
+
+    def __init__(self) -> None:
+        self.notices: set[str] = set()
+        self.asked: Counter[str] = Counter()
+        """instance -> spot/instance-action requests with a valid token"""
+        imds = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:
+                return None
+
+            def _answer(self, status: int, body: str = "") -> None:
+                data = body.encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_PUT(self) -> None:
+                if self.path.endswith("/latest/api/token") and self.headers.get(
+                    "X-aws-ec2-metadata-token-ttl-seconds"
+                ):
+                    self._answer(200, FakeImds.TOKEN)
+                else:
+                    self._answer(400)
+
+            def do_GET(self) -> None:
+                iid, _, rest = self.path.lstrip("/").partition("/")
+                if self.headers.get("X-aws-ec2-metadata-token") != FakeImds.TOKEN:
+                    self._answer(401)
+                elif rest != "latest/meta-data/spot/instance-action":
+                    self._answer(404)
+                else:
+                    imds.asked[iid] += 1
+                    if iid in imds.notices:
+                        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 120))
+                        self._answer(200, json.dumps({"action": "terminate", "time": when}))
+                    else:
+                        self._answer(404)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def base(self, iid: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/{iid}"
+
+    def notice(self, iid: str) -> None:
+        """EC2 posts the two-minute spot interruption notice for ``iid``."""
+        self.notices.add(iid)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 class Fleet:
     """Boots every instance of ``provider`` moto shows live: its agent runs locally, with the
     interpreter running the tests first on PATH (the AMI's Python)."""
@@ -88,6 +159,7 @@ class Fleet:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._lock = threading.Lock()
+        self.imds = FakeImds()
 
     def __enter__(self) -> Fleet:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -100,6 +172,7 @@ class Fleet:
         with self._lock:
             for iid in list(self.agents):
                 self.kill(iid)
+        self.imds.close()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -139,6 +212,7 @@ class Fleet:
             "STOWPLAN_ROOT": str(home / "root"),
             "STOWPLAN_HALT": str(halt),
             "STOWPLAN_POLL": "0.2",
+            "STOWPLAN_IMDS": self.imds.base(iid),
         }
         with self._lock:
             self.agents[iid] = subprocess.Popen(

@@ -17,8 +17,10 @@ class LossyProxy:
     def __init__(self, upstream: str) -> None:
         self.upstream = urlsplit(upstream)
         self.lose: list[str] = []
-        """Actions (``RunInstances``) whose answers to lose, in order: the next request of the
-        first one loses its answer, then the next of the second after it, and so on."""
+        """Actions (``RunInstances``) or S3 requests (``PUT queue``: the method and the kind
+        of object, the path's third part: ``queue``, ``agents``, ...) whose answers to lose,
+        in order: the next request of the first one loses its answer, then the next of the
+        second after it, and so on."""
         self.no_capacity_zones: set[str] = set()
         """Zones where ``RunInstances`` is answered ``InsufficientInstanceCapacity`` (EC2's
         error answer; moto never sees the call)."""
@@ -76,8 +78,10 @@ class LossyProxy:
                 answer = conn.getresponse()
                 data = answer.read()
                 conn.close()
+                parts = self.path.split("?")[0].strip("/").split("/")
+                label = action or f"{self.command} {parts[2] if len(parts) > 2 else ''}"
                 with proxy._lock:
-                    lose = bool(proxy.lose) and proxy.lose[0] == action
+                    lose = bool(proxy.lose) and proxy.lose[0] == label
                     if lose:
                         proxy.lose.pop(0)
                 if lose:

@@ -73,7 +73,7 @@ def state_of(client: Any, instance_id: str) -> str:
 
 
 def start_agent(
-    tmp_path: Path, client: Any, moto_url: str, instance_id: str
+    tmp_path: Path, client: Any, moto_url: str, instance_id: str, *, imds: str | None = None
 ) -> subprocess.Popen[str]:
     """Run the instance's user-data as a local process (what cloud-init would start)."""
     got = client("ec2").describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
@@ -95,6 +95,9 @@ def start_agent(
         "STOWPLAN_ROOT": str(tmp_path / "instance" / instance_id),
         "STOWPLAN_HALT": str(halt),
         "STOWPLAN_POLL": "0.2",
+        # the instance metadata service (a spot agent asks it for an interruption notice):
+        # a fake one, or a loopback port that refuses at once
+        "STOWPLAN_IMDS": imds or "http://127.0.0.1:9",
     }
     return subprocess.Popen(
         ["bash", str(script)],
@@ -311,6 +314,7 @@ async def test_an_attempt_sent_to_an_instance_that_went_away_is_queued_again(
 ) -> None:
     _, client = aws
     async with make(tmp_path) as driver:
+        driver.fleet_every_s = 0  # read the fleet at each describe
         facts = Facts.of(await driver.discover())
         (first,) = await driver.provision(XL, 1, "p-gone")
         l6 = launch(6)

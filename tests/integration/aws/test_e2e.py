@@ -199,3 +199,73 @@ def test_control_plane_killed_mid_sweep_and_restarted(
     ran = executions(tmp_path / "instances")
     assert set(ran) == {r.run_id for r in runs} and set(ran.values()) == {1}, ran
     assert not running(client)
+
+
+NOTICE_SWEEP = """
+[experiment]
+name = "aws-notice"
+
+[[tasks]]
+name = "work"
+script = 'if [ "$STOWPLAN_ATTEMPT" = 1 ]; then exec sleep 300; fi; echo "rerun done"'
+resources = { cpus = 1, memory = "256MiB" }
+timeout = "10m"
+"""
+
+
+def test_a_spot_notice_mid_trial_reruns_it_elsewhere_as_preempted(
+    tmp_path: Path, aws: tuple[LossyProxy, Any], moto_url: str
+) -> None:
+    # EC2 posts the two-minute interruption notice while the trial runs (first attempt:
+    # it would run for 5 minutes): the agent preempts it, the core retries it as PREEMPTED on
+    # another instance, where it succeeds; then EC2 reclaims the noticed instance
+    _, client = aws
+    (tmp_path / "stowplan.toml").write_text(
+        project_toml("aws-notice", spot='"only"', max_instances="2")
+    )
+    (tmp_path / ".stowplanignore").write_text("instances/\n*.out\n")
+    f = tmp_path / "sweep.toml"
+    f.write_text(NOTICE_SWEEP)
+    fleet_root = tmp_path / "instances"
+    with Fleet(fleet_root, client, moto_url) as fleet:
+        run = start(tmp_path, "run", "run", str(f), "--provider", "cloud")
+        try:
+            end = time.monotonic() + 300
+            while not list(fleet_root.glob("*/root/runs/*/1")):
+                assert run.poll() is None and time.monotonic() < end, "the trial never started"
+                time.sleep(0.2)
+            (first,) = [p.parents[3].name for p in fleet_root.glob("*/root/runs/*/1")]
+            fleet.imds.notice(first)
+            status = f"sp/agents/{next(iter(fleet_tags(client, first)))}/status"
+            while b"notice" not in s3_body(client, status):
+                assert run.poll() is None and time.monotonic() < end, "no notice noted"
+                time.sleep(0.2)
+            finish(tmp_path, "run", run, 300)
+        finally:
+            run.kill()
+        fleet.reclaim(first)  # the two minutes are up
+        fleet.check()
+        fleet.wait_all_down(90)
+    runs, attempts = runs_and_attempts(tmp_path)
+    (r,) = runs
+    assert r.state == "SUCCEEDED"
+    tried = sorted(attempts[r.run_id], key=lambda a: a.attempt)
+    assert [(a.state, a.failure) for a in tried] == [("FAILED", "preempted"), ("SUCCEEDED", None)]
+    assert tried[0].job_id == first and tried[1].job_id != first
+    ran = sorted(p.parents[3].name for p in fleet_root.glob("*/root/runs/*/*"))
+    assert len(ran) == 2 and ran.count(first) == 1  # the rerun went elsewhere, once
+    assert not running(client)
+
+
+def fleet_tags(client: Any, iid: str) -> list[str]:
+    """The ``stowplan:agent`` tag of instance ``iid``."""
+    got = client("ec2").describe_instances(InstanceIds=[iid])
+    tags = got["Reservations"][0]["Instances"][0]["Tags"]
+    return [t["Value"] for t in tags if t["Key"] == "stowplan:agent"]
+
+
+def s3_body(client: Any, key: str) -> bytes:
+    try:
+        return bytes(client("s3").get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    except client("s3").exceptions.NoSuchKey:
+        return b""

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import msgspec
@@ -15,8 +17,14 @@ import pytest
 from stowplan.errors import ProviderError
 from stowplan.placement.problem import Pool, Shape
 from stowplan.providers.aws import AwsProvider, AwsRequest
-from stowplan.providers.aws.render import URL_END, USER_DATA_MAX, inbox_line, payload_of, plan_agent
-from stowplan.providers.aws.states import ExitRecord
+from stowplan.providers.aws.render import (
+    URL_END,
+    USER_DATA_MAX,
+    inbox_line,
+    payload_of,
+    plan_agent,
+)
+from stowplan.providers.aws.states import ExitRecord, parse_status
 from stowplan.providers.base import Facts, LaunchSpec
 from stowplan.spec.models import AwsProviderConfig
 
@@ -103,7 +111,7 @@ def test_attempt_request_golden_and_pure(tmp_path: Path) -> None:
         "ckpt/": f"sp/attempts/r-2026-abc/{KEY}/outputs/ckpt.tar.gz",
     }
     assert req.claim_key == f"sp/claims/r-2026-abc/{KEY}.json"
-    assert req.script_key == f"sp/attempts/r-2026-abc/{KEY}/run.sh"
+    assert "run.sh" not in req.render()  # the script travels in its inbox line
 
 
 def test_agent_request_golden(tmp_path: Path) -> None:
@@ -122,7 +130,11 @@ def test_agent_request_golden(tmp_path: Path) -> None:
     assert tags["stowplan:project"] == "lab"
     assert p["ImageId"] == "resolve:ssm:/aws/service/deeplearning/ami/latest"
     assert "UserData" not in p and "SubnetId" not in p  # both filled at launch
-    assert len(req.user_data("u" * 2000).encode()) <= USER_DATA_MAX
+    assert len(req.user_data("u" * 2000, "v" * 2000).encode()) <= USER_DATA_MAX
+    assert (req.inbox_key, req.status_key) == (
+        "sp/agents/p-0123abcd-1/inbox",
+        "sp/agents/p-0123abcd-1/status",
+    )
     od = plan_agent(
         provider="cloud",
         project="lab",
@@ -312,39 +324,23 @@ def test_a_payload_that_cannot_be_fetched_is_a_setup_failure(tmp_path: Path) -> 
     assert (record.exit_code, record.reason) == (70, "setup")
 
 
-@NEEDS_CURL
-def test_the_agent_reads_its_inbox_as_data(tmp_path: Path) -> None:
-    """Hostile inbox lines run nothing; a well-formed one runs its attempt once, and the agent
-    halts when idle."""
+def run_agent(
+    tmp_path: Path, inbox: list[str], *, spot: bool = False, imds: str | None = None
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """Run an agent's user-data with file:// URLs for its inbox and status until it idles
+    out; (its run, the store)."""
     store = tmp_path / "s3"
-    store.mkdir()
-    (store / "run.sh").write_text("#!/bin/bash\necho ran >> " + str(tmp_path / "ran") + "\n")
-    urls = {
-        "claim": (store / "claim").as_uri(),
-        "claimed": (store / "claim").as_uri(),
-        "script": (store / "run.sh").as_uri(),
-        "exit": (store / "exit").as_uri(),
-    }
-    good = inbox_line(4, KEY, urls)
-    (store / "inbox").write_text(
-        "\n".join(
-            [
-                "1 run $(touch PWNED1) " + good.split(" ", 3)[3],
-                "2 run `touch PWNED2` " + good.split(" ", 3)[3],
-                "x; touch PWNED3 run " + KEY,
-                "3 cancel $(touch PWNED4)",
-                good.replace(str(store / "run.sh"), str(store / "run.sh") + ";touch PWNED5"),
-                "5 bogus " + KEY,
-                inbox_line(6, "f" * 32, {**urls, "claim": (store / "c2").as_uri()}),
-            ]
-        )
-        + "\n"
-    )
+    store.mkdir(exist_ok=True)
+    (store / "inbox").write_text("".join(line + "\n" for line in inbox))
     req = plan_agent(
-        provider="cloud", project="lab", config=config(idle_shutdown=1), pool=POOL, agent="p-ab-0"
+        provider="cloud",
+        project="lab",
+        config=config(idle_shutdown=1),
+        pool=POOL if spot else "cloud/us-east-1/g5.xlarge",
+        agent="p-ab-0",
     )
     script = tmp_path / "agent.sh"
-    script.write_text(req.user_data((store / "inbox").as_uri()))
+    script.write_text(req.user_data((store / "inbox").as_uri(), (store / "status").as_uri()))
     halt = tmp_path / "halt"
     halt.write_text(f"#!/bin/sh\necho halted >> {tmp_path / 'halted'}\n")
     halt.chmod(0o755)
@@ -353,18 +349,128 @@ def test_the_agent_reads_its_inbox_as_data(tmp_path: Path) -> None:
         "STOWPLAN_ROOT": str(tmp_path / "root"),
         "STOWPLAN_HALT": str(halt),
         "STOWPLAN_POLL": "0.1",
+        **({"STOWPLAN_IMDS": imds} if imds else {}),
     }
     work = tmp_path / "cwd"
     work.mkdir()
     done = subprocess.run(
         ["bash", str(script)], cwd=work, env=env, capture_output=True, text=True, timeout=60
     )
+    return done, store
+
+
+@NEEDS_CURL
+def test_the_agent_reads_its_inbox_as_data(tmp_path: Path) -> None:
+    """Hostile inbox lines run nothing; a well-formed one runs its attempt (carried in the
+    line) once, the agent records what it did in its status, and halts when idle."""
+    store = tmp_path / "s3"
+    store.mkdir()
+    script = "#!/bin/bash\necho ran >> " + str(tmp_path / "ran") + "\n"
+    urls = {
+        "claim": (store / "claim").as_uri(),
+        "claimed": (store / "claim").as_uri(),
+        "exit": (store / "exit").as_uri(),
+    }
+    good = inbox_line(4, KEY, urls, script)
+    undecodable = re.sub(
+        r"code=\S+",
+        "code=$(touch PWNED5)",
+        inbox_line(6, "f" * 32, {**urls, "claim": (store / "c2").as_uri()}, script),
+    )
+    (store / "other").write_text('{"key":"x","agent":"p-other-0","at":1}\n')
+    taken = {  # S3 refuses the claim (file:// cannot: a PUT that fails), another agent has it
+        "claim": (store / "no" / "such" / "dir").as_uri(),
+        "claimed": (store / "other").as_uri(),
+    }
+    done, store = run_agent(
+        tmp_path,
+        [
+            "1 run $(touch PWNED1) " + good.split(" ", 3)[3],
+            "2 run `touch PWNED2` " + good.split(" ", 3)[3],
+            "x; touch PWNED3 run " + KEY,
+            "3 cancel $(touch PWNED4)",
+            good,
+            "5 bogus " + KEY,
+            undecodable,
+            inbox_line(7, "e" * 32, {**urls, "claim": (store / "c3").as_uri()}, script),
+            inbox_line(8, "d" * 32, {**urls, **taken}, script),
+        ],
+    )
     assert done.returncode == 0, done.stderr
     assert not [p for p in tmp_path.rglob("PWNED*")], "a hostile inbox line ran"
     assert (tmp_path / "halted").read_text() == "halted\n"
-    # the well-formed line ran its script, once
-    assert (tmp_path / "ran").read_text() == "ran\n"
+    # the well-formed lines ran their script, once each
+    assert (tmp_path / "ran").read_text() == "ran\nran\n"
     assert b'"agent":"p-ab-0"' in (store / "c2").read_bytes()
-    # the malformed script URL of line 4 failed to fetch: a setup exit record
+    # line 6's script could not be decoded: a setup exit record
     record = msgspec.json.decode((store / "exit").read_bytes(), type=ExitRecord)
-    assert (record.key, record.exit_code, record.reason) == (KEY, 70, "setup")
+    assert (record.key, record.exit_code, record.reason) == ("f" * 32, 70, "setup")
+    status = parse_status((store / "status").read_text())
+    assert status.claimed == {KEY, "f" * 32, "e" * 32} and status.refused == {"d" * 32}
+    assert status.exits["f" * 32].reason == "setup" and not status.noticed
+    # a script without an exit record of its own (not the attempt script) ended
+    assert status.ended == {KEY, "e" * 32}
+
+
+@NEEDS_CURL
+def test_a_spot_notice_preempts_what_runs_and_takes_nothing_new(tmp_path: Path) -> None:
+    """The agent of a spot instance asks IMDSv2 for the interruption notice; when it comes,
+    it kills what runs, writes its exit record (``preempted``), notes the notice and takes
+    nothing new, then idles out."""
+    from tests.integration.aws.harness import FakeImds
+
+    store = tmp_path / "s3"
+    store.mkdir()
+    urls = {
+        "claim": (store / "claim").as_uri(),
+        "claimed": (store / "claim").as_uri(),
+        "exit": (store / "exit").as_uri(),
+    }
+    later = {**urls, "claim": (store / "claim2").as_uri(), "exit": (store / "exit2").as_uri()}
+    (store / "inbox").write_text(inbox_line(1, KEY, urls, "#!/bin/bash\nexec sleep 60\n") + "\n")
+    req = plan_agent(
+        provider="cloud", project="lab", config=config(idle_shutdown=1), pool=POOL, agent="p-ab-0"
+    )
+    script = tmp_path / "agent.sh"
+    script.write_text(req.user_data((store / "inbox").as_uri(), (store / "status").as_uri()))
+    halt = tmp_path / "halt"
+    halt.write_text(f"#!/bin/sh\necho halted >> {tmp_path / 'halted'}\n")
+    halt.chmod(0o755)
+    imds = FakeImds()
+    try:
+        env = {
+            "PATH": os.environ["PATH"],
+            "STOWPLAN_ROOT": str(tmp_path / "root"),
+            "STOWPLAN_HALT": str(halt),
+            "STOWPLAN_POLL": "0.1",
+            "STOWPLAN_IMDS": imds.base("i-1"),
+        }
+        agent = subprocess.Popen(
+            ["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while "claimed" not in _read(store / "status"):
+                assert time.monotonic() < deadline and agent.poll() is None
+                time.sleep(0.05)
+            assert imds.asked["i-1"] > 0
+            imds.notice("i-1")
+            with (store / "inbox").open("a") as f:  # sent after the notice: never taken
+                f.write(inbox_line(2, "f" * 32, later, "#!/bin/bash\ntouch PWNED\n") + "\n")
+            _, err = agent.communicate(timeout=30)
+            assert agent.returncode == 0, err
+        finally:
+            agent.kill()
+            agent.communicate()
+    finally:
+        imds.close()
+    record = msgspec.json.decode((store / "exit").read_bytes(), type=ExitRecord)
+    assert (record.key, record.exit_code, record.reason) == (KEY, 143, "preempted")
+    st = parse_status((store / "status").read_text())
+    assert st.noticed and st.exits[KEY].reason == "preempted" and st.claimed == {KEY}
+    assert not (store / "claim2").exists() and not list(tmp_path.rglob("PWNED"))
+    assert (tmp_path / "halted").read_text() == "halted\n"
+
+
+def _read(path: Path) -> str:
+    return path.read_text() if path.exists() else ""

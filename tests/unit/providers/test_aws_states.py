@@ -11,8 +11,10 @@ from stowplan.providers.aws.states import (
     ExitRecord,
     ec2_error,
     error_failure,
+    exit_state,
     gone_reason,
     instance_state,
+    parse_status,
 )
 from stowplan.scheduler.reports import ProviderState as S
 from stowplan.spec.models import FailureClass as F
@@ -104,3 +106,29 @@ def test_insufficient_capacity_is_no_capacity_not_a_node_failure() -> None:
     # the issue: InsufficientInstanceCapacity -> that pool is unavailable for a while and the
     # core re-places (a node failure would be counted against the retry policy instead)
     assert gone_reason("Server.InsufficientInstanceCapacity") == (S.FAILED, F.NO_CAPACITY)
+
+
+def test_an_agent_status_parses_and_skips_what_is_not_a_line_of_it() -> None:
+    text = "\n".join(
+        [
+            "claimed aaaa",
+            "claimed bbbb",
+            "exit aaaa 0 exit 100 160",
+            "refused cccc",
+            "ended dddd",
+            "exit bbbb 143 preempted 100 170",
+            "exit eeee zero exit 1 2",  # not a number
+            "claimed",  # too short
+            "$(touch PWNED) x",
+            "notice",
+            "exit ffff 0 ex",  # a partial last line
+        ]
+    )
+    st = parse_status(text)
+    assert st.claimed == {"aaaa", "bbbb"} and st.refused == {"cccc"} and st.ended == {"dddd"}
+    assert st.noticed and set(st.exits) == {"aaaa", "bbbb"}
+    assert exit_state(st.exits["aaaa"]) == (S.SUCCEEDED, None)
+    assert exit_state(st.exits["bbbb"]) == (S.FAILED, F.PREEMPTED)
+    assert (st.exits["bbbb"].started_at, st.exits["bbbb"].ended_at) == (100.0, 170.0)
+    assert parse_status("") == parse_status("\n\n")
+    assert not parse_status("").noticed
