@@ -104,7 +104,11 @@ def _simulate(
     from stowplan.simulator.shell import SimOptions, Simulation
 
     opts = SimOptions(
-        policy=policy, seed=args.seed, until=_until(args.until), faults=not args.no_faults
+        policy=policy,
+        seed=args.seed,
+        until=_until(args.until),
+        faults=not args.no_faults,
+        budget=cluster.scheduler.budget,
     )
     progress = None
     if bar is not None:

@@ -1536,7 +1536,11 @@ class SchedulerCore:
                     and eligible(self._demand(t, [p]), p, self._context_problem)
                 )
                 self._node_fit[key, p.id] = fit
-            if fit:
+            if fit and not (
+                self._priced(p)
+                and self._over_budget(self._estimate(self._runs[next(iter(bucket))].task, p))
+            ):
+                # a run the budget holds back cannot use the instance: it must not keep it
                 return True
         return False
 

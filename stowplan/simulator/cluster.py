@@ -53,6 +53,7 @@ from msgspec.structs import force_setattr
 
 from stowplan.errors import SpecError
 from stowplan.spec.loader import decode, locate
+from stowplan.spec.models import SpendBudget
 from stowplan.spec.units import parse_duration, parse_size
 
 PosInt = Annotated[int, Meta(ge=1)]
@@ -294,6 +295,10 @@ class SchedulerSpec(_Spec, frozen=True):
     projects not listed may use every site"""
     idle_grace: float | str = "2m"
     """cloud: an instance that stays idle (no queued run could use it) this long is terminated"""
+    budget: SpendBudget | None = None
+    """what runs on priced cloud pools may cost, as ``[policy] budget`` in a project
+    (``{ monthly_usd = ..., per_experiment_usd = ... }``; the whole simulation is one
+    experiment): the core holds launches that would break it"""
 
     def __post_init__(self) -> None:
         try:

@@ -18,6 +18,19 @@ cannot be described, its leases expire, the core marks those runs LOST and recon
 answers come once the site is back) and rediscovery when capacity changes are the shell's,
 line for line as in production. The simulated and the real control
 plane differ only in the clock and the providers.
+
+Budget: ``SimOptions.budget`` is the project's ``[policy] budget``; the core gets it as in
+production (``CoreConfig.budget``) and holds what would break it. What was spent is what the
+simulated clouds have billed so far (instances stopped, and those still up until now, at their
+pool's price): the whole simulation is one experiment, and virtual time 0 is the start of a
+calendar month (1970-01, UTC). The shell is given it (``SchedulerCore.set_spending``) when
+production's queue refreshes it: before a provider's reports reach the core (an attempt ended:
+its cost is recorded first), at least every ``SPENDING_EVERY_S`` of virtual time, and when a
+new month begins; these are checked before each of the shell's callbacks and each arrival. The
+figure is the instances' whole bill, boot and idle time included, where production records only
+the time its attempts ran: a simulation may hold runs a little sooner than production would.
+A new month is a ``Tick`` for the core: runs the monthly budget held are placed again. Runs held
+for good (``HELD_FOR_GOOD_S``) end a simulation without ``until``; they stay READY in its report.
 """
 
 from __future__ import annotations
@@ -37,8 +50,15 @@ from stowplan.placement.problem import (
 )
 from stowplan.providers.base import LaunchSpec, Report
 from stowplan.scheduler.core import CoreConfig, SchedulerCore
-from stowplan.scheduler.events import SubmitItem, TaskInstance, TasksSubmitted, Transition
+from stowplan.scheduler.events import (
+    SubmitItem,
+    TaskInstance,
+    TasksSubmitted,
+    Tick,
+    Transition,
+)
 from stowplan.scheduler.retry import Backoff
+from stowplan.scheduler.states import TaskState
 from stowplan.shell import CommandShell, ShellConfig, Wake, run_now
 from stowplan.simulator.cluster import ClusterSpec
 from stowplan.simulator.engine import (
@@ -52,9 +72,9 @@ from stowplan.simulator.engine import (
 from stowplan.simulator.faults import ApiFaults, schedule_cutoffs, schedule_node_failures
 from stowplan.simulator.metrics import Metrics
 from stowplan.simulator.policies import PolicyFn, resolve
-from stowplan.simulator.provider import DataNet, SimProvider
+from stowplan.simulator.provider import CloudInstanceType, DataNet, SimProvider
 from stowplan.simulator.workloads import SimJob, Workload
-from stowplan.spec.models import RetryPolicy
+from stowplan.spec.models import RetryPolicy, SpendBudget
 
 Progress = Callable[[float, float], None]
 """(virtual now, virtual horizon or infinity) -> None; called as simulated time advances."""
@@ -66,6 +86,15 @@ UNBOUNDED_EXTRA_S = 86_400.0
 """without ``until``, a workload with never-ending services stops this long after its last
 arrival"""
 
+SPENDING_EVERY_S = 300.0
+"""virtual seconds between refreshes of what was spent when no report came meanwhile (as
+production's ``actors.queue.SPENDING_EVERY``)"""
+
+HELD_FOR_GOOD_S = 86_400.0
+"""with a budget and without ``until``: a simulation whose unfinished runs have all been READY
+this long, with no arrival left (and, with a monthly budget, through the start of a new month),
+ends; only more budget would place them"""
+
 
 class SimOptions(Struct, frozen=True, kw_only=True):
     policy: str = "cpsat"
@@ -74,6 +103,9 @@ class SimOptions(Struct, frozen=True, kw_only=True):
     faults: bool = True
     solve_budget: float | None = None
     samples: int = 400
+    budget: SpendBudget | None = None
+    """the project's ``[policy] budget`` for runs on priced cloud pools (module doc); None: no
+    limit"""
 
 
 class SimCounters(Struct, kw_only=True):
@@ -99,6 +131,8 @@ class SimCounters(Struct, kw_only=True):
     preemptions: int = 0
     backfilled: int = 0
     ignored_reports: int = 0
+    spending_refreshes: int = 0
+    """times the core was told what was spent (``SchedulerCore.set_spending``)"""
     notes: list[str] = field(default_factory=list)
 
 
@@ -139,19 +173,31 @@ completions), then capacity is rediscovered, then provider traffic, arrivals, th
 
 
 class _EngineClock:
-    """Virtual time: the engine is the clock, and a coroutine of the shell runs at once."""
+    """Virtual time: the engine is the clock, and a coroutine of the shell runs at once.
+    ``before``, when given, runs before each callback of the shell (the budget's spending)."""
 
-    __slots__ = ("_at", "engine")
+    __slots__ = ("_at", "before", "engine")
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, before: Callable[[], None] | None = None) -> None:
         self.engine = engine
         self._at = engine.at
+        self.before = before
 
     def now(self) -> float:
         return self.engine.now
 
     def call_at(self, when: float, fn: Callable[[Any], None], arg: Any, wake: Wake) -> None:
-        self._at(when, fn, arg, WAKE_PRIORITY[wake])  # total: every Wake is in the table
+        prio = WAKE_PRIORITY[wake]  # total: every Wake is in the table
+        if self.before is None:
+            self._at(when, fn, arg, prio)
+        else:
+            self._at(when, self._before_then, (fn, arg), prio)
+
+    def _before_then(self, call: tuple[Callable[[Any], None], Any]) -> None:
+        assert self.before is not None
+        self.before()
+        fn, arg = call
+        fn(arg)
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         run_now(work)
@@ -231,12 +277,14 @@ class Simulation:
         self.progress = progress
         self.engine = Engine(seed=self.opts.seed)
         sched = cluster.scheduler
+        self.budget = self.opts.budget
         self.core = SchedulerCore(
             CoreConfig(
                 lease_ttl=sched.lease_ttl_s,
                 seed=self.opts.seed,
                 context=placement_context(cluster),
                 idle_grace=sched.idle_grace_s,
+                budget=self.budget,
             )
         )
         self.retry = RetryPolicy(max_attempts=sched.max_attempts, backoff_cap=sched.backoff_cap_s)
@@ -273,9 +321,25 @@ class Simulation:
         self.counters = SimCounters()
         self._next_arrival = 0
         self._arrivals = sorted(workload.jobs, key=lambda j: (j.submit, j.id))
+        self._priced = [
+            pool
+            for prov in self.providers.values()
+            for pool in prov.pools.values()
+            if isinstance(pool, CloudInstanceType) and pool.spec.price_per_hour > 0
+        ]
+        self._spent = 0.0
+        self._closed = False
+        """the books are closed: every instance still up is billed in its pool's ``cost``"""
+        self._spending_at = -float("inf")
+        self._month = (0.0, 0.0)
+        """(the end of the month of the last refresh, what was spent before that month)"""
+        self._held_since: tuple[float, float] | None = None
+        """(since when every unfinished run is READY with no arrival left, the end of that
+        month)"""
+        budgeted = self.budget is not None
         self.shell = CommandShell(
             self.core,
-            clock=_EngineClock(self.engine),
+            clock=_EngineClock(self.engine, self._spending_due if budgeted else None),
             solver=_PolicySolver(self),
             providers=self.providers,
             records=_MetricsRecords(self.metrics),
@@ -293,7 +357,7 @@ class Simulation:
             after_events=self._check_done,
         )
         for prov in self.providers.values():
-            prov.sink = self.shell.report
+            prov.sink = self._report if budgeted else self.shell.report
             prov.on_capacity = self.shell.capacity_changed
         self._never_ends = any(j.duration is None and not j.steps for j in workload.jobs)
         self.until = self.opts.until
@@ -314,6 +378,8 @@ class Simulation:
     # ---- running ---------------------------------------------------------------------------
 
     def run(self) -> Metrics:
+        if self.budget is not None:
+            self._refresh_spending()
         run_now(self.shell.discover())
         if self._arrivals:
             self.engine.at(self._arrivals[0].submit, self._arrive, None, PRIO_ARRIVAL)
@@ -323,6 +389,7 @@ class Simulation:
         for prov in self.providers.values():
             for pool in prov.pools.values():
                 pool.finish_accounting()
+        self._closed = True
         self._collect_counters()
         self.metrics.close(self.engine.now)
         return self.metrics
@@ -338,6 +405,8 @@ class Simulation:
         return self._next_arrival < len(self._arrivals)
 
     def _arrive(self, _: object) -> None:
+        if self.budget is not None:
+            self._spending_due()
         i = self._next_arrival
         arr = self._arrivals
         t = arr[i].submit
@@ -369,11 +438,89 @@ class Simulation:
         self.shell.observe()
 
     def _sample(self, _: object) -> None:
+        if self.budget is not None:
+            self._spending_due()
         self.metrics.sample(self.engine.now)
         if self.progress is not None:
             self.progress(self.engine.now, self.until if self.until is not None else float("inf"))
-        if not self._done():
-            self.engine.after(self.sample_every, self._sample, None, PRIO_SAMPLE)
+        if self._done() or self._held_for_good():
+            return
+        self.engine.after(self.sample_every, self._sample, None, PRIO_SAMPLE)
+
+    # ---- budget ----------------------------------------------------------------------------
+
+    def billed_usd(self) -> float:
+        """Dollars the priced cloud pools have billed so far: their stopped instances, and the
+        ones still up until now (at least ``min_billed`` each)."""
+        now = self.engine.now
+        total = 0.0
+        for pool in self._priced:
+            spec = pool.spec
+            total += pool.cost
+            if self._closed:
+                continue
+            for n, iid in enumerate(pool.instance_of):
+                if iid is not None:
+                    seconds = max(spec.min_billed_s, now - pool.launched_at[n])
+                    total += seconds * spec.price_per_hour / 3600.0
+        return total
+
+    def _refresh_spending(self) -> None:
+        """Tell the core what was spent this month and in all (module doc: *Budget*)."""
+        now = self.engine.now
+        spent = self.billed_usd()
+        month_end, before_month = self._month
+        new_month = now >= month_end and month_end > 0
+        if now >= month_end:
+            # what was billed by the last refresh belongs to the months before
+            before_month = self._spent if new_month else 0.0
+            self._month = (_month_end(now), before_month)
+        self._spent = spent
+        self._spending_at = now
+        self.counters.spending_refreshes += 1
+        self.core.set_spending(
+            month_usd=spent - before_month, experiment_usd=spent, budget=self.budget
+        )
+        if new_month and self.core.unfinished():
+            self.shell.feed(Tick())  # room again: what the monthly budget held is placed
+
+    def _held_for_good(self) -> bool:
+        """With a budget and no ``until``: whether every unfinished run has been READY for
+        ``HELD_FOR_GOOD_S`` with no arrival left (through a new month, with a monthly budget);
+        if so the engine stops, with a note."""
+        if self.budget is None or self.until is not None:
+            return False
+        core = self.core
+        waiting = core.unfinished()
+        if self._arrivals_left() or not waiting or core.counts[TaskState.READY] != waiting:
+            self._held_since = None
+            return False
+        now = self.engine.now
+        if self._held_since is None:
+            self._held_since = (now, self._month[0])
+        since, month_end = self._held_since
+        if now - since < HELD_FOR_GOOD_S or (
+            self.budget.monthly_usd is not None and now < month_end
+        ):
+            return False
+        self.counters.notes.append(
+            f"stopped at {now:,.0f} s: {waiting:,} runs were still waiting, READY since "
+            f"{since:,.0f} s with nothing running: only more budget would place them"
+        )
+        self.engine.stop()
+        return True
+
+    def _spending_due(self) -> None:
+        """Refresh what was spent if production's queue would have by now."""
+        now = self.engine.now
+        if now >= self._spending_at + SPENDING_EVERY_S or now >= self._month[0]:
+            self._refresh_spending()
+
+    def _report(self, provider: str, report: Report) -> None:
+        """A pushed report, with a budget: what was spent first (an attempt that ended is
+        billed before the core hears of it, as in production)."""
+        self._refresh_spending()
+        self.shell.report(provider, report)
 
     # ---- placement context -----------------------------------------------------------------
 
@@ -424,3 +571,12 @@ class Simulation:
             for b in self.providers.values():
                 if a is not b and a.executed & b.executed:
                     raise InternalError("an attempt key executed at two providers")
+
+
+def _month_end(t: float) -> float:
+    """The first instant of the calendar month (UTC) after the one of virtual time ``t``."""
+    from datetime import UTC, datetime
+
+    d = datetime.fromtimestamp(t, UTC)
+    year, month = (d.year + 1, 1) if d.month == 12 else (d.year, d.month + 1)
+    return datetime(year, month, 1, tzinfo=UTC).timestamp()
