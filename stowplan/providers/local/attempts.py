@@ -35,6 +35,7 @@ from stowplan.providers.launcher import (
     write_json_atomic,
 )
 from stowplan.providers.local.render import SAFE_NAME, LocalRequest
+from stowplan.providers.local.supervisor import keeper_runs
 
 START_GRACE_S = 5.0
 """A start begun by a driver that died since is left to finish for this long (and for as long
@@ -195,13 +196,25 @@ def launcher_runs(attempt_dir: Path) -> bool:
     return False
 
 
-def start_launcher(attempt_dir: Path) -> subprocess.Popen[bytes] | None:
-    """Start the attempt's supervisor; ``None`` when another start got there first, or when it
-    could not start (recorded in ``exit.json``)."""
+def begin_start(attempt_dir: Path) -> bool:
+    """Begin the one start of an attempt: ``False`` when another start got there first."""
     try:
         # NOTE: created exclusively: the one start of this attempt, whichever instance of
         # the driver (in whichever process) got here first; the others start nothing.
-        with open(attempt_dir / LAUNCHER_LOG, "xb") as log:
+        with open(attempt_dir / LAUNCHER_LOG, "xb"):
+            return True
+    except FileExistsError:
+        return False
+
+
+def start_launcher(attempt_dir: Path, *, begun: bool = False) -> subprocess.Popen[bytes] | None:
+    """Start the attempt's own supervisor process; ``None`` when another start got there
+    first (unless ``begun``: this caller began it), or when it could not start (recorded in
+    ``exit.json``)."""
+    if not begun and not begin_start(attempt_dir):
+        return None
+    try:
+        with open(attempt_dir / LAUNCHER_LOG, "ab") as log:
             # NOTE: cwd is the package's import root, never the attempt directory: `-m`
             # puts cwd first on sys.path, and a task's files (a `json.py`, say) must not
             # shadow what the launcher imports. It also finds an uninstalled checkout.
@@ -214,8 +227,6 @@ def start_launcher(attempt_dir: Path) -> subprocess.Popen[bytes] | None:
                 stderr=log,
                 close_fds=True,
             )
-    except FileExistsError:
-        return None
     except OSError as e:
         write_exit(attempt_dir, "launcher_error", f"cannot start the supervisor: {e}")
         return None
@@ -346,7 +357,11 @@ def take_over(key: str, attempt_dir: Path, me: Claim) -> LocalRequest | Literal[
         # NOTE: the claimer died while starting it. Ray kills a worker's children with it,
         # so the launcher's first process (a child until it detaches) may have died too;
         # one that lives shows its command line. Start it again only when none does.
-        if time.time() - begun < START_GRACE_S or launcher_runs(attempt_dir):
+        if (
+            time.time() - begun < START_GRACE_S
+            or keeper_runs(attempt_dir)
+            or launcher_runs(attempt_dir)
+        ):
             return None
         try:  # one instance moves the spent start aside; the start is again exclusive
             os.rename(log, attempt_dir / f"{LAUNCHER_LOG}.{int(begun * 1000)}")

@@ -26,10 +26,20 @@ had begun is made again once no launcher of that attempt runs (after ``START_GRA
 claim whose claimer is unknown (this process, or none recorded) is ``QUEUED`` for
 ``QUEUED_GRACE_S``, then ``FAILED``/``LOST``, and the control plane retries it under a new key.
 
+Starting: an attempt is started by the long-lived supervisor of this ``runs/`` directory
+(``supervisor.py``), which forks a keeper for it: no Python start-up per attempt, and the same
+records, process group, limits and survival of a dead control plane as the per-attempt
+launcher. The supervisor tells this driver at once when a keeper ends, and the queue is pumped
+then too, so capacity is reused without waiting for a describe. A supervisor that died is
+started again by the next start, or at once when this driver's connection to it breaks; the
+starts it had not recorded yet are sent again (its keeper lock makes that safe). Where no
+supervisor can run (not Linux) or be reached, each attempt gets its own launcher as before.
+
 Off the event loop: every async method does its file and process I/O (claims, ``spec.json``
 and ``exit.json``, ``Popen`` of launchers, psutil) in one worker thread per call, whatever the
 number of keys. The in-memory state (queue, started, caches) is touched only there, by one call
-at a time (``_lock``), so calls may interleave on the loop as before without racing.
+at a time (``_lock``, and ``_state_lock`` shared with the supervisor connection's reader
+thread), so calls may interleave on the loop as before without racing.
 """
 
 from __future__ import annotations
@@ -41,7 +51,9 @@ import platform
 import signal
 import socket
 import sys
+import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -51,7 +63,7 @@ import anyio
 import msgspec
 import psutil
 
-from stowplan.errors import InternalError
+from stowplan.errors import InternalError, ProviderError
 from stowplan.placement.problem import Pool
 from stowplan.providers.base import (
     TERMINAL_PROVIDER_STATES,
@@ -64,12 +76,15 @@ from stowplan.providers.base import (
     ProviderRequest,
     ProviderState,
     Report,
+    WatchSet,
 )
 from stowplan.providers.importhook import USED_FILE
 from stowplan.providers.launcher import LAUNCHER_LOG, STDERR_FILE, STDOUT_FILE, scan_outputs
 from stowplan.providers.local.attempts import (
+    _IMPORT_ROOT,
     KeyIndex,
     LauncherRecord,
+    begin_start,
     claim,
     current_claim,
     declared_needs,
@@ -86,11 +101,14 @@ from stowplan.providers.local.attempts import (
 from stowplan.providers.local.capacity import Capacity, Started
 from stowplan.providers.local.exits import STDERR_TAIL_CHARS, classify_exit, tail_text
 from stowplan.providers.local.render import LocalRequest, plan_one
+from stowplan.providers.local.supervisor import SupervisorClient, supported
 from stowplan.spec.models import FailureClass, LocalProviderConfig
 
 QUEUED_GRACE_S = 30.0
 """A claimed attempt without a launcher is still starting for this long, then it is LOST."""
 LOG_POLL_S = 0.2
+WAKE_GATHER_S = 0.005
+"""A watch woken by an attempt's end waits this long for more ends to report together."""
 LOG_READ_BYTES = 1 << 20
 """Read at most this much of a log per trip to the worker thread."""
 
@@ -154,12 +172,52 @@ class LocalProvider(Provider):
         self._finished: dict[str, Report] = {}
         self._used: dict[bytes, bytes] = {}
         self._lock = anyio.Lock()
+        self._state_lock = threading.RLock()
+        self._watching: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
+        self.supervisor: SupervisorClient | None = None
+        if supported():
+            self.supervisor = SupervisorClient(
+                self._runs, import_root=_IMPORT_ROOT, on_done=self._on_done, on_lost=self._on_lost
+            )
+            weakref.finalize(self, self.supervisor.close)
 
     async def _off_loop(self, fn: Callable[[], _T]) -> _T:
         """Run ``fn`` (blocking I/O, and the state it changes) in a worker thread, one call at
         a time. A cancelled caller still waits for the thread, so the state stays whole."""
+
+        def locked() -> _T:
+            with self._state_lock:
+                return fn()
+
         async with self._lock:
-            return await _in_thread(fn)
+            return await _in_thread(locked)
+
+    # -- the supervisor's news (its connection's reader thread) ---------------------------------
+
+    def _on_done(self, attempt_dir: Path) -> None:
+        """A keeper this driver started ended: its capacity is free now, and a watch may
+        report it now."""
+        with self._state_lock:
+            self._pump()
+        watching = self._watching
+        if watching is not None:
+            loop, ended = watching
+            with contextlib.suppress(RuntimeError):  # the watch's loop is closed
+                loop.call_soon_threadsafe(ended.set)
+
+    def _on_lost(self) -> None:
+        """The supervisor went away: start a new one now, and send it again every start that
+        no keeper recorded yet (a keeper that did goes on without it)."""
+        with self._state_lock:
+            for held in self._started.values():
+                if (
+                    held.launcher is None
+                    and self.supervisor is not None
+                    and not has_ended(held.dir)
+                    and read_launcher(held.dir) is None
+                ):
+                    self.supervisor.start(held.dir)
+            self._pump()
 
     # -- discover / plan -----------------------------------------------------------------------
 
@@ -259,9 +317,14 @@ class LocalProvider(Provider):
 
     def _start(self, req: LocalRequest) -> None:
         attempt_dir = Path(req.attempt_dir)
-        launcher = start_launcher(attempt_dir)
-        if launcher is None:
+        if not begin_start(attempt_dir):
             return
+        launcher = None
+        if self.supervisor is None or not self.supervisor.start(attempt_dir):
+            # No supervisor here (not Linux) or none could be reached: its own launcher.
+            launcher = start_launcher(attempt_dir, begun=True)
+            if launcher is None:
+                return
         self._started[req.key] = Started(
             dir=attempt_dir,
             cpus=req.cpus,
@@ -425,6 +488,52 @@ class LocalProvider(Provider):
         data = msgspec.json.encode(rec)
         return self._used.setdefault(data, data)
 
+    # -- watch ---------------------------------------------------------------------------------
+
+    async def watch(
+        self, keys: WatchSet, *, renew_every: float = 60.0
+    ) -> AsyncIterator[list[Report]]:
+        """The default polling watch, also woken when the supervisor says an attempt this
+        driver started ended: an end is reported at once, not at the next poll."""
+        loop = asyncio.get_running_loop()
+        ended = asyncio.Event()
+        self._watching = (loop, ended)
+        interval = self.poll_min
+        try:
+            while True:
+                added = asyncio.ensure_future(keys.wait_added(interval))
+                woken = asyncio.ensure_future(ended.wait())
+                try:
+                    await asyncio.wait({added, woken}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for waiting in (added, woken):
+                        waiting.cancel()
+                    await asyncio.gather(added, woken, return_exceptions=True)
+                if added.done() and not added.cancelled() and added.result():
+                    interval = self.poll_min
+                    await asyncio.sleep(self.poll_min)  # gather what else arrives with them
+                elif ended.is_set():
+                    await asyncio.sleep(WAKE_GATHER_S)  # and the ends that follow at once
+                ended.clear()
+                if not len(keys):
+                    interval = self.poll_max
+                    continue
+                try:
+                    reports = await self.describe(keys.keys())
+                except (ProviderError, OSError):
+                    keys.failures += 1
+                    interval = min(self.poll_max, interval * 2)
+                    continue
+                news = keys.news(reports, loop.time(), renew_every)
+                if news:
+                    interval = self.poll_min
+                    yield news
+                else:
+                    interval = min(self.poll_max, max(interval, self.poll_min) * 2)
+        finally:
+            if self._watching is not None and self._watching[1] is ended:
+                self._watching = None
+
     # -- cancel --------------------------------------------------------------------------------
 
     async def cancel(self, keys: Sequence[str]) -> None:
@@ -496,8 +605,11 @@ class LocalProvider(Provider):
         return report.state in TERMINAL_PROVIDER_STATES
 
     async def aclose(self) -> None:
-        """Reap finished supervisors. Running attempts go on; queued ones are never started."""
+        """Reap finished launchers and leave the supervisor (it ends once idle). Running
+        attempts go on; queued ones are never started."""
         await self._off_loop(self._reap)
+        if self.supervisor is not None:
+            self.supervisor.close()
 
     def _reap(self) -> None:
         for held in self._started.values():

@@ -1,0 +1,189 @@
+"""The long-lived local supervisor against real processes: it starts each attempt once, is
+found again and started again after it dies, and its death loses and repeats nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import psutil
+import pytest
+
+from stowplan.providers.base import TERMINAL_PROVIDER_STATES, Facts, ProviderState
+from stowplan.providers.local import LocalProvider, LocalRequest
+from stowplan.providers.local.supervisor import (
+    IDLE_EXIT_S,
+    SUPERVISOR_DIR,
+    SupervisorClient,
+    keeper_runs,
+    socket_name,
+    supported,
+)
+from stowplan.spec.models import LocalProviderConfig
+from tests.unit.providers.test_local import _kill_leftovers, launches, spec, wait_for
+
+S = ProviderState
+pytestmark = pytest.mark.skipif(not supported(), reason="the supervisor is Linux only")
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Iterator[Path]:
+    d = tmp_path / ".stowplan"
+    yield d
+    _kill_leftovers(d)
+    pid = _supervisor_pid(d)
+    if pid is not None:
+        os.kill(pid, signal.SIGKILL)
+
+
+def _supervisor_pid(state_dir: Path) -> int | None:
+    """The supervisor of ``state_dir``'s runs, if it lives."""
+    try:
+        rec = json.loads((state_dir / "runs" / SUPERVISOR_DIR / "pid").read_text())
+        proc = psutil.Process(rec["pid"])
+        if (
+            proc.status() != psutil.STATUS_ZOMBIE
+            and abs(proc.create_time() - rec["create_time"]) < 0.05
+        ):
+            return int(rec["pid"])
+    except (FileNotFoundError, psutil.Error):
+        pass
+    return None
+
+
+def _listening(state_dir: Path) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(socket_name(state_dir / "runs"))
+        except OSError:
+            return False
+    return True
+
+
+async def _poll(cond: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await anyio.sleep(0.02)
+
+
+@pytest.mark.anyio
+async def test_attempts_start_without_a_launcher_process_each(state_dir: Path) -> None:
+    """Every attempt is kept by a fork of the one supervisor: no ``python -m`` per attempt."""
+    provider = LocalProvider("laptop", LocalProviderConfig(cpus=2), state_dir=state_dir)
+    tasks = [spec(argv=["true"]) for _ in range(6)]
+    await provider.submit(provider.plan(tasks, Facts()))
+    for t in tasks:
+        assert (await wait_for(provider, t.key)).state is S.SUCCEEDED
+    sup = _supervisor_pid(state_dir)
+    assert sup is not None
+    assert provider.supervisor is not None and provider.supervisor.spawned == 1
+    keepers = set()
+    for t in tasks:
+        [req] = provider.plan([t], Facts())
+        assert isinstance(req, LocalRequest)
+        assert len(launches(req)) == 1
+        rec = json.loads((Path(req.attempt_dir) / "launcher.json").read_text())
+        keepers.add(rec["pid"])
+        assert rec["pid"] != sup
+    assert len(keepers) == len(tasks)
+
+
+@pytest.mark.anyio
+async def test_killing_the_supervisor_mid_sweep_runs_every_trial_exactly_once(
+    state_dir: Path, tmp_path: Path
+) -> None:
+    marker = tmp_path / "executions.log"
+    provider = LocalProvider("laptop", LocalProviderConfig(cpus=2), state_dir=state_dir)
+    tasks = [
+        spec(script='sleep 0.3; echo "$STOWPLAN_RUN_ID" >> "$MARKER"', env={"MARKER": str(marker)})
+        for _ in range(12)
+    ]
+    keys = [t.key for t in tasks]
+    await provider.submit(provider.plan(tasks, Facts()))
+
+    async def succeeded() -> int:
+        return sum(r.state is S.SUCCEEDED for r in await provider.describe(keys))
+
+    deadline = time.monotonic() + 30
+    while await succeeded() < 3:
+        assert time.monotonic() < deadline, "3 successes before the kill"
+        await anyio.sleep(0.02)
+    first = _supervisor_pid(state_dir)
+    assert first is not None
+    assert await succeeded() < len(tasks), "the sweep finished before the kill"
+    os.kill(first, signal.SIGKILL)
+
+    deadline = time.monotonic() + 60
+    while True:
+        reports = await provider.describe(keys)
+        if all(r.state in TERMINAL_PROVIDER_STATES for r in reports):
+            break
+        assert time.monotonic() < deadline, reports
+        await anyio.sleep(0.05)
+    assert [r.state for r in reports] == [S.SUCCEEDED] * len(tasks), reports
+    executed = Counter(marker.read_text().split())
+    assert executed == Counter({t.run_id: 1 for t in tasks})
+    for t in tasks:
+        [req] = provider.plan([t], Facts())
+        assert isinstance(req, LocalRequest)
+        assert len(launches(req)) == 1, req.attempt_dir
+    # found dead, and started again (once) by the same driver
+    assert provider.supervisor is not None and provider.supervisor.spawned == 2
+    second = _supervisor_pid(state_dir)
+    assert second is not None and second != first
+
+
+@pytest.mark.anyio
+async def test_a_start_sent_twice_is_kept_once(state_dir: Path) -> None:
+    """Two starts of one attempt (a driver sending again after the supervisor died, two
+    drivers) make one keeper: the keeper's lock is held for its whole life."""
+    provider = LocalProvider("laptop", LocalProviderConfig(cpus=2), state_dir=state_dir)
+    launch = spec(script="echo ran >> count.txt; sleep 0.5")
+    [req] = provider.plan([launch], Facts())
+    assert isinstance(req, LocalRequest)
+    await provider.submit([req])
+    attempt_dir = Path(req.attempt_dir)
+    await _poll(lambda: keeper_runs(attempt_dir), 10, "the keeper")
+    other = SupervisorClient(
+        state_dir / "runs",
+        import_root=Path(__file__).resolve().parents[3],
+        on_done=provider._on_done,
+        on_lost=provider._on_lost,
+    )
+    try:
+        assert other.start(attempt_dir) and other.start(attempt_dir)
+        assert (await wait_for(provider, launch.key)).state is S.SUCCEEDED
+        # started again after it ended: exit.json is there, nothing starts
+        assert other.start(attempt_dir)
+    finally:
+        other.close()
+    assert not keeper_runs(attempt_dir)
+    assert len(launches(req)) == 1
+    assert (attempt_dir / "count.txt").read_text() == "ran\n"
+    assert other.spawned == 0
+
+
+@pytest.mark.anyio
+async def test_the_supervisor_ends_once_idle(state_dir: Path) -> None:
+    provider = LocalProvider("laptop", LocalProviderConfig(cpus=1), state_dir=state_dir)
+    launch = spec(argv=["true"])
+    await provider.submit(provider.plan([launch], Facts()))
+    assert (await wait_for(provider, launch.key)).state is S.SUCCEEDED
+    pid = _supervisor_pid(state_dir)
+    assert pid is not None
+    await provider.aclose()
+    await _poll(
+        lambda: _supervisor_pid(state_dir) is None and not _listening(state_dir),
+        IDLE_EXIT_S + 10,
+        "the idle supervisor to end",
+    )
