@@ -8,9 +8,12 @@ the capacity-free lower bound, which proves it optimal. Otherwise the linear rel
 greedy completes. The CP-SAT count model (``cpsat``, whose docstring carries the model) then
 improves on the better start within a deterministic-time budget: the whole model when it is
 small enough, else the neighbourhood the relaxation points at, and only when that could gain
-more than ``RINS_MIN_GAIN``. If CP-SAT finds nothing, the best start is returned as
-GREEDY_FALLBACK. ``explain`` says where a task went and what the alternatives would have cost,
-or why it cannot go anywhere.
+more than ``RINS_MIN_GAIN``. The relaxation and CP-SAT count an elastic pool's capacity over
+its instances together (with packing cuts, which are necessary, not sufficient), so their
+answers are repacked by greedy instance by instance before they are kept: a solution's
+instances always hold what it puts on them. If CP-SAT finds nothing, the best start is
+returned as GREEDY_FALLBACK. ``explain`` says where a task went and what the alternatives would
+have cost, or why it cannot go anywhere.
 """
 
 from __future__ import annotations
@@ -140,6 +143,13 @@ def solve(
         return done(S.GREEDY_FALLBACK, res.deterministic_time)
     if not res.restricted:
         bound = max(bound, res.bound)
-    if res.objective < best and not violations(table, res.counts, res.launched):
-        counts, launched, best = res.counts, res.launched, res.objective
+    r_counts, r_launched, r_obj = res.counts, res.launched, res.objective
+    if r_obj < best and any(node is not None for node in table.node):
+        # the model counts an elastic pool's capacity in total (its packing cuts are necessary,
+        # not sufficient): greedy repacks the answer instance by instance, adding instances or
+        # moving what does not fit, and drops instances left empty
+        r_counts, r_launched = place_greedy(table, r_counts, r_launched)
+        r_obj = objective_int(table, r_counts, r_launched)
+    if r_obj < best and not violations(table, r_counts, r_launched):
+        counts, launched, best = r_counts, r_launched, r_obj
     return done(S.OPTIMAL if best <= bound else S.FEASIBLE, res.deterministic_time)

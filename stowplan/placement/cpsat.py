@@ -13,9 +13,17 @@ Constraints, per pool p and per class c:
     sum_c,m x[c,p,m]           <= quota[p]
     sum_p,m x[c,p,m]           <= |c|
 
+and, per elastic pool and per dimension where it has no free capacity, the packing cuts of
+``solution.packing_cuts`` (sum_c,m x[c,p,m] * k*u_k(need[c]) <= n[p] * k*node[p], for k = 1..3):
+the rows above add up capacity over a pool's instances, and the cuts keep members that cannot
+share one instance from being counted into the gaps between them.
+
 Objective (integers; see ``table`` for the cost of one member):
 
     minimize  sum x[c,p,m] * (cost[c,p,m] - reward[c])  +  sum n[p] * instance_cost[p]
+
+An elastic pool bills whole instances: ``instance_cost`` is an instance's price for its boot and
+its tasks' runtime, and its columns carry no compute cost of their own (see ``table``).
 
 ``reward[c]`` exceeds any member's cost, so a member is left queued only when no capacity is
 left for it; higher priority earns a larger reward. Each cost carries a small tie-break derived
@@ -40,7 +48,7 @@ from dataclasses import dataclass
 from ortools.sat.python import cp_model
 
 from stowplan.placement.greedy import Counts
-from stowplan.placement.solution import objective_int
+from stowplan.placement.solution import objective_int, packing_cuts
 from stowplan.placement.table import Table
 
 MAX_COLUMNS = 6_000
@@ -129,6 +137,9 @@ def solve_cpsat(
         used_tasks[j] = used_tasks.get(j, 0) + count
         used_cls[ci] = used_cls.get(ci, 0) + count
 
+    fixed_models: dict[int, set[str]] = {}
+    for j, model in used_gpu:
+        fixed_models.setdefault(j, set()).add(model)
     m = cp_model.CpModel()
     xs = [m.new_int_var(0, o.ub, "") for o in cols]
     elastic = sorted({o.pool for o in cols if table.node[o.pool] is not None})
@@ -160,7 +171,9 @@ def solve_cpsat(
         ]
         rows[0][1].extend(table.need[cols[k].cls][0] for k in rows[0][0])
         rows[1][1].extend(table.need[cols[k].cls][1] for k in rows[1][0])
-        for model in sorted({cols[k].model for k in ks if cols[k].model}):
+        # every model this pool's fixed counts use too: the instances they need must stay
+        models = {cols[k].model for k in ks if cols[k].model} | fixed_models.get(j, set())
+        for model in sorted(models):
             gk = [k for k in ks if cols[k].model == model and table.need[cols[k].cls][2]]
             rows.append(
                 (
@@ -187,6 +200,27 @@ def solve_cpsat(
             left = quota - used_tasks.get(j, 0)
             if sum(cols[k].ub for k in ks) > left:
                 m.add(cp_model.LinearExpr.sum([xs[k] for k in ks]) <= left)
+    fixed_at: dict[int, list[tuple[int, str, int]]] = {}
+    for (ci, j, model), count in fixed.items():
+        fixed_at.setdefault(j, []).append((ci, model, count))
+    for cut in packing_cuts(table):
+        n = ns.get(cut.pool)
+        if n is None:
+            continue  # every count there is fixed, and so are its instances
+        ks = [
+            k
+            for k in by_pool.get(cut.pool, ())
+            if cols[k].cls in cut.coef and (cut.model is None or cols[k].model == cut.model)
+        ]
+        held = sum(
+            count * cut.coef.get(ci, 0)
+            for ci, model, count in fixed_at.get(cut.pool, ())
+            if cut.model is None or model == cut.model
+        )
+        lhs = cp_model.LinearExpr.weighted_sum(
+            [xs[k] for k in ks], [cut.coef[cols[k].cls] for k in ks]
+        )
+        m.add(lhs + held <= cut.per_instance * n)
     for ci in sorted(by_class):
         ks = by_class[ci]
         size = len(table.classes[ci].members) - used_cls.get(ci, 0)

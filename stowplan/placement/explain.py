@@ -5,7 +5,7 @@ from __future__ import annotations
 from msgspec import Struct, field
 
 from stowplan.placement.problem import PlacementProblem, PlacementSolution, expand
-from stowplan.placement.table import build, pool_reasons
+from stowplan.placement.table import build, instance_dollars, pool_reasons
 
 
 class Alternative(Struct, frozen=True, kw_only=True):
@@ -19,6 +19,24 @@ class Alternative(Struct, frozen=True, kw_only=True):
     wait_seconds: float
     free_now: bool
     """Whether capacity was left there after this placement (else it was taken by others)."""
+    instance_price_per_hour: float = 0.0
+    """Where the pool is elastic: what one instance costs an hour, billed whole on top of
+    ``cost`` (which then counts no compute)."""
+
+
+class Instances(Struct, frozen=True, kw_only=True):
+    """What an elastic pool bills: whole instances, whatever share of one a task uses."""
+
+    pool: str
+    price_per_hour: float
+    """Of one instance."""
+    launched: int
+    """Instances this placement launches there."""
+    hours_each: float
+    """Hours one instance is billed for: its boot, then the longest run among the tasks that
+    may go there."""
+    dollars_each: float
+    """``price_per_hour`` times those hours, with the work a spot interruption makes it redo."""
 
 
 class Explanation(Struct, frozen=True, kw_only=True):
@@ -32,6 +50,8 @@ class Explanation(Struct, frozen=True, kw_only=True):
     """The cheapest other options, cheapest first."""
     reason: str = ""
     """Why it was not placed: nowhere eligible (with each cause), or no capacity left."""
+    instances: Instances | None = None
+    """Where the chosen pool is elastic: the instances it bills (its tasks' compute is 0)."""
 
     def render(self) -> str:
         if self.placed and self.chosen is not None:
@@ -44,8 +64,18 @@ class Explanation(Struct, frozen=True, kw_only=True):
             ]
         else:
             lines = [f"{self.task} not placed ({self.status}): {self.reason}"]
+        if self.instances is not None:
+            i = self.instances
+            lines.append(
+                f"  {i.pool} bills whole instances: {i.launched} launched at "
+                f"${i.price_per_hour:.4g}/h each, each billed {i.hours_each:.3g} h "
+                f"(boot, then the longest run) = ${i.dollars_each:.4g}; "
+                f"${i.launched * i.dollars_each:.4g} in all"
+            )
         for a in self.alternatives:
             note = "" if a.free_now else " (full)"
+            if a.instance_price_per_hour:
+                note += f" + instances at ${a.instance_price_per_hour:.4g}/h"
             lines.append(
                 f"  instead {a.pool}{' on ' + a.gpu_model if a.gpu_model else ''}: "
                 f"cost {a.cost:.4g}{note}"
@@ -82,6 +112,9 @@ def explain(
             egress_cost=o.egress_cost,
             wait_seconds=o.wait_seconds,
             free_now=used.get((pid, o.model), 0) < o.ub,
+            instance_price_per_hour=table.pools[o.pool].price_per_hour
+            if table.node[o.pool] is not None
+            else 0.0,
         )
 
     options = [alt(k) for k in range(len(table.columns[ci]))]
@@ -91,6 +124,19 @@ def explain(
             None,
         )
         others = [a for a in options if a is not chosen][:top]
+        j = next(j for j, p in enumerate(table.pools) if p.id == where.pool_id)
+        pool = table.pools[j]
+        instances = (
+            Instances(
+                pool=pool.id,
+                price_per_hour=pool.price_per_hour,
+                launched=solution.instances.get(pool.id, 0),
+                hours_each=pool.boot_s / 3600.0 + table.instance_hours[j],
+                dollars_each=instance_dollars(pool, table.instance_hours[j]),
+            )
+            if pool.elastic
+            else None
+        )
         return Explanation(
             task=task_id,
             placed=True,
@@ -99,6 +145,7 @@ def explain(
             status=str(solution.status),
             chosen=chosen,
             alternatives=others,
+            instances=instances,
         )
     reason = solution.unplaced.get(cls.id, "")
     if table.eligible_full[ci] == 0:

@@ -1,7 +1,8 @@
 """The linear relaxation of the count model: a valid bound and a warm start.
 
-The same rows as the CP-SAT model (``cpsat``), with counts and instances allowed to be
-fractional, solved by GLOP's dual simplex (OR-Tools; deterministic, single-threaded).
+The same rows as the CP-SAT model (``cpsat``), packing cuts included, with counts and
+instances allowed to be fractional, solved by GLOP's dual simplex (OR-Tools; deterministic,
+single-threaded).
 
 Small tables are relaxed whole. A large one (more than ``FULL_COLUMNS`` columns) is relaxed
 over a subset: per class its ``START_CHEAPEST`` cheapest columns, per pool the
@@ -10,8 +11,8 @@ column the hint uses. Each further round (column generation, up to ``rounds``) a
 the ``ADD_PER_CLASS`` columns left out that price most negative under the last duals.
 
 The bound never depends on the LP being solved exactly. For any row prices ``y >= 0`` on the
-capacity and quota rows, keeping each class's own row ``sum_k x[c,k] <= |c|`` and the column
-bounds,
+capacity, quota and packing-cut rows, keeping each class's own row ``sum_k x[c,k] <= |c|`` and
+the column bounds,
 
     L(y) = -y.b + sum over classes c of  min { sum_k rc[k] x[k] : sum_k x[k] <= |c|, 0 <= x <= ub }
                 + sum over elastic pools p of  max_inst[p] * min(0, rc[n_p])
@@ -38,6 +39,7 @@ import scipy.sparse as sp
 from ortools.linear_solver.python import model_builder_helper as mbh
 
 from stowplan.placement.greedy import Counts
+from stowplan.placement.solution import PackingCut, packing_cuts
 from stowplan.placement.table import Table
 
 FULL_COLUMNS = 12_000
@@ -82,10 +84,16 @@ class _Rows:
     quota_row: IntArray
     """Per pool, its quota row, or -1."""
     elastic: list[int]
+    cuts: list[PackingCut]
+    """The packing cuts, in rows after the quotas."""
+
+    @property
+    def cut_base(self) -> int:
+        return (2 + self.nmodel) * self.npool + self.ncls + int((self.quota_row >= 0).sum())
 
     @property
     def count(self) -> int:
-        return (2 + self.nmodel) * self.npool + self.ncls + int((self.quota_row >= 0).sum())
+        return self.cut_base + len(self.cuts)
 
     def mem(self, pool: IntArray) -> IntArray:
         return self.npool + pool
@@ -104,7 +112,7 @@ def _layout(table: Table) -> _Rows:
     for i, j in enumerate(j for j in range(npool) if table.pools[j].max_tasks is not None):
         quota_row[j] = base + i
     elastic = [j for j in range(npool) if table.node[j] is not None]
-    return _Rows(npool, nmodel, ncls, quota_row, elastic)
+    return _Rows(npool, nmodel, ncls, quota_row, elastic, packing_cuts(table))
 
 
 def _rhs(table: Table, rows: _Rows) -> FloatArray:
@@ -180,6 +188,16 @@ def _matrix(
     c_idx.append(cols[q])
     vals.append(np.ones(int(q.sum())))
     midx = {m: i for i, m in enumerate(table.models)}
+    inst_col = {j: n + i for i, j in enumerate(rows.elastic)}
+    for row, cut in enumerate(rows.cuts, start=rows.cut_base):
+        on = pool == cut.pool
+        if cut.model is not None:
+            on &= model == midx[cut.model]
+        ks = np.nonzero(on)[0]
+        coef = np.array([cut.coef.get(int(c), 0) for c in cls[ks].tolist()], dtype=np.float64)
+        r_idx += [np.full(len(ks) + 1, row, dtype=np.int64)]
+        c_idx += [np.r_[ks, inst_col[cut.pool]].astype(np.int64)]
+        vals += [np.r_[coef, -float(cut.per_instance)]]
     inst_cost, inst_ub = [], []
     for i, j in enumerate(rows.elastic):
         node = table.node[j]
@@ -234,6 +252,12 @@ def _price(
     bound = -float(y_cap @ b)
     need = np.array(table.need, dtype=np.float64).reshape(-1, 3)
     reduced: list[FloatArray] = []
+    binding = [
+        (cut, float(y_cap[r]))
+        for r, cut in enumerate(rows.cuts, start=rows.cut_base)
+        if y_cap[r] > 0
+    ]
+    midx = {m: i for i, m in enumerate(table.models)}
     for ci, c in enumerate(table.columns):
         rc = (c.cost_int - table.reward[ci]).astype(np.float64)
         rc += need[ci, 0] * y_cap[c.pool] + need[ci, 1] * y_cap[rows.mem(c.pool)]
@@ -242,6 +266,12 @@ def _price(
             rc[g] += need[ci, 2] * y_cap[rows.gpu(c.model[g], c.pool[g])]
         qr = rows.quota_row[c.pool]
         rc[qr >= 0] += y_cap[qr[qr >= 0]]
+        for cut, price in binding:
+            if ci in cut.coef:
+                on = c.pool == cut.pool
+                if cut.model is not None:
+                    on &= c.model == midx[cut.model]
+                rc[on] += cut.coef[ci] * price
         reduced.append(rc)
         neg = np.nonzero(rc < 0)[0]
         if len(neg):
@@ -250,13 +280,15 @@ def _price(
             before = np.cumsum(ub) - ub
             take = np.clip(len(table.classes[ci].members) - before, 0.0, ub)
             bound += float(rc[order] @ take)
-    midx = {m: i for i, m in enumerate(table.models)}
     for j in rows.elastic:
         node = table.node[j]
         assert node is not None
         rc_n = table.instance_cost_int[j] - node[0] * y_cap[j] - node[1] * y_cap[rows.npool + j]
         for m, v in node[2].items():
             rc_n -= v * y_cap[2 * rows.npool + midx[m] * rows.npool + j]
+        for r, cut in enumerate(rows.cuts, start=rows.cut_base):
+            if cut.pool == j and y_cap[r] > 0:
+                rc_n -= cut.per_instance * y_cap[r]
         bound += min(0.0, rc_n) * table.pools[j].max_instances
     return bound, reduced
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import cast
+
+import numpy as np
+
 from stowplan.placement.problem import Assignment, PlacementSolution, PlacementStatus
-from stowplan.placement.table import Option, Table, pool_reasons
+from stowplan.placement.table import Option, Table, instance_dollars, pool_reasons
 from stowplan.spec.units import plural
 
 Counts = dict[tuple[int, int, str], int]
@@ -28,6 +33,96 @@ def objective_int(table: Table, counts: Counts, launched: dict[int, int]) -> int
         total += n * (cost - table.reward[key[0]])
     total += sum(k * table.instance_cost_int[j] for j, k in launched.items())
     return total
+
+
+DFF_KS = (1, 2, 3)
+"""The Fekete-Schepers dual feasible functions u_k whose packing cuts the count model carries."""
+
+
+@dataclass(frozen=True, slots=True)
+class PackingCut:
+    """``sum coef[c] * x[c, pool, m] <= per_instance * n[pool]`` (over every model m, or only
+    ``model`` for a GPU row): valid for every placement whose members of ``pool`` fit
+    instance by instance, not only in total. ``coef`` is k * u_k(need) (see ``packing_cuts``)."""
+
+    pool: int
+    model: str | None
+    """None: a CPU or memory row, over every model; else the GPU row of that model."""
+    coef: dict[int, int]
+    per_instance: int
+
+
+def _dff(w: int, cap: int, k: int) -> int:
+    """k * u_k(w) for a capacity ``cap``: u_k(w) = w when (k+1)w/cap is whole, else
+    floor((k+1)w/cap) * cap/k (Fekete and Schepers, 2001). ``packing_cuts`` computes the
+    same on arrays."""
+    q = (k + 1) * w
+    return k * w if q % cap == 0 else (q // cap) * cap
+
+
+def packing_cuts(table: Table) -> list[PackingCut]:
+    """Cuts that make the count model respect instance packing, not only pool totals.
+
+    The count model adds up an elastic pool's capacity over its instances, so by itself it
+    would place a 6-CPU and a 3-CPU member on two 8-CPU instances that already hold 6 CPUs
+    each (15 <= 16). A dual feasible function u maps needs so that whatever fits one instance
+    still fits after mapping (sum u(need) <= capacity), and u(6) = u(3) + ... grows the needs
+    of members that cannot share: with k = 2, u(6) = 8 and u(3) = 4, so 20 > 16 is cut. The
+    cuts are necessary, not sufficient, for packing; greedy (``place_greedy``) packs instance
+    by instance. Only rows where the pool has no free capacity of its own are cut (capacity
+    already free is fragmented in ways the problem does not say)."""
+    memo = table.memo.get("packing_cuts")
+    if memo is not None:
+        return cast("list[PackingCut]", memo)
+    out: list[PackingCut] = []
+    table.memo["packing_cuts"] = out
+    elastic = np.array([n is not None for n in table.node], dtype=bool)
+    if not elastic.any():
+        return out
+    # every (pool, class) pair with a column in an elastic pool, by pool then class
+    pairs = [
+        (c.pool[elastic[c.pool]], np.full(int(elastic[c.pool].sum()), ci, dtype=np.int64))
+        for ci, c in enumerate(table.columns)
+    ]
+    if not pairs:
+        return out
+    pool = np.concatenate([p for p, _ in pairs])
+    cls = np.concatenate([c for _, c in pairs])
+    if not len(pool):
+        return out
+    key = np.unique(pool.astype(np.int64) * len(table.classes) + cls)
+    pool, cls = key // len(table.classes), key % len(table.classes)
+    need = np.array(table.need, dtype=np.int64).reshape(-1, 3)[cls]
+    starts = np.flatnonzero(np.r_[True, pool[1:] != pool[:-1]])
+    ends = np.r_[starts[1:], len(pool)]
+    for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+        j = int(pool[a])
+        node = table.node[j]
+        assert node is not None
+        free = table.free[j]
+        dims: list[tuple[str | None, int, int, int]] = [
+            (None, 0, node[0], free[0]),
+            (None, 1, node[1], free[1]),
+        ]
+        dims += [(m, 2, g, free[2].get(m, 0)) for m, g in sorted(node[2].items())]
+        for model, d, cap, have in dims:
+            if have or cap <= 0:
+                continue
+            w = need[a:b, d]
+            on = w > 0
+            if not on.any():
+                continue
+            w, cs = np.minimum(w[on], cap), cls[a:b][on]
+            for k in DFF_KS:
+                q = (k + 1) * w
+                coef = np.where(q % cap == 0, k * w, (q // cap) * cap)
+                if (coef != k * need[a:b, d][on]).any():
+                    out.append(
+                        PackingCut(
+                            j, model, dict(zip(cs.tolist(), coef.tolist(), strict=True)), k * cap
+                        )
+                    )
+    return out
 
 
 def violations(table: Table, counts: Counts, launched: dict[int, int]) -> list[str]:
@@ -68,6 +163,18 @@ def violations(table: Table, counts: Counts, launched: dict[int, int]) -> list[s
         cap = table.free[j][2].get(model, 0) + (k * node[2].get(model, 0) if node else 0)
         if g > cap:
             out.append(f"{table.pools[j].id}: {g} x {model} over capacity {cap}")
+    cuts = packing_cuts(table)
+    at: dict[int, list[tuple[int, str, int]]] = {}
+    for (ci, j, model), n in counts.items() if cuts else ():
+        at.setdefault(j, []).append((ci, model, n))
+    for cut in cuts:
+        lhs = sum(
+            n * cut.coef.get(ci, 0)
+            for ci, model, n in at.get(cut.pool, ())
+            if cut.model is None or model == cut.model
+        )
+        if lhs > cut.per_instance * launched.get(cut.pool, 0):
+            out.append(f"{table.pools[cut.pool].id}: its members do not pack onto its instances")
     for ci, n in enumerate(per_class):
         if n > len(table.classes[ci].members):
             out.append(
@@ -134,7 +241,7 @@ def assemble(
     for j, k in launched.items():
         p = table.pools[j]
         terms["wait_seconds"] += k * p.boot_s
-        terms["compute_cost"] += k * p.price_per_hour * p.boot_s / 3600.0
+        terms["compute_cost"] += k * instance_dollars(p, table.instance_hours[j])
         terms["cost"] += k * table.instance_cost[j]
     obj = objective_int(table, counts, launched) if objective is None else objective
     proven = bound if bound is not None else obj

@@ -18,9 +18,13 @@ Per-task cost of class c in pool p (weighted, in the currency of the prices):
     wait    = w.wait * expected_wait_s(p) / 3600 * hour_value
 
 ``share`` is the task's largest fraction of one node (CPUs, memory or GPUs) when the node shape
-is known, else 1; the spot factor is the expected work redone after an interruption. Each
-instance an elastic pool launches costs its boot time once: w.cost * price * boot_h +
-w.wait * boot_h * hour_value.
+is known, else 1; the spot factor is the expected work redone after an interruption. An elastic
+pool bills whole instances, not tasks: its tasks' compute is 0 (the capacity of an instance
+already running is paid for), and each instance it launches costs, whatever share of it its
+tasks use, w.cost * price * (boot_h + run_h * (1 + interruption_rate * run_h / 2)) +
+w.wait * boot_h * hour_value, where run_h is the longest runtime among the classes that may go
+there. Capacity is counted per pool; the packing cuts of ``solution.packing_cuts`` and greedy's
+instance-by-instance fill keep members that cannot share an instance apart.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ MIB = 1 << 20
 PRICE_UNITS = 1_000
 """The most expensive option or instance is scaled to this many integer units."""
 TIE_UNITS = 16
-"""Each cost unit is split this many ways so ids can break ties without changing the optimum."""
+"""Each cost unit is split this many ways so ids can break ties without changing the optimum.
+For a class that asks for no GPU, pools with GPUs take the upper half (``build``)."""
 
 IntArray = npt.NDArray[np.int64]
 _BIG = int(np.iinfo(np.int64).max) // 4
@@ -122,6 +127,10 @@ class Table:
     instance_cost_int: list[int]
     scale: float
     """Integer units per currency unit (before TIE_UNITS)."""
+    instance_hours: list[float] = field(default_factory=list)
+    """Per pool: the hours one launched instance is billed for its tasks (elastic pools)."""
+    memo: dict[str, object] = field(default_factory=dict)
+    """What is derived from the table once and read often (``solution.packing_cuts``)."""
     _index: dict[int, dict[int, int] | tuple[IntArray, IntArray]] = field(default_factory=dict)
     _model_index: dict[str, int] = field(default_factory=dict)
 
@@ -274,7 +283,8 @@ def _raw_vector(
     quota = np.array(
         [p.max_tasks if p.max_tasks is not None else big for p in pools], dtype=np.int64
     )
-    price = np.array([p.price_per_hour for p in pools])
+    # an elastic pool bills whole instances (``build``), not its tasks
+    price = np.array([0.0 if p.elastic else p.price_per_hour for p in pools])
     rate = np.array([p.interruption_rate if p.spot else 0.0 for p in pools])
     wait_s = np.array([p.expected_wait_s for p in pools])
     hw = np.array([p.hardware_class for p in pools], dtype=object)
@@ -474,7 +484,7 @@ def _raw_small(
                     per = min(ncpu_fit, nmem_fit)
                 full += 1
                 share = min(share, 1.0) if has_node else 1.0
-                price = p.price_per_hour
+                price = 0.0 if p.elastic else p.price_per_hour
                 rate = p.interruption_rate if p.spot else 0.0
                 if m and m in by_gpu:
                     h = by_gpu[m] / 3600.0
@@ -525,19 +535,33 @@ def build(problem: PlacementProblem) -> Table:
     columns_of = _raw_small if npool <= SMALL_POOLS else _raw_vector
     raw, eligible_full, need = columns_of(problem, pools, classes, models, sites)
     w = problem.weights
-    inst_cost = [
-        (w.cost * p.price_per_hour + w.wait * w.hour_value) * p.boot_s / 3600.0
-        if p.elastic
-        else 0.0
-        for p in pools
-    ]
+    if any(p.max_instances > 0 and p.node is not None for p in pools):  # elastic
+        inst_hours = _instance_hours(pools, classes, models, raw)
+        inst_cost = [
+            w.cost * instance_dollars(p, h) + w.wait * w.hour_value * p.boot_s / 3600.0
+            if p.elastic
+            else 0.0
+            for p, h in zip(pools, inst_hours, strict=True)
+        ]
+    else:
+        inst_hours, inst_cost = [0.0] * npool, [0.0] * npool
     top = max([float(r[3].max()) for r in raw if len(r[3])] + inst_cost + [0.0])
     scale = PRICE_UNITS / top if top > 0 else 1.0
     columns: list[Columns] = []
+    with_gpus: npt.NDArray[np.bool_] | None = None
     for ci, (js, ks, ub, unit, terms) in enumerate(raw):
         hc = np.uint64(zlib.crc32(classes[ci].id.encode()))
         hm = np.array([model_hash[k] if k >= 0 else 0 for k in ks.tolist()], dtype=np.uint64)
         tie = _mix(hc, pool_hash[js] ^ hm, 0)
+        if not need[ci][2]:
+            # at equal cost, a task that asks for no GPU takes a pool without GPUs first,
+            # leaving GPUs to the tasks that need them; the hash orders within each half
+            if with_gpus is None:
+                with_gpus = np.array(
+                    [bool(p.gpus) or (p.node is not None and bool(p.node.gpus)) for p in pools],
+                    dtype=bool,
+                )
+            tie = (tie % (TIE_UNITS // 2)) + (TIE_UNITS // 2) * with_gpus[js]
         cost_int = np.rint(unit * scale).astype(np.int64) * TIE_UNITS + tie
         order = np.lexsort((ks, js, cost_int))
         columns.append(
@@ -593,7 +617,34 @@ def build(problem: PlacementProblem) -> Table:
         instance_cost=inst_cost,
         instance_cost_int=[round(c * scale) * TIE_UNITS for c in inst_cost],
         scale=scale,
+        instance_hours=inst_hours,
     )
+
+
+def instance_dollars(pool: Pool, hours: float) -> float:
+    """What one instance of elastic ``pool`` costs: its boot, then ``hours`` of tasks, with
+    the work a spot interruption makes it redo."""
+    rate = pool.interruption_rate if pool.spot else 0.0
+    return pool.price_per_hour * (pool.boot_s / 3600.0 + hours * (1.0 + rate * hours / 2.0))
+
+
+def _instance_hours(
+    pools: list[Pool], classes: list[DemandClass], models: list[str], raw: list[Raw]
+) -> list[float]:
+    """Per elastic pool, the hours one instance runs: the longest estimated runtime among the
+    classes that may go there (0 for the other pools)."""
+    hours = np.zeros(len(pools))
+    for cls, (js, ks, *_) in zip(classes, raw, strict=True):
+        if not len(js):
+            continue
+        by_gpu = dict(cls.runtime_by_gpu)
+        secs = np.array(
+            [by_gpu.get(models[k], cls.runtime_s) if k >= 0 else cls.runtime_s for k in ks]
+            if by_gpu
+            else np.full(len(js), cls.runtime_s)
+        )
+        np.maximum.at(hours, js, secs / 3600.0)
+    return [float(h) if p.elastic else 0.0 for p, h in zip(pools, hours.tolist(), strict=True)]
 
 
 # ---- the scalar reference: why a pool is out ----------------------------------------------

@@ -194,8 +194,8 @@ def test_elastic_pools_launch_just_enough_instances() -> None:
     assert sol.placed() == 9
     assert sol.instances == {"cloud": 3}  # four 2-CPU tasks per 8-CPU instance
     assert sol.terms["instances"] == 3
-    # each task pays its quarter of an instance-hour; each instance its boot once
-    assert sol.terms["compute_cost"] == pytest.approx(9 * 0.25 + 3 * 120 / 3600)
+    # an instance is billed whole: its boot, then the hour its tasks run
+    assert sol.terms["compute_cost"] == pytest.approx(3 * (1 + 120 / 3600))
     assert sol.terms["wait_seconds"] == pytest.approx(3 * 120)
 
 
