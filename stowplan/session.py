@@ -341,6 +341,78 @@ def _covered_elsewhere(
     return out
 
 
+DRY_RUN_DISCOVER_S = 10.0
+"""How long a dry run waits for a provider's discovery before it uses the saved facts."""
+
+
+def discover(
+    prepared: Prepared,
+    *,
+    dry_run: bool = False,
+    timeout_s: float = DRY_RUN_DISCOVER_S,
+    note: Callable[[str], None] | None = None,
+) -> list[Pool]:
+    """Every configured provider's pools; writes nothing.
+
+    A real run saves them with ``save_discovered`` once the experiment is known to be
+    feasible, for later dry runs. A dry run waits at most ``timeout_s`` per provider and, where
+    one cannot be reached, plans with its saved facts and says so through ``note`` (the log
+    when None), or fails with a ``SpecError`` (exit 2) when there are none.
+    """
+    import anyio
+
+    from stowplan.errors import ProviderError
+    from stowplan.providers.facts import load_facts
+    from stowplan.providers.registry import make_provider
+
+    state_dir = Path(prepared.state_dir)
+    say = note if note is not None else log.warning
+
+    async def one(name: str, cfg: Any) -> list[Any]:
+        async with make_provider(name, cfg, state_dir=state_dir) as drv:
+            if not dry_run:
+                return await drv.discover()
+            with anyio.fail_after(timeout_s):
+                return await drv.discover()
+
+    async def go() -> list[Any]:
+        pools: list[Any] = []
+        for name, cfg in sorted(prepared.providers.items()):
+            try:
+                pools.extend(await one(name, cfg))
+            except (ProviderError, TimeoutError) as e:
+                if not dry_run:
+                    raise
+                why = (
+                    f"no answer within {timeout_s:g} s"
+                    if isinstance(e, TimeoutError)
+                    else str(e).removeprefix(f"{name}: ")
+                )
+                cached, missing = load_facts(state_dir, name, cfg)
+                if cached is None:
+                    raise SpecError(
+                        f"provider {name!r} is unreachable ({why}), and a dry run has no facts "
+                        f"from an earlier discovery to plan with: {missing}",
+                        file=prepared.project.file,
+                        path=f"$.providers.{name}",
+                        hint="make the cluster reachable (host, port, network, keys) and try "
+                        "again; a real run that reaches it saves its facts for offline dry runs",
+                    ) from None
+                say(f"{name}: unreachable ({why}); using facts discovered {cached.when()}")
+                pools.extend(cached.pools)
+        return pools
+
+    return anyio.run(go)
+
+
+def save_discovered(prepared: Prepared, pools: Sequence[Pool]) -> None:
+    """Save each provider's discovered pools (``.stowplan/facts/``) for offline dry runs."""
+    from stowplan.providers.facts import save_facts
+
+    for name, cfg in sorted(prepared.providers.items()):
+        save_facts(Path(prepared.state_dir), name, cfg, [p for p in pools if p.provider == name])
+
+
 def check_feasible(prepared: Prepared, pools: Sequence[Pool]) -> None:
     """Refuse, before anything is written, a task that no discovered pool could ever run.
 
@@ -590,12 +662,17 @@ def record_submission(
     seen_before: Sequence[str] = (),
     why: str = "",
     provider: str | None = None,
+    who: str | None = None,
+    details: Mapping[str, Any] | None = None,
 ) -> None:
     """Ledger entries for handing ``todo`` to the queue: ``submit`` for new runs, ``retry``
-    for runs that were stored before (failed or cancelled ones run again)."""
-    from stowplan.provenance.ledger import current_user
+    for runs that were stored before (failed or cancelled ones run again).
 
-    who = current_user()
+    ``who`` is the OS user when None (the service names its own user); ``details`` are added
+    to (and override) the entries' own, e.g. the service's team and request id."""
+    from stowplan.provenance.ledger import current_user
+    from stowplan.provenance.records import LedgerAction
+
     again = set(seen_before)
     exp = prepared.experiment
     base = {
@@ -604,14 +681,16 @@ def record_submission(
         "replicate": prepared.replicate,
         "replicates": prepared.replicates,
         "provider": provider,
+        **(details or {}),
     }
     fresh = [r for r in todo if r not in again]
     retried = [r for r in todo if r in again]
-    for action, ids in (("submit", fresh), ("retry", retried)):
+    entries: tuple[tuple[LedgerAction, list[str]], ...] = (("submit", fresh), ("retry", retried))
+    for action, ids in entries:
         if ids:
             store.append_ledger(
-                who=who,
-                action="submit" if action == "submit" else "retry",
+                who=who if who is not None else current_user(),
+                action=action,
                 target=exp.id,
                 why=why,
                 details={**base, **run_ids_detail(ids)},
@@ -619,14 +698,17 @@ def record_submission(
 
 
 __all__ = [
+    "DRY_RUN_DISCOVER_S",
     "Prepared",
     "capable_providers",
     "check_feasible",
+    "discover",
     "launch_spec",
     "payload",
     "payload_of",
     "prepare",
     "record",
     "record_submission",
+    "save_discovered",
     "submissions",
 ]

@@ -238,6 +238,11 @@ class ControlPlane:
         )
         return result
 
+    def sharing(self) -> dict[str, Any]:
+        """Each limited team's use against its limits (``SchedulerCore.sharing``)."""
+        result: dict[str, Any] = self._get(self.queue.sharing.remote(), what="report quotas")
+        return result
+
     def cancel(self, run_ids: list[str], reason: str) -> int:
         n: int = self._get(self.queue.cancel.remote(run_ids, reason), what="cancel")
         return n

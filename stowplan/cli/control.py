@@ -1,8 +1,9 @@
 """Reaching the providers and the control plane: discovery for planning, and dispatching
 recorded runs to the control plane while watching them to the end.
 
-``run``, ``plan`` and ``replay`` share these. Imported only by those commands (never by
-``build_parser()``), so anyio and rich's progress bar load here at import time.
+``run`` and ``replay`` share these; discovery itself is ``session.discover`` (the service
+uses it too), re-exported here with its notes on stderr. Imported only by those commands
+(never by ``build_parser()``), so rich's progress bar loads here at import time.
 """
 
 from __future__ import annotations
@@ -14,83 +15,34 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import anyio
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from stowplan.provenance.store import RunStore
 from stowplan.scheduler.states import FINAL
+from stowplan.session import DRY_RUN_DISCOVER_S, save_discovered
 
-__all__ = ["DRY_RUN_DISCOVER_S", "discover", "dispatch", "save_discovered", "watch"]
-
-
-DRY_RUN_DISCOVER_S = 10.0
-"""How long a dry run waits for a provider's discovery before it uses the saved facts."""
+__all__ = [
+    "DRY_RUN_DISCOVER_S",
+    "discover",
+    "dispatch",
+    "save_discovered",
+    "stderr_note",
+    "watch",
+]
 
 
 def discover(
     prepared: Any, *, dry_run: bool = False, timeout_s: float = DRY_RUN_DISCOVER_S
 ) -> list[Any]:
-    """Every configured provider's pools; writes nothing.
+    """``session.discover``, saying on stderr where a dry run used saved facts."""
+    from stowplan.session import discover as _discover
 
-    A real run saves them with ``save_discovered`` once the experiment is known to be
-    feasible, for later dry runs. A dry run waits at most ``timeout_s`` per provider and, where
-    one cannot be reached, plans with its saved facts and says so on stderr, or fails with a
-    ``SpecError`` (exit 2) when there are none.
-    """
-    from stowplan.errors import ProviderError, SpecError
-    from stowplan.providers.facts import load_facts
-    from stowplan.providers.registry import make_provider
-
-    state_dir = Path(prepared.state_dir)
-
-    async def one(name: str, cfg: Any) -> list[Any]:
-        async with make_provider(name, cfg, state_dir=state_dir) as drv:
-            if not dry_run:
-                return await drv.discover()
-            with anyio.fail_after(timeout_s):
-                return await drv.discover()
-
-    async def go() -> list[Any]:
-        pools: list[Any] = []
-        for name, cfg in sorted(prepared.providers.items()):
-            try:
-                pools.extend(await one(name, cfg))
-            except (ProviderError, TimeoutError) as e:
-                if not dry_run:
-                    raise
-                why = (
-                    f"no answer within {timeout_s:g} s"
-                    if isinstance(e, TimeoutError)
-                    else str(e).removeprefix(f"{name}: ")
-                )
-                cached, missing = load_facts(state_dir, name, cfg)
-                if cached is None:
-                    raise SpecError(
-                        f"provider {name!r} is unreachable ({why}), and a dry run has no facts "
-                        f"from an earlier discovery to plan with: {missing}",
-                        file=prepared.project.file,
-                        path=f"$.providers.{name}",
-                        hint="make the cluster reachable (host, port, network, keys) and try "
-                        "again; a real run that reaches it saves its facts for offline dry runs",
-                    ) from None
-                print(
-                    f"{name}: unreachable ({why}); using facts discovered {cached.when()}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                pools.extend(cached.pools)
-        return pools
-
-    return anyio.run(go)
+    return _discover(prepared, dry_run=dry_run, timeout_s=timeout_s, note=stderr_note)
 
 
-def save_discovered(prepared: Any, pools: list[Any]) -> None:
-    """Save each provider's discovered pools (``.stowplan/facts/``) for offline dry runs."""
-    from stowplan.providers.facts import save_facts
-
-    for name, cfg in sorted(prepared.providers.items()):
-        save_facts(Path(prepared.state_dir), name, cfg, [p for p in pools if p.provider == name])
+def stderr_note(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def dispatch(

@@ -190,38 +190,35 @@ def used_line(used: dict[str, str] | None) -> str:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from stowplan.provenance.imports import used_records
+    from stowplan.service.client import call, path_of, server_of
+    from stowplan.service.views import RunDetail, run_detail
 
-    store, (project, state_dir) = open_store(args)
-    with store:
-        run_id = resolve_run(store, args.run)
-        run = store.get_runs([run_id])[run_id]
-        attempts = store.attempts_for([run_id]).get(run_id, [])
-        artifacts = store.artifacts_for([run_id]).get(run_id, [])
-        events = store.events_for(run_id)
-        prov = store.get_provenance(run.provenance)
-        exp = store.get_experiment(run.experiment_id)
-        placements = store.placements_for(run_id)
-        replay_of = store.replay_source(run_id)
-        replays = store.replays_of(run_id)
-        record = used_records(store, [run_id], project.config.providers, state_dir).get(run_id)
-        ledger = [
-            e
-            for e in store.ledger()
-            if e.target in (run_id, run.experiment_id)
-            and (e.target == run_id or run_id in e.details.get("run_ids", [run_id]))
-        ]
+    url = server_of(args)
+    if url is not None:
+        detail = call(url, "GET", path_of("runs", args.run), RunDetail)
+    else:
+        store, (project, state_dir) = open_store(args)
+        with store:
+            detail = run_detail(
+                store,
+                resolve_run(store, args.run),
+                providers=dict(project.config.providers),
+                state_dir=state_dir,
+            )
+    run, exp, prov = detail.run, detail.experiment, detail.provenance
+    attempts, artifacts, ledger = detail.attempts, detail.artifacts, detail.ledger
+    placements, replay_of, replays = detail.placements, detail.replay_of, detail.replays
     data = {
         "run": msgspec.to_builtins(run),
         "attempts": msgspec.to_builtins(attempts),
         "artifacts": msgspec.to_builtins(artifacts),
-        "events": msgspec.to_builtins(events),
+        "events": msgspec.to_builtins(detail.events),
         "provenance": msgspec.to_builtins(prov),
         "placements": msgspec.to_builtins(placements),
         "replay_of": msgspec.to_builtins(replay_of),
         "replays": msgspec.to_builtins(replays),
         "ledger": msgspec.to_builtins(ledger),
-        "used": record.distributions() if record is not None else None,
+        "used": detail.used,
     }
     spec = exp.spec if exp is not None else {}
     data["run"]["task_spec"] = next(
@@ -349,7 +346,27 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_logs(args: argparse.Namespace) -> int:
     from stowplan.providers.base import LogStream
     from stowplan.providers.registry import make_provider
+    from stowplan.service.client import follow_logs, server_of
 
+    url = server_of(args)
+    if url is not None:
+
+        def write(chunk: bytes) -> None:
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
+
+        try:
+            follow_logs(
+                url,
+                args.run,
+                write,
+                stream="stderr" if args.stderr else "stdout",
+                attempt=args.attempt,
+                follow=args.follow,
+            )
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
+        return 0
     store, (project, state_dir) = open_store(args)
     with store:
         run_id = resolve_run(store, args.run)
@@ -391,9 +408,14 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    """Cancel through a running control plane if there is one; otherwise directly."""
+    """Cancel through a running control plane if there is one; otherwise directly. With
+    ``--server``: through the service, which decides who may."""
     from stowplan.actors.control import QUEUE
+    from stowplan.service.client import server_of
 
+    url = server_of(args)
+    if url is not None:
+        return _cancel_remote(url, args.target, args.why)
     store, (project, state_dir) = open_store(args)
     with store:
         try:
@@ -433,6 +455,43 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         open_ids, args.why, store_path=store.path, project=project, state_dir=state_dir
     )
     print(f"cancelled {plural(n, 'run')}")
+    return 0
+
+
+def _cancel_remote(url: str, target: str, why: str) -> int:
+    """A run id (prefix) first, as locally; then an experiment's name or id."""
+    import re
+
+    from stowplan.service.api import RUN_REF_PATTERN, CancelExperimentResponse, CancelResponse
+    from stowplan.service.client import call, path_of
+
+    if re.match(RUN_REF_PATTERN, target):
+        try:
+            one = call(
+                url, "POST", path_of("runs", target, "cancel"), CancelResponse, json={"why": why}
+            )
+        except SpecError as e:
+            if "answered 404" not in e.message:
+                raise
+        else:
+            print(
+                f"cancelled {plural(one.cancelled, 'run')} through the service"
+                if one.cancelled
+                else "nothing to cancel: the run is finished"
+            )
+            return 0
+    many = call(
+        url,
+        "POST",
+        path_of("experiments", target, "cancel"),
+        CancelExperimentResponse,
+        json={"why": why},
+    )
+    print(
+        f"cancelled {plural(many.cancelled, 'run')} through the service"
+        if many.run_ids
+        else "nothing to cancel: every run is finished"
+    )
     return 0
 
 

@@ -98,14 +98,45 @@ def build_parser() -> argparse.ArgumentParser:
     from stowplan.cli import service as _service
 
     _service.add_parsers(sub)
-    for name in ("ls", "status"):  # read from a service instead of the local store
-        sub.choices[name].add_argument(
-            "--server",
-            default=None,
-            metavar="URL",
-            help="ask the service at URL (default: $STOWPLAN_SERVER); token from $STOWPLAN_TOKEN",
-        )
+    # through a service instead of the local store and control plane
+    for name in SERVER_COMMANDS:
+        parsers: list[argparse.ArgumentParser] = [sub.choices[name]]
+        if name == "audit":  # audit log | verify
+            parsers = list(_subcommands(sub.choices[name]).values())
+        for parser in parsers:
+            parser.add_argument(
+                "--server",
+                default=None,
+                metavar="URL",
+                help="ask the service at URL (default: $STOWPLAN_SERVER); token from "
+                "$STOWPLAN_TOKEN",
+            )
     return p
+
+
+SERVER_COMMANDS = (
+    "run",
+    "ls",
+    "status",
+    "show",
+    "logs",
+    "cancel",
+    "plan",
+    "lineage",
+    "find",
+    "diff",
+    "replay",
+    "audit",
+    "quota",
+)
+"""Every command that works against a service with ``--server URL`` or $STOWPLAN_SERVER."""
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:  # NOTE: argparse has no public way to reach subparsers
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -117,6 +148,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return cmd_run(args)
         if args.command == "plan":
+            from stowplan.service.client import server_of
+
+            url = server_of(args)
+            if url is not None:
+                from stowplan.cli.run import plan_remote
+
+                return plan_remote(args, url)
             from stowplan.cli.plan import cmd_plan
 
             return cmd_plan(args)
@@ -124,9 +162,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from stowplan.cli import money
 
             return money.cmd_prices(args) if args.command == "prices" else money.cmd_gc(args)
-        if args.command in ("serve", "token"):
+        if args.command in ("serve", "token", "quota"):
             from stowplan.cli import service
 
+            if args.command == "quota":
+                return service.cmd_quota(args)
             return service.cmd_serve(args) if args.command == "serve" else service.cmd_token(args)
         if args.command in ("sim", "whatif"):
             from stowplan.cli import sim

@@ -41,7 +41,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     import msgspec
 
-    from stowplan.cli.control import discover
     from stowplan.errors import SpecError
     from stowplan.placement import solve
     from stowplan.placement.context import context_for
@@ -49,7 +48,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from stowplan.provenance.query import readiness, store_states
     from stowplan.scheduler.core import CoreConfig, SchedulerCore
     from stowplan.scheduler.events import PoolsDiscovered, SolvePlacement, TasksSubmitted
-    from stowplan.session import check_feasible, prepare
+    from stowplan.session import check_feasible, discover, prepare
 
     prepared = prepare(Path(args.file), provider=args.provider, rerun=False)
     err = make_console(stderr=True)
@@ -225,6 +224,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         f"solved in {sol.solve_seconds:.2f} s",
         markup=False,
     )
+    for pid, k in sorted(sol.instances.items()):
+        # an elastic pool bills whole instances: its tasks' rows above count no compute
+        console.print(
+            f"  launches {plural(k, 'instance')} of {pid} at "
+            f"${pools_by_id[pid].price_per_hour:.4g}/h each",
+            markup=False,
+        )
     for cid, reason in sorted(sol.unplaced.items()):
         console.print(f"  queued ({class_task.get(cid, cid)}): {reason}", markup=False)
     for line in _waiting_lines(waits):

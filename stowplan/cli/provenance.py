@@ -37,11 +37,23 @@ def _print_json(data: Any) -> None:
 def cmd_audit(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from stowplan.provenance.ledger import verify
+    from stowplan.provenance.ledger import LedgerVerdict, verify
+    from stowplan.provenance.records import LedgerEntry
+    from stowplan.service.client import call, path_of, server_of
 
-    store, _ = open_store(args)
-    with store:
-        entries = store.ledger(target=getattr(args, "target", None))
+    url = server_of(args)
+    target = getattr(args, "target", None)
+    entries: list[LedgerEntry] = []
+    verdict: LedgerVerdict | None = None
+    if url is not None and args.audit_command == "log":
+        params = {"target": target} if target is not None else None
+        entries = call(url, "GET", path_of("ledger"), list[LedgerEntry], params=params)
+    elif url is not None:
+        verdict = call(url, "GET", path_of("ledger", "verify"), LedgerVerdict)
+    else:
+        store, _ = open_store(args)
+        with store:
+            entries = store.ledger(target=target)
     if args.audit_command == "log":
         if args.json:
             _print_json(entries)
@@ -61,7 +73,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
             )
         make_console().print(table)
         return EXIT_OK
-    verdict = verify(entries)
+    if verdict is None:
+        verdict = verify(entries)
     expect = args.expect_head
     head_ok = expect is None or verdict.head.startswith(expect)
     if args.json:
@@ -95,14 +108,29 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     import subprocess
     from pathlib import Path
 
-    from stowplan.provenance.query import Direction, lineage, reaches, to_dot, tree_lines
+    from stowplan.provenance.query import (
+        Direction,
+        LineageGraph,
+        lineage,
+        reaches,
+        to_dot,
+        tree_lines,
+    )
+    from stowplan.service.client import call, path_of, server_of
 
     if args.depth is not None and args.depth < 1:
         raise SpecError(f"--depth must be at least 1, not {args.depth}", hint="--depth 2")
     direction: Direction = "both" if args.up and args.down else ("down" if args.down else "up")
-    store, _ = open_store(args)
-    with store:
-        graph = lineage(store, args.target, direction=direction, depth=args.depth)
+    url = server_of(args)
+    if url is not None:
+        params: dict[str, Any] = {"direction": direction}
+        if args.depth is not None:
+            params["depth"] = args.depth
+        graph = call(url, "GET", path_of("lineage", args.target), LineageGraph, params=params)
+    else:
+        store, _ = open_store(args)
+        with store:
+            graph = lineage(store, args.target, direction=direction, depth=args.depth)
     if args.format == "json" or args.json:
         out = msgspec.to_builtins(graph)
         out["reaches"] = reaches(graph)
@@ -148,7 +176,10 @@ def cmd_find(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from stowplan.provenance.query import Filter, find_runs, parse_param_filter
+    from stowplan.provenance.records import RunRecord
+    from stowplan.service.client import call, path_of, server_of
 
+    url = server_of(args)
     flt = Filter(
         data=args.data,
         gpu=args.gpu,
@@ -161,9 +192,28 @@ def cmd_find(args: argparse.Namespace) -> int:
         host=args.host,
         artifact=args.artifact,
     )
-    store, _ = open_store(args)
-    with store:
-        runs = find_runs(store, flt)
+    if url is not None:
+        # the same filters as query parameters; the service parses and checks them again
+        params: list[tuple[str, str]] = [
+            (k, v)
+            for k, v in (
+                ("data", args.data),
+                ("gpu", args.gpu),
+                ("code", args.code),
+                ("experiment", args.experiment),
+                ("task", args.task),
+                ("state", args.state),
+                ("package", args.package),
+                ("host", args.host),
+                ("artifact", args.artifact),
+            )
+            if v is not None
+        ] + [("param", p) for p in args.param or []]
+        runs = call(url, "GET", path_of("runs"), list[RunRecord], params=params)
+    else:
+        store, _ = open_store(args)
+        with store:
+            runs = find_runs(store, flt)
     if args.json:
         print(
             json.dumps(
@@ -213,15 +263,20 @@ def cmd_find(args: argparse.Namespace) -> int:
 def cmd_diff(args: argparse.Namespace) -> int:
     from stowplan.provenance.imports import used_records
     from stowplan.provenance.query import diff_runs, load_view
+    from stowplan.service.client import call, path_of, server_of
 
-    store, (project, state_dir) = open_store(args)
-    with store:
-        a = load_view(store, resolve_run(store, args.run_a))
-        b = load_view(store, resolve_run(store, args.run_b))
-        used = used_records(
-            store, [a.run.run_id, b.run.run_id], project.config.providers, state_dir
-        )
-        d = diff_runs(store, a, b, used=used)
+    url = server_of(args)
+    if url is not None:
+        d = call(url, "GET", path_of("diff", args.run_a, args.run_b), dict[str, Any])
+    else:
+        store, (project, state_dir) = open_store(args)
+        with store:
+            a = load_view(store, resolve_run(store, args.run_a))
+            b = load_view(store, resolve_run(store, args.run_b))
+            used = used_records(
+                store, [a.run.run_id, b.run.run_id], project.config.providers, state_dir
+            )
+            d = diff_runs(store, a, b, used=used)
     if args.json:
         print(json.dumps(d, indent=2, sort_keys=True, default=str))
         return EXIT_OK
@@ -305,8 +360,18 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from stowplan.cli.control import dispatch
     from stowplan.provenance import replay as rp
     from stowplan.provenance.store import RunStore
+    from stowplan.service.client import server_of
     from stowplan.spec.loader import load_project
 
+    if server_of(args) is not None:
+        # NOTE: a replay needs the recorded code checked out beside the runs while they run
+        # and a verdict once they end; the service does not hold worktrees for that yet.
+        raise SpecError(
+            "replay does not work through the service yet",
+            path="--server",
+            hint="run `stowplan replay` on the service's machine, in its project directory "
+            "(unset STOWPLAN_SERVER there)",
+        )
     tolerances = _tolerances(args.metric_tolerance)
     if args.tolerance is not None and args.tolerance < 0:
         raise SpecError("--tolerance must not be negative", hint="--tolerance 1e-6")

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from stowplan.cli.common import make_console, plural
-from stowplan.cli.control import discover, dispatch, save_discovered
+from stowplan.cli.control import dispatch, stderr_note
 from stowplan.provenance.query import output_values, replicate_summary
 from stowplan.provenance.records import RunRecord
 from stowplan.provenance.store import RunStore
@@ -20,8 +20,12 @@ EXIT_OK, EXIT_FAILED = 0, 1
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from stowplan.session import check_feasible, prepare, record
+    from stowplan.service.client import server_of
+    from stowplan.session import check_feasible, discover, prepare, record, save_discovered
 
+    url = server_of(args)
+    if url is not None:
+        return run_remote(args, url)
     console = make_console()
     err = make_console(stderr=True)
     prepared = prepare(
@@ -35,7 +39,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from stowplan.placement.context import context_for
 
     context_for(prepared.project, prepared.loaded)  # unknown residency rules: exit 2 now
-    pools = discover(prepared, dry_run=args.dry_run)
+    pools = discover(prepared, dry_run=args.dry_run, note=stderr_note)
     check_feasible(prepared, pools)
     planned = prepared.planned
     ids = [r.run_id for r in planned]
@@ -74,6 +78,198 @@ def cmd_run(args: argparse.Namespace) -> int:
             render_replicates(console, summary)
     failed = [r for r in ordered if r.state != "SUCCEEDED"]
     return EXIT_FAILED if failed else EXIT_OK
+
+
+SEND_LIMIT = 64 << 20
+"""Bytes of files a ``run --server`` sends beside the experiment file at most (the service's
+``[service] max_body`` decides in the end)."""
+POLL_S = (0.5, 1.0, 2.0)
+"""Seconds between status polls of ``run --server``: quickly at first, then every 2 s."""
+
+
+def run_remote(args: argparse.Namespace, url: str) -> int:
+    """``run --server``: submit the experiment file and the files beside it, then follow its
+    runs as ``run`` does locally. Ctrl-C stops following; the runs go on in the service."""
+    import uuid
+
+    from stowplan.errors import SpecError
+    from stowplan.service.api import SubmitRequest
+    from stowplan.service.client import submit
+
+    for flag, given in (
+        ("--dry-run", args.dry_run),
+        ("--rerun", args.rerun),
+        ("--replicates", getattr(args, "replicates", 1) != 1),
+        ("--address", args.address is not None),
+    ):
+        if given:
+            raise SpecError(
+                f"{flag} does not work with --server: the service decides where and how "
+                "its runs go",
+                path=flag,
+                hint="leave it out, or run locally without --server"
+                + ("; `stowplan plan FILE --server` shows a plan" if flag == "--dry-run" else ""),
+            )
+    name, text, files = _request_parts(Path(args.file))
+    req = SubmitRequest(
+        request_id=uuid.uuid4().hex,
+        filename=name,
+        experiment=text,
+        files=files,
+        provider=args.provider,
+        why=args.why or "",
+    )
+    err = make_console(stderr=True)
+    answer = submit(url, req)
+    for note in answer.notes:
+        err.print(note, markup=False)
+    err.print(
+        f"submitted {answer.name} ({answer.experiment_id[:12]}) to {url}: "
+        f"{plural(answer.submitted, 'run')} to run, {answer.reused} reused",
+        markup=False,
+    )
+    try:
+        rows = _follow_remote(url, answer.experiment_id, set(answer.run_ids), err)
+    except KeyboardInterrupt:
+        err.print(
+            f"stopped following: the runs go on in the service (`stowplan cancel "
+            f"{answer.name} --server {url}` cancels them)",
+            markup=False,
+        )
+        return 130
+    if args.json:
+        status = {
+            "experiment": answer.name,
+            "experiment_id": answer.experiment_id,
+            "counts": _counts(rows),
+            "reused": answer.reused,
+            "runs": [
+                {
+                    "run_id": r.run_id,
+                    "task": r.task,
+                    "index": r.index,
+                    "params": r.params,
+                    "state": r.state,
+                    "attempts": r.attempts,
+                    "failure": r.failure,
+                    "reason": r.reason,
+                }
+                for r in rows
+            ],
+        }
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        console = make_console()
+        table = Table(title=answer.name, show_edge=False, title_justify="left")
+        for col in ("run", "task", "trial", "params", "state"):
+            table.add_column(col)
+        for r in rows[:40]:
+            state = r.state + (f": {r.reason[:60]}" if r.state != "SUCCEEDED" and r.reason else "")
+            table.add_row(
+                r.run_id[:10],
+                r.task,
+                str(r.index),
+                " ".join(f"{k}={_fmt(v)}" for k, v in r.params.items()),
+                state,
+            )
+        console.print(table)
+        if len(rows) > 40:
+            console.print(f"... and {len(rows) - 40} more (stowplan status --server ... --json)")
+        console.print(
+            ", ".join(f"{n} {s.lower()}" for s, n in sorted(_counts(rows).items()))
+            + (f"; {answer.reused} reused" if answer.reused else "")
+        )
+    return EXIT_FAILED if any(r.state != "SUCCEEDED" for r in rows) else EXIT_OK
+
+
+def _request_parts(file: Path) -> tuple[str, str, dict[str, bytes]]:
+    """The experiment file's name and text and the files beside it, as the service takes
+    them; SpecError for what cannot be sent."""
+    import re
+
+    from stowplan.errors import SpecError
+    from stowplan.service.api import FILE_NAME_PATTERN
+    from stowplan.service.client import experiment_files
+
+    if not file.is_file():
+        raise SpecError(f"no experiment file {str(file)!r}", hint="give the path of a .toml file")
+    if not re.match(FILE_NAME_PATTERN, file.name):
+        raise SpecError(
+            f"the experiment file's name {file.name!r} cannot be sent to the service",
+            file=str(file),
+            hint="name it with letters, digits, '_', '.', '-', ending .toml, .yaml or .yml",
+        )
+    text = file.read_text(encoding="utf-8")
+    return file.name, text, experiment_files(file, limit=SEND_LIMIT)
+
+
+def plan_remote(args: argparse.Namespace, url: str) -> int:
+    """``plan --server``: the service plans the experiment on the lab's providers and says
+    what ``stowplan plan`` says there; its exit code is the command's."""
+    import sys
+
+    import msgspec
+
+    from stowplan.service.api import PlanRequest, PlanResponse
+    from stowplan.service.client import call, path_of
+
+    name, text, files = _request_parts(Path(args.file))
+    req = PlanRequest(
+        filename=name,
+        experiment=text,
+        files=files,
+        provider=args.provider,
+        explain=args.explain,
+        budget=args.budget,
+        json=args.json,
+    )
+    got = call(
+        url, "POST", path_of("plan"), PlanResponse, json=msgspec.to_builtins(req), timeout=600
+    )
+    sys.stderr.write(got.errors)
+    sys.stdout.write(got.output)
+    return got.exit_code
+
+
+def _counts(rows: list[Any]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.state] = counts.get(r.state, 0) + 1
+    return counts
+
+
+def _follow_remote(url: str, experiment_id: str, ids: set[str], err: Console) -> list[Any]:
+    """Poll the experiment's status until each of ``ids`` shown is final; a line on stderr
+    whenever the counts change. A service that does not answer for a while is waited for."""
+    import time
+
+    from stowplan.errors import SpecError
+    from stowplan.scheduler.states import FINAL
+    from stowplan.service.client import RESUME_FOR_S, remote_status
+
+    started = answered = time.monotonic()
+    last = ""
+    polls = 0
+    while True:
+        try:
+            rows = [r for r in remote_status(url, experiment_id) if r.run_id in ids]
+            answered = time.monotonic()
+        except SpecError as e:
+            if not e.message.startswith("cannot reach"):
+                raise
+            if time.monotonic() - answered > RESUME_FOR_S:
+                raise
+            time.sleep(POLL_S[-1])
+            continue
+        counts = _counts(rows)
+        line = "  ".join(f"{s.lower()} {n}" for s, n in sorted(counts.items()))
+        if line != last:
+            err.print(f"[{time.monotonic() - started:6.1f}s] {line}", markup=False)
+            last = line
+        if rows and all(r.state in FINAL for r in rows):
+            return sorted(rows, key=lambda r: (r.task, r.index))
+        time.sleep(POLL_S[min(polls, len(POLL_S) - 1)])
+        polls += 1
 
 
 def _dry_run_pools(prepared: Any, pools: list[Any]) -> dict[str, tuple[str, str]]:

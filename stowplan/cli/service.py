@@ -1,4 +1,5 @@
-"""``stowplan serve`` and ``stowplan token create|list|revoke``: the shared-lab service.
+"""``stowplan serve``, ``stowplan token create|list|revoke`` and ``stowplan quota``: the
+shared-lab service.
 
 ``serve`` starts the project's control plane once (a private local Ray, or ``--address``) and
 serves the API with uvicorn until SIGTERM or Ctrl-C: uvicorn stops accepting and finishes the
@@ -21,7 +22,7 @@ from typing import Any
 
 from stowplan.errors import SpecError
 
-__all__ = ["add_parsers", "cmd_serve", "cmd_token"]
+__all__ = ["add_parsers", "cmd_quota", "cmd_serve", "cmd_token"]
 
 
 def add_parsers(sub: Any) -> None:
@@ -40,6 +41,11 @@ def add_parsers(sub: Any) -> None:
         help="serve the store without a control plane: reads work, submissions and cancels "
         "answer 503",
     )
+
+    qu = sub.add_parser(
+        "quota", help="each team's GPUs and GPU-hours against its limits, from the service"
+    )
+    qu.add_argument("--json", action="store_true")
 
     tk = sub.add_parser("token", help="API tokens of the service's users")
     tsub = tk.add_subparsers(dest="token_command", required=True)
@@ -153,6 +159,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             context=project_context(project),
             budget=settings.budget,
             workers=settings.workers,
+            teams={n: t.limits() for n, t in sorted(project.config.service.teams.items())},
         )
     store = RunStore(store_path)
     people = _people(state_dir)
@@ -272,3 +279,59 @@ def cmd_token(args: argparse.Namespace) -> int:
             )
         print(f"revoked token {args.id}")
         return 0
+
+
+def cmd_quota(args: argparse.Namespace) -> int:
+    """``stowplan quota``: what ``GET /api/v1/quota`` answers, as a table (``--json``: as is).
+    Quotas live in the running service, so it needs ``--server`` or $STOWPLAN_SERVER."""
+    import msgspec
+    from rich.table import Table
+
+    from stowplan.cli.common import make_console
+    from stowplan.service.api import TeamUse
+    from stowplan.service.client import call, path_of, server_of
+
+    url = server_of(args)
+    if url is None:
+        raise SpecError(
+            "stowplan quota asks the shared-lab service, which keeps the teams' use",
+            path="--server",
+            hint="pass --server URL or set STOWPLAN_SERVER (and STOWPLAN_TOKEN)",
+        )
+    teams = call(url, "GET", path_of("quota"), list[TeamUse])
+    if args.json:
+        sys.stdout.write(msgspec.json.encode(teams).decode() + "\n")
+        return 0
+    grid = Table(show_edge=False)
+    for col in ("team", "GPUs held", "max", "guaranteed", "waiting", "GPU-hours", "weight"):
+        grid.add_column(col, justify="left" if col == "team" else "right")
+    for t in teams:
+        hours = f"{t.gpu_hours:,.1f}"
+        if t.gpu_hours_limit is not None:
+            hours += f" / {t.gpu_hours_limit:,g} per {_span(t.window_s)}"
+        grid.add_row(
+            t.team,
+            _models(t.holds) or "0",
+            _models(t.max_gpus) or "-",
+            _models(t.guaranteed_gpus) or "-",
+            str(t.waiting_gpus),
+            hours,
+            f"{t.weight:g}",
+        )
+    c = make_console(soft_wrap=True)
+    if not teams:
+        c.print("no team with limits ([service.teams] in the service's stowplan.toml)")
+        return 0
+    c.print(grid)
+    return 0
+
+
+def _models(counts: dict[str, int]) -> str:
+    return ", ".join(f"{m} {n}" for m, n in sorted(counts.items()))
+
+
+def _span(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"

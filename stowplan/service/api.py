@@ -23,6 +23,10 @@ RUN_REF_PATTERN: Final = r"\A[0-9a-f]{6,64}\Z"
 EXPERIMENT_REF_PATTERN: Final = r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z"
 """An experiment's name or id; also a provider's name."""
 WHY_PATTERN: Final = r"\A[^\x00-\x08\x0b-\x1f\x7f]*\Z"
+LINEAGE_TARGET_PATTERN: Final = r"\A(sha256:)?[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z"
+"""A run id or artifact hash (prefix), or an output's name."""
+FILTER_PATTERN: Final = r"\A[^\x00-\x1f\x7f]{1,256}\Z"
+"""A ``find`` filter's value: up to 256 characters, none a control character."""
 
 PATTERN_TEXT: Final = {
     REQUEST_ID_PATTERN: "must be 8 to 128 letters, digits, '_', '.' or '-', starting with a "
@@ -33,6 +37,9 @@ PATTERN_TEXT: Final = {
     EXPERIMENT_REF_PATTERN: "must be a name: letters, digits, '_', '.' or "
     "'-', starting with a letter or digit",
     WHY_PATTERN: "must not contain control characters",
+    RUN_REF_PATTERN: "must be 6 to 64 hex digits of a run id",
+    LINEAGE_TARGET_PATTERN: "must be a run id or artifact hash (prefix) or an output's name",
+    FILTER_PATTERN: "must be 1 to 256 characters, none of them a control character",
 }
 """Each string pattern of the API and how to say it to a person (the 400's message)."""
 
@@ -74,6 +81,28 @@ class SubmitRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     why: Why = ""
 
 
+class PlanRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``POST /api/v1/plan``: what ``stowplan plan`` would show for this experiment on the
+    lab's providers; nothing is submitted or recorded."""
+
+    filename: FileName
+    experiment: Annotated[str, Meta(max_length=1 << 20)]
+    files: dict[RelPath, bytes] = msgspec.field(default_factory=dict)
+    provider: ProviderName | None = None
+    explain: Annotated[str, Meta(pattern=RUN_REF_PATTERN)] | None = None
+    """a run id prefix: explain that run's placement (``plan --explain``)."""
+    budget: Annotated[float, Meta(ge=0, le=3600)] | None = None
+    json: bool = False
+
+
+class PlanResponse(msgspec.Struct, frozen=True, kw_only=True):
+    exit_code: int
+    output: str
+    """what ``stowplan plan`` printed (its table, or its JSON document with ``json``)."""
+    errors: str = ""
+    """what it said on stderr (notes; the error when ``exit_code`` is not 0)."""
+
+
 class SubmitResponse(msgspec.Struct, frozen=True, kw_only=True):
     request_id: str
     experiment_id: str
@@ -82,6 +111,8 @@ class SubmitResponse(msgspec.Struct, frozen=True, kw_only=True):
     submitted: int
     reused: int
     notes: list[str] = msgspec.field(default_factory=list)
+    run_ids: list[str] = msgspec.field(default_factory=list)
+    """every run of the submission (submitted and reused), to follow them by."""
 
 
 class CancelRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -91,6 +122,41 @@ class CancelRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 class CancelResponse(msgspec.Struct, frozen=True, kw_only=True):
     run_id: str
     cancelled: int
+
+
+class CancelExperimentResponse(msgspec.Struct, frozen=True, kw_only=True):
+    """``POST /api/v1/experiments/{ref}/cancel``: every unfinished run of it."""
+
+    experiment: str
+    cancelled: int
+    run_ids: list[str]
+
+
+LOG_EVENT_CHUNK: Final = "chunk"
+"""``GET /api/v1/runs/{ref}/logs`` (server-sent events): ``data`` is a base64 chunk of the
+log, ``id`` the byte offset where the chunk ends; send it back as ``Last-Event-ID`` to
+resume after a dropped connection."""
+LOG_EVENT_END: Final = "end"
+"""The log is complete (or, without ``follow``, everything written so far was sent)."""
+LOG_EVENT_ERROR: Final = "error"
+"""The provider failed while reading; ``data`` says why. The stream ends."""
+
+
+class TeamUse(msgspec.Struct, frozen=True, kw_only=True):
+    """One team's use of the lab against its limits (``stowplan quota``)."""
+
+    team: str
+    holds: dict[str, int]
+    """GPU model -> GPUs its runs hold now."""
+    waiting_gpus: int
+    """GPUs its READY runs wait for."""
+    gpu_hours: float
+    """GPU-hours used in its window."""
+    gpu_hours_limit: float | None
+    window_s: float
+    guaranteed_gpus: dict[str, int]
+    max_gpus: dict[str, int]
+    weight: float
 
 
 class Health(msgspec.Struct, frozen=True, kw_only=True):

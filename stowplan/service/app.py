@@ -13,11 +13,14 @@ handles are blocking, and a slow submission must not stall reads.
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import msgspec
 from litestar import Litestar, Request, Response, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.exceptions import (
@@ -29,23 +32,37 @@ from litestar.exceptions import (
     ValidationException,
 )
 from litestar.openapi.config import OpenAPIConfig
-from litestar.params import FromPath, RequestBody
+from litestar.params import FromPath, Parameter, RequestBody
+from litestar.response import ServerSentEvent
+from litestar.response.sse import ServerSentEventMessage
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 
 from stowplan.errors import SpecError, StowplanError
+from stowplan.provenance.query import LineageGraph
+from stowplan.provenance.records import LedgerEntry, RunRecord
 from stowplan.provenance.store import RunStore
+from stowplan.providers.base import LogStream
 from stowplan.scheduler.states import FINAL
-from stowplan.service import views
+from stowplan.service import dashboard, metrics, views
 from stowplan.service.api import (
     API_PREFIX,
     EXPERIMENT_REF_PATTERN,
+    FILTER_PATTERN,
+    LINEAGE_TARGET_PATTERN,
+    LOG_EVENT_CHUNK,
+    LOG_EVENT_END,
+    LOG_EVENT_ERROR,
     PATTERN_TEXT,
     RUN_REF_PATTERN,
+    CancelExperimentResponse,
     CancelRequest,
     CancelResponse,
     Health,
+    PlanRequest,
+    PlanResponse,
     SubmitRequest,
     SubmitResponse,
+    TeamUse,
 )
 from stowplan.service.auth import Action, Principal, Scope, allowed, principal_of, scope_of
 from stowplan.service.people import People
@@ -257,6 +274,314 @@ def cancel_run(
     return CancelResponse(run_id=run_id, cancelled=int(n))
 
 
+@post(f"{API_PREFIX}/plan", sync_to_thread=True, status_code=HTTP_200_OK)
+def plan(
+    request: Request[Any, Any, Any],
+    who: NamedDependency[Principal],
+    data: RequestBody[PlanRequest],
+) -> PlanResponse:
+    """What ``stowplan plan`` shows for an experiment on the lab's providers; nothing is
+    submitted or recorded. For those who may submit."""
+    state = _state(request)
+    if not allowed(who.role, Action.SUBMIT, Scope.OWN):
+        raise PermissionDeniedException(
+            f"{who.user} is a {who.role}: only those who may submit may plan"
+        )
+    return state.submitter.plan(who, data)
+
+
+@post(f"{API_PREFIX}/experiments/{{ref:str}}/cancel", sync_to_thread=True, status_code=HTTP_200_OK)
+def cancel_experiment(
+    request: Request[Any, Any, Any],
+    who: NamedDependency[Principal],
+    ref: FromPath[str],
+    data: RequestBody[CancelRequest],
+) -> CancelExperimentResponse:
+    """Cancel every unfinished run of the experiment named (or with id) ``ref``; refused
+    (403, nothing cancelled) unless the caller may cancel every one of them."""
+    from stowplan.session import run_ids_detail
+
+    state = _state(request)
+    _ref(ref, EXPERIMENT_REF_PATTERN, "an experiment name or id")
+    try:
+        runs = views.experiment_runs(state.store, ref, visible=state.visible(who))
+    except SpecError as e:
+        raise NotFoundException(e.message) from None
+    except PermissionError as e:
+        raise PermissionDeniedException(str(e)) from None
+    for experiment_id in sorted({r.experiment_id for r in runs}):
+        state.check(who, Action.CANCEL, experiment_id)
+    open_ids = sorted(r.run_id for r in runs if r.state not in FINAL)
+    if not open_ids:
+        return CancelExperimentResponse(experiment=ref, cancelled=0, run_ids=[])
+    if state.plane is None:
+        raise NotRunningError("this service runs no control plane: nothing was cancelled")
+    ids = {r.experiment_id for r in runs}
+    state.store.append_ledger(
+        who=who.user,
+        action="cancel",
+        target=ids.pop() if len(ids) == 1 else ref,
+        why=data.why,
+        details={"target": ref, "team": who.team, "via": "service", **run_ids_detail(open_ids)},
+    )
+    n = state.plane.cancel(open_ids, data.why)
+    return CancelExperimentResponse(experiment=ref, cancelled=int(n), run_ids=open_ids)
+
+
+@get(f"{API_PREFIX}/runs/{{ref:str}}/logs", sync_to_thread=True)
+def run_logs(
+    request: Request[Any, Any, Any],
+    who: NamedDependency[Principal],
+    ref: FromPath[str],
+    stream: Literal["stdout", "stderr"] = "stdout",
+    attempt: Annotated[int | None, Parameter(ge=1, le=1_000_000)] = None,
+    follow: bool = False,
+) -> ServerSentEvent:
+    """A run's output as server-sent events (``stowplan logs [-f]``): ``chunk`` events, each
+    a base64 piece of the log whose ``id`` is the byte offset it ends at, then ``end``.
+
+    A client that lost the connection sends the last ``id`` it got as ``Last-Event-ID`` and
+    gets the log from that byte on: nothing twice, nothing missed."""
+    state = _state(request)
+    run_id = _resolve_run(state, ref)
+    run = state.store.get_runs([run_id])[run_id]
+    state.check(who, Action.READ, run.experiment_id)
+    offset = _last_event_id(request)
+    attempts = state.store.attempts_for([run_id]).get(run_id, [])
+    if not attempts:
+        raise NotFoundException(f"run {run_id[:12]} has no attempts yet: wait until it starts")
+    if attempt is not None:
+        chosen = [a for a in attempts if a.attempt == attempt]
+        if not chosen:
+            raise NotFoundException(
+                f"run {run_id[:12]} has no attempt {attempt} (attempts: "
+                + ", ".join(str(a.attempt) for a in attempts)
+                + ")"
+            )
+        att = chosen[0]
+    else:
+        att = attempts[-1]
+    cfg = state.project.config.providers.get(att.provider)
+    if cfg is None:
+        raise HTTPException(
+            status_code=409,
+            detail=f"provider {att.provider!r} of this run is no longer configured on the service",
+        )
+    return ServerSentEvent(
+        _log_events(att.provider, cfg, state.state_dir, att.key, stream, follow, offset),
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+MAX_OFFSET = 1 << 53
+
+
+def _last_event_id(request: Request[Any, Any, Any]) -> int:
+    raw = request.headers.get("last-event-id")
+    if raw is None or raw == "":
+        return 0
+    if not raw.isascii() or not raw.isdigit() or int(raw) > MAX_OFFSET:
+        raise ValidationException(
+            f"Last-Event-ID {raw[:40]!r} is not a byte offset: send back the id of the last "
+            "event received (a whole number), or none to start from the beginning"
+        )
+    return int(raw)
+
+
+async def _log_events(
+    provider: str,
+    cfg: Any,
+    state_dir: Path,
+    key: str,
+    stream: LogStream,
+    follow: bool,
+    offset: int,
+) -> AsyncIterator[ServerSentEventMessage]:
+    """The log from byte ``offset`` on, one event per chunk the driver yields."""
+    from stowplan.providers.registry import make_provider
+
+    pos = 0
+    try:
+        async with make_provider(provider, cfg, state_dir=state_dir) as drv:
+            async for chunk in drv.logs(key, stream=stream, follow=follow):
+                start, pos = pos, pos + len(chunk)
+                if pos <= offset:
+                    continue  # the client has it already
+                piece = chunk[max(0, offset - start) :]
+                yield ServerSentEventMessage(
+                    data=base64.b64encode(piece).decode(), event=LOG_EVENT_CHUNK, id=pos
+                )
+    except StowplanError as e:
+        log.warning("logs of %s: %s", key, e)
+        yield ServerSentEventMessage(data=str(e), event=LOG_EVENT_ERROR, id=max(pos, offset))
+        return
+    yield ServerSentEventMessage(data="", event=LOG_EVENT_END, id=max(pos, offset))
+
+
+def _filter(value: str | None, name: str) -> str | None:
+    if value is not None and not re.match(FILTER_PATTERN, value):
+        raise ValidationException(f"{name}: {PATTERN_TEXT[FILTER_PATTERN]}")
+    return value
+
+
+@get(f"{API_PREFIX}/runs", sync_to_thread=True)
+def find_runs(
+    request: Request[Any, Any, Any],
+    who: NamedDependency[Principal],
+    data_: Annotated[str | None, Parameter(query="data")] = None,
+    gpu: str | None = None,
+    code: str | None = None,
+    param: Annotated[list[str] | None, Parameter(max_items=32)] = None,
+    experiment: str | None = None,
+    task: str | None = None,
+    state_: Annotated[str | None, Parameter(query="state")] = None,
+    package: str | None = None,
+    host: str | None = None,
+    artifact: str | None = None,
+) -> list[RunRecord]:
+    """Runs by any provenance field (``stowplan find``), of experiments the caller may read;
+    every filter given must match."""
+    from stowplan.provenance.query import Filter, parse_param_filter
+    from stowplan.provenance.query import find_runs as find
+    from stowplan.scheduler.states import TaskState
+
+    if state_ is not None and state_.upper() not in {s.value for s in TaskState}:
+        raise ValidationException(
+            f"state {state_[:40]!r} is not a run state: use one of "
+            + ", ".join(s.value for s in TaskState)
+        )
+    for name, value in (
+        ("data", data_),
+        ("gpu", gpu),
+        ("code", code),
+        ("experiment", experiment),
+        ("task", task),
+        ("package", package),
+        ("host", host),
+        ("artifact", artifact),
+    ):
+        _filter(value, name)
+    params = [parse_param_filter(_filter(p, "param") or "") for p in param or []]
+    flt = Filter(
+        data=data_,
+        gpu=gpu,
+        code=code,
+        params=params,
+        experiment=experiment,
+        task=task,
+        state=state_.upper() if state_ is not None else None,
+        package=package,
+        host=host,
+        artifact=artifact,
+    )
+    state = _state(request)
+    return views.visible_runs(find(state.store, flt), state.visible(who))
+
+
+@get(f"{API_PREFIX}/lineage/{{target:str}}", sync_to_thread=True)
+def run_lineage(
+    request: Request[Any, Any, Any],
+    who: NamedDependency[Principal],
+    target: FromPath[str],
+    direction: Literal["up", "down", "both"] = "up",
+    depth: Annotated[int | None, Parameter(ge=1, le=1000)] = None,
+) -> LineageGraph:
+    """What a run or artifact came from, or what came from it (``stowplan lineage``): only
+    runs of experiments the caller may read, and what they lead to."""
+    from stowplan.provenance.query import lineage
+
+    if not re.match(LINEAGE_TARGET_PATTERN, target):
+        raise ValidationException(f"{target[:80]!r} {PATTERN_TEXT[LINEAGE_TARGET_PATTERN]}")
+    state = _state(request)
+    graph = lineage(state.store, target, direction=direction, depth=depth)
+    try:
+        return views.visible_lineage(state.store, graph, state.visible(who))
+    except PermissionError as e:
+        raise PermissionDeniedException(f"{target[:80]!r}: {e}") from None
+
+
+@get(f"{API_PREFIX}/diff/{{a:str}}/{{b:str}}", sync_to_thread=True)
+def diff_runs(
+    request: Request[Any, Any, Any],
+    who: NamedDependency[Principal],
+    a: FromPath[str],
+    b: FromPath[str],
+) -> Response[bytes]:
+    """What changed between two runs, grouped (``stowplan diff``); both must be readable."""
+    from stowplan.provenance.imports import used_records
+    from stowplan.provenance.query import diff_runs as diff
+    from stowplan.provenance.query import load_view
+
+    state = _state(request)
+    ids = [_resolve_run(state, a), _resolve_run(state, b)]
+    runs = state.store.get_runs(ids)
+    for rid in ids:
+        state.check(who, Action.READ, runs[rid].experiment_id)
+    va, vb = (load_view(state.store, rid) for rid in ids)
+    used = used_records(state.store, ids, state.project.config.providers, state.state_dir)
+    d = diff(state.store, va, vb, used=used)
+    return Response(msgspec.json.encode(d, enc_hook=str), media_type="application/json")
+
+
+@get(f"{API_PREFIX}/ledger", sync_to_thread=True)
+def ledger_entries(
+    request: Request[Any, Any, Any],
+    who: NamedDependency[Principal],
+    target: str | None = None,
+) -> list[LedgerEntry]:
+    """Audit ledger entries (``stowplan audit log``) on experiments and runs the caller may
+    read; an admin sees them all."""
+    state = _state(request)
+    if target is not None:
+        _ref(target, EXPERIMENT_REF_PATTERN, "a run or experiment id")
+    entries = state.store.ledger(target=target)
+    return views.visible_ledger(state.store, entries, state.visible(who))
+
+
+@get(f"{API_PREFIX}/ledger/verify", sync_to_thread=True)
+def ledger_verify(request: Request[Any, Any, Any], who: NamedDependency[Principal]) -> Any:
+    """Check the whole ledger's hash chain (``stowplan audit verify``). Admins only: the
+    chain spans every team's entries."""
+    from stowplan.provenance.ledger import verify
+
+    if not allowed(who.role, Action.READ, Scope.OTHER):
+        raise PermissionDeniedException(
+            f"{who.user} ({who.role} of team {who.team}) may not verify the whole ledger: "
+            "it holds every team's entries; ask an admin"
+        )
+    return verify(_state(request).store.ledger())
+
+
+@get(f"{API_PREFIX}/quota", sync_to_thread=True)
+def quota(request: Request[Any, Any, Any], who: NamedDependency[Principal]) -> list[TeamUse]:
+    """Each team's GPUs held, GPU-hours used and runs waiting against its limits
+    (``[service.teams]``; ``stowplan quota``): the caller's own team, every team for an
+    admin."""
+    state = _state(request)
+    if state.plane is None:
+        raise NotRunningError("this service runs no control plane: no quota is in use")
+    everyone = allowed(who.role, Action.READ, Scope.OTHER)
+    out = []
+    for team, use in sorted(state.plane.sharing().items()):
+        if not everyone and team != who.team:
+            continue
+        limits = use["limits"]
+        out.append(
+            TeamUse(
+                team=team,
+                holds=use["holds"],
+                waiting_gpus=use["waiting_gpus"],
+                gpu_hours=round(use["gpu_hours"], 3),
+                gpu_hours_limit=limits["gpu_hours"],
+                window_s=limits["window_s"],
+                guaranteed_gpus=limits["guaranteed_gpus"],
+                max_gpus=limits["max_gpus"],
+                weight=limits["weight"],
+            )
+        )
+    return out
+
+
 # -- errors: a clear 4xx for anything a caller did, never a traceback -------------------------
 
 
@@ -324,6 +649,17 @@ def create_app(state: ServiceState, *, debug: bool = False) -> Litestar:
             show_run,
             submit,
             cancel_run,
+            cancel_experiment,
+            plan,
+            run_logs,
+            find_runs,
+            run_lineage,
+            diff_runs,
+            ledger_entries,
+            ledger_verify,
+            quota,
+            metrics.metrics,
+            *dashboard.ROUTES,
         ],
         dependencies={"who": Provide(_principal_provider, sync_to_thread=False)},
         exception_handlers={
@@ -334,6 +670,9 @@ def create_app(state: ServiceState, *, debug: bool = False) -> Litestar:
             HTTPException: _on_http,
         },
         openapi_config=OpenAPIConfig(title="stowplan", version="1"),
+        template_config=dashboard.TEMPLATES,
+        middleware=[metrics.MetricsMiddleware],
+        on_shutdown=[metrics.on_shutdown],
         request_max_body_size=int(state.config.max_body),  # normalised to bytes
         state=_app_state(state),
         debug=debug,

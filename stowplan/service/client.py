@@ -1,20 +1,25 @@
 """The CLI's side of ``--server URL`` (or ``STOWPLAN_SERVER``): the same Structs that
-``views`` returns, read from a service instead of the local store.
+``views`` and the query functions return, read from a service instead of the local store.
 
-Every failure is a ``SpecError`` (exit 2) that says what the server answered: no token,
-a refused one, a missing experiment, or a server that cannot be reached.
+One generic request (``call``) serves every reading command; a submission is retried with
+its request id (``submit``); ``logs`` follows server-sent events and resumes where it was
+(``follow_logs``). Every failure is a ``SpecError`` (exit 2) that says what the server
+answered: no token, a refused one, a missing experiment, or a server that cannot be reached.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import msgspec
 
 from stowplan.errors import SpecError
-from stowplan.service.api import API_PREFIX
+from stowplan.service.api import API_PREFIX, SubmitRequest, SubmitResponse
 from stowplan.service.views import ExperimentSummary, RunStatus
 
 SERVER_ENV: Final = "STOWPLAN_SERVER"
@@ -23,7 +28,17 @@ TIMEOUT_S: Final = 30.0
 
 T = TypeVar("T")
 
-__all__ = ["SERVER_ENV", "TOKEN_ENV", "remote_experiments", "remote_status", "server_of"]
+__all__ = [
+    "SERVER_ENV",
+    "TOKEN_ENV",
+    "call",
+    "follow_logs",
+    "path_of",
+    "remote_experiments",
+    "remote_status",
+    "server_of",
+    "submit",
+]
 
 
 def server_of(args: argparse.Namespace) -> str | None:
@@ -37,35 +52,68 @@ def server_of(args: argparse.Namespace) -> str | None:
     return url
 
 
-def _get(url: str, path: str, type_: type[T]) -> T:
-    import httpx
-
+def _token(url: str) -> str:
     token = os.environ.get(TOKEN_ENV, "")
     if not token:
         raise SpecError(
             f"no API token for {url}: {TOKEN_ENV} is not set",
             hint=f"ask an admin for one (`stowplan token create USER`) and export {TOKEN_ENV}",
         )
+    return token
+
+
+def _client(url: str, *, timeout: float | None = TIMEOUT_S) -> Any:
+    import httpx
+
+    return httpx.Client(
+        base_url=url.rstrip("/"),
+        timeout=httpx.Timeout(TIMEOUT_S, read=timeout),
+        headers={"Authorization": f"Bearer {_token(url)}"},
+    )
+
+
+def _unreachable(url: str, e: Exception) -> SpecError:
+    return SpecError(
+        f"cannot reach the service at {url}: {e}",
+        hint="check the URL and that `stowplan serve` runs there",
+    )
+
+
+def _refused(status: int, body: bytes, reason: str) -> SpecError:
+    detail = _detail(body) or reason
+    hint = {
+        401: f"check {TOKEN_ENV}: the token may be wrong, revoked or expired",
+        403: "ask a team admin or an admin",
+        404: "see stowplan ls --server ...",
+        409: "use a new request id for a new submission",
+        413: "send fewer or smaller files beside the experiment file ([service] max_body)",
+        503: "the service runs without a control plane, or it is failing: ask its admin",
+    }.get(status, "try again; if it persists, the service's log says more")
+    return SpecError(f"the service answered {status}: {detail}", hint=hint)
+
+
+def call(
+    url: str,
+    method: str,
+    path: str,
+    type_: type[T],
+    *,
+    json: Any = None,
+    params: Any = None,
+    ok: tuple[int, ...] = (200,),
+    timeout: float = TIMEOUT_S,
+) -> T:
+    """One request to the service, its answer decoded as ``type_``; any other status than
+    ``ok`` (or no answer) is a SpecError that says what the service answered."""
+    import httpx
+
     try:
-        with httpx.Client(
-            base_url=url.rstrip("/"),
-            timeout=TIMEOUT_S,
-            headers={"Authorization": f"Bearer {token}"},
-        ) as client:
-            resp = client.get(path)
+        with _client(url, timeout=timeout) as client:
+            resp = client.request(method, path, json=json, params=params)
     except httpx.HTTPError as e:
-        raise SpecError(
-            f"cannot reach the service at {url}: {e}",
-            hint="check the URL and that `stowplan serve` runs there",
-        ) from None
-    if resp.status_code != 200:
-        detail = _detail(resp.content) or resp.reason_phrase
-        hint = {
-            401: f"check {TOKEN_ENV}: the token may be wrong, revoked or expired",
-            403: "ask a team admin or an admin",
-            404: "see stowplan ls --server ...",
-        }.get(resp.status_code, "try again; if it persists, the service's log says more")
-        raise SpecError(f"the service answered {resp.status_code}: {detail}", hint=hint)
+        raise _unreachable(url, e) from None
+    if resp.status_code not in ok:
+        raise _refused(resp.status_code, resp.content, resp.reason_phrase)
     try:
         return msgspec.json.decode(resp.content, type=type_)
     except msgspec.DecodeError as e:
@@ -73,6 +121,17 @@ def _get(url: str, path: str, type_: type[T]) -> T:
             f"the service at {url} answered something this stowplan cannot read: {e}",
             hint="is it a stowplan service of the same version?",
         ) from None
+
+
+def _get(url: str, path: str, type_: type[T]) -> T:
+    return call(url, "GET", path, type_)
+
+
+def path_of(*parts: str) -> str:
+    """``/api/v1/<parts>``, each part quoted (a name never becomes more path)."""
+    from urllib.parse import quote
+
+    return API_PREFIX + "".join("/" + quote(p, safe="") for p in parts)
 
 
 def _detail(body: bytes) -> str:
@@ -99,3 +158,164 @@ def remote_status(url: str, experiment: str | None) -> list[RunStatus]:
     return _get(
         url, f"{API_PREFIX}/experiments/{quote(experiment, safe='')}/status", list[RunStatus]
     )
+
+
+# -- submissions: retried with the same request id, so a lost answer creates nothing twice ---
+
+SUBMIT_TRIES: Final = 5
+
+
+def submit(url: str, req: SubmitRequest, *, timeout: float = 600.0) -> SubmitResponse:
+    """POST the submission; on a dropped connection or no answer, POST it again with the same
+    request id (the service answers the first submission's answer, creating nothing)."""
+    import httpx
+
+    body = msgspec.json.encode(req)
+    for n in range(SUBMIT_TRIES):
+        try:
+            with _client(url, timeout=timeout) as client:
+                resp = client.post(
+                    path_of("experiments"),
+                    content=body,
+                    headers={"Content-Type": "application/json"},
+                )
+        except httpx.TransportError as e:
+            if n + 1 == SUBMIT_TRIES:
+                raise _unreachable(url, e) from None
+            time.sleep(min(0.5 * 2**n, 5.0))
+            continue
+        if resp.status_code not in (200, 201):
+            raise _refused(resp.status_code, resp.content, resp.reason_phrase)
+        return msgspec.json.decode(resp.content, type=SubmitResponse)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def experiment_files(file: Path, *, limit: int) -> dict[str, bytes]:
+    """The files a submission sends beside its experiment file: every file under the
+    experiment's directory, by relative path, leaving out hidden ones (``.git``,
+    ``.stowplan``), ``__pycache__`` and the experiment file itself. SpecError when they add up
+    to more than ``limit`` bytes or a name could not travel."""
+    import re
+
+    from stowplan.service.api import REL_PATH_PATTERN
+
+    base = file.resolve().parent
+    out: dict[str, bytes] = {}
+    total = 0
+    for p in sorted(base.rglob("*")):
+        rel = p.relative_to(base)
+        if any(part.startswith(".") or part == "__pycache__" for part in rel.parts):
+            continue
+        if not p.is_file() or p.resolve() == file.resolve():
+            continue
+        name = rel.as_posix()
+        if not re.match(REL_PATH_PATTERN, name):
+            raise SpecError(
+                f"{name!r} beside the experiment file cannot be sent to the service: "
+                "names of letters, digits, '_', '.' and '-' only",
+                file=str(file),
+                hint="rename it, or move the experiment file into a directory of its own",
+            )
+        total += p.stat().st_size
+        if total > limit:
+            raise SpecError(
+                f"the files beside {file.name} add up to more than {limit / 2**20:.3g} MiB, too "
+                "much to send to the service",
+                file=str(file),
+                hint="move the experiment file into a directory holding only what its tasks "
+                "need; read large data from a data input instead",
+            )
+        out[name] = p.read_bytes()
+    return out
+
+
+# -- logs: server-sent events, resumed after a dropped connection ---------------------------
+
+RESUME_FOR_S: Final = 300.0
+"""How long ``logs -f`` and ``run --server`` keep reconnecting to a service that does not
+answer (a restart of the service takes up to a minute or two) before they give up."""
+
+
+class _Event(msgspec.Struct, kw_only=True):
+    event: str = "message"
+    data: str = ""
+    id: str | None = None
+
+
+def _events(lines: Iterator[str]) -> Iterator[_Event]:
+    """Server-sent events from the lines of a stream (the WHATWG format, comments skipped)."""
+    ev = _Event()
+    data: list[str] = []
+    for line in lines:
+        if not line:
+            if data or ev.id is not None or ev.event != "message":
+                ev.data = "\n".join(data)
+                yield ev
+            ev, data = _Event(), []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            data.append(value)
+        elif name == "event":
+            ev.event = value
+        elif name == "id":
+            ev.id = value
+
+
+def follow_logs(
+    url: str,
+    run: str,
+    write: Callable[[bytes], None],
+    *,
+    stream: str = "stdout",
+    attempt: int | None = None,
+    follow: bool = False,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Write a run's log as the service sends it; after a dropped connection (or a restarted
+    service), reconnect with ``Last-Event-ID`` and go on from the last byte written."""
+    import base64
+
+    import httpx
+
+    from stowplan.service.api import LOG_EVENT_CHUNK, LOG_EVENT_END, LOG_EVENT_ERROR
+
+    params: dict[str, Any] = {"stream": stream, "follow": "true" if follow else "false"}
+    if attempt is not None:
+        params["attempt"] = attempt
+    last: str | None = None
+    failures = 0
+    since = time.monotonic()  # of the last answer
+    while True:
+        headers = {"Last-Event-ID": last} if last is not None else {}
+        why: Exception | str = "the stream ended before its end event"
+        try:
+            with (
+                _client(url, timeout=None) as client,
+                client.stream(
+                    "GET", path_of("runs", run, "logs"), params=params, headers=headers
+                ) as resp,
+            ):
+                if resp.status_code != 200:
+                    resp.read()
+                    raise _refused(resp.status_code, resp.content, resp.reason_phrase)
+                for ev in _events(resp.iter_lines()):
+                    if ev.event == LOG_EVENT_CHUNK:
+                        write(base64.b64decode(ev.data))
+                        last, failures, since = ev.id, 0, time.monotonic()
+                    elif ev.event == LOG_EVENT_END:
+                        return
+                    elif ev.event == LOG_EVENT_ERROR:
+                        raise SpecError(
+                            f"the service could not read the log: {ev.data}",
+                            hint="the provider may be unreachable from the service; try again",
+                        )
+        except httpx.TransportError as e:
+            why = e
+        failures += 1
+        if time.monotonic() - since > RESUME_FOR_S:
+            raise _unreachable(url, why if isinstance(why, Exception) else Exception(why))
+        sleep(min(0.25 * 2**failures, 5.0))

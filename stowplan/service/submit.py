@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -24,11 +25,13 @@ import msgspec
 
 from stowplan.errors import SpecError
 from stowplan.provenance.store import RunStore
-from stowplan.service.api import SubmitRequest, SubmitResponse
+from stowplan.service.api import PlanRequest, PlanResponse, SubmitRequest, SubmitResponse
 from stowplan.service.auth import Principal
 from stowplan.service.people import People, SubmissionRecord
 
 WORKSPACES = "workspaces"
+PLANS_AT_ONCE = 2
+PLAN_TIMEOUT_S = 300.0
 
 
 class ConflictError(Exception):
@@ -45,6 +48,7 @@ class Submitter:
         self.people = people
         self.plane = plane
         self._lock = threading.Lock()
+        self._plans = threading.Semaphore(PLANS_AT_ONCE)
 
     def submit(self, who: Principal, req: SubmitRequest) -> tuple[SubmitResponse, bool]:
         """The answer, and whether this call created it (False: an earlier answer)."""
@@ -70,14 +74,61 @@ class Submitter:
             )
             return answer, True
 
-    def _workspace(self, who: Principal, req: SubmitRequest) -> Path:
+    def plan(self, who: Principal, req: PlanRequest) -> PlanResponse:
+        """``stowplan plan`` of the experiment, run as its own process in a scratch
+        workspace (as the lab's project sees it), which is removed again: nothing is
+        recorded. At most ``PLANS_AT_ONCE`` run at a time; each gets ``PLAN_TIMEOUT_S``."""
+        import subprocess
+        import sys
+        import uuid
+
+        ws = self._workspace(who, f"plan-{uuid.uuid4().hex}")
+        try:
+            path = self._write(ws, req)
+            argv = [sys.executable, "-m", "stowplan.cli.main", "plan", path.name]
+            if req.provider is not None:
+                argv += ["--provider", req.provider]
+            if req.explain is not None:
+                argv += ["--explain", req.explain]
+            if req.budget is not None:
+                argv += ["--budget", repr(req.budget)]
+            if req.json:
+                argv.append("--json")
+            env = {k: v for k, v in os.environ.items() if not k.startswith("STOWPLAN_")}
+            with self._plans:
+                try:
+                    done = subprocess.run(
+                        argv, cwd=ws, env=env, capture_output=True, timeout=PLAN_TIMEOUT_S
+                    )
+                except subprocess.TimeoutExpired:
+                    raise NotRunningError(
+                        f"the plan took longer than {PLAN_TIMEOUT_S:g} s and was stopped"
+                    ) from None
+            out = done.stdout.decode(errors="replace")
+            err = done.stderr.decode(errors="replace")
+            return PlanResponse(
+                exit_code=done.returncode,
+                output=_hide(out, ws),
+                errors=_hide(err, ws),
+            )
+        finally:
+            self._remove(ws)
+
+    def _remove(self, ws: Path) -> None:
+        shutil.rmtree(ws, ignore_errors=True)
+        base = self.root / WORKSPACES
+        for d in (ws.parent, ws.parent.parent, base):  # the user's, the team's, all
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only when empty
+
+    def _workspace(self, who: Principal, name: str) -> Path:
         base = (self.root / WORKSPACES).resolve()
-        ws = (base / who.team / who.user / req.request_id).resolve()
+        ws = (base / who.team / who.user / name).resolve()
         if not ws.is_relative_to(base):  # the patterns forbid it; this says so twice
             raise SpecError("the request id leaves the workspace", path="$.request_id")
         return ws
 
-    def _write(self, ws: Path, req: SubmitRequest) -> Path:
+    def _write(self, ws: Path, req: SubmitRequest | PlanRequest) -> Path:
         if ws.exists():
             shutil.rmtree(ws)  # what a failed earlier try of this request id left
         ws.mkdir(parents=True)
@@ -96,11 +147,18 @@ class Submitter:
         return exp
 
     def _submit(self, who: Principal, req: SubmitRequest) -> SubmitResponse:
-        from stowplan.cli.control import discover, save_discovered
         from stowplan.placement.context import context_for
-        from stowplan.session import check_feasible, prepare, record, submissions
+        from stowplan.session import (
+            check_feasible,
+            discover,
+            prepare,
+            record,
+            record_submission,
+            save_discovered,
+            submissions,
+        )
 
-        ws = self._workspace(who, req)
+        ws = self._workspace(who, req.request_id)
         written = False
         try:
             path = self._write(ws, req)
@@ -114,7 +172,7 @@ class Submitter:
             if self.plane is None:
                 raise NotRunningError("this service runs no control plane: nothing was submitted")
             plane = self.plane
-            prepared.planned = _known_datasets(prepared.planned, plane.context)
+            prepared.planned = _owned(prepared.planned, who.team, who.user)
             save_discovered(prepared, pools)
             ids = [r.run_id for r in prepared.planned]
             self.people.add_owner(prepared.experiment.id, who.team, who.user)
@@ -124,7 +182,22 @@ class Submitter:
                 todo = [i for i in ids if i not in set(reused)]
                 record(prepared, store)
                 written = True
-                _ledger(store, prepared, who, req, todo, seen_before=set(existing))
+                record_submission(
+                    prepared,
+                    store,
+                    todo,
+                    seen_before=list(existing),
+                    why=req.why,
+                    provider=req.provider,
+                    who=who.user,
+                    # the file as sent, not the workspace's path on the server
+                    details={
+                        "file": req.filename,
+                        "team": who.team,
+                        "request_id": req.request_id,
+                        "via": "service",
+                    },
+                )
             if todo:
                 plane.submit(submissions(prepared, set(todo)), reused)
             return SubmitResponse(
@@ -135,34 +208,27 @@ class Submitter:
                 submitted=len(todo),
                 reused=len(reused),
                 notes=prepared.notes,
+                run_ids=ids,
             )
         finally:
             if not written:
-                shutil.rmtree(ws, ignore_errors=True)
-                base = self.root / WORKSPACES
-                for d in (ws.parent, ws.parent.parent, base):  # the user's, the team's, all
-                    with contextlib.suppress(OSError):
-                        d.rmdir()  # only when empty
+                self._remove(ws)
 
 
-def _known_datasets(planned: list[Any], context: Any) -> list[Any]:
-    """``planned`` with each run's datasets narrowed to those the control plane's placement
-    context declares.
+def _owned(planned: list[Any], team: str, user: str) -> list[Any]:
+    """``planned`` with each run's team and user set: its GPUs count against the team's
+    limits and its usage orders fair share (``scheduler.share``)."""
+    return [
+        msgspec.structs.replace(
+            r, instance=msgspec.structs.replace(r.instance, team=team, user=user)
+        )
+        for r in planned
+    ]
 
-    NOTE: a queue's context (the network, residency rules, datasets) is fixed when it
-    starts, and a long-lived one starts before any experiment: a run naming a dataset the
-    context lacks would be an invalid placement problem and wait forever. Until the core
-    takes datasets with a submission, service runs are placed without their input data's
-    sizes and sites (its identity, versions and provenance are unchanged)."""
-    known = {d.id for d in context.datasets}
-    out = []
-    for r in planned:
-        keep = tuple(d for d in r.instance.datasets if d in known)
-        if keep != tuple(r.instance.datasets):
-            inst = msgspec.structs.replace(r.instance, datasets=keep)
-            r = msgspec.structs.replace(r, instance=inst)
-        out.append(r)
-    return out
+
+def _hide(text: str, ws: Path) -> str:
+    """``text`` without the server's workspace path."""
+    return text.replace(str(ws) + "/", "").replace(str(ws), ".")
 
 
 def _relative(e: SpecError, ws: Path) -> SpecError:
@@ -176,40 +242,3 @@ def _relative(e: SpecError, ws: Path) -> SpecError:
     msg = e.message.replace(str(ws) + "/", "").replace(str(ws), ".")
     hint = e.hint.replace(str(ws) + "/", "") if e.hint else e.hint
     return SpecError(msg, file=file, path=e.path, line=e.line, hint=hint)
-
-
-def _ledger(
-    store: RunStore,
-    prepared: Any,
-    who: Principal,
-    req: SubmitRequest,
-    todo: list[str],
-    *,
-    seen_before: set[str],
-) -> None:
-    """``submit`` and ``retry`` entries as ``session.record_submission`` writes them, naming
-    the service's user (and team and request id) instead of the OS user running it."""
-    from stowplan.session import run_ids_detail
-
-    exp = prepared.experiment
-    base = {
-        "experiment": exp.name,
-        "file": req.filename,
-        "replicate": prepared.replicate,
-        "replicates": prepared.replicates,
-        "provider": req.provider,
-        "team": who.team,
-        "request_id": req.request_id,
-        "via": "service",
-    }
-    fresh = [r for r in todo if r not in seen_before]
-    again = [r for r in todo if r in seen_before]
-    for action, ids in (("submit", fresh), ("retry", again)):
-        if ids:
-            store.append_ledger(
-                who=who.user,
-                action="submit" if action == "submit" else "retry",
-                target=exp.id,
-                why=req.why,
-                details={**base, **run_ids_detail(ids)},
-            )

@@ -1,5 +1,6 @@
-"""What ``ls``, ``status`` and ``show`` answer, as Structs: read once from the run store, then
-rendered by the CLI or sent by the service (``--server`` reads them back, the same types).
+"""What ``ls``, ``status``, ``show``, ``find``, ``lineage`` and ``audit log`` answer, as
+Structs: read once from the run store, then rendered by the CLI or sent by the service
+(``--server`` reads them back, the same types).
 
 Nothing here prints; every function takes an open ``RunStore``. ``visible`` narrows what a
 caller may see to experiments it returns True for (the service's team rule); None sees all.
@@ -14,6 +15,7 @@ from typing import Any
 import msgspec
 
 from stowplan.errors import SpecError
+from stowplan.provenance.query import LineageGraph
 from stowplan.provenance.records import (
     ArtifactRecord,
     AttemptRecord,
@@ -39,6 +41,9 @@ __all__ = [
     "run_cost",
     "run_detail",
     "status_rows",
+    "visible_ledger",
+    "visible_lineage",
+    "visible_runs",
 ]
 
 
@@ -200,4 +205,55 @@ def run_detail(
             and (e.target == run_id or run_id in e.details.get("run_ids", [run_id]))
         ],
         used=record.distributions() if record is not None else None,
+    )
+
+
+def visible_runs(runs: list[RunRecord], visible: Visible) -> list[RunRecord]:
+    """``runs`` of experiments the caller may see (``find``)."""
+    return runs if visible is None else [r for r in runs if visible(r.experiment_id)]
+
+
+def visible_ledger(
+    store: RunStore, entries: list[LedgerEntry], visible: Visible
+) -> list[LedgerEntry]:
+    """The entries on an experiment, or a run of one, that the caller may see.
+
+    NOTE: an entry whose target is an experiment's *name* (``cancel NAME`` run on the server)
+    names no id to decide by, so only those who see everything see it."""
+    if visible is None:
+        return entries
+    runs = store.get_runs(sorted({e.target for e in entries}))
+    return [
+        e
+        for e in entries
+        if visible(e.target) or (e.target in runs and visible(runs[e.target].experiment_id))
+    ]
+
+
+def visible_lineage(store: RunStore, graph: LineageGraph, visible: Visible) -> LineageGraph:
+    """``graph`` without the runs the caller may not see, and without what only they lead to.
+
+    ``PermissionError`` when the root itself is another team's: a run of an experiment the
+    caller may not see, or an artifact that only such runs produced."""
+    if visible is None:
+        return graph
+    kind, _, key = graph.root.partition(":")
+    if kind == "artifact" and not any(
+        r.experiment_id and visible(r.experiment_id)
+        for r in store.get_runs(store.runs_producing(key)).values()
+    ):
+        raise PermissionError("the artifact was produced by another team's runs")
+    ids = [n.id.removeprefix("run:") for n in graph.nodes.values() if n.kind == "run"]
+    runs = store.get_runs(ids)
+    hidden = {f"run:{i}" for i in ids if i not in runs or not visible(runs[i].experiment_id)}
+    if graph.root in hidden:
+        raise PermissionError("the run belongs to another team")
+    edges = [e for e in graph.edges if e.src not in hidden and e.dst not in hidden]
+    touched = {graph.root} | {e.src for e in edges} | {e.dst for e in edges}
+    return LineageGraph(
+        root=graph.root,
+        direction=graph.direction,
+        depth=graph.depth,
+        nodes={k: n for k, n in graph.nodes.items() if k in touched},
+        edges=edges,
     )

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Install what the Slurm integration tests start: Slurm 22.05 (Debian 12), munge, MariaDB for
 # slurmdbd (sacct), slurmrestd with JWT, and an OpenSSH server; also Graphviz, whose `dot` the
-# lineage test uses for SVG. Idempotent; needs root.
+# lineage test uses for SVG, and Chromium for the dashboard's browser tests. Idempotent; needs root.
 set -euo pipefail
 PKGS=(slurm-wlm slurmctld slurmd slurm-client slurmdbd slurmrestd slurm-wlm-jwt-plugin
-      munge mariadb-server openssh-server util-linux graphviz)
+      munge mariadb-server openssh-server util-linux graphviz
+      # the dashboard's browser tests (Playwright drives it by its path, /usr/bin/chromium)
+      chromium)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -50,7 +50,8 @@ SUBMIT = {"mona", "mike", "tara", "nora", "ada"}
 
 
 def seed(root: Path) -> dict[str, str]:
-    """The experiments of OWNERS recorded through the session code; name -> a run id."""
+    """The experiments of OWNERS recorded through the session code, each with a ledger entry
+    on the experiment and one on its first run; name -> a run id."""
     out = {}
     with People(root / ".stowplan" / SERVICE_DB) as people:
         for name, owner in OWNERS.items():
@@ -61,6 +62,14 @@ def seed(root: Path) -> dict[str, str]:
             prepared = prepare(d / "exp.toml")
             with RunStore(Path(prepared.store_path)) as store:
                 out[name] = record(prepared, store)[0].run_id
+                for target in (prepared.experiment.id, out[name]):
+                    store.append_ledger(
+                        who=owner[1] if owner else "root",
+                        action="submit",
+                        target=target,
+                        why=f"seed {name}",
+                        details={},
+                    )
             if owner is not None:
                 people.add_owner(prepared.experiment.id, *owner)
     return out
@@ -97,11 +106,61 @@ def test_every_endpoint_every_role_own_and_other_team(
                 seen.append((user, "cancel", name, r.status_code))
                 want = 503 if name in CANCEL[user] else 403
                 assert r.status_code == want, (user, name, r.text)
+                r = c.post(f"/api/v1/experiments/{name}/cancel", headers=h, json={"why": "t"})
+                seen.append((user, "cancel experiment", name, r.status_code))
+                assert r.status_code == want, (user, name, r.text)
+                # the seeded runs never started: a reader hears so, anyone else is refused
+                r = c.get(f"/api/v1/runs/{run_id}/logs", headers=h)
+                seen.append((user, "logs", name, r.status_code))
+                assert r.status_code == (404 if may_read else 403), (user, name, r.text)
+                if may_read:
+                    assert "no attempts yet" in r.json()["detail"]
+                r = c.get(f"/api/v1/lineage/{run_id}", headers=h, params={"direction": "both"})
+                seen.append((user, "lineage", name, r.status_code))
+                assert r.status_code == (200 if may_read else 403), (user, name, r.text)
+                if may_read:
+                    assert r.json()["root"] == f"run:{run_id}"
+                r = c.get(f"/api/v1/diff/{runs['cats']}/{run_id}", headers=h)
+                seen.append((user, "diff", name, r.status_code))
+                both = may_read and "cats" in READ[user]
+                assert r.status_code == (200 if both else 403), (user, name, r.text)
+            r = c.get("/api/v1/runs", headers=h)
+            seen.append((user, "find", "all", r.status_code))
+            assert r.status_code == 200, r.text
+            assert {x["experiment"] for x in r.json()} == READ[user], user
+            r = c.get("/api/v1/ledger", headers=h)
+            seen.append((user, "audit log", "all", r.status_code))
+            assert r.status_code == 200, r.text
+            assert {x["why"] for x in r.json()} == {f"seed {n}" for n in READ[user]}, user
+            assert len(r.json()) == 2 * len(READ[user])  # on the experiment and on a run
+            r = c.get("/api/v1/ledger/verify", headers=h)
+            seen.append((user, "audit verify", "all", r.status_code))
+            assert r.status_code == (200 if user == "ada" else 403), (user, r.text)
             r = c.post("/api/v1/experiments", headers=h, json=body(f"new-{user}", f"req-{user}-1"))
             seen.append((user, "submit", "own", r.status_code))
             assert r.status_code == (503 if user in SUBMIT else 403), (user, r.text)
-    assert len(seen) == len(USERS) * (3 * len(OWNERS) + 1)
+            if user != "vera":  # a viewer's plan: refused before anything runs
+                continue
+            r = c.post("/api/v1/plan", headers=h, json=plan_body("cats"))
+            seen.append((user, "plan", "own", r.status_code))
+            assert r.status_code == 403, r.text
+        # an allowed plan runs `stowplan plan` on the lab's providers (once: it takes seconds)
+        r = c.post("/api/v1/plan", headers=auth(tokens["mona"]), json=plan_body("cats"))
+        assert r.status_code == 200, r.text
+        assert r.json()["exit_code"] == 0, r.json()
+        assert "2 placed now" in r.json()["output"], r.json()
+    assert len(seen) == len(USERS) * (7 * len(OWNERS) + 4) + 1
     assert _counts(svc.root) == before  # nothing was written by any of it
+
+
+def plan_body(name: str) -> dict[str, object]:
+    import base64
+
+    return {
+        "filename": "exp.toml",
+        "experiment": experiment(name),
+        "files": {"work.py": base64.b64encode(WORK_PY).decode()},
+    }
 
 
 def test_no_valid_token_is_401_everywhere(
@@ -133,6 +192,14 @@ def test_no_valid_token_is_401_everywhere(
                 ("GET", f"/api/v1/runs/{run_id}", None),
                 ("POST", f"/api/v1/runs/{run_id}/cancel", {}),
                 ("POST", "/api/v1/experiments", body("x", "req-401-1")),
+                ("POST", "/api/v1/experiments/cats/cancel", {}),
+                ("GET", f"/api/v1/runs/{run_id}/logs", None),
+                ("GET", "/api/v1/runs", None),
+                ("GET", f"/api/v1/lineage/{run_id}", None),
+                ("GET", f"/api/v1/diff/{run_id}/{run_id}", None),
+                ("GET", "/api/v1/ledger", None),
+                ("GET", "/api/v1/ledger/verify", None),
+                ("POST", "/api/v1/plan", plan_body("cats")),
             ):
                 r = c.request(method, path, headers=h, json=data)
                 assert r.status_code == 401, (h, path, r.text)
@@ -168,6 +235,14 @@ def test_the_openapi_document_describes_the_api(
         "/api/v1/experiments/{ref}/status",
         "/api/v1/runs/{ref}",
         "/api/v1/runs/{ref}/cancel",
+        "/api/v1/experiments/{ref}/cancel",
+        "/api/v1/runs/{ref}/logs",
+        "/api/v1/runs",
+        "/api/v1/lineage/{target}",
+        "/api/v1/diff/{a}/{b}",
+        "/api/v1/ledger",
+        "/api/v1/ledger/verify",
+        "/api/v1/plan",
     }
     submit = doc["components"]["schemas"]["SubmitRequest"]
     assert set(submit["required"]) == {"request_id", "filename", "experiment"}

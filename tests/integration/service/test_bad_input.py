@@ -118,3 +118,66 @@ def test_bad_cancel_bodies(read_only_service: tuple[Service, dict[str, str]]) ->
             assert r.status_code == 400, (raw, r.text)
             assert words in r.json()["detail"], (raw, r.text)
     assert _counts(svc.root) == before
+
+
+def test_bad_input_to_every_other_endpoint_is_4xx_and_writes_nothing(
+    read_only_service: tuple[Service, dict[str, str]],
+) -> None:
+    """The reading endpoints' parameters, the plan's body, an experiment's cancel: a 4xx
+    naming what is wrong, never a 500, nothing written (no workspace left by a plan)."""
+    svc, tokens = read_only_service
+    run_id = seed(svc.root)["cats"]
+    before = _counts(svc.root)
+    plan = {"filename": "exp.toml", "experiment": body("x", "req-plan-01")["experiment"]}
+    cases: list[tuple[str, str, dict[str, Any], Any, int, str]] = [
+        # (method, path, params or headers, body, status, words in the message)
+        ("GET", "/api/v1/runs", {"state": "sleeping"}, None, 400, "not a run state"),
+        ("GET", "/api/v1/runs", {"task": "a\x01b"}, None, 400, "control character"),
+        ("GET", "/api/v1/runs", {"host": "h" * 300}, None, 400, "256"),
+        ("GET", "/api/v1/runs", {"param": "lr>>1"}, None, 400, "NAME OP VALUE"),
+        ("GET", "/api/v1/runs", {"param": [f"p{i}=1" for i in range(40)]}, None, 400, "param"),
+        ("GET", "/api/v1/lineage/%2e%2e", {}, None, 400, "run id or artifact"),
+        ("GET", "/api/v1/lineage/..%2F..%2Fetc", {}, None, 404, "Not Found"),
+        ("GET", f"/api/v1/lineage/{run_id}", {"depth": "0"}, None, 400, "$.depth"),
+        ("GET", f"/api/v1/lineage/{run_id}", {"depth": "x"}, None, 400, "depth"),
+        ("GET", f"/api/v1/lineage/{run_id}", {"direction": "left"}, None, 400, "direction"),
+        ("GET", "/api/v1/lineage/no-such-output.json", {}, None, 400, "neither a run id"),
+        ("GET", f"/api/v1/runs/{run_id}/logs", {"stream": "stdin"}, None, 400, "$.stream"),
+        ("GET", f"/api/v1/runs/{run_id}/logs", {"attempt": "0"}, None, 400, "$.attempt"),
+        ("GET", f"/api/v1/runs/{run_id}/logs", {"follow": "perhaps"}, None, 400, "follow"),
+        ("GET", "/api/v1/runs/%2e%2e/logs", {}, None, 400, "hex digits"),
+        ("GET", f"/api/v1/diff/{run_id}/%2e%2e", {}, None, 400, "hex digits"),
+        ("GET", f"/api/v1/diff/{run_id}/abcdef0123", {}, None, 404, "no run"),
+        ("GET", "/api/v1/ledger", {"target": "../x"}, None, 400, "not a run or experiment"),
+        ("POST", "/api/v1/experiments/%2e%2e/cancel", {}, {}, 400, "experiment name"),
+        ("POST", "/api/v1/experiments/cats/cancel", {}, {"why": 3}, 400, "$.why"),
+        ("POST", "/api/v1/experiments/cats/cancel", {}, {"all": True}, 400, "all"),
+        ("POST", "/api/v1/experiments/nothing-here/cancel", {}, {}, 404, "no experiment"),
+        ("POST", "/api/v1/plan", {}, b"{", 400, "malformed"),
+        ("POST", "/api/v1/plan", {}, {**plan, "submit": True}, 400, "submit"),
+        ("POST", "/api/v1/plan", {}, {**plan, "filename": "../x.toml"}, 400, "filename"),
+        ("POST", "/api/v1/plan", {}, {**plan, "files": {"../e.py": B64}}, 400, "files"),
+        ("POST", "/api/v1/plan", {}, {**plan, "explain": "../x"}, 400, "explain"),
+        ("POST", "/api/v1/plan", {}, {**plan, "budget": -1}, 400, "budget"),
+        ("POST", "/api/v1/plan", {}, {**plan, "provider": "../x"}, 400, "provider"),
+    ]
+    h = {**auth(tokens["ada"]), "Content-Type": "application/json"}
+    with httpx.Client(base_url=svc.url, timeout=60) as c:
+        for method, path, params, data, status, words in cases:
+            raw = data if isinstance(data, bytes) or data is None else json.dumps(data).encode()
+            r = c.request(method, path, params=params, content=raw, headers=h)
+            assert r.status_code == status, (method, path, params, data, r.text)
+            assert words in r.json()["detail"], (path, params, data, r.json()["detail"])
+        r = c.get(f"/api/v1/runs/{run_id}/logs", headers={**h, "Last-Event-ID": "-1"})
+        assert r.status_code == 400 and "Last-Event-ID" in r.json()["detail"], r.text
+        # a plan of a bad experiment is `stowplan plan`'s exit 2 and its message, not a 500
+        r = c.post(
+            "/api/v1/plan",
+            headers=h,
+            json={**plan, "experiment": "[experiment]\nname = 3\n"},
+        )
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert got["exit_code"] == 2 and "$.experiment.name" in got["errors"], got
+        assert str(svc.root) not in got["errors"]
+    assert _counts(svc.root) == before
