@@ -1,29 +1,50 @@
-"""A 1,000-trial sweep through ``stowplan run`` on a real Slurm cluster started for the run.
+"""A 1,000-trial sweep through ``stowplan run`` on a real Slurm cluster, beside a raw job array.
 
-It starts the throw-away cluster of ``tests/slurmcluster`` (root needed), writes a project whose
-only provider is that cluster over SSH, runs ``stowplan run`` on a sweep of no-op trials and
-prints one JSON line:
+It starts the throw-away cluster of ``tests/slurmcluster`` (root needed), then in one run:
+
+1. the baseline: one ``sbatch --array=0-(N-1)`` of the same no-op over SSH (one remote
+   command), its end seen by polling ``squeue`` on the cluster itself every 0.25 s;
+2. ``stowplan run`` of a sweep of N no-op trials, on a project whose only provider is that
+   cluster over SSH, with the settings a new user gets (no ``queue_factor`` unless given).
+
+and prints one JSON line:
 
     trials                 sweep size
-    arrays                 sbatch submissions (job arrays) Slurm received
-    ssh_commands           remote commands the login node's sshd served (SFTP sessions included),
-                           counted from its log: nothing in the driver counts them
-    ssh_logins             SSH connections the login node accepted
-    ssh_per_trial          ssh_commands / trials (target: at most 0.05)
+    raw_finished_s         from the raw sbatch until squeue showed none of its elements
+    finished_s             from starting ``stowplan run`` until it exited, all trials final
+    ratio                  finished_s / raw_finished_s (target: at most 1.05)
     all_submitted_s        from starting ``stowplan run`` until every trial has a Slurm job
-    all_finished_s         from starting ``stowplan run`` until it exited, all trials final
+    arrays                 sbatch submissions (job arrays) stowplan made
+    ssh_commands           remote commands the login node's sshd served for stowplan (SFTP
+                           sessions included), counted from its own log
+    ssh_per_trial          ssh_commands / trials (target: at most 0.02)
+    ssh_logins             SSH connections the login node accepted for stowplan
+    raw_ssh_commands       the same for the baseline (1)
+    driver_commands        remote commands the driver counted itself (``remote.json`` in its
+                           state directory; null for a driver that does not count)
+    raw_array_s            from the raw sbatch to the end of its last element (sacct's End,
+                           whole seconds)
+    startup_s              from starting ``stowplan run`` to its first sbatch (the array's
+                           ``jobid`` file): the CLI, Ray, discovery, placement
+    array_s                from that sbatch to the end of the last element (sacct)
+    noticed_s              from that end until ``stowplan run`` exited
     succeeded              trials that succeeded (must equal trials)
     cluster_start_s        starting munge, MariaDB, slurmdbd, slurmctld, 4 slurmd and sshd
 
-    .venv/bin/python benchmarks/bench_slurm.py [--trials 1000] [--queue-factor 40]
+    flock /tmp/stowplan-heavy.lock .venv/bin/python benchmarks/bench_slurm.py \
+        [--trials 1000] [--queue-factor F]
 
-``queue_factor`` lets stowplan offer the cluster more work than its free CPUs, so Slurm's own
-queue holds the excess (the cluster has 32 CPUs for 1,000 trials).
+``--queue-factor`` writes an explicit ``queue_factor`` (the override); without it the driver
+derives the depth of Slurm's queue it fills from discovery (``providers/slurm/capacity.py``).
+To measure another checkout's driver, run with ``PYTHONPATH`` set to it: the ``stowplan run``
+child imports stowplan from there.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime as dt
 import json
 import os
 import shutil
@@ -56,10 +77,76 @@ def states(db: Path) -> dict[str, int]:
         return {}
 
 
+RAW_SCRIPT = """#!/bin/bash
+#SBATCH --job-name=raw-baseline
+#SBATCH --cpus-per-task=1
+#SBATCH --mem=16M
+#SBATCH --output=logs/%a.out
+#SBATCH --error=logs/%a.err
+true
+"""
+
+
+def last_end(cluster: SlurmCluster, job_ids: list[str]) -> float | None:
+    """The epoch time the last element of these jobs ended, from sacct (whole seconds)."""
+    out = cluster.slurm(
+        "sacct", "-X", "-n", "-P", "-j", ",".join(job_ids), "--format=End", check=False
+    )
+    ends = []
+    for line in out.splitlines():
+        with contextlib.suppress(ValueError):
+            ends.append(dt.datetime.fromisoformat(line.strip()).timestamp())
+    return max(ends) if ends else None
+
+
+def raw_array(cluster: SlurmCluster, where: Path, trials: int) -> tuple[float, int, float | None]:
+    """One ``sbatch --array`` of ``trials`` no-ops over SSH; (seconds until squeue shows none
+    of its elements, remote commands sshd served for it, seconds from the sbatch to the end
+    of its last element as sacct says)."""
+    facts = cluster.facts
+    assert facts is not None
+    (where / "logs").mkdir(parents=True)
+    (where / "job.sh").write_text(RAW_SCRIPT)
+    before, _ = cluster.ssh_sessions()
+    start = time.monotonic()
+    wall = time.time()
+    remote = (
+        f"cd {where} && SLURM_CONF={facts.slurm_conf} "
+        f"sbatch --parsable --array=0-{trials - 1} job.sh"
+    )
+    out = subprocess.run(
+        [
+            "ssh",
+            "-i",
+            facts.identity_file,
+            "-o",
+            f"UserKnownHostsFile={facts.known_hosts}",
+            "-o",
+            "BatchMode=yes",
+            "-p",
+            str(facts.ssh_port),
+            f"{facts.ssh_user}@127.0.0.1",
+            remote,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    job_id = out.strip().split(";")[0]
+    while cluster.slurm("squeue", "-h", "-r", "-j", job_id, check=False).strip():
+        time.sleep(0.25)
+    finished = time.monotonic() - start
+    after, _ = cluster.ssh_sessions()
+    end = last_end(cluster, [job_id])
+    return finished, after - before, None if end is None else end - wall
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--trials", type=int, default=1000)
-    ap.add_argument("--queue-factor", type=float, default=40.0)
+    ap.add_argument("--queue-factor", type=float, default=None)
+    ap.add_argument("--keep", action="store_true", help="keep the project (path on stderr)")
     args = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="stowplan-bench-slurm-"))
     cluster = SlurmCluster(base / "cluster")
@@ -69,12 +156,14 @@ def main() -> int:
     proj = base / "project"
     proj.mkdir()
     try:
+        raw_finished_s, raw_commands, raw_array_s = raw_array(cluster, base / "raw", args.trials)
+        commands0, logins0 = cluster.ssh_sessions()
         (proj / "stowplan.toml").write_text(
             '[project]\nname = "bench-slurm"\n[providers.cluster]\nkind = "slurm"\n'
             f'host = "127.0.0.1"\nport = {facts.ssh_port}\nuser = "{facts.ssh_user}"\n'
             f'identity_file = "{facts.identity_file}"\nknown_hosts = "{facts.known_hosts}"\n'
             f'slurm_conf = "{facts.slurm_conf}"\nworkdir = "{proj / "remote"}"\n'
-            f"queue_factor = {args.queue_factor}\n"
+            + (f"queue_factor = {args.queue_factor}\n" if args.queue_factor is not None else "")
         )
         (proj / "sweep.toml").write_text(
             '[experiment]\nname = "bench"\n[[tasks]]\nname = "noop"\ncommand = ["true"]\n'
@@ -85,6 +174,7 @@ def main() -> int:
         db = proj / ".stowplan" / "stowplan.db"
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
         start = time.monotonic()
+        wall = time.time()
         # files, not pipes: the final --json status is larger than a pipe holds
         out_f = open(proj / "run.out", "w+")  # noqa: SIM115
         err_f = open(proj / "run.err", "w+")  # noqa: SIM115
@@ -96,12 +186,16 @@ def main() -> int:
             stderr=err_f,
         )
         all_submitted_s = None
-        while proc.poll() is None:
+        while True:
+            # its exit is seen within 0.1 s; the store is read once a second (2 cores here)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(1.0 if all_submitted_s is None else 600)
+            if proc.poll() is not None:
+                break
             if all_submitted_s is None:
                 c = states(db)
                 if sum(n for s, n in c.items() if s in SUBMITTED) >= args.trials:
                     all_submitted_s = time.monotonic() - start
-            time.sleep(0.2)
         all_finished_s = time.monotonic() - start
         out_f.close()
         err_f.close()
@@ -112,21 +206,43 @@ def main() -> int:
             return 1
         final = json.loads(out)["counts"]
         commands, logins = cluster.ssh_sessions()
-        arrays = len(list((proj / "remote" / "jobs").glob("*/jobid")))
+        commands -= commands0
+        logins -= logins0
+        jobids = list((proj / "remote" / "jobs").glob("*/jobid"))
+        arrays = len(jobids)
+        first_sbatch = min((p.stat().st_mtime for p in jobids), default=None)
+        end = last_end(cluster, [p.read_text().strip() for p in jobids])
+        phases = (
+            {
+                "startup_s": round(first_sbatch - wall, 2),
+                "array_s": round(end - first_sbatch, 2),
+                "noticed_s": round(wall + all_finished_s - end, 2),
+            }
+            if first_sbatch is not None and end is not None
+            else {}
+        )
+        counted = list((proj / ".stowplan").glob("**/slurm/cluster/remote.json"))
+        driver_commands = json.loads(counted[0].read_text()).get("commands") if counted else None
         print(
             json.dumps(
                 {
                     "bench": "slurm",
                     "trials": args.trials,
                     "queue_factor": args.queue_factor,
-                    "arrays": arrays,
-                    "ssh_commands": commands,
-                    "ssh_logins": logins,
-                    "ssh_per_trial": round(commands / args.trials, 4),
+                    "raw_finished_s": round(raw_finished_s, 2),
+                    "finished_s": round(all_finished_s, 2),
+                    "ratio": round(all_finished_s / raw_finished_s, 3),
                     "all_submitted_s": None
                     if all_submitted_s is None
                     else round(all_submitted_s, 2),
-                    "all_finished_s": round(all_finished_s, 2),
+                    "arrays": arrays,
+                    "ssh_commands": commands,
+                    "ssh_per_trial": round(commands / args.trials, 4),
+                    "ssh_logins": logins,
+                    "raw_ssh_commands": raw_commands,
+                    "raw_array_s": None if raw_array_s is None else round(raw_array_s, 2),
+                    **phases,
+                    "driver_commands": driver_commands,
                     "succeeded": final.get("SUCCEEDED", 0),
                     "cluster_start_s": round(cluster_start_s, 2),
                 }
@@ -136,7 +252,10 @@ def main() -> int:
         return 0 if final.get("SUCCEEDED", 0) == args.trials else 1
     finally:
         cluster.stop()
-        shutil.rmtree(base, ignore_errors=True)
+        if args.keep:
+            print(f"kept {base}", file=sys.stderr)
+        else:
+            shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -559,8 +559,10 @@ class SlurmProviderConfig(_Spec, frozen=True, tag_field="kind", tag="slurm"):
     max_array_size: Annotated[int, Meta(ge=1, le=100_000)] = 1000
     max_concurrent: PositiveInt | None = None
     """Per array (``--array=0-N%max``); a sweep's own ``max_concurrent`` is enforced upstream."""
-    queue_factor: Annotated[float, Meta(ge=1, le=MAX_WEIGHT)] = 1.0
-    """Offer this many times a partition's capacity, so Slurm's own queue holds the excess."""
+    queue_factor: Annotated[float, Meta(ge=1, le=MAX_WEIGHT)] | None = None
+    """Offer this many times a partition's capacity, so Slurm's own queue holds the excess;
+    unset: derived from discovery (what the queue can drain within an hour:
+    ``providers/slurm/capacity.py``). 1 offers the partition's capacity only."""
     connections: Annotated[int, Meta(ge=1, le=16)] = 2
 
     def __post_init__(self) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import shlex
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from stowplan.errors import ProviderError
 from stowplan.providers.slurm.parse import (
@@ -25,6 +25,7 @@ from stowplan.providers.slurm.parse import (
     parse_partitions,
     parse_pending,
     parse_sacct,
+    parse_scheduler,
     parse_squeue,
     split_sections,
 )
@@ -58,9 +59,17 @@ class Backend(abc.ABC):
         """Connections opened so far (a diagnostic: a dropped one is replaced)."""
         return self._connects
 
+    @property
+    def commands(self) -> int:
+        """Remote commands (or requests) started so far, every try counted."""
+        return 0
+
     @abc.abstractmethod
-    async def discover(self) -> tuple[str | None, list[PartitionFacts], dict[str, float]]:
-        """Cluster name, partitions, pending CPU-seconds by partition."""
+    async def discover(
+        self, ours: Callable[[str], bool] | None = None
+    ) -> tuple[str | None, list[PartitionFacts], dict[str, float]]:
+        """Cluster name, partitions, pending CPU-seconds by partition (of jobs whose name
+        ``ours`` does not claim: the core counts its own queued work as leases)."""
 
     @abc.abstractmethod
     async def find(self, name: str, job_dir: str) -> str | None:
@@ -73,8 +82,13 @@ class Backend(abc.ABC):
         """Submit the array; its job id. ``ProviderError`` with ``retryable`` on failure."""
 
     @abc.abstractmethod
-    async def observe(self, names: Sequence[str], since_days: int) -> tuple[list[JobRow], ...]:
-        """(live rows from the controller, accounting rows) for jobs with these names."""
+    async def observe(
+        self, names: Sequence[str], since_days: int, elements: Sequence[str] = ()
+    ) -> tuple[list[JobRow], ...]:
+        """(live rows from the controller, accounting rows) for jobs with these names.
+        ``elements``: the element ids (``JOB_INDEX``) the caller waits on; a backend may skip
+        accounting while every one of them is still pending or running in the queue (none
+        given: accounting is always read)."""
 
     @abc.abstractmethod
     async def lookup(
@@ -117,7 +131,11 @@ found=$(printf '%s\n%s\n' "$q" "$a" | awk -F'|' -v d="$here" '
   $2 == d { sub(/_.*/, "", $1); if ($1 ~ /^[0-9]+$/) { print $1; exit } }')
 if [ -n "$found" ]; then printf '%s\n' "$found" > jobid; cat jobid; exit 0; fi
 mv job.sh.tmp job.sh
-if ! out=$(sbatch --parsable job.sh 2>sbatch.err); then cat sbatch.err >&2; exit 65; fi
+# sbatch is given a stub: the #SBATCH lines and an exec of job.sh on the shared workdir, so
+# slurmctld stores and sends each element a few hundred bytes, not every element's lines
+{ sed -n '1,/^set -u$/{/^#!/p;/^#SBATCH /p}' job.sh
+  printf 'exec /bin/bash %q\n' "$here/job.sh"; } > submit.sh
+if ! out=$(sbatch --parsable submit.sh 2>sbatch.err); then cat sbatch.err >&2; exit 65; fi
 printf '%s\n' "${out%%;*}" > jobid.tmp
 mv jobid.tmp jobid
 cat jobid
@@ -149,21 +167,33 @@ echo '{SECTION}'
 grep -H . -- */jobid 2>/dev/null || true
 """
 
-# $1: comma-separated job names, $2: sacct start. squeue must answer; sacct may be disabled.
+# $1: comma-separated job names, $2: sacct start; on stdin the element ids waited on, one a
+# line. squeue must answer; sacct (which may be disabled) is asked only when one of those
+# elements is no longer pending or running in the queue, or when none were given.
 DESCRIBE_PROGRAM = rf"""
-squeue -h -r --me --name="$1" -o '{SQUEUE_FORMAT}' || exit 75
+want=$(cat)
+q=$(squeue -h -r --me --name="$1" -o '{SQUEUE_FORMAT}') || exit 75
+printf '%s\n' "$q"
 echo '{SECTION}'
-sacct -X -n -P --name="$1" -S "$2" --format='{SACCT_FORMAT}' 2>/dev/null || true
+gone=$( {{ printf '%s\n' "$want"; echo '{SECTION}'; printf '%s\n' "$q"; }} | awk -F'|' '
+  !sep && $0 == "{SECTION}" {{ sep = 1; next }}
+  !sep {{ if ($0 != "") want[$0] = 1; next }}
+  $5 == "PENDING" || $5 == "RUNNING" || $5 == "CONFIGURING" {{ delete want[$1 "_" $2] }}
+  END {{ n = 0; for (k in want) n++; print n }}')
+if [ -z "$want" ] || [ "$gone" != 0 ]; then
+  sacct -X -n -P --name="$1" -S "$2" --format='{SACCT_FORMAT}' 2>/dev/null || true
+fi
 """
 
 DISCOVER_PROGRAM = rf"""
-scontrol show config | grep '^ClusterName' || true
+scontrol show config | grep -E '^(ClusterName|SchedulerType|SchedulerParameters|MaxJobCount) ' \
+  || true
 echo '{SECTION}'
 scontrol -o show partition || exit 75
 echo '{SECTION}'
 scontrol -o show node || exit 75
 echo '{SECTION}'
-squeue -h -r -t PD -o '%P|%C|%l' || true
+squeue -h -r -o '%P|%C|%l|%t|%j' || true
 """
 
 
@@ -182,6 +212,10 @@ class SSHBackend(Backend):
     def connects(self) -> int:
         return self.transport.connects
 
+    @property
+    def commands(self) -> int:
+        return self.transport.commands
+
     def command(self, argv: Sequence[str]) -> str:
         env = [f"{k}={v}" for k, v in sorted(self.env.items())]
         return shlex.join(["env", *env, *argv] if env else list(argv))
@@ -193,13 +227,20 @@ class SSHBackend(Backend):
         why = (res.stderr.strip() or res.stdout.strip() or f"exit {res.rc}")[-2000:]
         return ProviderError(f"{what}: {why}", provider=self.provider, retryable=retryable)
 
-    async def discover(self) -> tuple[str | None, list[PartitionFacts], dict[str, float]]:
+    async def discover(
+        self, ours: Callable[[str], bool] | None = None
+    ) -> tuple[str | None, list[PartitionFacts], dict[str, float]]:
         res = await self.transport.run(self.program(DISCOVER_PROGRAM), repeatable=True)
         sections = split_sections(res.stdout)
         if res.rc != 0 or len(sections) != 4:
             raise self._error("cannot read partitions", res)
-        config, partitions, nodes, pending = sections
-        return cluster_name(config), parse_partitions(partitions, nodes), parse_pending(pending)
+        config, partitions, nodes, queue = sections
+        jobs = str(sum(1 for line in queue.splitlines() if line.strip()))
+        return (
+            cluster_name(config),
+            parse_partitions(partitions, nodes, parse_scheduler(config, jobs)),
+            parse_pending(queue, ours),
+        )
 
     async def find(self, name: str, job_dir: str) -> str | None:
         res = await self.transport.run(self.program(FIND_PROGRAM, job_dir, name), repeatable=True)
@@ -225,9 +266,12 @@ class SSHBackend(Backend):
             "sbatch refused the job" if rejected else "submit", res, retryable=not rejected
         )
 
-    async def observe(self, names: Sequence[str], since_days: int) -> tuple[list[JobRow], ...]:
+    async def observe(
+        self, names: Sequence[str], since_days: int, elements: Sequence[str] = ()
+    ) -> tuple[list[JobRow], ...]:
         res = await self.transport.run(
             self.program(DESCRIBE_PROGRAM, ",".join(names), f"now-{since_days}days"),
+            stdin="".join(e + "\n" for e in elements),
             repeatable=True,
         )
         if res.rc != 0:

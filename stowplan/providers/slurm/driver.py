@@ -18,24 +18,36 @@ answer was lost (the connection dropped after sbatch was sent) finds the first j
 request that was tried before is submitted again. A key already tried in another array (a retry
 re-planned with fewer keys) is looked up in that array first.
 
-Observation: one remote call per ``describe`` runs one ``squeue`` and one ``sacct`` for every
-live array; finished attempts are cached. The driver does not space its polls: the default
-``watch`` does (``poll_min``/``poll_max``). Keys this instance has not seen (after a
-control-plane restart) are looked up in the local index and, failing that, in the remote job
-scripts by one ``grep``. A job that ended ``NODE_FAIL`` or waits for nodes that went down is
-pushed to ``capacity_changes`` so the cluster is rediscovered.
+Observation: one remote call per ``describe`` runs one ``squeue`` for every live array, and
+``sacct`` in the same call only when fewer of the watched elements are in the queue than were
+asked about (one left it: it ended); finished attempts are cached. The driver's own ``watch``
+spaces its polls by what is expected to change (``cadence.py``: the array's completion rate,
+the shortest remaining expected runtime), not by a fixed backoff. Keys this instance has not
+seen (after a control-plane restart) are looked up in the local index and, failing that, in
+the remote job scripts by one ``grep``. A job that ended ``NODE_FAIL`` or waits for nodes that
+went down is pushed to ``capacity_changes`` so the cluster is rediscovered.
+
+Capacity: a partition is offered the work its queue can absorb in the planning horizon
+(``capacity.py``), not only its CPUs, so a sweep goes to Slurm as one array; an explicit
+``queue_factor`` overrides the derived depth.
+
+Every remote command is counted (``Backend.commands``) and the count is kept in
+``state_dir/slurm/<name>/remote.json`` (``{"commands": N, "connects": M, "polls": [...]}``,
+the last polls of the watch as ``[time, live keys, ended so far, next delay]``), rewritten
+when the count changed at the end of each verb but ``discover`` (a dry run writes nothing).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
+import os
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-
-import msgspec
 
 from stowplan.errors import ProviderError
 from stowplan.placement.problem import Pool
@@ -50,9 +62,12 @@ from stowplan.providers.base import (
     ProviderRequest,
     ProviderState,
     Report,
+    WatchSet,
 )
 from stowplan.providers.keyindex import KeyIndex, Member, RequestRecord, submit_once
 from stowplan.providers.slurm.backend import Backend, SSHBackend
+from stowplan.providers.slurm.cadence import Progress, next_poll
+from stowplan.providers.slurm.capacity import offered
 from stowplan.providers.slurm.parse import JobRow, pools_of
 from stowplan.providers.slurm.render import SlurmRequest, plan_arrays
 from stowplan.providers.slurm.ssh import SSHTransport, TransportLost
@@ -60,15 +75,23 @@ from stowplan.providers.slurm.states import capacity_reason, slurm_state
 from stowplan.spec.models import FailureClass, SlurmProviderConfig
 
 LOG_POLL_S = 1.0
+POLLS_KEPT = 64
 CAPACITY_QUEUE = 64
 """Capacity news held for a consumer that lags; more is dropped (one rediscovery covers it)."""
+
+
+def queue_factor(config: SlurmProviderConfig) -> float | None:
+    """The explicit ``queue_factor``, or ``None`` to derive the depth from discovery."""
+    f: float | None = getattr(config, "queue_factor", None)
+    return f
 
 
 class SlurmProvider(Provider):
     poll_min = 1.0
     """squeue answers within a second of a change; sooner polls only load the controller."""
     poll_max = 30.0
-    """a quiet array is looked at every 30 s (its lease is renewed far less often)."""
+    """the longest blind backoff (nothing known of what runs); ``cadence.next_poll`` may wait
+    longer, up to half the lease renewal, when it expects nothing to change sooner."""
 
     def __init__(
         self,
@@ -132,30 +155,26 @@ class SlurmProvider(Provider):
         self._finished: dict[str, Report] = {}
         self._lock = asyncio.Lock()
         self.describe_calls = 0
+        self._counted: dict[str, int] = {}
+        self._polls: deque[tuple[float, int, int, float]] = deque(maxlen=POLLS_KEPT)
+        """the watch's last polls: (epoch time, live keys, ended so far, next delay)"""
         self._capacity: asyncio.Queue[str] = asyncio.Queue(CAPACITY_QUEUE)
         self._capacity_last: set[str] = set()
 
     # -- discover / plan ----------------------------------------------------------------------
 
     async def discover(self) -> list[Pool]:
-        cluster, parts, pending = await self.backend.discover()
+        # our own queued arrays are the core's leases already, not a backlog before us; the
+        # count is written by the next verb that acts (a dry run writes nothing)
+        cluster, parts, pending = await self.backend.discover(
+            lambda name: self.index.request(name) is not None
+        )
         site = self.config.site or cluster or self.name
         if self.config.partitions is not None:
             wanted = set(self.config.partitions)
             parts = [p for p in parts if p.name in wanted]
         pools = pools_of(self.name, site, parts, pending)
-        f = self.config.queue_factor
-        if f != 1.0:
-            pools = [
-                msgspec.structs.replace(
-                    p,
-                    cpus=p.cpus * f,
-                    memory=int(p.memory * f),
-                    gpus={k: math.floor(v * f) for k, v in p.gpus.items()},
-                )
-                for p in pools
-            ]
-        return pools
+        return offered(self.name, pools, parts, pending, queue_factor(self.config))
 
     def plan(self, launches: Sequence[LaunchSpec], facts: Facts) -> list[ProviderRequest]:
         return list(
@@ -174,7 +193,25 @@ class SlurmProvider(Provider):
 
     # -- submit -------------------------------------------------------------------------------
 
+    def _count(self, *, polled: bool = False) -> None:
+        """Keep the count of remote commands in ``remote.json`` (module doc), if it changed
+        (or a poll was added)."""
+        counts = {"commands": self.backend.commands, "connects": self.backend.connects}
+        if counts == self._counted and not polled:
+            return
+        self._counted = counts
+        self._dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._dir / "remote.json.tmp"
+        tmp.write_text(json.dumps({**counts, "polls": list(self._polls)}))
+        os.replace(tmp, self._dir / "remote.json")
+
     async def submit(self, requests: Sequence[ProviderRequest]) -> list[Report]:
+        try:
+            return await self._submit(requests)
+        finally:
+            self._count()
+
+    async def _submit(self, requests: Sequence[ProviderRequest]) -> list[Report]:
         out: list[Report] = []
         for req in requests:
             if not isinstance(req, SlurmRequest):
@@ -338,7 +375,17 @@ class SlurmProvider(Provider):
             )
             days = 60 if not since else max(1, math.ceil((time.time() - since) / 86400) + 1)
             self.describe_calls += 1
-            squeue, sacct = await self.backend.observe(names, days)
+            elements: list[str] = []
+            for m in members.values():
+                rec = index.request(m.request)
+                if rec is None or rec.job_id is None:
+                    elements = []  # an array whose id is not known: read accounting too
+                    break
+                elements.append(f"{rec.job_id}_{m.index}")
+            try:
+                squeue, sacct = await self.backend.observe(names, days, elements)
+            finally:
+                self._count()
             for row in squeue:
                 if not self._ours(row):
                     continue
@@ -371,6 +418,54 @@ class SlurmProvider(Provider):
                 self._finished[key] = report
             out.append(report)
         return out
+
+    async def watch(
+        self, keys: WatchSet, *, renew_every: float = 60.0
+    ) -> AsyncIterator[list[Report]]:
+        """The contract's polling watch (``Provider.watch``: batches of news, failures counted
+        and retried), with the delay between polls from ``cadence.next_poll`` instead of a
+        doubling backoff: soon when ends are expected, long when none are."""
+        loop = asyncio.get_running_loop()
+        progress = Progress()
+        cap = max(self.poll_max, renew_every / 2)
+        delay = self.poll_min
+        while True:
+            if await keys.wait_added(delay):
+                await asyncio.sleep(self.poll_min)  # gather what else arrives with them
+            if not len(keys):
+                delay = self.poll_max
+                continue
+            try:
+                reports = await self.describe(keys.keys())
+            except (ProviderError, OSError):  # OSError: a transport error left untranslated
+                keys.failures += 1
+                progress.quiet += 1
+                delay = next_poll(
+                    live=len(keys),
+                    rate=None,
+                    first_end_s=None,
+                    quiet=progress.quiet,
+                    poll_min=self.poll_min,
+                    poll_max=self.poll_max,
+                    cap=cap,
+                )
+                continue
+            now = loop.time()
+            progress.observe(reports, now)
+            news = keys.news(reports, now, renew_every)
+            delay = next_poll(
+                live=len(keys),
+                rate=progress.rate(),
+                first_end_s=progress.first_end_s(reports, time.time()),
+                quiet=progress.quiet,
+                poll_min=self.poll_min,
+                poll_max=self.poll_max,
+                cap=cap,
+            )
+            self._polls.append((round(time.time(), 3), len(keys), progress.ended, round(delay, 3)))
+            self._count(polled=True)
+            if news:
+                yield news
 
     def _ours(self, row: JobRow) -> bool:
         """A row of a job this request's submit started (once its job id is known): another
@@ -464,7 +559,10 @@ class SlurmProvider(Provider):
             if job_id is not None:
                 ids.append(f"{job_id}_{m.index}")
         if ids:
-            await self.backend.cancel(ids)
+            try:
+                await self.backend.cancel(ids)
+            finally:
+                self._count()
 
     async def logs(
         self, key: str, *, stream: LogStream = "stdout", follow: bool = False

@@ -6,9 +6,11 @@ record per line), ``squeue -h -r -o`` and ``sacct -X -P -n`` with ``|``-separate
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import re
+from collections.abc import Callable, Sequence
 
 from msgspec import Struct, field
 
@@ -124,6 +126,17 @@ def parse_squeue(text: str) -> list[JobRow]:
     return rows
 
 
+ACTIVE_STATES = frozenset({"PENDING", "RUNNING", "CONFIGURING"})
+"""Queue states of an element that has not begun to end: accounting can tell nothing newer."""
+
+
+def all_active(rows: list[JobRow], elements: Sequence[str]) -> bool:
+    """Whether every element id of ``elements`` is in ``rows`` in an ``ACTIVE_STATES`` state
+    (the rule ``DESCRIBE_PROGRAM`` applies on the cluster, for a backend that applies it here)."""
+    active = {r.element_id for r in rows if r.state in ACTIVE_STATES}
+    return all(e in active for e in elements)
+
+
 def parse_sacct(text: str) -> list[JobRow]:
     """``sacct -X -P -n --format=SACCT_FORMAT``; pending array ranges are expanded."""
     rows = []
@@ -181,6 +194,34 @@ def parse_key_lines(text: str) -> dict[str, tuple[str, int, str, int, list[str]]
     return out
 
 
+class SchedulerFacts(Struct, frozen=True, kw_only=True):
+    """What bounds how fast and how deep the controller's queue is (``scontrol show config``
+    and the number of jobs it holds)."""
+
+    sched_interval_s: float = 60.0
+    """seconds between passes of the main scheduler (Slurm's default ``sched_interval``)"""
+    bf_interval_s: float | None = 30.0
+    """seconds between backfill passes; ``None`` without ``sched/backfill``"""
+    max_job_count: int | None = None
+    jobs: int = 0
+    """jobs (array elements shown by ``squeue -r``) in the controller now"""
+
+    @property
+    def pass_s(self) -> float:
+        """The shortest time a queued job waits for a scheduling pass that can start it."""
+        passes = [self.sched_interval_s]
+        if self.bf_interval_s is not None:
+            passes.append(self.bf_interval_s)
+        return max(1.0, min(passes))
+
+    @property
+    def job_room(self) -> int | None:
+        """Jobs the controller still accepts (``MaxJobCount`` less those it holds)."""
+        if self.max_job_count is None:
+            return None
+        return max(0, self.max_job_count - self.jobs)
+
+
 class PartitionFacts(Struct, frozen=True, kw_only=True):
     name: str
     up: bool
@@ -190,6 +231,10 @@ class PartitionFacts(Struct, frozen=True, kw_only=True):
     gpus: dict[str, int] = field(default_factory=dict)
     max_time_s: float | None = None
     default: bool = False
+    running_cpus: int = 0
+    """CPUs allocated now on its usable nodes (every user's jobs, ours included)."""
+    scheduler: SchedulerFacts | None = None
+    """The controller's scheduling facts (cluster-wide); ``None`` where the backend has none."""
 
 
 def expand_hostlist(expr: str) -> list[str]:
@@ -251,7 +296,9 @@ def parse_time_limit(value: str) -> float | None:
 _USABLE_NODE_STATES = ("IDLE", "MIXED", "ALLOCATED", "ALLOC", "COMPLETING", "MIX")
 
 
-def parse_partitions(partitions: str, nodes: str) -> list[PartitionFacts]:
+def parse_partitions(
+    partitions: str, nodes: str, scheduler: SchedulerFacts | None = None
+) -> list[PartitionFacts]:
     """``scontrol show partition -o`` and ``scontrol show node -o`` -> per-partition totals of
     nodes that can take work (down, drained and failed nodes are left out)."""
     node_recs = {n["NodeName"]: n for n in parse_oneliner(nodes) if "NodeName" in n}
@@ -261,7 +308,7 @@ def parse_partitions(partitions: str, nodes: str) -> list[PartitionFacts]:
         members = (
             expand_hostlist(p.get("Nodes", "")) if p.get("Nodes") not in (None, "(null)") else []
         )
-        cpus = memory = 0
+        cpus = memory = alloc = 0
         gpus: dict[str, int] = {}
         for n in members:
             rec = node_recs.get(n)
@@ -274,6 +321,8 @@ def parse_partitions(partitions: str, nodes: str) -> list[PartitionFacts]:
             ):
                 continue
             cpus += int(rec.get("CPUTot", "0") or 0)
+            with contextlib.suppress(ValueError):
+                alloc += int(rec.get("CPUAlloc", "0") or 0)
             memory += int(rec.get("RealMemory", "0") or 0) << 20
             for kind, count in parse_gres(rec.get("Gres", "")).items():
                 gpus[kind] = gpus.get(kind, 0) + count
@@ -287,16 +336,25 @@ def parse_partitions(partitions: str, nodes: str) -> list[PartitionFacts]:
                 gpus=gpus,
                 max_time_s=parse_time_limit(p.get("MaxTime", "")),
                 default=p.get("Default") == "YES",
+                running_cpus=alloc,
+                scheduler=scheduler,
             )
         )
     return out
 
 
-def parse_pending(text: str) -> dict[str, float]:
-    """``squeue -h -r -t PD -o %P|%C|%l`` -> pending CPU-seconds by partition (no limit: 1 h)."""
+def parse_pending(text: str, ours: Callable[[str], bool] | None = None) -> dict[str, float]:
+    """``squeue -h -r -o %P|%C|%l|%t|%j`` (or ``-t PD -o %P|%C|%l``) -> pending CPU-seconds by
+    partition (no limit: 1 h); jobs in another state than ``PD``, and those whose name
+    ``ours`` claims, are left out."""
     out: dict[str, float] = {}
     for line in text.splitlines():
-        parts = line.split("|")
+        parts = line.split("|", 4)
+        if len(parts) >= 4 and parts[3].strip() != "PD":
+            continue
+        if len(parts) == 5 and ours is not None and ours(parts[4].strip()):
+            continue
+        parts = parts[:3]
         if len(parts) != 3:
             continue
         try:
@@ -307,6 +365,42 @@ def parse_pending(text: str) -> dict[str, float]:
         for part in parts[0].split(","):
             out[part] = out.get(part, 0.0) + cpus * (limit or 3600.0)
     return out
+
+
+def _config(config: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in config.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            out.setdefault(key.strip(), value.strip())
+    return out
+
+
+def parse_scheduler(config: str, jobs: str = "") -> SchedulerFacts:
+    """``scontrol show config`` (its ``SchedulerType``, ``SchedulerParameters`` and
+    ``MaxJobCount`` lines suffice) and the count of jobs ``squeue -h -r`` shows -> the
+    scheduling facts; what is missing keeps Slurm's default."""
+    conf = _config(config)
+    params: dict[str, str] = {}
+    for item in conf.get("SchedulerParameters", "").split(","):
+        k, _, v = item.partition("=")
+        params[k.strip()] = v.strip()
+
+    def seconds(name: str, default: float) -> float:
+        try:
+            return max(1.0, float(params[name]))
+        except (KeyError, ValueError):
+            return default
+
+    backfill = conf.get("SchedulerType", "sched/backfill") == "sched/backfill"
+    max_jobs = conf.get("MaxJobCount", "")
+    count = jobs.strip()
+    return SchedulerFacts(
+        sched_interval_s=seconds("sched_interval", 60.0),
+        bf_interval_s=seconds("bf_interval", 30.0) if backfill else None,
+        max_job_count=int(max_jobs) if max_jobs.isdigit() else None,
+        jobs=int(count) if count.isdigit() else 0,
+    )
 
 
 def cluster_name(config: str) -> str | None:

@@ -22,7 +22,7 @@ Quirks of this API version:
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from stowplan.errors import ProviderError
@@ -30,6 +30,7 @@ from stowplan.providers.slurm.backend import TRANSIENT_MESSAGES, Backend, KeyInf
 from stowplan.providers.slurm.parse import (
     JobRow,
     PartitionFacts,
+    all_active,
     expand_hostlist,
     parse_gres,
 )
@@ -147,6 +148,11 @@ class RestBackend(Backend):
         self.user = config.user
         self.token_env = config.rest_token_env
         self._client: Any = None
+        self._requests = 0
+
+    @property
+    def commands(self) -> int:
+        return self._requests
 
     def _headers(self) -> dict[str, str]:
         token = os.environ.get(self.token_env)
@@ -167,6 +173,7 @@ class RestBackend(Backend):
         if self._client is None:
             self._client = httpx.AsyncClient(base_url=self.url, timeout=TIMEOUT_S)
             self._connects += 1
+        self._requests += 1
         try:
             r = await self._client.request(method, path, json=body, headers=self._headers())
         except httpx.HTTPError as e:
@@ -200,7 +207,9 @@ class RestBackend(Backend):
             )
         return data
 
-    async def discover(self) -> tuple[str | None, list[PartitionFacts], dict[str, float]]:
+    async def discover(
+        self, ours: Callable[[str], bool] | None = None
+    ) -> tuple[str | None, list[PartitionFacts], dict[str, float]]:
         parts = (await self._call("GET", f"/slurm/{API}/partitions")).get("partitions", [])
         nodes = {n["name"]: n for n in (await self._call("GET", f"/slurm/{API}/nodes"))["nodes"]}
         jobs = (await self._call("GET", f"/slurm/{API}/jobs")).get("jobs", [])
@@ -234,7 +243,7 @@ class RestBackend(Backend):
             )
         pending: dict[str, float] = {}
         for j in jobs:
-            if j.get("job_state") != "PENDING":
+            if j.get("job_state") != "PENDING" or (ours and ours(str(j.get("name", "")))):
                 continue
             limit = j.get("time_limit")
             seconds = float(limit) * 60 if isinstance(limit, int) and limit > 0 else 3600.0
@@ -267,8 +276,12 @@ class RestBackend(Backend):
             )
         return str(job_id)
 
-    async def observe(self, names: Sequence[str], since_days: int) -> tuple[list[JobRow], ...]:
+    async def observe(
+        self, names: Sequence[str], since_days: int, elements: Sequence[str] = ()
+    ) -> tuple[list[JobRow], ...]:
         live = rows_of_jobs((await self._call("GET", f"/slurm/{API}/jobs"))["jobs"], set(names))
+        if elements and all_active(live, elements):
+            return live, []
         db = await self._call("GET", f"/slurmdb/{API}/jobs?job_name={','.join(names)}")
         return live, rows_of_db_jobs(db.get("jobs", []))
 

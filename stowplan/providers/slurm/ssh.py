@@ -68,6 +68,8 @@ class SSHTransport:
         self._locks = [asyncio.Lock() for _ in range(self.size)]
         self._next = 0
         self.connects = 0
+        self.commands = 0
+        """remote commands started (SFTP sessions and a repeated try each count once)"""
 
     def _error(self, message: str, *, lost: bool = False) -> ProviderError:
         where = f"{self.user + '@' if self.user else ''}{self.host}:{self.port}"
@@ -157,6 +159,7 @@ class SSHTransport:
         import asyncssh
 
         async with self._conn() as conn:
+            self.commands += 1
             try:
                 result = await asyncio.wait_for(
                     conn.run(command, input=stdin, check=False), timeout
@@ -177,6 +180,7 @@ class SSHTransport:
         import asyncssh
 
         async with self._conn() as conn:
+            self.commands += 1
             try:
                 async with conn.start_sftp_client() as sftp:
                     try:

@@ -71,7 +71,9 @@ def test_rest_transport_submits_watches_and_classifies(
     async def scenario() -> tuple[list[Report], list[Report], list[str | None]]:
         async with SlurmProvider("cluster", config, state_dir=tmp_path) as driver:
             pools = {p.id: p for p in await driver.discover()}
-            assert pools["cluster/gpu"].gpus == {"fake": 4}
+            # a queue: offered up to 120 times its 4 GPUs (REST reads no scheduler config, so
+            # Slurm's default intervals; less if other work is pending; capacity.py)
+            assert 4 <= pools["cluster/gpu"].gpus["fake"] <= 480
             reqs = driver.plan(launches, Facts.of(list(pools.values())))
             first = await driver.submit(reqs)
             again = await driver.submit(reqs)  # idempotent: finds the job by name

@@ -4,16 +4,18 @@ capacity news from what Slurm reports (rows captured from the real test cluster)
 
 from __future__ import annotations
 
+import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import anyio
 import msgspec
 import pytest
 
 from stowplan.errors import ProviderError
 from stowplan.placement.problem import Pool
-from stowplan.providers.base import Facts, LaunchSpec, Provider, ProviderState
+from stowplan.providers.base import Facts, LaunchSpec, Provider, ProviderState, WatchSet
 from stowplan.providers.slurm import SlurmProvider, SlurmRequest
 from stowplan.providers.slurm.backend import Backend, KeyInfo
 from stowplan.providers.slurm.parse import JobRow, PartitionFacts, parse_sacct, parse_squeue
@@ -40,7 +42,9 @@ class FakeSlurm(Backend):
         self.rows: list[JobRow] = []
         self.cancelled: list[str] = []
 
-    async def discover(self) -> tuple[str | None, list[PartitionFacts], dict[str, float]]:
+    async def discover(
+        self, ours: Callable[[str], bool] | None = None
+    ) -> tuple[str | None, list[PartitionFacts], dict[str, float]]:
         return "fake", [], {}
 
     async def find(self, name: str, job_dir: str) -> str | None:
@@ -59,8 +63,11 @@ class FakeSlurm(Backend):
             raise self.errors.pop(0)
         return self.jobs[req.name]
 
-    async def observe(self, names: Sequence[str], since_days: int) -> tuple[list[JobRow], ...]:
+    async def observe(
+        self, names: Sequence[str], since_days: int, elements: Sequence[str] = ()
+    ) -> tuple[list[JobRow], ...]:
         self.calls["observe"] += 1
+        self.elements = list(elements)
         live = [r for r in self.rows if r.name in names]
         return live, []
 
@@ -107,9 +114,34 @@ def transient() -> ProviderError:
     return ProviderError("submit: Socket timed out", provider="cluster", retryable=True)
 
 
-def test_polls_are_spaced_by_the_one_watch_backoff() -> None:
-    assert SlurmProvider.poll_min == 1.0 and SlurmProvider.poll_max == 30.0
-    assert SlurmProvider.watch is Provider.watch  # the contract's polling, not the driver's own
+async def test_the_watch_reports_ends_and_asks_about_the_elements_it_waits_on(
+    tmp_path: Path,
+) -> None:
+    """The driver's watch keeps the contract's (batches of news, terminal keys dropped) with
+    its own cadence; each describe names the elements waited on, so the cluster reads
+    accounting only once one of them left the queue."""
+    assert SlurmProvider.watch is not Provider.watch  # spaced by cadence.next_poll
+    backend = FakeSlurm()
+    d = driver(tmp_path, backend)
+    d.poll_min, d.poll_max = 0.01, 0.05
+    (req,) = d.plan(launches(3), FACTS)
+    assert isinstance(req, SlurmRequest)
+    reports = await d.submit([req])
+    backend.rows = [row(req.name, i, "RUNNING") for i in range(3)]
+    keys = WatchSet()
+    keys.add([r.key for r in reports], ProviderState.QUEUED)
+    seen: dict[str, ProviderState] = {}
+    with anyio.fail_after(10):
+        async for batch in d.watch(keys, renew_every=60.0):
+            seen.update({r.key: r.state for r in batch})
+            if all(s is ProviderState.RUNNING for s in seen.values()):
+                backend.rows = [row(req.name, i, "COMPLETED") for i in range(3)]
+            if not len(keys):
+                break
+    assert set(seen.values()) == {ProviderState.SUCCEEDED}
+    assert backend.elements == ["100_0", "100_1", "100_2"]
+    counted = json.loads((tmp_path / "state" / "slurm" / "cluster" / "remote.json").read_text())
+    assert (counted["commands"], counted["connects"]) == (0, 0)  # the fake runs none
 
 
 async def test_a_transient_failure_is_raised_after_one_try(tmp_path: Path) -> None:

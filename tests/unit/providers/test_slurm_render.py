@@ -113,7 +113,7 @@ def test_index_to_trial_mapping_is_by_key_order() -> None:
     script = req.render()
     for m in req.members:
         assert f"# stowplan-key {m.index} {m.key} {m.run_id} 1 []" in script
-        assert f"{m.index})\n  # task train, run {m.run_id}" in script
+        assert f"#@@ {m.index}\n  # task train, run {m.run_id}" in script
     assert req.name == array_name("sp", [x.key for x in launches])
     assert req.keys == tuple(sorted(x.key for x in launches))
 
