@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +111,17 @@ class Service:
             self.proc.kill()
             self.proc.wait()
             raise AssertionError(f"serve did not stop on SIGTERM:\n{self.text()}") from None
+
+
+def poll(what: str, timeout: float, check: Callable[[], Any]) -> Any:
+    """``check()``'s first answer that is not None, asked every 0.2 s for ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = check()
+        if got is not None:
+            return got
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def lab(root: Path) -> dict[str, str]:

@@ -10,7 +10,6 @@ import contextlib
 import json
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import pytest
 
 from stowplan.cli.main import main
 from stowplan.provenance.store import RunStore
-from tests.integration.service.conftest import WORK_PY, Service, auth, experiment, lab
+from tests.integration.service.conftest import WORK_PY, Service, auth, experiment, lab, poll
 
 pytestmark = pytest.mark.integration
 
@@ -159,16 +158,6 @@ def cli_bytes(
     rc = main(list(argv))
     out = capsys.readouterr()
     return rc, out.out, out.err.decode()
-
-
-def poll(what: str, timeout: float, check: Any) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got is not None:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.timeout(900)

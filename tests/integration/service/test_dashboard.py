@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.integration.service.conftest import Service, auth, lab
+from tests.integration.service.conftest import Service, auth, lab, poll
 
 pytestmark = pytest.mark.integration
 
@@ -104,16 +103,6 @@ def browser() -> Iterator[Any]:
             yield b
         finally:
             b.close()
-
-
-def poll(what: str, timeout: float, check: Callable[[], Any]) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got is not None:
-            return got
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def submit(c: httpx.Client, token: str, request_id: str, text: str, **files: bytes) -> str:

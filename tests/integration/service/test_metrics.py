@@ -4,16 +4,13 @@ a submission as the runs go through the queue."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.service.conftest import Service, auth, body, lab
+from tests.integration.service.conftest import Service, auth, body, lab, poll
 
 pytestmark = pytest.mark.integration
 
@@ -33,16 +30,6 @@ def scrape(url: str) -> Samples:
 
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def poll(what: str, timeout: float, check: Callable[[], Any]) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got is not None:
-            return got
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_each_app_has_its_own_registry(tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import httpx
 import pytest
 
 from stowplan.cli.main import main
-from tests.integration.service.conftest import LAB, Service, auth, lab
+from tests.integration.service.conftest import LAB, Service, auth, lab, poll
 
 pytestmark = pytest.mark.integration
 
@@ -36,16 +35,6 @@ resources = { cpus = 0.5, memory = "64MiB", gpus = 1 }
 inputs = [{ uri = "s3://lab/corpus", version = "v1", size = "1GB", sites = ["local"] }]
 sweep = { method = "grid", parameters = { i = { type = "int", low = 0, high = 2 } } }
 """
-
-
-def poll(what: str, timeout: float, check: Any) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got is not None:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.timeout(600)

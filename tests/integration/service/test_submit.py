@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import pytest
 
 from stowplan.cli.main import main
 from stowplan.provenance.store import RunStore
-from tests.integration.service.conftest import Service, auth, lab
+from tests.integration.service.conftest import Service, auth, lab, poll
 
 pytestmark = pytest.mark.integration
 
@@ -48,17 +47,6 @@ def cli_json(
     out = capsys.readouterr()
     assert rc == 0, out.err
     return json.loads(out.out)
-
-
-def poll(what: str, timeout: float, check: Any) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last is not None:
-            return last
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.timeout(900)
