@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,19 +144,7 @@ def run_remote(args: argparse.Namespace, url: str) -> int:
             "experiment_id": answer.experiment_id,
             "counts": _counts(rows),
             "reused": answer.reused,
-            "runs": [
-                {
-                    "run_id": r.run_id,
-                    "task": r.task,
-                    "index": r.index,
-                    "params": r.params,
-                    "state": r.state,
-                    "attempts": r.attempts,
-                    "failure": r.failure,
-                    "reason": r.reason,
-                }
-                for r in rows
-            ],
+            "runs": [_run_json(r) for r in rows],
         }
         print(json.dumps(status, indent=2, sort_keys=True))
     else:
@@ -231,11 +220,26 @@ def plan_remote(args: argparse.Namespace, url: str) -> int:
     return got.exit_code
 
 
-def _counts(rows: list[Any]) -> dict[str, int]:
+def _counts(rows: Sequence[Any]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for r in rows:
         counts[r.state] = counts.get(r.state, 0) + 1
     return counts
+
+
+def _run_json(r: Any) -> dict[str, Any]:
+    """One run of ``run --json``, locally (a ``RunRecord``) or through the service (a
+    status row): the fields both have."""
+    return {
+        "run_id": r.run_id,
+        "task": r.task,
+        "index": r.index,
+        "params": r.params,
+        "state": r.state,
+        "attempts": r.attempts,
+        "failure": r.failure,
+        "reason": r.reason,
+    }
 
 
 def _follow_remote(url: str, experiment_id: str, ids: set[str], err: Console) -> list[Any]:
@@ -441,9 +445,7 @@ def render_results(
         console.print(table)
         if len(rs) > len(shown):
             console.print(f"... and {len(rs) - len(shown)} more (stowplan status --json)")
-    counts: dict[str, int] = {}
-    for r in runs:
-        counts[r.state] = counts.get(r.state, 0) + 1
+    counts = _counts(runs)
     console.print(
         ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
         + (f"; {len(reused)} reused" if reused else "")
@@ -451,25 +453,9 @@ def render_results(
 
 
 def _status_json(name: str, runs: list[RunRecord], reused: set[str]) -> dict[str, Any]:
-    counts: dict[str, int] = {}
-    for r in runs:
-        counts[r.state] = counts.get(r.state, 0) + 1
     return {
         "experiment": name,
-        "counts": counts,
+        "counts": _counts(runs),
         "reused": len(reused),
-        "runs": [
-            {
-                "run_id": r.run_id,
-                "task": r.task,
-                "index": r.index,
-                "params": r.params,
-                "state": r.state,
-                "attempts": r.attempts,
-                "failure": r.failure,
-                "reason": r.reason,
-                "reused": r.run_id in reused,
-            }
-            for r in runs
-        ],
+        "runs": [{**_run_json(r), "reused": r.run_id in reused} for r in runs],
     }

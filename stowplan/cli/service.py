@@ -288,6 +288,7 @@ def cmd_quota(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from stowplan.cli.common import make_console
+    from stowplan.scheduler.share import span_text
     from stowplan.service.api import TeamUse
     from stowplan.service.client import call, path_of, server_of
 
@@ -308,7 +309,7 @@ def cmd_quota(args: argparse.Namespace) -> int:
     for t in teams:
         hours = f"{t.gpu_hours:,.1f}"
         if t.gpu_hours_limit is not None:
-            hours += f" / {t.gpu_hours_limit:,g} per {_span(t.window_s)}"
+            hours += f" / {t.gpu_hours_limit:,g} per {span_text(t.window_s)}"
         grid.add_row(
             t.team,
             _models(t.holds) or "0",
@@ -328,10 +329,3 @@ def cmd_quota(args: argparse.Namespace) -> int:
 
 def _models(counts: dict[str, int]) -> str:
     return ", ".join(f"{m} {n}" for m, n in sorted(counts.items()))
-
-
-def _span(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds:g}s"

@@ -134,7 +134,7 @@ class Ledger:
             if used_h >= limits.gpu_hours:
                 text = (
                     f"team {team} used {used_h:.1f} of its {limits.gpu_hours:g} GPU-hours "
-                    f"in the last {_span(limits.window_s)}"
+                    f"in the last {span_text(limits.window_s)}"
                 )
                 return Room({m: 0.0 for m in models}, {m: text for m in models})
         total_left = math.inf
@@ -175,7 +175,8 @@ class Ledger:
         return Room(gpus, why)
 
 
-def _span(seconds: float) -> str:
+def span_text(seconds: float) -> str:
+    """``86400`` -> ``1d``, ``7200`` -> ``2h``, ``90`` -> ``90s``: a window for people."""
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size and seconds % size == 0:
             return f"{int(seconds // size)}{unit}"
