@@ -483,26 +483,14 @@ class _Supervisor:
 
     # -- the attempt -------------------------------------------------------------------------
 
-    def run(self) -> None:
-        spec = json.loads((self.dir / SPEC_FILE).read_text(encoding="utf-8"))
-        argv: list[str] = spec["argv"]
-        timeout_s: float | None = spec.get("timeout_s")
-        memory_limit: int | None = spec.get("memory_limit")
-        outputs: list[str] = spec.get("outputs", [])
-        grace = float(spec.get("stop_grace_s", STOP_GRACE_S))
+    def base_env(self) -> dict[str, str]:
+        """The environment the task's starts from: this process's."""
+        return dict(os.environ)
 
-        self.record_start()
-        if (self.dir / EXIT_FILE).exists() or self.cancelled():
-            # Cancelled before the task started. An exit.json written by the driver stays.
-            if not (self.dir / EXIT_FILE).exists():
-                self.finish("cancelled", message="cancelled before the task started")
-            return
-        # The task inherits our memory cgroup: count its OOM kills from here.
-        oom_counter = oom_counter_file()
-        oom_before = read_oom_kills(oom_counter)
-        self.task_started_mono = time.monotonic()
-
-        env = dict(os.environ)
+    def launch(self, spec: dict[str, Any], argv: list[str]) -> subprocess.Popen[bytes] | None:
+        """Start the task in its own session, in the attempt directory, with its environment
+        and its output files; None when it could not start (the exit record says why)."""
+        env = self.base_env()
         env.update(spec.get("env", {}))
         prefix = spec.get("path_prefix")
         if prefix:
@@ -533,9 +521,31 @@ class _Supervisor:
                 code = 127 if isinstance(e, FileNotFoundError) else 126
                 err.write(f"stowplan: cannot start {argv[0]!r}: {e}\n".encode())
                 self.finish("exited", exit_code=code, message=str(e))
-                return
+                return None
+        return self.child
 
-        child = self.child
+    def run(self) -> None:
+        spec = json.loads((self.dir / SPEC_FILE).read_text(encoding="utf-8"))
+        argv: list[str] = spec["argv"]
+        timeout_s: float | None = spec.get("timeout_s")
+        memory_limit: int | None = spec.get("memory_limit")
+        outputs: list[str] = spec.get("outputs", [])
+        grace = float(spec.get("stop_grace_s", STOP_GRACE_S))
+
+        self.record_start()
+        if (self.dir / EXIT_FILE).exists() or self.cancelled():
+            # Cancelled before the task started. An exit.json written by the driver stays.
+            if not (self.dir / EXIT_FILE).exists():
+                self.finish("cancelled", message="cancelled before the task started")
+            return
+        # The task inherits our memory cgroup: count its OOM kills from here.
+        oom_counter = oom_counter_file()
+        oom_before = read_oom_kills(oom_counter)
+        self.task_started_mono = time.monotonic()
+
+        child = self.launch(spec, argv)
+        if child is None:
+            return
         pgid = child.pid
         info = {
             "pid": os.getpid(),

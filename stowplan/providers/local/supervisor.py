@@ -51,15 +51,12 @@ from pathlib import Path
 from typing import Any
 
 from stowplan.providers import launcher
-from stowplan.providers.importhook import HOOK_DIR, RECORD_IMPORTS_ENV, USED_FILE, USED_FILE_ENV
 from stowplan.providers.launcher import (
     EXIT_FILE,
     LAUNCHER_FILE,
     LAUNCHER_LOG,
     LAUNCHES_FILE,
     SPEC_FILE,
-    STDERR_FILE,
-    STDOUT_FILE,
     STOP_GRACE_S,
     ExitReason,
     scan_outputs,
@@ -122,6 +119,10 @@ class _Keeper(launcher._Supervisor):
         self._env = env
         """The environment of the driver that asked for the attempt (the launcher's own)."""
 
+    def base_env(self) -> dict[str, str]:
+        """The driver's environment, sent when it connected (not this process's)."""
+        return dict(self._env)
+
     def _no_children(self) -> bool:
         try:
             os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -162,8 +163,8 @@ class _Keeper(launcher._Supervisor):
                     os.read(self._wake_fd, 512)
 
     def run(self) -> None:
-        # NOTE: the per-attempt launcher's run(), with the tick replaced by waits on a pidfd
-        # (launcher.py is not this module's to change; the two should become one loop).
+        # NOTE: the per-attempt launcher's run() loop, with the tick replaced by waits on a
+        # pidfd; starting the task is the launcher's (``launch``); the loops could become one.
         spec = json.loads((self.dir / SPEC_FILE).read_text(encoding="utf-8"))
         argv: list[str] = spec["argv"]
         timeout_s: float | None = spec.get("timeout_s")
@@ -180,40 +181,9 @@ class _Keeper(launcher._Supervisor):
         oom_before = launcher.read_oom_kills(oom_counter)
         self.task_started_mono = time.monotonic()
 
-        env = dict(self._env)
-        env.update(spec.get("env", {}))
-        prefix = spec.get("path_prefix")
-        if prefix:
-            env["PATH"] = prefix + os.pathsep + env["PATH"] if env.get("PATH") else prefix
-        if env.get(RECORD_IMPORTS_ENV, "1") != "0":
-            old = env.get("PYTHONPATH")
-            env["PYTHONPATH"] = HOOK_DIR + os.pathsep + old if old else HOOK_DIR
-            env[USED_FILE_ENV] = str(self.dir / USED_FILE)
-
-        import subprocess
-
-        with (
-            open(self.dir / STDOUT_FILE, "ab") as out,
-            open(self.dir / STDERR_FILE, "ab") as err,
-        ):
-            try:
-                self.child = subprocess.Popen(
-                    argv,
-                    cwd=self.dir,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=err,
-                    start_new_session=True,
-                    close_fds=True,
-                )
-            except OSError as e:
-                code = 127 if isinstance(e, FileNotFoundError) else 126
-                err.write(f"stowplan: cannot start {argv[0]!r}: {e}\n".encode())
-                self.finish("exited", exit_code=code, message=str(e))
-                return
-
-        child = self.child
+        child = self.launch(spec, argv)
+        if child is None:
+            return
         pgid = child.pid
         pidfd = os.pidfd_open(child.pid)
         info: dict[str, Any] = {
