@@ -75,6 +75,13 @@ class Pool(Struct, frozen=True, kw_only=True):
     taints: tuple[str, ...] = ()
     """Taint keys a task must tolerate to run here (a Kubernetes node pool tainted
     ``NoSchedule``/``NoExecute``): only classes whose ``tolerations`` hold every one may go."""
+    queue_depth: float = 0.0
+    """How much work beyond its free capacity the provider takes and queues itself (the local
+    driver's FIFO, the AWS driver's queue), as a multiple of the capacity it runs now (for an
+    elastic pool, of the instances it has): the core may keep that much more submitted, so the
+    next wave starts when room frees, without a round trip to the control plane. 0: only what
+    fits now (the core's own queue holds the rest). A batch scheduler whose discovery already
+    scales its capacity (Slurm's queue depth) leaves it 0."""
 
     @property
     def elastic(self) -> bool:

@@ -73,6 +73,25 @@ that no READY run could use, for ``CoreConfig.idle_grace`` seconds, gets
 per-pool sequence the core keeps: deterministic, so a retried call and a restarted core carry
 the same tokens.
 
+Backlog
+-------
+A provider that queues work itself (the local driver's FIFO, the AWS driver's queue in front
+of its instances) says so with ``Pool.queue_depth``: the core may keep up to that many waves
+of the pool's capacity submitted beyond what fits, so the next run starts the moment one ends,
+without a report, a solve and a submit in between, and a sweep goes out in a few large submit
+calls instead of one per poll. How deep is bounded by time: each bucket keeps the runtime its
+successful runs took (a moving average of the provider's start-to-end, ``_learn``), and a
+round offers each such pool ``min(queue_depth, backlog_s / runtime)`` waves for the shortest
+runtime among the READY buckets (``_backlog_round``); a class counts only on the waves its own
+runtime allows (``_with_backlog``), so about ``CoreConfig.backlog_s`` seconds of work per slot
+wait at a provider, whatever the shape: thousands of one-second trials, no hour-long ones
+(a bucket with no run seen yet gets none). A pool is offered its backlog again only once half
+of it has drained, not at every run that ends. The backlog is added to the free capacity the
+placer sees and the answer is checked against, never to what an elastic pool may launch:
+queued work is not an instance the pool lacks (``_allow``), and an idle instance is still one
+with nothing leased. A pool whose discovery already scales its capacity to its queue (Slurm's
+queue depth) leaves ``queue_depth`` at 0.
+
 Budget
 ------
 ``CoreConfig.budget`` (``[policy] budget``) bounds what runs on priced elastic pools may cost:
@@ -174,6 +193,9 @@ from stowplan.scheduler.states import FINAL, LEASED, TaskState, Trigger, next_st
 from stowplan.spec.canonical import attempt_key
 from stowplan.spec.models import FailureClass, SpendBudget
 
+MIN_RUNTIME_S = 0.1
+"""a bucket's runtime counts as at least this when sizing a backlog: runs that end at once
+still have their start to wait for."""
 MIN_BILLED_S = 60.0
 """the least an instance is billed for (EC2, and the simulator's clouds): a budget estimate of a
 run or a launch counts at least this long."""
@@ -216,6 +238,9 @@ class CoreConfig:
     teams: Mapping[str, TeamLimits] = dc_field(default_factory=dict)
     """``[service.teams]``: each team's GPU limits, guarantees and GPU-hours (module doc:
     *Sharing*); runs of a team not named here, or of no team, are not limited by sharing."""
+    backlog_s: float = 30.0
+    """the most expected work, in seconds per slot, the core keeps queued at a provider that
+    queues work itself (``Pool.queue_depth``; module doc: *Backlog*); 0: none."""
 
 
 _Free = dict[str, tuple[float, int, dict[str, int]]]
@@ -350,6 +375,18 @@ def _shape(t: TaskInstance) -> _Shape:
     return (t.cpus, t.memory, t.gpus, t.gpu_types)
 
 
+def _plus(
+    free: tuple[float, int, dict[str, int]], more: tuple[float, int, dict[str, int]] | None
+) -> tuple[float, int, dict[str, int]]:
+    """Free capacity with ``more`` room added (a backlog), or as it is for None."""
+    if more is None:
+        return free
+    gpus = dict(free[2])
+    for m, n in more[2].items():
+        gpus[m] = gpus.get(m, 0) + n
+    return free[0] + more[0], free[1] + more[1], gpus
+
+
 def _bucket_key(t: TaskInstance) -> tuple[object, ...]:
     return (
         t.project,
@@ -438,6 +475,13 @@ class SchedulerCore:
         time (a pool at its maximum can launch no more, yet its idle instances may stop)."""
         self._refused: set[str] = set()
         """elastic pools whose provider refused an order: no launch nor stop until rediscovered."""
+        self._took: dict[tuple[object, ...], float] = {}
+        """per bucket, the runtime its successful runs took (a moving average, seconds)."""
+        self._offer: _Free = {}
+        """per pool, the backlog offered in the solve in flight (module doc: *Backlog*)."""
+        self._allow: _Free = {}
+        """per pool, the backlog last offered while work is queued there beyond its capacity:
+        that queueing is on purpose, not instances the pool lacks."""
         self._idle_since: dict[str, float] = {}
         """elastic pools with whole idle instances, since when."""
         self._node_fit: dict[tuple[tuple[object, ...], str], bool] = {}
@@ -854,7 +898,7 @@ class SchedulerCore:
         )
 
     def _room(self, pool: Pool) -> _Room:
-        cpus, memory, gpus = self.free_capacity(pool.id)
+        cpus, memory, gpus = _plus(self.free_capacity(pool.id), self._offer.get(pool.id))
         tasks = None if pool.max_tasks is None else pool.max_tasks - self._in_pool[pool.id]
         return _Room(cpus, memory, gpus, tasks)
 
@@ -901,6 +945,7 @@ class SchedulerCore:
                 self._move(run, Trigger.STARTED)
             run.replaced, run.refused_in = 0, ()  # it ran: a row of refusals ends
         elif st is ProviderState.SUCCEEDED:
+            self._learn(run, rep)
             self._finish(run, Trigger.SUCCEEDED, None, rep.message)
         elif st is ProviderState.FAILED:
             self._fail(run, rep.failure or FailureClass.USER_ERROR, rep.message)
@@ -924,6 +969,22 @@ class SchedulerCore:
                 self._fail(run, FailureClass.LOST, rep.message or "the provider has no record")
             else:
                 self.ignored_reports += 1
+
+    def _learn(self, run: _Run, rep: Report) -> None:
+        """Keep the runtime of ``run``'s bucket: the provider's own start and end when it
+        gives both (a report batch's delay is not runtime), else the core's view since the
+        run was seen RUNNING; nothing when neither is known."""
+        if rep.started_at is not None and rep.ended_at is not None:
+            took = rep.ended_at - rep.started_at
+        elif run.started_at is not None:
+            took = self._now - run.started_at
+        else:
+            return
+        if run.bucket is None or not math.isfinite(took):
+            return
+        took = max(0.0, took)
+        before = self._took.get(run.bucket)
+        self._took[run.bucket] = took if before is None else 0.8 * before + 0.2 * took
 
     def _on_tick(self) -> None:
         now = self._now
@@ -1220,6 +1281,7 @@ class SchedulerCore:
         if not buckets:
             return
         free = {pid: self.free_capacity(pid) for pid in sorted(self._pools)}
+        backlog = self._backlog_round(buckets, free)
 
         def order(item: tuple[tuple[object, ...], dict[str, None]]) -> tuple[float, ...]:
             _, bucket = item
@@ -1252,7 +1314,8 @@ class SchedulerCore:
                         sorted({*cls.forbid_pools, *(p for p in cooling if p in self._pools)})
                     ),
                 )
-            limit = min(len(bucket), self._fit_bound(cls, usable, free))
+            room = self._with_backlog(key, free, backlog)
+            limit = min(len(bucket), self._fit_bound(cls, usable, room))
             if t.max_concurrent:
                 # a group's runs may sit in several classes (another priority, say)
                 active = self._group_active[t.group] + offered[t.group]
@@ -1279,6 +1342,13 @@ class SchedulerCore:
             return
         self._request_id += 1
         self._solve_generation = self._generation
+        self._offer = {pid: a for pid, (a, _) in backlog.items()}
+        for pid, f in free.items():
+            if pid in self._offer:
+                self._allow[pid] = self._offer[pid]
+            elif f[0] >= 0 and f[1] >= 0 and all(n >= 0 for n in f[2].values()):
+                self._allow.pop(pid, None)  # nothing queued beyond capacity there now
+        free = {pid: _plus(f, self._offer.get(pid)) for pid, f in free.items()}
         free_pools = [
             msgspec.structs.replace(
                 p,
@@ -1295,6 +1365,73 @@ class SchedulerCore:
             for p in pools
         ]
         self._solving = self._problem(free_pools, classes, self._request_id)
+
+    def _backlog_round(
+        self, buckets: list[tuple[tuple[object, ...], dict[str, None]]], free: _Free
+    ) -> dict[str, tuple[tuple[float, int, dict[str, int]], float]]:
+        """The backlog each pool that queues work itself is offered this round (module doc:
+        *Backlog*): pool id -> (the room added to its free capacity, in waves of its
+        capacity), sized for the shortest runtime among the READY buckets."""
+        limit = self.config.backlog_s
+        if limit <= 0 or not self._took:
+            return {}
+        took = [self._took[k] for k, _ in buckets if k in self._took]
+        if not took:
+            return {}
+        shortest = max(min(took), MIN_RUNTIME_S)
+        offered: dict[str, tuple[tuple[float, int, dict[str, int]], float]] = {}
+        for pid in sorted(self._pools):
+            p = self._pools[pid]
+            if p.queue_depth <= 0:
+                continue
+            waves = min(p.queue_depth, limit / shortest)
+            cpus, memory, gpus = free[pid]
+            used = self._used.get(pid, _NOTHING_USED)
+            gpus_used = self._used_gpus.get(pid, _NO_GPUS)
+            add = (
+                waves * (cpus + used[0]),
+                int(waves * (memory + used[1])),
+                {m: int(waves * (n + gpus_used.get(m, 0))) for m, n in gpus.items()},
+            )
+            # refill once half of it has drained, not at every run that ends: one submit
+            # call for many runs (an API call, a remote command, each)
+            queued = [
+                -have / room
+                for have, room in ((cpus, add[0]), (memory, add[1]))
+                if room > 0 and have < 0
+            ] + [-gpus[m] / n for m, n in add[2].items() if n > 0 and gpus[m] < 0]
+            if max(queued, default=0.0) > 0.5:
+                continue
+            offered[pid] = (add, waves)
+        return offered
+
+    def _with_backlog(
+        self,
+        key: tuple[object, ...],
+        free: _Free,
+        offered: dict[str, tuple[tuple[float, int, dict[str, int]], float]],
+    ) -> _Free:
+        """The free capacity a class of bucket ``key`` may count on: its share of each pool's
+        backlog, for as many waves of its own runtime as ``backlog_s`` holds."""
+        took = self._took.get(key)
+        if not offered or took is None:
+            return free
+        own = max(took, MIN_RUNTIME_S)
+        out = dict(free)
+        for pid, (add, waves) in offered.items():
+            p = self._pools[pid]
+            share = min(waves, p.queue_depth, self.config.backlog_s / own) / waves
+            if share <= 0:
+                continue
+            out[pid] = _plus(
+                free[pid],
+                (
+                    add[0] * share,
+                    int(add[1] * share),
+                    {m: int(n * share) for m, n in add[2].items()},
+                ),
+            )
+        return out
 
     def _sharing_round(
         self, buckets: list[tuple[tuple[object, ...], dict[str, None]]], free: _Free
@@ -1486,7 +1623,8 @@ class SchedulerCore:
         room = p.max_instances - self._launched.get(p.id, 0)
         if node is None or room <= 0:
             return 0
-        cpus, memory, gpus = self.free_capacity(p.id)
+        # work queued at the provider on purpose (the backlog) is no lack of instances
+        cpus, memory, gpus = _plus(self.free_capacity(p.id), self._allow.get(p.id))
         short = 0
         if cpus < -1e-9 and node.cpus > 0:
             short = math.ceil(-cpus / node.cpus - 1e-9)

@@ -131,6 +131,13 @@ async def _in_thread(fn: Callable[[], _T]) -> _T:
         raise
 
 
+QUEUE_DEPTH = 32.0
+"""Waves of this machine's capacity the core may keep queued here (``Pool.queue_depth``): the
+FIFO starts the next attempt the moment one ends, without a round trip to the control plane;
+the core's ``backlog_s`` bounds it to about 30 s of work, so short trials get a deep queue and
+hour-long ones none."""
+
+
 class LocalProvider(Provider):
     poll_max = 1.0
     """a local attempt's end is a file on this disk: cheap to look for every second."""
@@ -234,6 +241,7 @@ class LocalProvider(Provider):
                 gpus={"unknown": cap.gpus} if cap.gpus else {},
                 price_per_hour=0.0,
                 hardware_class=f"cpu={platform.machine() or 'unknown'}",
+                queue_depth=QUEUE_DEPTH,
             )
         ]
 
