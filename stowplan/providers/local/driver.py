@@ -188,16 +188,19 @@ class LocalProvider(Provider):
             )
             weakref.finalize(self, self.supervisor.close)
 
-    async def _off_loop(self, fn: Callable[[], _T]) -> _T:
+    async def _off_loop(self, fn: Callable[[], _T], *, hold: bool = True) -> _T:
         """Run ``fn`` (blocking I/O, and the state it changes) in a worker thread, one call at
-        a time. A cancelled caller still waits for the thread, so the state stays whole."""
+        a time. A cancelled caller still waits for the thread, so the state stays whole.
+        ``hold=False``: ``fn`` takes ``_state_lock`` itself, around each change, so a long
+        call (a batch of claims, a describe of every live key) does not hold up the starts
+        the supervisor's reader thread makes when a keeper ends."""
 
         def locked() -> _T:
             with self._state_lock:
                 return fn()
 
         async with self._lock:
-            return await _in_thread(locked)
+            return await _in_thread(locked if hold else fn)
 
     # -- the supervisor's news (its connection's reader thread) ---------------------------------
 
@@ -267,20 +270,27 @@ class LocalProvider(Provider):
                     f"{self.name}: the local driver got a {type(req).__name__}, not a LocalRequest"
                 )
             local.append(req)
-        return await self._off_loop(lambda: self._submit_now(local))
+        return await self._off_loop(lambda: self._submit_now(local), hold=False)
 
     def _submit_now(self, requests: Sequence[LocalRequest]) -> list[Report]:
         for req in requests:
             self._accept(req)
-        self._pump()
-        return [self._describe_one(req.key) for req in requests]
+        out = []
+        for req in requests:
+            with self._state_lock:
+                out.append(self._describe_one(req.key))
+        return out
 
     def _accept(self, req: LocalRequest) -> None:
-        """Claim the attempt directory and queue the request; do nothing if already claimed."""
+        """Claim the attempt directory and queue the request (starting it if it fits); do
+        nothing if already claimed. The claim is files only (the key index, ``mkdir``): the
+        state lock is held just to queue, so starts go on between the claims of a batch."""
         self._keys.remember(req.key, Path(req.attempt_dir))
         if claim(req, self._me, provider=self.name):
-            self._queue.append(req)
-            self._queued.add(req.key)
+            with self._state_lock:
+                self._queue.append(req)
+                self._queued.add(req.key)
+                self._pump()
 
     # -- the FIFO and capacity -----------------------------------------------------------------
 
@@ -358,11 +368,16 @@ class LocalProvider(Provider):
 
     async def describe(self, keys: Sequence[str]) -> list[Report]:
         keys = list(keys)
-        return await self._off_loop(lambda: self._describe_now(keys))
+        return await self._off_loop(lambda: self._describe_now(keys), hold=False)
 
     def _describe_now(self, keys: Sequence[str]) -> list[Report]:
-        self._pump()
-        return [self._describe_one(key) for key in keys]
+        with self._state_lock:
+            self._pump()
+        out = []
+        for key in keys:  # the lock per key: starts go on between them
+            with self._state_lock:
+                out.append(self._describe_one(key))
+        return out
 
     def _describe_one(self, key: str) -> Report:
         cached = self._finished.get(key)
