@@ -14,6 +14,10 @@ which nothing can replay: it uses a seeded numpy generator (same distribution).
 
 from __future__ import annotations
 
+import time
+from typing import Literal
+
+import msgspec
 import numpy as np
 import numpy.typing as npt
 
@@ -25,12 +29,14 @@ from benchmarks.packing.sim import (
     MILLI,
     Cluster,
     Decision,
+    Nodes,
     PodReq,
     Pods,
     Policy,
     best_fit_device,
     lowest_free_devices,
 )
+from stowplan.placement.devices import DeviceModel, DeviceNode, DeviceTask, Objective, ShapeMix
 
 
 def pick_max(scores: I64, ok: BOOL, rank: I64) -> int:
@@ -223,13 +229,74 @@ def fgd(pods: Pods, allows: BOOL, rank: I64) -> Policy:
     return choose
 
 
-def engine_policy(seed: int) -> Policy:
-    """Where stowplan's online placement plugs in (issue 17, after the baselines reproduce).
+class EnginePolicy:
+    """stowplan's online placement (stowplan/placement/devices.py) as a policy of the run loop.
 
-    It must return, for one pod, the node and the device indices the lease would carry; the run
-    loop audits them on real devices exactly as it audits the baselines.
+    The engine keeps its own device state (the run loop's Cluster is not read): each pod becomes
+    a DeviceTask, ``DeviceModel.place`` picks the node and devices, and the run loop audits them
+    on real devices as it audits the baselines. Ties go to the smallest node index (name order),
+    not to the peer's random name ranks. ``latencies_ns``: each decision's wall time.
     """
-    raise NotImplementedError(
-        "the engine's online policy is not wired yet: implement engine_policy() in "
-        "benchmarks/packing/policies.py (one pod at a time: (node, device indices))"
-    )
+
+    def __init__(
+        self,
+        pods: Pods,
+        nodes: Nodes,
+        *,
+        objective: Objective = "fgd",
+        shapes: Literal["trace", "online"] = "trace",
+    ) -> None:
+        self.pods = pods
+        self.tasks = [
+            DeviceTask(
+                cpu=int(pods.cpu[i]),
+                memory=int(pods.mem[i]),
+                gpus=int(pods.num[i]),
+                milli=int(pods.milli[i]) if pods.num[i] else MILLI,
+                models=frozenset(pods.specs[int(pods.spec[i])].split("|"))
+                if pods.specs[int(pods.spec[i])] and pods.num[i]
+                else None,
+            )
+            for i in range(len(pods.names))
+        ]
+        dnodes = [
+            DeviceNode(
+                name=nodes.names[i],
+                cpu=int(nodes.cpu[i]),
+                memory=int(nodes.mem[i]),
+                gpus=int(nodes.ngpu[i]),
+                model=nodes.models[int(nodes.model[i])],
+            )
+            for i in range(len(nodes.names))
+        ]
+        # the peer's typical pods: every original pod, CPU requests as GetPodResource reads them
+        mix = (
+            ShapeMix.from_tasks(
+                msgspec.structs.replace(t, cpu=int(pods.cpu_nz[i]))
+                for i, t in enumerate(self.tasks)
+            )
+            if shapes == "trace"
+            else None
+        )
+        self.model = DeviceModel(dnodes, objective=objective, shapes=mix)
+        self.latencies_ns: list[int] = []
+
+    def __call__(self, cl: Cluster, p: PodReq, ok: BOOL) -> Decision:
+        task = self.tasks[p.index]
+        t0 = time.perf_counter_ns()
+        got = self.model.place(task)
+        self.latencies_ns.append(time.perf_counter_ns() - t0)
+        if got is None:
+            raise RuntimeError(f"pod {self.pods.names[p.index]}: the engine finds no node")
+        return got.node, got.devices
+
+
+def engine_policy(
+    pods: Pods,
+    nodes: Nodes,
+    *,
+    objective: Objective = "fgd",
+    shapes: Literal["trace", "online"] = "trace",
+) -> EnginePolicy:
+    """Where stowplan's online placement plugs in: one pod at a time, (node, device indices)."""
+    return EnginePolicy(pods, nodes, objective=objective, shapes=shapes)
