@@ -36,7 +36,7 @@ from stowplan.actors.wire import pack
 from stowplan.errors import StowplanError
 from stowplan.placement.problem import PlacementContext
 from stowplan.scheduler.plan import RunPayload
-from stowplan.scheduler.share import TeamLimits
+from stowplan.scheduler.share import Approvals, TeamLimits
 from stowplan.spec.models import ProviderConfig
 
 QUEUE = "queue"
@@ -124,6 +124,7 @@ class ControlPlane:
         budget: float | None = None,
         workers: int = 1,
         teams: dict[str, TeamLimits] | None = None,
+        approvals: Approvals | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.store_path = store_path
@@ -138,6 +139,8 @@ class ControlPlane:
         self.workers = workers
         self.teams = teams or {}
         """``[service.teams]`` limits for the core's sharing (``scheduler.share``)."""
+        self.approvals = approvals
+        """the service's: runs ask for approval instead of being held (``CoreConfig``)."""
         self.namespace = namespace_for(state_dir)
         self._started_ray = False
         self.actors: dict[str, Any] = {}
@@ -205,6 +208,7 @@ class ControlPlane:
                 lease_ttl=self.lease_ttl,
                 context=pack(self.context),
                 teams=pack(self.teams) if self.teams else None,
+                approvals=pack(self.approvals) if self.approvals is not None else None,
                 **notes,
             )
         )
@@ -245,6 +249,17 @@ class ControlPlane:
 
     def cancel(self, run_ids: list[str], reason: str) -> int:
         n: int = self._get(self.queue.cancel.remote(run_ids, reason), what="cancel")
+        return n
+
+    def set_team_spending(self, spent: dict[str, float]) -> None:
+        """What each team's attempts cost this month (the service sums the store's records)."""
+        self._get(self.queue.set_team_spending.remote(spent), what="set team spending")
+
+    def decide(self, run_ids: list[str], approve: bool, reason: str) -> int:
+        """Approve or reject runs waiting for approval; how many were waiting."""
+        n: int = self._get(
+            self.queue.decide.remote(run_ids, approve, reason), what="approve or reject"
+        )
         return n
 
     def failure(self, fatal: dict[str, str]) -> ControlPlaneError:

@@ -88,6 +88,7 @@ from stowplan.providers.base import (
 )
 from stowplan.scheduler.core import CoreConfig, SchedulerCore
 from stowplan.scheduler.events import (
+    ApprovalDecided,
     CancelRequested,
     Event,
     RestoredTask,
@@ -99,7 +100,7 @@ from stowplan.scheduler.events import (
     Transition,
 )
 from stowplan.scheduler.plan import RunPayload
-from stowplan.scheduler.share import TeamLimits
+from stowplan.scheduler.share import Approvals, TeamLimits
 from stowplan.scheduler.states import FINAL, LEASED, TaskState
 from stowplan.session import launch_spec, payload_of
 from stowplan.shell import AsyncioClock, CommandShell, ShellConfig
@@ -332,6 +333,7 @@ class QueueActor:
         tick: float = 0.2,
         context: bytes | None = None,
         teams: bytes | None = None,
+        approvals: bytes | None = None,
         state_dir: str | None = None,
         owner: tuple[int, float] | None = None,
     ) -> None:
@@ -344,7 +346,14 @@ class QueueActor:
         epoch = session_epoch(owner) if owner is not None else namespace
         limits = unpack(teams, dict[str, TeamLimits]) if teams else {}
         self.core = SchedulerCore(
-            CoreConfig(lease_ttl=lease_ttl, seed=seed, context=ctx, token_epoch=epoch, teams=limits)
+            CoreConfig(
+                lease_ttl=lease_ttl,
+                seed=seed,
+                context=ctx,
+                token_epoch=epoch,
+                teams=limits,
+                approvals=unpack(approvals, Approvals) if approvals else None,
+            )
         )
         self.payloads: dict[str, RunPayload] = {}
         self._dataset_ids = {d.id for d in ctx.datasets}
@@ -560,6 +569,29 @@ class QueueActor:
             self._fail(e)
             raise
 
+    async def set_team_spending(self, spent: dict[str, float]) -> None:
+        """Each team's recorded cloud spend this month (``SchedulerCore.set_team_spending``);
+        runs held for it are placed again when it leaves room."""
+        try:
+            await self._ensure()
+            self.core.set_team_spending(spent)
+            self._handle(Tick())
+        except Exception as e:
+            self._fail(e)
+            raise
+
+    async def decide(self, run_ids: list[str], approve: bool, reason: str) -> int:
+        """Approve or reject runs waiting in AWAITING_APPROVAL (``ApprovalDecided``); how many
+        of ``run_ids`` were waiting."""
+        try:
+            await self._ensure()
+            waiting = sum(1 for r in run_ids if self._state(r) is TaskState.AWAITING_APPROVAL)
+            self._handle(ApprovalDecided(run_ids=run_ids, approve=approve, reason=reason))
+            return waiting
+        except Exception as e:
+            self._fail(e)
+            raise
+
     async def sharing(self) -> dict[str, Any]:
         """Each limited team's use against its limits (``SchedulerCore.sharing``), for
         ``stowplan quota`` and the dashboard."""
@@ -610,10 +642,13 @@ class QueueActor:
     # ---- the shell's ports, on this actor's state ---------------------------------------------
 
     def _final(self, run_id: str) -> bool:
+        return self._state(run_id) in FINAL
+
+    def _state(self, run_id: str) -> TaskState | None:
         try:
-            return self.core.state(run_id) in FINAL
+            return self.core.state(run_id)
         except KeyError:
-            return False
+            return None
 
     def _handle(self, event: Event) -> None:
         if self.fatal is not None:

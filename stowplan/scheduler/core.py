@@ -110,6 +110,19 @@ instances an elastic pool lacks (``_make_up``) is never held: its runs were admi
 and their cost is counted. Held runs are placed again when something changes (a run ends,
 spending is refreshed): nothing is failed for the budget.
 
+Approvals
+---------
+``CoreConfig.approvals`` is set where someone can approve (the shared-lab service). Then a
+run the budget would hold (above) moves READY -> AWAITING_APPROVAL with the budget's reason
+instead of waiting READY, and a run the placer put on a pool of a provider in
+``Approvals.restricted`` does the same with that reason (nothing launches there for it). It
+takes no capacity and is not placed while it waits. ``ApprovalDecided`` (the service checked
+who may decide, and wrote the ledger) moves it back to READY, approved: no budget holds it, a
+launch for it is not cut, restricted pools may take it; or, rejected, to CANCELLED with the
+reason, its dependents with it. A decision on a run not waiting changes nothing. Without
+approvals the budget holds runs READY and no pool is restricted. After a restart a waiting
+run starts over from PENDING and asks again.
+
 Datasets
 --------
 ``CoreConfig.context`` holds the datasets the core starts with (a ``stowplan run``'s own
@@ -153,6 +166,7 @@ import msgspec
 
 from stowplan.errors import InternalError
 from stowplan.placement.problem import (
+    Assignment,
     Dataset,
     DemandClass,
     PlacementContext,
@@ -162,6 +176,7 @@ from stowplan.placement.problem import (
     expand,
 )
 from stowplan.scheduler.events import (
+    ApprovalDecided,
     Cancel,
     CancelRequested,
     Command,
@@ -188,7 +203,7 @@ from stowplan.scheduler.events import (
 )
 from stowplan.scheduler.reports import ProviderState, Report
 from stowplan.scheduler.retry import REPLACED, Backoff, backoff_seconds, should_retry
-from stowplan.scheduler.share import Ledger, TeamLimits
+from stowplan.scheduler.share import Approvals, Ledger, TeamLimits
 from stowplan.scheduler.states import FINAL, LEASED, TaskState, Trigger, next_state
 from stowplan.spec.canonical import attempt_key
 from stowplan.spec.models import FailureClass, SpendBudget
@@ -238,6 +253,10 @@ class CoreConfig:
     teams: Mapping[str, TeamLimits] = dc_field(default_factory=dict)
     """``[service.teams]``: each team's GPU limits, guarantees and GPU-hours (module doc:
     *Sharing*); runs of a team not named here, or of no team, are not limited by sharing."""
+    approvals: Approvals | None = None
+    """where someone can approve (the service): runs a budget would hold, or placed on a
+    restricted provider's pool, wait in AWAITING_APPROVAL (module doc: *Approvals*); None:
+    a budget holds them READY and no pool is restricted."""
     backlog_s: float = 30.0
     """the most expected work, in seconds per slot, the core keeps queued at a provider that
     queues work itself (``Pool.queue_depth``; module doc: *Backlog*); 0: none."""
@@ -251,6 +270,7 @@ _SharingRound = tuple[Counter[str], dict[str, Counter[str]], dict[str, Counter[s
 
 class _Run:
     __slots__ = (
+        "approved",
         "attempt",
         "bucket",
         "dependents",
@@ -295,6 +315,8 @@ class _Run:
         self.reconcile_token = 0
         """the live entry of the core's reconcile heap for this run (older ones are stale)."""
         self.bucket: tuple[object, ...] | None = None
+        self.approved = False
+        """someone approved it: no budget holds it, restricted pools may take it."""
         self.replaced = 0
         """NO_CAPACITY refusals in a row (since an attempt last ran or ended otherwise)."""
         self.refused_in: tuple[str, ...] = ()
@@ -525,6 +547,8 @@ class SchedulerCore:
             self._on_provisioned(event)
         elif isinstance(event, ElasticRefused):
             self._on_refused(event)
+        elif isinstance(event, ApprovalDecided):
+            self._on_decided(event)
         else:  # pragma: no cover - the union is closed
             raise InternalError(f"unknown event {type(event).__name__}")
         return self._flush()
@@ -570,6 +594,8 @@ class SchedulerCore:
                 "holds": dict(sorted(self._share.held.get(team, Counter()).items())),
                 "gpu_hours": self._share.gpu_seconds(team, self._now) / 3600,
                 "waiting_gpus": waiting.get(team, 0),
+                "spent_usd": self._share.spent_usd.get(team, 0.0),
+                "running_usd": max(0.0, self._share.committed_usd.get(team, 0.0)),
                 "limits": msgspec.to_builtins(limits),
             }
             for team, limits in sorted(self._share.teams.items())
@@ -801,12 +827,22 @@ class SchedulerCore:
         held: dict[str, str] = {}  # elastic pool -> why (some of) its launch was not ordered
         launching: set[str] = set()
         extra = 0.0  # the estimate of the launches ordered so far in this answer
+        assigned = list(expand(problem, solution))
+        # a launch for an approved run is not held: someone accepted what it costs
+        approved = {a.pool_id for a in assigned if self._runs[a.class_id].approved}
+        restricted = self.config.approvals.restricted if self.config.approvals else ()
+        over_month = self._over_month(assigned)
+        needed = {a.pool_id for a in assigned if a.class_id not in over_month}
         for pid, k in sorted(solution.instances.items()):
             p = self._pools.get(pid)
             if p is None or p.node is None or pid in self._refused or k <= 0:
                 continue
+            if p.provider in restricted and pid not in approved:
+                continue  # nothing launches there for runs that must ask first
+            if pid not in needed:
+                continue  # every run it was for would break its team's month
             k = min(k, p.max_instances - self._launched.get(pid, 0))  # rediscovered smaller?
-            if k > 0 and self._budget is not None and p.price_per_hour > 0:
+            if k > 0 and self._budget is not None and p.price_per_hour > 0 and pid not in approved:
                 unit = p.price_per_hour * max(_runtime(problem, solution, pid), MIN_BILLED_S)
                 unit /= 3600.0
                 if self._over_budget(extra + k * unit) is not None:
@@ -820,7 +856,7 @@ class SchedulerCore:
                 self._order(p, k, provision=True)
         rooms: dict[str, _Room] = {}
         placed = 0
-        for a in expand(problem, solution):  # one per run, in the solution's order
+        for a in assigned:  # one per run, in the solution's order
             pool = self._pools.get(a.pool_id)
             if pool is None:
                 continue
@@ -830,22 +866,32 @@ class SchedulerCore:
             run = self._runs[a.class_id]
             if run.state is not TaskState.READY:
                 continue  # cancelled while the solver ran
+            if run.task.run_id in over_month:
+                self._over(run, over_month[run.task.run_id])
+                continue
+            if restricted and pool.provider in restricted and not run.approved:
+                self._ask(
+                    run,
+                    f"placed on pool {pool.id}: provider {pool.provider} is "
+                    "restricted, a run goes there only once approved",
+                )
+                continue
             gpu_model = room.take(run.task, a.gpu_model)
             if gpu_model is None:
                 if pool.id in held:  # the room it needed was not launched: over budget
-                    self._hold(run, held[pool.id])
+                    self._over(run, held[pool.id])
                 continue  # no room left now (the pool shrank meanwhile): stays READY
             if run.task.max_concurrent and (
                 self._group_active[run.task.group] >= run.task.max_concurrent
             ):
                 room.give_back(run.task, gpu_model)
                 continue
-            if pool.id not in launching and self._priced(pool):
+            if pool.id not in launching and self._priced(pool) and not run.approved:
                 # on instances already up: it keeps one from stopping, which costs too
                 why = self._over_budget(self._estimate(run.task, pool))
                 if why is not None:
                     room.give_back(run.task, gpu_model)
-                    self._hold(run, why)
+                    self._over(run, why)
                     continue
             self._dispatch(run, pool, gpu_model)
             placed += 1
@@ -854,8 +900,40 @@ class SchedulerCore:
             self._stalled_at = self._generation
         self._maybe_solve()
 
+    def _over_month(self, assigned: list[Assignment]) -> dict[str, str]:
+        """Run id -> why, for the runs of an answer that would break their team's monthly
+        cloud spend (``TeamLimits.monthly_usd``), counting the team's runs before them."""
+        out: dict[str, str] = {}
+        extra: dict[str, float] = {}
+        for a in assigned:
+            run = self._runs[a.class_id]
+            team = run.task.team
+            pool = self._pools.get(a.pool_id)
+            if not team or run.approved or pool is None or not self._priced_pool(pool):
+                continue
+            if run.state is not TaskState.READY:
+                continue
+            est = self._estimate(run.task, pool)
+            why = self._share.over_month(team, est, extra.get(team, 0.0))
+            if why is None:
+                extra[team] = extra.get(team, 0.0) + est
+            else:
+                out[run.task.run_id] = why
+        return out
+
     def _priced(self, pool: Pool) -> bool:
-        return self._budget is not None and pool.id in self._elastic and pool.price_per_hour > 0
+        return self._budget is not None and self._priced_pool(pool)
+
+    def _priced_pool(self, pool: Pool) -> bool:
+        return pool.id in self._elastic and pool.price_per_hour > 0
+
+    def set_team_spending(self, spent: Mapping[str, float]) -> None:
+        """What each team's attempts cost this month, as the store recorded (the service sums
+        them over the team's experiments); more room lets held runs be placed again."""
+        before = dict(self._share.spent_usd)
+        self._share.set_spent(spent)
+        if self._share.spent_usd != before:
+            self._generation += 1
 
     def _over_budget(self, more_usd: float, also_usd: float = 0.0) -> str | None:
         """Why spending ``more_usd`` more now would break the budget (None: it would not);
@@ -886,8 +964,16 @@ class SchedulerCore:
             share = min(1.0, max(parts, default=1.0))
         return pool.price_per_hour * share * max(t.runtime_s, MIN_BILLED_S) / 3600.0
 
+    def _over(self, run: _Run, why: str) -> None:
+        """``run`` would break the budget: held READY, or, where someone can approve, waiting
+        in AWAITING_APPROVAL."""
+        if self.config.approvals is not None:
+            self._ask(run, why)
+        else:
+            self._hold(run, why)
+
     def _hold(self, run: _Run, why: str) -> None:
-        """Keep READY ``run`` waiting for the budget; its reason is recorded once."""
+        """Keep READY ``run`` waiting (a budget, a team's limit); its reason is recorded once."""
         if run.held == why:
             return
         run.held = why
@@ -1032,6 +1118,28 @@ class SchedulerCore:
             self._reconcile_heap, (self._now + delay, run.reconcile_token, run.task.run_id)
         )
 
+    def _ask(self, run: _Run, why: str) -> None:
+        """READY ``run`` waits for someone to approve it (module doc: *Approvals*)."""
+        assert run.bucket is not None
+        self._ready[run.bucket].pop(run.task.run_id, None)
+        self._move(run, Trigger.ASK_APPROVAL, None, why)
+
+    def _on_decided(self, ev: ApprovalDecided) -> None:
+        for run_id in ev.run_ids:
+            run = self._runs.get(run_id)
+            if run is None or run.state is not TaskState.AWAITING_APPROVAL:
+                continue
+            if ev.approve:
+                run.approved = True
+                run.held = ""
+                self._generation += 1
+                self._move(run, Trigger.APPROVED, None, ev.reason)
+                self._enqueue_ready(run)
+            else:
+                self._move(run, Trigger.REJECTED, FailureClass.CANCELLED, ev.reason)
+                self._cascade(run)
+        self._maybe_solve()
+
     def _on_cancel(self, ev: CancelRequested) -> None:
         for run_id in ev.run_ids:
             run = self._runs.get(run_id)
@@ -1104,6 +1212,9 @@ class SchedulerCore:
         if pool is not None and pool.id in self._elastic and pool.price_per_hour > 0:
             run.est_usd = self._estimate(t, pool)
             self._committed += run.est_usd
+            if t.team:
+                c = self._share.committed_usd
+                c[t.team] = c.get(t.team, 0.0) + run.est_usd
 
     def _renew(self, run: _Run) -> None:
         run.lease_until = self._now + self.config.lease_ttl
@@ -1113,6 +1224,9 @@ class SchedulerCore:
     def _release(self, run: _Run) -> None:
         self._generation += 1
         self._committed -= run.est_usd
+        if run.task.team and run.est_usd:
+            c = self._share.committed_usd
+            c[run.task.team] = c.get(run.task.team, 0.0) - run.est_usd
         run.est_usd = 0.0
         if run.pool is None:
             return
@@ -1443,7 +1557,20 @@ class SchedulerCore:
         for _, _, gpus in free.values():
             for m, n in gpus.items():
                 lab_free[m] += max(0, n)
-        all_models = tuple(sorted({m for p in self._pools.values() for m in p.gpus}))
+        for p in self._pools.values():  # what elastic pools may still launch is the lab's too
+            room = p.max_instances - self._launched.get(p.id, 0)
+            if p.elastic and p.node is not None and room > 0 and p.id not in self._refused:
+                for m, n in p.node.gpus.items():
+                    lab_free[m] += room * n
+        all_models = tuple(
+            sorted(
+                {
+                    m
+                    for p in self._pools.values()
+                    for m in (*p.gpus, *(p.node.gpus if p.node else ()))
+                }
+            )
+        )
         waiting: dict[str, Counter[str]] = {}
         for _, bucket in buckets:
             t = self._runs[next(iter(bucket))].task

@@ -130,6 +130,17 @@ class CancelRequested(Struct, frozen=True, kw_only=True, tag=True):
     reason: str = "cancelled by user"
 
 
+class ApprovalDecided(Struct, frozen=True, kw_only=True, tag=True):
+    """Someone allowed to (the service checked who) approved or rejected runs waiting in
+    AWAITING_APPROVAL: approved ones are placed again and may exceed the budget and use
+    restricted pools; rejected ones are CANCELLED with ``reason``. Runs in any other state
+    are left alone."""
+
+    run_ids: list[str]
+    approve: bool
+    reason: str = ""
+
+
 class Tick(Struct, frozen=True, kw_only=True, tag=True):
     """Time has passed: due retries become READY, expired leases become LOST."""
 
@@ -144,6 +155,7 @@ Event = (
     | Tick
     | Provisioned
     | ElasticRefused
+    | ApprovalDecided
 )
 
 

@@ -43,6 +43,18 @@ class TeamLimits(Struct, frozen=True, kw_only=True):
     window_s: float = 7 * 86400.0
     weight: float = 1.0
     """the team's share in fair-share ordering: usage is divided by it."""
+    monthly_usd: float | None = None
+    """dollars the team's runs may cost on priced (cloud) pools per calendar month (UTC);
+    None: no limit."""
+
+
+class Approvals(Struct, frozen=True, kw_only=True):
+    """Where someone can approve (the shared-lab service): runs a budget would hold, or that
+    the placer put on a restricted provider's pool, wait in ``AWAITING_APPROVAL`` with the
+    reason instead (core module doc: *Approvals*)."""
+
+    restricted: tuple[str, ...] = ()
+    """``[service] restricted``: providers whose pools a run may use only once approved."""
 
 
 class Room(Struct, frozen=True):
@@ -64,6 +76,10 @@ class Ledger:
         """team -> (when an attempt ended, its GPU-seconds), oldest first."""
         self._running: dict[str, dict[str, tuple[float, int]]] = {}
         """team -> run id -> (when it started, GPUs): counted into the window as it runs."""
+        self.spent_usd: dict[str, float] = {}
+        """team -> dollars recorded for its attempts this month (``set_spent``)."""
+        self.committed_usd: dict[str, float] = {}
+        """team -> estimated dollars of its runs leased on priced pools now."""
 
     # -- bookkeeping ----------------------------------------------------------------------
 
@@ -104,7 +120,29 @@ class Ledger:
         )
         return done + live
 
+    def set_spent(self, spent: Mapping[str, float]) -> None:
+        """What the store recorded as spent this month, per team (the service sums it); a
+        team left out spent nothing."""
+        self.spent_usd = {t: float(v) for t, v in spent.items()}
+
     # -- decisions ------------------------------------------------------------------------
+
+    def over_month(self, team: str, more_usd: float, also_usd: float = 0.0) -> str | None:
+        """Why ``more_usd`` more for ``team`` would break its ``monthly_usd``; None if not.
+        ``also_usd``: what the team's runs placed before this one in the same answer add."""
+        limits = self.teams.get(team)
+        if limits is None or limits.monthly_usd is None:
+            return None
+        spent = self.spent_usd.get(team, 0.0)
+        running = max(0.0, self.committed_usd.get(team, 0.0)) + also_usd
+        if spent + running + more_usd <= limits.monthly_usd + 1e-9:
+            return None
+        return (
+            f"held: team {team}'s monthly cloud spend of ${limits.monthly_usd:,.2f} would be "
+            f"exceeded (${spent:,.2f} spent this month, ${running:,.2f} running, this run "
+            f"${more_usd:,.2f} more); raise [service.teams.{team}] monthly_usd, or a team admin "
+            "approves it"
+        )
 
     def room(
         self,

@@ -11,6 +11,7 @@ count later::
                  ^                     |            |         |
                  +---- RETRYING <------+------------+---------+   (infrastructure failures)
     SUBMITTING | QUEUED | RUNNING --lease expired--> LOST --reconciled--> RUNNING | ... | RETRYING
+    READY --asks--> AWAITING_APPROVAL --approved--> READY    (--rejected--> CANCELLED)
 
 Invariants the core keeps (and the property tests check):
 
@@ -35,6 +36,7 @@ class TaskState(enum.StrEnum):
 
     PENDING = "PENDING"
     READY = "READY"
+    AWAITING_APPROVAL = "AWAITING_APPROVAL"
     PLACED = "PLACED"
     SUBMITTING = "SUBMITTING"
     QUEUED = "QUEUED"
@@ -61,6 +63,9 @@ class Trigger(enum.StrEnum):
     BACKOFF_DONE = "backoff_done"
     LEASE_EXPIRED = "lease_expired"
     CANCEL = "cancel"
+    ASK_APPROVAL = "ask_approval"
+    APPROVED = "approved"
+    REJECTED = "rejected"
 
 
 FINAL = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED})
@@ -75,6 +80,10 @@ TRANSITIONS: dict[tuple[TaskState, Trigger], TaskState] = {
     (S.READY, T.PLACED): S.PLACED,
     (S.READY, T.CANCEL): S.CANCELLED,
     (S.READY, T.FAILED): S.FAILED,  # no pool can ever run it
+    (S.READY, T.ASK_APPROVAL): S.AWAITING_APPROVAL,  # a budget, a restricted pool
+    (S.AWAITING_APPROVAL, T.APPROVED): S.READY,
+    (S.AWAITING_APPROVAL, T.REJECTED): S.CANCELLED,
+    (S.AWAITING_APPROVAL, T.CANCEL): S.CANCELLED,
     (S.PLACED, T.SUBMIT): S.SUBMITTING,
     (S.PLACED, T.CANCEL): S.CANCELLED,
     (S.SUBMITTING, T.ACCEPTED): S.QUEUED,

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 WAITING = (
     TaskState.PENDING,
     TaskState.READY,
+    TaskState.AWAITING_APPROVAL,
     TaskState.PLACED,
     TaskState.SUBMITTING,
     TaskState.QUEUED,
