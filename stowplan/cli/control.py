@@ -141,7 +141,15 @@ def watch(plane: Any, ids: list[str], total: int, started: float, err: Console) 
             done = sum(counts.get(s, 0) for s in FINAL)
             queued = sum(
                 counts.get(s, 0)
-                for s in ("PENDING", "READY", "PLACED", "SUBMITTING", "QUEUED", "RETRYING")
+                for s in (
+                    "PENDING",
+                    "READY",
+                    "AWAITING_APPROVAL",
+                    "PLACED",
+                    "SUBMITTING",
+                    "QUEUED",
+                    "RETRYING",
+                )
             )
             line = (
                 f"queued {queued}  running {counts.get('RUNNING', 0)}  "

@@ -128,6 +128,8 @@ SERVER_COMMANDS = (
     "replay",
     "audit",
     "quota",
+    "approve",
+    "reject",
 )
 """Every command that works against a service with ``--server URL`` or $STOWPLAN_SERVER."""
 
@@ -162,11 +164,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             from stowplan.cli import money
 
             return money.cmd_prices(args) if args.command == "prices" else money.cmd_gc(args)
-        if args.command in ("serve", "token", "quota"):
+        if args.command in ("serve", "token", "quota", "approve", "reject"):
             from stowplan.cli import service
 
             if args.command == "quota":
                 return service.cmd_quota(args)
+            if args.command in ("approve", "reject"):
+                return service.cmd_decide(args)
             return service.cmd_serve(args) if args.command == "serve" else service.cmd_token(args)
         if args.command in ("sim", "whatif"):
             from stowplan.cli import sim

@@ -36,6 +36,12 @@ def add_parsers(sub: Any) -> None:
         "local Ray is started",
     )
     sv.add_argument(
+        "--log-format",
+        choices=("json", "text"),
+        default=None,
+        help="one JSON object a line, or text for a terminal ([service] log_format; json)",
+    )
+    sv.add_argument(
         "--read-only",
         action="store_true",
         help="serve the store without a control plane: reads work, submissions and cancels "
@@ -46,6 +52,14 @@ def add_parsers(sub: Any) -> None:
         "quota", help="each team's GPUs and GPU-hours against its limits, from the service"
     )
     qu.add_argument("--json", action="store_true")
+
+    for verb, what in (
+        ("approve", "approve a run waiting for approval (a budget, a restricted pool)"),
+        ("reject", "reject a run waiting for approval: it is cancelled"),
+    ):
+        dp = sub.add_parser(verb, help=what + ", through the service")
+        dp.add_argument("run", help="run id (prefix)")
+        dp.add_argument("--why", required=True, help="recorded in the ledger with your name")
 
     tk = sub.add_parser("token", help="API tokens of the service's users")
     tsub = tk.add_subparsers(dest="token_command", required=True)
@@ -149,6 +163,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     plane = None
     if not args.read_only:
         from stowplan.actors.control import ControlPlane
+        from stowplan.scheduler.share import Approvals
 
         settings = project.config.placement
         plane = ControlPlane(
@@ -160,14 +175,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
             budget=settings.budget,
             workers=settings.workers,
             teams={n: t.limits() for n, t in sorted(project.config.service.teams.items())},
+            approvals=Approvals(restricted=tuple(sorted(set(cfg.restricted)))),
         )
     store = RunStore(store_path)
     people = _people(state_dir)
+    spending = None
     try:
         if plane is not None:
+            from stowplan.service.spending import EVERY_S, TeamSpending
+
             plane.start()
+            spending = TeamSpending(store_path, people, plane, sorted(cfg.teams), EVERY_S)
+            spending.start()
         state = ServiceState(
-            project=project, state_dir=state_dir, store=store, people=people, plane=plane
+            project=project,
+            state_dir=state_dir,
+            store=store,
+            people=people,
+            plane=plane,
+            keepalive_s=float(cfg.keepalive),
         )
         ssl: dict[str, Any] = {}
         if cfg.tls is not None:
@@ -176,12 +202,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 "ssl_certfile": str(root / Path(cfg.tls.cert).expanduser()),
                 "ssl_keyfile": str(root / Path(cfg.tls.key).expanduser()),
             }
+        from stowplan.service.logs import log_config
+
         server = _make_server(
             uvicorn.Config(
                 create_app(state),
                 host=args.bind or cfg.bind,
                 port=port,
                 log_level="info",
+                log_config=log_config(args.log_format or cfg.log_format),
+                access_log=False,  # stowplan.access logs each request (service/logs.py)
                 lifespan="on",
                 timeout_graceful_shutdown=30,
                 **ssl,
@@ -193,6 +223,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 130 if signal.SIGINT in server.stopped_by else 0
     finally:
         try:
+            if spending is not None:
+                spending.stop()
             if plane is not None:
                 plane.stop(drain=True)
         finally:
@@ -281,6 +313,34 @@ def cmd_token(args: argparse.Namespace) -> int:
         return 0
 
 
+def cmd_decide(args: argparse.Namespace) -> int:
+    """``stowplan approve|reject RUN --why TEXT``: ``POST /api/v1/runs/RUN/approve|reject``.
+    Who may decide (a team admin for the team's runs, an admin) is the service's to check."""
+    from stowplan.service.api import DecideResponse
+    from stowplan.service.client import call, path_of, server_of
+    from stowplan.spec.units import plural
+
+    verb = args.command
+    url = server_of(args)
+    if url is None:
+        raise SpecError(
+            f"stowplan {verb} asks the shared-lab service, where runs wait for approval",
+            path="--server",
+            hint="pass --server URL or set STOWPLAN_SERVER (and STOWPLAN_TOKEN)",
+        )
+    answer = call(
+        url, "POST", path_of("runs", args.run, verb), DecideResponse, json={"why": args.why}
+    )
+    if answer.decided:
+        print(f"{verb}d {plural(answer.decided, 'run')}: {answer.run_id[:12]} is {answer.state}")
+    else:
+        print(
+            f"nothing to {verb}: run {answer.run_id[:12]} is {answer.state}, "
+            "not waiting for approval"
+        )
+    return 0
+
+
 def cmd_quota(args: argparse.Namespace) -> int:
     """``stowplan quota``: what ``GET /api/v1/quota`` answers, as a table (``--json``: as is).
     Quotas live in the running service, so it needs ``--server`` or $STOWPLAN_SERVER."""
@@ -304,12 +364,16 @@ def cmd_quota(args: argparse.Namespace) -> int:
         sys.stdout.write(msgspec.json.encode(teams).decode() + "\n")
         return 0
     grid = Table(show_edge=False)
-    for col in ("team", "GPUs held", "max", "guaranteed", "waiting", "GPU-hours", "weight"):
+    cols = ("team", "GPUs held", "max", "guaranteed", "waiting", "GPU-hours", "cloud $", "weight")
+    for col in cols:
         grid.add_column(col, justify="left" if col == "team" else "right")
     for t in teams:
         hours = f"{t.gpu_hours:,.1f}"
         if t.gpu_hours_limit is not None:
             hours += f" / {t.gpu_hours_limit:,g} per {span_text(t.window_s)}"
+        dollars = f"{t.spent_usd + t.running_usd:,.2f}"
+        if t.monthly_usd is not None:
+            dollars += f" / {t.monthly_usd:,.2f} a month"
         grid.add_row(
             t.team,
             _models(t.holds) or "0",
@@ -317,6 +381,7 @@ def cmd_quota(args: argparse.Namespace) -> int:
             _models(t.guaranteed_gpus) or "-",
             str(t.waiting_gpus),
             hours,
+            dollars,
             f"{t.weight:g}",
         )
     c = make_console(soft_wrap=True)

@@ -6,7 +6,8 @@ every string that becomes a path on the server has a pattern that cannot climb o
 
 from __future__ import annotations
 
-from typing import Annotated, Final
+from collections.abc import Iterable
+from typing import Annotated, Final, Literal
 
 import msgspec
 from msgspec import Meta
@@ -81,6 +82,24 @@ class SubmitRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     why: Why = ""
 
 
+def files_clash(filename: str, files: Iterable[str]) -> str | None:
+    """What makes a submission's files impossible to write beside its experiment file: a
+    name that is a file and also the directory of another (``a`` and ``a/b``), said for the
+    400; None when there is none."""
+    dirs: dict[str, str] = {}
+    for name in sorted(files):
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            dirs.setdefault("/".join(parts[:i]), name)
+    for name in sorted({filename, *files}):
+        if name in dirs:
+            return (
+                f"{name!r} is a file and also the directory of {dirs[name]!r}: a name can be "
+                "only one of them"
+            )
+    return None
+
+
 class PlanRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``POST /api/v1/plan``: what ``stowplan plan`` would show for this experiment on the
     lab's providers; nothing is submitted or recorded."""
@@ -124,6 +143,21 @@ class CancelResponse(msgspec.Struct, frozen=True, kw_only=True):
     cancelled: int
 
 
+class DecideRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``POST /api/v1/runs/{ref}/approve`` or ``/reject``: why (the ledger keeps it)."""
+
+    why: Why
+
+
+class DecideResponse(msgspec.Struct, frozen=True, kw_only=True):
+    run_id: str
+    decision: Literal["approve", "reject"]
+    decided: int
+    """1 when the run was waiting for approval and now is not; 0 when it was not waiting."""
+    state: str
+    """the run's state now."""
+
+
 class CancelExperimentResponse(msgspec.Struct, frozen=True, kw_only=True):
     """``POST /api/v1/experiments/{ref}/cancel``: every unfinished run of it."""
 
@@ -157,6 +191,12 @@ class TeamUse(msgspec.Struct, frozen=True, kw_only=True):
     guaranteed_gpus: dict[str, int]
     max_gpus: dict[str, int]
     weight: float
+    monthly_usd: float | None = None
+    """its cloud spend limit per calendar month (UTC); None: no limit."""
+    spent_usd: float = 0.0
+    """dollars recorded for its attempts this month."""
+    running_usd: float = 0.0
+    """estimated dollars of its runs on cloud pools now."""
 
 
 class Health(msgspec.Struct, frozen=True, kw_only=True):

@@ -14,11 +14,13 @@ handles are blocking, and a slow submission must not stall reads.
 from __future__ import annotations
 
 import base64
+import contextlib
+import functools
 import logging
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 from litestar import Litestar, Request, Response, get, post
@@ -32,7 +34,10 @@ from litestar.exceptions import (
     ValidationException,
 )
 from litestar.openapi.config import OpenAPIConfig
-from litestar.params import FromPath, Parameter, RequestBody
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import Components, OpenAPIType, Schema, SecurityScheme
+from litestar.params import Parameter, PathParameter, RequestBody
+from litestar.plugins import OpenAPISchemaPlugin
 from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
@@ -42,7 +47,7 @@ from stowplan.provenance.query import LineageGraph
 from stowplan.provenance.records import LedgerEntry, RunRecord
 from stowplan.provenance.store import RunStore
 from stowplan.providers.base import LogStream
-from stowplan.scheduler.states import FINAL
+from stowplan.scheduler.states import FINAL, TaskState
 from stowplan.service import dashboard, metrics, views
 from stowplan.service.api import (
     API_PREFIX,
@@ -57,12 +62,16 @@ from stowplan.service.api import (
     CancelExperimentResponse,
     CancelRequest,
     CancelResponse,
+    DecideRequest,
+    DecideResponse,
+    ErrorBody,
     Health,
     PlanRequest,
     PlanResponse,
     SubmitRequest,
     SubmitResponse,
     TeamUse,
+    files_clash,
 )
 from stowplan.service.auth import Action, Principal, Scope, allowed, principal_of, scope_of
 from stowplan.service.people import People
@@ -85,8 +94,11 @@ class ServiceState:
         store: RunStore,
         people: People,
         plane: Any | None = None,
+        keepalive_s: float | None = None,
     ) -> None:
         self.project = project
+        self.keepalive_s = KEEPALIVE_S if keepalive_s is None else keepalive_s
+        """Seconds between keep-alive comments on an idle log stream."""
         self.config = project.config.service
         self.state_dir = state_dir
         self.store = store
@@ -153,6 +165,13 @@ def _ref(value: str, pattern: str, what: str) -> str:
     return value
 
 
+def _writable(req: SubmitRequest | PlanRequest) -> None:
+    """400 for files that cannot all be written beside the experiment file."""
+    clash = files_clash(req.filename, req.files)
+    if clash is not None:
+        raise ValidationException(f"invalid request: $.files: {clash}")
+
+
 def _resolve_run(state: ServiceState, ref: str) -> str:
     try:
         return state.store.resolve_run(_ref(ref, RUN_REF_PATTERN, "a run id"))
@@ -162,16 +181,159 @@ def _resolve_run(state: ServiceState, ref: str) -> str:
         raise ValidationException(str(e.args[0] if e.args else e)) from None
 
 
+# -- the OpenAPI document says what the handlers hold requests to -----------------------------
+
+ERRORS: Final = {
+    status: ResponseSpec(ErrorBody, description=text, generate_examples=False)
+    for status, text in (
+        (400, "the request is malformed: the detail names the field and what it must be"),
+        (401, "no API token, or one that is malformed, forged, revoked or expired"),
+        (403, "the caller's role may not do this, or not to another team's runs"),
+        (404, "no such experiment or run"),
+        (409, "a request id used before for another submission, or a provider gone"),
+        (413, "the body is larger than [service] max_body"),
+        (503, "this service runs no control plane, or it is failing"),
+    )
+}
+"""Every error answer an ``/api/v1`` endpoint may give: an ``ErrorBody``."""
+
+RunRef = Annotated[
+    str, PathParameter(description="a run id (prefix)", schema_extra={"pattern": RUN_REF_PATTERN})
+]
+ExperimentRef = Annotated[
+    str,
+    PathParameter(
+        description="an experiment's name or id", schema_extra={"pattern": EXPERIMENT_REF_PATTERN}
+    ),
+]
+LineageTarget = Annotated[
+    str,
+    PathParameter(
+        description="a run id or artifact hash (prefix), or an output's name",
+        schema_extra={"pattern": LINEAGE_TARGET_PATTERN},
+    ),
+]
+FindText = Annotated[str | None, Parameter(schema_extra={"pattern": FILTER_PATTERN})]
+STATES: Final = sorted({v for s in TaskState for v in (s.value, s.value.lower())})
+"""``find --state``: a run state, in either case."""
+PARAM_FILTER_PATTERN: Final = (
+    r"\A *[A-Za-z_][\w.-]* *(==|!=|>=|<=|>|<|=) *[^<>=!\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*\Z"
+)
+"""``find --param``: NAME OP VALUE, as ``provenance.query.parse_param_filter`` reads it and
+with no control character (``FILTER_PATTERN``)."""
+
+
+@functools.cache
+def strict_decoder(t: Any) -> msgspec.json.Decoder[Any] | None:
+    """The decoder of a request body type (a Struct that forbids unknown fields, as every
+    ``*Request`` of ``api`` does), decoding as msgspec does everywhere else: strictly.
+
+    NOTE: Litestar converts a body to its type leniently (``"json": 0`` becomes ``False``,
+    ``"budget": "5"`` becomes ``5.0``); ``_strict_body`` refuses what the document does not
+    allow before the handler runs."""
+    strict = isinstance(t, type) and issubclass(t, msgspec.Struct)
+    if strict and t.__struct_config__.forbid_unknown_fields:
+        return msgspec.json.Decoder(t)
+    return None
+
+
+async def _strict_body(request: Request[Any, Any, Any]) -> None:
+    """400 for a body that its type's strict decoder refuses, naming the field."""
+    field = request.route_handler.parsed_data_field
+    decoder = strict_decoder(field.annotation) if field is not None else None
+    if decoder is None:
+        return
+    raw = await request.body()
+    try:
+        decoder.decode(raw)
+    except msgspec.ValidationError as e:
+        raise ValidationException(f"invalid request: {_in_words(str(e))}") from None
+    except msgspec.DecodeError as e:
+        raise ValidationException(f"the body is not valid JSON (malformed): {e}") from None
+
+
+def _in_words(msg: str) -> str:
+    """msgspec's ``message - at `$.path``` as ``$.path: message``, a pattern said in words."""
+    text, _, where = msg.partition(" - at ")
+    for pattern, words in PATTERN_TEXT.items():
+        if repr(pattern) in text:
+            text = words
+    where = where.strip("`").replace("` in `", " in ")
+    return f"{where}: {text}" if where else text
+
+
+class RequestSchemas(OpenAPISchemaPlugin):
+    """The request Structs in the document as msgspec decodes them: no unknown field
+    (``forbid_unknown_fields``), the files' names with their pattern, their bytes base64."""
+
+    def is_plugin_supported_field(self, field_definition: Any) -> bool:
+        return strict_decoder(field_definition.annotation) is not None
+
+    def to_openapi_schema(self, field_definition: Any, schema_creator: Any) -> Schema:
+        # the schema Litestar makes of any Struct (the next plugin for it), completed
+        struct = next(
+            p
+            for p in schema_creator.plugins
+            if p is not self and schema_creator.plugin_supports_field(p, field_definition)
+        )
+        schema: Schema = struct.to_openapi_schema(field_definition, schema_creator)
+        schema.additional_properties = False
+        info = msgspec.inspect.type_info(field_definition.annotation)
+        for f in info.fields if isinstance(info, msgspec.inspect.StructType) else ():
+            t = f.type
+            prop = (schema.properties or {}).get(f.encode_name)
+            number = _number(t)
+            if isinstance(prop, Schema) and number is not None:
+                # NOTE: Litestar leaves out a bound of 0 (``ge=0``)
+                prop.minimum = number.ge if prop.minimum is None else prop.minimum
+                prop.maximum = number.le if prop.maximum is None else prop.maximum
+                if number.gt is not None and prop.exclusive_minimum is None:
+                    prop.exclusive_minimum = number.gt
+                if number.lt is not None and prop.exclusive_maximum is None:
+                    prop.exclusive_maximum = number.lt
+            if not isinstance(t, msgspec.inspect.DictType):
+                continue
+            key = t.key_type
+            key = key.type if isinstance(key, msgspec.inspect.Metadata) else key
+            if isinstance(key, msgspec.inspect.StrType) and isinstance(
+                t.value_type, msgspec.inspect.BytesType
+            ):
+                (schema.properties or {})[f.encode_name] = Schema(
+                    type=OpenAPIType.OBJECT,
+                    property_names=Schema(type=OpenAPIType.STRING, pattern=key.pattern),
+                    additional_properties=Schema(
+                        type=OpenAPIType.STRING, content_encoding="base64"
+                    ),
+                    description="file contents (base64) by relative path",
+                )
+        return schema
+
+
+def _number(t: msgspec.inspect.Type) -> msgspec.inspect.FloatType | msgspec.inspect.IntType | None:
+    """The number type in ``t`` (itself, or in its Metadata or ``| None``), if any."""
+    if isinstance(t, msgspec.inspect.Metadata):
+        return _number(t.type)
+    if isinstance(t, msgspec.inspect.UnionType):
+        found = [n for n in map(_number, t.types) if n is not None]
+        return found[0] if len(found) == 1 else None
+    return t if isinstance(t, msgspec.inspect.FloatType | msgspec.inspect.IntType) else None
+
+
 # -- endpoints ------------------------------------------------------------------------------
 
 
-@get("/healthz", sync_to_thread=False)
+@get("/healthz", sync_to_thread=False, security=[{}])
 def healthz() -> Health:
     """The process answers."""
     return Health(ok=True)
 
 
-@get("/readyz", sync_to_thread=True)
+@get(
+    "/readyz",
+    sync_to_thread=True,
+    responses={503: ResponseSpec(Health, description="not ready, and why")},
+    security=[{}],
+)
 def readyz(request: Request[Any, Any, Any]) -> Response[Health]:
     """The store reads and the control plane answers: submissions can be taken."""
     state = _state(request)
@@ -188,7 +350,7 @@ def readyz(request: Request[Any, Any, Any]) -> Response[Health]:
     return Response(Health(ok=True), status_code=HTTP_200_OK)
 
 
-@get(f"{API_PREFIX}/experiments", sync_to_thread=True)
+@get(f"{API_PREFIX}/experiments", sync_to_thread=True, responses=ERRORS)
 def list_experiments(
     request: Request[Any, Any, Any], who: NamedDependency[Principal]
 ) -> list[views.ExperimentSummary]:
@@ -197,9 +359,9 @@ def list_experiments(
     return views.list_experiments(state.store, visible=state.visible(who))
 
 
-@get(f"{API_PREFIX}/experiments/{{ref:str}}/status", sync_to_thread=True)
+@get(f"{API_PREFIX}/experiments/{{ref:str}}/status", sync_to_thread=True, responses=ERRORS)
 def experiment_status(
-    request: Request[Any, Any, Any], who: NamedDependency[Principal], ref: FromPath[str]
+    request: Request[Any, Any, Any], who: NamedDependency[Principal], ref: ExperimentRef
 ) -> list[views.RunStatus]:
     """The newest replicate of each trial of the experiment named (or with id) ``ref``."""
     state = _state(request)
@@ -213,9 +375,9 @@ def experiment_status(
     return views.status_rows(state.store, runs)
 
 
-@get(f"{API_PREFIX}/runs/{{ref:str}}", sync_to_thread=True)
+@get(f"{API_PREFIX}/runs/{{ref:str}}", sync_to_thread=True, responses=ERRORS)
 def show_run(
-    request: Request[Any, Any, Any], who: NamedDependency[Principal], ref: FromPath[str]
+    request: Request[Any, Any, Any], who: NamedDependency[Principal], ref: RunRef
 ) -> views.RunDetail:
     """Everything recorded about one run (``stowplan show``)."""
     state = _state(request)
@@ -230,7 +392,14 @@ def show_run(
     )
 
 
-@post(f"{API_PREFIX}/experiments", sync_to_thread=True)
+@post(
+    f"{API_PREFIX}/experiments",
+    sync_to_thread=True,
+    responses={
+        200: ResponseSpec(SubmitResponse, description="the first answer to this request id"),
+        **ERRORS,
+    },
+)
 def submit(
     request: Request[Any, Any, Any],
     who: NamedDependency[Principal],
@@ -241,15 +410,21 @@ def submit(
     state = _state(request)
     if not allowed(who.role, Action.SUBMIT, Scope.OWN):
         raise PermissionDeniedException(f"{who.user} is a {who.role}: a viewer cannot submit")
+    _writable(data)
     answer, created = state.submitter.submit(who, data)
     return Response(answer, status_code=HTTP_201_CREATED if created else HTTP_200_OK)
 
 
-@post(f"{API_PREFIX}/runs/{{ref:str}}/cancel", sync_to_thread=True, status_code=HTTP_200_OK)
+@post(
+    f"{API_PREFIX}/runs/{{ref:str}}/cancel",
+    sync_to_thread=True,
+    status_code=HTTP_200_OK,
+    responses=ERRORS,
+)
 def cancel_run(
     request: Request[Any, Any, Any],
     who: NamedDependency[Principal],
-    ref: FromPath[str],
+    ref: RunRef,
     data: RequestBody[CancelRequest],
 ) -> CancelResponse:
     """Cancel one run; the ledger names the caller."""
@@ -274,7 +449,79 @@ def cancel_run(
     return CancelResponse(run_id=run_id, cancelled=int(n))
 
 
-@post(f"{API_PREFIX}/plan", sync_to_thread=True, status_code=HTTP_200_OK)
+def _decide(
+    request: Request[Any, Any, Any],
+    who: Principal,
+    ref: str,
+    why: str,
+    approve: bool,
+) -> DecideResponse:
+    """Approve or reject one run waiting in AWAITING_APPROVAL; the ledger names the caller,
+    the decision and why (written before the control plane acts, as for cancel)."""
+    from stowplan.session import run_ids_detail
+
+    state = _state(request)
+    run_id = _resolve_run(state, ref)
+    run = state.store.get_runs([run_id])[run_id]
+    state.check(who, Action.APPROVE, run.experiment_id)
+    decision: Literal["approve", "reject"] = "approve" if approve else "reject"
+    if run.state != TaskState.AWAITING_APPROVAL:
+        return DecideResponse(run_id=run_id, decision=decision, decided=0, state=run.state)
+    if state.plane is None:
+        raise NotRunningError("this service runs no control plane: nothing was decided")
+    state.store.append_ledger(
+        who=who.user,
+        action="approval",
+        target=run_id,
+        why=why,
+        details={
+            "decision": decision,
+            "target": ref,
+            "team": who.team,
+            "via": "service",
+            **run_ids_detail([run_id]),
+        },
+    )
+    verb = "approved" if approve else "rejected"
+    n = state.plane.decide([run_id], approve, f"{verb} by {who.user}: {why}")
+    now = (TaskState.READY if approve else TaskState.CANCELLED) if n else run.state
+    return DecideResponse(run_id=run_id, decision=decision, decided=int(n), state=now)
+
+
+@post(
+    f"{API_PREFIX}/runs/{{ref:str}}/approve",
+    sync_to_thread=True,
+    status_code=HTTP_200_OK,
+    responses=ERRORS,
+)
+def approve_run(
+    request: Request[Any, Any, Any],
+    who: NamedDependency[Principal],
+    ref: RunRef,
+    data: RequestBody[DecideRequest],
+) -> DecideResponse:
+    """Approve a run waiting for approval (a budget, a restricted pool): it is placed again
+    and neither holds it. For its team's admins and lab admins."""
+    return _decide(request, who, ref, data.why, approve=True)
+
+
+@post(
+    f"{API_PREFIX}/runs/{{ref:str}}/reject",
+    sync_to_thread=True,
+    status_code=HTTP_200_OK,
+    responses=ERRORS,
+)
+def reject_run(
+    request: Request[Any, Any, Any],
+    who: NamedDependency[Principal],
+    ref: RunRef,
+    data: RequestBody[DecideRequest],
+) -> DecideResponse:
+    """Reject a run waiting for approval: it is cancelled with the reason."""
+    return _decide(request, who, ref, data.why, approve=False)
+
+
+@post(f"{API_PREFIX}/plan", sync_to_thread=True, status_code=HTTP_200_OK, responses=ERRORS)
 def plan(
     request: Request[Any, Any, Any],
     who: NamedDependency[Principal],
@@ -287,14 +534,20 @@ def plan(
         raise PermissionDeniedException(
             f"{who.user} is a {who.role}: only those who may submit may plan"
         )
+    _writable(data)
     return state.submitter.plan(who, data)
 
 
-@post(f"{API_PREFIX}/experiments/{{ref:str}}/cancel", sync_to_thread=True, status_code=HTTP_200_OK)
+@post(
+    f"{API_PREFIX}/experiments/{{ref:str}}/cancel",
+    sync_to_thread=True,
+    status_code=HTTP_200_OK,
+    responses=ERRORS,
+)
 def cancel_experiment(
     request: Request[Any, Any, Any],
     who: NamedDependency[Principal],
-    ref: FromPath[str],
+    ref: ExperimentRef,
     data: RequestBody[CancelRequest],
 ) -> CancelExperimentResponse:
     """Cancel every unfinished run of the experiment named (or with id) ``ref``; refused
@@ -328,11 +581,16 @@ def cancel_experiment(
     return CancelExperimentResponse(experiment=ref, cancelled=int(n), run_ids=open_ids)
 
 
-@get(f"{API_PREFIX}/runs/{{ref:str}}/logs", sync_to_thread=True)
+@get(
+    f"{API_PREFIX}/runs/{{ref:str}}/logs",
+    sync_to_thread=True,
+    responses=ERRORS,
+    media_type="text/event-stream",
+)
 def run_logs(
     request: Request[Any, Any, Any],
     who: NamedDependency[Principal],
-    ref: FromPath[str],
+    ref: RunRef,
     stream: Literal["stdout", "stderr"] = "stdout",
     attempt: Annotated[int | None, Parameter(ge=1, le=1_000_000)] = None,
     follow: bool = False,
@@ -341,7 +599,8 @@ def run_logs(
     a base64 piece of the log whose ``id`` is the byte offset it ends at, then ``end``.
 
     A client that lost the connection sends the last ``id`` it got as ``Last-Event-ID`` and
-    gets the log from that byte on: nothing twice, nothing missed."""
+    gets the log from that byte on: nothing twice, nothing missed. While the log is quiet, a
+    ``: keep-alive`` comment comes every ``KEEPALIVE_S`` seconds."""
     state = _state(request)
     run_id = _resolve_run(state, ref)
     run = state.store.get_runs([run_id])[run_id]
@@ -367,13 +626,63 @@ def run_logs(
             status_code=409,
             detail=f"provider {att.provider!r} of this run is no longer configured on the service",
         )
+    events = _log_events(att.provider, cfg, state.state_dir, att.key, stream, follow, offset)
     return ServerSentEvent(
-        _log_events(att.provider, cfg, state.state_dir, att.key, stream, follow, offset),
+        _with_keepalive(events, state.keepalive_s),
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
 MAX_OFFSET = 1 << 53
+
+KEEPALIVE_S = 15.0
+"""How often a log stream with nothing new to send sends a comment (``: keep-alive``), so
+that proxies and load balancers do not cut a quiet ``logs -f`` as idle (nginx's default
+``proxy_read_timeout`` is 60 s), and a client that went away is noticed."""
+
+KEEPALIVE = ServerSentEventMessage(data=None, comment="keep-alive")
+
+
+async def _with_keepalive(
+    events: AsyncIterator[ServerSentEventMessage], every: float
+) -> AsyncIterator[ServerSentEventMessage]:
+    """``events``, with ``KEEPALIVE`` whenever none came for ``every`` seconds.
+
+    NOTE: ``events`` is iterated to its end in one task of its own, feeding a queue, rather
+    than awaited step by step under a timeout: a timeout would cancel it mid-read, and the
+    driver's cancel scopes must be left in the task that entered them. The task ends with
+    this generator (a client that leaves closes it)."""
+    import asyncio
+
+    queue: asyncio.Queue[tuple[ServerSentEventMessage | None, BaseException | None]]
+    queue = asyncio.Queue(maxsize=4)
+
+    async def pump() -> None:
+        try:
+            async for ev in events:
+                await queue.put((ev, None))
+        except Exception as e:  # handed to the reader, raised there
+            await queue.put((None, e))
+            return
+        await queue.put((None, None))
+
+    task = asyncio.get_running_loop().create_task(pump())
+    try:
+        while True:
+            try:
+                ev, error = await asyncio.wait_for(queue.get(), timeout=every)
+            except TimeoutError:
+                yield KEEPALIVE
+                continue
+            if error is not None:
+                raise error
+            if ev is None:
+                return
+            yield ev
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def _last_event_id(request: Request[Any, Any, Any]) -> int:
@@ -424,26 +733,39 @@ def _filter(value: str | None, name: str) -> str | None:
     return value
 
 
-@get(f"{API_PREFIX}/runs", sync_to_thread=True)
+@get(f"{API_PREFIX}/runs", sync_to_thread=True, responses=ERRORS)
 def find_runs(
     request: Request[Any, Any, Any],
     who: NamedDependency[Principal],
-    data_: Annotated[str | None, Parameter(query="data")] = None,
-    gpu: str | None = None,
-    code: str | None = None,
-    param: Annotated[list[str] | None, Parameter(max_items=32)] = None,
-    experiment: str | None = None,
-    task: str | None = None,
-    state_: Annotated[str | None, Parameter(query="state")] = None,
-    package: str | None = None,
-    host: str | None = None,
-    artifact: str | None = None,
+    data_: Annotated[
+        str | None, Parameter(query="data", schema_extra={"pattern": FILTER_PATTERN})
+    ] = None,
+    gpu: FindText = None,
+    code: FindText = None,
+    param: Annotated[
+        list[str] | None,
+        Parameter(
+            max_items=32,
+            schema_extra={
+                "items": Schema(
+                    type=OpenAPIType.STRING, pattern=PARAM_FILTER_PATTERN, max_length=256
+                )
+            },
+        ),
+    ] = None,
+    experiment: FindText = None,
+    task: FindText = None,
+    state_: Annotated[
+        str | None, Parameter(query="state", schema_extra={"enum": [*STATES, None]})
+    ] = None,
+    package: FindText = None,
+    host: FindText = None,
+    artifact: FindText = None,
 ) -> list[RunRecord]:
     """Runs by any provenance field (``stowplan find``), of experiments the caller may read;
     every filter given must match."""
     from stowplan.provenance.query import Filter, parse_param_filter
     from stowplan.provenance.query import find_runs as find
-    from stowplan.scheduler.states import TaskState
 
     if state_ is not None and state_.upper() not in {s.value for s in TaskState}:
         raise ValidationException(
@@ -478,11 +800,11 @@ def find_runs(
     return views.visible_runs(find(state.store, flt), state.visible(who))
 
 
-@get(f"{API_PREFIX}/lineage/{{target:str}}", sync_to_thread=True)
+@get(f"{API_PREFIX}/lineage/{{target:str}}", sync_to_thread=True, responses=ERRORS)
 def run_lineage(
     request: Request[Any, Any, Any],
     who: NamedDependency[Principal],
-    target: FromPath[str],
+    target: LineageTarget,
     direction: Literal["up", "down", "both"] = "up",
     depth: Annotated[int | None, Parameter(ge=1, le=1000)] = None,
 ) -> LineageGraph:
@@ -500,13 +822,13 @@ def run_lineage(
         raise PermissionDeniedException(f"{target[:80]!r}: {e}") from None
 
 
-@get(f"{API_PREFIX}/diff/{{a:str}}/{{b:str}}", sync_to_thread=True)
+@get(f"{API_PREFIX}/diff/{{a:str}}/{{b:str}}", sync_to_thread=True, responses=ERRORS)
 def diff_runs(
     request: Request[Any, Any, Any],
     who: NamedDependency[Principal],
-    a: FromPath[str],
-    b: FromPath[str],
-) -> Response[bytes]:
+    a: RunRef,
+    b: RunRef,
+) -> dict[str, Any]:
     """What changed between two runs, grouped (``stowplan diff``); both must be readable."""
     from stowplan.provenance.imports import used_records
     from stowplan.provenance.query import diff_runs as diff
@@ -520,14 +842,17 @@ def diff_runs(
     va, vb = (load_view(state.store, rid) for rid in ids)
     used = used_records(state.store, ids, state.project.config.providers, state.state_dir)
     d = diff(state.store, va, vb, used=used)
-    return Response(msgspec.json.encode(d, enc_hook=str), media_type="application/json")
+    out: dict[str, Any] = msgspec.to_builtins(d, enc_hook=str)
+    return out
 
 
-@get(f"{API_PREFIX}/ledger", sync_to_thread=True)
+@get(f"{API_PREFIX}/ledger", sync_to_thread=True, responses=ERRORS)
 def ledger_entries(
     request: Request[Any, Any, Any],
     who: NamedDependency[Principal],
-    target: str | None = None,
+    target: Annotated[
+        str | None, Parameter(schema_extra={"pattern": EXPERIMENT_REF_PATTERN})
+    ] = None,
 ) -> list[LedgerEntry]:
     """Audit ledger entries (``stowplan audit log``) on experiments and runs the caller may
     read; an admin sees them all."""
@@ -538,7 +863,7 @@ def ledger_entries(
     return views.visible_ledger(state.store, entries, state.visible(who))
 
 
-@get(f"{API_PREFIX}/ledger/verify", sync_to_thread=True)
+@get(f"{API_PREFIX}/ledger/verify", sync_to_thread=True, responses=ERRORS)
 def ledger_verify(request: Request[Any, Any, Any], who: NamedDependency[Principal]) -> Any:
     """Check the whole ledger's hash chain (``stowplan audit verify``). Admins only: the
     chain spans every team's entries."""
@@ -552,7 +877,7 @@ def ledger_verify(request: Request[Any, Any, Any], who: NamedDependency[Principa
     return verify(_state(request).store.ledger())
 
 
-@get(f"{API_PREFIX}/quota", sync_to_thread=True)
+@get(f"{API_PREFIX}/quota", sync_to_thread=True, responses=ERRORS)
 def quota(request: Request[Any, Any, Any], who: NamedDependency[Principal]) -> list[TeamUse]:
     """Each team's GPUs held, GPU-hours used and runs waiting against its limits
     (``[service.teams]``; ``stowplan quota``): the caller's own team, every team for an
@@ -577,6 +902,9 @@ def quota(request: Request[Any, Any, Any], who: NamedDependency[Principal]) -> l
                 guaranteed_gpus=limits["guaranteed_gpus"],
                 max_gpus=limits["max_gpus"],
                 weight=limits["weight"],
+                monthly_usd=limits.get("monthly_usd"),
+                spent_usd=round(use.get("spent_usd", 0.0), 2),
+                running_usd=round(use.get("running_usd", 0.0), 2),
             )
         )
     return out
@@ -634,6 +962,12 @@ def _on_http(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, An
     return resp
 
 
+def _on_internal(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    """A bug: the traceback in the service's log, not in the answer."""
+    log.error("%s %s: internal error", request.method, request.url.path, exc_info=exc)
+    return _error(500, "internal error: the service's log has the details")
+
+
 def _principal_provider(request: Request[Any, Any, Any]) -> Principal:
     return _principal(request)
 
@@ -650,6 +984,8 @@ def create_app(state: ServiceState, *, debug: bool = False) -> Litestar:
             submit,
             cancel_run,
             cancel_experiment,
+            approve_run,
+            reject_run,
             plan,
             run_logs,
             find_runs,
@@ -662,14 +998,30 @@ def create_app(state: ServiceState, *, debug: bool = False) -> Litestar:
             *dashboard.ROUTES,
         ],
         dependencies={"who": Provide(_principal_provider, sync_to_thread=False)},
+        before_request=_strict_body,
+        plugins=[RequestSchemas()],
         exception_handlers={
             SpecError: _on_spec_error,
             ConflictError: _on_conflict,
             NotRunningError: _on_not_running,
             StowplanError: _on_stowplan,
             HTTPException: _on_http,
+            Exception: _on_internal,
         },
-        openapi_config=OpenAPIConfig(title="stowplan", version="1"),
+        openapi_config=OpenAPIConfig(
+            title="stowplan",
+            version="1",
+            components=Components(
+                security_schemes={
+                    "token": SecurityScheme(
+                        type="http",
+                        scheme="bearer",
+                        description="an API token (`stowplan token create USER`)",
+                    )
+                }
+            ),
+            security=[{"token": []}],
+        ),
         template_config=dashboard.TEMPLATES,
         middleware=[metrics.MetricsMiddleware],
         on_shutdown=[metrics.on_shutdown],

@@ -2,8 +2,9 @@
 
 Roles (``[service.users.NAME] role``): ``viewer`` reads its team's experiments and runs;
 ``member`` also submits, and cancels runs it submitted; ``team-admin`` also cancels any run
-of its team; ``admin`` does everything, on every team's runs (and sees runs started outside
-the service, which no team owns). Another team's experiment is refused (403), never shown.
+of its team and approves or rejects its runs waiting for approval; ``admin`` does
+everything, on every team's runs (and sees runs started outside the service, which no team
+owns). Another team's experiment is refused (403), never shown.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class Action(enum.Enum):
     READ = "read"
     SUBMIT = "submit"
     CANCEL = "cancel"
+    APPROVE = "approve"
+    """approve or reject a run waiting for approval."""
 
 
 class Scope(enum.Enum):
@@ -46,15 +49,19 @@ ALLOWED: Final[dict[tuple[ServiceRole, Action], frozenset[Scope]]] = {
     ("viewer", Action.READ): frozenset({Scope.OWN, Scope.TEAM}),
     ("viewer", Action.SUBMIT): frozenset(),
     ("viewer", Action.CANCEL): frozenset(),
+    ("viewer", Action.APPROVE): frozenset(),
     ("member", Action.READ): frozenset({Scope.OWN, Scope.TEAM}),
     ("member", Action.SUBMIT): frozenset({Scope.OWN}),
     ("member", Action.CANCEL): frozenset({Scope.OWN}),
+    ("member", Action.APPROVE): frozenset(),
     ("team-admin", Action.READ): frozenset({Scope.OWN, Scope.TEAM}),
     ("team-admin", Action.SUBMIT): frozenset({Scope.OWN}),
     ("team-admin", Action.CANCEL): frozenset({Scope.OWN, Scope.TEAM}),
+    ("team-admin", Action.APPROVE): frozenset({Scope.OWN, Scope.TEAM}),
     ("admin", Action.READ): frozenset(Scope),
     ("admin", Action.SUBMIT): frozenset({Scope.OWN}),
     ("admin", Action.CANCEL): frozenset(Scope),
+    ("admin", Action.APPROVE): frozenset(Scope),
 }
 """(role, action) -> the scopes it is allowed on. Total over roles and actions."""
 

@@ -10,6 +10,7 @@ answered: no token, a refused one, a missing experiment, or a server that cannot
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -73,10 +74,25 @@ def _client(url: str, *, timeout: float | None = TIMEOUT_S) -> Any:
 
 
 def _unreachable(url: str, e: Exception) -> SpecError:
-    return SpecError(
-        f"cannot reach the service at {url}: {e}",
-        hint="check the URL and that `stowplan serve` runs there",
-    )
+    import ssl
+
+    import httpx
+
+    hint = "check the URL and that `stowplan serve` runs there"
+    cause: BaseException | None = e
+    while cause is not None and not isinstance(cause, ssl.SSLCertVerificationError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None or "CERTIFICATE_VERIFY_FAILED" in str(e):
+        hint = (
+            "the service's TLS certificate is not trusted here: if the lab signs its own, "
+            "export SSL_CERT_FILE=/path/to/lab-ca.pem (a PEM bundle of the CA)"
+        )
+    elif url.startswith("http://") and isinstance(e, httpx.RemoteProtocolError | httpx.ReadError):
+        hint = (
+            "the service closed the connection without an answer: if it serves HTTPS "
+            f"([service.tls]), use https://{url.removeprefix('http://')}"
+        )
+    return SpecError(f"cannot reach the service at {url}: {e}", hint=hint)
 
 
 def _refused(status: int, body: bytes, reason: str) -> SpecError:
@@ -162,16 +178,29 @@ def remote_status(url: str, experiment: str | None) -> list[RunStatus]:
 
 # -- submissions: retried with the same request id, so a lost answer creates nothing twice ---
 
-SUBMIT_TRIES: Final = 5
+SUBMIT_FOR_S: Final = 120.0
+"""How long a submission is sent again after a dropped connection (a service restarting takes
+about 20 s): the request id makes every try after the first create nothing new."""
 
 
-def submit(url: str, req: SubmitRequest, *, timeout: float = 600.0) -> SubmitResponse:
-    """POST the submission; on a dropped connection or no answer, POST it again with the same
-    request id (the service answers the first submission's answer, creating nothing)."""
+def submit(
+    url: str,
+    req: SubmitRequest,
+    *,
+    timeout: float = 600.0,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> SubmitResponse:
+    """POST the submission; on a dropped connection, no answer or a proxy's 502/503/504, POST
+    it again with the same request id (the service answers the first submission's answer,
+    creating nothing), backing off from 0.5 s to 5 s for at most ``SUBMIT_FOR_S``. A service
+    never reached at all (a wrong URL, nothing listening) is an error at once, as is a 503
+    that says the service runs no control plane."""
     import httpx
 
     body = msgspec.json.encode(req)
-    for n in range(SUBMIT_TRIES):
+    since = clock()
+    for n in itertools.count():
         try:
             with _client(url, timeout=timeout) as client:
                 resp = client.post(
@@ -180,9 +209,15 @@ def submit(url: str, req: SubmitRequest, *, timeout: float = 600.0) -> SubmitRes
                     headers={"Content-Type": "application/json"},
                 )
         except httpx.TransportError as e:
-            if n + 1 == SUBMIT_TRIES:
+            if (n == 0 and isinstance(e, httpx.ConnectError)) or clock() - since > SUBMIT_FOR_S:
                 raise _unreachable(url, e) from None
-            time.sleep(min(0.5 * 2**n, 5.0))
+            sleep(min(0.5 * 2**n, 5.0))
+            continue
+        gateway = resp.status_code in (502, 504) or (
+            resp.status_code == 503 and b"control plane" not in resp.content
+        )
+        if gateway and clock() - since <= SUBMIT_FOR_S:
+            sleep(min(0.5 * 2**n, 5.0))
             continue
         if resp.status_code not in (200, 201):
             raise _refused(resp.status_code, resp.content, resp.reason_phrase)
@@ -274,9 +309,16 @@ def follow_logs(
     attempt: int | None = None,
     follow: bool = False,
     sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
 ) -> None:
     """Write a run's log as the service sends it; after a dropped connection (or a restarted
-    service), reconnect with ``Last-Event-ID`` and go on from the last byte written."""
+    service), reconnect with ``Last-Event-ID`` and go on from the last byte written.
+
+    Reconnects back off from 0.5 s to 5 s between tries; a gateway's 502, 503 or 504 (a
+    proxy in front of a service that is restarting) counts as no answer, and so does a
+    stream that ends before its end event. Once nothing (not even a keep-alive) has come for
+    ``RESUME_FOR_S``, a SpecError says so and how far the log got. A service that cannot be
+    reached at all at first is a SpecError at once, as for every other command."""
     import base64
 
     import httpx
@@ -288,7 +330,15 @@ def follow_logs(
         params["attempt"] = attempt
     last: str | None = None
     failures = 0
-    since = time.monotonic()  # of the last answer
+    since = clock()  # of the last line received
+    answered = False
+
+    def lines(resp: Any) -> Iterator[str]:
+        nonlocal since
+        for line in resp.iter_lines():
+            since = clock()
+            yield line
+
     while True:
         headers = {"Last-Event-ID": last} if last is not None else {}
         why: Exception | str = "the stream ended before its end event"
@@ -299,13 +349,19 @@ def follow_logs(
                     "GET", path_of("runs", run, "logs"), params=params, headers=headers
                 ) as resp,
             ):
+                if resp.status_code in GATEWAY_TRANSIENT:
+                    resp.read()
+                    raise _Transient(
+                        f"{resp.status_code} {resp.reason_phrase}: {_detail(resp.content)}"
+                    )
                 if resp.status_code != 200:
                     resp.read()
                     raise _refused(resp.status_code, resp.content, resp.reason_phrase)
-                for ev in _events(resp.iter_lines()):
+                answered, since = True, clock()
+                for ev in _events(lines(resp)):
                     if ev.event == LOG_EVENT_CHUNK:
                         write(base64.b64decode(ev.data))
-                        last, failures, since = ev.id, 0, time.monotonic()
+                        last, failures = ev.id, 0
                     elif ev.event == LOG_EVENT_END:
                         return
                     elif ev.event == LOG_EVENT_ERROR:
@@ -314,8 +370,26 @@ def follow_logs(
                             hint="the provider may be unreachable from the service; try again",
                         )
         except httpx.TransportError as e:
+            if not answered:
+                raise _unreachable(url, e) from None
+            why = e
+        except _Transient as e:
             why = e
         failures += 1
-        if time.monotonic() - since > RESUME_FOR_S:
-            raise _unreachable(url, why if isinstance(why, Exception) else Exception(why))
+        if clock() - since > RESUME_FOR_S:
+            got = f"the log up to byte {last} was written" if last else "none of the log came"
+            raise SpecError(
+                f"cannot reach the service at {url} any more: it has not answered for "
+                f"{RESUME_FOR_S:g} s ({why}); {got}",
+                hint=f"check that `stowplan serve` runs there; `stowplan logs {run} --server "
+                f"{url}` shows the whole log again once it does",
+            )
         sleep(min(0.25 * 2**failures, 5.0))
+
+
+GATEWAY_TRANSIENT: Final = frozenset({502, 503, 504})
+"""Answers that mean "not now" while a service restarts behind a proxy."""
+
+
+class _Transient(Exception):
+    """An answer that ``follow_logs`` retries, like a dropped connection."""

@@ -18,6 +18,7 @@ and the lab-wide figures (capacity, utilisation, queue lengths per team) name no
 from __future__ import annotations
 
 import html
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from typing import Annotated, Any, Final
 from urllib.parse import quote
 
 import anyio
+import msgspec
 from litestar import Request, Response, get, post
 from litestar.datastructures import Cookie
 from litestar.enums import RequestEncodingType
@@ -151,6 +153,12 @@ def waiting_reason(run: RunRecord, upstream: dict[str, RunRecord]) -> str:
         return (
             "waits for capacity: the last placement found no pool with room for it now; "
             "it is placed as runs finish"
+        )
+    if state == "AWAITING_APPROVAL":
+        return (
+            f"waits for a team admin to approve it ({run.reason})"
+            if run.reason
+            else ("waits for a team admin to approve it")
         )
     if state in ("PLACED", "SUBMITTING"):
         return f"placed on {run.pool or 'a pool'}; being handed to the provider"
@@ -437,6 +445,55 @@ def _queues(
 # -- pages ------------------------------------------------------------------------------------
 
 
+def _quotas(state: Any, who: Principal) -> list[dict[str, Any]]:
+    """Each limited team's use against its limits (``QueueActor.sharing``, what ``stowplan
+    quota`` shows): the viewer's own team, every team for an admin. Each row carries the
+    share of each limit in use (0-100) for its bar."""
+    from stowplan.scheduler.share import ANY, span_text
+
+    if state.plane is None:
+        return []
+    everyone = allowed(who.role, Action.READ, Scope.OTHER)
+    rows = []
+    for team, use in sorted(state.plane.sharing().items()):
+        if not everyone and team != who.team:
+            continue
+        limits = use["limits"]
+        holds: dict[str, int] = use["holds"]
+        bars = []
+        for model, most in sorted(limits["max_gpus"].items()):
+            held = sum(holds.values()) if model == ANY else holds.get(model, 0)
+            bars.append(
+                {
+                    "what": f"{'all' if model == ANY else model} GPUs held, of at most {most}",
+                    "used": held,
+                    "limit": most,
+                    "pct": min(100, round(100 * held / most)) if most else 100,
+                }
+            )
+        if limits["gpu_hours"] is not None:
+            used, most = use["gpu_hours"], limits["gpu_hours"]
+            bars.append(
+                {
+                    "what": f"GPU-hours per {span_text(limits['window_s'])}, of {most:g}",
+                    "used": round(used, 2),
+                    "limit": most,
+                    "pct": min(100, round(100 * used / most)) if most else 100,
+                }
+            )
+        rows.append(
+            {
+                "team": team,
+                "holds": holds,
+                "guaranteed": limits["guaranteed_gpus"],
+                "waiting_gpus": use["waiting_gpus"],
+                "weight": limits["weight"],
+                "bars": bars,
+            }
+        )
+    return rows
+
+
 def _base(who: Principal | None, title: str) -> dict[str, Any]:
     return {"who": who, "title": title, "prefix": PREFIX}
 
@@ -519,6 +576,7 @@ def lab_page(request: Request[Any, Any, Any]) -> Response[Any]:
             "cpu_now": cpu_now,
             "gpu_now": gpu_now,
             "queues": queues,
+            "quotas": _quotas(state, who),
             "waiting": waiting,
             "waiting_shown": WAITING_SHOWN,
             "experiments": exps[:50],
@@ -721,11 +779,177 @@ def run_log_json(
     }
 
 
+# -- the simulator's reports: what `stowplan sim` and `stowplan whatif` wrote ----------------
+
+REPORT_NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+"""A report's folder, and a plot's file name: nothing that could climb out of the folder."""
+SUMMARY: Final = (
+    ("jobs", "jobs", "{:,.0f}"),
+    ("wait_mean_s", "mean wait", "dur"),
+    ("wait_p99_s", "p99 wait", "dur"),
+    ("completion_mean_s", "mean completion", "dur"),
+    ("utilization", "GPU utilisation", "{:.1%}"),
+    ("cost", "cost", "${:,.2f}"),
+)
+
+
+def _reports_dir(state: Any) -> Path:
+    root = Path(state.project.root)
+    return (root / Path(state.config.reports).expanduser()).resolve()
+
+
+def _report_dir(state: Any, name: str) -> Path:
+    """The folder of report ``name`` (a ``report.json`` in it), or 404."""
+    base = _reports_dir(state)
+    d = base / name
+    if not REPORT_NAME.match(name) or d.parent != base or not (d / "report.json").is_file():
+        raise NotFoundException(f"no report {name!r} under {base}")
+    return d
+
+
+def _fmt(kind: str, v: Any) -> str:
+    if v is None:
+        return "–"
+    if kind == "dur":
+        v = float(v)
+        return f"{v / 3600:.2f} h" if v >= 3600 else f"{v:.1f} s"
+    return kind.format(v)
+
+
+def _summary_of(run: dict[str, Any]) -> dict[str, Any]:
+    s = run.get("summary", {})
+    out = dict(s)
+    wait, done = s.get("wait_s") or {}, s.get("completion_s") or {}
+    out.setdefault("wait_mean_s", wait.get("mean"))
+    out.setdefault("wait_p99_s", wait.get("p99"))
+    out.setdefault("completion_mean_s", done.get("mean"))
+    return out
+
+
+def _read_report(d: Path) -> dict[str, Any] | None:
+    try:
+        doc = msgspec.json.decode(
+            (d / "report.json").read_bytes(), type=dict[str, Any], strict=False
+        )
+    except (OSError, msgspec.DecodeError):
+        return None
+    return doc if isinstance(doc.get("runs"), list) else None
+
+
+@get(f"{PREFIX}/reports", sync_to_thread=True, include_in_schema=False)
+def reports_page(request: Request[Any, Any, Any]) -> Response[Any]:
+    """Every report under ``[service] reports``, newest first: the lab's capacity planning is
+    everyone's to read."""
+    who, _ = _who(request)
+    if who is None:
+        return _login_redirect(request)
+    state = request.app.state["service"]
+    base = _reports_dir(state)
+    rows = []
+    for d in sorted(base.iterdir()) if base.is_dir() else []:
+        if not REPORT_NAME.match(d.name) or not (d / "report.json").is_file():
+            continue
+        doc = _read_report(d)
+        if doc is None:
+            continue
+        whatif = doc.get("whatif") or {}
+        rows.append(
+            {
+                "name": d.name,
+                "kind": "what-if" if whatif else "simulation",
+                "at": (d / "report.json").stat().st_mtime,
+                "cluster": Path(str(doc.get("cluster", ""))).name,
+                "workload": Path(str(doc.get("workload", ""))).name,
+                "policies": [str(r.get("policy", "")) for r in doc["runs"]],
+                "changes": whatif.get("changes", []),
+            }
+        )
+    rows.sort(key=lambda r: (-r["at"], r["name"]))
+    return Template(
+        template_name="reports.html",
+        context={**_base(who, "Reports"), "reports": rows, "where": str(base)},
+    )
+
+
+@get(f"{PREFIX}/reports/{{name:str}}", sync_to_thread=True, include_in_schema=False)
+def report_page(request: Request[Any, Any, Any], name: str) -> Response[Any]:
+    """One report: each run's summary, the what-if's changes and deltas, and its plots."""
+    who, _ = _who(request)
+    if who is None:
+        return _login_redirect(request)
+    state = request.app.state["service"]
+    d = _report_dir(state, name)
+    doc = _read_report(d)
+    if doc is None:
+        raise NotFoundException(f"report {name!r} cannot be read: {d / 'report.json'}")
+    runs = []
+    for r in doc["runs"]:
+        s = _summary_of(r)
+        runs.append(
+            {
+                "policy": str(r.get("policy", "")),
+                "cells": [_fmt(kind, s.get(key)) for key, _, kind in SUMMARY],
+            }
+        )
+    whatif = doc.get("whatif") or {}
+    deltas = []
+    for metric, dv in sorted((whatif.get("delta") or {}).items()):
+        kind = (
+            "dur" if metric.endswith("_s") else ("{:.1%}" if metric == "utilization" else "{:,.2f}")
+        )
+        change = dv.get("change")
+        sign = "+" if change is not None and change > 0 else ""
+        deltas.append(
+            {
+                "metric": metric,
+                "baseline": _fmt(kind, dv.get("baseline")),
+                "variant": _fmt(kind, dv.get("variant")),
+                "change": "–" if change is None else sign + _fmt(kind, change),
+            }
+        )
+    plots = sorted(p.name for p in d.glob("*.svg") if REPORT_NAME.match(p.name))
+    return Template(
+        template_name="report.html",
+        context={
+            **_base(who, f"Report {name}"),
+            "name": name,
+            "kind": "what-if" if whatif else "simulation",
+            "cluster": str(doc.get("cluster", "")),
+            "workload": str(doc.get("workload", "")),
+            "columns": [label for _, label, _ in SUMMARY],
+            "runs": runs,
+            "changes": whatif.get("changes", []),
+            "deltas": deltas,
+            "plots": plots,
+        },
+    )
+
+
+@get(f"{PREFIX}/reports/{{name:str}}/{{plot:str}}", sync_to_thread=True, include_in_schema=False)
+def report_plot(request: Request[Any, Any, Any], name: str, plot: str) -> Response[Any]:
+    """A report's SVG plot (only ``*.svg`` files of the report's own folder)."""
+    who, _ = _who(request)
+    if who is None:
+        return _login_redirect(request)
+    d = _report_dir(request.app.state["service"], name)
+    f = d / plot
+    if not REPORT_NAME.match(plot) or not plot.endswith(".svg") or not f.is_file():
+        raise NotFoundException(f"report {name!r} has no plot {plot!r}")
+    return Response(
+        f.read_bytes(),
+        media_type="image/svg+xml",
+        headers={"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"},
+    )
+
+
 ROUTES: Final = [
     login_page,
     login,
     logout,
     lab_page,
+    reports_page,
+    report_page,
+    report_plot,
     experiment_page,
     experiment_json,
     run_page,

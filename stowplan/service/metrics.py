@@ -40,6 +40,8 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
+from stowplan.service import logs
+
 if TYPE_CHECKING:
     from stowplan.service.app import ServiceState
 
@@ -47,7 +49,16 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Metrics", "MetricsMiddleware", "StoreCollector", "metrics", "metrics_of", "on_shutdown"]
 
-WAITING: Final = ("PENDING", "READY", "PLACED", "SUBMITTING", "QUEUED", "RETRYING", "LOST")
+WAITING: Final = (
+    "PENDING",
+    "READY",
+    "AWAITING_APPROVAL",
+    "PLACED",
+    "SUBMITTING",
+    "QUEUED",
+    "RETRYING",
+    "LOST",
+)
 """States of a run that is in a queue (not yet running, not final)."""
 ALL_STATES: Final = (*WAITING, "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 PROVIDER_FAILURES: Final = ("provider_transient", "provider_rejected", "no_capacity")
@@ -329,8 +340,18 @@ class MetricsMiddleware:
             route = scope.get("path_template") or "unmatched"
             m = metrics_of(scope["litestar_app"].state)
             method = str(scope.get("method", "GET"))
+            took = time.perf_counter() - start
             m.requests.labels(method, route, str(status)).inc()
-            m.latency.labels(route).observe(time.perf_counter() - start)
+            m.latency.labels(route).observe(took)
+            client = scope.get("client")
+            logs.access(
+                method,
+                str(scope.get("path", "")),
+                route,
+                status,
+                took * 1000,
+                f"{client[0]}:{client[1]}" if client else "",
+            )
 
 
 def on_shutdown(app: Any) -> None:

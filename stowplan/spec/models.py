@@ -980,8 +980,17 @@ class ServiceTeamSpec(_Spec, frozen=True):
     window: Duration = "7d"
     weight: Annotated[float, Meta(gt=0, le=MAX_WEIGHT)] = 1.0
     """the team's share in fair-share ordering (2: twice the usage before it yields)."""
+    monthly_usd: Annotated[float, Meta(le=MAX_WEIGHT)] | None = None
+    """dollars the team's runs may cost on cloud (priced elastic) providers per calendar month
+    (UTC); a run that would exceed it waits for approval."""
 
     def __post_init__(self) -> None:
+        if self.monthly_usd is not None and not self.monthly_usd > 0:  # NaN too
+            raise ValueError(
+                f"monthly_usd: {self.monthly_usd:g} dollars would hold every cloud run of the "
+                "team; give a positive amount, e.g. monthly_usd = 500, or leave it out for no "
+                "limit"
+            )
         try:
             force_setattr(self, "window", parse_duration(self.window))
         except ValueError as e:
@@ -1010,6 +1019,7 @@ class ServiceTeamSpec(_Spec, frozen=True):
             gpu_hours=self.gpu_hours,
             window_s=float(self.window),
             weight=self.weight,
+            monthly_usd=self.monthly_usd,
         )
 
 
@@ -1038,12 +1048,30 @@ class ServiceConfig(_Spec, frozen=True):
     or a size such as "16MiB"."""
     teams: dict[Name, ServiceTeamSpec] = field(default_factory=dict)
     users: dict[Name, ServiceUserSpec] = field(default_factory=dict)
+    keepalive: Duration = "15s"
+    """How often a followed log (server-sent events) with nothing new gets a ``: keep-alive``
+    comment, so proxies that cut idle connections keep it open."""
+    reports: str = "reports"
+    """The folder (relative to the project) whose simulation and what-if reports the dashboard
+    shows at ``/ui/reports``: ``stowplan whatif ... --out reports/NAME`` puts one there."""
+    log_format: Literal["json", "text"] = "json"
+    """The service's log lines on standard error: one JSON object each (for journald, Loki,
+    ...), or text for a terminal (``stowplan serve --log-format``)."""
+    restricted: list[Name] = field(default_factory=list)
+    """Providers whose pools a run may use only once someone approves it (``stowplan approve``):
+    a run the placer puts there waits in AWAITING_APPROVAL, as does a run a budget would hold."""
 
     def __post_init__(self) -> None:
         try:
             force_setattr(self, "max_body", parse_size(self.max_body))
         except ValueError as e:
             raise ValueError(f"max_body: {e}") from None
+        try:
+            force_setattr(self, "keepalive", parse_duration(self.keepalive))
+        except ValueError as e:
+            raise ValueError(f"keepalive: {e}") from None
+        if not float(self.keepalive) > 0:
+            raise ValueError("keepalive: give a positive duration such as '15s'")
         for name, user in sorted(self.users.items()):
             if user.team not in self.teams:
                 known = ", ".join(sorted(self.teams)) or "none is defined"
@@ -1068,6 +1096,13 @@ class ProjectConfig(_Spec, frozen=True):
     def __post_init__(self) -> None:
         if not self.providers:
             raise ValueError("providers: configure at least one provider, e.g. [providers.local]")
+        for i, name in enumerate(self.service.restricted):
+            if name not in self.providers:
+                known = ", ".join(sorted(self.providers))
+                raise ValueError(
+                    f"service.restricted[{i}]: no provider {name!r} is configured ({known}); "
+                    "name one of them, or add [providers." + name + "]"
+                )
 
 
 def to_builtins(obj: object) -> object:

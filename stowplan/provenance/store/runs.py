@@ -571,15 +571,22 @@ class RunTables(Database):
             }
         return sorted(found)
 
-    def cost_by_experiment(self, experiment_ids: Sequence[str]) -> dict[str, float]:
-        """Dollars recorded for the attempts of each experiment's runs; experiments without
-        any priced attempt are left out."""
+    def cost_by_experiment(
+        self, experiment_ids: Sequence[str], since: float | None = None
+    ) -> dict[str, float]:
+        """Dollars recorded for the attempts of each experiment's runs (those that started at
+        or after ``since``, when given: a team's month); experiments without any priced
+        attempt are left out."""
         out: dict[str, float] = {}
+        when = (
+            "" if since is None else f"AND coalesce(a.started_at, a.intent_at) >= {float(since)!r} "
+        )
         with self._read() as c:
             sql = (
                 "SELECT r.experiment_id, sum(a.usd) FROM attempts AS a "
                 "JOIN runs AS r ON r.run_id = a.run_id "
-                "WHERE a.usd IS NOT NULL AND r.experiment_id IN ({}) GROUP BY r.experiment_id"
+                f"WHERE a.usd IS NOT NULL {when}AND r.experiment_id IN ({{}}) "
+                "GROUP BY r.experiment_id"
             )
             for eid, total in rows_in(c, sql, sorted(set(experiment_ids))):
                 out[str(eid)] = float(total)

@@ -47,6 +47,14 @@ CANCEL = {
     "ada": {"cats", "words", "orphan"},
 }
 SUBMIT = {"mona", "mike", "tara", "nora", "ada"}
+APPROVE = {
+    "vera": set(),
+    "mona": set(),  # a member: not even her own
+    "mike": set(),
+    "tara": {"cats"},  # a team admin: the team's
+    "nora": set(),
+    "ada": {"cats", "words", "orphan"},
+}
 
 
 def seed(root: Path) -> dict[str, str]:
@@ -109,6 +117,17 @@ def test_every_endpoint_every_role_own_and_other_team(
                 r = c.post(f"/api/v1/experiments/{name}/cancel", headers=h, json={"why": "t"})
                 seen.append((user, "cancel experiment", name, r.status_code))
                 assert r.status_code == want, (user, name, r.text)
+                for verb in ("approve", "reject"):
+                    r = c.post(f"/api/v1/runs/{run_id}/{verb}", headers=h, json={"why": "t"})
+                    seen.append((user, verb, name, r.status_code))
+                    # allowed: the seeded run is not waiting for approval, nothing is decided
+                    assert r.status_code == (200 if name in APPROVE[user] else 403), (
+                        user,
+                        name,
+                        r.text,
+                    )
+                    if r.status_code == 200:
+                        assert r.json()["decided"] == 0
                 # the seeded runs never started: a reader hears so, anyone else is refused
                 r = c.get(f"/api/v1/runs/{run_id}/logs", headers=h)
                 seen.append((user, "logs", name, r.status_code))
@@ -149,7 +168,7 @@ def test_every_endpoint_every_role_own_and_other_team(
         assert r.status_code == 200, r.text
         assert r.json()["exit_code"] == 0, r.json()
         assert "2 placed now" in r.json()["output"], r.json()
-    assert len(seen) == len(USERS) * (7 * len(OWNERS) + 4) + 1
+    assert len(seen) == len(USERS) * (9 * len(OWNERS) + 4) + 1
     assert _counts(svc.root) == before  # nothing was written by any of it
 
 
@@ -191,6 +210,8 @@ def test_no_valid_token_is_401_everywhere(
                 ("GET", "/api/v1/experiments/cats/status", None),
                 ("GET", f"/api/v1/runs/{run_id}", None),
                 ("POST", f"/api/v1/runs/{run_id}/cancel", {}),
+                ("POST", f"/api/v1/runs/{run_id}/approve", {"why": "x"}),
+                ("POST", f"/api/v1/runs/{run_id}/reject", {"why": "x"}),
                 ("POST", "/api/v1/experiments", body("x", "req-401-1")),
                 ("POST", "/api/v1/experiments/cats/cancel", {}),
                 ("GET", f"/api/v1/runs/{run_id}/logs", None),
@@ -235,6 +256,8 @@ def test_the_openapi_document_describes_the_api(
         "/api/v1/experiments/{ref}/status",
         "/api/v1/runs/{ref}",
         "/api/v1/runs/{ref}/cancel",
+        "/api/v1/runs/{ref}/approve",
+        "/api/v1/runs/{ref}/reject",
         "/api/v1/experiments/{ref}/cancel",
         "/api/v1/runs/{ref}/logs",
         "/api/v1/runs",

@@ -86,6 +86,20 @@ def test_a_team_never_holds_more_gpus_than_its_maximum(
             assert vision["max_gpus"] == {"*": 1} and vision["gpu_hours_limit"] == 100
             assert 0 < vision["gpu_hours"] < 0.1  # three GPU naps of 1.5 s, at least
 
+            # the dashboard shows the same use against the same limits, to the same people
+            page = c.get("/ui/", headers=mona)
+            assert page.status_code == 200, page.text
+            quotas = page.text.split('<table id="quotas">', 1)[1].split("</table>", 1)[0]
+            assert 'data-team="vision"' in quotas and 'data-team="nlp"' not in quotas
+            assert 'data-limit="1" data-used="0"' in quotas  # max_gpus *: 1, none held now
+            assert "GPU-hours per 1d, of 100" in quotas
+            assert (
+                'data-team="vision"'
+                not in c.get("/ui/", headers=nora)
+                .text.split('<table id="quotas">', 1)[1]
+                .split("</table>", 1)[0]
+            )
+
         monkeypatch.setenv("STOWPLAN_TOKEN", tokens["ada"])
         capsys.readouterr()
         assert main(["quota", "--server", svc.url, "--json"]) == 0

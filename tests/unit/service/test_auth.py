@@ -30,6 +30,11 @@ EXPECTED = {
     ("admin", "read"): {"own", "team", "other"},
     ("admin", "submit"): {"own"},
     ("admin", "cancel"): {"own", "team", "other"},
+    # approvals: a team admin decides on its team's runs (its own too), an admin on all
+    ("viewer", "approve"): set(),
+    ("member", "approve"): set(),
+    ("team-admin", "approve"): {"own", "team"},
+    ("admin", "approve"): {"own", "team", "other"},
 }
 
 

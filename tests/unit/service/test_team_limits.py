@@ -24,7 +24,7 @@ def test_a_teams_limits_reach_the_core(tmp_path: Path) -> None:
     root = project(
         tmp_path,
         "guaranteed_gpus = { A100 = 2 }\nmax_gpus = { A100 = 4, '*' = 6 }\n"
-        'gpu_hours = 500\nwindow = "30d"\nweight = 2\n',
+        'gpu_hours = 500\nwindow = "30d"\nweight = 2\nmonthly_usd = 500\n',
     )
     team = load_project(search_from=root).config.service.teams["vision"]
     assert team.limits() == TeamLimits(
@@ -33,6 +33,7 @@ def test_a_teams_limits_reach_the_core(tmp_path: Path) -> None:
         gpu_hours=500.0,
         window_s=30 * 86400.0,
         weight=2.0,
+        monthly_usd=500.0,
     )
 
 
@@ -52,6 +53,7 @@ def test_a_team_without_limits_is_not_limited(tmp_path: Path) -> None:
         ("window = 0\n", "window", "positive"),
         ("weight = 0\n", "$.service.teams.vision.weight", "more than 0"),
         ("gpu_hours = -3\n", "$.service.teams.vision.gpu_hours", "at least 0"),
+        ("monthly_usd = 0\n", "monthly_usd", "would hold every cloud run"),
     ],
 )
 def test_a_bad_team_limit_is_a_spec_error(
@@ -62,3 +64,17 @@ def test_a_bad_team_limit_is_a_spec_error(
     err = capsys.readouterr().err
     assert "stowplan.toml" in err and path in err and words in err and "fix:" in err, err
     assert not (root / ".stowplan").exists()
+
+
+def test_a_restricted_provider_that_is_not_configured_is_a_spec_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "stowplan.toml").write_text(
+        '[project]\nname = "lab"\n[service]\nrestricted = ["aws"]\n[service.teams.vision]\n'
+        + USER
+    )
+    assert main(["serve", "--project-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "stowplan.toml:4 at $.service.restricted[0]" in err and "no provider 'aws'" in err
+    assert "[providers.aws]" in err and "fix:" in err
+    assert not (tmp_path / ".stowplan").exists()
