@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from stowplan.provenance.store import RunStore
-from stowplan.scheduler.states import FINAL
+from stowplan.scheduler.states import FINAL, WAITING, TaskState
 from stowplan.session import DRY_RUN_DISCOVER_S, save_discovered
 
 __all__ = [
@@ -139,18 +139,7 @@ def watch(plane: Any, ids: list[str], total: int, started: float, err: Console) 
             info = plane.progress(ids)
             counts: dict[str, int] = info["counts"]
             done = sum(counts.get(s, 0) for s in FINAL)
-            queued = sum(
-                counts.get(s, 0)
-                for s in (
-                    "PENDING",
-                    "READY",
-                    "AWAITING_APPROVAL",
-                    "PLACED",
-                    "SUBMITTING",
-                    "QUEUED",
-                    "RETRYING",
-                )
-            )
+            queued = sum(counts.get(s, 0) for s in WAITING if s is not TaskState.LOST)
             line = (
                 f"queued {queued}  running {counts.get('RUNNING', 0)}  "
                 f"succeeded {counts.get('SUCCEEDED', 0)}  failed {counts.get('FAILED', 0)}"

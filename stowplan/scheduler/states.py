@@ -71,6 +71,17 @@ class Trigger(enum.StrEnum):
 FINAL = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED})
 LEASED = frozenset({TaskState.SUBMITTING, TaskState.QUEUED, TaskState.RUNNING, TaskState.LOST})
 ACTIVE = LEASED | {TaskState.PLACED}
+WAITING = (
+    TaskState.PENDING,
+    TaskState.READY,
+    TaskState.AWAITING_APPROVAL,
+    TaskState.PLACED,
+    TaskState.SUBMITTING,
+    TaskState.QUEUED,
+    TaskState.RETRYING,
+    TaskState.LOST,
+)
+"""States of a run that is not running yet and not final (in this order, for tables)."""
 
 S, T = TaskState, Trigger
 TRANSITIONS: dict[tuple[TaskState, Trigger], TaskState] = {

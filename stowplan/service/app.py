@@ -112,6 +112,18 @@ class ServiceState:
         mine = self.people.experiments_of({who.team})
         return mine.__contains__
 
+    def sharing(self, who: Principal) -> list[tuple[str, dict[str, Any]]]:
+        """Each limited team's use against its limits (``QueueActor.sharing``), by team: the
+        caller's own team, every team for an admin; none without a control plane."""
+        if self.plane is None:
+            return []
+        everyone = allowed(who.role, Action.READ, Scope.OTHER)
+        return [
+            (team, use)
+            for team, use in sorted(self.plane.sharing().items())
+            if everyone or team == who.team
+        ]
+
     def check(self, who: Principal, action: Action, experiment_id: str) -> None:
         scope = scope_of(who, self.people.owners(experiment_id))
         if not allowed(who.role, action, scope):
@@ -885,11 +897,8 @@ def quota(request: Request[Any, Any, Any], who: NamedDependency[Principal]) -> l
     state = _state(request)
     if state.plane is None:
         raise NotRunningError("this service runs no control plane: no quota is in use")
-    everyone = allowed(who.role, Action.READ, Scope.OTHER)
     out = []
-    for team, use in sorted(state.plane.sharing().items()):
-        if not everyone and team != who.team:
-            continue
+    for team, use in state.sharing(who):
         limits = use["limits"]
         out.append(
             TeamUse(

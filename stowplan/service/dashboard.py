@@ -451,13 +451,8 @@ def _quotas(state: Any, who: Principal) -> list[dict[str, Any]]:
     share of each limit in use (0-100) for its bar."""
     from stowplan.scheduler.share import ANY, span_text
 
-    if state.plane is None:
-        return []
-    everyone = allowed(who.role, Action.READ, Scope.OTHER)
     rows = []
-    for team, use in sorted(state.plane.sharing().items()):
-        if not everyone and team != who.team:
-            continue
+    for team, use in state.sharing(who):
         limits = use["limits"]
         holds: dict[str, int] = use["holds"]
         bars = []

@@ -40,6 +40,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
+from stowplan.scheduler import states
 from stowplan.service import logs
 
 if TYPE_CHECKING:
@@ -49,16 +50,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Metrics", "MetricsMiddleware", "StoreCollector", "metrics", "metrics_of", "on_shutdown"]
 
-WAITING: Final = (
-    "PENDING",
-    "READY",
-    "AWAITING_APPROVAL",
-    "PLACED",
-    "SUBMITTING",
-    "QUEUED",
-    "RETRYING",
-    "LOST",
-)
+WAITING: Final = tuple(str(s) for s in states.WAITING)
 """States of a run that is in a queue (not yet running, not final)."""
 ALL_STATES: Final = (*WAITING, "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 PROVIDER_FAILURES: Final = ("provider_transient", "provider_rejected", "no_capacity")

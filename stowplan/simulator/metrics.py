@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from stowplan.scheduler import states
 from stowplan.scheduler.events import Transition
 from stowplan.scheduler.states import FINAL, TaskState
 from stowplan.simulator.provider import CloudInstanceType
@@ -28,16 +29,7 @@ from stowplan.simulator.provider import CloudInstanceType
 if TYPE_CHECKING:
     from stowplan.simulator.shell import Simulation
 
-WAITING = (
-    TaskState.PENDING,
-    TaskState.READY,
-    TaskState.AWAITING_APPROVAL,
-    TaskState.PLACED,
-    TaskState.SUBMITTING,
-    TaskState.QUEUED,
-    TaskState.RETRYING,
-    TaskState.LOST,
-)
+WAITING = states.WAITING
 PERCENTILES = (50, 90, 95, 99)
 
 

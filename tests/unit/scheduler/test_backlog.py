@@ -8,23 +8,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from stowplan.placement.greedy import solve_greedy
 from stowplan.placement.problem import Pool, Shape
-from stowplan.scheduler.core import CoreConfig, SchedulerCore
 from stowplan.scheduler.events import (
     Command,
-    Event,
-    PlacementDecided,
     PoolsDiscovered,
     ProviderReported,
     Provision,
-    SolvePlacement,
     Submit,
     TaskInstance,
     TasksSubmitted,
 )
 from stowplan.scheduler.reports import ProviderState, Report
 from stowplan.scheduler.states import TaskState
+from tests.unit.scheduler import test_elastic as elastic
 
 GiB = 1 << 30
 
@@ -45,24 +41,8 @@ def submitted(cmds: Sequence[Command]) -> list[str]:
     return [i.run_id for s in of(cmds, Submit) for i in s.items]
 
 
-class Driver:
-    """Feeds one core; answers every SolvePlacement with the greedy placer."""
-
-    def __init__(self, **config: Any) -> None:
-        self.core = SchedulerCore(CoreConfig(**config))
-        self.now = 0.0
-
-    def feed(self, event: Event, at: float | None = None) -> list[Command]:
-        if at is not None:
-            self.now = at
-        out: list[Command] = []
-        pending = [event]
-        while pending:
-            cmds = self.core.handle(pending.pop(0), self.now)
-            out.extend(cmds)
-            for c in of(cmds, SolvePlacement):
-                pending.append(PlacementDecided(solution=solve_greedy(c.problem)))
-        return out
+class Driver(elastic.Driver):
+    """The elastic tests' driver (greedy answers), with runs that succeed in a given time."""
 
     def succeed(
         self, run_ids: Sequence[str], took: float, provider: str = "local"

@@ -7,6 +7,8 @@ from __future__ import annotations
 import calendar
 from pathlib import Path
 
+import msgspec
+
 from stowplan.provenance.records import AttemptRecord
 from stowplan.provenance.store import RunStore
 from stowplan.service.people import SERVICE_DB, People
@@ -49,16 +51,8 @@ def _cost(store: RunStore, run_id: str, key: str, started: float, usd: float) ->
     store.write_intents([rec])
     store.update_attempts(
         [
-            AttemptRecord(
-                key=key,
-                run_id=run_id,
-                attempt=1,
-                provider="aws",
-                pool="aws/us-east-1/g5.xlarge",
-                state="SUCCEEDED",
-                started_at=started,
-                ended_at=started + 60,
-                usd=usd,
+            msgspec.structs.replace(
+                rec, state="SUCCEEDED", started_at=started, ended_at=started + 60, usd=usd
             )
         ]
     )
