@@ -5,9 +5,21 @@ It starts the throw-away cluster of ``tests/slurmcluster`` (root needed), then i
 1. the baseline: one ``sbatch --array=0-(N-1)`` of the same no-op over SSH (one remote
    command), its end seen by polling ``squeue`` on the cluster itself every 0.25 s;
 2. ``stowplan run`` of a sweep of N no-op trials, on a project whose only provider is that
-   cluster over SSH, with the settings a new user gets (no ``queue_factor`` unless given).
+   cluster over SSH, with the settings a new user gets (no ``queue_factor`` unless given);
+3. the baseline again (``raw_after_finished_s``; ``--no-raw-after`` skips it): this machine's
+   load drifts, and the two raw runs bracket stowplan's.
 
-and prints one JSON line:
+What is compared, and how fairly: the same N, the same cluster (started once), the same
+element (``true``, 1 CPU, 16 MiB, stdout and stderr to ``logs/%a.*``). The baseline's clock
+starts at its sbatch, with no Python, Ray or discovery before it; its end is seen locally
+(no SSH), and only once squeue has none of its elements left, which lags the last element's
+end (Slurm's COMPLETING) by a second or more. stowplan's clock starts when ``stowplan run``
+starts and stops when it has exited with every trial final. So ``ratio`` charges stowplan its
+whole start-up and shutdown; ``array_ratio`` compares the arrays alone (first sbatch to last
+element's end, both from sacct), and ``startup`` says where the time before the first sbatch
+went.
+
+It prints one JSON line:
 
     trials                 sweep size
     raw_finished_s         from the raw sbatch until squeue showed none of its elements
@@ -27,7 +39,18 @@ and prints one JSON line:
     startup_s              from starting ``stowplan run`` to its first sbatch (the array's
                            ``jobid`` file): the CLI, Ray, discovery, placement
     array_s                from that sbatch to the end of the last element (sacct)
+    array_ratio            array_s / raw_array_s: the elements' own cost against raw ones
     noticed_s              from that end until ``stowplan run`` exited
+    startup                the phases, as ``X_at`` (seconds from starting ``stowplan run``)
+                           and ``X_s`` (how long): ``import``, ``prepare``, ``discover`` (the
+                           CLI's), ``check_feasible``, ``plane_start`` (of which
+                           ``init_ray``), ``record``, ``plane_submit``, ``watch``,
+                           ``plane_stop`` (of which ``shutdown_ray``), timed by wrappers in
+                           the child (``TRACED_RUN``); ``actor_discover``/``actor_submit``:
+                           the provider actor's first remote discover and submit (the
+                           driver's ``remote.json`` ``calls``); ``sbatch_at``
+    raw_after_finished_s   the baseline run again after stowplan's
+    ratio_to_raw_mean      finished_s / the mean of the two baselines
     succeeded              trials that succeeded (must equal trials)
     cluster_start_s        starting munge, MariaDB, slurmdbd, slurmctld, 4 slurmd and sshd
 
@@ -87,16 +110,85 @@ true
 """
 
 
-def last_end(cluster: SlurmCluster, job_ids: list[str]) -> float | None:
-    """The epoch time the last element of these jobs ended, from sacct (whole seconds)."""
-    out = cluster.slurm(
-        "sacct", "-X", "-n", "-P", "-j", ",".join(job_ids), "--format=End", check=False
-    )
-    ends = []
-    for line in out.splitlines():
-        with contextlib.suppress(ValueError):
-            ends.append(dt.datetime.fromisoformat(line.strip()).timestamp())
-    return max(ends) if ends else None
+# The ``stowplan run`` child, with the CLI's phases timed: wrappers around the functions
+# ``cli/run.py`` and ``cli/control.py`` call (no behaviour changed); written as JSON
+# ``[[label, began, ended], ...]`` (epoch seconds) to argv[1] when it exits.
+TRACED_RUN = r"""
+import atexit, functools, json, sys, time
+began = time.time()
+out = sys.argv.pop(1)
+marks = [["python", began, began]]
+def wrap(owner, name, label):
+    f = getattr(owner, name)
+    @functools.wraps(f)
+    def timed(*a, **k):
+        t = time.time()
+        try:
+            return f(*a, **k)
+        finally:
+            marks.append([label, t, time.time()])
+    setattr(owner, name, timed)
+import stowplan.cli.main as cli
+import stowplan.session as session
+import stowplan.actors.control as control
+import stowplan.cli.control as cc
+marks.append(["import", began, time.time()])
+for n in ("prepare", "discover", "check_feasible", "save_discovered", "record"):
+    wrap(session, n, n)
+for n in ("start", "submit", "stop"):
+    wrap(control.ControlPlane, n, "plane." + n)
+for n in ("stop_orphans", "init_ray", "shutdown_ray"):
+    wrap(control, n, n)
+wrap(cc, "watch", "watch")
+atexit.register(lambda: open(out, "w").write(json.dumps(marks)))
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def startup_phases(
+    trace: Path, calls: list[list[object]], first_sbatch: float | None, wall: float
+) -> dict[str, float | None]:
+    """Where the time before the first sbatch went, in seconds from starting the child:
+    each CLI phase's start and length (``TRACED_RUN``), and the driver's first discover and
+    submit calls in the provider actor (``remote.json``'s ``calls``)."""
+    out: dict[str, float | None] = {}
+    try:
+        marks = json.loads(trace.read_text())
+    except (OSError, ValueError):
+        return out
+    for label, t0, t1 in marks:
+        key = label.replace(".", "_")
+        if f"{key}_at" in out:
+            continue  # the first only (record runs twice)
+        out[f"{key}_at"] = round(t0 - wall, 3)
+        out[f"{key}_s"] = round(t1 - t0, 3)
+    for verb in ("discover", "submit"):
+        first = next((c for c in calls if c[1] == verb), None)
+        if first is not None:
+            t0, _, took = first
+            assert isinstance(t0, float) and isinstance(took, float)
+            out[f"actor_{verb}_at"] = round(t0 - wall, 3)
+            out[f"actor_{verb}_s"] = round(took, 3)
+    if first_sbatch is not None:
+        out["sbatch_at"] = round(first_sbatch - wall, 3)
+    return out
+
+
+def last_end(cluster: SlurmCluster, job_ids: list[str], expect: int) -> float | None:
+    """The epoch time the last element of these jobs ended, from sacct (whole seconds), once
+    it has ``expect`` ends (up to 60 s: stowplan may have seen the ends before slurmdbd)."""
+    deadline = time.monotonic() + 60
+    while True:
+        out = cluster.slurm(
+            "sacct", "-X", "-n", "-P", "-j", ",".join(job_ids), "--format=End", check=False
+        )
+        ends = []
+        for line in out.splitlines():
+            with contextlib.suppress(ValueError):
+                ends.append(dt.datetime.fromisoformat(line.strip()).timestamp())
+        if len(ends) >= expect or time.monotonic() > deadline:
+            return max(ends) if ends else None
+        time.sleep(0.5)
 
 
 def raw_array(cluster: SlurmCluster, where: Path, trials: int) -> tuple[float, int, float | None]:
@@ -138,7 +230,7 @@ def raw_array(cluster: SlurmCluster, where: Path, trials: int) -> tuple[float, i
         time.sleep(0.25)
     finished = time.monotonic() - start
     after, _ = cluster.ssh_sessions()
-    end = last_end(cluster, [job_id])
+    end = last_end(cluster, [job_id], trials)
     return finished, after - before, None if end is None else end - wall
 
 
@@ -147,6 +239,12 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=1000)
     ap.add_argument("--queue-factor", type=float, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the project (path on stderr)")
+    ap.add_argument(
+        "--no-raw-after",
+        dest="raw_after",
+        action="store_false",
+        help="skip the second raw array after stowplan's run",
+    )
     args = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="stowplan-bench-slurm-"))
     cluster = SlurmCluster(base / "cluster")
@@ -178,8 +276,17 @@ def main() -> int:
         # files, not pipes: the final --json status is larger than a pipe holds
         out_f = open(proj / "run.out", "w+")  # noqa: SIM115
         err_f = open(proj / "run.err", "w+")  # noqa: SIM115
+        trace = proj / "trace.json"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "stowplan.cli.main", "run", str(proj / "sweep.toml"), "--json"],
+            [
+                sys.executable,
+                "-c",
+                TRACED_RUN,
+                str(trace),
+                "run",
+                str(proj / "sweep.toml"),
+                "--json",
+            ],
             cwd=proj,
             env=env,
             stdout=out_f,
@@ -211,7 +318,7 @@ def main() -> int:
         jobids = list((proj / "remote" / "jobs").glob("*/jobid"))
         arrays = len(jobids)
         first_sbatch = min((p.stat().st_mtime for p in jobids), default=None)
-        end = last_end(cluster, [p.read_text().strip() for p in jobids])
+        end = last_end(cluster, [p.read_text().strip() for p in jobids], args.trials)
         phases = (
             {
                 "startup_s": round(first_sbatch - wall, 2),
@@ -222,7 +329,12 @@ def main() -> int:
             else {}
         )
         counted = list((proj / ".stowplan").glob("**/slurm/cluster/remote.json"))
-        driver_commands = json.loads(counted[0].read_text()).get("commands") if counted else None
+        remote = json.loads(counted[0].read_text()) if counted else {}
+        driver_commands = remote.get("commands")
+        startup = startup_phases(trace, remote.get("calls", []), first_sbatch, wall)
+        raw_after_s = None
+        if args.raw_after:
+            raw_after_s, _, _ = raw_array(cluster, base / "raw-after", args.trials)
         print(
             json.dumps(
                 {
@@ -230,8 +342,12 @@ def main() -> int:
                     "trials": args.trials,
                     "queue_factor": args.queue_factor,
                     "raw_finished_s": round(raw_finished_s, 2),
+                    "raw_after_finished_s": None if raw_after_s is None else round(raw_after_s, 2),
                     "finished_s": round(all_finished_s, 2),
                     "ratio": round(all_finished_s / raw_finished_s, 3),
+                    "ratio_to_raw_mean": None
+                    if raw_after_s is None
+                    else round(2 * all_finished_s / (raw_finished_s + raw_after_s), 3),
                     "all_submitted_s": None
                     if all_submitted_s is None
                     else round(all_submitted_s, 2),
@@ -242,6 +358,10 @@ def main() -> int:
                     "raw_ssh_commands": raw_commands,
                     "raw_array_s": None if raw_array_s is None else round(raw_array_s, 2),
                     **phases,
+                    "array_ratio": round(phases["array_s"] / raw_array_s, 3)
+                    if phases and raw_array_s
+                    else None,
+                    "startup": startup,
                     "driver_commands": driver_commands,
                     "succeeded": final.get("SUCCEEDED", 0),
                     "cluster_start_s": round(cluster_start_s, 2),

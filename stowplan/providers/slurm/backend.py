@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import shlex
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from stowplan.errors import ProviderError
 from stowplan.providers.slurm.parse import (
@@ -21,6 +21,7 @@ from stowplan.providers.slurm.parse import (
     JobRow,
     PartitionFacts,
     cluster_name,
+    parse_end_records,
     parse_key_lines,
     parse_partitions,
     parse_pending,
@@ -29,10 +30,12 @@ from stowplan.providers.slurm.parse import (
     parse_squeue,
     split_sections,
 )
-from stowplan.providers.slurm.render import SlurmRequest
-from stowplan.providers.slurm.ssh import Completed, SSHTransport
+from stowplan.providers.slurm.render import BRANCH, ELEMENTS_DIR, KEY_LINE, SlurmRequest
+from stowplan.providers.slurm.ssh import COMMAND_TIMEOUT_S, Completed, SSHTransport
 
 EXIT_REJECTED, EXIT_TRANSIENT = 65, 75
+TRIED = "tried"
+"""In an array directory: a submit of it reached sbatch (or was about to)."""
 TRANSIENT_MESSAGES = (
     "Socket timed out",
     "Unable to contact slurm controller",
@@ -78,17 +81,31 @@ class Backend(abc.ABC):
         backend can (the SSH submit program's lock)."""
 
     @abc.abstractmethod
-    async def submit(self, req: SlurmRequest) -> str:
-        """Submit the array; its job id. ``ProviderError`` with ``retryable`` on failure."""
+    async def submit(self, req: SlurmRequest, *, first: bool = False) -> str:
+        """Submit the array; its job id. ``ProviderError`` with ``retryable`` on failure.
+        ``first``: the driver never tried this request before (a backend may then skip
+        looking for an earlier submit of it where its own records agree)."""
+
+    reads_files: bool = False
+    """Whether ``observe`` reads the elements' end records (``render.END_SUFFIX``)."""
 
     @abc.abstractmethod
     async def observe(
-        self, names: Sequence[str], since_days: int, elements: Sequence[str] = ()
+        self,
+        names: Sequence[str],
+        since_days: int,
+        elements: Sequence[str] = (),
+        *,
+        end_files: Mapping[str, str] | None = None,
+        wait_s: float = 0.0,
     ) -> tuple[list[JobRow], ...]:
-        """(live rows from the controller, accounting rows) for jobs with these names.
-        ``elements``: the element ids (``JOB_INDEX``) the caller waits on; a backend may skip
-        accounting while every one of them is still pending or running in the queue (none
-        given: accounting is always read)."""
+        """(live rows from the controller, accounting rows, rows from end records) for jobs
+        with these names. ``elements``: the element ids (``JOB_INDEX``) the caller waits on;
+        a backend may skip accounting while every one of them is still pending or running in
+        the queue or has its end record (none given: accounting is always read).
+        ``end_files``: element id -> the path of its end record, read where ``reads_files``;
+        ``wait_s``: how long to wait, at most, until every element waited on has one (the
+        queue is then not asked at all)."""
 
     @abc.abstractmethod
     async def lookup(
@@ -107,36 +124,51 @@ class Backend(abc.ABC):
 
 
 # The remote submit program. $1: the array directory, $2: the job name, $3: the script's
-# SHA-256; the script on stdin.
-SUBMIT_PROGRAM = r"""
+# SHA-256, $4: "first" when the driver never tried this request before; the script on stdin.
+SUBMIT_PROGRAM = rf"""
 set -eu
 d=$1; name=$2
 mkdir -p -- "$d/logs"
+w=${{d%/jobs/*}}; w=$(cd -- "${{w:-/}}" && pwd)
 cd -- "$d"
 exec 9>>.lock
-flock -w 100 9 || { echo "stowplan: $d is locked by another submit" >&2; exit 75; }
+flock -w 100 9 || {{ echo "stowplan: $d is locked by another submit" >&2; exit 75; }}
 cat > job.sh.tmp
 if [ -s jobid ]; then cat jobid; exit 0; fi
 # a connection lost mid-upload leaves a truncated script: never submit one
-sum=$(sha256sum < job.sh.tmp) && [ "${sum%% *}" = "$3" ] || {
-  echo "stowplan: the job script arrived incomplete" >&2; exit 75; }
+sum=$(sha256sum < job.sh.tmp) && [ "${{sum%% *}}" = "$3" ] || {{
+  echo "stowplan: the job script arrived incomplete" >&2; exit 75; }}
 here=$(pwd -P)
-if ! q=$(squeue -h --me --name="$name" -o '%F|%Z' 2>sq.err); then
-  cat sq.err >&2; exit 75
+# {TRIED} is written (under the lock) before sbatch is: where it is missing and the driver
+# never tried this request, no sbatch of it ever ran, and the queue need not be asked
+if [ -e {TRIED} ] || [ "${{4:-}}" != first ]; then
+  if ! q=$(squeue -h --me --name="$name" -o '%F|%Z' 2>sq.err); then
+    cat sq.err >&2; exit 75
+  fi
+  a=$(sacct -X -n -P --name="$name" -S now-60days -o JobID,WorkDir 2>/dev/null || true)
+  # only a job of this user started from this very directory is this request's (the same
+  # keys in another project or workdir name another job)
+  found=$(printf '%s\n%s\n' "$q" "$a" | awk -F'|' -v d="$here" '
+    $2 == d {{ sub(/_.*/, "", $1); if ($1 ~ /^[0-9]+$/) {{ print $1; exit }} }}')
+  if [ -n "$found" ]; then printf '%s\n' "$found" > jobid; cat jobid; exit 0; fi
 fi
-a=$(sacct -X -n -P --name="$name" -S now-60days -o JobID,WorkDir 2>/dev/null || true)
-# only a job of this user started from this very directory is this request's (the same keys
-# in another project or workdir name another job)
-found=$(printf '%s\n%s\n' "$q" "$a" | awk -F'|' -v d="$here" '
-  $2 == d { sub(/_.*/, "", $1); if ($1 ~ /^[0-9]+$/) { print $1; exit } }')
-if [ -n "$found" ]; then printf '%s\n' "$found" > jobid; cat jobid; exit 0; fi
 mv job.sh.tmp job.sh
-# sbatch is given a stub: the #SBATCH lines and an exec of job.sh on the shared workdir, so
-# slurmctld stores and sends each element a few hundred bytes, not every element's lines
-{ sed -n '1,/^set -u$/{/^#!/p;/^#SBATCH /p}' job.sh
-  printf 'exec /bin/bash %q\n' "$here/job.sh"; } > submit.sh
+# every element's lines in a file of its own, and every attempt directory made now (in one
+# process): an element sources its file and runs (render.py)
+rm -rf -- {ELEMENTS_DIR}; mkdir -- {ELEMENTS_DIR}
+awk -v e={ELEMENTS_DIR} '/^{BRANCH} [0-9]+$/ {{ if (f != "") close(f); f = e "/" $2; next }}
+  f != "" {{ print > f }}' job.sh
+awk '/^set -u$/ {{ exit }} $1 == "#" && $2 == "{KEY_LINE[2:]}" {{ print "runs/" $5 "/" $6 }}' \
+  job.sh | (cd -- "$w" && xargs -r mkdir -p --) || true
+# sbatch is given a stub: the #SBATCH lines, where the elements are, and the common part of
+# job.sh, so slurmctld stores and sends each element about a kilobyte, not every element's
+# lines
+{{ sed -n '1,/^set -u$/{{/^#!/p;/^#SBATCH /p}}' job.sh
+  printf 'STOWPLAN_ELEMENTS=%q\n' "$here/{ELEMENTS_DIR}"
+  sed -n '/^set -u$/,/^exit "\$rc"$/p' job.sh; }} > submit.sh
+: > {TRIED}
 if ! out=$(sbatch --parsable submit.sh 2>sbatch.err); then cat sbatch.err >&2; exit 65; fi
-printf '%s\n' "${out%%;*}" > jobid.tmp
+printf '%s\n' "${{out%%;*}}" > jobid.tmp
 mv jobid.tmp jobid
 cat jobid
 """
@@ -167,23 +199,45 @@ echo '{SECTION}'
 grep -H . -- */jobid 2>/dev/null || true
 """
 
-# $1: comma-separated job names, $2: sacct start; on stdin the element ids waited on, one a
-# line. squeue must answer; sacct (which may be disabled) is asked only when one of those
-# elements is no longer pending or running in the queue, or when none were given.
+# $1: comma-separated job names, $2: sacct start, $3: how many fifths of a second to wait, at
+# most, until every element waited on has its end record. On stdin, one line per element
+# waited on: its id (``JOB_INDEX``), a tab, and its end record's path (empty: none).
+# Prints the end records found (``JOB_INDEX|rc|start|end|node``); then, unless every element
+# waited on has one, squeue (which must answer), and sacct (which may be disabled) only when
+# an element without an end record is no longer pending or running in the queue, or when no
+# elements were given.
 DESCRIBE_PROGRAM = rf"""
 want=$(cat)
+ended=
+scan() {{
+  open=
+  while IFS=$'\t' read -r id f; do
+    [ -n "$id" ] || continue
+    line=
+    if [ -n "$f" ] && [ -s "$f" ]; then IFS= read -r line < "$f" || :; fi
+    if [ -n "$line" ]; then ended+="$id|$line"$'\n'; else open+="$id"$'\t'"$f"$'\n'; fi
+  done <<< "$1"
+}}
+scan "$want"
+n=0
+while [ -n "$open" ] && [ "$n" -lt "${{3:-0}}" ]; do sleep 0.2; n=$((n + 1)); scan "$open"; done
+printf '%s' "$ended"
+echo '{SECTION}'
+[ -z "$want" ] || [ -n "$open" ] || exit 0
 q=$(squeue -h -r --me --name="$1" -o '{SQUEUE_FORMAT}') || exit 75
 printf '%s\n' "$q"
 echo '{SECTION}'
-gone=$( {{ printf '%s\n' "$want"; echo '{SECTION}'; printf '%s\n' "$q"; }} | awk -F'|' '
+gone=$( {{ printf '%s' "$open"; echo '{SECTION}'; printf '%s\n' "$q"; }} | awk -F'|' '
   !sep && $0 == "{SECTION}" {{ sep = 1; next }}
-  !sep {{ if ($0 != "") want[$0] = 1; next }}
+  !sep {{ sub(/\t.*/, ""); if ($0 != "") want[$0] = 1; next }}
   $5 == "PENDING" || $5 == "RUNNING" || $5 == "CONFIGURING" {{ delete want[$1 "_" $2] }}
   END {{ n = 0; for (k in want) n++; print n }}')
 if [ -z "$want" ] || [ "$gone" != 0 ]; then
   sacct -X -n -P --name="$1" -S "$2" --format='{SACCT_FORMAT}' 2>/dev/null || true
 fi
 """
+WAIT_STEP_S = 0.2
+"""How often the describe program looks for end records while it waits."""
 
 DISCOVER_PROGRAM = rf"""
 scontrol show config | grep -E '^(ClusterName|SchedulerType|SchedulerParameters|MaxJobCount) ' \
@@ -202,6 +256,7 @@ class SSHBackend(Backend):
     quoted words; multi-step work runs as a fixed bash program with user data as ``$1..``."""
 
     locked_submit = True
+    reads_files = True
 
     def __init__(self, provider: str, transport: SSHTransport, env: dict[str, str]) -> None:
         self.provider = provider
@@ -249,11 +304,13 @@ class SSHBackend(Backend):
         job_id = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
         return job_id if job_id.isdigit() else None
 
-    async def submit(self, req: SlurmRequest) -> str:
+    async def submit(self, req: SlurmRequest, *, first: bool = False) -> str:
         digest = hashlib.sha256(req.script.encode()).hexdigest()
         # safe to repeat: the program finds a job submitted by an earlier try
         res = await self.transport.run(
-            self.program(SUBMIT_PROGRAM, req.job_dir, req.name, digest),
+            self.program(
+                SUBMIT_PROGRAM, req.job_dir, req.name, digest, "first" if first else "again"
+            ),
             stdin=req.script,
             repeatable=True,
         )
@@ -267,19 +324,33 @@ class SSHBackend(Backend):
         )
 
     async def observe(
-        self, names: Sequence[str], since_days: int, elements: Sequence[str] = ()
+        self,
+        names: Sequence[str],
+        since_days: int,
+        elements: Sequence[str] = (),
+        *,
+        end_files: Mapping[str, str] | None = None,
+        wait_s: float = 0.0,
     ) -> tuple[list[JobRow], ...]:
+        ends = end_files or {}
+        lines = []
+        for e in elements:
+            f = ends.get(e, "")
+            lines.append(f"{e}\t{f if f.isprintable() else ''}\n")
+        steps = max(0, int(wait_s / WAIT_STEP_S)) if ends else 0
         res = await self.transport.run(
-            self.program(DESCRIBE_PROGRAM, ",".join(names), f"now-{since_days}days"),
-            stdin="".join(e + "\n" for e in elements),
+            self.program(DESCRIBE_PROGRAM, ",".join(names), f"now-{since_days}days", str(steps)),
+            stdin="".join(lines),
+            timeout=COMMAND_TIMEOUT_S + steps * WAIT_STEP_S,
             repeatable=True,
         )
         if res.rc != 0:
             raise self._error("squeue failed", res)
         sections = split_sections(res.stdout)
-        live = parse_squeue(sections[0])
-        accounted = parse_sacct(sections[1]) if len(sections) > 1 else []
-        return live, accounted
+        ended = parse_end_records(sections[0])
+        live = parse_squeue(sections[1]) if len(sections) > 1 else []
+        accounted = parse_sacct(sections[2]) if len(sections) > 2 else []
+        return live, accounted, ended
 
     async def lookup(
         self, workdir: str, keys: Sequence[str]

@@ -1,10 +1,13 @@
 """When the Slurm driver looks again: polls spaced by what is expected to change.
 
-Every poll is one remote command (``squeue``, and ``sacct`` only when an element left the
-queue), so a poll that sees nothing new is pure cost, and a poll long after the last element
-ended is pure delay. A sweep of N elements ends when its last element ends, so the poll that
-matters most is the one just after that; the others only pass completions on early (to
-dependents and retries) and renew leases. ``next_poll`` picks the delay from what was seen:
+Every poll is one remote command (the elements' end records, ``squeue``, and ``sacct`` only
+when an element left the queue without an end record), so a poll that sees nothing new is
+pure cost, and a poll long after the last element ended is pure delay. (Over SSH the driver
+also waits the last seconds of each delay on the cluster, answering as soon as every element
+has ended, so the delay bounds the cost more than the latency.) A sweep of N elements ends
+when its last element ends, so the poll that matters most is the one just after that; the
+others only pass completions on early (to dependents and retries) and renew leases.
+``next_poll`` picks the delay from what was seen:
 
 - a completion rate ``r`` (elements per second over the recent polls): the live elements are
   expected to end in ``eta = live / r``; poll after ``ETA_SHARE x eta``. The delays shrink

@@ -18,22 +18,31 @@ answer was lost (the connection dropped after sbatch was sent) finds the first j
 request that was tried before is submitted again. A key already tried in another array (a retry
 re-planned with fewer keys) is looked up in that array first.
 
-Observation: one remote call per ``describe`` runs one ``squeue`` for every live array, and
-``sacct`` in the same call only when fewer of the watched elements are in the queue than were
-asked about (one left it: it ended); finished attempts are cached. The driver's own ``watch``
-spaces its polls by what is expected to change (``cadence.py``: the array's completion rate,
-the shortest remaining expected runtime), not by a fixed backoff. Keys this instance has not
-seen (after a control-plane restart) are looked up in the local index and, failing that, in
-the remote job scripts by one ``grep``. A job that ended ``NODE_FAIL`` or waits for nodes that
-went down is pushed to ``capacity_changes`` so the cluster is rediscovered.
+Observation: one remote call per ``describe`` reads the end records the elements write as
+they exit (``elements/I.end``: exit status, start, end, node; SSH only), runs one ``squeue``
+for every live array unless every element waited on has one, and ``sacct`` in the same call
+only when a watched element without an end record left the queue (it was killed, or never
+ran); finished attempts are cached. The driver's own ``watch`` spaces its polls by what is
+expected to change (``cadence.py``: the array's completion rate, the shortest remaining
+expected runtime), not by a fixed backoff, and waits the last seconds of each delay on the
+cluster, where the call answers as soon as every element waited on has ended. Keys this
+instance has not seen (after a control-plane restart) are looked up in the local index and,
+failing that, in the remote job scripts by one ``grep``. A job that ended ``NODE_FAIL`` or
+waits for nodes that went down is pushed to ``capacity_changes`` so the cluster is
+rediscovered.
+
+Start-up: built where an event loop runs (the provider actor), the SSH driver begins its first
+discovery at once, so the connection and the cluster's answer are ready when the control
+plane first asks.
 
 Capacity: a partition is offered the work its queue can absorb in the planning horizon
 (``capacity.py``), not only its CPUs, so a sweep goes to Slurm as one array; an explicit
 ``queue_factor`` overrides the derived depth.
 
 Every remote command is counted (``Backend.commands``) and the count is kept in
-``state_dir/slurm/<name>/remote.json`` (``{"commands": N, "connects": M, "polls": [...]}``,
-the last polls of the watch as ``[time, live keys, ended so far, next delay]``), rewritten
+``state_dir/slurm/<name>/remote.json`` (``{"commands": N, "connects": M, "polls": [...],
+"calls": [...]}``, the last polls of the watch as ``[time, live keys, ended so far, next
+delay]`` and the last backend calls as ``[time begun, verb, seconds]``), rewritten
 when the count changed at the end of each verb but ``discover`` (a dry run writes nothing).
 """
 
@@ -41,13 +50,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import math
 import os
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from pathlib import Path
+from typing import TypeVar
+
+import msgspec
 
 from stowplan.errors import ProviderError
 from stowplan.placement.problem import Pool
@@ -68,12 +81,22 @@ from stowplan.providers.keyindex import KeyIndex, Member, RequestRecord, submit_
 from stowplan.providers.slurm.backend import Backend, SSHBackend
 from stowplan.providers.slurm.cadence import Progress, next_poll
 from stowplan.providers.slurm.capacity import offered
-from stowplan.providers.slurm.parse import JobRow, pools_of
-from stowplan.providers.slurm.render import SlurmRequest, plan_arrays
+from stowplan.providers.slurm.parse import JobRow, PartitionFacts, pools_of
+from stowplan.providers.slurm.render import ELEMENTS_DIR, END_SUFFIX, SlurmRequest, plan_arrays
 from stowplan.providers.slurm.ssh import SSHTransport, TransportLost
 from stowplan.providers.slurm.states import capacity_reason, slurm_state
 from stowplan.spec.models import FailureClass, SlurmProviderConfig
 
+T = TypeVar("T")
+Discovered = tuple[str | None, list[PartitionFacts], dict[str, float]]
+"""What ``Backend.discover`` answers: cluster name, partitions, pending CPU-seconds."""
+_WATCH_WAIT: contextvars.ContextVar[float] = contextvars.ContextVar("watch_wait", default=0.0)
+"""How long the ``describe`` the watch makes may wait on the cluster (other callers: 0)."""
+ADDED_CHECK_S = 0.05
+REMOTE_WAIT_MAX_S = 5.0
+"""The longest part of a watch's delay waited on the cluster (``describe`` waits on it)."""
+EARLY_DISCOVERY_S = 30.0
+"""How long the discovery begun at construction stands for the first ``discover``."""
 LOG_POLL_S = 1.0
 POLLS_KEPT = 64
 CAPACITY_QUEUE = 64
@@ -158,17 +181,52 @@ class SlurmProvider(Provider):
         self._counted: dict[str, int] = {}
         self._polls: deque[tuple[float, int, int, float]] = deque(maxlen=POLLS_KEPT)
         """the watch's last polls: (epoch time, live keys, ended so far, next delay)"""
+        self._calls: deque[tuple[float, str, float]] = deque(maxlen=POLLS_KEPT)
+        """the last backend calls: (epoch time it began, verb, seconds it took)"""
         self._capacity: asyncio.Queue[str] = asyncio.Queue(CAPACITY_QUEUE)
         self._capacity_last: set[str] = set()
+        self._early: asyncio.Task[Discovered] | None = None
+        """the first discovery, begun at construction (``_begin_discovery``)"""
+        self._early_at = 0.0
+        if backend is None and config.transport == "ssh":
+            self._begin_discovery()
+
+    def _begin_discovery(self) -> None:
+        """Begin the first discovery now, in the background, where an event loop runs (the
+        provider actor's constructor): the SSH connection and the cluster's answer are then
+        ready, or nearly, when the control plane asks (after Ray has started its other
+        actors), instead of only starting then. The first ``discover`` within
+        ``EARLY_DISCOVERY_S`` takes its answer (after an error, it asks again itself); later
+        ones ask again."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._early_at = time.monotonic()
+        task = loop.create_task(self._discover_remote())
+        # an answer nobody took is dropped, its error too (never "never retrieved")
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self._early = task
+
+    async def _discover_remote(self) -> Discovered:
+        # our own queued arrays are the core's leases already, not a backlog before us
+        return await self._timed(
+            "discover", self.backend.discover(lambda name: self.index.request(name) is not None)
+        )
 
     # -- discover / plan ----------------------------------------------------------------------
 
     async def discover(self) -> list[Pool]:
-        # our own queued arrays are the core's leases already, not a backlog before us; the
-        # count is written by the next verb that acts (a dry run writes nothing)
-        cluster, parts, pending = await self.backend.discover(
-            lambda name: self.index.request(name) is not None
-        )
+        # the count is written by the next verb that acts (a dry run writes nothing)
+        early, self._early = self._early, None
+        found: Discovered | None = None
+        if early is not None and time.monotonic() - self._early_at <= EARLY_DISCOVERY_S:
+            # its failure (the cluster briefly unreachable back then) is not this call's
+            with contextlib.suppress(ProviderError, OSError):
+                found = await early
+        elif early is not None:
+            early.cancel()
+        cluster, parts, pending = found if found is not None else await self._discover_remote()
         site = self.config.site or cluster or self.name
         if self.config.partitions is not None:
             wanted = set(self.config.partitions)
@@ -191,6 +249,14 @@ class SlurmProvider(Provider):
             )
         )
 
+    async def _timed(self, verb: str, call: Awaitable[T]) -> T:
+        """``await call``, kept in ``_calls`` (``remote.json``'s ``calls``)."""
+        began = time.time()
+        try:
+            return await call
+        finally:
+            self._calls.append((round(began, 3), verb, round(time.time() - began, 3)))
+
     # -- submit -------------------------------------------------------------------------------
 
     def _count(self, *, polled: bool = False) -> None:
@@ -202,7 +268,9 @@ class SlurmProvider(Provider):
         self._counted = counts
         self._dir.mkdir(parents=True, exist_ok=True)
         tmp = self._dir / "remote.json.tmp"
-        tmp.write_text(json.dumps({**counts, "polls": list(self._polls)}))
+        tmp.write_text(
+            json.dumps({**counts, "polls": list(self._polls), "calls": list(self._calls)})
+        )
         os.replace(tmp, self._dir / "remote.json")
 
     async def submit(self, requests: Sequence[ProviderRequest]) -> list[Report]:
@@ -245,7 +313,7 @@ class SlurmProvider(Provider):
         backend = self.backend
 
         async def find(name: str) -> str | None:
-            return await backend.find(name, req.job_dir)
+            return await self._timed("find", backend.find(name, req.job_dir))
 
         try:
             # one try: a retryable error (TransportLost included: sbatch may have run) escapes
@@ -253,7 +321,7 @@ class SlurmProvider(Provider):
             job_id = await submit_once(
                 self.index,
                 before,
-                lambda: backend.submit(req),
+                lambda: self._timed("submit", backend.submit(req, first=not before.tries)),
                 None if backend.locked_submit else find,
             )
         except ProviderError as e:
@@ -293,7 +361,7 @@ class SlurmProvider(Provider):
             rec = self.index.request(name)
             job_id = rec.job_id if rec is not None else None
             if job_id is None:
-                job_id = await self.backend.find(name, self._job_dir(name))
+                job_id = await self._timed("find", self.backend.find(name, self._job_dir(name)))
                 if job_id is None:
                     continue
                 self.index.submitted(name, job_id)
@@ -328,7 +396,7 @@ class SlurmProvider(Provider):
 
     async def _lookup(self, keys: list[str]) -> None:
         """Find keys this instance has not seen in the remote job scripts (after a restart)."""
-        found, job_ids = await self.backend.lookup(self.config.workdir, keys)
+        found, job_ids = await self._timed("lookup", self.backend.lookup(self.config.workdir, keys))
         base = self.config.workdir.rstrip("/") or "/"
         wanted = set(keys)
         members: list[Member] = []
@@ -358,9 +426,11 @@ class SlurmProvider(Provider):
 
     async def describe(self, keys: Sequence[str]) -> list[Report]:
         async with self._lock:
-            return await self._poll(keys)
+            return await self._poll(keys, _WATCH_WAIT.get())
 
-    async def _poll(self, keys: Sequence[str]) -> list[Report]:
+    async def _poll(self, keys: Sequence[str], wait_s: float = 0.0) -> list[Report]:
+        """Reports for ``keys``, from one remote call; ``wait_s``: wait there, at most that
+        long, until every element waited on has its end record (the watch's delay)."""
         index = self.index
         unseen = [k for k in keys if index.member(k) is None and k not in self._finished]
         if unseen:
@@ -376,16 +446,38 @@ class SlurmProvider(Provider):
             days = 60 if not since else max(1, math.ceil((time.time() - since) / 86400) + 1)
             self.describe_calls += 1
             elements: list[str] = []
+            ends: dict[str, str] = {}
+            by_element: dict[str, Member] = {}
             for m in members.values():
                 rec = index.request(m.request)
                 if rec is None or rec.job_id is None:
                     elements = []  # an array whose id is not known: read accounting too
+                    ends = {}
                     break
-                elements.append(f"{rec.job_id}_{m.index}")
+                element = f"{rec.job_id}_{m.index}"
+                elements.append(element)
+                by_element[element] = m
+                if self.backend.reads_files:
+                    job_dir = rec.where.get("job_dir") or self._job_dir(m.request)
+                    ends[element] = f"{job_dir}/{ELEMENTS_DIR}/{m.index}{END_SUFFIX}"
             try:
-                squeue, sacct = await self.backend.observe(names, days, elements)
+                squeue, sacct, *more = await self._timed(
+                    "observe",
+                    self.backend.observe(names, days, elements, end_files=ends, wait_s=wait_s),
+                )
             finally:
                 self._count()
+            # an element's own end record stands for accounting (which it spares) until
+            # accounting has the element ended too
+            from_ends: set[tuple[str, int | None]] = set()
+            for row in more[0] if more else []:
+                ended = by_element.get(row.element_id)
+                if ended is not None:
+                    rows[(ended.request, row.index)] = (
+                        None,
+                        msgspec.structs.replace(row, name=ended.request),
+                    )
+                    from_ends.add((ended.request, row.index))
             for row in squeue:
                 if not self._ours(row):
                     continue
@@ -396,9 +488,14 @@ class SlurmProvider(Provider):
             for row in sacct:
                 if not self._ours(row):
                     continue
-                prev = rows.get((row.name, row.index), (None, None))
-                if prev[1] is None or self._preferred(row, prev[1]):
-                    rows[(row.name, row.index)] = (prev[0], row)
+                k = (row.name, row.index)
+                prev = rows.get(k, (None, None))
+                if k in from_ends:
+                    if slurm_state(row.state, row.exit_code)[0] in TERMINAL_PROVIDER_STATES:
+                        rows[k] = (prev[0], row)
+                        from_ends.discard(k)
+                elif prev[1] is None or self._preferred(row, prev[1]):
+                    rows[k] = (prev[0], row)
             self._capacity_news(
                 [row for m in members.values() for row in rows.get((m.request, m.index), ())]
             )
@@ -424,17 +521,27 @@ class SlurmProvider(Provider):
     ) -> AsyncIterator[list[Report]]:
         """The contract's polling watch (``Provider.watch``: batches of news, failures counted
         and retried), with the delay between polls from ``cadence.next_poll`` instead of a
-        doubling backoff: soon when ends are expected, long when none are."""
+        doubling backoff: soon when ends are expected, long when none are. Over SSH the end
+        of each delay is waited on the cluster itself, in the same remote call as the poll,
+        which answers as soon as every element waited on has written its end record: the
+        last element's end is seen within ``backend.WAIT_STEP_S``, not a delay later."""
         loop = asyncio.get_running_loop()
         progress = Progress()
         cap = max(self.poll_max, renew_every / 2)
         delay = self.poll_min
         while True:
-            if await keys.wait_added(delay):
+            # the last REMOTE_WAIT_MAX_S of the delay are waited on the cluster, for the end
+            # records of the elements waited on: the poll answers as soon as all have ended
+            remote = min(delay, REMOTE_WAIT_MAX_S) if self.backend.reads_files and len(keys) else 0
+            # (a moment at least: keys added meanwhile are seen, and polled after poll_min)
+            if await keys.wait_added(max(delay - remote, ADDED_CHECK_S)):
                 await asyncio.sleep(self.poll_min)  # gather what else arrives with them
+                remote = 0.0
             if not len(keys):
                 delay = self.poll_max
                 continue
+            # through ``describe`` (what a wrapper of it sees), with the wait in this task only
+            waiting = _WATCH_WAIT.set(remote)
             try:
                 reports = await self.describe(keys.keys())
             except (ProviderError, OSError):  # OSError: a transport error left untranslated
@@ -450,6 +557,8 @@ class SlurmProvider(Provider):
                     cap=cap,
                 )
                 continue
+            finally:
+                _WATCH_WAIT.reset(waiting)
             now = loop.time()
             progress.observe(reports, now)
             news = keys.news(reports, now, renew_every)
@@ -553,14 +662,16 @@ class SlurmProvider(Provider):
             job_id = rec.job_id if rec is not None else None
             if job_id is None and rec is not None and rec.tries:
                 # its submit's answer was lost: the array may exist all the same
-                job_id = await self.backend.find(m.request, self._job_dir(m.request))
+                job_id = await self._timed(
+                    "find", self.backend.find(m.request, self._job_dir(m.request))
+                )
                 if job_id is not None:
                     self.index.submitted(m.request, job_id)
             if job_id is not None:
                 ids.append(f"{job_id}_{m.index}")
         if ids:
             try:
-                await self.backend.cancel(ids)
+                await self._timed("cancel", self.backend.cancel(ids))
             finally:
                 self._count()
 
@@ -585,6 +696,9 @@ class SlurmProvider(Provider):
             await asyncio.sleep(LOG_POLL_S)
 
     async def aclose(self) -> None:
+        if self._early is not None:
+            self._early.cancel()
+            self._early = None
         await self.backend.aclose()
 
 

@@ -137,6 +137,46 @@ def all_active(rows: list[JobRow], elements: Sequence[str]) -> bool:
     return all(e in active for e in elements)
 
 
+def _epoch_text(text: str) -> float | None:
+    """``EPOCHREALTIME`` as bash prints it (the locale's decimal mark); ``None`` if empty."""
+    try:
+        return float(text.strip().replace(",", "."))
+    except ValueError:
+        return None
+
+
+def parse_end_records(text: str) -> list[JobRow]:
+    """End records as the describe program prints them (``JOB_INDEX|rc|start|end|node``, one
+    a line): a row each, COMPLETED for exit status 0, else FAILED; ``name`` is empty (the
+    caller knows whose element each id is)."""
+    rows = []
+    for line in text.splitlines():
+        parts = line.split("|")
+        if len(parts) != 5:
+            continue
+        eid, rc, start, end, node = parts
+        m = _ARRAY_ID.match(eid)
+        try:
+            code = int(rc)
+        except ValueError:
+            continue
+        if m is None:
+            continue
+        rows.append(
+            JobRow(
+                job_id=m.group(1),
+                index=int(m.group(2)),
+                name="",
+                state="COMPLETED" if code == 0 else "FAILED",
+                exit_code=code,
+                started_at=_epoch_text(start),
+                ended_at=_epoch_text(end),
+                node=node.strip() or None,
+            )
+        )
+    return rows
+
+
 def parse_sacct(text: str) -> list[JobRow]:
     """``sacct -X -P -n --format=SACCT_FORMAT``; pending array ranges are expanded."""
     rows = []

@@ -3,7 +3,9 @@
 Launches placed in the same partition with the same shape (CPUs, memory, GPUs, time limit) are
 one job array; array index ``i`` runs the ``i``-th launch in key order, and the script maps the
 index to that trial's directory, environment and argv: its lines follow the script's final
-``exit`` behind a ``#@@ INDEX`` line, and the element runs only those (``_render``).
+``exit`` behind a ``#@@ INDEX`` line, and the element runs only those (``_render``). Over SSH
+the submit program splits them into one file per element and submits a stub of about a
+kilobyte; each element sources its own file, runs, and writes its end record.
 
 Every string that comes from a user (argv, environment values, file names, task names in
 comments) is quoted with ``bash_quote``, which never emits a raw newline or control character:
@@ -32,6 +34,11 @@ from stowplan.providers.base import LaunchSpec, ProviderRequest, command_of, req
 KEY_LINE = "# stowplan-key"
 BRANCH = "#@@"
 """Starts each element's lines, after the script's final ``exit``."""
+ELEMENTS_DIR = "elements"
+"""In the array directory (SSH): file ``I`` holds element ``I``'s lines."""
+END_SUFFIX = ".end"
+"""``ELEMENTS_DIR/I.end``: element ``I``'s end record ``rc|start|end|node`` (epoch seconds),
+written by the element as it exits (not by one that was killed)."""
 _SAFE = re.compile(r"^[A-Za-z0-9_@%+=:,./-]+$")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 _PARTITION = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -301,15 +308,24 @@ def _render(
         ]
     # NOTE: bash parses a whole ``case`` before it runs a branch, so with one every element
     # parsed every element's lines (0.75 MB and about 25 ms of CPU each for 1,000 no-ops).
-    # Each element cuts its own lines out of the script (``$0``: slurmd's copy) with awk and
-    # runs them; bash never reads past the ``exit`` that ends the common part.
+    # Over SSH the submit program splits the branches into one file each (``ELEMENTS_DIR``)
+    # and gives sbatch a stub with ``STOWPLAN_ELEMENTS`` set: an element sources its own
+    # file (no awk, no second bash). Run whole (REST, or by hand), the script cuts its own
+    # lines out of itself (``$0``: slurmd's copy) with awk; bash never reads past the
+    # ``exit`` that ends the common part.
+    missing = 'echo "stowplan: array index ${SLURM_ARRAY_TASK_ID:-unset} has no attempt" >&2'
     body += [
-        'branch=$(awk -v i="${SLURM_ARRAY_TASK_ID:-}" '
+        'if [ -n "${STOWPLAN_ELEMENTS:-}" ]; then',
+        "  __sp_t0=${EPOCHREALTIME:-}",
+        '  __sp_e="$STOWPLAN_ELEMENTS/${SLURM_ARRAY_TASK_ID:-}"',
+        f'  [ -f "$__sp_e" ] || {{ {missing}; exit 70; }}',
+        '  . "$__sp_e" || exit 70',
+        "else",
+        '  branch=$(awk -v i="${SLURM_ARRAY_TASK_ID:-}" '
         f'\'f && /^{BRANCH} /{{exit}} f; $0 == "{BRANCH} " i {{f=1}}\' "$0") || exit 70',
-        'if [ -z "$branch" ]; then',
-        '  echo "stowplan: array index ${SLURM_ARRAY_TASK_ID:-unset} has no attempt" >&2; exit 70',
+        f'  [ -n "$branch" ] || {{ {missing}; exit 70; }}',
+        '  eval "$branch"',
         "fi",
-        'eval "$branch"',
     ]
     branches: list[str] = []
     members: list[SlurmMember] = []
@@ -329,7 +345,13 @@ def _render(
         branches.append(f"{BRANCH} {i}")
         branches.append(f"  # task {bash_quote(launch.name)}, run {launch.run_id}")
         d = bash_quote(attempt_dir)
-        branches.append(f"  mkdir -p -- {d} && cd -- {d} || exit 70")
+        # the SSH submit program makes every attempt directory at once (``SUBMIT_PROGRAM``):
+        # an element then runs no mkdir of its own
+        branches.append(f"  __sp_d={d}")
+        branches.append(
+            '  cd -- "$__sp_d" 2>/dev/null || { mkdir -p -- "$__sp_d" && cd -- "$__sp_d"; } '
+            "|| exit 70"
+        )
         for fname in sorted(launch.files):
             data = base64.b64encode(launch.files[fname]).decode() or "''"
             target = bash_quote(fname)
@@ -349,9 +371,9 @@ def _render(
     body += [
         # NOTE: an output that resolves outside the attempt directory (a symlink to
         # /etc/hostname, say) fails the attempt here, before anything reads it
-        'if [ "$rc" -eq 0 ]; then',
+        'if [ "$rc" -eq 0 ] && [ "${#outputs[@]}" -gt 0 ]; then',
         "  here=$(pwd -P)",
-        '  for o in ${outputs[@]+"${outputs[@]}"}; do',
+        '  for o in "${outputs[@]}"; do',
         '    if [ ! -e "$o" ]; then echo "stowplan: declared output $o is missing" >&2; rc=1',
         '    else real=$(realpath -e -- "$o") || real=/',
         '      case "$real/" in "$here"/?*) ;; *) rc=1',
@@ -359,6 +381,14 @@ def _render(
         "      esac",
         "    fi",
         "  done",
+        "fi",
+        # its end record (``END_SUFFIX``), which the driver's describe reads with the queue: an
+        # element seen ending here needs no sacct (bash 5 times; empty with an older bash).
+        # NOTE: none for a command killed by a signal (status 128+): scancel, the time limit
+        # and preemption send SIGTERM, and accounting names those ends (CANCELLED, TIMEOUT)
+        'if [ -n "${STOWPLAN_ELEMENTS:-}" ] && [ "$rc" -lt 128 ]; then',
+        '  printf \'%s|%s|%s|%s\\n\' "$rc" "$__sp_t0" "${EPOCHREALTIME:-}" \\',
+        f'    "${{SLURMD_NODENAME:-}}" > "$__sp_e{END_SUFFIX}" 2>/dev/null || :',
         "fi",
         'exit "$rc"',
     ]

@@ -22,7 +22,7 @@ Quirks of this API version:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from stowplan.errors import ProviderError
@@ -260,7 +260,7 @@ class RestBackend(Backend):
                 return row.job_id
         return None
 
-    async def submit(self, req: SlurmRequest) -> str:
+    async def submit(self, req: SlurmRequest, *, first: bool = False) -> str:
         found = await self.find(req.name, req.job_dir)
         if found is not None:
             return found
@@ -277,8 +277,15 @@ class RestBackend(Backend):
         return str(job_id)
 
     async def observe(
-        self, names: Sequence[str], since_days: int, elements: Sequence[str] = ()
+        self,
+        names: Sequence[str],
+        since_days: int,
+        elements: Sequence[str] = (),
+        *,
+        end_files: Mapping[str, str] | None = None,
+        wait_s: float = 0.0,
     ) -> tuple[list[JobRow], ...]:
+        # no file access: no end records, and nothing to wait on remotely
         live = rows_of_jobs((await self._call("GET", f"/slurm/{API}/jobs"))["jobs"], set(names))
         if elements and all_active(live, elements):
             return live, []

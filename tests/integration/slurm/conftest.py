@@ -76,11 +76,25 @@ def runs_of(tmp_path: Path) -> list[RunRecord]:
         return [r for e in store.list_experiments() for r in store.runs_for_experiment(e.id)]
 
 
-def our_elements(cluster: SlurmCluster, workdir: Path) -> dict[str, list[str]]:
-    """Array elements Slurm ever had for this project's job names: name -> element ids."""
+def our_elements(cluster: SlurmCluster, workdir: Path, expect: int = 0) -> dict[str, list[str]]:
+    """Array elements Slurm ever had for this project's job names: name -> element ids, once
+    accounting shows at least ``expect`` of them (up to 60 s): a run that saw its elements end
+    in their end records is over before slurmdbd has every record."""
     names = sorted(p.name for p in (workdir / "jobs").glob("*") if p.is_dir())
     if not names:
         return {}
+    found: dict[str, list[str]] = {}
+
+    def enough() -> bool:
+        nonlocal found
+        found = _accounted(cluster, names)
+        return sum(len(v) for v in found.values()) >= expect
+
+    wait_for(enough, 60, f"{expect} array elements in accounting")
+    return found
+
+
+def _accounted(cluster: SlurmCluster, names: list[str]) -> dict[str, list[str]]:
     out = cluster.slurm(
         "sacct",
         "-X",

@@ -118,7 +118,7 @@ def test_exit_3_cancel_time_limit_and_hostile_input(
         atts = store.attempts_for([user.run_id, overtime.run_id])
     assert all(a.exit_code == 3 for a in atts[user.run_id])
     assert "TIMEOUT" in atts[overtime.run_id][0].message
-    assert sum(len(v) for v in our_elements(slurm_cluster, tmp_path / "remote").values()) >= 3
+    assert sum(len(v) for v in our_elements(slurm_cluster, tmp_path / "remote", 3).values()) >= 3
     # the failed attempt's stderr, read back over SFTP by `stowplan logs`
     rc, out, err = finish(stowplan(tmp_path, "logs", user.run_id[:12], "--stderr"), 60)
     assert rc == 0, err

@@ -49,7 +49,7 @@ def check_exactly_once(cluster: SlurmCluster, tmp_path: Path) -> None:
     executed = Counter((tmp_path / "executions.log").read_text().split())
     assert set(executed) == {r.run_id for r in runs}
     assert set(executed.values()) == {1}, executed
-    elements = our_elements(cluster, tmp_path / "remote")
+    elements = our_elements(cluster, tmp_path / "remote", N)
     assert sum(len(v) for v in elements.values()) == N, elements
 
 

@@ -70,7 +70,7 @@ def test_forty_trials_as_arrays_on_cpu_and_gpu(slurm_cluster: SlurmCluster, tmp_
         (att,) = attempts[r.run_id]
         assert att.job_id and "_" in att.job_id and att.node in ("n1", "n2", "n3", "n4")
         assert att.exit_code == 0
-    elements = our_elements(slurm_cluster, tmp_path / "remote")
+    elements = our_elements(slurm_cluster, tmp_path / "remote", 40)
     # every trial ran as exactly one array element, and arrays were really used
     assert sum(len(v) for v in elements.values()) == 40
     assert len(elements) < 40 and max(len(v) for v in elements.values()) > 1

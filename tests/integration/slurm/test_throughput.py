@@ -42,7 +42,7 @@ def test_a_default_sweep_goes_as_one_array_with_few_remote_commands(
     assert json.loads(out)["counts"] == {"SUCCEEDED": TRIALS}
     runs = runs_of(tmp_path)
     assert len(runs) == TRIALS and all(r.attempts == 1 for r in runs)
-    elements = our_elements(slurm_cluster, tmp_path / "remote")
+    elements = our_elements(slurm_cluster, tmp_path / "remote", TRIALS)
     assert len(elements) == 1, f"{len(elements)} arrays: {sorted(elements)}"
     assert len(next(iter(elements.values()))) == TRIALS
     # discovery, the submit and the watch's polls; a doubling backoff to 30 s, or one array per
@@ -50,3 +50,10 @@ def test_a_default_sweep_goes_as_one_array_with_few_remote_commands(
     assert commands <= 15, f"{commands} remote commands for {TRIALS} trials"
     (counted,) = (tmp_path / ".stowplan").glob("**/slurm/cluster/remote.json")
     assert 2 <= json.loads(counted.read_text())["commands"] <= commands
+    # each element ran its own lines from the array's elements/ directory (no awk over the
+    # whole script) and left its end record, which the watch read instead of sacct
+    (job_dir,) = (tmp_path / "remote" / "jobs").iterdir()
+    records = sorted((job_dir / "elements").glob("*.end"))
+    assert len(records) == TRIALS
+    assert {r.read_text().split("|")[0] for r in records} == {"0"}
+    assert "exec /bin/bash" not in (job_dir / "submit.sh").read_text()

@@ -5,8 +5,9 @@ capacity news from what Slurm reports (rows captured from the real test cluster)
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import anyio
@@ -40,6 +41,11 @@ class FakeSlurm(Backend):
         self.after_sbatch = False
         self.calls: Counter[str] = Counter()
         self.rows: list[JobRow] = []
+        self.accounted: list[JobRow] = []
+        self.ended: list[JobRow] = []
+        self.end_files: dict[str, str] = {}
+        self.waits: list[float] = []
+        self.end_while_waiting: list[JobRow] = []
         self.cancelled: list[str] = []
 
     async def discover(
@@ -51,7 +57,7 @@ class FakeSlurm(Backend):
         self.calls["find"] += 1
         return self.jobs.get(name)
 
-    async def submit(self, req: SlurmRequest) -> str:
+    async def submit(self, req: SlurmRequest, *, first: bool = False) -> str:
         self.calls["submit"] += 1
         if self.locked_submit and req.name in self.jobs:
             return self.jobs[req.name]
@@ -64,12 +70,24 @@ class FakeSlurm(Backend):
         return self.jobs[req.name]
 
     async def observe(
-        self, names: Sequence[str], since_days: int, elements: Sequence[str] = ()
+        self,
+        names: Sequence[str],
+        since_days: int,
+        elements: Sequence[str] = (),
+        *,
+        end_files: Mapping[str, str] | None = None,
+        wait_s: float = 0.0,
     ) -> tuple[list[JobRow], ...]:
         self.calls["observe"] += 1
         self.elements = list(elements)
+        self.end_files = dict(end_files or {})
+        self.waits.append(wait_s)
         live = [r for r in self.rows if r.name in names]
-        return live, []
+        if wait_s > 0:  # they end while the describe waits on the cluster
+            self.ended += self.end_while_waiting
+            self.end_while_waiting = []
+        ended = [r for r in self.ended if r.element_id in self.end_files]
+        return live, list(self.accounted), ended
 
     async def lookup(
         self, workdir: str, keys: Sequence[str]
@@ -308,3 +326,120 @@ async def test_a_late_repeated_submit_reports_the_final_states(tmp_path: Path) -
         ProviderState.FAILED,
     ]
     assert backend.calls["sbatch"] == 1
+
+
+async def test_the_first_discovery_begins_at_construction_and_is_used_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Built where an event loop runs (the provider actor), the SSH driver starts its first
+    discovery at once: the first ``discover`` takes that answer, the next asks again. Built
+    outside one, nothing starts early."""
+    from stowplan.providers.slurm import backend as backend_mod
+    from stowplan.providers.slurm import driver as driver_mod
+
+    asked: list[float] = []
+
+    async def discover(
+        self: object, ours: Callable[[str], bool] | None = None
+    ) -> tuple[str | None, list[PartitionFacts], dict[str, float]]:
+        asked.append(time.monotonic())
+        return "fake", [], {}
+
+    monkeypatch.setattr(backend_mod.SSHBackend, "discover", discover)
+    config = SlurmProviderConfig(host="login", workdir="/w")
+    d = SlurmProvider("cluster", config, state_dir=tmp_path / "state")
+    await anyio.sleep(0)  # the early discovery runs as soon as the loop turns
+    assert len(asked) == 1
+    await d.discover()
+    assert len(asked) == 1  # its answer
+    await d.discover()
+    assert len(asked) == 2  # a real rediscovery
+    await d.aclose()
+    # too old to stand for the first discovery: asked again
+    monkeypatch.setattr(driver_mod, "EARLY_DISCOVERY_S", 0.0)
+    asked.clear()
+    d = SlurmProvider("cluster", config, state_dir=tmp_path / "state")
+    await anyio.sleep(0.01)
+    await d.discover()
+    assert len(asked) == 2
+    await d.aclose()
+    # an early discovery that failed is not the first discover's answer: it asks again
+    monkeypatch.setattr(driver_mod, "EARLY_DISCOVERY_S", 30.0)
+    outage = [ProviderError("ssh: cannot connect", provider="cluster", retryable=True)]
+    real = discover
+
+    async def flaky(
+        self: object, ours: Callable[[str], bool] | None = None
+    ) -> tuple[str | None, list[PartitionFacts], dict[str, float]]:
+        if outage:
+            asked.append(time.monotonic())
+            raise outage.pop()
+        return await real(self, ours)
+
+    monkeypatch.setattr(backend_mod.SSHBackend, "discover", flaky)
+    asked.clear()
+    d = SlurmProvider("cluster", config, state_dir=tmp_path / "state")
+    await anyio.sleep(0.01)
+    assert await d.discover() == [] and len(asked) == 2
+    await d.aclose()
+    # no loop running: nothing begins until asked
+    asked.clear()
+    outside = await anyio.to_thread.run_sync(
+        lambda: SlurmProvider("cluster", config, state_dir=tmp_path / "state")
+    )
+    await anyio.sleep(0.01)
+    assert asked == []
+    await outside.aclose()
+
+
+async def test_end_records_end_elements_without_accounting_until_it_has_them(
+    tmp_path: Path,
+) -> None:
+    """Over SSH each element writes an end record as it exits; the describe reads them with
+    the queue: an element with one is final (its exit status, its times) though it is still
+    COMPLETING in the queue; accounting replaces it only with a final state of its own."""
+    backend = FakeSlurm()
+    backend.reads_files = True
+    d = driver(tmp_path, backend)
+    (req,) = d.plan(launches(3), FACTS)
+    assert isinstance(req, SlurmRequest)
+    await d.submit([req])
+    backend.rows = [row(req.name, 0, "COMPLETING"), row(req.name, 2, "RUNNING")]
+    backend.ended = [
+        JobRow(
+            job_id="100",
+            index=0,
+            name="",
+            state="COMPLETED",
+            exit_code=0,
+            node="n1",
+            started_at=10.0,
+            ended_at=12.5,
+        ),
+        JobRow(job_id="100", index=1, name="", state="FAILED", exit_code=3),
+    ]
+    # accounting still has element 1 running (it lags): the end record stands
+    backend.accounted = [row(req.name, 1, "RUNNING")]
+    reports = await d.describe(req.keys)
+    assert backend.end_files == {f"100_{i}": f"{req.job_dir}/elements/{i}.end" for i in range(3)}
+    assert [(r.state, r.exit_code) for r in reports] == [
+        (ProviderState.SUCCEEDED, 0),
+        (ProviderState.FAILED, 3),
+        (ProviderState.RUNNING, None),
+    ]
+    assert (reports[0].started_at, reports[0].ended_at) == (10.0, 12.5)
+    # the watch waits the end of its delay on the cluster (the backend reads files)
+    d.poll_min, d.poll_max = 0.01, 0.05
+    keys = WatchSet()
+    keys.add([req.keys[2]], ProviderState.RUNNING)
+    backend.end_while_waiting = [
+        JobRow(job_id="100", index=2, name="", state="COMPLETED", exit_code=0)
+    ]
+    backend.waits.clear()
+    watch = d.watch(keys)
+    news = await anext(watch)  # a renewal of RUNNING first (never said before)
+    if news[0].state is ProviderState.RUNNING:
+        news = await anext(watch)
+    assert [r.state for r in news] == [ProviderState.SUCCEEDED]
+    # the first poll after keys were added waits nowhere; the next waits on the cluster
+    assert backend.waits[0] == 0 and backend.waits[-1] > 0
