@@ -460,6 +460,11 @@ class QueueActor:
             await self._call("store", self.store.load_active), ActiveState
         )
         restored: list[RestoredTask] = []
+        # runs someone approved before the restart do not ask again (the ledger says who)
+        waiting = [r.run_id for r in runs if TaskState(r.state) not in LEASED]
+        approved = (
+            set(await self._call("store", self.store.approved, waiting)) if waiting else set()
+        )
         for rec in runs:
             payload = payload_of(rec)
             self.payloads[rec.run_id] = payload
@@ -482,7 +487,10 @@ class QueueActor:
                 # no intent was written for the last attempt, so it was never submitted
                 restored.append(
                     RestoredTask(
-                        task=payload.instance, state=TaskState.PENDING, attempt=rec.attempts
+                        task=payload.instance,
+                        state=TaskState.PENDING,
+                        attempt=rec.attempts,
+                        approved=rec.run_id in approved,
                     )
                 )
         if runs:

@@ -138,6 +138,10 @@ class StoreActor:
                     found.setdefault(d.id, d)
         return pack([found[k] for k in sorted(found)])
 
+    def approved(self, run_ids: list[str]) -> list[str]:
+        """Those of ``run_ids`` someone approved (the ledger), for a restarted queue."""
+        return self.store.approved(run_ids)
+
     def spending(self, experiment_id: str | None, now: float) -> tuple[float, float]:
         """Dollars recorded this calendar month (UTC, of ``now``) and by ``experiment_id``."""
         month = self.store.cost_since(month_start(now))

@@ -121,7 +121,8 @@ who may decide, and wrote the ledger) moves it back to READY, approved: no budge
 launch for it is not cut, restricted pools may take it; or, rejected, to CANCELLED with the
 reason, its dependents with it. A decision on a run not waiting changes nothing. Without
 approvals the budget holds runs READY and no pool is restricted. After a restart a waiting
-run starts over from PENDING and asks again.
+run starts over from PENDING and asks again; one approved before (``RestoredTask.approved``,
+from the ledger) does not.
 
 Datasets
 --------
@@ -715,6 +716,7 @@ class SchedulerCore:
             if run is None:
                 continue
             run.attempt = rt.attempt
+            run.approved = rt.approved
             run.key = rt.key or (attempt_key(rt.task.run_id, rt.attempt) if rt.attempt else "")
             state = rt.state
             self.counts[TaskState.PENDING] -= 1

@@ -62,6 +62,8 @@ class RestoredTask(Struct, frozen=True, kw_only=True):
     pool: str | None = None
     key: str | None = None
     """the attempt's key as the store has it (None: derived from run id and attempt)."""
+    approved: bool = False
+    """someone approved it before the restart (the ledger says so): it does not ask again."""
 
 
 # ---- events -------------------------------------------------------------------------------

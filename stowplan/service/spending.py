@@ -11,7 +11,6 @@ of runs leased now, is its own (``share.Ledger.over_month``).
 
 from __future__ import annotations
 
-import calendar
 import logging
 import threading
 import time
@@ -19,16 +18,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from stowplan.actors.store import month_start
+
+__all__ = ["EVERY_S", "TeamSpending", "month_start", "team_spending"]
+
 log = logging.getLogger(__name__)
 
 EVERY_S = 60.0
 """Seconds between sums: a cloud attempt's cost is recorded when it ends."""
-
-
-def month_start(now: float) -> float:
-    """The first second of ``now``'s calendar month, UTC."""
-    t = time.gmtime(now)
-    return float(calendar.timegm((t.tm_year, t.tm_mon, 1, 0, 0, 0, 0, 0, 0)))
 
 
 def team_spending(store: Any, people: Any, teams: Sequence[str], now: float) -> dict[str, float]:

@@ -202,6 +202,28 @@ class AuditTables(Database):
             )
         return out
 
+    def approved(self, run_ids: Sequence[str]) -> list[str]:
+        """Those of ``run_ids`` someone approved (the ledger's ``approval`` entries with
+        ``decision`` approve), sorted: a restarted core must not ask for them again."""
+        found: set[str] = set()
+        with self._read() as c:
+            ids = sorted(set(run_ids))
+            for i in range(0, len(ids), 500):
+                chunk = ids[i : i + 500]
+                rows = c.execute(
+                    "SELECT target, details FROM ledger WHERE action = 'approval' AND target IN "
+                    f"({','.join('?' * len(chunk))})",
+                    chunk,
+                ).fetchall()
+                for target, details in rows:
+                    try:
+                        doc = _dict_decoder.decode(details)
+                    except msgspec.DecodeError:
+                        continue
+                    if doc.get("decision") == "approve":
+                        found.add(str(target))
+        return sorted(found)
+
     # -- replays ---------------------------------------------------------------------------
 
     def put_replay(self, rec: ReplayRecord) -> None:

@@ -133,3 +133,17 @@ def test_an_empty_ledger_verifies(tmp_path: Path) -> None:
 
 def test_current_user_names_someone() -> None:
     assert current_user()
+
+
+def test_the_ledger_says_which_runs_were_approved(tmp_path: Path) -> None:
+    with RunStore(tmp_path / "store.db") as store:
+        for target, decision in (("r1", "approve"), ("r2", "reject"), ("r3", "approve")):
+            store.append_ledger(
+                who="tara",
+                action="approval",
+                target=target,
+                why="w",
+                details={"decision": decision},
+            )
+        store.append_ledger(who="mona", action="cancel", target="r4", why="w", details={})
+        assert store.approved(["r1", "r2", "r4", "r5"]) == ["r1"]

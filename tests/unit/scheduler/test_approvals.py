@@ -124,3 +124,17 @@ def test_cancel_while_awaiting_approval_cancels() -> None:
     d.feed(CancelRequested(run_ids=["a"], reason="never mind"))
     assert d.core.state("a") is TaskState.CANCELLED
     assert d.core.counts[TaskState.AWAITING_APPROVAL] == 0
+
+
+def test_a_run_approved_before_a_restart_does_not_ask_again() -> None:
+    from stowplan.scheduler.events import RestoredTask, TasksRestored
+
+    for approved, state in ((False, TaskState.AWAITING_APPROVAL), (True, TaskState.SUBMITTING)):
+        d = over_budget(approvals=Approvals())
+        task = gpu_task("a", runtime_s=HOUR)
+        d.feed(
+            TasksRestored(
+                tasks=[RestoredTask(task=task, state=TaskState.PENDING, approved=approved)]
+            )
+        )
+        assert d.core.state("a") is state, approved
