@@ -11,6 +11,8 @@ line per size:
     tasks_per_s   n / dispatch_s
     peak_rss_gib  peak of the summed RSS of this process and every Ray process under it
     peak_pss_gib  the same with shared pages split among their processes (no double counting)
+    idle_pss_gib  PSS of the control plane alone (the Ray processes under this one), just
+                  started, before any run is recorded or submitted
 
     .venv/bin/python benchmarks/bench_dispatch.py [--sizes 1000,10000,100000]
 """
@@ -78,6 +80,15 @@ class RssSampler(threading.Thread):
             self.stop.wait(0.2)
 
 
+def control_plane_pss() -> int:
+    """Summed PSS of every process under this one: the control plane, without the driver."""
+    total = 0
+    for p in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_full_info().pss
+    return total
+
+
 def experiment_file(d: Path, n: int) -> Path:
     (d / "stowplan.toml").write_text(
         '[project]\nname = "bench"\n[policy]\nmax_sweep_size = 10000000\n'
@@ -136,6 +147,7 @@ def bench(n: int) -> dict[str, object]:
         )
         # as `stowplan run` does: the control plane boots, then the runs are recorded
         plane.start()
+        idle_pss = control_plane_pss()
         try:
             t2 = time.perf_counter()
             with RunStore(prepared.store_path) as store:
@@ -169,6 +181,7 @@ def bench(n: int) -> dict[str, object]:
             "failed": counts.get("FAILED", 0),
             "peak_rss_gib": round(sampler.peak_rss / 2**30, 3),
             "peak_pss_gib": round(sampler.peak_pss / 2**30, 3),
+            "idle_pss_gib": round(idle_pss / 2**30, 3),
             "peak_pss_gib_by_process": {
                 f"{sampler.names.get(pid, 'ray')}[{pid}]": round(v / 2**30, 3)
                 for pid, v in sorted(sampler.by_pid.items(), key=lambda kv: -kv[1])[:6]

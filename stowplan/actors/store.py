@@ -3,11 +3,23 @@
 A synchronous actor with one thread, so calls from one caller run in the order they were made:
 the queue actor sends transitions and then an intent, and the intent is never written before
 the transitions that led to it. Batches arrive as msgpack bytes (see ``wire``).
+
+Only what a restart needs is written at once: intents before their submit, provider answers,
+placements, and every transition batch that moves a run past the steps before its submit. A
+batch whose every step ends in :data:`HELD_STATES` (READY and PLACED: a run placed but not yet
+submitted) is kept in memory, for at most :data:`HOLD_S`, and written with the next batch in
+the same transaction: a run's steps to its submit become one UPDATE and one events row instead
+of one per batch. Every read, intent, ``ping`` (so ``drain``) and the timer write the held
+steps first. A crash loses only held steps, and a restart starts a run in READY or PLACED over
+from PENDING anyway, so nothing it needs is lost.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from datetime import UTC, datetime
+from typing import Final
 
 import msgspec
 
@@ -25,15 +37,33 @@ from stowplan.provenance.records import (
 )
 from stowplan.provenance.store import ArtifactsNotStored, RunStore
 
+log = logging.getLogger(__name__)
+
+HELD_STATES: Final = frozenset({"READY", "PLACED"})
+"""States a transition batch may be held in memory for (see the module docstring)."""
+HOLD_S: Final = 5.0
+"""Most seconds a held batch waits for the next one before it is written alone."""
+
 
 class StoreActor:
     def __init__(
-        self, path: str, *, state_dir: str | None = None, owner: tuple[int, float] | None = None
+        self,
+        path: str,
+        *,
+        state_dir: str | None = None,
+        owner: tuple[int, float] | None = None,
+        hold_s: float = HOLD_S,
     ) -> None:
         note_worker(state_dir, "store", owner)
         self.store = RunStore(path)
+        self._hold_s = hold_s
+        self._lock = threading.Lock()
+        self._held: list[TransitionRecord] = []
+        self._timer: threading.Timer | None = None
+        self._held_error: Exception | None = None
 
     def ping(self) -> bool:
+        self._write_held()
         return True
 
     def put_experiment(self, rec: bytes) -> None:
@@ -43,12 +73,56 @@ class StoreActor:
         self.store.put_runs(unpack(recs, list[RunRecord]))
 
     def get_runs(self, run_ids: list[str]) -> bytes:
+        self._write_held()
         return pack(self.store.get_runs(run_ids))
 
     def apply_transitions(self, ts: bytes) -> None:
-        self.store.apply_transitions(unpack(ts, list[TransitionRecord]))
+        """Write a batch of transitions, or hold it (see the module docstring); a held batch
+        that failed to be written fails this call (and the batch is written no more)."""
+        batch: list[TransitionRecord] = unpack(ts, list[TransitionRecord])
+        with self._lock:
+            self._raise_held_error()
+            if self._hold_s > 0 and all(t.to_state in HELD_STATES for t in batch):
+                if batch and not self._held:
+                    self._timer = threading.Timer(self._hold_s, self._write_held_later)
+                    self._timer.daemon = True
+                    self._timer.start()
+                self._held.extend(batch)
+                return
+            held, self._held = self._held, []
+            self._stop_timer()
+            self.store.apply_transitions([*held, *batch] if held else batch)
+
+    def _write_held(self) -> None:
+        with self._lock:
+            self._raise_held_error()
+            held, self._held = self._held, []
+            self._stop_timer()
+            self.store.apply_transitions(held)
+
+    def _write_held_later(self) -> None:
+        with self._lock:
+            held, self._held = self._held, []
+            self._timer = None
+            try:
+                self.store.apply_transitions(held)
+            except Exception as e:  # raised by the next call, to the queue that sent them
+                log.exception("held transitions could not be written")
+                self._held_error = e
+
+    def _raise_held_error(self) -> None:
+        if self._held_error is not None:
+            e, self._held_error = self._held_error, None
+            raise e
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def write_intents(self, intents: bytes) -> None:
+        # after the transitions that led to them, held ones included
+        self._write_held()
         self.store.write_intents(unpack(intents, list[AttemptRecord]))
 
     def update_attempts(self, updates: bytes) -> None:
@@ -87,6 +161,7 @@ class StoreActor:
 
     def load_active(self) -> bytes:
         """Active runs, their attempts, and which of their dependencies already succeeded."""
+        self._write_held()
         runs = self.store.active_runs()
         attempts = self.store.attempts_for([r.run_id for r in runs])
         deps = sorted({d for r in runs for d in r.depends_on})
@@ -94,10 +169,12 @@ class StoreActor:
         return pack((runs, attempts, done))
 
     def states(self, run_ids: list[str]) -> dict[str, str]:
+        self._write_held()
         return {rid: st for rid, (st, _) in self.store.run_states(run_ids).items()}
 
     def attempts_so_far(self, run_ids: list[str]) -> dict[str, tuple[str, int]]:
         """(state, attempts) of each stored run that already had an attempt."""
+        self._write_held()
         return {
             rid: (state, attempts)
             for rid, (state, attempts) in self.store.run_states(run_ids).items()
@@ -150,6 +227,7 @@ class StoreActor:
         return month, self.store.cost_by_experiment([experiment_id]).get(experiment_id, 0.0)
 
     def active_keys(self, provider: str) -> list[str]:
+        self._write_held()
         return [a.key for a in self.store.active_attempts() if a.provider == provider]
 
 

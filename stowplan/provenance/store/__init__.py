@@ -7,8 +7,12 @@ Theory of operation:
   reader sees the last committed state and never blocks the writer.
 - Every public method is one transaction and takes a batch: the scheduler hands over thousands
   of transitions at a time, and one ``executemany`` per table keeps 10^5 rows to about a second
-  on a small machine. Batches are written in run id order, so b-tree inserts and updates walk
-  the pages in order instead of at random; secondary indexes are few for the same reason.
+  on a small machine. Runs are put in the order given (the order they will be dispatched in)
+  and transitions are written by the run's row number, so a batch rewrites neighbouring pages
+  instead of all of them; a run's consecutive transitions of one batch are one events row
+  (``schema.SCHEMA_V6``), and the store actor holds READY/PLACED-only batches for up to 5 s to
+  write them with the next one (a crash loses only those, which a restart redoes from PENDING).
+  Secondary indexes are few for the same reason.
 - A run is two rows: its state (small, rewritten by every transition) in ``runs``, and what
   never changes after it is put (parameters, identity, task spec) as one JSON document in
   ``run_bodies`` (same ``rid``), so a transition rewrites a ~200-byte row rather than the

@@ -1,13 +1,14 @@
 """Experiments, runs, their transitions and attempts: the records the control plane writes.
 
-The layout (a run's state row apart from its body, batches in run id order, import records
-kept once by hash) is explained in the package docstring.
+The layout (a run's state row apart from its body, batches in dispatch order, one events row
+per run per batch, import records kept once by hash) is explained in the package docstring.
 """
 
 from __future__ import annotations
 
 import logging
 import operator
+import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
@@ -149,6 +150,26 @@ _attempt_row: Final = operator.attrgetter(
 _by_key: Final = operator.attrgetter("key")
 
 
+# ?1..?19 are an attempt row (``_attempt_row``): what an update of a stored key changes
+_ATTEMPT_CHANGES: Final = (
+    "state = ?6, job_id = coalesce(?7, job_id), node = coalesce(?8, node), "
+    "exit_code = coalesce(?9, exit_code), failure = coalesce(?10, failure), "
+    "message = CASE WHEN ?11 = '' THEN message ELSE ?11 END, "
+    "started_at = coalesce(?13, started_at), ended_at = coalesce(?14, ended_at), "
+    "used = coalesce(?15, used), instance_type = coalesce(?16, instance_type), "
+    "market = coalesce(?17, market), billed_s = coalesce(?18, billed_s), "
+    "usd = coalesce(?19, usd)"
+)
+_UPDATE_ATTEMPT: Final = f"UPDATE attempts SET {_ATTEMPT_CHANGES} WHERE key = ?1"
+_UPSERT_ATTEMPT: Final = (
+    # the WHERE drops blank-run updates of unknown keys
+    f"INSERT INTO attempts ({_ATTEMPT_COLUMNS}) "
+    "SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19 "
+    "WHERE ?2 != '' OR EXISTS (SELECT 1 FROM attempts WHERE key = ?1) "
+    f"ON CONFLICT (key) DO UPDATE SET {_ATTEMPT_CHANGES}"
+)
+
+
 def _attempt_from_row(row: Sequence[Any]) -> AttemptRecord:
     return AttemptRecord(
         key=row[0],
@@ -176,6 +197,41 @@ def _attempt_from_row(row: Sequence[Any]) -> AttemptRecord:
 _event_row: Final = operator.attrgetter(
     "run_id", "attempt", "from_state", "to_state", "at", "failure", "reason", "pool"
 )
+_step_fields: Final = operator.attrgetter("attempt", "to_state", "at", "failure", "reason", "pool")
+_steps_decoder = msgspec.json.Decoder(list[tuple[int, str, float, str | None, str, str | None]])
+
+CHAIN_BREAK: Final = "LOST"
+"""A step to this state ends its events row (see ``schema.SCHEMA_V6``)."""
+
+
+def _chain_rows(rid: int, steps: Sequence[TransitionRecord], out: list[tuple[Any, ...]]) -> None:
+    """Append the events rows of run ``rid``'s steps (in order) to ``out``: a row per stretch
+    of steps that each start where the one before ended, cut after a step to LOST."""
+    start = 0
+    for i in range(1, len(steps) + 1):
+        if i < len(steps):
+            prev = steps[i - 1].to_state
+            if steps[i].from_state == prev and prev != CHAIN_BREAK:
+                continue
+        last = steps[i - 1]
+        earlier = None
+        if i - 1 > start:
+            earlier = json_text([_step_fields(t) for t in steps[start : i - 1]])
+        out.append(
+            (
+                rid,
+                last.run_id,
+                last.attempt,
+                steps[start].from_state,
+                last.to_state,
+                last.at,
+                last.failure,
+                last.reason,
+                last.pool,
+                earlier,
+            )
+        )
+        start = i
 
 
 def _experiment_from_row(row: Sequence[Any]) -> ExperimentRecord:
@@ -247,13 +303,18 @@ class RunTables(Database):
     # -- runs ------------------------------------------------------------------------------
 
     def put_runs(self, recs: Sequence[RunRecord]) -> None:
-        """Insert runs; an existing run (same id) is kept as it is, state included."""
-        ordered = sorted(recs, key=_by_run_id)
+        """Insert runs; an existing run (same id) is kept as it is, state included.
+
+        Rows go in the order given, which should be the order they will be dispatched in (a
+        sweep's, by trial): the control plane moves them in slices of that order, and a slice
+        of neighbouring rows rewrites a few pages, where one spread by run id rewrites them all.
+        """
+        ordered = list(recs)
         if not ordered:
             return
         with self._write() as c:
-            # SQLite numbers new rows max(rid) + 1 on, in insertion (run id) order, so the
-            # state row and its body share a rid and later sorted batches touch pages in order.
+            # SQLite numbers new rows max(rid) + 1 on, in insertion order, so the state row and
+            # its body share a rid.
             base = int(c.execute("SELECT coalesce(max(rid), 0) + 1 FROM runs").fetchone()[0])
             inserted = c.executemany(
                 f"INSERT OR IGNORE INTO runs ({_STATE_COLUMNS}) "
@@ -382,7 +443,7 @@ class RunTables(Database):
         return str(rows[0][0])
 
     def apply_transitions(self, ts: Sequence[TransitionRecord]) -> None:
-        """Append every transition to the events log and move each run to its last one.
+        """Log every transition in the events table and move each run to its last one.
 
         For each run, ``state``, ``failure``, ``reason`` and ``updated_at`` come from its last
         transition in the batch, ``pool`` from the last one that names a pool (a transition
@@ -390,72 +451,112 @@ class RunTables(Database):
         A transition of an unknown run violates a foreign key (``sqlite3.IntegrityError``) and
         the whole batch is rolled back.
 
-        Within a batch, events are numbered run by run (each run's in the order given): the
-        batch is one transaction, and grouping by run keeps the events index written in order.
+        A run's transitions in the batch, in the order given, go into one events row while
+        each starts where the one before ended (see ``schema.SCHEMA_V6``): a run's three steps
+        to its submit cost one row, not three, and :meth:`events_for` gives them back one by
+        one. Rows and updates go by ``rid``, the order the runs were put in (see
+        :meth:`put_runs`), so a batch writes neighbouring rows and index entries. Runs are found
+        by id once per batch, and a transition of an unknown run raises before anything is
+        written.
         """
         if not ts:
             return
-        # The result equals applying the transitions one by one, in one UPDATE per run.
-        first: dict[str, str] = {}
-        last: dict[str, TransitionRecord] = {}
-        top: dict[str, int] = {}
-        pool: dict[str, str] = {}
+        by_run: dict[str, list[TransitionRecord]] = {}
         for t in ts:
-            first.setdefault(t.run_id, str(t.from_state))
-            last[t.run_id] = t
-            if t.attempt > top.get(t.run_id, -1):
-                top[t.run_id] = t.attempt
-            if t.pool is not None:
-                pool[t.run_id] = t.pool
+            steps = by_run.get(t.run_id)
+            if steps is None:
+                by_run[t.run_id] = [t]
+            else:
+                steps.append(t)
         with self._write() as c:
+            sql = "SELECT rid, run_id FROM runs WHERE run_id IN ({})"
+            rids = sorted(rows_in(c, sql, sorted(by_run)))
+            if len(rids) < len(by_run):
+                known = {run_id for _, run_id in rids}
+                unknown = sorted(r for r in by_run if r not in known)
+                raise sqlite3.IntegrityError(
+                    f"FOREIGN KEY constraint failed: transitions of {len(unknown)} unknown "
+                    f"run(s), {', '.join(r[:12] for r in unknown[:3])}"
+                )
+            events: list[tuple[Any, ...]] = []
+            updates: list[tuple[Any, ...]] = []
+            # by rid, the order the runs were put in: neighbouring rows, written in order
+            for rid, run_id in rids:
+                steps = by_run[run_id]
+                last = steps[-1]
+                if len(steps) == 1:
+                    events.append((rid, *_event_row(last), None))
+                    top, pool = last.attempt, last.pool
+                else:
+                    _chain_rows(rid, steps, events)
+                    top = max(t.attempt for t in steps)
+                    pool = next((t.pool for t in reversed(steps) if t.pool is not None), None)
+                updates.append(
+                    (
+                        last.to_state,
+                        top,
+                        last.failure,
+                        last.reason,
+                        pool,
+                        last.at,
+                        rid,
+                        steps[0].from_state,
+                    )
+                )
             c.executemany(
-                "INSERT INTO events (run_id, attempt, from_state, to_state, at, failure, reason, "
-                "pool) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                map(_event_row, sorted(ts, key=_by_run_id)),
+                "INSERT INTO events (rid, run_id, attempt, from_state, to_state, at, failure, "
+                "reason, pool, steps) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                events,
             )
             c.executemany(
                 # a cancelled run leaves CANCELLED only by being submitted afresh (PENDING): a
                 # late transition from a control plane that died after an offline cancel must
                 # not bring it back
                 "UPDATE runs SET state = ?, attempts = max(attempts, ?), failure = ?, "
-                "reason = ?, pool = coalesce(?, pool), updated_at = ? WHERE run_id = ? "
+                "reason = ?, pool = coalesce(?, pool), updated_at = ? WHERE rid = ? "
                 "AND (state != 'CANCELLED' OR ? IN ('PENDING', 'CANCELLED'))",
-                (
-                    (
-                        last[r].to_state,
-                        top[r],
-                        last[r].failure,
-                        last[r].reason,
-                        pool.get(r),
-                        last[r].at,
-                        r,
-                        first[r],
-                    )
-                    for r in sorted(last)
-                ),
+                updates,
             )
 
     def events_for(self, run_id: str) -> list[TransitionRecord]:
-        """A run's transitions in the order they were applied."""
+        """A run's transitions in the order they were applied, one per step."""
         with self._read() as c:
             rows = c.execute(
-                "SELECT run_id, attempt, from_state, to_state, at, failure, reason, pool "
-                "FROM events WHERE run_id = ? ORDER BY seq",
+                "SELECT run_id, attempt, from_state, to_state, at, failure, reason, pool, steps "
+                "FROM events WHERE rid = (SELECT rid FROM runs WHERE run_id = ?) ORDER BY seq",
                 (run_id,),
             ).fetchall()
-        return [
-            TransitionRecord(
-                run_id=r[0],
-                attempt=r[1],
-                from_state=r[2],
-                to_state=r[3],
-                at=r[4],
-                failure=r[5],
-                reason=r[6],
-                pool=r[7],
+        out: list[TransitionRecord] = []
+        for r in rows:
+            frm = r[2]
+            if r[8] is not None:
+                for attempt, to, at, failure, reason, pool in _steps_decoder.decode(r[8]):
+                    out.append(
+                        TransitionRecord(
+                            run_id=r[0],
+                            attempt=attempt,
+                            from_state=frm,
+                            to_state=to,
+                            at=at,
+                            failure=failure,
+                            reason=reason,
+                            pool=pool,
+                        )
+                    )
+                    frm = to
+            out.append(
+                TransitionRecord(
+                    run_id=r[0],
+                    attempt=r[1],
+                    from_state=frm,
+                    to_state=r[3],
+                    at=r[4],
+                    failure=r[5],
+                    reason=r[6],
+                    pool=r[7],
+                )
             )
-            for r in rows
-        ]
+        return out
 
     # -- attempts --------------------------------------------------------------------------
 
@@ -490,29 +591,17 @@ class RunTables(Database):
         """
         if not updates:
             return
+        rows = list(map(_attempt_row, sorted(updates, key=_by_key)))
         with self._write() as c:
-            changed = c.executemany(
-                # ?1..?19 are the attempt row; the WHERE drops blank-run updates of unknown keys
-                f"INSERT INTO attempts ({_ATTEMPT_COLUMNS}) "
-                "SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, "
-                "?16, ?17, ?18, ?19 "
-                "WHERE ?2 != '' OR EXISTS (SELECT 1 FROM attempts WHERE key = ?1) "
-                "ON CONFLICT (key) DO UPDATE SET "
-                "state = excluded.state, "
-                "job_id = coalesce(excluded.job_id, job_id), "
-                "node = coalesce(excluded.node, node), "
-                "exit_code = coalesce(excluded.exit_code, exit_code), "
-                "failure = coalesce(excluded.failure, failure), "
-                "message = CASE WHEN excluded.message = '' THEN message ELSE excluded.message END, "
-                "started_at = coalesce(excluded.started_at, started_at), "
-                "ended_at = coalesce(excluded.ended_at, ended_at), "
-                "used = coalesce(excluded.used, used), "
-                "instance_type = coalesce(excluded.instance_type, instance_type), "
-                "market = coalesce(excluded.market, market), "
-                "billed_s = coalesce(excluded.billed_s, billed_s), "
-                "usd = coalesce(excluded.usd, usd)",
-                map(_attempt_row, sorted(updates, key=_by_key)),
-            ).rowcount
+            # almost every update is of a stored key: a plain UPDATE by key, and the upsert
+            # (which also checks the run's foreign key) only for the keys not stored
+            changed = c.executemany(_UPDATE_ATTEMPT, rows).rowcount
+            if changed < len(rows):
+                sql = "SELECT key FROM attempts WHERE key IN ({})"
+                stored = {k for (k,) in rows_in(c, sql, sorted({r[0] for r in rows}))}
+                changed += c.executemany(
+                    _UPSERT_ATTEMPT, [r for r in rows if r[0] not in stored]
+                ).rowcount
         if changed < len(updates):
             log.warning(
                 "%d attempt update(s) named keys this store never saw; skipped",

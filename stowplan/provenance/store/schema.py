@@ -18,12 +18,13 @@ __all__ = [
     "SCHEMA_V3",
     "SCHEMA_V4",
     "SCHEMA_V5",
+    "SCHEMA_V6",
     "SCHEMA_VERSION",
     "migrate",
     "user_version",
 ]
 
-SCHEMA_VERSION: Final = 5
+SCHEMA_VERSION: Final = 6
 
 SCHEMA_V2: Final = (
     """
@@ -200,6 +201,25 @@ SCHEMA_V5: Final = (
     "CREATE INDEX attempts_by_job ON attempts (provider, job_id) WHERE job_id IS NOT NULL",
 )
 
+# Version 6 keeps a run's consecutive transitions of one batch in one events row: the row's
+# columns are its last step (``from_state`` the first step's), and ``steps`` holds the steps
+# before it as JSON, ``[[attempt, to_state, at, failure, reason, pool], ...]`` (each step's
+# from_state is the step before's to_state), or NULL for a row of one step, as every row of
+# an older store is. A LOST step always ends its row, so ``to_state = 'LOST'`` still counts
+# the LOST transitions (the service's lease-expiry metric does).
+#
+# It also finds a run's events by the run's ``rid`` (the runs row's number, given in the order
+# runs are put, which is the order they are dispatched in) rather than by its run id: the
+# index entry is two integers instead of a 64-character id, and a batch's entries land side
+# by side instead of across the whole index. ``run_id`` stays, for anyone reading the table.
+SCHEMA_V6: Final = (
+    "ALTER TABLE events ADD COLUMN steps TEXT",
+    "ALTER TABLE events ADD COLUMN rid INTEGER REFERENCES runs (rid)",
+    "UPDATE events SET rid = (SELECT r.rid FROM runs AS r WHERE r.run_id = events.run_id)",
+    "DROP INDEX events_by_run",
+    "CREATE INDEX events_by_rid ON events (rid, seq)",
+)
+
 
 def user_version(conn: sqlite3.Connection) -> int:
     """The schema version of the database ``conn`` is open on (0 for a new one)."""
@@ -233,5 +253,8 @@ def migrate(conn: sqlite3.Connection, path: Path) -> None:
             conn.execute(statement)
     if version in (0, 2, 3, 4):
         for statement in SCHEMA_V5:
+            conn.execute(statement)
+    if version in (0, 2, 3, 4, 5):
+        for statement in SCHEMA_V6:
             conn.execute(statement)
     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
