@@ -93,11 +93,10 @@ def list_experiments(store: RunStore, *, visible: Visible = None) -> list[Experi
     """Every experiment the caller may see, newest first, with its runs counted by state."""
     exps = [e for e in store.list_experiments() if visible is None or visible(e.id)]
     spent = store.cost_by_experiment([e.id for e in exps])
+    states = store.state_counts([e.id for e in exps])
     out = []
     for e in exps:
-        counts: dict[str, int] = {}
-        for r in store.runs_for_experiment(e.id):
-            counts[r.state] = counts.get(r.state, 0) + 1
+        counts = dict(sorted(states.get(e.id, {}).items()))
         out.append(
             ExperimentSummary(
                 id=e.id,

@@ -729,3 +729,18 @@ def test_threads_share_one_store(store: RunStore, exp: ExperimentRecord) -> None
     for t in threads:
         t.join()
     assert len(store.runs_for_experiment(exp.id)) == 200
+
+
+def test_state_counts_group_each_experiments_runs_by_state(store: RunStore) -> None:
+    a, b, empty = experiment("a", at=1.0), experiment("b", at=2.0), experiment("c", at=3.0)
+    for e in (a, b, empty):
+        store.put_experiment(e)
+    runs_a = [run(a, i) for i in range(5)]
+    store.put_runs([*runs_a, run(b, 0)])
+    store.apply_transitions([step(r, "PENDING", "READY", 10.0) for r in runs_a[:3]])
+    store.apply_transitions([step(runs_a[0], "READY", "CANCELLED", 11.0)])
+    got = store.state_counts([a.id, b.id, empty.id, hexid("nope")])
+    assert got == {
+        a.id: {"CANCELLED": 1, "READY": 2, "PENDING": 2},
+        b.id: {"PENDING": 1},
+    }
