@@ -18,6 +18,8 @@ JSON line:
     instances_launched     instances moto started for the sweep
     instance_types         of which, by type
     all_finished_s         from starting ``stowplan run`` until it exited
+    submit_sizes           the submit calls that queued attempts (queue objects): how many,
+                           the largest and the mean number of attempts in one
     left_running           instances still running 120 s after (must be 0)
     packing                the small case: 6 trials, 3 instance types discovered from moto;
                            solver_usd_per_hour (the instances the solver chose with the default
@@ -244,6 +246,17 @@ def op_name(seen: str) -> str:
     return f"S3 {method} {parts[2] if len(parts) > 2 else 'list'}"
 
 
+def submit_sizes(client: Any) -> list[int]:
+    """Attempts in each queue object (one per submit call that queued something)."""
+    s3 = client("s3")
+    sizes = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="sp/queue/"):
+        for o in page.get("Contents") or []:
+            body = s3.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read()
+            sizes.append(len(json.loads(body)["requests"]))
+    return sizes
+
+
 def sweep_figures(n: int, client: Any, moto_url: str, proxy: LossyProxy) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="stowplan-bench-aws-") as tmp:
         root = Path(tmp)
@@ -288,6 +301,7 @@ def sweep_figures(n: int, client: Any, moto_url: str, proxy: LossyProxy) -> dict
             left = len(running(client))
         launched = instances(client)
         ok = succeeded(db)
+        batches = submit_sizes(client)
         if rc != 0:
             sys.stderr.write((root / "run.out").read_text(errors="replace")[-3000:])
     api = sum(calls.values())
@@ -301,6 +315,11 @@ def sweep_figures(n: int, client: Any, moto_url: str, proxy: LossyProxy) -> dict
         "instances_launched": len(launched),
         "instance_types": dict(Counter(str(i["InstanceType"]) for i in launched)),
         "all_finished_s": round(finished, 1),
+        "submit_sizes": {
+            "calls": len(batches),
+            "largest": max(batches, default=0),
+            "mean": round(sum(batches) / max(1, len(batches)), 1),
+        },
         "left_running": left,
     }
 

@@ -33,6 +33,10 @@ SPOT_FRESH_S = 7 * 86400.0
 SPOT_MIN_USD = 0.001
 """Below this, an answer is a placeholder, not a price (moto answers 0.00001)."""
 HARDWARE_PREFIX = "aws:"
+QUEUE_DEPTH = 1.0
+"""``Pool.queue_depth`` of every pool: the driver queues attempts itself and sends each to an
+instance of its pool as room frees there, so the core may submit as much again as the pool's
+instances run."""
 
 
 def pool_id(provider: str, region: str, instance_type: str, spot: bool) -> str:
@@ -217,6 +221,7 @@ def offers(
                 max_instances=most,
                 boot_s=table.boot_seconds(info.name),
                 hardware_class=HARDWARE_PREFIX + info.name,
+                queue_depth=QUEUE_DEPTH,
             )
             out.append(
                 Offer(

@@ -7,17 +7,21 @@ module does the I/O.
 
 The core's model: ``provision(pool, count, token)`` starts agent instances, ``submit`` queues
 attempts for their pools, the driver sends each queued attempt to an instance of its pool with
-room (an inbox line; several at once when they fit the instance's shape), ``terminate`` stops
-idle instances, and an agent with nothing to do for ``idle_shutdown`` seconds stops itself.
-Nothing is launched by ``submit``: with no instance in its pool an attempt waits, QUEUED, for
-the core to provision one (discovery shows the pool's capacity: its pending and running
-instances).
+room (an inbox line; several at once when they fit the instance's shape) or, with none, to
+follow one attempt sent there that needs as much (``after=``: the instance starts it when that
+one ends; the pools' ``queue_depth`` of 1 lets the core submit that next wave early),
+``terminate`` stops idle instances, and an agent with nothing to do for ``idle_shutdown``
+seconds stops itself. Nothing is launched by ``submit``: with no instance in its pool an
+attempt waits, QUEUED, for the core to provision one (discovery shows the pool's capacity: its
+pending and running instances).
 
-Credentials are the SDK's (``profile``, else the default chain) or an STS lease of
-``role_arn`` renewed by the SDK before it expires; they live in the session object only. The
-SDK does not retry (``total_max_attempts = 1``; in the client config ``max_attempts`` counts
-retries, not attempts): a throttled or failed call raises a retryable ``ProviderError`` and the
-command shell retries with the same keys or token.
+Credentials are the SDK's (``profile``, else the default chain) or an STS lease of ``role_arn``
+renewed by the SDK before it expires (with a quarter of it left, at most 15 min); they live in
+the session object only. Discovery's answers are kept: the instance types for the process, the
+zones, subnets and spot prices for ``ANSWERS_TTL_S``. The SDK does not retry
+(``total_max_attempts = 1``; in the client config ``max_attempts`` counts retries, not
+attempts): a throttled or failed call raises a retryable ``ProviderError`` and the command
+shell retries with the same keys or token.
 
 Idempotency. Provision: the ``index``-th instance of a token is the agent ``TOKEN-INDEX``, its
 ``ClientToken`` and its ``stowplan:agent`` tag; EC2 honours the ClientToken, moto does not, so
@@ -31,12 +35,15 @@ once, whatever was sent twice.
 
 State: the queue and cancel objects, the inboxes, the agents' status objects and the claims in
 S3 and the instances' tags are the truth; what this object holds is a cache a restarted driver
-rebuilds from them (keys it does not know are looked up in the queue objects, newest first;
+rebuilds from them (keys it does not know are looked up in the queue objects younger than
+``QUEUE_LOOKBACK_S``, newest first;
 the cancel objects are read back; the inboxes of live instances say where each was sent).
 
-Observation, per ``describe``: the fleet (one ``describe_instances`` per region, at most every
-``fleet_every_s``), then one GET of the status object of each instance that has unfinished
-attempts among the keys; nothing at all for attempts still waiting for an instance. The
+Observation, per ``describe``: one GET of the status object of each instance that has
+unfinished attempts among the keys, then the fleet (one ``describe_instances`` per region, at
+most every ``fleet_every_s`` and only when one of those instances has not changed its status
+for that long: one that did is alive); nothing at all for attempts still waiting for an
+instance. The
 per-attempt objects (exit records, claims: one listing of their prefix for every run, or per
 run when that takes fewer pages) are read only for attempts whose instance is gone or noticed,
 whose claim was refused or whose process ended without an exit record. An attempt claimed by
@@ -58,7 +65,8 @@ import hashlib
 import math
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +79,7 @@ from stowplan.providers.aws import prices
 from stowplan.providers.aws.discover import (
     Offer,
     RegionAnswers,
+    TypeInfo,
     is_glob,
     offers,
     parse_pool_id,
@@ -79,6 +88,7 @@ from stowplan.providers.aws.discover import (
 from stowplan.providers.aws.render import (
     AGENT_LEASE_S,
     LEASE_MARGIN_S,
+    LEASE_MAX_S,
     TAG_AGENT,
     TAG_POOL,
     TAG_PROVIDER,
@@ -131,9 +141,24 @@ NO_CAPACITY_S = 600.0
 QUOTA_S = 3600.0
 LOG_POLL_S = 5.0
 FLEET_EVERY_S = 10.0
-"""``describe`` reads the fleet at most this often (provision, terminate and discovery read it
-each time): an instance gone is seen within this much more."""
+"""``describe`` reads the fleet at most this often, and only while an instance with unfinished
+attempts left its status unchanged that long (provision, terminate and discovery read it each
+time): an instance gone is seen within twice this much more."""
+FLEET_MOST_S = 60.0
+"""``describe`` reads the fleet at least this often while attempts are unfinished."""
 CAPACITY_QUEUE = 64
+ANSWERS_TTL_S = 3600.0
+"""How long a region's offerings, subnets and spot prices are kept (``_ANSWERS``)."""
+QUEUE_LOOKBACK_S = AGENT_LEASE_S + LEASE_MARGIN_S
+"""A restarted driver looks for a key it does not know in the queue objects younger than
+this: an attempt queued before has run and ended (its agent halted when its lease did) or was
+never sent; either way the core knows it already."""
+_TYPES: dict[tuple[str, ...], list[TypeInfo]] = {}
+"""(endpoint, credentials, region, allow-list) -> ``describe_instance_types``' answer: static
+data, kept for the life of the process."""
+_ANSWERS: dict[tuple[str, ...], tuple[float, RegionAnswers]] = {}
+"""The same and the subnets and market -> (``time.monotonic()`` read, the region's answers):
+kept ``ANSWERS_TTL_S``, so rediscovery (at every capacity change) costs no call."""
 LIVE = frozenset({"pending", "running"})
 """Instance states that count as the pool's capacity and may be sent attempts."""
 _exit_decoder = msgspec.json.Decoder(ExitRecord)
@@ -181,6 +206,8 @@ class Item(Struct, kw_only=True):
     cancelled: bool = False
     agent: str | None = None
     """the agent it was sent to (None: waiting in the queue)."""
+    after: str | None = None
+    """the attempt it follows there: the agent holds it, unclaimed, while that one runs."""
 
 
 class Agent(Struct, kw_only=True):
@@ -207,10 +234,19 @@ class Agent(Struct, kw_only=True):
     """``status`` was read after the instance was gone: nothing more will come"""
     noticed: bool = False
     """its status says the spot interruption notice came: it takes nothing new"""
+    body: bytes = b""
+    """its status object as last read"""
+    changed_at: float = -math.inf
+    """``time.monotonic()`` when a read found its status changed: it was alive then"""
 
     @property
     def live(self) -> bool:
         return self.state in LIVE and not self.stopped_by and not self.noticed
+
+
+def _after_of(fields: Sequence[str]) -> str | None:
+    """The ``after=`` field of an inbox line (split), if any."""
+    return next((f[6:] for f in fields[3:] if f.startswith("after=")), None)
 
 
 def _needs_s(req: AwsRequest) -> float:
@@ -298,6 +334,10 @@ class AwsProvider(Provider):
         """what the last discovery left out, and why."""
         self.calls: Counter[str] = Counter()
         """API calls made, by operation (a diagnostic, and the benchmark's count)."""
+        self.wall: Callable[[], float] = time.time
+        """the wall clock S3's LastModified is compared with (a test moves it)."""
+        self.sts_clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+        """the clock an STS lease's expiry is compared with (a test moves it)."""
 
     # -- the SDK edge -------------------------------------------------------------------------
 
@@ -336,8 +376,19 @@ class AwsProvider(Provider):
                     "expiry_time": c["Expiration"].isoformat(),
                 }
 
-            creds = AioRefreshableCredentials.create_from_metadata(
-                metadata=await lease(), refresh_using=lease, method="sts-assume-role"
+            first = await lease()
+            # NOTE: the SDK renews 15 min before expiry (10 min: it must); a lease of 15 min
+            # would be renewed at every call: renew at a quarter of it left (a sixth: must)
+            creds = AioRefreshableCredentials(
+                access_key=first["access_key"],
+                secret_key=first["secret_key"],
+                token=first["token"],
+                expiry_time=datetime.fromisoformat(first["expiry_time"]),
+                refresh_using=lease,
+                method="sts-assume-role",
+                time_fetcher=lambda: self.sts_clock(),
+                advisory_timeout=min(15 * 60, duration // 4),
+                mandatory_timeout=min(10 * 60, duration // 6),
             )
             session = await self._base_session()
             session._credentials = creds  # NOTE: aiobotocore's way to hand a session credentials
@@ -431,14 +482,32 @@ class AwsProvider(Provider):
         )
 
     async def _answers(self, region: str) -> RegionAnswers:
+        """What discovery asks EC2 of ``region``: the instance types (once per process), the
+        zones offering them, the subnets' zones and spot prices (at most every
+        ``ANSWERS_TTL_S``)."""
         ec2 = await self._client("ec2", region)
-        raw = await self._pages(
-            ec2,
-            "describe_instance_types",
-            "InstanceTypes",
-            Filters=[{"Name": "instance-type", "Values": list(self.config.instance_types)}],
+        cfg = self.config
+        who = (
+            str(getattr(ec2.meta, "endpoint_url", "")),
+            cfg.profile or "",
+            cfg.role_arn or "",
+            region,
+            *cfg.instance_types,
         )
-        types = [type_info(t) for t in raw]
+        full = (*who, "|", cfg.spot, *cfg.subnets)
+        cached = _ANSWERS.get(full)
+        if cached is not None and time.monotonic() - cached[0] < ANSWERS_TTL_S:
+            return cached[1]
+        began = time.monotonic()
+        types = _TYPES.get(who)
+        if types is None:
+            raw = await self._pages(
+                ec2,
+                "describe_instance_types",
+                "InstanceTypes",
+                Filters=[{"Name": "instance-type", "Values": list(cfg.instance_types)}],
+            )
+            types = _TYPES[who] = [type_info(t) for t in raw]
         names = sorted({t.name for t in types})
         zones: dict[str, list[str]] = {}
         for i in range(0, len(names), FILTER_VALUES):
@@ -471,13 +540,15 @@ class AwsProvider(Provider):
                     StartTime=time.time() - 3600,
                 ):
                     spot_rows.setdefault(str(r["InstanceType"]), []).append(r)
-        return RegionAnswers(
+        answers = RegionAnswers(
             region=region,
             types=types,
             zones=zones,
             subnet_zones=subnet_zones,
             spot_rows=spot_rows,
         )
+        _ANSWERS[full] = (began, answers)
+        return answers
 
     def _still_unavailable(self) -> dict[tuple[str, str, bool], str]:
         now = time.monotonic()
@@ -633,7 +704,7 @@ class AwsProvider(Provider):
                     agent.seq = max(agent.seq, int(f[0]))
                     item = self._items.get(f[2])
                     if f[1] == "run" and item is not None and item.agent is None:
-                        item.agent = agent.id
+                        item.agent, item.after = agent.id, _after_of(f)
 
     def _busy(self) -> dict[str, list[Item]]:
         """agent -> the unfinished attempts sent to it."""
@@ -643,9 +714,19 @@ class AwsProvider(Provider):
                 out.setdefault(item.agent, []).append(item)
         return out
 
+    def _behind(self, item: Item) -> bool:
+        """Whether ``item`` waits at its agent for an attempt that still runs there."""
+        if item.after is None or item.after in self._finished:
+            return False
+        first = self._items.get(item.after)
+        return first is not None and first.agent == item.agent
+
     async def _dispatch(self) -> None:
         """Send each waiting attempt to a live instance of its pool with room for it (the one
-        with least room left that fits), then write the inboxes that changed."""
+        with least room left that fits); then each still waiting to follow an attempt sent
+        there that needs as much or more, one per attempt (its next wave: the instance starts
+        it when that one ends, without waiting for a poll); then write the inboxes that
+        changed."""
         waiting = [
             i
             for k, i in self._items.items()
@@ -658,20 +739,29 @@ class AwsProvider(Provider):
         busy = self._busy()
         now = time.time()
         free: dict[str, tuple[float, int, int]] = {}
+        ends: dict[str, list[Item]] = {}
+        """agent -> attempts that run there and no attempt follows yet"""
         for a in self._agents.values():
             offer = self._offers.get(a.pool)
             if not a.live or offer is None or offer.pool.node is None:
                 continue
             node = offer.pool.node
             cpus, mem, gpus = node.cpus, node.memory, sum(node.gpus.values())
-            for i in busy.get(a.id, []):
+            mine = busy.get(a.id, [])
+            followed = {i.after for i in mine if self._behind(i)}
+            for i in mine:
+                if self._behind(i):
+                    continue
                 cpus, mem, gpus = (
                     cpus - i.request.cpus,
                     mem - i.request.memory,
                     gpus - i.request.gpus,
                 )
+                if i.request.key not in followed and not i.cancelled:
+                    ends.setdefault(a.id, []).append(i)
             free[a.id] = (cpus, mem, gpus)
         changed: set[str] = set()
+        later: list[Item] = []
         for item in waiting:
             req = item.request
             fits = [
@@ -684,13 +774,40 @@ class AwsProvider(Provider):
                 and self._agents[aid].launched + AGENT_LEASE_S - now > _needs_s(req)
             ]
             if not fits:
+                later.append(item)
                 continue
             _, _, aid = min(fits)
             agent = self._agents[aid]
-            await self._send(item, agent, int(agent.launched + AGENT_LEASE_S - now))
+            left = int(agent.launched + AGENT_LEASE_S - now)
+            await self._send(item, agent, min(req.lease_s, left))
             c, m, g = free[aid]
             free[aid] = (c - req.cpus, m - req.memory, g - req.gpus)
+            ends.setdefault(aid, []).append(item)
             changed.add(aid)
+        for item in later:
+            req = item.request
+            behind = [
+                (first.request.gpus, first.request.cpus, first.request.memory, first.request.key)
+                for aid, firsts in ends.items()
+                if self._agents[aid].pool == req.pool
+                for first in firsts
+                if first.request.gpus >= req.gpus
+                and first.request.cpus >= req.cpus - 1e-9
+                and first.request.memory >= req.memory
+                # its URLs must outlast the one before it, then itself
+                and first.request.lease_s + req.lease_s <= LEASE_MAX_S
+                and self._agents[aid].launched + AGENT_LEASE_S - now
+                > first.request.lease_s + _needs_s(req)
+            ]
+            if not behind:
+                continue
+            first = self._items[min(behind)[3]]
+            assert first.agent is not None  # in ends: sent
+            agent = self._agents[first.agent]
+            ends[agent.id].remove(first)
+            lease = first.request.lease_s + req.lease_s
+            await self._send(item, agent, lease, after=first.request.key)
+            changed.add(agent.id)
         await self._write_inboxes(changed)
 
     async def _presign(self, method: str, obj: str, expires: int, **params: str) -> str:
@@ -703,12 +820,14 @@ class AwsProvider(Provider):
         )
         return url
 
-    async def _send(self, item: Item, agent: Agent, left_s: int) -> None:
+    async def _send(
+        self, item: Item, agent: Agent, lease_s: int, *, after: str | None = None
+    ) -> None:
         """Add the attempt's line to ``agent``'s inbox (written by ``_write_inboxes``): its
-        script with fresh URLs (valid for its lease, at most the ``left_s`` seconds the agent
-        has left), presigned here (no API call)."""
+        script with fresh URLs valid ``lease_s`` seconds, presigned here (no API call), and
+        the attempt it follows there (``after``)."""
         req = item.request
-        lease = max(1, min(req.lease_s, left_s))
+        lease = max(1, lease_s)
         urls = {
             slot: await self._presign(method, obj, lease)
             for slot, (method, obj) in req.slots.items()
@@ -719,9 +838,9 @@ class AwsProvider(Provider):
             "exit": urls["exit"],
         }
         agent.seq += 1
-        agent.lines.append(inbox_line(agent.seq, req.key, line, req.user_data(urls)))
+        agent.lines.append(inbox_line(agent.seq, req.key, line, req.user_data(urls), after=after))
         agent.loaded = True
-        item.agent = agent.id
+        item.agent, item.after = agent.id, after
 
     async def _write_inboxes(self, agents: set[str]) -> None:
         s3 = await self._s3()
@@ -964,17 +1083,19 @@ class AwsProvider(Provider):
 
     async def _load(self, keys: Sequence[str]) -> None:
         """Read back the queued attempts among ``keys`` this driver does not know (after a
-        restart): the queue objects, newest first, until each is found or none is left
-        unread; then every cancel object not read yet, and the inboxes already read back
-        say where they were sent."""
+        restart): the queue objects younger than ``QUEUE_LOOKBACK_S``, newest first, until
+        each is found or none is left unread (a key in none stays unknown: UNKNOWN); then
+        every cancel object not read yet, and the inboxes already read back say where they
+        were sent."""
         missing = {k for k in keys if k not in self._items and k not in self._finished}
         if not missing:
             return
         s3 = await self._s3()
         listed = await self._pages_s3(s3, self.config.bucket_name, queue_prefix(self.config))
         assert listed is not None  # no page limit
+        oldest = self.wall() - QUEUE_LOOKBACK_S
         for name in sorted(listed, key=lambda n: (-listed[n], n)):
-            if not missing:
+            if not missing or listed[name] < oldest:
                 break
             if name in self._batches:
                 continue
@@ -1005,7 +1126,7 @@ class AwsProvider(Provider):
                 f = line.split()
                 item = self._items.get(f[2]) if len(f) >= 3 and f[1] == "run" else None
                 if item is not None and item.agent is None:
-                    item.agent = agent.id
+                    item.agent, item.after = agent.id, _after_of(f)
 
     async def _listed(self, keys: Sequence[str], prefix_of: Any) -> set[str]:
         """The keys of ``keys`` with an object under ``prefix_of(config, run)``: one listing
@@ -1051,12 +1172,17 @@ class AwsProvider(Provider):
         claims) only for attempts whose instance is gone or whose status is not certain."""
         async with self._lock:
             pending = [k for k in dict.fromkeys(keys) if k not in self._finished]
-            if pending and time.monotonic() - self._fleet_at >= self.fleet_every_s:
+            if pending and not self._fleet_seen:
                 await self._refresh()
             if pending:
                 await self._load(pending)
             items = {k: self._items[k] for k in pending if k in self._items}
-            statuses = await self._statuses({i.agent for i in items.values() if i.agent})
+            busy = {i.agent for i in items.values() if i.agent}
+            statuses = await self._statuses(busy)
+            if pending and self._fleet_stale(busy):
+                await self._refresh()
+                gone = {a for a in busy if a in self._agents and self._agents[a].state not in LIVE}
+                statuses.update(await self._statuses(gone))  # their last word
             reports: dict[str, Report] = {}
             check: list[str] = []
             for k in pending:
@@ -1086,6 +1212,21 @@ class AwsProvider(Provider):
             await self._dispatch()
         return [self._finished.get(k) or reports[k] for k in keys]
 
+    def _fleet_stale(self, busy: set[str]) -> bool:
+        """Whether ``describe`` reads the fleet: every ``fleet_every_s``, unless each instance
+        with unfinished attempts changed its status within that time (it is alive; the fleet
+        is read at least every ``FLEET_MOST_S`` all the same)."""
+        now = time.monotonic()
+        age = now - self._fleet_at
+        if age < self.fleet_every_s:
+            return False
+        if age >= FLEET_MOST_S:
+            return True
+        agents = [self._agents.get(a) for a in busy]
+        return not all(
+            a is not None and a.live and now - a.changed_at < self.fleet_every_s for a in agents
+        )
+
     async def _statuses(self, agents: set[str]) -> dict[str, AgentStatus]:
         """The status objects of ``agents`` (read once more after an instance is gone, then
         kept: nothing more comes)."""
@@ -1097,8 +1238,10 @@ class AwsProvider(Provider):
                 continue
             if not agent.final or agent.status is None:
                 gone = agent.state not in LIVE
-                body = await self._get(s3, status_key(self.config, aid))
-                agent.status = parse_status((body or b"").decode(errors="replace"))
+                body = await self._get(s3, status_key(self.config, aid)) or b""
+                if body != agent.body:
+                    agent.body, agent.changed_at = body, time.monotonic()
+                agent.status = parse_status(body.decode(errors="replace"))
                 agent.final = gone
                 if agent.status.noticed and not agent.noticed:
                     agent.noticed = True
@@ -1218,7 +1361,8 @@ class AwsProvider(Provider):
                 node=zone,
             )
         if agent is not None and not agent.live:
-            item.agent = None  # sent to an instance that went away before taking it: requeue
+            # sent to an instance that went away before taking it: requeue
+            item.agent, item.after = None, None
             agent = None
         how = f"sent to {agent.instance_id}" if agent else f"waiting for an instance of {req.pool}"
         return Report(key=key, state=ProviderState.QUEUED, message=how)

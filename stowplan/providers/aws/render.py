@@ -37,14 +37,17 @@ line it *claims* the attempt (a PUT of ``claims/RUN/KEY.json`` carrying ``If-Non
 signed into the URL, so S3 refuses a second claim: two instances never run one attempt,
 whatever the control plane believed), then decodes the script and runs it in the background,
 several at once as the control plane packs them, and notes each step in its status (uploaded
-when it changed, at most once per poll). An inbox line ``cancel KEY`` kills that attempt (or
-skips it, not started). With nothing running and nothing new for ``idle_shutdown`` seconds the
-agent shuts the instance down, which terminates it; it also halts when its inbox URL's lease
-(``AGENT_LEASE_S``) ends. On a spot instance it polls the instance metadata service (IMDSv2)
-for ``spot/instance-action``: when an interruption notice appears it kills its running
-attempts, writes each an exit record with the reason ``preempted`` (the core retries them
-elsewhere as PREEMPTED, not as failures), notes ``notice`` in its status (the control plane
-sends it nothing more) and takes nothing new.
+when it changed, at most once per poll). A line with ``after=KEY`` waits, unclaimed, until the
+attempt ``KEY`` it follows no longer runs there (ended, refused, cancelled, never taken), then
+is taken in its place: the control plane sends the next wave with the current one, in the same
+inbox write, and the instance starts it as room frees without waiting for a poll. An inbox line
+``cancel KEY`` kills that attempt (or skips it, not started). With nothing running and nothing
+new for ``idle_shutdown`` seconds the agent shuts the instance down, which terminates it; it
+also halts when its inbox URL's lease (``AGENT_LEASE_S``) ends. On a spot instance it polls the
+instance metadata service (IMDSv2) for ``spot/instance-action``: when an interruption notice
+appears it kills its running attempts, writes each an exit record with the reason ``preempted``
+(the core retries them elsewhere as PREEMPTED, not as failures), notes ``notice`` in its status
+(the control plane sends it nothing more) and takes nothing new.
 
 The attempt script (``AwsRequest.user_data(urls)``, carried in its inbox line) needs no
 credentials either: it reaches S3 only through presigned URLs, one per object (the payload to
@@ -501,13 +504,22 @@ def pack_script(script: str) -> str:
     return base64.b64encode(gzip.compress(script.encode(), mtime=0)).decode()
 
 
-def inbox_line(seq: int, key: str, urls: Mapping[str, str], script: str | None = None) -> str:
+def inbox_line(
+    seq: int,
+    key: str,
+    urls: Mapping[str, str],
+    script: str | None = None,
+    *,
+    after: str | None = None,
+) -> str:
     """The inbox line that sends attempt ``key`` to an agent: ``SEQ run KEY NAME=VALUE...``
     (URL slots ``claim`` PUT with If-None-Match, ``claimed`` GET, ``exit`` PUT; ``code``: the
-    attempt script, ``pack_script``)."""
+    attempt script, ``pack_script``; ``after``: the attempt it waits for, sent before)."""
     fields = dict(urls)
     if script is not None:
         fields["code"] = pack_script(script)
+    if after is not None:
+        fields["after"] = after
     for name, url in fields.items():
         if not re.fullmatch(r"[a-z_]+", name) or any(c.isspace() for c in url):
             raise ValueError(f"inbox field {name!r} cannot go on one line")
@@ -533,7 +545,7 @@ mkdir -p -- "$home" && : > "$home/status" || exit 70
 curl_() { curl -fsS --retry 5 --retry-connrefused --retry-delay 2 "$@"; }
 halt() { if [ -n "${STOWPLAN_HALT:-}" ]; then "$STOWPLAN_HALT"; else shutdown -h now; fi; }
 booted=$(date +%s) quiet=$booted last=0 dirty=1 noticed=
-declare -A pids=() cancelled=() took=() exits=() started=()
+declare -A pids=() cancelled=() took=() exits=() started=() held=() after=()
 note() { printf '%s\n' "$*" >> "$home/status"; dirty=1; }
 field() { # NAME FIELDS...: the value of field NAME among NAME=VALUE fields
   local want=$1 kv; shift
@@ -624,14 +636,33 @@ while :; do
       [ "${f[0]}" -gt "$last" ] || continue
       last=${f[0]} new=1
       [ "${f[1]}" = run ] && [ -z "${cancelled[${f[2]}]:-}" ] && [ -z "$noticed" ] || continue
+      # after=KEY: hold it, unclaimed, while KEY runs (or is held) here
+      dep=$(field after "${f[@]:3}") || dep=
+      case $dep in *[!0-9a-z-]*) continue ;; esac
+      if [ -n "$dep" ] && { [ -n "${pids[$dep]:-}" ] || [ -n "${held[$dep]:-}" ]; }; then
+        held[${f[2]}]="${f[*]:3}" after[${f[2]}]=$dep
+        continue
+      fi
       take "${f[2]}" "${f[@]:3}"
     done < "$home/inbox"
   fi
+  for key in "${!held[@]}"; do
+    if [ -n "${cancelled[$key]:-}" ] || [ -n "$noticed" ]; then
+      unset "held[$key]"
+      continue
+    fi
+    dep=${after[$key]}
+    { [ -n "${pids[$dep]:-}" ] || [ -n "${held[$dep]:-}" ]; } && continue
+    read -r -a f <<< "${held[$key]}"
+    unset "held[$key]"
+    new=1
+    take "$key" "${f[@]}"
+  done
   if [ "$dirty" = 1 ] && curl_ -o /dev/null -X PUT --upload-file "$home/status" \
       "$STOWPLAN_URL_status" 2>/dev/null; then
     dirty=0
   fi
-  if [ "$new" = 1 ] || [ "${#pids[@]}" -gt 0 ]; then
+  if [ "$new" = 1 ] || [ "${#pids[@]}" -gt 0 ] || [ "${#held[@]}" -gt 0 ]; then
     quiet=$now
   elif [ $((now - quiet)) -ge "$idle" ] && [ "$dirty" = 0 ]; then
     halt

@@ -8,9 +8,20 @@ HTTP boundary, never by patching the driver."""
 from __future__ import annotations
 
 import http.client
+import re
 import threading
+from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import NamedTuple
 from urllib.parse import urlsplit
+
+
+class Lease(NamedTuple):
+    """Credentials an ``AssumeRole`` answer carried."""
+
+    access_key: str
+    secret_key: str
+    token: str
 
 
 class LossyProxy:
@@ -33,6 +44,13 @@ class LossyProxy:
         self.seen: list[str] = []
         self.presigned = 0
         """Requests through presigned URLs (the instances' own), not counted in ``seen``."""
+        self.signed_by: list[tuple[str, str]] = []
+        """(what ``seen`` calls it, the access key id that signed it), per API call."""
+        self.leases: list[Lease] = []
+        """The credentials of each ``AssumeRole`` answer, in order."""
+        self.sts_ahead_s = 0.0
+        """Seconds added to the ``Expiration`` of ``AssumeRole`` answers: STS's clock as far
+        ahead as a test moved the driver's."""
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -55,6 +73,10 @@ class LossyProxy:
                         proxy.presigned += 1
                     else:
                         proxy.seen.append(action or f"{self.command} {self.path.split('?')[0]}")
+                        signer = re.search(
+                            r"Credential=([^/,\s]+)/", self.headers.get("Authorization") or ""
+                        )
+                        proxy.signed_by.append((proxy.seen[-1], signer[1] if signer else ""))
                     if action == "RunInstances" and proxy.first_zone_runs_out:
                         proxy.first_zone_runs_out = False
                         proxy.no_capacity_zones.add(zone)
@@ -80,6 +102,28 @@ class LossyProxy:
                 conn.close()
                 parts = self.path.split("?")[0].strip("/").split("/")
                 label = action or f"{self.command} {parts[2] if len(parts) > 2 else ''}"
+                if action == "AssumeRole" and answer.status == 200:
+                    text = data.decode()
+                    if proxy.sts_ahead_s:
+                        text = re.sub(
+                            "<Expiration>([^<]+)</Expiration>",
+                            lambda m: (
+                                "<Expiration>"
+                                + (
+                                    datetime.fromisoformat(m[1])
+                                    + timedelta(seconds=proxy.sts_ahead_s)
+                                ).isoformat()
+                                + "</Expiration>"
+                            ),
+                            text,
+                        )
+                        data = text.encode()
+                    got = {
+                        k: re.search(f"<{k}>([^<]+)</{k}>", text)
+                        for k in ("AccessKeyId", "SecretAccessKey", "SessionToken")
+                    }
+                    with proxy._lock:
+                        proxy.leases.append(Lease(*(m[1] if m else "" for m in got.values())))
                 with proxy._lock:
                     lose = bool(proxy.lose) and proxy.lose[0] == label
                     if lose:

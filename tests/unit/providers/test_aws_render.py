@@ -474,3 +474,40 @@ def test_a_spot_notice_preempts_what_runs_and_takes_nothing_new(tmp_path: Path) 
 
 def _read(path: Path) -> str:
     return path.read_text() if path.exists() else ""
+
+
+@NEEDS_CURL
+def test_a_line_sent_after_another_waits_unclaimed_until_that_one_ends(tmp_path: Path) -> None:
+    """``after=KEY``: the agent holds the line, unclaimed, while KEY runs there, then takes it;
+    a line after an attempt that does not run there is taken at once; a held line that is
+    cancelled never runs."""
+    store = tmp_path / "s3"
+    store.mkdir()
+    log = tmp_path / "log"
+
+    def line(seq: int, key: str, script: str, after: str | None = None) -> str:
+        urls = {
+            "claim": (store / f"claim-{key}").as_uri(),
+            "claimed": (store / f"claim-{key}").as_uri(),
+            "exit": (store / f"exit-{key}").as_uri(),
+        }
+        return inbox_line(seq, key, urls, f"#!/bin/bash\n{script}\n", after=after)
+
+    first, second, free, dropped = "a" * 32, "b" * 32, "c" * 32, "d" * 32
+    done, store = run_agent(
+        tmp_path,
+        [
+            line(1, first, f"echo first-start >> {log}; sleep 1; echo first-end >> {log}"),
+            line(2, second, f"echo second >> {log}", after=first),
+            line(3, free, f"echo free >> {log}", after="e" * 32),  # not there: at once
+            line(4, dropped, f"echo dropped >> {log}", after=first),
+            f"5 cancel {dropped}",
+        ],
+    )
+    assert done.returncode == 0, done.stderr
+    order = log.read_text().split()
+    assert sorted(order) == ["first-end", "first-start", "free", "second"], order
+    assert order.index("free") < order.index("first-end") < order.index("second")
+    status = parse_status((store / "status").read_text())
+    assert status.claimed == {first, second, free}
+    assert not (store / f"claim-{dropped}").exists()
