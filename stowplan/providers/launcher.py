@@ -318,14 +318,24 @@ def read_kmsg(path: Path = Path("/dev/kmsg")) -> list[str] | None:
     return records
 
 
+_libc: Any = None
+
+
+def load_libc() -> Any:
+    """The C library, loaded once (the local supervisor loads it before forking keepers)."""
+    global _libc
+    if _libc is None:
+        import ctypes
+
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
 def _become_subreaper() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        return int(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
+        return int(load_libc().prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
     except (OSError, AttributeError):
         return False
 

@@ -26,6 +26,14 @@ class Started(Struct, kw_only=True):
     since: float
     launcher: subprocess.Popen[bytes] | None = None
     """The launcher's short-lived parent, which exits as soon as the launcher detaches."""
+    after: str | None = None
+    """The key of the attempt this one was handed to the supervisor to follow: until that one
+    ends, this one holds nothing of its own (it asks no more than its predecessor, and runs
+    only after it)."""
+    sent: bool = True
+    """Whether the supervisor was told to start it (after its predecessor, if any)."""
+    keeper: bool = False
+    """Started (or handed ahead) through the supervisor connected now, which sees it end."""
 
 
 class Capacity(Struct, frozen=True, kw_only=True):
@@ -34,6 +42,10 @@ class Capacity(Struct, frozen=True, kw_only=True):
     cpus: float
     memory: int
     gpus: int
+
+    def within(self, held: Started, req: LocalRequest) -> bool:
+        """May ``req`` follow ``held`` in its place (asking no more of any resource)?"""
+        return req.cpus <= held.cpus and req.memory <= held.memory and req.gpus <= held.gpus
 
     def fits(self, held: Iterable[Started], req: LocalRequest) -> bool:
         """Does ``req`` fit beside what ``held`` holds?"""

@@ -35,6 +35,17 @@ started again by the next start, or at once when this driver's connection to it 
 starts it had not recorded yet are sent again (its keeper lock makes that safe). Where no
 supervisor can run (not Linux) or be reached, each attempt gets its own launcher as before.
 
+Handing ahead: when the queue's head does not fit, it is handed to the supervisor to start
+the moment one of this driver's running attempts ends (its task and all it spawned gone),
+behind the shortest line of at most ``HAND_AHEAD``, and only where it asks no more than the one
+before it. It holds no capacity of its own until that one ends, then takes its place
+(``Started.after``), so the count stays exact and a short trial's successor starts without a
+round trip through this driver. Until started it is reported ``QUEUED`` and is cancelled as a
+queued one (``exit.json`` first: the supervisor then starts nothing and goes on down the line).
+The supervisor forgets what was handed ahead when this driver goes away or it dies itself;
+the driver then starts those plainly once their predecessor is seen to end, and an instance
+taking a dead driver's attempts over finds them unstarted (they are not ``begin_start``-ed).
+
 Off the event loop: every async method does its file and process I/O (claims, ``spec.json``
 and ``exit.json``, ``Popen`` of launchers, psutil) in one worker thread per call, whatever the
 number of keys. The in-memory state (queue, started, caches) is touched only there, by one call
@@ -131,6 +142,10 @@ async def _in_thread(fn: Callable[[], _T]) -> _T:
         raise
 
 
+HAND_AHEAD = 4
+"""At most this many attempts wait behind each running one at the supervisor, started by it
+the moment the one before ends: a short trial's successor starts without a round trip through
+this driver (whose thread may wait for the GIL of a busy control plane)."""
 QUEUE_DEPTH = 32.0
 """Waves of this machine's capacity the core may keep queued here (``Pool.queue_depth``): the
 FIFO starts the next attempt the moment one ends, without a round trip to the control plane;
@@ -220,13 +235,19 @@ class LocalProvider(Provider):
         no keeper recorded yet (a keeper that did goes on without it)."""
         with self._state_lock:
             for held in self._started.values():
+                held.keeper = False  # of the supervisor that went away
                 if (
                     held.launcher is None
                     and self.supervisor is not None
                     and not has_ended(held.dir)
                     and read_launcher(held.dir) is None
                 ):
-                    self.supervisor.start(held.dir)
+                    if self._waiting(held):
+                        # The new supervisor does not know its predecessor: started plainly
+                        # once that one is seen to end (``_promote``).
+                        held.sent = False
+                    else:
+                        held.keeper = self.supervisor.start(held.dir)
             self._pump()
 
     # -- discover / plan -----------------------------------------------------------------------
@@ -295,7 +316,9 @@ class LocalProvider(Provider):
     # -- the FIFO and capacity -----------------------------------------------------------------
 
     def _pump(self) -> None:
-        """Release capacity of ended attempts, then start queued ones in order while they fit."""
+        """Release capacity of ended attempts, then start queued ones in order while they fit,
+        then hand the supervisor the next ones to start as the running ones end."""
+        gone: dict[str, str | None] = {}
         for key, held in list(self._started.items()):
             if held.launcher is not None:
                 code = held.launcher.poll()  # reaps it once it has detached
@@ -307,19 +330,103 @@ class LocalProvider(Provider):
                         f"exited with code {code} before starting the task; "
                         f"see {held.dir / LAUNCHER_LOG}",
                     )
-            if has_ended(held.dir) or not self._supervised(held):
+            # One handed ahead is judged once it holds a place (``_promote``).
+            if has_ended(held.dir) or (held.after is None and not self._supervised(held)):
+                gone[key] = held.after
                 del self._started[key]
+        if gone or any(h.after is not None for h in self._started.values()):
+            self._promote(gone)
         while self._queue:
             req = self._queue[0]
             if has_ended(Path(req.attempt_dir)):  # cancelled by another instance
                 self._queue.popleft()
                 self._queued.discard(req.key)
                 continue
-            if self._started and not self._capacity.fits(self._started.values(), req):
+            if self._started and not self._capacity.fits(self._holding(), req):
                 break
             self._queue.popleft()
             self._queued.discard(req.key)
             self._start(req)
+        if self._queue and self.supervisor is not None and self.supervisor.connected():
+            self._hand_ahead(self.supervisor)
+
+    def _waiting(self, held: Started) -> bool:
+        """Is ``held`` handed ahead, behind an attempt that still holds its place?"""
+        return held.after is not None and held.after in self._started
+
+    def _holding(self) -> list[Started]:
+        """The attempts that hold capacity now: all but those waiting behind another."""
+        return [h for h in self._started.values() if not self._waiting(h)]
+
+    def _promote(self, gone: dict[str, str | None]) -> None:
+        """Attempts handed ahead whose predecessor is gone hold its place now: the supervisor
+        started them (or starts them now, when it was never told)."""
+        for held in list(self._started.values()):
+            if held.after is None:
+                continue
+            after: str | None = held.after
+            while after is not None and after in gone:  # it followed one that went too
+                after = gone[after]
+            held.after = after
+            if after is not None and after in self._started:
+                continue
+            held.since = time.time()
+            if not held.sent:
+                held.sent = True
+                if not begin_start(held.dir):
+                    continue  # another instance started it
+                held.keeper = self.supervisor is not None and self.supervisor.start(held.dir)
+                if not held.keeper:
+                    held.launcher = start_launcher(held.dir, begun=True)
+
+    def _hand_ahead(self, supervisor: SupervisorClient) -> None:
+        """Hand the supervisor the queue's head to start when one of ours ends, behind the
+        shortest line of attempts it may follow (asking no more than the one before it), at
+        most ``HAND_AHEAD`` deep; in order, so nothing overtakes the head."""
+        behind = {h.after: key for key, h in self._started.items() if h.after is not None}
+        while self._queue:
+            req = self._queue[0]
+            if has_ended(Path(req.attempt_dir)):
+                self._queue.popleft()
+                self._queued.discard(req.key)
+                continue
+            best: tuple[int, str] | None = None
+            for key, held in self._started.items():
+                if held.after is not None or not held.keeper:
+                    continue  # the supervisor sees only its own keepers end
+                depth, tail = 0, key
+                while tail in behind:
+                    depth, tail = depth + 1, behind[tail]
+                if (
+                    depth < HAND_AHEAD
+                    and (best is None or depth < best[0])
+                    and self._capacity.within(self._started[tail], req)
+                ):
+                    best = (depth, tail)
+            if best is None:
+                return
+            self._queue.popleft()
+            self._queued.discard(req.key)
+            # NOTE: not begun (``begin_start``) here: until the supervisor starts it, it is
+            # as queued as before, and an instance taking it over from a dead driver starts
+            # it at once (the supervisor forgets what a driver that went away handed ahead,
+            # and of two starts its keeper lock lets one through).
+            attempt_dir = Path(req.attempt_dir)
+            tail = best[1]
+            sent = supervisor.start_after(attempt_dir, self._started[tail].dir)
+            self._started[req.key] = Started(
+                dir=attempt_dir,
+                cpus=req.cpus,
+                memory=req.memory,
+                gpus=req.gpus,
+                since=time.time(),
+                after=tail,
+                sent=sent,
+                keeper=sent,
+            )
+            behind[tail] = req.key
+            if not sent:
+                return
 
     def _supervised(self, held: Started) -> bool:
         if held.launcher is not None:
@@ -338,7 +445,8 @@ class LocalProvider(Provider):
         if not begin_start(attempt_dir):
             return
         launcher = None
-        if self.supervisor is None or not self.supervisor.start(attempt_dir):
+        keeper = self.supervisor is not None and self.supervisor.start(attempt_dir)
+        if not keeper:
             # No supervisor here (not Linux) or none could be reached: its own launcher.
             launcher = start_launcher(attempt_dir, begun=True)
             if launcher is None:
@@ -350,6 +458,7 @@ class LocalProvider(Provider):
             gpus=req.gpus,
             since=time.time(),
             launcher=launcher,
+            keeper=keeper,
         )
 
     def _adopt(self, key: str, attempt_dir: Path) -> None:
@@ -412,6 +521,8 @@ class LocalProvider(Provider):
         if key in self._queued:
             return Report(key=key, state=ProviderState.QUEUED, node=self._host)
         held = self._started.get(key)
+        if held is not None and self._waiting(held):
+            return Report(key=key, state=ProviderState.QUEUED, node=self._host)
         if held is None:
             taken = take_over(key, attempt_dir, self._me)
             if taken is not None:
@@ -638,6 +749,11 @@ class LocalProvider(Provider):
         for held in self._started.values():
             if held.launcher is not None:
                 held.launcher.poll()
+            # The supervisor forgets what this driver handed it ahead when it leaves: were
+            # this driver used again, those are started plainly (``_promote``).
+            held.keeper = False
+            if held.after is not None:
+                held.sent = False
 
 
 class _LogReader:

@@ -11,6 +11,17 @@ session, the task in its own process group, subreaper, timeout and memory limit,
 ``launches``, ``launcher.json`` and ``exit.json`` records). When a keeper ends the supervisor
 sends ``done <attempt_dir>`` to the driver that started it, which frees its capacity at once.
 
+A driver may also hand a start ahead: ``after <attempt_dir>NUL<predecessor_dir>`` (the two
+paths apart by a NUL byte) asks for ``attempt_dir`` to be started the moment the task of
+``predecessor_dir`` is gone (or at once when that attempt has ended already), so a short
+attempt follows the one before it without a round trip through the driver. The driver
+counts the successor in its predecessor's place (it asks no more of the machine), so its
+capacity accounting stays exact; the supervisor needs nothing of the driver to apply the
+rule, and a start handed ahead is an ordinary start when it is made (the same lock, the same
+checks). A keeper writes its pid to a pipe shared by all keepers once its task and everything
+the task spawned are gone, before it writes (and syncs) ``exit.json``: what waits behind it
+starts then, while the records are written.
+
 Invariants:
 
 - An attempt is supervised by at most one keeper, ever: the keeper holds an exclusive
@@ -21,6 +32,11 @@ Invariants:
   their records and are found through them; a driver whose connection breaks starts a new
   supervisor and sends again the starts that no keeper recorded yet (the lock makes that
   safe), so a start in flight when it died is made once.
+- A start handed ahead is made only once its predecessor's task is gone (its keeper said
+  so, or ended), by this supervisor, or is forgotten: when the driver that sent it goes away
+  (whoever takes its attempts over starts them, see ``attempts.take_over``) or with the
+  supervisor itself (the driver sends it again as a plain start once it sees the predecessor
+  ended).
 - The socket is the singleton: binding its name fails while a supervisor lives, and the name
   goes with the process. Keepers close it right after the fork.
 - The supervisor ends when no driver has been connected and no keeper has run for
@@ -41,6 +57,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -67,6 +84,8 @@ KEEPER_LOCK = "keeper.lock"
 SUPERVISOR_DIR = ".supervisor"
 """Under ``runs/``: the supervisor's ``pid`` record and its log."""
 IDLE_EXIT_S = 5.0
+_OOM_COUNTER: tuple[Path | None] | None = None
+"""The memory cgroup's OOM kill counter, found once by the supervisor for all its keepers."""
 FIRST_SAMPLE_S = 0.1
 """A keeper samples its task's memory first this long after the start: a process tree walk
 costs milliseconds, more than a short trial runs."""
@@ -113,9 +132,13 @@ class _Keeper(launcher._Supervisor):
     task's end is seen at once, and a keeper walks the process table only when the task left
     processes behind (as subreaper, no child left means no descendant left)."""
 
-    def __init__(self, attempt_dir: Path, wake_fd: int, env: dict[str, str]) -> None:
+    def __init__(
+        self, attempt_dir: Path, wake_fd: int, env: dict[str, str], freed_fd: int = -1
+    ) -> None:
         super().__init__(attempt_dir)
         self._wake_fd = wake_fd
+        self._freed_fd = freed_fd
+        """Written (this keeper's pid) once the task and all it spawned are gone."""
         self._env = env
         """The environment of the driver that asked for the attempt (the launcher's own)."""
 
@@ -155,6 +178,16 @@ class _Keeper(launcher._Supervisor):
         _replace_json(self.dir / LAUNCHER_FILE, info)
         return info
 
+    def freed(self) -> None:
+        """Tell the supervisor that the task holds nothing of the machine any more, so what
+        waits behind this attempt starts now, not after its records are written and synced."""
+        if self._freed_fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            os.write(self._freed_fd, struct.pack("=i", os.getpid()))
+        os.close(self._freed_fd)
+        self._freed_fd = -1
+
     def _wait(self, pidfd: int, timeout: float) -> None:
         with contextlib.suppress(InterruptedError):
             ready, _, _ = select.select([pidfd, self._wake_fd], [], [], max(0.0, timeout))
@@ -177,7 +210,7 @@ class _Keeper(launcher._Supervisor):
             if not (self.dir / EXIT_FILE).exists():
                 self.finish("cancelled", message="cancelled before the task started")
             return
-        oom_counter = launcher.oom_counter_file()
+        oom_counter = _OOM_COUNTER[0] if _OOM_COUNTER else launcher.oom_counter_file()
         oom_before = launcher.read_oom_kills(oom_counter)
         self.task_started_mono = time.monotonic()
 
@@ -228,6 +261,7 @@ class _Keeper(launcher._Supervisor):
 
         if reason == "exited":
             self.stop(pgid, first=signal.SIGTERM, grace=grace)
+        self.freed()
         status = self.child_status
         exit_code = signum = None
         if status is not None:
@@ -252,7 +286,7 @@ class _Keeper(launcher._Supervisor):
         self.finish(reason, **common)
 
 
-def _keep(attempt_dir: Path, env: dict[str, str]) -> int:
+def _keep(attempt_dir: Path, env: dict[str, str], freed_fd: int = -1) -> int:
     """The keeper's life, in the fork (never returns to the supervisor's loop)."""
     os.setsid()
     with contextlib.suppress(OSError):  # what goes wrong is told where the launcher tells it
@@ -264,7 +298,7 @@ def _keep(attempt_dir: Path, env: dict[str, str]) -> int:
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda s, f: None)
-    sup = _Keeper(attempt_dir, wake_r, env)
+    sup = _Keeper(attempt_dir, wake_r, env, freed_fd)
     signal.signal(signal.SIGTERM, sup.on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     launcher._become_subreaper()
@@ -297,28 +331,61 @@ class _Supervisor:
         self.listener = listener
         self.clients: dict[int, _Client] = {}
         self.keepers: dict[int, tuple[Path, _Client | None]] = {}
+        self.after: dict[Path, tuple[Path, _Client]] = {}
+        """Starts handed ahead: predecessor attempt -> the attempt to start when it ends."""
         self.idle_since = time.monotonic()
         self.stopping = False
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
+        self.freed_r, self.freed_w = os.pipe()
+        """Keepers write their pid here once their task is gone (see ``_Keeper.freed``)."""
+        os.set_blocking(self.freed_r, False)
+        self.freed_dirs: set[Path] = set()
+        """Attempts whose keeper runs on, writing records, after its task is gone."""
 
     def start(self, attempt_dir: Path, client: _Client) -> None:
+        """Start ``attempt_dir``, and what was handed ahead of it when it has ended already."""
+        while True:
+            ended = self._start_one(attempt_dir, client)
+            if not ended:
+                return
+            following = self.after.pop(attempt_dir, None)
+            if following is None:
+                return
+            attempt_dir, client = following
+
+    def start_after(self, attempt_dir: Path, predecessor: Path, client: _Client) -> None:
+        """Start ``attempt_dir`` when the keeper of ``predecessor`` ends (at once when that
+        attempt has ended)."""
+        waiting = any(d == predecessor for d, _ in self.after.values()) or any(
+            d == predecessor for d, _ in self.keepers.values()
+        )
+        if predecessor in self.freed_dirs or (not waiting and (predecessor / EXIT_FILE).exists()):
+            self.start(attempt_dir, client)
+            return
+        # NOTE: a predecessor that is neither ours nor ended (a keeper of an earlier
+        # supervisor) never ends here: the driver sends a plain start once it sees it end.
+        self.after[predecessor] = (attempt_dir, client)
+
+    def _start_one(self, attempt_dir: Path, client: _Client) -> bool:
+        """Fork a keeper for ``attempt_dir``; ``True`` when the attempt has ended already."""
         try:
             fd = os.open(attempt_dir / KEEPER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as e:
             self._send(client, f"failed {attempt_dir} {e}")
-            return
+            return False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)  # a keeper holds it: started already
-            return
+            return False
         if (attempt_dir / EXIT_FILE).exists() or (attempt_dir / LAUNCHER_FILE).exists():
             os.close(fd)
             if (attempt_dir / EXIT_FILE).exists():
                 self._send(client, f"done {attempt_dir}")
-            return
+                return True
+            return False
         pid = os.fork()
         if pid == 0:  # the keeper
             code = 1
@@ -328,11 +395,13 @@ class _Supervisor:
                     c.sock.close()
                 os.close(self.wake_r)
                 os.close(self.wake_w)
-                code = _keep(attempt_dir, client.env)
+                os.close(self.freed_r)
+                code = _keep(attempt_dir, client.env, self.freed_w)
             finally:
                 os._exit(code)
         os.close(fd)  # the keeper holds the lock now
         self.keepers[pid] = (attempt_dir, client)
+        return False
 
     def _send(self, client: _Client | None, line: str) -> None:
         if client is None or client.sock.fileno() < 0:
@@ -350,6 +419,9 @@ class _Supervisor:
         for pid, (d, c) in list(self.keepers.items()):
             if c is client:
                 self.keepers[pid] = (d, None)
+        # Its starts handed ahead are forgotten: a driver that went away started nothing more
+        # (whoever takes its attempts over starts them), one that closed wants nothing more.
+        self.after = {p: (d, c) for p, (d, c) in self.after.items() if c is not client}
 
     def reap(self) -> None:
         while True:
@@ -360,8 +432,28 @@ class _Supervisor:
             if pid == 0:
                 return
             kept = self.keepers.pop(pid, None)
+            if kept is None:
+                continue
+            self.freed_dirs.discard(kept[0])
+            # The next attempt first: its start is what the driver would ask for on "done".
+            following = self.after.pop(kept[0], None)
+            if following is not None:
+                self.start(*following)
+            self._send(kept[1], f"done {kept[0]}")
+
+    def freed(self) -> None:
+        """Start what waits behind keepers whose task is gone (they still write records)."""
+        try:
+            data = os.read(self.freed_r, 4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        for (pid,) in struct.iter_unpack("=i", data[: len(data) // 4 * 4]):
+            kept = self.keepers.get(pid)
             if kept is not None:
-                self._send(kept[1], f"done {kept[0]}")
+                self.freed_dirs.add(kept[0])
+                following = self.after.pop(kept[0], None)
+                if following is not None:
+                    self.start(*following)
 
     def handle(self, client: _Client) -> None:
         try:
@@ -381,11 +473,20 @@ class _Supervisor:
                 client.env = json.loads(arg)
             elif verb == "start":
                 self.start(Path(arg), client)
+            elif verb == "after":
+                attempt, _, predecessor = arg.partition("\0")
+                self.start_after(Path(attempt), Path(predecessor), client)
 
     def serve(self) -> None:
-        # What every keeper imports, imported once here (ctypes alone cost a keeper 3 ms).
-        import ctypes  # noqa: F401
+        # What every keeper imports, imported once here (ctypes alone cost a keeper 3 ms),
+        # and what every keeper would look up the same (each costs a fork a few tenths of
+        # a millisecond of copied pages): keepers share the supervisor's memory cgroup.
         import subprocess  # noqa: F401
+
+        global _OOM_COUNTER
+        with contextlib.suppress(OSError, AttributeError):
+            launcher.load_libc()
+        _OOM_COUNTER = (launcher.oom_counter_file(),)
 
         # Keepers are forks: objects made so far are never collected, so that neither a
         # collection here nor one in a keeper writes to (and copies) the pages they share.
@@ -400,6 +501,7 @@ class _Supervisor:
             fds: list[socket.socket | int] = [
                 self.listener,
                 self.wake_r,
+                self.freed_r,
                 *(c.sock for c in self.clients.values()),
             ]
             ready, _, _ = select.select(fds, [], [], 1.0)
@@ -409,6 +511,8 @@ class _Supervisor:
                         sock, _ = self.listener.accept()
                         sock.setblocking(True)
                         self.clients[sock.fileno()] = _Client(sock)
+                elif r == self.freed_r:
+                    self.freed()
                 elif r == self.wake_r:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self.wake_r, 4096)
@@ -497,6 +601,24 @@ class SupervisorClient:
             except OSError:
                 self._disconnect(sock)
         return False
+
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    def start_after(self, attempt_dir: Path, predecessor: Path) -> bool:
+        """Ask for a keeper of ``attempt_dir`` once the keeper of ``predecessor`` ended (see
+        the module doc); ``False`` when the supervisor that was asked to start
+        ``predecessor`` cannot be reached: a new one would not know it."""
+        with self._mutex:
+            sock = self._sock
+        if sock is None:
+            return False
+        try:
+            sock.sendall(f"after {attempt_dir}\0{predecessor}\n".encode())
+        except OSError:
+            self._disconnect(sock)
+            return False
+        return True
 
     def close(self) -> None:
         with self._mutex:

@@ -3,6 +3,7 @@ found again and started again after it dies, and its death loses and repeats not
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -187,3 +188,90 @@ async def test_the_supervisor_ends_once_idle(state_dir: Path) -> None:
         IDLE_EXIT_S + 10,
         "the idle supervisor to end",
     )
+
+
+# -- starts handed ahead -------------------------------------------------------------------------
+
+
+def _intervals(log: Path) -> list[tuple[int, int]]:
+    """(start, end) in ns of each task that wrote ``start <ns>`` and ``end <ns>`` lines."""
+    starts: dict[str, int] = {}
+    out = []
+    for line in log.read_text().splitlines():
+        what, run, ns = line.split()
+        if what == "start":
+            starts[run] = int(ns)
+        else:
+            out.append((starts[run], int(ns)))
+    return sorted(out)
+
+
+@pytest.mark.anyio
+async def test_the_supervisor_starts_what_was_handed_ahead_without_the_driver(
+    state_dir: Path, tmp_path: Path
+) -> None:
+    """A keeper that ends starts the next attempt at once, even while the driver cannot act
+    (here: its state is locked), and one at a time on a one-CPU machine."""
+    log = tmp_path / "tasks.log"
+    line = 'echo "{0} $STOWPLAN_RUN_ID $(date +%s%N)" >> "$LOG"'
+    script = "; ".join([line.format("start"), "sleep 0.05", line.format("end")])
+    provider = LocalProvider("laptop", LocalProviderConfig(cpus=1), state_dir=state_dir)
+    tasks = [spec(script=script, env={"LOG": str(log)}) for _ in range(4)]
+    reqs = provider.plan(tasks, Facts())
+    await provider.submit(reqs)
+    dirs = [Path(r.attempt_dir) for r in reqs if isinstance(r, LocalRequest)]
+    with provider._state_lock:  # the driver's reader thread waits here on every "done"
+        await _poll(
+            lambda: all((d / "exit.json").exists() for d in dirs), 20, "every attempt to end"
+        )
+    for t in tasks:
+        assert (await wait_for(provider, t.key)).state is S.SUCCEEDED
+    spans = _intervals(log)
+    assert len(spans) == len(tasks)
+    assert all(end <= start for (_, end), (start, _) in itertools.pairwise(spans)), spans
+    assert all(len(launches(r)) == 1 for r in reqs if isinstance(r, LocalRequest))
+
+
+@pytest.mark.anyio
+async def test_an_attempt_handed_ahead_is_queued_however_long_it_waits(
+    state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It holds no place of its own while its predecessor runs: never taken for LOST."""
+    from stowplan.providers.local import driver
+
+    monkeypatch.setattr(driver, "QUEUED_GRACE_S", 0.3)
+    provider = LocalProvider("laptop", LocalProviderConfig(cpus=1), state_dir=state_dir)
+    blocker, after = spec(argv=["sleep", "1.5"]), spec(argv=["true"])
+    await provider.submit(provider.plan([blocker, after], Facts()))
+    assert (await wait_for(provider, blocker.key, frozenset({S.RUNNING}))).state is S.RUNNING
+    deadline = time.monotonic() + 0.8
+    while time.monotonic() < deadline:
+        [report] = await provider.describe([after.key])
+        assert report.state is S.QUEUED, report
+        await anyio.sleep(0.05)
+    assert (await wait_for(provider, blocker.key)).state is S.SUCCEEDED
+    assert (await wait_for(provider, after.key)).state is S.SUCCEEDED
+
+
+@pytest.mark.anyio
+async def test_cancelling_an_attempt_handed_ahead_starts_nothing_and_the_next_runs(
+    state_dir: Path,
+) -> None:
+    provider = LocalProvider("laptop", LocalProviderConfig(cpus=1), state_dir=state_dir)
+    blocker, cancelled, last = spec(argv=["sleep", "30"]), spec(argv=["true"]), spec(argv=["true"])
+    reqs = provider.plan([blocker, cancelled, last], Facts())
+    await provider.submit(reqs)
+    assert (await wait_for(provider, blocker.key, frozenset({S.RUNNING}))).state is S.RUNNING
+    assert [r.state for r in await provider.describe([cancelled.key, last.key])] == [
+        S.QUEUED,
+        S.QUEUED,
+    ]
+    await provider.cancel([cancelled.key])
+    assert (await wait_for(provider, cancelled.key)).state is S.CANCELLED
+    [report] = await provider.describe([last.key])
+    assert report.state is S.QUEUED, "it waits for the blocker, not for the cancelled one"
+    await provider.cancel([blocker.key])
+    assert (await wait_for(provider, blocker.key)).state is S.CANCELLED
+    assert (await wait_for(provider, last.key)).state is S.SUCCEEDED
+    assert isinstance(reqs[1], LocalRequest)
+    assert launches(reqs[1]) == []
