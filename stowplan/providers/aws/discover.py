@@ -33,10 +33,12 @@ SPOT_FRESH_S = 7 * 86400.0
 SPOT_MIN_USD = 0.001
 """Below this, an answer is a placeholder, not a price (moto answers 0.00001)."""
 HARDWARE_PREFIX = "aws:"
-QUEUE_DEPTH = 1.0
+QUEUE_DEPTH = 32.0
 """``Pool.queue_depth`` of every pool: the driver queues attempts itself and sends each to an
-instance of its pool as room frees there, so the core may submit as much again as the pool's
-instances run."""
+instance of its pool as room frees there (the next one ahead, in the same inbox write), so the
+core may keep up to this many waves of the instances' capacity submitted; its ``backlog_s``
+bounds that to about 30 s of work, so a sweep of short trials goes out in a few submit calls
+(one queue object each) and hour-long trials are not queued at all."""
 
 
 def pool_id(provider: str, region: str, instance_type: str, spot: bool) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from stowplan.providers.aws import driver as aws_driver
+from stowplan.providers.aws.discover import QUEUE_DEPTH
 from stowplan.providers.base import Facts, ProviderState
 from tests.integration.aws.conftest import BUCKET
 from tests.integration.aws.proxy import LossyProxy
@@ -58,7 +59,7 @@ async def test_attempts_beyond_the_room_follow_or_wait_and_each_runs_once(
     proxy, client = aws
     async with make(tmp_path) as driver:
         pools = await driver.discover()
-        assert {p.queue_depth for p in pools} == {1.0}
+        assert {p.queue_depth for p in pools} == {QUEUE_DEPTH}
         facts = Facts.of(pools)
         (iid,) = await driver.provision(XL, 1, "p-backlog")
         work = [
