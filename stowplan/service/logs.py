@@ -3,8 +3,9 @@
 
 Every line has ``ts`` (Unix seconds), ``level``, ``logger`` and ``msg``; an exception adds
 ``exc``. Each HTTP request is one line of the ``stowplan.access`` logger, written by
-``metrics.MetricsMiddleware`` when the response is done, with ``method``, ``path``, ``route``
-(the template, e.g. ``/api/v1/runs/{ref}``), ``status``, ``ms`` and ``client``. Headers,
+``metrics.MetricsMiddleware`` when the answer starts (a followed log may stream for hours),
+with ``method``, ``path``, ``route`` (the template, e.g. ``/api/v1/runs/{ref}``), ``status``,
+``ms`` (until the answer started) and ``client``. Headers,
 bodies and query strings are never logged, so neither is a token. uvicorn's own lines (startup,
 shutdown, errors) go through the same formatter; its access log is off (this one replaces it).
 """

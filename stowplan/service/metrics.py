@@ -319,11 +319,28 @@ class MetricsMiddleware:
             return
         status = 500
         start = time.perf_counter()
+        logged = False
+
+        def log_access() -> None:
+            # when the answer starts, as uvicorn's access log did: a followed log (server-sent
+            # events) may stream for hours, and its line is wanted when it begins
+            nonlocal logged
+            logged = True
+            client = scope.get("client")
+            logs.access(
+                str(scope.get("method", "GET")),
+                str(scope.get("path", "")),
+                scope.get("path_template") or "unmatched",
+                status,
+                (time.perf_counter() - start) * 1000,
+                f"{client[0]}:{client[1]}" if client else "",
+            )
 
         async def send_status(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+                log_access()
             await send(message)
 
         try:
@@ -332,18 +349,10 @@ class MetricsMiddleware:
             route = scope.get("path_template") or "unmatched"
             m = metrics_of(scope["litestar_app"].state)
             method = str(scope.get("method", "GET"))
-            took = time.perf_counter() - start
             m.requests.labels(method, route, str(status)).inc()
-            m.latency.labels(route).observe(took)
-            client = scope.get("client")
-            logs.access(
-                method,
-                str(scope.get("path", "")),
-                route,
-                status,
-                took * 1000,
-                f"{client[0]}:{client[1]}" if client else "",
-            )
+            m.latency.labels(route).observe(time.perf_counter() - start)
+            if not logged:  # no answer was started (the client went away, or a crash)
+                log_access()
 
 
 def on_shutdown(app: Any) -> None:
