@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import signal
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -177,6 +178,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             teams={n: t.limits() for n, t in sorted(project.config.service.teams.items())},
             approvals=Approvals(restricted=tuple(sorted(set(cfg.restricted)))),
         )
+    # the port first: the control plane's Ray processes take ports of their own
+    sock = _bind(args.bind or cfg.bind, port, project.file)
     store = RunStore(store_path)
     people = _people(state_dir)
     spending = None
@@ -217,11 +220,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 **ssl,
             )
         )
-        server.run()  # returns after SIGTERM/SIGINT, once in-flight requests are done
+        server.run(sockets=[sock])  # returns after SIGTERM/SIGINT, once in-flight requests are done
         if not server.started:
             return 2
         return 130 if signal.SIGINT in server.stopped_by else 0
     finally:
+        sock.close()
         try:
             if spending is not None:
                 spending.stop()
@@ -230,6 +234,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
         finally:
             people.close()
             store.close()
+
+
+def _bind(host: str, port: int, file: Any) -> socket.socket:
+    """The service's listening socket, bound before anything starts: a port in use is a clear
+    error (exit 2) instead of a failure after the control plane started, and no process the
+    control plane starts can take the port meanwhile."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise SpecError(
+            f"cannot listen on {host}:{port}: {e.strerror or e}",
+            file=file,
+            path="$.service.port",
+            hint="stop what listens there, or choose another port ([service] port or --port)",
+        ) from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def _server_class() -> Any:

@@ -78,3 +78,19 @@ def test_a_restricted_provider_that_is_not_configured_is_a_spec_error(
     assert "stowplan.toml:4 at $.service.restricted[0]" in err and "no provider 'aws'" in err
     assert "[providers.aws]" in err and "fix:" in err
     assert not (tmp_path / ".stowplan").exists()
+
+
+def test_a_port_in_use_is_a_clear_error_before_anything_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    root = project(tmp_path, "")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--project-dir", str(root), "--port", str(port), "--read-only"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "$.service.port" in err, err
+    assert "another port" in err
