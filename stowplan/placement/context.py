@@ -66,6 +66,7 @@ def context_for(project: LoadedProject, loaded: LoadedExperiment) -> PlacementCo
         datasets=[datasets[k] for k in sorted(datasets)],
         residency=rules,
         weights=Weights(data=w.data, cost=w.cost, wait=w.wait, priority=w.priority),
+        objective=settings.objective,
     )
 
 

@@ -68,6 +68,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stowplan.errors import InternalError, SpecError
+from stowplan.placement.leases import DeviceLease, PoolDevices
 
 MILLI = 1000
 """Milli-capacity of one whole GPU device."""
@@ -401,6 +402,15 @@ class DeviceModel:
         """How many classes the nodes form now."""
         return len(self._key_slot)
 
+    def set_free(self, node: int, frees: Sequence[int]) -> None:
+        """The node's devices have ``frees`` milli free (what the provider offers of each; 0:
+        a device stowplan may not use), before anything is placed there."""
+        if len(frees) != self.nodes[node].gpus or any(not 0 <= f <= MILLI for f in frees):
+            raise InternalError(f"node {node}: {list(frees)} is not a free milli per device")
+        self._leave(node)
+        self.dev_free[node] = list(frees)
+        self._enter(node)
+
     # -- placing -------------------------------------------------------------------------------
 
     def _observe(self, task: DeviceTask) -> None:
@@ -598,3 +608,123 @@ class DeviceModel:
         for d in devices:
             free[d] += use
         self._enter(node)
+
+
+UNCOUNTED = 1 << 50
+"""A node's CPU (milli) or memory where the pool counts them only in total: never short."""
+
+
+class _Held(NamedTuple):
+    key: str  # the attempt's key; "" while only taken for an answer being applied
+    placement: Placement
+    task: DeviceTask
+
+
+class DeviceLedger:
+    """One pool's devices as the scheduler core leases them: a ``DeviceModel`` of the pool's
+    ``PoolDevices`` and what each run holds there, by run id.
+
+    ``take`` places a run (node and devices, by the objective) or says why it cannot go;
+    ``confirm`` turns what was taken into the attempt's lease; ``give`` frees it. A node's CPU
+    and memory are counted here only where ``NodeDevices`` gives them: a CPU-only run then
+    takes a node too; otherwise it never touches the ledger (the pool's totals bound it).
+    """
+
+    def __init__(self, devices: PoolDevices, *, objective: Objective = "fgd") -> None:
+        self.spec = devices
+        self.objective: Objective = objective
+        self.per_node = any(n.cpus > 0 or n.memory > 0 for n in devices.nodes)
+        nodes = [
+            DeviceNode(
+                name=n.name,
+                cpu=round(n.cpus * 1000) if n.cpus > 0 else UNCOUNTED,
+                memory=n.memory if n.memory > 0 else UNCOUNTED,
+                gpus=len(n.devices),
+                model=n.model,
+                sharing=devices.sharing,
+            )
+            for n in devices.nodes
+        ]
+        self.model = DeviceModel(nodes, objective=objective)
+        for i, n in enumerate(devices.nodes):
+            if any(d != MILLI for d in n.devices):
+                self.model.set_free(i, [max(0, min(MILLI, d)) for d in n.devices])
+        self.holds: dict[str, _Held] = {}
+
+    def task(self, cpus: float, memory: int, gpus: int, models: Sequence[str]) -> DeviceTask | None:
+        """The run as the ledger places it, on a GPU of one of ``models``; None when it needs
+        nothing the ledger counts."""
+        if not gpus and not self.per_node:
+            return None
+        return DeviceTask(
+            cpu=round(cpus * 1000),
+            memory=memory,
+            gpus=gpus,
+            models=frozenset(models) if gpus else None,
+        )
+
+    def model_of(self, run_id: str) -> str:
+        """The GPU model of the node ``run_id`` was placed on."""
+        return self.model.nodes[self.holds[run_id].placement.node].model
+
+    def take(self, run_id: str, task: DeviceTask) -> str | None:
+        """Place ``run_id`` (not yet confirmed); None when placed, else why it cannot go now."""
+        if run_id in self.holds:
+            self.give(run_id)
+        widest = max((n.gpus for n in self.model.nodes), default=0)
+        if task.gpus > widest:
+            return (
+                f"its {task.gpus} GPUs span nodes (the widest has {widest}): a pool that "
+                "leases devices places a run on one node"
+            )
+        placed = self.model.place(task)
+        if placed is None:
+            return self.model.why_not(task) or "no node can hold it"
+        self.holds[run_id] = _Held("", placed, task)
+        return None
+
+    def confirm(self, run_id: str, key: str) -> DeviceLease | None:
+        """The attempt ``key`` of ``run_id`` holds what ``take`` chose: its lease."""
+        held = self.holds.get(run_id)
+        if held is None:
+            return None
+        self.holds[run_id] = held._replace(key=key)
+        node, devices = held.placement
+        return DeviceLease(self.model.nodes[node].name, devices)
+
+    def give(self, run_id: str) -> None:
+        held = self.holds.pop(run_id, None)
+        if held is not None:
+            self.model.release(held.placement, held.task)
+
+    def lease(self, run_id: str) -> DeviceLease | None:
+        held = self.holds.get(run_id)
+        if held is None or not held.key:
+            return None
+        node, devices = held.placement
+        return DeviceLease(self.model.nodes[node].name, devices)
+
+    def no_devices(self) -> DeviceLease:
+        """The lease of a run that holds no device here (CPU-only, counted in the pool's
+        totals): no GPU, on the pool's one node ("" where it has several)."""
+        nodes = self.model.nodes
+        return DeviceLease(nodes[0].name if len(nodes) == 1 else "", ())
+
+    def held_gpus(self) -> int:
+        return sum(h.task.gpus for h in self.holds.values() if h.key)
+
+    def rebuilt(self, devices: PoolDevices) -> DeviceLedger:
+        """The ledger for the pool rediscovered as ``devices``, keeping the confirmed holds
+        that its nodes can still hold (by node name; a node gone takes its holds with it)."""
+        out = DeviceLedger(devices, objective=self.objective)
+        index = {n.name: i for i, n in enumerate(out.model.nodes)}
+        for run_id, held in sorted(self.holds.items()):
+            if not held.key:
+                continue
+            i = index.get(self.model.nodes[held.placement.node].name)
+            if i is None or not out.model.fits(i, held.task, held.placement.devices):
+                continue
+            placement = Placement(i, held.placement.devices)
+            out.model.commit(i, held.task, placement.devices)
+            out.holds[run_id] = _Held(held.key, placement, held.task)
+        return out

@@ -1,10 +1,19 @@
-"""Why a task went where it went, what else it could have had, or why it cannot go anywhere."""
+"""Why a task went where it went, what else it could have had, or why it cannot go anywhere.
+
+In a pool that knows its devices (``Pool.devices``) the answer names the node and the devices
+the task gets, as the scheduler core would lease them (the tasks the solution puts there
+placed in its order, by the deployment's packing objective); a task the pool's totals admit
+but no node's devices can hold is not placed, and the reason says the capacity is there only
+in pieces ("5 GPUs free on 5 nodes, none has 2 free devices").
+"""
 
 from __future__ import annotations
 
 from msgspec import Struct, field
 
-from stowplan.placement.problem import PlacementProblem, PlacementSolution, expand
+from stowplan.placement.devices import DeviceLedger, Objective
+from stowplan.placement.leases import DeviceLease
+from stowplan.placement.problem import DemandClass, PlacementProblem, PlacementSolution, expand
 from stowplan.placement.table import build, instance_dollars, pool_reasons
 
 
@@ -52,13 +61,20 @@ class Explanation(Struct, frozen=True, kw_only=True):
     """Why it was not placed: nowhere eligible (with each cause), or no capacity left."""
     instances: Instances | None = None
     """Where the chosen pool is elastic: the instances it bills (its tasks' compute is 0)."""
+    devices: DeviceLease | None = None
+    """Where the chosen pool knows its devices: the node and device indices it gets there."""
 
     def render(self) -> str:
         if self.placed and self.chosen is not None:
             c = self.chosen
+            d = self.devices
+            at = ""
+            if d is not None:
+                what = f"device{'s' if len(d.devices) != 1 else ''} {d.visible()}"
+                at = f" [node {d.node}{', ' + what if d.devices else ''}]"
             lines = [
                 f"{self.task} -> {self.pool}{' on ' + self.gpu_model if self.gpu_model else ''}"
-                f" ({self.status}): cost {c.cost:.4g} = compute {c.compute_cost:.4g}, "
+                f"{at} ({self.status}): cost {c.cost:.4g} = compute {c.compute_cost:.4g}, "
                 f"{c.data_bytes / 1e9:.3g} GB moved (egress {c.egress_cost:.4g}), "
                 f"wait {c.wait_seconds:.0f} s"
             ]
@@ -83,10 +99,67 @@ class Explanation(Struct, frozen=True, kw_only=True):
         return "\n".join(lines)
 
 
+def _on_devices(
+    problem: PlacementProblem,
+    solution: PlacementSolution,
+    pool_id: str,
+    task_id: str | None,
+    objective: Objective,
+) -> tuple[DeviceLedger, DemandClass | None, str | None]:
+    """The devices of ``pool_id`` once the tasks the solution puts there before ``task_id``
+    (all of them for None) took theirs; ``task_id``'s class; why it found none ("" when it
+    did; None when it needs nothing the devices count)."""
+    pool = next(p for p in problem.pools if p.id == pool_id)
+    assert pool.devices is not None
+    ledger = DeviceLedger(pool.devices, objective=objective)
+    classes = {m: c for c in problem.classes for m in c.members}
+    for a in expand(problem, solution):
+        if a.pool_id != pool_id:
+            continue
+        c = classes[a.class_id]
+        models = (a.gpu_model,) if a.gpu_model else c.gpu_types or tuple(sorted(pool.gpus))
+        task = ledger.task(c.cpus, c.memory, c.gpus, models)
+        if task is None:
+            if a.class_id == task_id:
+                return ledger, c, None
+            continue
+        why = ledger.take(a.class_id, task)
+        if a.class_id == task_id:
+            return ledger, c, why or ""
+    return ledger, None, None
+
+
+def _fragmented(
+    problem: PlacementProblem, solution: PlacementSolution, cls: DemandClass, objective: Objective
+) -> list[str]:
+    """For an unplaced class that asks for GPUs: what each pool that knows its devices has
+    left, and why none of it holds one member."""
+    out = []
+    for p in problem.pools:
+        if p.devices is None or not cls.gpus:
+            continue
+        models = tuple(m for m in (cls.gpu_types or tuple(sorted(p.gpus))) if m in p.gpus)
+        if not models:
+            continue
+        ledger, _, _ = _on_devices(problem, solution, p.id, None, objective)
+        task = ledger.task(cls.cpus, cls.memory, cls.gpus, models)
+        why = ledger.model.why_not(task) if task is not None else None
+        if why:
+            out.append(f"{p.id}: {why}")
+    return out
+
+
 def explain(
-    problem: PlacementProblem, solution: PlacementSolution, task_id: str, *, top: int = 3
+    problem: PlacementProblem,
+    solution: PlacementSolution,
+    task_id: str,
+    *,
+    top: int = 3,
+    objective: Objective = "fgd",
 ) -> Explanation:
-    """Where ``task_id`` went in ``solution`` and the ``top`` best alternatives, or why not.
+    """Where ``task_id`` went in ``solution`` and the ``top`` best alternatives, or why not;
+    in a pool that knows its devices, on which node and devices (packed by ``objective``, the
+    deployment's ``[placement] objective``), or why its devices hold no more.
 
     Raises ``KeyError`` when the task is not in the problem.
     """
@@ -137,6 +210,19 @@ def explain(
             if pool.elastic
             else None
         )
+        lease = None
+        if pool.devices is not None:
+            ledger, _, why = _on_devices(problem, solution, pool.id, task_id, objective)
+            if why:  # the pool's totals admit it, its devices do not
+                return Explanation(
+                    task=task_id,
+                    placed=False,
+                    status=str(solution.status),
+                    alternatives=others,
+                    reason=f"{pool.id}: {why}",
+                )
+            if why is not None:
+                lease = ledger.confirm(task_id, "explain")
         return Explanation(
             task=task_id,
             placed=True,
@@ -146,8 +232,12 @@ def explain(
             chosen=chosen,
             alternatives=others,
             instances=instances,
+            devices=lease,
         )
     reason = solution.unplaced.get(cls.id, "")
+    pieces = _fragmented(problem, solution, cls, objective)
+    if pieces:
+        reason = "; ".join([reason or "no capacity now", *pieces])
     if table.eligible_full[ci] == 0:
         causes: dict[str, list[str]] = {}
         for p in table.pools:

@@ -16,12 +16,13 @@ import enum
 import hashlib
 import math
 from collections.abc import Iterable, Iterator
-from typing import Final
+from typing import Final, Literal
 
 import msgspec
 from msgspec import Struct, field
 
 from stowplan.errors import SpecError
+from stowplan.placement.leases import PoolDevices
 from stowplan.spec.units import (
     MAX_BYTES,
     MAX_COUNT,
@@ -40,6 +41,24 @@ class Shape(Struct, frozen=True, kw_only=True):
     cpus: float = 0.0
     memory: int = 0
     gpus: dict[str, int] = field(default_factory=dict)
+
+
+class PoolQuota(Struct, frozen=True, kw_only=True):
+    """An account limit shared by several pools (an EC2 vCPU quota covers every instance type
+    of some families in a region, per market): all pools naming the same ``group`` launch
+    from one ``left``, each instance taking ``per_instance`` of it."""
+
+    group: str
+    """Who shares it, e.g. ``aws:us-east-1:ec2/L-DB2E81BA``: pools of one group share ``left``."""
+    name: str = ""
+    """For people: ``L-DB2E81BA (G and VT on-demand vCPUs)``."""
+    limit: float = 0.0
+    """The quota's value (vCPUs)."""
+    left: float = 0.0
+    """What was left of it at discovery (the account's running use subtracted, whoever
+    launched it); the same on every pool of the group."""
+    per_instance: float = 0.0
+    """What one more instance of this pool takes from it (its vCPUs)."""
 
 
 class Pool(Struct, frozen=True, kw_only=True):
@@ -82,6 +101,14 @@ class Pool(Struct, frozen=True, kw_only=True):
     next wave starts when room frees, without a round trip to the control plane. 0: only what
     fits now (the core's own queue holds the rest). A batch scheduler whose discovery already
     scales its capacity (Slurm's queue depth) leaves it 0."""
+    quota: PoolQuota | None = None
+    """An account limit this elastic pool's launches share with other pools (an EC2 vCPU
+    quota): the core launches no more instances across the group than its ``left`` allows.
+    None: no known limit (a refused launch is how one is learned)."""
+    devices: PoolDevices | None = None
+    """The pool's GPUs by node and device, where the provider knows them: the core then places
+    each run on a node and device indices (``DeviceLease``) and never on a device that cannot
+    hold it. None: GPUs are counted per pool (``gpus``)."""
 
     @property
     def elastic(self) -> bool:
@@ -163,6 +190,9 @@ class PlacementContext(Struct, frozen=True, kw_only=True):
     datasets: list[Dataset] = field(default_factory=list)
     residency: dict[str, tuple[str, ...]] = field(default_factory=dict)
     weights: Weights = field(default_factory=Weights)
+    objective: Literal["fgd", "bestfit"] = "fgd"
+    """``[placement] objective``: how the core packs runs onto the devices of a pool that
+    describes them (``Pool.devices``): ``fgd`` (fragmentation-aware) or ``bestfit``."""
 
 
 class PlacementProblem(Struct, frozen=True, kw_only=True):

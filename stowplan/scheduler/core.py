@@ -110,6 +110,20 @@ instances an elastic pool lacks (``_make_up``) is never held: its runs were admi
 and their cost is counted. Held runs are placed again when something changes (a run ends,
 spending is refreshed): nothing is failed for the budget.
 
+Account quotas
+--------------
+Elastic pools may share an account limit (``Pool.quota``: an EC2 vCPU quota covers every
+instance type of some families in a region and market). Its pools, the *group*, launch from
+one ``left``: what discovery found left, less what the instances the core counts as launched
+since (``_launched``) in any pool of the group take (``_quota_left``). The placer sees each
+pool's ``max_instances`` cut to what the group has left for it alone; the core cuts the
+launches of an answer across the group, pool by pool in id order, to what is left, before
+the budget (a launch cannot be bought past a quota), and the runs that needed the rest stay
+READY with the quota's reason recorded once ("held: account quota L-DB2E81BA (G and VT
+on-demand vCPUs) has 0 of 64 left in us-east-1 ..."), as do the runs no pool could take
+while a quota, not the pools' own maximum, is what stops a launch. They are placed again
+when a discovery shows more left (instances ended) or runs end on instances already up.
+
 Approvals
 ---------
 ``CoreConfig.approvals`` is set where someone can approve (the shared-lab service). Then a
@@ -151,6 +165,37 @@ and cut to the members that fit the smallest room among them, so no choice of th
 breaks a limit; what the round offered counts against the next class of the same team.
 A class with no room stays READY with the reason recorded once (``held``, shown by
 ``stowplan status``); nothing is preempted: borrowed GPUs come back as borrowers' runs end.
+
+Services
+--------
+A run whose task is a service (``TaskInstance.service``, ``spec.models.ServiceSpec``) is kept
+running until it is cancelled. Whenever its attempt ends any other way (the provider reports
+it succeeded, failed, was cancelled outside stowplan or is unknown; the shell's health checks
+give up on it, ``ServiceUnhealthy``, which also cancels the attempt at the provider) the run
+moves to RETRYING with the reason and the restart number, and back to READY after the
+service's backoff (``retry.restart_seconds``: 10 s doubling to 5 min by default; the count
+starts over after an attempt that ran ``reset_after``): the retry heap and its wake-up, as
+for retries, and a new attempt with a new key once placed, as for any attempt. Restarts are
+not the retry policy's business: they never fail the run. ``CancelRequested`` finishes it
+(CANCELLED) in whatever state it is, cancelling a live attempt; a report that comes after is
+stale. A service holds its lease, and counts against quotas and shares, while it is leased,
+like any run. No run may depend on a service (the loader refuses it): it never SUCCEEDS.
+``NO_CAPACITY`` is handled as for any run (*No capacity*).
+
+Devices
+-------
+A pool discovered with ``Pool.devices`` (its GPUs by node and device) is placed on exactly:
+the core keeps a ``placement.devices.DeviceLedger`` per such pool, and applying an answer
+takes, for each run the placer put there, a node and device indices by
+``PlacementContext.objective`` (``[placement] objective``: ``fgd``, fragmentation-aware, or
+``bestfit``). The ``SubmitItem`` carries them (``DeviceLease``): the lease is the placement,
+and the provider starts the attempt on those devices. A run that fits the pool's totals but no
+node's devices (a k-GPU run needs k free devices on one node) is not placed: it stays READY
+with the reason recorded once ("8 GPUs free on 5 nodes, none has 2 free devices"). Devices
+come back when the run no longer holds its lease, whichever way the attempt ended; a pool
+rediscovered with other devices keeps the holds its nodes still carry. Leases restored after a
+restart name no devices: while any holds GPUs in such a pool, no GPU run is given devices
+there (never two runs on one device).
 """
 
 from __future__ import annotations
@@ -158,14 +203,15 @@ from __future__ import annotations
 import heapq
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from dataclasses import field as dc_field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from stowplan.errors import InternalError
+from stowplan.placement.leases import DeviceLease
 from stowplan.placement.problem import (
     Assignment,
     Dataset,
@@ -189,6 +235,7 @@ from stowplan.scheduler.events import (
     Provision,
     Provisioned,
     Reconcile,
+    ServiceUnhealthy,
     SolvePlacement,
     Submit,
     SubmitItem,
@@ -203,11 +250,21 @@ from stowplan.scheduler.events import (
     elastic_token,
 )
 from stowplan.scheduler.reports import ProviderState, Report
-from stowplan.scheduler.retry import REPLACED, Backoff, backoff_seconds, should_retry
+from stowplan.scheduler.retry import (
+    REPLACED,
+    Backoff,
+    backoff_seconds,
+    restart_seconds,
+    restarts_after,
+    should_retry,
+)
 from stowplan.scheduler.share import Approvals, Ledger, TeamLimits
 from stowplan.scheduler.states import FINAL, LEASED, TaskState, Trigger, next_state
 from stowplan.spec.canonical import attempt_key
-from stowplan.spec.models import FailureClass, SpendBudget
+from stowplan.spec.models import FailureClass, ServiceSpec, SpendBudget
+
+if TYPE_CHECKING:
+    from stowplan.placement.devices import DeviceLedger
 
 MIN_RUNTIME_S = 0.1
 """a bucket's runtime counts as at least this when sizing a backlog: runs that end at once
@@ -288,6 +345,7 @@ class _Run:
         "reconciling",
         "refused_in",
         "replaced",
+        "restarts",
         "seq",
         "started_at",
         "state",
@@ -324,6 +382,8 @@ class _Run:
         """the pools of those refusals, in order."""
         self.uncounted = 0
         """attempts that never ran (NO_CAPACITY): not counted against ``max_attempts``."""
+        self.restarts = 0
+        """a service's restarts since its count was last reset (module doc: *Services*)."""
         self.est_usd = 0.0
         """while leased on a priced elastic pool: what the attempt is estimated to cost."""
         self.held = ""
@@ -347,13 +407,28 @@ _NO_GPUS: Counter[str] = Counter()
 class _Room:
     """A pool's free capacity while one placement answer is applied, run by run."""
 
-    __slots__ = ("cpus", "gpus", "memory", "tasks")
+    __slots__ = ("blocked", "cpus", "devices", "gpus", "memory", "refuse", "tasks")
 
-    def __init__(self, cpus: float, memory: int, gpus: dict[str, int], tasks: int | None) -> None:
+    def __init__(
+        self,
+        cpus: float,
+        memory: int,
+        gpus: dict[str, int],
+        tasks: int | None,
+        devices: DeviceLedger | None = None,
+        refuse: Callable[[TaskInstance, str], None] | None = None,
+        blocked: str = "",
+    ) -> None:
         self.cpus = cpus
         self.memory = memory
         self.gpus = gpus
         self.tasks = tasks
+        self.devices = devices
+        """the pool's devices (``Pool.devices``): a run goes on a node's devices or not at all."""
+        self.refuse = refuse
+        """told why, when a run fits the pool's totals but no node's devices."""
+        self.blocked = blocked
+        """why no GPU run may take devices here now ("" when it may)."""
 
     def take(self, t: TaskInstance, gpu_model: str) -> str | None:
         """Take room for one run of ``t`` and return its GPU model ("" without GPUs; the
@@ -364,16 +439,40 @@ class _Room:
         if self.tasks is not None and self.tasks < 1:
             return None
         model = ""
+        dev = self.devices
         if t.gpus:
             if gpu_model:
                 model = gpu_model
-            else:
+            elif dev is None:
                 models = t.gpu_types or tuple(self.gpus)
                 if not models:
                     return None
                 model = max(models, key=lambda m: (self.gpus.get(m, 0), m))
-            if self.gpus.get(model, 0) < t.gpus:
+            if model and self.gpus.get(model, 0) < t.gpus:
                 return None
+        if dev is not None:
+            # the devices choose the model where the placer did not: the freest in total may
+            # have no node that holds the run
+            allowed = (
+                (model,)
+                if model or not t.gpus
+                else tuple(
+                    sorted(m for m in t.gpu_types or self.gpus if self.gpus.get(m, 0) >= t.gpus)
+                )
+            )
+            if not allowed:
+                return None
+            task = dev.task(t.cpus, t.memory, t.gpus, allowed)
+            why = self.blocked if task is not None and t.gpus else ""
+            if task is not None and not why:
+                why = dev.take(t.run_id, task) or ""
+            if why:
+                if self.refuse is not None:
+                    self.refuse(t, why)
+                return None
+            if task is not None and t.gpus:
+                model = dev.model_of(t.run_id)
+        if t.gpus:
             self.gpus[model] -= t.gpus
         self.cpus -= t.cpus
         self.memory -= t.memory
@@ -382,6 +481,8 @@ class _Room:
         return model
 
     def give_back(self, t: TaskInstance, gpu_model: str) -> None:
+        if self.devices is not None:
+            self.devices.give(t.run_id)
         self.cpus += t.cpus
         self.memory += t.memory
         if gpu_model:
@@ -520,10 +621,14 @@ class SchedulerCore:
         """dollars recorded this month and by this experiment (``set_spending``)."""
         self._committed = 0.0
         """estimated dollars of the runs leased on priced elastic pools (module doc: *Budget*)."""
+        self._quota_groups: tuple[int, dict[str, list[Pool]]] = (-1, {})
+        """(generation, quota group -> its pools by id): ``_groups``, rebuilt when it moved."""
         ctx = self.config.context
         self._datasets: dict[str, Dataset] = {d.id: d for d in ctx.datasets}
         self._residency: dict[str, tuple[str, ...]] = dict(ctx.residency)
         self._context_problem = self._problem([], [])
+        self._devices: dict[str, DeviceLedger] = {}
+        """per pool that knows its devices, what each run holds there (module doc: *Devices*)."""
 
     # ---- public -------------------------------------------------------------------------
 
@@ -550,6 +655,8 @@ class SchedulerCore:
             self._on_refused(event)
         elif isinstance(event, ApprovalDecided):
             self._on_decided(event)
+        elif isinstance(event, ServiceUnhealthy):
+            self._on_unhealthy(event)
         else:  # pragma: no cover - the union is closed
             raise InternalError(f"unknown event {type(event).__name__}")
         return self._flush()
@@ -562,6 +669,14 @@ class SchedulerCore:
 
     def key(self, run_id: str) -> str:
         return self._runs[run_id].key
+
+    def service(self, run_id: str) -> ServiceSpec | None:
+        """The service policy of ``run_id`` (None for a normal run)."""
+        return self._runs[run_id].task.service
+
+    def service_restarts(self, run_id: str) -> int:
+        """A service's restarts since its count was last reset (0 for a normal run)."""
+        return self._runs[run_id].restarts
 
     def uncounted_attempts(self, run_id: str) -> int:
         """Attempts of ``run_id`` that never ran (NO_CAPACITY): ``attempt`` less these is what
@@ -827,6 +942,7 @@ class SchedulerCore:
             return  # an answer to a request we no longer wait for
         self._solving = None
         held: dict[str, str] = {}  # elastic pool -> why (some of) its launch was not ordered
+        quota_held: dict[str, str] = {}  # the same, for an account quota (never approvable)
         launching: set[str] = set()
         extra = 0.0  # the estimate of the launches ordered so far in this answer
         assigned = list(expand(problem, solution))
@@ -844,6 +960,10 @@ class SchedulerCore:
             if pid not in needed:
                 continue  # every run it was for would break its team's month
             k = min(k, p.max_instances - self._launched.get(pid, 0))  # rediscovered smaller?
+            quota_room = self._quota_room(p)
+            cut = quota_room is not None and k > quota_room
+            if quota_room is not None and cut:
+                k = quota_room  # an account quota the group's launches share
             if k > 0 and self._budget is not None and p.price_per_hour > 0 and pid not in approved:
                 unit = p.price_per_hour * max(_runtime(problem, solution, pid), MIN_BILLED_S)
                 unit /= 3600.0
@@ -856,6 +976,8 @@ class SchedulerCore:
             if k > 0:
                 launching.add(pid)
                 self._order(p, k, provision=True)
+            if cut and pid not in held:
+                quota_held[pid] = self._quota_why(p)  # what is left once these launched
         rooms: dict[str, _Room] = {}
         placed = 0
         for a in assigned:  # one per run, in the solution's order
@@ -882,6 +1004,8 @@ class SchedulerCore:
             if gpu_model is None:
                 if pool.id in held:  # the room it needed was not launched: over budget
                     self._over(run, held[pool.id])
+                elif pool.id in quota_held:  # not launched: an account quota
+                    self._hold(run, quota_held[pool.id])
                 continue  # no room left now (the pool shrank meanwhile): stays READY
             if run.task.max_concurrent and (
                 self._group_active[run.task.group] >= run.task.max_concurrent
@@ -897,6 +1021,7 @@ class SchedulerCore:
                     continue
             self._dispatch(run, pool, gpu_model)
             placed += 1
+        self._quota_unplaced(problem, assigned)
         if placed == 0 and self._generation == self._solve_generation:
             # asking again would give the same answer, at once, forever: wait for a change
             self._stalled_at = self._generation
@@ -988,7 +1113,77 @@ class SchedulerCore:
     def _room(self, pool: Pool) -> _Room:
         cpus, memory, gpus = _plus(self.free_capacity(pool.id), self._offer.get(pool.id))
         tasks = None if pool.max_tasks is None else pool.max_tasks - self._in_pool[pool.id]
-        return _Room(cpus, memory, gpus, tasks)
+        ledger = self._ledger(pool)
+        if ledger is None:
+            return _Room(cpus, memory, gpus, tasks)
+        blocked = ""
+        unknown = sum(self._used_gpus.get(pool.id, _NO_GPUS).values()) - ledger.held_gpus()
+        if unknown > 0:
+            blocked = (
+                f"{unknown} GPUs of {pool.id} are leased to runs whose devices are not known "
+                "(restored after a restart): no device is given out there until they end"
+            )
+        return _Room(
+            cpus,
+            memory,
+            gpus,
+            tasks,
+            ledger,
+            lambda t, why: self._refused_devices(pool.id, t, why),
+            blocked,
+        )
+
+    def _ledger(self, pool: Pool) -> DeviceLedger | None:
+        """The devices of ``pool`` (None: it counts GPUs only), with what runs that no longer
+        hold their lease there held freed (module doc: *Devices*)."""
+        spec = pool.devices
+        ledger = self._devices.get(pool.id)
+        if spec is None:
+            if ledger is not None:
+                del self._devices[pool.id]
+            return None
+        if ledger is None:
+            from stowplan.placement.devices import DeviceLedger  # numpy: only where needed
+
+            ledger = self._devices[pool.id] = DeviceLedger(
+                spec, objective=self.config.context.objective
+            )
+        elif ledger.spec is not spec:
+            if ledger.spec == spec:
+                ledger.spec = spec  # the same devices rediscovered: compared once
+            else:
+                ledger = self._devices[pool.id] = ledger.rebuilt(spec)
+        for run_id, held in list(ledger.holds.items()):
+            run = self._runs.get(run_id)
+            if (
+                run is None
+                or not held.key
+                or run.key != held.key
+                or run.state not in LEASED
+                or run.pool != pool.id
+            ):
+                ledger.give(run_id)
+        return ledger
+
+    def _refused_devices(self, pool_id: str, t: TaskInstance, why: str) -> None:
+        """``t`` fits the pool's totals, not its devices: it stays READY, saying why."""
+        run = self._runs[t.run_id]
+        if run.state is TaskState.READY:
+            self._hold(run, f"{pool_id}: {why}")
+
+    def lease(self, run_id: str) -> DeviceLease | None:
+        """The node and devices the attempt out for ``run_id`` holds (None: its pool does not
+        know its devices, or it holds no lease)."""
+        run = self._runs.get(run_id)
+        if run is None or run.pool is None or run.state not in LEASED:
+            return None
+        ledger = self._devices.get(run.pool)
+        if ledger is None:
+            return None
+        held = ledger.holds.get(run_id)
+        if held is None:  # no device there: CPU-only, or GPUs restored without their devices
+            return None if run.task.gpus else ledger.no_devices()
+        return ledger.lease(run_id) if held.key == run.key else None
 
     def _dispatch(self, run: _Run, pool: Pool, gpu_model: str = "") -> None:
         assert run.bucket is not None
@@ -1002,8 +1197,12 @@ class SchedulerCore:
         self._by_key[run.key] = run.task.run_id
         self._lease(run, gpu_model)
         self._move(run, Trigger.SUBMIT)
+        ledger = self._devices.get(pool.id) if pool.devices is not None else None
+        lease = None
+        if ledger is not None:  # a run that took no device there sees none
+            lease = ledger.confirm(run.task.run_id, run.key) or ledger.no_devices()
         self._out_submits.setdefault((pool.provider, pool.id, False), []).append(
-            SubmitItem(run.task.run_id, run.attempt, run.key)
+            SubmitItem(run.task.run_id, run.attempt, run.key, lease)
         )
 
     def _on_reports(self, provider: str, reports: list[Report]) -> None:
@@ -1032,11 +1231,16 @@ class SchedulerCore:
                 run.started_at = self._now
                 self._move(run, Trigger.STARTED)
             run.replaced, run.refused_in = 0, ()  # it ran: a row of refusals ends
+        elif st is ProviderState.SUCCEEDED and run.task.service is not None:
+            self._restart(run, None, rep.message or "the service exited with status 0")
         elif st is ProviderState.SUCCEEDED:
             self._learn(run, rep)
             self._finish(run, Trigger.SUCCEEDED, None, rep.message)
         elif st is ProviderState.FAILED:
             self._fail(run, rep.failure or FailureClass.USER_ERROR, rep.message)
+        elif st is ProviderState.CANCELLED and run.task.service is not None:
+            # not the user's cancel (that finishes the run before any report): restart
+            self._restart(run, FailureClass.CANCELLED, rep.message or "cancelled at the provider")
         elif st is ProviderState.CANCELLED:
             self._finish(
                 run,
@@ -1286,6 +1490,9 @@ class SchedulerCore:
         if failure in REPLACED:
             self._replace(run, failure, message)
             return
+        if run.task.service is not None:
+            self._restart(run, failure, message)
+            return
         run.replaced, run.refused_in = 0, ()
         counted = run.attempt - run.uncounted
         if should_retry(run.task.retry, failure, counted):
@@ -1298,6 +1505,43 @@ class SchedulerCore:
             heapq.heappush(self._retry_heap, (run.ready_at, run.seq, run.task.run_id))
         else:
             self._finish(run, Trigger.FAILED, failure, message)
+
+    def _restart(self, run: _Run, failure: FailureClass | None, message: str) -> None:
+        """A service's attempt ended, not by the user's cancel: RETRYING, then READY again
+        after the service's backoff, outside the retry policy (module doc: *Services*)."""
+        service = run.task.service
+        assert service is not None
+        ran = None if run.started_at is None else self._now - run.started_at
+        run.restarts = restarts_after(service, run.restarts, ran)
+        run.replaced, run.refused_in = 0, ()
+        if run.state in LEASED:
+            self._release(run)
+            self._charge(run)
+        delay = restart_seconds(service, run.restarts, seed=self.config.seed, key=run.key)
+        self._move(
+            run,
+            Trigger.RETRY,
+            failure,
+            f"service restart {run.restarts} in {delay:g}s: {message or 'the attempt ended'}",
+        )
+        run.ready_at = self._now + delay
+        heapq.heappush(self._retry_heap, (run.ready_at, run.seq, run.task.run_id))
+
+    def _on_unhealthy(self, ev: ServiceUnhealthy) -> None:
+        """The shell's health checks gave up on a running service's attempt: stop it at the
+        provider and restart. News of an attempt that is no longer the live one is stale."""
+        run = self._runs.get(ev.run_id)
+        if (
+            run is None
+            or run.task.service is None
+            or run.key != ev.key
+            or run.state is not TaskState.RUNNING
+            or run.provider is None
+        ):
+            return
+        self._out_cancels.setdefault(run.provider, []).append(run.key)
+        self._restart(run, FailureClass.UNHEALTHY, ev.reason)
+        self._maybe_solve()
 
     def _replace(self, run: _Run, failure: FailureClass, message: str) -> None:
         """The pool could not start the attempt; it never ran (module doc: *No capacity*)."""
@@ -1432,6 +1676,8 @@ class SchedulerCore:
                 )
             room = self._with_backlog(key, free, backlog)
             limit = min(len(bucket), self._fit_bound(cls, usable, room))
+            if limit <= 0:
+                self._quota_hold(bucket.keys(), cls, usable)
             if t.max_concurrent:
                 # a group's runs may sit in several classes (another priority, say)
                 active = self._group_active[t.group] + offered[t.group]
@@ -1471,9 +1717,7 @@ class SchedulerCore:
                 cpus=max(0.0, free[p.id][0]),
                 memory=max(0, free[p.id][1]),
                 gpus={m: max(0, n) for m, n in free[p.id][2].items()},
-                max_instances=0
-                if p.id in self._refused
-                else max(0, p.max_instances - self._launched.get(p.id, 0)),
+                max_instances=0 if p.id in self._refused else max(0, self._launch_room(p)),
                 max_tasks=None
                 if p.max_tasks is None
                 else max(0, p.max_tasks - self._in_pool[p.id]),
@@ -1677,7 +1921,7 @@ class SchedulerCore:
         for p in pools:
             cpus, mem, gpus = free[p.id]
             n = fits(cls, cpus, mem, gpus)
-            room = p.max_instances - self._launched.get(p.id, 0)
+            room = self._launch_room(p)
             if p.id in self._refused:
                 room = 0
             if p.elastic and p.node is not None and room > 0:
@@ -1686,6 +1930,97 @@ class SchedulerCore:
                 n = min(n, max(0, p.max_tasks - self._in_pool[p.id]))
             total += n
         return total
+
+    # ---- account quotas (module doc: *Account quotas*) ------------------------------------
+
+    def _groups(self) -> dict[str, list[Pool]]:
+        """Quota group -> its pools, by id (pools change only with the generation)."""
+        at, groups = self._quota_groups
+        if at != self._generation:
+            groups = {}
+            for pid in sorted(self._pools):
+                q = self._pools[pid].quota
+                if q is not None:
+                    groups.setdefault(q.group, []).append(self._pools[pid])
+            self._quota_groups = (self._generation, groups)
+        return groups
+
+    def _quota_left(self, group: str) -> float:
+        """What is left of ``group``'s quota now: what discovery found left (the least any of
+        its pools says), less what the instances launched since in its pools take."""
+        pools = self._groups().get(group, [])
+        left = min((p.quota.left for p in pools if p.quota is not None), default=0.0)
+        for p in pools:
+            if p.quota is not None:
+                left -= max(0, self._launched.get(p.id, 0)) * p.quota.per_instance
+        return max(0.0, left)
+
+    def _quota_room(self, p: Pool) -> int | None:
+        """How many more instances of ``p`` its account quota allows now (None: no quota)."""
+        q = p.quota
+        if q is None or q.per_instance <= 0:
+            return None
+        return int(self._quota_left(q.group) / q.per_instance + 1e-9)
+
+    def _launch_room(self, p: Pool) -> int:
+        """How many more instances ``p`` may launch now: its maximum, less those launched
+        since discovery, within what its account quota leaves it."""
+        room = p.max_instances - self._launched.get(p.id, 0)
+        quota_room = self._quota_room(p)
+        return room if quota_room is None else min(room, quota_room)
+
+    def _quota_why(self, p: Pool) -> str:
+        q = p.quota
+        assert q is not None
+        return (
+            f"held: account quota {q.name or q.group} has {self._quota_left(q.group):g} of "
+            f"{q.limit:g} left in {p.region or p.site}; an instance of {p.id} takes "
+            f"{q.per_instance:g} (ask AWS to raise it, or let other pools take these runs)"
+        )
+
+    def _quota_bound(self, cls: DemandClass, pools: Iterable[Pool]) -> str | None:
+        """Why an account quota keeps ``cls`` from launching in ``pools`` (those eligible): the
+        first pool, by id, that one instance would run a member on and whose quota leaves it
+        fewer instances than its own maximum would; None when no quota stands in the way."""
+        from stowplan.placement.greedy import fits
+
+        for p in sorted(pools, key=lambda p: p.id):
+            node = p.node
+            if node is None or p.quota is None or p.id in self._refused:
+                continue
+            quota_room = self._quota_room(p)
+            if quota_room is None or quota_room >= p.max_instances - self._launched.get(p.id, 0):
+                continue
+            if fits(cls, node.cpus, node.memory, dict(node.gpus)) > 0:
+                return self._quota_why(p)
+        return None
+
+    def _quota_hold(self, run_ids: Iterable[str], cls: DemandClass, pools: list[Pool]) -> None:
+        """READY runs no pool can take now: where an account quota is what stops a launch
+        for them, they are held with its reason."""
+        if not self._groups():
+            return
+        why = self._quota_bound(cls, pools)
+        if why is not None:
+            for run_id in run_ids:
+                run = self._runs[run_id]
+                if run.state is TaskState.READY:
+                    self._hold(run, why)
+
+    def _quota_unplaced(self, problem: PlacementProblem, assigned: list[Assignment]) -> None:
+        """The members of an answer's classes it did not place, held with an account quota's
+        reason where one stopped the launch they needed (the placer saw the cut room)."""
+        if not self._groups():
+            return
+        placed = {a.class_id for a in assigned}
+        pools = {p.id: p for p in self._pools.values()}
+        for cls in problem.classes:
+            left = [r for r in cls.members if r not in placed]
+            if not left:
+                continue
+            usable = self._eligible.get(_bucket_key(self._runs[left[0]].task))
+            eligible = usable[0] if usable is not None else []
+            self._quota_hold(left, cls, [pools[p.id] for p in eligible if p.id in pools])
 
     def _feasible_somewhere(self, cls: DemandClass, pools: list[Pool]) -> bool:
         """Whether any of ``pools`` (those eligible) could run one member when empty."""
@@ -1749,7 +2084,7 @@ class SchedulerCore:
         """How many instances ``p`` lacks for the runs it holds (its provider started fewer
         than asked, refused some, or lost some), within what it may still launch."""
         node = p.node
-        room = p.max_instances - self._launched.get(p.id, 0)
+        room = self._launch_room(p)
         if node is None or room <= 0:
             return 0
         # work queued at the provider on purpose (the backlog) is no lack of instances

@@ -11,10 +11,11 @@ import hashlib
 
 from msgspec import Struct, field
 
+from stowplan.placement.leases import DeviceLease
 from stowplan.placement.problem import Dataset, PlacementProblem, PlacementSolution, Pool
 from stowplan.scheduler.reports import Report
 from stowplan.scheduler.states import TaskState
-from stowplan.spec.models import FailureClass, RetryPolicy
+from stowplan.spec.models import FailureClass, RetryPolicy, ServiceSpec
 
 
 class TaskInstance(Struct, frozen=True, kw_only=True):
@@ -50,6 +51,9 @@ class TaskInstance(Struct, frozen=True, kw_only=True):
     count against that team's limits (``CoreConfig.teams``) and its usage orders fair share."""
     user: str = ""
     """who submitted it: fair share within the team."""
+    service: ServiceSpec | None = None
+    """a long-running service: restarted whenever an attempt ends, until cancelled (module
+    doc of ``core``: *Services*); None: a normal run."""
 
 
 class RestoredTask(Struct, frozen=True, kw_only=True):
@@ -143,6 +147,15 @@ class ApprovalDecided(Struct, frozen=True, kw_only=True, tag=True):
     reason: str = ""
 
 
+class ServiceUnhealthy(Struct, frozen=True, kw_only=True, tag=True):
+    """The shell's health checks of a service's attempt ``key`` failed ``failures`` times in
+    a row past its start period: the core stops the attempt and restarts the service."""
+
+    run_id: str
+    key: str
+    reason: str
+
+
 class Tick(Struct, frozen=True, kw_only=True, tag=True):
     """Time has passed: due retries become READY, expired leases become LOST."""
 
@@ -158,6 +171,7 @@ Event = (
     | Provisioned
     | ElasticRefused
     | ApprovalDecided
+    | ServiceUnhealthy
 )
 
 
@@ -172,6 +186,9 @@ class SubmitItem(Struct, frozen=True, array_like=True):
     run_id: str
     attempt: int
     key: str
+    lease: DeviceLease | None = None
+    """In a pool that knows its devices (``Pool.devices``): the node and device indices the
+    attempt holds, which the provider must start it on (the lease is the placement)."""
 
 
 class Submit(Struct, frozen=True, kw_only=True, tag=True):

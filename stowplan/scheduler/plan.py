@@ -198,6 +198,7 @@ def plan_runs(
                 forbid_pools=tuple(task.placement.forbid_pools),
                 residency=tuple(sorted(set(task.placement.residency))),
                 tolerations=tuple(task.placement.tolerations),
+                service=task.service_spec,
             )
             out.append(
                 PlannedRun(

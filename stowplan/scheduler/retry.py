@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from stowplan.spec.models import FailureClass, RetryPolicy
+from stowplan.spec.models import FailureClass, RetryPolicy, ServiceSpec
 
 NEVER_RETRIED = frozenset({FailureClass.DEPENDENCY_FAILED, FailureClass.CANCELLED})
 REPLACED = frozenset({FailureClass.NO_CAPACITY})
@@ -53,3 +53,22 @@ def backoff_seconds(policy: RetryPolicy, attempt: int, *, seed: int, key: str) -
     return Backoff(policy.backoff, policy.backoff_cap, policy.jitter).seconds(
         attempt, seed=seed, key=key
     )
+
+
+def restart_seconds(service: ServiceSpec, restarts: int, *, seed: int, key: str) -> float:
+    """Delay before a service's restart number ``restarts`` (1-based, since the count was last
+    reset): ``service.backoff`` doubling up to ``service.backoff_cap`` (10 s, 20 s, ... 5 min
+    by default), as Kubernetes' CrashLoopBackOff, with no jitter: a service restarts alone,
+    and its user should be able to predict when."""
+    return Backoff(service.backoff_s, service.backoff_cap_s, jitter=0.0).seconds(
+        restarts, seed=seed, key=key
+    )
+
+
+def restarts_after(service: ServiceSpec, restarts: int, ran_s: float | None) -> int:
+    """The restart count once an attempt that ran ``ran_s`` seconds (None: it never started)
+    ended: the count plus one, or one when the attempt had run for ``service.reset_after``
+    (it was up long enough that its failure is news, not the same crash loop)."""
+    if ran_s is not None and ran_s >= service.reset_after_s:
+        return 1
+    return restarts + 1

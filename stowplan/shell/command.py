@@ -75,6 +75,7 @@ from stowplan.scheduler.events import (
     Provision,
     Provisioned,
     Reconcile,
+    ServiceUnhealthy,
     SolvePlacement,
     Submit,
     SubmitItem,
@@ -85,7 +86,8 @@ from stowplan.scheduler.events import (
 )
 from stowplan.scheduler.reports import TERMINAL_PROVIDER_STATES
 from stowplan.scheduler.retry import Backoff
-from stowplan.scheduler.states import LEASED
+from stowplan.scheduler.states import LEASED, TaskState
+from stowplan.shell.health import LOOPBACK, PROBES, HealthCount, HealthProbe, endpoint_host
 from stowplan.shell.ports import Clock, ProviderPort, RunRecords, Solver, Wake
 from stowplan.spec.models import FailureClass
 
@@ -146,9 +148,12 @@ class CommandShell:
         config: ShellConfig | None = None,
         busy: Callable[[], bool] | None = None,
         after_events: Callable[[], None] | None = None,
+        health: HealthProbe | None = PROBES,
     ) -> None:
         """``busy``: while it is true, observation goes on even with no key out (more work
-        is coming). ``after_events``: called each time the feed loop has drained."""
+        is coming). ``after_events``: called each time the feed loop has drained.
+        ``health``: probes service tasks' health checks (``stowplan.shell.health``; the real
+        probes by default); None: no checks (a virtual-time adapter without them)."""
         self.core = core
         self.clock = clock
         self.solver = solver
@@ -170,6 +175,11 @@ class CommandShell:
         self._observing = False
         self._answered: dict[str, set[str]] = {}
         """per provider, tokens of elastic orders answered since its last discovery began."""
+        self.health = health
+        self._health: dict[str, HealthCount] = {}
+        """key -> the probe count of each RUNNING service attempt with a health check."""
+        self._nodes: dict[str, str] = {}
+        """key -> the node a service attempt's provider said it runs on."""
 
     # ---- inputs ---------------------------------------------------------------------------
 
@@ -262,6 +272,7 @@ class CommandShell:
         if isinstance(cmd, Transitioned):
             self.records.transitions(cmd.records, now)
             self._forget(cmd)
+            self._watch_services(cmd, now)
         elif isinstance(cmd, Submit):
             items = cmd.items
             step = self.config.submit_chunk
@@ -507,11 +518,78 @@ class CommandShell:
         for r in reports:
             if r.state in TERMINAL_PROVIDER_STATES:
                 out.pop(r.key, None)
+            elif r.node and self.health is not None:
+                run_id = self.core.run_of_key(r.key)
+                if run_id is not None and self.core.service(run_id) is not None:
+                    self._nodes[r.key] = r.node
         self.counters.reports += len(reports)
         recorded = self.records.reported(provider, reports)
         if recorded is not None:
             reports = await recorded
         self.feed(ProviderReported(provider=provider, reports=reports))
+
+    # ---- service health ------------------------------------------------------------------------
+
+    def _watch_services(self, cmd: Transitioned, now: float) -> None:
+        """Start probing service attempts that began RUNNING (``stowplan.shell.health``); stop
+        for those that left it (their next probe finds them gone)."""
+        if self.health is None:
+            return
+        core = self.core
+        for r in cmd.records:
+            if r.to_state is TaskState.RUNNING and r.from_state is not TaskState.RUNNING:
+                service = core.service(r.run_id)
+                if service is None or service.health is None:
+                    continue
+                key = core.key(r.run_id)
+                count = HealthCount(check=service.health, since=now)
+                self._health[key] = count
+                self.clock.call_at(
+                    count.next_probe(now), self._probe_due, (key, count), Wake.OBSERVE
+                )
+            elif r.from_state is TaskState.RUNNING and self._health:
+                # the attempt ended (or was lost): stop probing it
+                for k in [k for k in self._health if not self._running(k)]:
+                    self._health.pop(k, None)
+                    self._nodes.pop(k, None)
+
+    def _running(self, key: str) -> bool:
+        run_id = self.core.run_of_key(key)
+        return (
+            run_id is not None
+            and self.core.key(run_id) == key
+            and self.core.state(run_id) is TaskState.RUNNING
+        )
+
+    def _probe_due(self, due: tuple[str, HealthCount]) -> None:
+        key, count = due
+        if self.halted or self._health.get(key) is not count:
+            return  # the attempt was lost and found again: its new count probes
+        if not self._running(key):
+            self._health.pop(key, None)
+            self._nodes.pop(key, None)
+            return
+        self.clock.spawn(self._probe(key, count))
+
+    async def _probe(self, key: str, count: HealthCount) -> None:
+        health, run_id = self.health, self.core.run_of_key(key)
+        service = self.core.service(run_id) if run_id is not None else None
+        if health is None or run_id is None or service is None:
+            return
+        host = endpoint_host(self._nodes.get(key)) or LOOPBACK
+        try:
+            why = await health.probe(count.check, host, service.port)
+        except Exception as e:  # a probe's own bug must not end the control plane
+            why = f"the probe failed: {type(e).__name__}: {e}"
+        now = self.clock.now()
+        if self._health.get(key) is not count or not self._running(key):
+            return  # the attempt ended while it was probed
+        if count.record(why, now):
+            del self._health[key]
+            self._nodes.pop(key, None)
+            self.feed(ServiceUnhealthy(run_id=run_id, key=key, reason=count.reason()))
+        else:
+            self.clock.call_at(count.next_probe(now), self._probe_due, (key, count), Wake.OBSERVE)
 
     # ---- observation and rediscovery ---------------------------------------------------------
 

@@ -45,7 +45,7 @@ import enum
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta, Struct, field
@@ -166,6 +166,12 @@ class PoolSpec(_Spec, frozen=True):
     failures: NodeFaults | None = None
     backfill_depth: PosInt = 100
     """slurm: how many queued jobs behind a blocked head one backfill pass looks at."""
+    device_leases: bool = False
+    """slurm and kubernetes: the pool tells the scheduler core its nodes and GPU devices
+    (``Pool.devices``), the core leases a node and device indices to each job, and the pool
+    starts the job on exactly those (a job whose devices are still held waits for them; a
+    lease naming a node or device the pool lacks fails the job). Off: the core counts the
+    pool's GPUs in total and the pool picks the node itself."""
 
     def __post_init__(self) -> None:
         try:
@@ -198,6 +204,11 @@ class PoolSpec(_Spec, frozen=True):
                 raise ValueError("spot: only cloud pools can be spot")
         if self.interruptions_per_hour and not self.spot:
             raise ValueError("interruptions_per_hour: set spot = true for an interruptible pool")
+        if self.device_leases and self.kind is PoolKind.CLOUD:
+            raise ValueError(
+                "device_leases: cloud instances come and go; lease devices on slurm or "
+                "kubernetes pools"
+            )
 
     @property
     def memory_bytes(self) -> int:
@@ -299,6 +310,9 @@ class SchedulerSpec(_Spec, frozen=True):
     """what runs on priced cloud pools may cost, as ``[policy] budget`` in a project
     (``{ monthly_usd = ..., per_experiment_usd = ... }``; the whole simulation is one
     experiment): the core holds launches that would break it"""
+    device_objective: Literal["fgd", "bestfit"] = "fgd"
+    """how the core packs runs onto the devices of pools with ``device_leases``, as
+    ``[placement] objective`` in a project"""
 
     def __post_init__(self) -> None:
         try:

@@ -34,6 +34,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import ClassVar
 
 from stowplan.errors import InternalError, ProviderError
+from stowplan.placement.leases import MILLI, DeviceLease, NodeDevices, PoolDevices
 from stowplan.placement.problem import Pool, Shape
 from stowplan.providers.base import (
     Capabilities,
@@ -65,9 +66,12 @@ class SimRequest(SingleRequest, frozen=True, kw_only=True):
     attempt: int
     pool: str
     job: str
+    lease: DeviceLease | None = None
+    """the node and devices the scheduler core leased (pools with ``device_leases``)."""
 
     def render(self) -> str:
-        return f"sim submit key={self.key} run={self.run_id} job={self.job} pool={self.pool}"
+        where = f" node={self.lease.node} devices={self.lease.visible()}" if self.lease else ""
+        return f"sim submit key={self.key} run={self.run_id} job={self.job} pool={self.pool}{where}"
 
 
 class Attempt:
@@ -76,12 +80,14 @@ class Attempt:
     __slots__ = (
         "alloc",
         "billed_from",
+        "devices",
         "ended",
         "epoch",
         "failure",
         "instances",
         "job",
         "key",
+        "lease",
         "message",
         "pool",
         "run_id",
@@ -107,6 +113,9 @@ class Attempt:
         self.failure: FailureClass | None = None
         self.message = ""
         self.work_s = 0.0
+        self.lease: DeviceLease | None = None
+        self.devices: tuple[int, ...] = ()
+        """the device indices it holds on its node while it runs (``device_leases`` pools)"""
 
     def report(self) -> Report:
         return Report(
@@ -203,11 +212,21 @@ class SimPool:
             price_per_hour=s.price_per_hour,
             expected_wait_s=self._expected_wait_s(),
             hardware_class=self.model,
+            devices=self._devices() if s.device_leases else None,
         )
 
     def _offered_units(self) -> int:
         """Nodes (or instances) the core may place on now."""
         raise NotImplementedError
+
+    def _devices(self) -> PoolDevices:
+        """The nodes up and their devices, as the core leases them (``device_leases``)."""
+        raise InternalError(f"{self.spec.name}: a {self.kind} pool leases no devices")
+
+    def _leased(self, att: Attempt) -> list[tuple[int, int, float, int]] | None:
+        """Where a leased attempt goes now: its node, if its devices are free (else None: it
+        waits for them); a lease the pool cannot honour fails it."""
+        raise InternalError(f"{self.spec.name}: a {self.kind} pool leases no devices")
 
     def _expected_wait_s(self) -> float:
         return 0.0
@@ -288,7 +307,9 @@ class SimPool:
             self.queue.pop(att.key, None)
             self.provider.finish(att, ProviderState.FAILED, FailureClass.PROVIDER_REJECTED, stage)
             return True
-        where = self._fits(job, only)
+        where = self._leased(att) if att.lease is not None else self._fits(job, only)
+        if att.state is not ProviderState.QUEUED:
+            return True  # the lease could not be honoured: failed
         if where is None:
             never = self._never_fits(job)
             if never:
@@ -386,9 +407,61 @@ class _NodePool(SimPool):
         self.nodes_up = n
         self._dirty: set[int] = set()
         """nodes that gained capacity (a release, a repair) since the last first-fit pass"""
+        self.holder: list[list[str | None]] = (
+            [[None] * self.gpn for _ in range(n)] if spec.device_leases else []
+        )
+        """``device_leases``: per node, the key of the attempt running on each device"""
+        self.device_waits = 0
+        """leased attempts that found a device of theirs still held, and waited for it"""
 
     def _offered_units(self) -> int:
         return self.nodes_up
+
+    def _node_name(self, n: int) -> str:
+        return f"{self.spec.name}-{n}"
+
+    def _devices(self) -> PoolDevices:
+        return PoolDevices(
+            nodes=tuple(
+                NodeDevices(
+                    name=self._node_name(n),
+                    model=self.model,
+                    devices=(MILLI,) * self.gpn,
+                    cpus=self.cpn,
+                    memory=self.mpn,
+                )
+                for n in range(len(self.up))
+                if self.up[n]
+            )
+        )
+
+    def _leased(self, att: Attempt) -> list[tuple[int, int, float, int]] | None:
+        lease, job = att.lease, att.job
+        assert lease is not None
+        prefix = self.spec.name + "-"
+        n = int(lease.node[len(prefix) :]) if lease.node.startswith(prefix) else -1
+        if not self.holder or not 0 <= n < len(self.up) or len(lease.devices) != job.gpus:
+            why = (
+                f"lease {lease.node}:{lease.visible()} for a {job.gpus}-GPU job names no "
+                f"node and devices of {self.spec.name}"
+            )
+        elif any(not 0 <= d < self.gpn for d in lease.devices) or len(set(lease.devices)) != len(
+            lease.devices
+        ):
+            why = f"lease {lease.node}:{lease.visible()}: {self.spec.name} nodes have {self.gpn}"
+        else:
+            if not self.up[n]:
+                return None  # the node is down: wait for its repair, as the job would
+            if any(self.holder[n][d] is not None for d in lease.devices):
+                self.device_waits += 1
+                return None  # the attempt before it there is still being stopped
+            if self.free_c[n] < job.cpus - 1e-9 or self.free_m[n] < job.memory:
+                return None
+            att.devices = lease.devices
+            return [(n, job.gpus, job.cpus, job.memory)]
+        self.queue.pop(att.key, None)
+        self.provider.finish(att, ProviderState.FAILED, FailureClass.PROVIDER_REJECTED, why)
+        return None
 
     def _never_fits(self, job: SimJob) -> str:
         # The core sees a pool's totals; nodes are what a job must fit on (Slurm refuses such
@@ -482,6 +555,18 @@ class _NodePool(SimPool):
             self._give(n, g, c, m, att)
 
     def _take(self, n: int, g: int, c: float, m: int, att: Attempt) -> None:
+        if self.holder and g:
+            held = self.holder[n]
+            devices = att.devices or tuple(d for d, k in enumerate(held) if k is None)[:g]
+            for d in devices:
+                other = held[d]
+                if other is not None:  # two attempts on one device: a scheduler bug
+                    raise InternalError(
+                        f"{self._node_name(n)} device {d}: attempt {att.key[:12]} over-books "
+                        f"it, held by {other[:12]}"
+                    )
+                held[d] = att.key
+            att.devices = tuple(devices)
         if self.gpn:
             del self.by_free[self.free_g[n]][n]
             self.free_g[n] -= g
@@ -493,6 +578,11 @@ class _NodePool(SimPool):
             self.svc[n][att.job.service] = self.svc[n].get(att.job.service, 0) + 1
 
     def _give(self, n: int, g: int, c: float, m: int, att: Attempt) -> None:
+        if self.holder and g:
+            held = self.holder[n]
+            for d in att.devices:
+                if held[d] == att.key:
+                    held[d] = None
         self._dirty.add(n)
         if self.gpn and self.up[n]:
             del self.by_free[self.free_g[n]][n]
@@ -561,7 +651,7 @@ class SlurmPartition(_NodePool):
         failed: set[tuple[object, ...]] = set()
         for att in list(q.values())[1 : 1 + self.spec.backfill_depth]:
             j = att.job
-            shape = (j.gpus, j.cpus, j.memory, j.service, j.max_per_node)
+            shape = (j.gpus, j.cpus, j.memory, j.service, j.max_per_node, att.lease)
             if shape in failed:
                 continue
             if self._fits(j) is not None:
@@ -630,7 +720,7 @@ class KubernetesNodePool(_NodePool):
         self._dirty = set()
         for att in list(self.queue.values())[: max(self.spec.backfill_depth, 1000)]:
             j = att.job
-            shape = (j.gpus, j.cpus, j.memory, j.gpu_types, j.service, j.max_per_node)
+            shape = (j.gpus, j.cpus, j.memory, j.gpu_types, j.service, j.max_per_node, att.lease)
             if shape in failed:
                 continue
             only = dirty if shape in before and self._single_node(j) else None
@@ -904,6 +994,9 @@ class SimProvider(Provider):
         self.duplicate_submits = 0
         self.held: list[Report] = []
         self._quiet: set[str] | None = None
+        self.leases: dict[str, DeviceLease] = {}
+        """attempt key -> the core's device lease, as the shell's records hand it over (the
+        ``SubmitItem``'s; a ``LaunchSpec`` does not carry it)"""
 
     # ---- the interface -------------------------------------------------------------------
 
@@ -929,6 +1022,7 @@ class SimProvider(Provider):
                 attempt=la.attempt,
                 pool=la.pool,
                 job=la.name,
+                lease=self.leases.get(la.key),
             )
             for la in launches
         ]
@@ -997,6 +1091,7 @@ class SimProvider(Provider):
             if pool is None:
                 raise ProviderError(f"no pool {req.pool}", provider=self.name, retryable=False)
             att = Attempt(req.key, req.run_id, self.job_of(req.job), pool, now)
+            att.lease = req.lease
             self.attempts[req.key] = att
             pool.queue[att.key] = att
             batch.append(att)

@@ -41,6 +41,7 @@ from typing import Any
 from msgspec import Struct, field
 
 from stowplan.errors import InternalError, SpecError
+from stowplan.placement.leases import DeviceLease
 from stowplan.placement.problem import (
     Dataset,
     Link,
@@ -158,7 +159,9 @@ def placement_context(cluster: ClusterSpec) -> PlacementContext:
     datasets = [
         Dataset(id=d.name, size=d.size_bytes, sites=tuple(d.sites)) for d in cluster.datasets
     ]
-    return PlacementContext(links=links, datasets=datasets)
+    return PlacementContext(
+        links=links, datasets=datasets, objective=cluster.scheduler.device_objective
+    )
 
 
 WAKE_PRIORITY: dict[Wake, int] = {
@@ -224,10 +227,12 @@ class _PolicySolver:
 class _MetricsRecords:
     """Run records in simulation: transitions go to the metrics; intents need no disk."""
 
-    __slots__ = ("metrics",)
+    __slots__ = ("leases", "metrics")
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, leases: dict[str, DeviceLease]) -> None:
         self.metrics = metrics
+        self.leases = leases
+        """shared with every ``SimProvider``: the core's device lease of each attempt key"""
 
     def transitions(self, records: list[Transition], at: float) -> None:
         self.metrics.transitions(records, at)
@@ -239,6 +244,9 @@ class _MetricsRecords:
         self, provider: str, pool: str, items: Sequence[SubmitItem]
     ) -> list[LaunchSpec]:
         del provider
+        for it in items:
+            if it.lease is not None:
+                self.leases[it.key] = it.lease
         return [
             LaunchSpec(
                 key=it.key,
@@ -315,6 +323,9 @@ class Simulation:
                 inject=self.opts.faults,
             )
         self.pool_order = [p.name for p in cluster.pools]
+        self.leases: dict[str, DeviceLease] = {}
+        for prov in self.providers.values():
+            prov.leases = self.leases
         self._quotas = {k: tuple(v) for k, v in cluster.scheduler.project_sites.items()}
         self.pool_model = {p.name: (p.gpu_model or "").lower() for p in cluster.pools}
         self.metrics = Metrics(self)
@@ -342,7 +353,7 @@ class Simulation:
             clock=_EngineClock(self.engine, self._spending_due if budgeted else None),
             solver=_PolicySolver(self),
             providers=self.providers,
-            records=_MetricsRecords(self.metrics),
+            records=_MetricsRecords(self.metrics, self.leases),
             config=ShellConfig(
                 seed=self.opts.seed,
                 provider_backoff=Backoff(

@@ -41,7 +41,11 @@ def spec_hash(obj: object) -> str:
     return sha256_hex(canonical_json(obj))
 
 
-TASK_FIELDS_ADDED_LATER: Final[Mapping[str, object]] = {"image": None, "secrets": {}}
+TASK_FIELDS_ADDED_LATER: Final[Mapping[str, object]] = {
+    "image": None,
+    "secrets": {},
+    "service": None,
+}
 """Task fields added after stores existed, with their defaults. A task's canonical form leaves
 each out while it has its default, so a task that does not use it keeps the hash (and its runs
 keep the ids) it had before the field existed; a task that sets it hashes differently."""

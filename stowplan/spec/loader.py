@@ -945,6 +945,23 @@ def check_experiment(loaded: LoadedExperiment) -> None:
                     "a task cannot depend on itself",
                     "remove it",
                 )
+            if spec.tasks[index[dep]].service_spec is not None:
+                raise _err(
+                    loaded,
+                    f"$.tasks[{i}].depends_on[{j}]",
+                    f"task {task.name!r} depends on {dep!r}, a service: a service runs until "
+                    "it is cancelled and never completes, so this task would never start",
+                    f"remove {dep!r} from depends_on (reach the service at its endpoint, shown "
+                    "by stowplan status), or make it a normal task",
+                )
+        if task.service_spec is not None and task.timeout is not None:
+            raise _err(
+                loaded,
+                f"$.tasks[{i}].timeout",
+                f"task {task.name!r} is a service, which runs until it is cancelled; a timeout "
+                "would stop every attempt and restart it",
+                "remove timeout (stop the service with stowplan cancel)",
+            )
     cycle = _find_cycle({t.name: list(t.depends_on) for t in spec.tasks})
     if cycle:
         first = index[cycle[0]]

@@ -137,6 +137,9 @@ class FailureClass(enum.StrEnum):
     scheduler re-places it at once elsewhere, outside the retry policy (``retry.on`` does not
     list it): ``CoreConfig.no_capacity_cooldown``, ``CoreConfig.max_replaces``."""
     LOST = "lost"
+    UNHEALTHY = "unhealthy"
+    """a service's health check failed ``failures`` times in a row: the attempt was stopped
+    and the service restarted (``ServiceSpec``)."""
     DEPENDENCY_FAILED = "dependency_failed"
     CANCELLED = "cancelled"
 
@@ -413,6 +416,122 @@ class TaskPlacement(_Spec, frozen=True):
                 raise ValueError(f"runtime: {e}") from None
 
 
+def _seconds(owner: Struct, name: str, *, zero: bool = False) -> None:
+    """Normalise the duration field ``name`` of ``owner`` to seconds (``ValueError`` naming
+    the field otherwise); ``zero``: 0 is allowed too."""
+    value = getattr(owner, name)
+    if value is None:
+        return
+    if zero and not isinstance(value, bool) and value in (0, "0", "0s"):
+        force_setattr(owner, name, 0.0)
+        return
+    try:
+        force_setattr(owner, name, parse_duration(value))
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+
+
+class HealthCheck(_Spec, frozen=True):
+    """How a service is probed while it runs (Kubernetes' liveness probe, Docker's
+    HEALTHCHECK): exactly one of ``http`` (a path, probed with GET on the service's endpoint;
+    any 2xx or 3xx answer is healthy) or ``command`` (argv, run on the control plane's host
+    with ``STOWPLAN_SERVICE_HOST`` and ``STOWPLAN_SERVICE_PORT`` set to the endpoint; exit
+    status 0 is healthy). A probe that takes longer than ``timeout`` fails."""
+
+    http: Annotated[str, Meta(pattern=r"\A/[^\x00-\x20\x7f]{0,2047}\Z")] | None = None
+    """a path starting with '/', such as "/healthz"; needs the service's ``port``."""
+    command: list[Arg] | None = None
+    """argv run on the control plane's host (not on the service's node); exit 0 is
+    healthy."""
+    interval: Duration = 10.0
+    """seconds between probes, from the attempt's start."""
+    timeout: Duration = 5.0
+    """seconds one probe may take; a slower one failed."""
+    failures: Annotated[int, Meta(ge=1, le=1000)] = 3
+    """this many failed probes in a row restart the attempt."""
+    start_period: Duration = 0.0
+    """failed probes in the first this many seconds of an attempt do not count (a slow
+    start); the first healthy probe ends it early."""
+
+    def __post_init__(self) -> None:
+        if (self.http is None) == (self.command is None):
+            raise ValueError(
+                'give exactly one of http (a path, such as "/healthz") or command (a list of '
+                "arguments)"
+            )
+        if self.command is not None and not self.command:
+            raise ValueError("command: must name a program, got an empty list")
+        for name in ("interval", "timeout"):
+            _seconds(self, name)
+        _seconds(self, "start_period", zero=True)
+
+    @property
+    def interval_s(self) -> float:
+        assert isinstance(self.interval, float)  # normalised in __post_init__
+        return self.interval
+
+    @property
+    def timeout_s(self) -> float:
+        assert isinstance(self.timeout, float)
+        return self.timeout
+
+    @property
+    def start_period_s(self) -> float:
+        assert isinstance(self.start_period, float)
+        return self.start_period
+
+
+class ServiceSpec(_Spec, frozen=True):
+    """A long-running task (an inference server, a notebook, a TensorBoard): kept running
+    until it is cancelled. Whenever an attempt ends for another reason (it exits, with any
+    status; it crashes or is killed; its node is lost; its health check fails), a new attempt
+    starts after ``backoff`` seconds, doubling at each restart up to ``backoff_cap``
+    (Kubernetes' CrashLoopBackOff, systemd's ``Restart=always``); an attempt that ran for
+    ``reset_after`` seconds starts the doubling over. Restarts do not count against the retry
+    policy. No task may depend on a service: it never completes."""
+
+    port: Annotated[int, Meta(ge=1, le=65535)] | None = None
+    """the port the service listens on: its endpoint is the attempt's host and this port
+    (127.0.0.1 on the local provider), shown by ``stowplan status`` and the dashboard."""
+    health: HealthCheck | None = None
+    """how to tell that it works while it runs; not set: only its exit restarts it."""
+    backoff: Duration = 10.0
+    """seconds before the first restart; each restart in a row waits twice as long."""
+    backoff_cap: Duration = 300.0
+    """no restart waits longer than this."""
+    reset_after: Duration = 600.0
+    """an attempt that ran this long before it ended restarts after ``backoff`` again."""
+
+    def __post_init__(self) -> None:
+        for name in ("backoff", "backoff_cap", "reset_after"):
+            _seconds(self, name)
+        if self.backoff_cap_s < self.backoff_s:
+            raise ValueError(
+                f"backoff_cap: {self.backoff_cap_s:g}s is less than backoff "
+                f"({self.backoff_s:g}s); make the cap at least the first wait"
+            )
+        if self.health is not None and self.health.http is not None and self.port is None:
+            raise ValueError(
+                "health.http: an HTTP health check needs the service's port; add port = N "
+                "(the port the service listens on)"
+            )
+
+    @property
+    def backoff_s(self) -> float:
+        assert isinstance(self.backoff, float)  # normalised in __post_init__
+        return self.backoff
+
+    @property
+    def backoff_cap_s(self) -> float:
+        assert isinstance(self.backoff_cap, float)
+        return self.backoff_cap
+
+    @property
+    def reset_after_s(self) -> float:
+        assert isinstance(self.reset_after, float)
+        return self.reset_after
+
+
 Image = Annotated[str, Meta(pattern=IMAGE_PATTERN)]
 """A container image reference: ``python:3.12-slim``, ``ghcr.io/org/img@sha256:...``."""
 SecretName = Annotated[str, Meta(pattern=SECRET_PATTERN)]
@@ -450,8 +569,15 @@ class Task(_Spec, frozen=True):
     """Environment variable -> the name of a secret the provider resolves when it submits the
     attempt. The name is part of the task's spec; the value is never read by stowplan, stored,
     logged or shown (a dry run shows ``secret:NAME``)."""
+    service: ServiceSpec | bool | None = None
+    """``true`` (or a ``[tasks.service]`` table): a long-running service, restarted until it
+    is cancelled (``ServiceSpec``); ``false`` is the same as leaving it out."""
 
     def __post_init__(self) -> None:
+        if self.service is True:
+            force_setattr(self, "service", ServiceSpec())
+        elif self.service is False:
+            force_setattr(self, "service", None)
         for var in self.secrets:
             if var in self.env:
                 raise ValueError(
@@ -487,6 +613,12 @@ class Task(_Spec, frozen=True):
     def timeout_s(self) -> float | None:
         assert self.timeout is None or isinstance(self.timeout, float)
         return self.timeout
+
+    @property
+    def service_spec(self) -> ServiceSpec | None:
+        """The service policy (``service = true`` normalised), or None for a normal task."""
+        assert self.service is None or isinstance(self.service, ServiceSpec)
+        return self.service
 
 
 class ExperimentMeta(_Spec, frozen=True):
@@ -954,6 +1086,10 @@ class PlacementSettings(_Spec, frozen=True):
     budget: Budget = 0.1
     """Deterministic seconds of CP-SAT search per placement (a work unit, not wall time)."""
     workers: Annotated[int, Meta(ge=1, le=16)] = 1
+    objective: Literal["fgd", "bestfit"] = "fgd"
+    """How runs are packed onto the GPUs of pools that know their devices (``Pool.devices``):
+    ``fgd`` keeps idle GPUs usable by the typical task shapes (fragmentation-aware), ``bestfit``
+    fills the fullest node that fits."""
 
     def __post_init__(self) -> None:
         for name, sites in self.residency.items():

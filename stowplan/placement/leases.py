@@ -1,0 +1,46 @@
+"""A pool's GPUs by device, and the lease naming the node and devices one attempt holds.
+
+Plain data, shared by discovery (which fills ``Pool.devices``), the scheduler core (which
+places on the devices and hands out ``DeviceLease``) and the providers and simulator (which
+start the attempt on exactly those devices). The placement itself is ``devices.DeviceModel``.
+"""
+
+from __future__ import annotations
+
+from msgspec import Struct
+
+MILLI = 1000
+"""Milli-capacity of one whole GPU device (``devices.MILLI``)."""
+
+
+class NodeDevices(Struct, frozen=True, kw_only=True):
+    """One node of a pool: its GPU model and, per device index, the milli-capacity stowplan
+    may use there (``MILLI``: the whole device). ``cpus``/``memory``: what stowplan may use of
+    the node, when the pool counts them per node (0: counted only for the whole pool)."""
+
+    name: str
+    model: str = ""
+    devices: tuple[int, ...] = ()
+    cpus: float = 0.0
+    memory: int = 0
+
+
+class PoolDevices(Struct, frozen=True, kw_only=True):
+    """A pool whose GPUs are known by device: placing there means choosing a node and device
+    indices (the lease is the placement). ``sharing``: the provider can put fractional shares
+    of one device on it (MIG, Kubernetes GPU sharing); otherwise a task holds whole devices."""
+
+    nodes: tuple[NodeDevices, ...]
+    sharing: bool = False
+
+
+class DeviceLease(Struct, frozen=True, array_like=True):
+    """Where one attempt runs: the node's name and the device indices it holds there
+    (``CUDA_VISIBLE_DEVICES`` on the local provider); empty for a CPU-only attempt."""
+
+    node: str
+    devices: tuple[int, ...] = ()
+
+    def visible(self) -> str:
+        """The value of ``CUDA_VISIBLE_DEVICES`` for this lease ("" hides every GPU)."""
+        return ",".join(str(d) for d in self.devices)

@@ -1,0 +1,198 @@
+"""The core places runs on the devices of pools that know them: the lease is the placement.
+
+Pools with ``Pool.devices`` get node and device indices in every ``SubmitItem``; no device is
+ever leased beyond its capacity; a run that fits the pool's totals but no node's devices stays
+READY with the reason (capacity there only in pieces); devices come back when the attempt ends.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import Counter
+from collections.abc import Mapping
+
+from stowplan.placement.leases import MILLI, DeviceLease, NodeDevices, PoolDevices
+from stowplan.placement.problem import PlacementContext, Pool
+from stowplan.scheduler.events import PoolsDiscovered, RestoredTask, TasksRestored, Transition
+from stowplan.scheduler.reports import ProviderState
+from stowplan.scheduler.states import LEASED, TaskState
+from tests.unit.scheduler.test_core import Harness, items, task, transitions
+
+GiB = 1 << 30
+
+
+def device_pool(
+    nodes: int,
+    per_node: int,
+    *,
+    model: str = "a100",
+    free: Mapping[int, tuple[int, ...]] | None = None,
+) -> Pool:
+    """``nodes`` nodes of ``per_node`` devices; ``free``: node -> milli free per device."""
+    free = free or {}
+    spec = PoolDevices(
+        nodes=tuple(
+            NodeDevices(name=f"n{i}", model=model, devices=free.get(i, (MILLI,) * per_node))
+            for i in range(nodes)
+        )
+    )
+    gpus = sum(sum(1 for d in n.devices if d == MILLI) for n in spec.nodes)
+    return Pool(
+        id="k8s/gpu",
+        provider="k8s",
+        kind="kubernetes",
+        cpus=1000,
+        memory=1 << 50,
+        gpus={model: gpus},
+        devices=spec,
+    )
+
+
+def leased(h: Harness) -> dict[str, DeviceLease]:
+    out = {}
+    for run_id in h.core.run_ids():
+        lease = h.core.lease(run_id)
+        if lease is not None:
+            out[run_id] = lease
+    return out
+
+
+def test_submit_carries_node_and_devices() -> None:
+    h = Harness(device_pool(2, 4))
+    out = h.submit(task("a", gpus=2), task("b", gpus=1))
+    got = {i.run_id: i.lease for i in items(out)}
+    assert set(got) == {"a", "b"}
+    for run_id, lease in got.items():
+        assert lease is not None and lease == h.core.lease(run_id)
+        assert len(lease.devices) == h.core._runs[run_id].task.gpus
+    a, b = got["a"], got["b"]
+    assert a is not None and b is not None
+    assert a.node != b.node or not set(a.devices) & set(b.devices)
+
+
+def test_fragmented_capacity_is_refused_with_the_reason() -> None:
+    # 5 whole GPUs free on 5 nodes, but no node has 2: the pool's total (5) says yes
+    free: dict[int, tuple[int, ...]] = {i: (MILLI, 0) for i in range(5)}
+    p = device_pool(5, 2, free=free)
+    assert p.gpus == {"a100": 5}
+    h = Harness(p)
+    out = h.submit(task("two", gpus=2))
+    assert items(out) == []
+    assert h.states("two") == [TaskState.READY]
+    why = h.core.held("two")
+    assert why.startswith("k8s/gpu: 5 GPUs free on 5 nodes, none has 2 free devices"), why
+    recorded = [t for t in transitions(out) if t.from_state is t.to_state is TaskState.READY]
+    assert recorded == [Transition("two", 0, TaskState.READY, TaskState.READY, None, why, None)]
+    # a one-GPU run still goes
+    out = h.submit(task("one", gpus=1))
+    assert [i.run_id for i in items(out)] == ["one"]
+
+
+def test_devices_come_back_when_the_attempt_ends() -> None:
+    h = Harness(device_pool(1, 2))
+    h.submit(task("a", gpus=2))
+    first = h.core.lease("a")
+    assert first is not None and first.devices == (0, 1)
+    out = h.submit(task("b", gpus=1))
+    assert items(out) == []  # the pool's total is used up too: nothing to explain
+    h.report("a", ProviderState.RUNNING, provider="k8s")
+    out = h.report("a", ProviderState.SUCCEEDED, provider="k8s")
+    assert h.core.lease("a") is None
+    got = items(out)
+    assert [i.run_id for i in got] == ["b"] and got[0].lease == DeviceLease("n0", (0,))
+
+
+def test_no_device_is_ever_overbooked() -> None:
+    """Random GPU runs come and go on random clusters: at every step, the leases of live
+    attempts never put two runs on one device, and each holds as many devices as it asks."""
+    rng = random.Random(7)
+    for trial in range(20):
+        nodes, per = rng.randint(1, 4), rng.choice([1, 2, 4, 8])
+        h = Harness(device_pool(nodes, per))
+        ids = itertools.count()
+        for _ in range(30):
+            if rng.random() < 0.6:
+                rid = f"t{trial}-{next(ids)}"
+                h.submit(task(rid, gpus=rng.randint(1, per), cpus=0.1, memory=GiB))
+            else:
+                live = [r for r in h.core.run_ids() if h.core.state(r) in LEASED]
+                if live:
+                    r = rng.choice(live)
+                    h.report(r, ProviderState.SUCCEEDED, provider="k8s")
+            use: Counter[tuple[str, int]] = Counter()
+            for run_id, lease in leased(h).items():
+                assert h.core.state(run_id) in LEASED
+                assert len(lease.devices) == h.core._runs[run_id].task.gpus
+                for d in lease.devices:
+                    use[lease.node, d] += 1
+            assert all(n == 1 for n in use.values()), use
+            live = [r for r in h.core.run_ids() if h.core.state(r) in LEASED]
+            assert set(live) == set(leased(h))
+
+
+def test_pools_without_devices_are_unchanged() -> None:
+    h = Harness(Pool(id="p", provider="local", cpus=8, memory=64 * GiB, gpus={"a100": 2}))
+    out = h.submit(task("a", gpus=1))
+    assert [(i.run_id, i.lease) for i in items(out)] == [("a", None)]
+
+
+def test_bestfit_objective_is_configurable() -> None:
+    h = Harness(
+        device_pool(2, 4, free={1: (MILLI, 0, 0, 0)}), context=PlacementContext(objective="bestfit")
+    )
+    out = h.submit(task("a", gpus=1))
+    # best fit: the node with one device free, not the idle one
+    assert [i.lease for i in items(out)] == [DeviceLease("n1", (0,))]
+
+
+def test_a_rediscovered_pool_keeps_the_devices_its_nodes_still_hold() -> None:
+    part = {0: (MILLI, 0)}
+    h = Harness(device_pool(2, 2, free=part))
+    h.submit(task("a", gpus=2))
+    a = h.core.lease("a")
+    assert a == DeviceLease("n1", (0, 1))
+    # rediscovered with its nodes in another order (a's first) and a stale total that would
+    # admit another 2-GPU run: the holds follow node names, so none of a's devices is free
+    full = device_pool(2, 2, free=part)
+    assert full.devices is not None
+    again = Pool(
+        **{
+            **{f: getattr(full, f) for f in full.__struct_fields__},
+            "devices": PoolDevices(nodes=full.devices.nodes[::-1]),
+            "gpus": {"a100": 5},
+        }
+    )
+    h.send(PoolsDiscovered(provider="k8s", pools=[again]))
+    out = h.submit(task("b", gpus=2))
+    assert items(out) == [] and "none has 2 free devices" in h.core.held("b")
+    assert h.core.lease("a") == a
+
+
+def test_a_run_wider_than_any_node_says_so() -> None:
+    p = device_pool(3, 2)
+    h = Harness(p)
+    out = h.submit(task("wide", gpus=4))
+    assert items(out) == []
+    assert h.core.held("wide") == (
+        "k8s/gpu: its 4 GPUs span nodes (the widest has 2): a pool that leases devices "
+        "places a run on one node"
+    )
+
+
+def test_restored_leases_without_devices_hold_the_pool_until_they_end() -> None:
+    h = Harness(device_pool(2, 2))
+    restored = RestoredTask(
+        task=task("old", gpus=1),
+        state=TaskState.RUNNING,
+        attempt=1,
+        provider="k8s",
+        pool="k8s/gpu",
+    )
+    h.send(TasksRestored(tasks=[restored]))
+    out = h.submit(task("new", gpus=1))
+    # which device "old" runs on is not known: nothing may be given out beside it
+    assert items(out) == [] and "not known" in h.core.held("new")
+    assert h.core.lease("old") is None
+    out = h.report("old", ProviderState.SUCCEEDED, provider="k8s")
+    assert [i.run_id for i in items(out)] == ["new"] and h.core.lease("new") is not None
