@@ -30,7 +30,12 @@ JSON line:
                            objective also weighs each instance's boot as waiting time, so it may
                            pay a little more for fewer instances; cost-only must be the cheapest
 
-    .venv/bin/python benchmarks/bench_aws.py [--trials 1000] [--packing-only]
+    quota_vcpus            with ``--quota-vcpus N``: the G and VT on-demand vCPU quota the proxy
+                           answers Service Quotas with (moto's Service Quotas has none for EC2:
+                           without it the driver falls back to learning quotas from refused
+                           launches)
+
+    .venv/bin/python benchmarks/bench_aws.py [--trials 1000] [--packing-only] [--quota-vcpus N]
 """
 
 from __future__ import annotations
@@ -193,6 +198,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--trials", type=int, default=1000)
     ap.add_argument("--packing-only", action="store_true")
+    ap.add_argument("--quota-vcpus", type=float, default=None)
     args = ap.parse_args()
 
     import boto3  # type: ignore[import-untyped]
@@ -227,8 +233,11 @@ def main() -> int:
 
             client("s3").create_bucket(Bucket=BUCKET)
             pack = packing(discovered(proxy.url))
+            if args.quota_vcpus is not None:
+                proxy.quotas = {"L-DB2E81BA": args.quota_vcpus}
+                out["quota_vcpus"] = args.quota_vcpus
             if not args.packing_only:
-                out = sweep_figures(args.trials, client, moto_url, proxy)
+                out.update(sweep_figures(args.trials, client, moto_url, proxy))
             out["packing"] = pack
     finally:
         server.stop()

@@ -10,12 +10,21 @@ A type is offered in a region only in zones where ``describe_instance_type_offer
 and, when ``subnets`` are configured, where one of them lies: a zone without a subnet or without
 the type is never tried. A (type, zone, market) the driver learned to be out of capacity, or a
 family whose vCPU quota was reached, is left out until the driver forgets it.
+
+vCPU quotas. EC2 limits the vCPUs of an account's running instances per region, per market
+and per group of families (``VCPU_QUOTAS``: one quota for all G and VT on-demand instances,
+another for their spot instances, ...). When Service Quotas answers, every pool carries its
+quota (``Pool.quota``): the group ``aws:REGION:ec2/CODE`` its launches share, the quota's
+value, what the account's running instances (whoever launched them) leave of it, and the
+vCPUs one instance takes; the core launches no more across the group than that. A type one
+instance of which is more than the whole quota is left out, with how to ask for more.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import math
+import re
 import statistics
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -23,7 +32,7 @@ from typing import Any
 
 from msgspec import Struct, field
 
-from stowplan.placement.problem import Pool, Shape
+from stowplan.placement.problem import Pool, PoolQuota, Shape
 from stowplan.providers.aws.prices import PriceTable
 from stowplan.providers.kubernetes.discover import gpu_model_of
 from stowplan.spec.models import AwsProviderConfig
@@ -39,6 +48,68 @@ instance of its pool as room frees there (the next one ahead, in the same inbox 
 core may keep up to this many waves of the instances' capacity submitted; its ``backlog_s``
 bounds that to about 30 s of work, so a sweep of short trials goes out in a few submit calls
 (one queue object each) and hour-long trials are not queued at all."""
+
+
+STANDARD_FAMILIES = frozenset({"a", "c", "d", "h", "i", "im", "is", "m", "r", "t", "z"})
+"""Leading letters of the types the Standard (A, C, D, H, I, M, R, T, Z) quotas cover."""
+QUOTA_CLASSES = {
+    **{f: "standard" for f in STANDARD_FAMILIES},
+    "g": "g",
+    "gr": "g",
+    "vt": "g",
+    "p": "p",
+    "f": "f",
+    "inf": "inf",
+    "x": "x",
+    "dl": "dl",
+    "trn": "trn",
+    "hpc": "hpc",
+    "u": "u",
+}
+"""Leading letters of an instance type -> the quota class it counts against."""
+VCPU_QUOTAS: dict[tuple[str, bool], tuple[str, str]] = {
+    ("standard", False): ("L-1216C47A", "Standard (A, C, D, H, I, M, R, T, Z) on-demand vCPUs"),
+    ("standard", True): ("L-34B43A08", "Standard (A, C, D, H, I, M, R, T, Z) spot vCPUs"),
+    ("g", False): ("L-DB2E81BA", "G and VT on-demand vCPUs"),
+    ("g", True): ("L-3819A6DF", "G and VT spot vCPUs"),
+    ("p", False): ("L-417A185B", "P on-demand vCPUs"),
+    ("p", True): ("L-7212CCBC", "P4, P3 and P2 spot vCPUs"),
+    ("p5", True): ("L-C4BD4855", "P5 spot vCPUs"),
+    ("f", False): ("L-74FC7D96", "F on-demand vCPUs"),
+    ("f", True): ("L-88CF9481", "F spot vCPUs"),
+    ("inf", False): ("L-1945791B", "Inf on-demand vCPUs"),
+    ("inf", True): ("L-B5D1601B", "Inf spot vCPUs"),
+    ("x", False): ("L-7295265B", "X on-demand vCPUs"),
+    ("x", True): ("L-E3A00192", "X spot vCPUs"),
+    ("dl", False): ("L-6E869C2A", "DL on-demand vCPUs"),
+    ("dl", True): ("L-85EED4F7", "DL spot vCPUs"),
+    ("trn", False): ("L-2C3B7624", "Trn on-demand vCPUs"),
+    ("trn", True): ("L-6B0D517C", "Trn spot vCPUs"),
+    ("hpc", False): ("L-F7808C92", "HPC on-demand vCPUs"),
+    ("u", False): ("L-43DA4232", "High Memory on-demand vCPUs"),
+}
+"""(quota class, spot) -> (Service Quotas code of service ``ec2``, what it counts), as
+``aws service-quotas list-service-quotas --service-code ec2`` names them. Spot P instances
+have two: P5 apart from P4, P3 and P2 (a newer P family has none here: it is learned when
+a launch is refused, as for any type without a quota)."""
+
+
+def vcpu_quota(instance_type: str, spot: bool) -> tuple[str, str] | None:
+    """The (code, what it counts) of the vCPU quota a running ``instance_type`` counts
+    against in its market; None where ``VCPU_QUOTAS`` knows none."""
+    letters = re.match(r"[a-z]+", instance_type.lower())
+    klass = QUOTA_CLASSES.get(letters[0]) if letters else None
+    if klass == "p" and spot:
+        family = instance_type.split(".", 1)[0].lower()
+        if family.startswith("p5"):
+            klass = "p5"
+        elif family[:2] not in ("p2", "p3", "p4"):
+            return None
+    return VCPU_QUOTAS.get((klass, spot)) if klass else None
+
+
+def quota_group(region: str, code: str) -> str:
+    return f"aws:{region}:ec2/{code}"
 
 
 def pool_id(provider: str, region: str, instance_type: str, spot: bool) -> str:
@@ -150,13 +221,17 @@ def offers(
     *,
     now: float,
     unavailable: Mapping[tuple[str, str, bool], str] | None = None,
+    quotas: Mapping[str, tuple[float, float]] | None = None,
 ) -> tuple[list[Offer], list[str]]:
     """The pools of one region, sorted by id, and notes on what was left out and why.
 
     ``unavailable`` maps (instance type, zone, spot) to why the driver will not try that zone
     for now (capacity ran out; the type is unsupported there), and (family, "*", spot) to why
-    the family is at its vCPU quota."""
+    the family is at its vCPU quota. ``quotas`` maps a vCPU quota's code to (its value, what
+    the account's running instances leave of it); a code missing (or ``quotas`` None) is not
+    known: its pools carry no quota."""
     unavailable = unavailable or {}
+    quotas = quotas or {}
     region = answers.region
     notes: list[str] = []
     out: list[Offer] = []
@@ -209,6 +284,27 @@ def offers(
                     f"${price:.3f}/h, more than max_hourly_usd = {config.max_hourly_usd}"
                 )
                 continue
+            share: PoolQuota | None = None
+            known = vcpu_quota(info.name, spot)
+            if known is not None and known[0] in quotas:
+                code, what = known
+                limit, left = quotas[code]
+                if info.vcpus > limit:
+                    notes.append(
+                        f"{pool_id(provider, region, info.name, spot)}: left out: one instance "
+                        f"takes {info.vcpus} vCPUs, more than the account quota {code} ({what}) "
+                        f"of {limit:g} in {region}; ask AWS for more (aws service-quotas "
+                        f"request-service-quota-increase --service-code ec2 --quota-code {code} "
+                        f"--region {region} --desired-value N)"
+                    )
+                    continue
+                share = PoolQuota(
+                    group=quota_group(region, code),
+                    name=f"{code} ({what})",
+                    limit=limit,
+                    left=max(0.0, left),
+                    per_instance=float(info.vcpus),
+                )
             rate = table.interruption_rate(region, info.name) if spot else 0.0
             pool = Pool(
                 id=pool_id(provider, region, info.name, spot),
@@ -224,6 +320,7 @@ def offers(
                 boot_s=table.boot_seconds(info.name),
                 hardware_class=HARDWARE_PREFIX + info.name,
                 queue_depth=QUEUE_DEPTH,
+                quota=share,
             )
             out.append(
                 Offer(

@@ -55,6 +55,16 @@ zone discovery found usable, spread by agent id; a zone that ran out of capacity
 (``InsufficientInstanceCapacity``) is left out for ``NO_CAPACITY_S``, a family at its vCPU
 quota for ``QUOTA_S``, an unsupported zone for good, and the core hears of it through
 ``capacity_changes`` and re-places.
+
+vCPU quotas, before a launch is refused: discovery reads the account's EC2 vCPU quotas of the
+allowed types (Service Quotas ``GetServiceQuota``, one call per quota code and region) and the
+account's pending and running instances (``describe_instances`` without the tag filter: what
+other people and tools run counts too), at most every ``QUOTA_TTL_S``; this provider's own
+instances are counted apart, fresh, from the fleet each discovery reads anyway. Each pool
+carries what is left of its quota (``discover.py``) and the core launches within it. Where
+Service Quotas does not answer (no ``servicequotas:GetServiceQuota`` permission, a region or
+a test server without it) this is said once in the log and pools carry no quota: a launch
+learns it when EC2 refuses one (above); discovery never fails for it.
 """
 
 from __future__ import annotations
@@ -62,6 +72,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import math
 import time
 from collections import Counter
@@ -80,10 +91,12 @@ from stowplan.providers.aws.discover import (
     Offer,
     RegionAnswers,
     TypeInfo,
+    allowed,
     is_glob,
     offers,
     parse_pool_id,
     type_info,
+    vcpu_quota,
 )
 from stowplan.providers.aws.render import (
     AGENT_LEASE_S,
@@ -159,8 +172,19 @@ data, kept for the life of the process."""
 _ANSWERS: dict[tuple[str, ...], tuple[float, RegionAnswers]] = {}
 """The same and the subnets and market -> (``time.monotonic()`` read, the region's answers):
 kept ``ANSWERS_TTL_S``, so rediscovery (at every capacity change) costs no call."""
+QUOTA_TTL_S = 300.0
+"""How long a region's vCPU quotas and the account's use of them by others (``_QUOTAS``) are
+kept; a launch refused for a quota (``VcpuLimitExceeded``) drops them."""
+_QUOTAS: dict[tuple[str, ...], tuple[float, dict[str, float] | None, dict[str, float]]] = {}
+"""(endpoint, credentials, provider, region, quota codes) -> (``time.monotonic()`` until when
+it is kept, quota code -> its value (None: Service Quotas did not answer), quota code -> vCPUs
+of the account's pending and running instances that are not this provider's)."""
+_VCPUS: dict[tuple[str, str, str], int] = {}
+"""(endpoint, region, instance type) -> its vCPUs, for types others run that are not allowed
+here (static data, kept for the life of the process)."""
 LIVE = frozenset({"pending", "running"})
 """Instance states that count as the pool's capacity and may be sent attempts."""
+log = logging.getLogger(__name__)
 _exit_decoder = msgspec.json.Decoder(ExitRecord)
 
 
@@ -332,6 +356,8 @@ class AwsProvider(Provider):
         self._capacity: asyncio.Queue[str] = asyncio.Queue(CAPACITY_QUEUE)
         self.notes: list[str] = []
         """what the last discovery left out, and why."""
+        self._quota_said = False
+        """whether the log was told that Service Quotas did not answer (said once)."""
         self.calls: Counter[str] = Counter()
         """API calls made, by operation (a diagnostic, and the benchmark's count)."""
         self.wall: Callable[[], float] = time.time
@@ -550,6 +576,119 @@ class AwsProvider(Provider):
         _ANSWERS[full] = (began, answers)
         return answers
 
+    def _quota_key(self, ec2: Any, region: str, codes: Sequence[str]) -> tuple[str, ...]:
+        cfg = self.config
+        who = str(getattr(ec2.meta, "endpoint_url", ""))
+        return (who, cfg.profile or "", cfg.role_arn or "", self.name, region, *codes)
+
+    def _quota_codes(self, answers: RegionAnswers) -> list[str]:
+        """The vCPU quotas the allowed types of a region count against, in their markets."""
+        markets = {"never": [False], "prefer": [False, True], "only": [True]}[self.config.spot]
+        return sorted(
+            {
+                q[0]
+                for t in answers.types
+                if allowed(t.name, self.config.instance_types)
+                for spot in markets
+                if (q := vcpu_quota(t.name, spot)) is not None
+            }
+        )
+
+    async def _quota_use(
+        self, answers: RegionAnswers
+    ) -> tuple[dict[str, float] | None, dict[str, float]]:
+        """The vCPU quotas of a region's allowed types (code -> value; None: Service Quotas
+        did not answer) and the vCPUs the account's pending and running instances that are
+        not this provider's take from each (kept ``QUOTA_TTL_S``)."""
+        region = answers.region
+        codes = self._quota_codes(answers)
+        if not codes:
+            return None, {}
+        ec2 = await self._client("ec2", region)
+        key = self._quota_key(ec2, region, codes)
+        cached = _QUOTAS.get(key)
+        if cached is not None and time.monotonic() < cached[0]:
+            return cached[1], cached[2]
+        began = time.monotonic()
+        limits: dict[str, float] = {}
+        try:
+            sq = await self._client("service-quotas", region)
+            for code in codes:
+                got = await self._call(sq, "get_service_quota", ServiceCode="ec2", QuotaCode=code)
+                limits[code] = float((got.get("Quota") or {})["Value"])
+            used = await self._others_vcpus(ec2, key[0], answers, limits)
+        except (ProviderError, KeyError, TypeError, ValueError) as e:
+            if not self._quota_said:
+                self._quota_said = True
+                log.warning(
+                    "%s: the account's EC2 vCPU quotas could not be read in %s (%s): pools "
+                    "carry no quota, and a launch learns one when EC2 refuses it "
+                    "(VcpuLimitExceeded); allow servicequotas:GetServiceQuota to plan within "
+                    "them",
+                    self.name,
+                    region,
+                    e,
+                )
+            again = isinstance(e, ProviderError) and e.retryable
+            _QUOTAS[key] = (began + (QUOTA_TTL_S if again else ANSWERS_TTL_S), None, {})
+            return None, {}
+        _QUOTAS[key] = (began + QUOTA_TTL_S, limits, used)
+        return limits, used
+
+    async def _others_vcpus(
+        self, ec2: Any, endpoint: str, answers: RegionAnswers, limits: dict[str, float]
+    ) -> dict[str, float]:
+        """Quota code (of ``limits``) -> vCPUs of the account's pending and running instances
+        in the region that are not this provider's: ``describe_instances`` without the tag
+        filter, and ``describe_instance_types`` once for a type others run that is not
+        allowed here."""
+        region = answers.region
+        reservations = await self._pages(
+            ec2,
+            "describe_instances",
+            "Reservations",
+            Filters=[{"Name": "instance-state-name", "Values": sorted(LIVE)}],
+        )
+        vcpus = {t.name: t.vcpus for t in answers.types}
+        rows: list[tuple[str, str]] = []
+        for r in reservations:
+            for inst in r.get("Instances") or []:
+                tags = {t["Key"]: t["Value"] for t in inst.get("Tags") or []}
+                if tags.get(TAG_PROVIDER) == self.name:
+                    continue  # this provider's own: counted from the fleet, fresh
+                itype = str(inst.get("InstanceType") or "")
+                q = vcpu_quota(itype, inst.get("InstanceLifecycle") == "spot")
+                if q is not None and q[0] in limits:
+                    rows.append((q[0], itype))
+        unknown = sorted(
+            {t for _, t in rows if t not in vcpus and (endpoint, region, t) not in _VCPUS}
+        )
+        for i in range(0, len(unknown), 100):
+            for raw in await self._pages(
+                ec2, "describe_instance_types", "InstanceTypes", InstanceTypes=unknown[i : i + 100]
+            ):
+                info = type_info(raw)
+                _VCPUS[(endpoint, region, info.name)] = info.vcpus
+        used: dict[str, float] = {}
+        for code, itype in rows:
+            n = vcpus.get(itype) or _VCPUS.get((endpoint, region, itype), 0)
+            used[code] = used.get(code, 0.0) + n
+        return used
+
+    def _own_vcpus(self, answers: RegionAnswers) -> dict[str, float]:
+        """Quota code -> vCPUs of this provider's pending and running instances in the
+        region, as the fleet read last shows them (those asked to stop count until gone)."""
+        vcpus = {t.name: t.vcpus for t in answers.types}
+        out: dict[str, float] = {}
+        for a in self._agents.values():
+            ref = parse_pool_id(self.name, a.pool)
+            if a.region != answers.region or a.state not in LIVE or ref is None:
+                continue
+            q = vcpu_quota(ref.instance_type, ref.spot)
+            if q is not None:
+                out[q[0]] = out.get(q[0], 0.0) + vcpus.get(ref.instance_type, 0)
+        return out
+
     def _still_unavailable(self) -> dict[tuple[str, str, bool], str]:
         now = time.monotonic()
         for k in [k for k, (_, until) in self._unavailable.items() if until <= now]:
@@ -586,15 +725,29 @@ class AwsProvider(Provider):
                         f"subnet {s!r} is in none of the regions {', '.join(self.config.regions)}",
                         "give subnets of the configured regions, or add the subnet's region",
                     )
+        use = await asyncio.gather(*(self._quota_use(a) for a in answers))
         async with self._lock:
             await self._refresh()
             unavailable = self._still_unavailable()
             now = time.time()
             notes: list[str] = []
             found_offers: dict[str, Offer] = {}
-            for a in answers:
+            for a, (limits, others) in zip(answers, use, strict=True):
+                quotas = None
+                if limits is not None:
+                    own = self._own_vcpus(a)
+                    quotas = {
+                        code: (limit, limit - others.get(code, 0.0) - own.get(code, 0.0))
+                        for code, limit in limits.items()
+                    }
                 got, why = offers(
-                    self.name, self.config, a, self.table, now=now, unavailable=unavailable
+                    self.name,
+                    self.config,
+                    a,
+                    self.table,
+                    now=now,
+                    unavailable=unavailable,
+                    quotas=quotas,
                 )
                 notes += why
                 for o in got:
@@ -982,6 +1135,8 @@ class AwsProvider(Provider):
         if e.kind is ErrorKind.NO_CAPACITY:
             self._learn((itype, zone, spot), f"{itype} {market} in {zone}: {e.code}", NO_CAPACITY_S)
         elif e.kind is ErrorKind.QUOTA:
+            for k in [k for k in _QUOTAS if k[3:5] == (self.name, region)]:
+                del _QUOTAS[k]  # someone else launched meanwhile: read the use again
             self._learn((family, "*", spot), f"{family} {market} in {region}: {e.code}", QUOTA_S)
         elif e.kind is ErrorKind.UNSUPPORTED:
             self._learn((itype, zone, spot), f"{itype} in {zone}: {e.code}", math.inf)

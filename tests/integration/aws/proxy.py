@@ -1,13 +1,17 @@
 """A thin HTTP proxy in front of moto's server that can lose answers: it forwards a request,
 lets moto act on it, and then closes the connection without answering (what a client sees when
 a network drops after the server acted). It can also answer ``RunInstances`` in a zone with
-EC2's ``InsufficientInstanceCapacity``, and counts the API calls it forwards (``seen``) apart
-from the instances' presigned-URL requests (``presigned``). Faults are injected here, at the
-HTTP boundary, never by patching the driver."""
+EC2's ``InsufficientInstanceCapacity``, answer Service Quotas' ``GetServiceQuota`` for EC2's
+vCPU quotas (moto's Service Quotas knows only VPC's: without ``quotas`` it answers
+``NoSuchResourceException``, as for a region or service without them), and counts the API
+calls it forwards (``seen``) apart from the instances' presigned-URL requests
+(``presigned``). Faults are injected here, at the HTTP boundary, never by patching the
+driver."""
 
 from __future__ import annotations
 
 import http.client
+import json
 import re
 import threading
 from datetime import datetime, timedelta
@@ -40,6 +44,11 @@ class LossyProxy:
         ``no_capacity_zones``) before it is answered."""
         self.refused: list[str] = []
         """Zones of the ``RunInstances`` refused, in order."""
+        self.quotas: dict[str, float] | None = None
+        """EC2 quota code -> its value, answered to ``GetServiceQuota`` (a code not here:
+        ``NoSuchResourceException``); None: the call goes to moto."""
+        self.quota_error: str | None = None
+        """An error code (``AccessDeniedException``) every ``GetServiceQuota`` is answered."""
         self._lock = threading.Lock()
         self.seen: list[str] = []
         self.presigned = 0
@@ -68,6 +77,9 @@ class LossyProxy:
                         action = part[len("Action=") :]
                     elif part.startswith("Placement.AvailabilityZone="):
                         zone = part.split("=", 1)[1]
+                target = self.headers.get("X-Amz-Target") or ""
+                if not action and "." in target:  # a JSON protocol (Service Quotas)
+                    action = target.rsplit(".", 1)[1]
                 with proxy._lock:
                     if "X-Amz-Signature=" in self.path:
                         proxy.presigned += 1
@@ -83,6 +95,11 @@ class LossyProxy:
                     refuse = action == "RunInstances" and zone in proxy.no_capacity_zones
                     if refuse:
                         proxy.refused.append(zone)
+                if action == "GetServiceQuota" and (
+                    proxy.quotas is not None or proxy.quota_error is not None
+                ):
+                    self._quota(json.loads(body or b"{}"))
+                    return
                 if refuse:
                     self._error(
                         500,
@@ -138,6 +155,44 @@ class LossyProxy:
                 # a HEAD answer has no body, but its Content-Length is the object's size
                 head = answer.getheader("Content-Length") if self.command == "HEAD" else None
                 self.send_header("Content-Length", head or str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _quota(self, asked: dict[str, str]) -> None:
+                code = str(asked.get("QuotaCode"))
+                value = (proxy.quotas or {}).get(code)
+                doc: dict[str, object]
+                if (
+                    proxy.quota_error is not None
+                    or value is None
+                    or asked.get("ServiceCode") != "ec2"
+                ):
+                    status, doc = (
+                        400,
+                        {
+                            "__type": proxy.quota_error or "NoSuchResourceException",
+                            "message": "refused by the test proxy",
+                        },
+                    )
+                else:
+                    status, doc = (
+                        200,
+                        {
+                            "Quota": {
+                                "ServiceCode": "ec2",
+                                "QuotaCode": code,
+                                "QuotaArn": f"arn:aws:servicequotas:us-east-1::ec2/{code}",
+                                "Value": value,
+                                "Unit": "None",
+                                "Adjustable": True,
+                                "GlobalQuota": False,
+                            }
+                        },
+                    )
+                data = json.dumps(doc).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/x-amz-json-1.1")
+                self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
 

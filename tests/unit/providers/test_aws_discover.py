@@ -14,6 +14,7 @@ from stowplan.providers.aws.discover import (
     parse_pool_id,
     spot_price,
     type_info,
+    vcpu_quota,
 )
 from stowplan.spec.models import AwsProviderConfig
 
@@ -141,3 +142,53 @@ def test_the_bundled_table_is_dated_sourced_and_licensed() -> None:
     assert t.boot_seconds("p5.48xlarge") > t.boot_seconds("g5.xlarge")
     rate = t.interruption_rate("us-east-1", "p5.48xlarge")
     assert rate is not None and 0 < rate < 0.001
+
+
+def test_each_type_counts_against_its_family_and_markets_vcpu_quota() -> None:
+    assert vcpu_quota("g5.xlarge", False) == ("L-DB2E81BA", "G and VT on-demand vCPUs")
+    assert vcpu_quota("vt1.3xlarge", True) == ("L-3819A6DF", "G and VT spot vCPUs")
+    assert vcpu_quota("p4d.24xlarge", False)[0] == "L-417A185B"  # type: ignore[index]
+    assert vcpu_quota("p4d.24xlarge", True)[0] == "L-7212CCBC"  # type: ignore[index]
+    assert vcpu_quota("p5.48xlarge", True)[0] == "L-C4BD4855"  # type: ignore[index]
+    assert vcpu_quota("m7i.large", False)[0] == "L-1216C47A"  # type: ignore[index]
+    assert vcpu_quota("im4gn.large", True)[0] == "L-34B43A08"  # type: ignore[index]
+    assert vcpu_quota("inf2.xlarge", False)[0] == "L-1945791B"  # type: ignore[index]
+    assert vcpu_quota("trn1.2xlarge", True)[0] == "L-6B0D517C"  # type: ignore[index]
+    # no quota known: a refused launch is how it is learned
+    assert vcpu_quota("mac1.metal", False) is None
+    assert vcpu_quota("p6-b200.48xlarge", True) is None
+
+
+def test_pools_carry_their_share_of_the_account_quota() -> None:
+    two = answers(
+        types=[
+            type_info(G5),
+            type_info({**G5, "InstanceType": "g5.2xlarge", "VCpuInfo": {"DefaultVCpus": 8}}),
+        ],
+        zones={"g5.xlarge": ["us-east-1a"], "g5.2xlarge": ["us-east-1a"]},
+    )
+    quotas = {"L-DB2E81BA": (64.0, 20.0), "L-3819A6DF": (4.0, 4.0)}
+    got, notes = offers(
+        "c",
+        cfg(instance_types=["g5.*"], spot="prefer"),
+        two,
+        prices.bundled(),
+        now=NOW,
+        quotas=quotas,
+    )
+    by_id = {o.pool.id: o.pool for o in got}
+    small, large = by_id["c/us-east-1/g5.xlarge"], by_id["c/us-east-1/g5.2xlarge"]
+    assert small.quota is not None and large.quota is not None
+    assert small.quota.group == large.quota.group == "aws:us-east-1:ec2/L-DB2E81BA"
+    assert (small.quota.limit, small.quota.left, small.quota.per_instance) == (64.0, 20.0, 4.0)
+    assert large.quota.per_instance == 8.0
+    assert small.quota.name == "L-DB2E81BA (G and VT on-demand vCPUs)"
+    # 4 spot vCPUs: a g5.xlarge fits, a g5.2xlarge never can: left out, with how to ask
+    assert by_id["c/us-east-1/g5.xlarge/spot"].quota.group.endswith("L-3819A6DF")  # type: ignore[union-attr]
+    assert "c/us-east-1/g5.2xlarge/spot" not in by_id
+    [note] = notes
+    assert note.startswith("c/us-east-1/g5.2xlarge/spot: left out: one instance takes 8 vCPUs")
+    assert "--quota-code L-3819A6DF" in note
+    # quotas not known (Service Quotas did not answer): no pool carries one
+    got, _ = offers("c", cfg(instance_types=["g5.*"]), two, prices.bundled(), now=NOW)
+    assert [o.pool.quota for o in got] == [None, None]
