@@ -7,12 +7,17 @@ line per size:
 
     plan_s        sweep expansion, identities and run records, in the driver
     record_s      writing experiment and runs to the store
-    dispatch_s    from the submit call until every run is final (SUCCEEDED)
+    dispatch_s    from the submit call until every run is final (SUCCEEDED), as the queue
+                  counts them
+    stored_s      from the submit call until the store has written all of it
     tasks_per_s   n / dispatch_s
     peak_rss_gib  peak of the summed RSS of this process and every Ray process under it
     peak_pss_gib  the same with shared pages split among their processes (no double counting)
     idle_pss_gib  PSS of the control plane alone (the Ray processes under this one), just
                   started, before any run is recorded or submitted
+    pss_at_peak_gib_by_process   each process's PSS in the sample where the sum peaked
+    dispatch_cpu_s_by_process    CPU seconds each process spent during dispatch: with 2
+                  cores, where the time goes (the queue and the store actor work in turn)
 
     .venv/bin/python benchmarks/bench_dispatch.py [--sizes 1000,10000,100000]
 """
@@ -51,6 +56,7 @@ class RssSampler(threading.Thread):
         self.peak_rss = 0
         self.peak_pss = 0
         self.by_pid: dict[int, int] = {}
+        self.at_peak: dict[int, int] = {}
         self.names: dict[int, str] = {}
         self.stop = threading.Event()
 
@@ -62,11 +68,13 @@ class RssSampler(threading.Thread):
             full = tick % 5 == 0
             tick += 1
             rss_total = pss_total = 0
+            sample: dict[int, int] = {}
             for p in [me, *me.children(recursive=True)]:
                 with contextlib.suppress(psutil.Error):
                     if full:
                         mem = p.memory_full_info()
                         pss_total += mem.pss
+                        sample[p.pid] = mem.pss
                         self.by_pid[p.pid] = max(self.by_pid.get(p.pid, 0), mem.pss)
                         name = "driver" if p is me else p.name().split(".")[0]
                         if name not in ("ray::IDLE", "python"):
@@ -75,9 +83,20 @@ class RssSampler(threading.Thread):
                     else:
                         rss_total += p.memory_info().rss
             self.peak_rss = max(self.peak_rss, rss_total)
-            if full:
-                self.peak_pss = max(self.peak_pss, pss_total)
+            if full and pss_total > self.peak_pss:
+                self.peak_pss = pss_total
+                self.at_peak = sample
             self.stop.wait(0.2)
+
+
+def cpu_seconds() -> dict[int, float]:
+    """CPU seconds (user + system) so far of this process and every process under it."""
+    out: dict[int, float] = {}
+    for p in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            out[p.pid] = t.user + t.system
+    return out
 
 
 def control_plane_pss() -> int:
@@ -156,6 +175,7 @@ def bench(n: int) -> dict[str, object]:
             items = session.submissions(prepared, set(ids))
             del runs, planned
             t3 = time.perf_counter()
+            cpu3 = cpu_seconds()
             plane.submit(items, [])
             del items
             while True:
@@ -164,6 +184,10 @@ def bench(n: int) -> dict[str, object]:
                     break
                 time.sleep(0.05)
             t4 = time.perf_counter()
+            # the store may still be writing what the queue sent: wait until it has
+            plane._get(plane.queue.drain.remote(), what="drain", timeout=None)
+            t5 = time.perf_counter()
+            cpu4 = cpu_seconds()
         finally:
             plane.stop()
             sampler.stop.set()
@@ -177,6 +201,7 @@ def bench(n: int) -> dict[str, object]:
             "record_s": round(t3 - t2, 3),
             "dispatch_s": round(t4 - t3, 3),
             "tasks_per_s": round(n / (t4 - t3), 1),
+            "stored_s": round(t5 - t3, 3),
             "succeeded_in_store": done,
             "failed": counts.get("FAILED", 0),
             "peak_rss_gib": round(sampler.peak_rss / 2**30, 3),
@@ -185,6 +210,14 @@ def bench(n: int) -> dict[str, object]:
             "peak_pss_gib_by_process": {
                 f"{sampler.names.get(pid, 'ray')}[{pid}]": round(v / 2**30, 3)
                 for pid, v in sorted(sampler.by_pid.items(), key=lambda kv: -kv[1])[:6]
+            },
+            "pss_at_peak_gib_by_process": {
+                f"{sampler.names.get(pid, 'ray')}[{pid}]": round(v / 2**30, 3)
+                for pid, v in sorted(sampler.at_peak.items(), key=lambda kv: -kv[1])[:6]
+            },
+            "dispatch_cpu_s_by_process": {
+                f"{sampler.names.get(pid, 'ray')}[{pid}]": round(v - cpu3.get(pid, 0.0), 2)
+                for pid, v in sorted(cpu4.items(), key=lambda kv: cpu3.get(kv[0], 0.0) - kv[1])[:6]
             },
         }
 

@@ -9,9 +9,17 @@ the simulator; this actor only supplies the shell's four ports, in real time:
   the shell's request carries the launch itself (``PlannedRemotely``). A ``ProviderError``
   comes back as itself (the shell submits the same keys again after a transient one), an
   unreachable provider actor as a transient ``ProviderError``, anything else is fatal;
-- run records: ``StoreRecords``, the store actor. Transitions are buffered and sent once per
-  tick, and always before the write-ahead intents that follow them; the intents are durable
-  before the provider hears of an attempt.
+- run records: ``StoreRecords``, the store actor. Steps (transitions) and provider answers are
+  buffered, per run, and written in bulk (``provenance.store.runs``: arrays, not named fields,
+  on the wire). Only the intents must be durable before the provider hears of an attempt: a
+  submit's write-ahead record (``StoreActor.write_dispatch``) carries them with the solve that
+  placed them (once per solve), and the submits of a large placement go out chunk by chunk,
+  each as soon as its intents are durable. Every tick writes the answers with every buffered
+  step of their runs, and the steps that must not wait (``StoreActor.update_attempts``, one
+  transaction); a run whose buffered steps end in READY, PLACED or SUBMITTING waits, at most
+  ``HOLD_S`` seconds, so a trial that ends at once costs one events row and one runs update.
+  An answer is never written before the steps of its run; a restarted queue finds a run whose
+  steps were not written by its intent (``StoreActor.load_active``) and reconciles it.
 
 The provider actors watch their keys themselves (``observe_every=None``) and push reports to
 ``report``; they may push ``capacity_changed`` too, and the shell also rediscovers every
@@ -60,9 +68,10 @@ from typing import Any
 import msgspec
 
 from stowplan.actors.runtime import error_detail, error_text, note_worker
-from stowplan.actors.store import ActiveState, Artifacts
+from stowplan.actors.store import HOLD_S, ActiveState, Artifacts
 from stowplan.actors.wire import pack, unpack
 from stowplan.errors import InternalError, ProviderError
+from stowplan.placement.leases import DeviceLease
 from stowplan.placement.problem import (
     Dataset,
     PlacementContext,
@@ -70,11 +79,14 @@ from stowplan.placement.problem import (
     PlacementSolution,
     Pool,
 )
-from stowplan.provenance.records import (
-    AttemptRecord,
-    PlacementRecord,
-    RunRecord,
-    TransitionRecord,
+from stowplan.provenance.records import AttemptRecord, RunRecord
+from stowplan.provenance.store.runs import (
+    AttemptRow,
+    Dispatch,
+    IntentRow,
+    SolveRow,
+    Step,
+    StepBatch,
 )
 from stowplan.providers.aws.prices import Rate, pool_rate
 from stowplan.providers.base import (
@@ -99,7 +111,7 @@ from stowplan.scheduler.events import (
     Tick,
     Transition,
 )
-from stowplan.scheduler.plan import RunPayload
+from stowplan.scheduler.plan import Launch, RunPayload
 from stowplan.scheduler.share import Approvals, TeamLimits
 from stowplan.scheduler.states import FINAL, LEASED, TaskState
 from stowplan.session import launch_spec, payload_of
@@ -111,12 +123,39 @@ log = logging.getLogger(__name__)
 
 SUBMIT_CHUNK = 10_000
 TRANSITION_CHUNK = 200_000
+CHUNKS_AHEAD = 2
+"""Submit chunks prepared while the one before is written ahead: enough to keep the store busy."""
+WAITING_STATES = frozenset({TaskState.READY, TaskState.PLACED, TaskState.SUBMITTING})
+"""A run whose buffered steps all end in these may wait (module doc: run records)."""
 UNAVAILABLE_RETRIES = 5
 """Calls to a peer that is unreachable for a moment are retried this often, backing off."""
 REDISCOVER_EVERY = 300.0
 """seconds between the shell's periodic rediscoveries of every provider"""
 SPENDING_EVERY = 300.0
 """seconds between reads of what was spent, when no cost was recorded meanwhile"""
+
+
+class SubmittedRun(msgspec.Struct, frozen=True, kw_only=True):
+    """A ``RunPayload`` as ``submit`` decodes it: the core's part now, the launch left encoded
+    (a slice of the submitted bytes) until an attempt of the run is launched, so a submission
+    of 10^5 runs reaches the core sooner; the same fields as ``RunPayload``."""
+
+    instance: TaskInstance
+    launch: msgspec.Raw
+    name: str
+
+    @property
+    def run_id(self) -> str:
+        return self.instance.run_id
+
+    def payload(self) -> RunPayload:
+        return RunPayload(
+            instance=self.instance, launch=unpack(self.launch, Launch), name=self.name
+        )
+
+
+Submitted = tuple[dict[str, tuple[str, int]], str | None, SpendBudget | None]
+"""``StoreActor.submitted``'s answer."""
 
 
 class PeerFailed(Exception):
@@ -255,24 +294,24 @@ class StoreRecords:
 
     def transitions(self, records: list[Transition], at: float) -> None:
         q = self.queue
+        buf, due, payloads = q._steps, q._due, q.payloads
+        if not buf:
+            q._held_since = at
         for t in records:
-            if t.to_state in FINAL:
-                # a finished run is never launched again by this queue; resubmitting it
-                # (after a failure) hands a fresh payload over
-                q.payloads.pop(t.run_id, None)
-        q._transitions.extend(
-            TransitionRecord(
-                run_id=t.run_id,
-                attempt=t.attempt,
-                from_state=t.from_state.value,
-                to_state=t.to_state.value,
-                at=at,
-                failure=t.failure.value if t.failure else None,
-                reason=t.reason,
-                pool=t.pool,
-            )
-            for t in records
-        )
+            run_id, to = t.run_id, t.to_state
+            # states are StrEnums: each is its own value, on the wire and in SQLite
+            step = Step(run_id, t.attempt, t.from_state, to, at, t.failure, t.reason, t.pool)
+            steps = buf.get(run_id)
+            if steps is None:
+                buf[run_id] = [step]
+            else:
+                steps.append(step)
+            if to not in WAITING_STATES:
+                due.add(run_id)
+                if to in FINAL:
+                    # a finished run is never launched again by this queue; resubmitting it
+                    # (after a failure) hands a fresh payload over
+                    payloads.pop(run_id, None)
 
     def decided(self, problem: PlacementProblem, solution: PlacementSolution) -> None:
         self.queue._remember(problem, solution)
@@ -282,31 +321,42 @@ class StoreRecords:
     ) -> list[LaunchSpec]:
         del provider
         q = self.queue
-        upstream = await q._upstream([it.run_id for it in items])
-        return [q._launch_spec(it.run_id, it.attempt, it.key, pool, upstream) for it in items]
+        # a chunk's launches are made only when it is next to be written ahead (``intend``
+        # lets the next one go): a placement of 10^5 runs does not hold 10^5 of them at once
+        await q._chunks.acquire()
+        try:
+            upstream = await q._upstream([it.run_id for it in items])
+            return [
+                q._launch_spec(it.run_id, it.attempt, it.key, pool, upstream, it.lease)
+                for it in items
+            ]
+        except BaseException:
+            q._chunks.release()
+            raise
 
     async def intend(self, provider: str, pool: str, items: Sequence[SubmitItem]) -> None:
         q = self.queue
-        # the write-ahead intents reach the store after the transitions that led to them
-        q._flush_transitions()
         now = q.shell.clock.now()
-        intents = [
-            AttemptRecord(
-                key=it.key,
-                run_id=it.run_id,
-                attempt=it.attempt,
-                provider=provider,
-                pool=pool,
-                state="SUBMITTING",
-                intent_at=now,
-            )
-            for it in items
-        ]
-        placements = q._placement_records(provider, pool, items)
-        if placements:
-            q._send("store", q.store.put_placements, pack(placements))
-        # write-ahead: the intent is durable before the provider hears of the attempt
-        await q._call("store", q.store.write_intents, pack(intents))
+        # only the intents (and the solves that placed them) must be durable before the
+        # submit: the steps that led to them wait, and a restarted queue finds such a run
+        # by its intent (``StoreActor.load_active``). Answers buffered so far go first, with
+        # their runs' steps, as on every write of answers.
+        solves, intents = q._intents(pool, items)
+        attempts, steps = q._take_answers()
+        dispatch = Dispatch(
+            provider=provider,
+            pool=pool,
+            at=now,
+            attempts=attempts,
+            steps=steps,
+            solves=solves,
+            intents=intents,
+        )
+        try:
+            # write-ahead: the intent is durable before the provider hears of the attempt
+            await q._call("store", q.store.write_dispatch, pack(dispatch))
+        finally:
+            q._chunks.release()
 
     def reported(self, provider: str, reports: list[Report]) -> Awaitable[list[Report]]:
         # the core hears of a success only once its outputs are stored (``_on_reports``)
@@ -355,7 +405,7 @@ class QueueActor:
                 approvals=unpack(approvals, Approvals) if approvals else None,
             )
         )
-        self.payloads: dict[str, RunPayload] = {}
+        self.payloads: dict[str, RunPayload | SubmittedRun] = {}
         self._dataset_ids = {d.id for d in ctx.datasets}
         """datasets the core knows: its context's, and those handed it since."""
         self.tick = tick
@@ -363,8 +413,18 @@ class QueueActor:
         self._booted = False
         self.errors: list[str] = []
         self.boots = 0
-        self._transitions: list[TransitionRecord] = []
+        self._steps: dict[str, list[Step]] = {}
+        """per run, its steps not yet sent to the store, in order."""
+        self._due: set[str] = set()
+        """runs among ``_steps`` with a step that the next tick writes (module doc)."""
+        self._held_since: float | None = None
+        """when ``_steps`` last became non-empty (nothing waits longer than ``HOLD_S``)."""
+        self._attempts: list[AttemptRow] = []
+        """provider answers not yet sent to the store, in order."""
         self._decisions: dict[int, tuple[PlacementSolution, str, dict[str, str]]] = {}
+        self._solve_rows: dict[int, SolveRow] = {}
+        self._chunks = asyncio.Semaphore(CHUNKS_AHEAD)
+        """submit chunks between their launches and their durable intents (``launches``)."""
         self._placed: dict[str, tuple[int, int]] = {}
         self._rates: dict[str, dict[str, Rate]] = {}
         """provider -> its priced elastic pools' rates as last discovered (never dropped: an
@@ -516,19 +576,21 @@ class QueueActor:
 
     async def _submit_runs(self, runs: bytes, completed: list[str]) -> dict[str, int]:
         await self._ensure()
-        items = unpack(runs, list[RunPayload])
+        items = unpack(runs, list[SubmittedRun])
         fresh: list[TaskInstance] = []
         again: list[RestoredTask] = []
         known = set(self.core.run_ids())
         items = [i for i in items if i.run_id not in known]
         # the store, not the caller's earlier read, says what already ran: a control plane
         # that died a moment ago may have recorded more since
-        so_far: dict[str, tuple[str, int]] = await self._call(
-            "store", self.store.attempts_so_far, [i.run_id for i in items]
-        )
-        completed = list(completed)
+        so_far: dict[str, tuple[str, int]] = {}
         if items:
-            await self._budget_of([i.run_id for i in items])
+            answer = await self._call("store", self.store.submitted, [i.run_id for i in items])
+            so_far, experiment, budget = unpack(answer, Submitted)
+            if experiment is not None:  # its budget, and what was spent
+                self._experiment, self._budget = experiment, budget
+                await self._refresh_spending()
+        completed = list(completed)
         for item in items:
             state, attempts = so_far.get(item.run_id, ("PENDING", 0))
             if state == "SUCCEEDED":
@@ -678,12 +740,32 @@ class QueueActor:
 
         self.clock.spawn(check())
 
-    def _flush_transitions(self) -> None:
-        """Send buffered transitions to the store (one call per tick or before an intent)."""
-        buf, self._transitions = self._transitions, []
-        for start in range(0, len(buf), TRANSITION_CHUNK):
-            chunk = pack(buf[start : start + TRANSITION_CHUNK])
-            self._send("store", self.store.apply_transitions, chunk)
+    def _flush_transitions(self, *, due_only: bool = False) -> None:
+        """Send buffered provider answers and steps to the store, every run's (before a read,
+        a cost, a drain) or, with ``due_only`` (each tick), those that must not wait."""
+        buf = self._steps
+        held = self._held_since
+        if due_only and held is not None and self.clock.now() - held >= HOLD_S:
+            due_only = False  # nothing waits longer than HOLD_S
+        if due_only:
+            runs: Any = self._due
+            self._due = set()
+        else:
+            runs, self._steps, self._due = list(buf), {}, set()
+        steps: list[Step] = []
+        for run_id in runs:
+            mine = buf.pop(run_id, None) if due_only else buf[run_id]
+            if mine is not None:
+                steps.extend(mine)
+        if not self._steps:
+            self._held_since = None
+        attempts, self._attempts = self._attempts, []
+        for start in range(0, max(len(steps), 1), TRANSITION_CHUNK):
+            part = steps[start : start + TRANSITION_CHUNK]
+            if part or attempts:
+                batch = pack(StepBatch(attempts=attempts, steps=part))
+                self._send("store", self.store.update_attempts, batch)
+                attempts = []
 
     def _remember(self, problem: PlacementProblem, solution: PlacementSolution) -> None:
         """Keep the solver's inputs and answer as one blob, and which assignment placed each
@@ -702,38 +784,67 @@ class QueueActor:
                 self._placed[run_id] = (solution.request_id, i)
             taken[a.class_id] = start + a.count
 
-    def _placement_records(
-        self, provider: str, pool: str, items: Sequence[SubmitItem]
-    ) -> list[PlacementRecord]:
+    def _take_answers(self) -> tuple[list[AttemptRow], list[Step]]:
+        """The buffered provider answers, and every buffered step of their runs: an answer
+        is never written before the steps that led to its attempt."""
+        attempts, self._attempts = self._attempts, []
+        buf, due = self._steps, self._due
+        steps: list[Step] = []
+        for a in attempts:
+            mine = buf.pop(a.run_id, None)
+            if mine is not None:
+                steps.extend(mine)
+                due.discard(a.run_id)
+        if not buf:
+            self._held_since = None
+        return attempts, steps
+
+    def _intents(
+        self, pool: str, items: Sequence[SubmitItem]
+    ) -> tuple[list[SolveRow], list[IntentRow]]:
+        """The intents of ``items``, each naming the solve (and its assignment) that placed
+        it on ``pool`` when that decision is remembered, and those solves."""
+        solves: list[SolveRow] = []
+        index: dict[int, int] = {}
+        placed, decisions = self._placed, self._decisions
         out = []
-        now = self.clock.now()
         for item in items:
-            where = self._placed.pop(item.run_id, None)
-            if where is None or where[0] not in self._decisions:
-                continue
-            solution, sha, hw = self._decisions[where[0]]
-            a = solution.assignments[where[1]]
-            if a.pool_id != pool:
-                continue
-            terms = solution.unit_terms[where[1]] if solution.unit_terms else {}
-            out.append(
-                PlacementRecord(
-                    run_id=item.run_id,
-                    attempt=item.attempt,
-                    request_id=solution.request_id,
-                    provider=provider,
-                    pool=pool,
-                    hardware_class=hw.get(pool, ""),
-                    status=str(solution.status),
-                    objective=solution.objective,
-                    bound=solution.bound,
-                    gap=solution.gap,
-                    terms={**terms, "gpu_model_" + (a.gpu_model or "none"): 1.0},
-                    problem=sha,
-                    at=now,
-                )
+            where = placed.pop(item.run_id, None)
+            if where is not None and where[0] in decisions:
+                request, i = where
+                solution, sha, hw = decisions[request]
+                if solution.assignments[i].pool_id == pool:
+                    s = index.get(request)
+                    if s is None:
+                        s = index[request] = len(solves)
+                        solves.append(self._solve_row(solution, sha, hw))
+                    out.append(IntentRow(item.key, item.run_id, item.attempt, s, i))
+                    continue
+            out.append(IntentRow(item.key, item.run_id, item.attempt))
+        return solves, out
+
+    def _solve_row(self, solution: PlacementSolution, sha: str, hw: dict[str, str]) -> SolveRow:
+        """What every run ``solution`` placed shares (made once per solve)."""
+        row = self._solve_rows.get(solution.request_id)
+        if row is None or row.problem != sha:
+            assignments = []
+            for i, a in enumerate(solution.assignments):
+                terms = dict(solution.unit_terms[i]) if solution.unit_terms else {}
+                terms["gpu_model_" + (a.gpu_model or "none")] = 1.0
+                assignments.append((hw.get(a.pool_id, ""), terms))
+            row = SolveRow(
+                problem=sha,
+                request_id=solution.request_id,
+                status=str(solution.status),
+                objective=solution.objective,
+                bound=solution.bound,
+                gap=solution.gap,
+                assignments=assignments,
             )
-        return out
+            self._solve_rows[solution.request_id] = row
+            while len(self._solve_rows) > 8:
+                self._solve_rows.pop(next(iter(self._solve_rows)))
+        return row
 
     async def _upstream(self, run_ids: list[str]) -> dict[str, bytes]:
         """The ``upstream.json`` of each run that has dependencies: their params and outputs."""
@@ -763,9 +874,18 @@ class QueueActor:
         return out
 
     def _launch_spec(
-        self, run_id: str, attempt: int, key: str, pool: str, upstream: dict[str, bytes]
+        self,
+        run_id: str,
+        attempt: int,
+        key: str,
+        pool: str,
+        upstream: dict[str, bytes],
+        lease: DeviceLease | None = None,
     ) -> LaunchSpec:
-        return launch_spec(self.payloads[run_id], run_id, attempt, key, pool, upstream.get(run_id))
+        payload = self.payloads[run_id]
+        if isinstance(payload, SubmittedRun):  # decoded for each launch: kept encoded
+            payload = payload.payload()
+        return launch_spec(payload, run_id, attempt, key, pool, upstream.get(run_id), lease)
 
     async def _on_reports(self, provider: str, reports: list[Report]) -> list[Report]:
         """Store the outputs of succeeded attempts, then record the attempts; returns the
@@ -790,6 +910,7 @@ class QueueActor:
                 reports = [_not_stored(r, failed.get(runs[r.key] or "")) for r in reports]
         updates = []
         used: dict[str, bytes] = {}
+        core = self.core
         for r in reports:
             run_id = runs[r.key]
             if r.state is ProviderState.UNKNOWN or run_id is None:
@@ -799,32 +920,35 @@ class QueueActor:
                 used_hash = sha256_hex(r.used)
                 used[used_hash] = r.used
             updates.append(
-                AttemptRecord(
-                    key=r.key,
-                    run_id=run_id,
-                    attempt=self.core.attempt(run_id),
-                    provider=provider,
-                    pool=self.core.pool(run_id) or "",
-                    state=r.state.value,
-                    job_id=r.job_id,
-                    node=r.node,
-                    exit_code=r.exit_code,
-                    failure=r.failure.value if r.failure else None,
-                    message=r.message,
-                    started_at=r.started_at,
-                    ended_at=r.ended_at,
-                    used=used_hash,
+                AttemptRow(
+                    r.key,
+                    run_id,
+                    core.attempt(run_id),
+                    provider,
+                    core.pool(run_id) or "",
+                    r.state,  # a StrEnum: its own value
+                    r.job_id,
+                    r.node,
+                    r.exit_code,
+                    r.failure,
+                    r.message,
+                    0.0,
+                    r.started_at,
+                    r.ended_at,
+                    used_hash,
                 )
             )
         if used:
             # before the updates that name them (calls to the store run in order)
             self._send("store", self.store.put_used, list(used.values()))
-        if updates:
-            self._send("store", self.store.update_attempts, pack(updates))
+        # written with the next tick's steps, and with those of their own runs
+        self._attempts.extend(updates)
+        self._due.update(u.run_id for u in updates)
         rates = self._rates.get(provider)
         ended = [u.key for u in updates if u.ended_at is not None and rates and u.pool in rates]
         if ended and rates:
             # after the updates (calls to the store run in order), before the core hears
+            self._flush_transitions()
             await self._call("store", self.store.record_costs, provider, ended, pack(rates))
             await self._refresh_spending()
         return reports
@@ -879,7 +1003,7 @@ class QueueActor:
         every other waiting)."""
         while self.fatal is None:
             await asyncio.sleep(self.tick)
-            self._flush_transitions()
+            self._flush_transitions(due_only=True)
             if self._budget is not None and self.clock.now() >= (
                 self._spending_at + SPENDING_EVERY
             ):

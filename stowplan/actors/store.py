@@ -1,17 +1,22 @@
 """The store actor: the single writer of a project's run store.
 
 A synchronous actor with one thread, so calls from one caller run in the order they were made:
-the queue actor sends transitions and then an intent, and the intent is never written before
-the transitions that led to it. Batches arrive as msgpack bytes (see ``wire``).
+the queue actor's writes are never reordered. Batches arrive as msgpack bytes (see ``wire``),
+bulk rows as arrays (``provenance.store.runs``: ``Step``, ``AttemptRow``, ``IntentRow``).
 
-Only what a restart needs is written at once: intents before their submit, provider answers,
-placements, and every transition batch that moves a run past the steps before its submit. A
-batch whose every step ends in :data:`HELD_STATES` (READY and PLACED: a run placed but not yet
-submitted) is kept in memory, for at most :data:`HOLD_S`, and written with the next batch in
-the same transaction: a run's steps to its submit become one UPDATE and one events row instead
-of one per batch. Every read, intent, ``ping`` (so ``drain``) and the timer write the held
-steps first. A crash loses only held steps, and a restart starts a run in READY or PLACED over
-from PENDING anyway, so nothing it needs is lost.
+The queue writes two things (module doc of ``queue``): a submit's write-ahead record
+(``write_dispatch``: its intents and the solve that placed them, durable before the provider
+hears of an attempt) and, each tick, provider answers with the steps of their runs and the
+steps that must not wait (``update_attempts``), each one transaction. It holds the steps that
+may wait itself, so a run's steps to its submit usually reach this actor with its end: one
+events row and one runs update per trial. A restarted queue reads back a run whose steps were
+not written as SUBMITTING the attempt of its intent (``load_active``).
+
+``apply_transitions`` (for other writers) may still hold a batch whose every step ends in
+:data:`HELD_STATES` (READY and PLACED) in memory, for at most :data:`HOLD_S`, and write it with
+the next batch in the same transaction. Every read, intent, ``ping`` (so ``drain``) and the
+timer write the held steps first. A crash loses only held steps, and a restart starts a run
+in READY or PLACED over from PENDING anyway, so nothing it needs is lost.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 from datetime import UTC, datetime
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 
@@ -36,13 +41,14 @@ from stowplan.provenance.records import (
     TransitionRecord,
 )
 from stowplan.provenance.store import ArtifactsNotStored, RunStore
+from stowplan.provenance.store.runs import Dispatch, StepBatch
 
 log = logging.getLogger(__name__)
 
 HELD_STATES: Final = frozenset({"READY", "PLACED"})
 """States a transition batch may be held in memory for (see the module docstring)."""
 HOLD_S: Final = 5.0
-"""Most seconds a held batch waits for the next one before it is written alone."""
+"""Most seconds a held step waits (here, or in the queue) before it is written."""
 
 
 class StoreActor:
@@ -125,8 +131,18 @@ class StoreActor:
         self._write_held()
         self.store.write_intents(unpack(intents, list[AttemptRecord]))
 
-    def update_attempts(self, updates: bytes) -> None:
-        self.store.update_attempts(unpack(updates, list[AttemptRecord]))
+    def write_dispatch(self, dispatch: bytes) -> None:
+        """A submit's write-ahead record (``Dispatch``: steps, solves, intents, and the
+        provider answers that came before), in one transaction, after any held steps."""
+        self._write_held()
+        self.store.write_dispatch(unpack(dispatch, Dispatch))
+
+    def update_attempts(self, batch: bytes) -> None:
+        """Provider answers, then the steps of their runs and any others the queue sends
+        (``StepBatch``), in one transaction, after any held steps; never held itself (the
+        queue holds what may wait)."""
+        self._write_held()
+        self.store.write_steps(unpack(batch, StepBatch))
 
     def put_used(self, records: list[bytes]) -> None:
         """Keep import records (what ``AttemptRecord.used`` names); sent before the updates."""
@@ -160,10 +176,19 @@ class StoreActor:
         return pack(self.store.artifacts_for(run_ids))
 
     def load_active(self) -> bytes:
-        """Active runs, their attempts, and which of their dependencies already succeeded."""
+        """Active runs, their attempts, and which of their dependencies already succeeded.
+
+        A run with an intent beyond its recorded attempts was submitted (or about to be)
+        before the steps that led there were written (the queue writes only the intent
+        ahead of a submit): it is given as SUBMITTING that attempt, to be reconciled by its
+        key, never submitted afresh."""
         self._write_held()
         runs = self.store.active_runs()
         attempts = self.store.attempts_for([r.run_id for r in runs])
+        for i, r in enumerate(runs):
+            latest = max((a.attempt for a in attempts.get(r.run_id, ())), default=0)
+            if latest > r.attempts:
+                runs[i] = msgspec.structs.replace(r, state="SUBMITTING", attempts=latest)
         deps = sorted({d for r in runs for d in r.depends_on})
         done = [rid for rid, rec in self.store.get_runs(deps).items() if rec.state == "SUCCEEDED"]
         return pack((runs, attempts, done))
@@ -192,16 +217,26 @@ class StoreActor:
     def budget_of(self, run_ids: list[str]) -> bytes:
         """The newest experiment among ``run_ids``' and its effective ``[policy] budget``:
         ``(experiment id, SpendBudget | None)``, ``(None, None)`` when none is stored."""
+        return pack(self._budget(self.store.experiment_ids(run_ids)))
+
+    def submitted(self, run_ids: list[str]) -> bytes:
+        """What a submission of ``run_ids`` needs, in one read: ``attempts_so_far`` and
+        ``budget_of`` together, ``(so far, experiment id, SpendBudget | None)``."""
+        self._write_held()
+        so_far, experiments = self.store.submission_states(run_ids)
+        return pack((so_far, *self._budget(experiments)))
+
+    def _budget(self, experiment_ids: list[str]) -> tuple[str | None, Any]:
         from stowplan.spec.models import SpendBudget
 
-        exps = [self.store.get_experiment(e) for e in self.store.experiment_ids(run_ids)]
+        exps = [self.store.get_experiment(e) for e in experiment_ids]
         known = [e for e in exps if e is not None]
         if not known:
-            return pack((None, None))
+            return None, None
         exp = max(known, key=lambda e: (e.created_at, e.id))
         raw = (exp.spec.get("effective_policy") or {}).get("budget")
         budget = None if raw is None else msgspec.convert(raw, SpendBudget)
-        return pack((exp.id, budget))
+        return exp.id, budget
 
     def datasets_of(self, run_ids: list[str]) -> bytes:
         """The inputs (``list[placement.problem.Dataset]``) that the experiments of

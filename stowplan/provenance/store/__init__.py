@@ -10,9 +10,12 @@ Theory of operation:
   on a small machine. Runs are put in the order given (the order they will be dispatched in)
   and transitions are written by the run's row number, so a batch rewrites neighbouring pages
   instead of all of them; a run's consecutive transitions of one batch are one events row
-  (``schema.SCHEMA_V6``), and the store actor holds READY/PLACED-only batches for up to 5 s to
-  write them with the next one (a crash loses only those, which a restart redoes from PENDING).
-  Secondary indexes are few for the same reason.
+  (``schema.SCHEMA_V6``), and the control plane holds a run's steps up to its submit for up to
+  5 s to write them with the next one (a crash loses only those: a restart finds the run by
+  its intent, or redoes it from PENDING). Bulk rows come as arrays (``runs.Step``,
+  ``runs.AttemptRow``), a submit's intents in one ``write_dispatch`` with the solve that placed
+  them, kept once per solve (``schema.SCHEMA_V7``), and answers with their runs' steps in one
+  ``write_steps``. Secondary indexes are few for the same reason.
 - A run is two rows: its state (small, rewritten by every transition) in ``runs``, and what
   never changes after it is put (parameters, identity, task spec) as one JSON document in
   ``run_bodies`` (same ``rid``), so a transition rewrites a ~200-byte row rather than the

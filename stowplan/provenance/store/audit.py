@@ -60,12 +60,14 @@ class AuditTables(Database):
         """Record the placement decision of each (run, attempt); one already recorded is kept.
 
         A record of an unknown run violates a foreign key and the whole batch is rolled back.
+        The control plane records its decisions with the intents instead, once per solve
+        (``RunTables.write_dispatch``); these rows go where version 6 kept every decision.
         """
         if not records:
             return
         with self._write() as c:
             c.executemany(
-                "INSERT OR IGNORE INTO placements (run_id, attempt, request_id, provider, pool, "
+                "INSERT OR IGNORE INTO placements_v6 (run_id, attempt, request_id, provider, pool, "
                 "hardware_class, status, objective, bound, gap, terms, problem, at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -89,7 +91,8 @@ class AuditTables(Database):
             )
 
     def placements_for(self, run_id: str) -> list[PlacementRecord]:
-        """The placement of each attempt of a run, by attempt number."""
+        """The placement of each attempt of a run, by attempt number (from the ``placements``
+        view: the decisions recorded per solve and those of older stores)."""
         with self._read() as c:
             rows = c.execute(
                 "SELECT run_id, attempt, request_id, provider, pool, hardware_class, status, "

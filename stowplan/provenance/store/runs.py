@@ -24,7 +24,17 @@ from stowplan.provenance.store.database import HEX, Database, json_text, rows_in
 from stowplan.scheduler.states import FINAL
 from stowplan.spec.canonical import sha256_hex
 
-__all__ = ["ACTIVE_ATTEMPT_STATES", "MIN_PREFIX", "RunTables"]
+__all__ = [
+    "ACTIVE_ATTEMPT_STATES",
+    "MIN_PREFIX",
+    "AttemptRow",
+    "Dispatch",
+    "IntentRow",
+    "RunTables",
+    "SolveRow",
+    "Step",
+    "StepBatch",
+]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +65,92 @@ _ACTIVE_SQL: Final = ", ".join(f"'{s}'" for s in ACTIVE_ATTEMPT_STATES)
 _encoder = msgspec.json.Encoder()
 _dict_decoder = msgspec.json.Decoder(dict[str, Any])
 _by_run_id: Final = operator.attrgetter("run_id")
+
+
+class Step(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
+    """A ``TransitionRecord`` as an array, fields in the same order: how the control plane
+    hands steps over in bulk (10^5 at a time), without every field's name in every record."""
+
+    run_id: str
+    attempt: int
+    from_state: str
+    to_state: str
+    at: float
+    failure: str | None = None
+    reason: str = ""
+    pool: str | None = None
+
+
+class AttemptRow(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
+    """An ``AttemptRecord`` as an array, fields in the same order (see :class:`Step`)."""
+
+    key: str
+    run_id: str
+    attempt: int
+    provider: str
+    pool: str
+    state: str
+    job_id: str | None = None
+    node: str | None = None
+    exit_code: int | None = None
+    failure: str | None = None
+    message: str = ""
+    intent_at: float = 0.0
+    started_at: float | None = None
+    ended_at: float | None = None
+    used: str | None = None
+    instance_type: str | None = None
+    market: str | None = None
+    billed_s: float | None = None
+    usd: float | None = None
+
+
+class IntentRow(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
+    """One attempt about to be submitted, in a :class:`Dispatch` (which says where and when).
+    ``solve`` indexes ``Dispatch.solves`` (-1: no placement decision is recorded with it) and
+    ``assignment`` that solution's assignments."""
+
+    key: str
+    run_id: str
+    attempt: int
+    solve: int = -1
+    assignment: int = 0
+
+
+class SolveRow(msgspec.Struct, frozen=True, kw_only=True):
+    """What every run placed by one solve shares (``schema.SCHEMA_V7``)."""
+
+    problem: str
+    """SHA-256 of the blob holding the encoded problem and solution."""
+    request_id: int
+    status: str
+    objective: float
+    bound: float
+    gap: float
+    assignments: list[tuple[str, dict[str, float]]]
+    """per assignment, in the solution's order: its pool's hardware class and a run's share
+    of each objective term."""
+
+
+class Dispatch(msgspec.Struct, frozen=True, kw_only=True):
+    """One submit's write-ahead record (:meth:`RunTables.write_dispatch`): provider answers
+    that came before it, the steps of its runs still unwritten, the solves that placed them,
+    and the intents, all on one pool."""
+
+    provider: str
+    pool: str
+    at: float
+    attempts: list[AttemptRow]
+    steps: list[Step]
+    solves: list[SolveRow]
+    intents: list[IntentRow]
+
+
+class StepBatch(msgspec.Struct, frozen=True, kw_only=True):
+    """Provider answers and steps written together (:meth:`RunTables.write_steps`)."""
+
+    attempts: list[AttemptRow]
+    steps: list[Step]
 
 
 class _RunBody(msgspec.Struct, kw_only=True):
@@ -204,7 +300,9 @@ CHAIN_BREAK: Final = "LOST"
 """A step to this state ends its events row (see ``schema.SCHEMA_V6``)."""
 
 
-def _chain_rows(rid: int, steps: Sequence[TransitionRecord], out: list[tuple[Any, ...]]) -> None:
+def _chain_rows(
+    rid: int, steps: Sequence[TransitionRecord | Step], out: list[tuple[Any, ...]]
+) -> None:
     """Append the events rows of run ``rid``'s steps (in order) to ``out``: a row per stretch
     of steps that each start where the one before ended, cut after a step to LOST."""
     start = 0
@@ -232,6 +330,129 @@ def _chain_rows(rid: int, steps: Sequence[TransitionRecord], out: list[tuple[Any
             )
         )
         start = i
+
+
+def _apply_steps(c: sqlite3.Connection, ts: Sequence[TransitionRecord | Step]) -> None:
+    """``RunTables.apply_transitions`` inside the caller's write transaction."""
+    if not ts:
+        return
+    by_run: dict[str, list[TransitionRecord | Step]] = {}
+    for t in ts:
+        steps = by_run.get(t.run_id)
+        if steps is None:
+            by_run[t.run_id] = [t]
+        else:
+            steps.append(t)
+    sql = "SELECT rid, run_id FROM runs WHERE run_id IN ({})"
+    rids = sorted(rows_in(c, sql, sorted(by_run)))
+    if len(rids) < len(by_run):
+        known = {run_id for _, run_id in rids}
+        unknown = sorted(r for r in by_run if r not in known)
+        raise sqlite3.IntegrityError(
+            f"FOREIGN KEY constraint failed: transitions of {len(unknown)} unknown "
+            f"run(s), {', '.join(r[:12] for r in unknown[:3])}"
+        )
+    events: list[tuple[Any, ...]] = []
+    updates: list[tuple[Any, ...]] = []
+    # by rid, the order the runs were put in: neighbouring rows, written in order
+    for rid, run_id in rids:
+        steps = by_run[run_id]
+        last = steps[-1]
+        if len(steps) == 1:
+            events.append((rid, *_event_row(last), None))
+            top, pool = last.attempt, last.pool
+        else:
+            _chain_rows(rid, steps, events)
+            top = max(t.attempt for t in steps)
+            pool = next((t.pool for t in reversed(steps) if t.pool is not None), None)
+        updates.append(
+            (
+                last.to_state,
+                top,
+                last.failure,
+                last.reason,
+                pool,
+                last.at,
+                rid,
+                steps[0].from_state,
+            )
+        )
+    c.executemany(
+        "INSERT INTO events (rid, run_id, attempt, from_state, to_state, at, failure, "
+        "reason, pool, steps) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        events,
+    )
+    c.executemany(
+        # a cancelled run leaves CANCELLED only by being submitted afresh (PENDING): a
+        # late transition from a control plane that died after an offline cancel must
+        # not bring it back
+        "UPDATE runs SET state = ?, attempts = max(attempts, ?), failure = ?, "
+        "reason = ?, pool = coalesce(?, pool), updated_at = ? WHERE rid = ? "
+        "AND (state != 'CANCELLED' OR ? IN ('PENDING', 'CANCELLED'))",
+        updates,
+    )
+
+
+def _update_attempts(c: sqlite3.Connection, updates: Sequence[AttemptRecord | AttemptRow]) -> None:
+    """``RunTables.update_attempts`` inside the caller's write transaction."""
+    if not updates:
+        return
+    rows = list(map(_attempt_row, sorted(updates, key=_by_key)))
+    # almost every update is of a stored key: a plain UPDATE by key, and the upsert
+    # (which also checks the run's foreign key) only for the keys not stored
+    changed = c.executemany(_UPDATE_ATTEMPT, rows).rowcount
+    if changed < len(rows):
+        sql = "SELECT key FROM attempts WHERE key IN ({})"
+        stored = {k for (k,) in rows_in(c, sql, sorted({r[0] for r in rows}))}
+        new = [r for r in rows if r[0] not in stored]
+        # the run's foreign key, checked here too for a write that leaves SQLite's out
+        named = sorted({r[1] for r in new if r[1]})
+        known = {k for (k,) in rows_in(c, "SELECT run_id FROM runs WHERE run_id IN ({})", named)}
+        if len(known) < len(named):
+            raise sqlite3.IntegrityError(
+                f"FOREIGN KEY constraint failed: attempts of {len(named) - len(known)} "
+                "unknown run(s)"
+            )
+        changed += c.executemany(_UPSERT_ATTEMPT, new).rowcount
+    if changed < len(updates):
+        log.warning(
+            "%d attempt update(s) named keys this store never saw; skipped",
+            len(updates) - changed,
+        )
+
+
+_INSERT_INTENT: Final = (
+    "INSERT OR IGNORE INTO attempts (key, run_id, attempt, provider, pool, state, message, "
+    "intent_at, solve, assignment) VALUES (?, ?, ?, ?, ?, 'SUBMITTING', '', ?, ?, ?)"
+)
+
+
+def _insert_solves(c: sqlite3.Connection, solves: Sequence[SolveRow]) -> list[int]:
+    """Insert the solves not stored yet (by their blob's hash); their row ids, in order."""
+    if not solves:
+        return []
+    c.executemany(
+        "INSERT OR IGNORE INTO solves (problem, request_id, status, objective, bound, gap, "
+        "assignments) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                s.problem,
+                s.request_id,
+                s.status,
+                s.objective,
+                s.bound,
+                s.gap,
+                json_text(s.assignments),
+            )
+            for s in solves
+        ],
+    )
+    ids = dict(
+        rows_in(
+            c, "SELECT problem, id FROM solves WHERE problem IN ({})", [s.problem for s in solves]
+        )
+    )
+    return [int(ids[s.problem]) for s in solves]
 
 
 def _experiment_from_row(row: Sequence[Any]) -> ExperimentRecord:
@@ -360,6 +581,22 @@ class RunTables(Database):
                 out[run_id] = (state, attempts)
         return out
 
+    def submission_states(
+        self, run_ids: Sequence[str]
+    ) -> tuple[dict[str, tuple[str, int]], list[str]]:
+        """For a submission of ``run_ids``, in one narrow read: ``(state, attempts)`` of each
+        stored run that already had an attempt or succeeded (the rest are fresh), and the
+        experiments the stored ones belong to, sorted."""
+        out: dict[str, tuple[str, int]] = {}
+        experiments: set[str] = set()
+        with self._read() as c:
+            sql = "SELECT run_id, state, attempts, experiment_id FROM runs WHERE run_id IN ({})"
+            for run_id, state, attempts, experiment_id in rows_in(c, sql, sorted(set(run_ids))):
+                experiments.add(experiment_id)
+                if attempts > 0 or state == "SUCCEEDED":
+                    out[run_id] = (state, attempts)
+        return out, sorted(experiments)
+
     def runs_for_experiment(self, experiment_id: str) -> list[RunRecord]:
         """Runs of one experiment by task name, trial index and replicate."""
         with self._read() as c:
@@ -442,7 +679,7 @@ class RunTables(Database):
             )
         return str(rows[0][0])
 
-    def apply_transitions(self, ts: Sequence[TransitionRecord]) -> None:
+    def apply_transitions(self, ts: Sequence[TransitionRecord | Step]) -> None:
         """Log every transition in the events table and move each run to its last one.
 
         For each run, ``state``, ``failure``, ``reason`` and ``updated_at`` come from its last
@@ -461,62 +698,8 @@ class RunTables(Database):
         """
         if not ts:
             return
-        by_run: dict[str, list[TransitionRecord]] = {}
-        for t in ts:
-            steps = by_run.get(t.run_id)
-            if steps is None:
-                by_run[t.run_id] = [t]
-            else:
-                steps.append(t)
         with self._write() as c:
-            sql = "SELECT rid, run_id FROM runs WHERE run_id IN ({})"
-            rids = sorted(rows_in(c, sql, sorted(by_run)))
-            if len(rids) < len(by_run):
-                known = {run_id for _, run_id in rids}
-                unknown = sorted(r for r in by_run if r not in known)
-                raise sqlite3.IntegrityError(
-                    f"FOREIGN KEY constraint failed: transitions of {len(unknown)} unknown "
-                    f"run(s), {', '.join(r[:12] for r in unknown[:3])}"
-                )
-            events: list[tuple[Any, ...]] = []
-            updates: list[tuple[Any, ...]] = []
-            # by rid, the order the runs were put in: neighbouring rows, written in order
-            for rid, run_id in rids:
-                steps = by_run[run_id]
-                last = steps[-1]
-                if len(steps) == 1:
-                    events.append((rid, *_event_row(last), None))
-                    top, pool = last.attempt, last.pool
-                else:
-                    _chain_rows(rid, steps, events)
-                    top = max(t.attempt for t in steps)
-                    pool = next((t.pool for t in reversed(steps) if t.pool is not None), None)
-                updates.append(
-                    (
-                        last.to_state,
-                        top,
-                        last.failure,
-                        last.reason,
-                        pool,
-                        last.at,
-                        rid,
-                        steps[0].from_state,
-                    )
-                )
-            c.executemany(
-                "INSERT INTO events (rid, run_id, attempt, from_state, to_state, at, failure, "
-                "reason, pool, steps) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                events,
-            )
-            c.executemany(
-                # a cancelled run leaves CANCELLED only by being submitted afresh (PENDING): a
-                # late transition from a control plane that died after an offline cancel must
-                # not bring it back
-                "UPDATE runs SET state = ?, attempts = max(attempts, ?), failure = ?, "
-                "reason = ?, pool = coalesce(?, pool), updated_at = ? WHERE rid = ? "
-                "AND (state != 'CANCELLED' OR ? IN ('PENDING', 'CANCELLED'))",
-                updates,
-            )
+            _apply_steps(c, ts)
 
     def events_for(self, run_id: str) -> list[TransitionRecord]:
         """A run's transitions in the order they were applied, one per step."""
@@ -576,7 +759,7 @@ class RunTables(Database):
                 rows,
             )
 
-    def update_attempts(self, updates: Sequence[AttemptRecord]) -> None:
+    def update_attempts(self, updates: Sequence[AttemptRecord | AttemptRow]) -> None:
         """Upsert attempts by key with what the provider reported, in the order given.
 
         For a stored key, ``state`` takes the new value; ``job_id``, ``node``, ``exit_code``,
@@ -591,22 +774,48 @@ class RunTables(Database):
         """
         if not updates:
             return
-        rows = list(map(_attempt_row, sorted(updates, key=_by_key)))
         with self._write() as c:
-            # almost every update is of a stored key: a plain UPDATE by key, and the upsert
-            # (which also checks the run's foreign key) only for the keys not stored
-            changed = c.executemany(_UPDATE_ATTEMPT, rows).rowcount
-            if changed < len(rows):
-                sql = "SELECT key FROM attempts WHERE key IN ({})"
-                stored = {k for (k,) in rows_in(c, sql, sorted({r[0] for r in rows}))}
-                changed += c.executemany(
-                    _UPSERT_ATTEMPT, [r for r in rows if r[0] not in stored]
-                ).rowcount
-        if changed < len(updates):
-            log.warning(
-                "%d attempt update(s) named keys this store never saw; skipped",
-                len(updates) - changed,
+            _update_attempts(c, updates)
+
+    def write_dispatch(self, d: Dispatch) -> None:
+        """Write one submit ahead of it, in one transaction: the answers before it (as
+        :meth:`update_attempts`), the steps of its runs not yet written (as
+        :meth:`apply_transitions`), the solves that placed them, and its intents
+        (as :meth:`write_intents`, each naming its solve and assignment when it has one).
+        Call before the submit, never after; writing the same dispatch again changes nothing
+        but the steps."""
+        with self._write() as c:
+            _update_attempts(c, d.attempts)
+            _apply_steps(c, d.steps)
+            ids = _insert_solves(c, d.solves)
+            rows = sorted(d.intents, key=_by_run_id)
+            c.executemany(
+                _INSERT_INTENT,
+                [
+                    (
+                        i.key,
+                        i.run_id,
+                        i.attempt,
+                        d.provider,
+                        d.pool,
+                        d.at,
+                        ids[i.solve] if i.solve >= 0 else None,
+                        i.assignment if i.solve >= 0 else None,
+                    )
+                    for i in rows
+                ],
             )
+
+    def write_steps(self, batch: StepBatch) -> None:
+        """Provider answers (as :meth:`update_attempts`), then steps (as
+        :meth:`apply_transitions`), in one transaction."""
+        if not batch.attempts and not batch.steps:
+            return
+        # the steps' runs are looked up (an unknown one raises) and answers of unknown keys
+        # checked (``_update_attempts``): SQLite's own checks would only repeat that
+        with self._write(foreign_keys=False) as c:
+            _update_attempts(c, batch.attempts)
+            _apply_steps(c, batch.steps)
 
     def attempts_for(self, run_ids: Sequence[str]) -> dict[str, list[AttemptRecord]]:
         """Attempts of each run (by attempt number); runs without attempts are left out."""

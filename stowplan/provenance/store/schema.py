@@ -19,12 +19,13 @@ __all__ = [
     "SCHEMA_V4",
     "SCHEMA_V5",
     "SCHEMA_V6",
+    "SCHEMA_V7",
     "SCHEMA_VERSION",
     "migrate",
     "user_version",
 ]
 
-SCHEMA_VERSION: Final = 6
+SCHEMA_VERSION: Final = 7
 
 SCHEMA_V2: Final = (
     """
@@ -220,6 +221,45 @@ SCHEMA_V6: Final = (
     "CREATE INDEX events_by_rid ON events (rid, seq)",
 )
 
+# Version 7 keeps a placement decision once per solve instead of once per run: ``solves`` holds
+# what every run of a solve shares (the solver's status, objective, bound and gap, the blob of
+# problem and solution by SHA-256) and, per assignment in the solution's order, its pool's
+# hardware class and the run's share of each objective term, as JSON
+# ``[[hardware_class, {term: value}], ...]``; an attempt names its solve and assignment. What a
+# version 6 store recorded stays in ``placements_v6``, and ``placements`` becomes a view of
+# both, with the columns of the old table (an attempt's placement ``at`` is its intent's time,
+# which it always was), so readers of that table read on unchanged.
+SCHEMA_V7: Final = (
+    "ALTER TABLE placements RENAME TO placements_v6",
+    """
+    CREATE TABLE solves (
+        id          INTEGER PRIMARY KEY,
+        problem     TEXT NOT NULL UNIQUE,
+        request_id  INTEGER NOT NULL,
+        status      TEXT NOT NULL,
+        objective   REAL NOT NULL,
+        bound       REAL NOT NULL,
+        gap         REAL NOT NULL,
+        assignments TEXT NOT NULL
+    )
+    """,
+    "ALTER TABLE attempts ADD COLUMN solve INTEGER REFERENCES solves (id)",
+    "ALTER TABLE attempts ADD COLUMN assignment INTEGER",
+    """
+    CREATE VIEW placements AS
+    SELECT run_id, attempt, request_id, provider, pool, hardware_class, status, objective,
+           bound, gap, terms, problem, at
+    FROM placements_v6
+    UNION ALL
+    SELECT a.run_id, a.attempt, s.request_id, a.provider, a.pool,
+           json_extract(s.assignments, '$[' || a.assignment || '][0]'),
+           s.status, s.objective, s.bound, s.gap,
+           json_extract(s.assignments, '$[' || a.assignment || '][1]'),
+           s.problem, a.intent_at
+    FROM attempts AS a JOIN solves AS s ON s.id = a.solve
+    """,
+)
+
 
 def user_version(conn: sqlite3.Connection) -> int:
     """The schema version of the database ``conn`` is open on (0 for a new one)."""
@@ -256,5 +296,8 @@ def migrate(conn: sqlite3.Connection, path: Path) -> None:
             conn.execute(statement)
     if version in (0, 2, 3, 4, 5):
         for statement in SCHEMA_V6:
+            conn.execute(statement)
+    if version in (0, 2, 3, 4, 5, 6):
+        for statement in SCHEMA_V7:
             conn.execute(statement)
     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
