@@ -12,6 +12,10 @@ line says why. Prints one JSON line:
     stowplan.<sweep>.sweep_s          first trial started to last trial ended (attempt records)
     stowplan.<sweep>.trials_per_s     trials / sweep_s
     stowplan.<sweep>.end_to_end_per_s trials / wall_s
+    stowplan.<sweep>.cpu_ms_per_trial where the CPU went, per trial: ``supervisor`` (the local
+                                      supervisor, its keepers and the trials themselves) and
+                                      ``control_plane`` (``stowplan run`` and everything it
+                                      waited for: Ray, the actors, the driver, the store)
     tune.<reuse|no_reuse>.<sweep>     the same for Ray Tune: fit_s (``Tuner.fit``, Ray started
                                       before), trials_per_s; ``no_reuse`` runs at most
                                       ``--tune-no-reuse-trials`` (about one trial a second)
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -63,9 +68,28 @@ def _attempt_span(proj: Path) -> tuple[float, int]:
     return (max(ends) - min(starts) if starts else float("nan")), len(ends)
 
 
+def _supervisor_cpu(proj: Path) -> float | None:
+    """CPU seconds of the project's local supervisor and all it waited for (its keepers and
+    their trials); read while it lingers after the sweep (``supervisor.IDLE_EXIT_S``)."""
+    import psutil
+
+    try:
+        rec = json.loads((proj / ".stowplan" / "runs" / ".supervisor" / "pid").read_text())
+        t = psutil.Process(rec["pid"]).cpu_times()
+    except (OSError, ValueError, KeyError, psutil.Error):
+        return None
+    return float(t.user + t.system + t.children_user + t.children_system)
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def run_stowplan(base: Path, name: str, command: list[str], trials: int) -> dict[str, Any]:
     proj = _project(base, name, command, trials)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    cpu_before = _children_cpu()
     start = time.monotonic()
     with open(proj / "run.out", "w+b") as out, open(proj / "run.err", "w+b") as err:
         proc = subprocess.run(
@@ -77,6 +101,8 @@ def run_stowplan(base: Path, name: str, command: list[str], trials: int) -> dict
             check=False,
         )
     wall = time.monotonic() - start
+    control_cpu = _children_cpu() - cpu_before
+    supervisor_cpu = _supervisor_cpu(proj)
     if proc.returncode != 0:
         sys.stderr.write((proj / "run.err").read_text()[-3000:])
         raise SystemExit(f"stowplan run of {name} exited {proc.returncode}")
@@ -90,6 +116,12 @@ def run_stowplan(base: Path, name: str, command: list[str], trials: int) -> dict
         "sweep_s": round(span, 2),
         "trials_per_s": round(trials / span, 1),
         "end_to_end_per_s": round(trials / wall, 1),
+        "cpu_ms_per_trial": {
+            "supervisor": None
+            if supervisor_cpu is None
+            else round(supervisor_cpu / trials * 1e3, 2),
+            "control_plane": round(control_cpu / trials * 1e3, 2),
+        },
     }
 
 

@@ -54,6 +54,7 @@ from typing import Literal, Self
 from msgspec import Struct, field
 
 from stowplan.errors import ProviderError
+from stowplan.placement.leases import DeviceLease
 from stowplan.placement.problem import Pool
 from stowplan.scheduler.reports import (
     TERMINAL_PROVIDER_STATES,
@@ -189,6 +190,9 @@ class LaunchSpec(Struct, frozen=True, kw_only=True):
     provenance records (``code:<version>``), for drivers that ship code to remote machines."""
     secrets: dict[str, SecretRef] = field(default_factory=dict)
     """environment variable -> secret reference; resolved by the driver, never stored."""
+    lease: DeviceLease | None = None
+    """the node and device indices the core placed it on, for pools that describe their
+    devices (``Pool.devices``): the local provider exports them as ``CUDA_VISIBLE_DEVICES``."""
 
 
 class Facts(Struct, frozen=True, kw_only=True):

@@ -52,7 +52,7 @@ import time
 import traceback
 from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol
 
 import psutil
 
@@ -340,11 +340,18 @@ def _become_subreaper() -> bool:
         return False
 
 
+class _Child(Protocol):
+    """The task's main process as the supervisor knows it (a ``Popen``, or a spawned pid)."""
+
+    pid: int
+    returncode: int | None
+
+
 class _Supervisor:
     def __init__(self, attempt_dir: Path) -> None:
         self.dir = attempt_dir
         self.cancel_requested = False
-        self.child: subprocess.Popen[bytes] | None = None
+        self.child: _Child | None = None
         self.child_status: int | None = None
         self.started_at = time.time()
         self.peak_rss = 0
@@ -497,11 +504,13 @@ class _Supervisor:
         """The environment the task's starts from: this process's."""
         return dict(os.environ)
 
-    def launch(self, spec: dict[str, Any], argv: list[str]) -> subprocess.Popen[bytes] | None:
-        """Start the task in its own session, in the attempt directory, with its environment
-        and its output files; None when it could not start (the exit record says why)."""
+    def task_env(self, spec: dict[str, Any]) -> dict[str, str]:
+        """The task's environment: ``base_env`` with the spec's variables, PATH and hooks."""
         env = self.base_env()
         env.update(spec.get("env", {}))
+        devices = spec.get("devices")
+        if devices is not None:  # the lease: the devices the core placed it on, and no others
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(int(d)) for d in devices)
         prefix = spec.get("path_prefix")
         if prefix:
             env["PATH"] = prefix + os.pathsep + env["PATH"] if env.get("PATH") else prefix
@@ -511,7 +520,12 @@ class _Supervisor:
             old = env.get("PYTHONPATH")
             env["PYTHONPATH"] = HOOK_DIR + os.pathsep + old if old else HOOK_DIR
             env[USED_FILE_ENV] = str(self.dir / USED_FILE)
+        return env
 
+    def launch(self, spec: dict[str, Any], argv: list[str]) -> _Child | None:
+        """Start the task in its own session, in the attempt directory, with its environment
+        and its output files; None when it could not start (the exit record says why)."""
+        env = self.task_env(spec)
         with (
             open(self.dir / STDOUT_FILE, "ab") as out,
             open(self.dir / STDERR_FILE, "ab") as err,

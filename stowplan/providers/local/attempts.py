@@ -103,6 +103,7 @@ class SpecFile(Struct, frozen=True, kw_only=True):
     cpus: float = 1.0
     gpus: int = 0
     name: str = ""
+    devices: list[int] | None = None
     claimed_by: Claim | None = None
 
 
@@ -303,7 +304,7 @@ def claim(req: LocalRequest, me: Claim, *, provider: str) -> bool:
             path = attempt_dir / fname
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
-        spec = {
+        spec: dict[str, object] = {
             "key": req.key,
             "argv": req.argv,
             "env": req.env,
@@ -316,6 +317,8 @@ def claim(req: LocalRequest, me: Claim, *, provider: str) -> bool:
             "name": req.task,
             "claimed_by": me,
         }
+        if req.devices is not None:
+            spec["devices"] = list(req.devices)
         # The env may carry resolved secrets: readable by the owner only.
         fd = os.open(attempt_dir / SPEC_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
@@ -382,4 +385,5 @@ def take_over(key: str, attempt_dir: Path, me: Claim) -> LocalRequest | Literal[
         gpus=spec.gpus,
         timeout_s=spec.timeout_s,
         outputs=spec.outputs,
+        devices=tuple(spec.devices) if spec.devices is not None else None,
     )

@@ -2,17 +2,22 @@
 
 The driver counts the CPUs, memory and GPUs of the attempts it started (and of running attempts
 an earlier instance started, once described) against the configured capacity; see the FIFO in
-``driver.py`` for how requests wait.
+``driver.py`` for how requests wait. ``local_devices`` describes the machine's GPUs by device
+for discovery (``Pool.devices``), so the scheduler core leases device indices and the launcher
+exports them as ``CUDA_VISIBLE_DEVICES``.
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from msgspec import Struct
 
+from stowplan.placement.leases import MILLI, NodeDevices, PoolDevices
+from stowplan.provenance.nvidia import GpuInfo
 from stowplan.providers.local.render import LocalRequest
 
 
@@ -54,3 +59,37 @@ class Capacity(Struct, frozen=True, kw_only=True):
         memory = sum(h.memory for h in held) + req.memory
         gpus = sum(h.gpus for h in held) + req.gpus
         return cpus <= self.cpus + 1e-9 and memory <= self.memory and gpus <= self.gpus
+
+
+def gpu_model(info: GpuInfo) -> str:
+    """The model name a GPU goes by in pools and specs: ``NVIDIA H200`` -> ``h200``."""
+    name = info.name.lower().removeprefix("nvidia").strip()
+    name = re.sub(r"[^a-z0-9.]+", "-", name).strip("-")
+    return name or "unknown"
+
+
+def local_devices(
+    gpus: int, found: Sequence[GpuInfo], *, node: str, model: str | None = None
+) -> PoolDevices | None:
+    """This machine's GPUs by device, for ``Pool.devices`` (None without GPUs).
+
+    ``gpus``: how many the configuration lets stowplan use; ``found``: what NVML or
+    ``nvidia-smi`` reported (``provenance.nvidia.capture_gpus``), whose first ``gpus`` by the
+    driver's index are used. Where nothing was found (no driver, a test machine), the
+    configured count is trusted: devices ``0 .. gpus-1``. ``model``: the name the pool counts
+    them under (its ``gpus`` key); by default that of the first device found, else
+    ``unknown``. CPUs and memory are counted for the whole machine, not here.
+
+    NOTE: a device's index in the lease is the driver's enumeration index, which is what
+    ``CUDA_VISIBLE_DEVICES`` means under the default ``CUDA_DEVICE_ORDER`` (PCI bus order,
+    as ``nvidia-smi`` numbers them).
+    """
+    if gpus <= 0:
+        return None
+    ordered = sorted(found, key=lambda g: g.index)[:gpus]
+    if model is None:
+        model = gpu_model(ordered[0]) if ordered else "unknown"
+    width = max([g.index for g in ordered] + [gpus - 1]) + 1
+    usable = {g.index for g in ordered} if ordered else set(range(gpus))
+    devices = tuple(MILLI if d in usable else 0 for d in range(width))
+    return PoolDevices(nodes=(NodeDevices(name=node, model=model, devices=devices),))

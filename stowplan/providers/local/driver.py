@@ -61,6 +61,7 @@ import os
 import platform
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -75,7 +76,9 @@ import msgspec
 import psutil
 
 from stowplan.errors import InternalError, ProviderError
+from stowplan.placement.leases import PoolDevices
 from stowplan.placement.problem import Pool
+from stowplan.provenance.nvidia import capture_gpus
 from stowplan.providers.base import (
     TERMINAL_PROVIDER_STATES,
     Capabilities,
@@ -109,7 +112,7 @@ from stowplan.providers.local.attempts import (
     take_over,
     write_exit,
 )
-from stowplan.providers.local.capacity import Capacity, Started
+from stowplan.providers.local.capacity import Capacity, Started, local_devices
 from stowplan.providers.local.exits import STDERR_TAIL_CHARS, classify_exit, tail_text
 from stowplan.providers.local.render import LocalRequest, plan_one
 from stowplan.providers.local.supervisor import SupervisorClient, supported
@@ -170,6 +173,7 @@ class LocalProvider(Provider):
             gpus=config.gpus or 0,
         )
         self._host = socket.gethostname()
+        self._devices: PoolDevices | None = None
         self._me = current_claim()
         self._path_prefix = str(Path(sys.executable).parent) if sys.executable else ""
         self.capabilities = Capabilities(
@@ -254,6 +258,11 @@ class LocalProvider(Provider):
 
     async def discover(self) -> list[Pool]:
         cap = self._capacity
+        if self._devices is None and cap.gpus:
+            # by device, so the core leases device indices (``CUDA_VISIBLE_DEVICES``); the
+            # devices are counted under the pool's ``unknown`` model, as its ``gpus`` are
+            found = await asyncio.to_thread(capture_gpus)
+            self._devices = local_devices(cap.gpus, found, node=self._host, model="unknown")
         return [
             Pool(
                 id=self.name,
@@ -266,6 +275,7 @@ class LocalProvider(Provider):
                 price_per_hour=0.0,
                 hardware_class=f"cpu={platform.machine() or 'unknown'}",
                 queue_depth=QUEUE_DEPTH,
+                devices=self._devices,
             )
         ]
 
@@ -414,16 +424,7 @@ class LocalProvider(Provider):
             attempt_dir = Path(req.attempt_dir)
             tail = best[1]
             sent = supervisor.start_after(attempt_dir, self._started[tail].dir)
-            self._started[req.key] = Started(
-                dir=attempt_dir,
-                cpus=req.cpus,
-                memory=req.memory,
-                gpus=req.gpus,
-                since=time.time(),
-                after=tail,
-                sent=sent,
-                keeper=sent,
-            )
+            self._started[req.key] = _held(req, after=tail, sent=sent, keeper=sent)
             behind[tail] = req.key
             if not sent:
                 return
@@ -451,15 +452,7 @@ class LocalProvider(Provider):
             launcher = start_launcher(attempt_dir, begun=True)
             if launcher is None:
                 return
-        self._started[req.key] = Started(
-            dir=attempt_dir,
-            cpus=req.cpus,
-            memory=req.memory,
-            gpus=req.gpus,
-            since=time.time(),
-            launcher=launcher,
-            keeper=keeper,
-        )
+        self._started[req.key] = _held(req, launcher=launcher, keeper=keeper)
 
     def _adopt(self, key: str, attempt_dir: Path) -> None:
         """Count a running attempt that an earlier instance started against our capacity."""
@@ -754,6 +747,28 @@ class LocalProvider(Provider):
             held.keeper = False
             if held.after is not None:
                 held.sent = False
+
+
+def _held(
+    req: LocalRequest,
+    *,
+    launcher: subprocess.Popen[bytes] | None = None,
+    after: str | None = None,
+    sent: bool = True,
+    keeper: bool = False,
+) -> Started:
+    """What ``req`` holds of the machine from now: started, or handed ahead (``after``)."""
+    return Started(
+        dir=Path(req.attempt_dir),
+        cpus=req.cpus,
+        memory=req.memory,
+        gpus=req.gpus,
+        since=time.time(),
+        launcher=launcher,
+        after=after,
+        sent=sent,
+        keeper=keeper,
+    )
 
 
 class _LogReader:

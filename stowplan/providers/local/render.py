@@ -36,6 +36,8 @@ class LocalRequest(SingleRequest, frozen=True, kw_only=True):
     timeout_s: float | None = None
     outputs: list[str] = field(default_factory=list)
     files: dict[str, bytes] = field(default_factory=dict)
+    devices: tuple[int, ...] | None = None
+    """the GPU indices the core leased it (``CUDA_VISIBLE_DEVICES``); None: no lease."""
 
     def render(self) -> str:
         timeout = "none" if self.timeout_s is None else f"{self.timeout_s:g}s"
@@ -50,6 +52,8 @@ class LocalRequest(SingleRequest, frozen=True, kw_only=True):
         for fname in sorted(self.files):
             lines.append(f"# writes file {shlex.quote(fname)} ({len(self.files[fname])} bytes)")
         env = dict(self.env)
+        if self.devices is not None:  # the lease wins over the task's own value
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in self.devices)
         assignments = [shlex.quote(f"{k}={v}") for k, v in sorted(env.items()) if k != "PATH"]
         if self.path_prefix:
             if "PATH" in env:
@@ -109,6 +113,7 @@ def plan_one(
     env["STOWPLAN_RUN_ID"] = launch.run_id
     env["STOWPLAN_ATTEMPT"] = str(launch.attempt)
     env["STOWPLAN_ATTEMPT_DIR"] = str(attempt_dir)
+    devices = launch.lease.devices if launch.lease is not None else None
     return LocalRequest(
         keys=(launch.key,),
         name=request_name([launch.key]),
@@ -125,6 +130,7 @@ def plan_one(
         timeout_s=launch.timeout_s,
         outputs=list(launch.outputs),
         files=dict(launch.files),
+        devices=devices,
     )
 
 

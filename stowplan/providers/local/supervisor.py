@@ -8,8 +8,17 @@ environment once, then ``start <attempt_dir>`` per attempt; the supervisor forks
 for each: a copy of itself, already past Python's start-up and imports, that supervises that
 one attempt exactly as the per-attempt launcher does (``launcher._Supervisor``: its own
 session, the task in its own process group, subreaper, timeout and memory limit, the same
-``launches``, ``launcher.json`` and ``exit.json`` records). When a keeper ends the supervisor
-sends ``done <attempt_dir>`` to the driver that started it, which frees its capacity at once.
+``launches``, ``launcher.json`` and ``exit.json`` records), except that it starts the task
+with ``posix_spawn`` (a vfork: the keeper's pages are not copied again, and no Python runs
+between the fork and the exec) and reads the task's start time from ``/proc`` itself. When
+a keeper ends the supervisor sends ``done <attempt_dir>`` to the driver that started it,
+which frees its capacity at once.
+
+Where a short attempt's CPU goes (``true`` on 2 cores, measured 2026-12, about 6.5 ms in
+all): the supervisor's own bookkeeping about 1.1 ms; the fork and exit of the keeper about
+1.3 ms (0.8 ms from a 13 MiB process: the supervisor is 29 MiB, as ``-m`` imports the whole
+package); the task's spawn and exec about 1 ms; the keeper's Python (records, signals,
+waits) the rest. ``exit.json``'s fsync is waited for after the next attempt started.
 
 A driver may also hand a start ahead: ``after <attempt_dir>NUL<predecessor_dir>`` (the two
 paths apart by a NUL byte) asks for ``attempt_dir`` to be started the moment the task of
@@ -74,6 +83,8 @@ from stowplan.providers.launcher import (
     LAUNCHER_LOG,
     LAUNCHES_FILE,
     SPEC_FILE,
+    STDERR_FILE,
+    STDOUT_FILE,
     STOP_GRACE_S,
     ExitReason,
     scan_outputs,
@@ -125,6 +136,71 @@ def _replace_json(path: Path, data: dict[str, Any]) -> None:
 
 
 # -- the keeper: one attempt, in a fork of the supervisor -----------------------------------------
+
+
+class _Spawned:
+    """The task's main process, started by ``posix_spawn`` (``launcher._Child``)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+
+_RESTORED = (signal.SIGPIPE, signal.SIGXFSZ)
+"""Signals Python ignores that a task gets back at their default (``subprocess`` does too)."""
+
+
+def _spawn(argv: list[str], env: dict[str, str], out: int, err: int) -> int:
+    """Start ``argv`` in a new session with ``out``/``err`` as its output and no input,
+    looked up on ``env``'s PATH (not the keeper's), as ``subprocess`` does; raises the
+    error of the first candidate that exists but cannot run, else ``FileNotFoundError``."""
+    actions = [
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_DUP2, out, 1),
+        (os.POSIX_SPAWN_DUP2, err, 2),
+    ]
+    name = argv[0]
+    candidates = (
+        [name] if os.path.dirname(name) else [os.path.join(d, name) for d in os.get_exec_path(env)]
+    )
+    failed: OSError | None = None
+    for path in candidates:
+        if len(candidates) > 1 and not os.access(path, os.X_OK):
+            # A stat, not a vfork, for each directory before the right one; one that holds
+            # the name but may not run it is the error, as an exec of it would say.
+            if failed is None and os.path.exists(path):
+                failed = PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+            continue
+        try:
+            return os.posix_spawn(
+                path, argv, env, file_actions=actions, setsid=True, setsigdef=_RESTORED
+            )
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as e:
+            failed = failed or e
+    if failed is not None:
+        raise failed
+    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
+
+
+_BOOT_TIME: list[float] = []
+"""The boot time and clock tick, read once by the supervisor for all its keepers."""
+
+
+def _create_time(pid: int) -> float | None:
+    """``psutil.Process(pid).create_time()``, the same value, read with one ``read``."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        ticks = float(stat.rpartition(b")")[2].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+    if not _BOOT_TIME:
+        import psutil
+
+        _BOOT_TIME.extend((psutil.boot_time(), float(os.sysconf("SC_CLK_TCK"))))
+    return ticks / _BOOT_TIME[1] + _BOOT_TIME[0]
 
 
 class _Keeper(launcher._Supervisor):
@@ -188,6 +264,33 @@ class _Keeper(launcher._Supervisor):
         os.close(self._freed_fd)
         self._freed_fd = -1
 
+    def launch(self, spec: dict[str, Any], argv: list[str]) -> _Spawned | None:
+        """As the launcher's, with ``posix_spawn`` (a vfork: the keeper's memory is not
+        copied, and no Python runs between the fork and the exec)."""
+        env = self.task_env(spec)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+        out = os.open(self.dir / STDOUT_FILE, flags, 0o666)
+        err = os.open(self.dir / STDERR_FILE, flags, 0o666)
+        home = os.getcwd()
+        try:
+            # NOTE: posix_spawn has no working directory of its own: the keeper moves (it is
+            # one thread), and back, so that nothing it imports later comes from the task.
+            os.chdir(self.dir)
+            try:
+                pid = _spawn(argv, env, out, err)
+            finally:
+                os.chdir(home)
+        except OSError as e:
+            code = 127 if isinstance(e, FileNotFoundError) else 126
+            os.write(err, f"stowplan: cannot start {argv[0]!r}: {e}\n".encode())
+            self.finish("exited", exit_code=code, message=str(e))
+            return None
+        finally:
+            os.close(out)
+            os.close(err)
+        self.child = _Spawned(pid)
+        return self.child
+
     def _wait(self, pidfd: int, timeout: float) -> None:
         with contextlib.suppress(InterruptedError):
             ready, _, _ = select.select([pidfd, self._wake_fd], [], [], max(0.0, timeout))
@@ -225,10 +328,7 @@ class _Keeper(launcher._Supervisor):
             "started_at": self.started_at,
             "child_pid": child.pid,
         }
-        with contextlib.suppress(Exception):
-            import psutil
-
-            info["child_create_time"] = psutil.Process(child.pid).create_time()
+        info["child_create_time"] = _create_time(child.pid)
         _replace_json(self.dir / LAUNCHER_FILE, info)
 
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -487,6 +587,7 @@ class _Supervisor:
         with contextlib.suppress(OSError, AttributeError):
             launcher.load_libc()
         _OOM_COUNTER = (launcher.oom_counter_file(),)
+        _create_time(os.getpid())  # reads the boot time once, for every keeper
 
         # Keepers are forks: objects made so far are never collected, so that neither a
         # collection here nor one in a keeper writes to (and copies) the pages they share.

@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import signal
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from stowplan.providers.local.supervisor import (
     IDLE_EXIT_S,
     SUPERVISOR_DIR,
     SupervisorClient,
+    _create_time,
     keeper_runs,
     socket_name,
     supported,
@@ -275,3 +277,75 @@ async def test_cancelling_an_attempt_handed_ahead_starts_nothing_and_the_next_ru
     assert (await wait_for(provider, last.key)).state is S.SUCCEEDED
     assert isinstance(reqs[1], LocalRequest)
     assert launches(reqs[1]) == []
+
+
+# -- the keeper's start of the task ---------------------------------------------------------------
+
+
+def test_create_time_is_psutil_s_without_psutil() -> None:
+    """The keeper records its task's start time with one read of ``/proc``: the very value
+    ``psutil`` gives, so ``same_process`` still tells the task from a reuse of its pid."""
+    child = subprocess.Popen(["sleep", "5"])
+    try:
+        for pid in (os.getpid(), child.pid):
+            assert _create_time(pid) == pytest.approx(psutil.Process(pid).create_time(), abs=1e-6)
+    finally:
+        child.kill()
+        child.wait()
+    assert _create_time(child.pid) is None
+
+
+@pytest.mark.anyio
+async def test_the_task_is_found_on_its_own_path_not_the_keeper_s(
+    state_dir: Path, tmp_path: Path
+) -> None:
+    """The command is looked up on the task's PATH (its ``env``), as ``subprocess`` did; a
+    name found there that may not run is exit code 126, one found nowhere 127."""
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "stowplan-tool").write_text("#!/bin/sh\necho from-the-tool\n")
+    (tools / "stowplan-tool").chmod(0o755)
+    (tools / "stowplan-nox").write_text("#!/bin/sh\necho never\n")
+    (tools / "stowplan-nox").chmod(0o644)
+    path = f"{tools}{os.pathsep}{os.environ['PATH']}"
+    provider = LocalProvider("laptop", LocalProviderConfig(cpus=2), state_dir=state_dir)
+    found, nox, nowhere = (
+        spec(argv=[name], env={"PATH": path})
+        for name in ("stowplan-tool", "stowplan-nox", "stowplan-nowhere")
+    )
+    reqs = provider.plan([found, nox, nowhere], Facts())
+    await provider.submit(reqs)
+    assert (await wait_for(provider, found.key)).state is S.SUCCEEDED
+    assert isinstance(reqs[0], LocalRequest)
+    assert (Path(reqs[0].attempt_dir) / "stdout.log").read_text() == "from-the-tool\n"
+    assert (await wait_for(provider, nox.key)).exit_code == 126
+    assert (await wait_for(provider, nowhere.key)).exit_code == 127
+
+
+@pytest.mark.anyio
+async def test_the_task_starts_with_default_signal_handling(state_dir: Path) -> None:
+    """Python ignores SIGPIPE; the task must not inherit that (``subprocess`` restored it):
+    ``producer | head`` would otherwise run its producer to the end."""
+    provider = LocalProvider("laptop", LocalProviderConfig(cpus=2), state_dir=state_dir)
+    task = spec(argv=["grep", "^SigIgn:", "/proc/self/status"])
+    [req] = provider.plan([task], Facts())
+    await provider.submit([req])
+    assert (await wait_for(provider, task.key)).state is S.SUCCEEDED
+    assert isinstance(req, LocalRequest)
+    ignored = int((Path(req.attempt_dir) / "stdout.log").read_text().split()[1], 16)
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        assert not ignored & (1 << (sig - 1)), f"the task ignores {sig.name}"
+
+
+@pytest.mark.anyio
+async def test_the_task_inherits_no_descriptor_but_its_three_streams(state_dir: Path) -> None:
+    """Nothing of the keeper's leaks into the task (``subprocess`` closed every other
+    descriptor): a task holding ``keeper.lock`` would keep its attempt "kept" after it."""
+    provider = LocalProvider("laptop", LocalProviderConfig(cpus=2), state_dir=state_dir)
+    task = spec(argv=["ls", "/proc/self/fd"])
+    [req] = provider.plan([task], Facts())
+    await provider.submit([req])
+    assert (await wait_for(provider, task.key)).state is S.SUCCEEDED
+    assert isinstance(req, LocalRequest)
+    fds = {int(fd) for fd in (Path(req.attempt_dir) / "stdout.log").read_text().split()}
+    assert fds == {0, 1, 2, 3}, fds  # 3: the directory ls reads

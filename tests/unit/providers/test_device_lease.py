@@ -1,0 +1,101 @@
+"""The local provider's devices: discovery describes them, the core leases device indices, and
+the launcher exports exactly those as ``CUDA_VISIBLE_DEVICES``. Fake GPUs (and the captured
+``nvidia-smi`` of an H200 host) stand in for real ones."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from stowplan.placement.leases import MILLI, DeviceLease, NodeDevices, PoolDevices
+from stowplan.placement.problem import Pool
+from stowplan.provenance.nvidia import GpuInfo, parse_nvidia_smi_xml
+from stowplan.providers.local.capacity import gpu_model, local_devices
+from stowplan.scheduler.reports import ProviderState
+from tests.unit.scheduler.test_core import Harness, items, task
+
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "hosts"
+LAUNCHER = [sys.executable, "-m", "stowplan.providers.launcher", "--foreground"]
+
+
+def fake_gpus(n: int, name: str = "NVIDIA A100-SXM4-80GB") -> list[GpuInfo]:
+    return [
+        GpuInfo(
+            index=i,
+            uuid=f"GPU-{i:08d}",
+            name=name,
+            driver_version="580.0",
+            cuda_version="13.0",
+            memory_total_bytes=80 << 30,
+        )
+        for i in range(n)
+    ]
+
+
+def test_discovery_describes_each_device() -> None:
+    got = local_devices(2, fake_gpus(4), node="box")
+    assert got == PoolDevices(
+        nodes=(NodeDevices(name="box", model="a100-sxm4-80gb", devices=(MILLI, MILLI)),)
+    )
+    assert local_devices(0, fake_gpus(4), node="box") is None
+    # nothing found (no driver): the configured count is trusted
+    assert local_devices(3, [], node="box", model="unknown") == PoolDevices(
+        nodes=(NodeDevices(name="box", model="unknown", devices=(MILLI,) * 3),)
+    )
+
+
+def test_discovery_from_a_captured_nvidia_smi() -> None:
+    found = parse_nvidia_smi_xml((FIXTURES / "h200-x1" / "nvidia-smi-q-x.xml").read_text())
+    got = local_devices(1, found, node="h200-x1")
+    assert got is not None and gpu_model(found[0]) == "h200"
+    assert got.nodes == (NodeDevices(name="h200-x1", model="h200", devices=(MILLI,)),)
+
+
+def launch(tmp_path: Path, name: str, lease: DeviceLease | None, env: dict[str, str]) -> str:
+    """Run the launcher on an attempt whose spec carries ``lease`` as the driver writes it;
+    return the CUDA_VISIBLE_DEVICES the task saw ("<unset>" if none)."""
+    d = tmp_path / name
+    d.mkdir()
+    spec: dict[str, object] = {
+        "argv": ["bash", "-c", 'echo "${CUDA_VISIBLE_DEVICES-<unset>}" > seen.txt'],
+        "env": env,
+    }
+    if lease is not None:
+        spec["devices"] = list(lease.devices)
+    (d / "spec.json").write_text(json.dumps(spec))
+    proc = subprocess.run([*LAUNCHER, str(d)], timeout=15, capture_output=True)
+    assert proc.returncode == 0, proc.stderr.decode()
+    return (d / "seen.txt").read_text().strip()
+
+
+def test_cuda_visible_devices_is_the_lease(tmp_path: Path) -> None:
+    devices = local_devices(4, fake_gpus(4), node="box")
+    pool = Pool(
+        id="local",
+        provider="local",
+        cpus=16,
+        memory=64 << 30,
+        gpus={"a100-sxm4-80gb": 4},
+        devices=devices,
+    )
+    h = Harness(pool)
+    out = h.submit(task("a", gpus=1), task("b", gpus=2), task("cpu"))
+    leases = {i.run_id: i.lease for i in items(out)}
+    a, b = leases["a"], leases["b"]
+    # a CPU-only run on a machine whose GPUs are leased holds none of them
+    assert leases["cpu"] == DeviceLease("box", ()) == h.core.lease("cpu")
+    assert a is not None and b is not None and not set(a.devices) & set(b.devices)
+    # the task's own CUDA_VISIBLE_DEVICES does not override the lease
+    assert launch(tmp_path, "a", a, {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}) == a.visible()
+    assert launch(tmp_path, "b", b, {}) == b.visible() and len(b.visible().split(",")) == 2
+    # a CPU-only attempt on a pool that knows its devices sees none
+    assert launch(tmp_path, "cpu", leases["cpu"], {}) == ""
+    # no lease (a pool counting GPUs only): the environment is left alone
+    assert launch(tmp_path, "plain", None, {}) == "<unset>"
+    # a freed device is leased again: the next run gets exactly what the first gave back
+    h.report("a", ProviderState.SUCCEEDED, provider="local")
+    out = h.submit(task("c", gpus=1))
+    [c] = [i.lease for i in items(out)]
+    assert c is not None and c.devices == a.devices
