@@ -43,12 +43,15 @@ It prints one JSON line:
     noticed_s              from that end until ``stowplan run`` exited
     startup                the phases, as ``X_at`` (seconds from starting ``stowplan run``)
                            and ``X_s`` (how long): ``import``, ``prepare``, ``discover`` (the
-                           CLI's), ``check_feasible``, ``plane_start`` (of which
-                           ``init_ray``), ``record``, ``plane_submit``, ``watch``,
-                           ``plane_stop`` (of which ``shutdown_ray``), timed by wrappers in
-                           the child (``TRACED_RUN``); ``actor_discover``/``actor_submit``:
-                           the provider actor's first remote discover and submit (the
-                           driver's ``remote.json`` ``calls``); ``sbatch_at``
+                           CLI's, on a thread beside ``prestart``: Ray's start, of which
+                           ``init_ray``), ``check_feasible``, ``plane_start``, ``record``,
+                           ``plane_submit``, ``watch``, ``plane_stop`` (of which
+                           ``kill_monitor`` and ``shutdown_ray``), timed by wrappers in the
+                           child (``TRACED_RUN``); ``exit_s``: from the end of
+                           ``plane_stop`` until the child exited (reading the store,
+                           printing); ``actor_discover``/``actor_submit``: the provider
+                           actor's first remote discover and submit (the driver's
+                           ``remote.json`` ``calls``); ``sbatch_at``
     raw_after_finished_s   the baseline run again after stowplan's
     ratio_to_raw_mean      finished_s / the mean of the two baselines
     succeeded              trials that succeeded (must equal trials)
@@ -119,7 +122,9 @@ began = time.time()
 out = sys.argv.pop(1)
 marks = [["python", began, began]]
 def wrap(owner, name, label):
-    f = getattr(owner, name)
+    f = getattr(owner, name, None)
+    if f is None:  # an older checkout (PYTHONPATH) without this phase
+        return
     @functools.wraps(f)
     def timed(*a, **k):
         t = time.time()
@@ -137,7 +142,7 @@ for n in ("prepare", "discover", "check_feasible", "save_discovered", "record"):
     wrap(session, n, n)
 for n in ("start", "submit", "stop"):
     wrap(control.ControlPlane, n, "plane." + n)
-for n in ("stop_orphans", "init_ray", "shutdown_ray"):
+for n in ("stop_orphans", "init_ray", "prestart", "shutdown_ray", "kill_monitor"):
     wrap(control, n, n)
 wrap(cc, "watch", "watch")
 atexit.register(lambda: open(out, "w").write(json.dumps(marks)))
@@ -146,7 +151,11 @@ sys.exit(cli.main(sys.argv[1:]))
 
 
 def startup_phases(
-    trace: Path, calls: list[list[object]], first_sbatch: float | None, wall: float
+    trace: Path,
+    calls: list[list[object]],
+    first_sbatch: float | None,
+    wall: float,
+    ended: float | None = None,
 ) -> dict[str, float | None]:
     """Where the time before the first sbatch went, in seconds from starting the child:
     each CLI phase's start and length (``TRACED_RUN``), and the driver's first discover and
@@ -171,6 +180,9 @@ def startup_phases(
             out[f"actor_{verb}_s"] = round(took, 3)
     if first_sbatch is not None:
         out["sbatch_at"] = round(first_sbatch - wall, 3)
+    stop_at, stop_s = out.get("plane_stop_at"), out.get("plane_stop_s")
+    if stop_at is not None and stop_s is not None and ended is not None:
+        out["exit_s"] = round(ended - wall - stop_at - stop_s, 3)
     return out
 
 
@@ -331,7 +343,9 @@ def main() -> int:
         counted = list((proj / ".stowplan").glob("**/slurm/cluster/remote.json"))
         remote = json.loads(counted[0].read_text()) if counted else {}
         driver_commands = remote.get("commands")
-        startup = startup_phases(trace, remote.get("calls", []), first_sbatch, wall)
+        startup = startup_phases(
+            trace, remote.get("calls", []), first_sbatch, wall, wall + all_finished_s
+        )
         raw_after_s = None
         if args.raw_after:
             raw_after_s, _, _ = raw_array(cluster, base / "raw-after", args.trials)

@@ -24,6 +24,7 @@ from typing import Any
 import msgspec
 
 from stowplan.errors import SpecError
+from stowplan.placement.leases import DeviceLease
 from stowplan.placement.problem import Pool
 from stowplan.provenance.imports import used_records
 from stowplan.provenance.records import ExperimentRecord, ProvenanceRecord, RunRecord
@@ -567,6 +568,7 @@ def launch_spec(
     key: str,
     pool: str,
     upstream: bytes | None = None,
+    lease: DeviceLease | None = None,
 ) -> LaunchSpec:
     """The provider's view of one attempt; ``upstream`` becomes ``upstream.json`` beside it.
     Secrets stay references: only the driver resolves them, when it submits."""
@@ -595,6 +597,7 @@ def launch_spec(
         image=la.image,
         code=la.code,
         secrets={var: secret_ref(name) for var, name in la.secrets.items()},
+        lease=lease,
     )
 
 

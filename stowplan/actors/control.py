@@ -34,7 +34,7 @@ from stowplan.actors.runtime import (
 )
 from stowplan.actors.wire import pack
 from stowplan.errors import StowplanError
-from stowplan.placement.problem import PlacementContext
+from stowplan.placement.problem import PlacementContext, PlacementProblem
 from stowplan.scheduler.plan import RunPayload
 from stowplan.scheduler.share import Approvals, TeamLimits
 from stowplan.spec.models import ProviderConfig
@@ -89,6 +89,61 @@ def remove_control_file(state_dir: Path) -> None:
         (state_dir / CONTROL_FILE).unlink()
 
 
+_PRESTARTED: set[str] = set()
+"""Namespaces whose Ray this process started with ``prestart``, for a ``ControlPlane`` of
+theirs to own (and shut down) when it starts."""
+
+
+def prestart(*, state_dir: Path, address: str | None, num_cpus: int | None = None) -> bool:
+    """Start (or join) the Ray of ``state_dir``'s control plane now, ahead of
+    ``ControlPlane.start``, so that a caller can overlap Ray's start (seconds) with work of
+    its own that must come before the actors (discovery, the feasibility check); it writes
+    nothing in the project. The ``ControlPlane`` started next for ``state_dir`` owns what this
+    started; a caller that ends up starting none calls ``abandon_prestart``. Call it on the
+    main thread (Ray sets its SIGTERM handler there). Returns True if it started Ray."""
+    namespace = namespace_for(state_dir)
+    started = init_ray(address=address, namespace=namespace, num_cpus=num_cpus)
+    if started:
+        _PRESTARTED.add(namespace)
+    return started
+
+
+def abandon_prestart(state_dir: Path) -> None:
+    """Stop the Ray ``prestart`` started for ``state_dir`` when no control plane will use it."""
+    namespace = namespace_for(state_dir)
+    if namespace in _PRESTARTED:
+        _PRESTARTED.discard(namespace)
+        fast_shutdown_ray()
+
+
+def fast_shutdown_ray() -> None:
+    """``shutdown_ray``, without waiting a second for Ray's autoscaler monitor.
+
+    NOTE: every local ``ray.init`` starts the autoscaler's ``monitor.py``, which a private
+    Ray never uses and which keeps no state; it answers SIGTERM only after Ray's one-second
+    grace, and ``ray.shutdown`` stops its processes one after the other, so that second was
+    most of a shutdown. It is killed first; Ray then reaps it at once."""
+    import ray
+
+    if ray.is_initialized():
+        kill_monitor(getattr(ray._private.worker, "_global_node", None))
+    shutdown_ray()
+
+
+def kill_monitor(node: Any) -> None:
+    """SIGKILL the autoscaler monitor among the processes of Ray's ``node`` (a
+    ``ray._private.node.Node`` this process started; private API, hence each step
+    guarded: a Ray without these attributes is shut down the slow way)."""
+    processes = getattr(node, "all_processes", None)
+    if not isinstance(processes, dict):
+        return
+    for info in processes.get("monitor", []):
+        proc = getattr(info, "process", None)
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.kill()
+
+
 def read_control_file(state_dir: Path) -> ControlInfo | None:
     """The running control plane of this project, or None if none is (still) alive.
 
@@ -125,6 +180,7 @@ class ControlPlane:
         workers: int = 1,
         teams: dict[str, TeamLimits] | None = None,
         approvals: Approvals | None = None,
+        spread: bool = False,
     ) -> None:
         self.state_dir = state_dir
         self.store_path = store_path
@@ -141,6 +197,9 @@ class ControlPlane:
         """``[service.teams]`` limits for the core's sharing (``scheduler.share``)."""
         self.approvals = approvals
         """the service's: runs ask for approval instead of being held (``CoreConfig``)."""
+        self.spread = spread
+        """place the actors over the cluster's nodes (Ray's SPREAD strategy) instead of beside
+        the driver: ``stowplan serve --spread`` on a cluster of several nodes."""
         self.namespace = namespace_for(state_dir)
         self._started_ray = False
         self.actors: dict[str, Any] = {}
@@ -155,9 +214,9 @@ class ControlPlane:
 
         # what a driver that died left of its control plane must not run beside this one
         stop_orphans(self.state_dir)
-        self._started_ray = init_ray(
-            address=self.address, namespace=self.namespace, num_cpus=self.num_cpus
-        )
+        started = init_ray(address=self.address, namespace=self.namespace, num_cpus=self.num_cpus)
+        self._started_ray = started or self.namespace in _PRESTARTED
+        _PRESTARTED.discard(self.namespace)
         owner = owner_identity()
         notes: dict[str, Any] = {"state_dir": str(self.state_dir), "owner": owner}
         common: dict[str, Any] = {
@@ -167,6 +226,8 @@ class ControlPlane:
             "max_task_retries": -1,
             "num_cpus": 0,
         }
+        if self.spread:
+            common["scheduling_strategy"] = "SPREAD"
         self.actors[STORE] = (
             ray.remote(StoreActor)
             .options(name=STORE, **common)
@@ -177,6 +238,9 @@ class ControlPlane:
             .options(name=PLACEMENT, **common)
             .remote(self.seed, budget=self.budget, workers=self.workers, **notes)
         )
+        # the solver's first call imports CP-SAT (about a second): pay it while the provider
+        # actors discover, not on the first placement (the answer is not needed)
+        self.actors[PLACEMENT].solve.remote(pack(PlacementProblem(pools=[], classes=[])))
         names: dict[str, str] = {}
         for name, cfg in sorted(self.providers.items()):
             actor_name = provider_actor_name(name)
@@ -307,7 +371,7 @@ class ControlPlane:
         finally:
             remove_control_file(self.state_dir)
             if self._started_ray:
-                shutdown_ray()
+                fast_shutdown_ray()
             else:
                 for actor in self.actors.values():
                     ray.kill(actor, no_restart=True)

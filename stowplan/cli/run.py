@@ -40,29 +40,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     from stowplan.placement.context import context_for
 
     context_for(prepared.project, prepared.loaded)  # unknown residency rules: exit 2 now
-    pools = discover(prepared, dry_run=args.dry_run, note=stderr_note)
-    check_feasible(prepared, pools)
     planned = prepared.planned
     ids = [r.run_id for r in planned]
-
     if args.dry_run:
+        pools = discover(prepared, dry_run=True, note=stderr_note)
+        check_feasible(prepared, pools)
         _print_dry_run(console, prepared, pools)
         return EXIT_OK
-    save_discovered(prepared, pools)
-
     store_path = Path(prepared.store_path)
-    with RunStore(store_path) as store:
-        existing = store.get_runs(ids)
-        reused = [i for i in ids if existing.get(i) and existing[i].state == "SUCCEEDED"]
-        todo = [i for i in ids if i not in set(reused)]
-        seen_before = [i for i in todo if i in existing]
-        if not todo:
-            record(prepared, store)
-    name = prepared.experiment.name
-    if reused:
-        err.print(f"{len(reused)} of {plural(len(ids), 'run')} reused")
+    reused, todo, seen_before = _reuse(store_path, ids)
     if todo:
-        dispatch(args, prepared, todo, reused, err, seen_before=seen_before)
+        pools = _discover_while_ray_starts(prepared, args.address)
+    else:
+        pools = discover(prepared, note=stderr_note)
+        check_feasible(prepared, pools)
+    try:
+        save_discovered(prepared, pools)
+        if not todo:
+            with RunStore(store_path) as store:
+                record(prepared, store)
+        if reused:
+            err.print(f"{len(reused)} of {plural(len(ids), 'run')} reused")
+        if todo:
+            dispatch(args, prepared, todo, reused, err, seen_before=seen_before)
+    finally:
+        from stowplan.actors.control import abandon_prestart
+
+        abandon_prestart(Path(prepared.state_dir))  # a no-op once a control plane took it
+    name = prepared.experiment.name
     with RunStore(store_path) as store:
         final = store.get_runs(ids)
         artifacts = store.artifacts_for(ids)
@@ -79,6 +84,60 @@ def cmd_run(args: argparse.Namespace) -> int:
             render_replicates(console, summary)
     failed = [r for r in ordered if r.state != "SUCCEEDED"]
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _reuse(store_path: Path, ids: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """(runs already succeeded, runs to do, runs to do that were stored before), read from
+    the store without creating it."""
+    existing = {}
+    if store_path.exists():
+        with RunStore(store_path) as store:
+            existing = store.get_runs(ids)
+    reused = [i for i in ids if i in existing and existing[i].state == "SUCCEEDED"]
+    done = set(reused)
+    todo = [i for i in ids if i not in done]
+    return reused, todo, [i for i in todo if i in existing]
+
+
+def _discover_while_ray_starts(prepared: Any, address: str | None) -> list[Any]:
+    """The providers' pools, found and checked (``check_feasible``) on a thread while this
+    one starts the control plane's Ray (``prestart``), which takes seconds; the control
+    plane started next takes that Ray over. Ray is stopped again when discovery or the check
+    fails, so a refused experiment still leaves nothing behind."""
+    import importlib
+    import threading
+
+    from stowplan.actors.control import abandon_prestart, prestart
+    from stowplan.session import check_feasible, discover
+
+    state_dir = Path(prepared.state_dir)
+    got: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            pools = discover(prepared)
+            check_feasible(prepared, pools)
+            got["pools"] = pools
+            # what ``ControlPlane.start`` imports, while Ray is still starting
+            for module in ("placement", "provider", "queue", "store"):
+                importlib.import_module(f"stowplan.actors.{module}")
+        except BaseException as e:  # handed to the main thread, which raises it
+            got["error"] = e
+
+    # daemon: a Ctrl-C must not wait for a provider that does not answer
+    worker = threading.Thread(target=work, name="stowplan-discover", daemon=True)
+    worker.start()
+    try:
+        # on this thread: Ray sets its SIGTERM handler only on the main thread
+        prestart(state_dir=state_dir, address=address)
+        worker.join()
+        if "error" in got:
+            raise got["error"]
+    except BaseException:
+        abandon_prestart(state_dir)
+        raise
+    pools: list[Any] = got["pools"]
+    return pools
 
 
 SEND_LIMIT = 64 << 20

@@ -15,6 +15,7 @@ Quirks of this API version:
   exit code only when the controller has forgotten the job.
 - There is no remote lock: a submit retried after a lost answer looks the job name up first
   (live jobs, then accounting), which covers a lost answer but not two submitters at once.
+  A first try (the driver's own index has no try of it) is sent without that lookup.
 - An accounting query matching nothing answers 200 with an error "Nothing found with query".
 - Logs cannot be read over REST (no file access): ``logs()`` needs the SSH transport.
 """
@@ -261,9 +262,12 @@ class RestBackend(Backend):
         return None
 
     async def submit(self, req: SlurmRequest, *, first: bool = False) -> str:
-        found = await self.find(req.name, req.job_dir)
-        if found is not None:
-            return found
+        # a request tried before may have been submitted by that try: look its name up (two
+        # GETs); a first try has nothing to find
+        if not first:
+            found = await self.find(req.name, req.job_dir)
+            if found is not None:
+                return found
         data = await self._call(
             "POST", f"/slurm/{API}/job/submit", {"script": req.script, "job": job_properties(req)}
         )

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from stowplan.providers.base import LaunchSpec
 from stowplan.providers.slurm.render import plan_arrays, sbatch_options
-from stowplan.providers.slurm.rest import job_properties, rows_of_db_jobs, rows_of_jobs
+from stowplan.providers.slurm.rest import (
+    API,
+    RestBackend,
+    job_properties,
+    rows_of_db_jobs,
+    rows_of_jobs,
+)
+from stowplan.spec.models import SlurmProviderConfig
 
 FIX = Path(__file__).resolve().parents[2] / "fixtures" / "slurm"
 
@@ -72,3 +82,43 @@ def test_rows_of_accounting() -> None:
     rows = {r.element_id: r for r in rows_of_db_jobs(jobs)}
     assert set(rows) == {"6_0", "6_1"}
     assert all(r.state == "FAILED" and r.ended_at is not None for r in rows.values())
+
+
+class _Recorded(RestBackend):
+    """The REST backend with its HTTP calls recorded and answered from a script."""
+
+    def __init__(self, answers: dict[tuple[str, str], dict[str, Any]]) -> None:
+        super().__init__(
+            "c",
+            SlurmProviderConfig(host="h", transport="rest", rest_url="http://x", workdir="/w"),
+        )
+        self.answers = answers
+        self.calls: list[tuple[str, str]] = []
+
+    async def _call(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+        self.calls.append((method, path.split("?")[0]))
+        return self.answers.get((method, path.split("?")[0]), {"jobs": []})
+
+
+SUBMIT = ("POST", f"/slurm/{API}/job/submit")
+
+
+@pytest.mark.anyio
+async def test_a_first_submit_is_one_request() -> None:
+    """A request the driver never tried goes out as one POST: no lookup of live jobs and
+    accounting first (the driver looks the name up itself before a retry)."""
+    (req,) = plan_arrays([_launch(0)], provider="c", workdir="/w", self_logging=True)
+    rest = _Recorded({SUBMIT: {"job_id": 7}})
+    assert await rest.submit(req, first=True) == "7"
+    assert rest.calls == [SUBMIT]
+
+
+@pytest.mark.anyio
+async def test_a_submit_tried_before_finds_the_earlier_job() -> None:
+    (req,) = plan_arrays([_launch(0)], provider="c", workdir="/w", self_logging=True)
+    jobs = json.loads((FIX / "rest-jobs.json").read_text())["jobs"]
+    for j in jobs:
+        j["name"] = req.name
+    rest = _Recorded({("GET", f"/slurm/{API}/jobs"): {"jobs": jobs}, SUBMIT: {"job_id": 7}})
+    assert await rest.submit(req) != "7"
+    assert SUBMIT not in rest.calls
