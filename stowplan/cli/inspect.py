@@ -110,6 +110,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                         "reason": r.reason,
                         "replicate": r.replicate,
                         "cost": r.cost,
+                        "service": msgspec.to_builtins(r.service),
                     }
                     for r in shown
                 ],
@@ -149,7 +150,21 @@ def cmd_status(args: argparse.Namespace) -> int:
             )
         elif r.state == "READY" and r.reason:  # waiting, and why (a budget holds it)
             console.print(f"  {r.run_id[:12]} {r.task}[{r.index}] READY: {r.reason}", markup=False)
+        elif r.service is not None:
+            console.print(f"  {r.run_id[:12]} {r.task}[{r.index}] {_service_text(r)}", markup=False)
     return 0
+
+
+def _service_text(r: Any) -> str:
+    """``service RUNNING at 127.0.0.1:8888 (2 restarts)``, or why it is not answering."""
+    svc = r.service
+    where = f"at {svc.endpoint}" if svc.endpoint else f"{r.state.lower()} (not answering now)"
+    text = f"service {r.state} {where}" if svc.endpoint else f"service {where}"
+    if svc.restarts:
+        text += f" ({plural(svc.restarts, 'restart')})"
+    if r.state == "RETRYING" and r.reason:
+        text += f": {r.reason}"
+    return text
 
 
 def usd_text(usd: float | None) -> str:

@@ -363,18 +363,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from stowplan.service.client import server_of
     from stowplan.spec.loader import load_project
 
-    if server_of(args) is not None:
-        # NOTE: a replay needs the recorded code checked out beside the runs while they run
-        # and a verdict once they end; the service does not hold worktrees for that yet.
-        raise SpecError(
-            "replay does not work through the service yet",
-            path="--server",
-            hint="run `stowplan replay` on the service's machine, in its project directory "
-            "(unset STOWPLAN_SERVER there)",
-        )
     tolerances = _tolerances(args.metric_tolerance)
     if args.tolerance is not None and args.tolerance < 0:
         raise SpecError("--tolerance must not be negative", hint="--tolerance 1e-6")
+    url = server_of(args)
+    if url is not None:
+        return _replay_remote(args, url, tolerances)
     err = make_console(stderr=True)
     project = load_project(search_from=args.project_dir or Path.cwd())
     plan = rp.plan_replay(project, args.targets, provider=args.provider, strict_env=args.strict_env)
@@ -404,6 +398,65 @@ def cmd_replay(args: argparse.Namespace) -> int:
     outcome = rp.verify_replay(
         plan, build, verify=args.verify, tolerance=args.tolerance, tolerances=tolerances
     )
+    return _show_replay(args, outcome)
+
+
+REPLAY_POLL_S = 1.0
+"""How often ``replay --server`` asks whether the replay's runs ended."""
+
+
+def _replay_remote(args: argparse.Namespace, url: str, tolerances: dict[str, float]) -> int:
+    """``replay --server``: the service replays from its store, on its control plane, and
+    holds the recorded code until the replay's runs end; this asks until the verdict is in.
+    The POST carries a request id, so a retry after a dropped connection starts nothing new."""
+    import time
+    import uuid
+
+    from stowplan.provenance.replay import ReplayOutcome
+    from stowplan.service.api import ReplayStatus
+    from stowplan.service.client import call, path_of
+
+    if args.keep_worktree or args.address:
+        flag = "--keep-worktree" if args.keep_worktree else "--address"
+        raise SpecError(
+            f"{flag} does not apply through the service: the service checks out the code and "
+            "runs the replay on its own cluster",
+            path=flag,
+            hint=f"drop {flag}, or run `stowplan replay` in the service's project directory",
+        )
+    body = {
+        "request_id": uuid.uuid4().hex,
+        "targets": list(args.targets),
+        "provider": args.provider,
+        "verify": bool(args.verify),
+        "strict_env": bool(args.strict_env),
+        "tolerance": args.tolerance,
+        "metric_tolerances": tolerances,
+        "why": args.why or "",
+    }
+    err = make_console(stderr=True)
+    status = call(url, "POST", path_of("replays"), ReplayStatus, json=body, ok=(200, 201))
+    for line in status.notes:
+        err.print(line, markup=False)
+    err.print(
+        f"replaying {plural(len(status.run_ids), 'run')} on the service "
+        f"(experiment {status.experiment_id[:12]})",
+        markup=False,
+    )
+    while not status.done:
+        time.sleep(REPLAY_POLL_S)
+        status = call(url, "GET", path_of("replays", status.request_id), ReplayStatus)
+    if status.outcome is None:
+        raise SpecError(
+            f"the service could not finish replay {status.request_id}: {status.error}",
+            hint="see the replay's runs with `stowplan status "
+            f"{status.experiment_id[:12]} --server ...`",
+        )
+    return _show_replay(args, msgspec.convert(status.outcome, ReplayOutcome))
+
+
+def _show_replay(args: argparse.Namespace, outcome: Any) -> int:
+    """Print a replay's outcome (``--json``: as is); the exit code its verdict gives."""
     if args.json:
         _print_json(outcome)
     else:

@@ -37,6 +37,13 @@ def add_parsers(sub: Any) -> None:
         "local Ray is started",
     )
     sv.add_argument(
+        "--spread",
+        action="store_true",
+        help="with --address: place the control plane's actors over the cluster's nodes "
+        "(Ray's SPREAD strategy) instead of on the service's own node; an actor on a node "
+        "that is lost is restarted on another",
+    )
+    sv.add_argument(
         "--log-format",
         choices=("json", "text"),
         default=None,
@@ -140,6 +147,7 @@ def project_context(project: Any) -> Any:
             for k in settings.links
         ],
         residency={n: tuple(s) for n, s in sorted(settings.residency.items())},
+        objective=settings.objective,
     )
 
 
@@ -177,12 +185,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             workers=settings.workers,
             teams={n: t.limits() for n, t in sorted(project.config.service.teams.items())},
             approvals=Approvals(restricted=tuple(sorted(set(cfg.restricted)))),
+            spread=args.spread,
         )
     # the port first: the control plane's Ray processes take ports of their own
     sock = _bind(args.bind or cfg.bind, port, project.file)
     store = RunStore(store_path)
     people = _people(state_dir)
     spending = None
+    state = None
     try:
         if plane is not None:
             from stowplan.service.spending import EVERY_S, TeamSpending
@@ -227,6 +237,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         sock.close()
         try:
+            if state is not None:
+                state.replayer.stop()
             if spending is not None:
                 spending.stop()
             if plane is not None:

@@ -7,7 +7,7 @@ every string that becomes a path on the server has a pattern that cannot climb o
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Annotated, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 from msgspec import Meta
@@ -120,6 +120,51 @@ class PlanResponse(msgspec.Struct, frozen=True, kw_only=True):
     """what ``stowplan plan`` printed (its table, or its JSON document with ``json``)."""
     errors: str = ""
     """what it said on stderr (notes; the error when ``exit_code`` is not 0)."""
+    queue: list[str] = msgspec.field(default_factory=list)
+    """with ``explain``, for a run waiting in the service's queue: why it waits there now (an
+    approval, a team's quota, a budget; the runs ahead of it by priority and fair share). In
+    text form these lines end ``output`` too."""
+
+
+ReplayTarget = Annotated[
+    str,
+    Meta(pattern=EXPERIMENT_REF_PATTERN, description="a run id (prefix) or an experiment name"),
+]
+MetricName = Annotated[str, Meta(pattern=EXPERIMENT_REF_PATTERN)]
+
+
+class ReplayRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``POST /api/v1/replays``: rebuild recorded runs from the service's store and run them
+    again on the lab's control plane (``stowplan replay --server``). The recorded code is
+    checked out on the server and kept until the replay's runs end; the verdict follows."""
+
+    request_id: RequestId
+    targets: Annotated[list[ReplayTarget], Meta(min_length=1, max_length=1000)]
+    provider: ProviderName | None = None
+    verify: bool = False
+    strict_env: bool = False
+    tolerance: Annotated[float, Meta(ge=0)] | None = None
+    metric_tolerances: dict[MetricName, Annotated[float, Meta(ge=0)]] = msgspec.field(
+        default_factory=dict
+    )
+    why: Why = ""
+
+
+class ReplayStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """A replay the service runs: ``GET /api/v1/replays/{request_id}`` until ``done``."""
+
+    request_id: str
+    experiment_id: str
+    run_ids: list[str]
+    """the replay's runs (the new ones)."""
+    notes: list[str] = msgspec.field(default_factory=list)
+    """what ``stowplan replay`` says on stderr: environment differences, notes, unpinned runs."""
+    done: bool = False
+    """every run of the replay ended and the verdict (``outcome``) is in."""
+    outcome: dict[str, Any] | None = None
+    """``provenance.replay.ReplayOutcome`` once ``done``: each replay's state and verdict."""
+    error: str = ""
+    """why the replay could not be followed to its end (``done`` and no ``outcome``)."""
 
 
 class SubmitResponse(msgspec.Struct, frozen=True, kw_only=True):

@@ -36,7 +36,7 @@ from litestar.exceptions import (
 from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Components, OpenAPIType, Schema, SecurityScheme
-from litestar.params import Parameter, PathParameter, RequestBody
+from litestar.params import FromQuery, PathParameter, QueryParameter, RequestBody
 from litestar.plugins import OpenAPISchemaPlugin
 from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
@@ -58,6 +58,7 @@ from stowplan.service.api import (
     LOG_EVENT_END,
     LOG_EVENT_ERROR,
     PATTERN_TEXT,
+    REQUEST_ID_PATTERN,
     RUN_REF_PATTERN,
     CancelExperimentResponse,
     CancelRequest,
@@ -68,6 +69,8 @@ from stowplan.service.api import (
     Health,
     PlanRequest,
     PlanResponse,
+    ReplayRequest,
+    ReplayStatus,
     SubmitRequest,
     SubmitResponse,
     TeamUse,
@@ -75,7 +78,7 @@ from stowplan.service.api import (
 )
 from stowplan.service.auth import Action, Principal, Scope, allowed, principal_of, scope_of
 from stowplan.service.people import People
-from stowplan.service.submit import ConflictError, NotRunningError, Submitter
+from stowplan.service.submit import ConflictError, NotRunningError, Replayer, Submitter
 from stowplan.spec.loader import LoadedProject
 
 log = logging.getLogger(__name__)
@@ -105,6 +108,7 @@ class ServiceState:
         self.people = people
         self.plane = plane
         self.submitter = Submitter(root=Path(project.root), people=people, plane=plane)
+        self.replayer = Replayer(project=project, people=people, plane=plane)
 
     def visible(self, who: Principal) -> views.Visible:
         if allowed(who.role, Action.READ, Scope.OTHER):
@@ -225,7 +229,7 @@ LineageTarget = Annotated[
         schema_extra={"pattern": LINEAGE_TARGET_PATTERN},
     ),
 ]
-FindText = Annotated[str | None, Parameter(schema_extra={"pattern": FILTER_PATTERN})]
+FindText = Annotated[str | None, QueryParameter(schema_extra={"pattern": FILTER_PATTERN})]
 STATES: Final = sorted({v for s in TaskState for v in (s.value, s.value.lower())})
 """``find --state``: a run state, in either case."""
 PARAM_FILTER_PATTERN: Final = (
@@ -303,13 +307,27 @@ class RequestSchemas(OpenAPISchemaPlugin):
                     prop.exclusive_minimum = number.gt
                 if number.lt is not None and prop.exclusive_maximum is None:
                     prop.exclusive_maximum = number.lt
+            t = t.type if isinstance(t, msgspec.inspect.Metadata) else t
+            if isinstance(t, msgspec.inspect.ListType) and isinstance(prop, Schema):
+                # NOTE: Litestar leaves out the items' pattern and the list's length bounds
+                item = t.item_type
+                item = item.type if isinstance(item, msgspec.inspect.Metadata) else item
+                if isinstance(item, msgspec.inspect.StrType) and item.pattern:
+                    prop.items = Schema(
+                        type=OpenAPIType.STRING,
+                        pattern=item.pattern,
+                        min_length=item.min_length,
+                        max_length=item.max_length,
+                    )
+                    prop.min_items = t.min_length
+                    prop.max_items = t.max_length
             if not isinstance(t, msgspec.inspect.DictType):
                 continue
             key = t.key_type
             key = key.type if isinstance(key, msgspec.inspect.Metadata) else key
-            if isinstance(key, msgspec.inspect.StrType) and isinstance(
-                t.value_type, msgspec.inspect.BytesType
-            ):
+            if not isinstance(key, msgspec.inspect.StrType):
+                continue
+            if isinstance(t.value_type, msgspec.inspect.BytesType):
                 (schema.properties or {})[f.encode_name] = Schema(
                     type=OpenAPIType.OBJECT,
                     property_names=Schema(type=OpenAPIType.STRING, pattern=key.pattern),
@@ -318,6 +336,17 @@ class RequestSchemas(OpenAPISchemaPlugin):
                     ),
                     description="file contents (base64) by relative path",
                 )
+            elif key.pattern and isinstance(prop, Schema):
+                prop.property_names = Schema(type=OpenAPIType.STRING, pattern=key.pattern)
+                value = _number(t.value_type)
+                if value is not None:
+                    prop.additional_properties = Schema(
+                        type=OpenAPIType.INTEGER
+                        if isinstance(value, msgspec.inspect.IntType)
+                        else OpenAPIType.NUMBER,
+                        minimum=value.ge,
+                        maximum=value.le,
+                    )
         return schema
 
 
@@ -533,6 +562,61 @@ def reject_run(
     return _decide(request, who, ref, data.why, approve=False)
 
 
+@post(
+    f"{API_PREFIX}/replays",
+    sync_to_thread=True,
+    responses={
+        200: ResponseSpec(ReplayStatus, description="the replay this request id started before"),
+        **ERRORS,
+    },
+)
+def start_replay(
+    request: Request[Any, Any, Any],
+    who: NamedDependency[Principal],
+    data: RequestBody[ReplayRequest],
+) -> Response[ReplayStatus]:
+    """Replay recorded runs the caller may read, from the service's store, on its control
+    plane: 201 once the replay's runs are recorded and queued (``GET /api/v1/replays/{id}``
+    follows it to its verdict), 200 with the first answer for a request id used before."""
+    state = _state(request)
+    if not allowed(who.role, Action.SUBMIT, Scope.OWN):
+        raise PermissionDeniedException(f"{who.user} is a {who.role}: a viewer cannot replay")
+
+    def may_read(experiment_id: str) -> None:
+        state.check(who, Action.READ, experiment_id)
+
+    answer, created = state.replayer.start(who, data, may_read)
+    return Response(answer, status_code=HTTP_201_CREATED if created else HTTP_200_OK)
+
+
+@get(f"{API_PREFIX}/replays/{{request_id:str}}", sync_to_thread=True, responses=ERRORS)
+def replay_status(
+    request: Request[Any, Any, Any],
+    who: NamedDependency[Principal],
+    request_id: Annotated[
+        str,
+        PathParameter(
+            description="the replay's request id", schema_extra={"pattern": REQUEST_ID_PATTERN}
+        ),
+    ],
+) -> ReplayStatus:
+    """A replay started through this service (by the caller; an admin sees every one):
+    ``done`` with its ``outcome`` once its runs ended."""
+    state = _state(request)
+    if not re.match(REQUEST_ID_PATTERN, request_id):
+        raise ValidationException(
+            f"{request_id[:80]!r} is not a request id: {PATTERN_TEXT[REQUEST_ID_PATTERN]}"
+        )
+    everyone = allowed(who.role, Action.READ, Scope.OTHER)
+    got = state.replayer.status(who, request_id, everyone=everyone)
+    if got is None:
+        raise NotFoundException(
+            f"no replay {request_id!r} of yours in this service (replays are kept until it "
+            "restarts)"
+        )
+    return got
+
+
 @post(f"{API_PREFIX}/plan", sync_to_thread=True, status_code=HTTP_200_OK, responses=ERRORS)
 def plan(
     request: Request[Any, Any, Any],
@@ -547,7 +631,154 @@ def plan(
             f"{who.user} is a {who.role}: only those who may submit may plan"
         )
     _writable(data)
-    return state.submitter.plan(who, data)
+    answer = state.submitter.plan(who, data)
+    if data.explain is None:
+        return answer
+    queue = queue_explanation(state, who, data.explain, metrics.metrics_of(request.app.state).store)
+    if not queue:
+        return answer
+    output = answer.output
+    if not data.json:  # the JSON document stays one document: the lines are in ``queue``
+        output = output + ("" if not output or output.endswith("\n") else "\n")
+        output += "\n".join(queue) + "\n"
+    return msgspec.structs.replace(answer, output=output, queue=queue)
+
+
+WAITS_IN_QUEUE: Final = ("PENDING", "READY", "AWAITING_APPROVAL", "RETRYING")
+"""The states of a run that waits in the service's queue (``plan --explain`` says why)."""
+AHEAD_COUNTED: Final = 5000
+"""``plan --explain`` weighs a waiting run against at most this many of the oldest others."""
+
+
+def queue_explanation(state: ServiceState, who: Principal, prefix: str, reader: Any) -> list[str]:
+    """Why the run ``prefix`` names waits in the service's queue now, for ``plan --explain``:
+    the hold the scheduler recorded (an approval, a team's quota, a budget), the team's use
+    against its limits, and the waiting runs ahead of it by priority and by fair share. No
+    lines for a run the caller may not read, that is not in the store, or that does not wait."""
+    try:
+        run_id = state.store.resolve_run(prefix)
+    except (KeyError, ValueError):
+        return []
+    run = state.store.get_runs([run_id])[run_id]
+    scope = scope_of(who, state.people.owners(run.experiment_id))
+    if not allowed(who.role, Action.READ, scope) or run.state not in WAITS_IN_QUEUE:
+        return []
+    mine = _instance(run)
+    team, priority = mine.get("team") or "", int(mine.get("priority") or 0)
+    head = (
+        f"in the service's queue now: run {run_id[:12]} ({run.task}[{run.index}]"
+        + (f", team {team}" if team else "")
+        + (f", user {mine['user']}" if mine.get("user") else "")
+        + f", priority {priority}) is {run.state}"
+    )
+    lines = [head]
+    if run.state == "AWAITING_APPROVAL":
+        lines.append(
+            f"  held for approval: {run.reason or 'policy asks for it'}; a team admin of "
+            f"{team or 'its team'} or an admin decides: stowplan approve {run_id[:12]} "
+            "--why ... (or reject)"
+        )
+    elif run.state == "READY" and run.reason:
+        lines.append(f"  held back: {run.reason}")
+    elif run.state == "READY":
+        lines.append(
+            "  no quota or approval holds it: it waits for capacity (the last placement found "
+            "no pool with room for it) behind the runs placed first"
+        )
+    elif run.state == "PENDING":
+        lines.append("  waits on its upstream runs, or for the queue to take it")
+    else:
+        lines.append(f"  retrying after attempt {run.attempts} failed: {run.reason or run.failure}")
+    uses = dict(state.plane.sharing()) if state.plane is not None else {}
+    if team in uses:
+        lines.append("  " + _team_use_text(team, uses[team]))
+    lines += _ahead(state, reader, run_id, team, priority, uses)
+    return lines
+
+
+def _instance(run: RunRecord) -> dict[str, Any]:
+    """The run's ``TaskInstance`` as recorded for the queue (team, user, priority)."""
+    payload = run.task_spec.get("payload")
+    inst = payload.get("instance") if isinstance(payload, dict) else None
+    return inst if isinstance(inst, dict) else {}
+
+
+def _team_use_text(team: str, use: dict[str, Any]) -> str:
+    from stowplan.scheduler.share import span_text
+
+    limits = use["limits"]
+    holds = ", ".join(f"{m} {n}" for m, n in sorted(use["holds"].items())) or "no GPU"
+    parts = [f"team {team} holds {holds}"]
+    if limits.get("max_gpus"):
+        parts.append("max " + ", ".join(f"{m} {n}" for m, n in sorted(limits["max_gpus"].items())))
+    if limits.get("guaranteed_gpus"):
+        parts.append(
+            "guaranteed "
+            + ", ".join(f"{m} {n}" for m, n in sorted(limits["guaranteed_gpus"].items()))
+        )
+    hours = f"GPU-hours {use['gpu_hours']:,.2f}"
+    if limits.get("gpu_hours") is not None:
+        hours += f" of {limits['gpu_hours']:,g} per {span_text(limits['window_s'])}"
+    parts.append(hours)
+    parts.append(f"weight {limits.get('weight', 1.0):g}")
+    return "; ".join(parts)
+
+
+def _ahead(
+    state: ServiceState,
+    reader: Any,
+    run_id: str,
+    team: str,
+    priority: int,
+    uses: dict[str, Any],
+) -> list[str]:
+    """The waiting runs the scheduler takes before ``run_id``: higher priority first (across
+    teams, as stated), then, at the same priority, teams that used less over their weight."""
+    marks = ", ".join("?" * len(WAITS_IN_QUEUE))
+    rows = reader.query(
+        f"SELECT run_id FROM runs WHERE state IN ({marks}) AND run_id != ? "
+        f"ORDER BY created_at, run_id LIMIT {AHEAD_COUNTED}",
+        (*WAITS_IN_QUEUE, run_id),
+    )
+    others = state.store.get_runs([r[0] for r in rows])
+
+    def share(t: str) -> float | None:
+        use = uses.get(t)
+        if use is None:
+            return None
+        return float(use["gpu_hours"]) / float(use["limits"].get("weight") or 1.0)
+
+    mine = share(team)
+    higher: dict[str, int] = {}
+    fairer: dict[str, int] = {}
+    for other in others.values():
+        inst = _instance(other)
+        p, t = int(inst.get("priority") or 0), inst.get("team") or "no team"
+        if p > priority:
+            higher[t] = higher.get(t, 0) + 1
+        elif p == priority and t != team and mine is not None:
+            theirs = share(t)
+            if theirs is not None and theirs < mine:
+                fairer[t] = fairer.get(t, 0) + 1
+    out = []
+    if higher:
+        out.append(
+            f"  ahead of it by priority: {sum(higher.values())} waiting runs of higher priority ("
+            + ", ".join(f"team {t}: {n}" for t, n in sorted(higher.items()))
+            + ")"
+        )
+    if fairer:
+        out.append(
+            f"  ahead of it by fair share: {sum(fairer.values())} waiting runs of priority "
+            f"{priority} of teams that used fewer GPU-hours over their weight ("
+            + ", ".join(f"team {t}: {n}" for t, n in sorted(fairer.items()))
+            + ")"
+        )
+    if not higher and not fairer:
+        out.append("  no waiting run is ahead of it by priority or fair share")
+    if len(others) >= AHEAD_COUNTED:
+        out.append(f"  (weighed against the {AHEAD_COUNTED} oldest waiting runs)")
+    return out
 
 
 @post(
@@ -603,9 +834,9 @@ def run_logs(
     request: Request[Any, Any, Any],
     who: NamedDependency[Principal],
     ref: RunRef,
-    stream: Literal["stdout", "stderr"] = "stdout",
-    attempt: Annotated[int | None, Parameter(ge=1, le=1_000_000)] = None,
-    follow: bool = False,
+    stream: FromQuery[Literal["stdout", "stderr"]] = "stdout",
+    attempt: Annotated[int | None, QueryParameter(ge=1, le=1_000_000)] = None,
+    follow: FromQuery[bool] = False,
 ) -> ServerSentEvent:
     """A run's output as server-sent events (``stowplan logs [-f]``): ``chunk`` events, each
     a base64 piece of the log whose ``id`` is the byte offset it ends at, then ``end``.
@@ -750,13 +981,13 @@ def find_runs(
     request: Request[Any, Any, Any],
     who: NamedDependency[Principal],
     data_: Annotated[
-        str | None, Parameter(query="data", schema_extra={"pattern": FILTER_PATTERN})
+        str | None, QueryParameter(name="data", schema_extra={"pattern": FILTER_PATTERN})
     ] = None,
     gpu: FindText = None,
     code: FindText = None,
     param: Annotated[
         list[str] | None,
-        Parameter(
+        QueryParameter(
             max_items=32,
             schema_extra={
                 "items": Schema(
@@ -768,7 +999,7 @@ def find_runs(
     experiment: FindText = None,
     task: FindText = None,
     state_: Annotated[
-        str | None, Parameter(query="state", schema_extra={"enum": [*STATES, None]})
+        str | None, QueryParameter(name="state", schema_extra={"enum": [*STATES, None]})
     ] = None,
     package: FindText = None,
     host: FindText = None,
@@ -817,8 +1048,8 @@ def run_lineage(
     request: Request[Any, Any, Any],
     who: NamedDependency[Principal],
     target: LineageTarget,
-    direction: Literal["up", "down", "both"] = "up",
-    depth: Annotated[int | None, Parameter(ge=1, le=1000)] = None,
+    direction: FromQuery[Literal["up", "down", "both"]] = "up",
+    depth: Annotated[int | None, QueryParameter(ge=1, le=1000)] = None,
 ) -> LineageGraph:
     """What a run or artifact came from, or what came from it (``stowplan lineage``): only
     runs of experiments the caller may read, and what they lead to."""
@@ -863,7 +1094,7 @@ def ledger_entries(
     request: Request[Any, Any, Any],
     who: NamedDependency[Principal],
     target: Annotated[
-        str | None, Parameter(schema_extra={"pattern": EXPERIMENT_REF_PATTERN})
+        str | None, QueryParameter(schema_extra={"pattern": EXPERIMENT_REF_PATTERN})
     ] = None,
 ) -> list[LedgerEntry]:
     """Audit ledger entries (``stowplan audit log``) on experiments and runs the caller may
@@ -996,6 +1227,8 @@ def create_app(state: ServiceState, *, debug: bool = False) -> Litestar:
             approve_run,
             reject_run,
             plan,
+            start_replay,
+            replay_status,
             run_logs,
             find_runs,
             run_lineage,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -310,9 +311,12 @@ def follow_logs(
     follow: bool = False,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    notice: Callable[[str], None] | None = None,
 ) -> None:
     """Write a run's log as the service sends it; after a dropped connection (or a restarted
     service), reconnect with ``Last-Event-ID`` and go on from the last byte written.
+    ``notice`` (standard error by default) is told once when the service goes away, that it
+    is reconnecting, and once when it is back.
 
     Reconnects back off from 0.5 s to 5 s between tries; a gateway's 502, 503 or 504 (a
     proxy in front of a service that is restarting) counts as no answer, and so does a
@@ -332,6 +336,8 @@ def follow_logs(
     failures = 0
     since = clock()  # of the last line received
     answered = False
+    away = False  # the service stopped answering and notice was told so
+    tell = notice if notice is not None else _to_stderr
 
     def lines(resp: Any) -> Iterator[str]:
         nonlocal since
@@ -358,6 +364,10 @@ def follow_logs(
                     resp.read()
                     raise _refused(resp.status_code, resp.content, resp.reason_phrase)
                 answered, since = True, clock()
+                if away:
+                    at = f" after byte {last}" if last is not None else ""
+                    tell(f"reconnected to {url}: the log goes on{at}")
+                    away = False
                 for ev in _events(lines(resp)):
                     if ev.event == LOG_EVENT_CHUNK:
                         write(base64.b64decode(ev.data))
@@ -384,7 +394,24 @@ def follow_logs(
                 hint=f"check that `stowplan serve` runs there; `stowplan logs {run} --server "
                 f"{url}` shows the whole log again once it does",
             )
+        if not away:
+            tell(
+                f"the service at {url} went away ({_why(why)}): reconnecting "
+                f"(for up to {RESUME_FOR_S:g} s)"
+            )
+            away = True
         sleep(min(0.25 * 2**failures, 5.0))
+
+
+def _to_stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _why(e: Exception | str) -> str:
+    """Why a try failed, in a few words (an httpx error's text may be empty)."""
+    if isinstance(e, str):
+        return e
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
 GATEWAY_TRANSIENT: Final = frozenset({502, 503, 504})

@@ -25,7 +25,14 @@ import msgspec
 
 from stowplan.errors import SpecError
 from stowplan.provenance.store import RunStore
-from stowplan.service.api import PlanRequest, PlanResponse, SubmitRequest, SubmitResponse
+from stowplan.service.api import (
+    PlanRequest,
+    PlanResponse,
+    ReplayRequest,
+    ReplayStatus,
+    SubmitRequest,
+    SubmitResponse,
+)
 from stowplan.service.auth import Principal
 from stowplan.service.people import People, SubmissionRecord
 
@@ -242,3 +249,187 @@ def _relative(e: SpecError, ws: Path) -> SpecError:
     msg = e.message.replace(str(ws) + "/", "").replace(str(ws), ".")
     hint = e.hint.replace(str(ws) + "/", "") if e.hint else e.hint
     return SpecError(msg, file=file, path=e.path, line=e.line, hint=hint)
+
+
+REPLAY_POLL_S = 1.0
+"""How often a replay's follower reads its runs' states from the store."""
+
+
+class Replayer:
+    """Replays through the service: ``POST /api/v1/replays`` plans, checks out the recorded
+    code, records and submits in the request (so every refusal is its 400); a thread then
+    holds the worktree until the replay's runs are final, removes it and computes the
+    verdict. Replays are kept in memory by request id: a retried POST answers the first
+    replay; after a restart the runs resume in the queue but the verdict is not computed
+    (``stowplan replay`` again, or ``stowplan diff``, tells it)."""
+
+    def __init__(self, *, project: Any, people: People, plane: Any | None) -> None:
+        self.project = project
+        self.people = people
+        self.plane = plane
+        self._lock = threading.Lock()
+        self._replays: dict[str, tuple[str, str, ReplayStatus]] = {}
+        """request id -> (user, request body's sha256, status)."""
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def status(self, who: Principal, request_id: str, *, everyone: bool) -> ReplayStatus | None:
+        with self._lock:
+            got = self._replays.get(request_id)
+        if got is None or not (everyone or got[0] == who.user):
+            return None
+        return got[2]
+
+    def start(self, who: Principal, req: ReplayRequest, check: Any) -> tuple[ReplayStatus, bool]:
+        """The replay's status, and whether this call started it. ``check(experiment_id)``
+        raises unless the caller may read that experiment's runs."""
+        body = hashlib.sha256(msgspec.json.encode(req)).hexdigest()
+        with self._lock:
+            seen = self._replays.get(req.request_id)
+            if seen is not None:
+                if seen[:2] != (who.user, body):
+                    raise ConflictError(
+                        f"request id {req.request_id!r} was already used for another request; "
+                        "use a new request id for a new replay"
+                    )
+                return seen[2], False
+            status = self._start(who, req, check)
+            self._replays[req.request_id] = (who.user, body, status)
+            return status, True
+
+    def _start(self, who: Principal, req: ReplayRequest, check: Any) -> ReplayStatus:
+        from stowplan.provenance import replay as rp
+        from stowplan.session import submissions
+
+        if self.plane is None:
+            raise NotRunningError("this service runs no control plane: nothing was replayed")
+        plane = self.plane
+        plan = rp.plan_replay(
+            self.project, req.targets, provider=req.provider, strict_env=req.strict_env
+        )
+        for view in plan.views:
+            check(view.run.experiment_id)
+        held = contextlib.ExitStack()
+        try:
+            checkout = held.enter_context(rp.checked_out(plan))
+            build = rp.build_replay(plan, checkout)
+            build.prepared.planned = _owned(build.prepared.planned, who.team, who.user)
+            notes = [f"environment differs: {line}" for line in plan.environment_differences]
+            notes += [f"note: {line}" for line in build.notes]
+            notes += [
+                f"note: replay {new_id[:12]} runs unpinned: "
+                + (
+                    "its original has no recorded placement"
+                    if build.pin_supported
+                    else "this scheduler cannot pin a hardware class yet"
+                )
+                for new_id, pin in build.pins.items()
+                if pin is None
+            ]
+            experiment_id = build.prepared.experiment.id
+            self.people.add_owner(experiment_id, who.team, who.user)
+            with RunStore(Path(plan.store_path)) as store:
+                from stowplan.session import record
+
+                record(build.prepared, store)
+                _record_replay(store, plan, build, who, req)
+            if build.todo:
+                plane.submit(submissions(build.prepared, set(build.todo)), plan.upstream)
+        except BaseException:
+            held.close()
+            raise
+        status = ReplayStatus(
+            request_id=req.request_id,
+            experiment_id=experiment_id,
+            run_ids=list(build.todo),
+            notes=notes,
+        )
+        t = threading.Thread(
+            target=self._follow,
+            args=(req, plan, build, held),
+            name=f"replay-{req.request_id}",
+            daemon=True,
+        )
+        self._threads.append(t)
+        t.start()
+        return status
+
+    def _follow(self, req: ReplayRequest, plan: Any, build: Any, held: Any) -> None:
+        """Wait until the replay's runs are final, then give the worktree back and verify."""
+        from stowplan.provenance import replay as rp
+        from stowplan.scheduler.states import FINAL
+
+        outcome: dict[str, Any] | None = None
+        error = ""
+        try:
+            with RunStore(Path(plan.store_path)) as store:
+                while not self._stop.is_set():
+                    states = store.run_states(build.todo)
+                    if all(states.get(i, ("", 0))[0] in FINAL for i in build.todo):
+                        break
+                    self._stop.wait(REPLAY_POLL_S)
+            if self._stop.is_set():
+                error = "the service stopped before the replay's runs ended"
+            else:
+                held.close()  # the runs are over: the worktree goes before the verdict
+                done = rp.verify_replay(
+                    plan,
+                    build,
+                    verify=req.verify,
+                    tolerance=req.tolerance,
+                    tolerances=dict(req.metric_tolerances),
+                )
+                outcome = msgspec.to_builtins(done)
+        except Exception as e:  # the verdict's reader failed: say so, do not die silently
+            import logging
+
+            logging.getLogger(__name__).exception("replay %s failed", req.request_id)
+            error = f"the replay could not be verified: {e}"
+        finally:
+            held.close()
+        with self._lock:
+            user, body, status = self._replays[req.request_id]
+            self._replays[req.request_id] = (
+                user,
+                body,
+                msgspec.structs.replace(status, done=True, outcome=outcome, error=error),
+            )
+
+    def stop(self) -> None:
+        """Stop following replays (the service is stopping); their runs stay queued."""
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=30)
+
+
+def _record_replay(store: RunStore, plan: Any, build: Any, who: Principal, req: Any) -> None:
+    """``provenance.replay.record_replay`` with the caller as the ledger's who.
+    NOTE: record_replay takes the process's user; the service acts for the caller."""
+    from stowplan.provenance.records import ReplayRecord
+    from stowplan.session import run_ids_detail
+
+    experiment = build.prepared.experiment
+    store.put_replay_batch(
+        [
+            ReplayRecord(run_id=new, of_run_id=old, at=build.at)
+            for old, new in build.replay_of.items()
+        ]
+    )
+    store.append_ledger(
+        who=who.user,
+        action="replay",
+        target=experiment.id,
+        why=req.why,
+        details={
+            "experiment": experiment.name,
+            "of": run_ids_detail(list(build.replay_of)),
+            **run_ids_detail(build.todo),
+            "commit": build.commit,
+            "diff_applied": build.applied_diff,
+            "provider": plan.provider,
+            "environment_differences": len(plan.environment_differences),
+            "team": who.team,
+            "request_id": req.request_id,
+            "via": "service",
+        },
+    )

@@ -36,10 +36,12 @@ __all__ = [
     "ExperimentSummary",
     "RunDetail",
     "RunStatus",
+    "ServiceView",
     "experiment_runs",
     "list_experiments",
     "run_cost",
     "run_detail",
+    "service_view",
     "status_rows",
     "visible_ledger",
     "visible_lineage",
@@ -75,6 +77,46 @@ class RunStatus(msgspec.Struct, frozen=True, kw_only=True):
     reason: str | None
     replicate: int
     cost: dict[str, float] | None = None
+    service: ServiceView | None = None
+    """set for a service task (``[tasks.service]``): where it answers, and its restarts."""
+
+
+class ServiceView(msgspec.Struct, frozen=True, kw_only=True):
+    """A service task's run as a person wants to find it."""
+
+    port: int | None
+    endpoint: str | None
+    """``HOST:PORT`` of the attempt running now (127.0.0.1 when it runs on this host); None
+    while no attempt runs, or the service has no port."""
+    restarts: int
+    """attempts after the first: every restart, whatever ended the attempt before."""
+    health: str | None
+    """what the health check probes ("GET /healthz", "command: curl ..."), or None."""
+
+
+def service_view(run: RunRecord, attempts: list[AttemptRecord]) -> ServiceView | None:
+    """The service part of ``run`` (None for a normal task), from the task as the queue got
+    it and the run's attempts (``shell.health.endpoint``)."""
+    from stowplan.shell.health import endpoint
+
+    spec = run.task_spec.get("payload", {}).get("instance", {}).get("service")
+    if not isinstance(spec, dict):
+        return None
+    port = spec.get("port")
+    port = port if isinstance(port, int) else None
+    health = spec.get("health") or {}
+    probe = None
+    if health.get("http"):
+        probe = f"GET {health['http']}"
+    elif health.get("command"):
+        probe = "command: " + " ".join(str(a) for a in health["command"])
+    live = [a for a in attempts if a.state == "RUNNING"] if run.state == "RUNNING" else []
+    return ServiceView(
+        port=port,
+        endpoint=endpoint(live[-1].node, port) if live else None,
+        restarts=max(0, max((a.attempt for a in attempts), default=0) - 1),
+        health=probe,
+    )
 
 
 def run_cost(attempts: list[AttemptRecord]) -> dict[str, float] | None:
@@ -157,6 +199,7 @@ def status_rows(store: RunStore, runs: list[RunRecord]) -> list[RunStatus]:
             reason=r.reason,
             replicate=r.replicate,
             cost=run_cost(attempts.get(r.run_id, [])),
+            service=service_view(r, attempts.get(r.run_id, [])),
         )
         for r in shown
     ]
@@ -177,6 +220,8 @@ class RunDetail(msgspec.Struct, kw_only=True):
     ledger: list[LedgerEntry]
     used: dict[str, str] | None
     """what the run imported, as captured where it ran; None when nothing was captured."""
+    service: ServiceView | None = None
+    """set for a service task: its endpoint and restarts (the dashboard's run page)."""
 
 
 def run_detail(
@@ -187,10 +232,11 @@ def run_detail(
 
     run = store.get_runs([run_id])[run_id]
     record = used_records(store, [run_id], providers, state_dir).get(run_id)
+    attempts = store.attempts_for([run_id]).get(run_id, [])
     return RunDetail(
         run=run,
         experiment=store.get_experiment(run.experiment_id),
-        attempts=store.attempts_for([run_id]).get(run_id, []),
+        attempts=attempts,
         artifacts=store.artifacts_for([run_id]).get(run_id, []),
         events=store.events_for(run_id),
         provenance=store.get_provenance(run.provenance),
@@ -204,6 +250,7 @@ def run_detail(
             and (e.target == run_id or run_id in e.details.get("run_ids", [run_id]))
         ],
         used=record.distributions() if record is not None else None,
+        service=service_view(run, attempts),
     )
 
 

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,7 @@ def free_port() -> int:
 
 
 class Service:
-    def __init__(self, root: Path, *, read_only: bool) -> None:
+    def __init__(self, root: Path, *, read_only: bool, args: Sequence[str] = ()) -> None:
         self.root = root
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -80,6 +80,7 @@ class Service:
         cmd = [sys.executable, "-m", "stowplan.cli.main", "serve", "--port", str(self.port)]
         if read_only:
             cmd.append("--read-only")
+        cmd.extend(args)
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
                 cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT

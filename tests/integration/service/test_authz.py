@@ -221,6 +221,8 @@ def test_no_valid_token_is_401_everywhere(
                 ("GET", "/api/v1/ledger", None),
                 ("GET", "/api/v1/ledger/verify", None),
                 ("POST", "/api/v1/plan", plan_body("cats")),
+                ("POST", "/api/v1/replays", {"request_id": "req-401-2", "targets": ["cats"]}),
+                ("GET", "/api/v1/replays/req-401-2", None),
             ):
                 r = c.request(method, path, headers=h, json=data)
                 assert r.status_code == 401, (h, path, r.text)
@@ -266,6 +268,8 @@ def test_the_openapi_document_describes_the_api(
         "/api/v1/ledger",
         "/api/v1/ledger/verify",
         "/api/v1/plan",
+        "/api/v1/replays",
+        "/api/v1/replays/{request_id}",
     }
     submit = doc["components"]["schemas"]["SubmitRequest"]
     assert set(submit["required"]) == {"request_id", "filename", "experiment"}

@@ -32,9 +32,15 @@ STOWPLAN_FUZZ_EXAMPLES (and STOWPLAN_FUZZ_SEED) to search longer and elsewhere."
 SEED = int(os.environ.get("STOWPLAN_FUZZ_SEED", "20261205"))
 """A fixed seed: the same requests every run, so a failure reproduces (the output says how)."""
 
-SEMANTIC = ("POST /api/v1/experiments", "POST /api/v1/plan", "GET /api/v1/lineage/{target}")
+SEMANTIC = (
+    "POST /api/v1/experiments",
+    "POST /api/v1/plan",
+    "GET /api/v1/lineage/{target}",
+    "POST /api/v1/replays",
+)
 """Where a schema-valid request may still be refused with a 400: an experiment file the
-document can only call a string, a lineage target that names nothing in the store."""
+document can only call a string, a lineage target or replay target that names nothing in the
+store."""
 
 
 def _schemathesis() -> list[str]:

@@ -54,3 +54,41 @@ def test_experiment_files_refuse_too_much_and_names_that_cannot_travel(tmp_path:
     (tmp_path / "a file.py").write_text("")
     with pytest.raises(SpecError, match="cannot be sent"):
         experiment_files(tmp_path / "exp.toml", limit=1000)
+
+
+def test_logs_follow_says_on_stderr_that_it_reconnects_while_the_service_is_away(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A stream cut mid-log, then no answer, then the rest: the log is written once, whole,
+    and standard error says once that the service went away and once that it is back."""
+    import base64
+
+    import httpx
+
+    from stowplan.service import client
+
+    def chunk(data: bytes, end: int) -> str:
+        return f"event: chunk\nid: {end}\ndata: {base64.b64encode(data).decode()}\n\n"
+
+    seen: list[str | None] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("last-event-id"))
+        if len(seen) == 1:  # cut before the end event
+            return httpx.Response(200, text=chunk(b"one\n", 4))
+        if len(seen) in (2, 3):
+            raise httpx.ConnectError("connection refused", request=request)
+        return httpx.Response(200, text=chunk(b"two\n", 8) + "event: end\ndata: \n\n")
+
+    def fake_client(url: str, *, timeout: float | None = None) -> httpx.Client:
+        return httpx.Client(base_url=url, transport=httpx.MockTransport(answer))
+
+    monkeypatch.setattr(client, "_client", fake_client)
+    out: list[bytes] = []
+    client.follow_logs("http://lab:8470", "abcdef12", out.append, follow=True, sleep=lambda s: None)
+    assert b"".join(out) == b"one\ntwo\n"
+    assert seen == [None, "4", "4", "4"]
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2, err
+    assert "went away" in err[0] and "reconnecting" in err[0], err
+    assert err[1] == "reconnected to http://lab:8470: the log goes on after byte 4", err

@@ -70,8 +70,7 @@ def test_a_restricted_provider_that_is_not_configured_is_a_spec_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (tmp_path / "stowplan.toml").write_text(
-        '[project]\nname = "lab"\n[service]\nrestricted = ["aws"]\n[service.teams.vision]\n'
-        + USER
+        '[project]\nname = "lab"\n[service]\nrestricted = ["aws"]\n[service.teams.vision]\n' + USER
     )
     assert main(["serve", "--project-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
