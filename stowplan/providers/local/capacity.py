@@ -39,6 +39,10 @@ class Started(Struct, kw_only=True):
     """Whether the supervisor was told to start it (after its predecessor, if any)."""
     keeper: bool = False
     """Started (or handed ahead) through the supervisor connected now, which sees it end."""
+    devices: tuple[int, ...] = ()
+    """The GPU indices of its lease (``CUDA_VISIBLE_DEVICES``): no other attempt starts on
+    them while it holds them, even when the core has already given them to the next run
+    (a cancel it sent is still stopping this one)."""
 
 
 class Capacity(Struct, frozen=True, kw_only=True):
@@ -50,11 +54,18 @@ class Capacity(Struct, frozen=True, kw_only=True):
 
     def within(self, held: Started, req: LocalRequest) -> bool:
         """May ``req`` follow ``held`` in its place (asking no more of any resource)?"""
-        return req.cpus <= held.cpus and req.memory <= held.memory and req.gpus <= held.gpus
+        return (
+            req.cpus <= held.cpus
+            and req.memory <= held.memory
+            and req.gpus <= held.gpus
+            and set(req.devices or ()) <= set(held.devices)
+        )
 
     def fits(self, held: Iterable[Started], req: LocalRequest) -> bool:
         """Does ``req`` fit beside what ``held`` holds?"""
         held = list(held)
+        if req.devices and any(set(req.devices) & set(h.devices) for h in held):
+            return False  # a leased device is still in use: it waits for that attempt's end
         cpus = sum(h.cpus for h in held) + req.cpus
         memory = sum(h.memory for h in held) + req.memory
         gpus = sum(h.gpus for h in held) + req.gpus

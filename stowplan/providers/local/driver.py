@@ -768,6 +768,7 @@ def _held(
         after=after,
         sent=sent,
         keeper=keeper,
+        devices=req.devices or (),
     )
 
 

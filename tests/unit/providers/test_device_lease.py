@@ -12,7 +12,10 @@ from pathlib import Path
 from stowplan.placement.leases import MILLI, DeviceLease, NodeDevices, PoolDevices
 from stowplan.placement.problem import Pool
 from stowplan.provenance.nvidia import GpuInfo, parse_nvidia_smi_xml
-from stowplan.providers.local.capacity import gpu_model, local_devices
+from stowplan.providers.base import LaunchSpec
+from stowplan.providers.local.attempts import claim, current_claim
+from stowplan.providers.local.capacity import Capacity, Started, gpu_model, local_devices
+from stowplan.providers.local.render import LocalRequest, plan_one
 from stowplan.scheduler.reports import ProviderState
 from tests.unit.scheduler.test_core import Harness, items, task
 
@@ -99,3 +102,36 @@ def test_cuda_visible_devices_is_the_lease(tmp_path: Path) -> None:
     out = h.submit(task("c", gpus=1))
     [c] = [i.lease for i in items(out)]
     assert c is not None and c.devices == a.devices
+
+
+def test_the_lease_reaches_the_attempt_and_the_fifo_keeps_devices_apart(tmp_path: Path) -> None:
+    def request(key: str, lease: DeviceLease | None) -> LocalRequest:
+        spec = LaunchSpec(
+            key=key,
+            run_id=f"run-{key}",
+            attempt=1,
+            pool="local",
+            name="train",
+            argv=["true"],
+            gpus=len(lease.devices) if lease is not None else 0,
+            lease=lease,
+        )
+        return plan_one(spec, provider="local", runs=tmp_path, path_prefix="", has_gpus=True)
+
+    first = request("k1", DeviceLease("box", (1, 3)))
+    assert first.devices == (1, 3)
+    assert "CUDA_VISIBLE_DEVICES=1,3" in first.render()
+    assert request("k0", None).devices is None
+    # what the launcher reads: spec.json carries the devices
+    assert claim(first, current_claim(), provider="local")
+    written = json.loads((Path(first.attempt_dir) / "spec.json").read_text())
+    assert written["devices"] == [1, 3]
+    # the core may lease device 3 again as soon as it sent the cancel of the first: the
+    # FIFO starts the next attempt there only once the first no longer holds it
+    cap = Capacity(cpus=8, memory=64 << 30, gpus=4)
+    held = Started(dir=tmp_path, cpus=1, memory=1 << 30, gpus=2, since=0.0, devices=(1, 3))
+    assert not cap.fits([held], request("k2", DeviceLease("box", (3,))))
+    assert cap.fits([held], request("k3", DeviceLease("box", (0, 2))))
+    # following an attempt in its place: only on the devices it held
+    assert cap.within(held, request("k4", DeviceLease("box", (1,))))
+    assert not cap.within(held, request("k5", DeviceLease("box", (0,))))
