@@ -191,11 +191,16 @@ takes, for each run the placer put there, a node and device indices by
 ``bestfit``). The ``SubmitItem`` carries them (``DeviceLease``): the lease is the placement,
 and the provider starts the attempt on those devices. A run that fits the pool's totals but no
 node's devices (a k-GPU run needs k free devices on one node) is not placed: it stays READY
-with the reason recorded once ("8 GPUs free on 5 nodes, none has 2 free devices"). Devices
+with the reason recorded once ("8 GPUs free on 5 nodes, none has 2 free devices"). The
+placer sees pool totals, so the core leaves such a pool out of the placements of every
+shape no node there holds now (as it leaves out pools cooling down): the run goes to a pool
+whose devices hold it, at once, instead of being offered, forever, the pool that cannot;
+where none can, it is not offered at all, and the members the left-out pools' totals would
+have taken are held with the pool's reason (by pool id). Devices
 come back when the run no longer holds its lease, whichever way the attempt ended; a pool
 rediscovered with other devices keeps the holds its nodes still carry. Leases restored after a
 restart name no devices: while any holds GPUs in such a pool, no GPU run is given devices
-there (never two runs on one device).
+there (never two runs on one device), and GPU runs' placements leave the pool out the same way.
 """
 
 from __future__ import annotations
@@ -259,7 +264,15 @@ from stowplan.scheduler.retry import (
     should_retry,
 )
 from stowplan.scheduler.share import Approvals, Ledger, TeamLimits
-from stowplan.scheduler.states import FINAL, LEASED, TaskState, Trigger, next_state
+from stowplan.scheduler.states import (
+    ACTIVE,
+    FINAL,
+    LEASED,
+    TRANSITIONS,
+    IllegalTransition,
+    TaskState,
+    Trigger,
+)
 from stowplan.spec.canonical import attempt_key
 from stowplan.spec.models import FailureClass, ServiceSpec, SpendBudget
 
@@ -281,6 +294,17 @@ GPU_CPUS = 8.0
 
 RECONCILE_BACKOFF = Backoff(base=30.0, cap=600.0)
 """A LOST run is reconciled again after 30 s, 60 s, ... at most every 10 minutes."""
+
+# the hot paths (submit, place, move) look these up per run: a module global is a dict lookup,
+# an enum member a metaclass attribute lookup (about 14x slower on Python 3.11)
+_PENDING = TaskState.PENDING
+_SUCCEEDED = TaskState.SUCCEEDED
+_FAILED = TaskState.FAILED
+_CANCELLED = TaskState.CANCELLED
+_T_DEP_FAILED = Trigger.DEP_FAILED
+_T_CANCEL = Trigger.CANCEL
+_T_PLACED = Trigger.PLACED
+_T_SUBMIT = Trigger.SUBMIT
 
 
 @dataclass(frozen=True, slots=True)
@@ -499,6 +523,28 @@ def _shape(t: TaskInstance) -> _Shape:
     return (t.cpus, t.memory, t.gpus, t.gpu_types)
 
 
+def _device_why(t: TaskInstance, ledger: DeviceLedger | None, blocked: str) -> str:
+    """Why no node of ``ledger`` holds a run of ``t``'s shape now ("" when one does, or when
+    the ledger does not count what it needs): the reason ``_Room.take`` would record."""
+    if ledger is None:
+        return ""
+    models = t.gpu_types or tuple(ledger.model.models)
+    task = ledger.task(t.cpus, t.memory, t.gpus, models)
+    if task is None:
+        return ""
+    if t.gpus and blocked:
+        return blocked
+    if len(ledger.model.scores(task).slot):
+        return ""
+    widest = max((n.gpus for n in ledger.model.nodes), default=0)
+    if task.gpus > widest:  # as ``DeviceLedger.take`` says it
+        return (
+            f"its {task.gpus} GPUs span nodes (the widest has {widest}): a pool that "
+            "leases devices places a run on one node"
+        )
+    return ledger.model.why_not(task) or "no node can hold it"
+
+
 def _plus(
     free: tuple[float, int, dict[str, int]], more: tuple[float, int, dict[str, int]] | None
 ) -> tuple[float, int, dict[str, int]]:
@@ -629,6 +675,14 @@ class SchedulerCore:
         self._context_problem = self._problem([], [])
         self._devices: dict[str, DeviceLedger] = {}
         """per pool that knows its devices, what each run holds there (module doc: *Devices*)."""
+        self._device_fit: tuple[
+            tuple[int, int],
+            dict[tuple[str, _Shape], str],
+            dict[str, tuple[DeviceLedger | None, str]],
+        ] = ((-1, -1), {}, {})
+        """((generation, request id), (pool, shape) -> why no node there holds it, pool -> its
+        ledger and why it is blocked): ``_device_refusals``' answers, valid while no lease
+        moved (a lease taken is a solve answered, one given back a new generation)."""
 
     # ---- public -------------------------------------------------------------------------
 
@@ -772,37 +826,44 @@ class SchedulerCore:
     # ---- events -------------------------------------------------------------------------
 
     def _add(self, task: TaskInstance) -> _Run | None:
-        if task.run_id in self._runs or task.run_id in self._completed:
+        run_id = task.run_id
+        runs = self._runs
+        if run_id in runs or run_id in self._completed:
             return None  # submitting the same run twice finds the first
-        run = _Run(task, self._seq)
+        run = runs[run_id] = _Run(task, self._seq)
         self._seq += 1
-        self._runs[task.run_id] = run
-        self.counts[TaskState.PENDING] += 1
+        self.counts[_PENDING] += 1
         return run
 
     def _link(self, run: _Run) -> None:
         """Count unfinished dependencies; fail or cancel at once if one already did."""
+        depends_on = run.task.depends_on
+        if not depends_on:  # most runs (a sweep's trials): ready at once
+            self._make_ready(run)
+            return
         waiting = 0
-        for dep in run.task.depends_on:
-            if dep in self._completed:
+        completed, runs = self._completed, self._runs
+        for dep in depends_on:
+            if dep in completed:
                 continue
-            d = self._runs.get(dep)
+            d = runs.get(dep)
             if d is None:
                 raise InternalError(f"run {run.task.run_id[:12]} depends on unknown run {dep[:12]}")
-            if d.state is TaskState.SUCCEEDED:
+            state = d.state
+            if state is _SUCCEEDED:
                 continue
-            if d.state is TaskState.FAILED:
+            if state is _FAILED:
                 self._move(
                     run,
-                    Trigger.DEP_FAILED,
+                    _T_DEP_FAILED,
                     FailureClass.DEPENDENCY_FAILED,
                     f"dependency {dep[:12]} failed",
                 )
                 return
-            if d.state is TaskState.CANCELLED:
+            if state is _CANCELLED:
                 self._move(
                     run,
-                    Trigger.CANCEL,
+                    _T_CANCEL,
                     FailureClass.CANCELLED,
                     f"dependency {dep[:12]} was cancelled",
                 )
@@ -816,9 +877,10 @@ class SchedulerCore:
     def _on_submitted(self, ev: TasksSubmitted) -> None:
         self._add_datasets(ev.datasets, ev.tasks)
         self._completed.update(ev.completed)
-        added = [r for r in (self._add(t) for t in ev.tasks) if r is not None]
+        add, link = self._add, self._link
+        added = [r for r in map(add, ev.tasks) if r is not None]
         for run in added:
-            self._link(run)
+            link(run)
         self._maybe_solve()
 
     def _on_restored(self, ev: TasksRestored) -> None:
@@ -1116,13 +1178,6 @@ class SchedulerCore:
         ledger = self._ledger(pool)
         if ledger is None:
             return _Room(cpus, memory, gpus, tasks)
-        blocked = ""
-        unknown = sum(self._used_gpus.get(pool.id, _NO_GPUS).values()) - ledger.held_gpus()
-        if unknown > 0:
-            blocked = (
-                f"{unknown} GPUs of {pool.id} are leased to runs whose devices are not known "
-                "(restored after a restart): no device is given out there until they end"
-            )
         return _Room(
             cpus,
             memory,
@@ -1130,8 +1185,48 @@ class SchedulerCore:
             tasks,
             ledger,
             lambda t, why: self._refused_devices(pool.id, t, why),
-            blocked,
+            self._blocked(pool, ledger),
         )
+
+    def _blocked(self, pool: Pool, ledger: DeviceLedger) -> str:
+        """Why no GPU run may take devices in ``pool`` now ("" when it may)."""
+        unknown = sum(self._used_gpus.get(pool.id, _NO_GPUS).values()) - ledger.held_gpus()
+        if unknown <= 0:
+            return ""
+        return (
+            f"{unknown} GPUs of {pool.id} are leased to runs whose devices are not known "
+            "(restored after a restart): no device is given out there until they end"
+        )
+
+    def _device_refusals(
+        self,
+        t: TaskInstance,
+        pools: list[Pool],
+        seen: dict[tuple[str, _Shape], str],
+        ledgers: dict[str, tuple[DeviceLedger | None, str]],
+    ) -> dict[str, str]:
+        """The pools among ``pools`` that lease devices and where no node holds a run of
+        ``t``'s shape now, with why (what ``_Room.take`` would say when refusing it there).
+        ``seen`` and ``ledgers`` cache the answer per pool and shape, and each pool's ledger
+        with why it is blocked, while no lease moves (``_device_fit``; module doc: *Devices*)."""
+        out: dict[str, str] = {}
+        shape = _shape(t)
+        for p in pools:
+            if p.devices is None:
+                continue
+            why = seen.get((p.id, shape))
+            if why is None:
+                got = ledgers.get(p.id)
+                if got is None:
+                    ledger = self._ledger(p)
+                    got = ledgers[p.id] = (
+                        ledger,
+                        "" if ledger is None else self._blocked(p, ledger),
+                    )
+                why = seen[p.id, shape] = _device_why(t, *got)
+            if why:
+                out[p.id] = why
+        return out
 
     def _ledger(self, pool: Pool) -> DeviceLedger | None:
         """The devices of ``pool`` (None: it counts GPUs only), with what runs that no longer
@@ -1165,6 +1260,26 @@ class SchedulerCore:
                 ledger.give(run_id)
         return ledger
 
+    def _hold_refused(
+        self,
+        bucket: dict[str, None],
+        start: int,
+        cls: DemandClass,
+        refused: dict[str, str],
+        free: _Free,
+    ) -> None:
+        """The members of ``bucket`` after the first ``start`` (those the other pools may
+        take) that the totals of the ``refused`` pools would admit, each held with the reason
+        of the pool it would go to, pools by id: as applying an answer that put them there
+        would record (and never more of them)."""
+        runs = (r for i, r in enumerate(bucket) if i >= start)
+        for pid in sorted(refused):
+            for _ in range(self._fit_bound(cls, [self._pools[pid]], free)):
+                run_id = next(runs, None)
+                if run_id is None:
+                    return
+                self._refused_devices(pid, self._runs[run_id].task, refused[pid])
+
     def _refused_devices(self, pool_id: str, t: TaskInstance, why: str) -> None:
         """``t`` fits the pool's totals, not its devices: it stays READY, saying why."""
         run = self._runs[t.run_id]
@@ -1187,23 +1302,26 @@ class SchedulerCore:
 
     def _dispatch(self, run: _Run, pool: Pool, gpu_model: str = "") -> None:
         assert run.bucket is not None
-        self._ready[run.bucket].pop(run.task.run_id, None)
+        run_id = run.task.run_id
+        pool_id, provider = pool.id, pool.provider
+        self._ready[run.bucket].pop(run_id, None)
         run.held = ""
-        run.pool = pool.id
-        run.provider = pool.provider
-        self._move(run, Trigger.PLACED)
-        run.attempt += 1
-        run.key = attempt_key(run.task.run_id, run.attempt)
-        self._by_key[run.key] = run.task.run_id
+        run.pool = pool_id
+        run.provider = provider
+        self._move(run, _T_PLACED)
+        run.attempt = attempt = run.attempt + 1
+        run.key = key = attempt_key(run_id, attempt)
+        self._by_key[key] = run_id
         self._lease(run, gpu_model)
-        self._move(run, Trigger.SUBMIT)
-        ledger = self._devices.get(pool.id) if pool.devices is not None else None
+        self._move(run, _T_SUBMIT)
+        ledger = self._devices.get(pool_id) if pool.devices is not None else None
         lease = None
         if ledger is not None:  # a run that took no device there sees none
-            lease = ledger.confirm(run.task.run_id, run.key) or ledger.no_devices()
-        self._out_submits.setdefault((pool.provider, pool.id, False), []).append(
-            SubmitItem(run.task.run_id, run.attempt, run.key, lease)
-        )
+            lease = ledger.confirm(run_id, key) or ledger.no_devices()
+        out = self._out_submits.get((provider, pool_id, False))
+        if out is None:
+            out = self._out_submits[provider, pool_id, False] = []
+        out.append(SubmitItem(run_id, attempt, key, lease))
 
     def _on_reports(self, provider: str, reports: list[Report]) -> None:
         for rep in reports:
@@ -1368,19 +1486,22 @@ class SchedulerCore:
         reason: str = "",
     ) -> None:
         old = run.state
-        new = next_state(run.task.run_id, old, trigger)
+        new = TRANSITIONS.get((old, trigger))
+        task = run.task
+        if new is None:
+            raise IllegalTransition(task.run_id, old, trigger)
         run.state = new
-        self.counts[old] -= 1
-        self.counts[new] += 1
+        counts = self.counts
+        counts[old] -= 1
+        counts[new] += 1
         self._out_transitions.append(
-            Transition(run.task.run_id, run.attempt, old, new, failure, reason, run.pool)
+            Transition(task.run_id, run.attempt, old, new, failure, reason, run.pool)
         )
-        group = run.task.group
-        if run.task.max_concurrent:
-            was = old is TaskState.PLACED or old in LEASED
-            now_active = new is TaskState.PLACED or new in LEASED
+        if task.max_concurrent:
+            was = old in ACTIVE  # PLACED or leased
+            now_active = new in ACTIVE
             if was != now_active:
-                self._group_active[group] += 1 if now_active else -1
+                self._group_active[task.group] += 1 if now_active else -1
 
     def _make_ready(self, run: _Run) -> None:
         self._move(run, Trigger.DEPS_MET)
@@ -1393,15 +1514,18 @@ class SchedulerCore:
         self._ready.setdefault(run.bucket, {})[run.task.run_id] = None
 
     def _lease(self, run: _Run, gpu_model: str = "") -> None:
-        assert run.pool is not None
+        pool_id = run.pool
+        assert pool_id is not None
         t = run.task
-        used = self._used.setdefault(run.pool, [0.0, 0.0])
-        self._in_pool[run.pool] += 1
+        used = self._used.get(pool_id)
+        if used is None:
+            used = self._used[pool_id] = [0.0, 0.0]
+        self._in_pool[pool_id] += 1
         used[0] += t.cpus
         used[1] += t.memory
+        pool = self._pools.get(pool_id)
         if t.gpus:
-            pool = self._pools.get(run.pool)
-            gpus_used = self._used_gpus.setdefault(run.pool, Counter())
+            gpus_used = self._used_gpus.setdefault(pool_id, Counter())
             models = t.gpu_types or tuple(sorted(pool.gpus if pool else ()))
             free = {m: (pool.gpus.get(m, 0) if pool else 0) - gpus_used[m] for m in models}
             if gpu_model:
@@ -1412,9 +1536,9 @@ class SchedulerCore:
             if t.team:
                 self._share.take(t.team, run.gpu_model, t.gpus)
                 self._share.started(t.team, t.run_id, t.gpus, self._now)
-        run.lease_until = self._now + self.config.lease_ttl
-        self._next_lease_check = min(self._next_lease_check, run.lease_until)
-        pool = self._pools.get(run.pool)
+        run.lease_until = until = self._now + self.config.lease_ttl
+        if until < self._next_lease_check:  # min(), keeping the first of equals
+            self._next_lease_check = until
         if pool is not None and pool.id in self._elastic and pool.price_per_hour > 0:
             run.est_usd = self._estimate(t, pool)
             self._committed += run.est_usd
@@ -1652,6 +1776,9 @@ class SchedulerCore:
         offered: Counter[str] = Counter()  # per group, members already in this problem
         pools = sorted(self._pools.values(), key=lambda p: p.id)
         sharing = self._sharing_round(buckets, free) if self._share.teams else None
+        if self._device_fit[0] != (self._generation, self._request_id):
+            self._device_fit = ((self._generation, self._request_id), {}, {})
+        _, device_seen, ledgers = self._device_fit
         for _, bucket in sorted(buckets, key=order):
             t = self._runs[next(iter(bucket))].task
             # zero-padded: placers order classes by id, which keeps this order
@@ -1674,8 +1801,16 @@ class SchedulerCore:
                         sorted({*cls.forbid_pools, *(p for p in cooling if p in self._pools)})
                     ),
                 )
+            refused = self._device_refusals(t, usable, device_seen, ledgers)
+            if refused:  # no node there holds this shape now (module doc: *Devices*)
+                usable = [p for p in usable if p.id not in refused]
+                cls = msgspec.structs.replace(
+                    cls, forbid_pools=tuple(sorted({*cls.forbid_pools, *refused}))
+                )
             room = self._with_backlog(key, free, backlog)
             limit = min(len(bucket), self._fit_bound(cls, usable, room))
+            if refused:
+                self._hold_refused(bucket, limit, cls, refused, room)
             if limit <= 0:
                 self._quota_hold(bucket.keys(), cls, usable)
             if t.max_concurrent:

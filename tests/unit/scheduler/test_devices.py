@@ -12,9 +12,19 @@ import random
 from collections import Counter
 from collections.abc import Mapping
 
+import msgspec
+
+from stowplan.placement import solve
 from stowplan.placement.leases import MILLI, DeviceLease, NodeDevices, PoolDevices
 from stowplan.placement.problem import PlacementContext, Pool
-from stowplan.scheduler.events import PoolsDiscovered, RestoredTask, TasksRestored, Transition
+from stowplan.scheduler.events import (
+    PlacementDecided,
+    PoolsDiscovered,
+    RestoredTask,
+    SolvePlacement,
+    TasksRestored,
+    Transition,
+)
 from stowplan.scheduler.reports import ProviderState
 from stowplan.scheduler.states import LEASED, TaskState
 from tests.unit.scheduler.test_core import Harness, items, task, transitions
@@ -196,3 +206,84 @@ def test_restored_leases_without_devices_hold_the_pool_until_they_end() -> None:
     assert h.core.lease("old") is None
     out = h.report("old", ProviderState.SUCCEEDED, provider="k8s")
     assert [i.run_id for i in items(out)] == ["new"] and h.core.lease("new") is not None
+
+
+# ---- fragmented pools are left out of placement (module doc: *Devices*) ----------------------
+
+
+def _fragmented_and_roomy() -> tuple[Pool, Pool]:
+    """``k8s/gpu``: 5 GPUs free on 5 nodes, none with 2; ``k8s/a``: one node with 4 free."""
+    frag = device_pool(5, 2, free={i: (MILLI, 0) for i in range(5)})
+    roomy = msgspec.structs.replace(device_pool(1, 4), id="k8s/a")
+    return frag, roomy
+
+
+def test_a_run_goes_to_the_pool_whose_devices_hold_it() -> None:
+    """The placer sees pool totals, and this one prefers the fragmented pool: left in, the
+    core refuses its answer, the same answer comes back, and the run waits although another
+    pool has room. The core leaves out, for each shape, the pools no node of which holds it."""
+    frag, roomy = _fragmented_and_roomy()
+    h = Harness(frag, roomy)
+    out = h.submit(task("two", gpus=2))
+    got = items(out)
+    assert [(i.run_id, i.lease) for i in got] == [("two", DeviceLease("n0", (0, 1)))]
+    assert h.core.pool("two") == "k8s/a"
+    assert h.core.held("two") == ""
+    # a shape the fragmented pool does hold may still go there
+    out = h.submit(task("one", gpus=1))
+    assert [i.run_id for i in items(out)] == ["one"] and h.core.pool("one") == "k8s/gpu"
+
+
+def test_a_run_no_pool_holds_waits_with_the_fragmentation_reason() -> None:
+    frag, roomy = _fragmented_and_roomy()
+    h = Harness(frag, roomy, auto_place=False)
+    h.submit(task("busy", gpus=4))  # takes the roomy pool's node
+    solves = [c for c in h.log if isinstance(c, SolvePlacement)]
+    h.send(PlacementDecided(solution=solve(solves[-1].problem)))
+    assert h.core.pool("busy") == "k8s/a"
+    before = len([c for c in h.log if isinstance(c, SolvePlacement)])
+    out = h.submit(task("two", gpus=2))
+    # no pool's devices hold it now: no solve, nothing submitted, the reason said once
+    assert [c for c in out if isinstance(c, SolvePlacement)] == [] and items(out) == []
+    assert h.states("two") == [TaskState.READY]
+    why = h.core.held("two")
+    assert why.startswith("k8s/gpu: 5 GPUs free on 5 nodes, none has 2 free devices"), why
+    recorded = [t for t in transitions(out) if t.from_state is t.to_state is TaskState.READY]
+    assert [t.reason for t in recorded] == [why]
+    # nothing changes: ticks ask nothing again
+    for at in (1.0, 2.0, 3.0):
+        assert [c for c in h.tick(at) if isinstance(c, SolvePlacement)] == []
+    assert len([c for c in h.log if isinstance(c, SolvePlacement)]) == before
+    # the busy run ends: the room is back, and the waiting run goes there
+    h.auto_place = True
+    h.report("busy", ProviderState.RUNNING, provider="k8s")
+    out = h.report("busy", ProviderState.SUCCEEDED, provider="k8s")
+    assert [i.run_id for i in items(out)] == ["two"] and h.core.pool("two") == "k8s/a"
+
+
+def test_members_beyond_the_room_elsewhere_say_why_the_fragmented_pool_cannot() -> None:
+    frag, roomy = _fragmented_and_roomy()
+    h = Harness(frag, roomy)
+    out = h.submit(*(task(f"r{i}", gpus=2) for i in range(5)))
+    # the roomy pool holds two; the fragmented pool's total (5 GPUs) would have admitted two
+    # more: those are told why they cannot go there; the fifth fits no total: nothing to say
+    assert sorted(i.run_id for i in items(out)) == ["r0", "r1"]
+    assert {h.core.pool(r) for r in ("r0", "r1")} == {"k8s/a"}
+    for r in ("r2", "r3"):
+        assert h.core.held(r).startswith("k8s/gpu: 5 GPUs free on 5 nodes, none has 2"), r
+    assert h.core.held("r4") == ""
+    assert h.states("r2", "r3", "r4") == [TaskState.READY] * 3
+
+
+def test_a_pool_held_by_restored_leases_is_left_out_for_gpu_runs() -> None:
+    blocked = device_pool(2, 2)
+    other = msgspec.structs.replace(device_pool(1, 2), id="k8s/a")
+    h = Harness(blocked, other)
+    restored = RestoredTask(
+        task=task("old", gpus=1), state=TaskState.RUNNING, attempt=1, provider="k8s", pool="k8s/gpu"
+    )
+    h.send(TasksRestored(tasks=[restored]))
+    out = h.submit(task("new", gpus=1))
+    assert [i.run_id for i in items(out)] == ["new"] and h.core.pool("new") == "k8s/a"
+    out = h.submit(task("newer", gpus=2))
+    assert items(out) == [] and "not known" in h.core.held("newer")
