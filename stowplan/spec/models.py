@@ -293,8 +293,11 @@ class Sweep(_Spec, frozen=True):
             raise ValueError(f"a {self.method} sweep needs samples = N")
 
 
-class RetryPolicy(_Spec, frozen=True):
+class RetryPolicy(_Spec, frozen=True, gc=False):
     """Which failure classes are retried, how often, and how long to wait between attempts."""
+
+    # gc=False: every run holds its own decoded copy, and the collector's passes over 10^5 of
+    # them cost as much as decoding them; it refers to no object that could refer back to it
 
     max_attempts: Annotated[int, Meta(gt=0, le=1000)] = 3
     on: list[FailureClass] = field(default_factory=lambda: list(INFRASTRUCTURE_FAILURES))
@@ -303,22 +306,42 @@ class RetryPolicy(_Spec, frozen=True):
     jitter: Annotated[float, Meta(ge=0, le=1)] = 0.25
 
     def __post_init__(self) -> None:
-        if FailureClass.NO_CAPACITY in self.on:
-            raise ValueError(
-                "on: no_capacity is not for the retry policy: an attempt no pool could start "
-                "never ran, and the scheduler always places it again elsewhere without counting "
-                "it; remove it from on"
-            )
-        never = (FailureClass.DEPENDENCY_FAILED, FailureClass.CANCELLED, FailureClass.NO_CAPACITY)
-        bad = [c.value for c in never if c in self.on]
-        if bad:
-            raise ValueError(
-                f"on: {' and '.join(bad)} can never be retried; list only failures a new "
-                "attempt can fix ("
-                + ", ".join(c.value for c in FailureClass if c not in never)
-                + ")"
-            )
-        force_setattr(self, "on", sorted(set(self.on)))
+        # every run of a sweep decodes its own copy of the same policy: the check and the
+        # sorting of each distinct ``on`` are done once (a cache of what passed, keyed by value
+        # and by type, since "timeout" equals FailureClass.TIMEOUT yet each is kept as given)
+        key = (tuple(self.on), tuple(map(type, self.on)))
+        done = _RETRY_ON_CHECKED.get(key)
+        if done is None:
+            done = _check_retry_on(self.on)
+            if len(_RETRY_ON_CHECKED) < _RETRY_ON_CACHE:
+                _RETRY_ON_CHECKED[key] = done
+        force_setattr(self, "on", list(done))
+
+
+_RETRY_ON_CACHE = 256
+"""distinct ``RetryPolicy.on`` lists whose check is remembered (a bound, not a tuning knob)."""
+_RETRY_ON_CHECKED: dict[tuple[tuple[FailureClass, ...], tuple[type, ...]], tuple[FailureClass, ...]]
+_RETRY_ON_CHECKED = {}
+"""``RetryPolicy.on`` as given (and its types) -> as kept (sorted, distinct), for lists that
+passed the check."""
+
+
+def _check_retry_on(on: list[FailureClass]) -> tuple[FailureClass, ...]:
+    """``RetryPolicy.on`` sorted and without repeats; raises for a class never retried."""
+    if FailureClass.NO_CAPACITY in on:
+        raise ValueError(
+            "on: no_capacity is not for the retry policy: an attempt no pool could start "
+            "never ran, and the scheduler always places it again elsewhere without counting "
+            "it; remove it from on"
+        )
+    never = (FailureClass.DEPENDENCY_FAILED, FailureClass.CANCELLED, FailureClass.NO_CAPACITY)
+    bad = [c.value for c in never if c in on]
+    if bad:
+        raise ValueError(
+            f"on: {' and '.join(bad)} can never be retried; list only failures a new "
+            "attempt can fix (" + ", ".join(c.value for c in FailureClass if c not in never) + ")"
+        )
+    return tuple(sorted(set(on)))
 
 
 class PlacementWeights(_Spec, frozen=True):
