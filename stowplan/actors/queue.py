@@ -17,8 +17,9 @@ the simulator; this actor only supplies the shell's four ports, in real time:
   each as soon as its intents are durable. Every tick writes the answers with every buffered
   step of their runs, and the steps that must not wait (``StoreActor.update_attempts``, one
   transaction); a run whose buffered steps end in READY, PLACED or SUBMITTING waits, at most
-  ``HOLD_S`` seconds, so a trial that ends at once costs one events row and one runs update.
-  An answer is never written before the steps of its run; a restarted queue finds a run whose
+  ``HOLD_S`` seconds, so a trial that ends at once costs one events row and one runs update
+  (but a READY -> READY step, why a run is held, is written on the next tick). An answer
+  is never written before the steps of its run; a restarted queue finds a run whose
   steps were not written by its intent (``StoreActor.load_active``) and reconciles it.
 
 The provider actors watch their keys themselves (``observe_every=None``) and push reports to
@@ -306,7 +307,9 @@ class StoreRecords:
                 buf[run_id] = [step]
             else:
                 steps.append(step)
-            if to not in WAITING_STATES:
+            if to not in WAITING_STATES or t.from_state == to:
+                # a READY -> READY step is why a run is held (a quota, a budget): people wait
+                # on it and read it in ``status``, so it is not held back with the others
                 due.add(run_id)
                 if to in FINAL:
                     # a finished run is never launched again by this queue; resubmitting it
