@@ -34,7 +34,7 @@ from stowplan.actors.runtime import (
 )
 from stowplan.actors.wire import pack
 from stowplan.errors import StowplanError
-from stowplan.placement.problem import PlacementContext, PlacementProblem
+from stowplan.placement.problem import PlacementContext
 from stowplan.scheduler.plan import RunPayload
 from stowplan.scheduler.share import Approvals, TeamLimits
 from stowplan.spec.models import ProviderConfig
@@ -240,7 +240,7 @@ class ControlPlane:
         )
         # the solver's first call imports CP-SAT (about a second): pay it while the provider
         # actors discover, not on the first placement (the answer is not needed)
-        self.actors[PLACEMENT].solve.remote(pack(PlacementProblem(pools=[], classes=[])))
+        self.actors[PLACEMENT].warm.remote()
         names: dict[str, str] = {}
         for name, cfg in sorted(self.providers.items()):
             actor_name = provider_actor_name(name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import msgspec
@@ -25,6 +26,13 @@ class PlacementActor:
         self.seed = seed
         self.budget = budget
         self.workers = workers
+
+    def warm(self) -> None:
+        """Import the solvers now (CP-SAT, about a second), not on the first placement. Called
+        without waiting for an answer, so it never raises: a failure here is the first real
+        solve's to report."""
+        with contextlib.suppress(Exception):  # the solve that needs it reports it
+            solve(PlacementProblem(pools=[], classes=[]), budget=self.budget, seed=self.seed)
 
     def solve(self, problem: bytes) -> bytes:
         started = time.perf_counter()
