@@ -893,6 +893,7 @@ class SchedulerCore:
             if run is None:
                 continue
             run.attempt = rt.attempt
+            run.uncounted = rt.uncounted
             run.approved = rt.approved
             run.key = rt.key or (attempt_key(rt.task.run_id, rt.attempt) if rt.attempt else "")
             state = rt.state
@@ -2223,7 +2224,8 @@ class SchedulerCore:
         if node is None or room <= 0:
             return 0
         # work queued at the provider on purpose (the backlog) is no lack of instances
-        cpus, memory, gpus = _plus(self.free_capacity(p.id), self._allow.get(p.id))
+        free = self.free_capacity(p.id)
+        cpus, memory, gpus = _plus(free, self._allowance(p, free))
         short = 0
         if cpus < -1e-9 and node.cpus > 0:
             short = math.ceil(-cpus / node.cpus - 1e-9)
@@ -2233,6 +2235,28 @@ class SchedulerCore:
             if g > 0 and gpus.get(m, 0) < 0:
                 short = max(short, -(gpus[m] // g))
         return min(short, room)
+
+    def _allowance(
+        self, p: Pool, free: tuple[float, int, dict[str, int]]
+    ) -> tuple[float, int, dict[str, int]] | None:
+        """The backlog ``p`` was offered (``_allow``), as far as the capacity it has now can
+        still carry it: ``queue_depth`` waves of it at most. Instances that went away since
+        (idle, reclaimed, lost) take their share with them, so the work queued for them is
+        again work the pool lacks instances for."""
+        allow = self._allow.get(p.id)
+        if allow is None:
+            return None
+        used = self._used.get(p.id, _NOTHING_USED)
+        gpus_used = self._used_gpus.get(p.id, _NO_GPUS)
+        depth = p.queue_depth
+        return (
+            min(allow[0], depth * max(0.0, free[0] + used[0])),
+            min(allow[1], int(depth * max(0, free[1] + used[1]))),
+            {
+                m: min(n, int(depth * max(0, free[2].get(m, 0) + gpus_used.get(m, 0))))
+                for m, n in allow[2].items()
+            },
+        )
 
     def _idle_instances(self, p: Pool) -> int:
         """How many whole instances of ``p``'s shape its free capacity holds."""

@@ -174,3 +174,63 @@ def test_a_backlog_on_an_elastic_pool_launches_no_make_up_instances() -> None:
     )
     cmds = d.feed(PoolsDiscovered(provider="aws", pools=[up], settled=[prov.token]))
     assert of(cmds, Provision) == []
+
+
+def test_work_queued_for_instances_that_went_away_launches_new_ones() -> None:
+    """The backlog was offered while instances were up; they idle out (or are reclaimed) with
+    work still queued for them at the provider: that work now lacks instances, and the core
+    launches them again instead of waiting forever."""
+    pool = Pool(
+        id="cloud",
+        provider="aws",
+        kind="cloud",
+        cpus=2.0,
+        memory=8 * GiB,
+        node=NODE,
+        max_instances=3,
+        boot_s=60.0,
+        queue_depth=4.0,
+    )
+    d = Driver()
+    d.feed(PoolsDiscovered(provider="aws", pools=[pool]))
+    tasks = [TaskInstance(run_id=f"t{i:03d}", cpus=1.0, memory=GiB) for i in range(40)]
+    out = d.feed(TasksSubmitted(tasks=tasks))
+    [prov] = of(out, Provision)
+    first = submitted(out)
+    out = d.succeed(first, took=1.0, provider="aws")
+    queued = submitted(out)
+    assert len(queued) > 2 * (1 + prov.count)  # a backlog beyond what the instances hold
+    up = 1 + prov.count
+    settled = Pool(
+        id="cloud",
+        provider="aws",
+        kind="cloud",
+        cpus=2.0 * up,
+        memory=8 * GiB * up,
+        node=NODE,
+        max_instances=3 - prov.count,
+        boot_s=60.0,
+        queue_depth=4.0,
+    )
+    assert (
+        of(
+            d.feed(PoolsDiscovered(provider="aws", pools=[settled], settled=[prov.token])),
+            Provision,
+        )
+        == []
+    )
+    # every instance went away with the queued runs not started: none is left to run them
+    gone = Pool(
+        id="cloud",
+        provider="aws",
+        kind="cloud",
+        cpus=0.0,
+        memory=0,
+        node=NODE,
+        max_instances=3,
+        boot_s=60.0,
+        queue_depth=4.0,
+    )
+    cmds = d.feed(PoolsDiscovered(provider="aws", pools=[gone]))
+    launch = of(cmds, Provision)
+    assert launch and sum(p.count for p in launch) >= 1, cmds
