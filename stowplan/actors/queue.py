@@ -113,6 +113,7 @@ from stowplan.scheduler.events import (
     Transition,
 )
 from stowplan.scheduler.plan import Launch, RunPayload
+from stowplan.scheduler.retry import REPLACED
 from stowplan.scheduler.share import Approvals, TeamLimits
 from stowplan.scheduler.states import FINAL, LEASED, TaskState
 from stowplan.session import launch_spec, payload_of
@@ -121,6 +122,9 @@ from stowplan.spec.canonical import sha256_hex
 from stowplan.spec.models import FailureClass, SpendBudget
 
 log = logging.getLogger(__name__)
+
+REPLACED_FAILURES = frozenset(f.value for f in REPLACED)
+"""the stored failures of attempts that never ran (``AttemptRecord.failure``)."""
 
 SUBMIT_CHUNK = 10_000
 TRANSITION_CHUNK = 200_000
@@ -535,6 +539,10 @@ class QueueActor:
             current = next(
                 (a for a in attempts.get(rec.run_id, []) if a.attempt == rec.attempts), None
             )
+            # attempts that never ran (no capacity) do not count against the retry policy
+            uncounted = sum(
+                1 for a in attempts.get(rec.run_id, []) if a.failure in REPLACED_FAILURES
+            )
             if state in LEASED and current is not None:
                 restored.append(
                     RestoredTask(
@@ -544,6 +552,7 @@ class QueueActor:
                         provider=current.provider,
                         pool=current.pool,
                         key=current.key,
+                        uncounted=uncounted,
                     )
                 )
             else:
@@ -554,6 +563,7 @@ class QueueActor:
                         state=TaskState.PENDING,
                         attempt=rec.attempts,
                         approved=rec.run_id in approved,
+                        uncounted=uncounted,
                     )
                 )
         if runs:

@@ -68,6 +68,9 @@ class RestoredTask(Struct, frozen=True, kw_only=True):
     """the attempt's key as the store has it (None: derived from run id and attempt)."""
     approved: bool = False
     """someone approved it before the restart (the ledger says so): it does not ask again."""
+    uncounted: int = 0
+    """of its attempts, those that never ran (the pool had no capacity): not counted against
+    its retry policy, before the restart as after."""
 
 
 # ---- events -------------------------------------------------------------------------------

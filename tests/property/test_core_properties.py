@@ -310,6 +310,7 @@ class Driver:
                     task=t,
                     state=state,
                     attempt=core.attempt(run_id),
+                    uncounted=core.uncounted_attempts(run_id),  # the store's no-capacity ones
                     provider=self.provider_of[key] if leased else None,
                     pool=self.pool_of[key] if leased else None,
                 )
