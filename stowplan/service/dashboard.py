@@ -32,7 +32,7 @@ from litestar import Request, Response, get, post
 from litestar.datastructures import Cookie
 from litestar.enums import RequestEncodingType
 from litestar.exceptions import NotAuthorizedException, NotFoundException
-from litestar.params import Body
+from litestar.params import Body, FromPath, FromQuery
 from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.response import Redirect, Template
 from litestar.template.config import TemplateConfig
@@ -494,7 +494,7 @@ def _base(who: Principal | None, title: str) -> dict[str, Any]:
 
 
 @get(f"{PREFIX}/login", sync_to_thread=False, include_in_schema=False)
-def login_page(next: str = f"{PREFIX}/") -> Template:
+def login_page(next: FromQuery[str] = f"{PREFIX}/") -> Template:
     return Template(
         template_name="login.html", context={**_base(None, "Log in"), "next": _safe_next(next)}
     )
@@ -609,7 +609,7 @@ def _experiment_rows(state: Any, who: Principal, ref: str) -> list[dict[str, Any
 
 
 @get(f"{PREFIX}/experiments/{{ref:str}}", sync_to_thread=True, include_in_schema=False)
-def experiment_page(request: Request[Any, Any, Any], ref: str) -> Response[Any]:
+def experiment_page(request: Request[Any, Any, Any], ref: FromPath[str]) -> Response[Any]:
     who, _ = _who(request)
     if who is None:
         return _login_redirect(request)
@@ -625,7 +625,7 @@ def experiment_page(request: Request[Any, Any, Any], ref: str) -> Response[Any]:
 
 
 @get(f"{PREFIX}/experiments/{{ref:str}}/runs.json", sync_to_thread=True, include_in_schema=False)
-def experiment_json(request: Request[Any, Any, Any], ref: str) -> list[dict[str, Any]]:
+def experiment_json(request: Request[Any, Any, Any], ref: FromPath[str]) -> list[dict[str, Any]]:
     from litestar.exceptions import PermissionDeniedException
 
     who = _need(request)
@@ -664,7 +664,7 @@ def _run_state(state: Any, run: RunRecord) -> dict[str, Any]:
 
 
 @get(f"{PREFIX}/runs/{{ref:str}}", sync_to_thread=True, include_in_schema=False)
-def run_page(request: Request[Any, Any, Any], ref: str) -> Response[Any]:
+def run_page(request: Request[Any, Any, Any], ref: FromPath[str]) -> Response[Any]:
     who, _ = _who(request)
     if who is None:
         return _login_redirect(request)
@@ -724,7 +724,7 @@ def _provenance_rows(rec: Any) -> list[tuple[str, list[tuple[str, str, bool]]]]:
 
 
 @get(f"{PREFIX}/runs/{{ref:str}}/state.json", sync_to_thread=True, include_in_schema=False)
-def run_state_json(request: Request[Any, Any, Any], ref: str) -> dict[str, Any]:
+def run_state_json(request: Request[Any, Any, Any], ref: FromPath[str]) -> dict[str, Any]:
     who = _need(request)
     state = request.app.state["service"]
     run = _run(state, ref)
@@ -734,7 +734,10 @@ def run_state_json(request: Request[Any, Any, Any], ref: str) -> dict[str, Any]:
 
 @get(f"{PREFIX}/runs/{{ref:str}}/log.json", sync_to_thread=True, include_in_schema=False)
 def run_log_json(
-    request: Request[Any, Any, Any], ref: str, offset: int = 0, stream: str = "stdout"
+    request: Request[Any, Any, Any],
+    ref: FromPath[str],
+    offset: FromQuery[int] = 0,
+    stream: FromQuery[str] = "stdout",
 ) -> dict[str, Any]:
     """The newest attempt's log from byte ``offset`` (at most ``LOG_LIMIT`` bytes); ``final``
     once the run is over and all of it was sent."""
@@ -867,7 +870,7 @@ def reports_page(request: Request[Any, Any, Any]) -> Response[Any]:
 
 
 @get(f"{PREFIX}/reports/{{name:str}}", sync_to_thread=True, include_in_schema=False)
-def report_page(request: Request[Any, Any, Any], name: str) -> Response[Any]:
+def report_page(request: Request[Any, Any, Any], name: FromPath[str]) -> Response[Any]:
     """One report: each run's summary, the what-if's changes and deltas, and its plots."""
     who, _ = _who(request)
     if who is None:
@@ -921,7 +924,9 @@ def report_page(request: Request[Any, Any, Any], name: str) -> Response[Any]:
 
 
 @get(f"{PREFIX}/reports/{{name:str}}/{{plot:str}}", sync_to_thread=True, include_in_schema=False)
-def report_plot(request: Request[Any, Any, Any], name: str, plot: str) -> Response[Any]:
+def report_plot(
+    request: Request[Any, Any, Any], name: FromPath[str], plot: FromPath[str]
+) -> Response[Any]:
     """A report's SVG plot (only ``*.svg`` files of the report's own folder)."""
     who, _ = _who(request)
     if who is None:
