@@ -44,7 +44,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -600,10 +600,13 @@ def plan_replay(
     *,
     provider: str | None = None,
     strict_env: bool = False,
+    may_read: Callable[[str], None] | None = None,
 ) -> ReplayPlan:
     """Every check that needs neither the code checked out nor anything written: the runs
     named, their records and their upstream runs', the recorded commit, and the environment
-    (``strict_env`` refuses any difference). SpecError names the first refusal."""
+    (``strict_env`` refuses any difference). SpecError names the first refusal.
+    ``may_read(experiment_id)`` raises unless the caller may read that experiment's runs (the
+    service): called on each run named before anything is said about it."""
     from stowplan.provenance.capture import capture_environment
     from stowplan.session import project_paths
 
@@ -626,6 +629,9 @@ def plan_replay(
         if not ids:
             raise SpecError("nothing to replay", hint="name a run id or an experiment")
         views = [load_view(store, i) for i in ids]
+        if may_read is not None:
+            for v in views:
+                may_read(v.run.experiment_id)
         for v in views:
             check_record(store, v)
         for d in sorted({d for v in views for d in v.run.depends_on}):

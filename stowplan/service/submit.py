@@ -301,14 +301,17 @@ class Replayer:
         from stowplan.provenance import replay as rp
         from stowplan.session import submissions
 
+        # the caller may read the runs named: checked before anything is said about them
+        plan = rp.plan_replay(
+            self.project,
+            req.targets,
+            provider=req.provider,
+            strict_env=req.strict_env,
+            may_read=check,
+        )
         if self.plane is None:
             raise NotRunningError("this service runs no control plane: nothing was replayed")
         plane = self.plane
-        plan = rp.plan_replay(
-            self.project, req.targets, provider=req.provider, strict_env=req.strict_env
-        )
-        for view in plan.views:
-            check(view.run.experiment_id)
         held = contextlib.ExitStack()
         try:
             checkout = held.enter_context(rp.checked_out(plan))

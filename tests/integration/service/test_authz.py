@@ -139,6 +139,13 @@ def test_every_endpoint_every_role_own_and_other_team(
                 assert r.status_code == (200 if may_read else 403), (user, name, r.text)
                 if may_read:
                     assert r.json()["root"] == f"run:{run_id}"
+                # replaying needs both: reading the runs and submitting (read-only: the
+                # allowed ones get as far as the missing control plane)
+                req = {"request_id": f"replay-{user}-{name}", "targets": [name]}
+                r = c.post("/api/v1/replays", headers=h, json=req)
+                seen.append((user, "replay", name, r.status_code))
+                may_replay = may_read and user in SUBMIT
+                assert (r.status_code != 403) == may_replay, (user, name, r.status_code, r.text)
                 r = c.get(f"/api/v1/diff/{runs['cats']}/{run_id}", headers=h)
                 seen.append((user, "diff", name, r.status_code))
                 both = may_read and "cats" in READ[user]
@@ -168,7 +175,7 @@ def test_every_endpoint_every_role_own_and_other_team(
         assert r.status_code == 200, r.text
         assert r.json()["exit_code"] == 0, r.json()
         assert "2 placed now" in r.json()["output"], r.json()
-    assert len(seen) == len(USERS) * (9 * len(OWNERS) + 4) + 1
+    assert len(seen) == len(USERS) * (10 * len(OWNERS) + 4) + 1
     assert _counts(svc.root) == before  # nothing was written by any of it
 
 
