@@ -70,9 +70,11 @@ class SlowEntry:
                     raise
                 time.sleep(0.01)
                 continue
+            # stamped before the write: the reader may have the line (and its call return)
+            # before this thread runs again after closing the pipe
+            self.served_at = time.monotonic()
             with os.fdopen(fd, "w") as f:
                 f.write(self._target + "\n")
-            self.served_at = time.monotonic()
             return
 
     def join(self) -> None:
