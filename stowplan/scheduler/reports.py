@@ -38,6 +38,9 @@ class Report(Struct, frozen=True, kw_only=True):
     failure: FailureClass | None = None
     job_id: str | None = None
     node: str | None = None
+    devices: tuple[int, ...] | None = None
+    """the GPU device indices the attempt was bound to, where the provider chose them itself
+    (Slurm's GRES binding); None: not reported (the core's lease, if any, stands)."""
     exit_code: int | None = None
     message: str = ""
     started_at: float | None = None

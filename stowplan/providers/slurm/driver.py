@@ -19,17 +19,24 @@ request that was tried before is submitted again. A key already tried in another
 re-planned with fewer keys) is looked up in that array first.
 
 Observation: one remote call per ``describe`` reads the end records the elements write as
-they exit (``elements/I.end``: exit status, start, end, node; SSH only), runs one ``squeue``
-for every live array unless every element waited on has one, and ``sacct`` in the same call
-only when a watched element without an end record left the queue (it was killed, or never
-ran); finished attempts are cached. The driver's own ``watch`` spaces its polls by what is
-expected to change (``cadence.py``: the array's completion rate, the shortest remaining
-expected runtime), not by a fixed backoff, and waits the last seconds of each delay on the
-cluster, where the call answers as soon as every element waited on has ended. Keys this
-instance has not seen (after a control-plane restart) are looked up in the local index and,
-failing that, in the remote job scripts by one ``grep``. A job that ended ``NODE_FAIL`` or
-waits for nodes that went down is pushed to ``capacity_changes`` so the cluster is
-rediscovered.
+they exit (``elements/I.end``: exit status, start, end, node, and the GPU indices Slurm
+bound; SSH only), runs one ``squeue`` for every live array unless every element waited on
+has one, and ``sacct`` in the same call only when a watched element without an end record
+left the queue (it was killed, or never ran); finished attempts are cached. The driver's
+own ``watch`` spaces its polls by what is expected to change (``cadence.py``: the array's
+completion rate, the shortest remaining expected runtime), not by a fixed backoff, and
+waits the last seconds of each delay on the cluster, where the call answers as soon as
+every element waited on has ended. Keys this instance has not seen (after a control-plane
+restart) are looked up in the local index and, failing that, in the remote job scripts by
+one ``grep``. A job that ended ``NODE_FAIL`` or waits for nodes that went down is pushed to
+``capacity_changes`` so the cluster is rediscovered.
+
+Devices: Slurm binds GPUs itself (``--gres=gpu[:TYPE]:K``; sbatch cannot ask for given
+indices, and a node list per element would split the array), so a partition is no
+``Pool.devices`` pool: the core counts its GPUs, and ``Pool.node`` (its largest node) keeps
+runs no node holds from being offered to it. The indices Slurm bound are read back from the
+end record: ``Report.devices`` (with ``Report.node``) once the element ended; ``None`` while
+it runs, over REST (no file access), and where the element was killed.
 
 Start-up: built where an event loop runs (the provider actor), the SSH driver begins its first
 discovery at once, so the connection and the cluster's answer are ready when the control
@@ -492,6 +499,10 @@ class SlurmProvider(Provider):
                 prev = rows.get(k, (None, None))
                 if k in from_ends:
                     if slurm_state(row.state, row.exit_code)[0] in TERMINAL_PROVIDER_STATES:
+                        # accounting knows no device indices: the end record's stay
+                        ended_row = prev[1]
+                        if ended_row is not None and ended_row.devices is not None:
+                            row = msgspec.structs.replace(row, devices=ended_row.devices)
                         rows[k] = (prev[0], row)
                         from_ends.discard(k)
                 elif prev[1] is None or self._preferred(row, prev[1]):
@@ -643,6 +654,7 @@ class SlurmProvider(Provider):
             failure=failure,
             job_id=row.element_id,
             node=row.node,
+            devices=next((r.devices for r in (row, acct) if r and r.devices is not None), None),
             exit_code=row.exit_code,
             message=", ".join(parts),
             started_at=row.started_at,

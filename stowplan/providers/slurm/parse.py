@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 
 from msgspec import Struct, field
 
-from stowplan.placement.problem import Pool
+from stowplan.placement.problem import Pool, Shape
+from stowplan.spec.units import MAX_GPUS
 
 SECTION = "@@stowplan@@"
 """Printed between the outputs of several commands run in one remote call."""
@@ -43,6 +44,8 @@ class JobRow(Struct, frozen=True, kw_only=True):
     started_at: float | None = None
     ended_at: float | None = None
     reason: str = ""
+    devices: tuple[int, ...] | None = None
+    """The GPU indices Slurm bound to it, as its end record says (``None``: not known)."""
 
     @property
     def element_id(self) -> str:
@@ -145,16 +148,35 @@ def _epoch_text(text: str) -> float | None:
         return None
 
 
+_DEVICES = re.compile(r"^[0-9]{1,6}(?:,[0-9]{1,6})*$")
+
+
+def parse_devices(text: str) -> tuple[int, ...] | None:
+    """GPU indices as an element recorded them (``0,3``: ``SLURM_JOB_GPUS``); ``None`` for
+    anything else (empty, a UUID, a range, a repeated or absurd index): they come from the
+    environment of a job and are believed only in this one form."""
+    text = text.strip()
+    if not _DEVICES.match(text):
+        return None
+    out = tuple(int(d) for d in text.split(","))
+    if len(set(out)) != len(out) or max(out) >= MAX_GPUS:
+        return None
+    return out
+
+
 def parse_end_records(text: str) -> list[JobRow]:
-    """End records as the describe program prints them (``JOB_INDEX|rc|start|end|node``, one
-    a line): a row each, COMPLETED for exit status 0, else FAILED; ``name`` is empty (the
-    caller knows whose element each id is)."""
+    """End records as the describe program prints them (``JOB_INDEX|rc|start|end|node|gpus``,
+    one a line; arrays submitted before GPUs were recorded lack ``|gpus``): a row each,
+    COMPLETED for exit status 0, else FAILED; ``name`` is empty (the caller knows whose
+    element each id is)."""
     rows = []
     for line in text.splitlines():
         parts = line.split("|")
-        if len(parts) != 5:
+        if len(parts) == 5:
+            parts.append("")
+        if len(parts) != 6:
             continue
-        eid, rc, start, end, node = parts
+        eid, rc, start, end, node, gpus = parts
         m = _ARRAY_ID.match(eid)
         try:
             code = int(rc)
@@ -172,6 +194,7 @@ def parse_end_records(text: str) -> list[JobRow]:
                 started_at=_epoch_text(start),
                 ended_at=_epoch_text(end),
                 node=node.strip() or None,
+                devices=parse_devices(gpus),
             )
         )
     return rows
@@ -262,6 +285,17 @@ class SchedulerFacts(Struct, frozen=True, kw_only=True):
         return max(0, self.max_job_count - self.jobs)
 
 
+class NodeShape(Struct, frozen=True, kw_only=True):
+    """What one node can give a single job, and how many usable nodes of a partition have
+    that shape: CPUs (``CPUEfctv``, those left to jobs, else ``CPUTot``), memory in bytes
+    (``RealMemory`` less ``MemSpecLimit``) and GPUs by type (``Gres``)."""
+
+    cpus: int
+    memory: int
+    gpus: dict[str, int] = field(default_factory=dict)
+    count: int = 1
+
+
 class PartitionFacts(Struct, frozen=True, kw_only=True):
     name: str
     up: bool
@@ -269,6 +303,8 @@ class PartitionFacts(Struct, frozen=True, kw_only=True):
     cpus: int = 0
     memory: int = 0
     gpus: dict[str, int] = field(default_factory=dict)
+    node_shapes: list[NodeShape] = field(default_factory=list)
+    """The distinct shapes of its usable nodes (``shapes_of``), the largest first."""
     max_time_s: float | None = None
     default: bool = False
     running_cpus: int = 0
@@ -336,6 +372,61 @@ def parse_time_limit(value: str) -> float | None:
 _USABLE_NODE_STATES = ("IDLE", "MIXED", "ALLOCATED", "ALLOC", "COMPLETING", "MIX")
 
 
+def shapes_of(nodes: Sequence[NodeShape]) -> list[NodeShape]:
+    """One ``NodeShape`` per distinct shape of ``nodes``, with how many there are; the largest
+    first (by GPUs, then CPUs, then memory), ties in a fixed order."""
+    counts: dict[tuple[int, int, tuple[tuple[str, int], ...]], int] = {}
+    for n in nodes:
+        k = (n.cpus, n.memory, tuple(sorted((g, c) for g, c in n.gpus.items() if c > 0)))
+        counts[k] = counts.get(k, 0) + n.count
+    order = sorted(counts, key=lambda k: (-sum(c for _, c in k[2]), -k[0], -k[1], k[2]))
+    return [NodeShape(cpus=k[0], memory=k[1], gpus=dict(k[2]), count=counts[k]) for k in order]
+
+
+def largest_node(shapes: Sequence[NodeShape]) -> Shape | None:
+    """``Pool.node`` of a partition: the shape the scheduler core checks every run against
+    (a run larger than it in any one of CPUs, memory or a GPU type is refused there).
+
+    It is the node that holds every other where there is one (a partition of one node type,
+    or whose largest node is the largest in every respect): then the core refuses exactly the
+    runs no node holds. Where no node holds every other (a 4-GPU node with 8 CPUs beside a
+    64-CPU node without GPUs), no single shape can be exact: this is then the smallest shape
+    that holds every node (64 CPUs, 4 GPUs), so the core never refuses a run that some node
+    could hold; a run that fits it but no one node (64 CPUs and a GPU) is refused by sbatch
+    itself ("Requested node configuration is not available"), at submit, never queued.
+    ``None`` without usable nodes."""
+    if not shapes:
+        return None
+    gpus: dict[str, int] = {}
+    for s in shapes:
+        for k, n in s.gpus.items():
+            gpus[k] = max(gpus.get(k, 0), n)
+    return Shape(
+        cpus=float(max(s.cpus for s in shapes)),
+        memory=max(s.memory for s in shapes),
+        gpus={k: n for k, n in sorted(gpus.items()) if n > 0},
+    )
+
+
+def _int(rec: dict[str, str], *names: str) -> int:
+    """The first of ``names`` that ``rec`` has as a whole number (0 without one)."""
+    for name in names:
+        value = rec.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def node_shape(rec: dict[str, str]) -> NodeShape:
+    """A ``scontrol show node -o`` record's ``NodeShape``."""
+    memory = max(0, _int(rec, "RealMemory") - _int(rec, "MemSpecLimit"))
+    return NodeShape(
+        cpus=_int(rec, "CPUEfctv", "CPUTot"),
+        memory=memory << 20,
+        gpus=parse_gres(rec.get("Gres", "")),
+    )
+
+
 def parse_partitions(
     partitions: str, nodes: str, scheduler: SchedulerFacts | None = None
 ) -> list[PartitionFacts]:
@@ -350,6 +441,7 @@ def parse_partitions(
         )
         cpus = memory = alloc = 0
         gpus: dict[str, int] = {}
+        shapes: list[NodeShape] = []
         for n in members:
             rec = node_recs.get(n)
             if rec is None:
@@ -366,6 +458,7 @@ def parse_partitions(
             memory += int(rec.get("RealMemory", "0") or 0) << 20
             for kind, count in parse_gres(rec.get("Gres", "")).items():
                 gpus[kind] = gpus.get(kind, 0) + count
+            shapes.append(node_shape(rec))
         out.append(
             PartitionFacts(
                 name=name,
@@ -374,6 +467,7 @@ def parse_partitions(
                 cpus=cpus,
                 memory=memory,
                 gpus=gpus,
+                node_shapes=shapes_of(shapes),
                 max_time_s=parse_time_limit(p.get("MaxTime", "")),
                 default=p.get("Default") == "YES",
                 running_cpus=alloc,
@@ -455,6 +549,8 @@ def cluster_name(config: str) -> str | None:
 def pools_of(
     provider: str, site: str, parts: list[PartitionFacts], pending: dict[str, float]
 ) -> list[Pool]:
+    """A pool per partition that is up and has usable CPUs: its totals, and as ``node`` its
+    largest node (``largest_node``), so a run no node can hold is refused, not queued."""
     pools = []
     for p in sorted(parts, key=lambda p: p.name):
         if not p.up or p.cpus <= 0:
@@ -470,6 +566,7 @@ def pools_of(
                 gpus=dict(p.gpus),
                 expected_wait_s=pending.get(p.name, 0.0) / p.cpus,
                 hardware_class=f"slurm:{site}/{p.name}",
+                node=largest_node(p.node_shapes),
             )
         )
     return pools

@@ -37,8 +37,9 @@ BRANCH = "#@@"
 ELEMENTS_DIR = "elements"
 """In the array directory (SSH): file ``I`` holds element ``I``'s lines."""
 END_SUFFIX = ".end"
-"""``ELEMENTS_DIR/I.end``: element ``I``'s end record ``rc|start|end|node`` (epoch seconds),
-written by the element as it exits (not by one that was killed)."""
+"""``ELEMENTS_DIR/I.end``: element ``I``'s end record ``rc|start|end|node|gpus`` (epoch
+seconds; ``gpus``: the GPU indices Slurm bound, comma-separated, empty for a CPU-only array or
+where Slurm named none), written by the element as it exits (not by one that was killed)."""
 _SAFE = re.compile(r"^[A-Za-z0-9_@%+=:,./-]+$")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 _PARTITION = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -232,6 +233,17 @@ def plan_arrays(
     return requests
 
 
+# The GPU indices Slurm bound to an element of a GPU array (cons_tres picks them; sbatch
+# cannot ask for given indices): SLURM_JOB_GPUS, else CUDA_VISIBLE_DEVICES (which a
+# cgroup-constrained node may number from 0 instead), anything but digits and commas dropped
+# (UUIDs, MIG names). They come from the environment: ``parse.parse_devices`` checks them
+# again before they are believed.
+_BOUND_GPUS = [
+    "  __sp_g=${SLURM_JOB_GPUS:-${CUDA_VISIBLE_DEVICES:-}}",
+    "  case $__sp_g in *[!0-9,]*) __sp_g= ;; esac",
+]
+
+
 def _gres(shape: Shape, known_types: tuple[str, ...]) -> str:
     kind = next((t for t in shape.gpu_types if t in known_types), None)
     if kind is None and len(shape.gpu_types) == 1:
@@ -317,6 +329,10 @@ def _render(
     body += [
         'if [ -n "${STOWPLAN_ELEMENTS:-}" ]; then',
         "  __sp_t0=${EPOCHREALTIME:-}",
+        # where it runs, read before the element's own lines (which may export anything)
+        "  __sp_n=${SLURMD_NODENAME:-}",
+        "  case $__sp_n in *[!A-Za-z0-9._-]*) __sp_n= ;; esac",
+        *(_BOUND_GPUS if shape.gpus else ["  __sp_g="]),
         '  __sp_e="$STOWPLAN_ELEMENTS/${SLURM_ARRAY_TASK_ID:-}"',
         f'  [ -f "$__sp_e" ] || {{ {missing}; exit 70; }}',
         '  . "$__sp_e" || exit 70',
@@ -387,8 +403,8 @@ def _render(
         # NOTE: none for a command killed by a signal (status 128+): scancel, the time limit
         # and preemption send SIGTERM, and accounting names those ends (CANCELLED, TIMEOUT)
         'if [ -n "${STOWPLAN_ELEMENTS:-}" ] && [ "$rc" -lt 128 ]; then',
-        '  printf \'%s|%s|%s|%s\\n\' "$rc" "$__sp_t0" "${EPOCHREALTIME:-}" \\',
-        f'    "${{SLURMD_NODENAME:-}}" > "$__sp_e{END_SUFFIX}" 2>/dev/null || :',
+        '  printf \'%s|%s|%s|%s|%s\\n\' "$rc" "$__sp_t0" "${EPOCHREALTIME:-}" "$__sp_n" \\',
+        f'    "$__sp_g" > "$__sp_e{END_SUFFIX}" 2>/dev/null || :',
         "fi",
         'exit "$rc"',
     ]

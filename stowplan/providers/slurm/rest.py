@@ -30,10 +30,12 @@ from stowplan.errors import ProviderError
 from stowplan.providers.slurm.backend import TRANSIENT_MESSAGES, Backend, KeyInfo
 from stowplan.providers.slurm.parse import (
     JobRow,
+    NodeShape,
     PartitionFacts,
     all_active,
     expand_hostlist,
     parse_gres,
+    shapes_of,
 )
 from stowplan.providers.slurm.render import SlurmRequest, sbatch_options
 from stowplan.providers.slurm.ssh import TransportLost
@@ -219,6 +221,7 @@ class RestBackend(Backend):
             members = expand_hostlist(str(p.get("nodes", "")))
             cpus = memory = 0
             gpus: dict[str, int] = {}
+            shapes: list[NodeShape] = []
             for n in members:
                 rec = nodes.get(n)
                 if rec is None or str(rec.get("state", "")).lower() not in _USABLE:
@@ -227,8 +230,16 @@ class RestBackend(Backend):
                     continue
                 cpus += int(rec.get("cpus", 0))
                 memory += int(rec.get("real_memory", 0)) << 20
-                for kind, count in parse_gres(str(rec.get("gres", ""))).items():
+                node_gpus = parse_gres(str(rec.get("gres", "")))
+                for kind, count in node_gpus.items():
                     gpus[kind] = gpus.get(kind, 0) + count
+                shapes.append(
+                    NodeShape(
+                        cpus=int(rec.get("cpus", 0)),
+                        memory=int(rec.get("real_memory", 0)) << 20,
+                        gpus=node_gpus,
+                    )
+                )
             limit = p.get("max_time_limit")
             out.append(
                 PartitionFacts(
@@ -238,6 +249,7 @@ class RestBackend(Backend):
                     cpus=cpus,
                     memory=memory,
                     gpus=gpus,
+                    node_shapes=shapes_of(shapes),
                     max_time_s=float(limit) * 60 if isinstance(limit, int) and limit > 0 else None,
                     default="default" in [str(f).lower() for f in p.get("flags", [])],
                 )

@@ -443,3 +443,43 @@ async def test_end_records_end_elements_without_accounting_until_it_has_them(
     assert [r.state for r in news] == [ProviderState.SUCCEEDED]
     # the first poll after keys were added waits nowhere; the next waits on the cluster
     assert backend.waits[0] == 0 and backend.waits[-1] > 0
+
+
+async def test_reports_name_the_gpus_slurm_bound_from_the_end_records(tmp_path: Path) -> None:
+    """Slurm binds the devices of a GPU array itself: each element's end record names them
+    and its node, and the report carries both, also once accounting has the final state
+    (which knows no indices); an element without an end record reports none."""
+    backend = FakeSlurm()
+    backend.reads_files = True
+    d = driver(tmp_path, backend)
+    gpu = [msgspec.structs.replace(x, pool="cluster/gpu", gpus=1) for x in launches(4)]
+    facts = Facts.of([Pool(id="cluster/gpu", provider="cluster", cpus=16, gpus={"fake": 4})])
+    (req,) = d.plan(gpu, facts)
+    assert isinstance(req, SlurmRequest)
+    await d.submit([req])
+
+    def ended(index: int, node: str, devices: tuple[int, ...] | None) -> JobRow:
+        return JobRow(
+            job_id="100",
+            index=index,
+            name="",
+            state="COMPLETED",
+            exit_code=0,
+            node=node,
+            devices=devices,
+        )
+
+    backend.ended = [ended(0, "n3", (1,)), ended(1, "n4", (0,)), ended(2, "n4", None)]
+    backend.rows = [row(req.name, 3, "RUNNING", node="n3")]
+    # accounting has element 1 ended too, and element 3 not yet
+    backend.accounted = [row(req.name, 1, "COMPLETED", node="n4")]
+    reports = await d.describe(req.keys)
+    assert [(r.state, r.node, r.devices) for r in reports] == [
+        (ProviderState.SUCCEEDED, "n3", (1,)),
+        (ProviderState.SUCCEEDED, "n4", (0,)),
+        (ProviderState.SUCCEEDED, "n4", None),
+        (ProviderState.RUNNING, "n3", None),
+    ]
+    # finished reports are kept with their devices
+    again = await d.describe(req.keys[:2])
+    assert [r.devices for r in again] == [(1,), (0,)]

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+from stowplan.placement.problem import Shape
 from stowplan.providers.slurm.parse import (
+    NodeShape,
     cluster_name,
     expand_hostlist,
+    largest_node,
+    parse_devices,
+    parse_end_records,
     parse_gres,
     parse_key_lines,
     parse_oneliner,
@@ -16,6 +22,7 @@ from stowplan.providers.slurm.parse import (
     parse_squeue,
     parse_time_limit,
     pools_of,
+    shapes_of,
 )
 
 FIX = Path(__file__).resolve().parents[2] / "fixtures" / "slurm"
@@ -102,3 +109,82 @@ def test_key_lines() -> None:
         "garbage\n"
     )
     assert parse_key_lines(text) == {"k1": ("sp-abc", 3, "run1", 2, ["m.json", "a b"])}
+
+
+GIB = 1 << 30
+
+
+def test_each_partition_knows_its_node_shapes_and_its_largest_node() -> None:
+    parts = {
+        p.name: p
+        for p in parse_partitions(read("scontrol-partition.txt"), read("scontrol-node.txt"))
+    }
+    gpu_node = NodeShape(cpus=8, memory=8 * GIB, gpus={"fake": 2}, count=2)
+    assert parts["gpu"].node_shapes == [gpu_node]
+    assert parts["cpu"].node_shapes == [gpu_node, NodeShape(cpus=8, memory=8 * GIB, count=2)]
+    pools = {p.id: p for p in pools_of("campus", "spcluster", list(parts.values()), {})}
+    # n3 holds every other node of either partition: the core checks runs against it
+    for pid in ("campus/cpu", "campus/gpu"):
+        assert pools[pid].node == Shape(cpus=8.0, memory=8 * GIB, gpus={"fake": 2})
+        assert not pools[pid].elastic
+    # without n3 and n4 (drained) the cpu partition's largest node has no GPU
+    nodes = "\n".join(
+        re.sub(r"State=(\w+)", r"State=\1+DRAIN", line) if "Gres=gpu" in line else line
+        for line in read("scontrol-node.txt").splitlines()
+    )
+    drained = {p.name: p for p in parse_partitions(read("scontrol-partition.txt"), nodes)}
+    assert drained["cpu"].node_shapes == [NodeShape(cpus=8, memory=8 * GIB, count=2)]
+    assert drained["gpu"].node_shapes == []
+    (cpu,) = pools_of("campus", "spcluster", list(drained.values()), {})
+    assert cpu.node == Shape(cpus=8.0, memory=8 * GIB)
+
+
+def test_a_node_gives_jobs_its_effective_cpus_and_memory_less_the_reserved() -> None:
+    line = read("scontrol-node.txt").splitlines()[0]
+    line = line.replace("CPUEfctv=8", "CPUEfctv=6").replace(
+        "RealMemory=8192", "RealMemory=8192 MemSpecLimit=1024"
+    )
+    (part,) = [
+        p for p in parse_partitions("PartitionName=p Nodes=n1 State=UP MaxTime=UNLIMITED", line)
+    ]
+    assert part.cpus == 8  # the totals stay as they were
+    assert part.node_shapes == [NodeShape(cpus=6, memory=7 * GIB)]
+
+
+def test_the_largest_node_where_none_holds_every_other() -> None:
+    """A 4-GPU node with 8 CPUs beside a 64-CPU node: no single shape is exact; the one that
+    holds both refuses nothing some node could run (sbatch refuses the rest itself)."""
+    shapes = shapes_of(
+        [
+            NodeShape(cpus=64, memory=256 * GIB),
+            NodeShape(cpus=8, memory=32 * GIB, gpus={"a100": 4}),
+            NodeShape(cpus=8, memory=32 * GIB, gpus={"a100": 4}),
+            NodeShape(cpus=16, memory=64 * GIB, gpus={"v100": 2}),
+        ]
+    )
+    assert [(s.cpus, s.count) for s in shapes] == [(8, 2), (16, 1), (64, 1)]
+    assert largest_node(shapes) == Shape(cpus=64.0, memory=256 * GIB, gpus={"a100": 4, "v100": 2})
+    assert largest_node([]) is None
+
+
+def test_device_indices_are_believed_in_one_form_only() -> None:
+    assert parse_devices("0") == (0,)
+    assert parse_devices("3,1") == (3, 1)
+    for bad in ("", " ", "0,,1", "0,0", "0-3", "GPU-6f1c2a3e", "-1", "1;2", "99999999", "0,"):
+        assert parse_devices(bad) is None, bad
+
+
+def test_end_records_with_and_without_gpus() -> None:
+    rows = parse_end_records(
+        "7_0|0|1.5|2.5|n3|0,1\n"
+        "7_1|0|1.5|2.5|n4|\n"
+        "7_2|3|||\n"  # an array rendered before the GPUs were recorded
+        "7_3|0|1.5|2.5|n4|0|x\n"  # not an end record
+        "7_4|0|1.5|2.5|n4|$(reboot)\n"
+    )
+    assert [(r.index, r.node, r.devices, r.exit_code) for r in rows] == [
+        (0, "n3", (0, 1), 0),
+        (1, "n4", None, 0),
+        (2, None, None, 3),
+        (4, "n4", None, 0),
+    ]

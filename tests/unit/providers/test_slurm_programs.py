@@ -13,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from stowplan.providers.base import LaunchSpec
@@ -234,6 +235,61 @@ def test_an_element_killed_by_a_signal_leaves_no_end_record(
     assert [element(stub, i, fakes, job_dir)[0] for i in range(3)] == [3, 143, 0]
     ends = job_dir / ELEMENTS_DIR
     assert sorted(p.name for p in ends.glob("*.end")) == ["0.end", "2.end"]
-    rc, start, end, node = (ends / "0.end").read_text().rstrip("\n").split("|")
-    assert rc == "3" and node == ""
+    rc, start, end, node, gpus = (ends / "0.end").read_text().rstrip("\n").split("|")
+    assert rc == "3" and node == "" and gpus == ""
     assert float(start.replace(",", ".")) <= float(end.replace(",", "."))
+
+
+def test_an_element_records_the_node_and_the_gpus_slurm_bound(
+    tmp_path: Path, fakes: dict[str, str]
+) -> None:
+    """The end record names the node and the GPU indices Slurm bound (``SLURM_JOB_GPUS``, else
+    ``CUDA_VISIBLE_DEVICES``) as the element found them before its own lines ran; whatever
+    else the environment holds there is dropped, never run, and never believed."""
+    # the task's own environment may name anything: it is not what Slurm bound
+    own = {"CUDA_VISIBLE_DEVICES": "7", "SLURM_JOB_GPUS": "6", "SLURMD_NODENAME": "evil"}
+    launches = [
+        msgspec.structs.replace(
+            launch(i, ["true"]), pool="cluster/gpu", gpus=1, env=own if i else {}
+        )
+        for i in range(4)
+    ]
+    (req,) = plan_arrays(launches, provider="cluster", workdir=str(tmp_path / "w"))
+    assert submit(req, fakes, "first").returncode == 0
+    job_dir = Path(req.job_dir)
+    stub = Path(fakes["SUBMITTED"])
+    hostile = "0$(touch pwned)"
+    given = [
+        {"SLURM_JOB_GPUS": "1,3", "CUDA_VISIBLE_DEVICES": "0,1", "SLURMD_NODENAME": "n3"},
+        {"CUDA_VISIBLE_DEVICES": "2", "SLURMD_NODENAME": "n4"},
+        {"SLURM_JOB_GPUS": hostile, "CUDA_VISIBLE_DEVICES": "1", "SLURMD_NODENAME": "n|x"},
+        {"CUDA_VISIBLE_DEVICES": "GPU-6f1c2a3e-0000", "SLURMD_NODENAME": "n4"},
+    ]
+    for i, extra in enumerate(given):
+        assert element(stub, i, {**fakes, **extra}, job_dir)[0] == 0
+    records = [(job_dir / ELEMENTS_DIR / f"{i}.end").read_text() for i in range(4)]
+    assert [r.split("|", 3)[3] for r in records] == ["n3|1,3\n", "n4|2\n", "|\n", "n4|\n"]
+    assert not list(tmp_path.rglob("pwned"))
+    lines = [(f"7_{i}", str(job_dir / ELEMENTS_DIR / f"{i}.end")) for i in range(4)]
+    done, kinds = describe(fakes, lines)
+    assert kinds == []
+    rows = parse_end_records(split_sections(done.stdout)[0])
+    assert [(r.index, r.node, r.devices) for r in rows] == [
+        (0, "n3", (1, 3)),
+        (1, "n4", (2,)),
+        (2, None, None),
+        (3, "n4", None),
+    ]
+
+
+def test_a_cpu_element_records_no_gpus_whatever_the_environment_says(
+    tmp_path: Path, fakes: dict[str, str]
+) -> None:
+    # sbatch passes the submitter's environment on: a CUDA_VISIBLE_DEVICES from the login
+    # node is no binding
+    (req,) = plan_arrays([launch(0, ["true"])], provider="cluster", workdir=str(tmp_path / "w"))
+    assert submit(req, fakes, "first").returncode == 0
+    job_dir = Path(req.job_dir)
+    env = {**fakes, "CUDA_VISIBLE_DEVICES": "0", "SLURMD_NODENAME": "n1"}
+    assert element(Path(fakes["SUBMITTED"]), 0, env, job_dir)[0] == 0
+    assert (job_dir / ELEMENTS_DIR / "0.end").read_text().endswith("|n1|\n")

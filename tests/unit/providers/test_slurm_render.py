@@ -287,3 +287,16 @@ def test_an_output_leading_outside_the_attempt_directory_fails_the_job(tmp_path:
         assert done.returncode == rc, done.stderr
         if rc:
             assert b"declared output esc leads outside the attempt directory" in done.stderr
+
+
+def test_a_gpu_array_reads_the_binding_before_the_elements_own_lines() -> None:
+    """The end record's GPUs and node are read from the environment slurmd gave the element,
+    before its own lines export the task's environment (which may name them too); a CPU-only
+    array reads no GPU variable at all (sbatch passes the submitter's environment on)."""
+    gpu = plan([launch(0, pool="campus/gpu", gpus=1, env={"CUDA_VISIBLE_DEVICES": "7"})])[0]
+    script = gpu.render()
+    read = script.index("__sp_g=${SLURM_JOB_GPUS:-${CUDA_VISIBLE_DEVICES:-}}")
+    assert script.index("__sp_n=${SLURMD_NODENAME:-}") < script.index('. "$__sp_e"')
+    assert read < script.index('. "$__sp_e"') < script.index("export CUDA_VISIBLE_DEVICES=7")
+    cpu = plan([launch(1)])[0].render()
+    assert "SLURM_JOB_GPUS" not in cpu and "CUDA_VISIBLE_DEVICES" not in cpu

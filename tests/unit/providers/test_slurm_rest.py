@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
+from stowplan.placement.problem import Shape
 from stowplan.providers.base import LaunchSpec
+from stowplan.providers.slurm.parse import NodeShape, pools_of
 from stowplan.providers.slurm.render import plan_arrays, sbatch_options
 from stowplan.providers.slurm.rest import (
     API,
@@ -122,3 +124,41 @@ async def test_a_submit_tried_before_finds_the_earlier_job() -> None:
     rest = _Recorded({("GET", f"/slurm/{API}/jobs"): {"jobs": jobs}, SUBMIT: {"job_id": 7}})
     assert await rest.submit(req) != "7"
     assert SUBMIT not in rest.calls
+
+
+@pytest.mark.anyio
+async def test_discovery_knows_each_partitions_node_shapes() -> None:
+    """The nodes slurmrestd lists (its ``/nodes`` answer, read already for the totals) give
+    each partition its node shapes; a drained node is none of them."""
+
+    def node(name: str, cpus: int, gres: str, flags: list[str] | None = None) -> dict[str, Any]:
+        return {
+            "name": name,
+            "cpus": cpus,
+            "real_memory": 8192,
+            "gres": gres,
+            "state": "idle",
+            "state_flags": flags or [],
+        }
+
+    rest = _Recorded(
+        {
+            ("GET", f"/slurm/{API}/partitions"): {
+                "partitions": [{"name": "mixed", "nodes": "n[1-3]", "state": "UP"}]
+            },
+            ("GET", f"/slurm/{API}/nodes"): {
+                "nodes": [
+                    node("n1", 64, ""),
+                    node("n2", 8, "gpu:fake:2(S:0)"),
+                    node("n3", 128, "gpu:fake:8", ["DRAIN"]),
+                ]
+            },
+        }
+    )
+    _, (part,), _ = await rest.discover()
+    assert part.node_shapes == [
+        NodeShape(cpus=8, memory=8 << 30, gpus={"fake": 2}),
+        NodeShape(cpus=64, memory=8 << 30),
+    ]
+    (pool,) = pools_of("c", "site", [part], {})
+    assert pool.node == Shape(cpus=64.0, memory=8 << 30, gpus={"fake": 2})
