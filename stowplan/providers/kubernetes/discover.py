@@ -11,6 +11,20 @@ Taints: a ``NoSchedule``/``NoExecute`` taint that every stowplan pod tolerates (
 ``taints``, which placement offers only to tasks whose ``placement.tolerations`` hold every
 one (and whose pods then tolerate them). A pool's taints are those of all its nodes.
 
+Devices: a pool that is not autoscaled and has GPU nodes describes its GPUs by node and device
+(``Pool.devices``), so the scheduler core places each run on one node and device indices (its
+``DeviceLease``) and the pod is pinned to that node (``render.py``). A node is named by its
+``kubernetes.io/hostname`` label (else its name), which the pin selects; its devices are its
+allocatable GPUs, whole (no sharing). Kubernetes does not say which devices a pod holds (the
+device plugin picks them), so the GPUs other pods request are modelled as the first devices
+that no lease of stowplan's names; the devices of this provider's own pods are their leases
+(the ``DEVICES_ANNOTATION`` their Job records), left free here because the core holds them.
+
+Own pods: the pods of the Jobs in ``own_jobs`` (the driver's: it submitted them or found their
+keys) hold what the core leases to their runs, and the core subtracts its leases itself
+(``PoolsDiscovered``: capacity *for stowplan*), so they are not subtracted here; a pod being
+deleted is, since its run's lease is already given back.
+
 Autoscaled pools (``autoscale`` in the provider's config) are elastic: their ``node`` is the
 configured shape, ``max_instances`` the configured maximum less the nodes the pool has now (in
 any state), ``boot_s`` the configured boot time. They are offered also when no node of theirs
@@ -20,16 +34,25 @@ wait for them.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from msgspec import Struct, field
 
+from stowplan.placement.leases import MILLI, NodeDevices, PoolDevices
 from stowplan.placement.problem import Pool, Shape
-from stowplan.providers.kubernetes.render import GPU_PRODUCT_LABEL, HARDWARE_PREFIX
+from stowplan.providers.kubernetes.render import (
+    DEVICES_ANNOTATION,
+    GPU_PRODUCT_LABEL,
+    HARDWARE_PREFIX,
+    HOSTNAME_LABEL,
+    JOB_NAME_LABEL,
+)
+from stowplan.providers.kubernetes.states import pod_index
 from stowplan.spec.models import KubernetesAutoscaleSpec
 
 POOL_LABELS = (
@@ -127,6 +150,49 @@ def pod_requests(pod: Mapping[str, Any]) -> dict[str, Decimal]:
     return dict(total)
 
 
+def leased_devices(pod: Mapping[str, Any]) -> tuple[str, tuple[int, ...]] | None:
+    """The node and device indices the lease of ``pod``'s completion index names, as its
+    Job recorded them (``DEVICES_ANNOTATION``); None when it records none or is unreadable."""
+    meta = pod.get("metadata") or {}
+    text = (meta.get("annotations") or {}).get(DEVICES_ANNOTATION)
+    idx = pod_index(pod)
+    if not isinstance(text, str) or idx is None:
+        return None
+    try:
+        rec = json.loads(text)
+        node, rows = rec["node"], rec["devices"]
+        devices = rows[idx] if isinstance(rows, list) and idx < len(rows) else None
+    except (ValueError, KeyError, TypeError):
+        return None
+    if (
+        not isinstance(node, str)
+        or not isinstance(devices, list)
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices)
+    ):
+        return None
+    return node, tuple(devices)
+
+
+def node_devices(
+    name: str, model: str, gpus: int, taken: int, leased: Collection[int], cpus: float, memory: int
+) -> NodeDevices:
+    """One node's row of ``gpus`` devices: ``taken`` of them (other pods' GPUs) on the first
+    indices that no lease of stowplan's names, then on leased ones if they do not fit (a
+    node over-committed that way makes the core drop the lease it can no longer keep).
+
+    NOTE: ``NodeDevices`` reads 0 CPUs or memory as "not counted per node"; a full node
+    keeps the least amount instead (1 millicore, 1 byte), which no run fits into."""
+    order = [d for d in range(gpus) if d not in leased] + [d for d in range(gpus) if d in leased]
+    used = set(order[: max(0, min(taken, gpus))])
+    return NodeDevices(
+        name=name,
+        model=model if gpus else "",
+        devices=tuple(0 if d in used else MILLI for d in range(gpus)),
+        cpus=max(0.001, cpus),
+        memory=max(1, memory),
+    )
+
+
 class Discovery(Struct, frozen=True, kw_only=True):
     pools: list[Pool]
     pool_label: str | None
@@ -144,8 +210,11 @@ def pools_of(
     tolerations: Sequence[str] = (),
     site: str | None = None,
     autoscale: Mapping[str, KubernetesAutoscaleSpec] | None = None,
+    own_jobs: Collection[str] = (),
 ) -> Discovery:
-    """The node pools of ``nodes``, in pool-id order; ``pool_label`` None: detected."""
+    """The node pools of ``nodes``, in pool-id order; ``pool_label`` None: detected.
+    ``own_jobs``: the names of this provider's Jobs, whose pods the core's leases count
+    (module doc: *Own pods*)."""
     autoscale = autoscale or {}
     label = pool_label or detect_pool_label(nodes)
     notes: list[str] = []
@@ -156,9 +225,20 @@ def pools_of(
         return Discovery(pools=[], pool_label=None, notes=[why])
     tolerated = {gpu_resource, *tolerations}
     used: dict[str, dict[str, Decimal]] = defaultdict(lambda: defaultdict(Decimal))
+    leased: dict[str, set[int]] = defaultdict(set)  # node (hostname) -> devices leased there
     for p in pods:
+        if (p.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            continue
+        meta = p.get("metadata") or {}
+        if (meta.get("labels") or {}).get(JOB_NAME_LABEL) in own_jobs and not meta.get(
+            "deletionTimestamp"
+        ):
+            lease = leased_devices(p)  # bound or not yet: the core holds its devices
+            if lease is not None:
+                leased[lease[0]].update(lease[1])
+            continue
         node = (p.get("spec") or {}).get("nodeName")
-        if not node or (p.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+        if not node:
             continue
         for k, v in pod_requests(p).items():
             used[node][k] += v
@@ -169,6 +249,8 @@ def pools_of(
     regions: dict[str, set[str]] = defaultdict(set)
     taints: dict[str, set[str]] = defaultdict(set)
     present: dict[str, int] = defaultdict(int)
+    rows: dict[str, list[NodeDevices]] = defaultdict(list)
+    hostnames: set[str] = set()
     for n in sorted(nodes, key=lambda n: str((n.get("metadata") or {}).get("name"))):
         meta = n.get("metadata") or {}
         name = str(meta.get("name"))
@@ -208,6 +290,26 @@ def pools_of(
         memory[pool] += max(Decimal(0), free_mem)
         if n_gpus:
             gpus[pool][model] += max(0, free_gpu)
+        host = str(labels.get(HOSTNAME_LABEL) or name)
+        if host in hostnames:
+            notes.append(
+                f"node {name}: another node has {HOSTNAME_LABEL}={host} too; its pool counts "
+                "GPUs instead of leasing devices"
+            )
+            rows[pool].append(NodeDevices(name=""))  # a pin could not tell them apart
+        else:
+            hostnames.add(host)
+            rows[pool].append(
+                node_devices(
+                    host,
+                    model,
+                    n_gpus,
+                    n_gpus - free_gpu,
+                    leased.get(host, ()),
+                    float(free_cpu),
+                    int(free_mem),
+                )
+            )
         shape = Shape(
             cpus=float(parse_quantity(alloc.get("cpu", "0"))),
             memory=int(parse_quantity(alloc.get("memory", "0"))),
@@ -238,6 +340,11 @@ def pools_of(
             region = scale.region or region or (cluster_regions[0] if cluster_regions else "")
             if present[pool] >= scale.max_nodes:
                 notes.append(f"autoscaled pool {pool}: at its maximum of {scale.max_nodes} nodes")
+        devices = None
+        row = sorted(rows[pool], key=lambda r: r.name)
+        if scale is None and any(r.devices for r in row) and all(r.name for r in row):
+            # NOTE: an autoscaled pool's new nodes are not known by device: it counts
+            devices = PoolDevices(nodes=tuple(row))
         if required:
             notes.append(
                 f"pool {pool}: tainted {', '.join(sorted(required))}; offered only to tasks "
@@ -258,6 +365,7 @@ def pools_of(
                 boot_s=boot_s,
                 hardware_class=f"{HARDWARE_PREFIX}{label}={pool}",
                 taints=tuple(sorted(required)),
+                devices=devices,
             )
         )
     return Discovery(pools=out, pool_label=label, notes=notes)

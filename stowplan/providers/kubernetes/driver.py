@@ -464,10 +464,30 @@ class KubernetesProvider(Provider):
             tolerations=self.config.tolerations,
             site=self.config.site,
             autoscale=self.config.autoscale,
+            own_jobs=self._own_jobs(pods),
         )
         self.pool_label = found.pool_label
         self.discovery_notes = notes + list(found.notes)
         return found.pools
+
+    def _own_jobs(self, pods: Sequence[Mapping[str, Any]]) -> set[str]:
+        """The Jobs of this provider among ``pods``' and those it knows: their pods hold what
+        the core leases (``discover.pools_of``). Read from the pods' labels too, so that a
+        restarted control plane, which restores its leases, finds them before it has looked
+        its keys up."""
+        provider = label_value(self.name)
+        out = set(self._job_keys)
+        for p in pods:
+            meta = p.get("metadata") or {}
+            labels = meta.get("labels") or {}
+            if (
+                meta.get("namespace") == self.namespace
+                and labels.get(MANAGED_BY) == MANAGER
+                and labels.get(PROVIDER_LABEL) == provider
+                and labels.get(JOB_NAME_LABEL)
+            ):
+                out.add(str(labels[JOB_NAME_LABEL]))
+        return out
 
     def plan(self, launches: Sequence[LaunchSpec], facts: Facts) -> list[ProviderRequest]:
         return list(

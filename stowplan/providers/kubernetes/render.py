@@ -19,6 +19,14 @@ without a timeout); their size is counted when entries are packed into ConfigMap
 Retries are stowplan's: ``backoffLimitPerIndex: 0`` and a ``podFailurePolicy`` that fails the
 index on any non-zero exit and on a disruption, so Kubernetes never runs an attempt twice.
 
+Device leases: a launch with a ``DeviceLease`` naming a node (a pool that describes its devices,
+``discover.py``) goes to that node: its pod has a *required* node affinity on
+``kubernetes.io/hostname`` (never ``nodeName``, which would bypass the scheduler and the device
+plugin's admission), beside the pool's node selector, and requests as many GPUs as the lease
+holds devices (none for a CPU-only run). The device plugin binds the devices; the pod template
+records the lease of each completion index in ``DEVICES_ANNOTATION``, which discovery reads
+back. Launches are grouped by their lease's node too.
+
 Idempotency: the Job's name is ``request_name(keys)``; its annotation ``stowplan.io/keys``
 lists the keys in index order, which is how a key is found again after a restart and how a
 ``409 AlreadyExists`` is told apart from a name clash. Secrets appear only as
@@ -54,6 +62,10 @@ KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+HOSTNAME_LABEL = "kubernetes.io/hostname"
+"""the label a lease's node is pinned by (``DeviceLease.node`` is its value)."""
+DEVICES_ANNOTATION = "stowplan.io/devices"
+"""on a Job's pod template: ``{"node": NODE, "devices": [[i, ...] per completion index]}``."""
 CONTAINER = "main"
 PARAMS_DIR = "/stowplan/params"
 WORK_DIR = "/stowplan/work"
@@ -286,6 +298,8 @@ class _Group(Struct, frozen=True, array_like=True, order=True):
     timeout_s: int
     image: str
     secrets: tuple[tuple[str, str, str], ...]
+    node: str = ""
+    """the node its leases name ("" for none): its pods are pinned there."""
 
 
 def _reject(provider: str, launch: LaunchSpec, why: str) -> ProviderError:
@@ -387,6 +401,16 @@ def plan_jobs(
                     launch,
                     f"secret of {var}: {name!r}/{key!r} is not a Kubernetes Secret name and key",
                 )
+        lease = launch.lease
+        if lease is not None and lease.devices and len(lease.devices) != launch.gpus:
+            raise _reject(
+                provider,
+                launch,
+                f"it asks for {launch.gpus} GPUs but its lease holds devices "
+                f"{list(lease.devices)} of node {lease.node!r}",
+            )
+        if lease is not None and lease.node and not _LABEL_VALUE.match(lease.node):
+            raise _reject(provider, launch, f"node {lease.node!r} is not a label value")
         group = _Group(
             pool=launch.pool,
             cpus=cpu_quantity(launch.cpus),
@@ -396,6 +420,7 @@ def plan_jobs(
             timeout_s=0 if launch.timeout_s is None else math.ceil(launch.timeout_s),
             image=image,
             secrets=secrets,
+            node=lease.node if lease is not None else "",
         )
         if config.bucket is not None:
             slots[launch.key] = slots_of(config, launch.run_id, launch.key, launch.outputs)
@@ -460,6 +485,18 @@ def _selector(
         f"pool {pool_id!r} is not a node pool this provider discovered "
         "(run discovery first, or set node_pool_label)",
     )
+
+
+def pin_to_node(pod_spec: dict[str, Any], node: str) -> None:
+    """Require ``node`` (its ``kubernetes.io/hostname``) in ``pod_spec``'s node affinity, in
+    every term it already has (terms are ORed: each must pin), beside its node selector."""
+    expr = {"key": HOSTNAME_LABEL, "operator": "In", "values": [node]}
+    affinity = pod_spec.setdefault("affinity", {}).setdefault("nodeAffinity", {})
+    required = affinity.setdefault("requiredDuringSchedulingIgnoredDuringExecution", {})
+    terms = required.get("nodeSelectorTerms") or [{}]
+    for term in terms:
+        term["matchExpressions"] = [*(term.get("matchExpressions") or []), expr]
+    required["nodeSelectorTerms"] = terms
 
 
 def _render(
@@ -533,6 +570,16 @@ def _render(
         ],
         "enableServiceLinks": False,
     }
+    template_meta: dict[str, Any] = {"labels": labels}
+    if group.node:
+        pin_to_node(pod_spec, group.node)
+        leases = [launch.lease.devices if launch.lease else () for launch, _ in chunk]
+        template_meta["annotations"] = {
+            DEVICES_ANNOTATION: json.dumps(
+                {"node": group.node, "devices": [list(d) for d in leases]},
+                separators=(",", ":"),
+            )
+        }
     if group.timeout_s:
         pod_spec["activeDeadlineSeconds"] = group.timeout_s
     if config.service_account is not None:
@@ -558,7 +605,7 @@ def _render(
             ]
         },
         "suspend": suspend,
-        "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        "template": {"metadata": template_meta, "spec": pod_spec},
     }
     if group.timeout_s:
         # a backstop: each pod has its own deadline; the Job's covers every wave of them
@@ -616,6 +663,7 @@ __all__ = [
     "KubernetesRequest",
     "attempt_prefix",
     "label_value",
+    "pin_to_node",
     "plan_jobs",
     "pool_selector",
     "slots_of",

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
+from stowplan.placement.leases import MILLI, NodeDevices, PoolDevices
 from stowplan.placement.problem import Shape
 from stowplan.providers.kubernetes.discover import (
     detect_pool_label,
     gpu_model_of,
+    leased_devices,
     parse_quantity,
     pools_of,
     unschedulable_patience,
@@ -205,3 +208,130 @@ def test_pool_label_detection_order() -> None:
     )
     found = pools_of("k8s", nodes(NodeSpec(name="x")), [], pool_label=None)
     assert found.pools == [] and "no node carries" in found.notes[0]
+
+
+# -- devices (issue 17: the lease is the placement) ------------------------------------------
+
+GPU_TAINT = [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]
+
+
+def v100(name: str, gpus: int = 2, **kw: Any) -> NodeSpec:
+    return NodeSpec(
+        name=name,
+        pool="v100",
+        cpu="16",
+        memory="64Gi",
+        gpus=gpus,
+        gpu_product="Tesla-V100-SXM2-16GB",
+        taints=GPU_TAINT,
+        **kw,
+    )
+
+
+def own_pod(
+    job: str, index: int, node: str | None, lease: dict[str, Any], gpus: int, **meta: Any
+) -> dict[str, Any]:
+    """A pod of index ``index`` of this provider's Job ``job``, whose template records
+    ``lease`` (``render.DEVICES_ANNOTATION``)."""
+    pod = running_pod(node or "", "2", "4Gi", gpus=gpus)
+    if node is None:
+        del pod["spec"]["nodeName"]
+        pod["status"] = {"phase": "Pending"}
+    pod["metadata"] = {
+        "name": f"{job}-{index}",
+        "labels": {
+            "batch.kubernetes.io/job-name": job,
+            "batch.kubernetes.io/job-completion-index": str(index),
+        },
+        "annotations": {"stowplan.io/devices": json.dumps(lease)},
+        **meta,
+    }
+    return pod
+
+
+def test_a_static_gpu_pool_describes_its_devices_by_node() -> None:
+    ns = nodes(
+        v100("gpu-b"),
+        v100("gpu-a", labels={"kubernetes.io/hostname": "host-a"}),
+        v100("gpu-c", ready=False),
+        NodeSpec(name="c1", pool="cpu", cpu="8", memory="32Gi"),
+    )
+    pods = [running_pod("gpu-b", "4", "8Gi", gpus=1)]
+    by_id = {p.id: p for p in pools_of("k8s", ns, pods, pool_label=None).pools}
+    pool = by_id["k8s/v100"]
+    assert pool.devices == PoolDevices(
+        nodes=(
+            NodeDevices(name="gpu-b", model="v100", devices=(0, MILLI), cpus=12.0,
+                        memory=56 << 30),
+            NodeDevices(name="host-a", model="v100", devices=(MILLI, MILLI), cpus=16.0,
+                        memory=64 << 30),
+        )
+    )  # fmt: skip
+    assert pool.gpus == {"v100": 3} and pool.cpus == 28.0  # the totals, as before
+    assert pool.node == Shape(cpus=16.0, memory=64 << 30, gpus={"v100": 2})
+    assert by_id["k8s/cpu"].devices is None  # no GPU: counted
+
+
+def test_an_autoscaled_gpu_pool_keeps_counting() -> None:
+    ns = nodes(NodeSpec(name="b1", pool="burst", gpus=1, gpu_product="NVIDIA-H100-80GB-HBM3"))
+    (burst,) = pools_of("k8s", ns, [], pool_label=None, autoscale=AUTOSCALE).pools
+    assert burst.devices is None and burst.gpus == {"h100": 1}
+
+
+def test_own_pods_hold_the_cores_leases_and_other_pods_take_the_devices_left() -> None:
+    ns = nodes(v100("gpu-a", gpus=4), v100("gpu-b"))
+    pods = [
+        # running on gpu-a with lease [0, 1]; pending with lease [3]: the core counts both
+        own_pod("sp-1", 0, "gpu-a", {"node": "gpu-a", "devices": [[0, 1], [3]]}, gpus=2),
+        own_pod("sp-1", 1, None, {"node": "gpu-a", "devices": [[0, 1], [3]]}, gpus=1),
+        running_pod("gpu-a", "1", "1Gi", gpus=1),  # someone else's: not on 0, 1 or 3
+        # being deleted: its run's lease is given back, the pod still holds its GPU
+        own_pod("sp-2", 0, "gpu-b", {"node": "gpu-b", "devices": [[1]]}, gpus=1,
+                deletionTimestamp="2026-12-05T12:00:00Z"),
+    ]  # fmt: skip
+    found = pools_of("k8s", ns, pods, pool_label=None, own_jobs={"sp-1", "sp-2"})
+    (pool,) = found.pools
+    assert pool.devices is not None
+    assert [(n.name, n.devices, n.cpus) for n in pool.devices.nodes] == [
+        ("gpu-a", (MILLI, MILLI, 0, MILLI), 15.0),
+        ("gpu-b", (0, MILLI), 14.0),
+    ]
+    assert pool.gpus == {"v100": 4} and pool.cpus == 29.0
+    # not ours: everything bound is subtracted, as before
+    (other,) = pools_of("k8s", ns, pods, pool_label=None).pools
+    assert other.devices is not None
+    assert [n.devices for n in other.devices.nodes] == [(0, 0, 0, MILLI), (0, MILLI)]
+    assert other.gpus == {"v100": 2}
+
+
+def test_a_node_full_of_cpu_work_counts_as_full() -> None:
+    ns = nodes(v100("gpu-a"))
+    (pool,) = pools_of("k8s", ns, [running_pod("gpu-a", "16", "64Gi")], pool_label=None).pools
+    assert pool.devices is not None
+    (row,) = pool.devices.nodes
+    assert row.devices == (MILLI, MILLI) and row.cpus < 0.01 and row.memory == 1
+
+
+def test_a_lease_record_is_read_per_completion_index_and_never_trusted_blindly() -> None:
+    lease = {"node": "gpu-a", "devices": [[0, 1], [3]]}
+    assert leased_devices(own_pod("sp-1", 1, "gpu-a", lease, gpus=1)) == ("gpu-a", (3,))
+    for bad in (
+        {"node": "gpu-a", "devices": [[0, 1]]},  # no row for index 1
+        {"node": "gpu-a", "devices": [[True], [-1]]},
+        {"node": 7, "devices": [[0], [1]]},
+        {"devices": [[0], [1]]},
+        "not json",
+    ):
+        pod = own_pod("sp-1", 1, "gpu-a", {}, gpus=1)
+        pod["metadata"]["annotations"]["stowplan.io/devices"] = (
+            bad if isinstance(bad, str) else json.dumps(bad)
+        )
+        assert leased_devices(pod) is None, bad
+
+
+def test_two_nodes_with_one_hostname_make_the_pool_count() -> None:
+    ns = nodes(v100("gpu-a"), v100("gpu-b", labels={"kubernetes.io/hostname": "gpu-a"}))
+    found = pools_of("k8s", ns, [], pool_label=None)
+    (pool,) = found.pools
+    assert pool.devices is None and pool.gpus == {"v100": 4}
+    assert "another node has kubernetes.io/hostname=gpu-a" in "\n".join(found.notes)

@@ -18,14 +18,17 @@ from typing import Any
 import pytest
 
 from stowplan.errors import ProviderError
+from stowplan.placement.leases import DeviceLease
 from stowplan.placement.problem import Pool
 from stowplan.providers.base import Facts, LaunchSpec, ProviderState, SecretRef, request_name
 from stowplan.providers.kubernetes import KubernetesProvider, KubernetesRequest
 from stowplan.providers.kubernetes.render import (
+    DEVICES_ANNOTATION,
     KEYS_ANNOTATION,
     cpu_quantity,
     label_value,
     memory_quantity,
+    pin_to_node,
 )
 from stowplan.spec.models import FailureClass, KubernetesProviderConfig
 from tests.kubecluster import KUBERNETES_VERSIONS, validate_manifest
@@ -532,3 +535,97 @@ def test_a_job_event_that_outruns_its_pods_is_not_a_preemption(tmp_path: Path) -
     again._remember("sp-x", ["k0"])
     (r,) = again._reports(["k0"], {"sp-x": job}, [])
     assert (r.state, r.failure) == (ProviderState.FAILED, FailureClass.PREEMPTED)
+
+
+# -- device leases (issue 17: the lease is the placement) ------------------------------------
+
+PIN = "requiredDuringSchedulingIgnoredDuringExecution"
+
+
+def node_terms(req: KubernetesRequest) -> list[dict[str, Any]]:
+    pod = req.job["spec"]["template"]["spec"]
+    terms: list[dict[str, Any]] = pod["affinity"]["nodeAffinity"][PIN]["nodeSelectorTerms"]
+    return terms
+
+
+def test_a_lease_pins_the_pod_to_its_node_and_requests_its_gpus(tmp_path: Path) -> None:
+    leased = launch(1, pool="k8s/a100", gpus=2, lease=DeviceLease("gpu-a", (0, 1)))
+    (req,) = plan(tmp_path, [leased])
+    assert node_terms(req) == [
+        {
+            "matchExpressions": [
+                {"key": "kubernetes.io/hostname", "operator": "In", "values": ["gpu-a"]}
+            ]
+        }
+    ]
+    pod = req.job["spec"]["template"]["spec"]
+    assert "nodeName" not in pod  # the scheduler and the device plugin still admit it
+    assert pod["nodeSelector"] == {"cloud.google.com/gke-nodepool": "a100"}
+    resources = pod["containers"][0]["resources"]
+    assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == "2"
+    annotations = req.job["spec"]["template"]["metadata"]["annotations"]
+    assert json.loads(annotations[DEVICES_ANNOTATION]) == {"node": "gpu-a", "devices": [[0, 1]]}
+
+
+def test_launches_are_grouped_by_their_leases_node(tmp_path: Path) -> None:
+    launches = [
+        launch(1, pool="k8s/a100", gpus=1, lease=DeviceLease("gpu-b", (1,))),
+        launch(2, pool="k8s/a100", gpus=1, lease=DeviceLease("gpu-a", (0,))),
+        launch(3, pool="k8s/a100", gpus=1, lease=DeviceLease("gpu-b", (0,))),
+    ]
+    reqs = plan(tmp_path, launches)
+    got = {
+        node_terms(r)[0]["matchExpressions"][0]["values"][0]: (
+            r.keys,
+            json.loads(r.job["spec"]["template"]["metadata"]["annotations"][DEVICES_ANNOTATION]),
+        )
+        for r in reqs
+    }
+    assert got == {
+        "gpu-a": (("k0002-trial",), {"node": "gpu-a", "devices": [[0]]}),
+        "gpu-b": (("k0001-trial", "k0003-trial"), {"node": "gpu-b", "devices": [[1], [0]]}),
+    }
+
+
+def test_a_cpu_only_lease_pins_without_a_gpu(tmp_path: Path) -> None:
+    (req,) = plan(tmp_path, [launch(1, pool="k8s/a100", lease=DeviceLease("gpu-a"))])
+    assert node_terms(req)[0]["matchExpressions"][0]["values"] == ["gpu-a"]
+    resources = req.job["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert "nvidia.com/gpu" not in resources["requests"]
+    assert "nvidia.com/gpu" not in resources["limits"]
+
+
+def test_a_lease_without_a_node_pins_nothing(tmp_path: Path) -> None:
+    (req,) = plan(tmp_path, [launch(1, lease=DeviceLease(""))])
+    (plain,) = plan(tmp_path, [launch(1)])
+    assert req.render() == plain.render()
+
+
+def test_a_lease_that_contradicts_the_launch_is_refused(tmp_path: Path) -> None:
+    for lease, words in (
+        (DeviceLease("gpu-a", (0,)), "asks for 2 GPUs but its lease holds devices [0]"),
+        (DeviceLease("bad node!", (0, 1)), "not a label value"),
+    ):
+        with pytest.raises(ProviderError) as e:
+            driver(tmp_path).plan([launch(1, pool="k8s/a100", gpus=2, lease=lease)], FACTS)
+        assert not e.value.retryable and words in str(e.value), e.value
+
+
+def test_pinning_adds_the_node_to_every_existing_term() -> None:
+    spec: dict[str, Any] = {
+        "affinity": {
+            "nodeAffinity": {
+                PIN: {
+                    "nodeSelectorTerms": [
+                        {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]},
+                        {"matchFields": [{"key": "x", "operator": "In", "values": ["y"]}]},
+                    ]
+                }
+            }
+        }
+    }
+    pin_to_node(spec, "n1")
+    host = {"key": "kubernetes.io/hostname", "operator": "In", "values": ["n1"]}
+    terms = spec["affinity"]["nodeAffinity"][PIN]["nodeSelectorTerms"]
+    assert [t["matchExpressions"][-1] for t in terms] == [host, host]
+    assert terms[0]["matchExpressions"][0]["key"] == "zone" and "matchFields" in terms[1]
