@@ -69,7 +69,7 @@ from typing import Any
 import msgspec
 
 from stowplan.actors.runtime import error_detail, error_text, note_worker
-from stowplan.actors.store import HOLD_S, ActiveState, Artifacts
+from stowplan.actors.store import HOLD_S, ActiveState, Artifacts, lease_of
 from stowplan.actors.wire import pack, unpack
 from stowplan.errors import InternalError, ProviderError
 from stowplan.placement.leases import DeviceLease
@@ -80,7 +80,7 @@ from stowplan.placement.problem import (
     PlacementSolution,
     Pool,
 )
-from stowplan.provenance.records import AttemptRecord, RunRecord
+from stowplan.provenance.records import AttemptRecord, RunRecord, devices_text
 from stowplan.provenance.store.runs import (
     AttemptRow,
     Dispatch,
@@ -553,6 +553,7 @@ class QueueActor:
                         pool=current.pool,
                         key=current.key,
                         uncounted=uncounted,
+                        lease=lease_of(current),
                     )
                 )
             else:
@@ -822,6 +823,9 @@ class QueueActor:
         placed, decisions = self._placed, self._decisions
         out = []
         for item in items:
+            # the lease (node and devices) is recorded with the intent, before the submit
+            lease = item.lease
+            where_to = (None, None) if lease is None else (lease.node or None, lease.visible())
             where = placed.pop(item.run_id, None)
             if where is not None and where[0] in decisions:
                 request, i = where
@@ -831,9 +835,9 @@ class QueueActor:
                     if s is None:
                         s = index[request] = len(solves)
                         solves.append(self._solve_row(solution, sha, hw))
-                    out.append(IntentRow(item.key, item.run_id, item.attempt, s, i))
+                    out.append(IntentRow(item.key, item.run_id, item.attempt, s, i, *where_to))
                     continue
-            out.append(IntentRow(item.key, item.run_id, item.attempt))
+            out.append(IntentRow(item.key, item.run_id, item.attempt, -1, 0, *where_to))
         return solves, out
 
     def _solve_row(self, solution: PlacementSolution, sha: str, hw: dict[str, str]) -> SolveRow:
@@ -949,6 +953,7 @@ class QueueActor:
                     r.started_at,
                     r.ended_at,
                     used_hash,
+                    devices=devices_text(r.devices),
                 )
             )
         if used:

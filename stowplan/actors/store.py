@@ -31,6 +31,7 @@ import msgspec
 from stowplan.actors.runtime import note_worker
 from stowplan.actors.wire import pack, unpack
 from stowplan.placement.context import datasets_in_spec
+from stowplan.placement.leases import DeviceLease
 from stowplan.placement.problem import Dataset
 from stowplan.provenance.records import (
     ArtifactRecord,
@@ -39,6 +40,7 @@ from stowplan.provenance.records import (
     PlacementRecord,
     RunRecord,
     TransitionRecord,
+    devices_of,
 )
 from stowplan.provenance.store import ArtifactsNotStored, RunStore
 from stowplan.provenance.store.runs import Dispatch, StepBatch
@@ -49,6 +51,16 @@ HELD_STATES: Final = frozenset({"READY", "PLACED"})
 """States a transition batch may be held in memory for (see the module docstring)."""
 HOLD_S: Final = 5.0
 """Most seconds a held step waits (here, or in the queue) before it is written."""
+
+
+def lease_of(a: AttemptRecord) -> DeviceLease | None:
+    """The node and devices a stored attempt holds, for a restarted core to give back to its
+    pool's ledger (``RestoredTask.lease``); None where they were not recorded (a pool that
+    does not know its devices, a store older than schema 8)."""
+    devices = devices_of(a.devices)
+    if devices is None or a.node is None:
+        return None
+    return DeviceLease(a.node, devices)
 
 
 class StoreActor:

@@ -340,7 +340,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     for a in attempts:
         c.print(
             f"  #{a.attempt} {a.state} on {a.provider}/{a.pool} job {a.job_id} "
-            f"node {a.node} exit {a.exit_code}"
+            f"node {a.node}"
+            + (f", GPUs {a.devices or 'none'}" if a.devices is not None else "")
+            + f" exit {a.exit_code}"
             + (f" {a.failure}: {a.message}" if a.failure else ""),
             markup=False,
         )

@@ -4,8 +4,12 @@ The experiment is prepared as ``run`` would (same spec checks, same providers), 
 discovered, and the real scheduler core builds the placement problem for the runs that are
 ready now: those whose upstream runs have all succeeded in the run store (or that have none).
 Runs that already succeeded are reused, as ``run`` would; the rest wait, and the command says on
-what. The placement engine solves the problem and the command shows tasks per pool with cost,
-data moved and wait, the solver's status, bound and gap, and why anything stays queued.
+what. The placement engine solves the problem, and its answer is fed back to the same core
+(``PlacementDecided``), as ``run`` does: what the core then holds is the plan. The command shows
+tasks per pool with cost, data moved and wait, the solver's status, bound and gap, the node and
+devices each run gets in a pool that leases devices (``SchedulerCore.lease``), and why anything
+stays queued (the placer's reasons and the core's holds, such as GPUs free only in pieces).
+The core is pure and lives only in this process: nothing is stored and nothing is submitted.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 from typing import Any
 
 from rich.table import Table
@@ -47,7 +52,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from stowplan.placement.explain import explain
     from stowplan.provenance.query import readiness, store_states
     from stowplan.scheduler.core import CoreConfig, SchedulerCore
-    from stowplan.scheduler.events import PoolsDiscovered, SolvePlacement, TasksSubmitted
+    from stowplan.scheduler.events import (
+        PlacementDecided,
+        PoolsDiscovered,
+        SolvePlacement,
+        TasksSubmitted,
+    )
     from stowplan.session import check_feasible, discover, prepare
 
     prepared = prepare(Path(args.file), provider=args.provider, rerun=False)
@@ -99,11 +109,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     problems = [c.problem for c in out if isinstance(c, SolvePlacement)]
     settings = prepared.project.config.placement
     budget = settings.budget if args.budget is None else args.budget
+    ready_ids = [r.run_id for r in planned if r.run_id in ready]
     if not problems:
         failed = [r for r in planned if r.run_id in ready and core.state(r.run_id).name == "FAILED"]
+        held = _held(core, ready_ids)
+        if hit is not None:  # ready, and no solve was even asked for it
+            doc = _unplaced(hit.run_id, names, held.get(hit.run_id, ""))
+            if args.json:
+                print(json.dumps(doc, indent=2, sort_keys=True))
+            else:
+                print(f"{label} not placed: {doc['reason']}")
+            return EXIT_OK
         if args.json:
             doc = _empty_doc(prepared, split, waits, len(failed))
             doc["waiting_runs"] = _waiting_runs(split.waiting, names)
+            doc["held"] = held
             print(json.dumps(doc, indent=2, sort_keys=True))
             return EXIT_OK
         if not ready:
@@ -113,6 +133,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 "nothing can be placed"
                 + (f": {plural(len(failed), 'task')} fit no pool" if failed else "")
             )
+        for line in _held_lines(held, task_of_run(planned)):
+            print(line)
         for line in _waiting_lines(waits):
             print(line)
         return EXIT_OK
@@ -120,12 +142,42 @@ def cmd_plan(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     sol = solve(problem, budget=budget, seed=0, workers=settings.workers)
     sol = msgspec.structs.replace(sol, solve_seconds=time.perf_counter() - started)
-    queued = len(split.ready) - sol.placed()
+    # what `run` does with the answer: the core checks it against the devices, leases them
+    # or holds the run with the reason (its next SolvePlacement, if any, is not followed)
+    core.handle(PlacementDecided(solution=sol), now=0.0)
+    dispatched = {rid: pid for rid in ready_ids if (pid := core.pool(rid)) is not None}
+    leases = {rid: lease for rid in dispatched if (lease := core.lease(rid)) is not None}
+    held = _held(core, ready_ids)
+    expanded = list(_expand(problem, sol))
+    refused = dict(held)
+    for t in expanded:
+        if t.class_id not in dispatched and t.class_id not in refused:
+            refused[t.class_id] = (
+                f"the answer put it on {t.pool_id}, which had no room left for it once the runs "
+                "before it were placed; it is placed again as capacity frees up"
+            )
+    queued = len(split.ready) - len(dispatched)
 
     if hit is not None:
-        why = explain(problem, sol, hit.run_id)
+        if not any(hit.run_id in c.members for c in problem.classes):
+            doc = _unplaced(hit.run_id, names, held.get(hit.run_id, ""))
+            if args.json:
+                print(json.dumps(doc, indent=2, sort_keys=True))
+            else:
+                print(f"{label} not placed: {doc['reason']}")
+            return EXIT_OK
+        why = explain(
+            problem,
+            sol,
+            hit.run_id,
+            objective=context.objective,
+            leases=leases,
+            refused=refused,
+        )
         if args.json:
-            print(json.dumps(msgspec.to_builtins(why), indent=2, sort_keys=True))
+            doc = msgspec.to_builtins(why)
+            doc["lease"] = _lease_doc(why.devices)  # by name, as in the plan's "runs"
+            print(json.dumps(doc, indent=2, sort_keys=True))
         else:
             print(why.render().replace(hit.run_id, f"{names[hit.run_id]} {hit.run_id[:12]}"))
             if why.placed:
@@ -134,10 +186,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     pools_by_id = {p.id: p for p in problem.pools}
-    task_of = {r.run_id: r.task for r in planned}
+    task_of = task_of_run(planned)
     class_task = {c.id: task_of[c.members[0]] for c in problem.classes if c.members}
+    class_of = {m: c.id for c in problem.classes for m in c.members}
+    # the rows count what the core placed of each assignment, not what the answer proposed
+    took = Counter(
+        (class_of[t.class_id], t.pool_id, t.gpu_model) for t in expanded if t.class_id in dispatched
+    )
     rows: list[dict[str, Any]] = []
     for a, unit in zip(sol.assignments, sol.unit_terms or [{}] * len(sol.assignments), strict=True):
+        count = took.pop((a.class_id, a.pool_id, a.gpu_model), 0)
+        if not count:
+            continue
         p = pools_by_id[a.pool_id]
         rows.append(
             {
@@ -149,9 +209,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 "gpu_model": a.gpu_model,
                 "class": a.class_id,
                 "task": class_task.get(a.class_id, ""),
-                "tasks": a.count,
-                "cost": a.count * unit.get("cost", 0.0),
-                "data_bytes": a.count * unit.get("data_bytes", 0.0),
+                "tasks": count,
+                "cost": count * unit.get("cost", 0.0),
+                "data_bytes": count * unit.get("data_bytes", 0.0),
                 "wait_s": unit.get("wait_seconds", 0.0),
             }
         )
@@ -166,8 +226,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "deterministic_time": sol.deterministic_time,
             "terms": sol.terms,
             "instances": sol.instances,
-            "placed": sol.placed(),
+            "placed": len(dispatched),
             "queued": queued,
+            "held": held,
             "reused": len(split.reused),
             "waiting": len(split.waiting),
             "waits": waits,
@@ -175,8 +236,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "unplaced": sol.unplaced,
             "assignments": rows,
             "runs": {
-                t.class_id: {"name": names[t.class_id], "pool": t.pool_id, "gpu_model": t.gpu_model}
-                for t in _expand(problem, sol)
+                t.class_id: {
+                    "name": names[t.class_id],
+                    "pool": t.pool_id,
+                    "gpu_model": t.gpu_model,
+                    "lease": _lease_doc(leases.get(t.class_id)),
+                }
+                for t in expanded
+                if t.class_id in dispatched
             },
         }
         print(json.dumps(doc, indent=2, sort_keys=True))
@@ -217,7 +284,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     gap = "proven optimal" if proven else f"gap {sol.gap:.3%}"
     moved = _bytes(sol.terms.get("data_bytes", 0.0))
     console.print(
-        f"{sol.placed()} placed now, {queued} queued"
+        f"{len(dispatched)} placed now, {queued} queued"
         + _counts_text(split, waits)
         + f"; status {sol.status} ({gap}); "
         f"cost {sol.terms.get('cost', 0):.4g}, data moved {moved}, "
@@ -231,13 +298,76 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"${pools_by_id[pid].price_per_hour:.4g}/h each",
             markup=False,
         )
+    for line in _lease_lines(leases, dispatched, names, ready_ids):
+        console.print(line, markup=False)
     for cid, reason in sorted(sol.unplaced.items()):
         console.print(f"  queued ({class_task.get(cid, cid)}): {reason}", markup=False)
+    for line in _held_lines(held, task_of):
+        console.print(line, markup=False)
     for line in _waiting_lines(waits):
         console.print(line, markup=False)
-    if queued and not sol.unplaced:
+    if queued and not sol.unplaced and not held:
         console.print("  the rest wait for capacity and are placed as it frees up")
     return EXIT_OK
+
+
+LEASE_LINES = 20
+"""``plan`` lists at most this many runs' devices; ``--json`` has them all."""
+
+
+def task_of_run(planned: Any) -> dict[str, str]:
+    return {r.run_id: r.task for r in planned}
+
+
+def _held(core: Any, run_ids: list[str]) -> dict[str, str]:
+    """Why the core keeps each READY run of ``run_ids`` from being placed, where it says
+    (GPUs free only in pieces, a budget, a quota); run id -> reason."""
+    return {rid: why for rid in run_ids if (why := core.held(rid))}
+
+
+def _lease_doc(lease: Any) -> dict[str, Any] | None:
+    if lease is None:
+        return None
+    return {"node": lease.node, "devices": list(lease.devices)}
+
+
+def _lease_lines(
+    leases: dict[str, Any], pools: dict[str, str], names: dict[str, str], order: list[str]
+) -> list[str]:
+    """``  train[0] -> local: node myhost, GPUs 0,1``, for the runs leased devices, in plan
+    order, at most ``LEASE_LINES`` of them."""
+    from stowplan.placement.explain import lease_text
+
+    ids = [rid for rid in order if rid in leases]
+    out = [
+        f"  {names[rid]} -> {pools[rid]}: {lease_text(leases[rid])}" for rid in ids[:LEASE_LINES]
+    ]
+    if len(ids) > LEASE_LINES:
+        out.append(f"  and {plural(len(ids) - LEASE_LINES, 'more run')} on devices (see --json)")
+    return out
+
+
+def _held_lines(held: dict[str, str], task_of: dict[str, str]) -> list[str]:
+    """``  queued (train, 2 runs): k8s: 8 GPUs free on 5 nodes, none has 2 free devices ...``:
+    the runs the core holds, by task and reason."""
+    groups: Counter[tuple[str, str]] = Counter((task_of[rid], why) for rid, why in held.items())
+    return [
+        f"  queued ({task}, {plural(n, 'run')}): {why}" for (task, why), n in sorted(groups.items())
+    ]
+
+
+def _unplaced(run_id: str, names: dict[str, str], why: str) -> dict[str, Any]:
+    """--explain of a ready run that no placement request of this round carries."""
+    return {
+        "task": run_id,
+        "name": names[run_id],
+        "placed": False,
+        "reused": False,
+        "waits_on": {},
+        "reason": why
+        or "queued: the free capacity of its pools holds the runs placed before it; it is "
+        "placed as capacity frees up",
+    }
 
 
 def _explain_more(problem: Any, run_id: str, why: Any) -> list[str]:

@@ -625,7 +625,11 @@ class DeviceLedger:
     ``PoolDevices`` and what each run holds there, by run id.
 
     ``take`` places a run (node and devices, by the objective) or says why it cannot go;
-    ``confirm`` turns what was taken into the attempt's lease; ``give`` frees it. A node's CPU
+    ``confirm`` turns what was taken into the attempt's lease; ``give`` frees it. ``hold``
+    takes an existing lease back by node name (an attempt restored after a restart), and
+    ``follow`` moves a lease to where the provider says it bound the attempt (Slurm binds
+    devices itself); both take nothing, and say so, where the devices are gone or held by
+    another run: the caller then treats the run's devices as not known. A node's CPU
     and memory are counted here only where ``NodeDevices`` gives them: a CPU-only run then
     takes a node too; otherwise it never touches the ledger (the pool's totals bound it).
     """
@@ -650,6 +654,7 @@ class DeviceLedger:
             if any(d != MILLI for d in n.devices):
                 self.model.set_free(i, [max(0, min(MILLI, d)) for d in n.devices])
         self.holds: dict[str, _Held] = {}
+        self._names: dict[str, int] | None = None
 
     def task(self, cpus: float, memory: int, gpus: int, models: Sequence[str]) -> DeviceTask | None:
         """The run as the ledger places it, on a GPU of one of ``models``; None when it needs
@@ -696,6 +701,44 @@ class DeviceLedger:
         held = self.holds.pop(run_id, None)
         if held is not None:
             self.model.release(held.placement, held.task)
+
+    def hold(self, run_id: str, key: str, task: DeviceTask, lease: DeviceLease) -> bool:
+        """Attempt ``key`` of ``run_id`` holds ``lease`` (decided before: a restored attempt's,
+        or its provider's binding): record it, in place of any hold the run had. False, taking
+        nothing, when no node has the lease's name or that node cannot hold ``task`` on those
+        devices now (gone, or held by another run)."""
+        if run_id in self.holds:
+            self.give(run_id)
+        i = self._index().get(lease.node)
+        if i is None or not self.model.fits(i, task, lease.devices):
+            return False
+        self.model.commit(i, task, lease.devices)
+        self.holds[run_id] = _Held(key, Placement(i, lease.devices), task)
+        return True
+
+    def follow(self, run_id: str, key: str, task: DeviceTask, lease: DeviceLease) -> bool:
+        """The provider says attempt ``key`` of ``run_id`` runs on ``lease``: move its hold
+        there (or take it, if it held none here) when those devices are free, and say whether
+        the ledger now holds exactly that. Otherwise the hold it had stays as it was."""
+        held = self.holds.get(run_id)
+        if held is not None and not held.key:
+            return False  # taken for an answer being applied, not an attempt's lease
+        if held is not None and held.key != key:
+            return False  # a stale hold of another attempt: the core gives it back
+        if held is not None and self.lease(run_id) == lease:
+            return True
+        if self.hold(run_id, key, held.task if held is not None else task, lease):
+            return True
+        if held is not None:  # put back what it held (``hold`` gave it up first)
+            self.model.commit(held.placement.node, held.task, held.placement.devices)
+            self.holds[run_id] = held
+        return False
+
+    def _index(self) -> dict[str, int]:
+        index = self._names
+        if index is None:
+            index = self._names = {n.name: i for i, n in enumerate(self.model.nodes)}
+        return index
 
     def lease(self, run_id: str) -> DeviceLease | None:
         held = self.holds.get(run_id)

@@ -4,10 +4,15 @@ In a pool that knows its devices (``Pool.devices``) the answer names the node an
 the task gets, as the scheduler core would lease them (the tasks the solution puts there
 placed in its order, by the deployment's packing objective); a task the pool's totals admit
 but no node's devices can hold is not placed, and the reason says the capacity is there only
-in pieces ("5 GPUs free on 5 nodes, none has 2 free devices").
+in pieces ("5 GPUs free on 5 nodes, none has 2 free devices"). Where the caller fed the
+solution to the scheduler core (``stowplan plan`` does, as ``run`` would), what the core made
+of it is given (``leases``, ``refused``) and is the answer: the devices are not played out
+again here.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from msgspec import Struct, field
 
@@ -67,17 +72,14 @@ class Explanation(Struct, frozen=True, kw_only=True):
     def render(self) -> str:
         if self.placed and self.chosen is not None:
             c = self.chosen
-            d = self.devices
-            at = ""
-            if d is not None:
-                what = f"device{'s' if len(d.devices) != 1 else ''} {d.visible()}"
-                at = f" [node {d.node}{', ' + what if d.devices else ''}]"
             lines = [
                 f"{self.task} -> {self.pool}{' on ' + self.gpu_model if self.gpu_model else ''}"
-                f"{at} ({self.status}): cost {c.cost:.4g} = compute {c.compute_cost:.4g}, "
+                f" ({self.status}): cost {c.cost:.4g} = compute {c.compute_cost:.4g}, "
                 f"{c.data_bytes / 1e9:.3g} GB moved (egress {c.egress_cost:.4g}), "
                 f"wait {c.wait_seconds:.0f} s"
             ]
+            if self.devices is not None:
+                lines.append(f"  {self.pool}: {lease_text(self.devices)}")
         else:
             lines = [f"{self.task} not placed ({self.status}): {self.reason}"]
         if self.instances is not None:
@@ -97,6 +99,14 @@ class Explanation(Struct, frozen=True, kw_only=True):
                 f"cost {a.cost:.4g}{note}"
             )
         return "\n".join(lines)
+
+
+def lease_text(lease: DeviceLease) -> str:
+    """``node myhost, GPUs 0,1``: where a lease puts a run (``no GPU`` for one that holds none;
+    no node where the pool counts such runs only in its totals)."""
+    n = len(lease.devices)
+    gpus = f"GPU{'s' if n != 1 else ''} {lease.visible()}" if n else "no GPU"
+    return f"node {lease.node}, {gpus}" if lease.node else gpus
 
 
 def _on_devices(
@@ -156,10 +166,18 @@ def explain(
     *,
     top: int = 3,
     objective: Objective = "fgd",
+    leases: Mapping[str, DeviceLease] | None = None,
+    refused: Mapping[str, str] | None = None,
 ) -> Explanation:
     """Where ``task_id`` went in ``solution`` and the ``top`` best alternatives, or why not;
     in a pool that knows its devices, on which node and devices (packed by ``objective``, the
     deployment's ``[placement] objective``), or why its devices hold no more.
+
+    ``leases`` and ``refused``: what the scheduler core made of ``solution``, when it was fed
+    it (``SchedulerCore.lease`` of each run it placed, ``SchedulerCore.held`` of each it left
+    READY). Given, they decide: a run in ``refused`` is not placed, for that reason, and a
+    placed run gets the lease ``leases`` names (none when absent). Without them, the devices
+    are played out here, the solution's runs in its order.
 
     Raises ``KeyError`` when the task is not in the problem.
     """
@@ -211,7 +229,17 @@ def explain(
             else None
         )
         lease = None
-        if pool.devices is not None:
+        if refused is not None and task_id in refused:  # the core did not take the answer
+            return Explanation(
+                task=task_id,
+                placed=False,
+                status=str(solution.status),
+                alternatives=others,
+                reason=refused[task_id],
+            )
+        if leases is not None:
+            lease = leases.get(task_id)
+        elif pool.devices is not None:
             ledger, _, why = _on_devices(problem, solution, pool.id, task_id, objective)
             if why:  # the pool's totals admit it, its devices do not
                 return Explanation(
@@ -235,6 +263,14 @@ def explain(
             devices=lease,
         )
     reason = solution.unplaced.get(cls.id, "")
+    if refused is not None and refused.get(task_id):
+        return Explanation(
+            task=task_id,
+            placed=False,
+            status=str(solution.status),
+            alternatives=options[:top],
+            reason=refused[task_id],
+        )
     pieces = _fragmented(problem, solution, cls, objective)
     if pieces:
         reason = "; ".join([reason or "no capacity now", *pieces])

@@ -78,6 +78,25 @@ class AttemptRecord(Struct, frozen=True, kw_only=True):
     """instance-seconds billed to this attempt (``stowplan.providers.aws.prices.bill``)."""
     usd: float | None = None
     """dollars billed to this attempt: ``billed_s`` at the pool's hourly price."""
+    devices: str | None = None
+    """in a pool that knows its devices (``Pool.devices``): the GPU device indices the attempt
+    holds on ``node``, comma-joined ("0,1"; "" for none), as the core leased them with the
+    intent, then as the provider reported binding them (Slurm); None elsewhere."""
+
+
+def devices_text(devices: tuple[int, ...] | None) -> str | None:
+    """``AttemptRecord.devices`` for device indices: "0,1", "" for none, None for not known."""
+    return None if devices is None else ",".join(str(d) for d in devices)
+
+
+def devices_of(text: str | None) -> tuple[int, ...] | None:
+    """The device indices of an ``AttemptRecord.devices`` (None: not recorded, or unreadable)."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(d) for d in text.split(",")) if text else ()
+    except ValueError:
+        return None
 
 
 class TransitionRecord(Struct, frozen=True, kw_only=True):

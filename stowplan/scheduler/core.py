@@ -198,9 +198,17 @@ whose devices hold it, at once, instead of being offered, forever, the pool that
 where none can, it is not offered at all, and the members the left-out pools' totals would
 have taken are held with the pool's reason (by pool id). Devices
 come back when the run no longer holds its lease, whichever way the attempt ended; a pool
-rediscovered with other devices keeps the holds its nodes still carry. Leases restored after a
-restart name no devices: while any holds GPUs in such a pool, no GPU run is given devices
-there (never two runs on one device), and GPU runs' placements leave the pool out the same way.
+rediscovered with other devices keeps the holds its nodes still carry. The store records each
+attempt's node and devices with its intent (``AttemptRecord.devices``); after a restart the
+ledger takes each live attempt's back (``RestoredTask.lease``, ``DeviceLedger.hold``, by node
+name) when the pool is first seen with its devices, so GPU runs go on the free devices at once.
+A provider that binds devices itself (Slurm; ``Report.devices``) is followed: the hold moves
+to the devices it names when they are free in the ledger, else the lease stands (the store
+keeps what was reported). A restored lease whose node or devices are gone or held by another
+run, or one recorded without devices (a store older than schema 8), is not known: while any
+such run holds GPUs in the pool, no GPU run is given devices there (never two runs on one
+device), and GPU runs' placements leave the pool out the same way, until it ends or a report
+names its devices.
 """
 
 from __future__ import annotations
@@ -216,7 +224,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from stowplan.errors import InternalError
-from stowplan.placement.leases import DeviceLease
+from stowplan.placement.leases import DeviceLease, PoolDevices
 from stowplan.placement.problem import (
     Assignment,
     Dataset,
@@ -225,6 +233,7 @@ from stowplan.placement.problem import (
     PlacementProblem,
     PlacementSolution,
     Pool,
+    Shape,
     expand,
 )
 from stowplan.scheduler.events import (
@@ -275,6 +284,7 @@ from stowplan.scheduler.states import (
 )
 from stowplan.spec.canonical import attempt_key
 from stowplan.spec.models import FailureClass, ServiceSpec, SpendBudget
+from stowplan.spec.units import plural
 
 if TYPE_CHECKING:
     from stowplan.placement.devices import DeviceLedger
@@ -424,6 +434,9 @@ class _Order:
     provision: bool
 
 
+_BOUND = (ProviderState.QUEUED, ProviderState.RUNNING)
+"""report states in which the attempt still holds devices a provider may name (``_follow``)."""
+
 _NOTHING_USED = (0.0, 0.0)
 _NO_GPUS: Counter[str] = Counter()
 
@@ -536,13 +549,34 @@ def _device_why(t: TaskInstance, ledger: DeviceLedger | None, blocked: str) -> s
         return blocked
     if len(ledger.model.scores(task).slot):
         return ""
-    widest = max((n.gpus for n in ledger.model.nodes), default=0)
-    if task.gpus > widest:  # as ``DeviceLedger.take`` says it
-        return (
-            f"its {task.gpus} GPUs span nodes (the widest has {widest}): a pool that "
-            "leases devices places a run on one node"
-        )
-    return ledger.model.why_not(task) or "no node can hold it"
+    return _too_wide(t.gpus, t.gpu_types, ledger.spec) or (
+        ledger.model.why_not(task) or "no node can hold it"
+    )
+
+
+def _node_text(node: Shape) -> str:
+    """``8 CPUs, 8 GiB, 2 x fake``: one node's shape, as refusals name it."""
+    gpus = "".join(f", {n} x {m}" for m, n in sorted(node.gpus.items()) if n)
+    return f"{plural(node.cpus, 'CPU')}, {node.memory / 2**30:.3g} GiB{gpus}"
+
+
+def _too_wide(gpus: int, models: tuple[str, ...], devices: PoolDevices | None) -> str:
+    """Why no node of a pool with ``devices`` could ever hold a run of ``gpus`` GPUs of one
+    of ``models`` (any: empty), every device free ("" when one could, or the pool does not
+    lease devices): a pool that leases devices places a run on one node, so such a run is
+    refused there for good, not held (module doc: *Devices*)."""
+    if devices is None or gpus <= 0:
+        return ""
+    nodes = [n for n in devices.nodes if n.devices and (not models or n.model in models)]
+    if not nodes:
+        return ""  # no GPU it accepts there: the pool is not eligible, for that reason
+    widest = max(nodes, key=lambda n: len(n.devices))  # the first of the widest, by order
+    if gpus <= len(widest.devices):
+        return ""
+    return (
+        f"no node has {gpus} GPUs (the widest, {widest.name}, has {len(widest.devices)}): "
+        "a pool that leases devices places a run on one node"
+    )
 
 
 def _plus(
@@ -675,6 +709,9 @@ class SchedulerCore:
         self._context_problem = self._problem([], [])
         self._devices: dict[str, DeviceLedger] = {}
         """per pool that knows its devices, what each run holds there (module doc: *Devices*)."""
+        self._restoring: dict[str, dict[str, DeviceLease]] = {}
+        """per pool, the leases of restored attempts its ledger has not taken back yet (it is
+        built when the pool is first seen with its devices)."""
         self._device_fit: tuple[
             tuple[int, int],
             dict[tuple[str, _Shape], str],
@@ -909,7 +946,11 @@ class SchedulerCore:
                 self.counts[state] += 1
                 run.provider, run.pool = rt.provider, rt.pool
                 self._by_key[run.key] = rt.task.run_id
-                self._lease(run)
+                gpu_model = ""
+                if rt.lease is not None:  # its devices go back to the pool's ledger
+                    self._restoring.setdefault(rt.pool, {})[rt.task.run_id] = rt.lease
+                    gpu_model = self._node_model(rt.pool, rt.lease.node, rt.task)
+                self._lease(run, gpu_model)
                 if rt.task.max_concurrent:  # _move counts the others; this one bypassed it
                     self._group_active[rt.task.group] += 1
                 run.reconciling = True
@@ -924,7 +965,20 @@ class SchedulerCore:
             linked.append(run)
         for run in linked:
             self._link(run)
+        for pool_id in sorted(self._restoring):
+            pool = self._pools.get(pool_id)
+            if pool is not None:
+                self._ledger(pool)  # takes the restored leases back now, if it knows devices
         self._maybe_solve()
+
+    def _node_model(self, pool_id: str, node: str, t: TaskInstance) -> str:
+        """The GPU model of the node named ``node`` in the devices of ``pool_id``, where ``t``
+        accepts it ("" when not known: the core picks one as for any restored lease)."""
+        pool = self._pools.get(pool_id)
+        if not t.gpus or pool is None or pool.devices is None:
+            return ""
+        model = next((n.model for n in pool.devices.nodes if n.name == node), "")
+        return model if model in (t.gpu_types or pool.gpus) else ""
 
     def _on_pools(self, ev: PoolsDiscovered) -> None:
         self._generation += 1
@@ -947,6 +1001,8 @@ class SchedulerCore:
         for p in ev.pools:  # before a solve, which must not count on the missing instances
             if p.id in self._elastic:
                 self._make_up(p)
+            if p.id in self._restoring:
+                self._ledger(p)  # restored leases back in the ledger (module doc: *Devices*)
         self._maybe_solve()
 
     def _drop_order(self, token: str) -> None:
@@ -1259,6 +1315,18 @@ class SchedulerCore:
                 or run.pool != pool.id
             ):
                 ledger.give(run_id)
+        restoring = self._restoring.pop(pool.id, None)
+        if restoring:
+            for run_id, lease in sorted(restoring.items()):
+                run = self._runs.get(run_id)
+                if run is None or run.state not in LEASED or run.pool != pool.id:
+                    continue
+                t = run.task
+                task = ledger.task(t.cpus, t.memory, t.gpus, t.gpu_types or ledger.model.models)
+                # a lease its node no longer holds (gone, or another run's) is not taken: its
+                # devices stay not known, as for a lease restored without them
+                if task is not None:
+                    ledger.hold(run_id, run.key, task, lease)
         return ledger
 
     def _hold_refused(
@@ -1275,6 +1343,8 @@ class SchedulerCore:
         would record (and never more of them)."""
         runs = (r for i, r in enumerate(bucket) if i >= start)
         for pid in sorted(refused):
+            if _too_wide(cls.gpus, cls.gpu_types, self._pools[pid].devices):
+                continue  # no node there ever holds them: they wait for the other pools
             for _ in range(self._fit_bound(cls, [self._pools[pid]], free)):
                 run_id = next(runs, None)
                 if run_id is None:
@@ -1340,6 +1410,8 @@ class SchedulerCore:
         st = rep.state
         reconciling = run.reconciling
         run.reconciling = False
+        if rep.devices is not None and st in _BOUND:
+            self._follow(run, rep.node, rep.devices)
         if st is ProviderState.QUEUED:
             self._renew(run)
             if run.state in (TaskState.SUBMITTING, TaskState.LOST):
@@ -1370,16 +1442,36 @@ class SchedulerCore:
         else:  # UNKNOWN: the provider has never heard of this key
             if run.state is TaskState.SUBMITTING and reconciling:
                 # the intent was written but the submit may never have gone out: the same key
-                # again is safe, because submit is idempotent
+                # again is safe, because submit is idempotent (on the devices it holds, if
+                # the restored lease was taken back)
                 assert run.provider is not None and run.pool is not None
                 self._renew(run)
+                run_id = run.task.run_id
                 self._out_submits.setdefault((run.provider, run.pool, True), []).append(
-                    SubmitItem(run.task.run_id, run.attempt, run.key)
+                    SubmitItem(run_id, run.attempt, run.key, self.lease(run_id))
                 )
             elif reconciling or run.state is TaskState.LOST:
                 self._fail(run, FailureClass.LOST, rep.message or "the provider has no record")
             else:
                 self.ignored_reports += 1
+
+    def _follow(self, run: _Run, node: str | None, devices: tuple[int, ...]) -> None:
+        """The provider bound ``run``'s attempt to ``devices`` on ``node`` itself (Slurm):
+        where the pool knows its devices and they differ from the lease, the ledger follows
+        when they are free there; otherwise the lease stands (the store records what was
+        reported either way). A restored attempt whose devices were not known gets them."""
+        pool = self._pools.get(run.pool) if run.pool is not None else None
+        ledger = self._ledger(pool) if pool is not None else None
+        if ledger is None:
+            return
+        run_id, t = run.task.run_id, run.task
+        held = ledger.lease(run_id)
+        where = node or (held.node if held is not None else ledger.no_devices().node)
+        if not where or held == DeviceLease(where, devices):
+            return
+        task = ledger.task(t.cpus, t.memory, t.gpus, t.gpu_types or ledger.model.models)
+        if task is not None and ledger.follow(run_id, run.key, task, DeviceLease(where, devices)):
+            self._generation += 1  # devices freed, or a pool no longer blocked
 
     def _learn(self, run: _Run, rep: Report) -> None:
         """Keep the runtime of ``run``'s bucket: the provider's own start and end when it
@@ -2159,26 +2251,51 @@ class SchedulerCore:
             self._quota_hold(left, cls, [pools[p.id] for p in eligible if p.id in pools])
 
     def _feasible_somewhere(self, cls: DemandClass, pools: list[Pool]) -> bool:
-        """Whether any of ``pools`` (those eligible) could run one member when empty."""
+        """Whether any of ``pools`` (those eligible) could run one member when empty (on one
+        node, where a pool leases devices: ``_too_wide``)."""
         from stowplan.placement.greedy import fits
 
         return any(
-            fits(cls, p.cpus, p.memory, dict(p.gpus)) > 0
-            or (
-                p.elastic
-                and p.node is not None
-                and fits(cls, p.node.cpus, p.node.memory, dict(p.node.gpus)) > 0
+            (
+                fits(cls, p.cpus, p.memory, dict(p.gpus)) > 0
+                or (
+                    p.elastic
+                    and p.node is not None
+                    and fits(cls, p.node.cpus, p.node.memory, dict(p.node.gpus)) > 0
+                )
             )
+            and not _too_wide(cls.gpus, cls.gpu_types, p.devices)
             for p in pools
         )
 
     def _reject(self, bucket: dict[str, None], cls: DemandClass, pools: list[Pool]) -> None:
         """No pool could run these even when empty: fail them now instead of waiting forever."""
         from stowplan.placement.greedy import why_not
+        from stowplan.placement.table import pool_reasons
 
         why = why_not(cls, pools, self._context_problem).replace(
             "no free capacity now", "no pool is large enough"
         )
+        too_few = f"no {cls.gpus} x "
+        wide = [
+            f"{p.id}: {w}"
+            for p in pools
+            if (w := _too_wide(cls.gpus, cls.gpu_types, p.devices))
+            # a pool it may use but for its GPUs: how wide its nodes are is the answer
+            and all(r.startswith(too_few) for r in pool_reasons(self._context_problem, cls, p))
+        ]
+        small = [
+            f"{p.id}: its largest node has {_node_text(p.node)}"
+            for p in pools
+            if p.node is not None
+            and p.devices is None
+            and not p.elastic
+            # a pool it may use but for the size of its nodes (a Slurm partition)
+            and (reasons := pool_reasons(self._context_problem, cls, p))
+            and all(r.startswith((too_few, "its nodes have")) for r in reasons)
+        ]
+        if wide or small:  # no node of theirs could ever hold it, however their totals look
+            why = "; ".join([why, *wide, *small])
         for run_id in list(bucket):
             run = self._runs[run_id]
             self._finish(run, Trigger.FAILED, FailureClass.PROVIDER_REJECTED, why)

@@ -71,6 +71,10 @@ class RestoredTask(Struct, frozen=True, kw_only=True):
     uncounted: int = 0
     """of its attempts, those that never ran (the pool had no capacity): not counted against
     its retry policy, before the restart as after."""
+    lease: DeviceLease | None = None
+    """in a pool that knows its devices: the node and devices its live attempt holds, as the
+    store recorded them (``AttemptRecord.node`` and ``devices``). The core gives them back to
+    the pool's ledger; None (not recorded, or not a device pool): its devices are not known."""
 
 
 # ---- events -------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ _RUN_SELECT: Final = (
 )
 _ATTEMPT_COLUMNS: Final = (
     "key, run_id, attempt, provider, pool, state, job_id, node, exit_code, failure, message, "
-    "intent_at, started_at, ended_at, used, instance_type, market, billed_s, usd"
+    "intent_at, started_at, ended_at, used, instance_type, market, billed_s, usd, devices"
 )
 _EXPERIMENT_COLUMNS: Final = "id, name, project, description, file, spec, created_at"
 
@@ -103,6 +103,7 @@ class AttemptRow(msgspec.Struct, frozen=True, array_like=True, omit_defaults=Tru
     market: str | None = None
     billed_s: float | None = None
     usd: float | None = None
+    devices: str | None = None
 
 
 class IntentRow(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
@@ -115,6 +116,10 @@ class IntentRow(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True
     attempt: int
     solve: int = -1
     assignment: int = 0
+    node: str | None = None
+    """in a pool that knows its devices: the node the core leased (``DeviceLease.node``)."""
+    devices: str | None = None
+    """and the device indices there (``AttemptRecord.devices``); None elsewhere."""
 
 
 class SolveRow(msgspec.Struct, frozen=True, kw_only=True):
@@ -242,11 +247,12 @@ _attempt_row: Final = operator.attrgetter(
     "market",
     "billed_s",
     "usd",
+    "devices",
 )
 _by_key: Final = operator.attrgetter("key")
 
 
-# ?1..?19 are an attempt row (``_attempt_row``): what an update of a stored key changes
+# ?1..?20 are an attempt row (``_attempt_row``): what an update of a stored key changes
 _ATTEMPT_CHANGES: Final = (
     "state = ?6, job_id = coalesce(?7, job_id), node = coalesce(?8, node), "
     "exit_code = coalesce(?9, exit_code), failure = coalesce(?10, failure), "
@@ -254,13 +260,14 @@ _ATTEMPT_CHANGES: Final = (
     "started_at = coalesce(?13, started_at), ended_at = coalesce(?14, ended_at), "
     "used = coalesce(?15, used), instance_type = coalesce(?16, instance_type), "
     "market = coalesce(?17, market), billed_s = coalesce(?18, billed_s), "
-    "usd = coalesce(?19, usd)"
+    "usd = coalesce(?19, usd), devices = coalesce(?20, devices)"
 )
 _UPDATE_ATTEMPT: Final = f"UPDATE attempts SET {_ATTEMPT_CHANGES} WHERE key = ?1"
 _UPSERT_ATTEMPT: Final = (
     # the WHERE drops blank-run updates of unknown keys
     f"INSERT INTO attempts ({_ATTEMPT_COLUMNS}) "
-    "SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19 "
+    "SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, "
+    "?20 "
     "WHERE ?2 != '' OR EXISTS (SELECT 1 FROM attempts WHERE key = ?1) "
     f"ON CONFLICT (key) DO UPDATE SET {_ATTEMPT_CHANGES}"
 )
@@ -287,6 +294,7 @@ def _attempt_from_row(row: Sequence[Any]) -> AttemptRecord:
         market=row[16],
         billed_s=row[17],
         usd=row[18],
+        devices=row[19],
     )
 
 
@@ -423,7 +431,8 @@ def _update_attempts(c: sqlite3.Connection, updates: Sequence[AttemptRecord | At
 
 _INSERT_INTENT: Final = (
     "INSERT OR IGNORE INTO attempts (key, run_id, attempt, provider, pool, state, message, "
-    "intent_at, solve, assignment) VALUES (?, ?, ?, ?, ?, 'SUBMITTING', '', ?, ?, ?)"
+    "intent_at, solve, assignment, node, devices) "
+    "VALUES (?, ?, ?, ?, ?, 'SUBMITTING', '', ?, ?, ?, ?, ?)"
 )
 
 
@@ -755,19 +764,19 @@ class RunTables(Database):
         with self._write() as c:
             c.executemany(
                 f"INSERT OR IGNORE INTO attempts ({_ATTEMPT_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
 
     def update_attempts(self, updates: Sequence[AttemptRecord | AttemptRow]) -> None:
         """Upsert attempts by key with what the provider reported, in the order given.
 
-        For a stored key, ``state`` takes the new value; ``job_id``, ``node``, ``exit_code``,
-        ``failure``, ``started_at``, ``ended_at``, ``used`` and the cost (``instance_type``,
-        ``market``, ``billed_s``, ``usd``) keep their stored value when the update has None, and
-        ``message`` when the update's is empty. ``run_id``, ``attempt``, ``provider``, ``pool``
-        and ``intent_at`` come from the intent and never change, so an update may leave them
-        blank (a provider report knows only the key).
+        For a stored key, ``state`` takes the new value; ``job_id``, ``node``, ``devices``,
+        ``exit_code``, ``failure``, ``started_at``, ``ended_at``, ``used`` and the cost
+        (``instance_type``, ``market``, ``billed_s``, ``usd``) keep their stored value when the
+        update has None, and ``message`` when the update's is empty. ``run_id``, ``attempt``,
+        ``provider``, ``pool`` and ``intent_at`` come from the intent and never change, so an
+        update may leave them blank (a provider report knows only the key).
 
         A key never stored is inserted whole if its ``run_id`` names a stored run, and skipped
         (logged) if its ``run_id`` is blank: a report for an attempt this store never saw.
@@ -801,6 +810,8 @@ class RunTables(Database):
                         d.at,
                         ids[i.solve] if i.solve >= 0 else None,
                         i.assignment if i.solve >= 0 else None,
+                        i.node,
+                        i.devices,
                     )
                     for i in rows
                 ],

@@ -20,12 +20,13 @@ __all__ = [
     "SCHEMA_V5",
     "SCHEMA_V6",
     "SCHEMA_V7",
+    "SCHEMA_V8",
     "SCHEMA_VERSION",
     "migrate",
     "user_version",
 ]
 
-SCHEMA_VERSION: Final = 7
+SCHEMA_VERSION: Final = 8
 
 SCHEMA_V2: Final = (
     """
@@ -260,6 +261,12 @@ SCHEMA_V7: Final = (
     """,
 )
 
+# Version 8 records the GPU devices an attempt holds, in a pool that knows its devices: the
+# indices on its ``node``, comma-joined ("0,1"; "" for none), written with the intent (the
+# core's lease) and updated by a provider that binds devices itself (Slurm). A restarted core
+# gives each live attempt's devices back to its pool's ledger. Older rows have NULL: not known.
+SCHEMA_V8: Final = ("ALTER TABLE attempts ADD COLUMN devices TEXT",)
+
 
 def user_version(conn: sqlite3.Connection) -> int:
     """The schema version of the database ``conn`` is open on (0 for a new one)."""
@@ -299,5 +306,8 @@ def migrate(conn: sqlite3.Connection, path: Path) -> None:
             conn.execute(statement)
     if version in (0, 2, 3, 4, 5, 6):
         for statement in SCHEMA_V7:
+            conn.execute(statement)
+    if version in (0, 2, 3, 4, 5, 6, 7):
+        for statement in SCHEMA_V8:
             conn.execute(statement)
     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")

@@ -266,7 +266,7 @@ def test_a_version_4_store_gains_the_cost_columns(tmp_path: Path) -> None:
         assert (got.instance_type, got.market, got.billed_s, got.usd) == (None,) * 4
         assert store.cost_by_experiment([e.id]) == {}
     c = sqlite3.connect(db)
-    assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
+    assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 8
     c.close()
 
 

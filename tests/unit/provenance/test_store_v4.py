@@ -75,7 +75,7 @@ def test_a_version_3_store_is_upgraded_in_place(tmp_path: Path) -> None:
         assert now.used == h and now.job_id == "42"
         assert store.get_used([h]) == {h: USED}
     c = sqlite3.connect(db)
-    assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
+    assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 8
     c.close()
     with RunStore(db) as again:  # opening an upgraded store again changes nothing
         assert again.attempts_for([r.run_id])[r.run_id] == [now]

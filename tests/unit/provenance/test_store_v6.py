@@ -68,7 +68,7 @@ def test_a_version_5_store_is_upgraded_and_its_events_read_as_before(tmp_path: P
         assert store.events_for(r.run_id) == [t for t in [*old, *new] if t.run_id == r.run_id]
         assert store.get_runs([r.run_id])[r.run_id].state == "SUCCEEDED"
     c = sqlite3.connect(db)
-    assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
+    assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 8
     # the old rows were given their run's rid; the index is the narrow one
     assert c.execute("SELECT count(*) FROM events WHERE rid IS NULL").fetchone()[0] == 0
     indexes = {row[1] for row in c.execute("PRAGMA index_list(events)")}

@@ -134,7 +134,7 @@ def test_a_version_6_store_is_upgraded_and_keeps_its_placements(tmp_path: Path) 
             at=20.0,
         )
     c = sqlite3.connect(db)
-    assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
+    assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 8
     # what the service's placement metric reads, over old and new decisions alike
     got = c.execute(
         "SELECT problem, max(at), max(gap), min(status) FROM placements GROUP BY problem "

@@ -20,12 +20,13 @@ from stowplan.placement.problem import PlacementContext, Pool
 from stowplan.scheduler.events import (
     PlacementDecided,
     PoolsDiscovered,
+    ProviderReported,
     RestoredTask,
     SolvePlacement,
     TasksRestored,
     Transition,
 )
-from stowplan.scheduler.reports import ProviderState
+from stowplan.scheduler.reports import ProviderState, Report
 from stowplan.scheduler.states import LEASED, TaskState
 from tests.unit.scheduler.test_core import Harness, items, task, transitions
 
@@ -184,10 +185,9 @@ def test_a_run_wider_than_any_node_says_so() -> None:
     h = Harness(p)
     out = h.submit(task("wide", gpus=4))
     assert items(out) == []
-    assert h.core.held("wide") == (
-        "k8s/gpu: its 4 GPUs span nodes (the widest has 2): a pool that leases devices "
-        "places a run on one node"
-    )
+    # no node could ever hold it, every device free: it fails now instead of waiting
+    assert h.core.state("wide") is TaskState.FAILED
+    assert "k8s/gpu: no node has 4 GPUs (the widest, n0, has 2)" in transitions(out)[-1].reason
 
 
 def test_restored_leases_without_devices_hold_the_pool_until_they_end() -> None:
@@ -287,3 +287,131 @@ def test_a_pool_held_by_restored_leases_is_left_out_for_gpu_runs() -> None:
     assert [i.run_id for i in items(out)] == ["new"] and h.core.pool("new") == "k8s/a"
     out = h.submit(task("newer", gpus=2))
     assert items(out) == [] and "not known" in h.core.held("newer")
+
+
+# ---- restored runs keep their devices; reported devices are followed -----------------------
+
+
+def restored(
+    run_id: str, gpus: int, lease: DeviceLease | None, *, attempt: int = 1
+) -> RestoredTask:
+    return RestoredTask(
+        task=task(run_id, gpus=gpus),
+        state=TaskState.RUNNING,
+        attempt=attempt,
+        provider="k8s",
+        pool="k8s/gpu",
+        lease=lease,
+    )
+
+
+def devices_in_use(h: Harness) -> Counter[tuple[str, int]]:
+    use: Counter[tuple[str, int]] = Counter()
+    for lease in leased(h).values():
+        for d in lease.devices:
+            use[lease.node, d] += 1
+    return use
+
+
+def test_restored_runs_keep_their_devices() -> None:
+    """A restarted core takes each live attempt's recorded lease back: the next GPU run goes
+    at once to the devices still free, never to a restored run's."""
+    before = Harness(device_pool(2, 4))
+    before.submit(task("a", gpus=2), task("b", gpus=3), task("c", gpus=1))
+    kept = leased(before)
+    assert set(kept) == {"a", "b", "c"}
+    after = Harness(device_pool(2, 4))
+    after.send(TasksRestored(tasks=[restored(r, len(kept[r].devices), kept[r]) for r in kept]))
+    assert leased(after) == kept
+    out = after.submit(task("d", gpus=2))
+    [d] = items(out)
+    assert d.run_id == "d" and d.lease is not None and after.core.held("d") == ""
+    taken = {(lease.node, i) for lease in kept.values() for i in lease.devices}
+    assert not taken & {(d.lease.node, i) for i in d.lease.devices}
+    assert all(n == 1 for n in devices_in_use(after).values())
+    # all 8 devices are out now; when a restored run ends, its devices come back
+    out = after.submit(task("e", gpus=2))
+    assert items(out) == []
+    after.report("a", ProviderState.SUCCEEDED, provider="k8s")
+    assert after.core.lease("e") == kept["a"]
+
+
+def test_restored_leases_are_taken_back_when_the_pool_is_discovered() -> None:
+    h = Harness()
+    h.send(TasksRestored(tasks=[restored("old", 1, DeviceLease("n0", (1,)))]))
+    assert h.core.lease("old") is None  # no pool known yet
+    h.send(PoolsDiscovered(provider="k8s", pools=[device_pool(1, 2)]))
+    assert h.core.lease("old") == DeviceLease("n0", (1,))
+    out = h.submit(task("new", gpus=1))
+    assert [(i.run_id, i.lease) for i in items(out)] == [("new", DeviceLease("n0", (0,)))]
+
+
+def test_a_restored_lease_that_conflicts_or_names_a_lost_node_is_not_known() -> None:
+    """Two restored runs on one device (the store disagrees with itself), or one on a node the
+    pool no longer has: that run's devices are not known (the pool's GPU runs wait, as for a
+    lease restored without devices); the others' leases are kept."""
+    h = Harness(device_pool(2, 4))
+    h.send(
+        TasksRestored(
+            tasks=[
+                restored("a", 1, DeviceLease("n0", (0,))),
+                restored("b", 1, DeviceLease("n0", (0,))),  # a's device: a keeps it
+                restored("c", 1, DeviceLease("n9", (0,))),  # no such node
+                restored("d", 2, DeviceLease("n1", (0, 5))),  # no such device
+            ]
+        )
+    )
+    assert leased(h) == {"a": DeviceLease("n0", (0,))}
+    out = h.submit(task("new", gpus=1))
+    assert items(out) == [] and "not known" in h.core.held("new")
+    # as each of them ends, nothing is freed twice; once none is unknown, devices go again
+    for r in ("b", "c"):
+        h.report(r, ProviderState.SUCCEEDED, provider="k8s")
+    assert h.states("new") == [TaskState.READY]
+    out = h.report("d", ProviderState.SUCCEEDED, provider="k8s")
+    [new] = items(out)
+    assert new.run_id == "new" and new.lease is not None
+    assert new.lease != DeviceLease("n0", (0,)) and len(new.lease.devices) == 1
+    assert all(n == 1 for n in devices_in_use(h).values())
+
+
+def bound(h: Harness, run_id: str, node: str | None, devices: tuple[int, ...]) -> None:
+    """The provider reports the attempt running, bound to ``devices`` on ``node`` itself."""
+    rep = Report(key=h.core.key(run_id), state=ProviderState.RUNNING, node=node, devices=devices)
+    h.send(ProviderReported(provider="k8s", reports=[rep]))
+
+
+def test_the_ledger_follows_the_devices_the_provider_bound() -> None:
+    h = Harness(device_pool(1, 4))
+    h.submit(task("a", gpus=1), task("b", gpus=1))
+    assert leased(h) == {"a": DeviceLease("n0", (0,)), "b": DeviceLease("n0", (1,))}
+    bound(h, "a", "n0", (3,))  # free in the ledger: followed
+    assert h.core.lease("a") == DeviceLease("n0", (3,))
+    bound(h, "b", None, (3,))  # a's now: the lease stands
+    assert h.core.lease("b") == DeviceLease("n0", (1,))
+    out = h.submit(task("c", gpus=2))
+    [c] = items(out)
+    assert c.lease == DeviceLease("n0", (0, 2))
+
+
+def test_a_report_names_the_devices_a_restored_run_was_not_known_to_hold() -> None:
+    h = Harness(device_pool(1, 2))
+    h.send(TasksRestored(tasks=[restored("old", 1, None)]))
+    out = h.submit(task("new", gpus=1))
+    assert items(out) == [] and "not known" in h.core.held("new")
+    bound(h, "old", "n0", (0,))
+    assert h.core.lease("old") == DeviceLease("n0", (0,))
+    assert h.core.lease("new") == DeviceLease("n0", (1,))
+
+
+def test_a_restored_intent_is_resubmitted_on_the_devices_it_holds() -> None:
+    """An intent written before the restart whose submit may never have gone out is sent again
+    under its key: on the devices its restored lease names, not on the whole node."""
+    h = Harness(device_pool(1, 4))
+    lease = DeviceLease("n0", (2, 3))
+    rt = msgspec.structs.replace(restored("a", 2, lease), state=TaskState.SUBMITTING)
+    h.send(TasksRestored(tasks=[rt]))
+    out = h.report("a", ProviderState.UNKNOWN, provider="k8s")
+    assert [(i.run_id, i.key, i.lease) for i in items(out, resubmit=True)] == [
+        ("a", h.core.key("a"), lease)
+    ]
