@@ -70,7 +70,7 @@ import msgspec
 
 from stowplan.actors.runtime import error_detail, error_text, note_worker
 from stowplan.actors.store import HOLD_S, ActiveState, Artifacts, lease_of
-from stowplan.actors.wire import pack, unpack
+from stowplan.actors.wire import pack, tune_gc, unpack
 from stowplan.errors import InternalError, ProviderError
 from stowplan.placement.leases import DeviceLease
 from stowplan.placement.problem import (
@@ -140,7 +140,7 @@ SPENDING_EVERY = 300.0
 """seconds between reads of what was spent, when no cost was recorded meanwhile"""
 
 
-class SubmittedRun(msgspec.Struct, frozen=True, kw_only=True):
+class SubmittedRun(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """A ``RunPayload`` as ``submit`` decodes it: the core's part now, the launch left encoded
     (a slice of the submitted bytes) until an attempt of the run is launched, so a submission
     of 10^5 runs reaches the core sooner; the same fields as ``RunPayload``."""
@@ -157,6 +157,25 @@ class SubmittedRun(msgspec.Struct, frozen=True, kw_only=True):
         return RunPayload(
             instance=self.instance, launch=unpack(self.launch, Launch), name=self.name
         )
+
+
+def compact(runs: list[SubmittedRun]) -> list[SubmittedRun]:
+    """``runs`` as decoded from one submission, made to hold less while they wait (in place).
+
+    A decoded run has its own copy of what a sweep's runs share (its project and group, its
+    retry policy: about 0.3 KiB), and its launch is a view that keeps the whole submission's
+    buffer alive (about 0.6 KiB per run) until the last of them ends. Equal values become one
+    shared object, and each launch is copied out of the buffer (0.1 KiB), which is freed: 0.8
+    KiB less per run, 80 MiB for a sweep of 10^5, for about 1 us per run."""
+    shared: dict[Any, Any] = {}
+    fields = msgspec.structs.force_setattr  # frozen: equal values, so nothing else changes
+    for run in runs:
+        t = run.instance
+        fields(t, "project", shared.setdefault(t.project, t.project))
+        fields(t, "group", shared.setdefault(t.group, t.group))
+        fields(t, "retry", shared.setdefault(pack(t.retry), t.retry))
+        fields(run, "launch", run.launch.copy())
+    return runs
 
 
 Submitted = tuple[dict[str, tuple[str, int]], str | None, SpendBudget | None]
@@ -395,6 +414,7 @@ class QueueActor:
         owner: tuple[int, float] | None = None,
     ) -> None:
         note_worker(state_dir, "queue", owner)
+        tune_gc()
         self.namespace = namespace
         self.store_name = store_name
         self.placement_name = placement_name
@@ -590,7 +610,7 @@ class QueueActor:
 
     async def _submit_runs(self, runs: bytes, completed: list[str]) -> dict[str, int]:
         await self._ensure()
-        items = unpack(runs, list[SubmittedRun])
+        items = compact(unpack(runs, list[SubmittedRun]))
         fresh: list[TaskInstance] = []
         again: list[RestoredTask] = []
         known = set(self.core.run_ids())

@@ -29,7 +29,7 @@ from typing import Any, Final
 import msgspec
 
 from stowplan.actors.runtime import note_worker
-from stowplan.actors.wire import pack, unpack
+from stowplan.actors.wire import pack, tune_gc, unpack
 from stowplan.placement.context import datasets_in_spec
 from stowplan.placement.leases import DeviceLease
 from stowplan.placement.problem import Dataset
@@ -73,6 +73,7 @@ class StoreActor:
         hold_s: float = HOLD_S,
     ) -> None:
         note_worker(state_dir, "store", owner)
+        tune_gc()
         self.store = RunStore(path)
         self._hold_s = hold_s
         self._lock = threading.Lock()

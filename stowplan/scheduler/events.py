@@ -18,7 +18,7 @@ from stowplan.scheduler.states import TaskState
 from stowplan.spec.models import FailureClass, RetryPolicy, ServiceSpec
 
 
-class TaskInstance(Struct, frozen=True, kw_only=True):
+class TaskInstance(Struct, frozen=True, kw_only=True, gc=False):
     """One run as the core sees it: identity, dependencies, needs and policy; no command."""
 
     run_id: str
@@ -56,7 +56,7 @@ class TaskInstance(Struct, frozen=True, kw_only=True):
     doc of ``core``: *Services*); None: a normal run."""
 
 
-class RestoredTask(Struct, frozen=True, kw_only=True):
+class RestoredTask(Struct, frozen=True, kw_only=True, gc=False):
     """A run reloaded from the store after a restart, with where it had got to."""
 
     task: TaskInstance
@@ -189,7 +189,7 @@ class SolvePlacement(Struct, frozen=True, kw_only=True, tag=True):
     problem: PlacementProblem
 
 
-class SubmitItem(Struct, frozen=True, array_like=True):
+class SubmitItem(Struct, frozen=True, array_like=True, gc=False):
     run_id: str
     attempt: int
     key: str
@@ -251,7 +251,7 @@ def elastic_token(verb: str, pool: str, seq: int, epoch: str = "") -> str:
     return f"{verb[0]}-{digest}"
 
 
-class Transition(Struct, frozen=True, array_like=True):
+class Transition(Struct, frozen=True, array_like=True, gc=False):
     run_id: str
     attempt: int
     from_state: TaskState
