@@ -114,12 +114,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         failed = [r for r in planned if r.run_id in ready and core.state(r.run_id).name == "FAILED"]
         held = _held(core, ready_ids)
         if hit is not None:  # ready, and no solve was even asked for it
-            doc = _unplaced(hit.run_id, names, held.get(hit.run_id, ""))
-            if args.json:
-                print(json.dumps(doc, indent=2, sort_keys=True))
-            else:
-                print(f"{label} not placed: {doc['reason']}")
-            return EXIT_OK
+            return _print_unplaced(hit.run_id, names, held, label, as_json=args.json)
         if args.json:
             doc = _empty_doc(prepared, split, waits, len(failed))
             doc["waiting_runs"] = _waiting_runs(split.waiting, names)
@@ -160,12 +155,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     if hit is not None:
         if not any(hit.run_id in c.members for c in problem.classes):
-            doc = _unplaced(hit.run_id, names, held.get(hit.run_id, ""))
-            if args.json:
-                print(json.dumps(doc, indent=2, sort_keys=True))
-            else:
-                print(f"{label} not placed: {doc['reason']}")
-            return EXIT_OK
+            return _print_unplaced(hit.run_id, names, held, label, as_json=args.json)
         why = explain(
             problem,
             sol,
@@ -354,6 +344,18 @@ def _held_lines(held: dict[str, str], task_of: dict[str, str]) -> list[str]:
     return [
         f"  queued ({task}, {plural(n, 'run')}): {why}" for (task, why), n in sorted(groups.items())
     ]
+
+
+def _print_unplaced(
+    run_id: str, names: dict[str, str], held: dict[str, str], label: str, *, as_json: bool
+) -> int:
+    """Print why the run asked about (``--explain RUN``) is not placed; the exit code."""
+    doc = _unplaced(run_id, names, held.get(run_id, ""))
+    if as_json:
+        print(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        print(f"{label} not placed: {doc['reason']}")
+    return EXIT_OK
 
 
 def _unplaced(run_id: str, names: dict[str, str], why: str) -> dict[str, Any]:
