@@ -41,6 +41,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -355,12 +356,16 @@ class _Supervisor:
         self.child_status: int | None = None
         self.started_at = time.time()
         self.peak_rss = 0
-        self.me = psutil.Process()
         self.task_started_mono = time.monotonic()
         self.pids: set[int] = set()
         """Every process of the task seen at a memory sample, to find in the kernel's log."""
         self.memory_available: int | None = None
         """The least memory the machine had available at a sample."""
+
+    @functools.cached_property
+    def me(self) -> psutil.Process:
+        """This process, made when first needed (a local keeper, a fork, may never need it)."""
+        return psutil.Process()
 
     # -- signals and bookkeeping -------------------------------------------------------------
 

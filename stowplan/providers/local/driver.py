@@ -30,10 +30,14 @@ Starting: an attempt is started by the long-lived supervisor of this ``runs/`` d
 (``supervisor.py``), which forks a keeper for it: no Python start-up per attempt, and the same
 records, process group, limits and survival of a dead control plane as the per-attempt
 launcher. The supervisor tells this driver at once when a keeper ends, and the queue is pumped
-then too, so capacity is reused without waiting for a describe. A supervisor that died is
-started again by the next start, or at once when this driver's connection to it breaks; the
-starts it had not recorded yet are sent again (its keeper lock makes that safe). Where no
-supervisor can run (not Linux) or be reached, each attempt gets its own launcher as before.
+then too, so capacity is reused without waiting for a describe; a watch woken so describes
+the keys that ended and those started since (``_changed``), and every key it follows only
+at the poll's cadence (a sweep keeps tens queued here: 70 keys cost about 1.6 ms a
+describe, once every few milliseconds when each end woke a describe of all). A supervisor
+that died is started again by the next start, or at once when this driver's connection to it
+breaks; the starts it had not recorded yet are sent again (its keeper lock makes that safe).
+Where no supervisor can run (not Linux) or be reached, each attempt gets its own launcher as
+before.
 
 Handing ahead: when the queue's head does not fit, it is handed to the supervisor to start
 the moment one of this driver's running attempts ends (its task and all it spawned gone),
@@ -200,6 +204,12 @@ class LocalProvider(Provider):
         self._lock = anyio.Lock()
         self._state_lock = threading.RLock()
         self._watching: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
+        self._changed: set[str] = set()
+        """Keys whose state this driver changed or heard change (an end the supervisor told,
+        a start) since a watch last asked, while one runs: what a watch woken by an end
+        describes, not every key it follows (a sweep's deep queue: tens of keys each time).
+        Under ``_changed_lock`` (held for a set operation only, also on the event loop)."""
+        self._changed_lock = threading.Lock()
         self.supervisor: SupervisorClient | None = None
         if supported():
             self.supervisor = SupervisorClient(
@@ -227,6 +237,11 @@ class LocalProvider(Provider):
         """A keeper this driver started ended: its capacity is free now, and a watch may
         report it now."""
         with self._state_lock:
+            if self._watching is not None:
+                for key, held in self._started.items():
+                    if held.dir == attempt_dir:
+                        self._note_changed(key)
+                        break
             self._pump()
         watching = self._watching
         if watching is not None:
@@ -253,6 +268,16 @@ class LocalProvider(Provider):
                     else:
                         held.keeper = self.supervisor.start(held.dir)
             self._pump()
+
+    def _note_changed(self, key: str) -> None:
+        if self._watching is not None:
+            with self._changed_lock:
+                self._changed.add(key)
+
+    def _take_changed(self) -> set[str]:
+        with self._changed_lock:
+            changed, self._changed = self._changed, set()
+        return changed
 
     # -- discover / plan -----------------------------------------------------------------------
 
@@ -371,7 +396,7 @@ class LocalProvider(Provider):
     def _promote(self, gone: dict[str, str | None]) -> None:
         """Attempts handed ahead whose predecessor is gone hold its place now: the supervisor
         started them (or starts them now, when it was never told)."""
-        for held in list(self._started.values()):
+        for key, held in list(self._started.items()):
             if held.after is None:
                 continue
             after: str | None = held.after
@@ -380,6 +405,7 @@ class LocalProvider(Provider):
             held.after = after
             if after is not None and after in self._started:
                 continue
+            self._note_changed(key)
             held.since = time.time()
             if not held.sent:
                 held.sent = True
@@ -453,6 +479,7 @@ class LocalProvider(Provider):
             if launcher is None:
                 return
         self._started[req.key] = _held(req, launcher=launcher, keeper=keeper)
+        self._note_changed(req.key)
 
     def _adopt(self, key: str, attempt_dir: Path) -> None:
         """Count a running attempt that an earlier instance started against our capacity."""
@@ -626,6 +653,8 @@ class LocalProvider(Provider):
         ended = asyncio.Event()
         self._watching = (loop, ended)
         interval = self.poll_min
+        described = loop.time()
+        """When every key was last described."""
         try:
             while True:
                 added = asyncio.ensure_future(keys.wait_added(interval))
@@ -636,17 +665,30 @@ class LocalProvider(Provider):
                     for waiting in (added, woken):
                         waiting.cancel()
                     await asyncio.gather(added, woken, return_exceptions=True)
+                by_end = False
                 if added.done() and not added.cancelled() and added.result():
                     interval = self.poll_min
                     await asyncio.sleep(self.poll_min)  # gather what else arrives with them
                 elif ended.is_set():
                     await asyncio.sleep(WAKE_GATHER_S)  # and the ends that follow at once
+                    by_end = True
                 ended.clear()
                 if not len(keys):
                     interval = self.poll_max
                     continue
+                if by_end and loop.time() - described < interval:
+                    # Woken by ends: what changed is known (the keys that ended, and those
+                    # started in their place); every key is described again at the poll's
+                    # cadence, so what this driver did not see itself still shows.
+                    asked = [k for k in self._take_changed() if k in keys]
+                    if not asked:
+                        continue
+                else:
+                    described = loop.time()
+                    self._take_changed()  # all of it is in this answer
+                    asked = keys.keys()
                 try:
-                    reports = await self.describe(keys.keys())
+                    reports = await self.describe(asked)
                 except (ProviderError, OSError):
                     keys.failures += 1
                     interval = min(self.poll_max, interval * 2)

@@ -10,14 +10,22 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator, Sequence
+from contextlib import aclosing
 from pathlib import Path
+from typing import cast
 
 import anyio
 import psutil
 import pytest
 
-from stowplan.providers.base import TERMINAL_PROVIDER_STATES, Facts, ProviderState
+from stowplan.providers.base import (
+    TERMINAL_PROVIDER_STATES,
+    Facts,
+    ProviderState,
+    Report,
+    WatchSet,
+)
 from stowplan.providers.local import LocalProvider, LocalRequest
 from stowplan.providers.local.supervisor import (
     IDLE_EXIT_S,
@@ -340,7 +348,8 @@ async def test_the_task_starts_with_default_signal_handling(state_dir: Path) -> 
 @pytest.mark.anyio
 async def test_the_task_inherits_no_descriptor_but_its_three_streams(state_dir: Path) -> None:
     """Nothing of the keeper's leaks into the task (``subprocess`` closed every other
-    descriptor): a task holding ``keeper.lock`` would keep its attempt "kept" after it."""
+    descriptor): a task holding the keeper's lock (its attempt directory, open) would keep
+    its attempt "kept" after it."""
     provider = LocalProvider("laptop", LocalProviderConfig(cpus=2), state_dir=state_dir)
     task = spec(argv=["ls", "/proc/self/fd"])
     [req] = provider.plan([task], Facts())
@@ -349,3 +358,122 @@ async def test_the_task_inherits_no_descriptor_but_its_three_streams(state_dir: 
     assert isinstance(req, LocalRequest)
     fds = {int(fd) for fd in (Path(req.attempt_dir) / "stdout.log").read_text().split()}
     assert fds == {0, 1, 2, 3}, fds  # 3: the directory ls reads
+
+
+# -- what an attempt costs -----------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_the_supervisor_loads_neither_the_spec_models_nor_the_driver(
+    state_dir: Path,
+) -> None:
+    """Keepers are forks of the supervisor, and a smaller process forks faster: it imports
+    the launcher and itself, not the packages' ``__init__`` (the spec models, the driver,
+    msgspec and pydantic, whose compiled modules would show in its memory map)."""
+    provider = LocalProvider("laptop", LocalProviderConfig(cpus=1), state_dir=state_dir)
+    task = spec(argv=["true"])
+    await provider.submit(provider.plan([task], Facts()))
+    assert (await wait_for(provider, task.key)).state is S.SUCCEEDED
+    pid = _supervisor_pid(state_dir)
+    assert pid is not None
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    assert "psutil" in maps  # the map shows what the supervisor did load
+    for heavy in ("msgspec", "pydantic_core", "yaml"):
+        assert heavy not in maps, f"the supervisor loaded {heavy}"
+
+
+@pytest.mark.anyio
+async def test_a_keeper_makes_no_file_but_the_attempts_records(state_dir: Path) -> None:
+    """Each file made costs a short attempt as much as a fork on some file systems: the
+    keeper's lock is its attempt directory, not a file of its own."""
+    provider = LocalProvider("laptop", LocalProviderConfig(cpus=1), state_dir=state_dir)
+    task = spec(argv=["true"])
+    [req] = provider.plan([task], Facts())
+    await provider.submit([req])
+    assert (await wait_for(provider, task.key)).state is S.SUCCEEDED
+    assert isinstance(req, LocalRequest)
+    names = {p.name for p in Path(req.attempt_dir).iterdir()}
+    assert names == {
+        "spec.json",
+        "launcher.log",
+        "launches",
+        "launcher.json",
+        "stdout.log",
+        "stderr.log",
+        "exit.json",
+    }
+
+
+class _CountingProvider(LocalProvider):
+    """Records, for each describe, how many keys it was asked about and how many its watch
+    followed then."""
+
+    asked: list[tuple[int, int]]
+    following: WatchSet
+
+    async def describe(self, keys: Sequence[str]) -> list[Report]:
+        self.asked.append((len(keys), len(self.following)))
+        return await super().describe(keys)
+
+
+@pytest.mark.anyio
+async def test_a_watch_woken_by_an_end_describes_what_changed_not_every_key(
+    state_dir: Path,
+) -> None:
+    """A sweep keeps tens of keys queued here, and a short trial ends every few
+    milliseconds: a watch woken by an end asks about the keys that ended and those started
+    in their place, and about every key only at the poll's cadence; it misses no end."""
+    provider = _CountingProvider("laptop", LocalProviderConfig(cpus=1), state_dir=state_dir)
+    provider.asked = []
+    tasks = [spec(argv=["true"]) for _ in range(30)]
+    await provider.submit(provider.plan(tasks, Facts()))
+    keys = WatchSet([t.key for t in tasks])
+    provider.following = keys
+    heard: dict[str, ProviderState] = {}
+    with anyio.fail_after(30):
+        watch = cast(AsyncGenerator[list[Report], None], provider.watch(keys))
+        async with aclosing(watch) as batches:
+            async for batch in batches:
+                heard.update((r.key, r.state) for r in batch)
+                if not len(keys):
+                    break
+    assert heard == {t.key: S.SUCCEEDED for t in tasks}
+    assert any(asked < followed / 2 for asked, followed in provider.asked), provider.asked
+
+
+@pytest.mark.anyio
+async def test_a_keeper_from_before_the_directory_lock_is_still_found(state_dir: Path) -> None:
+    """A keeper started by an older supervisor holds ``keeper.lock``, not the directory: a
+    start sent again after an upgrade must find it and start nothing."""
+    import fcntl
+
+    from stowplan.providers.local.attempts import claim, current_claim, has_ended
+    from stowplan.providers.local.supervisor import LEGACY_LOCK
+
+    provider = LocalProvider("laptop", LocalProviderConfig(cpus=2), state_dir=state_dir)
+    old, new = spec(script="echo ran >> count.txt"), spec(argv=["true"])
+    [old_req, new_req] = provider.plan([old, new], Facts())
+    assert isinstance(old_req, LocalRequest) and isinstance(new_req, LocalRequest)
+    me = current_claim()
+    assert claim(old_req, me, provider="laptop") and claim(new_req, me, provider="laptop")
+    old_dir, new_dir = Path(old_req.attempt_dir), Path(new_req.attempt_dir)
+    client = SupervisorClient(
+        state_dir / "runs",
+        import_root=Path(__file__).resolve().parents[3],
+        on_done=provider._on_done,
+        on_lost=provider._on_lost,
+    )
+    fd = os.open(old_dir / LEGACY_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as the old keeper held it for its whole life
+        assert keeper_runs(old_dir)
+        assert client.start(old_dir) and client.start(new_dir)
+        # the supervisor takes one connection's starts in order: once the second has ended,
+        # the first was judged
+        await _poll(lambda: has_ended(new_dir), 10, "the second attempt")
+        assert launches(old_req) == [] and not (old_dir / "count.txt").exists()
+        assert not (old_dir / "launcher.json").exists()
+    finally:
+        os.close(fd)
+        client.close()
+    assert not keeper_runs(old_dir)
