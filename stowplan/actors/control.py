@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from stowplan.actors.runtime import (
 )
 from stowplan.actors.wire import pack
 from stowplan.errors import StowplanError
-from stowplan.placement.problem import PlacementContext
+from stowplan.placement.problem import PlacementContext, Pool
 from stowplan.scheduler.plan import RunPayload
 from stowplan.scheduler.share import Approvals, TeamLimits
 from stowplan.spec.models import ProviderConfig
@@ -181,6 +182,8 @@ class ControlPlane:
         teams: dict[str, TeamLimits] | None = None,
         approvals: Approvals | None = None,
         spread: bool = False,
+        facts: Sequence[Pool] | None = None,
+        facts_at: float = 0.0,
     ) -> None:
         self.state_dir = state_dir
         self.store_path = store_path
@@ -200,6 +203,11 @@ class ControlPlane:
         self.spread = spread
         """place the actors over the cluster's nodes (Ray's SPREAD strategy) instead of beside
         the driver: ``stowplan serve --spread`` on a cluster of several nodes."""
+        self.facts = facts
+        """pools the caller discovered, beginning at ``facts_at`` (``time.time()``): each
+        provider actor's first discovery uses its own while they are fresh
+        (``actors.provider.HandedFacts``)"""
+        self.facts_at = facts_at
         self.namespace = namespace_for(state_dir)
         self._started_ray = False
         self.actors: dict[str, Any] = {}
@@ -208,7 +216,7 @@ class ControlPlane:
         import ray
 
         from stowplan.actors.placement import PlacementActor
-        from stowplan.actors.provider import ProviderActor
+        from stowplan.actors.provider import HandedFacts, ProviderActor
         from stowplan.actors.queue import QueueActor
         from stowplan.actors.store import StoreActor
 
@@ -243,6 +251,10 @@ class ControlPlane:
         self.actors[PLACEMENT].warm.remote()
         names: dict[str, str] = {}
         for name, cfg in sorted(self.providers.items()):
+            handed = None
+            if self.facts is not None:
+                pools = [p for p in self.facts if p.provider == name]
+                handed = pack(HandedFacts(pools=pools, at=self.facts_at))
             actor_name = provider_actor_name(name)
             names[name] = actor_name
             self.actors[actor_name] = (
@@ -258,6 +270,7 @@ class ControlPlane:
                     poll_max=self.poll_max,
                     renew_every=self.lease_ttl / 4,
                     owner=owner,
+                    facts=handed,
                 )
             )
         self.actors[QUEUE] = (

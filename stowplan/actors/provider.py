@@ -8,7 +8,16 @@ polling backoff, or the driver's native watch), pushing each batch of changes to
 actor. Unchanged states are re-sent every ``renew_every`` seconds so the core's leases stay
 fresh. It also follows the driver's ``capacity_changes`` and tells the queue, whose shell
 rediscovers at once. It boots from its constructor, so after a restart it reloads its live
-keys from the store and watches them at once, without waiting to be called. An exception
+keys from the store and watches them at once, without waiting to be called.
+
+Handed facts. ``stowplan run`` discovers every provider itself (to refuse an infeasible sweep
+before anything is written) while Ray starts; it hands those pools to the actor
+(``HandedFacts``), and the actor's first discovery (the queue's, at its boot) answers with them
+instead of asking the provider again, which was the longest wait before the first submit.
+They are taken at most once, only while younger than ``FACTS_TRUSTED_S`` (wall clock, from
+when the CLI's discovery began), never after a capacity change and never by a restarted
+actor (Ray gives it the same constructor arguments): every later discovery, the capacity
+changes' and the periodic ones, asks the provider. An exception
 that escapes a watch is a bug: it is reported to the queue as the control plane's fatal error
 (see ``control``), never swallowed by a dead loop.
 """
@@ -18,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +49,55 @@ from stowplan.spec.models import ProviderConfig
 
 log = logging.getLogger(__name__)
 
+FACTS_TRUSTED_S = 30.0
+"""How old (seconds, wall clock) handed facts may be for the first discovery to use them."""
+
+
+class HandedFacts(msgspec.Struct, frozen=True, kw_only=True):
+    """One provider's pools as the CLI discovered them, for the actor's first discovery."""
+
+    pools: list[Pool]
+    at: float
+    """``time.time()`` when that discovery began"""
+
+    def fresh(self, now: float) -> bool:
+        # both ways: the CLI and the actor may read different (synced) clocks
+        return abs(now - self.at) <= FACTS_TRUSTED_S
+
+
+def restarted() -> bool:
+    """Whether this actor is a restart by Ray (its constructor arguments are the first
+    start's); False outside an actor."""
+    import ray
+
+    if not ray.is_initialized():
+        return False
+    return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+
+
+class LazyQueue:
+    """The queue actor's handle, looked up at the first call through it (``queue.m.remote(
+    ...)``, awaited, as on the handle). NOTE: Ray imports an actor's module to make its
+    handle; the queue's costs 0.2 s of CPU, which this actor's loops would otherwise spend
+    while the control plane starts, with every actor's process starting on few cores."""
+
+    def __init__(self, lookup: Callable[[], Awaitable[Any]]) -> None:
+        self._lookup = lookup
+        self._handle: Any = None
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        if self._handle is None:
+            self._handle = await self._lookup()
+        return await getattr(self._handle, method).remote(*args)
+
+    def __getattr__(self, method: str) -> Any:
+        class Method:
+            @staticmethod
+            def remote(*args: Any) -> Awaitable[Any]:
+                return self._call(method, *args)
+
+        return Method
+
 
 class ProviderActor:
     def __init__(
@@ -54,7 +113,10 @@ class ProviderActor:
         poll_max: float | None = None,
         renew_every: float = 60.0,
         owner: tuple[int, float] | None = None,
+        facts: bytes | None = None,
     ) -> None:
+        """``facts``: the CLI's discovery of this provider (packed ``HandedFacts``), for the
+        first discovery (module doc)."""
         from stowplan.providers.registry import make_provider
 
         note_worker(state_dir, f"provider:{name}", owner)
@@ -71,6 +133,11 @@ class ProviderActor:
         self.renew_every = renew_every
         self.live = WatchSet()
         self.facts: Facts | None = None
+        self.discovers = 0
+        """discoveries asked of the driver"""
+        self._handed: HandedFacts | None = None
+        if facts is not None and not restarted():
+            self._handed = unpack(facts, HandedFacts)
         # an async actor's constructor runs on its event loop: start now, not on first call
         loop = asyncio.get_running_loop()
         self._booting = loop.create_task(self._load_live())
@@ -88,7 +155,12 @@ class ProviderActor:
         await asyncio.shield(self._booting)
 
     async def _discover(self) -> list[Pool]:
-        pools = await self.driver.discover()
+        handed, self._handed = self._handed, None
+        if handed is not None and handed.fresh(time.time()):
+            pools = handed.pools
+        else:
+            self.discovers += 1
+            pools = await self.driver.discover()
         self.facts = Facts.of(pools)
         return pools
 
@@ -149,12 +221,16 @@ class ProviderActor:
         await self.driver.terminate(pool, count, token)
 
     async def stats(self) -> dict[str, Any]:
-        return {"live": len(self.live), "describe_failures": self.live.failures}
+        return {
+            "live": len(self.live),
+            "describe_failures": self.live.failures,
+            "discovers": self.discovers,
+        }
 
     async def _follow(self, loop: Callable[[Any], Awaitable[None]], what: str) -> None:
         """Run one of the actor's loops; an exception that escapes it is the control plane's
         fatal error, reported to the queue."""
-        queue = await self._lookup_queue()
+        queue = LazyQueue(self._lookup_queue)
         try:
             await self._boot()
             await loop(queue)
@@ -184,4 +260,5 @@ class ProviderActor:
     async def _capacity_loop(self, queue: Any) -> None:
         async for why in self.driver.capacity_changes():
             log.info("%s: capacity changed (%s)", self.name, why)
+            self._handed = None  # facts from before the change
             await queue.capacity_changed.remote(self.name)

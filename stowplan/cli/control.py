@@ -54,12 +54,15 @@ def dispatch(
     *,
     seen_before: list[str] | None = None,
     after_record: Callable[[RunStore], None] | None = None,
+    facts: tuple[list[Any], float] | None = None,
 ) -> None:
     """Start (or join) the control plane, record the runs, hand them over, watch them.
 
     The control plane boots first, so what it restores from the store is what earlier,
     interrupted invocations left unfinished, not the runs about to be submitted.
     ``after_record`` writes the ledger entry (and any links) instead of a plain submit entry.
+    ``facts``: the pools just discovered and when (``time.time()``) that discovery began,
+    for the provider actors' first discovery.
     """
     from stowplan.actors.control import ControlPlane
     from stowplan.placement.context import context_for
@@ -74,6 +77,8 @@ def dispatch(
         context=context_for(prepared.project, prepared.loaded),
         budget=settings.budget,
         workers=settings.workers,
+        facts=facts[0] if facts is not None else None,
+        facts_at=facts[1] if facts is not None else 0.0,
     )
     ids = list(todo)
     total = len(ids)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_OK
     store_path = Path(prepared.store_path)
     reused, todo, seen_before = _reuse(store_path, ids)
+    discovered_at = time.time()
     if todo:
         pools = _discover_while_ray_starts(prepared, args.address)
     else:
@@ -62,7 +64,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         if reused:
             err.print(f"{len(reused)} of {plural(len(ids), 'run')} reused")
         if todo:
-            dispatch(args, prepared, todo, reused, err, seen_before=seen_before)
+            dispatch(
+                args,
+                prepared,
+                todo,
+                reused,
+                err,
+                seen_before=seen_before,
+                facts=(pools, discovered_at),
+            )
     finally:
         from stowplan.actors.control import abandon_prestart
 

@@ -3,7 +3,9 @@ control plane stops without waiting on Ray's autoscaler monitor.
 
 ``stowplan run`` runs here as its own process with the phases timed by wrappers around the
 functions it calls (as ``benchmarks/bench_slurm.py`` times them), and the tests assert on the
-order of those phases, not on their lengths.
+order of those phases, not on their lengths. The provider actor's first discovery takes the
+pools the CLI discovered (``actors.provider``, "Handed facts"): counted here on a control
+plane on the test session's Ray.
 """
 
 from __future__ import annotations
@@ -19,9 +21,16 @@ from types import SimpleNamespace
 
 import pytest
 
-from stowplan.actors.control import kill_monitor
+from stowplan.actors.control import ControlPlane, kill_monitor, provider_actor_name
+from stowplan.actors.provider import FACTS_TRUSTED_S
+from stowplan.actors.runtime import WORKERS_DIR
+from stowplan.actors.wire import pack
+from stowplan.provenance.store import RunStore
+from stowplan.providers.base import LaunchSpec
+from stowplan.session import discover, prepare, record, submissions
 from tests.slurmcluster.cluster import SlurmCluster
 
+from ..conftest import wait_for
 from .conftest import runs_of, write_project
 
 pytestmark = pytest.mark.integration
@@ -151,3 +160,86 @@ def test_kill_monitor_kills_only_the_monitor() -> None:
         for p in (monitor, other):
             p.kill()
             p.wait()
+
+
+def _provider_pids(state_dir: Path) -> set[int]:
+    """The processes the cluster's provider actor ran in, from their notes (``note_worker``)."""
+    notes = (json.loads(p.read_text()) for p in (state_dir / WORKERS_DIR).glob("*.json"))
+    return {n["pid"] for n in notes if n["actor"] == provider_actor_name("cluster")}
+
+
+def _discoveries(plane: ControlPlane) -> int:
+    import ray
+
+    actor = plane.actors[provider_actor_name("cluster")]
+    n: int = ray.get(actor.stats.remote(), timeout=60)["discovers"]
+    return n
+
+
+def test_the_provider_actor_submits_first_with_the_clis_facts(
+    ray_session: None, slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """Fresh facts: no discovery asked of the provider by its actor before (or after) the
+    first submit; a restarted actor does not take them again, it discovers itself."""
+    import ray
+
+    assert slurm_cluster.facts is not None
+    prepared = prepare(write_project(tmp_path, slurm_cluster.facts, SWEEP))
+    began = time.time()
+    pools = discover(prepared)
+    with RunStore(prepared.store_path) as store:
+        ids = [r.run_id for r in record(prepared, store)]
+    plane = ControlPlane(
+        state_dir=Path(prepared.state_dir),
+        store_path=Path(prepared.store_path),
+        providers=prepared.providers,
+        poll_max=0.5,
+        facts=pools,
+        facts_at=began,
+    )
+    plane.start()
+    try:
+        plane.submit(submissions(prepared, set(ids)), [])
+
+        def done() -> bool:
+            info = plane.progress(ids)
+            assert info["fatal"] is None, info
+            return bool(info["counts"].get("SUCCEEDED", 0) == len(ids))
+
+        wait_for(done, 120, "the sweep to succeed")
+        assert _discoveries(plane) == 0
+        actor = plane.actors[provider_actor_name("cluster")]
+        first = _provider_pids(Path(prepared.state_dir))
+        ray.kill(actor, no_restart=False)
+        # ray.kill returns at once: wait for the restart (its note), so the calls below go to it
+        wait_for(
+            lambda: bool(_provider_pids(Path(prepared.state_dir)) - first),
+            60,
+            "the provider actor to restart",
+        )
+        spec = LaunchSpec(key="k", run_id="r", attempt=1, pool=pools[0].id, name="n", argv=["true"])
+        # Ray retries the call on the restarted actor, which plans with facts of its own
+        ray.get(actor.plan.remote(pack([spec])), timeout=120)
+        assert _discoveries(plane) == 1
+    finally:
+        plane.stop()
+
+
+def test_stale_facts_are_discovered_again(
+    ray_session: None, slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    assert slurm_cluster.facts is not None
+    prepared = prepare(write_project(tmp_path, slurm_cluster.facts, SWEEP))
+    pools = discover(prepared)
+    plane = ControlPlane(
+        state_dir=Path(prepared.state_dir),
+        store_path=Path(prepared.store_path),
+        providers=prepared.providers,
+        facts=pools,
+        facts_at=time.time() - FACTS_TRUSTED_S - 1,
+    )
+    plane.start()  # the queue's boot discovers every provider
+    try:
+        assert _discoveries(plane) == 1
+    finally:
+        plane.stop()
