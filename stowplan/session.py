@@ -571,13 +571,17 @@ def launch_spec(
     lease: DeviceLease | None = None,
 ) -> LaunchSpec:
     """The provider's view of one attempt; ``upstream`` becomes ``upstream.json`` beside it.
-    Secrets stay references: only the driver resolves them, when it submits."""
+    Secrets stay references: only the driver resolves them, when it submits.
+
+    Without upstream the spec shares the payload's ``env`` (nobody changes a spec's dicts):
+    10^5 launches of a sweep copy nothing they do not change."""
     la, needs = payload.launch, payload.instance
-    env = dict(la.env)
+    env = la.env
     files: dict[str, bytes] = {}
     if upstream is not None:
         files["upstream.json"] = upstream
-        env["STOWPLAN_UPSTREAM"] = "upstream.json"
+        env = {**env, "STOWPLAN_UPSTREAM": "upstream.json"}
+    secrets = {var: secret_ref(name) for var, name in la.secrets.items()} if la.secrets else {}
     return LaunchSpec(
         key=key,
         run_id=run_id,
@@ -596,7 +600,7 @@ def launch_spec(
         files=files,
         image=la.image,
         code=la.code,
-        secrets={var: secret_ref(name) for var, name in la.secrets.items()},
+        secrets=secrets,
         lease=lease,
     )
 

@@ -935,23 +935,28 @@ class QueueActor:
         """
         if not reports:
             return reports
-        runs = {r.key: self._run_of(r.key) for r in reports}
+        # run id, attempt and pool of each key, in one lookup per report
+        of_key = self.core.attempt_of_key
+        runs = {r.key: of_key(r.key) for r in reports}
         outputs: dict[str, dict[str, str]] = {}
         for r in reports:
-            run_id = runs[r.key]
-            if r.state is ProviderState.SUCCEEDED and r.outputs and run_id is not None:
-                outputs[run_id] = r.outputs
+            run = runs[r.key]
+            if r.state is ProviderState.SUCCEEDED and r.outputs and run is not None:
+                outputs[run[0]] = r.outputs
         if outputs:
             failed: dict[str, str] = await self._call("store", self.store.store_outputs, outputs)
             if failed:
-                reports = [_not_stored(r, failed.get(runs[r.key] or "")) for r in reports]
+                reports = [
+                    _not_stored(r, failed.get(run[0])) if (run := runs[r.key]) else r
+                    for r in reports
+                ]
         updates = []
         used: dict[str, bytes] = {}
-        core = self.core
         for r in reports:
-            run_id = runs[r.key]
-            if r.state is ProviderState.UNKNOWN or run_id is None:
+            run = runs[r.key]
+            if r.state is ProviderState.UNKNOWN or run is None:
                 continue
+            run_id, attempt, pool = run
             used_hash = None
             if r.used is not None:
                 used_hash = sha256_hex(r.used)
@@ -960,9 +965,9 @@ class QueueActor:
                 AttemptRow(
                     r.key,
                     run_id,
-                    core.attempt(run_id),
+                    attempt,
                     provider,
-                    core.pool(run_id) or "",
+                    pool or "",
                     r.state,  # a StrEnum: its own value
                     r.job_id,
                     r.node,
@@ -1032,9 +1037,6 @@ class QueueActor:
         self.core.set_spending(
             month_usd=float(month), experiment_usd=float(experiment), budget=self._budget
         )
-
-    def _run_of(self, key: str) -> str | None:
-        return self.core.run_of_key(key)
 
     async def _tick_loop(self) -> None:
         """Send the buffered transitions to the store once per tick (the shell's clock does

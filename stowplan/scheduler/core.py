@@ -398,7 +398,8 @@ class _Run:
         self.provider: str | None = None
         self.gpu_model: str | None = None
         self.waiting = 0
-        self.dependents: list[str] = []
+        self.dependents: list[str] | tuple[()] = ()
+        """the runs waiting on this one; a list from the first (most runs have none)."""
         self.ready_at = 0.0
         self.lease_until = 0.0
         self.started_at: float | None = None
@@ -635,6 +636,9 @@ class SchedulerCore:
         self._used: dict[str, list[float]] = {}
         self._used_gpus: dict[str, Counter[str]] = {}
         self._ready: dict[tuple[object, ...], dict[str, None]] = {}
+        self._buckets: dict[tuple[object, ...], tuple[object, ...]] = {}
+        """each ``_bucket_key`` value once (``_Run.bucket`` points at it); as ``_ready``, it
+        keeps a key per distinct bucket ever seen."""
         self._group_active: Counter[str] = Counter()
         self._usage: dict[str, tuple[float, float]] = {}
         self._retry_heap: list[tuple[float, int, str]] = []
@@ -828,6 +832,16 @@ class SchedulerCore:
     def run_of_key(self, key: str) -> str | None:
         return self._by_key.get(key)
 
+    def attempt_of_key(self, key: str) -> tuple[str, int, str | None] | None:
+        """``(run id, attempt, pool)`` of the run attempt ``key`` was made for, the attempt
+        and pool being the run's latest (as ``attempt`` and ``pool`` give them), in one
+        lookup; None for a key this core never made."""
+        run_id = self._by_key.get(key)
+        if run_id is None:
+            return None
+        run = self._runs[run_id]
+        return run_id, run.attempt, run.pool
+
     def counts_order(self, token: str) -> bool:
         """Whether the core still counts the Provision or Terminate of ``token`` (the shell
         tries a failed call again only while it does)."""
@@ -905,7 +919,10 @@ class SchedulerCore:
                     f"dependency {dep[:12]} was cancelled",
                 )
                 return
-            d.dependents.append(run.task.run_id)
+            if isinstance(d.dependents, list):
+                d.dependents.append(run.task.run_id)
+            else:
+                d.dependents = [run.task.run_id]
             waiting += 1
         run.waiting = waiting
         if waiting == 0:
@@ -1603,7 +1620,9 @@ class SchedulerCore:
     def _enqueue_ready(self, run: _Run) -> None:
         self._generation += 1
         if run.bucket is None:
-            run.bucket = _bucket_key(run.task)
+            # one tuple per distinct bucket, shared by its runs (not 18 fields per run)
+            k = _bucket_key(run.task)
+            run.bucket = self._buckets.setdefault(k, k)
         self._ready.setdefault(run.bucket, {})[run.task.run_id] = None
 
     def _lease(self, run: _Run, gpu_model: str = "") -> None:

@@ -20,8 +20,11 @@ Theory of operation:
   never changes after it is put (parameters, identity, task spec) as one JSON document in
   ``run_bodies`` (same ``rid``), so a transition rewrites a ~200-byte row rather than the
   whole run (1-2 KiB with its task spec).
-- The writer never checkpoints the WAL itself: a background thread does, on its own
-  connection, so a 10^5-run commit does not wait for 100 MiB to be copied into the database.
+- The writer does not checkpoint the WAL itself: a background thread does, on its own
+  connection, once commits pause (at the latest 5 s into a burst of them), so a 10^5-run
+  commit does not wait for 100 MiB to be copied into the database and a burst's pages are
+  copied once. Only a WAL grown past 1 GiB (a long burst, which no checkpoint running beside
+  it can catch up with) is checkpointed by the writer, so that it starts over.
   Durability is SQLite's ``synchronous=NORMAL`` in WAL mode: a commit survives a crash of the
   process, and the last ones may be lost with the machine's power; submits are idempotent by
   key, so a lost intent is found again by reconciliation rather than submitted twice.

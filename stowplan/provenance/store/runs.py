@@ -6,6 +6,7 @@ per run per batch, import records kept once by hash) is explained in the package
 
 from __future__ import annotations
 
+import functools
 import logging
 import operator
 import sqlite3
@@ -67,9 +68,14 @@ _dict_decoder = msgspec.json.Decoder(dict[str, Any])
 _by_run_id: Final = operator.attrgetter("run_id")
 
 
-class Step(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
+class Step(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, gc=False):
     """A ``TransitionRecord`` as an array, fields in the same order: how the control plane
-    hands steps over in bulk (10^5 at a time), without every field's name in every record."""
+    hands steps over in bulk (10^5 at a time), without every field's name in every record.
+
+    ``gc=False`` (as ``AttemptRow`` and ``IntentRow``): the queue keeps 10^5 of them, made
+    with the states' enums (objects the collector tracks), and text, numbers and enums can
+    never lead back to a struct, so none can be part of a reference cycle
+    (``tests/unit/actors/test_gc_light.py`` checks the field types)."""
 
     run_id: str
     attempt: int
@@ -81,7 +87,7 @@ class Step(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
     pool: str | None = None
 
 
-class AttemptRow(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
+class AttemptRow(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, gc=False):
     """An ``AttemptRecord`` as an array, fields in the same order (see :class:`Step`)."""
 
     key: str
@@ -106,7 +112,7 @@ class AttemptRow(msgspec.Struct, frozen=True, array_like=True, omit_defaults=Tru
     devices: str | None = None
 
 
-class IntentRow(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
+class IntentRow(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, gc=False):
     """One attempt about to be submitted, in a :class:`Dispatch` (which says where and when).
     ``solve`` indexes ``Dispatch.solves`` (-1: no placement decision is recorded with it) and
     ``assignment`` that solution's assignments."""
@@ -263,6 +269,52 @@ _ATTEMPT_CHANGES: Final = (
     "usd = coalesce(?19, usd), devices = coalesce(?20, devices)"
 )
 _UPDATE_ATTEMPT: Final = f"UPDATE attempts SET {_ATTEMPT_CHANGES} WHERE key = ?1"
+_SETTABLE: Final = tuple(
+    (i, name) for i, name in enumerate(_ATTEMPT_COLUMNS.split(", ")) if i >= 6 and i != 11
+)
+"""what ``_ATTEMPT_CHANGES`` sets when the update gives it (not None; ``message``: not
+empty), by index in an attempt row"""
+_NONES: Final = (None,) * len(_ATTEMPT_COLUMNS.split(", "))
+
+
+@functools.cache
+def _narrow_update(given: tuple[bool, ...], no_message: bool) -> tuple[str, Any]:
+    """The UPDATE of a stored key for rows that give the fields ``given`` says (``given[i]``:
+    row ``i`` is not None), and a getter of its parameters from a row: what ``_UPDATE_ATTEMPT``
+    does for them, with only the columns that change."""
+    cols = [(i, n) for i, n in _SETTABLE if given[i] and not (i == 10 and no_message)]
+    sets = "".join(f", {n} = ?" for _, n in cols)
+    return (
+        f"UPDATE attempts SET state = ?{sets} WHERE key = ?",
+        operator.itemgetter(5, *(i for i, _ in cols), 0),
+    )
+
+
+def _update_stored(c: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
+    """Apply attempt rows (sorted by key) to the stored keys; how many rows changed one.
+
+    Rows that give the same fields go in one statement that sets only those (an instant or
+    Slurm answer gives 6 of the 14): fewer parameters to bind and no ``coalesce`` per column.
+    That reorders updates of different keys only; a batch with a key twice (rare) goes in one
+    statement, in order."""
+    if len({r[0] for r in rows}) < len(rows):
+        return int(c.executemany(_UPDATE_ATTEMPT, rows).rowcount)
+    groups: dict[tuple[tuple[bool, ...], bool], list[tuple[Any, ...]]] = {}
+    is_not = operator.is_not
+    for r in rows:
+        shape = (tuple(map(is_not, r, _NONES)), r[10] == "")
+        group = groups.get(shape)
+        if group is None:
+            groups[shape] = [r]
+        else:
+            group.append(r)
+    changed = 0
+    for (given, no_message), group in groups.items():
+        sql, params = _narrow_update(given, no_message)
+        changed += c.executemany(sql, map(params, group)).rowcount
+    return changed
+
+
 _UPSERT_ATTEMPT: Final = (
     # the WHERE drops blank-run updates of unknown keys
     f"INSERT INTO attempts ({_ATTEMPT_COLUMNS}) "
@@ -302,6 +354,8 @@ _event_row: Final = operator.attrgetter(
     "run_id", "attempt", "from_state", "to_state", "at", "failure", "reason", "pool"
 )
 _step_fields: Final = operator.attrgetter("attempt", "to_state", "at", "failure", "reason", "pool")
+_to_state: Final = operator.attrgetter("to_state")
+_from_state: Final = operator.attrgetter("from_state")
 _steps_decoder = msgspec.json.Decoder(list[tuple[int, str, float, str | None, str, str | None]])
 
 CHAIN_BREAK: Final = "LOST"
@@ -313,6 +367,26 @@ def _chain_rows(
 ) -> None:
     """Append the events rows of run ``rid``'s steps (in order) to ``out``: a row per stretch
     of steps that each start where the one before ended, cut after a step to LOST."""
+    tos = list(map(_to_state, steps))
+    if tos[:-1] == list(map(_from_state, steps[1:])) and CHAIN_BREAK not in tos[:-1]:
+        # one stretch (almost every run: its steps from PENDING to its end), built in C
+        last = steps[-1]
+        earlier = json_text(list(map(_step_fields, steps[:-1]))) if len(steps) > 1 else None
+        out.append(
+            (
+                rid,
+                last.run_id,
+                last.attempt,
+                steps[0].from_state,
+                last.to_state,
+                last.at,
+                last.failure,
+                last.reason,
+                last.pool,
+                earlier,
+            )
+        )
+        return
     start = 0
     for i in range(1, len(steps) + 1):
         if i < len(steps):
@@ -408,7 +482,7 @@ def _update_attempts(c: sqlite3.Connection, updates: Sequence[AttemptRecord | At
     rows = list(map(_attempt_row, sorted(updates, key=_by_key)))
     # almost every update is of a stored key: a plain UPDATE by key, and the upsert
     # (which also checks the run's foreign key) only for the keys not stored
-    changed = c.executemany(_UPDATE_ATTEMPT, rows).rowcount
+    changed = _update_stored(c, rows)
     if changed < len(rows):
         sql = "SELECT key FROM attempts WHERE key IN ({})"
         stored = {k for (k,) in rows_in(c, sql, sorted({r[0] for r in rows}))}
@@ -426,6 +500,18 @@ def _update_attempts(c: sqlite3.Connection, updates: Sequence[AttemptRecord | At
         log.warning(
             "%d attempt update(s) named keys this store never saw; skipped",
             len(updates) - changed,
+        )
+
+
+def _check_runs(c: sqlite3.Connection, run_ids: Sequence[str], what: str) -> None:
+    """Raise ``sqlite3.IntegrityError`` (as SQLite's foreign key check) unless every one of
+    ``run_ids`` (sorted) names a stored run."""
+    wanted = list(dict.fromkeys(run_ids))
+    sql = "SELECT count(*) FROM runs WHERE run_id IN ({})"
+    known = sum(n for (n,) in rows_in(c, sql, wanted))
+    if known < len(wanted):
+        raise sqlite3.IntegrityError(
+            f"FOREIGN KEY constraint failed: {what} of {len(wanted) - known} unknown run(s)"
         )
 
 
@@ -793,11 +879,15 @@ class RunTables(Database):
         (as :meth:`write_intents`, each naming its solve and assignment when it has one).
         Call before the submit, never after; writing the same dispatch again changes nothing
         but the steps."""
-        with self._write() as c:
+        # SQLite's foreign key checks left out, as in write_steps: the steps' runs and the
+        # answers' are checked as they are written, the solves were just found, and the
+        # intents' runs are checked below (each events row cost two probes otherwise)
+        with self._write(foreign_keys=False) as c:
             _update_attempts(c, d.attempts)
             _apply_steps(c, d.steps)
             ids = _insert_solves(c, d.solves)
             rows = sorted(d.intents, key=_by_run_id)
+            _check_runs(c, [i.run_id for i in rows], "intents")
             c.executemany(
                 _INSERT_INTENT,
                 [

@@ -18,6 +18,7 @@ from stowplan.actors.wire import pack, unpack
 from stowplan.placement import solve
 from stowplan.placement.leases import DeviceLease
 from stowplan.placement.problem import Pool
+from stowplan.provenance.store.runs import AttemptRow, IntentRow, Step
 from stowplan.scheduler.core import CoreConfig, SchedulerCore
 from stowplan.scheduler.events import (
     PlacementDecided,
@@ -35,6 +36,7 @@ from stowplan.scheduler.events import (
 from stowplan.scheduler.plan import Launch, RunPayload
 from stowplan.scheduler.reports import ProviderState, Report
 from stowplan.scheduler.states import TaskState
+from stowplan.session import launch_spec
 from stowplan.spec.models import FailureClass, RetryPolicy
 
 UNTRACKED: list[type[msgspec.Struct]] = [
@@ -43,6 +45,9 @@ UNTRACKED: list[type[msgspec.Struct]] = [
     SubmitItem,
     Transition,
     SubmittedRun,
+    Step,
+    AttemptRow,
+    IntentRow,
 ]
 """made per run or per step and kept by the thousand: declared ``gc=False``."""
 
@@ -87,6 +92,15 @@ def test_decoded_runs_and_restored_tasks_are_not_tracked() -> None:
     run = unpack(pack(payload(1)), SubmittedRun)
     assert not gc.is_tracked(run)
     assert not gc.is_tracked(Transition("r", 1, TaskState.READY, TaskState.FAILED, None, "", None))
+
+
+def test_the_rows_the_queue_buffers_for_the_store_are_not_tracked() -> None:
+    # made with the states' enums, which the collector tracks: only gc=False leaves them out
+    ready, placed = TaskState.READY, TaskState.PLACED
+    assert gc.is_tracked(ready)
+    assert not gc.is_tracked(Step("r", 1, ready, placed, 1.0, None, "", "local/cpu"))
+    assert not gc.is_tracked(AttemptRow("k", "r", 1, "local", "local/cpu", ProviderState.RUNNING))
+    assert not gc.is_tracked(IntentRow("k", "r", 1, 0, 0, "n1", "0,1"))
 
 
 def _types(t: mi.Type) -> Iterator[mi.Type]:
@@ -195,3 +209,58 @@ def test_in_an_actor_the_collector_freezes_what_booted_and_collects_less_often()
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     ).stdout.split()
     assert out == [str(wire.GEN0_THRESHOLD), "True", "True"]
+
+
+def _placed(core: SchedulerCore, tasks: list[TaskInstance]) -> list[SubmitItem]:
+    """Submit ``tasks`` to ``core`` (with one pool), place them; the submitted items."""
+    pool = Pool(id="local/cpu", provider="local", cpus=64, memory=64 << 30)
+    core.handle(PoolsDiscovered(provider="local", pools=[pool]), 0.0)
+    cmds = core.handle(TasksSubmitted(tasks=tasks), 1.0)
+    for sp in (c for c in cmds if isinstance(c, SolvePlacement)):
+        cmds += core.handle(PlacementDecided(solution=solve(sp.problem)), 2.0)
+    return [i for c in cmds if isinstance(c, Submit) for i in c.items]
+
+
+def test_runs_of_one_shape_share_their_bucket_key() -> None:
+    core = SchedulerCore(CoreConfig())
+    tasks = [TaskInstance(run_id=f"{i:064x}", group="sweep") for i in range(3)]
+    wide = TaskInstance(run_id=f"{9:064x}", group="sweep", cpus=2)
+    _placed(core, [*tasks, wide])
+    buckets = [core._runs[t.run_id].bucket for t in tasks]
+    assert buckets[0] is not None
+    assert all(b is buckets[0] for b in buckets)  # one tuple, not one per run
+    assert core._runs[wide.run_id].bucket != buckets[0]
+
+
+def test_a_run_nothing_waits_on_keeps_no_list_of_dependents() -> None:
+    core = SchedulerCore(CoreConfig())
+    first = TaskInstance(run_id="a" * 64, group="sweep")
+    second = TaskInstance(run_id="b" * 64, group="sweep", depends_on=(first.run_id,))
+    (item,) = _placed(core, [first, second])
+    assert core._runs[second.run_id].dependents == ()
+    assert core._runs[first.run_id].dependents == [second.run_id]
+    report = Report(key=item.key, state=ProviderState.SUCCEEDED)
+    core.handle(ProviderReported(provider="local", reports=[report]), 3.0)
+    assert core.state(second.run_id) is not TaskState.PENDING  # its dependency let it go
+
+
+def test_a_key_gives_its_run_attempt_and_pool_in_one_lookup() -> None:
+    core = SchedulerCore(CoreConfig())
+    items = _placed(core, [TaskInstance(run_id=f"{i:064x}", group="sweep") for i in range(2)])
+    assert len(items) == 2
+    for item in items:
+        got = core.attempt_of_key(item.key)
+        assert got == (item.run_id, item.attempt, "local/cpu")
+        assert got == (core.run_of_key(item.key), core.attempt(item.run_id), core.pool(item.run_id))
+    assert core.attempt_of_key("no-such-key") is None
+
+
+def test_a_launch_copies_only_what_it_changes() -> None:
+    p = payload(1)
+    p.launch.env["A"] = "1"
+    alone = launch_spec(p, p.instance.run_id, 1, "k1", "local/cpu")
+    assert alone.env is p.launch.env and alone.secrets == {}
+    with_upstream = launch_spec(p, p.instance.run_id, 1, "k1", "local/cpu", b"[]")
+    assert with_upstream.env == {"A": "1", "STOWPLAN_UPSTREAM": "upstream.json"}
+    assert with_upstream.files == {"upstream.json": b"[]"}
+    assert p.launch.env == {"A": "1"}  # the payload's own is left as it was

@@ -24,7 +24,7 @@ from stowplan.provenance.records import (
     RunRecord,
     TransitionRecord,
 )
-from stowplan.provenance.store import SCHEMA_VERSION, ArtifactsNotStored, RunStore
+from stowplan.provenance.store import SCHEMA_VERSION, ArtifactsNotStored, RunStore, database
 from stowplan.spec.canonical import attempt_key, canonical_json, sha256_hex
 
 
@@ -163,6 +163,72 @@ def test_wal_is_checkpointed_in_the_background(tmp_path: Path) -> None:
             time.sleep(0.05)
         assert path.stat().st_size > empty  # the runs reached the database file
     assert _checkpoint_threads() == []
+
+
+def _checkpointed(path: Path, empty: int, within: float) -> bool:
+    """Whether the database file grows past ``empty`` (a checkpoint wrote it) ``within`` s."""
+    deadline = time.monotonic() + within
+    while path.stat().st_size <= empty and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return path.stat().st_size > empty
+
+
+def test_a_burst_of_commits_is_checkpointed_once_it_pauses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(database, "_CHECKPOINT_LATEST", 60.0)
+    path = tmp_path / "runs.db"
+    e = experiment()
+    with RunStore(path) as s:
+        s.put_experiment(e)
+        empty = path.stat().st_size
+        burst_end = time.monotonic() + 2 * database._CHECKPOINT_QUIET
+        i = 0
+        while time.monotonic() < burst_end:  # commits without a pause
+            s.put_runs([run(e, i)])
+            i += 1
+            time.sleep(0.02)
+            assert path.stat().st_size == empty  # nothing copied while commits keep coming
+        assert _checkpointed(path, empty, within=20)  # and copied once they pause
+        assert s.run_states([run(e, 0).run_id, run(e, i - 1).run_id])
+
+
+def test_a_long_burst_is_checkpointed_anyway(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(database, "_CHECKPOINT_LATEST", 0.5)
+    path = tmp_path / "runs.db"
+    e = experiment()
+    with RunStore(path) as s:
+        s.put_experiment(e)
+        empty = path.stat().st_size
+        deadline = time.monotonic() + 20
+        i = 0
+        while path.stat().st_size <= empty and time.monotonic() < deadline:
+            s.put_runs([run(e, i)])  # commits that never pause
+            i += 1
+        assert path.stat().st_size > empty
+
+
+def test_the_writer_bounds_the_wal_of_a_burst(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(database, "_CHECKPOINT_LATEST", 60.0)
+    monkeypatch.setattr(database, "_CHECKPOINT_QUIET", 60.0)  # no background checkpoint
+    monkeypatch.setattr(database, "_WAL_MAX", 1 << 20)
+    monkeypatch.setattr(database, "_WAL_LIMIT", 64 << 10)
+    path = tmp_path / "runs.db"
+    wal = tmp_path / "runs.db-wal"
+    e = experiment()
+    with RunStore(path) as s:
+        s.put_experiment(e)
+        empty = path.stat().st_size
+        s.put_runs([run(e, i) for i in range(2000)])  # a few MiB of WAL
+        assert wal.stat().st_size > 1 << 20
+        assert path.stat().st_size > empty  # copied by the writer before it returned
+        s.put_runs([run(e, 2000)])
+        assert wal.stat().st_size <= 128 << 10  # started over, truncated
+        assert len(s.run_states([run(e, i).run_id for i in (0, 1999, 2000)])) == 3
 
 
 def test_a_store_nobody_closed_stops_its_thread(tmp_path: Path) -> None:
@@ -464,6 +530,36 @@ def test_update_attempts_keeps_what_the_update_does_not_know(
     second = AttemptRecord(**{**_attempt_fields(intent(r, 2)), "state": "UNKNOWN"})
     store.update_attempts([second])
     assert [a.attempt for a in store.attempts_for([r.run_id])[r.run_id]] == [1, 2]
+
+
+def test_updates_that_give_different_fields_in_one_batch(
+    store: RunStore, exp: ExperimentRecord
+) -> None:
+    # one statement per set of fields given (runs._update_stored): each keeps what it lacks
+    runs = [run(exp, i) for i in range(4)]
+    store.put_runs(runs)
+    intents = [intent(r) for r in runs]
+    store.write_intents(intents)
+    base = [_attempt_fields(i) for i in intents]
+    store.update_attempts(
+        [
+            AttemptRecord(**{**b, "state": "QUEUED", "job_id": f"j{n}", "message": "queued"})
+            for n, b in enumerate(base)
+        ]
+    )
+    changes: list[dict[str, object]] = [
+        {"state": "RUNNING", "node": "n0", "started_at": 20.0},
+        {"state": "SUCCEEDED", "exit_code": 0, "ended_at": 30.0, "message": "done"},
+        {"state": "FAILED", "failure": "NODE_FAILURE", "devices": "0,1", "usd": 1.5},
+        {"state": "RUNNING"},
+    ]
+    store.update_attempts(
+        [AttemptRecord(**{**b, **ch}) for b, ch in zip(base, changes, strict=True)][::-1]
+    )
+    got = store.attempts_for([r.run_id for r in runs])
+    for n, (r, b, ch) in enumerate(zip(runs, base, changes, strict=True)):
+        kept = {"job_id": f"j{n}", "message": "queued"}
+        assert got[r.run_id] == [AttemptRecord(**{**b, **kept, **ch})]
 
 
 def test_update_attempts_by_key_alone(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from stowplan.actors.store import StoreActor
@@ -300,3 +301,27 @@ def test_answers_written_with_steps_still_refuse_an_unknown_run(tmp_path: Path) 
         assert c.execute("PRAGMA foreign_key_check").fetchall() == []
         c.close()
         assert store._conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1  # on again
+
+
+def test_a_dispatch_refuses_the_intent_of_an_unknown_run_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    # write_dispatch leaves SQLite's foreign key checks out and checks the intents' runs itself
+    with RunStore(tmp_path / "runs.db") as store:
+        a, b = _runs(store, 2)
+        store.write_dispatch(dispatch([a]))
+        answer = AttemptRow(attempt_key(a.run_id, 1), a.run_id, 1, "campus", "gpu", "RUNNING")
+        steps = [Step(a.run_id, 1, "PENDING", "SUBMITTING", 1.0, pool="gpu")]
+        ghost = run(experiment(), 99)  # never put
+        bad = dispatch([b, ghost])
+        with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
+            store.write_dispatch(msgspec.structs.replace(bad, attempts=[answer], steps=steps))
+        assert store.attempts_for([b.run_id, ghost.run_id]) == {}
+        [got] = store.attempts_for([a.run_id])[a.run_id]
+        assert got.state == "SUBMITTING"  # the answer rolled back with the intents
+        assert store.events_for(a.run_id) == []
+        store.write_dispatch(msgspec.structs.replace(dispatch([b]), attempts=[answer], steps=steps))
+        assert [x.state for x in store.attempts_for([a.run_id])[a.run_id]] == ["RUNNING"]
+        c = sqlite3.connect(store.path)
+        assert c.execute("PRAGMA foreign_key_check").fetchall() == []
+        c.close()
