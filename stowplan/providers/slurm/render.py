@@ -149,6 +149,11 @@ def _shape(launch: LaunchSpec) -> Shape:
     )
 
 
+_OWN_VARS = "__sp_"
+"""The prefix of the job script's own shell variables (where the element's end record goes,
+when it began, the node and GPUs it was bound to)."""
+
+
 def _check(provider: str, launch: LaunchSpec) -> list[str]:
     """The argv to run; raises ``ProviderError`` (not retryable) for what Slurm cannot take."""
     if not _SAFE_ID.match(launch.run_id):
@@ -159,6 +164,14 @@ def _check(provider: str, launch: LaunchSpec) -> list[str]:
         argv = command_of(launch)
     except ValueError as e:
         raise _reject(provider, launch, str(e)) from None
+    for var in [*launch.env, *launch.secrets]:
+        if var.startswith(_OWN_VARS):  # else sourcing the element's lines would change them
+            raise _reject(
+                provider,
+                launch,
+                f"environment variable {var!r}: names starting with {_OWN_VARS} are the job "
+                "script's own; rename it",
+            )
     for path in [*launch.files, *launch.outputs]:
         parts = path.split("/")
         if not path or path.startswith("/") or ".." in parts or "\0" in path:

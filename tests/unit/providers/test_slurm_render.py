@@ -173,6 +173,7 @@ def test_clock_durations_are_not_misread_by_slurm() -> None:
         ({"argv": None, "script": None}, "exactly one"),
         ({"env": {"BAD-NAME": "x"}}, "not a variable name"),
         ({"env": {"A": "x\0y"}}, "NUL"),
+        ({"env": {"__sp_e": "/tmp/elsewhere"}}, "job script's own"),
         ({"argv": ["a\0b"]}, "NUL"),
         ({"outputs": ["../escape"]}, "relative path"),
         ({"outputs": ["/abs"]}, "relative path"),
