@@ -72,7 +72,10 @@ def restarted() -> bool:
 
     if not ray.is_initialized():
         return False
-    return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    context = ray.get_runtime_context()
+    if context.get_actor_id() is None:  # a driver (a test that started Ray): not an actor
+        return False
+    return bool(context.was_current_actor_reconstructed)
 
 
 class LazyQueue:

@@ -216,3 +216,18 @@ def test_the_queue_is_looked_up_at_the_first_call_and_once() -> None:
         assert lookups == [1] and queue.told == ["a", "b"]
 
     anyio.run(go)
+
+
+def test_a_process_that_started_ray_itself_is_not_a_restarted_actor() -> None:
+    """In a driver (a test, the CLI) that has Ray up, ``restarted`` is False: Ray's runtime
+    context answers ``was_current_actor_reconstructed`` only inside a worker."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        assert provider_module.restarted() is False
+    finally:
+        if started:
+            ray.shutdown()
