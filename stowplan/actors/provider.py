@@ -35,7 +35,7 @@ from typing import Any
 import msgspec
 
 from stowplan.actors.runtime import error_detail, error_text, note_worker
-from stowplan.actors.wire import pack, unpack
+from stowplan.actors.wire import in_actor, pack, unpack
 from stowplan.placement.problem import Pool
 from stowplan.providers.base import (
     TERMINAL_PROVIDER_STATES,
@@ -68,14 +68,11 @@ class HandedFacts(msgspec.Struct, frozen=True, kw_only=True):
 def restarted() -> bool:
     """Whether this actor is a restart by Ray (its constructor arguments are the first
     start's); False outside an actor."""
+    if not in_actor():  # a driver (a test that started Ray) is not an actor
+        return False
     import ray
 
-    if not ray.is_initialized():
-        return False
-    context = ray.get_runtime_context()
-    if context.get_actor_id() is None:  # a driver (a test that started Ray): not an actor
-        return False
-    return bool(context.was_current_actor_reconstructed)
+    return bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
 
 class LazyQueue:

@@ -46,7 +46,7 @@ def tune_gc() -> None:
     Called from the actor's constructor: it acts only in a Ray actor's process (which is that
     actor's alone), never where the class is made in place (a test, a tool), and only once."""
     global _tuned
-    if _tuned or not _in_actor():
+    if _tuned or not in_actor():
         return
     _tuned = True
     gc.collect()
@@ -55,7 +55,7 @@ def tune_gc() -> None:
     gc.set_threshold(GEN0_THRESHOLD, gen1, gen2)
 
 
-def _in_actor() -> bool:
+def in_actor() -> bool:
     """Whether this process is a Ray actor's (Ray already loaded and started: no start here)."""
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():

@@ -362,6 +362,29 @@ CHAIN_BREAK: Final = "LOST"
 """A step to this state ends its events row (see ``schema.SCHEMA_V6``)."""
 
 
+def _chain_row(
+    rid: int, steps: Sequence[TransitionRecord | Step], start: int, end: int
+) -> tuple[Any, ...]:
+    """The events row of ``steps[start:end]``, one stretch: its last step, from where the
+    first began, with the earlier ones as JSON (None when there are none)."""
+    last = steps[end - 1]
+    earlier = (
+        json_text(list(map(_step_fields, steps[start : end - 1]))) if end - 1 > start else None
+    )
+    return (
+        rid,
+        last.run_id,
+        last.attempt,
+        steps[start].from_state,
+        last.to_state,
+        last.at,
+        last.failure,
+        last.reason,
+        last.pool,
+        earlier,
+    )
+
+
 def _chain_rows(
     rid: int, steps: Sequence[TransitionRecord | Step], out: list[tuple[Any, ...]]
 ) -> None:
@@ -370,22 +393,7 @@ def _chain_rows(
     tos = list(map(_to_state, steps))
     if tos[:-1] == list(map(_from_state, steps[1:])) and CHAIN_BREAK not in tos[:-1]:
         # one stretch (almost every run: its steps from PENDING to its end), built in C
-        last = steps[-1]
-        earlier = json_text(list(map(_step_fields, steps[:-1]))) if len(steps) > 1 else None
-        out.append(
-            (
-                rid,
-                last.run_id,
-                last.attempt,
-                steps[0].from_state,
-                last.to_state,
-                last.at,
-                last.failure,
-                last.reason,
-                last.pool,
-                earlier,
-            )
-        )
+        out.append(_chain_row(rid, steps, 0, len(steps)))
         return
     start = 0
     for i in range(1, len(steps) + 1):
@@ -393,24 +401,7 @@ def _chain_rows(
             prev = steps[i - 1].to_state
             if steps[i].from_state == prev and prev != CHAIN_BREAK:
                 continue
-        last = steps[i - 1]
-        earlier = None
-        if i - 1 > start:
-            earlier = json_text([_step_fields(t) for t in steps[start : i - 1]])
-        out.append(
-            (
-                rid,
-                last.run_id,
-                last.attempt,
-                steps[start].from_state,
-                last.to_state,
-                last.at,
-                last.failure,
-                last.reason,
-                last.pool,
-                earlier,
-            )
-        )
+        out.append(_chain_row(rid, steps, start, i))
         start = i
 
 

@@ -199,7 +199,7 @@ def test_in_an_actor_the_collector_freezes_what_booted_and_collects_less_often()
     code = (
         "import gc\n"
         "from stowplan.actors import wire\n"
-        "wire._in_actor = lambda: True\n"
+        "wire.in_actor = lambda: True\n"
         "wire.tune_gc()\n"
         "frozen = gc.get_freeze_count()\n"
         "wire.tune_gc()\n"
