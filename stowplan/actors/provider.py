@@ -17,7 +17,9 @@ instead of asking the provider again, which was the longest wait before the firs
 They are taken at most once, only while younger than ``FACTS_TRUSTED_S`` (wall clock, from
 when the CLI's discovery began), never after a capacity change and never by a restarted
 actor (Ray gives it the same constructor arguments): every later discovery, the capacity
-changes' and the periodic ones, asks the provider. An exception
+changes' and the periodic ones, asks the provider. A driver that begins its first discovery
+as it is built (Slurm over SSH) is told, while the facts are fresh, that the first discovery
+is answered (``first_discovery_answered``), so it sends no command for it. An exception
 that escapes a watch is a bug: it is reported to the queue as the control plane's fatal error
 (see ``control``), never swallowed by a dead loop.
 """
@@ -138,6 +140,8 @@ class ProviderActor:
         self._handed: HandedFacts | None = None
         if facts is not None and not restarted():
             self._handed = unpack(facts, HandedFacts)
+        if self._handed is not None and self._handed.fresh(time.time()):
+            self.driver.first_discovery_answered()  # before the loop turns
         # an async actor's constructor runs on its event loop: start now, not on first call
         loop = asyncio.get_running_loop()
         self._booting = loop.create_task(self._load_live())

@@ -367,6 +367,13 @@ class Provider(abc.ABC):
         when the provider could not be reached). Called at start, when ``capacity_changes``
         yields, and periodically; ``Facts.of(pools)`` is what ``plan`` is given."""
 
+    def first_discovery_answered(self) -> None:
+        """The first ``discover`` is answered without this driver (its provider actor was
+        handed fresh facts by ``stowplan run``): a driver that begins a discovery as it is
+        built withdraws it (Slurm over SSH). Called once, before the event loop turns; by
+        default there is nothing to withdraw."""
+        return None
+
     @abc.abstractmethod
     def plan(self, launches: Sequence[LaunchSpec], facts: Facts) -> list[ProviderRequest]:
         """Pure: render ``launches`` into requests, given the facts of a discovery. No I/O,

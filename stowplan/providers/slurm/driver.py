@@ -40,7 +40,8 @@ it runs, over REST (no file access), and where the element was killed.
 
 Start-up: built where an event loop runs (the provider actor), the SSH driver begins its first
 discovery at once, so the connection and the cluster's answer are ready when the control
-plane first asks.
+plane first asks; unless the actor answers that discovery with the facts ``stowplan run``
+handed it (``first_discovery_answered``), when it would be a remote command for nothing.
 
 Capacity: a partition is offered the work its queue can absorb in the planning horizon
 (``capacity.py``), not only its CPUs, so a sweep goes to Slurm as one array; an explicit
@@ -214,6 +215,22 @@ class SlurmProvider(Provider):
         # an answer nobody took is dropped, its error too (never "never retrieved")
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
         self._early = task
+
+    def first_discovery_answered(self) -> None:
+        """The first discovery is answered without this driver (the provider actor was handed
+        fresh facts): withdraw the one begun at construction, before the loop turns (the
+        actor's constructor calls this right after building the driver), so no remote command
+        is sent; one already under way is cancelled (a query: nothing is left half done).
+
+        Nothing is lost for ``plan`` and ``submit``: the driver keeps no state from a
+        discovery. ``plan`` takes everything it renders with (GPU types by pool) from the
+        ``Facts`` it is given, here the handed pools; the cluster name, the partitions and the
+        pending work only make those pools; ``submit`` needs the key index (read from disk at
+        construction) and the connection, opened lazily by its first command. The next
+        ``discover`` asks the cluster itself."""
+        early, self._early = self._early, None
+        if early is not None:
+            early.cancel()
 
     async def _discover_remote(self) -> Discovered:
         # our own queued arrays are the core's leases already, not a backlog before us

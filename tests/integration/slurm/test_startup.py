@@ -27,6 +27,7 @@ from stowplan.actors.runtime import WORKERS_DIR
 from stowplan.actors.wire import pack
 from stowplan.provenance.store import RunStore
 from stowplan.providers.base import LaunchSpec
+from stowplan.providers.slurm.driver import POLLS_KEPT
 from stowplan.session import discover, prepare, record, submissions
 from tests.slurmcluster.cluster import SlurmCluster
 
@@ -176,11 +177,23 @@ def _discoveries(plane: ControlPlane) -> int:
     return n
 
 
+def _remote_calls(state_dir: Path) -> list[str]:
+    """The verbs of the backend calls the cluster's driver made, in the order they began (its
+    ``remote.json``, written at the end of the submit and of each poll; every one a remote
+    command), all of them: a list cut at ``POLLS_KEPT`` fails here, not silently."""
+    path = state_dir / "slurm" / "cluster" / "remote.json"
+    wait_for(path.exists, 60, "the driver's remote.json")
+    calls = json.loads(path.read_text())["calls"]
+    assert len(calls) < POLLS_KEPT, f"only the last {POLLS_KEPT} calls are kept: {calls}"
+    return [verb for _, verb, _ in sorted(calls)]
+
+
 def test_the_provider_actor_submits_first_with_the_clis_facts(
     ray_session: None, slurm_cluster: SlurmCluster, tmp_path: Path
 ) -> None:
     """Fresh facts: no discovery asked of the provider by its actor before (or after) the
-    first submit; a restarted actor does not take them again, it discovers itself."""
+    first submit, and no remote command before it; a restarted actor does not take them
+    again, it discovers itself."""
     import ray
 
     assert slurm_cluster.facts is not None
@@ -208,6 +221,11 @@ def test_the_provider_actor_submits_first_with_the_clis_facts(
 
         wait_for(done, 120, "the sweep to succeed")
         assert _discoveries(plane) == 0
+        # nor did its driver send a discovery of its own (the one the SSH driver begins as it
+        # is built): the first remote command it sent was the sweep's submit
+        verbs = _remote_calls(Path(prepared.state_dir))
+        assert "submit" in verbs, verbs
+        assert verbs[: verbs.index("submit")] == [], verbs
         actor = plane.actors[provider_actor_name("cluster")]
         first = _provider_pids(Path(prepared.state_dir))
         ray.kill(actor, no_restart=False)

@@ -23,7 +23,7 @@ from stowplan.placement.problem import Pool
 from stowplan.providers.base import LaunchSpec, Report
 from stowplan.providers.instant import InstantProvider
 from stowplan.scheduler.reports import ProviderState
-from stowplan.spec.models import InstantProviderConfig
+from stowplan.spec.models import InstantProviderConfig, SlurmProviderConfig
 
 NAME = "inst"
 
@@ -192,6 +192,67 @@ def test_without_handed_facts_the_first_submit_discovers(tmp_path: Path) -> None
         await a.submit(pack([launch(0)]))
         await a.submit(pack([launch(1)]))
         assert driver.discovers == 1
+
+    anyio.run(go)
+
+
+SLURM = "cluster"
+SLURM_POOLS = [Pool(id=f"{SLURM}/cpu", provider=SLURM, kind="slurm", cpus=8, memory=8 << 30)]
+
+
+@pytest.mark.parametrize(
+    ("age", "restart", "early"),
+    [
+        (1.0, False, 0),  # fresh facts answer the first discovery: no command of its own
+        (FACTS_TRUSTED_S + 1, False, 1),  # stale: the driver's head start is kept
+        (1.0, True, 1),  # a restarted actor discovers itself
+    ],
+)
+def test_the_slurm_driver_sends_no_first_discovery_the_handed_facts_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, age: float, restart: bool, early: int
+) -> None:
+    """The SSH Slurm driver begins its first discovery as it is built; the actor withdraws it
+    when its handed facts will answer that discovery, and plans with those facts. Only the
+    backend's discovery is replaced: the driver and the actor are the real ones."""
+    from stowplan.providers.slurm import backend as backend_mod
+
+    asked: list[float] = []
+
+    async def discover(
+        self: object, ours: object = None
+    ) -> tuple[str, list[Any], dict[str, float]]:
+        asked.append(time.monotonic())
+        return "fake", [], {}
+
+    monkeypatch.setattr(backend_mod.SSHBackend, "discover", discover)
+    monkeypatch.setattr(provider_module, "restarted", lambda: restart)
+    facts = pack(HandedFacts(pools=SLURM_POOLS, at=time.time() - age))
+    spec = LaunchSpec(
+        key="k", run_id="r", attempt=1, pool=SLURM_POOLS[0].id, name="t", argv=["true"]
+    )
+
+    async def go() -> None:
+        a = Offline(
+            SLURM,
+            msgspec.json.encode(SlurmProviderConfig(host="login", workdir="/w")),
+            str(tmp_path),
+            queue_name="queue",
+            store_name="store",
+            namespace="test",
+            facts=facts,
+        )
+        try:
+            await anyio.sleep(0.01)  # a discovery begun at construction has run by now
+            assert len(asked) == early
+            first = unpack(await a.discover(), list[Pool])
+            (script,) = await a.plan(pack([spec]))
+            assert "#SBATCH" in script
+            assert len(asked) == early  # the first discovery: the facts, or the head start
+            assert (first == SLURM_POOLS) is (early == 0)
+            await a.discover()  # every later one asks the cluster
+            assert len(asked) == early + 1
+        finally:
+            await a.driver.aclose()
 
     anyio.run(go)
 

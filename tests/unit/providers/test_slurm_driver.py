@@ -392,6 +392,38 @@ async def test_the_first_discovery_begins_at_construction_and_is_used_once(
     await outside.aclose()
 
 
+async def test_a_first_discovery_answered_elsewhere_is_never_sent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The provider actor answers its first discovery with the facts it was handed and says so
+    as it builds the driver: the discovery begun at construction is withdrawn before the loop
+    turns, so it never reaches the cluster; ``plan`` works from the handed facts alone, and
+    the next ``discover`` asks the cluster itself."""
+    from stowplan.providers.slurm import backend as backend_mod
+
+    asked: list[float] = []
+
+    async def discover(
+        self: object, ours: Callable[[str], bool] | None = None
+    ) -> tuple[str | None, list[PartitionFacts], dict[str, float]]:
+        asked.append(time.monotonic())
+        return "fake", [], {}
+
+    monkeypatch.setattr(backend_mod.SSHBackend, "discover", discover)
+    config = SlurmProviderConfig(host="login", workdir="/w")
+    d = SlurmProvider("cluster", config, state_dir=tmp_path / "state")
+    d.first_discovery_answered()
+    await anyio.sleep(0.01)
+    assert asked == []
+    (req,) = d.plan(launches(2), FACTS)
+    assert isinstance(req, SlurmRequest) and len(req.keys) == 2
+    assert asked == []
+    await d.discover()
+    assert len(asked) == 1
+    d.first_discovery_answered()  # nothing begun any more: nothing to withdraw
+    await d.aclose()
+
+
 async def test_end_records_end_elements_without_accounting_until_it_has_them(
     tmp_path: Path,
 ) -> None:
