@@ -452,7 +452,9 @@ def check_feasible(prepared: Prepared, pools: Sequence[Pool]) -> None:
             continue
         inst = run.instance
         gpu = (
-            f", {plural(inst.gpus, 'GPU')} {'/'.join(inst.gpu_types)}".rstrip() if inst.gpus else ""
+            f", {plural(inst.gpu_amount, 'GPU')} {'/'.join(inst.gpu_types)}".rstrip()
+            if inst.gpus
+            else ""
         )
         raise spec_error(
             prepared.loaded,
@@ -595,6 +597,7 @@ def launch_spec(
         memory=needs.memory,
         gpus=needs.gpus,
         gpu_types=needs.gpu_types,
+        gpu_milli=needs.gpu_milli,
         timeout_s=la.timeout_s,
         outputs=la.outputs,
         files=files,

@@ -288,7 +288,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"${pools_by_id[pid].price_per_hour:.4g}/h each",
             markup=False,
         )
-    for line in _lease_lines(leases, dispatched, names, ready_ids):
+    milli = {m: c.gpu_milli for c in problem.classes if c.gpu_milli < 1000 for m in c.members}
+    for line in _lease_lines(leases, dispatched, names, ready_ids, milli):
         console.print(line, markup=False)
     for cid, reason in sorted(sol.unplaced.items()):
         console.print(f"  queued ({class_task.get(cid, cid)}): {reason}", markup=False)
@@ -322,15 +323,20 @@ def _lease_doc(lease: Any) -> dict[str, Any] | None:
 
 
 def _lease_lines(
-    leases: dict[str, Any], pools: dict[str, str], names: dict[str, str], order: list[str]
+    leases: dict[str, Any],
+    pools: dict[str, str],
+    names: dict[str, str],
+    order: list[str],
+    milli: dict[str, int],
 ) -> list[str]:
     """``  train[0] -> local: node myhost, GPUs 0,1``, for the runs leased devices, in plan
-    order, at most ``LEASE_LINES`` of them."""
+    order, at most ``LEASE_LINES`` of them (``0.5 of GPU 0`` for a share, by ``milli``)."""
     from stowplan.placement.explain import lease_text
 
     ids = [rid for rid in order if rid in leases]
     out = [
-        f"  {names[rid]} -> {pools[rid]}: {lease_text(leases[rid])}" for rid in ids[:LEASE_LINES]
+        f"  {names[rid]} -> {pools[rid]}: {lease_text(leases[rid], milli.get(rid, 1000))}"
+        for rid in ids[:LEASE_LINES]
     ]
     if len(ids) > LEASE_LINES:
         out.append(f"  and {plural(len(ids) - LEASE_LINES, 'more run')} on devices (see --json)")

@@ -409,7 +409,7 @@ def _print_dry_run(console: Console, prepared: Any, pools: list[Any]) -> None:
     for r in planned[:50]:
         needs = f"{r.instance.cpus:g} cpu, {r.instance.memory / 2**30:.2g} GiB"
         if r.instance.gpus:
-            needs += f", {r.instance.gpus} gpu"
+            needs += f", {r.instance.gpu_amount:g} gpu"
         table.add_row(
             r.run_id[:12],
             r.task,

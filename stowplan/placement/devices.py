@@ -656,17 +656,34 @@ class DeviceLedger:
         self.holds: dict[str, _Held] = {}
         self._names: dict[str, int] | None = None
 
-    def task(self, cpus: float, memory: int, gpus: int, models: Sequence[str]) -> DeviceTask | None:
-        """The run as the ledger places it, on a GPU of one of ``models``; None when it needs
-        nothing the ledger counts."""
+    def task(
+        self, cpus: float, memory: int, gpus: int, models: Sequence[str], milli: int = MILLI
+    ) -> DeviceTask | None:
+        """The run as the ledger places it, on a GPU of one of ``models``, taking ``milli`` of
+        each (a share of one device below ``MILLI``); None when it needs nothing the ledger
+        counts. A share holds a whole device where the pool does not share them."""
         if not gpus and not self.per_node:
             return None
         return DeviceTask(
             cpu=round(cpus * 1000),
             memory=memory,
             gpus=gpus,
+            milli=milli if gpus == 1 and 0 < milli < MILLI else MILLI,
             models=frozenset(models) if gpus else None,
         )
+
+    def share_room(self, grain: int = MILLI) -> dict[str, int]:
+        """Per GPU model, how many shares of ``grain`` milli the devices have room for (a
+        wholly free device counts at least one): what a pool that shares its devices offers
+        the count model, which counts a share as one GPU. Whole-GPU runs offered more than
+        the wholly free devices hold are refused here, as fragmented GPUs are."""
+        grain = max(1, min(grain, MILLI))
+        out: dict[str, int] = {}
+        for node, frees in zip(self.model.nodes, self.model.dev_free, strict=True):
+            if node.gpus:
+                room = sum(max(f // grain, 1 if f == MILLI else 0) for f in frees)
+                out[node.model] = out.get(node.model, 0) + room
+        return out
 
     def model_of(self, run_id: str) -> str:
         """The GPU model of the node ``run_id`` was placed on."""

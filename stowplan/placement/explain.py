@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 from msgspec import Struct, field
 
-from stowplan.placement.devices import DeviceLedger, Objective
+from stowplan.placement.devices import MILLI, DeviceLedger, Objective
 from stowplan.placement.leases import DeviceLease
 from stowplan.placement.problem import DemandClass, PlacementProblem, PlacementSolution, expand
 from stowplan.placement.table import build, instance_dollars, pool_reasons
@@ -68,6 +68,8 @@ class Explanation(Struct, frozen=True, kw_only=True):
     """Where the chosen pool is elastic: the instances it bills (its tasks' compute is 0)."""
     devices: DeviceLease | None = None
     """Where the chosen pool knows its devices: the node and device indices it gets there."""
+    gpu_milli: int = MILLI
+    """Thousandths of its GPU it takes there: below ``MILLI`` for a share of one device."""
 
     def render(self) -> str:
         if self.placed and self.chosen is not None:
@@ -79,7 +81,7 @@ class Explanation(Struct, frozen=True, kw_only=True):
                 f"wait {c.wait_seconds:.0f} s"
             ]
             if self.devices is not None:
-                lines.append(f"  {self.pool}: {lease_text(self.devices)}")
+                lines.append(f"  {self.pool}: {lease_text(self.devices, self.gpu_milli)}")
         else:
             lines = [f"{self.task} not placed ({self.status}): {self.reason}"]
         if self.instances is not None:
@@ -101,11 +103,14 @@ class Explanation(Struct, frozen=True, kw_only=True):
         return "\n".join(lines)
 
 
-def lease_text(lease: DeviceLease) -> str:
+def lease_text(lease: DeviceLease, milli: int = MILLI) -> str:
     """``node myhost, GPUs 0,1``: where a lease puts a run (``no GPU`` for one that holds none;
-    no node where the pool counts such runs only in its totals)."""
+    no node where the pool counts such runs only in its totals); ``0.25 of GPU 0`` for a run
+    that takes ``milli`` of one device."""
     n = len(lease.devices)
     gpus = f"GPU{'s' if n != 1 else ''} {lease.visible()}" if n else "no GPU"
+    if n == 1 and 0 < milli < MILLI:
+        gpus = f"{milli / MILLI:g} of {gpus}"
     return f"node {lease.node}, {gpus}" if lease.node else gpus
 
 
@@ -128,7 +133,7 @@ def _on_devices(
             continue
         c = classes[a.class_id]
         models = (a.gpu_model,) if a.gpu_model else c.gpu_types or tuple(sorted(pool.gpus))
-        task = ledger.task(c.cpus, c.memory, c.gpus, models)
+        task = ledger.task(c.cpus, c.memory, c.gpus, models, c.gpu_milli)
         if task is None:
             if a.class_id == task_id:
                 return ledger, c, None
@@ -152,7 +157,7 @@ def _fragmented(
         if not models:
             continue
         ledger, _, _ = _on_devices(problem, solution, p.id, None, objective)
-        task = ledger.task(cls.cpus, cls.memory, cls.gpus, models)
+        task = ledger.task(cls.cpus, cls.memory, cls.gpus, models, cls.gpu_milli)
         why = ledger.model.why_not(task) if task is not None else None
         if why:
             out.append(f"{p.id}: {why}")
@@ -261,6 +266,7 @@ def explain(
             alternatives=others,
             instances=instances,
             devices=lease,
+            gpu_milli=cls.gpu_milli,
         )
     reason = solution.unplaced.get(cls.id, "")
     if refused is not None and refused.get(task_id):

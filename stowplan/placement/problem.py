@@ -141,6 +141,10 @@ class Demand(Struct, frozen=True, kw_only=True):
     memory: int = 1 << 30
     gpus: int = 0
     gpu_types: tuple[str, ...] = ()
+    gpu_milli: int = 1000
+    """thousandths of each GPU (below 1000: a share of one GPU, ``gpus`` 1). The count model
+    counts a share as one GPU; a pool that shares its devices places shares exactly
+    (``devices.DeviceLedger``)."""
     allowed_pools: tuple[str, ...] | None = None
     forbid_pools: tuple[str, ...] = ()
     require_sites: tuple[str, ...] = ()

@@ -179,6 +179,9 @@ class LaunchSpec(Struct, frozen=True, kw_only=True):
     memory: int = 1 << 30
     gpus: int = 0
     gpu_types: tuple[str, ...] = ()
+    gpu_milli: int = 1000
+    """thousandths of each GPU it takes: below 1000, a share of one device (``gpus`` is 1),
+    which a provider that shares devices runs beside other shares on its leased device."""
     timeout_s: float | None = None
     outputs: list[str] = field(default_factory=list)
     files: dict[str, bytes] = field(default_factory=dict)

@@ -209,6 +209,14 @@ run, or one recorded without devices (a store older than schema 8), is not known
 such run holds GPUs in the pool, no GPU run is given devices there (never two runs on one
 device), and GPU runs' placements leave the pool out the same way, until it ends or a report
 names its devices.
+
+A run that asks for a share of one GPU (``TaskInstance.gpu_milli`` below 1000, ``gpus`` 1)
+goes beside other shares on one device of a pool that shares its devices
+(``PoolDevices.sharing``: the local provider), and holds a whole device elsewhere. The placer
+counts a share as one GPU, so ``free_capacity`` offers it such a pool's room in shares of the
+smallest one waiting (``DeviceLedger.share_room``; a wholly free device counts at least one);
+whole-GPU runs offered more than the wholly free devices hold are refused there, as fragmented
+GPUs are. Teams' GPU limits and quotas count a share as one GPU.
 """
 
 from __future__ import annotations
@@ -439,6 +447,7 @@ _BOUND = (ProviderState.QUEUED, ProviderState.RUNNING)
 """report states in which the attempt still holds devices a provider may name (``_follow``)."""
 
 _NOTHING_USED = (0.0, 0.0)
+_MILLI = 1000  # ``placement.leases.MILLI``: one whole GPU in thousandths
 _NO_GPUS: Counter[str] = Counter()
 
 
@@ -500,7 +509,7 @@ class _Room:
             )
             if not allowed:
                 return None
-            task = dev.task(t.cpus, t.memory, t.gpus, allowed)
+            task = dev.task(t.cpus, t.memory, t.gpus, allowed, t.gpu_milli)
             why = self.blocked if task is not None and t.gpus else ""
             if task is not None and not why:
                 why = dev.take(t.run_id, task) or ""
@@ -529,12 +538,12 @@ class _Room:
             self.tasks += 1
 
 
-_Shape = tuple[float, int, int, tuple[str, ...]]
+_Shape = tuple[float, int, int, tuple[str, ...], int]
 
 
 def _shape(t: TaskInstance) -> _Shape:
     """What a pool that could not start ``t`` could not start (module doc: *No capacity*)."""
-    return (t.cpus, t.memory, t.gpus, t.gpu_types)
+    return (t.cpus, t.memory, t.gpus, t.gpu_types, t.gpu_milli)
 
 
 def _device_why(t: TaskInstance, ledger: DeviceLedger | None, blocked: str) -> str:
@@ -543,7 +552,7 @@ def _device_why(t: TaskInstance, ledger: DeviceLedger | None, blocked: str) -> s
     if ledger is None:
         return ""
     models = t.gpu_types or tuple(ledger.model.models)
-    task = ledger.task(t.cpus, t.memory, t.gpus, models)
+    task = ledger.task(t.cpus, t.memory, t.gpus, models, t.gpu_milli)
     if task is None:
         return ""
     if t.gpus and blocked:
@@ -600,6 +609,7 @@ def _bucket_key(t: TaskInstance) -> tuple[object, ...]:
         t.memory,
         t.gpus,
         t.gpu_types,
+        t.gpu_milli,
         t.allowed_providers,
         t.group if t.max_concurrent else "",
         t.datasets,
@@ -872,7 +882,25 @@ class SchedulerCore:
             for m, n in pool.node.gpus.items():
                 total[m] = total.get(m, 0) + k * n
         gpus = {m: total[m] - gpus_used.get(m, 0) for m in sorted(total)}
+        if pool.devices is not None and pool.devices.sharing:
+            # the placer counts a share as one GPU, and several share a device: the room
+            # left on the devices, in shares, is what the pool has (module doc: *Devices*)
+            grain = self._share_grain()
+            ledger = self._ledger(pool) if grain < _MILLI or gpus_used else None
+            if ledger is not None and not self._blocked(pool, ledger):
+                room = ledger.share_room(grain)
+                gpus = {m: room.get(m, 0) for m in sorted(total)}
         return cpus - used[0], int(memory - used[1]), gpus
+
+    def _share_grain(self) -> int:
+        """The smallest share of one GPU a waiting run asks for (``MILLI`` when none asks for
+        a share): a pool that shares its devices counts its room in shares of that size."""
+        grain = _MILLI
+        for key, runs in self._ready.items():
+            milli = key[6]  # gpu_milli (``_bucket_key``)
+            if runs and isinstance(milli, int) and milli < grain:
+                grain = milli
+        return grain
 
     # ---- events -------------------------------------------------------------------------
 
@@ -1339,7 +1367,9 @@ class SchedulerCore:
                 if run is None or run.state not in LEASED or run.pool != pool.id:
                     continue
                 t = run.task
-                task = ledger.task(t.cpus, t.memory, t.gpus, t.gpu_types or ledger.model.models)
+                task = ledger.task(
+                    t.cpus, t.memory, t.gpus, t.gpu_types or ledger.model.models, t.gpu_milli
+                )
                 # a lease its node no longer holds (gone, or another run's) is not taken: its
                 # devices stay not known, as for a lease restored without them
                 if task is not None:
@@ -1486,7 +1516,9 @@ class SchedulerCore:
         where = node or (held.node if held is not None else ledger.no_devices().node)
         if not where or held == DeviceLease(where, devices):
             return
-        task = ledger.task(t.cpus, t.memory, t.gpus, t.gpu_types or ledger.model.models)
+        task = ledger.task(
+            t.cpus, t.memory, t.gpus, t.gpu_types or ledger.model.models, t.gpu_milli
+        )
         if task is not None and ledger.follow(run_id, run.key, task, DeviceLease(where, devices)):
             self._generation += 1  # devices freed, or a pool no longer blocked
 
@@ -2142,6 +2174,7 @@ class SchedulerCore:
             memory=t.memory,
             gpus=t.gpus,
             gpu_types=t.gpu_types,
+            gpu_milli=t.gpu_milli,
             allowed_pools=allowed,
             forbid_pools=tuple(x for x in t.forbid_pools if x in known),
             require_sites=t.require_sites,

@@ -30,6 +30,10 @@ class TaskInstance(Struct, frozen=True, kw_only=True, gc=False):
     memory: int = 1 << 30
     gpus: int = 0
     gpu_types: tuple[str, ...] = ()
+    gpu_milli: int = 1000
+    """thousandths of each of its GPUs it takes: below 1000 for a share of one GPU (``gpus``
+    is then 1), which runs beside other shares on one device where the pool shares its GPUs
+    (``PoolDevices.sharing``) and holds the device whole elsewhere."""
     priority: int = 0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     allowed_providers: tuple[str, ...] | None = None
@@ -54,6 +58,11 @@ class TaskInstance(Struct, frozen=True, kw_only=True, gc=False):
     service: ServiceSpec | None = None
     """a long-running service: restarted whenever an attempt ends, until cancelled (module
     doc of ``core``: *Services*); None: a normal run."""
+
+    @property
+    def gpu_amount(self) -> float:
+        """The GPUs it asks for as the spec wrote them: ``0.25`` for a share, else ``gpus``."""
+        return self.gpu_milli / 1000 if self.gpus == 1 and self.gpu_milli < 1000 else self.gpus
 
 
 class RestoredTask(Struct, frozen=True, kw_only=True, gc=False):

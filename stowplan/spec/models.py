@@ -92,6 +92,10 @@ PositiveInt = Annotated[int, Meta(gt=0, le=MAX_COUNT)]
 NonNegInt = Annotated[int, Meta(ge=0, le=MAX_COUNT)]
 Cpus = Annotated[float, Meta(gt=0, le=MAX_CPUS)]
 Gpus = Annotated[int, Meta(ge=0, le=MAX_GPUS)]
+GpuRequest = Gpus | Annotated[float, Meta(ge=0, le=MAX_GPUS)]
+"""A task's GPUs: whole devices, or a share of one (0 < gpus < 1, in thousandths)."""
+GPU_MILLI = 1000
+"""Thousandths of one GPU: the grain of a share (``Resources.gpu_milli``)."""
 Seed = Annotated[int, Meta(ge=0, le=MAX_SEED)]
 Priority = Annotated[int, Meta(ge=-MAX_PRIORITY, le=MAX_PRIORITY)]
 Weight = Annotated[float, Meta(ge=0, le=MAX_WEIGHT)]
@@ -157,11 +161,15 @@ class _Spec(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
 
 
 class Resources(_Spec, frozen=True):
-    """What one attempt needs. ``memory`` accepts "4GiB"-style text and is stored in bytes."""
+    """What one attempt needs. ``memory`` accepts "4GiB"-style text and is stored in bytes.
+
+    ``gpus`` is a number of whole GPUs, or a share of one GPU below 1 (``0.25``, to the
+    thousandth): a share runs beside other shares on one device where the pool shares its
+    GPUs (the local provider), and holds a whole device elsewhere (``gpu_devices``)."""
 
     cpus: Cpus = 1.0
     memory: Bytes = "1GiB"
-    gpus: Gpus = 0
+    gpus: GpuRequest = 0
     gpu_type: Label | list[Label] | None = None
     walltime: Duration | None = None
 
@@ -175,6 +183,8 @@ class Resources(_Spec, frozen=True):
                 force_setattr(self, "walltime", parse_duration(self.walltime))
             except ValueError as e:
                 raise ValueError(f"walltime: {e}") from None
+        if isinstance(self.gpus, float):
+            force_setattr(self, "gpus", _gpu_request(self.gpus))
         if isinstance(self.gpu_type, str):
             force_setattr(self, "gpu_type", [self.gpu_type])
         if self.gpu_type is not None:
@@ -192,6 +202,35 @@ class Resources(_Spec, frozen=True):
     @property
     def gpu_types(self) -> tuple[str, ...]:
         return tuple(self.gpu_type) if isinstance(self.gpu_type, list) else ()
+
+    @property
+    def gpu_devices(self) -> int:
+        """The devices it asks for: a share asks for one."""
+        return 1 if isinstance(self.gpus, float) else self.gpus
+
+    @property
+    def gpu_milli(self) -> int:
+        """Thousandths of each device it takes: ``GPU_MILLI`` for whole GPUs."""
+        return round(self.gpus * GPU_MILLI) if isinstance(self.gpus, float) else GPU_MILLI
+
+
+def _gpu_request(gpus: float) -> int | float:
+    """``gpus`` given as a decimal: a whole number of GPUs (``2.0`` is ``2``), or a share of
+    one GPU in thousandths; anything else is refused, saying what to write."""
+    if gpus == int(gpus):
+        return int(gpus)
+    if gpus > 1:
+        raise ValueError(
+            f"gpus: {gpus:g} is more than one GPU but not a whole number; a task takes "
+            f"whole GPUs or a share of one, so write {math.floor(gpus)} or {math.ceil(gpus)}"
+        )
+    milli = round(gpus * GPU_MILLI)
+    if milli == 0 or abs(gpus * GPU_MILLI - milli) > 1e-6:
+        raise ValueError(
+            f"gpus: {gpus!r} is not a share in thousandths of one GPU; write e.g. "
+            f"{max(1, milli) / GPU_MILLI:g}"
+        )
+    return milli / GPU_MILLI
 
 
 class DataInput(_Spec, frozen=True):

@@ -102,6 +102,7 @@ class SpecFile(Struct, frozen=True, kw_only=True):
     outputs: list[str] = field(default_factory=list)
     cpus: float = 1.0
     gpus: int = 0
+    gpu_milli: int = 1000
     name: str = ""
     devices: list[int] | None = None
     claimed_by: Claim | None = None
@@ -159,11 +160,13 @@ def declared_outputs(attempt_dir: Path) -> list[str]:
         return []
 
 
-def declared_needs(attempt_dir: Path) -> tuple[float, int, int] | None:
-    """The CPUs, memory and GPUs ``spec.json`` asks for, or ``None`` when unreadable."""
+def declared_needs(attempt_dir: Path) -> tuple[float, int, int, int] | None:
+    """The CPUs, memory, GPUs and thousandths of each GPU ``spec.json`` asks for, or
+    ``None`` when unreadable."""
     try:
         spec = msgspec.json.decode((attempt_dir / SPEC_FILE).read_bytes())
-        return float(spec["cpus"]), int(spec["memory_limit"]), int(spec["gpus"])
+        milli = int(spec.get("gpu_milli", 1000))
+        return float(spec["cpus"]), int(spec["memory_limit"]), int(spec["gpus"]), milli
     except (OSError, msgspec.DecodeError, KeyError, TypeError, ValueError):
         return None
 
@@ -319,6 +322,8 @@ def claim(req: LocalRequest, me: Claim, *, provider: str) -> bool:
         }
         if req.devices is not None:
             spec["devices"] = list(req.devices)
+        if req.gpu_milli < 1000:
+            spec["gpu_milli"] = req.gpu_milli
         # The env may carry resolved secrets: readable by the owner only.
         fd = os.open(attempt_dir / SPEC_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
@@ -383,6 +388,7 @@ def take_over(key: str, attempt_dir: Path, me: Claim) -> LocalRequest | Literal[
         cpus=spec.cpus,
         memory=spec.memory_limit,
         gpus=spec.gpus,
+        gpu_milli=spec.gpu_milli,
         timeout_s=spec.timeout_s,
         outputs=spec.outputs,
         devices=tuple(spec.devices) if spec.devices is not None else None,

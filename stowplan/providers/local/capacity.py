@@ -29,6 +29,8 @@ class Started(Struct, kw_only=True):
     memory: int
     gpus: int
     since: float
+    gpu_milli: int = MILLI
+    """thousandths of each of its GPUs it holds (below ``MILLI``: a share of one device)."""
     launcher: subprocess.Popen[bytes] | None = None
     """The launcher's short-lived parent, which exits as soon as the launcher detaches."""
     after: str | None = None
@@ -57,19 +59,21 @@ class Capacity(Struct, frozen=True, kw_only=True):
         return (
             req.cpus <= held.cpus
             and req.memory <= held.memory
-            and req.gpus <= held.gpus
+            and req.gpus * req.gpu_milli <= held.gpus * held.gpu_milli
             and set(req.devices or ()) <= set(held.devices)
         )
 
     def fits(self, held: Iterable[Started], req: LocalRequest) -> bool:
-        """Does ``req`` fit beside what ``held`` holds?"""
+        """Does ``req`` fit beside what ``held`` holds? A leased device takes shares until
+        they fill it; a run that holds it whole waits for every other run on it to end."""
         held = list(held)
-        if req.devices and any(set(req.devices) & set(h.devices) for h in held):
-            return False  # a leased device is still in use: it waits for that attempt's end
+        for d in req.devices or ():
+            if sum(h.gpu_milli for h in held if d in h.devices) + req.gpu_milli > MILLI:
+                return False  # a leased device is still in use: it waits for that attempt's end
         cpus = sum(h.cpus for h in held) + req.cpus
         memory = sum(h.memory for h in held) + req.memory
-        gpus = sum(h.gpus for h in held) + req.gpus
-        return cpus <= self.cpus + 1e-9 and memory <= self.memory and gpus <= self.gpus
+        gpus = sum(h.gpus * h.gpu_milli for h in held) + req.gpus * req.gpu_milli
+        return cpus <= self.cpus + 1e-9 and memory <= self.memory and gpus <= self.gpus * MILLI
 
 
 def gpu_model(info: GpuInfo) -> str:
@@ -103,4 +107,6 @@ def local_devices(
     width = max([g.index for g in ordered] + [gpus - 1]) + 1
     usable = {g.index for g in ordered} if ordered else set(range(gpus))
     devices = tuple(MILLI if d in usable else 0 for d in range(width))
-    return PoolDevices(nodes=(NodeDevices(name=node, model=model, devices=devices),))
+    # this machine's processes may share a device (as Ray's fractional GPUs do): a share of one
+    # GPU goes beside others on one device; whole-GPU runs still hold theirs alone
+    return PoolDevices(nodes=(NodeDevices(name=node, model=model, devices=devices),), sharing=True)

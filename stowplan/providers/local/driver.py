@@ -488,9 +488,9 @@ class LocalProvider(Provider):
         needs = declared_needs(attempt_dir)
         if needs is None:
             return
-        cpus, memory, gpus = needs
+        cpus, memory, gpus, milli = needs
         self._started[key] = Started(
-            dir=attempt_dir, cpus=cpus, memory=memory, gpus=gpus, since=time.time()
+            dir=attempt_dir, cpus=cpus, memory=memory, gpus=gpus, since=time.time(), gpu_milli=milli
         )
 
     # -- describe ------------------------------------------------------------------------------
@@ -805,6 +805,7 @@ def _held(
         cpus=req.cpus,
         memory=req.memory,
         gpus=req.gpus,
+        gpu_milli=req.gpu_milli,
         since=time.time(),
         launcher=launcher,
         after=after,

@@ -33,18 +33,24 @@ class LocalRequest(SingleRequest, frozen=True, kw_only=True):
     cpus: float = 1.0
     memory: int = 1 << 30
     gpus: int = 0
+    gpu_milli: int = 1000
+    """thousandths of each GPU: below 1000, a share of its one leased device."""
     timeout_s: float | None = None
     outputs: list[str] = field(default_factory=list)
     files: dict[str, bytes] = field(default_factory=dict)
     devices: tuple[int, ...] | None = None
     """the GPU indices the core leased it (``CUDA_VISIBLE_DEVICES``); None: no lease."""
 
+    def gpu_text(self) -> str:
+        """``2``, or ``0.25`` for a share of one GPU."""
+        return f"{self.gpu_milli / 1000:g}" if self.gpus == 1 else str(self.gpus)
+
     def render(self) -> str:
         timeout = "none" if self.timeout_s is None else f"{self.timeout_s:g}s"
         lines = [
             f"# local attempt {self.key}: task {self.task}, run {self.run_id}, "
             f"attempt {self.attempt}",
-            f"# needs cpus={self.cpus:g} memory={format_bytes(self.memory)} gpus={self.gpus} "
+            f"# needs cpus={self.cpus:g} memory={format_bytes(self.memory)} gpus={self.gpu_text()} "
             f"timeout={timeout} (killed above its memory or past its timeout)",
         ]
         if self.outputs:
@@ -127,6 +133,7 @@ def plan_one(
         cpus=launch.cpus,
         memory=launch.memory,
         gpus=launch.gpus,
+        gpu_milli=launch.gpu_milli if launch.gpus == 1 else 1000,
         timeout_s=launch.timeout_s,
         outputs=list(launch.outputs),
         files=dict(launch.files),

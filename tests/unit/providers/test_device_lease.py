@@ -40,12 +40,13 @@ def fake_gpus(n: int, name: str = "NVIDIA A100-SXM4-80GB") -> list[GpuInfo]:
 def test_discovery_describes_each_device() -> None:
     got = local_devices(2, fake_gpus(4), node="box")
     assert got == PoolDevices(
-        nodes=(NodeDevices(name="box", model="a100-sxm4-80gb", devices=(MILLI, MILLI)),)
+        nodes=(NodeDevices(name="box", model="a100-sxm4-80gb", devices=(MILLI, MILLI)),),
+        sharing=True,
     )
     assert local_devices(0, fake_gpus(4), node="box") is None
     # nothing found (no driver): the configured count is trusted
     assert local_devices(3, [], node="box", model="unknown") == PoolDevices(
-        nodes=(NodeDevices(name="box", model="unknown", devices=(MILLI,) * 3),)
+        nodes=(NodeDevices(name="box", model="unknown", devices=(MILLI,) * 3),), sharing=True
     )
 
 
@@ -135,3 +136,51 @@ def test_the_lease_reaches_the_attempt_and_the_fifo_keeps_devices_apart(tmp_path
     # following an attempt in its place: only on the devices it held
     assert cap.within(held, request("k4", DeviceLease("box", (1,))))
     assert not cap.within(held, request("k5", DeviceLease("box", (0,))))
+
+
+def test_shares_of_a_device_start_together_until_it_is_full(tmp_path: Path) -> None:
+    def request(key: str, device: int, milli: int, gpus: int = 1) -> LocalRequest:
+        spec = LaunchSpec(
+            key=key,
+            run_id=f"run-{key}",
+            attempt=1,
+            pool="local",
+            name="train",
+            argv=["true"],
+            gpus=gpus,
+            gpu_milli=milli,
+            lease=DeviceLease("box", (device,)),
+        )
+        return plan_one(spec, provider="local", runs=tmp_path, path_prefix="", has_gpus=True)
+
+    quarter = request("q", 0, 250)
+    assert quarter.gpu_milli == 250 and "gpus=0.25 " in quarter.render()
+    # spec.json keeps the share, so a restarted driver counts what the attempt holds
+    assert claim(quarter, current_claim(), provider="local")
+    written = json.loads((Path(quarter.attempt_dir) / "spec.json").read_text())
+    assert written["gpu_milli"] == 250 and written["devices"] == [0]
+    cap = Capacity(cpus=8, memory=64 << 30, gpus=2)
+
+    def held(device: int, milli: int) -> Started:
+        return Started(
+            dir=tmp_path,
+            cpus=1,
+            memory=1 << 30,
+            gpus=1,
+            since=0.0,
+            gpu_milli=milli,
+            devices=(device,),
+        )
+
+    three = [held(0, 250), held(0, 250), held(0, 250)]
+    # a fourth quarter fits beside three on device 0; a half does not
+    assert cap.fits(three, request("q4", 0, 250))
+    assert not cap.fits(three, request("h", 0, 500))
+    # a whole GPU waits for every share on its device to end, not for the other device's
+    assert not cap.fits([held(0, 250)], request("w", 0, MILLI))
+    assert cap.fits([held(0, 250)], request("w", 1, MILLI))
+    # the machine's GPUs are counted in thousandths: two whole and a share are too many
+    assert not cap.fits([held(0, MILLI), held(1, 750)], request("q5", 1, 500))
+    # following a share in its place asks no more than it held
+    assert cap.within(held(0, 500), request("f", 0, 250))
+    assert not cap.within(held(0, 250), request("g", 0, 500))

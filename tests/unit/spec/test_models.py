@@ -92,6 +92,35 @@ def test_resources_rejects_negative_gpus_and_unknown_field() -> None:
     invalid({"cpu": 2}, Resources, "unknown field `cpu`")
 
 
+def test_resources_gpu_share_is_one_device_in_thousandths() -> None:
+    r = convert({"gpus": 0.25}, Resources)
+    assert (r.gpus, r.gpu_devices, r.gpu_milli) == (0.25, 1, 250)
+    whole = convert({"gpus": 2}, Resources)
+    assert (whole.gpus, whole.gpu_devices, whole.gpu_milli) == (2, 2, 1000)
+    # a whole number written as a decimal is that many whole GPUs, as if written as one
+    two = convert({"gpus": 2.0}, Resources)
+    assert two == whole and isinstance(two.gpus, int)
+    assert msgspec.json.encode(two) == msgspec.json.encode(whole)
+    assert convert({"gpus": 0.0}, Resources).gpus == 0
+
+
+def test_resources_whole_gpus_encode_as_before() -> None:
+    # the spec hash of every experiment written before shares existed stays the same
+    assert b'"gpus":1,' in msgspec.json.encode(convert({"gpus": 1}, Resources))
+
+
+@pytest.mark.parametrize(
+    ("gpus", "match"),
+    [
+        (1.5, "not a whole number; a task takes whole GPUs or a share of one, so write 1 or 2"),
+        (0.0001, "not a share in thousandths of one GPU; write e.g. 0.001"),
+        (0.12345, "write e.g. 0.123"),
+    ],
+)
+def test_resources_rejects_gpus_that_are_neither_whole_nor_a_share(gpus: float, match: str) -> None:
+    invalid({"gpus": gpus}, Resources, match)
+
+
 # ---- DataInput ------------------------------------------------------------------------------
 
 
