@@ -438,7 +438,9 @@ async def test_a_watch_woken_by_an_end_describes_what_changed_not_every_key(
                 if not len(keys):
                     break
     assert heard == {t.key: S.SUCCEEDED for t in tasks}
-    assert any(asked < followed / 2 for asked, followed in provider.asked), provider.asked
+    # asking about every key it follows at each wake-up would give asked == followed each
+    # time; how far below it depends on how many ends one wake-up sees (load), so no margin
+    assert any(asked < followed for asked, followed in provider.asked), provider.asked
 
 
 @pytest.mark.anyio
