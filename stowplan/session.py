@@ -451,19 +451,21 @@ def check_feasible(prepared: Prepared, pools: Sequence[Pool]) -> None:
         if run.run_id not in refused:
             continue
         inst = run.instance
+        k = max(1, inst.nodes)  # a gang's totals, per node
         gpu = (
-            f", {plural(inst.gpu_amount, 'GPU')} {'/'.join(inst.gpu_types)}".rstrip()
+            f", {plural(inst.gpu_amount / k, 'GPU')} {'/'.join(inst.gpu_types)}".rstrip()
             if inst.gpus
             else ""
         )
+        nodes = f"{k} nodes of " if k > 1 else ""
         raise spec_error(
             prepared.loaded,
             f"$.tasks[{_task_index(prepared.loaded, run.task)}].resources",
-            f"task {run.task!r} asks for {plural(float(inst.cpus), 'CPU')}, "
-            f"{inst.memory / 2**30:.2f} GiB{gpu}, which no configured pool can run: "
+            f"task {run.task!r} asks for {nodes}{plural(float(inst.cpus / k), 'CPU')}, "
+            f"{inst.memory / k / 2**30:.2f} GiB{gpu}, which no configured pool can run: "
             f"{refused[run.run_id]}",
-            f"lower the resources of {run.task!r}, or configure a provider that offers "
-            "them in stowplan.toml",
+            f"lower the resources{' or nodes' if k > 1 else ''} of {run.task!r}, or "
+            "configure a provider that offers them in stowplan.toml",
         )
 
 
@@ -598,6 +600,7 @@ def launch_spec(
         gpus=needs.gpus,
         gpu_types=needs.gpu_types,
         gpu_milli=needs.gpu_milli,
+        nodes=needs.nodes,
         timeout_s=la.timeout_s,
         outputs=la.outputs,
         files=files,

@@ -43,6 +43,13 @@ class Shape(Struct, frozen=True, kw_only=True):
     gpus: dict[str, int] = field(default_factory=dict)
 
 
+class NodeGroup(Struct, frozen=True, kw_only=True):
+    """``count`` nodes of one ``shape`` (a Slurm partition's nodes, by shape)."""
+
+    shape: Shape
+    count: int = 1
+
+
 class PoolQuota(Struct, frozen=True, kw_only=True):
     """An account limit shared by several pools (an EC2 vCPU quota covers every instance type
     of some families in a region, per market): all pools naming the same ``group`` launch
@@ -109,6 +116,11 @@ class Pool(Struct, frozen=True, kw_only=True):
     """The pool's GPUs by node and device, where the provider knows them: the core then places
     each run on a node and device indices (``DeviceLease``) and never on a device that cannot
     hold it. None: GPUs are counted per pool (``gpus``)."""
+    node_groups: tuple[NodeGroup, ...] = ()
+    """The pool's usable nodes by shape, where a batch scheduler places runs on them itself
+    (Slurm): a run goes here only if one node holds it (``node`` is then their bounding
+    shape), and a gang of n nodes only if n nodes each hold its part. (): runs never span
+    nodes here, and ``node`` alone bounds a run."""
 
     @property
     def elastic(self) -> bool:
@@ -145,6 +157,10 @@ class Demand(Struct, frozen=True, kw_only=True):
     """thousandths of each GPU (below 1000: a share of one GPU, ``gpus`` 1). The count model
     counts a share as one GPU; a pool that shares its devices places shares exactly
     (``devices.DeviceLedger``)."""
+    nodes: int = 1
+    """a gang spanning this many nodes: ``cpus``, ``memory`` and ``gpus`` are its totals, and
+    each node must hold ``1/nodes`` of them. Only pools with ``node_groups`` holding that many
+    such nodes are eligible."""
     allowed_pools: tuple[str, ...] | None = None
     forbid_pools: tuple[str, ...] = ()
     require_sites: tuple[str, ...] = ()

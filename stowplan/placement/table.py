@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from stowplan.placement.problem import DemandClass, PlacementProblem, Pool
+from stowplan.placement.problem import Demand, DemandClass, PlacementProblem, Pool
 from stowplan.spec.units import plural
 
 MIB = 1 << 20
@@ -66,6 +66,29 @@ def mem_need(memory: int) -> int:
 
 def mem_free(memory: int) -> int:
     return max(0, memory // MIB)
+
+
+def node_need(cls: Demand) -> tuple[int, int, int]:
+    """What one node must hold of ``cls`` (CPU thousandths, memory units, GPUs): all of it,
+    or a gang's part on each of its ``nodes``."""
+    k = max(1, cls.nodes)
+    return cpu_need(cls.cpus / k), mem_need(cls.memory // k), cls.gpus // k
+
+
+def spans(p: Pool, cls: Demand, need: tuple[int, int, int], model: str) -> bool:
+    """Whether ``p`` has ``cls.nodes`` nodes that each hold ``need`` (on GPU ``model``): any
+    run where the pool does not know its nodes by shape, if it spans one node."""
+    if not p.node_groups:
+        return cls.nodes <= 1
+    c_cpu, c_mem, c_gpu = need
+    held = sum(
+        g.count
+        for g in p.node_groups
+        if cpu_free(g.shape.cpus) >= c_cpu
+        and mem_free(g.shape.memory) >= c_mem
+        and (not c_gpu or g.shape.gpus.get(model, 0) >= c_gpu)
+    )
+    return held >= cls.nodes
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,9 +328,13 @@ def _raw_vector(
     raw: list[tuple[IntArray, IntArray, IntArray, FloatArray, FloatArray]] = []
     eligible_full: list[int] = []
     need: list[tuple[int, int, int]] = []
+    grouped = any(p.node_groups for p in pools)
     for cls in classes:
         c_cpu, c_mem, c_gpu = cpu_need(cls.cpus), mem_need(cls.memory), cls.gpus
         need.append((c_cpu, c_mem, c_gpu))
+        n_need = node_need(cls)
+        u_cpu, u_mem, u_gpu = n_need  # what one node holds of it
+        check_spans = grouped or cls.nodes > 1
         mask = quota > 0
         if cls.allowed_pools is not None:
             on = np.zeros(npool, dtype=bool)
@@ -325,7 +352,7 @@ def _raw_vector(
             mask &= hw == cls.hardware_class
         if any_taints:
             mask &= np.array([tolerates(cls, p) for p in pools], dtype=bool)
-        mask &= ~has_node | ((n_cpu >= c_cpu) & (n_mem >= c_mem))
+        mask &= ~has_node | ((n_cpu >= u_cpu) & (n_mem >= u_mem))
         site_cost = _site_costs(problem, cls, sites)
         reach = np.array([sc is not None for sc in site_cost], dtype=bool)
         mask &= reach[site_of]
@@ -337,10 +364,10 @@ def _raw_vector(
         data_cost = w.data * (d_s / 3600.0 * w.hour_value + d_e)
         cpu_fit = f_cpu // c_cpu if c_cpu else np.full(npool, big)
         mem_fit = f_mem // c_mem if c_mem else np.full(npool, big)
-        ncpu_fit = n_cpu // c_cpu if c_cpu else np.full(npool, big)
-        nmem_fit = n_mem // c_mem if c_mem else np.full(npool, big)
-        share_cpu = np.where(n_cpu > 0, c_cpu / np.maximum(n_cpu, 1), 1.0)
-        share_mem = np.where(n_mem > 0, c_mem / np.maximum(n_mem, 1), 1.0)
+        ncpu_fit = n_cpu // u_cpu if u_cpu else np.full(npool, big)
+        nmem_fit = n_mem // u_mem if u_mem else np.full(npool, big)
+        share_cpu = np.where(n_cpu > 0, u_cpu / np.maximum(n_cpu, 1), 1.0)
+        share_mem = np.where(n_mem > 0, u_mem / np.maximum(n_mem, 1), 1.0)
         n = len(cls.members)
         full = 0
         variants: list[tuple[int, npt.NDArray[np.bool_], IntArray, IntArray, FloatArray]] = []
@@ -350,21 +377,27 @@ def _raw_vector(
                 if m not in midx:
                     continue
                 k = midx[m]
-                ok = mask & ((f_gpu[k] >= c_gpu) | ((max_inst > 0) & (n_gpu[k] >= c_gpu)))
-                ok &= ~has_node | (n_gpu[k] >= c_gpu)
+                ok = mask & ((f_gpu[k] >= c_gpu) | ((max_inst > 0) & (n_gpu[k] >= u_gpu)))
+                ok &= ~has_node | (n_gpu[k] >= u_gpu)
+                if check_spans:
+                    ok &= np.array([spans(p, cls, n_need, m) for p in pools], dtype=bool)
                 warm = np.minimum(np.minimum(cpu_fit, mem_fit), f_gpu[k] // c_gpu)
-                per = np.minimum(np.minimum(ncpu_fit, nmem_fit), n_gpu[k] // c_gpu)
-                share_gpu = np.where(n_gpu[k] > 0, c_gpu / np.maximum(n_gpu[k], 1), 1.0)
+                per = np.minimum(np.minimum(ncpu_fit, nmem_fit), n_gpu[k] // u_gpu)
+                share_gpu = np.where(n_gpu[k] > 0, u_gpu / np.maximum(n_gpu[k], 1), 1.0)
                 share = np.maximum(np.maximum(share_cpu, share_mem), share_gpu)
                 variants.append((k, ok, warm, per, share))
         else:
             warm = np.minimum(cpu_fit, mem_fit)
             per = np.minimum(ncpu_fit, nmem_fit)
-            variants.append((-1, mask, warm, per, np.maximum(share_cpu, share_mem)))
+            ok = mask
+            if check_spans:
+                ok = mask & np.array([spans(p, cls, n_need, "") for p in pools], dtype=bool)
+            variants.append((-1, ok, warm, per, np.maximum(share_cpu, share_mem)))
         parts: list[tuple[IntArray, IntArray, IntArray, FloatArray, FloatArray]] = []
         by_gpu = dict(cls.runtime_by_gpu)
         for k, ok, warm, per, share in variants:
-            share = np.where(has_node, np.minimum(share, 1.0), 1.0)
+            # a gang holds its part of each of its nodes
+            share = np.where(has_node, np.minimum(share, 1.0), 1.0) * cls.nodes
             if k >= 0 and models[k] in by_gpu:
                 h = by_gpu[models[k]] / 3600.0
                 compute = h * price * share * (1.0 + rate * h / 2.0)
@@ -429,6 +462,8 @@ def _raw_small(
     for cls in classes:
         c_cpu, c_mem, c_gpu = cpu_need(cls.cpus), mem_need(cls.memory), cls.gpus
         need.append((c_cpu, c_mem, c_gpu))
+        n_need = node_need(cls)
+        u_cpu, u_mem, u_gpu = n_need  # what one node holds of it
         allowed = None if cls.allowed_pools is None else set(cls.allowed_pools)
         forbid = set(cls.forbid_pools)
         require, forbid_sites = set(cls.require_sites), set(cls.forbid_sites)
@@ -457,33 +492,35 @@ def _raw_small(
                     continue
                 if p.taints and not tolerates(cls, p):
                     continue
-                if has_node and (n_cpu < c_cpu or n_mem < c_mem):
+                if has_node and (n_cpu < u_cpu or n_mem < u_mem):
                     continue
                 sc = site_cost[si]
                 if sc is None:
                     continue
+                if (p.node_groups or cls.nodes > 1) and not spans(p, cls, n_need, m):
+                    continue
                 cpu_fit = f_cpu // c_cpu if c_cpu else _BIG
                 mem_fit = f_mem // c_mem if c_mem else _BIG
-                ncpu_fit = n_cpu // c_cpu if c_cpu else _BIG
-                nmem_fit = n_mem // c_mem if c_mem else _BIG
+                ncpu_fit = n_cpu // u_cpu if u_cpu else _BIG
+                nmem_fit = n_mem // u_mem if u_mem else _BIG
                 share = max(
-                    c_cpu / max(n_cpu, 1) if n_cpu > 0 else 1.0,
-                    c_mem / max(n_mem, 1) if n_mem > 0 else 1.0,
+                    u_cpu / max(n_cpu, 1) if n_cpu > 0 else 1.0,
+                    u_mem / max(n_mem, 1) if n_mem > 0 else 1.0,
                 )
                 if c_gpu:
                     fg, ng = f_gpu.get(m, 0), n_gpu.get(m, 0)
-                    if not (fg >= c_gpu or (max_inst > 0 and ng >= c_gpu)):
+                    if not (fg >= c_gpu or (max_inst > 0 and ng >= u_gpu)):
                         continue
-                    if has_node and ng < c_gpu:
+                    if has_node and ng < u_gpu:
                         continue
                     warm = min(cpu_fit, mem_fit, fg // c_gpu)
-                    per = min(ncpu_fit, nmem_fit, ng // c_gpu)
-                    share = max(share, c_gpu / max(ng, 1) if ng > 0 else 1.0)
+                    per = min(ncpu_fit, nmem_fit, ng // u_gpu)
+                    share = max(share, u_gpu / max(ng, 1) if ng > 0 else 1.0)
                 else:
                     warm = min(cpu_fit, mem_fit)
                     per = min(ncpu_fit, nmem_fit)
                 full += 1
-                share = min(share, 1.0) if has_node else 1.0
+                share = (min(share, 1.0) if has_node else 1.0) * cls.nodes
                 price = 0.0 if p.elastic else p.price_per_hour
                 rate = p.interruption_rate if p.spot else 0.0
                 if m and m in by_gpu:
@@ -683,12 +720,15 @@ def pool_reasons(problem: PlacementProblem, cls: DemandClass, pool: Pool) -> lis
             f"its nodes are tainted {', '.join(untolerated)} (to use it, add the keys to the "
             "task's placement.tolerations)"
         )
-    c_cpu, c_mem = cpu_need(cls.cpus), mem_need(cls.memory)
-    if pool.node is not None and (
-        cpu_free(pool.node.cpus) < c_cpu or mem_free(pool.node.memory) < c_mem
-    ):
+    n_need = node_need(cls)
+    u_cpu, u_mem, u_gpu = n_need
+    too_big = pool.node is not None and (
+        cpu_free(pool.node.cpus) < u_cpu or mem_free(pool.node.memory) < u_mem
+    )
+    if too_big and pool.node is not None:
         cpus = plural(float(pool.node.cpus), "CPU")
         out.append(f"its nodes have {cpus} and {pool.node.memory / 2**30:.3g} GiB")
+    usable = [""]
     if cls.gpus:
         wanted = cls.gpu_types or tuple(
             sorted(set(pool.gpus) | set(pool.node.gpus if pool.node else {}))
@@ -696,17 +736,48 @@ def pool_reasons(problem: PlacementProblem, cls: DemandClass, pool: Pool) -> lis
         usable = []
         for m in wanted:
             have = pool.gpus.get(m, 0) >= cls.gpus or (
-                pool.elastic and pool.node is not None and pool.node.gpus.get(m, 0) >= cls.gpus
+                pool.elastic and pool.node is not None and pool.node.gpus.get(m, 0) >= u_gpu
             )
-            per_node = pool.node is None or pool.node.gpus.get(m, 0) >= cls.gpus
+            per_node = pool.node is None or pool.node.gpus.get(m, 0) >= u_gpu
             if have and per_node:
                 usable.append(m)
         if not usable:
             out.append(f"no {cls.gpus} x {'/'.join(cls.gpu_types) or 'GPU'} there")
+    if cls.nodes > 1 and not pool.node_groups:
+        out.append(f"its runs do not span nodes (the task asks for nodes = {cls.nodes})")
+    elif (
+        (pool.node_groups or cls.nodes > 1)
+        and usable
+        and not too_big
+        and not any(spans(pool, cls, n_need, m) for m in usable)
+    ):
+        out.append(_span_reason(pool, cls, n_need))
     site_cost = _site_costs(problem, cls, [pool.site])[0]
     if site_cost is None:
         out.append(f"an input cannot reach site {pool.site} (no network link)")
     return out
+
+
+def _span_reason(pool: Pool, cls: Demand, need: tuple[int, int, int]) -> str:
+    """Why ``pool``'s nodes cannot hold ``cls`` (``spans`` says no): no one node holds what a
+    node must, or too few do for a gang."""
+    u_cpu, u_mem, u_gpu = need
+    what = f"{plural(u_cpu / 1000, 'CPU')}, {u_mem * MIB / 2**30:.3g} GiB"
+    if u_gpu:
+        what += f" and {u_gpu} x {'/'.join(cls.gpu_types) or 'GPU'}"
+    held = sum(
+        g.count
+        for g in pool.node_groups
+        if cpu_free(g.shape.cpus) >= u_cpu
+        and mem_free(g.shape.memory) >= u_mem
+        and (
+            not u_gpu or any(g.shape.gpus.get(m, 0) >= u_gpu for m in cls.gpu_types or g.shape.gpus)
+        )
+    )
+    if cls.nodes <= 1 or held == 0:
+        return f"no node of it has {what} together"
+    verb = "has" if held == 1 else "have"
+    return f"{plural(held, 'node')} of it {verb} {what}: the task spans {cls.nodes}"
 
 
 def lower_bound(table: Table) -> int:

@@ -182,6 +182,9 @@ class LaunchSpec(Struct, frozen=True, kw_only=True):
     gpu_milli: int = 1000
     """thousandths of each GPU it takes: below 1000, a share of one device (``gpus`` is 1),
     which a provider that shares devices runs beside other shares on its leased device."""
+    nodes: int = 1
+    """a gang: the attempt spans this many nodes, each with an equal part of ``cpus``,
+    ``memory`` and ``gpus`` (which are totals); the command runs once, on the first node."""
     timeout_s: float | None = None
     outputs: list[str] = field(default_factory=list)
     files: dict[str, bytes] = field(default_factory=dict)

@@ -538,12 +538,12 @@ class _Room:
             self.tasks += 1
 
 
-_Shape = tuple[float, int, int, tuple[str, ...], int]
+_Shape = tuple[float, int, int, tuple[str, ...], int, int]
 
 
 def _shape(t: TaskInstance) -> _Shape:
     """What a pool that could not start ``t`` could not start (module doc: *No capacity*)."""
-    return (t.cpus, t.memory, t.gpus, t.gpu_types, t.gpu_milli)
+    return (t.cpus, t.memory, t.gpus, t.gpu_types, t.gpu_milli, t.nodes)
 
 
 def _device_why(t: TaskInstance, ledger: DeviceLedger | None, blocked: str) -> str:
@@ -610,6 +610,7 @@ def _bucket_key(t: TaskInstance) -> tuple[object, ...]:
         t.gpus,
         t.gpu_types,
         t.gpu_milli,
+        t.nodes,
         t.allowed_providers,
         t.group if t.max_concurrent else "",
         t.datasets,
@@ -1245,14 +1246,15 @@ class SchedulerCore:
         node = pool.node
         share = 1.0
         if node is not None:
+            k = max(1, t.nodes)  # a gang holds its part of each of its nodes
             parts = []
             if node.cpus > 0:
-                parts.append(t.cpus / node.cpus)
+                parts.append(t.cpus / k / node.cpus)
             if node.memory > 0:
-                parts.append(t.memory / node.memory)
+                parts.append(t.memory / k / node.memory)
             if t.gpus and node.gpus:
-                parts.append(t.gpus / max(node.gpus.values()))
-            share = min(1.0, max(parts, default=1.0))
+                parts.append(t.gpus / k / max(node.gpus.values()))
+            share = min(1.0, max(parts, default=1.0)) * k
         return pool.price_per_hour * share * max(t.runtime_s, MIN_BILLED_S) / 3600.0
 
     def _over(self, run: _Run, why: str) -> None:
@@ -2175,6 +2177,7 @@ class SchedulerCore:
             gpus=t.gpus,
             gpu_types=t.gpu_types,
             gpu_milli=t.gpu_milli,
+            nodes=t.nodes,
             allowed_pools=allowed,
             forbid_pools=tuple(x for x in t.forbid_pools if x in known),
             require_sites=t.require_sites,

@@ -34,6 +34,10 @@ class TaskInstance(Struct, frozen=True, kw_only=True, gc=False):
     """thousandths of each of its GPUs it takes: below 1000 for a share of one GPU (``gpus``
     is then 1), which runs beside other shares on one device where the pool shares its GPUs
     (``PoolDevices.sharing``) and holds the device whole elsewhere."""
+    nodes: int = 1
+    """a gang: the run spans this many nodes at once. ``cpus``, ``memory`` and ``gpus`` are
+    then its totals, each node holding an equal part, so pools count what the run holds; only
+    a pool that knows its nodes by shape (``Pool.node_groups``) can hold one."""
     priority: int = 0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     allowed_providers: tuple[str, ...] | None = None

@@ -51,6 +51,7 @@ each out while it has its default, so a task that does not use it keeps the hash
 keep the ids) it had before the field existed; a task that sets it hashes differently."""
 NESTED_FIELDS_ADDED_LATER: Final[Mapping[tuple[str, str], object]] = {
     ("placement", "tolerations"): [],
+    ("resources", "nodes"): 1,
 }
 """The same, for fields of a task's sub-tables: (table, field) -> default."""
 

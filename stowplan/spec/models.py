@@ -95,6 +95,8 @@ Gpus = Annotated[int, Meta(ge=0, le=MAX_GPUS)]
 GpuRequest = Gpus | Annotated[float, Meta(ge=0, le=MAX_GPUS)]
 """A task's GPUs: whole devices, or a share of one (0 < gpus < 1, in thousandths)."""
 GPU_MILLI = 1000
+MAX_NODES: Final = 2**16
+Nodes = Annotated[int, Meta(ge=1, le=MAX_NODES)]
 """Thousandths of one GPU: the grain of a share (``Resources.gpu_milli``)."""
 Seed = Annotated[int, Meta(ge=0, le=MAX_SEED)]
 Priority = Annotated[int, Meta(ge=-MAX_PRIORITY, le=MAX_PRIORITY)]
@@ -165,13 +167,18 @@ class Resources(_Spec, frozen=True):
 
     ``gpus`` is a number of whole GPUs, or a share of one GPU below 1 (``0.25``, to the
     thousandth): a share runs beside other shares on one device where the pool shares its
-    GPUs (the local provider), and holds a whole device elsewhere (``gpu_devices``)."""
+    GPUs (the local provider), and holds a whole device elsewhere (``gpu_devices``).
+
+    ``nodes`` above 1 asks for a gang: that many nodes at once, each with ``cpus``, ``memory``
+    and ``gpus``; the command runs once, on the first, and starts the work on the others
+    itself (``srun``, ``torchrun``). Only a Slurm partition runs them (``--nodes``)."""
 
     cpus: Cpus = 1.0
     memory: Bytes = "1GiB"
     gpus: GpuRequest = 0
     gpu_type: Label | list[Label] | None = None
     walltime: Duration | None = None
+    nodes: Nodes = 1
 
     def __post_init__(self) -> None:
         try:
@@ -185,6 +192,11 @@ class Resources(_Spec, frozen=True):
                 raise ValueError(f"walltime: {e}") from None
         if isinstance(self.gpus, float):
             force_setattr(self, "gpus", _gpu_request(self.gpus))
+        if self.nodes > 1 and isinstance(self.gpus, float):
+            raise ValueError(
+                f"gpus: a share of one GPU ({self.gpus:g}) runs on one node, and nodes = "
+                f"{self.nodes}; ask for whole GPUs on each node (gpus = 1), or nodes = 1"
+            )
         if isinstance(self.gpu_type, str):
             force_setattr(self, "gpu_type", [self.gpu_type])
         if self.gpu_type is not None:

@@ -24,8 +24,9 @@ from stowplan.placement import (
 )
 from stowplan.placement import table as table_module
 from stowplan.placement.greedy import eligible
+from stowplan.placement.problem import NodeGroup
 from stowplan.placement.synthetic import problem as synthetic
-from stowplan.placement.table import Table, build, pool_reasons
+from stowplan.placement.table import Table, build, node_need, pool_reasons, spans
 
 GiB = 1 << 30
 MODELS = ("A100", "H100")
@@ -39,9 +40,28 @@ def pools(draw: st.DrawFn, i: int) -> Pool:
     elastic = draw(st.booleans())
     gpus = {m: draw(st.integers(0, 4)) for m in draw(st.sets(st.sampled_from(MODELS)))}
     node = None
+    groups: tuple[NodeGroup, ...] = ()
     if elastic:
         node = Shape(
             cpus=draw(st.sampled_from([2, 4, 8])), memory=16 * GiB, gpus={m: 2 for m in gpus}
+        )
+    elif draw(st.booleans()):
+        # a batch scheduler's nodes by shape (Slurm): runs must fit one, gangs several
+        groups = tuple(
+            NodeGroup(
+                shape=Shape(
+                    cpus=float(draw(st.sampled_from([1, 2, 4]))),
+                    memory=draw(st.integers(1, 8)) * GiB,
+                    gpus={m: draw(st.integers(0, 2)) for m in gpus},
+                ),
+                count=draw(st.integers(1, 3)),
+            )
+            for _ in range(draw(st.integers(1, 2)))
+        )
+        node = Shape(
+            cpus=max(g.shape.cpus for g in groups),
+            memory=max(g.shape.memory for g in groups),
+            gpus={m: max(g.shape.gpus.get(m, 0) for g in groups) for m in gpus},
         )
     return Pool(
         id=f"p{i}",
@@ -53,6 +73,7 @@ def pools(draw: st.DrawFn, i: int) -> Pool:
         memory=draw(st.integers(0, 48)) * GiB,
         gpus=gpus,
         node=node,
+        node_groups=groups,
         max_instances=draw(st.integers(0, 3)) if elastic else 0,
         price_per_hour=float(draw(st.integers(0, 5))),
         expected_wait_s=float(draw(st.integers(0, 3600))),
@@ -67,12 +88,14 @@ def problems(draw: st.DrawFn, same_priority: bool = False) -> PlacementProblem:
     classes = []
     for c in range(draw(st.integers(1, 4))):
         gpus = draw(st.integers(0, 2))
+        nodes = draw(st.sampled_from([1, 1, 2]))  # a gang: totals of ``nodes`` equal parts
         classes.append(
             DemandClass(
                 id=f"c{c}",
-                cpus=float(draw(st.sampled_from([0.5, 1, 2, 3]))),
-                memory=draw(st.integers(1, 8)) * GiB,
-                gpus=gpus,
+                cpus=float(draw(st.sampled_from([0.5, 1, 2, 3]))) * nodes,
+                memory=draw(st.integers(1, 8)) * GiB * nodes,
+                gpus=gpus * nodes,
+                nodes=nodes,
                 gpu_types=tuple(sorted(draw(st.sets(st.sampled_from(MODELS))))) if gpus else (),
                 residency=("eu-only",) if draw(st.booleans()) else (),
                 hardware_class=draw(st.one_of(st.none(), st.sampled_from(HW))),
@@ -116,6 +139,8 @@ def check(problem: PlacementProblem, sol: PlacementSolution) -> None:
         if c.hardware_class is not None:
             assert p.hardware_class == c.hardware_class
         assert not place & set(c.forbid_sites)
+        # a run fits one node of the pool; a gang, its part on each of its nodes
+        assert spans(p, c, node_need(c), a.gpu_model), (c, p)
     for pid, used in cpu.items():
         p = by_pool[pid]
         k = sol.instances.get(pid, 0)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 from msgspec import Struct, field
 
-from stowplan.placement.problem import Pool, Shape
+from stowplan.placement.problem import NodeGroup, Pool, Shape
 from stowplan.spec.units import MAX_GPUS
 
 SECTION = "@@stowplan@@"
@@ -549,8 +549,9 @@ def cluster_name(config: str) -> str | None:
 def pools_of(
     provider: str, site: str, parts: list[PartitionFacts], pending: dict[str, float]
 ) -> list[Pool]:
-    """A pool per partition that is up and has usable CPUs: its totals, and as ``node`` its
-    largest node (``largest_node``), so a run no node can hold is refused, not queued."""
+    """A pool per partition that is up and has usable CPUs: its totals, as ``node`` its
+    largest node (``largest_node``) and as ``node_groups`` its nodes by shape, so a run no
+    node can hold (or a gang more nodes than hold its part) is refused, not queued."""
     pools = []
     for p in sorted(parts, key=lambda p: p.name):
         if not p.up or p.cpus <= 0:
@@ -567,6 +568,22 @@ def pools_of(
                 expected_wait_s=pending.get(p.name, 0.0) / p.cpus,
                 hardware_class=f"slurm:{site}/{p.name}",
                 node=largest_node(p.node_shapes),
+                node_groups=node_groups(p.node_shapes),
             )
         )
     return pools
+
+
+def node_groups(shapes: Sequence[NodeShape]) -> tuple[NodeGroup, ...]:
+    """``Pool.node_groups`` of a partition: its usable nodes by shape, in ``shapes_of`` order."""
+    return tuple(
+        NodeGroup(
+            shape=Shape(
+                cpus=float(s.cpus),
+                memory=s.memory,
+                gpus={k: n for k, n in sorted(s.gpus.items()) if n > 0},
+            ),
+            count=s.count,
+        )
+        for s in shapes
+    )

@@ -126,12 +126,15 @@ class SlurmRequest(ProviderRequest, frozen=True, kw_only=True):
 
 
 class Shape(Struct, frozen=True, array_like=True, order=True):
+    """One array's element shape: what each of its ``nodes`` nodes gives an element."""
+
     pool: str
     cpus: int
     memory_mb: int
     gpus: int
     gpu_types: tuple[str, ...]
     time_s: int
+    nodes: int = 1
 
 
 def _reject(provider: str, launch: LaunchSpec, why: str) -> ProviderError:
@@ -139,13 +142,15 @@ def _reject(provider: str, launch: LaunchSpec, why: str) -> ProviderError:
 
 
 def _shape(launch: LaunchSpec) -> Shape:
+    k = max(1, launch.nodes)  # a gang's totals, per node
     return Shape(
         pool=launch.pool,
-        cpus=max(1, math.ceil(launch.cpus)),
-        memory_mb=memory_mb(launch.memory),
-        gpus=launch.gpus,
+        cpus=max(1, math.ceil(launch.cpus / k)),
+        memory_mb=memory_mb(launch.memory // k),
+        gpus=launch.gpus // k,
         gpu_types=tuple(sorted(launch.gpu_types)),
         time_s=0 if launch.timeout_s is None else math.ceil(launch.timeout_s),
+        nodes=k,
     )
 
 
@@ -296,9 +301,13 @@ def _render(
         head.append(f"#SBATCH --account={account}")
     if qos is not None:
         head.append(f"#SBATCH --qos={qos}")
+    if shape.nodes > 1:
+        # a gang: one task per node, each with the node's part; the script runs on the first
+        # and starts the work on the others itself (srun)
+        head += [f"#SBATCH --nodes={shape.nodes}", "#SBATCH --ntasks-per-node=1"]
+    else:
+        head += ["#SBATCH --nodes=1", "#SBATCH --ntasks=1"]
     head += [
-        "#SBATCH --nodes=1",
-        "#SBATCH --ntasks=1",
         f"#SBATCH --cpus-per-task={shape.cpus}",
         f"#SBATCH --mem={shape.memory_mb}M",
     ]

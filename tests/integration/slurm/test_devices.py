@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from stowplan.placement.problem import Shape
+from stowplan.provenance.store import RunStore
 from stowplan.providers.base import (
     TERMINAL_PROVIDER_STATES,
     Facts,
@@ -20,7 +21,7 @@ from stowplan.providers.base import (
 from stowplan.providers.slurm import SlurmProvider
 from tests.slurmcluster.cluster import GPU_NODES, GPU_TYPE, GPUS_PER_NODE, SlurmCluster
 
-from .conftest import finish, stowplan, write_project
+from .conftest import finish, runs_of, stowplan, write_project
 from .test_driver import _config
 
 pytestmark = pytest.mark.integration
@@ -118,4 +119,48 @@ def test_a_run_no_node_holds_is_refused(
     # both partitions hold n3 and n4, the largest node there
     assert all(f"cluster/{p}: its largest node has 8 CPUs" in said for p in ("cpu", "gpu")), said
     assert named in said, said
+    assert not (tmp_path / "remote").exists()  # nothing submitted
+
+
+GANG = """
+[experiment]
+name = "gang"
+
+[[tasks]]
+name = "dist"
+# the script runs once, on the first node; srun starts one task on each of the gang's nodes
+script = 'srun bash -c "echo \\$SLURMD_NODENAME \\$SLURM_CPUS_ON_NODE" > nodes.txt'
+outputs = ["nodes.txt"]
+resources = {{ cpus = 2, memory = "64MiB", nodes = {nodes} }}
+"""
+
+
+def test_a_gang_runs_once_on_that_many_nodes(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    assert slurm_cluster.facts is not None
+    write_project(tmp_path, slurm_cluster.facts, GANG.format(nodes=3))
+    rc, out, err = finish(stowplan(tmp_path, "run", "exp.toml"), 240)
+    assert rc == 0, out + err[-3000:]
+    [run] = runs_of(tmp_path)
+    assert run.state == "SUCCEEDED" and run.attempts == 1
+    with RunStore(tmp_path / ".stowplan" / "stowplan.db") as store:
+        [art] = store.artifacts_for([run.run_id])[run.run_id]
+    seen = [line.split() for line in Path(art.path).read_text().splitlines()]
+    # three distinct nodes of the cluster, each giving the task its part: 2 CPUs
+    assert len(seen) == 3 and len({node for node, _ in seen}) == 3, seen
+    assert {node for node, _ in seen} <= {"n1", "n2", "n3", "n4"}
+    assert all(cpus == "2" for _, cpus in seen), seen
+
+
+def test_a_gang_wider_than_the_cluster_is_refused(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    assert slurm_cluster.facts is not None
+    write_project(tmp_path, slurm_cluster.facts, GANG.format(nodes=5))
+    rc, out, err = finish(stowplan(tmp_path, "plan", "exp.toml"), 180)
+    assert rc == 2, out + err
+    said = " ".join(err.split())
+    assert "$.tasks[0].resources" in said and "5 nodes of 2 CPUs" in said, said
+    # the cpu partition has 4 nodes, the gpu partition 2: too few for 5 either way
+    assert "4 nodes of it have 2 CPUs, 0.0625 GiB: the task spans 5" in said, said
+    assert "2 nodes of it have 2 CPUs, 0.0625 GiB: the task spans 5" in said, said
     assert not (tmp_path / "remote").exists()  # nothing submitted

@@ -132,6 +132,24 @@ def test_shapes_and_partitions_split_arrays() -> None:
     assert {r.partition for r in reqs} == {"cpu", "gpu"}
 
 
+def test_a_gang_asks_for_its_nodes_with_each_nodes_part() -> None:
+    # totals of 2 nodes x (3 CPUs, 4 GiB, 2 GPUs): the script asks per node, one task each
+    (req,) = plan([launch(0, pool="campus/gpu", cpus=6, memory=8 << 30, gpus=4, nodes=2)])
+    script = req.render()
+    for line in (
+        "#SBATCH --nodes=2\n",
+        "#SBATCH --ntasks-per-node=1\n",
+        "#SBATCH --cpus-per-task=3\n",
+        "#SBATCH --mem=4096M\n",
+        "#SBATCH --gres=gpu:2\n",
+    ):
+        assert line in script, line
+    assert "--ntasks=1" not in script
+    # gangs of another size, and single-node runs, go in arrays of their own
+    reqs = plan([launch(1, nodes=2), launch(2, nodes=3), launch(3), launch(4, nodes=2)])
+    assert sorted(len(r.members) for r in reqs) == [1, 1, 2]
+
+
 def test_max_array_size_chunks() -> None:
     reqs = plan([launch(i) for i in range(7)], max_array_size=3)
     assert [len(r.members) for r in reqs] == [3, 3, 1]

@@ -121,6 +121,30 @@ def test_resources_rejects_gpus_that_are_neither_whole_nor_a_share(gpus: float, 
     invalid({"gpus": gpus}, Resources, match)
 
 
+def test_resources_nodes_is_a_gang_of_whole_gpus() -> None:
+    assert convert({}, Resources).nodes == 1
+    r = convert({"nodes": 4, "gpus": 8, "cpus": 16}, Resources)
+    assert (r.nodes, r.gpus, r.cpus) == (4, 8, 16.0)  # each node's part, as written
+    invalid({"nodes": 0}, Resources, ">= 1")
+    invalid(
+        {"nodes": 2, "gpus": 0.5},
+        Resources,
+        "a share of one GPU \\(0.5\\) runs on one node, and nodes = 2; ask for whole GPUs",
+    )
+
+
+def test_a_task_without_nodes_hashes_as_before_nodes_existed() -> None:
+    from stowplan.spec.canonical import task_hash
+
+    plain = convert({"name": "t", "command": ["true"]}, Task)
+    # the stored form of the same task from before the field existed
+    before = msgspec.to_builtins(plain)
+    del before["resources"]["nodes"]
+    assert task_hash(plain) == task_hash(before)
+    two = convert({"name": "t", "command": ["true"], "resources": {"nodes": 2}}, Task)
+    assert task_hash(two) != task_hash(plain)
+
+
 # ---- DataInput ------------------------------------------------------------------------------
 
 
