@@ -36,7 +36,10 @@ Pools are ``slurm`` partitions (FIFO with backfill), ``kubernetes`` node pools (
 ``cloud`` instance types (elastic up to ``max_instances``: the scheduler core provisions
 instances and terminates them after ``[scheduler] idle_grace`` idle; boot latency, per-second
 billing, spot interruptions); ``stowplan.simulator.provider.POOL_CLASSES`` gives each kind its
-simulated discipline. Every mistake is a ``SpecError`` naming the file, the line and the ``$.path``.
+simulated discipline. A slurm or kubernetes pool with ``device_leases = true`` is placed by
+device (the core leases a node and device indices); with ``gpu_sharing = true`` as well, shares
+of one GPU (openb's ``gpu_milli`` below 1000) go side by side on a device. Every mistake is a
+``SpecError`` naming the file, the line and the ``$.path``.
 """
 
 from __future__ import annotations
@@ -172,6 +175,11 @@ class PoolSpec(_Spec, frozen=True):
     starts the job on exactly those (a job whose devices are still held waits for them; a
     lease naming a node or device the pool lacks fails the job). Off: the core counts the
     pool's GPUs in total and the pool picks the node itself."""
+    gpu_sharing: bool = False
+    """with ``device_leases``: the pool puts shares of one GPU (a job's ``gpu_milli`` below
+    1000) side by side on one device, up to 1000 thousandths (as MIG or Kubernetes GPU sharing
+    do); a whole-GPU job still needs a device nothing runs on. Off: a share holds a whole
+    device."""
 
     def __post_init__(self) -> None:
         try:
@@ -209,6 +217,13 @@ class PoolSpec(_Spec, frozen=True):
                 "device_leases: cloud instances come and go; lease devices on slurm or "
                 "kubernetes pools"
             )
+        if self.gpu_sharing and not self.device_leases:
+            raise ValueError(
+                "gpu_sharing: shares go on the devices the scheduler core leases; set "
+                "device_leases = true as well, or remove gpu_sharing"
+            )
+        if self.gpu_sharing and not self.gpus_per_node:
+            raise ValueError("gpu_sharing: the pool has no GPUs to share; set gpus_per_node")
 
     @property
     def memory_bytes(self) -> int:

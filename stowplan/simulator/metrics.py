@@ -7,6 +7,9 @@ cost (owned pools: every node for the whole horizon; cloud pools: instance-secon
 each instance's provision to its stop, at least the minimum). A cloud pool offers what its
 instances ran for: its utilization is busy GPU- (or CPU-) seconds over instance-seconds times
 the instance's GPUs (CPUs), and its ``instance_hours`` and ``launches`` are reported.
+A share of one GPU counts its thousandths on a pool with ``gpu_sharing`` (where it runs beside
+other shares on one device) and the whole device elsewhere (which it holds alone), in pools'
+busy GPU-seconds and in projects' GPU-hours alike (``SimPool.gpu_milli_of``).
 Totals: cost including egress, bytes moved between sites, fairness across projects (Jain's index
 over per-project mean slowdown), queue length and utilization over time.
 
@@ -21,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from stowplan.placement.leases import MILLI
 from stowplan.scheduler import states
 from stowplan.scheduler.events import Transition
 from stowplan.scheduler.states import FINAL, TaskState
@@ -87,7 +91,7 @@ class Metrics:
                 units = pool.instances if isinstance(pool, CloudInstanceType) else pool.units
                 if pool.gpn:
                     cap = float(units * pool.gpn)
-                    used = float(pool.used_g)
+                    used = pool.used_milli / MILLI
                 else:
                     cap = units * pool.cpn
                     used = pool.used_c
@@ -198,6 +202,9 @@ class Metrics:
         out["egress_cost"] = _r(sim.data.egress_cost)
         out["data_moved_bytes"] = sim.data.bytes_moved
         out["pools"] = dict(sorted(pools.items()))
+        by_name = {
+            name: pool for prov in sim.providers.values() for name, pool in prov.pools.items()
+        }
         projects: dict[str, dict[str, list[float]]] = {}
         njobs: Counter[str] = Counter()
         for r in rows:
@@ -208,7 +215,9 @@ class Metrics:
             if r["slowdown"] is not None:
                 p["slowdown"].append(r["slowdown"])
             if r["run_time"] is not None:
-                p["gpu_s"].append(r["run_time"] * r["gpus"])
+                ran = by_name.get(r["pool"])
+                gpus = ran.gpu_milli_of(sim.jobs[r["job"]]) / MILLI if ran else r["gpus"]
+                p["gpu_s"].append(r["run_time"] * gpus)
         fair: dict[str, Any] = {}
         means = []
         for name in sorted(projects):

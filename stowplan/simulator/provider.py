@@ -23,6 +23,15 @@ Pools behave like the systems they stand for, one class per discipline over a sh
   nodes. Spot instances are reclaimed at ``interruptions_per_hour`` each (seeded), which fails
   their jobs as PREEMPTED.
 
+Devices (``device_leases``, slurm and kubernetes): the pool tells the core its nodes and
+devices, and starts each attempt on exactly the node and devices its lease names. Each device
+is accounted in thousandths (``MILLI`` when whole): a job takes ``MILLI`` of each of its
+devices, except a share of one GPU (``SimJob.gpu_milli`` below 1000) on a pool with
+``gpu_sharing``, which takes its milli and runs beside other shares there. So a whole-GPU job
+needs a device nothing runs on, and on a pool that does not share, a share holds its whole
+device. An attempt whose leased devices lack the room (the attempt before it there is still
+being stopped) waits for them (``device_waits``); a device is never over-committed.
+
 Idempotency: a submit with a key the provider already holds returns that job; it never makes a
 second. Every key executes at most once, and no run ever has two attempts executing at once;
 both are asserted (``InternalError``) so that a scheduler bug cannot hide in a simulation.
@@ -30,7 +39,7 @@ both are asserted (``InternalError``) so that a scheduler bug cannot hide in a s
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import ClassVar
 
 from stowplan.errors import InternalError, ProviderError
@@ -182,9 +191,12 @@ class SimPool:
         self.units = spec.units
         self.instances = 0
         """cloud: instances launched now (0 for pools of fixed nodes)"""
+        self.sharing = spec.gpu_sharing
+        """shares of one GPU go side by side on a device (``gpu_sharing``)"""
         self.queue: dict[str, Attempt] = {}
         self.running: dict[str, Attempt] = {}
-        self.used_g = 0
+        self.used_milli = 0
+        """GPU thousandths the running attempts hold (``gpu_milli_of``)"""
         self.used_c = 0.0
         self.busy_g_s = 0.0
         self.busy_c_s = 0.0
@@ -235,11 +247,22 @@ class SimPool:
     def capacity_gpus(self) -> int:
         return self.units * self.gpn
 
+    def device_milli(self, job: SimJob) -> int:
+        """What ``job`` takes of each of its devices here: its share's milli on a pool that
+        shares its GPUs, else the whole device (the ledger's rule, ``DeviceLedger.task``)."""
+        if self.sharing and job.gpus == 1 and 0 < job.gpu_milli < MILLI:
+            return job.gpu_milli
+        return MILLI
+
+    def gpu_milli_of(self, job: SimJob) -> int:
+        """GPU thousandths ``job`` holds here while it runs (utilization counts these)."""
+        return job.gpus * self.device_milli(job)
+
     def _account(self) -> None:
         now = self.engine.now
         dt = now - self._acct_at
         if dt > 0:
-            self.busy_g_s += self.used_g * dt
+            self.busy_g_s += self.used_milli / MILLI * dt
             self.busy_c_s += self.used_c * dt
         self._acct_at = now
 
@@ -323,7 +346,7 @@ class SimPool:
         self.queue.pop(att.key, None)
         now = self.engine.now
         boot = self._hold(att, where)
-        self.used_g += job.gpus
+        self.used_milli += self.gpu_milli_of(job)
         self.used_c += job.cpus
         self.running[att.key] = att
         secs, moved, egress = stage
@@ -365,7 +388,7 @@ class SimPool:
         self._account()
         att.epoch += 1
         job = att.job
-        self.used_g -= job.gpus
+        self.used_milli -= self.gpu_milli_of(job)
         self.used_c -= job.cpus
         self._free(att)
         self.request_pass()
@@ -407,12 +430,14 @@ class _NodePool(SimPool):
         self.nodes_up = n
         self._dirty: set[int] = set()
         """nodes that gained capacity (a release, a repair) since the last first-fit pass"""
-        self.holder: list[list[str | None]] = (
-            [[None] * self.gpn for _ in range(n)] if spec.device_leases else []
+        self.holder: list[list[dict[str, int]]] = (
+            [[{} for _ in range(self.gpn)] for _ in range(n)] if spec.device_leases else []
         )
-        """``device_leases``: per node, the key of the attempt running on each device"""
+        """``device_leases``: per node and device, the attempts running there and the milli
+        each holds (one attempt with ``MILLI``, or shares summing to at most ``MILLI``);
+        ``free_g`` counts the devices that hold nothing"""
         self.device_waits = 0
-        """leased attempts that found a device of theirs still held, and waited for it"""
+        """leased attempts that found a device of theirs without room, and waited for it"""
 
     def _offered_units(self) -> int:
         return self.nodes_up
@@ -420,8 +445,13 @@ class _NodePool(SimPool):
     def _node_name(self, n: int) -> str:
         return f"{self.spec.name}-{n}"
 
+    def _room(self, n: int, d: int) -> int:
+        """Milli free on device ``d`` of node ``n`` (``device_leases``)."""
+        return MILLI - sum(self.holder[n][d].values())
+
     def _devices(self) -> PoolDevices:
         return PoolDevices(
+            sharing=self.sharing,
             nodes=tuple(
                 NodeDevices(
                     name=self._node_name(n),
@@ -432,7 +462,7 @@ class _NodePool(SimPool):
                 )
                 for n in range(len(self.up))
                 if self.up[n]
-            )
+            ),
         )
 
     def _leased(self, att: Attempt) -> list[tuple[int, int, float, int]] | None:
@@ -452,7 +482,8 @@ class _NodePool(SimPool):
         else:
             if not self.up[n]:
                 return None  # the node is down: wait for its repair, as the job would
-            if any(self.holder[n][d] is not None for d in lease.devices):
+            use = self.device_milli(job)
+            if any(self._room(n, d) < use for d in lease.devices):
                 self.device_waits += 1
                 return None  # the attempt before it there is still being stopped
             if self.free_c[n] < job.cpus - 1e-9 or self.free_m[n] < job.memory:
@@ -484,6 +515,8 @@ class _NodePool(SimPool):
     def _fits_among(self, job: SimJob, nodes: set[int]) -> list[tuple[int, int, float, int]] | None:
         """Best fit (fewest free GPUs, then lowest index) among ``nodes`` for a one-node job."""
         g = job.gpus
+        if self._shares(job):
+            return self._share_fit(job, sorted(nodes))
         best: tuple[int, int] | None = None
         for n in nodes:
             if (
@@ -521,6 +554,8 @@ class _NodePool(SimPool):
             return None
         if g and not self.gpn:
             return None
+        if self._shares(job):
+            return self._share_fit(job, range(len(self.up)))
         if g:
             for free in range(g, self.gpn + 1):  # best fit on GPUs
                 for n in self.by_free[free]:
@@ -541,6 +576,29 @@ class _NodePool(SimPool):
                 return [(n, 0, job.cpus, job.memory)]
         return None
 
+    def _shares(self, job: SimJob) -> bool:
+        """``job`` is a share that may go beside others on a device here."""
+        return bool(self.holder) and self.device_milli(job) < MILLI
+
+    def _share_fit(
+        self, job: SimJob, nodes: Iterable[int]
+    ) -> list[tuple[int, int, float, int]] | None:
+        """Best fit for a share: the node whose roomiest device has the least room that
+        suffices, then the lowest index (``_take`` puts it on that node's tightest device)."""
+        use = self.device_milli(job)
+        best: tuple[int, int] | None = None
+        for n in nodes:
+            if (
+                self.up[n]
+                and self.free_c[n] >= job.cpus
+                and self.free_m[n] >= job.memory
+                and self._anti_ok(job, n)
+            ):
+                rooms = [r for r in (self._room(n, d) for d in range(self.gpn)) if r >= use]
+                if rooms and (best is None or (min(rooms), n) < best):
+                    best = (min(rooms), n)
+        return None if best is None else [(best[1], 1, job.cpus, job.memory)]
+
     def _anti_ok(self, job: SimJob, n: int) -> bool:
         return not job.max_per_node or self.svc[n].get(job.service, 0) < job.max_per_node
 
@@ -557,15 +615,18 @@ class _NodePool(SimPool):
     def _take(self, n: int, g: int, c: float, m: int, att: Attempt) -> None:
         if self.holder and g:
             held = self.holder[n]
-            devices = att.devices or tuple(d for d, k in enumerate(held) if k is None)[:g]
+            use = self.device_milli(att.job)
+            devices = att.devices or self._pick(n, g, use)
             for d in devices:
-                other = held[d]
-                if other is not None:  # two attempts on one device: a scheduler bug
+                if self._room(n, d) < use:  # a device over-committed: a scheduler bug
+                    others = ", ".join(f"{k[:12]} ({v})" for k, v in sorted(held[d].items()))
                     raise InternalError(
                         f"{self._node_name(n)} device {d}: attempt {att.key[:12]} over-books "
-                        f"it, held by {other[:12]}"
+                        f"it by taking {use} milli, held by {others}"
                     )
-                held[d] = att.key
+            g = sum(1 for d in devices if not held[d])  # devices nothing ran on until now
+            for d in devices:
+                held[d][att.key] = use
             att.devices = tuple(devices)
         if self.gpn:
             del self.by_free[self.free_g[n]][n]
@@ -577,12 +638,21 @@ class _NodePool(SimPool):
         if att.job.service:
             self.svc[n][att.job.service] = self.svc[n].get(att.job.service, 0) + 1
 
+    def _pick(self, n: int, g: int, use: int) -> tuple[int, ...]:
+        """Devices for an attempt that came without a lease: the tightest with room for a
+        share, else the first ``g`` that hold nothing."""
+        if use < MILLI:
+            rooms = [(self._room(n, d), d) for d in range(self.gpn)]
+            return (min((r, d) for r, d in rooms if r >= use)[1],)
+        return tuple(d for d, k in enumerate(self.holder[n]) if not k)[:g]
+
     def _give(self, n: int, g: int, c: float, m: int, att: Attempt) -> None:
         if self.holder and g:
             held = self.holder[n]
+            g = 0
             for d in att.devices:
-                if held[d] == att.key:
-                    held[d] = None
+                if held[d].pop(att.key, None) is not None and not held[d]:
+                    g += 1  # the device holds nothing now
         self._dirty.add(n)
         if self.gpn and self.up[n]:
             del self.by_free[self.free_g[n]][n]
@@ -651,7 +721,7 @@ class SlurmPartition(_NodePool):
         failed: set[tuple[object, ...]] = set()
         for att in list(q.values())[1 : 1 + self.spec.backfill_depth]:
             j = att.job
-            shape = (j.gpus, j.cpus, j.memory, j.service, j.max_per_node, att.lease)
+            shape = (j.gpus, j.gpu_milli, j.cpus, j.memory, j.service, j.max_per_node, att.lease)
             if shape in failed:
                 continue
             if self._fits(j) is not None:
@@ -720,7 +790,16 @@ class KubernetesNodePool(_NodePool):
         self._dirty = set()
         for att in list(self.queue.values())[: max(self.spec.backfill_depth, 1000)]:
             j = att.job
-            shape = (j.gpus, j.cpus, j.memory, j.gpu_types, j.service, j.max_per_node, att.lease)
+            shape = (
+                j.gpus,
+                j.gpu_milli,
+                j.cpus,
+                j.memory,
+                j.gpu_types,
+                j.service,
+                j.max_per_node,
+                att.lease,
+            )
             if shape in failed:
                 continue
             only = dirty if shape in before and self._single_node(j) else None
@@ -896,7 +975,7 @@ class CloudInstanceType(_NodePool):
         failed: set[tuple[object, ...]] = set()
         for att in list(self.queue.values())[: max(self.spec.backfill_depth, 1000)]:
             j = att.job
-            shape = (j.gpus, j.cpus, j.memory, j.gpu_types, j.service, j.max_per_node)
+            shape = (j.gpus, j.gpu_milli, j.cpus, j.memory, j.gpu_types, j.service, j.max_per_node)
             if shape in failed:
                 continue
             if not self._try_start(att):

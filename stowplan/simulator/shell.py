@@ -434,6 +434,7 @@ class Simulation:
                     cpus=job.cpus,
                     memory=job.memory,
                     gpus=job.gpus,
+                    gpu_milli=job.gpu_milli,
                     gpu_types=job.gpu_types or self._runnable_on(job),
                     retry=retry,
                     allowed_providers=quotas.get(job.project),

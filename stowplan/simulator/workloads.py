@@ -2,9 +2,10 @@
 
 Every loader reads the whole file and checks every row before anything runs; a malformed row is
 a ``SpecError`` naming the file, the line and the column, with a fix. Loaders never invent data:
-what a trace does not record (where data lives, fractional GPUs the core cannot express) is either
-added by an explicit, seeded, documented rule, or written into ``Workload.notes`` so that the
-report says what was assumed.
+what a trace does not record (where data lives) is either added by an explicit, seeded,
+documented rule, or written into ``Workload.notes`` so that the report says what was assumed.
+A pod that asks for a share of one GPU (openb's ``gpu_milli`` below 1000) keeps its share
+(``SimJob.gpu_milli``); the notes say how many there are.
 
 Supported sources (auto-detected from a file's header, or named in a workload TOML file):
 
@@ -52,6 +53,10 @@ class SimJob(Struct, kw_only=True, gc=False):
     duration: float | None = None
     """seconds of work; None with ``steps``: from the throughput table; None without: never ends"""
     gpus: int = 0
+    gpu_milli: int = 1000
+    """thousandths of its GPU it takes: below 1000 for a share of one GPU (``gpus`` is 1),
+    which goes beside other shares on one device of a pool with ``gpu_sharing`` and holds a
+    whole device elsewhere (``TaskInstance.gpu_milli``)"""
     cpus: float = 1.0
     memory: int = GIB
     gpu_types: tuple[str, ...] = ()
@@ -470,7 +475,8 @@ def load_openb(path: Path) -> Workload:
         gpus = _int(path, line, row, "num_gpu")
         milli = _num(path, line, row, "gpu_milli")
         assert milli is not None
-        if gpus == 1 and 0 < milli < 1000:
+        share = int(milli) if gpus == 1 and 0 < milli < 1000 else 1000
+        if share < 1000:
             fractional += 1
         if deleted is not None and deleted < start:
             raise _bad(
@@ -487,6 +493,7 @@ def load_openb(path: Path) -> Workload:
                 submit=created,
                 duration=None if deleted is None else max(1.0, deleted - start),
                 gpus=gpus,
+                gpu_milli=share,
                 cpus=max(0.001, (_num(path, line, row, "cpu_milli") or 0.0) / 1000.0),
                 memory=max(MIB, int((_num(path, line, row, "memory_mib") or 0.0) * MIB)),
                 gpu_types=tuple(sorted(s.lower() for s in spec.split("|"))) if spec else (),
@@ -497,8 +504,9 @@ def load_openb(path: Path) -> Workload:
     notes = []
     if fractional:
         notes.append(
-            f"{fractional} pods ask for a fraction of a GPU (gpu_milli < 1000); the "
-            "scheduler core counts whole GPUs, so each takes one whole GPU here"
+            f"{fractional} pods ask for a fraction of a GPU (gpu_milli < 1000): shares go "
+            "beside other shares on one device of pools with gpu_sharing, and each takes a "
+            "whole GPU on every other pool"
         )
     return Workload(name=path.stem, kind="openb", source=str(path), jobs=jobs, notes=notes)
 

@@ -96,7 +96,7 @@ def test_the_simulation_runs_every_job_on_the_devices_the_core_leased() -> None:
     for prov in sim.providers.values():
         for pool in prov.pools.values():
             assert isinstance(pool, KubernetesNodePool | SlurmPartition)
-            assert all(k is None for node in pool.holder for k in node)
+            assert all(not held for node in pool.holder for held in node)
 
 
 def submit(h: ProviderHarness, job: SimJob, lease: DeviceLease, key: str) -> None:
@@ -118,7 +118,7 @@ def test_a_lease_on_a_held_device_waits_for_it() -> None:
     assert h.state("ka") is ProviderState.RUNNING and h.state("kb") is ProviderState.QUEUED
     pool = h.prov.pools["k8s"]
     assert isinstance(pool, KubernetesNodePool) and pool.device_waits >= 1
-    assert pool.holder[1] == ["ka", "ka", None, None]
+    assert pool.holder[1] == [{"ka": MILLI}, {"ka": MILLI}, {}, {}]
     h.engine.run()
     assert h.states("kb") == [(100.0, ProviderState.RUNNING), (110.0, ProviderState.SUCCEEDED)]
 
