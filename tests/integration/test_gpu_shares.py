@@ -19,6 +19,8 @@ import pytest
 
 from stowplan.provenance.store import RunStore
 
+from .test_device_restart import _events
+
 pytestmark = pytest.mark.integration
 
 SHARES = 8
@@ -65,14 +67,6 @@ if [ "$2" = together ]; then
 fi
 echo "$1 end $(date +%s.%N) ${{CUDA_VISIBLE_DEVICES-unset}}" >> "$MARKER"
 """
-
-
-def _events(marker: Path) -> list[tuple[str, str, float, str]]:
-    out = []
-    for line in marker.read_text().splitlines():
-        name, what, at, devices = line.split()
-        out.append((name, what, float(at), devices))
-    return out
 
 
 def test_shares_of_a_gpu_run_side_by_side_and_a_whole_gpu_alone(tmp_path: Path) -> None:

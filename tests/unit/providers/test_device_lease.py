@@ -105,19 +105,28 @@ def test_cuda_visible_devices_is_the_lease(tmp_path: Path) -> None:
     assert c is not None and c.devices == a.devices
 
 
+def local_request(
+    runs: Path, key: str, lease: DeviceLease | None, *, gpus: int | None = None, milli: int = MILLI
+) -> LocalRequest:
+    """The local driver's request for a no-op attempt on ``lease`` (its devices' count of
+    GPUs, unless ``gpus`` says), taking ``milli`` of each."""
+    spec = LaunchSpec(
+        key=key,
+        run_id=f"run-{key}",
+        attempt=1,
+        pool="local",
+        name="train",
+        argv=["true"],
+        gpus=gpus if gpus is not None else len(lease.devices) if lease is not None else 0,
+        gpu_milli=milli,
+        lease=lease,
+    )
+    return plan_one(spec, provider="local", runs=runs, path_prefix="", has_gpus=True)
+
+
 def test_the_lease_reaches_the_attempt_and_the_fifo_keeps_devices_apart(tmp_path: Path) -> None:
     def request(key: str, lease: DeviceLease | None) -> LocalRequest:
-        spec = LaunchSpec(
-            key=key,
-            run_id=f"run-{key}",
-            attempt=1,
-            pool="local",
-            name="train",
-            argv=["true"],
-            gpus=len(lease.devices) if lease is not None else 0,
-            lease=lease,
-        )
-        return plan_one(spec, provider="local", runs=tmp_path, path_prefix="", has_gpus=True)
+        return local_request(tmp_path, key, lease)
 
     first = request("k1", DeviceLease("box", (1, 3)))
     assert first.devices == (1, 3)
@@ -139,19 +148,8 @@ def test_the_lease_reaches_the_attempt_and_the_fifo_keeps_devices_apart(tmp_path
 
 
 def test_shares_of_a_device_start_together_until_it_is_full(tmp_path: Path) -> None:
-    def request(key: str, device: int, milli: int, gpus: int = 1) -> LocalRequest:
-        spec = LaunchSpec(
-            key=key,
-            run_id=f"run-{key}",
-            attempt=1,
-            pool="local",
-            name="train",
-            argv=["true"],
-            gpus=gpus,
-            gpu_milli=milli,
-            lease=DeviceLease("box", (device,)),
-        )
-        return plan_one(spec, provider="local", runs=tmp_path, path_prefix="", has_gpus=True)
+    def request(key: str, device: int, milli: int) -> LocalRequest:
+        return local_request(tmp_path, key, DeviceLease("box", (device,)), milli=milli)
 
     quarter = request("q", 0, 250)
     assert quarter.gpu_milli == 250 and "gpus=0.25 " in quarter.render()
