@@ -637,15 +637,43 @@ def run_records(prepared: Prepared, provenance_hash: str) -> list[RunRecord]:
     return out
 
 
-def record(prepared: Prepared, store: RunStore) -> list[RunRecord]:
-    """Write the experiment, its provenance and its runs (insert-or-ignore); return the runs."""
+def record(prepared: Prepared, store: RunStore) -> list[PlannedRun]:
+    """Write the experiment, its provenance and its runs (insert-or-ignore); return the runs
+    planned (``prepared.planned``), every one of them now in the store.
+
+    The rows are those of ``run_records`` (``tests/unit/test_session_record.py``), written
+    from ``NewRunRecord``s: each run's identity and payload go to the store as the Structs
+    they are and are encoded once, instead of as builtins made of them first."""
+    from stowplan.provenance.records import NewRunRecord
+
     if prepared.diff:
         store.put_blob(prepared.diff)
     h = store.put_provenance(prepared.provenance)
     store.put_experiment(prepared.experiment)
-    runs = run_records(prepared, h)
-    store.put_runs(runs)
-    return runs
+    now = time.time()
+    exp = prepared.experiment
+    store.put_runs(
+        [
+            NewRunRecord(
+                run_id=r.run_id,
+                experiment_id=exp.id,
+                experiment=exp.name,
+                task=r.task,
+                index=r.index,
+                params=r.params,
+                seed=r.seed,
+                replicate=r.replicate,
+                depends_on=r.depends_on,
+                identity=r.identity,
+                task_spec={"payload": payload(prepared, r)},
+                provenance=h,
+                created_at=now,
+                updated_at=now,
+            )
+            for r in prepared.planned
+        ]
+    )
+    return prepared.planned
 
 
 LEDGER_MAX_IDS = 50

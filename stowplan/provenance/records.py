@@ -51,6 +51,34 @@ class RunRecord(Struct, frozen=True, kw_only=True):
     updated_at: float = 0.0
 
 
+class NewRunRecord(Struct, frozen=True, kw_only=True):
+    """A run as it is first written (``RunStore.put_runs``), made straight from its plan: a
+    PENDING ``RunRecord`` whose ``identity`` and ``task_spec`` are still the Structs they are
+    made from (the ``RunIdentity``; ``{"payload": RunPayload}``). The store encodes Structs to
+    the JSON their builtins encode to, byte for byte, so the row is the one the ``RunRecord``
+    would have made, without 10^5 runs' worth of builtins made first and thrown away."""
+
+    run_id: str
+    experiment_id: str
+    experiment: str
+    task: str
+    index: int
+    params: dict[str, Any]
+    seed: int
+    replicate: int
+    depends_on: list[str]
+    identity: Any
+    task_spec: Any
+    provenance: str
+    created_at: float
+    updated_at: float
+    state: str = "PENDING"
+    attempts: int = 0
+    failure: None = None
+    reason: str = ""
+    pool: None = None
+
+
 class AttemptRecord(Struct, frozen=True, kw_only=True):
     key: str
     run_id: str

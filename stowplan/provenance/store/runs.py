@@ -18,6 +18,7 @@ import msgspec
 from stowplan.provenance.records import (
     AttemptRecord,
     ExperimentRecord,
+    NewRunRecord,
     RunRecord,
     TransitionRecord,
 )
@@ -196,15 +197,20 @@ _state_row: Final = operator.attrgetter(
 )
 
 
-def _body_row(rid: int, r: RunRecord) -> tuple[int, str]:
-    body = _RunBody(
-        params=r.params,
-        seed=r.seed,
-        depends_on=r.depends_on,
-        identity=r.identity,
-        task_spec=r.task_spec,
-        provenance=r.provenance,
-    )
+class _RunBodyOut(msgspec.Struct):
+    """``_RunBody`` as it is written, the same fields in the same order, from a ``RunRecord``
+    or a ``NewRunRecord``: a Struct among its values encodes as its builtins would."""
+
+    params: dict[str, Any]
+    seed: int
+    depends_on: list[str]
+    identity: Any
+    task_spec: Any
+    provenance: str
+
+
+def _body_row(rid: int, r: RunRecord | NewRunRecord) -> tuple[int, str]:
+    body = _RunBodyOut(r.params, r.seed, r.depends_on, r.identity, r.task_spec, r.provenance)
     return rid, _encoder.encode(body).decode()
 
 
@@ -609,7 +615,7 @@ class RunTables(Database):
 
     # -- runs ------------------------------------------------------------------------------
 
-    def put_runs(self, recs: Sequence[RunRecord]) -> None:
+    def put_runs(self, recs: Sequence[RunRecord | NewRunRecord]) -> None:
         """Insert runs; an existing run (same id) is kept as it is, state included.
 
         Rows go in the order given, which should be the order they will be dispatched in (a
