@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -142,6 +143,11 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # urllib3 warns, on import, that SOCKS proxies need PySocks; requests silences it, but a
+    # ``catch_warnings`` in another thread (the sweep's expansion beside Ray's start) can
+    # restore the filters without that, and the warning then came before a spec error's
+    # one paragraph. Set before any thread starts, this one survives such a restore.
+    warnings.filterwarnings("ignore", message="SOCKS support in urllib3 requires")
     try:
         # inside the try: building the parser imports every command's module
         args = build_parser().parse_args(argv)
