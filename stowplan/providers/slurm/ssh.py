@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import warnings
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,16 @@ if TYPE_CHECKING:
 CONNECT_TIMEOUT_S = 15.0
 COMMAND_TIMEOUT_S = 120.0
 BACKOFF_S = (0.5, 1.0, 2.0, 4.0)
+
+
+def _quiet_dsa() -> None:
+    """Call before importing asyncssh (imported on first use: plan and dry run never need it).
+
+    cryptography 51 deprecated DSA, and asyncssh names DSA's classes as it is imported: a user
+    would see one warning per name on every Slurm command. stowplan makes and asks for no DSA keys,
+    so the warning says nothing to them; it is ignored for asyncssh's modules only.
+    """
+    warnings.filterwarnings("ignore", message="DSA is deprecated", module="asyncssh")
 
 
 class TransportLost(ProviderError):
@@ -77,6 +88,7 @@ class SSHTransport:
         return cls(f"ssh {where}: {message}", provider=self.provider, retryable=True)
 
     async def _connect(self) -> asyncssh.SSHClientConnection:
+        _quiet_dsa()
         import asyncssh
 
         options: dict[str, Any] = {
@@ -156,6 +168,7 @@ class SSHTransport:
             return await self._run_once(command, stdin=stdin, timeout=timeout)
 
     async def _run_once(self, command: str, *, stdin: str | None, timeout: float) -> Completed:
+        _quiet_dsa()
         import asyncssh
 
         async with self._conn() as conn:
@@ -177,6 +190,7 @@ class SSHTransport:
 
     async def read_file(self, path: str, offset: int = 0) -> bytes | None:
         """Bytes of a remote file from ``offset`` over SFTP; ``None`` if it does not exist."""
+        _quiet_dsa()
         import asyncssh
 
         async with self._conn() as conn:
