@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,20 +75,25 @@ def node_need(cls: Demand) -> tuple[int, int, int]:
     return cpu_need(cls.cpus / k), mem_need(cls.memory // k), cls.gpus // k
 
 
+def holding(p: Pool, need: tuple[int, int, int], models: Sequence[str]) -> int:
+    """How many of ``p``'s nodes (``node_groups``) each hold ``need`` on one GPU model of
+    ``models``."""
+    c_cpu, c_mem, c_gpu = need
+    return sum(
+        g.count
+        for g in p.node_groups
+        if cpu_free(g.shape.cpus) >= c_cpu
+        and mem_free(g.shape.memory) >= c_mem
+        and (not c_gpu or any(g.shape.gpus.get(m, 0) >= c_gpu for m in models))
+    )
+
+
 def spans(p: Pool, cls: Demand, need: tuple[int, int, int], model: str) -> bool:
     """Whether ``p`` has ``cls.nodes`` nodes that each hold ``need`` (on GPU ``model``): any
     run where the pool does not know its nodes by shape, if it spans one node."""
     if not p.node_groups:
         return cls.nodes <= 1
-    c_cpu, c_mem, c_gpu = need
-    held = sum(
-        g.count
-        for g in p.node_groups
-        if cpu_free(g.shape.cpus) >= c_cpu
-        and mem_free(g.shape.memory) >= c_mem
-        and (not c_gpu or g.shape.gpus.get(model, 0) >= c_gpu)
-    )
-    return held >= cls.nodes
+    return holding(p, need, (model,)) >= cls.nodes
 
 
 @dataclass(frozen=True, slots=True)
@@ -765,15 +770,8 @@ def _span_reason(pool: Pool, cls: Demand, need: tuple[int, int, int]) -> str:
     what = f"{plural(u_cpu / 1000, 'CPU')}, {u_mem * MIB / 2**30:.3g} GiB"
     if u_gpu:
         what += f" and {u_gpu} x {'/'.join(cls.gpu_types) or 'GPU'}"
-    held = sum(
-        g.count
-        for g in pool.node_groups
-        if cpu_free(g.shape.cpus) >= u_cpu
-        and mem_free(g.shape.memory) >= u_mem
-        and (
-            not u_gpu or any(g.shape.gpus.get(m, 0) >= u_gpu for m in cls.gpu_types or g.shape.gpus)
-        )
-    )
+    models = cls.gpu_types or sorted({m for g in pool.node_groups for m in g.shape.gpus})
+    held = holding(pool, need, models)
     if cls.nodes <= 1 or held == 0:
         return f"no node of it has {what} together"
     verb = "has" if held == 1 else "have"
