@@ -89,9 +89,12 @@ class ClusterFacts:
 
 
 class SlurmCluster:
-    def __init__(self, base: Path, *, accounting: bool = True) -> None:
+    def __init__(
+        self, base: Path, *, accounting: bool = True, cpus_per_node: int = CPUS_PER_NODE
+    ) -> None:
         self.base = base.absolute()
         self.accounting = accounting
+        self.cpus_per_node = cpus_per_node
         self.etc = self.base / "etc"
         self.run = self.base / "run"
         self.logs = self.base / "log"
@@ -210,7 +213,7 @@ class SlurmCluster:
             gres = f" Gres=gpu:{GPU_TYPE}:{GPUS_PER_NODE}" if n in GPU_NODES else ""
             node_lines.append(
                 f"NodeName={n} NodeAddr=127.0.0.1 NodeHostname={socket.gethostname()} "
-                f"Port={ports[n]} CPUs={CPUS_PER_NODE} RealMemory={MEMORY_MB_PER_NODE}"
+                f"Port={ports[n]} CPUs={self.cpus_per_node} RealMemory={MEMORY_MB_PER_NODE}"
                 f"{gres} State=UNKNOWN"
             )
             del i
