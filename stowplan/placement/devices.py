@@ -69,6 +69,7 @@ import numpy.typing as npt
 
 from stowplan.errors import InternalError, SpecError
 from stowplan.placement.leases import DeviceLease, PoolDevices
+from stowplan.spec.units import plural
 
 MILLI = 1000
 """Milli-capacity of one whole GPU device."""
@@ -107,6 +108,9 @@ class DeviceTask(msgspec.Struct, frozen=True, kw_only=True):
     gpus: int = 0
     milli: int = MILLI
     models: frozenset[str] | None = None
+    nodes: int = 1
+    """a gang's width: the rest is one node's part, held on each of ``nodes`` distinct nodes
+    (``DeviceModel.place_gang``); ``place`` and ``commit`` handle one part."""
 
     @property
     def share(self) -> bool:
@@ -143,6 +147,13 @@ def check_task(task: DeviceTask) -> None:
         raise SpecError(
             f"milli per GPU must be in (0, {MILLI}]: {task!r}",
             hint="a fraction of one GPU, or whole GPUs",
+        )
+    if task.nodes < 1:
+        raise SpecError(f"a gang spans 1 or more nodes: {task!r}", hint="ask for nodes >= 1")
+    if task.share and task.nodes > 1:
+        raise SpecError(
+            f"a share of one GPU spans one node: {task!r}",
+            hint="ask for whole GPUs on each node, or for one node",
         )
     if task.gpus > 1 and task.milli < MILLI:
         raise SpecError(
@@ -511,6 +522,59 @@ class DeviceModel:
         self.commit(node, task, devices)
         return Placement(node, devices)
 
+    def place_gang(self, task: DeviceTask) -> list[Placement] | None:
+        """Place a gang: ``task``'s part on each of ``task.nodes`` distinct nodes, all or none
+        (one placement for a task of one node). Each part goes where ``place`` would put it
+        with the nodes already chosen left out (they leave their classes while the gang is
+        placed), so the parts follow the same objective and the same ties as single tasks;
+        None, with nothing taken, when fewer nodes than that can hold a part."""
+        check_task(task)
+        nodes = task.nodes
+        placed: list[Placement] = []
+        try:
+            for _ in range(nodes):
+                part = self.place(task)
+                if part is None:
+                    break
+                placed.append(part)
+                self._leave(part.node)  # fenced: no second part on this node
+        finally:
+            for part in placed:
+                self._enter(part.node)
+        if len(placed) < nodes:
+            for part in placed:
+                self.release(part, task)
+            return None
+        return placed
+
+    def holds(self, node: int, task: DeviceTask) -> bool:
+        """Whether ``node`` could host ``task`` now, on some of its devices."""
+        n = self.nodes[node]
+        if self.cpu_free[node] < task.cpu or self.mem_free[node] < task.memory:
+            return False
+        if not task.gpus:
+            return True
+        if task.models is not None and n.model not in task.models:
+            return False
+        use = self.use(node, task)
+        free = self.dev_free[node]
+        if use < MILLI:
+            return any(f >= use for f in free)
+        return sum(1 for f in free if f == MILLI) >= task.gpus
+
+    def why_not_gang(self, task: DeviceTask) -> str | None:
+        """Why ``place_gang`` cannot place the gang now; None when it can."""
+        nodes = task.nodes
+        if nodes <= 1:
+            return self.why_not(task)
+        held = sum(1 for i in range(len(self.nodes)) if self.holds(i, task))
+        if held >= nodes:
+            return None
+        if held == 0:
+            return self.why_not(task)
+        what = f"{task.gpus} free device{'s' if task.gpus != 1 else ''}" if task.gpus else "room"
+        return f"{plural(held, 'node')} can hold a part ({what}); the gang spans {nodes}"
+
     def why_not(self, task: DeviceTask) -> str | None:
         """Why no node can host the task now, naming fragmentation when capacity exists only in
         pieces (for ``plan --explain``); None when it fits somewhere."""
@@ -618,6 +682,10 @@ class _Held(NamedTuple):
     key: str  # the attempt's key; "" while only taken for an answer being applied
     placement: Placement
     task: DeviceTask
+    others: tuple[Placement, ...] = ()  # a gang's other parts, in the order placed
+
+    def parts(self) -> tuple[Placement, ...]:
+        return (self.placement, *self.others)
 
 
 class DeviceLedger:
@@ -657,19 +725,29 @@ class DeviceLedger:
         self._names: dict[str, int] | None = None
 
     def task(
-        self, cpus: float, memory: int, gpus: int, models: Sequence[str], milli: int = MILLI
+        self,
+        cpus: float,
+        memory: int,
+        gpus: int,
+        models: Sequence[str],
+        milli: int = MILLI,
+        nodes: int = 1,
     ) -> DeviceTask | None:
         """The run as the ledger places it, on a GPU of one of ``models``, taking ``milli`` of
         each (a share of one device below ``MILLI``); None when it needs nothing the ledger
-        counts. A share holds a whole device where the pool does not share them."""
+        counts. A share holds a whole device where the pool does not share them. A gang of
+        ``nodes`` (its ``cpus``, ``memory`` and ``gpus`` the totals) is one node's part, on
+        each of that many nodes."""
         if not gpus and not self.per_node:
             return None
+        k = max(1, nodes)
         return DeviceTask(
-            cpu=round(cpus * 1000),
-            memory=memory,
-            gpus=gpus,
+            cpu=round(cpus * 1000 / k),
+            memory=memory // k,
+            gpus=gpus // k,
             milli=milli if gpus == 1 and 0 < milli < MILLI else MILLI,
             models=frozenset(models) if gpus else None,
+            nodes=k,
         )
 
     def share_room(self, grain: int = MILLI) -> dict[str, int]:
@@ -696,13 +774,13 @@ class DeviceLedger:
         widest = max((n.gpus for n in self.model.nodes), default=0)
         if task.gpus > widest:
             return (
-                f"its {task.gpus} GPUs span nodes (the widest has {widest}): a pool that "
-                "leases devices places a run on one node"
+                f"its {task.gpus} GPUs span nodes (the widest has {widest}): ask for them as "
+                "a gang of nodes (resources.nodes)"
             )
-        placed = self.model.place(task)
+        placed = self.model.place_gang(task)
         if placed is None:
-            return self.model.why_not(task) or "no node can hold it"
-        self.holds[run_id] = _Held("", placed, task)
+            return self.model.why_not_gang(task) or "no node can hold it"
+        self.holds[run_id] = _Held("", placed[0], task, tuple(placed[1:]))
         return None
 
     def confirm(self, run_id: str, key: str) -> DeviceLease | None:
@@ -711,13 +789,18 @@ class DeviceLedger:
         if held is None:
             return None
         self.holds[run_id] = held._replace(key=key)
+        return self._lease_of(held)
+
+    def _lease_of(self, held: _Held) -> DeviceLease:
         node, devices = held.placement
-        return DeviceLease(self.model.nodes[node].name, devices)
+        others = tuple((self.model.nodes[p.node].name, p.devices) for p in held.others)
+        return DeviceLease(self.model.nodes[node].name, devices, others)
 
     def give(self, run_id: str) -> None:
         held = self.holds.pop(run_id, None)
         if held is not None:
-            self.model.release(held.placement, held.task)
+            for part in held.parts():
+                self.model.release(part, held.task)
 
     def hold(self, run_id: str, key: str, task: DeviceTask, lease: DeviceLease) -> bool:
         """Attempt ``key`` of ``run_id`` holds ``lease`` (decided before: a restored attempt's,
@@ -726,12 +809,29 @@ class DeviceLedger:
         devices now (gone, or held by another run)."""
         if run_id in self.holds:
             self.give(run_id)
-        i = self._index().get(lease.node)
-        if i is None or not self.model.fits(i, task, lease.devices):
+        parts = self._placements(task, lease)
+        if parts is None:
             return False
-        self.model.commit(i, task, lease.devices)
-        self.holds[run_id] = _Held(key, Placement(i, lease.devices), task)
+        self.holds[run_id] = _Held(key, parts[0], task, parts[1:])
         return True
+
+    def _placements(self, task: DeviceTask, lease: DeviceLease) -> tuple[Placement, ...] | None:
+        """Commit ``lease``'s parts of ``task``: all of them, on distinct nodes of those names
+        that can hold them now, or none (None)."""
+        model, index = self.model, self._index()
+        wanted = lease.parts()
+        if len(wanted) != task.nodes:
+            return None
+        done: list[Placement] = []
+        for name, devices in wanted:
+            i = index.get(name)
+            if i is None or any(p.node == i for p in done) or not model.fits(i, task, devices):
+                for p in done:
+                    model.release(p, task)
+                return None
+            model.commit(i, task, devices)
+            done.append(Placement(i, devices))
+        return tuple(done)
 
     def follow(self, run_id: str, key: str, task: DeviceTask, lease: DeviceLease) -> bool:
         """The provider says attempt ``key`` of ``run_id`` runs on ``lease``: move its hold
@@ -747,7 +847,8 @@ class DeviceLedger:
         if self.hold(run_id, key, held.task if held is not None else task, lease):
             return True
         if held is not None:  # put back what it held (``hold`` gave it up first)
-            self.model.commit(held.placement.node, held.task, held.placement.devices)
+            for part in held.parts():
+                self.model.commit(part.node, held.task, part.devices)
             self.holds[run_id] = held
         return False
 
@@ -761,8 +862,7 @@ class DeviceLedger:
         held = self.holds.get(run_id)
         if held is None or not held.key:
             return None
-        node, devices = held.placement
-        return DeviceLease(self.model.nodes[node].name, devices)
+        return self._lease_of(held)
 
     def no_devices(self) -> DeviceLease:
         """The lease of a run that holds no device here (CPU-only, counted in the pool's
@@ -771,20 +871,16 @@ class DeviceLedger:
         return DeviceLease(nodes[0].name if len(nodes) == 1 else "", ())
 
     def held_gpus(self) -> int:
-        return sum(h.task.gpus for h in self.holds.values() if h.key)
+        return sum(h.task.gpus * h.task.nodes for h in self.holds.values() if h.key)
 
     def rebuilt(self, devices: PoolDevices) -> DeviceLedger:
         """The ledger for the pool rediscovered as ``devices``, keeping the confirmed holds
         that its nodes can still hold (by node name; a node gone takes its holds with it)."""
         out = DeviceLedger(devices, objective=self.objective)
-        index = {n.name: i for i, n in enumerate(out.model.nodes)}
         for run_id, held in sorted(self.holds.items()):
             if not held.key:
                 continue
-            i = index.get(self.model.nodes[held.placement.node].name)
-            if i is None or not out.model.fits(i, held.task, held.placement.devices):
-                continue
-            placement = Placement(i, held.placement.devices)
-            out.model.commit(i, held.task, placement.devices)
-            out.holds[run_id] = _Held(held.key, placement, held.task)
+            parts = out._placements(held.task, self._lease_of(held))
+            if parts is not None:
+                out.holds[run_id] = _Held(held.key, parts[0], held.task, parts[1:])
         return out

@@ -36,10 +36,18 @@ class PoolDevices(Struct, frozen=True, kw_only=True):
 
 class DeviceLease(Struct, frozen=True, array_like=True):
     """Where one attempt runs: the node's name and the device indices it holds there
-    (``CUDA_VISIBLE_DEVICES`` on the local provider); empty for a CPU-only attempt."""
+    (``CUDA_VISIBLE_DEVICES`` on the local provider); empty for a CPU-only attempt. A gang
+    (``resources.nodes``) holds a part on each of several nodes: the first is ``node`` and
+    ``devices``, the others ``others`` in the order they were placed. A one-node lease
+    stored before ``others`` existed (``[node, devices]``) still reads."""
 
     node: str
     devices: tuple[int, ...] = ()
+    others: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+    def parts(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Each node of the lease with its device indices, the first first."""
+        return [(self.node, self.devices), *self.others]
 
     def visible(self) -> str:
         """The value of ``CUDA_VISIBLE_DEVICES`` for this lease ("" hides every GPU)."""
