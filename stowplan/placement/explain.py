@@ -133,7 +133,7 @@ def _on_devices(
             continue
         c = classes[a.class_id]
         models = (a.gpu_model,) if a.gpu_model else c.gpu_types or tuple(sorted(pool.gpus))
-        task = ledger.task(c.cpus, c.memory, c.gpus, models, c.gpu_milli)
+        task = ledger.task(c.cpus, c.memory, c.gpus, models, c.gpu_milli, c.nodes)
         if task is None:
             if a.class_id == task_id:
                 return ledger, c, None
@@ -157,8 +157,8 @@ def _fragmented(
         if not models:
             continue
         ledger, _, _ = _on_devices(problem, solution, p.id, None, objective)
-        task = ledger.task(cls.cpus, cls.memory, cls.gpus, models, cls.gpu_milli)
-        why = ledger.model.why_not(task) if task is not None else None
+        task = ledger.task(cls.cpus, cls.memory, cls.gpus, models, cls.gpu_milli, cls.nodes)
+        why = ledger.model.why_not_gang(task) if task is not None else None
         if why:
             out.append(f"{p.id}: {why}")
     return out

@@ -509,7 +509,7 @@ class _Room:
             )
             if not allowed:
                 return None
-            task = dev.task(t.cpus, t.memory, t.gpus, allowed, t.gpu_milli)
+            task = dev.task(t.cpus, t.memory, t.gpus, allowed, t.gpu_milli, t.nodes)
             why = self.blocked if task is not None and t.gpus else ""
             if task is not None and not why:
                 why = dev.take(t.run_id, task) or ""
@@ -552,15 +552,15 @@ def _device_why(t: TaskInstance, ledger: DeviceLedger | None, blocked: str) -> s
     if ledger is None:
         return ""
     models = t.gpu_types or tuple(ledger.model.models)
-    task = ledger.task(t.cpus, t.memory, t.gpus, models, t.gpu_milli)
+    task = ledger.task(t.cpus, t.memory, t.gpus, models, t.gpu_milli, t.nodes)
     if task is None:
         return ""
     if t.gpus and blocked:
         return blocked
-    if len(ledger.model.scores(task).slot):
+    if ledger.model.why_not_gang(task) is None:
         return ""
-    return _too_wide(t.gpus, t.gpu_types, ledger.spec) or (
-        ledger.model.why_not(task) or "no node can hold it"
+    return _too_wide(t.gpus, t.gpu_types, ledger.spec, t.nodes) or (
+        ledger.model.why_not_gang(task) or "no node can hold it"
     )
 
 
@@ -570,22 +570,26 @@ def _node_text(node: Shape) -> str:
     return f"{plural(node.cpus, 'CPU')}, {node.memory / 2**30:.3g} GiB{gpus}"
 
 
-def _too_wide(gpus: int, models: tuple[str, ...], devices: PoolDevices | None) -> str:
+def _too_wide(
+    gpus: int, models: tuple[str, ...], devices: PoolDevices | None, nodes: int = 1
+) -> str:
     """Why no node of a pool with ``devices`` could ever hold a run of ``gpus`` GPUs of one
     of ``models`` (any: empty), every device free ("" when one could, or the pool does not
-    lease devices): a pool that leases devices places a run on one node, so such a run is
-    refused there for good, not held (module doc: *Devices*)."""
+    lease devices): a pool that leases devices places a run (a gang: each node's part) on one
+    node, so such a run is refused there for good, not held (module doc: *Devices*)."""
+    gpus //= max(1, nodes)
     if devices is None or gpus <= 0:
         return ""
-    nodes = [n for n in devices.nodes if n.devices and (not models or n.model in models)]
-    if not nodes:
+    accepted = [n for n in devices.nodes if n.devices and (not models or n.model in models)]
+    if not accepted:
         return ""  # no GPU it accepts there: the pool is not eligible, for that reason
-    widest = max(nodes, key=lambda n: len(n.devices))  # the first of the widest, by order
+    widest = max(accepted, key=lambda n: len(n.devices))  # the first of the widest, by order
     if gpus <= len(widest.devices):
         return ""
-    return (
-        f"no node has {gpus} GPUs (the widest, {widest.name}, has {len(widest.devices)}): "
+    return f"no node has {gpus} GPUs (the widest, {widest.name}, has {len(widest.devices)}): " + (
         "a pool that leases devices places a run on one node"
+        if nodes <= 1
+        else f"each of the gang's {nodes} nodes holds {gpus}"
     )
 
 
@@ -1370,7 +1374,12 @@ class SchedulerCore:
                     continue
                 t = run.task
                 task = ledger.task(
-                    t.cpus, t.memory, t.gpus, t.gpu_types or ledger.model.models, t.gpu_milli
+                    t.cpus,
+                    t.memory,
+                    t.gpus,
+                    t.gpu_types or ledger.model.models,
+                    t.gpu_milli,
+                    t.nodes,
                 )
                 # a lease its node no longer holds (gone, or another run's) is not taken: its
                 # devices stay not known, as for a lease restored without them
@@ -1392,7 +1401,7 @@ class SchedulerCore:
         would record (and never more of them)."""
         runs = (r for i, r in enumerate(bucket) if i >= start)
         for pid in sorted(refused):
-            if _too_wide(cls.gpus, cls.gpu_types, self._pools[pid].devices):
+            if _too_wide(cls.gpus, cls.gpu_types, self._pools[pid].devices, cls.nodes):
                 continue  # no node there ever holds them: they wait for the other pools
             for _ in range(self._fit_bound(cls, [self._pools[pid]], free)):
                 run_id = next(runs, None)
@@ -1519,7 +1528,7 @@ class SchedulerCore:
         if not where or held == DeviceLease(where, devices):
             return
         task = ledger.task(
-            t.cpus, t.memory, t.gpus, t.gpu_types or ledger.model.models, t.gpu_milli
+            t.cpus, t.memory, t.gpus, t.gpu_types or ledger.model.models, t.gpu_milli, t.nodes
         )
         if task is not None and ledger.follow(run_id, run.key, task, DeviceLease(where, devices)):
             self._generation += 1  # devices freed, or a pool no longer blocked
@@ -2319,7 +2328,7 @@ class SchedulerCore:
                     and fits(cls, p.node.cpus, p.node.memory, dict(p.node.gpus)) > 0
                 )
             )
-            and not _too_wide(cls.gpus, cls.gpu_types, p.devices)
+            and not _too_wide(cls.gpus, cls.gpu_types, p.devices, cls.nodes)
             for p in pools
         )
 
@@ -2335,7 +2344,7 @@ class SchedulerCore:
         wide = [
             f"{p.id}: {w}"
             for p in pools
-            if (w := _too_wide(cls.gpus, cls.gpu_types, p.devices))
+            if (w := _too_wide(cls.gpus, cls.gpu_types, p.devices, cls.nodes))
             # a pool it may use but for its GPUs: how wide its nodes are is the answer
             and all(r.startswith(too_few) for r in pool_reasons(self._context_problem, cls, p))
         ]
