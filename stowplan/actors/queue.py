@@ -72,7 +72,7 @@ from stowplan.actors.runtime import error_detail, error_text, note_worker
 from stowplan.actors.store import HOLD_S, ActiveState, Artifacts, lease_of
 from stowplan.actors.wire import pack, tune_gc, unpack
 from stowplan.errors import InternalError, ProviderError
-from stowplan.placement.leases import DeviceLease
+from stowplan.placement.leases import DeviceLease, lease_columns
 from stowplan.placement.problem import (
     Dataset,
     PlacementContext,
@@ -845,7 +845,7 @@ class QueueActor:
         for item in items:
             # the lease (node and devices) is recorded with the intent, before the submit
             lease = item.lease
-            where_to = (None, None) if lease is None else (lease.node or None, lease.visible())
+            where_to = (None, None) if lease is None else lease_columns(lease)
             where = placed.pop(item.run_id, None)
             if where is not None and where[0] in decisions:
                 request, i = where

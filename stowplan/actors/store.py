@@ -31,7 +31,7 @@ import msgspec
 from stowplan.actors.runtime import note_worker
 from stowplan.actors.wire import pack, tune_gc, unpack
 from stowplan.placement.context import datasets_in_spec
-from stowplan.placement.leases import DeviceLease
+from stowplan.placement.leases import DeviceLease, lease_from_columns
 from stowplan.placement.problem import Dataset
 from stowplan.provenance.records import (
     ArtifactRecord,
@@ -40,7 +40,6 @@ from stowplan.provenance.records import (
     PlacementRecord,
     RunRecord,
     TransitionRecord,
-    devices_of,
 )
 from stowplan.provenance.store import ArtifactsNotStored, RunStore
 from stowplan.provenance.store.runs import Dispatch, StepBatch
@@ -57,10 +56,7 @@ def lease_of(a: AttemptRecord) -> DeviceLease | None:
     """The node and devices a stored attempt holds, for a restarted core to give back to its
     pool's ledger (``RestoredTask.lease``); None where they were not recorded (a pool that
     does not know its devices, a store older than schema 8)."""
-    devices = devices_of(a.devices)
-    if devices is None or a.node is None:
-        return None
-    return DeviceLease(a.node, devices)
+    return lease_from_columns(a.node, a.devices)
 
 
 class StoreActor:

@@ -52,3 +52,38 @@ class DeviceLease(Struct, frozen=True, array_like=True):
     def visible(self) -> str:
         """The value of ``CUDA_VISIBLE_DEVICES`` for this lease ("" hides every GPU)."""
         return ",".join(str(d) for d in self.devices)
+
+
+GANG_SEP = ";"
+"""Between a gang's nodes in the store's ``attempts.node`` and ``devices`` columns: no node
+name has it (Kubernetes names are DNS labels; Slurm's and the simulator's never hold one)."""
+
+
+def lease_columns(lease: DeviceLease) -> tuple[str | None, str]:
+    """``(node, devices)`` as the store's attempts row keeps ``lease``: ``("n1", "0,1")``; a
+    gang's nodes and device lists joined by ``GANG_SEP`` (``("n1;n2", "0,1;0,1")``); no node
+    (None) for a lease that names none."""
+    parts = lease.parts()
+    node = GANG_SEP.join(n for n, _ in parts)
+    devices = GANG_SEP.join(",".join(str(d) for d in devs) for _, devs in parts)
+    return node or None, devices
+
+
+def lease_from_columns(node: str | None, devices: str | None) -> DeviceLease | None:
+    """The lease an attempts row keeps (``lease_columns``); None where it was not recorded or
+    cannot be read (as for a row older than the columns)."""
+    if node is None or devices is None:
+        return None
+    names = node.split(GANG_SEP)
+    lists = devices.split(GANG_SEP)
+    if len(names) != len(lists):
+        return None
+    try:
+        parts = [
+            (name, tuple(int(d) for d in devs.split(",")) if devs else ())
+            for name, devs in zip(names, lists, strict=True)
+        ]
+    except ValueError:
+        return None
+    (first, devs), *others = parts
+    return DeviceLease(first, devs, tuple(others))

@@ -16,7 +16,13 @@ from stowplan.placement.devices import (
     DeviceTask,
     Placement,
 )
-from stowplan.placement.leases import DeviceLease, NodeDevices, PoolDevices
+from stowplan.placement.leases import (
+    DeviceLease,
+    NodeDevices,
+    PoolDevices,
+    lease_columns,
+    lease_from_columns,
+)
 from tests.unit.placement.test_devices import MIX, check_ledger, nodes_st
 
 
@@ -169,3 +175,16 @@ def test_a_restored_gang_lease_is_held_again_or_not_at_all() -> None:
 def test_a_one_node_lease_stored_before_gangs_still_reads() -> None:
     old = msgspec.json.encode(["n1", [0, 1]])
     assert msgspec.json.decode(old, type=DeviceLease) == DeviceLease("n1", (0, 1))
+
+
+def test_the_store_columns_keep_a_gang_lease_and_read_old_rows() -> None:
+    gang = DeviceLease("n1", (0, 1), (("n2", (2, 3)),))
+    assert lease_columns(gang) == ("n1;n2", "0,1;2,3")
+    assert lease_from_columns(*lease_columns(gang)) == gang
+    one = DeviceLease("n1", (0,))
+    assert lease_columns(one) == ("n1", "0")  # what rows held before gangs
+    assert lease_from_columns("n1", "0") == one
+    assert lease_from_columns("n1", "") == DeviceLease("n1", ())
+    assert lease_columns(DeviceLease("", ())) == (None, "")
+    for node, devices in ((None, "0"), ("n1", None), ("n1;n2", "0"), ("n1", "x")):
+        assert lease_from_columns(node, devices) is None
