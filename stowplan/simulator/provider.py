@@ -44,7 +44,7 @@ from typing import ClassVar
 
 from stowplan.errors import InternalError, ProviderError
 from stowplan.placement.leases import MILLI, DeviceLease, NodeDevices, PoolDevices
-from stowplan.placement.problem import Pool, Shape
+from stowplan.placement.problem import NodeGroup, Pool, Shape
 from stowplan.providers.base import (
     Capabilities,
     Capability,
@@ -98,6 +98,7 @@ class Attempt:
         "key",
         "lease",
         "message",
+        "node_devices",
         "pool",
         "run_id",
         "started",
@@ -124,7 +125,9 @@ class Attempt:
         self.work_s = 0.0
         self.lease: DeviceLease | None = None
         self.devices: tuple[int, ...] = ()
-        """the device indices it holds on its node while it runs (``device_leases`` pools)"""
+        """the device indices it holds on its (first) node while it runs (``device_leases``)"""
+        self.node_devices: dict[int, tuple[int, ...]] = {}
+        """node -> the device indices it holds there (a gang: one entry per node)"""
 
     def report(self) -> Report:
         return Report(
@@ -137,6 +140,11 @@ class Attempt:
             started_at=self.started,
             ended_at=self.ended,
         )
+
+
+def _lease_text(lease: DeviceLease) -> str:
+    """``k8s-0:0,1`` (a gang: ``+`` between its nodes): a lease, as refusals name it."""
+    return "+".join(f"{name}:{','.join(map(str, devs))}" for name, devs in lease.parts())
 
 
 class DataNet:
@@ -225,6 +233,21 @@ class SimPool:
             expected_wait_s=self._expected_wait_s(),
             hardware_class=self.model,
             devices=self._devices() if s.device_leases else None,
+            # a pool that leases devices takes gangs (the lease names a part on each node)
+            node_groups=(
+                (
+                    NodeGroup(
+                        shape=Shape(
+                            cpus=self.cpn,
+                            memory=self.mpn,
+                            gpus={self.model: self.gpn} if self.gpn else {},
+                        ),
+                        count=units,
+                    ),
+                )
+                if s.device_leases and units
+                else ()
+            ),
         )
 
     def _offered_units(self) -> int:
@@ -469,30 +492,38 @@ class _NodePool(SimPool):
         lease, job = att.lease, att.job
         assert lease is not None
         prefix = self.spec.name + "-"
-        n = int(lease.node[len(prefix) :]) if lease.node.startswith(prefix) else -1
-        if not self.holder or not 0 <= n < len(self.up) or len(lease.devices) != job.gpus:
-            why = (
-                f"lease {lease.node}:{lease.visible()} for a {job.gpus}-GPU job names no "
-                f"node and devices of {self.spec.name}"
-            )
-        elif any(not 0 <= d < self.gpn for d in lease.devices) or len(set(lease.devices)) != len(
-            lease.devices
-        ):
-            why = f"lease {lease.node}:{lease.visible()}: {self.spec.name} nodes have {self.gpn}"
-        else:
+        parts = lease.parts()
+        k = len(parts)
+        gpus, cpus, memory = job.gpus // k, job.cpus / k, job.memory // k
+        nodes = [int(name[len(prefix) :]) if name.startswith(prefix) else -1 for name, _ in parts]
+        why = ""
+        if k != max(1, job.nodes) or len(set(nodes)) != k:
+            why = f"lease {_lease_text(lease)} names {k} nodes for a job of {max(1, job.nodes)}"
+        for n, (_, devices) in zip(nodes, parts, strict=True):
+            if why:
+                break
+            if not self.holder or not 0 <= n < len(self.up) or len(devices) != gpus:
+                why = (
+                    f"lease {_lease_text(lease)} for a {job.gpus}-GPU job names no "
+                    f"node and devices of {self.spec.name}"
+                )
+            elif any(not 0 <= d < self.gpn for d in devices) or len(set(devices)) != len(devices):
+                why = f"lease {_lease_text(lease)}: {self.spec.name} nodes have {self.gpn}"
+        if why:
+            self.queue.pop(att.key, None)
+            self.provider.finish(att, ProviderState.FAILED, FailureClass.PROVIDER_REJECTED, why)
+            return None
+        use = self.device_milli(job)
+        for n, (_, devices) in zip(nodes, parts, strict=True):
             if not self.up[n]:
                 return None  # the node is down: wait for its repair, as the job would
-            use = self.device_milli(job)
-            if any(self._room(n, d) < use for d in lease.devices):
+            if any(self._room(n, d) < use for d in devices):
                 self.device_waits += 1
                 return None  # the attempt before it there is still being stopped
-            if self.free_c[n] < job.cpus - 1e-9 or self.free_m[n] < job.memory:
+            if self.free_c[n] < cpus - 1e-9 or self.free_m[n] < memory:
                 return None
-            att.devices = lease.devices
-            return [(n, job.gpus, job.cpus, job.memory)]
-        self.queue.pop(att.key, None)
-        self.provider.finish(att, ProviderState.FAILED, FailureClass.PROVIDER_REJECTED, why)
-        return None
+        att.node_devices = {n: devices for n, (_, devices) in zip(nodes, parts, strict=True)}
+        return [(n, gpus, cpus, memory) for n in nodes]
 
     def _never_fits(self, job: SimJob) -> str:
         # The core sees a pool's totals; nodes are what a job must fit on (Slurm refuses such
@@ -606,17 +637,20 @@ class _NodePool(SimPool):
         for n, g, c, m in where:
             self._take(n, g, c, m, att)
         att.alloc = where
+        if where:
+            att.devices = att.node_devices.get(where[0][0], ())
         return 0.0
 
     def _free(self, att: Attempt) -> None:
         for n, g, c, m in att.alloc:
             self._give(n, g, c, m, att)
+        att.node_devices = {}
 
     def _take(self, n: int, g: int, c: float, m: int, att: Attempt) -> None:
         if self.holder and g:
             held = self.holder[n]
             use = self.device_milli(att.job)
-            devices = att.devices or self._pick(n, g, use)
+            devices = att.node_devices.get(n) or self._pick(n, g, use)
             for d in devices:
                 if self._room(n, d) < use:  # a device over-committed: a scheduler bug
                     others = ", ".join(f"{k[:12]} ({v})" for k, v in sorted(held[d].items()))
@@ -627,7 +661,7 @@ class _NodePool(SimPool):
             g = sum(1 for d in devices if not held[d])  # devices nothing ran on until now
             for d in devices:
                 held[d][att.key] = use
-            att.devices = tuple(devices)
+            att.node_devices[n] = tuple(devices)
         if self.gpn:
             del self.by_free[self.free_g[n]][n]
             self.free_g[n] -= g
@@ -650,7 +684,7 @@ class _NodePool(SimPool):
         if self.holder and g:
             held = self.holder[n]
             g = 0
-            for d in att.devices:
+            for d in att.node_devices.get(n, ()):
                 if held[d].pop(att.key, None) is not None and not held[d]:
                     g += 1  # the device holds nothing now
         self._dirty.add(n)

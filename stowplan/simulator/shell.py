@@ -435,6 +435,7 @@ class Simulation:
                     memory=job.memory,
                     gpus=job.gpus,
                     gpu_milli=job.gpu_milli,
+                    nodes=job.nodes,
                     gpu_types=job.gpu_types or self._runnable_on(job),
                     retry=retry,
                     allowed_providers=quotas.get(job.project),

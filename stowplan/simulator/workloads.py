@@ -57,6 +57,9 @@ class SimJob(Struct, kw_only=True, gc=False):
     """thousandths of its GPU it takes: below 1000 for a share of one GPU (``gpus`` is 1),
     which goes beside other shares on one device of a pool with ``gpu_sharing`` and holds a
     whole device elsewhere (``TaskInstance.gpu_milli``)"""
+    nodes: int = 1
+    """a gang: ``gpus``, ``cpus`` and ``memory`` are its totals, an equal part on each of this
+    many nodes (``TaskInstance.nodes``); only pools with ``device_leases`` take gangs"""
     cpus: float = 1.0
     memory: int = GIB
     gpu_types: tuple[str, ...] = ()

@@ -140,7 +140,7 @@ def test_over_booking_a_device_is_an_error() -> None:
     assert isinstance(pool, KubernetesNodePool)
     other = h.prov.attempts["ka"]
     intruder = type(other)("kx", "x", other.job, pool, 0.0)
-    intruder.devices = (2,)
+    intruder.node_devices = {0: (2,)}
     with pytest.raises(InternalError, match="over-books"):
         pool._take(0, 1, 1.0, 1, intruder)
 

@@ -232,11 +232,11 @@ def test_taking_more_than_a_device_has_left_is_an_error() -> None:
     submit(h, share("a", 750, 100.0), DeviceLease("k8s-0", (0,)), "ka")
     other = h.prov.attempts["ka"]
     intruder = type(other)("kx", "x", share("x", 500, 1.0), pool, 0.0)
-    intruder.devices = (0,)
+    intruder.node_devices = {0: (0,)}
     with pytest.raises(InternalError, match="over-books"):
         pool._take(0, 1, 1.0, 1, intruder)
     whole = type(other)("kw", "w", SimJob(id="w", submit=0, gpus=1), pool, 0.0)
-    whole.devices = (0,)
+    whole.node_devices = {0: (0,)}
     with pytest.raises(InternalError, match="over-books"):
         pool._take(0, 1, 1.0, 1, whole)
     assert pool.holder[0] == [{"ka": 750}]

@@ -1,0 +1,68 @@
+"""Gangs on pools with ``device_leases``: the core leases a part on each of several nodes, and
+the simulated pool holds exactly those devices on each, for the whole run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stowplan.simulator.cluster import parse_cluster
+from stowplan.simulator.provider import SlurmPartition
+from stowplan.simulator.shell import SimOptions, Simulation
+from stowplan.simulator.workloads import SimJob, Workload
+
+CLUSTER = """\
+[cluster]
+name = "g"
+[[sites]]
+name = "s"
+[[pools]]
+name = "slurm"
+site = "s"
+kind = "slurm"
+nodes = 3
+gpus_per_node = 8
+gpu_model = "v100"
+cpus_per_node = 64
+memory_per_node = "512GiB"
+device_leases = true
+"""
+
+
+def run(jobs: list[SimJob]) -> Simulation:
+    sim = Simulation(
+        parse_cluster(CLUSTER, Path("g.toml")),
+        Workload(name="gangs", kind="synthetic", jobs=jobs, source="test"),
+        SimOptions(seed=1),
+    )
+    sim.run()
+    return sim
+
+
+def test_a_gang_runs_on_its_leased_devices_on_each_node() -> None:
+    jobs = [
+        SimJob(id="wide", submit=0.0, duration=100.0, gpus=16, cpus=8.0, memory=8 << 30, nodes=2),
+        SimJob(id="one", submit=0.0, duration=50.0, gpus=4, cpus=2.0, memory=4 << 30),
+        SimJob(id="next", submit=10.0, duration=50.0, gpus=16, cpus=2.0, memory=1 << 30, nodes=2),
+    ]
+    sim = run(jobs)
+    rows = {r["job"]: r for r in sim.metrics.job_rows()}
+    assert {j: r["state"] for j, r in rows.items()} == dict.fromkeys(rows, "SUCCEEDED")
+    # the second gang needs two whole nodes: it waits for the first to end
+    assert rows["next"]["start"] >= rows["wide"]["end"]
+    [pool] = [p for prov in sim.providers.values() for p in prov.pools.values()]
+    assert isinstance(pool, SlurmPartition)
+    wide = next(
+        a for p in sim.providers.values() for a in p.attempts.values() if a.run_id == "wide"
+    )
+    assert wide.lease is not None and len(wide.lease.parts()) == 2
+    assert sorted(n for n, _, _, _ in wide.alloc) == sorted(
+        int(name.rsplit("-", 1)[1]) for name, _ in wide.lease.parts()
+    )
+    assert all(g == 8 and c == 4.0 for _, g, c, _ in wide.alloc)
+    # every device is free again at the end
+    assert all(not held for node in pool.holder for held in node)
+
+
+def test_a_job_wider_than_a_node_without_a_gang_still_fails() -> None:
+    sim = run([SimJob(id="w", submit=0.0, duration=10.0, gpus=16, cpus=2.0)])
+    assert [r["state"] for r in sim.metrics.job_rows()] == ["FAILED"]
