@@ -319,7 +319,10 @@ def _held(core: Any, run_ids: list[str]) -> dict[str, str]:
 def _lease_doc(lease: Any) -> dict[str, Any] | None:
     if lease is None:
         return None
-    return {"node": lease.node, "devices": list(lease.devices)}
+    doc: dict[str, Any] = {"node": lease.node, "devices": list(lease.devices)}
+    if lease.others:  # a gang: its other nodes and their devices
+        doc["others"] = [{"node": n, "devices": list(d)} for n, d in lease.others]
+    return doc
 
 
 def _lease_lines(

@@ -530,6 +530,9 @@ class DeviceModel:
         None, with nothing taken, when fewer nodes than that can hold a part."""
         check_task(task)
         nodes = task.nodes
+        if nodes == 1:
+            one = self.place(task)
+            return None if one is None else [one]
         placed: list[Placement] = []
         try:
             for _ in range(nodes):

@@ -106,7 +106,9 @@ class Explanation(Struct, frozen=True, kw_only=True):
 def lease_text(lease: DeviceLease, milli: int = MILLI) -> str:
     """``node myhost, GPUs 0,1``: where a lease puts a run (``no GPU`` for one that holds none;
     no node where the pool counts such runs only in its totals); ``0.25 of GPU 0`` for a run
-    that takes ``milli`` of one device."""
+    that takes ``milli`` of one device; a gang's nodes one after another, ``; `` between."""
+    if lease.others:
+        return "; ".join(lease_text(DeviceLease(n, d), milli) for n, d in lease.parts())
     n = len(lease.devices)
     gpus = f"GPU{'s' if n != 1 else ''} {lease.visible()}" if n else "no GPU"
     if n == 1 and 0 < milli < MILLI:

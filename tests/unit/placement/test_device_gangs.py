@@ -188,3 +188,11 @@ def test_the_store_columns_keep_a_gang_lease_and_read_old_rows() -> None:
     assert lease_columns(DeviceLease("", ())) == (None, "")
     for node, devices in ((None, "0"), ("n1", None), ("n1;n2", "0"), ("n1", "x")):
         assert lease_from_columns(node, devices) is None
+
+
+def test_a_gang_lease_is_named_node_by_node() -> None:
+    from stowplan.placement.explain import lease_text
+
+    gang = DeviceLease("n1", (0, 1), (("n2", (2, 3)),))
+    assert lease_text(gang) == "node n1, GPUs 0,1; node n2, GPUs 2,3"
+    assert lease_text(DeviceLease("n1", (0,)), 250) == "node n1, 0.25 of GPU 0"
