@@ -712,8 +712,10 @@ async def test_at_most_the_configured_cpus_run_at_once(state_dir: Path) -> None:
     assert [r.state for r in first[1:]] == [S.QUEUED, S.QUEUED]
     deadline = time.monotonic() + 20
     while True:
+        # Not a count of RUNNING reports: the next task starts as soon as the one before it
+        # ends, while that one's keeper, still RUNNING, writes its records. The tasks' own
+        # clocks below say whether two ever ran at once.
         reports = await provider.describe([t.key for t in tasks])
-        assert sum(r.state is S.RUNNING for r in reports) <= 1
         if all(r.state in TERMINAL_PROVIDER_STATES for r in reports):
             break
         assert time.monotonic() < deadline, reports
