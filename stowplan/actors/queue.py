@@ -72,7 +72,7 @@ from stowplan.actors.runtime import error_detail, error_text, note_worker
 from stowplan.actors.store import HOLD_S, ActiveState, Artifacts, lease_of
 from stowplan.actors.wire import pack, tune_gc, unpack
 from stowplan.errors import InternalError, ProviderError
-from stowplan.placement.leases import DeviceLease, lease_columns
+from stowplan.placement.leases import DeviceLease, devices_text, lease_columns
 from stowplan.placement.problem import (
     Dataset,
     PlacementContext,
@@ -80,7 +80,7 @@ from stowplan.placement.problem import (
     PlacementSolution,
     Pool,
 )
-from stowplan.provenance.records import AttemptRecord, RunRecord, devices_text
+from stowplan.provenance.records import AttemptRecord, RunRecord
 from stowplan.provenance.store.runs import (
     AttemptRow,
     Dispatch,

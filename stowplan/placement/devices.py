@@ -550,15 +550,19 @@ class DeviceModel:
             return None
         return placed
 
+    def _admits(self, node: int, task: DeviceTask) -> bool:
+        """The node's free CPUs and memory cover the task, and (for a GPU task) its model is
+        one the task accepts: what ``holds`` and ``fits`` ask before the devices."""
+        if self.cpu_free[node] < task.cpu or self.mem_free[node] < task.memory:
+            return False
+        return not task.gpus or task.models is None or self.nodes[node].model in task.models
+
     def holds(self, node: int, task: DeviceTask) -> bool:
         """Whether ``node`` could host ``task`` now, on some of its devices."""
-        n = self.nodes[node]
-        if self.cpu_free[node] < task.cpu or self.mem_free[node] < task.memory:
+        if not self._admits(node, task):
             return False
         if not task.gpus:
             return True
-        if task.models is not None and n.model not in task.models:
-            return False
         use = self.use(node, task)
         free = self.dev_free[node]
         if use < MILLI:
@@ -627,13 +631,11 @@ class DeviceModel:
 
     def fits(self, node: int, task: DeviceTask, devices: tuple[int, ...]) -> bool:
         """Can the node host the task on exactly those devices now (the per-device rule)."""
-        n = self.nodes[node]
-        if self.cpu_free[node] < task.cpu or self.mem_free[node] < task.memory:
+        if not self._admits(node, task):
             return False
         if task.gpus == 0:
             return not devices
-        if task.models is not None and n.model not in task.models:
-            return False
+        n = self.nodes[node]
         if len(devices) != task.gpus or len(set(devices)) != len(devices):
             return False
         use = self.use(node, task)

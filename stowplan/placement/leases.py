@@ -59,6 +59,21 @@ GANG_SEP = ";"
 name has it (Kubernetes names are DNS labels; Slurm's and the simulator's never hold one)."""
 
 
+def devices_text(devices: tuple[int, ...] | None) -> str | None:
+    """Device indices as the store keeps them: "0,1", "" for none, None for not known."""
+    return None if devices is None else ",".join(str(d) for d in devices)
+
+
+def devices_of(text: str | None) -> tuple[int, ...] | None:
+    """The device indices of a ``devices_text`` (None: not recorded, or unreadable)."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(d) for d in text.split(",")) if text else ()
+    except ValueError:
+        return None
+
+
 def lease_columns(lease: DeviceLease) -> tuple[str | None, str]:
     """``(node, devices)`` as the store's attempts row keeps ``lease``: ``("n1", "0,1")``; a
     gang's nodes and device lists joined by ``GANG_SEP`` (``("n1;n2", "0,1;0,1")``); no node
@@ -75,15 +90,13 @@ def lease_from_columns(node: str | None, devices: str | None) -> DeviceLease | N
     if node is None or devices is None:
         return None
     names = node.split(GANG_SEP)
-    lists = devices.split(GANG_SEP)
+    lists = [devices_of(text) for text in devices.split(GANG_SEP)]
     if len(names) != len(lists):
         return None
-    try:
-        parts = [
-            (name, tuple(int(d) for d in devs.split(",")) if devs else ())
-            for name, devs in zip(names, lists, strict=True)
-        ]
-    except ValueError:
-        return None
+    parts = []
+    for name, devs in zip(names, lists, strict=True):
+        if devs is None:
+            return None
+        parts.append((name, devs))
     (first, devs), *others = parts
     return DeviceLease(first, devs, tuple(others))

@@ -112,21 +112,6 @@ class AttemptRecord(Struct, frozen=True, kw_only=True):
     intent, then as the provider reported binding them (Slurm); None elsewhere."""
 
 
-def devices_text(devices: tuple[int, ...] | None) -> str | None:
-    """``AttemptRecord.devices`` for device indices: "0,1", "" for none, None for not known."""
-    return None if devices is None else ",".join(str(d) for d in devices)
-
-
-def devices_of(text: str | None) -> tuple[int, ...] | None:
-    """The device indices of an ``AttemptRecord.devices`` (None: not recorded, or unreadable)."""
-    if text is None:
-        return None
-    try:
-        return tuple(int(d) for d in text.split(",")) if text else ()
-    except ValueError:
-        return None
-
-
 class TransitionRecord(Struct, frozen=True, kw_only=True):
     """One lifecycle step of a run, appended to the events table."""
 

@@ -557,11 +557,10 @@ def _device_why(t: TaskInstance, ledger: DeviceLedger | None, blocked: str) -> s
         return ""
     if t.gpus and blocked:
         return blocked
-    if ledger.model.why_not_gang(task) is None:
+    why = ledger.model.why_not_gang(task)
+    if why is None:
         return ""
-    return _too_wide(t.gpus, t.gpu_types, ledger.spec, t.nodes) or (
-        ledger.model.why_not_gang(task) or "no node can hold it"
-    )
+    return _too_wide(t.gpus, t.gpu_types, ledger.spec, t.nodes) or why or "no node can hold it"
 
 
 def _node_text(node: Shape) -> str:

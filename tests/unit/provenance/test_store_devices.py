@@ -9,8 +9,8 @@ from pathlib import Path
 
 from stowplan.actors.store import StoreActor, lease_of
 from stowplan.actors.wire import pack, unpack
-from stowplan.placement.leases import DeviceLease
-from stowplan.provenance.records import AttemptRecord, RunRecord, devices_of, devices_text
+from stowplan.placement.leases import DeviceLease, devices_of, devices_text
+from stowplan.provenance.records import AttemptRecord, RunRecord
 from stowplan.provenance.store import SCHEMA_VERSION, RunStore
 from stowplan.provenance.store.runs import AttemptRow, Dispatch, IntentRow, StepBatch
 from stowplan.provenance.store.schema import (
