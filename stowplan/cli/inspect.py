@@ -17,12 +17,25 @@ from rich.table import Table
 
 from stowplan.cli.common import make_console, open_store, plural, resolve_run
 from stowplan.errors import SpecError
+from stowplan.placement.leases import devices_text, lease_from_columns
 from stowplan.provenance.records import AttemptRecord
 from stowplan.provenance.store import ACTIVE_ATTEMPT_STATES, RunStore
 from stowplan.scheduler.states import FINAL
 
 EXIT_INTERRUPTED = 130
 """128 + SIGINT, as a shell reports a command that Ctrl-C ended."""
+
+
+def attempt_place(a: AttemptRecord) -> str:
+    """``node n1, GPUs 0,1`` (``GPUs none``; no GPUs where the pool does not lease devices):
+    where an attempt ran, a gang's nodes one after another, ``; `` between."""
+    lease = lease_from_columns(a.node, a.devices)
+    if lease is not None and lease.others:
+        return "; ".join(
+            f"node {node}, GPUs {devices_text(devices) or 'none'}"
+            for node, devices in lease.parts()
+        )
+    return f"node {a.node}" + (f", GPUs {a.devices or 'none'}" if a.devices is not None else "")
 
 
 def _ago(t: float) -> str:
@@ -340,9 +353,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     for a in attempts:
         c.print(
             f"  #{a.attempt} {a.state} on {a.provider}/{a.pool} job {a.job_id} "
-            f"node {a.node}"
-            + (f", GPUs {a.devices or 'none'}" if a.devices is not None else "")
-            + f" exit {a.exit_code}"
+            f"{attempt_place(a)} exit {a.exit_code}"
             + (f" {a.failure}: {a.message}" if a.failure else ""),
             markup=False,
         )
