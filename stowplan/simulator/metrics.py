@@ -49,6 +49,8 @@ class Metrics:
         self.start: dict[str, float] = {}
         self.end: dict[str, float] = {}
         self.final: dict[str, TaskState] = {}
+        self.why: dict[str, str] = {}
+        """why a job ended other than SUCCEEDED: its last transition's failure and reason"""
         self.pool: dict[str, str] = {}
         self.failures: Counter[str] = Counter()
         self.lost = 0
@@ -75,6 +77,11 @@ class Metrics:
             elif to in FINAL:
                 self.end[rec.run_id] = now
                 self.final[rec.run_id] = to
+                if to is not TaskState.SUCCEEDED:
+                    why = rec.reason or ""
+                    if rec.failure is not None:
+                        why = f"{rec.failure.value}: {why}" if why else rec.failure.value
+                    self.why[rec.run_id] = why
             elif to is TaskState.LOST:
                 self.lost += 1
             if rec.failure is not None and to in (TaskState.RETRYING, TaskState.FAILED):
@@ -136,6 +143,7 @@ class Metrics:
                     "completion": None if jct is None else _r(jct),
                     "run_time": None if run_s is None else _r(run_s),
                     "slowdown": None if jct is None or not run_s else _r(jct / run_s),
+                    "reason": self.why.get(run_id) or core.held(run_id),
                 }
             )
         return rows

@@ -99,6 +99,7 @@ JOB_COLUMNS = [
     "completion",
     "run_time",
     "slowdown",
+    "reason",
 ]
 POOL_COLUMNS = [
     "pool",

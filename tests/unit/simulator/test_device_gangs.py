@@ -65,4 +65,8 @@ def test_a_gang_runs_on_its_leased_devices_on_each_node() -> None:
 
 def test_a_job_wider_than_a_node_without_a_gang_still_fails() -> None:
     sim = run([SimJob(id="w", submit=0.0, duration=10.0, gpus=16, cpus=2.0)])
-    assert [r["state"] for r in sim.metrics.job_rows()] == ["FAILED"]
+    [row] = sim.metrics.job_rows()
+    assert row["state"] == "FAILED"
+    # the job's row says why, not only FAILED
+    assert row["reason"].startswith("provider_rejected: no allowed pool offers"), row
+    assert "no node of it has 2 CPUs, 1 GiB and 16 x GPU together" in row["reason"], row
