@@ -742,7 +742,8 @@ class DeviceLedger:
         each (a share of one device below ``MILLI``); None when it needs nothing the ledger
         counts. A share holds a whole device where the pool does not share them. A gang of
         ``nodes`` (its ``cpus``, ``memory`` and ``gpus`` the totals) is one node's part, on
-        each of that many nodes."""
+        each of that many nodes. A pool that hands out its devices in slices holds a share's
+        milli rounded up to whole slices (``PoolDevices.slice_milli``)."""
         if not gpus and not self.per_node:
             return None
         k = max(1, nodes)
@@ -750,7 +751,7 @@ class DeviceLedger:
             cpu=round(cpus * 1000 / k),
             memory=memory // k,
             gpus=gpus // k,
-            milli=milli if gpus == 1 and 0 < milli < MILLI else MILLI,
+            milli=self.spec.slice_milli(milli) if gpus == 1 and 0 < milli < MILLI else MILLI,
             models=frozenset(models) if gpus else None,
             nodes=k,
         )
@@ -760,7 +761,7 @@ class DeviceLedger:
         wholly free device counts at least one): what a pool that shares its devices offers
         the count model, which counts a share as one GPU. Whole-GPU runs offered more than
         the wholly free devices hold are refused here, as fragmented GPUs are."""
-        grain = max(1, min(grain, MILLI))
+        grain = max(1, self.spec.slice_milli(grain))
         out: dict[str, int] = {}
         for node, frees in zip(self.model.nodes, self.model.dev_free, strict=True):
             if node.gpus:

@@ -28,10 +28,22 @@ class NodeDevices(Struct, frozen=True, kw_only=True):
 class PoolDevices(Struct, frozen=True, kw_only=True):
     """A pool whose GPUs are known by device: placing there means choosing a node and device
     indices (the lease is the placement). ``sharing``: the provider can put fractional shares
-    of one device on it (MIG, Kubernetes GPU sharing); otherwise a task holds whole devices."""
+    of one device on it (the local provider, Kubernetes time-slicing); otherwise a task holds
+    whole devices. ``slices``: a sharing pool hands out each device in this many equal slices
+    (Kubernetes time-slicing's replicas), so a share holds a whole number of them
+    (``slice_milli``); 0: any thousandths."""
 
     nodes: tuple[NodeDevices, ...]
     sharing: bool = False
+    slices: int = 0
+
+    def slice_milli(self, milli: int) -> int:
+        """The thousandths of one device a share of ``milli`` holds here: rounded up to whole
+        slices (``MILLI`` once it needs them all)."""
+        if not self.slices or milli >= MILLI:
+            return min(milli, MILLI)
+        k = -(-milli * self.slices // MILLI)
+        return MILLI if k >= self.slices else k * (MILLI // self.slices)
 
 
 class DeviceLease(Struct, frozen=True, array_like=True):

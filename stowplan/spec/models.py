@@ -167,7 +167,8 @@ class Resources(_Spec, frozen=True):
 
     ``gpus`` is a number of whole GPUs, or a share of one GPU below 1 (``0.25``, to the
     thousandth): a share runs beside other shares on one device where the pool shares its
-    GPUs (the local provider), and holds a whole device elsewhere (``gpu_devices``).
+    GPUs (the local provider; Kubernetes nodes that time-slice their GPUs, where it holds
+    whole replicas, rounded up), and holds a whole device elsewhere (``gpu_devices``).
 
     ``nodes`` above 1 asks for a gang: that many nodes at once, each with ``cpus``, ``memory``
     and ``gpus``; the command runs once, on the first, and starts the work on the others

@@ -104,6 +104,12 @@ class NodeSpec:
     gpus: int = 0
     gpu_product: str | None = None
     allocatable_gpus: int | None = None  # default: gpus (0 models a broken device plugin)
+    gpu_replicas: int = 1
+    """above 1: the device plugin time-slices each GPU into this many replicas, and GPU feature
+    discovery labels the node so (NVIDIA/k8s-device-plugin, docs/gpu-feature-discovery/
+    README.md): ``nvidia.com/gpu.replicas``, the product with ``-SHARED``; the node's
+    capacity and allocatable ``nvidia.com/gpu`` are replicas, ``nvidia.com/gpu.count`` the
+    GPUs."""
     pool: str | None = None
     pool_label: str = "cloud.google.com/gke-nodepool"
     region: str | None = None
@@ -124,8 +130,10 @@ class NodeSpec:
         if self.pool:
             labels[self.pool_label] = self.pool
         if self.gpu_product:
-            labels["nvidia.com/gpu.product"] = self.gpu_product
+            shared = "-SHARED" if self.gpu_replicas > 1 else ""
+            labels["nvidia.com/gpu.product"] = self.gpu_product + shared
             labels["nvidia.com/gpu.count"] = str(self.gpus)
+            labels["nvidia.com/gpu.replicas"] = str(self.gpu_replicas)
         if self.region:
             labels["topology.kubernetes.io/region"] = self.region
         if self.zone:
@@ -141,9 +149,11 @@ class NodeSpec:
         }
         allocatable = dict(capacity)
         if self.gpus or self.gpu_product:
-            capacity["nvidia.com/gpu"] = str(self.gpus)
+            capacity["nvidia.com/gpu"] = str(self.gpus * self.gpu_replicas)
             allocatable["nvidia.com/gpu"] = str(
-                self.gpus if self.allocatable_gpus is None else self.allocatable_gpus
+                self.gpus * self.gpu_replicas
+                if self.allocatable_gpus is None
+                else self.allocatable_gpus
             )
         spec: JSON = {}
         if self.taints:

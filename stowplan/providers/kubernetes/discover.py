@@ -15,10 +15,16 @@ Devices: a pool that is not autoscaled and has GPU nodes describes its GPUs by n
 (``Pool.devices``), so the scheduler core places each run on one node and device indices (its
 ``DeviceLease``) and the pod is pinned to that node (``render.py``). A node is named by its
 ``kubernetes.io/hostname`` label (else its name), which the pin selects; its devices are its
-allocatable GPUs, whole (no sharing). Kubernetes does not say which devices a pod holds (the
-device plugin picks them), so the GPUs other pods request are modelled as the first devices
-that no lease of stowplan's names; the devices of this provider's own pods are their leases
-(the ``DEVICES_ANNOTATION`` their Job records), left free here because the core holds them.
+allocatable GPUs, whole. A node whose device plugin time-slices its GPUs (GPU feature
+discovery's ``nvidia.com/gpu.replicas`` above 1) allocates replicas: its devices are its
+allocatable over its replicas, and the pool shares them (``PoolDevices.sharing``) in slices of
+one replica (``PoolDevices.slices``): a share of one GPU holds whole replicas and a whole GPU
+all of one's (``render.gpu_request``). A pool whose nodes have different replicas offers no
+GPUs, and says so. Kubernetes does not say which devices a pod holds (the device plugin picks
+them; with time-slicing, even which device a replica is of), so the GPUs other pods request
+are modelled as the first devices that no lease of stowplan's names; the devices of this
+provider's own pods are their leases (the ``DEVICES_ANNOTATION`` their Job records), left free
+here because the core holds them.
 
 Own pods: the pods of the Jobs in ``own_jobs`` (the driver's: it submitted them or found their
 keys) hold what the core leases to their runs, and the core subtracts its leases itself
@@ -64,6 +70,10 @@ POOL_LABELS = (
 """The node-pool labels looked for, in this order, when ``node_pool_label`` is not set."""
 REGION_LABEL = "topology.kubernetes.io/region"
 ZONE_LABEL = "topology.kubernetes.io/zone"
+REPLICAS_LABEL = "nvidia.com/gpu.replicas"
+"""GPU feature discovery's replicas of each GPU: above 1 where the device plugin time-slices
+them (its allocatable GPUs are then replicas; NVIDIA/k8s-device-plugin,
+docs/gpu-feature-discovery/README.md)."""
 
 _SUFFIX: dict[str, Decimal] = {
     "": Decimal(1),
@@ -116,6 +126,19 @@ def gpu_model_of(product: str) -> str:
             return f"rtx{w}"
     rest = [w for w in words if w not in _VENDOR_WORDS]
     return rest[0] if rest else "unknown"
+
+
+def replicas_of(labels: Mapping[str, str]) -> int | None:
+    """The replicas of each GPU a node's device plugin hands out (``REPLICAS_LABEL``): 1 where
+    the label is absent; None where it is not a positive whole number."""
+    text = labels.get(REPLICAS_LABEL)
+    if text is None:
+        return 1
+    try:
+        value = int(text)
+    except ValueError:
+        return None
+    return value if value > 0 else None
 
 
 def detect_pool_label(nodes: Iterable[Mapping[str, Any]]) -> str | None:
@@ -174,20 +197,34 @@ def leased_devices(pod: Mapping[str, Any]) -> tuple[str, tuple[int, ...]] | None
 
 
 def node_devices(
-    name: str, model: str, gpus: int, taken: int, leased: Collection[int], cpus: float, memory: int
+    name: str,
+    model: str,
+    gpus: int,
+    taken: int,
+    leased: Collection[int],
+    cpus: float,
+    memory: int,
+    slices: int = 1,
 ) -> NodeDevices:
     """One node's row of ``gpus`` devices: ``taken`` of them (other pods' GPUs) on the first
     indices that no lease of stowplan's names, then on leased ones if they do not fit (a
-    node over-committed that way makes the core drop the lease it can no longer keep).
+    node over-committed that way makes the core drop the lease it can no longer keep). A node
+    that time-slices its GPUs (``slices`` replicas each) counts ``taken`` in replicas, filling
+    one device's slices before the next.
 
     NOTE: ``NodeDevices`` reads 0 CPUs or memory as "not counted per node"; a full node
     keeps the least amount instead (1 millicore, 1 byte), which no run fits into."""
     order = [d for d in range(gpus) if d not in leased] + [d for d in range(gpus) if d in leased]
-    used = set(order[: max(0, min(taken, gpus))])
+    left = max(0, min(taken, gpus * slices))
+    held = dict.fromkeys(range(gpus), 0)
+    for d in order:
+        held[d] = min(slices, left)
+        left -= held[d]
+    one = MILLI // slices
     return NodeDevices(
         name=name,
         model=model if gpus else "",
-        devices=tuple(0 if d in used else MILLI for d in range(gpus)),
+        devices=tuple(MILLI if not held[d] else (slices - held[d]) * one for d in range(gpus)),
         cpus=max(0.001, cpus),
         memory=max(1, memory),
     )
@@ -250,6 +287,7 @@ def pools_of(
     taints: dict[str, set[str]] = defaultdict(set)
     present: dict[str, int] = defaultdict(int)
     rows: dict[str, list[NodeDevices]] = defaultdict(list)
+    replicas: dict[str, set[int]] = defaultdict(set)  # pool -> its GPU nodes' replicas per GPU
     hostnames: set[str] = set()
     for n in sorted(nodes, key=lambda n: str((n.get("metadata") or {}).get("name"))):
         meta = n.get("metadata") or {}
@@ -268,14 +306,22 @@ def pools_of(
             notes.append(f"node {name}: not Ready; left out")
             continue
         alloc = (n.get("status") or {}).get("allocatable") or {}
-        n_gpus = int(parse_quantity(alloc.get(gpu_resource, "0")))
+        n_alloc = int(parse_quantity(alloc.get(gpu_resource, "0")))
         product = labels.get(GPU_PRODUCT_LABEL)
-        if product and n_gpus <= 0:
+        if product and n_alloc <= 0:
             notes.append(
                 f"node {name}: labelled {product} but reports 0 allocatable {gpu_resource} "
                 "(a broken GPU driver or device plugin); left out"
             )
             continue
+        slices = replicas_of(labels)
+        if slices is None or n_alloc % slices:
+            notes.append(
+                f"node {name}: {REPLICAS_LABEL}={labels.get(REPLICAS_LABEL)!r} does not divide "
+                f"its {n_alloc} allocatable {gpu_resource} into whole GPUs; left out"
+            )
+            continue
+        n_gpus = n_alloc // slices  # devices; the allocatable, used and free are in replicas
         taints[pool].update(
             str(t.get("key", ""))
             for t in spec.get("taints") or []
@@ -285,11 +331,12 @@ def pools_of(
         here = used.get(name, {})
         free_cpu = parse_quantity(alloc.get("cpu", "0")) - here.get("cpu", Decimal(0))
         free_mem = parse_quantity(alloc.get("memory", "0")) - here.get("memory", Decimal(0))
-        free_gpu = n_gpus - int(here.get(gpu_resource, Decimal(0)))
+        taken = int(here.get(gpu_resource, Decimal(0)))
         cpus[pool] += max(Decimal(0), free_cpu)
         memory[pool] += max(Decimal(0), free_mem)
         if n_gpus:
-            gpus[pool][model] += max(0, free_gpu)
+            gpus[pool][model] += max(0, n_alloc - taken) // slices
+            replicas[pool].add(slices)
         host = str(labels.get(HOSTNAME_LABEL) or name)
         if host in hostnames:
             notes.append(
@@ -304,10 +351,11 @@ def pools_of(
                     host,
                     model,
                     n_gpus,
-                    n_gpus - free_gpu,
+                    taken,
                     leased.get(host, ()),
                     float(free_cpu),
                     int(free_mem),
+                    slices,
                 )
             )
         shape = Shape(
@@ -342,9 +390,24 @@ def pools_of(
                 notes.append(f"autoscaled pool {pool}: at its maximum of {scale.max_nodes} nodes")
         devices = None
         row = sorted(rows[pool], key=lambda r: r.name)
+        slices = max(replicas[pool], default=1)
+        pool_gpus = dict(sorted(gpus[pool].items()))
+        if len(replicas[pool]) > 1:
+            # a whole GPU is as many replicas as its node has: one pool, one number
+            notes.append(
+                f"pool {pool}: its nodes time-slice their GPUs into different numbers of "
+                f"replicas ({', '.join(map(str, sorted(replicas[pool])))}); its GPUs are not "
+                "offered (give each number its own node pool)"
+            )
+            pool_gpus, row = (
+                {},
+                [NodeDevices(name=r.name, cpus=r.cpus, memory=r.memory) for r in row],
+            )
         if scale is None and any(r.devices for r in row) and all(r.name for r in row):
             # NOTE: an autoscaled pool's new nodes are not known by device: it counts
-            devices = PoolDevices(nodes=tuple(row))
+            devices = PoolDevices(
+                nodes=tuple(row), sharing=slices > 1, slices=slices if slices > 1 else 0
+            )
         if required:
             notes.append(
                 f"pool {pool}: tainted {', '.join(sorted(required))}; offered only to tasks "
@@ -359,7 +422,7 @@ def pools_of(
                 region=region,
                 cpus=float(cpus[pool]),
                 memory=int(memory[pool]),
-                gpus=dict(sorted(gpus[pool].items())),
+                gpus=pool_gpus,
                 node=node,
                 max_instances=max_instances,
                 boot_s=boot_s,

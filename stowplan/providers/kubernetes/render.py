@@ -23,7 +23,9 @@ Device leases: a launch with a ``DeviceLease`` naming a node (a pool that descri
 ``discover.py``) goes to that node: its pod has a *required* node affinity on
 ``kubernetes.io/hostname`` (never ``nodeName``, which would bypass the scheduler and the device
 plugin's admission), beside the pool's node selector, and requests as many GPUs as the lease
-holds devices (none for a CPU-only run). The device plugin binds the devices; the pod template
+holds devices (none for a CPU-only run). Where the pool's nodes time-slice their GPUs
+(``PoolDevices.slices``), it requests replicas instead: a share of one GPU in whole replicas,
+a whole GPU all of one's (``gpu_request``). The device plugin binds the devices; the pod template
 records the lease of each completion index in ``DEVICES_ANNOTATION``, which discovery reads
 back. Launches are grouped by their lease's node too.
 
@@ -46,6 +48,7 @@ from typing import Any, NamedTuple
 from msgspec import Struct, field
 
 from stowplan.errors import ProviderError
+from stowplan.placement.leases import MILLI
 from stowplan.placement.problem import Pool
 from stowplan.providers.base import LaunchSpec, ProviderRequest, command_of, request_name
 from stowplan.spec.models import K8S_IMAGE, KubernetesProviderConfig
@@ -302,6 +305,18 @@ class _Group(Struct, frozen=True, array_like=True, order=True):
     """the node its leases name ("" for none): its pods are pinned there."""
 
 
+def gpu_request(launch: LaunchSpec, pool: Pool | None) -> int:
+    """How many of ``gpu_resource`` the pod asks for: the launch's GPUs; where the pool's
+    nodes time-slice them (``PoolDevices.slices`` replicas each), replicas: a share of one
+    GPU in whole replicas, rounded up, and a whole GPU every replica of one."""
+    slices = pool.devices.slices if pool is not None and pool.devices is not None else 0
+    if not launch.gpus or slices <= 1:
+        return launch.gpus
+    if launch.gpus == 1 and 0 < launch.gpu_milli < MILLI:
+        return min(slices, -(-launch.gpu_milli * slices // MILLI))
+    return launch.gpus * slices
+
+
 def _reject(provider: str, launch: LaunchSpec, why: str) -> ProviderError:
     return ProviderError(f"attempt {launch.key!r}: {why}", provider=provider, retryable=False)
 
@@ -415,7 +430,7 @@ def plan_jobs(
             pool=launch.pool,
             cpus=cpu_quantity(launch.cpus),
             memory=memory_quantity(launch.memory),
-            gpus=launch.gpus,
+            gpus=gpu_request(launch, by_id.get(launch.pool)),
             gpu_types=tuple(sorted(t.lower() for t in launch.gpu_types)),
             timeout_s=0 if launch.timeout_s is None else math.ceil(launch.timeout_s),
             image=image,

@@ -159,6 +159,7 @@ class Plane:
                     cpus=t.cpus,
                     memory=t.memory,
                     gpus=t.gpus,
+                    gpu_milli=t.gpu_milli,
                     gpu_types=t.gpu_types,
                     lease=item.lease,  # what the shell's launch_spec passes on
                 )

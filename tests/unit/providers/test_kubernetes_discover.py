@@ -335,3 +335,61 @@ def test_two_nodes_with_one_hostname_make_the_pool_count() -> None:
     (pool,) = found.pools
     assert pool.devices is None and pool.gpus == {"v100": 4}
     assert "another node has kubernetes.io/hostname=gpu-a" in "\n".join(found.notes)
+
+
+# -- time-slicing (the device plugin's replicas) ---------------------------------------------
+
+
+def t4(name: str, replicas: int = 4, **kw: Any) -> NodeSpec:
+    return NodeSpec(
+        name=name,
+        pool="t4",
+        cpu="16",
+        memory="64Gi",
+        gpus=2,
+        gpu_product="Tesla-T4",
+        gpu_replicas=replicas,
+        taints=GPU_TAINT,
+        **kw,
+    )
+
+
+def test_a_time_sliced_pool_shares_its_devices_in_replicas() -> None:
+    """2 T4s of 4 replicas each (8 allocatable): the node has 2 devices, not 8; someone
+    else's 5 replicas fill device 0 and a quarter of device 1."""
+    ns = nodes(t4("ts-a"), t4("ts-b"))
+    assert ns[0]["status"]["allocatable"]["nvidia.com/gpu"] == "8"
+    assert ns[0]["metadata"]["labels"]["nvidia.com/gpu.product"] == "Tesla-T4-SHARED"
+    pods = [running_pod("ts-a", "1", "1Gi", gpus=5)]
+    (pool,) = pools_of("k8s", ns, pods, pool_label=None).pools
+    assert pool.devices == PoolDevices(
+        nodes=(
+            NodeDevices(name="ts-a", model="t4", devices=(0, 750), cpus=15.0, memory=63 << 30),
+            NodeDevices(name="ts-b", model="t4", devices=(MILLI, MILLI), cpus=16.0,
+                        memory=64 << 30),
+        ),
+        sharing=True,
+        slices=4,
+    )  # fmt: skip
+    assert pool.devices.slice_milli(250) == 250 and pool.devices.slice_milli(300) == 500
+    assert pool.gpus == {"t4": 2}  # whole GPUs' worth of free replicas: 3 // 4 + 8 // 4
+    assert pool.node == Shape(cpus=16.0, memory=64 << 30, gpus={"t4": 2})
+
+
+def test_replicas_that_do_not_make_whole_gpus_or_differ_in_a_pool_are_named() -> None:
+    bad = t4("bad", labels={"nvidia.com/gpu.replicas": "x"})
+    found = pools_of("k8s", nodes(t4("odd", allocatable_gpus=7), bad), [], pool_label=None)
+    notes = "\n".join(found.notes)
+    assert "node odd: nvidia.com/gpu.replicas='4' does not divide its 7 allocatable" in notes
+    assert "node bad: nvidia.com/gpu.replicas='x'" in notes
+    assert found.pools == []
+    mixed = pools_of("k8s", nodes(t4("ts-a"), t4("ts-b", replicas=2)), [], pool_label=None)
+    (pool,) = mixed.pools
+    assert pool.gpus == {} and pool.devices is None
+    assert "pool t4: its nodes time-slice their GPUs into different numbers of replicas (2, 4)" in (
+        "\n".join(mixed.notes)
+    )
+    # replicas=1 (GPU feature discovery labels every GPU node): whole devices, as before
+    (whole,) = pools_of("k8s", nodes(t4("w", replicas=1)), [], pool_label=None).pools
+    assert whole.devices is not None and not whole.devices.sharing and whole.devices.slices == 0
+    assert whole.devices.nodes[0].devices == (MILLI, MILLI)

@@ -15,10 +15,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from stowplan.errors import ProviderError
-from stowplan.placement.leases import DeviceLease
+from stowplan.placement.leases import MILLI, DeviceLease, NodeDevices, PoolDevices
 from stowplan.placement.problem import Pool
 from stowplan.providers.base import Facts, LaunchSpec, ProviderState, SecretRef, request_name
 from stowplan.providers.kubernetes import KubernetesProvider, KubernetesRequest
@@ -629,3 +630,31 @@ def test_pinning_adds_the_node_to_every_existing_term() -> None:
     terms = spec["affinity"]["nodeAffinity"][PIN]["nodeSelectorTerms"]
     assert [t["matchExpressions"][-1] for t in terms] == [host, host]
     assert terms[0]["matchExpressions"][0]["key"] == "zone" and "matchFields" in terms[1]
+
+
+def test_a_time_sliced_pool_is_asked_for_replicas(tmp_path: Path) -> None:
+    """Nodes that time-slice each GPU into 4 replicas: a share asks for its whole replicas,
+    rounded up, and a whole GPU for all four of one; a pool without slices as before."""
+    row = NodeDevices(name="gpu-a", model="t4", devices=(MILLI, MILLI))
+    sliced = msgspec.structs.replace(
+        POOLS[1], id="k8s/t4", devices=PoolDevices(nodes=(row,), sharing=True, slices=4)
+    )
+    facts = Facts.of([*POOLS, sliced])
+    cases = [(1, 250, "1"), (1, 300, "2"), (1, 500, "2"), (1, 999, "4"), (1, MILLI, "4")]
+    cases += [(2, MILLI, "8")]
+    for gpus, milli, replicas in cases:
+        devices = (0,) if gpus == 1 else (0, 1)
+        leased = launch(
+            1, pool="k8s/t4", gpus=gpus, gpu_milli=milli, lease=DeviceLease("gpu-a", devices)
+        )
+        (req,) = driver(tmp_path).plan([leased], facts)
+        assert isinstance(req, KubernetesRequest)
+        validate_manifest(req.job)
+        resources = req.job["spec"]["template"]["spec"]["containers"][0]["resources"]
+        asked = (resources["requests"]["nvidia.com/gpu"], resources["limits"]["nvidia.com/gpu"])
+        assert asked == (replicas, replicas), (gpus, milli)
+    # the same share on a pool that does not slice: one whole GPU
+    share = launch(1, pool="k8s/a100", gpus=1, gpu_milli=250, lease=DeviceLease("gpu-a", (0,)))
+    (req,) = plan(tmp_path, [share])
+    resources = req.job["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert resources["requests"]["nvidia.com/gpu"] == "1"

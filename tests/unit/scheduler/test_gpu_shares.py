@@ -117,3 +117,19 @@ def test_a_restored_share_takes_back_only_its_part_of_the_device() -> None:
     assert [i.run_id for i in items(out)] == ["new"]
     assert milli_on_devices(h) == Counter({("n0", 0): MILLI})
     assert h.core.state("whole") is TaskState.READY
+
+
+def test_a_pool_of_slices_holds_a_share_in_whole_slices() -> None:
+    """Devices handed out in 4 slices (Kubernetes time-slicing's replicas): a 0.3 share holds
+    two slices (half a device), so two devices take four such shares, not six; 0.25 shares
+    fill them four to a device."""
+    p = sharing_pool(2)
+    assert p.devices is not None
+    sliced = msgspec.structs.replace(p, devices=msgspec.structs.replace(p.devices, slices=4))
+    h = Harness(sliced)
+    out = h.submit(*(share(f"s{i}", 300) for i in range(6)))
+    assert len(items(out)) == 4 and h.core.state("s5") is TaskState.READY
+    assert Counter(i.lease.devices for i in items(out) if i.lease) == {(0,): 2, (1,): 2}
+    # without slices the same six 0.3 shares go at once, three to a device
+    h = Harness(sharing_pool(2))
+    assert len(items(h.submit(*(share(f"s{i}", 300) for i in range(6))))) == 6
