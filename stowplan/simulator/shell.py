@@ -38,6 +38,7 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+import msgspec
 from msgspec import Struct, field
 
 from stowplan.errors import InternalError, SpecError
@@ -175,6 +176,28 @@ WAKE_PRIORITY: dict[Wake, int] = {
 completions), then capacity is rediscovered, then provider traffic, arrivals, the core's ticks"""
 
 
+def gang_width(cluster: ClusterSpec) -> int:
+    """The GPUs of one node, where every GPU pool of ``cluster`` leases devices and all have
+    that many per node; else 0. A job with more GPUs than that (a trace's 16-GPU job on
+    8-GPU nodes) is then a gang (``SimJob.nodes``): every pool that may take it places it on
+    whole nodes' parts alike. Elsewhere jobs keep their ``nodes``: a counting pool runs a
+    wide job on whole nodes itself, and takes no gang."""
+    gpu_pools = [p for p in cluster.pools if p.gpus_per_node]
+    widths = {p.gpus_per_node for p in gpu_pools}
+    if len(widths) != 1 or not all(p.device_leases for p in gpu_pools):
+        return 0
+    return widths.pop()
+
+
+def gang_nodes(gpus: int, width: int) -> int:
+    """The fewest nodes of ``width`` GPUs that hold ``gpus`` in equal whole parts: 16 on 8 is
+    2 x 8, 12 is 2 x 6, 20 is 4 x 5."""
+    k = -(-gpus // width)
+    while gpus % k:
+        k += 1
+    return k
+
+
 class _EngineClock:
     """Virtual time: the engine is the clock, and a coroutine of the shell runs at once.
     ``before``, when given, runs before each callback of the shell (the budget's spending)."""
@@ -297,6 +320,7 @@ class Simulation:
         )
         self.retry = RetryPolicy(max_attempts=sched.max_attempts, backoff_cap=sched.backoff_cap_s)
         self.jobs: dict[str, SimJob] = {}
+        width, ganged = gang_width(cluster), 0
         for j in workload.jobs:
             if j.id in self.jobs:
                 raise SpecError(
@@ -304,6 +328,9 @@ class Simulation:
                     file=workload.source,
                     hint="every job in a workload needs a unique id",
                 )
+            if width and j.nodes <= 1 and j.gpus > width:
+                j = msgspec.structs.replace(j, nodes=gang_nodes(j.gpus, width))
+                ganged += 1
             self.jobs[j.id] = j
         self.data = DataNet(cluster)
         self.providers: dict[str, SimProvider] = {}
@@ -331,7 +358,12 @@ class Simulation:
         self.metrics = Metrics(self)
         self.counters = SimCounters()
         self._next_arrival = 0
-        self._arrivals = sorted(workload.jobs, key=lambda j: (j.submit, j.id))
+        self._arrivals = sorted(self.jobs.values(), key=lambda j: (j.submit, j.id))
+        if ganged:
+            self.counters.notes.append(
+                f"{ganged} jobs ask for more GPUs than a node has ({width}): each runs as a gang "
+                "of equal parts on as few nodes as hold them (gang_nodes)"
+            )
         self._priced = [
             pool
             for prov in self.providers.values()

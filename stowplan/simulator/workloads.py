@@ -59,7 +59,8 @@ class SimJob(Struct, kw_only=True, gc=False):
     whole device elsewhere (``TaskInstance.gpu_milli``)"""
     nodes: int = 1
     """a gang: ``gpus``, ``cpus`` and ``memory`` are its totals, an equal part on each of this
-    many nodes (``TaskInstance.nodes``); only pools with ``device_leases`` take gangs"""
+    many nodes (``TaskInstance.nodes``); only pools with ``device_leases`` take gangs. A job
+    wider than a node becomes one where every GPU pool leases devices (``shell.gang_width``)"""
     cpus: float = 1.0
     memory: int = GIB
     gpu_types: tuple[str, ...] = ()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from stowplan.simulator.cluster import parse_cluster
 from stowplan.simulator.provider import SlurmPartition
-from stowplan.simulator.shell import SimOptions, Simulation
+from stowplan.simulator.shell import SimOptions, Simulation, gang_nodes, gang_width
 from stowplan.simulator.workloads import SimJob, Workload
 
 CLUSTER = """\
@@ -63,10 +63,34 @@ def test_a_gang_runs_on_its_leased_devices_on_each_node() -> None:
     assert all(not held for node in pool.holder for held in node)
 
 
-def test_a_job_wider_than_a_node_without_a_gang_still_fails() -> None:
+def test_a_job_wider_than_a_node_runs_as_a_gang_of_whole_node_parts() -> None:
+    """A trace's job asks for GPUs, not nodes: where every GPU pool leases devices and all
+    have 8 per node, 16 GPUs run as 2 nodes of 8, as a counting pool would run them."""
     sim = run([SimJob(id="w", submit=0.0, duration=10.0, gpus=16, cpus=2.0)])
+    [row] = sim.metrics.job_rows()
+    assert row["state"] == "SUCCEEDED", row
+    [att] = [a for p in sim.providers.values() for a in p.attempts.values()]
+    assert att.lease is not None and [len(d) for _, d in att.lease.parts()] == [8, 8]
+    assert "1 jobs ask for more GPUs than a node has (8)" in " ".join(sim.counters.notes)
+
+
+def test_a_gang_wider_than_the_pool_fails_and_says_why() -> None:
+    sim = run([SimJob(id="w", submit=0.0, duration=10.0, gpus=32, cpus=2.0)])
     [row] = sim.metrics.job_rows()
     assert row["state"] == "FAILED"
     # the job's row says why, not only FAILED
     assert row["reason"].startswith("provider_rejected: no allowed pool offers"), row
-    assert "no node of it has 2 CPUs, 1 GiB and 16 x GPU together" in row["reason"], row
+    assert row["reason"].endswith("(1 pool: no 32 x GPU there)"), row
+
+
+def test_gang_sizes_and_where_jobs_become_gangs() -> None:
+    assert [gang_nodes(g, 8) for g in (9, 12, 16, 20, 24, 64, 7)] == [3, 2, 2, 4, 3, 8, 1]
+    cluster = parse_cluster(CLUSTER, Path("g.toml"))
+    assert gang_width(cluster) == 8
+    counting = CLUSTER.replace("device_leases = true\n", "")
+    assert gang_width(parse_cluster(counting, Path("g.toml"))) == 0
+    pool = "[[pools]]\n" + CLUSTER.split("[[pools]]\n", 1)[1]
+    mixed = CLUSTER + pool.replace('"slurm"', '"other"', 1)
+    assert gang_width(parse_cluster(mixed, Path("g.toml"))) == 8
+    narrow = mixed.replace("gpus_per_node = 8", "gpus_per_node = 4", 1)
+    assert gang_width(parse_cluster(narrow, Path("g.toml"))) == 0  # two widths
