@@ -12,7 +12,8 @@ Cases (``--cases``, comma-separated; default all):
              Gavel's own simulator on 16:16:16: 18.37 h vs 13.57 h (1.35x), 20-26 s.
 ``philly``   all 82,247 jobs of the Philly list with the real core and ``--policy`` placement
              (default cpsat), on examples/clusters/philly.toml (one shared partition) and
-             philly-vc.toml (one partition per virtual cluster, jobs held to their VC): wall
+             philly-vc.toml (one partition per virtual cluster, jobs held to their VC);
+             ``--philly-clusters philly-devices`` leases every job's GPUs by device: wall
              seconds (target <= 60 s), wait percentiles beside the Philly row of
              acme_cluster_summary.csv.
 
