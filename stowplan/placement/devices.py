@@ -727,7 +727,10 @@ class DeviceLedger:
             if any(d != MILLI for d in n.devices):
                 self.model.set_free(i, [max(0, min(MILLI, d)) for d in n.devices])
         self.holds: dict[str, _Held] = {}
+        """run id -> what it holds; written through ``_put`` and ``give`` only"""
+        self._held_gpus = 0
         self._names: dict[str, int] | None = None
+        self._widest = max((n.gpus for n in nodes), default=0)
 
     def task(
         self,
@@ -777,7 +780,7 @@ class DeviceLedger:
         """Place ``run_id`` (not yet confirmed); None when placed, else why it cannot go now."""
         if run_id in self.holds:
             self.give(run_id)
-        widest = max((n.gpus for n in self.model.nodes), default=0)
+        widest = self._widest
         if task.gpus > widest:
             return (
                 f"its {task.gpus} GPUs span nodes (the widest has {widest}): ask for them as "
@@ -786,7 +789,7 @@ class DeviceLedger:
         placed = self.model.place_gang(task)
         if placed is None:
             return self.model.why_not_gang(task) or "no node can hold it"
-        self.holds[run_id] = _Held("", placed[0], task, tuple(placed[1:]))
+        self._put(run_id, _Held("", placed[0], task, tuple(placed[1:])))
         return None
 
     def confirm(self, run_id: str, key: str) -> DeviceLease | None:
@@ -794,7 +797,7 @@ class DeviceLedger:
         held = self.holds.get(run_id)
         if held is None:
             return None
-        self.holds[run_id] = held._replace(key=key)
+        self._put(run_id, held._replace(key=key))
         return self._lease_of(held)
 
     def _lease_of(self, held: _Held) -> DeviceLease:
@@ -802,8 +805,19 @@ class DeviceLedger:
         others = tuple((self.model.nodes[p.node].name, p.devices) for p in held.others)
         return DeviceLease(self.model.nodes[node].name, devices, others)
 
+    def _put(self, run_id: str, held: _Held) -> None:
+        """``holds[run_id] = held``, keeping ``held_gpus`` (the confirmed holds' GPUs)."""
+        old = self.holds.get(run_id)
+        if old is not None and old.key:
+            self._held_gpus -= old.task.gpus * old.task.nodes
+        self.holds[run_id] = held
+        if held.key:
+            self._held_gpus += held.task.gpus * held.task.nodes
+
     def give(self, run_id: str) -> None:
         held = self.holds.pop(run_id, None)
+        if held is not None and held.key:
+            self._held_gpus -= held.task.gpus * held.task.nodes
         if held is not None:
             for part in held.parts():
                 self.model.release(part, held.task)
@@ -818,7 +832,7 @@ class DeviceLedger:
         parts = self._placements(task, lease)
         if parts is None:
             return False
-        self.holds[run_id] = _Held(key, parts[0], task, parts[1:])
+        self._put(run_id, _Held(key, parts[0], task, parts[1:]))
         return True
 
     def _placements(self, task: DeviceTask, lease: DeviceLease) -> tuple[Placement, ...] | None:
@@ -855,7 +869,7 @@ class DeviceLedger:
         if held is not None:  # put back what it held (``hold`` gave it up first)
             for part in held.parts():
                 self.model.commit(part.node, held.task, part.devices)
-            self.holds[run_id] = held
+            self._put(run_id, held)
         return False
 
     def _index(self) -> dict[str, int]:
@@ -877,7 +891,8 @@ class DeviceLedger:
         return DeviceLease(nodes[0].name if len(nodes) == 1 else "", ())
 
     def held_gpus(self) -> int:
-        return sum(h.task.gpus * h.task.nodes for h in self.holds.values() if h.key)
+        """The GPUs the confirmed holds (attempts' leases) take, all nodes counted."""
+        return self._held_gpus
 
     def rebuilt(self, devices: PoolDevices) -> DeviceLedger:
         """The ledger for the pool rediscovered as ``devices``, keeping the confirmed holds
@@ -888,5 +903,5 @@ class DeviceLedger:
                 continue
             parts = out._placements(held.task, self._lease_of(held))
             if parts is not None:
-                out.holds[run_id] = _Held(held.key, parts[0], held.task, parts[1:])
+                out._put(run_id, _Held(held.key, parts[0], held.task, parts[1:]))
         return out

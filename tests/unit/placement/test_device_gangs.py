@@ -196,3 +196,31 @@ def test_a_gang_lease_is_named_node_by_node() -> None:
     gang = DeviceLease("n1", (0, 1), (("n2", (2, 3)),))
     assert lease_text(gang) == "node n1, GPUs 0,1; node n2, GPUs 2,3"
     assert lease_text(DeviceLease("n1", (0,)), 250) == "node n1, 0.25 of GPU 0"
+
+
+def test_held_gpus_counts_the_confirmed_holds_through_every_change() -> None:
+    """``held_gpus`` is kept as holds change, not summed: it must equal the sum at each step."""
+    ledger = DeviceLedger(pool(4, 4, 4))
+
+    def summed(ledger: DeviceLedger) -> int:
+        return sum(h.task.gpus * h.task.nodes for h in ledger.holds.values() if h.key)
+
+    gang = ledger.task(cpus=2, memory=0, gpus=4, models=["A"], nodes=2)
+    one = ledger.task(cpus=1, memory=0, gpus=1, models=["A"])
+    assert gang is not None and one is not None
+    steps = [
+        lambda: ledger.take("g", gang),  # taken, not confirmed: not counted
+        lambda: ledger.confirm("g", "k1"),
+        lambda: ledger.take("a", one),
+        lambda: ledger.confirm("a", "k2"),
+        lambda: ledger.take("a", one),  # taken again: the old hold given back first
+        lambda: ledger.follow("a", "k3", one, DeviceLease("n2", (3,))),
+        lambda: ledger.hold("b", "k4", one, DeviceLease("n2", (2,))),
+        lambda: ledger.give("g"),
+        lambda: ledger.give("missing"),
+    ]
+    for step in steps:
+        step()
+        assert ledger.held_gpus() == summed(ledger)
+    rebuilt = ledger.rebuilt(pool(4, 4, 4))
+    assert rebuilt.held_gpus() == summed(rebuilt) == summed(ledger) > 0
