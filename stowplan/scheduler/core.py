@@ -214,11 +214,10 @@ A run that asks for a share of one GPU (``TaskInstance.gpu_milli`` below 1000, `
 goes beside other shares on one device of a pool that shares its devices
 (``PoolDevices.sharing``: the local provider, Kubernetes time-slicing, whose devices are handed
 out in slices, so a share holds whole slices: ``PoolDevices.slice_milli``), and holds a whole
-device elsewhere. The placer
-counts a share as one GPU, so ``free_capacity`` offers it such a pool's room in shares of the
-smallest one waiting (``DeviceLedger.share_room``; a wholly free device counts at least one);
-whole-GPU runs offered more than the wholly free devices hold are refused there, as fragmented
-GPUs are. Teams' GPU limits and quotas count a share as one GPU.
+device elsewhere. The placer counts a share as one GPU, so ``free_capacity`` offers it such a
+pool's room in shares of the smallest one waiting (``DeviceLedger.share_room``; a wholly free
+device counts at least one); whole-GPU runs offered more than the wholly free devices hold are
+refused there, as fragmented GPUs are. Teams' GPU limits and quotas count a share as one GPU.
 """
 
 from __future__ import annotations
