@@ -579,7 +579,7 @@ class DeviceModel:
             return None
         if held == 0:
             return self.why_not(task)
-        what = f"{task.gpus} free device{'s' if task.gpus != 1 else ''}" if task.gpus else "room"
+        what = plural(task.gpus, "free device") if task.gpus else "room"
         return f"{plural(held, 'node')} can hold a part ({what}); the gang spans {nodes}"
 
     def why_not(self, task: DeviceTask) -> str | None:

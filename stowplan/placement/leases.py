@@ -37,12 +37,19 @@ class PoolDevices(Struct, frozen=True, kw_only=True):
     sharing: bool = False
     slices: int = 0
 
+    def share_slices(self, milli: int) -> int:
+        """How many of a device's ``slices`` a share of ``milli`` holds: rounded up, and all
+        of them once it needs them all (0 where the pool has no slices)."""
+        if not self.slices:
+            return 0
+        return min(self.slices, -(-min(milli, MILLI) * self.slices // MILLI))
+
     def slice_milli(self, milli: int) -> int:
         """The thousandths of one device a share of ``milli`` holds here: rounded up to whole
         slices (``MILLI`` once it needs them all)."""
-        if not self.slices or milli >= MILLI:
+        k = self.share_slices(milli)
+        if not k:
             return min(milli, MILLI)
-        k = -(-milli * self.slices // MILLI)
         return MILLI if k >= self.slices else k * (MILLI // self.slices)
 
 

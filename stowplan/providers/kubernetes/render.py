@@ -309,12 +309,12 @@ def gpu_request(launch: LaunchSpec, pool: Pool | None) -> int:
     """How many of ``gpu_resource`` the pod asks for: the launch's GPUs; where the pool's
     nodes time-slice them (``PoolDevices.slices`` replicas each), replicas: a share of one
     GPU in whole replicas, rounded up, and a whole GPU every replica of one."""
-    slices = pool.devices.slices if pool is not None and pool.devices is not None else 0
-    if not launch.gpus or slices <= 1:
+    devices = pool.devices if pool is not None else None
+    if not launch.gpus or devices is None or devices.slices <= 1:
         return launch.gpus
     if launch.gpus == 1 and 0 < launch.gpu_milli < MILLI:
-        return min(slices, -(-launch.gpu_milli * slices // MILLI))
-    return launch.gpus * slices
+        return devices.share_slices(launch.gpu_milli)
+    return launch.gpus * devices.slices
 
 
 def _reject(provider: str, launch: LaunchSpec, why: str) -> ProviderError:
