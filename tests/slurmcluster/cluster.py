@@ -44,10 +44,27 @@ def missing_programs() -> list[str]:
     return [p for p in REQUIRED if shutil.which(p, path="/usr/sbin:/usr/bin:/sbin:/bin") is None]
 
 
+PORTS = range(20000, 32000)
+"""Where the daemons' ports are picked: below the kernel's ephemeral range (32768 and up here),
+which every outgoing connection draws from, and above Ray's worker ports (10002-19999). A port
+the kernel hands out (``bind(("", 0))``) is free only until the next connection takes it,
+which, with Ray's processes connecting all the time beside the tests, a slurmd starting a
+moment later lost now and then."""
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nobody listens on now, from ``PORTS`` (randomly: two clusters started at once
+    rarely try the same one)."""
+    import random
+
+    for port in random.sample(PORTS, 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"slurm cluster: no free port among 200 tried in {PORTS}")
 
 
 def wait_until(
@@ -194,10 +211,18 @@ class SlurmCluster:
         (self.base / "startup_s").write_text(f"{time.monotonic() - t0:.2f}\n")
         return self.facts
 
+    def _tail(self, name: str) -> str:
+        """The last lines of ``name``'s logs, for the error (the fixture removes them)."""
+        out = []
+        for log in sorted(self.logs.glob(f"{name}.*")):
+            lines = log.read_text(errors="replace").splitlines()[-10:]
+            out.append(f"\n--- {log.name}\n" + "\n".join(lines))
+        return "".join(out) or f" see {self.logs}"
+
     def _nodes_idle(self) -> bool:
         for name in self.procs:
             if not self._alive(name):
-                raise RuntimeError(f"slurm cluster: {name} exited; see {self.logs}")
+                raise RuntimeError(f"slurm cluster: {name} exited:{self._tail(name)}")
         try:
             out = self.slurm("sinfo", "-h", "-N", "-o", "%N %t", check=False, timeout=5)
         except subprocess.TimeoutExpired:
