@@ -32,7 +32,8 @@ class PlacementActor:
         without waiting for an answer, so it never raises: a failure here is the first real
         solve's to report."""
         with contextlib.suppress(Exception):  # the solve that needs it reports it
-            solve(PlacementProblem(pools=[], classes=[]), budget=self.budget, seed=self.seed)
+            import stowplan.placement.cpsat
+            import stowplan.placement.lp  # noqa: F401  (``solve`` imports them when needed)
 
     def solve(self, problem: bytes) -> bytes:
         started = time.perf_counter()

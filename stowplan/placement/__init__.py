@@ -86,9 +86,7 @@ def solve(
     ``PlacementSolution.fingerprint()``). When the status is OPTIMAL the answer does not depend
     on ``workers`` either: the tie-break makes the optimum unique.
     """
-    from stowplan.placement.cpsat import neighbourhood, solve_cpsat
     from stowplan.placement.greedy import place_greedy
-    from stowplan.placement.lp import relax
     from stowplan.placement.problem import PlacementStatus as S
     from stowplan.placement.solution import assemble, objective_int, violations
     from stowplan.placement.table import build, lower_bound
@@ -101,6 +99,8 @@ def solve(
     values = None
     lp_value: float | None = None
     if best > bound:
+        from stowplan.placement.lp import relax  # SciPy's HiGHS, imported only when needed
+
         lp = relax(table, counts, rounds=lp_rounds(budget))
         if lp is not None:
             bound = max(bound, lp.bound)
@@ -125,6 +125,9 @@ def solve(
 
     if best <= bound:
         return done(S.OPTIMAL)
+    # CP-SAT (0.3 s to import: ortools brings pandas) only for what the greedy left open
+    from stowplan.placement.cpsat import neighbourhood, solve_cpsat
+
     free = neighbourhood(table, counts, values)
     if free is not None and lp_value is not None and best - lp_value <= RINS_MIN_GAIN * abs(best):
         # the neighbourhood lies within the relaxation's columns, whose optimum is lp_value:

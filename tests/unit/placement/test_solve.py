@@ -320,3 +320,27 @@ def test_bad_input_names_the_field_before_solving(
     assert e.value.file == "cluster.toml"
     assert words in e.value.message
     assert e.value.hint
+
+
+def test_a_problem_the_greedy_solves_optimally_imports_no_cp_sat() -> None:
+    """``stowplan run`` solves its first placement in the CLI while Ray starts (``cli.ahead``):
+    a sweep of one shape on one pool is placed without importing CP-SAT (ortools brings
+    pandas, 0.3 s) or SciPy's LP, which only a problem the greedy leaves open needs."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from stowplan.placement import (\n"
+        "    DemandClass, PlacementProblem, PlacementStatus, Pool, solve)\n"
+        "p = PlacementProblem(pools=[Pool(id='c/cpu', provider='c', cpus=8, memory=8 << 30)],\n"
+        "    classes=[DemandClass(id='t', cpus=1, memory=1 << 24,\n"
+        "        members=[f'r{i}' for i in range(1000)])])\n"
+        "sol = solve(p)\n"
+        "assert sol.status is PlacementStatus.OPTIMAL and sol.placed() == 8, sol\n"
+        "print(sorted(m for m in ('ortools', 'scipy', 'pandas') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "[]", out
