@@ -312,10 +312,16 @@ class ControlPlane:
         )
         return result
 
-    def progress(self, run_ids: list[str] | None) -> dict[str, Any]:
-        """Counts by state, and ``fatal``: the error that ended the control plane, or None."""
+    def progress(
+        self, run_ids: list[str] | None, *, since: dict[str, int] | None = None, wait: float = 0.0
+    ) -> dict[str, Any]:
+        """Counts by state, and ``fatal``: the error that ended the control plane, or None.
+        With ``since`` (counts seen before), the answer waits up to ``wait`` seconds for them
+        to change (``QueueActor.progress``)."""
         result: dict[str, Any] = self._get(
-            self.queue.progress.remote(run_ids), what="report progress"
+            self.queue.progress.remote(run_ids, since, wait),
+            what="report progress",
+            timeout=CALL_TIMEOUT_S + wait,
         )
         return result
 

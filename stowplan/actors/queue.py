@@ -61,6 +61,7 @@ the core ignores reports of keys it no longer holds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Sequence
@@ -138,6 +139,39 @@ REDISCOVER_EVERY = 300.0
 """seconds between the shell's periodic rediscoveries of every provider"""
 SPENDING_EVERY = 300.0
 """seconds between reads of what was spent, when no cost was recorded meanwhile"""
+
+
+def assignment_of(problem: PlacementProblem, solution: PlacementSolution) -> dict[str, int]:
+    """run id -> the index of the assignment of ``solution`` that placed it (a class's
+    members are placed in order, assignment by assignment)."""
+    members = {c.id: c.members for c in problem.classes}
+    taken: dict[str, int] = {}
+    out: dict[str, int] = {}
+    for i, a in enumerate(solution.assignments):
+        start = taken.get(a.class_id, 0)
+        for run_id in members.get(a.class_id, [])[start : start + a.count]:
+            out[run_id] = i
+        taken[a.class_id] = start + a.count
+    return out
+
+
+def solve_row(solution: PlacementSolution, sha: str, hw: dict[str, str]) -> SolveRow:
+    """What every run ``solution`` placed shares, for the intents that name it: ``sha`` is
+    the hash of the stored blob of (problem, solution), ``hw`` each pool's hardware class."""
+    assignments = []
+    for i, a in enumerate(solution.assignments):
+        terms = dict(solution.unit_terms[i]) if solution.unit_terms else {}
+        terms["gpu_model_" + (a.gpu_model or "none")] = 1.0
+        assignments.append((hw.get(a.pool_id, ""), terms))
+    return SolveRow(
+        problem=sha,
+        request_id=solution.request_id,
+        status=str(solution.status),
+        objective=solution.objective,
+        bound=solution.bound,
+        gap=solution.gap,
+        assignments=assignments,
+    )
 
 
 class SubmittedRun(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -318,6 +352,8 @@ class StoreRecords:
 
     def transitions(self, records: list[Transition], at: float) -> None:
         q = self.queue
+        q._changed()
+        q._buffered.set()
         buf, due, payloads = q._steps, q._due, q.payloads
         if not buf:
             q._held_since = at
@@ -448,6 +484,10 @@ class QueueActor:
         """when ``_steps`` last became non-empty (nothing waits longer than ``HOLD_S``)."""
         self._attempts: list[AttemptRow] = []
         """provider answers not yet sent to the store, in order."""
+        self._buffered = asyncio.Event()
+        """set when steps or answers are buffered: the tick loop sleeps on it when idle."""
+        self._change = asyncio.Event()
+        """set (and replaced) when a run moves or the queue fails: ``progress`` waits on it."""
         self._decisions: dict[int, tuple[PlacementSolution, str, dict[str, str]]] = {}
         self._solve_rows: dict[int, SolveRow] = {}
         self._chunks = asyncio.Semaphore(CHUNKS_AHEAD)
@@ -496,6 +536,13 @@ class QueueActor:
         if self.fatal is None:
             self.fatal = {"actor": actor, "error": text, "detail": detail}
             self.errors.append(f"{actor}: {text}")
+        self._changed()
+        self._buffered.set()  # the tick loop ends
+
+    def _changed(self) -> None:
+        """Wake every ``progress`` call waiting for a change."""
+        self._change.set()
+        self._change = asyncio.Event()
 
     async def fail(self, actor: str, error: str, detail: str = "") -> None:
         """Another actor hit an error it cannot recover from (a provider's watch loop)."""
@@ -702,14 +749,35 @@ class QueueActor:
         await self._ensure()
         return self.core.sharing()
 
-    async def progress(self, run_ids: list[str] | None = None) -> dict[str, Any]:
+    async def progress(
+        self,
+        run_ids: list[str] | None = None,
+        since: dict[str, int] | None = None,
+        wait: float = 0.0,
+    ) -> dict[str, Any]:
         """Counts by state; runs the core no longer holds (finished before a restart) are
-        looked up in the store. ``fatal`` is the error that stopped the control plane."""
-        if self.fatal is None:
+        looked up in the store. ``fatal`` is the error that stopped the control plane.
+
+        With ``since`` (the counts a caller last saw) and ``wait``: the answer waits, at most
+        ``wait`` seconds, until the counts differ from ``since``, or an error comes, so a
+        caller following a sweep is answered when something changes instead of polling."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        errors = len(self.errors)
+        while True:
+            change = self._change  # set by any change from here on
+            if self.fatal is not None:
+                break
             try:
-                return await self._progress(run_ids)
+                info = await self._progress(run_ids)
             except Exception as e:
                 self._fail(e)
+                break
+            left = deadline - loop.time()
+            if since is None or info["counts"] != since or len(self.errors) > errors or left <= 0:
+                return info
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(change.wait(), left)
         return {"counts": {}, "errors": list(self.errors), "boots": self.boots, "fatal": self.fatal}
 
     async def _progress(self, run_ids: list[str] | None) -> dict[str, Any]:
@@ -810,13 +878,8 @@ class QueueActor:
         self._decisions[solution.request_id] = (solution, sha256_hex(blob), hw)
         while len(self._decisions) > 8:
             self._decisions.pop(next(iter(self._decisions)))
-        members = {c.id: c.members for c in problem.classes}
-        taken: dict[str, int] = {}
-        for i, a in enumerate(solution.assignments):
-            start = taken.get(a.class_id, 0)
-            for run_id in members.get(a.class_id, [])[start : start + a.count]:
-                self._placed[run_id] = (solution.request_id, i)
-            taken[a.class_id] = start + a.count
+        for run_id, i in assignment_of(problem, solution).items():
+            self._placed[run_id] = (solution.request_id, i)
 
     def _take_answers(self) -> tuple[list[AttemptRow], list[Step]]:
         """The buffered provider answers, and every buffered step of their runs: an answer
@@ -861,24 +924,10 @@ class QueueActor:
         return solves, out
 
     def _solve_row(self, solution: PlacementSolution, sha: str, hw: dict[str, str]) -> SolveRow:
-        """What every run ``solution`` placed shares (made once per solve)."""
+        """``solve_row``, made once per solve."""
         row = self._solve_rows.get(solution.request_id)
         if row is None or row.problem != sha:
-            assignments = []
-            for i, a in enumerate(solution.assignments):
-                terms = dict(solution.unit_terms[i]) if solution.unit_terms else {}
-                terms["gpu_model_" + (a.gpu_model or "none")] = 1.0
-                assignments.append((hw.get(a.pool_id, ""), terms))
-            row = SolveRow(
-                problem=sha,
-                request_id=solution.request_id,
-                status=str(solution.status),
-                objective=solution.objective,
-                bound=solution.bound,
-                gap=solution.gap,
-                assignments=assignments,
-            )
-            self._solve_rows[solution.request_id] = row
+            row = self._solve_rows[solution.request_id] = solve_row(solution, sha, hw)
             while len(self._solve_rows) > 8:
                 self._solve_rows.pop(next(iter(self._solve_rows)))
         return row
@@ -987,6 +1036,7 @@ class QueueActor:
         # written with the next tick's steps, and with those of their own runs
         self._attempts.extend(updates)
         self._due.update(u.run_id for u in updates)
+        self._buffered.set()
         rates = self._rates.get(provider)
         ended = [u.key for u in updates if u.ended_at is not None and rates and u.pool in rates]
         if ended and rates:
@@ -1040,9 +1090,12 @@ class QueueActor:
 
     async def _tick_loop(self) -> None:
         """Send the buffered transitions to the store once per tick (the shell's clock does
-        every other waiting)."""
+        every other waiting). With nothing buffered it sleeps until something is (or the next
+        read of the spending is due): an idle queue wakes nobody while a sweep runs, which on
+        a small machine shares the cores with the cluster's own daemons."""
         while self.fatal is None:
             await asyncio.sleep(self.tick)
+            self._buffered.clear()  # set again by whatever is buffered from here on
             self._flush_transitions(due_only=True)
             if self._budget is not None and self.clock.now() >= (
                 self._spending_at + SPENDING_EVERY
@@ -1052,3 +1105,10 @@ class QueueActor:
                     self._handle(Tick())  # more room may let held runs go
                 except Exception as e:
                     self._fail(e)
+            if self._steps or self._attempts or self.fatal is not None:
+                continue  # held steps: written within HOLD_S, on a later tick
+            idle = None
+            if self._budget is not None:
+                idle = max(0.0, self._spending_at + SPENDING_EVERY - self.clock.now())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._buffered.wait(), idle)

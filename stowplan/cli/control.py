@@ -55,11 +55,14 @@ def dispatch(
     seen_before: list[str] | None = None,
     after_record: Callable[[RunStore], None] | None = None,
     facts: tuple[list[Any], float] | None = None,
+    ahead: Any = None,
 ) -> None:
     """Start (or join) the control plane, record the runs, hand them over, watch them.
 
     The control plane boots first, so what it restores from the store is what earlier,
-    interrupted invocations left unfinished, not the runs about to be submitted.
+    interrupted invocations left unfinished, not the runs about to be submitted; except
+    after a submit ahead (``ahead``, ``cli.ahead``), which recorded the runs already and
+    which the control plane takes over as it boots.
     ``after_record`` writes the ledger entry (and any links) instead of a plain submit entry.
     ``facts``: the pools just discovered and when (``time.time()``) that discovery began,
     for the provider actors' first discovery.
@@ -83,22 +86,28 @@ def dispatch(
     ids = list(todo)
     total = len(ids)
     started = time.monotonic()
-    plane.start()
+    try:
+        plane.start()
+    except KeyboardInterrupt:
+        if ahead is not None and ahead.runs():  # nobody took over what went out ahead
+            stderr_note(ahead.cancel(prepared, "interrupted from the terminal"))
+        raise
     failed = True
     try:
-        with RunStore(Path(prepared.store_path)) as store:
-            record(prepared, store)
-            if after_record is not None:
-                after_record(store)
-            else:
-                record_submission(
-                    prepared,
-                    store,
-                    todo,
-                    seen_before=seen_before or [],
-                    why=getattr(args, "why", None) or "",
-                    provider=args.provider,
-                )
+        if ahead is None:  # else recorded ahead, with its ledger entry
+            with RunStore(Path(prepared.store_path)) as store:
+                record(prepared, store)
+                if after_record is not None:
+                    after_record(store)
+                else:
+                    record_submission(
+                        prepared,
+                        store,
+                        todo,
+                        seen_before=seen_before or [],
+                        why=getattr(args, "why", None) or "",
+                        provider=args.provider,
+                    )
         plane.submit(submissions(prepared, set(todo)), reused)
         watch(plane, ids, total, started, err)
         failed = False
@@ -112,8 +121,15 @@ def dispatch(
         plane.stop(drain=not failed)
 
 
+FOLLOW_MIN_S = 0.2
+"""``watch`` asks for progress at most this often (a sweep of fast trials changes all the time)."""
+FOLLOW_WAIT_S = 2.0
+"""and the queue holds each question this long at most while nothing changes, so the bar's
+line is redrawn at least that often."""
+
+
 def watch(plane: Any, ids: list[str], total: int, started: float, err: Console) -> None:
-    """Poll the queue until every run is final; a live bar on a terminal, lines otherwise.
+    """Follow the queue until every run is final; a live bar on a terminal, lines otherwise.
 
     Raises ``ControlPlaneError`` as soon as the queue reports a fatal error: a failed actor
     ends the run instead of leaving it waiting."""
@@ -140,9 +156,14 @@ def watch(plane: Any, ids: list[str], total: int, started: float, err: Console) 
     if progress:
         progress.start()
     try:
+        counts: dict[str, int] | None = None
+        asked = 0.0
         while True:
-            info = plane.progress(ids)
-            counts: dict[str, int] = info["counts"]
+            # at most every FOLLOW_MIN_S, and waiting in the queue until something changes
+            time.sleep(max(0.0, asked + FOLLOW_MIN_S - time.monotonic()))
+            asked = time.monotonic()
+            info = plane.progress(ids, since=counts, wait=FOLLOW_WAIT_S)
+            counts = info["counts"]
             done = sum(counts.get(s, 0) for s in FINAL)
             queued = sum(counts.get(s, 0) for s in WAITING if s is not TaskState.LOST)
             line = (
@@ -171,7 +192,6 @@ def watch(plane: Any, ids: list[str], total: int, started: float, err: Console) 
                 raise plane.failure(info["fatal"])
             if done >= total:
                 return
-            time.sleep(0.2)
     finally:
         if progress:
             progress.stop()

@@ -153,7 +153,9 @@ def test_a_failed_poll_is_retried_not_fatal(
 class _Plane:
     """Stands in for ControlPlane in ``watch``: one error with Ray's colours, then done."""
 
-    def progress(self, ids: list[str]) -> dict[str, Any]:
+    def progress(
+        self, ids: list[str], *, since: dict[str, int] | None = None, wait: float = 0.0
+    ) -> dict[str, Any]:
         error = "\x1b[36mray::PlacementActor.solve()\x1b[39m (pid=1): OverflowError"
         return {"counts": {"SUCCEEDED": len(ids)}, "errors": [error], "fatal": None}
 
