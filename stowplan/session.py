@@ -14,10 +14,11 @@ run on could run it: one whose image or secrets no such provider supports (the d
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from stowplan.placement.problem import Pool
 from stowplan.provenance.imports import used_records
 from stowplan.provenance.records import ExperimentRecord, ProvenanceRecord, RunRecord
 from stowplan.provenance.store import RunStore
-from stowplan.providers.base import Capabilities, Capability, LaunchSpec, SecretRef
+from stowplan.providers.base import Capabilities, Capability, LaunchSpec, Provider, SecretRef
 from stowplan.scheduler.plan import EnvPin, PinKey, PlannedRun, RunPayload, Versions, plan_runs
 from stowplan.spec.canonical import canonical_experiment, spec_hash
 from stowplan.spec.loader import (
@@ -352,8 +353,12 @@ def discover(
     dry_run: bool = False,
     timeout_s: float = DRY_RUN_DISCOVER_S,
     note: Callable[[str], None] | None = None,
+    then: Callable[[list[Pool], Mapping[str, Provider]], Awaitable[None]] | None = None,
 ) -> list[Pool]:
-    """Every configured provider's pools; writes nothing.
+    """Every configured provider's pools; writes nothing itself.
+
+    ``then``: awaited with the pools and the drivers that found them, on the same event loop
+    before the drivers are closed (``stowplan run`` submits ahead on their connections).
 
     A real run saves them with ``save_discovered`` once the experiment is known to be
     feasible, for later dry runs. A dry run waits at most ``timeout_s`` per provider and, where
@@ -369,18 +374,29 @@ def discover(
     state_dir = Path(prepared.state_dir)
     say = note if note is not None else log.warning
 
-    async def one(name: str, cfg: Any) -> list[Any]:
-        async with make_provider(name, cfg, state_dir=state_dir) as drv:
-            if not dry_run:
-                return await drv.discover()
-            with anyio.fail_after(timeout_s):
-                return await drv.discover()
+    drivers: dict[str, Provider] = {}
+
+    async def one(name: str, cfg: Any, opened: contextlib.AsyncExitStack) -> list[Any]:
+        drv = drivers[name] = await opened.enter_async_context(
+            make_provider(name, cfg, state_dir=state_dir)
+        )
+        if not dry_run:
+            return await drv.discover()
+        with anyio.fail_after(timeout_s):
+            return await drv.discover()
 
     async def go() -> list[Any]:
+        async with contextlib.AsyncExitStack() as opened:
+            pools = await each(opened)
+            if then is not None:
+                await then(pools, drivers)
+            return pools
+
+    async def each(opened: contextlib.AsyncExitStack) -> list[Any]:
         pools: list[Any] = []
         for name, cfg in sorted(prepared.providers.items()):
             try:
-                pools.extend(await one(name, cfg))
+                pools.extend(await one(name, cfg, opened))
             except (ProviderError, TimeoutError) as e:
                 if not dry_run:
                     raise

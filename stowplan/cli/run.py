@@ -51,8 +51,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     store_path = Path(prepared.store_path)
     reused, todo, seen_before = _reuse(store_path, ids)
     discovered_at = time.time()
+    ahead = None
     if todo:
-        pools = _discover_while_ray_starts(prepared, args.address)
+        pools, ahead = _discover_while_ray_starts(
+            prepared, args.address, todo=todo, reused=reused, seen_before=seen_before, args=args
+        )
     else:
         pools = discover(prepared, note=stderr_note)
         check_feasible(prepared, pools)
@@ -72,6 +75,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 err,
                 seen_before=seen_before,
                 facts=(pools, discovered_at),
+                ahead=ahead,
             )
     finally:
         from stowplan.actors.control import abandon_prestart
@@ -109,25 +113,51 @@ def _reuse(store_path: Path, ids: list[str]) -> tuple[list[str], list[str], list
     return reused, todo, [i for i in todo if i in existing]
 
 
-def _discover_while_ray_starts(prepared: Any, address: str | None) -> list[Any]:
+def _discover_while_ray_starts(
+    prepared: Any,
+    address: str | None,
+    *,
+    todo: list[str],
+    reused: list[str],
+    seen_before: list[str],
+    args: argparse.Namespace,
+) -> tuple[list[Any], Any]:
     """The providers' pools, found and checked (``check_feasible``) on a thread while this
     one starts the control plane's Ray (``prestart``), which takes seconds; the control
-    plane started next takes that Ray over. Ray is stopped again when discovery or the check
-    fails, so a refused experiment still leaves nothing behind."""
+    plane started next takes that Ray over. Where a provider submits ahead, that thread then
+    records the runs and submits the first placement (``cli.ahead``); returns the pools and
+    what it did (``Ahead``, or None). Ray is stopped again when discovery or the check fails,
+    so a refused experiment still leaves nothing behind. Ctrl-C: the thread submits nothing
+    more, and what it submitted is cancelled."""
     import importlib
     import threading
 
     from stowplan.actors.control import abandon_prestart, prestart
+    from stowplan.cli.ahead import submit_ahead, wanted
     from stowplan.session import check_feasible, discover
 
     state_dir = Path(prepared.state_dir)
     got: dict[str, Any] = {}
+    stop = threading.Event()
+
+    async def then(pools: list[Any], drivers: Any) -> None:
+        check_feasible(prepared, pools)
+        if wanted(prepared, drivers):
+            got["ahead"] = await submit_ahead(
+                prepared,
+                pools,
+                drivers,
+                todo=todo,
+                reused=reused,
+                seen_before=seen_before,
+                why=getattr(args, "why", None) or "",
+                provider=args.provider,
+                stop=stop,
+            )
 
     def work() -> None:
         try:
-            pools = discover(prepared)
-            check_feasible(prepared, pools)
-            got["pools"] = pools
+            got["pools"] = discover(prepared, then=then)
             # what ``ControlPlane.start`` imports, while Ray is still starting
             for module in ("placement", "provider", "queue", "store"):
                 importlib.import_module(f"stowplan.actors.{module}")
@@ -143,11 +173,26 @@ def _discover_while_ray_starts(prepared: Any, address: str | None) -> list[Any]:
         worker.join()
         if "error" in got:
             raise got["error"]
-    except BaseException:
+    except BaseException as e:
         abandon_prestart(state_dir)
+        if isinstance(e, KeyboardInterrupt):
+            _cancel_ahead(prepared, worker, stop, got)
         raise
     pools: list[Any] = got["pools"]
-    return pools
+    return pools, got.get("ahead")
+
+
+AHEAD_JOIN_S = 60.0
+"""How long Ctrl-C waits for a submit ahead in flight before it cancels what went out."""
+
+
+def _cancel_ahead(prepared: Any, worker: Any, stop: Any, got: dict[str, Any]) -> None:
+    """Ctrl-C while Ray starts: let a submit ahead in flight end, then cancel its runs."""
+    stop.set()
+    worker.join(AHEAD_JOIN_S)
+    ahead = got.get("ahead")
+    if ahead is not None and ahead.runs():
+        stderr_note(ahead.cancel(prepared, "interrupted from the terminal"))
 
 
 SEND_LIMIT = 64 << 20

@@ -362,6 +362,13 @@ class Provider(abc.ABC):
     """seconds the default ``watch`` waits after new keys before it describes them."""
     poll_max: float = 2.0
     """the longest the default ``watch`` waits between describes when nothing changes."""
+    submits_ahead: bool = False
+    """``stowplan run`` may submit the first placement's attempts through its own instance of
+    this driver while the control plane starts (``stowplan.cli.ahead``), which then finds them
+    by key as after a restart. True only where that is sound and worth it: ``submit`` is
+    idempotent through state on disk that a later instance reads (a key index), ``describe``
+    finds a key from a fresh instance, and a submit is a remote call the cluster queues
+    (Slurm), so starting it seconds earlier starts the work seconds earlier."""
 
     @abc.abstractmethod
     async def discover(self) -> list[Pool]:

@@ -52,6 +52,9 @@ Every remote command is counted (``Backend.commands``) and the count is kept in
 "calls": [...]}``, the last polls of the watch as ``[time, live keys, ended so far, next
 delay]`` and the last backend calls as ``[time begun, verb, seconds]``), rewritten
 when the count changed at the end of each verb but ``discover`` (a dry run writes nothing).
+Each instance adds its counts to those it found there, so the file counts the commands of
+every instance on one state directory (``stowplan run``'s own, which submits ahead, then the
+provider actor's).
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -117,9 +120,26 @@ def queue_factor(config: SlurmProviderConfig) -> float | None:
     return f
 
 
+def _read_counts(path: Path) -> dict[str, Any]:
+    """``remote.json`` as an earlier instance left it; empty where there is none or it is
+    not what this driver writes (a diagnostic: never worth failing for)."""
+    try:
+        got = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(got, dict):
+        return {}
+    ok = all(isinstance(got.get(k, 0), int) for k in ("commands", "connects")) and all(
+        isinstance(got.get(k, []), list) for k in ("polls", "calls")
+    )
+    return got if ok else {}
+
+
 class SlurmProvider(Provider):
     poll_min = 1.0
     """squeue answers within a second of a change; sooner polls only load the controller."""
+    submits_ahead = True
+    """the key index makes a submit idempotent across instances (``Provider.submits_ahead``)"""
     poll_max = 30.0
     """the longest blind backoff (nothing known of what runs); ``cadence.next_poll`` may wait
     longer, up to half the lease renewal, when it expects nothing to change sooner."""
@@ -187,9 +207,14 @@ class SlurmProvider(Provider):
         self._lock = asyncio.Lock()
         self.describe_calls = 0
         self._counted: dict[str, int] = {}
+        self._before: dict[str, Any] = _read_counts(self._dir / "remote.json")
+        """what earlier instances counted (``stowplan run`` submits ahead with one of its own
+        before the provider actor's): this instance's counts are added to theirs."""
         self._polls: deque[tuple[float, int, int, float]] = deque(maxlen=POLLS_KEPT)
         """the watch's last polls: (epoch time, live keys, ended so far, next delay)"""
         self._calls: deque[tuple[float, str, float]] = deque(maxlen=POLLS_KEPT)
+        self._polls.extend(tuple(p) for p in self._before.get("polls", ()))
+        self._calls.extend(tuple(c) for c in self._before.get("calls", ()))
         """the last backend calls: (epoch time it began, verb, seconds it took)"""
         self._capacity: asyncio.Queue[str] = asyncio.Queue(CAPACITY_QUEUE)
         self._capacity_last: set[str] = set()
@@ -286,7 +311,11 @@ class SlurmProvider(Provider):
     def _count(self, *, polled: bool = False) -> None:
         """Keep the count of remote commands in ``remote.json`` (module doc), if it changed
         (or a poll was added)."""
-        counts = {"commands": self.backend.commands, "connects": self.backend.connects}
+        before = self._before
+        counts = {
+            "commands": before.get("commands", 0) + self.backend.commands,
+            "connects": before.get("connects", 0) + self.backend.connects,
+        }
         if counts == self._counted and not polled:
             return
         self._counted = counts

@@ -116,7 +116,8 @@ def test_ray_starts_while_the_cli_discovers(slurm_cluster: SlurmCluster, tmp_pat
     discover, ray = phases["discover"], phases["init_ray"]
     # the two overlap: each began before the other ended
     assert discover[0] < ray[1] and ray[0] < discover[1], phases
-    assert phases["check_feasible"][0] >= discover[1]
+    # the check runs on discovery's thread, with the pools, before its connections close
+    assert discover[0] <= phases["check_feasible"][0] <= phases["check_feasible"][1] <= discover[1]
     # the control plane stopped the Ray it took over, the monitor first
     assert "kill_monitor" in phases and "shutdown_ray" in phases, phases
     assert phases["kill_monitor"][1] <= phases["shutdown_ray"][0]

@@ -515,3 +515,35 @@ async def test_reports_name_the_gpus_slurm_bound_from_the_end_records(tmp_path: 
     # finished reports are kept with their devices
     again = await d.describe(req.keys[:2])
     assert [r.devices for r in again] == [(1,), (0,)]
+
+
+class CountingSlurm(FakeSlurm):
+    """A fake that counts one remote command per call, as the SSH backend does."""
+
+    @property
+    def commands(self) -> int:
+        return sum(self.calls.values())
+
+
+async def test_a_later_instance_adds_its_commands_to_those_counted_before(tmp_path: Path) -> None:
+    """``stowplan run`` submits ahead with a driver of its own, then the provider actor's
+    follows the same keys: ``remote.json`` counts both (and keeps both's calls), not only
+    the last instance's."""
+    path = tmp_path / "state" / "slurm" / "cluster" / "remote.json"
+    first = driver(tmp_path, CountingSlurm())
+    await first.submit(first.plan(launches(3), FACTS))
+    before = json.loads(path.read_text())
+    assert before["commands"] >= 1
+    later_backend = CountingSlurm()
+    later = driver(tmp_path, later_backend)
+    await later.submit(later.plan(launches(3), FACTS))  # found in the index: no sbatch again
+    await later.submit(later.plan(launches(2, "m"), FACTS))
+    after = json.loads(path.read_text())
+    assert after["commands"] == before["commands"] + later_backend.commands
+    assert later_backend.commands >= 1
+    assert [c[1] for c in after["calls"]][: len(before["calls"])] == [c[1] for c in before["calls"]]
+    path.write_text("not json")  # a diagnostic: a broken file counts from nothing
+    third_backend = CountingSlurm()
+    third = driver(tmp_path, third_backend)
+    await third.submit(third.plan(launches(2, "n"), FACTS))
+    assert json.loads(path.read_text())["commands"] == third_backend.commands
