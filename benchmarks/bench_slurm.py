@@ -49,9 +49,10 @@ It prints one JSON line:
                            ``kill_monitor`` and ``shutdown_ray``), timed by wrappers in the
                            child (``TRACED_RUN``); ``exit_s``: from the end of
                            ``plane_stop`` until the child exited (reading the store,
-                           printing); ``actor_discover``/``actor_submit``: the provider
-                           actor's first remote discover and submit (the driver's
-                           ``remote.json`` ``calls``); ``sbatch_at``
+                           printing); ``actor_discover``/``actor_submit``: the first
+                           remote discover and submit in the driver's ``remote.json``
+                           ``calls`` (the CLI's own driver's, which discovers and submits
+                           ahead while Ray starts); ``sbatch_at``
     raw_after_finished_s   the baseline run again after stowplan's
     ratio_to_raw_mean      finished_s / the mean of the two baselines
     succeeded              trials that succeeded (must equal trials)
